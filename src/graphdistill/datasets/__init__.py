@@ -1,0 +1,1 @@
+"""Recording, the trace store, input multiplication, filtering, splits and the training loader."""

@@ -1,0 +1,116 @@
+"""The built-in real photos: the ones that ship inside scikit-image and ultralytics (no download).
+
+Each photo has a stable id (used as provenance, so every input made from it lands in one split). Photos of
+one scene (the stereo pair) share an id for the same reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import util as import_util
+from pathlib import Path
+
+import numpy as np
+
+from graphdistill.images import load_image, to_rgb_uint8
+
+
+@dataclass(frozen=True)
+class Photo:
+    id: str  # provenance id: "skimage/chelsea", "ultralytics/bus"
+    source: str  # where it comes from, for the report
+    licence: str
+    loader: Callable[[], np.ndarray]
+    objects: str  # what a person sees in it (not a label the pipeline uses)
+
+    def image(self) -> np.ndarray:
+        return self.loader()
+
+
+def _skimage(name: str, index: int | None = None) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        from skimage import data
+
+        arr = getattr(data, name)()
+        if index is not None:
+            arr = arr[index]
+        return to_rgb_uint8(arr, f"skimage.data.{name}")
+
+    return load
+
+
+def _ultralytics_asset(name: str) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        spec = import_util.find_spec("ultralytics")
+        if spec is None or not spec.submodule_search_locations:
+            from graphdistill._lazy import MissingDependencyError
+
+            raise MissingDependencyError(
+                f"the built-in photo {name} ships with ultralytics: pip install 'graphdistill[detect]'"
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / "assets" / name
+        return load_image(path)
+
+    return load
+
+
+_PD = "public domain / CC0 (scikit-image data)"
+BUILTIN: list[Photo] = [
+    Photo("skimage/chelsea", "skimage.data.chelsea", _PD, _skimage("chelsea"), "a cat"),
+    Photo(
+        "skimage/astronaut",
+        "skimage.data.astronaut",
+        _PD,
+        _skimage("astronaut"),
+        "a person (astronaut), a flag",
+    ),
+    Photo("skimage/coffee", "skimage.data.coffee", _PD, _skimage("coffee"), "a cup of coffee on a saucer"),
+    Photo("skimage/rocket", "skimage.data.rocket", _PD, _skimage("rocket"), "a rocket on a launch pad"),
+    Photo(
+        "skimage/camera", "skimage.data.camera", _PD, _skimage("camera"), "a person with a camera (grayscale)"
+    ),
+    Photo(
+        "skimage/stereo_motorcycle",
+        "skimage.data.stereo_motorcycle[0]",
+        _PD,
+        _skimage("stereo_motorcycle", 0),
+        "a motorcycle",
+    ),
+    Photo("skimage/clock", "skimage.data.clock", _PD, _skimage("clock"), "a wall clock"),
+    Photo(
+        "ultralytics/bus",
+        "ultralytics/assets/bus.jpg",
+        "AGPL-3.0 (ultralytics assets)",
+        _ultralytics_asset("bus.jpg"),
+        "a bus and people",
+    ),
+    Photo(
+        "ultralytics/zidane",
+        "ultralytics/assets/zidane.jpg",
+        "AGPL-3.0 (ultralytics assets)",
+        _ultralytics_asset("zidane.jpg"),
+        "two people, a tie",
+    ),
+]
+
+# Textures with no objects: backgrounds for copy-paste composites.
+BACKGROUNDS: list[Photo] = [
+    Photo("skimage/brick", "skimage.data.brick", _PD, _skimage("brick"), "brick wall"),
+    Photo("skimage/grass", "skimage.data.grass", _PD, _skimage("grass"), "grass"),
+    Photo("skimage/gravel", "skimage.data.gravel", _PD, _skimage("gravel"), "gravel"),
+]
+
+# Held out by default: nothing in training is made from these (evaluation on real, unseen photos).
+DEFAULT_HELDOUT = ("skimage/coffee", "ultralytics/zidane")
+
+
+def builtin_photos() -> list[Photo]:
+    return list(BUILTIN)
+
+
+def photo(photo_id: str) -> Photo:
+    for p in [*BUILTIN, *BACKGROUNDS]:
+        if p.id == photo_id:
+            return p
+    raise KeyError(f"no built-in photo {photo_id!r}; known: {', '.join(p.id for p in BUILTIN)}")
