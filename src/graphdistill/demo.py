@@ -1,20 +1,226 @@
-"""The main job: what `make demo` runs. Each stage is skipped when its outputs are up to date."""
+"""The main job, end to end, on the default teacher models and the built-in real photos.
+
+weights → knowledge base → inputs from the built-in photos (some held out) → record the teacher with K
+samples → filter (vote, checks, splits) → train the student → evaluate on the held-out photos → export
+(ExecuTorch + ONNX, int8) → HTML report, and a printed headline.
+
+Each stage drives the same code as its CLI command, so the demo is also the integration test of the CLI.
+A stage is skipped when its outputs exist and its parameters have not changed (a stamp file per stage),
+so a killed or repeated demo resumes where it stopped.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
-from graphdistill.commands._common import console, print_json
+from graphdistill.commands._common import CommandError, console, print_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoSizes:
+    """How big each stage is. Options, not constants: `--inputs`, `--samples`, `--minutes` override them."""
+
+    n_inputs: int  # inputs made from the non-held-out built-in photos
+    samples: int  # teacher samples per input, for the vote
+    train_minutes: float  # student training budget
+    preset: str  # student preset
+    eval_teacher_queries: int  # teacher queries re-timed for the speed ratio
+    formats: tuple[str, ...]  # export formats (each float + int8)
+
+
+FULL = DemoSizes(n_inputs=96, samples=3, train_minutes=8.0, preset="tiny", eval_teacher_queries=3,
+                 formats=("executorch", "onnx"))
+QUICK = DemoSizes(n_inputs=8, samples=2, train_minutes=0.75, preset="tiny", eval_teacher_queries=1,
+                  formats=("onnx",))
+
+
+def _sizes(args: argparse.Namespace) -> DemoSizes:
+    base = QUICK if args.quick else FULL
+    over: dict[str, Any] = {}
+    if getattr(args, "inputs", None):
+        over["n_inputs"] = args.inputs
+    if getattr(args, "samples", None):
+        over["samples"] = args.samples
+    if getattr(args, "minutes", None):
+        over["train_minutes"] = args.minutes
+    if getattr(args, "formats", None):
+        over["formats"] = tuple(args.formats.split(","))
+    return DemoSizes(**{**asdict(base), **over})
+
+
+class Stage:
+    """A resumable step: runs unless its stamp says the same parameters already completed."""
+
+    def __init__(self, out: Path, con: Any) -> None:
+        self.out = out
+        self.con = con
+        self.stamps = out / ".stamps"
+        self.stamps.mkdir(parents=True, exist_ok=True)
+        self.timings: dict[str, float] = {}
+
+    def run(self, name: str, params: dict[str, Any], outputs: list[Path], fn: Callable[[], None]) -> None:
+        key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
+        stamp = self.stamps / f"{name}.json"
+        if stamp.exists() and json.loads(stamp.read_text()).get("key") == key and all(p.exists() for p in outputs):
+            self.con.print(f"[dim]✓ {name}: up to date, skipped[/]")
+            return
+        self.con.rule(f"[bold]{name}")
+        t0 = time.perf_counter()
+        fn()
+        missing = [str(p) for p in outputs if not p.exists()]
+        if missing:
+            raise CommandError(f"demo stage {name!r} finished but did not write {', '.join(missing)}")
+        self.timings[name] = time.perf_counter() - t0
+        stamp.write_text(json.dumps({"key": key, "params": params, "seconds": self.timings[name]}))
+        self.con.print(f"[green]✓ {name}[/] in {self.timings[name]:.0f} s")
+
+
+def _cli(argv: list[str]) -> int:
+    from graphdistill.cli import main
+
+    rc = main(argv)
+    if rc != 0:
+        raise CommandError(f"`graphdistill {' '.join(argv)}` failed with exit code {rc}")
+    return rc
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from graphdistill import weights
-
+    sizes = _sizes(args)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
     con = console(stderr=True)
-    con.rule("graphdistill demo")
-    with con.status("weights"):
-        results = weights.fetch(progress=lambda m: con.print(f"  {m}"))
-    headline = {"weights_ok": all(r["sha256_ok"] for r in results)}
+    con.rule(f"graphdistill demo ({'quick' if args.quick else 'full'}) → {out}")
+    device = args.device or _default_device()
+    con.print(f"device: {device}; sizes: {sizes}")
+    st = Stage(out, con)
+    inputs = out / "inputs.jsonl"
+    store = out / "store"
+    dataset = out / "dataset"
+    run = out / "run"
+    report = out / "report.html"
+
+    st.run("weights", {}, [], lambda: _cli(["weights", "fetch"]))
+    st.run("knowledge base", {}, [], lambda: _cli(["kb", "build"]))
+    st.run(
+        "inputs",
+        {"n": sizes.n_inputs, "seed": 0},
+        [inputs],
+        lambda: _cli(["inputs", "make", "--builtin", "--n", str(sizes.n_inputs), "--seed", "0", "--out", str(inputs)]),
+    )
+    graph_spec = f"graphdistill.demo:demo_graph_{device}"
+    st.run(
+        "record",
+        {"samples": sizes.samples, "inputs": _mtime(inputs), "device": device},
+        [store],
+        lambda: _cli(["record", "--graph", graph_spec, "--inputs", str(inputs), "--store", str(store),
+                      "--samples", str(sizes.samples), "--resume"]),
+    )
+    st.run(
+        "filter",
+        {"store": _count_hint(store)},
+        [dataset / "manifest.json"],
+        lambda: _cli(["filter", str(store), "--out", str(dataset)]),
+    )
+    st.run(
+        "train",
+        {"minutes": sizes.train_minutes, "preset": sizes.preset, "dataset": _mtime(dataset / "manifest.json")},
+        [run / "model.safetensors"],
+        lambda: _cli(["train", str(dataset), "--out", str(run), "--preset", sizes.preset,
+                      "--max-minutes", str(sizes.train_minutes), "--device", device, "--resume"]),
+    )
+    st.run(
+        "evaluate",
+        {"run": _mtime(run / "model.safetensors"), "q": sizes.eval_teacher_queries},
+        [run / "eval.json"],
+        lambda: _cli(["eval", str(run), "--dataset", str(dataset), "--split", "test",
+                      "--teacher-queries", str(sizes.eval_teacher_queries), "--graph", graph_spec]),
+    )
+    bundles: dict[str, Path] = {}
+    for fmt in sizes.formats:
+        for q in ("none", "int8"):
+            b = out / "bundles" / f"{fmt}-{q}"
+            bundles[f"{fmt}-{q}"] = b
+            st.run(
+                f"export {fmt} {q}",
+                {"run": _mtime(run / "model.safetensors")},
+                [b / "manifest.json"],
+                lambda fmt=fmt, q=q, b=b: _cli(["export", str(run), "--format", fmt, "--quantize", q, "--out", str(b)]),
+            )
+    st.run(
+        "report",
+        {"eval": _mtime(run / "eval.json"), "bundles": sorted(bundles)},
+        [report],
+        lambda: _cli(["report", str(run), "--out", str(report), *[a for b in bundles.values() for a in ("--bundle", str(b))]]),
+    )
+    headline = _headline(run, bundles, report)
+    _print_headline(con, headline)
     if args.json:
         print_json(headline)
-    return 0 if headline["weights_ok"] else 1
+    return 0
+
+
+def _headline(run: Path, bundles: dict[str, Path], report: Path) -> dict[str, Any]:
+    ev = json.loads((run / "eval.json").read_text())
+    sizes = {}
+    for name, b in bundles.items():
+        files = [p for p in b.iterdir() if p.suffix in (".pte", ".onnx")]
+        sizes[name] = sum(p.stat().st_size for p in files)
+    return {"fidelity": ev.get("fidelity", {}), "cost": ev.get("cost", {}), "n": ev.get("n"),
+            "bundle_bytes": sizes, "report": str(report)}
+
+
+def _print_headline(con: Any, h: dict[str, Any]) -> None:
+    cost, fid = h["cost"], h["fidelity"]
+    con.rule("[bold]headline")
+    if cost:
+        con.print(f"speedup      {cost.get('speedup', float('nan')):.0f}×  (teacher {cost.get('teacher_ms', 0):.0f} ms → "
+                  f"student {cost.get('student_ms', 0):.1f} ms per query, PyTorch, this machine)")
+        if cost.get("student_bytes"):
+            con.print(f"size         {cost.get('teacher_bytes', 0) / cost['student_bytes']:.0f}× smaller "
+                      f"({cost.get('teacher_bytes', 0) / 1e6:.0f} MB → {cost['student_bytes'] / 1e6:.1f} MB)")
+    for k, v in fid.items():
+        if isinstance(v, (int, float)):
+            con.print(f"{k:<13}{v:.3f}")
+    for name, size in h["bundle_bytes"].items():
+        con.print(f"bundle {name:<14}{size / 1e6:.2f} MB")
+    con.print(f"report       {h['report']}")
+
+
+def _default_device() -> str:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def _mtime(p: Path) -> float | None:
+    return p.stat().st_mtime if p.exists() else None
+
+
+def _count_hint(store: Path) -> float | None:
+    db = store / "traces.sqlite"
+    return _mtime(db)
+
+
+def demo_graph_cpu() -> Any:
+    from graphdistill.graphs.visual_rag import VisualRagConfig, visual_rag
+
+    return visual_rag(VisualRagConfig(device="cpu"))
+
+
+def demo_graph_cuda() -> Any:
+    from graphdistill.graphs.visual_rag import VisualRagConfig, visual_rag
+
+    return visual_rag(VisualRagConfig(device="cuda"))

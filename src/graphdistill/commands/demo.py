@@ -10,6 +10,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--quick", action="store_true", help="a small run (minutes) that touches every stage")
     p.add_argument("--out", default="demo-out", help="working folder (resumable; default: ./demo-out)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--inputs", type=int, help="number of inputs to make from the built-in photos")
+    p.add_argument("--samples", type=int, help="teacher samples per input (for the vote)")
+    p.add_argument("--minutes", type=float, help="student training budget in minutes")
+    p.add_argument("--formats", help="export formats, comma-separated (executorch,onnx)")
     p.add_argument("--json", action="store_true", help="print the headline as JSON")
     p.set_defaults(func=_demo)
 
