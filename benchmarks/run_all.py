@@ -1,0 +1,137 @@
+"""`make bench`: run every benchmark, one JSON each in benchmarks/results/, then one markdown table.
+
+Every headline is a ratio measured in one run on one machine. The table (benchmarks/results/summary.md) is
+also written into README.md between the BENCH markers, with the machine it was measured on and the command
+that reproduces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+ROOT = HERE.parent
+
+# name -> extra args; each script takes --out PATH
+BENCHMARKS: dict[str, list[str]] = {
+    "teacher": [],
+    "record": [],
+    "student": [],
+    "export": [],
+    "e2e": [],
+    "scaling": [],
+}
+
+GOALS = [
+    # key in e2e.json "headline", label, goal text, predicate
+    ("speedup_executorch", "speedup, ExecuTorch int8 student vs teacher graph", "≥ 300×", lambda v: v >= 300),
+    ("speedup_onnx", "speedup, ONNX Runtime int8 student vs teacher graph", "≥ 300×", lambda v: v >= 300),
+    ("speedup_pytorch", "speedup, PyTorch eager student vs teacher graph", "(no goal)", None),
+    ("int8_pte_mb", "int8 ExecuTorch bundle size (MB)", "≤ 5 MB", lambda v: v <= 5.0),
+    ("answer_f1", "answer token F1 vs teacher (held-out real photos)", "≥ 0.9", lambda v: v >= 0.9),
+    ("box_map50", "box mAP@0.5 vs teacher (held-out real photos)", "≥ 0.7", lambda v: v >= 0.7),
+    ("mask_miou", "mask mIoU vs teacher (held-out real photos)", "≥ 0.75", lambda v: v >= 0.75),
+    ("recording_overhead_pct", "recording overhead (%)", "< 3 %", lambda v: v < 3.0),
+    ("batched_speedup", "teacher throughput, batched vs one-by-one", "(no goal)", None),
+    ("size_ratio", "teacher bytes / student bytes", "(no goal)", None),
+]
+
+
+def machine() -> str:
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.machine()}, Python {platform.python_version()}"
+
+
+def run(names: list[str], quick: bool) -> dict[str, dict]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out: dict[str, dict] = {}
+    for name in names:
+        script = HERE / f"{name}.py"
+        target = RESULTS / f"{name}.json"
+        cmd = [sys.executable, str(script), "--out", str(target), *BENCHMARKS[name]]
+        if quick:
+            cmd.append("--quick")
+        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT)
+        print(f"== {name}: exit {proc.returncode} in {time.perf_counter() - t0:.0f} s", flush=True)
+        if proc.returncode == 0 and target.exists():
+            out[name] = json.loads(target.read_text())
+        else:
+            out[name] = {"error": f"exit code {proc.returncode}"}
+    return out
+
+
+def table(results: dict[str, dict]) -> str:
+    head = results.get("e2e", {}).get("headline", {})
+    lines = [
+        f"Measured on: {machine()}, {time.strftime('%Y-%m-%d')}. Reproduce: `make bench` "
+        "(JSON per benchmark in `benchmarks/results/`).",
+        "",
+        "| measure | measured | goal | met |",
+        "|---|---|---|---|",
+    ]
+    for key, label, goal, ok in GOALS:
+        v = head.get(key)
+        if v is None:
+            lines.append(f"| {label} | not measured | {goal} | — |")
+            continue
+        met = "—" if ok is None else ("yes" if ok(v) else "**no**")
+        fmt = f"{v:,.0f}×" if key.startswith("speedup") or key.endswith("speedup") or key == "size_ratio" else f"{v:.3g}"
+        lines.append(f"| {label} | {fmt} | {goal} | {met} |")
+    ms = results.get("e2e", {}).get("ms_per_query", {})
+    if ms:
+        lines += ["", "| runtime | ms per query | speedup vs teacher |", "|---|---|---|"]
+        teacher = ms.get("teacher")
+        for k, v in ms.items():
+            sp = f"{teacher / v:,.0f}×" if teacher and v else "—"
+            lines.append(f"| {k} | {v:,.1f} | {sp} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_readme(md: str) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- BENCH:START -->", "<!-- BENCH:END -->"
+    if start in text and end in text:
+        pre, rest = text.split(start, 1)
+        _, post = rest.split(end, 1)
+        readme.write_text(f"{pre}{start}\n{md}{end}{post}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {list(BENCHMARKS)})")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: proves the benchmarks run, numbers mean little")
+    ap.add_argument("--no-readme", action="store_true")
+    args = ap.parse_args()
+    names = args.names or list(BENCHMARKS)
+    results = run(names, args.quick)
+    for p in RESULTS.glob("*.json"):  # keep earlier results of benchmarks not rerun
+        results.setdefault(p.stem, json.loads(p.read_text()))
+    md = table(results)
+    (RESULTS / "summary.md").write_text(md)
+    print(md)
+    if not args.no_readme and not args.quick:
+        write_readme(md)
+    return 0 if all("error" not in results[n] for n in names) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
