@@ -1,0 +1,170 @@
+"""Fidelity metrics on hand-built cases whose answers are known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from graphdistill.eval import metrics
+from graphdistill.trace import RLE
+
+
+def _bag_embedder(texts: list[str]) -> np.ndarray:
+    """A deterministic stand-in embedder: normalised bag of hashed words (same words -> cosine 1)."""
+    vecs = np.zeros((len(texts), 64), dtype=np.float32)
+    for i, t in enumerate(texts):
+        for w in metrics.normalize_answer(t).split():
+            vecs[i, sum(map(ord, w)) % 64] += 1.0
+    return vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+
+
+def _rect_mask(h: int, w: int, x1: int, y1: int, x2: int, y2: int) -> RLE:
+    m = np.zeros((h, w), dtype=bool)
+    m[y1:y2, x1:x2] = True
+    return RLE.encode(m)
+
+
+def _obj(
+    label: str, cid: int, box: list[float], score: float = 0.9, size: tuple[int, int] = (100, 100)
+) -> dict:
+    x1, y1, x2, y2 = (int(v) for v in box)
+    return {
+        "label": label,
+        "class_id": cid,
+        "score": score,
+        "box": box,
+        "mask": _rect_mask(*size, x1, y1, x2, y2).model_dump(),
+    }
+
+
+def _teacher_outputs() -> list[dict]:
+    return [
+        {
+            "answer": "There is a dog on the grass.",
+            "objects": [_obj("dog", 16, [10, 10, 50, 50]), _obj("person", 0, [60, 20, 90, 90])],
+            "sources": ["dog_facts", "grass_facts", "park"],
+        },
+        {
+            "answer": "A red bus.",
+            "objects": [_obj("bus", 5, [5, 5, 95, 60])],
+            "sources": ["bus_facts", "city"],
+        },
+    ]
+
+
+def test_normalisation_and_token_f1_known_pair() -> None:
+    assert metrics.normalize_answer("The  Cat, sat!") == "cat sat"
+    assert metrics.exact_match("A dog.", "dog") == 1.0
+    assert metrics.exact_match("a dog", "a cat") == 0.0
+    # pred tokens: red bus parked (3); ref: bus is red (3); common 2 -> P = R = 2/3 -> F1 = 2/3
+    assert metrics.token_f1("the red bus parked", "a bus is red") == pytest.approx(2 / 3)
+    assert metrics.token_f1("", "") == 1.0
+    assert metrics.token_f1("", "x") == 0.0
+
+
+def test_semantic_agreement_uses_injected_embedder_and_threshold() -> None:
+    res = metrics.answer_metrics(
+        ["a dog on grass", "a red bus"], ["grass dog", "a blue car"], embedder=_bag_embedder
+    )
+    assert res["answer_semantic"] == pytest.approx(0.5)  # first pair identical bags, second disjoint
+    assert res["answer_exact"] == 0.0
+    assert 0.0 < res["answer_cosine"] < 1.0  # type: ignore[operator]
+
+
+def test_box_iou_of_a_shifted_box() -> None:
+    # a 40x40 box shifted right by 10: intersection 30*40 = 1200, union 2*1600 - 1200 = 2000 -> 0.6
+    iou = metrics.box_iou([[10, 10, 50, 50]], [[20, 10, 60, 50]])
+    assert iou.shape == (1, 1)
+    assert iou[0, 0] == pytest.approx(0.6)
+    assert metrics.box_iou([[0, 0, 1, 1]], [[5, 5, 6, 6]])[0, 0] == 0.0
+
+
+def test_mask_iou_of_half_overlapping_masks() -> None:
+    a = _rect_mask(20, 20, 0, 0, 10, 20)  # left half, 200 px
+    b = _rect_mask(20, 20, 5, 0, 15, 20)  # shifted by 5: overlap 100, union 300
+    assert metrics.mask_iou(a, b) == pytest.approx(1 / 3)
+    c = _rect_mask(20, 20, 0, 0, 10, 10)  # half of a
+    assert metrics.mask_iou(a, c) == pytest.approx(0.5)
+
+
+def test_perfect_student_scores_one_everywhere() -> None:
+    t = _teacher_outputs()
+    res = metrics.fidelity(t, t, embedder=_bag_embedder)
+    for key in ("answer_exact", "answer_f1", "answer_semantic", "box_map50", "box_map", "box_map75"):
+        assert res[key] == pytest.approx(1.0), key
+    assert res["mask_miou"] == pytest.approx(1.0)
+    assert res["sources_recall"] == pytest.approx(1.0)
+    assert res["sources_precision"] == pytest.approx(1.0)
+    assert set(res["box_ap_per_class"]) == {"dog", "person", "bus"}
+    assert all(v == pytest.approx(1.0) for v in res["box_ap_per_class"].values())
+    assert "ground_truth" not in res
+
+
+def test_empty_student_scores_zero() -> None:
+    t = _teacher_outputs()
+    empty = [{"answer": "", "objects": [], "sources": []} for _ in t]
+    res = metrics.fidelity(t, empty, embedder=_bag_embedder)
+    for key in (
+        "answer_exact",
+        "answer_f1",
+        "answer_semantic",
+        "box_map50",
+        "box_map",
+        "mask_miou",
+        "sources_recall",
+        "sources_precision",
+    ):
+        assert res[key] == 0.0, key
+
+
+def test_shifted_box_passes_map50_but_not_map75() -> None:
+    teacher = [[_obj("dog", 16, [10, 10, 50, 50])]]
+    shifted = [[_obj("dog", 16, [20, 10, 60, 50])]]  # IoU 0.6
+    res = metrics.box_map(teacher, shifted)
+    assert res["box_map50"] == pytest.approx(1.0)
+    assert res["box_map75"] == pytest.approx(0.0)
+    # IoU 0.6 clears the thresholds 0.50 and 0.55 of the ten 0.50:0.05:0.95 -> mAP 0.2
+    assert res["box_map"] == pytest.approx(0.2, abs=0.01)
+    # the wrong class never matches, however well the box fits
+    wrong = [[_obj("cat", 15, [10, 10, 50, 50])]]
+    assert metrics.box_map(teacher, wrong)["box_map50"] == 0.0
+
+
+def test_mask_miou_counts_unmatched_teacher_objects_as_zero() -> None:
+    t = _teacher_outputs()[0]["objects"]  # dog + person
+    only_dog = [t[0]]
+    assert metrics.mask_miou([t], [only_dog]) == pytest.approx(0.5)
+    # a student dog shifted by 10 px: box IoU 0.6 (matched), mask IoU 0.6 too for rectangles
+    shifted = [_obj("dog", 16, [20, 10, 60, 50]), t[1]]
+    assert metrics.mask_miou([t], [shifted]) == pytest.approx((0.6 + 1.0) / 2)
+    # Hungarian matching keeps pairs one-to-one: two student dogs cannot both take the teacher dog
+    pairs = metrics.match_objects([t[0]], [t[0], t[0]])
+    assert len(pairs) == 1
+
+
+def test_sources_recall_at_k_and_precision() -> None:
+    teacher = [["a", "b", "c"], ["d", "e"]]
+    student = [["a", "x", "b"], ["e", "d"]]
+    res = metrics.source_metrics(teacher, student)
+    assert res["sources_recall"] == pytest.approx((2 / 3 + 1.0) / 2)
+    assert res["sources_precision"] == pytest.approx((2 / 3 + 1.0) / 2)
+    at1 = metrics.source_metrics(teacher, student, k=1)
+    assert at1["sources_recall"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+
+
+def test_ground_truth_rows_are_scored_side_by_side() -> None:
+    t = _teacher_outputs()
+    student = [dict(t[0]), {**t[1], "answer": "a blue car"}]
+    gt = [None, {"answer": "a blue car", "objects": t[1]["objects"], "sources": ["bus_facts"]}]
+    res = metrics.fidelity(t, student, ground_truth=gt, embedder=_bag_embedder)
+    assert res["answer_exact"] == pytest.approx(0.5)
+    side = res["ground_truth"]
+    assert side["n"] == 1
+    assert side["student"]["answer_exact"] == 1.0
+    assert side["teacher"]["answer_exact"] == 0.0
+    assert side["teacher"]["sources_recall"] == 1.0
+
+
+def test_length_mismatch_is_an_error() -> None:
+    with pytest.raises(ValueError, match="reference outputs"):
+        metrics.compare_outputs(_teacher_outputs(), [], embedder=_bag_embedder)
