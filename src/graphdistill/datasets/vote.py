@@ -1,0 +1,398 @@
+"""Voting across the K teacher samples of one input (the traces that share a ``group_id``).
+
+- answers are clustered by meaning (identical normalised text, or embedding cosine >= a threshold); the
+  largest cluster wins and its most central answer is the target;
+- objects are matched across samples by class and IoU, kept when a quorum of samples found them, boxes
+  fused weighted by score and masks fused by pixel majority;
+- sources (retrieved document ids) are kept when a quorum of samples retrieved them;
+- samples recorded with test-time augmentation (``trace.metadata["tta"] = {"flip", "scale",
+  "orig_size"}``: the sample saw the original image resized by ``scale`` and, if ``flip``, mirrored left to
+  right) are mapped back to the original frame first.
+
+Each agreement is a fraction of the K samples. Pure numpy; the default embedder (MiniLM) loads lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import string
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from graphdistill.trace import (
+    RLE,
+    BlobRef,
+    Document,
+    ObjectOut,
+    Provenance,
+    TokenLogprobs,
+    Trace,
+    decode_value,
+)
+
+log = logging.getLogger(__name__)
+
+Embedder = Callable[[Sequence[str]], np.ndarray]  # texts -> [n, d] unit vectors
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalise_text(text: str) -> str:
+    """Lowercase, strip punctuation and articles, collapse whitespace."""
+    t = _ARTICLES.sub(" ", text.lower().translate(_PUNCT))
+    return " ".join(t.split())
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading values out of traces
+# --------------------------------------------------------------------------------------------------------
+
+
+def written(trace: Trace, key: str) -> Any:
+    """The decoded value the last span that wrote ``key`` wrote (blobs as BlobRef), or None."""
+    for span in reversed(trace.spans):
+        if key in span.writes:
+            return decode_value(span.writes[key])
+    return None
+
+
+def trace_failed(trace: Trace) -> str | None:
+    """Why a trace cannot vote (failed trace or failed node), or None."""
+    if trace.status == "error":
+        return f"trace failed: {trace.error}"
+    for span in trace.spans:
+        if span.error:
+            return f"node {span.node!r} failed: {span.error}"
+    return None
+
+
+def trace_objects(trace: Trace) -> list[ObjectOut]:
+    raw = trace.output.get("objects") or []
+    return [o if isinstance(o, ObjectOut) else ObjectOut.model_validate(decode_value(o)) for o in raw]
+
+
+def trace_sources(trace: Trace) -> list[str]:
+    raw = trace.output.get("sources") or []
+    out: list[str] = []
+    for s in raw:
+        sid = s.get("id") if isinstance(s, dict) else s
+        if sid is not None and str(sid) not in out:
+            out.append(str(sid))
+    return out
+
+
+def trace_documents(trace: Trace) -> list[Document]:
+    docs = written(trace, "documents") or []
+    out = []
+    for d in docs:
+        try:
+            out.append(d if isinstance(d, Document) else Document.model_validate(d))
+        except ValueError:
+            continue
+    return out
+
+
+def trace_logprobs(trace: Trace) -> TokenLogprobs | None:
+    v = written(trace, "llm")
+    if isinstance(v, TokenLogprobs):
+        return v
+    if isinstance(v, dict):  # an LLMOutput-like dict carrying its logprobs
+        inner = v.get("logprobs")
+        if isinstance(inner, TokenLogprobs):
+            return inner
+        try:
+            return TokenLogprobs.model_validate(inner if isinstance(inner, dict) else v)
+        except ValueError:
+            return None
+    return None
+
+
+def image_ref(trace: Trace) -> BlobRef | str | None:
+    """The input image of a trace: a BlobRef (recorded array) or a path string."""
+    v = decode_value(trace.inputs.get("image"))
+    if isinstance(v, (BlobRef, str)):
+        return v
+    return None
+
+
+def tta_of(trace: Trace) -> dict[str, Any] | None:
+    tta = trace.metadata.get("tta")
+    if not isinstance(tta, dict):
+        return None
+    if not tta.get("flip") and float(tta.get("scale", 1.0)) == 1.0:
+        return None
+    return tta
+
+
+# --------------------------------------------------------------------------------------------------------
+# Test-time augmentation: back to the original frame
+# --------------------------------------------------------------------------------------------------------
+
+
+def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    h, w = size
+    if mask.shape == (h, w):
+        return mask
+    ys = np.minimum((np.arange(h) + 0.5) * mask.shape[0] / h, mask.shape[0] - 1).astype(int)
+    xs = np.minimum((np.arange(w) + 0.5) * mask.shape[1] / w, mask.shape[1] - 1).astype(int)
+    return mask[ys][:, xs]
+
+
+def untta_object(obj: ObjectOut, tta: dict[str, Any]) -> ObjectOut:
+    """Map one object seen on an augmented image back to the original image's frame."""
+    scale = float(tta.get("scale", 1.0))
+    oh, ow = (int(v) for v in tta["orig_size"])
+    aw = round(ow * scale)
+    x1, y1, x2, y2 = obj.box
+    if tta.get("flip"):
+        x1, x2 = aw - x2, aw - x1
+    box = [
+        float(np.clip(x1 / scale, 0, ow)),
+        float(np.clip(y1 / scale, 0, oh)),
+        float(np.clip(x2 / scale, 0, ow)),
+        float(np.clip(y2 / scale, 0, oh)),
+    ]
+    mask = None
+    if obj.mask is not None:
+        m = obj.mask.decode()
+        if tta.get("flip"):
+            m = m[:, ::-1]
+        mask = RLE.encode(_resize_mask(m, (oh, ow)))
+    return obj.model_copy(update={"box": box, "mask": mask})
+
+
+# --------------------------------------------------------------------------------------------------------
+# The vote
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Consensus:
+    """One consensus target per input (group)."""
+
+    group_id: str
+    trace_ids: list[str]
+    k: int  # samples recorded
+    n_ok: int  # samples that could vote
+    question: str
+    image: BlobRef | str | None
+    answer: str | None
+    objects: list[ObjectOut]
+    sources: list[str]
+    agreement: dict[str, float]  # answer, objects, sources
+    provenance: Provenance
+    llm_topk: TokenLogprobs | None
+    chosen_trace: str | None  # the trace whose answer was chosen
+    failures: dict[str, str] = field(default_factory=dict)  # trace id -> why it could not vote
+    answer_clusters: list[list[str]] = field(default_factory=list)
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _find(parent: list[int], i: int) -> int:
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+def vote_answers(
+    answers: Sequence[str], k: int, embedder: Embedder | None, threshold: float = 0.85
+) -> tuple[int | None, float, list[list[int]]]:
+    """Cluster answers by meaning; returns (index of the target answer, agreement, clusters)."""
+    n = len(answers)
+    if n == 0:
+        return None, 0.0, []
+    norms = [normalise_text(a) for a in answers]
+    parent = list(range(n))
+    for i in range(n):
+        for j in range(i + 1, n):
+            if norms[i] == norms[j]:
+                parent[_find(parent, j)] = _find(parent, i)
+    sims: np.ndarray | None = None
+    if embedder is not None and len(set(norms)) > 1:
+        vecs = np.asarray(embedder(list(answers)), dtype=np.float64)
+        vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+        sims = vecs @ vecs.T
+        for i in range(n):
+            for j in range(i + 1, n):
+                if sims[i, j] >= threshold:
+                    parent[_find(parent, j)] = _find(parent, i)
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(_find(parent, i), []).append(i)
+    clusters = sorted(groups.values(), key=lambda c: (-len(c), c[0]))
+    best = clusters[0]
+
+    def centrality(i: int) -> tuple[float, int, int]:
+        same_text = sum(norms[j] == norms[i] for j in best)
+        mean_sim = float(np.mean([sims[i, j] for j in best])) if sims is not None else 0.0
+        return (mean_sim, same_text, -i)
+
+    chosen = max(best, key=centrality)
+    return chosen, len(best) / max(k, 1), clusters
+
+
+def vote_objects(
+    per_sample: Sequence[Sequence[ObjectOut]], k: int, quorum: int, iou: float = 0.5
+) -> tuple[list[ObjectOut], float]:
+    """Match objects across samples by class and IoU; keep those a quorum found; fuse boxes and masks."""
+    clusters: list[list[tuple[int, ObjectOut]]] = []
+    for s, objs in enumerate(per_sample):
+        for obj in sorted(objs, key=lambda o: -o.score):
+            best, best_iou = None, iou
+            for c in clusters:
+                if c[0][1].label != obj.label or any(si == s for si, _ in c):
+                    continue
+                v = box_iou(_fused_box([o for _, o in c]), obj.box)
+                if v >= best_iou:
+                    best, best_iou = c, v
+            if best is None:
+                clusters.append([(s, obj)])
+            else:
+                best.append((s, obj))
+    kept: list[ObjectOut] = []
+    support: list[float] = []
+    for c in clusters:
+        if len(c) < quorum:
+            continue
+        objs = [o for _, o in c]
+        kept.append(
+            ObjectOut(
+                label=objs[0].label,
+                class_id=Counter(o.class_id for o in objs).most_common(1)[0][0],
+                score=float(np.mean([o.score for o in objs])),
+                box=_fused_box(objs),
+                mask=_fused_mask(objs),
+            )
+        )
+        support.append(len(c) / max(k, 1))
+    kept.sort(key=lambda o: -o.score)
+    if not any(per_sample):
+        agreement = 1.0
+    elif support:
+        agreement = float(np.mean(support))
+    else:  # objects were seen but no sample agreed with another: only the empty-handed samples agree
+        agreement = sum(1 for objs in per_sample if not objs) / max(k, 1)
+    return kept, agreement
+
+
+def _fused_box(objs: Sequence[ObjectOut]) -> list[float]:
+    w = np.array([max(o.score, 1e-6) for o in objs])
+    boxes = np.array([o.box for o in objs], dtype=np.float64)
+    fused = (boxes * w[:, None]).sum(0) / w.sum()
+    return [float(v) for v in fused]
+
+
+def _fused_mask(objs: Sequence[ObjectOut]) -> RLE | None:
+    masks = [o.mask for o in objs if o.mask is not None]
+    if not masks:
+        return None
+    size = masks[0].size
+    decoded = [m.decode() for m in masks if m.size == size]
+    votes = np.sum(decoded, axis=0)
+    return RLE.encode(votes * 2 > len(decoded))
+
+
+def vote_sources(per_sample: Sequence[Sequence[str]], k: int, quorum: int) -> tuple[list[str], float]:
+    counts: Counter[str] = Counter()
+    rank_sum: Counter[str] = Counter()
+    for ids in per_sample:
+        for r, sid in enumerate(dict.fromkeys(ids)):
+            counts[sid] += 1
+            rank_sum[sid] += r
+    kept = [s for s, c in counts.items() if c >= quorum]
+    kept.sort(key=lambda s: (-counts[s], rank_sum[s] / counts[s], s))
+    if not any(per_sample):
+        agreement = 1.0
+    elif kept:
+        agreement = float(np.mean([counts[s] / max(k, 1) for s in kept]))
+    else:
+        agreement = sum(1 for ids in per_sample if not ids) / max(k, 1)
+    return kept, agreement
+
+
+def vote_group(
+    traces: Sequence[Trace],
+    *,
+    embedder: Embedder | None = None,
+    answer_threshold: float = 0.85,
+    iou: float = 0.5,
+    quorum: int | None = None,
+) -> Consensus:
+    """The consensus of the K samples of one input. Failed traces count in K but do not vote."""
+    if not traces:
+        raise ValueError("vote_group needs at least one trace")
+    traces = sorted(traces, key=lambda t: (t.sample_index, t.id))
+    k = len(traces)
+    q = quorum if quorum is not None else math.ceil(k / 2)
+    failures = {t.id: why for t in traces if (why := trace_failed(t))}
+    ok = [t for t in traces if t.id not in failures]
+    # The consensus refers to the un-augmented input: the first sample without TTA (sample 0's input).
+    base = next((t for t in traces if tta_of(t) is None), traces[0])
+    question = str(base.inputs.get("question", ""))
+
+    answers = [(t, t.output.get("answer")) for t in ok]
+    answers = [(t, a) for t, a in answers if isinstance(a, str)]
+    idx, ag_answer, clusters = vote_answers([a for _, a in answers], k, embedder, answer_threshold)
+    chosen = answers[idx][0] if idx is not None else None
+
+    per_sample_objects = []
+    for t in ok:
+        tta = tta_of(t)
+        objs = trace_objects(t)
+        per_sample_objects.append([untta_object(o, tta) for o in objs] if tta else objs)
+    objects, ag_objects = vote_objects(per_sample_objects, k, q, iou)
+    sources, ag_sources = vote_sources([trace_sources(t) for t in ok], k, q)
+    return Consensus(
+        group_id=base.group_id,
+        trace_ids=[t.id for t in traces],
+        k=k,
+        n_ok=len(ok),
+        question=question,
+        image=image_ref(base),
+        answer=answers[idx][1] if idx is not None else None,
+        objects=objects,
+        sources=sources,
+        agreement={
+            "answer": ag_answer,
+            "objects": ag_objects if ok else 0.0,
+            "sources": ag_sources if ok else 0.0,
+        },
+        provenance=base.provenance,
+        llm_topk=trace_logprobs(chosen) if chosen is not None else None,
+        chosen_trace=chosen.id if chosen is not None else None,
+        failures=failures,
+        answer_clusters=[[answers[i][0].id for i in c] for c in clusters],
+    )
+
+
+_DEFAULT_EMBEDDER: Any = None
+
+
+def default_embedder() -> Embedder:
+    """MiniLM (the teacher's own text embedder), loaded once."""
+    global _DEFAULT_EMBEDDER
+    if _DEFAULT_EMBEDDER is None:
+        from graphdistill.teachers.text_embedder import SentenceEmbedder
+
+        _DEFAULT_EMBEDDER = SentenceEmbedder()
+    emb = _DEFAULT_EMBEDDER
+
+    def embed(texts: Sequence[str]) -> np.ndarray:
+        return np.asarray(emb.embed(list(texts)), dtype=np.float32)
+
+    return embed
