@@ -345,8 +345,7 @@ def vote_group(
     base = next((t for t in traces if tta_of(t) is None), traces[0])
     question = str(base.inputs.get("question", ""))
 
-    answers = [(t, t.output.get("answer")) for t in ok]
-    answers = [(t, a) for t, a in answers if isinstance(a, str)]
+    answers: list[tuple[Trace, str]] = [(t, a) for t in ok if isinstance(a := t.output.get("answer"), str)]
     idx, ag_answer, clusters = vote_answers([a for _, a in answers], k, embedder, answer_threshold)
     chosen = answers[idx][0] if idx is not None else None
 
