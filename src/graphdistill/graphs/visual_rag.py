@@ -1,0 +1,308 @@
+"""The reference teacher graph: a visual RAG pipeline (YOLO + SAM + Chroma + a small chat LLM).
+
+```
+START -> detect -> segment  ---\\
+                -> retrieve ---+-> reason -> compose -> END
+```
+
+* ``detect`` (YOLO) finds objects; ``segment`` (SAM) masks every box and ``retrieve`` (Chroma over the
+  question plus the detected labels, plus the image through CLIP when a CLIP checkpoint is configured) run in
+  parallel in one LangGraph superstep;
+* ``reason`` asks the LLM for a one- or two-sentence answer from the question, the objects (label + rough
+  position) and the retrieved context; it writes ``answer`` and the LLM's top-k log-probabilities (``llm``)
+  for soft-label distillation;
+* ``compose`` joins detections with their masks into ``objects`` and lists the ``sources``.
+
+Sampling contract (for recording K samples of one input): nodes read ``config["configurable"]``:
+``gd_sample_index`` (int, default 0), ``gd_sampling`` (bool) and ``gd_seed`` (int, default 0). With
+``gd_sampling`` true, every sample but sample 0 is drawn at temperature 0.7, top-p 0.95, with a seed derived
+from ``gd_seed`` and the sample index; sample 0 always stays greedy, so it equals a plain ``invoke``.
+
+Heavy clients (models, the Chroma collection) live in the node closures, never in the graph state.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+from graphdistill.graphs.builder import GraphBuilder
+from graphdistill.trace import Detections, Document, Kind, Masks, ObjectOut
+
+log = logging.getLogger(__name__)
+
+SAMPLE_TEMPERATURE = 0.7
+SAMPLE_TOP_P = 0.95
+
+SYSTEM_PROMPT = (
+    "You answer questions about a photo. You are told which objects a detector found in it and given facts "
+    "from a knowledge base. Answer in one or two short sentences. Mention the objects you see."
+)
+
+
+@dataclass
+class VisualRagConfig:
+    """Which weights the reference graph loads (registry names or local paths) and how it runs."""
+
+    detector: str = "yolo11n"
+    segmenter: str = "mobile_sam"
+    segmenter_type: str = "vit_t"  # MobileSAM's TinyViT encoder
+    llm: str = "smollm2-135m-instruct"
+    embedder: str = "all-minilm-l6-v2"
+    kb_path: str | None = None  # a Chroma folder; None -> $GRAPHDISTILL_HOME/kb/chroma
+    kb_url: str | None = None  # a Chroma server instead of a folder
+    collection: str = "coco_facts"
+    k: int = 3  # documents retrieved per query
+    conf: float = 0.25  # detector confidence threshold
+    max_new_tokens: int = 48
+    device: str | None = "cpu"  # None -> cuda when available
+    seed: int = 0
+    clip_checkpoint: str | None = None  # set to add CLIP image retrieval
+    clip_arch: str = "ViT-B-32"
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if not 0.0 <= self.conf <= 1.0:
+            raise ValueError(f"conf must be in [0, 1], got {self.conf}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class VisualRagTeachers:
+    """The loaded adapters; any left as None is loaded from the config on first build."""
+
+    detector: Any = None
+    segmenter: Any = None
+    llm: Any = None
+    retriever: Any = None
+    clip: Any = None
+    locks: dict[str, threading.Lock] = field(default_factory=dict, repr=False)
+
+    def lock(self, role: str) -> threading.Lock:
+        # graph.batch runs inputs in threads; a model is used by one thread at a time
+        return self.locks.setdefault(role, threading.Lock())
+
+
+def load_teachers(config: VisualRagConfig, teachers: Any = None) -> VisualRagTeachers:
+    """Fill in every adapter the config needs that ``teachers`` (an object or dict) does not already hold."""
+    given = _as_teachers(teachers)
+    if given.detector is None:
+        from graphdistill.teachers.detector import YoloDetector
+
+        given.detector = YoloDetector(
+            weights=config.detector, device=config.device, seed=config.seed, conf=config.conf
+        )
+    if given.segmenter is None:
+        from graphdistill.teachers.segmenter import SamSegmenter
+
+        given.segmenter = SamSegmenter(
+            weights=config.segmenter, model_type=config.segmenter_type, device=config.device, seed=config.seed
+        )
+    if given.llm is None:
+        from graphdistill.teachers.llm import HFCausalLM
+
+        given.llm = HFCausalLM(
+            weights=config.llm,
+            device=config.device,
+            seed=config.seed,
+            max_new_tokens=config.max_new_tokens,
+        )
+    if given.clip is None and config.clip_checkpoint:
+        from graphdistill.teachers.clip import ClipEmbedder
+
+        given.clip = ClipEmbedder(
+            arch=config.clip_arch, checkpoint=config.clip_checkpoint, device=config.device
+        )
+    if given.retriever is None:
+        given.retriever = _default_retriever(config, given.clip)
+    return given
+
+
+def _default_retriever(config: VisualRagConfig, clip: Any) -> Any:
+    from graphdistill.teachers.retriever import ChromaRetriever
+    from graphdistill.teachers.text_embedder import SentenceEmbedder
+
+    retriever = ChromaRetriever(
+        path=config.kb_path,
+        url=config.kb_url,
+        collection=config.collection,
+        text_embedder=SentenceEmbedder(weights=config.embedder, device=config.device),
+        image_embedder=clip,
+        k=config.k,
+    )
+    if not retriever.doc_ids():  # first use: build the shipped knowledge base
+        from graphdistill.teachers.knowledge import default_documents
+
+        n = retriever.ingest(default_documents())
+        log.info("built the default knowledge base: %s documents", n)
+    return retriever
+
+
+def _as_teachers(teachers: Any) -> VisualRagTeachers:
+    if teachers is None:
+        return VisualRagTeachers()
+    if isinstance(teachers, VisualRagTeachers):
+        return teachers
+    roles = [f.name for f in fields(VisualRagTeachers) if f.name != "locks"]
+    if isinstance(teachers, Mapping):
+        unknown = sorted(set(teachers) - set(roles))
+        if unknown:
+            raise ValueError(f"unknown teacher role(s) {unknown}; roles: {roles}")
+        return VisualRagTeachers(**{r: teachers.get(r) for r in roles})
+    return VisualRagTeachers(**{r: getattr(teachers, r, None) for r in roles})
+
+
+# ---------------------------------------------------------------------------------------------------- nodes
+def sampling_settings(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The LLM settings for one call under the sampling contract (see the module docstring)."""
+    conf = dict((config or {}).get("configurable") or {})
+    index = int(conf.get("gd_sample_index", 0) or 0)
+    if not conf.get("gd_sampling") or index == 0:
+        return {"temperature": 0.0, "top_p": 1.0, "seed": None}
+    seed = (int(conf.get("gd_seed", 0) or 0) * 1_000_003 + index) % (2**31 - 1)
+    return {"temperature": SAMPLE_TEMPERATURE, "top_p": SAMPLE_TOP_P, "seed": seed}
+
+
+def position_words(box: Sequence[float], image_size: Sequence[int]) -> str:
+    """A rough position of a box in words ("top left", "center", ...) and its size."""
+    h, w = image_size
+    cx = (box[0] + box[2]) / 2 / max(w, 1)
+    cy = (box[1] + box[3]) / 2 / max(h, 1)
+    col = "left" if cx < 1 / 3 else ("right" if cx > 2 / 3 else "")
+    row = "top" if cy < 1 / 3 else ("bottom" if cy > 2 / 3 else "")
+    where = " ".join(p for p in (row, col) if p) or "center"
+    frac = (box[2] - box[0]) * (box[3] - box[1]) / max(w * h, 1)
+    size = "large" if frac > 0.25 else ("small" if frac < 0.02 else "medium")
+    return f"{where}, {size}"
+
+
+def build_prompt(
+    question: str, detections: Detections, documents: Sequence[Document]
+) -> list[dict[str, str]]:
+    """The chat the LLM answers: the system instructions, then objects, facts and the question."""
+    if len(detections):
+        objects = "\n".join(
+            f"- {n} ({s:.2f}, {position_words(b, detections.image_size)})"
+            for n, s, b in zip(detections.names, detections.scores, detections.xyxy, strict=True)
+        )
+    else:
+        objects = "- (no objects detected)"
+    context = "\n".join(f"- {d.text}" for d in documents) or "- (no facts found)"
+    user = f"Objects in the photo:\n{objects}\n\nFacts:\n{context}\n\nQuestion: {question.strip()}"
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def retrieval_query(question: str, detections: Detections) -> str:
+    labels = list(dict.fromkeys(detections.names))
+    return question.strip() + (" " + " ".join(labels) if labels else "")
+
+
+def _nodes(t: VisualRagTeachers, k: int) -> dict[str, Callable[..., dict[str, Any]]]:
+    def detect(r: dict[str, Any]) -> dict[str, Any]:
+        with t.lock("detector"):
+            return {"detections": t.detector.detect(r["image"])}
+
+    def segment(r: dict[str, Any]) -> dict[str, Any]:
+        dets: Detections = r["detections"]
+        if not len(dets):
+            return {"masks": Masks()}
+        with t.lock("segmenter"):
+            return {"masks": t.segmenter.segment(r["image"], dets.xyxy)}
+
+    def retrieve(r: dict[str, Any]) -> dict[str, Any]:
+        query = retrieval_query(r["question"], r["detections"])
+        with t.lock("retriever"):
+            docs: list[Document] = list(t.retriever.query(text=query, k=k))
+            if t.clip is not None:
+                with t.lock("clip"):
+                    emb = np.asarray(t.clip.embed_images([r["image"]]))[0]
+                seen = {d.id for d in docs}
+                extra = [d for d in t.retriever.query(image_embedding=emb, k=k) if d.id not in seen]
+                docs = docs + extra  # text hits first, then what only the image found
+        return {"documents": docs}
+
+    def reason(r: dict[str, Any], config: Any) -> dict[str, Any]:
+        prompt = build_prompt(r["question"], r["detections"], r["documents"])
+        with t.lock("llm"):
+            out = t.llm.generate(prompt, **sampling_settings(config))
+        return {"answer": out.text.strip(), "llm": out.logprobs}
+
+    def compose(r: dict[str, Any]) -> dict[str, Any]:
+        dets: Detections = r["detections"]
+        masks: Masks = r["masks"]
+        objects = [
+            ObjectOut(
+                label=dets.names[i],
+                class_id=dets.class_ids[i],
+                score=float(dets.scores[i]),
+                box=[float(v) for v in dets.xyxy[i]],
+                mask=masks.rles[i] if i < len(masks) else None,
+            ).model_dump(mode="json")
+            for i in range(len(dets))
+        ]
+        return {"objects": objects, "sources": [d.id for d in r["documents"]]}
+
+    return {"detect": detect, "segment": segment, "retrieve": retrieve, "reason": reason, "compose": compose}
+
+
+def visual_rag_builder(config: VisualRagConfig | None = None, teachers: Any = None) -> GraphBuilder:
+    """The reference graph's declaration, with its models loaded (or taken from ``teachers``)."""
+    config = config or VisualRagConfig()
+    t = load_teachers(config, teachers)
+    fn = _nodes(t, config.k)
+    name = "visual_rag_clip" if t.clip is not None else "visual_rag"
+    b = (
+        GraphBuilder(name)
+        .input("image", Kind.IMAGE, "the photo, HxWx3 uint8 RGB")
+        .input("question", Kind.TEXT, "a question about the photo")
+        .output("answer", Kind.TEXT, "one or two sentences")
+        .output("objects", Kind.OBJECTS, "detected objects with their masks")
+        .output("sources", Kind.SOURCES, "ids of the knowledge-base documents the answer used")
+        .node(
+            "detect", fn["detect"], reads=["image"], writes={"detections": Kind.DETECTIONS}, model=t.detector
+        )
+        .node(
+            "segment",
+            fn["segment"],
+            reads=["image", "detections"],
+            writes={"masks": Kind.MASKS},
+            model=t.segmenter,
+        )
+        .node(
+            "retrieve",
+            fn["retrieve"],
+            reads=["question", "detections", "image"],
+            writes={"documents": Kind.DOCUMENTS},
+            model=t.retriever,
+        )
+        .node(
+            "reason",
+            fn["reason"],
+            reads=["question", "detections", "documents"],
+            writes={"answer": Kind.TEXT, "llm": Kind.TOKEN_LOGPROBS},
+            model=t.llm,
+        )
+        .node(
+            "compose",
+            fn["compose"],
+            reads=["detections", "masks", "documents"],
+            writes={"objects": Kind.OBJECTS, "sources": Kind.SOURCES},
+        )
+        .edge("detect", "segment")
+        .edge("detect", "retrieve")
+        .edge(["segment", "retrieve"], "reason")
+        .edge("reason", "compose")
+    )
+    return b
+
+
+def visual_rag(config: VisualRagConfig | None = None, teachers: Any = None, **compile_kwargs: Any) -> Any:
+    """The compiled reference teacher graph (a LangGraph ``CompiledStateGraph``)."""
+    return visual_rag_builder(config, teachers).compile(**compile_kwargs)
