@@ -25,6 +25,9 @@ _EXPORTS: dict[str, str] = {
     "MissingDependencyError": "graphdistill._lazy",
     "ImageError": "graphdistill.images",
     "load_image": "graphdistill.images",
+    "record": "graphdistill.datasets.recording",
+    "TraceRecorder": "graphdistill.datasets.recording",
+    "TraceStore": "graphdistill.datasets.store",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -14,6 +14,8 @@ COMMAND_MODULES = [
     "weights",
     "doctor",
     "demo",
+    "record",
+    "traces",
 ]
 
 

@@ -1,0 +1,375 @@
+"""`graphdistill record`: run a teacher graph over inputs and record every run into a trace store.
+
+Inputs are a folder of images (each asked ``--question``) or a JSONL of rows ``{image, question[,
+provenance]}``. ``--samples K`` records K samples per input (sample i gets ``configurable.gd_sample_index=i``,
+``gd_sampling=i>0`` and a stable ``gd_seed``; all K share the input's content hash as group id). ``--tta``
+gives deterministic graphs variety: sample i>0 sees the image flipped / scaled, and the trace says so in
+``metadata["tta"]``. ``--resume`` skips what the store already holds; ``--workers N`` runs N processes that
+each load the graph once and write into the one store. A bad input becomes a failed trace and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from graphdistill.commands._common import CommandError, console, print_json
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUESTION = "What is in this picture?"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+TTA_CHOICES = ("flip", "scale")
+TTA_SCALE = 0.8
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("record", help="run a teacher graph over inputs and record traces into a store")
+    p.add_argument(
+        "--graph", default=None, help="graph spec module:attr or file.py:attr (default: visual_rag)"
+    )
+    p.add_argument("--inputs", required=True, help="a folder of images or a JSONL of {image, question} rows")
+    p.add_argument("--store", required=True, help="trace store folder (created if missing)")
+    p.add_argument("--question", default=DEFAULT_QUESTION, help="question for a folder of images")
+    p.add_argument("--samples", type=int, default=1, help="teacher samples per input (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--resume", action="store_true", help="skip (input, sample) pairs already in the store")
+    p.add_argument("--tta", default="", help="test-time augmentations for samples > 0: flip,scale")
+    p.add_argument("--batch-size", type=int, default=1, help="inputs per graph.batch call (default 1)")
+    p.add_argument("--json", action="store_true", help="print {recorded, failed, skipped, seconds}")
+    p.set_defaults(func=_record)
+
+
+# --------------------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------------------
+
+
+def read_inputs(
+    path: str | os.PathLike[str], question: str = DEFAULT_QUESTION
+) -> tuple[list[dict[str, Any]], int]:
+    """The input rows ``{image: abs path, question, provenance}`` and how many JSONL lines were unusable."""
+    src = Path(path)
+    if not src.exists():
+        raise CommandError(f"--inputs {src}: no such file or folder")
+    if src.is_dir():
+        files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise CommandError(
+                f"--inputs {src}: the folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
+        return [{"image": str(p.resolve()), "question": question, "provenance": {}} for p in files], 0
+    rows: list[dict[str, Any]] = []
+    bad = 0
+    with open(src, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("image"), str):
+                    raise ValueError("a row must be an object with an 'image' path")
+            except ValueError as exc:
+                log.warning("--inputs %s line %d skipped: %s", src, lineno, exc)
+                bad += 1
+                continue
+            image = Path(row["image"])
+            if not image.is_absolute():
+                image = src.parent / image
+            rows.append(
+                {
+                    "image": str(image),
+                    "question": str(row.get("question") or question),
+                    "provenance": row.get("provenance") or {},
+                }
+            )
+    if not rows and not bad:
+        raise CommandError(f"--inputs {src}: no rows")
+    return rows, bad
+
+
+def parse_tta(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    for t in items:
+        if t not in TTA_CHOICES:
+            raise CommandError(
+                f"--tta {text!r}: unknown transform {t!r} (choose from {', '.join(TTA_CHOICES)})"
+            )
+    return items
+
+
+def apply_tta(image: Any, sample_index: int, tta: list[str]) -> tuple[Any, dict[str, Any]]:
+    """Sample 0 is the original; sample i > 0 uses transform ``tta[(i - 1) % len(tta)]``."""
+    import numpy as np
+
+    h, w = int(image.shape[0]), int(image.shape[1])
+    info: dict[str, Any] = {"flip": False, "scale": 1.0, "orig_size": [h, w]}
+    if not tta or sample_index == 0:
+        return image, info
+    kind = tta[(sample_index - 1) % len(tta)]
+    if kind == "flip":
+        info["flip"] = True
+        return np.ascontiguousarray(image[:, ::-1]), info
+    from PIL import Image
+
+    size = (max(1, round(w * TTA_SCALE)), max(1, round(h * TTA_SCALE)))
+    info["scale"] = TTA_SCALE
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)), info
+
+
+def stable_seed(group_id: str, sample_index: int) -> int:
+    """A seed that is the same for (input, sample) in every run and every worker."""
+    return (int(group_id[:8], 16) + sample_index * 1_000_003) & 0x7FFFFFFF
+
+
+# --------------------------------------------------------------------------------------------------------
+# running (the same code in-process and in each worker process)
+# --------------------------------------------------------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def load_graph(spec: str | None) -> Any:
+    """``graphdistill.graphs.load_graph`` when it is there; else a small loader for ``module:attr`` and
+    ``path/file.py:attr`` (a compiled graph, a StateGraph / builder to compile, or a zero-arg factory)."""
+    try:
+        from graphdistill.graphs import load_graph as real_load_graph  # type: ignore[attr-defined]
+    except ImportError:
+        real_load_graph = None
+    try:
+        if real_load_graph is not None:
+            return real_load_graph(spec)
+        if spec is None:
+            raise CommandError(
+                "--graph is required: the default visual_rag graph is not available in this build"
+            )
+        return _load_spec(spec)
+    except CommandError:
+        raise
+    except Exception as exc:
+        raise CommandError(f"--graph {spec}: cannot load the graph ({type(exc).__name__}: {exc})") from exc
+
+
+def _load_spec(spec: str) -> Any:
+    import importlib
+    import importlib.util
+
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise CommandError(f"--graph {spec!r}: expected module:attr or path/file.py:attr")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.exists():
+            raise CommandError(f"--graph {spec}: no such file {path}")
+        mod_spec = importlib.util.spec_from_file_location(f"_gd_graph_{abs(hash(str(path.resolve())))}", path)
+        assert mod_spec is not None and mod_spec.loader is not None
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    obj = getattr(module, attr)
+    if hasattr(obj, "invoke") and hasattr(obj, "batch"):
+        return obj
+    if hasattr(obj, "compile"):
+        return obj.compile()
+    if callable(obj):
+        return _load_from(obj())
+    raise CommandError(f"--graph {spec}: {attr} is not a graph, a builder or a factory")
+
+
+def _load_from(obj: Any) -> Any:
+    return obj.compile() if not hasattr(obj, "invoke") and hasattr(obj, "compile") else obj
+
+
+def _init(spec: str | None, store_root: str) -> None:
+    """Load the graph and open the store once per process."""
+    from graphdistill._env import apply_offline_env
+    from graphdistill.datasets.recording import TraceRecorder, graph_identity
+    from graphdistill.datasets.store import TraceStore
+
+    apply_offline_env()
+    graph = load_graph(spec)
+    store = TraceStore(store_root)
+    schema, gid = graph_identity(graph)
+    _WORKER.update(graph=graph, store=store, schema=schema, graph_id=gid, recorder_cls=TraceRecorder)
+
+
+def run_tasks(tasks: list[dict[str, Any]], *, resume: bool, tta: list[str]) -> dict[str, int]:
+    """Run one batch of (input row, sample index) tasks through the graph, recording each; returns counts."""
+    from graphdistill.images import ImageError, load_image
+    from graphdistill.trace import Provenance, Trace, content_hash, encode_value
+
+    graph, store, gid = _WORKER["graph"], _WORKER["store"], _WORKER["graph_id"]
+    counts = {"recorded": 0, "failed": 0, "skipped": 0}
+    outcomes: list[tuple[Trace, str | None]] = []
+    recorder = _WORKER["recorder_cls"](
+        store, schema=_WORKER["schema"], graph_id=gid, on_trace=lambda t, i: outcomes.append((t, i))
+    )
+    runs: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    for task in tasks:
+        row, i = task["row"], task["sample_index"]
+        raw_inputs = {"image": row["image"], "question": row["question"]}
+        try:
+            image = load_image(row["image"])
+        except ImageError as exc:
+            ih = content_hash(raw_inputs)
+            if resume and store.has_input(ih, i, graph_hash=gid.hash):
+                counts["skipped"] += 1
+                continue
+            failed = Trace(
+                graph=gid,
+                inputs=raw_inputs,
+                status="error",
+                error=f"ImageError: {exc}",
+                group_id=ih,
+                sample_index=i,
+                input_hash=ih,
+                provenance=Provenance.model_validate(row["provenance"]),
+            )
+            _append_failed(store, failed, counts)
+            continue
+        group = content_hash(encode_value({"image": image, "question": row["question"]}, {}))
+        shown, tta_info = apply_tta(image, i, tta)
+        inputs = {"image": shown, "question": row["question"]}
+        if resume:
+            ih = group if shown is image else content_hash(encode_value(inputs, {}))
+            if store.has_input(ih, i, graph_hash=gid.hash):
+                counts["skipped"] += 1
+                continue
+        meta: dict[str, Any] = {"source": row["image"]}
+        if tta:
+            meta["tta"] = tta_info
+        config = {
+            "callbacks": [recorder],
+            "metadata": {
+                "graphdistill_group_id": group,
+                "graphdistill_sample_index": i,
+                "graphdistill_provenance": row["provenance"],
+                "graphdistill_metadata": meta,
+            },
+            "configurable": {"gd_sample_index": i, "gd_sampling": i > 0, "gd_seed": stable_seed(group, i)},
+        }
+        runs.append((inputs, config))
+    if len(runs) == 1:
+        try:
+            graph.invoke(runs[0][0], config=runs[0][1])
+        except Exception as exc:  # recorded as a failed trace by the recorder
+            log.warning(
+                "graph failed on %s: %s", runs[0][1]["metadata"]["graphdistill_metadata"]["source"], exc
+            )
+    elif runs:
+        graph.batch([r[0] for r in runs], config=[r[1] for r in runs], return_exceptions=True)
+    for trace, trace_id in outcomes:
+        if trace_id is None:
+            counts["skipped"] += 1
+        elif trace.status == "ok":
+            counts["recorded"] += 1
+        else:
+            counts["failed"] += 1
+    counts["failed"] += len(runs) - len(outcomes)  # runs the recorder could not store
+    return counts
+
+
+def _append_failed(store: Any, trace: Any, counts: dict[str, int]) -> None:
+    from graphdistill.datasets.store import DuplicateTraceError
+
+    try:
+        store.append(trace, {})
+        counts["failed"] += 1
+    except DuplicateTraceError:
+        counts["skipped"] += 1
+
+
+def _worker_run(tasks: list[dict[str, Any]], resume: bool, tta: list[str]) -> dict[str, int]:
+    return run_tasks(tasks, resume=resume, tta=tta)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the command
+# --------------------------------------------------------------------------------------------------------
+
+
+def _record(args: argparse.Namespace) -> int:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    for name in ("samples", "workers", "batch_size"):
+        if getattr(args, name) < 1:
+            raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    tta = parse_tta(args.tta)
+    rows, bad_rows = read_inputs(args.inputs, args.question)
+    tasks = [{"row": r, "sample_index": i} for r in rows for i in range(args.samples)]
+    batches = [tasks[i : i + args.batch_size] for i in range(0, len(tasks), args.batch_size)]
+    totals = {"recorded": 0, "failed": 0, "skipped": bad_rows}
+    start = time.perf_counter()
+    con = console(stderr=True)
+    progress = Progress(
+        TextColumn("[bold]recording"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("failed {task.fields[failed]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=con,
+        disable=args.json and not con.is_terminal,
+    )
+    store_root = str(Path(args.store))
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        from graphdistill.datasets.store import StoreError
+
+        with progress:
+            bar = progress.add_task("record", total=len(tasks), failed=0)
+
+            def done(counts: dict[str, int], n: int) -> None:
+                for k, v in counts.items():
+                    totals[k] += v
+                progress.update(bar, advance=n, failed=totals["failed"])
+
+            if args.workers == 1:
+                _init(args.graph, store_root)
+                for batch in batches:
+                    done(run_tasks(batch, resume=args.resume, tta=tta), len(batch))
+            else:
+                import multiprocessing as mp
+                from concurrent.futures import ProcessPoolExecutor, as_completed
+
+                # the parent makes the store first so workers never race to create its tables
+                from graphdistill.datasets.store import TraceStore
+
+                TraceStore(store_root).close()
+                with ProcessPoolExecutor(
+                    max_workers=args.workers,
+                    mp_context=mp.get_context("spawn"),
+                    initializer=_init,
+                    initargs=(args.graph, store_root),
+                ) as pool:
+                    futures = {pool.submit(_worker_run, b, args.resume, tta): len(b) for b in batches}
+                    for fut in as_completed(futures):
+                        done(fut.result(), futures[fut])
+    except BrokenProcessPool as exc:
+        raise CommandError(f"a worker process died ({exc}); rerun with --resume to continue") from exc
+    except StoreError as exc:
+        raise CommandError(f"--store {args.store}: {exc}") from exc
+    seconds = time.perf_counter() - start
+    summary = {**totals, "seconds": round(seconds, 3)}
+    if args.json:
+        print_json(summary)
+    else:
+        con.print(
+            f"recorded {totals['recorded']}, failed {totals['failed']}, skipped {totals['skipped']} "
+            f"in {seconds:.1f}s -> {args.store}"
+        )
+    return 0

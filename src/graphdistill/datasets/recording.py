@@ -1,0 +1,335 @@
+"""Live recording: a langchain-core callback handler that turns each execution of a LangGraph graph into a
+:class:`~graphdistill.trace.Trace` in a :class:`~graphdistill.datasets.store.TraceStore`.
+
+Add it to any compiled graph with one line::
+
+    graph.invoke(inputs, config={"callbacks": [TraceRecorder(store)]})
+    # or: recorded = record(graph, store); recorded.invoke(inputs)
+
+How LangGraph reports a run (sync and async alike): the graph's own run starts with ``parent_run_id=None``
+(the *root*), each node runs as a child of the root with ``metadata["langgraph_node"]`` plus the node's own
+metadata (``graphdistill_model_id`` / ``graphdistill_weights_sha256``). Runs nested deeper (a node that
+calls a chain, a subgraph's inner nodes) are not spans of this graph and are ignored. State is keyed by the
+root run id, so ``batch`` / ``abatch`` (threads, tasks) record each input separately.
+
+Recording never changes the graph's results and never raises into the graph: failures are logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import numpy as np
+from langchain_core.callbacks import BaseCallbackHandler
+
+from graphdistill.datasets.store import DuplicateTraceError, TraceStore
+from graphdistill.trace import (
+    GraphId,
+    GraphSchema,
+    NodeSpan,
+    Provenance,
+    Trace,
+    content_hash,
+    encode_value,
+)
+
+log = logging.getLogger(__name__)
+
+# keys of config["metadata"] the recorder reads
+META_GROUP = "graphdistill_group_id"
+META_SAMPLE = "graphdistill_sample_index"
+META_PROVENANCE = "graphdistill_provenance"
+META_METADATA = "graphdistill_metadata"
+# keys of a node's metadata
+META_MODEL_ID = "graphdistill_model_id"
+META_WEIGHTS = "graphdistill_weights_sha256"
+
+
+class _Encoder:
+    """``encode_value`` with a per-run memo for arrays, so the image in the state is PNG-encoded once per
+    run rather than once per node that reads it."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+        self._memo: dict[int, tuple[Any, Any]] = {}  # id(array) -> (array kept alive, encoded value)
+
+    def __call__(self, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): self._one(v) for k, v in value.items()}
+        return self._one(value)
+
+    def _one(self, value: Any) -> Any:
+        if isinstance(value, np.ndarray):
+            hit = self._memo.get(id(value))
+            if hit is not None and hit[0] is value:
+                return hit[1]
+            encoded = encode_value(value, self.blobs)
+            self._memo[id(value)] = (value, encoded)
+            return encoded
+        return encode_value(value, self.blobs)
+
+
+@dataclass
+class _Span:
+    node: str
+    start: float
+    reads: Any
+    model_id: str | None
+    weights_sha256: str | None
+
+
+@dataclass
+class _Run:
+    start_wall: float
+    start_perf: float
+    inputs: dict[str, Any]
+    metadata: dict[str, Any]
+    encoder: _Encoder
+    spans: list[NodeSpan] = field(default_factory=list)
+    open_spans: dict[UUID, _Span] = field(default_factory=dict)
+
+
+class TraceRecorder(BaseCallbackHandler):
+    """Records every run of a LangGraph graph it is attached to as one trace in ``store``.
+
+    ``schema``: the graph's :class:`GraphSchema` (output restricted to its output fields; graph id from it).
+    ``graph_id``: the graph's name and hash when there is no schema (``record()`` derives one).
+    ``group_id``: default group for every trace (else ``config["metadata"]["graphdistill_group_id"]``, else
+    the input hash). ``metadata``: merged into every trace's metadata. ``on_trace(trace, trace_id)`` is
+    called after each append (``trace_id`` is None when the store refused it, e.g. a duplicate).
+    """
+
+    run_inline = True  # called in the graph's own thread / event loop: ordering and keys stay exact
+    raise_error = False
+
+    def __init__(
+        self,
+        store: TraceStore,
+        *,
+        schema: GraphSchema | None = None,
+        graph_id: GraphId | None = None,
+        group_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        on_trace: Callable[[Trace, str | None], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.schema = schema
+        if graph_id is None:
+            graph_id = (
+                GraphId(name=schema.name, hash=schema.definition_hash or _hash_text(schema.model_dump_json()))
+                if schema is not None
+                else GraphId(name="graph", hash="unknown")
+            )
+        self.graph_id = graph_id
+        self.group_id = group_id
+        self.metadata = dict(metadata or {})
+        self.on_trace = on_trace
+        self.recorded = 0
+        self.failed_to_record = 0
+        self._lock = threading.Lock()
+        self._runs: dict[UUID, _Run] = {}
+        self._node_root: dict[UUID, UUID] = {}  # node run id -> its root run id
+
+    # --- root and node starts ----------------------------------------------------------------------------
+
+    def on_chain_start(
+        self,
+        serialized: dict[str, Any] | None,
+        inputs: Any,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        try:
+            meta = metadata or {}
+            with self._lock:
+                is_root = parent_run_id is None or (
+                    parent_run_id not in self._runs
+                    and parent_run_id not in self._node_root
+                    and "langgraph_node" not in meta
+                )
+                is_node = parent_run_id in self._runs and "langgraph_node" in meta
+            if is_root:
+                encoder = _Encoder()
+                raw = inputs if isinstance(inputs, dict) else {"input": inputs}
+                run = _Run(
+                    start_wall=time.time(),
+                    start_perf=time.perf_counter(),
+                    inputs=encoder(raw),
+                    metadata=dict(meta),
+                    encoder=encoder,
+                )
+                with self._lock:
+                    self._runs[run_id] = run
+            elif is_node:
+                assert parent_run_id is not None
+                with self._lock:
+                    run = self._runs[parent_run_id]
+                    self._node_root[run_id] = parent_run_id
+                span = _Span(
+                    node=str(meta["langgraph_node"]),
+                    start=time.time(),
+                    reads=run.encoder(inputs),
+                    model_id=_opt_str(meta.get(META_MODEL_ID)),
+                    weights_sha256=_opt_str(meta.get(META_WEIGHTS)),
+                )
+                with self._lock:
+                    run.open_spans[run_id] = span
+        except Exception:
+            log.exception("trace recording failed at the start of run %s (the graph is unaffected)", run_id)
+
+    # --- ends ---------------------------------------------------------------------------------------------
+
+    def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self._end(run_id, outputs, None)
+
+    def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._end(run_id, None, error)
+
+    def _end(self, run_id: UUID, outputs: Any, error: BaseException | None) -> None:
+        try:
+            with self._lock:
+                root_id = self._node_root.pop(run_id, None)
+                run = self._runs.get(root_id) if root_id is not None else None
+            if root_id is not None:
+                if run is not None:
+                    self._close_span(run, run_id, outputs, error)
+                return
+            with self._lock:
+                run = self._runs.pop(run_id, None)
+            if run is not None:
+                self._finish(run, outputs, error)
+        except Exception:
+            with self._lock:
+                self.failed_to_record += 1
+            log.exception("trace recording failed at the end of run %s (the graph is unaffected)", run_id)
+
+    def _close_span(self, run: _Run, run_id: UUID, outputs: Any, error: BaseException | None) -> None:
+        with self._lock:
+            span = run.open_spans.pop(run_id, None)
+        if span is None:
+            return
+        end = max(time.time(), span.start)
+        writes = run.encoder(outputs) if error is None and outputs is not None else {}
+        node_span = NodeSpan(
+            node=span.node,
+            start=span.start,
+            end=end,
+            reads=span.reads if isinstance(span.reads, dict) else {"input": span.reads},
+            writes=writes if isinstance(writes, dict) else {"output": writes},
+            model_id=span.model_id,
+            weights_sha256=span.weights_sha256,
+            error=_error_text(error) if error is not None else None,
+        )
+        with self._lock:
+            run.spans.append(node_span)
+
+    def _finish(self, run: _Run, outputs: Any, error: BaseException | None) -> None:
+        duration = time.perf_counter() - run.start_perf
+        output: dict[str, Any] = {}
+        if error is None and outputs is not None:
+            raw = outputs if isinstance(outputs, dict) else {"output": outputs}
+            if self.schema is not None:
+                wanted = [f.name for f in self.schema.outputs]
+                raw = {k: raw[k] for k in wanted if k in raw}
+            output = run.encoder(raw)
+        for span_id, open_span in list(run.open_spans.items()):  # nodes cut short by the graph's end
+            self._close_span(run, span_id, None, error or RuntimeError(f"node {open_span.node} never ended"))
+        meta = run.metadata
+        input_hash = content_hash(run.inputs)
+        user_meta = meta.get(META_METADATA) or {}
+        trace = Trace(
+            graph=self.graph_id,
+            inputs=run.inputs,
+            spans=sorted(run.spans, key=lambda s: s.start),
+            output=output,
+            status="ok" if error is None else "error",
+            error=_error_text(error) if error is not None else None,
+            group_id=str(meta.get(META_GROUP) or self.group_id or input_hash),
+            sample_index=int(meta.get(META_SAMPLE, 0) or 0),
+            input_hash=input_hash,
+            provenance=Provenance.model_validate(meta.get(META_PROVENANCE) or {}),
+            metadata=encode_value({**self.metadata, **dict(user_meta)}, run.encoder.blobs),
+            created_at=run.start_wall,
+            duration_s=duration,
+        )
+        try:
+            trace_id: str | None = self.store.append(trace, run.encoder.blobs)
+        except DuplicateTraceError as exc:
+            log.warning("not recorded: %s", exc)
+            trace_id = None
+        with self._lock:
+            if trace_id is not None:
+                self.recorded += 1
+            else:
+                self.failed_to_record += 1
+        if self.on_trace is not None:
+            self.on_trace(trace, trace_id)
+
+
+def graph_identity(graph: Any) -> tuple[GraphSchema | None, GraphId]:
+    """The graph's schema (via ``graphdistill.graphs.schema_of`` when it knows the graph) and its id.
+
+    Without a schema the id is the graph's name and a hash of its structure (nodes and edges)."""
+    schema: GraphSchema | None = None
+    try:
+        from graphdistill import graphs
+
+        schema_of = getattr(graphs, "schema_of", None)
+        if schema_of is not None:
+            schema = schema_of(graph)
+    except Exception as exc:  # no builder yet, or a hand-written graph it does not know
+        log.debug("no schema for graph %r: %s", getattr(graph, "name", graph), exc)
+        schema = None
+    if schema is not None:
+        return schema, GraphId(
+            name=schema.name, hash=schema.definition_hash or _hash_text(schema.model_dump_json())
+        )
+    name = str(getattr(graph, "name", None) or type(graph).__name__)
+    try:
+        drawn = graph.get_graph()
+        structure = {
+            "nodes": sorted(str(n) for n in drawn.nodes),
+            "edges": sorted([str(e.source), str(e.target), bool(e.conditional)] for e in drawn.edges),
+        }
+        digest = _hash_text(json.dumps(structure, sort_keys=True))
+    except Exception:
+        digest = _hash_text(name)
+    return None, GraphId(name=name, hash=digest)
+
+
+def record(graph: Any, store: TraceStore, **kwargs: Any) -> Any:
+    """``graph`` with a :class:`TraceRecorder` bound: every invoke/batch/stream (sync or async) is recorded.
+
+    Keyword arguments go to :class:`TraceRecorder` (``schema``, ``graph_id``, ``group_id``, ``metadata``,
+    ``on_trace``); schema and graph id are derived from the graph when not given.
+    """
+    if "schema" not in kwargs or "graph_id" not in kwargs:
+        schema, gid = graph_identity(graph)
+        kwargs.setdefault("schema", schema)
+        kwargs.setdefault("graph_id", gid)
+    return graph.with_config(callbacks=[TraceRecorder(store, **kwargs)])
+
+
+def _hash_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _error_text(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= 4000 else text[:4000] + "…"
