@@ -1,0 +1,421 @@
+"""The student: one small multimodal model that answers, detects, segments and cites like the teacher graph.
+
+One readable file (nanoGPT-style) + its config dataclass. Layout::
+
+    image ──timm mobile backbone──► stride-16 map (fine) + stride-32 map (coarse)
+    coarse tokens + question tokens + R register tokens ──joint transformer encoder──► fused
+    memory = [registers (R) | fused coarse tokens (Gc) | fine pixel tokens (Gf)]        [B, M, D]
+
+    heads(memory):   Q learned object queries ──decoder layer(s) over memory[:, :R+Gc]──►
+                        boxes (cx,cy,w,h ∈ 0..1), class logits (C+1, last = no-object),
+                        mask embedding · fine pixel tokens ──► mask logits (MaskFormer-style, no 3×3 conv)
+                     registers ──► source logits (multi-label over KB docs) and optional embedding heads
+    decode_step:     one answer token per call, fixed-size KV cache [L, 2, B, H, T, hd], cross-attention
+                     over memory[:, :R+Gc]
+
+Why this shape (speed target: a whole query ≤ 30 ms eager on a 2-core CPU):
+- The question is fused *into* the image tokens and R register tokens by a joint encoder, so the memory the
+  decoder reads has a fixed length with no padding mask: ``decode_step`` needs no question mask and export
+  sees static shapes only.
+- The text decoder reads only the R + Gc context tokens (e.g. 4 + 64), not the fine tokens: per-step cost
+  stays small; the fine tokens exist for the mask head only (they never enter a transformer).
+- Masks are a dot product of a per-query embedding with a low-resolution pixel feature map, upsampled
+  bilinearly to ``mask_size`` — a prototype spent 16–18 ms in a single 3×3 conv mask head.
+- The KV cache is written with a one-hot blend (no data-dependent indexing or Python branching), so
+  ``decode_step`` exports as one static graph.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PAD_ID = 0
+BOS_ID = 1
+EOS_ID = 2
+UNK_ID = 3
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]  # ids 0..3, in this order, in every tokenizer
+
+
+@dataclass
+class StudentConfig:
+    """Everything needed to rebuild a :class:`Student`; saved as RUN/config.json."""
+
+    image_size: int = 256  # square input side in px; 256 keeps the backbone ~10 ms on a phone-class CPU
+    vocab_size: int = 2048  # BPE vocabulary trained on the dataset's own questions + answers (small domain)
+    d_model: int = 128  # width of every transformer; the decoder's per-token cost scales with d_model²
+    n_heads: int = 4  # attention heads; head dim = d_model / n_heads (32 keeps SDPA kernels efficient)
+    enc_layers: int = 2  # joint image+question encoder depth: enough to route the question into the image
+    dec_layers: int = 2  # answer decoder depth: answers are short templated sentences, 2 layers suffice
+    det_layers: int = 1  # object-query decoder depth (DETR uses 6; the teacher's objects are few and large)
+    ffn_mult: int = 2  # FFN width = ffn_mult * d_model; 2 instead of 4 halves params at little cost here
+    max_question_len: int = 32  # question tokens (incl. nothing special); longer questions are truncated
+    max_answer_len: int = 48  # answer positions incl. <bos>; sets the KV-cache length T
+    num_queries: int = 10  # detection slots; must be ≥ the most objects the teacher reports per image
+    num_classes: int = 80  # detector classes (COCO-80 for YOLO); class logits have num_classes + 1
+    mask_size: int = 32  # masks are predicted over the whole (letterboxed) image at mask_size²
+    num_sources: int = 16  # knowledge-base documents the sources head chooses among (multi-label)
+    num_registers: int = 4  # learned tokens that gather the question+image summary for sources/embeddings
+    backbone: str = "mobilenetv3_small_050"  # timm model, random init, features_only (strides 16 and 32)
+    embedding_dims: dict[str, int] = field(default_factory=dict)  # optional EMBEDDING outputs: name -> dim
+    dropout: float = 0.0  # tiny models on small distilled sets: regularise by data, not dropout
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StudentConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown StudentConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.image_size % 32:
+            raise ValueError(f"image_size must be a multiple of 32, got {self.image_size}")
+        if self.max_answer_len < 2:
+            raise ValueError("max_answer_len must leave room for <bos> and at least one token")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ≤ 3 M parameters: the phone default
+    "tiny": dict(d_model=128, n_heads=4, enc_layers=2, dec_layers=2, det_layers=1, vocab_size=2048),
+    # ≤ 10 M parameters: more capacity for bigger knowledge bases / longer answers
+    "small": dict(
+        d_model=256,
+        n_heads=8,
+        enc_layers=3,
+        dec_layers=3,
+        det_layers=2,
+        vocab_size=4096,
+        backbone="mobilenetv4_conv_small",
+        image_size=288,
+        mask_size=36,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> StudentConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return StudentConfig(**{**PRESETS[name], **overrides})
+
+
+@runtime_checkable
+class StudentProtocol(Protocol):
+    """What a user-supplied ``nn.Module`` must provide to be trained by :mod:`graphdistill.student.train`.
+
+    ``forward(image [B,3,S,S], question_ids [B,Lq], question_mask [B,Lq], answer_in [B,La])`` returns a
+    dict with ``answer_logits`` [B,La,V] and any of ``boxes`` [B,Q,4] (cx,cy,w,h in 0..1),
+    ``class_logits`` [B,Q,C+1], ``mask_logits`` [B,Q,Hm,Wm], ``source_logits`` [B,K],
+    ``embedding:<name>`` [B,d]. Losses are computed for the outputs present. ``config`` supplies the
+    sizes the data loader needs (image_size, max_question_len, max_answer_len, mask_size, ...).
+    """
+
+    config: StudentConfig
+
+    def __call__(
+        self, image: Tensor, question_ids: Tensor, question_mask: Tensor, answer_in: Tensor
+    ) -> dict[str, Tensor]: ...
+
+
+# --------------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int, d_hidden: int, d_out: int, n_layers: int = 2) -> None:
+        super().__init__()
+        dims = [d_in] + [d_hidden] * (n_layers - 1) + [d_out]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.gelu(x)
+        return x
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer: causal self-attention (with a cache path), cross-attention, FFN."""
+
+    def __init__(self, cfg: StudentConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.n_heads, self.hd = cfg.n_heads, cfg.head_dim
+        self.ln1, self.ln2, self.ln3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.q_x = nn.Linear(d, d)
+        self.kv_x = nn.Linear(d, 2 * d)
+        self.proj_x = nn.Linear(d, d)
+        self.ffn = MLP(d, cfg.ffn_mult * d, d)
+
+    def _split(self, x: Tensor) -> Tensor:  # [B,T,D] -> [B,H,T,hd]
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_heads, self.hd).transpose(1, 2)
+
+    def _merge(self, x: Tensor) -> Tensor:  # [B,H,T,hd] -> [B,T,D]
+        b, _, t, _ = x.shape
+        return x.transpose(1, 2).reshape(b, t, self.n_heads * self.hd)
+
+    def _cross(self, x: Tensor, mem: Tensor) -> Tensor:
+        q = self._split(self.q_x(self.ln2(x)))
+        k, v = self.kv_x(mem).chunk(2, dim=-1)
+        return self.proj_x(self._merge(F.scaled_dot_product_attention(q, self._split(k), self._split(v))))
+
+    def forward(self, x: Tensor, mem: Tensor) -> Tensor:
+        """Teacher-forced pass over a whole sequence (causal)."""
+        q, k, v = (self._split(t) for t in self.qkv(self.ln1(x)).chunk(3, dim=-1))
+        x = x + self.proj(self._merge(F.scaled_dot_product_attention(q, k, v, is_causal=True)))
+        x = x + self._cross(x, mem)
+        return x + self.ffn(self.ln3(x))
+
+    def step(
+        self, x: Tensor, mem: Tensor, k_cache: Tensor, v_cache: Tensor, write: Tensor, valid: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One token ``x`` [B,1,D]; caches [B,H,T,hd]; ``write`` [b,1,T,1] one-hot of this position;
+        ``valid`` [b,1,1,T] positions ≤ this one. Returns (x, new k cache, new v cache)."""
+        q, k, v = (self._split(t) for t in self.qkv(self.ln1(x)).chunk(3, dim=-1))
+        k_cache = k_cache * (1.0 - write) + k * write  # static-shape cache write (no indexing)
+        v_cache = v_cache * (1.0 - write) + v * write
+        att = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=valid)
+        x = x + self.proj(self._merge(att))
+        x = x + self._cross(x, mem)
+        return x + self.ffn(self.ln3(x)), k_cache, v_cache
+
+
+# --------------------------------------------------------------------------------------------------------
+# The student
+# --------------------------------------------------------------------------------------------------------
+
+
+class Student(nn.Module):
+    """See the module docstring. All methods are static-shape; no Python branches on tensor values."""
+
+    def __init__(self, config: StudentConfig) -> None:
+        super().__init__()
+        import timm
+
+        cfg = self.config = config
+        d = cfg.d_model
+        self.backbone = timm.create_model(
+            cfg.backbone, pretrained=False, features_only=True, out_indices=(-2, -1)
+        )
+        reductions = self.backbone.feature_info.reduction()
+        if list(reductions) != [16, 32]:
+            raise ValueError(
+                f"backbone {cfg.backbone!r} must give stride 16 and 32 features, got {reductions}"
+            )
+        c_fine, c_coarse = self.backbone.feature_info.channels()
+        self.grid_c = cfg.image_size // 32
+        self.grid_f = cfg.image_size // 16
+        self.n_ctx = cfg.num_registers + self.grid_c**2  # memory tokens the decoders read
+
+        self.coarse_proj = nn.Linear(c_coarse, d)
+        self.fine_proj = nn.Linear(c_fine, d)
+        self.coarse_pos = nn.Parameter(torch.zeros(1, self.grid_c**2, d))
+        self.fine_pos = nn.Parameter(torch.zeros(1, self.grid_f**2, d))
+        self.registers = nn.Parameter(torch.zeros(1, cfg.num_registers, d))
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d)  # shared by question encoder, decoder input and output
+        self.q_pos = nn.Parameter(torch.zeros(1, cfg.max_question_len, d))
+        self.a_pos = nn.Embedding(cfg.max_answer_len, d)
+        self.type_emb = nn.Parameter(torch.zeros(3, d))  # register / image / question
+        enc_layer = nn.TransformerEncoderLayer(
+            d,
+            cfg.n_heads,
+            cfg.ffn_mult * d,
+            cfg.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(enc_layer, cfg.enc_layers, enable_nested_tensor=False)
+        self.enc_norm = nn.LayerNorm(d)
+        self.fine_mix = nn.Linear(d, d)  # fused coarse tokens, upsampled, added to the fine tokens (FPN-lite)
+
+        # object heads
+        self.queries = nn.Parameter(torch.zeros(1, cfg.num_queries, d))
+        det_layer = nn.TransformerDecoderLayer(
+            d,
+            cfg.n_heads,
+            cfg.ffn_mult * d,
+            cfg.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.det_decoder = nn.TransformerDecoder(det_layer, cfg.det_layers)
+        self.det_norm = nn.LayerNorm(d)
+        self.box_head = MLP(d, d, 4, n_layers=3)
+        self.class_head = nn.Linear(d, cfg.num_classes + 1)
+        self.mask_embed = MLP(d, d, d)
+        self.pixel_proj = nn.Linear(d, d)
+        # summary heads
+        self.source_head = MLP(d, d, cfg.num_sources)
+        self.embedding_heads = nn.ModuleDict({k: nn.Linear(d, v) for k, v in cfg.embedding_dims.items()})
+        # answer decoder
+        self.dec = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
+        self.dec_norm = nn.LayerNorm(d)
+        self._init()
+
+    def _init(self) -> None:
+        for p in (self.coarse_pos, self.fine_pos, self.registers, self.q_pos, self.queries, self.type_emb):
+            nn.init.normal_(p, std=0.02)
+        nn.init.normal_(self.tok_emb.weight, std=0.02)
+        nn.init.normal_(self.a_pos.weight, std=0.02)
+        with torch.no_grad():  # start boxes near a mid-sized centred box and "no object" favoured
+            last = self.box_head.layers[-1]
+            assert isinstance(last, nn.Linear)
+            last.bias.copy_(torch.tensor([0.0, 0.0, -1.0, -1.0]))
+            self.class_head.bias[-1] = 2.0
+
+    # ---- export-facing API ------------------------------------------------------------------------------
+
+    def encode(self, image: Tensor, question_ids: Tensor, question_mask: Tensor) -> Tensor:
+        """image [B,3,S,S] normalised, question_ids [B,Lq] int64, question_mask [B,Lq] bool (True = token)
+        -> memory [B, R + Gc + Gf, D]."""
+        b = image.shape[0]
+        fine, coarse = self.backbone(image)
+        coarse_t = self.coarse_proj(coarse.flatten(2).transpose(1, 2)) + self.coarse_pos + self.type_emb[1]
+        lq = question_ids.shape[1]
+        q_t = self.tok_emb(question_ids) + self.q_pos[:, :lq] + self.type_emb[2]
+        regs = self.registers.expand(b, -1, -1) + self.type_emb[0]
+        x = torch.cat([regs, coarse_t, q_t], dim=1)
+        keep = torch.ones(b, self.n_ctx, dtype=torch.bool, device=image.device)
+        pad = ~torch.cat([keep, question_mask.to(torch.bool)], dim=1)  # True = ignore (PyTorch convention)
+        x = self.enc_norm(self.encoder(x, src_key_padding_mask=pad))
+        ctx = x[:, : self.n_ctx]
+        # fine pixel tokens: projected stride-16 features + upsampled fused coarse tokens (question-aware)
+        g = self.grid_c
+        up = ctx[:, self.config.num_registers :].transpose(1, 2).reshape(b, -1, g, g)
+        up = F.interpolate(up, size=(self.grid_f, self.grid_f), mode="bilinear", align_corners=False)
+        fine_t = self.fine_proj(fine.flatten(2).transpose(1, 2)) + self.fine_pos
+        fine_t = fine_t + self.fine_mix(up.flatten(2).transpose(1, 2))
+        return torch.cat([ctx, fine_t], dim=1)
+
+    def heads(self, memory: Tensor) -> dict[str, Tensor]:
+        """memory -> boxes [B,Q,4] (cx,cy,w,h ∈ 0..1), class_logits [B,Q,C+1], mask_logits [B,Q,Hm,Wm],
+        source_logits [B,K] and ``embedding:<name>`` [B,d] for each configured embedding head."""
+        cfg = self.config
+        b = memory.shape[0]
+        ctx = memory[:, : self.n_ctx]
+        fine = memory[:, self.n_ctx :]
+        h = self.det_norm(self.det_decoder(self.queries.expand(b, -1, -1), ctx))
+        pix = self.pixel_proj(fine)  # [B,Gf²,D]
+        m = torch.einsum("bqd,bpd->bqp", self.mask_embed(h), pix) / math.sqrt(cfg.d_model)
+        m = m.reshape(b, cfg.num_queries, self.grid_f, self.grid_f)
+        m = F.interpolate(m, size=(cfg.mask_size, cfg.mask_size), mode="bilinear", align_corners=False)
+        summary = ctx[:, : cfg.num_registers].mean(dim=1)
+        out = {
+            "boxes": self.box_head(h).sigmoid(),
+            "class_logits": self.class_head(h),
+            "mask_logits": m,
+            "source_logits": self.source_head(summary),
+        }
+        for name, head in self.embedding_heads.items():
+            out[f"embedding:{name}"] = head(summary)
+        return out
+
+    def empty_cache(self, batch: int, device: torch.device | None = None) -> Tensor:
+        cfg = self.config
+        return torch.zeros(
+            cfg.dec_layers, 2, batch, cfg.n_heads, cfg.max_answer_len, cfg.head_dim, device=device
+        )
+
+    def decode_step(
+        self, token: Tensor, position: Tensor, memory: Tensor, kv_cache: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """token [B,1] int64, position [B,1] or [1] int64 (0 = the <bos> slot), memory [B,M,D],
+        kv_cache [L,2,B,H,T,hd] -> (next-token logits [B,V], updated kv_cache)."""
+        t_max = self.config.max_answer_len
+        pos = position.reshape(-1, 1)  # [b,1], b ∈ {1, B}
+        x = self.tok_emb(token) + self.a_pos(pos)
+        ar = torch.arange(t_max, device=token.device).view(1, t_max)
+        write = (ar == pos).to(x.dtype).view(-1, 1, t_max, 1)
+        valid = (ar <= pos).view(-1, 1, 1, t_max)
+        ctx = memory[:, : self.n_ctx]
+        new = []
+        for i, layer in enumerate(self.dec):
+            x, k, v = layer.step(x, ctx, kv_cache[i, 0], kv_cache[i, 1], write, valid)
+            new.append(torch.stack([k, v]))
+        logits = self.dec_norm(x[:, 0]) @ self.tok_emb.weight.T  # tied output embedding
+        return logits, torch.stack(new)
+
+    def decode_full(self, answer_in: Tensor, memory: Tensor) -> Tensor:
+        """Teacher forcing: answer_in [B,La] -> logits [B,La,V] (no cache)."""
+        la = answer_in.shape[1]
+        x = self.tok_emb(answer_in) + self.a_pos.weight[:la]
+        ctx = memory[:, : self.n_ctx]
+        for layer in self.dec:
+            x = layer(x, ctx)
+        return self.dec_norm(x) @ self.tok_emb.weight.T
+
+    def forward(
+        self, image: Tensor, question_ids: Tensor, question_mask: Tensor, answer_in: Tensor
+    ) -> dict[str, Tensor]:
+        memory = self.encode(image, question_ids, question_mask)
+        out = self.heads(memory)
+        out["answer_logits"] = self.decode_full(answer_in, memory)
+        return out
+
+    @torch.no_grad()
+    def generate(
+        self,
+        image: Tensor,
+        question_ids: Tensor,
+        question_mask: Tensor,
+        max_len: int | None = None,
+        *,
+        memory: Tensor | None = None,
+        use_cache: bool = True,
+    ) -> Tensor:
+        """Greedy answer ids [B, max_len] (without <bos>); after <eos> every position is <pad>.
+        ``use_cache=False`` recomputes the whole prefix each step (the reference the cache must match)."""
+        t_max = self.config.max_answer_len
+        n = min(max_len or t_max - 1, t_max - 1)
+        if memory is None:
+            memory = self.encode(image, question_ids, question_mask)
+        b = memory.shape[0]
+        dev = memory.device
+        tok = torch.full((b, 1), BOS_ID, dtype=torch.long, device=dev)
+        seq = tok
+        cache = self.empty_cache(b, dev)
+        done = torch.zeros(b, dtype=torch.bool, device=dev)
+        out = []
+        for i in range(n):
+            if use_cache:
+                logits, cache = self.decode_step(tok, torch.tensor([i], device=dev), memory, cache)
+            else:
+                logits = self.decode_full(seq, memory)[:, -1]
+            nxt = logits.argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, PAD_ID), nxt)
+            out.append(nxt)
+            done = done | (nxt == EOS_ID)
+            tok = nxt.view(b, 1)
+            seq = torch.cat([seq, tok], dim=1)
+            if bool(done.all()):
+                break
+        ids = torch.stack(out, dim=1)
+        if ids.shape[1] < n:
+            ids = F.pad(ids, (0, n - ids.shape[1]), value=PAD_ID)
+        return ids
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
