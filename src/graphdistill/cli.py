@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "weights",
     "doctor",
     "demo",
+    "run",
     "record",
     "traces",
 ]

@@ -1,0 +1,132 @@
+"""`graphdistill run`: one photo and one question through a teacher graph (the reference one by default)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from graphdistill.commands._common import CommandError, console
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("run", help="answer a question about a photo with a teacher graph")
+    p.add_argument(
+        "--graph",
+        default=None,
+        metavar="SPEC",
+        help="module:attr or path/file.py:attr naming a GraphBuilder, compiled graph or factory "
+        "(default: the reference visual_rag graph)",
+    )
+    p.add_argument("--image", required=True, help="the photo (any format Pillow reads)")
+    p.add_argument("--question", required=True, help="the question about the photo")
+    p.add_argument("--json", action="store_true", help="print one JSON object: answer, sources, objects")
+    p.add_argument("--out", default=None, help="write the annotated picture here (.png/.jpg)")
+    p.add_argument("--device", default=None, help="cpu or cuda (reference graph; default: cpu)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from graphdistill.images import ImageError, load_image
+
+    question = (args.question or "").strip()
+    if not question:
+        raise CommandError("--question is empty: ask something about the photo")
+    out_path = _check_out(args.out)
+    try:
+        image = load_image(args.image, name=args.image)
+    except ImageError as exc:
+        raise CommandError(str(exc)) from exc
+
+    con = console(stderr=True)
+    with con.status("loading the teacher graph (models load on first use)…") as status:
+        graph = _load(args)
+        status.update("running the graph…")
+        output = _invoke(graph, {"image": image, "question": question}, status)
+
+    if args.json:
+        json.dump(_jsonable(output), sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        _show(output)
+    if out_path is not None:
+        from graphdistill.viz import draw_output
+
+        draw_output(image, output).save(out_path)
+        con.print(f"annotated picture: {out_path}")
+    return 0
+
+
+def _check_out(out: str | None) -> Path | None:
+    if out is None:
+        return None
+    path = Path(out).expanduser()
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise CommandError(f"--out {out}: give a picture file name ending in .png or .jpg")
+    if not path.parent.is_dir():
+        raise CommandError(f"--out {out}: the folder {path.parent} does not exist")
+    return path
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from graphdistill.graphs.spec import GraphSpecError, load_graph
+
+    overrides = {"device": args.device} if args.graph is None and args.device else {}
+    try:
+        return load_graph(args.graph, **overrides)
+    except GraphSpecError as exc:
+        raise CommandError(str(exc)) from exc
+
+
+def _invoke(graph: Any, inputs: dict[str, Any], status: Any) -> dict[str, Any]:
+    from graphdistill.graphs.builder import GraphBuildError, NodeError, schema_of
+
+    try:
+        wanted = [f.name for f in schema_of(graph).outputs]
+    except GraphBuildError:
+        wanted = []
+    state: dict[str, Any] = {}
+    done: list[str] = []
+    try:
+        for mode, chunk in graph.stream(inputs, stream_mode=["updates", "values"]):
+            if mode == "updates":
+                done.extend(chunk)
+                status.update(f"running the graph… done: {', '.join(done)}")
+            else:
+                state = dict(chunk)
+    except NodeError as exc:
+        raise CommandError(str(exc)) from exc
+    return {k: state.get(k) for k in wanted} if wanted else state
+
+
+def _jsonable(output: dict[str, Any]) -> dict[str, Any]:
+    from graphdistill.trace import encode_value
+
+    blobs: dict[str, bytes] = {}
+    return {k: encode_value(v, blobs) for k, v in output.items() if k not in ("image",)}
+
+
+def _show(output: dict[str, Any]) -> None:
+    con = console()
+    if "answer" in output:
+        con.print(f"[bold]answer:[/] {output['answer']}")
+    objects = output.get("objects")
+    if objects is not None:
+        from rich.table import Table
+
+        t = Table("label", "score", "box (x1, y1, x2, y2)", "mask px", title=f"{len(objects)} objects")
+        for o in objects:
+            mask = o.get("mask") if isinstance(o, dict) else None
+            area = sum(mask["counts"][1::2]) if mask else 0
+            box = ", ".join(f"{v:.0f}" for v in o["box"])
+            t.add_row(str(o["label"]), f"{o['score']:.2f}", box, str(area))
+        con.print(t)
+    if "sources" in output:
+        con.print(f"[bold]sources:[/] {', '.join(map(str, output['sources'] or [])) or '(none)'}")
+    for k, v in output.items():
+        if k not in ("answer", "objects", "sources"):
+            con.print(f"[bold]{k}:[/] {v!r}"[:500])
