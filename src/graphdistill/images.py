@@ -50,7 +50,8 @@ def load_image(
             raise ImageError(f"image {label}: no bytes")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow's own bomb warning fires before our cap could name the size; the cap below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             w, h = img.size
             if w * h > max_pixels:
@@ -61,7 +62,9 @@ def load_image(
             img.load()
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image {label}: too large to decode safely; downscale it first ({exc})") from exc
+    except UnidentifiedImageError as exc:
         raise ImageError(
             f"image {label}: not a readable image file ({exc.__class__.__name__}: {exc})"
         ) from exc
