@@ -1,0 +1,115 @@
+"""The small interfaces every teacher adapter satisfies (structural typing: no shared base class).
+
+Each adapter lives in its own file (``llm.py``, ``detector.py``, ...) and is checked against the protocol of
+its role by shape only, so a user's own adapter needs no import from here to plug into a teacher graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from graphdistill.trace import Detections, Document, Masks, TokenLogprobs
+
+Messages = list[dict[str, str]]
+"""A chat: ``[{"role": "system" | "user" | "assistant", "content": str}, ...]``."""
+
+Prompt = str | Messages
+"""A bare user message or a whole chat."""
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """What every adapter tells a trace about itself."""
+
+    model_id: str
+    weights_sha256: str
+    device: str
+
+
+@runtime_checkable
+class Detector(Teacher, Protocol):
+    names: list[str]
+
+    def detect(self, image: np.ndarray) -> Detections: ...
+
+    def detect_batch(self, images: Sequence[np.ndarray]) -> list[Detections]: ...
+
+
+@runtime_checkable
+class Segmenter(Teacher, Protocol):
+    def segment(self, image: np.ndarray, boxes: Sequence[Sequence[float]]) -> Masks: ...
+
+    def segment_batch(
+        self, images: Sequence[np.ndarray], boxes_per_image: Sequence[Sequence[Sequence[float]]]
+    ) -> list[Masks]: ...
+
+
+@dataclass(frozen=True)
+class LLMOutput:
+    """One generated answer: the text, the teacher's top-k log-probabilities per token, why it stopped."""
+
+    text: str
+    logprobs: TokenLogprobs
+    finish_reason: Literal["stop", "length"]
+
+
+@runtime_checkable
+class LLM(Teacher, Protocol):
+    def generate(
+        self,
+        prompt: Prompt,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> LLMOutput: ...
+
+    def generate_batch(
+        self,
+        prompts: Sequence[Prompt],
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> list[LLMOutput]: ...
+
+
+@runtime_checkable
+class TextEmbedder(Teacher, Protocol):
+    dim: int
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+@runtime_checkable
+class ImageEmbedder(Teacher, Protocol):
+    def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray: ...
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+@runtime_checkable
+class Retriever(Teacher, Protocol):
+    def ingest(self, docs: Sequence[Document]) -> int: ...
+
+    def query(
+        self, text: str | None = None, image_embedding: np.ndarray | None = None, k: int | None = None
+    ) -> list[Document]: ...
+
+    def query_batch(self, texts: Sequence[str], k: int | None = None) -> list[list[Document]]: ...
+
+    def doc_ids(self) -> list[str]: ...
+
+    def get(self, ids: Sequence[str]) -> list[Document]: ...
+
+
+def pick_device(device: str | None) -> str:
+    """``None`` -> "cuda" when torch sees a GPU, else "cpu"; an explicit choice is returned unchanged."""
+    if device:
+        return device
+    from graphdistill._lazy import require
+
+    torch: Any = require("torch")
+    return "cuda" if torch.cuda.is_available() else "cpu"

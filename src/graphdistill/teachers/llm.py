@@ -1,0 +1,291 @@
+"""The reasoning LLM teacher: a transformers causal LM (default SmolLM2-135M-Instruct from a GGUF file).
+
+Loading a GGUF file dequantises every tensor (~16-30 s on a laptop CPU). The first load therefore converts
+the model once into a plain safetensors folder under ``$GRAPHDISTILL_HOME/converted/``; later loads read that
+folder in a fraction of a second. The folder is written atomically (temp dir + rename) next to a checksum
+manifest that is verified on every load: a folder that fails the check is rebuilt, never used.
+
+Generation returns the text, the teacher's top-k log-probabilities at every generated step (the signal a
+student distils from) and why it stopped. Greedy decoding is deterministic; sampling is reproducible for a
+given ``seed`` (the torch RNG is forked and seeded around each call, so global state is untouched).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from graphdistill import weights as weights_mod
+from graphdistill._env import home
+from graphdistill._lazy import require
+from graphdistill.teachers.base import LLMOutput, Messages, Prompt, pick_device
+from graphdistill.trace import TokenLogprobs
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "graphdistill-converted.json"
+MANIFEST_FORMAT = "graphdistill-converted/1"
+
+
+class ConversionError(RuntimeError):
+    """A GGUF file could not be converted into a fast-loading folder."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# The converted-model cache
+# --------------------------------------------------------------------------------------------------------
+
+
+def converted_dir(source_sha256: str, name: str) -> Path:
+    """Where the safetensors conversion of a GGUF with this sha256 lives."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return home() / "converted" / f"{safe}-{source_sha256[:16]}"
+
+
+def _folder_files(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): weights_mod.sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def verify_converted(folder: Path, source_sha256: str) -> bool:
+    """True when ``folder`` holds a complete conversion of ``source_sha256`` whose files match its manifest."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        meta = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return False
+    if meta.get("format") != MANIFEST_FORMAT or meta.get("source_sha256") != source_sha256:
+        return False
+    expected = meta.get("files")
+    if not isinstance(expected, dict) or not expected:
+        return False
+    try:
+        return _folder_files(folder) == expected
+    except OSError:
+        return False
+
+
+def convert_gguf(gguf_file: Path, source_sha256: str, target: Path) -> Path:
+    """Dequantise ``gguf_file`` once and save it as a safetensors folder at ``target`` (atomically)."""
+    transformers: Any = require("transformers", purpose="loading the LLM teacher")
+    require("gguf", purpose="reading GGUF weights")
+    t0 = time.perf_counter()
+    log.info("converting %s to safetensors (one time; dequantising takes a while)", gguf_file.name)
+    kwargs = {"gguf_file": gguf_file.name}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf_file.parent), **kwargs)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), **kwargs)
+    # transformers refuses save_pretrained on a GGUF-loaded model while it still looks quantised; the
+    # weights are already plain dequantised tensors at this point.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "source": gguf_file.name,
+            "source_sha256": source_sha256,
+            "files": _folder_files(tmp),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        if target.exists():  # a stale or corrupt conversion: move it aside, then swap in the new one
+            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+            target.rename(trash / "old")
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, target)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConversionError(f"could not convert {gguf_file} to {target}: {exc}") from exc
+    log.info("converted %s in %.1f s -> %s", gguf_file.name, time.perf_counter() - t0, target)
+    return target
+
+
+def fast_model_dir(gguf_file: Path, source_sha256: str, name: str) -> Path:
+    """The verified converted folder for ``gguf_file``, building (or rebuilding) it when needed."""
+    target = converted_dir(source_sha256, name)
+    if verify_converted(target, source_sha256):
+        return target
+    if target.exists():
+        log.warning("converted model at %s fails its checksum manifest; rebuilding it", target)
+    return convert_gguf(gguf_file, source_sha256, target)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The adapter
+# --------------------------------------------------------------------------------------------------------
+
+
+class HFCausalLM:
+    """A transformers causal LM teacher: chat-templated generation with per-token top-k log-probabilities.
+
+    ``weights`` is a registry name (default: the SmolLM2-135M-Instruct GGUF), a local ``.gguf`` file or a
+    local Hugging Face model folder.
+    """
+
+    def __init__(
+        self,
+        weights: str | os.PathLike[str] = "smollm2-135m-instruct",
+        device: str | None = "cpu",
+        seed: int = 0,
+        max_new_tokens: int = 48,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        topk_logprobs: int = 5,
+        system_prompt: str | None = None,
+    ) -> None:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if topk_logprobs < 1:
+            raise ValueError(f"topk_logprobs must be >= 1, got {topk_logprobs}")
+        self._check_sampling(temperature, top_p)
+        transformers: Any = require("transformers", purpose="the LLM teacher")
+        self._torch: Any = require("torch", purpose="the LLM teacher")
+        self.device = pick_device(device)
+        self.seed = seed
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.topk_logprobs = topk_logprobs
+        self.system_prompt = system_prompt
+
+        name = os.fspath(weights)
+        source, self.weights_sha256 = weights_mod.resolve(name)
+        if source.is_file():
+            if source.suffix.lower() != ".gguf":
+                raise ValueError(f"LLM weights {name!r}: a file must be a .gguf; or pass a model folder")
+            folder = fast_model_dir(source, self.weights_sha256, source.stem)
+        else:
+            folder = source
+        reg = weights_mod.REGISTRY.get(name)
+        self.model_id = reg.model_id if reg else source.name
+        t0 = time.perf_counter()
+        self.tokenizer: Any = transformers.AutoTokenizer.from_pretrained(str(folder))
+        self.model: Any = transformers.AutoModelForCausalLM.from_pretrained(str(folder))
+        self.model.to(self.device).eval()
+        self.load_seconds = time.perf_counter() - t0
+        log.info("loaded %s from %s in %.2f s", self.model_id, folder, self.load_seconds)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "left"  # generation continues at the right edge of every row
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self._eos: set[int] = set(eos) if isinstance(eos, list) else {int(eos)}
+
+    # ----------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_sampling(temperature: float, top_p: float) -> None:
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+    def _messages(self, prompt: Prompt) -> Messages:
+        if isinstance(prompt, str):
+            msgs: Messages = [{"role": "user", "content": prompt}]
+        else:
+            msgs = [dict(m) for m in prompt]
+            for i, m in enumerate(msgs):
+                if "role" not in m or "content" not in m:
+                    raise ValueError(f"chat message {i} needs 'role' and 'content', got keys {sorted(m)}")
+        if self.system_prompt and msgs[0]["role"] != "system":
+            msgs = [{"role": "system", "content": self.system_prompt}, *msgs]
+        return msgs
+
+    def render(self, prompt: Prompt) -> str:
+        """The exact text the model sees for ``prompt`` (chat template applied, assistant turn opened)."""
+        text = self.tokenizer.apply_chat_template(
+            self._messages(prompt), tokenize=False, add_generation_prompt=True
+        )
+        return str(text)
+
+    def generate(
+        self,
+        prompt: Prompt,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        max_new_tokens: int | None = None,
+    ) -> LLMOutput:
+        """One answer to a user message or a chat."""
+        return self.generate_batch(
+            [prompt], temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens
+        )[0]
+
+    def generate_batch(
+        self,
+        prompts: Sequence[Prompt],
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        max_new_tokens: int | None = None,
+    ) -> list[LLMOutput]:
+        """Answers to several prompts in one left-padded batch (same settings and seed for the batch).
+
+        ``None`` arguments fall back to the adapter's settings; ``seed=None`` means the adapter's seed, so
+        two identical calls give identical answers even when sampling.
+        """
+        if not prompts:
+            return []
+        torch = self._torch
+        temp = self.temperature if temperature is None else temperature
+        tp = self.top_p if top_p is None else top_p
+        self._check_sampling(temp, tp)
+        texts = [self.render(p) for p in prompts]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        gen_kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens if max_new_tokens is None else max_new_tokens,
+            "return_dict_in_generate": True,
+            "output_logits": True,  # raw logits: log-probs of the model itself, not of the sampler
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": sorted(self._eos),
+        }
+        if temp > 0:
+            gen_kwargs.update(do_sample=True, temperature=temp, top_p=tp, top_k=0)
+        else:
+            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        devices = [self.device] if self.device.startswith("cuda") else []
+        with torch.random.fork_rng(devices=devices), torch.inference_mode():
+            torch.manual_seed(self.seed if seed is None else seed)
+            out = self.model.generate(**enc, **gen_kwargs)
+        prompt_len = enc["input_ids"].shape[1]
+        new_tokens = out.sequences[:, prompt_len:].tolist()
+        # [steps, batch, vocab] -> top-k per step and row
+        logprobs = torch.log_softmax(torch.stack(out.logits, dim=0).float(), dim=-1)
+        top_vals, top_ids = logprobs.topk(self.topk_logprobs, dim=-1)
+        top_vals, top_ids = top_vals.cpu().tolist(), top_ids.cpu().tolist()
+        results = []
+        for row, tokens in enumerate(new_tokens):
+            n = len(tokens)
+            finish = "length"
+            for i, tok in enumerate(tokens):
+                if tok in self._eos:
+                    n, finish = i + 1, "stop"
+                    break
+            ids = tokens[:n]
+            text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            lp = TokenLogprobs(
+                tokenizer=self.model_id,
+                token_ids=ids,
+                topk_ids=[top_ids[s][row] for s in range(n)],
+                topk_logprobs=[top_vals[s][row] for s in range(n)],
+            )
+            results.append(LLMOutput(text=text, logprobs=lp, finish_reason=finish))  # type: ignore[arg-type]
+        return results
