@@ -1,0 +1,138 @@
+"""`graphdistill eval RUN --dataset DATASET`: fidelity to the teacher and cost against it; writes RUN/eval.json."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from graphdistill.commands._common import CommandError, console, print_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "eval",
+        help="score a student run against the teacher (fidelity) and time both (cost); writes RUN/eval.json",
+    )
+    p.add_argument("run", help="student run folder (RUN/model.safetensors, RUN/meta.json)")
+    p.add_argument("--dataset", required=True, help="filtered dataset folder (DATASET/manifest.json)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to score (test)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument(
+        "--no-teacher-timing",
+        dest="teacher_timing",
+        action="store_false",
+        help="do not load and time the teacher graph (teacher_ms is then null, sizes assume default weights)",
+    )
+    p.add_argument(
+        "--teacher-n", type=int, default=3, help="images of the split both models are timed on (3)"
+    )
+    p.add_argument("--repeats", type=int, default=5, help="timed passes of the student over those images (5)")
+    p.add_argument(
+        "--bundle",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="also time an exported bundle (repeatable; needs graphdistill.student.runner)",
+    )
+    p.add_argument(
+        "--graph", default=None, help="teacher graph spec (module:attr or file.py:attr); default visual_rag"
+    )
+    p.add_argument(
+        "--no-semantic", dest="semantic", action="store_false", help="skip the MiniLM answer agreement"
+    )
+    p.set_defaults(func=_eval)
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """Shared with `graphdistill report` (which evaluates a run that has no eval.json yet)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from graphdistill.eval.evaluate import EvalError, evaluate_run, write_eval
+
+    run = Path(args.run)
+    if not run.is_dir():
+        raise CommandError(f"run folder {run} does not exist")
+    if not Path(args.dataset).is_dir():
+        raise CommandError(f"dataset folder {args.dataset} does not exist")
+    if args.teacher_n < 1 or args.repeats < 1:
+        raise CommandError("--teacher-n and --repeats must be at least 1")
+    con = console(stderr=True)
+    tasks: dict[str, Any] = {}
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=con,
+        transient=False,
+    ) as bar:
+
+        def progress(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total)
+            bar.update(tasks[what], completed=done, total=total)
+
+        def status(msg: str) -> None:
+            bar.console.print(f"[dim]{msg}[/]")
+
+        try:
+            result = evaluate_run(
+                run,
+                args.dataset,
+                split=args.split,
+                teacher_timing=args.teacher_timing,
+                teacher_n=args.teacher_n,
+                student_repeats=args.repeats,
+                bundles=args.bundle,
+                semantic=args.semantic,
+                graph_spec=args.graph,
+                progress=progress,
+                status=status,
+            )
+        except (EvalError, FileNotFoundError) as exc:
+            raise CommandError(str(exc)) from exc
+    path = write_eval(run, result)
+    con.print(f"wrote {path}")
+    return result
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}" if not pct else f"{100 * v:.1f} %"
+    return str(v)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    result = run_eval(args)
+    if args.json:
+        print_json({k: v for k, v in result.items() if k != "rows"})
+        return 0
+    from rich.table import Table
+
+    t = Table(
+        "fidelity (student vs teacher)",
+        "value",
+        title=f"{result['run']} on {result['split']} (n={result['n']})",
+    )
+    for k in (
+        "answer_exact",
+        "answer_f1",
+        "answer_semantic",
+        "box_map50",
+        "box_map",
+        "mask_miou",
+        "sources_recall",
+    ):
+        t.add_row(k, _fmt(result["fidelity"].get(k)))
+    c = result["cost"]
+    t.add_row("teacher ms / query", _fmt(c.get("teacher_ms")))
+    t.add_row("student ms / query", _fmt(c.get("student_ms")))
+    t.add_row("speedup", _fmt(c.get("speedup")))
+    t.add_row("teacher bytes", _fmt(c.get("teacher_bytes")))
+    t.add_row("student bytes", _fmt(c.get("student_bytes")))
+    t.add_row("size ratio", _fmt(c.get("size_ratio")))
+    console().print(t)
+    return 0

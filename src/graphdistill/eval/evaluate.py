@@ -1,0 +1,271 @@
+"""Evaluate one student run on a dataset split: fidelity to the teacher's recorded outputs and cost against
+the live teacher graph, in one process. The result is what ``graphdistill eval`` prints and writes to
+``RUN/eval.json``::
+
+    {"n": int, "split": str, "run": str, "dataset": str,
+     "fidelity": {answer_exact, answer_f1, answer_semantic, box_map50, box_map, mask_miou, sources_recall, ...},
+     "cost": {teacher_ms, student_ms, speedup, teacher_bytes, student_bytes, size_ratio, ...},
+     "rows": [{id, question, teacher_answer, student_answer, answer_f1, objects_f1, mask_miou,
+               sources_recall, disagreement}],  # per test row, for the report's gallery
+     "exported": {bundle: {ms, fidelity vs the PyTorch student}}, "ground_truth": {...} (when rows have it)}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graphdistill.eval import cost, metrics
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+Status = Callable[[str], None]
+
+FIDELITY_KEYS = (
+    "answer_exact",
+    "answer_f1",
+    "answer_semantic",
+    "box_map50",
+    "box_map",
+    "mask_miou",
+    "sources_recall",
+)
+COST_KEYS = ("teacher_ms", "student_ms", "speedup", "teacher_bytes", "student_bytes")
+
+
+class EvalError(ValueError):
+    """The run or the dataset cannot be evaluated; the message names which and why."""
+
+
+def output_of_row(row: dict[str, Any]) -> dict[str, Any]:
+    """The teacher's recorded final output of one dataset row."""
+    return {
+        "answer": row.get("answer") or "",
+        "objects": list(row.get("objects") or []),
+        "sources": list(row.get("sources") or []),
+    }
+
+
+def ground_truth_of_row(row: dict[str, Any]) -> dict[str, Any] | None:
+    """A row's optional human labels (``ground_truth`` column: a dict or its JSON), else None."""
+    gt = row.get("ground_truth")
+    if not gt:
+        return None
+    if isinstance(gt, str):
+        gt = json.loads(gt)
+    return dict(gt) if isinstance(gt, dict) else None
+
+
+def row_scores(teacher: dict[str, Any], student: dict[str, Any]) -> dict[str, float | None]:
+    """Cheap per-row agreement (no mAP: one row is too few): answer F1, object-match F1 (class + box IoU
+    >= 0.5), mask mIoU, sources recall; ``disagreement`` = 1 - their mean."""
+    t_objs = [metrics.as_object(o) for o in teacher.get("objects") or []]
+    s_objs = [metrics.as_object(o) for o in student.get("objects") or []]
+    pairs = metrics.match_objects(t_objs, s_objs)
+    n = len(t_objs) + len(s_objs)
+    scores: dict[str, float | None] = {
+        "answer_f1": metrics.token_f1(str(student.get("answer") or ""), str(teacher.get("answer") or "")),
+        "objects_f1": 2 * len(pairs) / n if n else 1.0,
+        "mask_miou": metrics.mask_miou([t_objs], [s_objs]),
+        "sources_recall": metrics.source_metrics(
+            [teacher.get("sources") or []], [student.get("sources") or []]
+        )["sources_recall"],
+    }
+    vals = [v for v in scores.values() if v is not None]
+    scores["disagreement"] = 1.0 - float(np.mean(vals)) if vals else 0.0
+    return scores
+
+
+def _jsonable_output(out: Any) -> dict[str, Any]:
+    """A predictor's output with records dumped to plain JSON values."""
+    d = dict(out)
+    d["objects"] = [metrics.as_object(o).model_dump(mode="json") for o in d.get("objects") or []]
+    d["sources"] = list(d.get("sources") or [])
+    d["answer"] = str(d.get("answer") or "")
+    return d
+
+
+def load_bundle_runner(bundle: str | os.PathLike[str]) -> Any:
+    """``student.runner.BundleRunner(bundle)`` (written by the export stage), or a clear error."""
+    try:
+        from graphdistill.student.runner import BundleRunner  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as exc:
+        raise EvalError(
+            f"cannot time exported bundle {bundle}: graphdistill.student.runner is not available ({exc})"
+        ) from exc
+    return BundleRunner(bundle)
+
+
+def evaluate_run(
+    run: str | os.PathLike[str],
+    dataset: str | os.PathLike[str],
+    *,
+    split: str = "test",
+    teacher_timing: bool = True,
+    teacher_n: int = 3,
+    student_repeats: int = 5,
+    teacher_repeats: int = 1,
+    bundles: Sequence[str | os.PathLike[str]] = (),
+    embedder: Any | None = None,
+    semantic: bool = True,
+    graph_spec: str | None = None,
+    progress: Progress | None = None,
+    status: Status | None = None,
+) -> dict[str, Any]:
+    """Everything ``graphdistill eval`` reports; see the module docstring for the shape."""
+    from graphdistill.datasets.dataset import DatasetError, open_dataset
+
+    run = Path(run)
+    say = status or (lambda msg: log.info("%s", msg))
+    if not (run / "model.safetensors").exists():
+        raise EvalError(f"{run} is not a student run: {run / 'model.safetensors'} is missing")
+    try:
+        ds = open_dataset(dataset)
+        rows = ds.rows(split)
+    except DatasetError as exc:
+        raise EvalError(str(exc)) from exc
+    if not rows:
+        raise EvalError(f"dataset {dataset}: split {split!r} has no rows to evaluate on")
+
+    from graphdistill.student.predict import load_student
+
+    say(f"loading the student from {run}")
+    with cost.PeakRSS() as student_mem:
+        predictor = load_student(run)
+        student_out: list[dict[str, Any]] = []
+        for i, row in enumerate(rows):
+            student_out.append(_jsonable_output(predictor.predict(ds.image(row), row["question"])))
+            if progress:
+                progress(f"student on {split}", i + 1, len(rows))
+        timed_rows = rows[: max(1, teacher_n)]
+        inputs = [(ds.image(r), str(r["question"])) for r in timed_rows]
+        s_lat = cost.median_latency(
+            predictor.predict, inputs, repeats=student_repeats, label="timing the student", progress=progress
+        )
+    teacher_out = [output_of_row(r) for r in rows]
+    gts = [ground_truth_of_row(r) for r in rows]
+    say(
+        "scoring fidelity (loading the sentence embedder)"
+        if semantic and embedder is None
+        else "scoring fidelity"
+    )
+    fid = metrics.fidelity(
+        teacher_out,
+        student_out,
+        ground_truth=gts if any(gts) else None,
+        embedder=embedder,
+        semantic=semantic,
+        class_names=ds.class_names,
+    )
+    ground_truth = fid.pop("ground_truth", None)
+    s_fp = cost.student_footprint(run)
+    cost_out: dict[str, Any] = {
+        "student_ms": s_lat["median_ms"],
+        "student_bytes": s_fp["bytes"],
+        "student_params": s_fp["params"],
+        "student_peak_rss_increase_bytes": student_mem.increase,
+        "timed_inputs": len(inputs),
+        "student_repeats": student_repeats,
+        "teacher_ms": None,
+        "teacher_bytes": None,
+        "teacher_params": None,
+    }
+
+    exported: dict[str, Any] = {}
+    for b in bundles:
+        say(f"loading exported bundle {b}")
+        runner = load_bundle_runner(b)
+        lat = cost.median_latency(
+            runner.predict, inputs, repeats=student_repeats, label=f"timing {Path(b).name}", progress=progress
+        )
+        parity = metrics.compare_outputs(
+            [student_out[i] for i in range(len(inputs))],
+            [_jsonable_output(o) for o in lat["outputs"]],
+            semantic=False,
+            class_names=ds.class_names,
+        )
+        exported[str(b)] = {"ms": lat["median_ms"], "bytes": cost.path_bytes(b), "parity_vs_student": parity}
+
+    teacher_mem: cost.PeakRSS | None = None
+    graph = None
+    if teacher_timing:
+        from graphdistill.graphs.spec import load_graph
+
+        say("loading the teacher graph (LLM, detector, segmenter, embedder, vector DB: this takes a while)")
+        with cost.PeakRSS() as teacher_mem:
+            graph = load_graph(graph_spec)
+            t_lat = cost.median_latency(
+                cost.teacher_predict(graph),
+                inputs,
+                repeats=teacher_repeats,
+                label="timing the teacher graph",
+                progress=progress,
+            )
+        cost_out["teacher_ms"] = t_lat["median_ms"]
+        cost_out["teacher_repeats"] = teacher_repeats
+        cost_out["teacher_peak_rss_increase_bytes"] = teacher_mem.increase
+        rerun = metrics.compare_outputs(
+            [teacher_out[i] for i in range(len(inputs))],
+            [_jsonable_output(o) for o in t_lat["outputs"]],
+            semantic=False,
+            class_names=ds.class_names,
+        )
+        cost_out["teacher_rerun_agreement"] = {
+            k: rerun.get(k) for k in ("answer_exact", "answer_f1", "box_map50")
+        }
+    say("counting teacher model sizes")
+    t_fp = cost.teacher_footprint(graph)
+    cost_out["teacher_bytes"] = t_fp["bytes"]
+    cost_out["teacher_params"] = t_fp["params"]
+    cost_out["teacher_models"] = [{k: v for k, v in m.items() if k != "files"} for m in t_fp["models"]]
+    cost_out["teacher_sizes_assumed_defaults"] = t_fp["assumed_defaults"]
+    cost_out["speedup"] = cost.ratio(cost_out["teacher_ms"], cost_out["student_ms"])
+    cost_out["size_ratio"] = cost.ratio(cost_out["teacher_bytes"], cost_out["student_bytes"])
+    cost_out["params_ratio"] = cost.ratio(cost_out["teacher_params"], cost_out["student_params"])
+    cost_out["memory_ratio"] = (
+        cost.ratio(teacher_mem.increase, student_mem.increase) if teacher_mem is not None else None
+    )
+    for info in exported.values():
+        info["speedup_vs_teacher"] = cost.ratio(cost_out["teacher_ms"], info["ms"])
+
+    per_row = []
+    for row, t, s in zip(rows, teacher_out, student_out, strict=True):
+        per_row.append(
+            {
+                "id": row["id"],
+                "image": row["image"],
+                "question": row["question"],
+                "teacher_answer": t["answer"],
+                "student_answer": s["answer"],
+                **row_scores(t, s),
+            }
+        )
+    result: dict[str, Any] = {
+        "n": len(rows),
+        "split": split,
+        "run": str(run),
+        "dataset": str(Path(dataset)),
+        "fidelity": fid,
+        "cost": cost_out,
+        "rows": per_row,
+    }
+    if exported:
+        result["exported"] = exported
+    if ground_truth is not None:
+        result["ground_truth"] = ground_truth
+    return result
+
+
+def write_eval(run: str | os.PathLike[str], result: dict[str, Any]) -> Path:
+    path = Path(run) / "eval.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,436 @@
+"""One self-contained HTML report of one or more evaluated student runs.
+
+Everything is inline (CSS, matplotlib PNGs and gallery pictures as base64 ``data:`` URIs): the file reads
+offline on a phone, with no external font, script or URL. Sections, each with a stable ``id``:
+``headline`` · ``fidelity`` (table) · ``cost`` (table) · ``plots`` (per-class AP, latency, answer agreement
+vs training-set size when several runs are given) · ``scaling`` (when a scaling study is given) ·
+``gallery`` (held-out photos, teacher and student outputs side by side, worst disagreements first).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graphdistill.eval.summary import FIDELITY_ROWS, fmt_bytes, fmt_num, fmt_ratio, headline
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+
+CSS = """
+*{box-sizing:border-box}body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;
+padding:1rem;max-width:1100px;margin:auto;color:#1d2330;background:#fafbfc;line-height:1.45}
+h1{font-size:1.5rem}h2{font-size:1.2rem;border-bottom:2px solid #dde3ea;padding-bottom:.2rem;margin-top:2rem}
+.cards{display:flex;flex-wrap:wrap;gap:.6rem}.card{flex:1 1 140px;background:#fff;border:1px solid #dde3ea;
+border-radius:8px;padding:.6rem .8rem}.card b{display:block;font-size:1.5rem;color:#0b5cad}
+.card span{font-size:.85rem;color:#5b6472}.scroll{overflow-x:auto}table{border-collapse:collapse;
+width:100%;background:#fff;font-size:.9rem}th,td{border:1px solid #dde3ea;padding:.35rem .5rem;text-align:right}
+th:first-child,td:first-child{text-align:left}img{max-width:100%;height:auto;display:block}
+figure{margin:1rem 0;background:#fff;border:1px solid #dde3ea;border-radius:8px;padding:.5rem}
+figcaption{font-size:.85rem;color:#5b6472}.q{font-weight:600}.muted{color:#5b6472;font-size:.85rem}
+"""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------------
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable JSON file ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def train_size(run: Path, ev: Mapping[str, Any], meta: Mapping[str, Any]) -> int | None:
+    """Training-set size of a run: from meta.json when it says, else the dataset's manifest."""
+    for key in ("train_size", "n_train", "train_rows"):
+        if isinstance(meta.get(key), int):
+            return int(meta[key])
+    ds = meta.get("dataset") or ev.get("dataset")
+    if isinstance(ds, dict):
+        ds = ds.get("path")
+    if ds:
+        manifest = Path(str(ds)) / "manifest.json"
+        if manifest.exists():
+            n = read_json(manifest).get("splits", {}).get("train")
+            return int(n) if isinstance(n, int) else None
+    return None
+
+
+def validate_scaling(data: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The scaling study's points; a clear error when the shape is wrong."""
+    points = data.get("points")
+    if not isinstance(points, list) or not points:
+        raise ValueError('scaling JSON must be {"points": [{"n_inputs", "filtered", "answer_f1", ...}, ...]}')
+    out = []
+    for i, p in enumerate(points):
+        if not isinstance(p, dict) or not isinstance(p.get("n_inputs"), int) or "filtered" not in p:
+            raise ValueError(
+                f"scaling JSON point {i} needs an integer n_inputs and a boolean filtered: {p!r}"
+            )
+        out.append(dict(p))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Pictures
+# --------------------------------------------------------------------------------------------------------
+
+
+def _png_uri(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _pil_uri(img: Any) -> str:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=82)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_per_class(ev: Mapping[str, Any]) -> str | None:
+    per = {k: v for k, v in (ev["fidelity"].get("box_ap_per_class") or {}).items() if v is not None}
+    if not per:
+        return None
+    plt = _plt()
+    items = sorted(per.items(), key=lambda kv: kv[1])
+    fig, ax = plt.subplots(figsize=(6, 0.35 * len(items) + 1.2))
+    ax.barh([k for k, _ in items], [v for _, v in items], color="#0b5cad")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("box AP@0.5:0.95 against the teacher")
+    ax.set_title("Fidelity per class")
+    return _png_uri(fig)
+
+
+def plot_latency(evs: Sequence[tuple[str, Mapping[str, Any]]]) -> str | None:
+    labels, values, colours = [], [], []
+    ev0 = evs[0][1]
+    if ev0["cost"].get("teacher_ms") is not None:
+        labels.append("teacher graph")
+        values.append(float(ev0["cost"]["teacher_ms"]))
+        colours.append("#a33b3b")
+    for name, ev in evs:
+        if ev["cost"].get("student_ms") is not None:
+            labels.append(f"student {name}" if len(evs) > 1 else "student (PyTorch)")
+            values.append(float(ev["cost"]["student_ms"]))
+            colours.append("#0b5cad")
+        for bundle, info in (ev.get("exported") or {}).items():
+            labels.append(f"{Path(bundle).name}")
+            values.append(float(info["ms"]))
+            colours.append("#2e8b57")
+    if not values:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(values) + 1.2))
+    ax.barh(labels, values, color=colours)
+    if max(values) / max(min(values), 1e-9) > 20:
+        ax.set_xscale("log")
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.0f} ms" if v >= 10 else f" {v:.1f} ms", va="center")
+    ax.set_xlabel("ms per query (warm, median; same machine, same inputs)")
+    ax.set_title("Latency")
+    return _png_uri(fig)
+
+
+def plot_runs_vs_train_size(points: Sequence[tuple[int | None, Mapping[str, Any]]]) -> str | None:
+    pts = sorted(((n, ev) for n, ev in points if n is not None), key=lambda p: p[0])
+    if len(pts) < 2:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    xs = [n for n, _ in pts]
+    for key, label in (("answer_f1", "answer F1"), ("answer_semantic", "answer meaning agreement")):
+        ys = [ev["fidelity"].get(key) for _, ev in pts]
+        if any(y is not None for y in ys):
+            ax.plot(xs, [np.nan if y is None else y for y in ys], marker="o", label=label)
+    ax.set_xlabel("training-set size (inputs)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Answer agreement vs training-set size")
+    ax.legend()
+    return _png_uri(fig)
+
+
+def plot_scaling(points: Sequence[Mapping[str, Any]]) -> str:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.2), sharex=True)
+    for ax, (key, label) in zip(
+        axes,
+        (("answer_f1", "answer F1"), ("box_map50", "box mAP@0.5"), ("mask_miou", "mask mIoU")),
+        strict=True,
+    ):
+        for filtered, style in ((True, "-o"), (False, "--s")):
+            pts = sorted((p["n_inputs"], p.get(key)) for p in points if bool(p["filtered"]) == filtered)
+            pts = [(x, y) for x, y in pts if y is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, label="filtered" if filtered else "unfiltered")
+        ax.set_title(label)
+        ax.set_xlabel("recorded inputs")
+        ax.set_ylim(0, 1.02)
+    axes[0].legend()
+    return _png_uri(fig)
+
+
+def _scaled(image: np.ndarray, output: Mapping[str, Any], factor: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Small pictures (e.g. 96 px synthetic ones) upscaled by an integer factor so the drawing is legible;
+    boxes scale with them (viz resizes masks to the image itself)."""
+    from graphdistill.eval.metrics import as_object
+
+    if factor <= 1:
+        return image, dict(output)
+    big = np.repeat(np.repeat(np.asarray(image), factor, axis=0), factor, axis=1)
+    objs = []
+    for o in output.get("objects") or []:
+        d = as_object(o).model_dump(mode="json")
+        d["box"] = [float(v) * factor for v in d["box"]]
+        objs.append(d)
+    return big, {**output, "objects": objs}
+
+
+def draw_pair(image: np.ndarray, teacher: Mapping[str, Any], student: Mapping[str, Any]) -> Any:
+    """Teacher and student outputs drawn side by side (``graphdistill.viz``)."""
+    from graphdistill import viz
+
+    factor = max(1, 320 // max(1, max(np.asarray(image).shape[:2])))
+    t_img, t_out = _scaled(image, teacher, factor)
+    s_img, s_out = _scaled(image, student, factor)
+    return viz.side_by_side(
+        [viz.draw_output(t_img, t_out), viz.draw_output(s_img, s_out)], ["teacher graph", "student"]
+    )
+
+
+def gallery_items(
+    run: Path, ev: Mapping[str, Any], n: int, progress: Progress | None = None
+) -> list[dict[str, Any]]:
+    """The ``n`` rows of the evaluated split where student and teacher disagree most, drawn side by side.
+
+    Teacher outputs come from the dataset; the student is rerun on those rows (it is fast)."""
+    from graphdistill.datasets.dataset import open_dataset
+    from graphdistill.eval.evaluate import _jsonable_output, output_of_row
+    from graphdistill.student.predict import load_student
+
+    worst = sorted(ev.get("rows") or [], key=lambda r: -float(r.get("disagreement") or 0.0))[:n]
+    if not worst:
+        return []
+    ds = open_dataset(ev["dataset"])
+    by_id = {r["id"]: r for r in ds.rows(ev.get("split", "test"))}
+    predictor = load_student(run)
+    items = []
+    for i, r in enumerate(worst):
+        row = by_id.get(r["id"])
+        if row is None:
+            log.warning("gallery: row %s is no longer in %s", r["id"], ev["dataset"])
+            continue
+        image = ds.image(row)
+        student = _jsonable_output(predictor.predict(image, row["question"]))
+        teacher = output_of_row(row)
+        items.append({"uri": _pil_uri(draw_pair(image, teacher, student)), "row": r, "student": student})
+        if progress:
+            progress("drawing the gallery", i + 1, len(worst))
+    return items
+
+
+# --------------------------------------------------------------------------------------------------------
+# HTML
+# --------------------------------------------------------------------------------------------------------
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _figure(uri: str, caption: str, ident: str) -> str:
+    return f'<figure id="{ident}"><img src="{uri}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>'
+
+
+def _card(value: str, label: str) -> str:
+    return f'<div class="card"><b>{_e(value)}</b><span>{_e(label)}</span></div>'
+
+
+def render_html(
+    evs: Sequence[tuple[str, Mapping[str, Any]]],
+    *,
+    train_sizes: Sequence[int | None] = (),
+    gallery: Sequence[Mapping[str, Any]] = (),
+    scaling: Sequence[Mapping[str, Any]] | None = None,
+    title: str = "graphdistill: student vs teacher",
+) -> str:
+    """The whole report as one HTML string (pure: no file or model access)."""
+    name0, ev0 = evs[0]
+    c0, f0 = ev0["cost"], ev0["fidelity"]
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<title>{_e(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+        '<section id="headline"><p>' + _e(headline(ev0)) + '</p><div class="cards">',
+        _card(fmt_ratio(c0.get("speedup")), "faster than the teacher graph"),
+        _card(fmt_ratio(c0.get("size_ratio")), "smaller (model bytes)"),
+        _card(fmt_num(f0.get("answer_f1"), 2), "answer token F1"),
+        _card(fmt_num(f0.get("box_map50"), 2), "box mAP@0.5"),
+        _card(fmt_num(f0.get("mask_miou"), 2), "mask mIoU"),
+        "</div></section>",
+    ]
+    # fidelity table: one column per run (+ human-label columns of the first run when present)
+    head = "".join(f"<th>{_e(n)}</th>" for n, _ in evs)
+    gt = ev0.get("ground_truth")
+    if gt:
+        head += "<th>student vs human labels</th><th>teacher vs human labels</th>"
+    rows = []
+    for key, label in FIDELITY_ROWS:
+        cells = "".join(f"<td>{fmt_num(ev['fidelity'].get(key))}</td>" for _, ev in evs)
+        if gt:
+            cells += f"<td>{fmt_num(gt['student'].get(key))}</td><td>{fmt_num(gt['teacher'].get(key))}</td>"
+        rows.append(f"<tr><td>{_e(label)}</td>{cells}</tr>")
+    n_row = "".join(f"<td>{_e(ev.get('n'))} ({_e(ev.get('split'))})</td>" for _, ev in evs)
+    rows.append(f"<tr><td>held-out inputs</td>{n_row}{'<td></td><td></td>' if gt else ''}</tr>")
+    parts += [
+        '<section id="fidelity-section"><h2>Fidelity to the teacher</h2>',
+        '<p class="muted">The teacher graph\'s outputs are the ground truth. Mask mIoU matches student to '
+        "teacher objects by class and box IoU (Hungarian); a teacher object the student missed counts as 0.</p>",
+        f'<div class="scroll"><table id="fidelity"><tr><th>metric</th>{head}</tr>{"".join(rows)}</table></div>',
+        "</section>",
+    ]
+    cost_rows = [
+        (
+            "ms per query",
+            fmt_num(c0.get("teacher_ms"), 1),
+            fmt_num(c0.get("student_ms"), 1),
+            fmt_ratio(c0.get("speedup")),
+        ),
+        (
+            "model bytes",
+            fmt_bytes(c0.get("teacher_bytes")),
+            fmt_bytes(c0.get("student_bytes")),
+            fmt_ratio(c0.get("size_ratio")),
+        ),
+        (
+            "parameters",
+            fmt_num(c0.get("teacher_params")),
+            fmt_num(c0.get("student_params")),
+            fmt_ratio(c0.get("params_ratio")),
+        ),
+        (
+            "peak RSS increase",
+            fmt_bytes(c0.get("teacher_peak_rss_increase_bytes")),
+            fmt_bytes(c0.get("student_peak_rss_increase_bytes")),
+            fmt_ratio(c0.get("memory_ratio")),
+        ),
+    ]
+    for bundle, info in (ev0.get("exported") or {}).items():
+        cost_rows.append(
+            (
+                f"{Path(bundle).name} ms per query",
+                "",
+                fmt_num(info.get("ms"), 1),
+                fmt_ratio(info.get("speedup_vs_teacher")),
+            )
+        )
+    body = "".join(
+        f"<tr><td>{_e(a)}</td><td>{_e(b)}</td><td>{_e(c)}</td><td>{_e(d)}</td></tr>"
+        for a, b, c, d in cost_rows
+    )
+    parts += [
+        '<section id="cost-section"><h2>Cost against the teacher</h2>',
+        f'<p class="muted">Measured in one process on the same machine, warm, median over '
+        f"{_e(c0.get('timed_inputs', '?'))} inputs. Run {_e(name0)}.</p>",
+        f'<div class="scroll"><table id="cost"><tr><th></th><th>teacher graph</th><th>student</th><th>ratio</th></tr>{body}</table></div>',
+        "</section>",
+    ]
+    parts.append('<section id="plots"><h2>Plots</h2>')
+    uri = plot_per_class(ev0)
+    if uri:
+        parts.append(_figure(uri, "Box AP per class, student vs teacher", "plot-per-class"))
+    uri = plot_latency(evs)
+    if uri:
+        parts.append(_figure(uri, "Latency per query: teacher graph vs student", "plot-latency"))
+    if len(evs) > 1:
+        uri = plot_runs_vs_train_size(list(zip(train_sizes, [ev for _, ev in evs], strict=False)))
+        if uri:
+            parts.append(_figure(uri, "Answer agreement vs training-set size", "plot-train-size"))
+    parts.append("</section>")
+    if scaling:
+        table = "".join(
+            f"<tr><td>{_e(p['n_inputs'])}</td><td>{'yes' if p['filtered'] else 'no'}</td>"
+            f"<td>{fmt_num(p.get('answer_f1'))}</td><td>{fmt_num(p.get('box_map50'))}</td><td>{fmt_num(p.get('mask_miou'))}</td></tr>"
+            for p in sorted(scaling, key=lambda p: (p["n_inputs"], bool(p["filtered"])))
+        )
+        parts += [
+            '<section id="scaling"><h2>Scaling study</h2>',
+            _figure(
+                plot_scaling(scaling), "Fidelity vs recorded inputs, filtering on and off", "plot-scaling"
+            ),
+            '<div class="scroll"><table id="scaling-table"><tr><th>recorded inputs</th><th>filtered</th>'
+            f"<th>answer F1</th><th>box mAP@0.5</th><th>mask mIoU</th></tr>{table}</table></div></section>",
+        ]
+    parts.append('<section id="gallery"><h2>Held-out photos, worst disagreements first</h2>')
+    if not gallery:
+        parts.append('<p class="muted">No held-out rows to show.</p>')
+    for g in gallery:
+        r = g["row"]
+        parts.append(
+            f'<figure class="gallery-item"><img src="{g["uri"]}" alt="teacher and student outputs for {_e(r["id"])}">'
+            f'<figcaption><span class="q">Q: {_e(r["question"])}</span><br>teacher: {_e(r["teacher_answer"])}<br>'
+            f"student: {_e(r['student_answer'])}<br>disagreement {fmt_num(r.get('disagreement'), 2)} · answer F1 "
+            f"{fmt_num(r.get('answer_f1'), 2)} · objects F1 {fmt_num(r.get('objects_f1'), 2)}</figcaption></figure>"
+        )
+    parts.append("</section></body></html>")
+    return "\n".join(parts)
+
+
+def build_report(
+    runs: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    scaling: Mapping[str, Any] | None = None,
+    gallery_n: int = 8,
+    progress: Progress | None = None,
+) -> Path:
+    """Read every RUN/eval.json (+ meta.json), draw the gallery of the first run and write ``out``."""
+    if not runs:
+        raise ValueError("build_report needs at least one run")
+    evs: list[tuple[str, dict[str, Any]]] = []
+    sizes: list[int | None] = []
+    for r in runs:
+        run = Path(r)
+        ev = read_json(run / "eval.json")
+        meta = read_json(run / "meta.json") if (run / "meta.json").exists() else {}
+        evs.append((run.name, ev))
+        sizes.append(train_size(run, ev, meta))
+    gallery = gallery_items(Path(runs[0]), evs[0][1], gallery_n, progress) if gallery_n > 0 else []
+    points = validate_scaling(scaling) if scaling is not None else None
+    text = render_html(evs, train_sizes=sizes, gallery=gallery, scaling=points)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    log.info("wrote %s (%d bytes)", path, len(text))
+    return path
