@@ -17,6 +17,8 @@ COMMAND_MODULES = [
     "run",
     "record",
     "traces",
+    "eval",
+    "report",
 ]
 
 
