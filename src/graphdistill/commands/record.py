@@ -135,55 +135,13 @@ _WORKER: dict[str, Any] = {}
 
 
 def load_graph(spec: str | None) -> Any:
-    """``graphdistill.graphs.load_graph`` when it is there; else a small loader for ``module:attr`` and
-    ``path/file.py:attr`` (a compiled graph, a StateGraph / builder to compile, or a zero-arg factory)."""
+    """The graph ``--graph`` names (``graphdistill.graphs.spec.load_graph``; None -> visual_rag)."""
+    from graphdistill.graphs.spec import load_graph as spec_load_graph
+
     try:
-        from graphdistill.graphs import load_graph as real_load_graph  # type: ignore[attr-defined]
-    except ImportError:
-        real_load_graph = None
-    try:
-        if real_load_graph is not None:
-            return real_load_graph(spec)
-        if spec is None:
-            raise CommandError(
-                "--graph is required: the default visual_rag graph is not available in this build"
-            )
-        return _load_spec(spec)
-    except CommandError:
-        raise
+        return spec_load_graph(spec)
     except Exception as exc:
         raise CommandError(f"--graph {spec}: cannot load the graph ({type(exc).__name__}: {exc})") from exc
-
-
-def _load_spec(spec: str) -> Any:
-    import importlib
-    import importlib.util
-
-    target, _, attr = spec.rpartition(":")
-    if not target or not attr:
-        raise CommandError(f"--graph {spec!r}: expected module:attr or path/file.py:attr")
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.exists():
-            raise CommandError(f"--graph {spec}: no such file {path}")
-        mod_spec = importlib.util.spec_from_file_location(f"_gd_graph_{abs(hash(str(path.resolve())))}", path)
-        assert mod_spec is not None and mod_spec.loader is not None
-        module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(target)
-    obj = getattr(module, attr)
-    if hasattr(obj, "invoke") and hasattr(obj, "batch"):
-        return obj
-    if hasattr(obj, "compile"):
-        return obj.compile()
-    if callable(obj):
-        return _load_from(obj())
-    raise CommandError(f"--graph {spec}: {attr} is not a graph, a builder or a factory")
-
-
-def _load_from(obj: Any) -> Any:
-    return obj.compile() if not hasattr(obj, "invoke") and hasattr(obj, "compile") else obj
 
 
 def _init(spec: str | None, store_root: str) -> None:
@@ -327,9 +285,11 @@ def _record(args: argparse.Namespace) -> int:
     store_root = str(Path(args.store))
     from concurrent.futures.process import BrokenProcessPool
 
-    try:
-        from graphdistill.datasets.store import StoreError
+    from graphdistill.datasets.store import StoreError
 
+    try:
+        if args.workers == 1:
+            _init(args.graph, store_root)  # load errors show before the progress bar
         with progress:
             bar = progress.add_task("record", total=len(tasks), failed=0)
 
@@ -339,7 +299,6 @@ def _record(args: argparse.Namespace) -> int:
                 progress.update(bar, advance=n, failed=totals["failed"])
 
             if args.workers == 1:
-                _init(args.graph, store_root)
                 for batch in batches:
                     done(run_tasks(batch, resume=args.resume, tta=tta), len(batch))
             else:

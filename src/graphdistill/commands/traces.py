@@ -103,10 +103,7 @@ def draw_trace(store: Any, trace: Any, out: Path) -> None:
         from graphdistill.viz import draw_output  # type: ignore[import-not-found, unused-ignore]
     except ImportError:
         draw_output = None
-    if draw_output is not None:
-        drawn = draw_output(image, output)
-    else:
-        drawn = _draw_local(image, output)
+    drawn = draw_output(image, output) if draw_output is not None else _draw_local(image, output)
     from PIL import Image
 
     out.parent.mkdir(parents=True, exist_ok=True)

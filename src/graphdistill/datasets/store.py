@@ -425,7 +425,7 @@ class TraceStore:
     def load(self, ref: BlobRef | Mapping[str, Any]) -> np.ndarray:
         """A blob reference (``BlobRef``, its dict, or an encoded ``{"__blob__": ...}`` value) -> array."""
         if not isinstance(ref, BlobRef):
-            ref = BlobRef.model_validate(ref[BLOB_KEY] if BLOB_KEY in ref else ref)
+            ref = BlobRef.model_validate(ref.get(BLOB_KEY, ref))
         return decode_array(ref, self.blob(ref.blob))
 
     def stats(self) -> dict[str, Any]:
