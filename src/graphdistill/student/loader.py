@@ -1,0 +1,216 @@
+"""A torch ``Dataset`` over a filtered dataset's rows: image tensor, question tokens and a target per output.
+
+Image preprocessing is defined once, in :func:`preprocess_image`, and described by :func:`preprocess_spec`
+(a JSON dict the run's meta.json and the export manifest carry so a phone app can reproduce it exactly):
+letterbox = scale the longer side to ``image_size`` keeping the aspect ratio (bilinear), paste at the
+TOP-LEFT corner of an ``image_size``² canvas filled with ``pad_value``, then ``(x/255 − mean)/std`` per
+RGB channel, NCHW float32. Top-left placement makes mapping back trivial: pixel = normalised × S / scale.
+
+Every item is a dict of fixed-shape tensors, so ``torch.utils.data.default_collate`` (see :func:`collate`)
+batches it with a plain ``DataLoader``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from graphdistill.student.model import StudentConfig
+from graphdistill.student.tokenizer import StudentTokenizer
+
+log = logging.getLogger(__name__)
+
+MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics: the conventional input scale for timm backbones
+STD = (0.229, 0.224, 0.225)
+PAD_VALUE = (114, 114, 114)  # YOLO's letterbox grey
+
+
+def preprocess_spec(image_size: int) -> dict[str, Any]:
+    """The exact preprocessing of :func:`preprocess_image`, as data (for meta.json / export manifests)."""
+    return {
+        "resize": "letterbox",
+        "size": [image_size, image_size],
+        "align": "top-left",
+        "interpolation": "bilinear",
+        "pad_value": list(PAD_VALUE),
+        "channel_order": "RGB",
+        "layout": "NCHW",
+        "dtype": "float32",
+        "scale": 1 / 255,
+        "mean": list(MEAN),
+        "std": list(STD),
+        "boxes": "cx,cy,w,h in 0..1 of the letterboxed square; pixels = value * size / scale_factor",
+        "scale_factor": "size / max(height, width)",
+    }
+
+
+def letterbox_scale(height: int, width: int, size: int) -> float:
+    return size / max(height, width)
+
+
+def preprocess_image(image: np.ndarray, size: int) -> tuple[Tensor, float]:
+    """HxWx3 uint8 RGB -> (float tensor [3,size,size] normalised, scale factor)."""
+    from PIL import Image
+
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be HxWx3 uint8 RGB, got shape {image.shape} dtype {image.dtype}")
+    h, w = image.shape[:2]
+    s = letterbox_scale(h, w, size)
+    nw, nh = max(1, min(size, round(w * s))), max(1, min(size, round(h * s)))
+    canvas = np.empty((size, size, 3), dtype=np.uint8)
+    canvas[:] = PAD_VALUE
+    canvas[:nh, :nw] = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))
+    x = torch.from_numpy(canvas).permute(2, 0, 1).float().div_(255)
+    x = (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    return x, s
+
+
+def letterbox_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """HxW bool mask -> size² float32 in [0,1], letterboxed exactly like the image (soft edges)."""
+    from PIL import Image
+
+    h, w = mask.shape
+    s = letterbox_scale(h, w, size)
+    nw, nh = max(1, min(size, round(w * s))), max(1, min(size, round(h * s)))
+    out = np.zeros((size, size), dtype=np.float32)
+    small = Image.fromarray(mask.astype(np.float32)).resize((nw, nh), Image.Resampling.BILINEAR)
+    out[:nh, :nw] = np.asarray(small)
+    return out
+
+
+class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Items for the student from ``open_dataset(path).rows(split)``.
+
+    Keys: image [3,S,S]; question_ids [Lq] int64; question_mask [Lq] bool; answer_in [La]; answer_target
+    [La] (−100 = ignore); boxes [Q,4] cxcywh in 0..1; classes [Q] (−1 = none); masks [Q,m,m]; n_objects [];
+    sources [K] multi-hot; topk_ids [La,k], topk_logprobs [La,k], topk_valid [La] (soft targets, see
+    :mod:`graphdistill.student.losses`); scale [] (letterbox factor); image_hw [2].
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        split: str,
+        tokenizer: StudentTokenizer,
+        config: StudentConfig,
+        *,
+        topk: int = 5,
+        soft_targets_tokenizer: str | None = None,
+    ) -> None:
+        self.ds = dataset
+        self.rows = dataset.rows(split)
+        self.split = split
+        self.tok = tokenizer
+        self.cfg = config
+        self.topk = topk
+        self.class_names = list(dataset.class_names)
+        self.doc_ids = [d["id"] for d in dataset.documents]
+        self.doc_index = {d: i for i, d in enumerate(self.doc_ids)}
+        if len(self.class_names) > config.num_classes:
+            raise ValueError(
+                f"dataset has {len(self.class_names)} classes but the student has num_classes={config.num_classes}"
+            )
+        if len(self.doc_ids) > config.num_sources:
+            raise ValueError(
+                f"dataset has {len(self.doc_ids)} documents but the student has num_sources={config.num_sources}"
+            )
+        self.soft_targets_tokenizer = soft_targets_tokenizer
+        n_topk = sum(r.get("llm_topk") is not None for r in self.rows)
+        if n_topk and soft_targets_tokenizer is None:
+            log.info(
+                "%s: %d rows carry the teacher LLM's top-k log-probs, but in the teacher's vocabulary, not the "
+                "student's BPE; token-level KL is skipped (the answer CE on the consensus text carries the "
+                "signal). See graphdistill.student.losses.",
+                split,
+                n_topk,
+            )
+        self._cache: dict[int, tuple[Tensor, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _image(self, i: int) -> tuple[Tensor, float]:
+        if i not in self._cache:  # decoded + letterboxed once: the sets are small and epochs many
+            self._cache[i] = preprocess_image(self.ds.image(self.rows[i]), self.cfg.image_size)
+        return self._cache[i]
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        cfg = self.cfg
+        row = self.rows[i]
+        img, scale = self._image(i)
+        h, w = int(row["image_height"]), int(row["image_width"])
+        q_ids, q_mask = self.tok.encode_question(row["question"], cfg.max_question_len)
+        a_in, a_tgt = self.tok.encode_answer(row["answer"] or "", cfg.max_answer_len)
+
+        q = cfg.num_queries
+        boxes = torch.zeros(q, 4)
+        classes = torch.full((q,), -1, dtype=torch.long)
+        masks = torch.zeros(q, cfg.mask_size, cfg.mask_size)
+        objects = list(row["objects"])
+        if len(objects) > q:
+            log.warning(
+                "row %s has %d objects > num_queries=%d; keeping the first", row["id"], len(objects), q
+            )
+            objects = objects[:q]
+        side = cfg.image_size / scale  # pixels of the original image per unit of normalised coordinate
+        for j, o in enumerate(objects):
+            x1, y1, x2, y2 = o.box
+            boxes[j] = torch.tensor(
+                [(x1 + x2) / 2 / side, (y1 + y2) / 2 / side, (x2 - x1) / side, (y2 - y1) / side]
+            )
+            cid = self.class_names.index(o.label) if o.label in self.class_names else o.class_id
+            if cid is None or not 0 <= cid < cfg.num_classes:
+                raise ValueError(
+                    f"row {row['id']}: object label {o.label!r} is not one of the dataset's classes"
+                )
+            classes[j] = int(cid)
+            if o.mask is not None:
+                masks[j] = torch.from_numpy(letterbox_mask(o.mask.decode(), cfg.mask_size))
+        sources = torch.zeros(cfg.num_sources)
+        for s in row["sources"]:
+            if s in self.doc_index:
+                sources[self.doc_index[s]] = 1.0
+
+        topk_ids = torch.zeros(cfg.max_answer_len, self.topk, dtype=torch.long)
+        topk_lp = torch.zeros(cfg.max_answer_len, self.topk)
+        topk_valid = torch.zeros(cfg.max_answer_len, dtype=torch.bool)
+        lt = row.get("llm_topk")
+        if (
+            lt is not None
+            and self.soft_targets_tokenizer is not None
+            and lt.tokenizer == self.soft_targets_tokenizer
+        ):
+            # The student shares the teacher's tokenizer: step t of the teacher predicts target position t.
+            n = min(len(lt.topk_ids), cfg.max_answer_len)
+            for t in range(n):
+                k = min(self.topk, len(lt.topk_ids[t]))
+                topk_ids[t, :k] = torch.tensor(lt.topk_ids[t][:k])
+                topk_lp[t, :k] = torch.tensor(lt.topk_logprobs[t][:k])
+                topk_lp[t, k:] = -float("inf")
+                topk_valid[t] = True
+        return {
+            "image": img,
+            "question_ids": torch.tensor(q_ids, dtype=torch.long),
+            "question_mask": torch.tensor(q_mask, dtype=torch.bool),
+            "answer_in": torch.tensor(a_in, dtype=torch.long),
+            "answer_target": torch.tensor(a_tgt, dtype=torch.long),
+            "boxes": boxes,
+            "classes": classes,
+            "masks": masks,
+            "n_objects": torch.tensor(len(objects), dtype=torch.long),
+            "sources": sources,
+            "topk_ids": topk_ids,
+            "topk_logprobs": topk_lp,
+            "topk_valid": topk_valid,
+            "scale": torch.tensor(scale, dtype=torch.float32),
+            "image_hw": torch.tensor([h, w], dtype=torch.long),
+        }
+
+
+def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Stack a list of items (all fixed-shape) into a batch."""
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
