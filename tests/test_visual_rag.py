@@ -53,7 +53,7 @@ def test_prompt_and_query() -> None:
     assert system["role"] == "system" and "one or two" in system["content"]
     assert user["role"] == "user"
     text = user["content"]
-    assert "cat (0.91, top left, large)" in text and "bottom right, small" in text
+    assert "cat (0.91, center, large)" in text and "bottom right, small" in text
     assert "Cats sleep up to 16 hours a day." in text and text.endswith("Question: What is it?")
     empty = Detections(image_size=[10, 10])
     assert "no objects detected" in build_prompt("q", empty, [])[1]["content"]
