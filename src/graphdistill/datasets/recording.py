@@ -315,10 +315,8 @@ def record(graph: Any, store: TraceStore, **kwargs: Any) -> Any:
     Keyword arguments go to :class:`TraceRecorder` (``schema``, ``graph_id``, ``group_id``, ``metadata``,
     ``on_trace``); schema and graph id are derived from the graph when not given.
     """
-    if "schema" not in kwargs or "graph_id" not in kwargs:
-        schema, gid = graph_identity(graph)
-        kwargs.setdefault("schema", schema)
-        kwargs.setdefault("graph_id", gid)
+    if kwargs.get("schema") is None and kwargs.get("graph_id") is None:
+        kwargs["schema"], kwargs["graph_id"] = graph_identity(graph)
     return graph.with_config(callbacks=[TraceRecorder(store, **kwargs)])
 
 

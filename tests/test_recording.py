@@ -1,0 +1,255 @@
+"""Recording any LangGraph graph by adding one callback: sync, async, invoke, batch, stream, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any, TypedDict
+
+import numpy as np
+import pytest
+from langgraph.graph import END, START, StateGraph
+
+from graphdistill.datasets.recording import TraceRecorder, graph_identity, record
+from graphdistill.datasets.store import TraceStore
+from graphdistill.trace import FieldSpec, GraphSchema, Kind, content_hash, encode_value
+
+
+class State(TypedDict, total=False):
+    image: Any
+    question: str
+    mask: Any
+    answer: str
+
+
+def seg(state: State) -> dict[str, Any]:
+    return {"mask": state["image"][..., 0] > 100}
+
+
+def answer(state: State) -> dict[str, Any]:
+    if state["question"] == "explode":
+        raise ValueError("the answer node refuses")
+    return {"answer": f"{state['question']}: {int(state['mask'].sum())}"}
+
+
+def toy_graph() -> Any:
+    g = StateGraph(State)
+    g.add_node(
+        "seg", seg, metadata={"graphdistill_model_id": "toy-seg", "graphdistill_weights_sha256": "ab" * 32}
+    )
+    g.add_node("answer", answer)
+    g.add_edge(START, "seg")
+    g.add_edge("seg", "answer")
+    g.add_edge("answer", END)
+    return g.compile()
+
+
+def image(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (16, 20, 3), dtype=np.uint8)
+
+
+def check_trace(store: TraceStore, trace_id: str, inputs: dict[str, Any], result: dict[str, Any]) -> None:
+    t = store.get(trace_id)
+    assert t.status == "ok" and t.error is None
+    np.testing.assert_array_equal(store.load(t.inputs["image"]), inputs["image"])
+    assert t.inputs["question"] == inputs["question"]
+    assert t.output["answer"] == result["answer"]
+    np.testing.assert_array_equal(store.load(t.output["mask"]), result["mask"])
+    assert [s.node for s in t.spans] == ["seg", "answer"]
+    seg_span = t.spans[0]
+    assert seg_span.model_id == "toy-seg" and seg_span.weights_sha256 == "ab" * 32
+    np.testing.assert_array_equal(store.load(seg_span.reads["image"]), inputs["image"])
+    np.testing.assert_array_equal(store.load(seg_span.writes["mask"]), result["mask"])
+    assert t.spans[1].writes == {"answer": result["answer"]}
+    assert t.input_hash == content_hash(encode_value(inputs, {}))
+    assert t.group_id == t.input_hash and t.sample_index == 0
+    assert t.duration_s > 0
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> TraceStore:
+    return TraceStore(tmp_path / "store")
+
+
+def test_one_callback_records_a_plain_stategraph(store: TraceStore) -> None:
+    graph = toy_graph()
+    inputs = {"image": image(), "question": "how many"}
+    bare = graph.invoke(inputs)
+    ids: list[str | None] = []
+    recorder = TraceRecorder(store, on_trace=lambda t, i: ids.append(i))
+    result = graph.invoke(inputs, config={"callbacks": [recorder]})
+    assert result["answer"] == bare["answer"]  # recording changes nothing
+    np.testing.assert_array_equal(result["mask"], bare["mask"])
+    assert store.count() == 1 and recorder.recorded == 1 and ids[0] is not None
+    check_trace(store, ids[0], inputs, result)
+
+
+def test_record_batch_threads_keep_runs_apart(store: TraceStore) -> None:
+    graph = record(toy_graph(), store)
+    inputs = [{"image": image(i), "question": f"q{i}"} for i in range(6)]
+    results = graph.batch(inputs, config={"max_concurrency": 4})
+    assert store.count() == 6
+    by_question = {t.inputs["question"]: t.id for t in store.iter()}
+    for inp, res in zip(inputs, results, strict=True):
+        check_trace(store, by_question[inp["question"]], inp, res)
+
+
+@pytest.mark.parametrize("mode", ["values", "updates"])
+def test_record_stream(store: TraceStore, mode: str) -> None:
+    graph = record(toy_graph(), store)
+    inputs = {"image": image(1), "question": "stream"}
+    chunks = list(graph.stream(inputs, stream_mode=mode))
+    assert chunks  # the stream itself is untouched
+    final = toy_graph().invoke(inputs)
+    (t,) = list(store.iter())
+    check_trace(store, t.id, inputs, final)
+
+
+def test_record_ainvoke_abatch_astream(store: TraceStore) -> None:
+    graph = record(toy_graph(), store)
+    inputs = [{"image": image(i), "question": f"a{i}"} for i in range(5)]
+
+    async def main() -> tuple[Any, Any, Any]:
+        one = await graph.ainvoke(inputs[0])
+        many = await graph.abatch(inputs[1:4])
+        streamed = [c async for c in graph.astream(inputs[4], stream_mode="values")]
+        return one, many, streamed
+
+    one, many, streamed = asyncio.run(main())
+    assert store.count() == 5
+    by_question = {t.inputs["question"]: t.id for t in store.iter()}
+    for inp, res in zip(inputs, [one, *many, streamed[-1]], strict=True):
+        check_trace(store, by_question[inp["question"]], inp, res)
+
+
+def test_concurrent_async_runs_with_gather(store: TraceStore) -> None:
+    graph = record(toy_graph(), store)
+    inputs = [{"image": image(i), "question": f"g{i}"} for i in range(4)]
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(*(graph.ainvoke(x) for x in inputs))
+
+    results = asyncio.run(main())
+    by_question = {t.inputs["question"]: t.id for t in store.iter()}
+    for inp, res in zip(inputs, results, strict=True):
+        check_trace(store, by_question[inp["question"]], inp, res)
+
+
+def test_failing_node_gives_a_failed_trace_and_the_same_exception(store: TraceStore) -> None:
+    graph = record(toy_graph(), store)
+    with pytest.raises(ValueError, match="refuses"):
+        graph.invoke({"image": image(), "question": "explode"})
+    (t,) = list(store.iter())
+    assert t.status == "error" and "the answer node refuses" in (t.error or "")
+    assert t.output == {}
+    spans = {s.node: s for s in t.spans}
+    assert spans["seg"].error is None and "refuses" in (spans["answer"].error or "")
+
+
+def test_call_metadata_sets_group_sample_provenance_and_metadata(store: TraceStore) -> None:
+    graph = record(toy_graph(), store, metadata={"run": "r1"})
+    config = {
+        "metadata": {
+            "graphdistill_group_id": "g-1",
+            "graphdistill_sample_index": 3,
+            "graphdistill_provenance": {"photos": ["coffee"], "recipe": {"crop": 0.5}},
+            "graphdistill_metadata": {"tta": {"flip": True}},
+        }
+    }
+    graph.invoke({"image": image(), "question": "meta"}, config=config)
+    (t,) = list(store.iter())
+    assert (t.group_id, t.sample_index) == ("g-1", 3)
+    assert t.provenance.photos == ["coffee"] and t.provenance.recipe == {"crop": 0.5}
+    assert t.metadata == {"run": "r1", "tta": {"flip": True}}
+    assert store.has_input(t.input_hash, 3)
+
+
+def test_schema_restricts_output_and_names_the_graph(store: TraceStore) -> None:
+    schema = GraphSchema(
+        name="toy_rag",
+        inputs=[FieldSpec(name="image", kind=Kind.IMAGE), FieldSpec(name="question", kind=Kind.TEXT)],
+        outputs=[FieldSpec(name="answer", kind=Kind.TEXT)],
+        definition_hash="d" * 64,
+    )
+    graph = record(toy_graph(), store, schema=schema)
+    graph.invoke({"image": image(), "question": "schema"})
+    (t,) = list(store.iter())
+    assert set(t.output) == {"answer"}
+    assert (t.graph.name, t.graph.hash) == ("toy_rag", "d" * 64)
+
+
+def test_graph_identity_without_schema_is_stable_and_structural() -> None:
+    _, a = graph_identity(toy_graph())
+    _, b = graph_identity(toy_graph())
+    g = StateGraph(State)
+    g.add_node("seg", seg)
+    g.add_edge(START, "seg")
+    g.add_edge("seg", END)
+    _, c = graph_identity(g.compile())
+    assert a == b and a.hash != c.hash
+
+
+def test_recording_failure_never_breaks_the_graph(
+    store: TraceStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    graph = record(toy_graph(), store)
+    store.close()  # every append now fails
+    inputs = {"image": image(), "question": "still works"}
+    result = graph.invoke(inputs)
+    assert result["answer"] == toy_graph().invoke(inputs)["answer"]
+    assert "trace recording failed" in caplog.text
+
+
+def test_nested_runnables_inside_a_node_are_not_spans(store: TraceStore) -> None:
+    from langchain_core.runnables import RunnableLambda
+
+    inner = RunnableLambda(lambda x: x * 2)
+
+    def calls_inner(state: State) -> dict[str, Any]:
+        return {"answer": str(inner.invoke(len(state["question"])))}
+
+    g = StateGraph(State)
+    g.add_node("outer", calls_inner)
+    g.add_edge(START, "outer")
+    g.add_edge("outer", END)
+    record(g.compile(), store).invoke({"image": image(), "question": "abc"})
+    (t,) = list(store.iter())
+    assert [s.node for s in t.spans] == ["outer"] and t.output["answer"] == "6"
+
+
+def test_recorder_used_from_many_threads(store: TraceStore) -> None:
+    graph = toy_graph()
+    recorder = TraceRecorder(store)
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            for j in range(3):
+                graph.invoke({"image": image(k * 10 + j), "question": f"t{k}-{j}"}, {"callbacks": [recorder]})
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors and store.count() == 12 and recorder.recorded == 12
+    assert store.check()["ok"]
+
+
+def test_as_teacher_graph_is_recorded_under_its_schema(store: TraceStore) -> None:
+    from graphdistill.graphs import as_teacher, schema_of
+
+    teacher = as_teacher(
+        toy_graph(),
+        name="toy_teacher",
+        inputs={"image": "image", "question": "text"},
+        outputs={"answer": "text"},
+    )
+    schema = schema_of(teacher)
+    record(teacher, store).invoke({"image": image(), "question": "teacher"})
+    (t,) = list(store.iter())
+    assert t.graph.name == "toy_teacher" and t.graph.hash == (schema.definition_hash or t.graph.hash)
+    assert set(t.output) == {"answer"}
