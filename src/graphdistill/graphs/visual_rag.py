@@ -220,7 +220,7 @@ def _nodes(t: VisualRagTeachers, k: int) -> dict[str, Callable[..., dict[str, An
         query = retrieval_query(r["question"], r["detections"])
         with t.lock("retriever"):
             docs: list[Document] = list(t.retriever.query(text=query, k=k))
-            if t.clip is not None:
+            if t.clip is not None and getattr(t.retriever, "image_embedder", None) is not None:
                 with t.lock("clip"):
                     emb = np.asarray(t.clip.embed_images([r["image"]]))[0]
                 seen = {d.id for d in docs}
