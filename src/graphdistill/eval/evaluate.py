@@ -116,10 +116,15 @@ def evaluate_run(
     embedder: Any | None = None,
     semantic: bool = True,
     graph_spec: str | None = None,
+    predictor: Any | None = None,
     progress: Progress | None = None,
     status: Status | None = None,
 ) -> dict[str, Any]:
-    """Everything ``graphdistill eval`` reports; see the module docstring for the shape."""
+    """Everything ``graphdistill eval`` reports; see the module docstring for the shape.
+
+    ``predictor`` (anything with ``.predict(image, question)``) replaces ``load_student(run)``, e.g. a
+    student already in memory; sizes still come from ``RUN/model.safetensors``.
+    """
     from graphdistill.datasets.dataset import DatasetError, open_dataset
 
     run = Path(run)
@@ -134,11 +139,12 @@ def evaluate_run(
     if not rows:
         raise EvalError(f"dataset {dataset}: split {split!r} has no rows to evaluate on")
 
-    from graphdistill.student.predict import load_student
-
     say(f"loading the student from {run}")
     with cost.PeakRSS() as student_mem:
-        predictor = load_student(run)
+        if predictor is None:
+            from graphdistill.student.predict import load_student  # type: ignore[import-not-found,unused-ignore]
+
+            predictor = load_student(run)
         student_out: list[dict[str, Any]] = []
         for i, row in enumerate(rows):
             student_out.append(_jsonable_output(predictor.predict(ds.image(row), row["question"])))

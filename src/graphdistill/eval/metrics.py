@@ -161,7 +161,9 @@ def _mask_array(rle: RLE | Mapping[str, Any], size: Sequence[int] | None = None)
     if size is not None and list(m.shape) != list(size):
         from PIL import Image
 
-        img = Image.fromarray(m.astype(np.uint8) * 255).resize((int(size[1]), int(size[0])), Image.Resampling.NEAREST)
+        img = Image.fromarray(m.astype(np.uint8) * 255).resize(
+            (int(size[1]), int(size[0])), Image.Resampling.NEAREST
+        )
         m = np.asarray(img) > 127
     return m
 

@@ -227,21 +227,27 @@ def draw_pair(image: np.ndarray, teacher: Mapping[str, Any], student: Mapping[st
 
 
 def gallery_items(
-    run: Path, ev: Mapping[str, Any], n: int, progress: Progress | None = None
+    run: Path,
+    ev: Mapping[str, Any],
+    n: int,
+    progress: Progress | None = None,
+    predictor: Any | None = None,
 ) -> list[dict[str, Any]]:
     """The ``n`` rows of the evaluated split where student and teacher disagree most, drawn side by side.
 
     Teacher outputs come from the dataset; the student is rerun on those rows (it is fast)."""
     from graphdistill.datasets.dataset import open_dataset
     from graphdistill.eval.evaluate import _jsonable_output, output_of_row
-    from graphdistill.student.predict import load_student
 
     worst = sorted(ev.get("rows") or [], key=lambda r: -float(r.get("disagreement") or 0.0))[:n]
     if not worst:
         return []
     ds = open_dataset(ev["dataset"])
     by_id = {r["id"]: r for r in ds.rows(ev.get("split", "test"))}
-    predictor = load_student(run)
+    if predictor is None:
+        from graphdistill.student.predict import load_student  # type: ignore[import-not-found,unused-ignore]
+
+        predictor = load_student(run)
     items = []
     for i, r in enumerate(worst):
         row = by_id.get(r["id"])
@@ -412,8 +418,11 @@ def build_report(
     scaling: Mapping[str, Any] | None = None,
     gallery_n: int = 8,
     progress: Progress | None = None,
+    predictor: Any | None = None,
 ) -> Path:
-    """Read every RUN/eval.json (+ meta.json), draw the gallery of the first run and write ``out``."""
+    """Read every RUN/eval.json (+ meta.json), draw the gallery of the first run and write ``out``.
+
+    ``predictor`` replaces ``load_student(runs[0])`` for the gallery."""
     if not runs:
         raise ValueError("build_report needs at least one run")
     evs: list[tuple[str, dict[str, Any]]] = []
@@ -424,7 +433,7 @@ def build_report(
         meta = read_json(run / "meta.json") if (run / "meta.json").exists() else {}
         evs.append((run.name, ev))
         sizes.append(train_size(run, ev, meta))
-    gallery = gallery_items(Path(runs[0]), evs[0][1], gallery_n, progress) if gallery_n > 0 else []
+    gallery = gallery_items(Path(runs[0]), evs[0][1], gallery_n, progress, predictor) if gallery_n > 0 else []
     points = validate_scaling(scaling) if scaling is not None else None
     text = render_html(evs, train_sizes=sizes, gallery=gallery, scaling=points)
     path = Path(out)

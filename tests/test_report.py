@@ -1,0 +1,258 @@
+"""Evaluation end to end (eval.json, cost, the HTML report, the markdown summary) on a synthetic dataset."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from graphdistill.datasets.dataset import make_synthetic_dataset, open_dataset
+from graphdistill.eval import cost
+from graphdistill.eval.evaluate import COST_KEYS, FIDELITY_KEYS, evaluate_run, write_eval
+from graphdistill.eval.report import build_report
+from graphdistill.eval.summary import markdown_summary
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*Matplotlib.*:UserWarning")
+
+
+def _bag_embedder(texts: list[str]) -> np.ndarray:
+    vecs = np.zeros((len(texts), 64), dtype=np.float32)
+    for i, t in enumerate(texts):
+        for w in t.lower().split():
+            vecs[i, sum(map(ord, w)) % 64] += 1.0
+    return vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+
+
+def _key(image: np.ndarray, question: str) -> str:
+    return hashlib.sha256(np.ascontiguousarray(image).tobytes() + question.encode()).hexdigest()
+
+
+class LookupStudent:
+    """A stand-in student that answers from a table of known outputs; ``degrade`` drops its last object and
+    blanks the answer on every other input, so the fidelity it earns is known."""
+
+    def __init__(self, dataset: Path, degrade: bool = False) -> None:
+        ds = open_dataset(dataset)
+        self.table: dict[str, dict[str, Any]] = {}
+        for i, row in enumerate(ds.all_rows()):
+            out = {"answer": row["answer"], "objects": list(row["objects"]), "sources": list(row["sources"])}
+            if degrade and i % 2 == 0:
+                out = {"answer": "", "objects": out["objects"][:-1], "sources": out["sources"]}
+            self.table[_key(ds.image(row), row["question"])] = out
+        self.calls = 0
+
+    def predict(self, image: np.ndarray, question: str) -> dict[str, Any]:
+        self.calls += 1
+        return self.table[_key(image, question)]
+
+
+def _run_folder(root: Path, dataset: Path, n_params: int = 1000) -> Path:
+    from safetensors.numpy import save_file
+
+    root.mkdir(parents=True)
+    save_file({"w": np.zeros(n_params, dtype=np.float32)}, str(root / "model.safetensors"))
+    (root / "meta.json").write_text(json.dumps({"dataset": str(dataset)}))
+    return root
+
+
+GRAPH_FILE = """
+import json, time
+from pathlib import Path
+from graphdistill.graphs.builder import GraphBuilder
+
+TABLE = json.loads(Path(__file__).with_name("table.json").read_text())
+
+def answer(state):
+    import hashlib, numpy as np
+    time.sleep(0.02)  # a teacher that is measurably slower than the lookup student
+    key = hashlib.sha256(np.ascontiguousarray(state["image"]).tobytes() + state["question"].encode()).hexdigest()
+    return TABLE[key]
+
+graph = (
+    GraphBuilder("lookup_teacher")
+    .input("image", "image").input("question", "text")
+    .output("answer", "text").output("objects", "objects").output("sources", "sources")
+    .node("lookup", answer, reads=["image", "question"], writes=["answer", "objects", "sources"])
+    .edge("__start__", "lookup").edge("lookup", "__end__")
+)
+"""
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_synthetic_dataset(tmp_path_factory.mktemp("ds") / "shapes", n=24, seed=3).root
+
+
+def _teacher_graph_file(tmp_path: Path, dataset: Path) -> str:
+    student = LookupStudent(dataset)
+    table = {
+        k: {**v, "objects": [o.model_dump(mode="json") for o in v["objects"]]}
+        for k, v in student.table.items()
+    }
+    (tmp_path / "table.json").write_text(json.dumps(table))
+    (tmp_path / "lookup_graph.py").write_text(GRAPH_FILE)
+    return f"{tmp_path / 'lookup_graph.py'}:graph"
+
+
+def test_perfect_student_scores_one_and_teacher_is_timed(tmp_path: Path, synthetic: Path) -> None:
+    run = _run_folder(tmp_path / "run", synthetic)
+    res = evaluate_run(
+        run,
+        synthetic,
+        predictor=LookupStudent(synthetic),
+        embedder=_bag_embedder,
+        graph_spec=_teacher_graph_file(tmp_path, synthetic),
+        teacher_n=2,
+        student_repeats=2,
+    )
+    n_test = open_dataset(synthetic).splits["test"]
+    assert res["n"] == n_test > 0
+    for k in FIDELITY_KEYS:
+        assert res["fidelity"][k] == pytest.approx(1.0), k
+    for k in COST_KEYS:
+        assert isinstance(res["cost"][k], (int, float)), k
+    assert res["cost"]["student_bytes"] == (run / "model.safetensors").stat().st_size
+    assert res["cost"]["student_params"] == 1000
+    assert res["cost"]["teacher_ms"] >= 20.0  # the lookup teacher sleeps 20 ms per query
+    assert res["cost"]["speedup"] == pytest.approx(res["cost"]["teacher_ms"] / res["cost"]["student_ms"])
+    assert res["cost"]["teacher_rerun_agreement"]["answer_exact"] == 1.0
+    assert all(r["disagreement"] == pytest.approx(0.0) for r in res["rows"])
+
+
+def test_degraded_student_and_the_report(tmp_path: Path, synthetic: Path) -> None:
+    run = _run_folder(tmp_path / "run_a", synthetic)
+    res = evaluate_run(
+        run,
+        synthetic,
+        predictor=LookupStudent(synthetic, degrade=True),
+        embedder=_bag_embedder,
+        teacher_timing=False,
+        student_repeats=1,
+    )
+    f = res["fidelity"]
+    assert 0.0 < f["answer_exact"] < 1.0
+    assert 0.0 < f["mask_miou"] < 1.0
+    assert f["sources_recall"] == pytest.approx(1.0)
+    assert res["cost"]["teacher_ms"] is None and res["cost"]["speedup"] is None
+    assert res["cost"]["teacher_sizes_assumed_defaults"] is True
+    write_eval(run, res)
+
+    # a second "run" evaluated with a perfect student, to exercise the multi-run plot
+    run_b = _run_folder(tmp_path / "run_b", synthetic, n_params=500)
+    res_b = evaluate_run(
+        run_b, synthetic, predictor=LookupStudent(synthetic), embedder=_bag_embedder, teacher_timing=False
+    )
+    write_eval(run_b, res_b)
+    meta_b = json.loads((run_b / "meta.json").read_text())
+    (run_b / "meta.json").write_text(json.dumps({**meta_b, "train_size": 5}))
+
+    scaling = {
+        "points": [
+            {"n_inputs": n, "filtered": flt, "answer_f1": 0.5, "box_map50": 0.6, "mask_miou": 0.4}
+            for n in (10, 20)
+            for flt in (True, False)
+        ]
+    }
+    out = build_report(
+        [run, run_b],
+        tmp_path / "out" / "report.html",
+        scaling=scaling,
+        gallery_n=4,
+        predictor=LookupStudent(synthetic, degrade=True),
+    )
+    page = _parse(out.read_text())
+    for section in ("headline", "fidelity", "cost", "plots", "scaling", "gallery"):
+        assert section in page.ids, section
+    for fig in ("plot-per-class", "plot-latency", "plot-train-size", "plot-scaling"):
+        assert fig in page.ids, fig
+    assert page.gallery == 4
+    assert all(src.startswith("data:image/") for src in page.srcs)
+    assert len(page.srcs) == 4 + 4  # four plots, four gallery pictures
+    assert not page.external, page.external
+    text = out.read_text()
+    assert "http://" not in text and "https://" not in text
+    # worst disagreement first
+    shown = [float(x) for x in page.disagreements]
+    assert shown == sorted(shown, reverse=True) and shown[0] > 0
+
+    md = markdown_summary(res)
+    assert f"{f['answer_exact']:.3f}" in md and "| Box mAP@0.5 |" in md
+
+
+class _Page(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[str] = set()
+        self.srcs: list[str] = []
+        self.external: list[str] = []
+        self.gallery = 0
+        self.disagreements: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if a.get("id"):
+            self.ids.add(str(a["id"]))
+        if tag in ("script", "link", "iframe"):
+            self.external.append(tag)
+        for attr in ("src", "href"):
+            v = a.get(attr)
+            if v is not None and not (v.startswith("data:") or v.startswith("#")):
+                self.external.append(v)
+        if tag == "img" and a.get("src"):
+            self.srcs.append(str(a["src"]))
+        if tag == "figure" and a.get("class") == "gallery-item":
+            self.gallery += 1
+
+    def handle_data(self, data: str) -> None:
+        self.disagreements += re.findall(r"disagreement (\d+\.\d+)", data)
+
+
+def _parse(text: str) -> _Page:
+    p = _Page()
+    p.feed(text)
+    return p
+
+
+def test_peak_rss_sees_an_allocation_and_latency_is_a_median() -> None:
+    with cost.PeakRSS() as mem:
+        block = np.ones(64 * 1024 * 1024, dtype=np.uint8)  # 64 MB, touched
+        block[::4096] = 2
+        import time
+
+        time.sleep(0.05)
+    assert mem.increase >= 32 * 1024 * 1024
+    del block
+    delays = iter([0.001, 0.03, 0.001, 0.001])  # warm-up, then three timed calls: 30, 1, 1 ms
+
+    def predict(image: np.ndarray, question: str) -> str:
+        import time
+
+        time.sleep(next(delays))
+        return question
+
+    lat = cost.median_latency(predict, [(np.zeros((2, 2, 3), np.uint8), "q")], warmup=1, repeats=3)
+    assert lat["n_timed"] == 3
+    assert lat["median_ms"] < 15 < lat["max_ms"]
+    assert lat["outputs"] == ["q"]
+
+
+def test_teacher_footprint_counts_registry_files_and_converted_caches(isolated_home: Path) -> None:
+    from graphdistill import weights
+
+    spec = weights.REGISTRY["yolo11n"]
+    f = weights.cached_path("yolo11n")
+    f.parent.mkdir(parents=True)
+    f.write_bytes(b"x" * 1234)
+    conv = isolated_home / "converted" / f"thing-{spec.sha256[:16]}"
+    conv.mkdir(parents=True)
+    (conv / "model.safetensors").write_bytes(b"y" * 100)
+    fp = cost.teacher_footprint(None)
+    yolo = next(m for m in fp["models"] if m["weights_sha256"] == spec.sha256)
+    assert yolo["bytes"] == 1234 + 100
+    assert fp["assumed_defaults"] is True
