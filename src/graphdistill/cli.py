@@ -17,6 +17,8 @@ COMMAND_MODULES = [
     "run",
     "record",
     "traces",
+    "inputs",
+    "filter",
     "eval",
     "report",
 ]

@@ -1,0 +1,164 @@
+"""`graphdistill filter STORE --out DATASET`: vote, check, dedup and split recorded traces into a dataset."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from graphdistill.commands._common import CommandError, console, print_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "filter",
+        help="turn a trace store into a filtered, split dataset (consensus of the K samples per input)",
+    )
+    p.add_argument("store", help="trace store folder (from `graphdistill record`)")
+    p.add_argument("--out", required=True, help="dataset folder to create")
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        default=None,
+        metavar="A",
+        help="drop inputs whose answer agreement (fraction of samples in the winning cluster) is below A",
+    )
+    p.add_argument(
+        "--rule",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a user rule: a registered name, module:attr or file.py:attr (repeatable)",
+    )
+    p.add_argument("--rule-threshold", type=float, default=None, help="keep when a rule's score >= this")
+    p.add_argument(
+        "--disable-check", action="append", default=[], metavar="NAME", help="skip a built-in check"
+    )
+    p.add_argument("--quorum", type=int, default=None, help="samples needed to keep an object/source")
+    p.add_argument("--answer-threshold", type=float, default=0.85, help="embedding cosine for same answer")
+    p.add_argument("--max-source-distance", type=float, default=1.5)
+    p.add_argument(
+        "--no-embedder", action="store_true", help="cluster answers by normalised text only (no MiniLM)"
+    )
+    p.add_argument("--no-dedup", action="store_true", help="keep near-duplicate inputs")
+    p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions")
+    p.add_argument(
+        "--heldout",
+        action="append",
+        default=None,
+        metavar="PHOTO",
+        help="photo ids whose inputs all go to test (default: the built-in held-out photos)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print {kept, dropped, by_rule, splits}")
+    p.set_defaults(func=_filter)
+
+
+def _fractions(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0:
+        raise CommandError(f"--split {text!r}: expected three non-negative fractions like 0.8,0.1,0.1")
+    return parts  # type: ignore[return-value]
+
+
+def _filter(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from graphdistill.datasets.checks import CHECKS, CheckConfig
+    from graphdistill.datasets.dataset import DatasetError
+    from graphdistill.datasets.filtering import FilterConfig, FilterError, filter_store
+    from graphdistill.datasets.rules import RuleError, load_rule
+    from graphdistill.datasets.store import StoreError, TraceStore
+
+    root = Path(args.store)
+    if not (root / "traces.sqlite").exists():
+        raise CommandError(f"{args.store}: not a trace store (no traces.sqlite there)")
+    out = Path(args.out)
+    if (out / "manifest.json").exists():
+        raise CommandError(f"--out {args.out}: already holds a dataset; choose a new folder")
+    if args.min_agreement is not None and not 0 <= args.min_agreement <= 1:
+        raise CommandError(f"--min-agreement {args.min_agreement}: must be between 0 and 1")
+    known = {c.name for c in CHECKS}
+    unknown = sorted(set(args.disable_check) - known)
+    if unknown:
+        raise CommandError(
+            f"--disable-check {', '.join(unknown)}: built-in checks are {', '.join(sorted(known))}"
+        )
+    try:
+        rules = [load_rule(spec, args.rule_threshold) for spec in args.rule]
+    except RuleError as exc:
+        raise CommandError(str(exc)) from exc
+    config = FilterConfig(
+        min_agreement={"answer": args.min_agreement} if args.min_agreement is not None else {},
+        rules=rules,
+        checks=CheckConfig(
+            max_source_distance=args.max_source_distance,
+            quorum=args.quorum,
+            disabled=set(args.disable_check),
+        ),
+        answer_threshold=args.answer_threshold,
+        quorum=args.quorum,
+        dedup=not args.no_dedup,
+        fractions=_fractions(args.split),
+        seed=args.seed,
+    )
+    if args.heldout is not None:
+        config.heldout_photos = tuple(args.heldout)
+    embedder = None
+    if not args.no_embedder:
+        from graphdistill.datasets.vote import default_embedder
+
+        embedder = default_embedder()
+
+    con = console(stderr=True)
+    try:
+        store = TraceStore(root, readonly=True, check=False)
+    except StoreError as exc:
+        raise CommandError(str(exc)) from exc
+    tasks: dict[str, Any] = {}
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=con,
+        transient=args.json,
+    ) as progress:
+
+        def tick(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done)
+
+        try:
+            result = filter_store(
+                store, out, config, embedder=embedder, progress=tick, source_store=str(root)
+            )
+        except (FilterError, DatasetError, StoreError) as exc:
+            raise CommandError(str(exc)) from exc
+        finally:
+            store.close()
+    summary = result.summary()
+    if args.json:
+        print_json(
+            {
+                "kept": summary["kept"],
+                "dropped": summary["dropped"],
+                "by_rule": summary["by_rule"],
+                "splits": summary["splits"],
+                "dataset": str(out),
+            }
+        )
+    else:
+        c = console()
+        c.print(
+            f"{summary['groups']} inputs: [green]{summary['kept']} kept[/], {summary['dropped']} dropped; "
+            f"splits {summary['splits']}"
+        )
+        for rule, n in summary["by_rule"].items():
+            c.print(f"  dropped by {rule}: {n}")
+        c.print(f"dataset: {out}   report: {out / 'report' / 'report.html'}")
+    return 0

@@ -1,0 +1,122 @@
+"""The filter report: DATASET/report/{report.html, summary.json, agreement.png, examples/*.png}.
+
+report.html is self-contained (pictures embedded as base64): counts kept and dropped per rule, the
+agreement histograms, and a few dropped groups per rule drawn with their consensus and the reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from graphdistill.datasets.filtering import FilterResult, GroupDecision, StoreLike
+
+log = logging.getLogger(__name__)
+
+EXAMPLES_PER_RULE = 3
+
+
+def agreement_histogram(decisions: list[GroupDecision], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.2), dpi=100)
+    bins = [i / 10 for i in range(11)]
+    for i, output in enumerate(("answer", "objects", "sources")):
+        ax = fig.add_subplot(1, 3, i + 1)
+        kept = [d.consensus.agreement[output] for d in decisions if d.kept]
+        dropped = [d.consensus.agreement[output] for d in decisions if not d.kept]
+        ax.hist(
+            [kept, dropped], bins=bins, stacked=True, label=["kept", "dropped"], color=["#2ca02c", "#d62728"]
+        )
+        ax.set_title(f"{output} agreement")
+        ax.set_xlabel("fraction of samples agreeing")
+        if i == 0:
+            ax.set_ylabel("inputs")
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def _example_picture(d: GroupDecision, store: StoreLike) -> Any:
+    from graphdistill.datasets.filtering import load_image_of
+    from graphdistill.viz import draw_output
+
+    c = d.consensus
+    image = load_image_of(c, store)
+    output = {"answer": c.answer, "objects": c.objects, "sources": c.sources}
+    pic = draw_output(image, output, title=f"Q: {c.question}")
+    if max(pic.size) > 480:
+        pic.thumbnail((480, 480))
+    return pic
+
+
+def _b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def write_report(result: FilterResult, store: StoreLike, out: Path) -> Path:
+    """Write the report folder; returns the path of report.html."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary = result.summary()
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    hist = agreement_histogram(result.decisions, out / "agreement.png")
+
+    examples: dict[str, list[tuple[GroupDecision, Path | None]]] = {}
+    ex_dir = out / "examples"
+    for d in result.decisions:
+        if d.kept or d.rule is None or len(examples.get(d.rule, [])) >= EXAMPLES_PER_RULE:
+            continue
+        path: Path | None = ex_dir / f"{d.rule}-{len(examples.get(d.rule, []))}.png"
+        try:
+            pic = _example_picture(d, store)
+            ex_dir.mkdir(exist_ok=True)
+            assert path is not None
+            pic.save(path)
+        except Exception as exc:  # a picture must never sink the report
+            log.warning("no picture for dropped group %s: %s", d.group_id, exc)
+            path = None
+        examples.setdefault(d.rule, []).append((d, path))
+
+    esc = html.escape
+    rows = "".join(f"<tr><td>{esc(rule)}</td><td>{n}</td></tr>" for rule, n in summary["by_rule"].items())
+    flagged = "".join(
+        f"<tr><td>{esc(rule)}</td><td>{n}</td></tr>" for rule, n in summary["flagged_by_rule"].items()
+    )
+    sections = []
+    for rule, items in examples.items():
+        cards = []
+        for d, p in items:
+            img = f'<img src="data:image/png;base64,{_b64(p)}" alt="{esc(d.group_id)}">' if p else ""
+            cards.append(
+                f'<div class="card">{img}<p><b>{esc(d.group_id[:16])}</b>: {esc(d.reason or "")}</p>'
+                f"<p>Q: {esc(d.consensus.question)}<br>A: {esc(d.consensus.answer or '')}</p></div>"
+            )
+        sections.append(f"<h3>{esc(rule)}</h3><div class='cards'>{''.join(cards)}</div>")
+    splits = ", ".join(f"{k}: {v}" for k, v in summary["splits"].items())
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>graphdistill filter report</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} td,th{{padding:2px 10px}}
+.cards{{display:flex;flex-wrap:wrap;gap:12px}} .card{{width:340px;border:1px solid #ccc;padding:6px}}
+.card img{{max-width:100%}}</style></head><body>
+<h1>Filter report</h1>
+<p>{summary["groups"]} recorded inputs: <b>{summary["kept"]} kept</b>, {summary["dropped"]} dropped.
+Splits: {esc(splits)}.</p>
+<h2>Dropped, by the first rule each failed</h2><table><tr><th>rule</th><th>dropped</th></tr>{rows}</table>
+<h2>Flagged, by every rule (an input can fail several)</h2>
+<table><tr><th>rule</th><th>inputs</th></tr>{flagged}</table>
+<h2>Agreement across the K samples</h2><img src="data:image/png;base64,{_b64(hist)}" alt="agreement">
+<h2>Examples of dropped inputs</h2>{"".join(sections) or "<p>none dropped</p>"}
+</body></html>
+"""
+    page_path = out / "report.html"
+    page_path.write_text(page)
+    return page_path

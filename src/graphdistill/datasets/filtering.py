@@ -1,0 +1,301 @@
+"""From a trace store to a filtered dataset: vote per group, check, apply user rules and agreement
+thresholds, drop near-duplicates, split by provenance, write the dataset and its report.
+
+Every recorded group ends either kept (in exactly one split) or dropped by exactly one rule (the first it
+failed; every failed rule is still listed in the report), so kept + dropped = groups.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from graphdistill.datasets.checks import CheckConfig, coco_classes, run_checks
+from graphdistill.datasets.dataset import DatasetWriter
+from graphdistill.datasets.dedup import dhash, near_duplicates
+from graphdistill.datasets.photos import DEFAULT_HELDOUT
+from graphdistill.datasets.rules import Rule
+from graphdistill.datasets.splits import Item, assign_splits
+from graphdistill.datasets.vote import Consensus, Embedder, trace_documents, vote_group, written
+from graphdistill.trace import BlobRef, Detections, FieldSpec, GraphSchema, Kind, Trace
+
+log = logging.getLogger(__name__)
+
+
+class StoreLike(Protocol):
+    def groups(self) -> dict[str, list[str]]: ...
+    def get(self, trace_id: str) -> Trace: ...
+    def blob(self, sha: str) -> bytes: ...
+
+
+class FilterError(ValueError):
+    """The store cannot be filtered (empty, unreadable images, ...); the message names what."""
+
+
+@dataclass
+class FilterConfig:
+    min_agreement: dict[str, float] = field(default_factory=dict)  # output ("answer", ...) -> threshold
+    rules: list[Rule] = field(default_factory=list)
+    checks: CheckConfig = field(default_factory=CheckConfig)
+    answer_threshold: float = 0.85  # embedding cosine at which two answers mean the same
+    iou: float = 0.5
+    quorum: int | None = None  # default ceil(K/2)
+    dedup: bool = True
+    dedup_distance: int = 4  # dHash bits
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    heldout_photos: tuple[str, ...] = DEFAULT_HELDOUT
+    seed: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["rules"] = [{"name": r.name, "threshold": r.threshold} for r in self.rules]
+        d["checks"] = {**asdict(self.checks), "disabled": sorted(self.checks.disabled)}
+        return d
+
+
+@dataclass
+class GroupDecision:
+    group_id: str
+    consensus: Consensus
+    failed: list[tuple[str, str]]  # every rule it failed: (name, reason)
+    split: str | None = None
+    rule_scores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def kept(self) -> bool:
+        return not self.failed
+
+    @property
+    def rule(self) -> str | None:
+        return self.failed[0][0] if self.failed else None
+
+    @property
+    def reason(self) -> str | None:
+        return self.failed[0][1] if self.failed else None
+
+
+@dataclass
+class FilterResult:
+    dataset: Path
+    decisions: list[GroupDecision]
+    manifest: dict[str, Any]
+
+    def summary(self) -> dict[str, Any]:
+        by_rule = Counter(d.rule for d in self.decisions if d.rule)
+        splits = Counter(d.split for d in self.decisions if d.kept)
+        return {
+            "groups": len(self.decisions),
+            "kept": sum(d.kept for d in self.decisions),
+            "dropped": sum(not d.kept for d in self.decisions),
+            "by_rule": dict(sorted(by_rule.items())),
+            "flagged_by_rule": dict(
+                sorted(Counter(name for d in self.decisions for name, _ in d.failed).items())
+            ),
+            "splits": {s: splits.get(s, 0) for s in ("train", "val", "test")},
+        }
+
+
+def load_image_of(c: Consensus, store: StoreLike) -> np.ndarray:
+    """The consensus's input image as HxWx3 uint8 (from the store's blobs, or the recorded path)."""
+    from graphdistill.images import load_image, to_rgb_uint8
+    from graphdistill.trace import decode_array
+
+    if isinstance(c.image, BlobRef):
+        return to_rgb_uint8(decode_array(c.image, store.blob(c.image.blob)), f"blob {c.image.blob[:12]}")
+    if isinstance(c.image, str):
+        return load_image(c.image)
+    raise FilterError(f"group {c.group_id}: its traces record no input image")
+
+
+def _is_heldout(c: Consensus) -> bool:
+    recipe = c.provenance.recipe or {}
+    return bool(recipe.get("heldout")) or recipe.get("kind") == "heldout"
+
+
+def decide_group(traces: Sequence[Trace], config: FilterConfig, embedder: Embedder | None) -> GroupDecision:
+    """Vote, then every check, agreement threshold and user rule (dedup and splits come later)."""
+    c = vote_group(
+        traces,
+        embedder=embedder,
+        answer_threshold=config.answer_threshold,
+        iou=config.iou,
+        quorum=config.quorum,
+    )
+    failed = run_checks(c, traces, config.checks)
+    for output, threshold in config.min_agreement.items():
+        value = c.agreement.get(output)
+        if value is None:
+            raise FilterError(f"--min-agreement for {output!r}: outputs are {sorted(c.agreement)}")
+        if value < threshold:
+            failed.append((f"min_agreement_{output}", f"{output} agreement {value:.2f} < {threshold:.2f}"))
+    scores: dict[str, float] = {}
+    subject = next((t for t in traces if t.id == c.chosen_trace), None) or traces[0]
+    for rule in config.rules:
+        try:
+            keep, score = rule.keeps(subject)
+        except Exception as exc:  # a user rule that raises drops the group, with the error as reason
+            failed.append((rule.name, f"rule raised {exc.__class__.__name__}: {exc}"))
+            continue
+        scores[rule.name] = score
+        if not keep:
+            failed.append((rule.name, f"rule {rule.name} scored {score:.3f} < {rule.threshold}"))
+    return GroupDecision(c.group_id, c, failed, rule_scores=scores)
+
+
+def filter_store(
+    store: StoreLike,
+    out_dir: str | os.PathLike[str],
+    config: FilterConfig | None = None,
+    *,
+    embedder: Embedder | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    report: bool = True,
+    source_store: str | None = None,
+) -> FilterResult:
+    """Filter every group of ``store`` into a dataset folder at ``out_dir`` (and its report)."""
+    config = config or FilterConfig()
+    groups = store.groups()
+    if not groups:
+        raise FilterError(f"trace store {source_store or store}: holds no traces")
+    tick = progress or (lambda stage, done, total: None)
+    decisions: list[GroupDecision] = []
+    all_traces: dict[str, list[Trace]] = {}
+    for i, gid in enumerate(sorted(groups)):
+        traces = [store.get(tid) for tid in groups[gid]]
+        all_traces[gid] = traces
+        decisions.append(decide_group(traces, config, embedder))
+        tick("vote", i + 1, len(groups))
+
+    # near-duplicates among the survivors: the best-agreeing copy stays
+    survivors = [d for d in decisions if d.kept]
+    if config.dedup and survivors:
+        order = sorted(survivors, key=lambda d: (-d.consensus.agreement["answer"], d.group_id))
+        keys = []
+        for j, d in enumerate(order):
+            keys.append((d.group_id, dhash(load_image_of(d.consensus, store)), d.consensus.question))
+            tick("dedup", j + 1, len(order))
+        dup = near_duplicates(keys, config.dedup_distance)
+        for d in survivors:
+            if d.group_id in dup:
+                d.failed.append(("near_duplicate", f"near-duplicate of group {dup[d.group_id]}"))
+
+    kept = [d for d in decisions if d.kept]
+    items = [Item(d.group_id, tuple(d.consensus.provenance.photos), _is_heldout(d.consensus)) for d in kept]
+    split_of = assign_splits(items, config.fractions, heldout_photos=config.heldout_photos, seed=config.seed)
+    for d in kept:
+        d.split = split_of[d.group_id]
+
+    manifest = build_manifest(decisions, all_traces, config, source_store)
+    writer = DatasetWriter(out_dir, manifest)
+    for j, d in enumerate(kept):
+        c = d.consensus
+        writer.add(
+            {
+                "id": c.group_id,
+                "question": c.question,
+                "answer": c.answer or "",
+                "objects": c.objects,
+                "sources": c.sources,
+                "agreement_answer": c.agreement["answer"],
+                "agreement_objects": c.agreement["objects"],
+                "agreement_sources": c.agreement["sources"],
+                "provenance_photos": c.provenance.photos,
+                "llm_topk": c.llm_topk,
+                "trace_ids": c.trace_ids,
+            },
+            load_image_of(c, store),
+            d.split or "train",
+        )
+        tick("write", j + 1, len(kept))
+    result = FilterResult(Path(out_dir), decisions, manifest)
+    writer.manifest["filter"] = {**writer.manifest.get("filter", {}), "summary": result.summary()}
+    writer.close()
+    if report:
+        from graphdistill.datasets.filter_report import write_report
+
+        write_report(result, store, Path(out_dir) / "report")
+    log.info("filtered %d groups: %s", len(decisions), result.summary())
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------
+# The manifest: graph schema, class names, documents
+# --------------------------------------------------------------------------------------------------------
+
+_INFERRED_KINDS = {"answer": Kind.TEXT, "objects": Kind.OBJECTS, "sources": Kind.SOURCES}
+
+
+def graph_schema(traces: Sequence[Trace]) -> dict[str, Any] | None:
+    """The recorded GraphSchema (trace metadata "graph_schema" / "schema"), else one inferred from outputs."""
+    for t in traces:
+        for key in ("graph_schema", "schema"):
+            raw = t.metadata.get(key)
+            if isinstance(raw, dict):
+                try:
+                    return GraphSchema.model_validate(raw).model_dump(mode="json")
+                except ValueError:
+                    continue
+    ok = [t for t in traces if t.status == "ok"] or list(traces)
+    if not ok:
+        return None
+    t0 = ok[0]
+    outputs: dict[str, Kind] = {}
+    for t in ok:
+        for name in t.output:
+            outputs.setdefault(name, _INFERRED_KINDS.get(name, Kind.JSON))
+    inputs = [
+        FieldSpec(name=k, kind=Kind.IMAGE if k == "image" else Kind.TEXT if k == "question" else Kind.JSON)
+        for k in t0.inputs
+    ]
+    schema = GraphSchema(
+        name=t0.graph.name,
+        inputs=inputs,
+        outputs=[FieldSpec(name=n, kind=k) for n, k in outputs.items()],
+        nodes=list(dict.fromkeys(s.node for s in t0.spans)),
+        definition_hash=t0.graph.hash,
+    )
+    return schema.model_dump(mode="json")
+
+
+def class_names(decisions: Sequence[GroupDecision], traces: dict[str, list[Trace]]) -> list[str]:
+    """COCO order when every label seen is a COCO class, else the sorted labels seen."""
+    seen: set[str] = set()
+    for d in decisions:
+        seen.update(o.label for o in d.consensus.objects)
+    for ts in traces.values():
+        for t in ts:
+            dets = written(t, "detections")
+            if isinstance(dets, Detections):
+                seen.update(dets.names)
+    coco = coco_classes()
+    if coco and seen <= set(coco):
+        return coco
+    return sorted(seen)
+
+
+def build_manifest(
+    decisions: Sequence[GroupDecision],
+    traces: dict[str, list[Trace]],
+    config: FilterConfig,
+    source_store: str | None,
+) -> dict[str, Any]:
+    docs: dict[str, str] = {}
+    for ts in traces.values():
+        for t in ts:
+            for d in trace_documents(t):
+                docs.setdefault(d.id, d.text)
+    flat = [t for ts in traces.values() for t in ts]
+    return {
+        "graph": graph_schema(flat),
+        "class_names": class_names(decisions, traces),
+        "documents": [{"id": i, "text": docs[i]} for i in sorted(docs)],
+        "source_store": source_store,
+        "filter": config.describe(),
+    }

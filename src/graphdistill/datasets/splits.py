@@ -1,0 +1,114 @@
+"""Leakage-free train/val/test splits by provenance.
+
+Inputs that share a real source photo are tied together (a composite made from photos A and B ties A and
+B, and everything else made from either); whole connected components go to one split. Components holding a
+held-out photo go to test. The rest are ordered by a hash of their photo ids and dealt out greedily so each
+split approaches its target share of rows: deterministic, and no photo ever appears in two splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+class SplitLeakError(AssertionError):
+    """A photo ended up in two splits (a bug: the splitter guarantees it cannot)."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input to split: its id, the real photos it was made from, whether it is a held-out input."""
+
+    id: str
+    photos: tuple[str, ...]
+    heldout: bool = False
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def components(items: Sequence[Item]) -> list[list[Item]]:
+    """Connected components of items sharing a photo (an item with no photos is its own component)."""
+    uf = _UnionFind()
+    for it in items:
+        nodes = [f"photo:{p}" for p in it.photos] or [f"item:{it.id}"]
+        for n in nodes[1:]:
+            uf.union(nodes[0], n)
+        uf.find(nodes[0])
+    comps: dict[str, list[Item]] = {}
+    for it in items:
+        node = f"photo:{it.photos[0]}" if it.photos else f"item:{it.id}"
+        comps.setdefault(uf.find(node), []).append(it)
+    return list(comps.values())
+
+
+def _key(comp: Sequence[Item], seed: int) -> str:
+    names = sorted({p for it in comp for p in it.photos} or {it.id for it in comp})
+    return hashlib.sha256(f"{seed}\0{chr(0).join(names)}".encode()).hexdigest()
+
+
+def assign_splits(
+    items: Sequence[Item],
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    *,
+    heldout_photos: Iterable[str] = (),
+    seed: int = 0,
+) -> dict[str, str]:
+    """item id -> "train" | "val" | "test". Held-out items (or those using a held-out photo) go to test."""
+    if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) <= 0:
+        raise ValueError(f"fractions must be three non-negative numbers, got {fractions}")
+    held = set(heldout_photos)
+    total = sum(fractions)
+    target = {s: f / total for s, f in zip(SPLIT_NAMES, fractions, strict=True)}
+    comps = components(items)
+    counts = dict.fromkeys(SPLIT_NAMES, 0)
+    out: dict[str, str] = {}
+    rest = []
+    for comp in comps:
+        if any(it.heldout or held.intersection(it.photos) for it in comp):
+            for it in comp:
+                out[it.id] = "test"
+            counts["test"] += len(comp)
+        else:
+            rest.append(comp)
+    rest.sort(key=lambda c: _key(c, seed))
+    n_total = len(items)
+    for comp in rest:
+        # the split furthest below its target share (ties: train, val, test)
+        split = max(
+            (s for s in SPLIT_NAMES if target[s] > 0),
+            key=lambda s: (target[s] * n_total - counts[s], -SPLIT_NAMES.index(s)),
+        )
+        for it in comp:
+            out[it.id] = split
+        counts[split] += len(comp)
+    verify_no_leak(items, out)
+    return out
+
+
+def verify_no_leak(items: Sequence[Item], splits: Mapping[str, str]) -> None:
+    """Raise :class:`SplitLeakError` if any photo appears in two splits."""
+    seen: dict[str, str] = {}
+    for it in items:
+        s = splits[it.id]
+        for p in it.photos:
+            if seen.setdefault(p, s) != s:
+                raise SplitLeakError(f"photo {p!r} is in both {seen[p]} and {s}")
