@@ -67,8 +67,8 @@ def draw_output(image: np.ndarray, output: Mapping[str, Any], title: str | None 
     for i, obj in enumerate(objects):
         m = _mask_array(_get(obj, "mask"), (h, w))
         if m is not None and m.any():
-            colour = np.array(PALETTE[i % len(PALETTE)], dtype=np.float32)
-            canvas[m] = canvas[m] * (1 - MASK_ALPHA) + colour * MASK_ALPHA
+            tint = np.array(PALETTE[i % len(PALETTE)], dtype=np.float32)
+            canvas[m] = canvas[m] * (1 - MASK_ALPHA) + tint * MASK_ALPHA
     pic = Image.fromarray(canvas.round().clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(pic)
     scale = max(h, w) / 640

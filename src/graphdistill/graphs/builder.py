@@ -346,7 +346,7 @@ class GraphBuilder:
         state_t = _typed_dict(f"{_ident(self.name)}State", self.field_kinds())
         input_t = _typed_dict(f"{_ident(self.name)}Input", {n: f.kind for n, f in self.inputs.items()})
         output_t = _typed_dict(f"{_ident(self.name)}Output", {n: f.kind for n, f in self.outputs.items()})
-        g = StateGraph(state_t, input_schema=input_t, output_schema=output_t)
+        g: Any = StateGraph(state_t, input_schema=input_t, output_schema=output_t)
         for name, decl in self.nodes.items():
             meta: dict[str, Any] = {
                 "graphdistill_graph": self.name,

@@ -155,8 +155,10 @@ def _as_teachers(teachers: Any) -> VisualRagTeachers:
         unknown = sorted(set(teachers) - set(roles))
         if unknown:
             raise ValueError(f"unknown teacher role(s) {unknown}; roles: {roles}")
-        return VisualRagTeachers(**{r: teachers.get(r) for r in roles})
-    return VisualRagTeachers(**{r: getattr(teachers, r, None) for r in roles})
+        found: dict[str, Any] = {r: teachers.get(r) for r in roles}
+    else:
+        found = {r: getattr(teachers, r, None) for r in roles}
+    return VisualRagTeachers(**found)
 
 
 # ---------------------------------------------------------------------------------------------------- nodes
