@@ -137,11 +137,14 @@ def _default_retriever(config: VisualRagConfig, clip: Any) -> Any:
         image_embedder=clip,
         k=config.k,
     )
-    if not retriever.doc_ids():  # first use: build the shipped knowledge base
-        from graphdistill.teachers.knowledge import default_documents
+    # The default KB is built on first use (and completed if a build was cut short); a user's own KB
+    # (kb_path / kb_url) is left as it is unless it is empty.
+    if (config.kb_path is None and config.kb_url is None) or not retriever.doc_ids():
+        from graphdistill.teachers.knowledge import ensure_default_kb
 
-        n = retriever.ingest(default_documents())
-        log.info("built the default knowledge base: %s documents", n)
+        n = ensure_default_kb(retriever)
+        if n:
+            log.info("built the default knowledge base: %s documents", n)
     return retriever
 
 
