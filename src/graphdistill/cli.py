@@ -19,6 +19,8 @@ COMMAND_MODULES = [
     "traces",
     "inputs",
     "filter",
+    "train",
+    "predict",
     "eval",
     "report",
 ]

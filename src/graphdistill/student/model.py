@@ -217,12 +217,13 @@ class Student(nn.Module):
         self.backbone = timm.create_model(
             cfg.backbone, pretrained=False, features_only=True, out_indices=(-2, -1)
         )
-        reductions = self.backbone.feature_info.reduction()
+        info: Any = self.backbone.feature_info
+        reductions = info.reduction()
         if list(reductions) != [16, 32]:
             raise ValueError(
                 f"backbone {cfg.backbone!r} must give stride 16 and 32 features, got {reductions}"
             )
-        c_fine, c_coarse = self.backbone.feature_info.channels()
+        c_fine, c_coarse = info.channels()
         self.grid_c = cfg.image_size // 32
         self.grid_f = cfg.image_size // 16
         self.n_ctx = cfg.num_registers + self.grid_c**2  # memory tokens the decoders read
@@ -352,6 +353,7 @@ class Student(nn.Module):
         ctx = memory[:, : self.n_ctx]
         new = []
         for i, layer in enumerate(self.dec):
+            assert isinstance(layer, DecoderLayer)
             x, k, v = layer.step(x, ctx, kv_cache[i, 0], kv_cache[i, 1], write, valid)
             new.append(torch.stack([k, v]))
         logits = self.dec_norm(x[:, 0]) @ self.tok_emb.weight.T  # tied output embedding

@@ -1,0 +1,68 @@
+"""`graphdistill predict RUN --image PATH --question TEXT`: answer with a trained student."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from graphdistill.commands._common import CommandError, console, print_json
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("predict", help="answer a question about a photo with a trained student")
+    p.add_argument("run", help="the student run folder (from `graphdistill train`)")
+    p.add_argument("--image", required=True, help="the photo (any format Pillow reads)")
+    p.add_argument("--question", required=True, help="the question about the photo")
+    p.add_argument("--threshold", type=float, default=0.5, help="object score threshold (default 0.5)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--json", action="store_true", help="print one JSON object: answer, objects, sources")
+    p.add_argument("--out", default=None, help="write the annotated picture here (.png/.jpg)")
+    p.set_defaults(func=_predict)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from graphdistill.images import ImageError, load_image
+
+    question = (args.question or "").strip()
+    if not question:
+        raise CommandError("--question is empty: ask something about the photo")
+    if not 0.0 <= args.threshold <= 1.0:
+        raise CommandError(f"--threshold {args.threshold}: must be between 0 and 1")
+    out_path = None
+    if args.out is not None:
+        out_path = Path(args.out).expanduser()
+        if out_path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise CommandError(f"--out {args.out}: give a picture file name ending in .png or .jpg")
+        if not out_path.parent.is_dir():
+            raise CommandError(f"--out {args.out}: the folder {out_path.parent} does not exist")
+    try:
+        image = load_image(args.image, name=args.image)
+    except ImageError as exc:
+        raise CommandError(str(exc)) from exc
+
+    from graphdistill.student.predict import RunError, load_student
+
+    con = console(stderr=True)
+    with con.status("loading the student…"):
+        try:
+            predictor = load_student(args.run, device=args.device)
+        except RunError as exc:
+            raise CommandError(str(exc)) from exc
+        output = predictor.predict(image, question, score_threshold=args.threshold)
+    if args.json:
+        print_json(output)
+    else:
+        out_con = console()
+        out_con.print(f"[bold]answer:[/] {output['answer']}")
+        for o in output["objects"]:
+            box = ", ".join(f"{v:.0f}" for v in o["box"])
+            out_con.print(f"  {o['label']:<16} {o['score']:.2f}  [{box}]")
+        out_con.print(f"[bold]sources:[/] {', '.join(output['sources']) or '-'}")
+    if out_path is not None:
+        from graphdistill.viz import draw_output
+
+        draw_output(image, output, title="student").save(out_path)
+        con.print(f"annotated picture: {out_path}")
+    return 0

@@ -1,0 +1,130 @@
+"""`graphdistill train DATASET --out RUN`: distil the filtered dataset into a student model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from graphdistill.commands._common import CommandError, console, print_json
+
+SHOWN_LOSSES = ("answer_ce", "class", "box_l1", "mask_bce", "sources")
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("train", help="train the student on a filtered dataset")
+    p.add_argument("dataset", help="the filtered dataset folder (from `graphdistill filter`)")
+    p.add_argument("--out", required=True, help="the run folder to write (model, tokenizer, checkpoints)")
+    p.add_argument("--preset", choices=["tiny", "small"], default="tiny", help="model size (default: tiny)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--epochs", type=int, default=None, help="epochs to train (default: 30)")
+    g.add_argument("--max-minutes", type=float, default=None, help="train until this much time has passed")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.pt")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--image-size", type=int, default=None, help="override the preset's input size (multiple of 32)"
+    )
+    p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from graphdistill.datasets.dataset import DatasetError, open_dataset
+
+    if args.epochs is not None and args.epochs < 1:
+        raise CommandError(f"--epochs {args.epochs}: must be at least 1")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        raise CommandError(f"--max-minutes {args.max_minutes}: must be positive")
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.image_size is not None and (args.image_size < 32 or args.image_size % 32):
+        raise CommandError(f"--image-size {args.image_size}: must be a positive multiple of 32")
+    try:
+        open_dataset(args.dataset)
+    except DatasetError as exc:
+        raise CommandError(str(exc)) from exc
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out}: is a file, expected a run folder")
+
+    import torch
+
+    from graphdistill.student.train import TrainConfig, TrainRecipe
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CommandError(f"--device {args.device}: CUDA is not available on this machine")
+    cfg = TrainConfig(
+        dataset=args.dataset,
+        out=str(out),
+        preset=args.preset,
+        epochs=args.epochs if args.epochs is not None or args.max_minutes is not None else 30,
+        max_minutes=args.max_minutes,
+        device=args.device,
+        resume=args.resume,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        overrides={"image_size": args.image_size} if args.image_size else {},
+    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    con = console(stderr=True)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=con,
+        transient=False,
+    )
+    state: dict[str, Any] = {}
+
+    def on_step(info: dict[str, Any]) -> None:
+        if "batch_task" not in state:
+            state["batch_task"] = progress.add_task("batches", total=info["batches"], info="")
+        task = state["batch_task"]
+        if info["batch"] == 1:
+            progress.reset(task, total=info["batches"])
+        losses = info["losses"]
+        shown = " ".join(f"{k}={losses[k]:.3f}" for k in SHOWN_LOSSES if k in losses)
+        progress.update(
+            task,
+            completed=info["batch"],
+            description=f"epoch {info['epoch']}",
+            info=f"loss={losses['total']:.3f} {shown}",
+        )
+
+    def on_epoch(record: dict[str, Any]) -> None:
+        if "epoch_task" in state:
+            progress.update(state["epoch_task"], completed=record["epoch"])
+        val = record["val"]
+        keys = ("answer_exact", "answer_f1", "box_iou", "mask_iou", "sources_recall")
+        con.print(
+            f"epoch {record['epoch']}: train loss {record['train_loss'].get('total', float('nan')):.4f} | val "
+            + " ".join(f"{k}={val[k]:.3f}" for k in keys if k in val)
+        )
+
+    recipe = TrainRecipe(cfg, on_step=on_step, on_epoch=on_epoch)
+    try:
+        with con.status("preparing: tokenizer, model, data"):
+            recipe.setup()
+    except (ValueError, FileNotFoundError) as exc:
+        raise CommandError(str(exc)) from exc
+    try:
+        with progress:
+            if cfg.epochs:
+                state["epoch_task"] = progress.add_task(
+                    "epochs", total=cfg.epochs, completed=recipe.epoch, info=f"run {out}"
+                )
+            recipe.train()
+        metrics = recipe.save()
+    finally:
+        recipe.cleanup()
+    con.print(f"student written to {out} ({metrics['parameters']:,} parameters, {metrics['epochs']} epochs)")
+    if args.json:
+        print_json(metrics)
+    return 0

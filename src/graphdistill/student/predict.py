@@ -1,0 +1,137 @@
+"""Run a trained student: ``load_student(RUN).predict(image, question)`` returns exactly the teacher graph's
+final output shape: ``{"answer": str, "objects": [ObjectOut dicts], "sources": [doc ids]}``.
+
+Boxes come back in pixels of the input image (the letterbox of :mod:`graphdistill.student.loader` undone),
+masks as COCO uncompressed RLE dicts at the input image's size.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from graphdistill.student.loader import letterbox_scale, preprocess_image
+from graphdistill.student.model import Student, StudentConfig
+from graphdistill.student.tokenizer import StudentTokenizer
+from graphdistill.trace import RLE, ObjectOut
+
+log = logging.getLogger(__name__)
+
+RUN_FILES = ("model.safetensors", "config.json", "tokenizer.json", "meta.json")
+
+
+class RunError(ValueError):
+    """A student run folder is missing or incomplete; the message names the path."""
+
+
+class StudentPredictor:
+    def __init__(
+        self, model: nn.Module, tokenizer: StudentTokenizer, meta: dict[str, Any], device: str = "cpu"
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.meta = meta
+        self.config: StudentConfig = model.config  # type: ignore[assignment]
+        self.class_names: list[str] = list(meta.get("class_names", []))
+        self.doc_ids: list[str] = [d["id"] for d in meta.get("documents", [])]
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        image: np.ndarray,
+        question: str,
+        *,
+        score_threshold: float = 0.5,
+        source_threshold: float = 0.5,
+        max_len: int | None = None,
+    ) -> dict[str, Any]:
+        """One photo (HxWx3 uint8 RGB) + question -> ``{"answer", "objects", "sources"}``."""
+        cfg = self.config
+        h, w = image.shape[:2]
+        x, scale = preprocess_image(image, cfg.image_size)
+        q_ids, q_mask = self.tokenizer.encode_question(question, cfg.max_question_len)
+        img = x[None].to(self.device)
+        qi = torch.tensor([q_ids], dtype=torch.long, device=self.device)
+        qm = torch.tensor([q_mask], dtype=torch.bool, device=self.device)
+        t0 = time.perf_counter()
+        memory = self.model.encode(img, qi, qm)  # type: ignore[operator]
+        heads = self.model.heads(memory)  # type: ignore[operator]
+        ids = self.model.generate(img, qi, qm, max_len, memory=memory)  # type: ignore[operator]
+        log.debug("student query: %.1f ms", (time.perf_counter() - t0) * 1000)
+        answer = self.tokenizer.decode(ids[0].tolist())
+        objects = self._objects(heads, h, w, scale, score_threshold)
+        sources: list[str] = []
+        if "source_logits" in heads:
+            p = heads["source_logits"][0].sigmoid().cpu()
+            order = torch.argsort(p, descending=True).tolist()
+            sources = [self.doc_ids[i] for i in order if i < len(self.doc_ids) and p[i] >= source_threshold]
+        return {"answer": answer, "objects": objects, "sources": sources}
+
+    def _objects(
+        self, heads: dict[str, torch.Tensor], h: int, w: int, scale: float, thr: float
+    ) -> list[dict[str, Any]]:
+        from PIL import Image
+
+        if "boxes" not in heads:
+            return []
+        cfg = self.config
+        probs = heads["class_logits"][0].softmax(-1)[:, :-1].cpu()
+        scores, cls = probs.max(-1)
+        side = cfg.image_size / scale
+        boxes = heads["boxes"][0].cpu() * side
+        ms = cfg.mask_size
+        sm = letterbox_scale(h, w, ms)
+        mh, mw = max(1, min(ms, round(h * sm))), max(1, min(ms, round(w * sm)))
+        out: list[dict[str, Any]] = []
+        for q in torch.argsort(scores, descending=True).tolist():
+            s = float(scores[q])
+            if s < thr:
+                continue
+            cx, cy, bw, bh = boxes[q].tolist()
+            x1, y1 = min(max(cx - bw / 2, 0.0), w), min(max(cy - bh / 2, 0.0), h)
+            x2, y2 = min(max(cx + bw / 2, x1), w), min(max(cy + bh / 2, y1), h)
+            mask = None
+            if "mask_logits" in heads:
+                m = heads["mask_logits"][0, q].sigmoid().cpu().numpy()[:mh, :mw].astype(np.float32)
+                full = np.asarray(Image.fromarray(m).resize((w, h), Image.Resampling.BILINEAR)) > 0.5
+                mask = RLE.encode(full)
+            c = int(cls[q])
+            label = self.class_names[c] if c < len(self.class_names) else str(c)
+            out.append(
+                ObjectOut(label=label, class_id=c, score=s, box=[x1, y1, x2, y2], mask=mask).model_dump(
+                    mode="json"
+                )
+            )
+        return out
+
+
+def load_student(run: str | Path, device: str = "cpu") -> StudentPredictor:
+    """Rebuild the model of a run folder (config.json + model.safetensors) with its tokenizer and meta."""
+    from safetensors.torch import load_model
+
+    root = Path(run)
+    if not root.is_dir():
+        raise RunError(f"student run {root}: no such folder")
+    missing = [f for f in RUN_FILES if not (root / f).exists()]
+    if missing:
+        raise RunError(f"student run {root}: missing {', '.join(missing)} (did training finish?)")
+    meta = json.loads((root / "meta.json").read_text())
+    config = StudentConfig.from_dict(json.loads((root / "config.json").read_text()))
+    cls: type[nn.Module] = Student
+    name = meta.get("model_class")
+    if name and name != f"{Student.__module__}.{Student.__qualname__}":
+        mod, _, attr = name.rpartition(".")
+        cls = getattr(importlib.import_module(mod), attr)
+    model = cls(config)  # type: ignore[call-arg]
+    load_model(model, str(root / "model.safetensors"), device=device)
+    model.to(device)
+    return StudentPredictor(model, StudentTokenizer.load(root / "tokenizer.json"), meta, device)

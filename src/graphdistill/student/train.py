@@ -1,0 +1,423 @@
+"""The flat training recipe (torchtune-KD style): setup → train → save → cleanup.
+
+Teacher targets are read from the filtered dataset (never from live teachers). One run is one folder::
+
+    RUN/config.json        StudentConfig (written at setup, so --resume rebuilds the same model)
+    RUN/tokenizer.json     the BPE trained on this dataset's questions + answers (written at setup)
+    RUN/checkpoints/last.pt  model + optimizer + scheduler + epoch + step + RNG state, written atomically
+    RUN/model.safetensors  RUN/meta.json  RUN/metrics.json   (written by save())
+
+Determinism: every epoch shuffles with its own generator seeded by (seed, epoch), so a run resumed from
+epoch k's checkpoint sees exactly the batches an uninterrupted run would; dropout is 0 by default.
+The library logs; the CLI (``graphdistill train``) shows progress through the ``on_step``/``on_epoch`` hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from graphdistill.student.loader import StudentDataset, collate, preprocess_spec
+from graphdistill.student.losses import LossWeights, compute_losses
+from graphdistill.student.matching import cxcywh_to_xyxy, hungarian_match, pairwise_iou_giou
+from graphdistill.student.model import Student, StudentConfig, count_parameters, preset
+from graphdistill.student.tokenizer import StudentTokenizer
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = Path("checkpoints") / "last.pt"
+
+
+@dataclass
+class TrainConfig:
+    dataset: str
+    out: str
+    preset: str = "tiny"
+    epochs: int | None = None  # None with max_minutes: train until the time is up
+    max_minutes: float | None = None
+    device: str = "auto"  # "auto" → cuda when available, else cpu
+    resume: bool = False
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    seed: int = 0
+    val_every: int = 1  # validate every N epochs (and always after the last)
+    vocab_size: int | None = None  # None: the preset's
+    overrides: dict[str, Any] = field(default_factory=dict)  # extra StudentConfig fields
+    loss_weights: dict[str, float] = field(default_factory=dict)
+
+
+def _atomic_write_bytes(path: Path, write: Callable[[Path], object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    _atomic_write_bytes(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=str)))
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _words(s: str) -> list[str]:
+    return "".join(c.lower() if c.isalnum() else " " for c in s).split()
+
+
+def token_f1(pred: str, ref: str) -> float:
+    p, r = _words(pred), _words(ref)
+    if not p and not r:
+        return 1.0
+    common = sum(min(p.count(w), r.count(w)) for w in set(p))
+    if common == 0:
+        return 0.0
+    prec, rec = common / len(p), common / len(r)
+    return 2 * prec * rec / (prec + rec)
+
+
+class TrainRecipe:
+    """``setup()``, ``train()``, ``save()``, ``cleanup()``; or :func:`train` for all four."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        model_factory: Callable[[StudentConfig], nn.Module] | None = None,
+        on_step: Callable[[dict[str, Any]], None] | None = None,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.run = Path(cfg.out)
+        self.model_factory = model_factory
+        self.on_step = on_step or (lambda info: None)
+        self.on_epoch = on_epoch or (lambda info: None)
+        self.epoch = 0  # epochs completed
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.train_seconds: list[float] = []
+
+    # ---- setup --------------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        from graphdistill.datasets.dataset import open_dataset
+
+        cfg = self.cfg
+        if cfg.epochs is None and cfg.max_minutes is None:
+            raise ValueError("give epochs or max_minutes")
+        dev = cfg.device
+        if dev == "auto":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        if dev.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {dev!r} asked for but CUDA is not available")
+        self.device = torch.device(dev)
+        self.ds = open_dataset(cfg.dataset)
+        ckpt_path = self.run / CHECKPOINT
+        resuming = cfg.resume and ckpt_path.exists()
+        if cfg.resume and not resuming:
+            log.warning("--resume: no checkpoint at %s; starting fresh", ckpt_path)
+        if not resuming and (self.run / "config.json").exists() and (self.run / CHECKPOINT).exists():
+            log.warning("run %s already holds a checkpoint; starting over (use resume to continue)", self.run)
+        self.run.mkdir(parents=True, exist_ok=True)
+        _seed_all(cfg.seed)
+
+        if resuming:
+            self.tokenizer = StudentTokenizer.load(self.run / "tokenizer.json")
+            self.model_config = StudentConfig.from_dict(json.loads((self.run / "config.json").read_text()))
+        else:
+            texts = [t for r in self.ds.all_rows() for t in (r["question"], r["answer"])]
+            vocab = cfg.vocab_size or int(preset(cfg.preset).vocab_size)
+            self.tokenizer = StudentTokenizer.train(texts, vocab_size=vocab)
+            train_rows = self.ds.rows("train") or self.ds.all_rows()
+            max_objects = max([len(r["objects"]) for r in self.ds.all_rows()] + [1])
+            q_len = max(len(self.tokenizer.encode(r["question"])) for r in train_rows)
+            a_len = max(len(self.tokenizer.encode(r["answer"] or "")) for r in train_rows) + 1
+            base = preset(cfg.preset)
+            derived: dict[str, Any] = dict(
+                vocab_size=self.tokenizer.vocab_size,
+                num_classes=max(len(self.ds.class_names), 1),
+                num_sources=max(len(self.ds.documents), 1),
+                num_queries=max(base.num_queries, max_objects),
+                max_question_len=min(max(base.max_question_len, q_len), 64),
+                max_answer_len=min(max(base.max_answer_len, a_len), 96),
+            )
+            self.model_config = preset(cfg.preset, **{**derived, **cfg.overrides})
+            self.tokenizer.save(self.run / "tokenizer.json")
+            _atomic_write_json(self.run / "config.json", self.model_config.to_dict())
+
+        self.model = (self.model_factory or Student)(self.model_config).to(self.device)
+        self.train_set = StudentDataset(self.ds, "train", self.tokenizer, self.model_config)
+        if len(self.train_set) == 0:
+            raise ValueError(f"dataset {cfg.dataset}: the train split is empty")
+        val_split = "val" if self.ds.splits.get("val", 0) else "train"
+        self.val_set = StudentDataset(self.ds, val_split, self.tokenizer, self.model_config)
+        self.weights = LossWeights(extra=dict(cfg.loss_weights))
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
+        total = steps_per_epoch * cfg.epochs if cfg.epochs else None
+        warm = min(cfg.warmup_steps, max(1, (total or 10**9) // 10))
+
+        def lr_lambda(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            if total is None:
+                return 1.0
+            return 0.05 + 0.95 * 0.5 * (
+                1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm)))
+            )
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        if resuming:
+            self._load_checkpoint(ckpt_path)
+        log.info(
+            "student %s: %d parameters, %d train / %d %s rows, device %s",
+            type(self.model).__name__,
+            count_parameters(self.model),
+            len(self.train_set),
+            len(self.val_set),
+            val_split,
+            self.device,
+        )
+
+    def _load_checkpoint(self, path: Path) -> None:
+        ck = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        self.epoch, self.step = int(ck["epoch"]), int(ck["step"])
+        self.history = list(ck.get("history", []))
+        self.train_seconds = list(ck.get("train_seconds", []))
+        random.setstate(ck["rng"]["python"])
+        np.random.set_state(ck["rng"]["numpy"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        if torch.cuda.is_available() and ck["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        log.info("resumed %s at epoch %d (step %d)", path, self.epoch, self.step)
+
+    def save_checkpoint(self) -> Path:
+        ck = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": self.history,
+            "train_seconds": self.train_seconds,
+            "train_config": asdict(self.cfg),
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+        }
+        path = self.run / CHECKPOINT
+        _atomic_write_bytes(path, lambda p: torch.save(ck, p))
+        return path
+
+    # ---- train --------------------------------------------------------------------------------------------
+
+    def _batches(self, epoch: int) -> torch.utils.data.DataLoader:  # type: ignore[type-arg]
+        g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+        return torch.utils.data.DataLoader(
+            self.train_set, batch_size=self.cfg.batch_size, shuffle=True, generator=g, collate_fn=collate
+        )
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def train(self) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        start = time.monotonic()
+        deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else None
+        max_epochs = cfg.epochs if cfg.epochs is not None else 10**9
+        out_of_time = False
+        while self.epoch < max_epochs and not out_of_time:
+            self.model.train()
+            t0 = time.monotonic()
+            sums: dict[str, float] = {}
+            n = 0
+            loader = self._batches(self.epoch)
+            for i, batch in enumerate(loader):
+                batch = self._to_device(batch)
+                out = self.model(
+                    batch["image"], batch["question_ids"], batch["question_mask"], batch["answer_in"]
+                )
+                losses = compute_losses(out, batch, self.weights)
+                bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+                if bad:
+                    raise FloatingPointError(
+                        f"epoch {self.epoch + 1} step {self.step}: non-finite losses {bad}"
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                losses["total"].backward()
+                if cfg.grad_clip:
+                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                n += 1
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                self.on_step(
+                    {
+                        "epoch": self.epoch + 1,
+                        "batch": i + 1,
+                        "batches": len(loader),
+                        "step": self.step,
+                        "losses": {k: float(v.detach()) for k, v in losses.items()},
+                        "lr": self.scheduler.get_last_lr()[0],
+                    }
+                )
+                if deadline is not None and time.monotonic() > deadline:
+                    out_of_time = True
+                    log.info("max time reached during epoch %d", self.epoch + 1)
+                    break
+            self.train_seconds.append(time.monotonic() - t0)
+            self.epoch += 1
+            means = {k: v / max(n, 1) for k, v in sums.items()}
+            last = out_of_time or self.epoch >= max_epochs
+            metrics = self.validate() if last or self.epoch % max(cfg.val_every, 1) == 0 else {}
+            record = {"epoch": self.epoch, "step": self.step, "train_loss": means, "val": metrics}
+            self.history.append(record)
+            log.info("epoch %d: loss %.4f %s", self.epoch, means.get("total", float("nan")), metrics)
+            self.save_checkpoint()
+            self.on_epoch(record)
+        return self.history
+
+    @torch.no_grad()
+    def validate(self, max_rows: int = 64) -> dict[str, float]:
+        """Simple internal fidelity on the val split (the official metrics live in graphdistill.eval)."""
+        self.model.eval()
+        items = [self.val_set[i] for i in range(min(len(self.val_set), max_rows))]
+        res = evaluate_batch(self.model, self._to_device(collate(items)), self.tokenizer, self.val_set.rows)
+        self.model.train()
+        return res
+
+    # ---- save / cleanup -----------------------------------------------------------------------------------
+
+    def save(self) -> dict[str, Any]:
+        from safetensors.torch import save_model
+
+        _atomic_write_bytes(self.run / "model.safetensors", lambda p: save_model(self.model, str(p)))
+        graph = self.ds.graph
+        meta = {
+            "format": "graphdistill-student/1",
+            "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+            "class_names": self.ds.class_names,
+            "documents": self.ds.documents,
+            "graph": graph.model_dump(mode="json") if graph else None,
+            "graph_id": {"name": graph.name, "hash": graph.definition_hash} if graph else None,
+            "dataset": str(Path(self.cfg.dataset).resolve()),
+            "preprocessing": preprocess_spec(self.model_config.image_size),
+            "preset": self.cfg.preset,
+            "parameters": count_parameters(self.model),
+            "train_config": asdict(self.cfg),
+        }
+        _atomic_write_json(self.run / "meta.json", meta)
+        last = self.history[-1] if self.history else {}
+        metrics = {
+            "epochs": self.epoch,
+            "steps": self.step,
+            "parameters": meta["parameters"],
+            "seconds_per_epoch": (sum(self.train_seconds) / len(self.train_seconds))
+            if self.train_seconds
+            else None,
+            "final_train_loss": last.get("train_loss"),
+            "val": last.get("val"),
+            "history": self.history,
+        }
+        _atomic_write_json(self.run / "metrics.json", metrics)
+        return metrics
+
+    def cleanup(self) -> None:
+        self.train_set._cache.clear()
+        self.val_set._cache.clear()
+
+
+@torch.no_grad()
+def evaluate_batch(
+    model: nn.Module, batch: dict[str, torch.Tensor], tokenizer: StudentTokenizer, rows: list[dict[str, Any]]
+) -> dict[str, float]:
+    """Answer exact/token-F1 (greedy), teacher-forced token accuracy, matched box IoU, mask IoU, sources
+    recall/precision, over one batch whose items are ``rows[:B]`` in order."""
+    out = model(batch["image"], batch["question_ids"], batch["question_mask"], batch["answer_in"])
+    res: dict[str, float] = {}
+    tgt = batch["answer_target"]
+    keep = tgt != -100
+    res["answer_token_acc"] = float((out["answer_logits"].argmax(-1)[keep] == tgt[keep]).float().mean())
+    losses = compute_losses(out, batch)
+    res["loss"] = float(losses["total"])
+    generate = getattr(model, "generate", None)
+    if callable(generate):
+        ids = generate(batch["image"], batch["question_ids"], batch["question_mask"])
+        preds = [tokenizer.decode(r.tolist()) for r in ids]
+        refs = [str(rows[i]["answer"] or "") for i in range(len(preds))]
+        res["answer_exact"] = float(
+            np.mean([p.strip() == r.strip() for p, r in zip(preds, refs, strict=True)])
+        )
+        res["answer_f1"] = float(np.mean([token_f1(p, r) for p, r in zip(preds, refs, strict=True)]))
+    if "boxes" in out and "class_logits" in out:
+        matches = hungarian_match(
+            out["boxes"], out["class_logits"], batch["boxes"], batch["classes"], batch["n_objects"]
+        )
+        ious, miou, cls_ok = [], [], []
+        for i, (src, t) in enumerate(matches):
+            if not len(src):
+                continue
+            iou, _ = pairwise_iou_giou(
+                cxcywh_to_xyxy(out["boxes"][i, src]), cxcywh_to_xyxy(batch["boxes"][i, t])
+            )
+            ious += iou.diagonal().tolist()
+            cls_ok += (out["class_logits"][i, src, :-1].argmax(-1) == batch["classes"][i, t]).tolist()
+            if "mask_logits" in out:
+                pm = out["mask_logits"][i, src] > 0
+                tm = batch["masks"][i, t] > 0.5
+                inter = (pm & tm).flatten(1).sum(1).float()
+                union = (pm | tm).flatten(1).sum(1).float().clamp(min=1)
+                miou += (inter / union).tolist()
+        res["box_iou"] = float(np.mean(ious)) if ious else float("nan")
+        res["class_acc"] = float(np.mean(cls_ok)) if cls_ok else float("nan")
+        if "mask_logits" in out:
+            res["mask_iou"] = float(np.mean(miou)) if miou else float("nan")
+    if "source_logits" in out:
+        k = out["source_logits"].shape[1]
+        pred = out["source_logits"] > 0
+        t = batch["sources"][:, :k] > 0.5
+        res["sources_recall"] = float((pred & t).sum() / t.sum().clamp(min=1))
+        res["sources_precision"] = float((pred & t).sum() / pred.sum().clamp(min=1))
+    return res
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    model_factory: Callable[[StudentConfig], nn.Module] | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """setup → train → save → cleanup. Returns the final metrics (also in RUN/metrics.json)."""
+    recipe = TrainRecipe(cfg, model_factory=model_factory, on_step=on_step, on_epoch=on_epoch)
+    recipe.setup()
+    try:
+        recipe.train()
+        return recipe.save()
+    finally:
+        recipe.cleanup()
