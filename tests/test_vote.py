@@ -3,7 +3,7 @@ sources by count, TTA samples mapped back to the original frame."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -121,7 +121,7 @@ def make_trace(
     )
 
 
-def fake_embedder(table: dict[str, Sequence[float]]) -> Any:
+def fake_embedder(table: Mapping[str, Sequence[float]]) -> Any:
     """An injected embedder: known vectors per text (unit-normalised)."""
     calls: list[list[str]] = []
 

@@ -1,0 +1,377 @@
+"""Filtering recorded traces into a dataset: checks catch planted inconsistencies, user rules and agreement
+thresholds drop what they should, near-duplicates go, splits never share a photo, kept + dropped = groups,
+and the dataset (and its report) reads back."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from graphdistill.datasets.checks import CheckConfig, mentioned_classes, run_checks
+from graphdistill.datasets.dataset import (
+    DatasetError,
+    DatasetWriter,
+    make_synthetic_dataset,
+    open_dataset,
+)
+from graphdistill.datasets.dedup import dhash, hamming, near_duplicates
+from graphdistill.datasets.filtering import FilterConfig, filter_store
+from graphdistill.datasets.rules import RuleError, load_rule, register_rule, unregister_rule
+from graphdistill.datasets.splits import Item, SplitLeakError, assign_splits, verify_no_leak
+from graphdistill.datasets.vote import vote_group
+from graphdistill.trace import Document, ObjectOut, TokenLogprobs, Trace
+from test_vote import make_trace, obj
+
+H, W = 40, 60
+
+
+def ellipse(box: Sequence[float], h: int = H, w: int = W) -> np.ndarray:
+    x1, y1, x2, y2 = box
+    yy, xx = np.mgrid[0:h, 0:w]
+    cx, cy, rx, ry = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
+    return ((xx + 0.5 - cx) / rx) ** 2 + ((yy + 0.5 - cy) / ry) ** 2 <= 1
+
+
+def cat(box: Sequence[float] = (10, 10, 30, 30), score: float = 0.9) -> ObjectOut:
+    return obj("cat", box, score, ellipse(box))
+
+
+def group(gid: str, answers: Sequence[str], **kw: Any) -> list[Trace]:
+    objects = kw.pop("objects", [cat()])
+    sources = kw.pop("sources", ["doc-cat"])
+    return [make_trace(gid, i, a, objects, sources, **kw) for i, a in enumerate(answers)]
+
+
+def checks_of(traces: Sequence[Trace], cfg: CheckConfig | None = None) -> dict[str, str]:
+    return dict(run_checks(vote_group(traces), traces, cfg))
+
+
+# --------------------------------------------------------------------------------------------------------
+# the dataset format
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_synthetic_dataset_reads_back_with_exact_targets(tmp_path: Path) -> None:
+    ds = make_synthetic_dataset(tmp_path / "ds", n=12, seed=3)
+    again = open_dataset(tmp_path / "ds")
+    assert ds.splits == again.splits and sum(ds.splits.values()) == 12
+    assert set(ds.splits) == {"train", "val", "test"} and all(v > 0 for v in ds.splits.values())
+    assert again.manifest["format"] == "graphdistill-dataset/1"
+    assert again.class_names == ["circle", "square", "triangle"]
+    assert again.graph is not None and [f.name for f in again.graph.outputs] == [
+        "answer",
+        "objects",
+        "sources",
+    ]
+    rows = again.all_rows()
+    assert len({r["id"] for r in rows}) == 12
+    photos = [p for r in rows for p in r["provenance_photos"]]
+    assert len(photos) == len(set(photos))
+    for r in rows:
+        img = again.image(r)
+        assert img.shape == (r["image_height"], r["image_width"], 3) and img.dtype == np.uint8
+        for o in r["objects"]:
+            assert isinstance(o, ObjectOut) and o.mask is not None
+            m = o.mask.decode()
+            ys, xs = np.nonzero(m)
+            assert o.box == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]  # exact box of the drawn mask
+            assert (img[m] != img[0, 0]).any(axis=-1).all()  # the shape's pixels are painted
+        assert r["sources"] == [f"doc-{lab}" for lab in dict.fromkeys(o.label for o in r["objects"])]
+    # deterministic for a seed
+    same = make_synthetic_dataset(tmp_path / "ds2", n=12, seed=3)
+    assert [r["answer"] for r in same.all_rows()] == [r["answer"] for r in rows]
+
+
+def test_writer_round_trips_every_column(tmp_path: Path) -> None:
+    logp = TokenLogprobs(tokenizer="t", token_ids=[1, 2], topk_ids=[[1], [2]], topk_logprobs=[[-0.1], [-0.2]])
+    w = DatasetWriter(tmp_path / "d", {"class_names": ["cat"], "documents": [{"id": "doc-cat", "text": "x"}]})
+    img = np.random.default_rng(0).integers(0, 255, (H, W, 3), dtype=np.uint8)
+    w.add(
+        {
+            "id": "g1",
+            "question": "q?",
+            "answer": "A cat.",
+            "objects": [cat()],
+            "sources": ["doc-cat"],
+            "agreement_answer": 2 / 3,
+            "provenance_photos": ["p/a", "p/b"],
+            "llm_topk": logp,
+            "trace_ids": ["t1", "t2"],
+        },
+        img,
+        "val",
+    )
+    w.close()
+    ds = open_dataset(tmp_path / "d")
+    (row,) = ds.rows("val")
+    assert ds.rows("train") == [] and ds.splits == {"train": 0, "val": 1, "test": 0}
+    assert row["objects"] == [cat()] and row["llm_topk"] == logp
+    assert row["agreement_answer"] == pytest.approx(2 / 3, abs=1e-6)
+    assert row["provenance_photos"] == ["p/a", "p/b"] and row["trace_ids"] == ["t1", "t2"]
+    assert np.array_equal(ds.image(row), img)
+    assert ds.documents == [{"id": "doc-cat", "text": "x"}]
+
+
+def test_missing_or_corrupt_dataset_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="no such folder"):
+        open_dataset(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"manifest\.json is missing"):
+        open_dataset(tmp_path / "empty")
+    ds = make_synthetic_dataset(tmp_path / "ds", n=4, seed=0)
+    row = ds.rows("train")[0]
+    blob = tmp_path / "ds" / "blobs" / row["image"][:2] / row["image"]
+    blob.write_bytes(blob.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(DatasetError, match=row["image"]):
+        ds.image(row)
+    (tmp_path / "ds" / "val.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DatasetError, match=r"val\.parquet"):
+        open_dataset(tmp_path / "ds").rows("val")
+    (tmp_path / "ds" / "manifest.json").write_text("{broken")
+    with pytest.raises(DatasetError, match=r"manifest\.json"):
+        open_dataset(tmp_path / "ds")
+
+
+# --------------------------------------------------------------------------------------------------------
+# checks: each catches its planted inconsistency, and a clean group passes them all
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_a_consistent_group_passes_every_check() -> None:
+    assert checks_of(group("g", ["There is a cat.", "A cat is here.", "There is a cat."])) == {}
+
+
+def test_answer_names_a_class_the_detector_did_not_find() -> None:
+    found = checks_of(group("g", ["There is a dog on the sofa."] * 3))
+    assert "answer_class_not_detected" in found and "dog" in found["answer_class_not_detected"]
+    assert "couch" in found["answer_class_not_detected"]  # sofa -> couch synonym
+
+
+def test_answer_denies_a_detected_class() -> None:
+    found = checks_of(group("g", ["There is no cat here."] * 3))
+    assert "answer_denies_detected" in found and "cat" in found["answer_denies_detected"]
+    assert "answer_class_not_detected" not in found  # a denied class is not a claimed one
+    assert mentioned_classes("two cats and no dogs", ["cat", "dog"]) == ({"cat"}, {"dog"})
+
+
+@pytest.mark.parametrize("box,mask_box", [((5, 5, 55, 35), (5, 5, 7, 7)), ((10, 10, 30, 30), None)])
+def test_mask_covering_too_little_or_too_much_of_its_box(
+    box: tuple[int, ...], mask_box: tuple[int, ...] | None
+) -> None:
+    mask = np.zeros((H, W), dtype=bool)
+    if mask_box is None:
+        mask[10:30, 10:30] = True  # fills its box: 100 %
+    else:
+        mask[mask_box[1] : mask_box[3], mask_box[0] : mask_box[2]] = True  # 4 px of 1500
+    found = checks_of(group("g", ["A cat."] * 3, objects=[obj("cat", box, 0.9, mask)]))
+    assert "mask_box_coverage" in found
+
+
+def test_source_retrieved_past_the_distance_threshold() -> None:
+    docs = [Document(id="doc-cat", text="cats", distance=1.9)]
+    found = checks_of(group("g", ["A cat."] * 3, documents=docs))
+    assert "source_distance" in found and "1.900" in found["source_distance"]
+    assert "source_distance" not in checks_of(
+        group("g", ["A cat."] * 3, documents=docs), CheckConfig(max_source_distance=2.0)
+    )
+
+
+def test_empty_and_truncated_answers() -> None:
+    assert "empty_answer" in checks_of(group("g", ["", "", "   "]))
+    assert "truncated_answer" in checks_of(group("g", ["There is a cat sitting on"] * 3))
+    by_reason = checks_of(group("g", ["A cat."] * 3, finish_reason="length"))
+    assert "finish_reason 'length'" in by_reason["truncated_answer"]
+    # a recorded "stop" trusts the model even without a full stop
+    assert "truncated_answer" not in checks_of(group("g", ["a cat"] * 3, finish_reason="stop"))
+
+
+def test_failed_traces_and_failed_nodes() -> None:
+    traces = [
+        make_trace("g", 0, "A cat.", [cat()], ["doc-cat"], status="error"),
+        make_trace("g", 1, "A cat.", [cat()], ["doc-cat"], status="error"),
+        make_trace("g", 2, "A cat.", [cat()], ["doc-cat"]),
+    ]
+    assert "failed_trace" in checks_of(traces)
+    traces = [make_trace("g", i, "A cat.", [cat()], ["doc-cat"], node_error="chroma down") for i in range(2)]
+    traces.append(make_trace("g", 2, "A cat.", [cat()], ["doc-cat"]))
+    found = checks_of(traces)
+    assert "failed_node" in found and "chroma down" in found["failed_node"]
+    assert "failed_trace" not in found
+
+
+# --------------------------------------------------------------------------------------------------------
+# user rules, dedup, splits
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_rules_register_and_load_from_a_file(tmp_path: Path) -> None:
+    rule = register_rule("short_question", lambda t: len(t.inputs["question"]) < 10)
+    try:
+        assert load_rule("short_question") is rule
+        t = make_trace("g", 0, "A cat.", question="Why?")
+        assert rule.keeps(t) == (True, 1.0)
+    finally:
+        unregister_rule("short_question")
+    f = tmp_path / "myrules.py"
+    f.write_text("def answer_len(trace):\n    return len(trace.output.get('answer', '')) / 10\n")
+    loaded = load_rule(f"{f}:answer_len", threshold=0.5)
+    assert loaded.keeps(make_trace("g", 0, "A cat sat.")) == (True, 1.0)
+    assert loaded.keeps(make_trace("g", 0, "Cat.")) == (False, pytest.approx(0.4))
+    with pytest.raises(RuleError, match="nope"):
+        load_rule("nope")
+    with pytest.raises(RuleError, match="no callable"):
+        load_rule(f"{f}:missing")
+
+
+def test_dhash_sees_near_duplicates_and_not_different_images() -> None:
+    rng = np.random.default_rng(0)
+    base = (np.add.outer(np.arange(64), np.arange(64)) * 2).astype(np.uint8)[..., None].repeat(3, -1)
+    base = np.ascontiguousarray(base + rng.integers(0, 60, base.shape).astype(np.uint8))
+    noisy = np.clip(base.astype(int) + rng.integers(-3, 4, base.shape), 0, 255).astype(np.uint8)
+    other = rng.integers(0, 255, base.shape, dtype=np.uint8)
+    assert hamming(dhash(base), dhash(noisy)) <= 4
+    assert hamming(dhash(base), dhash(other)) > 10
+    dropped = near_duplicates(
+        [
+            ("a", dhash(base), "Is there a cat?"),
+            ("b", dhash(noisy), "is there a CAT"),
+            ("c", dhash(noisy), "Why?"),
+        ]
+    )
+    assert dropped == {"b": "a"}
+
+
+def test_splits_tie_composites_and_never_share_a_photo() -> None:
+    items = [Item(f"aug-{p}-{i}", (p,)) for p in "ABCDEFGH" for i in range(3)]
+    items += [Item("comp-AB", ("A", "B")), Item("comp-BC", ("B", "C")), Item("held", ("Z",), heldout=True)]
+    items += [Item("uses-held", ("Z", "H"))]
+    splits = assign_splits(items, (0.6, 0.2, 0.2), seed=1)
+    verify_no_leak(items, splits)
+    assert splits["held"] == "test" and splits["uses-held"] == "test"
+    assert all(splits[f"aug-H-{i}"] == "test" for i in range(3))  # H is tied to the held-out Z
+    abc = {splits[it.id] for it in items if set(it.photos) & {"A", "B", "C"}}
+    assert len(abc) == 1  # A-B-C is one component
+    assert set(splits.values()) == {"train", "val", "test"}
+    assert splits == assign_splits(items, (0.6, 0.2, 0.2), seed=1)  # deterministic
+    with pytest.raises(SplitLeakError):
+        verify_no_leak(items, {**splits, "comp-AB": "val" if splits["comp-AB"] != "val" else "train"})
+
+
+# --------------------------------------------------------------------------------------------------------
+# end to end on a real TraceStore
+# --------------------------------------------------------------------------------------------------------
+
+
+def _image(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (H, W, 3), dtype=np.uint8)
+
+
+def _fill_store(root: Path) -> Any:
+    from graphdistill.datasets.store import TraceStore
+
+    store = TraceStore(root)
+    plan: list[list[Trace]] = []
+    blobs: dict[str, bytes] = {}
+    photos = ["p/A", "p/B", "p/C", "p/D", "p/E", "p/F"]
+    for g in range(12):  # clean groups, two per photo
+        p = photos[g % 6]
+        plan.append(group(f"ok{g:02d}", ["There is a cat."] * 3, image=_image(g), photos=[p], blobs=blobs))
+    plan.append(group("comp", ["A cat."] * 3, image=_image(50), photos=["p/A", "p/B"], blobs=blobs))
+    plan.append(
+        group(
+            "heldout",
+            ["A cat."] * 3,
+            image=_image(60),
+            photos=["skimage/coffee"],
+            recipe={"kind": "heldout", "heldout": True},
+            blobs=blobs,
+        )
+    )
+    plan.append(group("dog", ["There is a dog."] * 3, image=_image(70), blobs=blobs))  # class not detected
+    plan.append(group("split", ["A cat.", "A bus.", "A dog."], image=_image(80), blobs=blobs))  # 1/3 agree
+    # the same picture and question as ok00 (its question differs only in case and punctuation)
+    q = "what is in the picture"
+    plan.append(
+        group("zdup", ["There is a cat."] * 3, image=_image(0), photos=["p/A"], blobs=blobs, question=q)
+    )
+    plan.append(group("long", ["There is a cat."] * 3, image=_image(90), blobs=blobs, question="A long one?"))
+    failed = [make_trace("fail", i, "x", status="error", image=_image(95), blobs=blobs) for i in range(3)]
+    plan.append(failed)
+    for traces in plan:
+        for t in traces:
+            store.append(t, blobs)
+    return store, len(plan)
+
+
+def test_filter_store_end_to_end(tmp_path: Path) -> None:
+    store, n_groups = _fill_store(tmp_path / "store")
+    register_rule("no_long", lambda t: 0.0 if "long" in t.inputs["question"] else 1.0, threshold=0.5)
+    try:
+        config = FilterConfig(
+            min_agreement={"answer": 0.6}, rules=[load_rule("no_long")], fractions=(0.6, 0.2, 0.2)
+        )
+        result = filter_store(store, tmp_path / "ds", config, source_store=str(store.root))
+    finally:
+        unregister_rule("no_long")
+    s = result.summary()
+    assert s["kept"] + s["dropped"] == n_groups == s["groups"]
+    drop = {d.group_id: d.rule for d in result.decisions if not d.kept}
+    assert drop == {
+        "dog": "answer_class_not_detected",
+        "split": "min_agreement_answer",  # "A cat." wins with 1/3
+        "zdup": "near_duplicate",
+        "long": "no_long",
+        "fail": "failed_trace",
+    }
+    assert s["by_rule"] == {r: 1 for r in drop.values()}
+    ds = open_dataset(tmp_path / "ds")
+    assert sum(ds.splits.values()) == s["kept"] == len(ds.all_rows())
+    assert ds.splits == s["splits"] and all(ds.splits[k] > 0 for k in ("train", "val", "test"))
+    where: dict[str, str] = {}
+    for r in ds.all_rows():
+        for p in r["provenance_photos"]:
+            assert where.setdefault(p, r["split"]) == r["split"]  # no photo in two splits
+        seed = {"comp": 50, "heldout": 60}.get(r["id"]) or int(r["id"].removeprefix("ok"))
+        assert np.array_equal(ds.image(r), _image(seed))
+        assert r["answer"] in ("There is a cat.", "A cat.") and len(r["trace_ids"]) == 3
+        assert [o.label for o in r["objects"]] == ["cat"] and r["sources"] == ["doc-cat"]
+    assert where["skimage/coffee"] == "test"
+    assert where["p/A"] == where["p/B"]  # tied by the composite
+    assert ds.manifest["class_names"][15] == "cat" and len(ds.manifest["class_names"]) == 80
+    assert ds.manifest["documents"] == [{"id": "doc-cat", "text": "about doc-cat"}]
+    assert [f["name"] for f in ds.manifest["graph"]["outputs"]] == ["answer", "objects", "sources"]
+    assert ds.manifest["source_store"] == str(store.root)
+    report = tmp_path / "ds" / "report"
+    assert json.loads((report / "summary.json").read_text())["kept"] == s["kept"]
+    page = (report / "report.html").read_text()
+    assert "data:image/png;base64," in page and "answer_class_not_detected" in page
+    assert (report / "agreement.png").stat().st_size > 1000
+    assert len(list((report / "examples").glob("*.png"))) == 5  # one dropped example per rule
+
+
+def test_filter_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from graphdistill.cli import main
+
+    store, n_groups = _fill_store(tmp_path / "store")
+    store.close()
+    rc = main(["filter", str(tmp_path / "store"), "--out", str(tmp_path / "ds"), "--no-embedder", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kept"] + out["dropped"] == n_groups
+    assert out["by_rule"]["failed_trace"] == 1 and out["by_rule"]["near_duplicate"] == 1
+    assert (
+        sum(out["splits"].values()) == out["kept"] == math.fsum(open_dataset(tmp_path / "ds").splits.values())
+    )
+    # bad input: one clear line, exit 2
+    assert main(["filter", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    assert "not a trace store" in capsys.readouterr().err
+    assert (
+        main(["filter", str(tmp_path / "store"), "--out", str(tmp_path / "y"), "--rule", "unknown_rule"]) == 2
+    )
+    assert "unknown_rule" in capsys.readouterr().err
