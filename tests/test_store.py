@@ -220,6 +220,7 @@ def _writer(tmp_path: Path) -> Path:
     return script
 
 
+@pytest.mark.slow  # real subprocesses
 def test_acknowledged_appends_survive_kill_9(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, str(_writer(tmp_path)), str(tmp_path / "s"), "0", "100000"],
@@ -243,6 +244,7 @@ def test_acknowledged_appends_survive_kill_9(tmp_path: Path) -> None:
     assert store.get(t.id) == t
 
 
+@pytest.mark.slow  # real subprocesses
 @pytest.mark.parametrize(("crash", "blobs_left"), [("before-row", 2), ("mid-blobs", 1)])
 def test_crash_during_append_shows_no_trace(tmp_path: Path, crash: str, blobs_left: int) -> None:
     proc = subprocess.run(
@@ -271,6 +273,7 @@ def test_crash_during_append_shows_no_trace(tmp_path: Path, crash: str, blobs_le
     assert store.load(store.get(t.id).inputs["image"]).shape == (12, 16, 3)
 
 
+@pytest.mark.slow  # real subprocesses
 def test_several_processes_append_at_once(tmp_path: Path) -> None:
     script = _writer(tmp_path)
     TraceStore(tmp_path / "s").close()
