@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "weights",
     "doctor",
     "demo",
+    "kb",
     "run",
     "record",
     "traces",
