@@ -91,11 +91,14 @@ class ClipEmbedder:
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     arch, pretrained=str(ckpt_path) if ckpt_path else None, device=self.device
                 )
-            except RuntimeError as exc:
+            # open_clip reports a checkpoint of another shape by RuntimeError (load_state_dict) or by a bare
+            # assert in its resize helpers
+            except (RuntimeError, AssertionError, KeyError, ValueError) as exc:
                 if ckpt_path is None:
                     raise
+                detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
                 raise ValueError(
-                    f"CLIP checkpoint {ckpt_path} does not fit architecture {arch!r}: {str(exc).splitlines()[0]}"
+                    f"CLIP checkpoint {ckpt_path} does not fit architecture {arch!r}: {detail}"
                 ) from exc
         model.eval()
         self._model = model

@@ -146,19 +146,32 @@ class YoloDetector:
             np.ascontiguousarray(to_rgb_uint8(img, f"detector input #{i}")[:, :, ::-1])
             for i, img in enumerate(images)
         ]
+        # one model call per image size: ultralytics letterboxes a mixed-size batch to a common square, which
+        # changes the boxes; grouping keeps a result independent of whatever else was in the batch
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, img in enumerate(bgr):
+            groups.setdefault(img.shape, []).append(i)
+        out: list[Detections | None] = [None] * len(bgr)
+        for idx in groups.values():
+            for i, r in zip(idx, self._predict([bgr[i] for i in idx]), strict=True):
+                out[i] = results_to_detections(r, self.names)
+        return [d for d in out if d is not None]
+
+    def _predict(self, bgr: list[np.ndarray]) -> list[Any]:
         torch = require("torch")
         with _keep_torch_threads(), torch.inference_mode():
-            results = self._model.predict(
-                bgr,
-                conf=self.conf,
-                iou=self.iou,
-                imgsz=self.imgsz,
-                classes=self._class_ids,
-                device=self.device,
-                verbose=False,
-                save=False,
+            return list(
+                self._model.predict(
+                    bgr,
+                    conf=self.conf,
+                    iou=self.iou,
+                    imgsz=self.imgsz,
+                    classes=self._class_ids,
+                    device=self.device,
+                    verbose=False,
+                    save=False,
+                )
             )
-        return [results_to_detections(r, self.names) for r in results]
 
     def __repr__(self) -> str:
         return f"YoloDetector({self.model_id!r}, device={self.device!r}, conf={self.conf}, iou={self.iou})"
