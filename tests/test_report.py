@@ -256,3 +256,41 @@ def test_teacher_footprint_counts_registry_files_and_converted_caches(isolated_h
     yolo = next(m for m in fp["models"] if m["weights_sha256"] == spec.sha256)
     assert yolo["bytes"] == 1234 + 100
     assert fp["assumed_defaults"] is True
+
+
+def test_teacher_params_are_counted_from_the_graph_nodes_adapters() -> None:
+    import torch
+
+    from graphdistill.graphs.builder import GraphBuilder
+
+    class Adapter:  # a teacher adapter keeps its model a couple of hops down, shared layers counted once
+        model_id = "tiny"
+        weights_sha256 = "0" * 64
+        device = "cpu"
+
+        def __init__(self) -> None:
+            shared = torch.nn.Linear(3, 2)  # 8 parameters
+            self._inner = {"heads": [shared, torch.nn.Sequential(shared, torch.nn.Linear(2, 1))]}  # + 3
+
+    adapter = Adapter()
+    graph = (
+        GraphBuilder("tiny")
+        .input("question", "text")
+        .output("answer", "text")
+        .node(
+            "reason",
+            lambda s: {"answer": s["question"]},
+            reads=["question"],
+            writes=["answer"],
+            model=adapter,
+        )
+        .edge("__start__", "reason")
+        .edge("reason", "__end__")
+        .compile()
+    )
+    models = cost.graph_models(graph)
+    assert [m["node"] for m in models] == ["reason"] and models[0]["adapter"] is adapter
+    fp = cost.teacher_footprint(graph)
+    assert fp["params"] == 8 + 3
+    assert fp["bytes"] == 0  # no registry weight has this sha256
+    assert fp["assumed_defaults"] is False

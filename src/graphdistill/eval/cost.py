@@ -17,6 +17,7 @@ import statistics
 import struct
 import threading
 import time
+import types
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,21 @@ def student_footprint(run: str | os.PathLike[str]) -> dict[str, Any]:
     return {"path": str(model), "bytes": path_bytes(model), "params": safetensors_params(model)}
 
 
+_NOT_WALKED = (
+    types.ModuleType,
+    type,
+    types.FunctionType,
+    types.MethodType,
+    types.BuiltinFunctionType,
+    str,
+    bytes,
+    int,
+    float,
+    bool,
+    np.ndarray,
+)
+
+
 def _torch_modules(obj: Any, depth: int = 3, seen: set[int] | None = None) -> list[Any]:
     """Every torch ``nn.Module`` reachable from ``obj`` through a few attribute hops (adapters keep their
     models under different names: ``model``, ``_model.model``, ``predictor.model`` ...)."""
@@ -165,14 +181,21 @@ def _torch_modules(obj: Any, depth: int = 3, seen: set[int] | None = None) -> li
     if id(obj) in seen or depth < 0:
         return []
     seen.add(id(obj))
+    if isinstance(obj, _NOT_WALKED):  # library modules, classes, functions: never an adapter's model
+        return []
     if isinstance(obj, torch.nn.Module):
         return [obj]
     found: list[Any] = []
-    attrs = getattr(obj, "__dict__", None)
-    if not isinstance(attrs, dict):
+    if isinstance(obj, (list, tuple)):
+        values: Iterable[Any] = obj
+    elif isinstance(obj, dict):
+        values = obj.values()
+    elif isinstance(getattr(obj, "__dict__", None), dict):
+        values = obj.__dict__.values()
+    else:
         return found
-    for value in attrs.values():
-        if isinstance(value, (str, bytes, int, float, bool, np.ndarray)) or value is None:
+    for value in values:
+        if value is None or isinstance(value, _NOT_WALKED):
             continue
         found.extend(_torch_modules(value, depth - 1, seen))
     return found

@@ -154,7 +154,7 @@ def plot_latency(evs: Sequence[tuple[str, Mapping[str, Any]]]) -> str | None:
     if max(values) / max(min(values), 1e-9) > 20:
         ax.set_xscale("log")
     for i, v in enumerate(values):
-        ax.text(v, i, f" {v:.0f} ms" if v >= 10 else f" {v:.1f} ms", va="center")
+        ax.text(v, i, f" {v:.0f} ms" if v >= 10 else f" {v:.2g} ms", va="center")
     ax.set_xlabel("ms per query (warm, median; same machine, same inputs)")
     ax.set_title("Latency")
     return _png_uri(fig)
