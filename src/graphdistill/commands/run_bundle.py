@@ -1,0 +1,52 @@
+"""`graphdistill run-bundle BUNDLE --image PATH --question TEXT [--json] [--threads N]`.
+
+Runs an exported bundle with the runtime-only runner: this module imports nothing but
+:mod:`graphdistill.runner` (numpy, Pillow, the bundle's runtime), never the student's torch code.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("run-bundle", help="answer one question about one image with an exported bundle")
+    p.add_argument("bundle", help="the bundle folder written by `graphdistill export`")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--question", required=True, help="the question to answer")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the runtime (default: its own)")
+    p.add_argument("--json", action="store_true", help="print {answer, objects, sources} as JSON")
+    p.set_defaults(func=_run_bundle)
+
+
+def _run_bundle(args: argparse.Namespace) -> int:
+    import json
+    import time
+    from pathlib import Path
+
+    from graphdistill.commands._common import CommandError
+    from graphdistill.runner import BundleError, BundleRunner
+
+    if not Path(args.image).is_file():
+        raise CommandError(f"image {args.image} does not exist")
+    if args.threads is not None and args.threads < 1:
+        raise CommandError(f"--threads must be >= 1, got {args.threads}")
+    try:
+        runner = BundleRunner(args.bundle, threads=args.threads)
+        t0 = time.perf_counter()
+        out = runner.predict(args.image, args.question)
+        ms = (time.perf_counter() - t0) * 1000
+    except BundleError as exc:
+        raise CommandError(str(exc)) from exc
+    except OSError as exc:
+        raise CommandError(f"cannot read image {args.image}: {exc}") from exc
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"answer:  {out['answer']}")
+    for o in out["objects"]:
+        box = ", ".join(f"{v:.0f}" for v in o["box"])
+        print(f"object:  {o['label']} {o['score']:.2f} [{box}]")
+    print(f"sources: {', '.join(out['sources']) or '-'}")
+    print(f"({ms:.1f} ms, {runner.manifest['runtime']}/{runner.manifest['quantize']})")
+    return 0

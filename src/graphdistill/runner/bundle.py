@@ -1,0 +1,263 @@
+"""Run an exported bundle: the specification a phone app implements, readable top to bottom.
+
+A bundle is a folder: the model file(s), ``tokenizer.json`` and ``manifest.json``. One query is:
+
+1. check the bundle (format, manifest checksum, every file's sha256) — once, at load;
+2. image -> letterboxed, normalised ``float32 [1, 3, S, S]`` (:mod:`.preprocess`);
+3. question -> BPE ids, truncated/padded to ``max_question_len`` with ``<pad>``, mask 1 for tokens (:mod:`.bpe`);
+4. ``encode(image, question_ids, question_mask)`` -> memory + every head's output, once;
+5. the answer: ``token = <bos>``, ``kv_cache = zeros``; for ``position = 0, 1, ...``:
+   ``logits, kv_cache = decode_step(token, position, memory, kv_cache)``; ``token = argmax(logits)``;
+   stop at ``<eos>`` or when the fixed-size cache is full;
+6. objects: per query, softmax over the classes + "no object"; keep a query whose best class is a real
+   class with probability >= ``score_threshold``; box back to image pixels; mask pasted back and RLE-encoded;
+7. sources: the documents whose ``sigmoid(source_logit) >= source_threshold``, most likely first.
+
+Imports only numpy, Pillow, the stdlib and the model's runtime (``onnxruntime`` or ``executorch.runtime``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graphdistill.runner.bpe import ByteLevelBPE, TokenizerError
+from graphdistill.runner.preprocess import (
+    Letterbox,
+    boxes_to_image,
+    canvas_size,
+    load_rgb,
+    paste_mask,
+    preprocess,
+    rle_encode,
+)
+
+BUNDLE_FORMAT = "graphdistill-bundle/1"
+MANIFEST = "manifest.json"
+ENCODE_OUTPUTS = ["memory", "boxes", "class_logits", "mask_logits", "source_logits"]
+
+
+class BundleError(ValueError):
+    """The bundle is missing, corrupt, edited after export, or for a runtime that is not installed."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest_checksum(manifest: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of the manifest without its own ``manifest_sha256`` field."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
+    """Load and verify ``manifest.json`` and every file it lists; raise :class:`BundleError` naming the fault."""
+    root = Path(bundle_dir)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{root} is not a bundle: no {MANIFEST}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise BundleError(f"{path}: format is {got!r}, expected {BUNDLE_FORMAT!r}")
+    if manifest.get("manifest_sha256") != manifest_checksum(manifest):
+        raise BundleError(f"{path} was edited after export: its checksum (manifest_sha256) does not match")
+    for name, expected in manifest["files"].items():
+        f = root / name
+        if not f.is_file():
+            raise BundleError(f"bundle file {f} is missing")
+        if sha256_file(f) != expected:
+            raise BundleError(f"bundle file {f} is corrupt: its sha256 does not match the manifest")
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Runtimes: each loads the two programs and runs them on numpy arrays.
+# ----------------------------------------------------------------------------------------------------------
+
+
+class OnnxPrograms:
+    """``encode.onnx`` and ``decode_step.onnx`` in onnxruntime's CPU provider."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], threads: int | None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise BundleError("this bundle needs onnxruntime: pip install onnxruntime") from exc
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        self.sessions = {
+            name: ort.InferenceSession(str(root / prog["file"]), opts, providers=["CPUExecutionProvider"])
+            for name, prog in manifest["programs"].items()
+        }
+        self.input_names = {n: [i["name"] for i in p["inputs"]] for n, p in manifest["programs"].items()}
+
+    def run(self, program: str, *inputs: np.ndarray) -> list[np.ndarray]:
+        feeds = dict(zip(self.input_names[program], inputs, strict=True))
+        return [np.asarray(o) for o in self.sessions[program].run(None, feeds)]
+
+
+class ExecuTorchPrograms:
+    """``model.pte`` (methods ``encode`` and ``decode_step``, XNNPACK-delegated) in the ExecuTorch runtime.
+
+    ExecuTorch's *Python* bindings are built on libtorch and take torch tensors, so this class wraps numpy
+    arrays with ``torch.from_numpy`` from the module those bindings already loaded. A phone app calls the
+    C++/Java/Swift runtime instead, which has no torch at all.
+    """
+
+    def __init__(self, root: Path, manifest: dict[str, Any], threads: int | None) -> None:
+        try:
+            from executorch.runtime import Runtime
+        except ImportError as exc:
+            raise BundleError("this bundle needs the ExecuTorch runtime: pip install executorch") from exc
+        self._tensor = sys.modules["torch"].from_numpy  # loaded by executorch's bindings, see above
+        if threads:
+            from executorch.extension.pybindings import portable_lib
+
+            portable_lib._unsafe_reset_threadpool(int(threads))
+        files = {p["file"] for p in manifest["programs"].values()}
+        self.programs = {f: Runtime.get().load_program(str(root / f)) for f in files}
+        self.methods = {
+            name: self.programs[p["file"]].load_method(p.get("method", name))
+            for name, p in manifest["programs"].items()
+        }
+
+    def run(self, program: str, *inputs: np.ndarray) -> list[np.ndarray]:
+        outs = self.methods[program].execute([self._tensor(np.ascontiguousarray(x)) for x in inputs])
+        return [o.numpy() for o in outs]
+
+
+RUNTIMES = {"onnx": OnnxPrograms, "executorch": ExecuTorchPrograms}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The runner
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Raw:
+    """Everything the models produced for one query, before decoding (parity checks compare these)."""
+
+    answer_ids: list[int]
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)  # ENCODE_OUTPUTS, batch dim removed
+
+
+class BundleRunner:
+    """``BundleRunner(bundle_dir, threads=None).predict(image, question)`` -> {answer, objects, sources}."""
+
+    def __init__(self, bundle_dir: str | Path, threads: int | None = None) -> None:
+        self.root = Path(bundle_dir)
+        self.manifest = m = read_manifest(self.root)
+        if m["runtime"] not in RUNTIMES:
+            raise BundleError(f"{self.root / MANIFEST}: unknown runtime {m['runtime']!r}")
+        tok = m["tokenizer"]
+        try:
+            self.tokenizer = ByteLevelBPE.from_file(self.root / tok["file"])
+        except TokenizerError as exc:
+            raise BundleError(f"bundle tokenizer: {exc}") from exc
+        self.pad_id, self.bos_id, self.eos_id = tok["pad_id"], tok["bos_id"], tok["eos_id"]
+        self.max_question_len = int(tok["max_question_len"])
+        kv = m["kv_cache"]
+        self.kv_shape, self.max_steps = [int(s) for s in kv["shape"]], int(kv["max_answer_len"]) - 1
+        self.spec = m["preprocessing"]
+        self.decoding = m["output_decoding"]
+        self.class_names: list[str] = m["class_names"]
+        self.document_ids = [d["id"] for d in m["documents"]]
+        self.programs = RUNTIMES[m["runtime"]](self.root, m, threads)
+
+    def encode_question(self, question: str) -> tuple[np.ndarray, np.ndarray]:
+        ids = self.tokenizer.encode(question)[: self.max_question_len]
+        n = len(ids)
+        padded = np.full((1, self.max_question_len), self.pad_id, dtype=np.int64)
+        padded[0, :n] = ids
+        mask = np.zeros((1, self.max_question_len), dtype=np.int64)
+        mask[0, :n] = 1
+        return padded, mask
+
+    def run_models(self, image_input: np.ndarray, question: str) -> Raw:
+        """Steps 3–5: the encoder once, then the answer decoder one token at a time."""
+        ids, mask = self.encode_question(question)
+        outs = self.programs.run("encode", image_input, ids, mask)
+        memory = outs[0]
+        kv = np.zeros(self.kv_shape, dtype=np.float32)
+        token = np.array([[self.bos_id]], dtype=np.int64)
+        answer: list[int] = []
+        for pos in range(self.max_steps):
+            logits, kv = self.programs.run("decode_step", token, np.array([pos], dtype=np.int64), memory, kv)
+            nxt = int(np.argmax(logits[0]))
+            if nxt == self.eos_id:
+                break
+            answer.append(nxt)
+            token = np.array([[nxt]], dtype=np.int64)
+        return Raw(answer, {k: v[0] for k, v in zip(ENCODE_OUTPUTS, outs, strict=True)})
+
+    def predict(self, image: np.ndarray | str | Path, question: str) -> dict[str, Any]:
+        """Steps 2–7 for one image (a path or an H×W×3 uint8 RGB array) and one question."""
+        rgb = load_rgb(image)
+        x, box = preprocess(rgb, self.spec)
+        raw = self.run_models(x, question)
+        return {
+            "answer": self.tokenizer.decode(raw.answer_ids),
+            "objects": self.decode_objects(raw.outputs, box),
+            "sources": self.decode_sources(raw.outputs["source_logits"]),
+        }
+
+    def decode_objects(self, out: dict[str, np.ndarray], box: Letterbox) -> list[dict[str, Any]]:
+        return decode_objects(out, box, self.decoding, self.class_names, canvas_size(self.spec))
+
+    def decode_sources(self, source_logits: np.ndarray) -> list[str]:
+        return decode_sources(source_logits, self.decoding, self.document_ids)
+
+
+def decode_objects(
+    out: dict[str, np.ndarray], box: Letterbox, decoding: dict[str, Any], class_names: list[str], size: int
+) -> list[dict[str, Any]]:
+    """Step 6: heads' outputs for one image -> [{label, class_id, score, box, mask}], best first."""
+    logits = out["class_logits"].astype(np.float64)  # [Q, C + 1], the last class is "no object"
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    best = probs.argmax(axis=1)
+    no_object = int(decoding["no_object_class"])
+    keep = [q for q in range(len(best)) if best[q] != no_object]
+    keep = [q for q in keep if probs[q, best[q]] >= decoding["score_threshold"]]
+    keep.sort(key=lambda q: -probs[q, best[q]])
+    xyxy = boxes_to_image(out["boxes"][keep].astype(np.float64), box, size) if keep else []
+    objects = []
+    for q, b in zip(keep, xyxy, strict=True):
+        cid = int(best[q])
+        objects.append(
+            {
+                "label": class_names[cid] if cid < len(class_names) else str(cid),
+                "class_id": cid,
+                "score": float(probs[q, cid]),
+                "box": [float(v) for v in b],
+                "mask": rle_encode(paste_mask(out["mask_logits"][q], box, size)),
+            }
+        )
+    return objects
+
+
+def decode_sources(source_logits: np.ndarray, decoding: dict[str, Any], document_ids: list[str]) -> list[str]:
+    """Step 7: the documents whose sigmoid(logit) >= source_threshold, most likely first."""
+    p = 1.0 / (1.0 + np.exp(-source_logits.astype(np.float64)))
+    n = min(len(document_ids), len(p))
+    chosen = [k for k in range(n) if p[k] >= decoding["source_threshold"]]
+    return [document_ids[k] for k in sorted(chosen, key=lambda k: -p[k])]

@@ -1,0 +1,142 @@
+"""Image in, model input out; model boxes and masks back to the input image. numpy + Pillow only.
+
+The rule (``manifest["preprocessing"]``; the keys below are its fields):
+1. RGB ``uint8`` H×W×3 (grayscale is repeated to 3 channels, alpha is dropped);
+2. ``letterbox``: scale by ``s = size / max(H, W)`` to ``w' × h' = round(W·s) × round(H·s)`` (each
+   clamped to 1..size) with Pillow's ``interpolation`` filter, paste it on a ``size × size`` canvas filled
+   with ``pad_value``: at the top-left corner (``align: top-left``, the student's rule) or centred
+   (``align: center``: ``((size - w') // 2, (size - h') // 2)``);
+3. ``x = (pixel / 255 - mean) / std`` per channel, ``float32``, layout ``NCHW`` with N = 1.
+
+Model outputs live on that square canvas: boxes are ``cx, cy, w, h`` in 0..1 of the canvas, masks are
+``mask_size × mask_size`` logits over the whole canvas. :func:`boxes_to_image` and :func:`paste_mask`
+undo the letterbox.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST,
+            "bicubic": Image.Resampling.BICUBIC, "area": Image.Resampling.BOX}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Where the input image sits on the model's square canvas."""
+
+    scale: float  # canvas px per image px
+    pad_left: int
+    pad_top: int
+    height: int  # of the input image
+    width: int
+
+
+def load_rgb(image: np.ndarray | str | Path) -> np.ndarray:
+    """A path or an array -> H×W×3 uint8 RGB."""
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as im:
+            return np.asarray(im.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"image array must be uint8, got {arr.dtype}")
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise ValueError(f"image array must be H×W×3 RGB, got shape {arr.shape}")
+    return np.ascontiguousarray(arr[:, :, :3])
+
+
+def canvas_size(spec: dict[str, Any]) -> int:
+    size = spec["size"]
+    if isinstance(size, list):
+        if len(size) != 2 or size[0] != size[1]:
+            raise ValueError(f"preprocessing size must be square, got {size}")
+        size = size[0]
+    return int(size)
+
+
+def _resized(height: int, width: int, size: int) -> tuple[int, int, float]:
+    scale = size / max(height, width)
+    return max(1, min(size, round(width * scale))), max(1, min(size, round(height * scale))), scale
+
+
+def letterbox_geometry(height: int, width: int, size: int, align: str = "top-left") -> Letterbox:
+    new_w, new_h, scale = _resized(height, width, size)
+    if align == "top-left":
+        return Letterbox(scale, 0, 0, height, width)
+    if align == "center":
+        return Letterbox(scale, (size - new_w) // 2, (size - new_h) // 2, height, width)
+    raise ValueError(f"unknown letterbox align {align!r}")
+
+
+def preprocess(rgb: np.ndarray, spec: dict[str, Any]) -> tuple[np.ndarray, Letterbox]:
+    """H×W×3 uint8 -> (float32 [1, 3, size, size], where the image sits on the canvas)."""
+    if spec.get("resize") != "letterbox" or spec.get("layout") != "NCHW" or spec.get("dtype") != "float32":
+        raise ValueError(f"unsupported preprocessing {spec}")
+    size = canvas_size(spec)
+    h, w = rgb.shape[:2]
+    box = letterbox_geometry(h, w, size, spec.get("align", "top-left"))
+    new_w, new_h, _ = _resized(h, w, size)
+    resized = Image.fromarray(rgb).resize((new_w, new_h), RESAMPLE[spec.get("interpolation", "bilinear")])
+    canvas = np.empty((size, size, 3), dtype=np.uint8)
+    canvas[:] = np.asarray(spec.get("pad_value", [0, 0, 0]), dtype=np.uint8)
+    canvas[box.pad_top : box.pad_top + new_h, box.pad_left : box.pad_left + new_w] = np.asarray(resized)
+    mean = np.asarray(spec["mean"], dtype=np.float32)
+    std = np.asarray(spec["std"], dtype=np.float32)
+    x = (canvas.astype(np.float32) / np.float32(255.0) - mean) / std
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None]), box
+
+
+def boxes_to_image(boxes: np.ndarray, box: Letterbox, size: int) -> np.ndarray:
+    """[N, 4] canvas-normalised cx, cy, w, h -> [N, 4] x1, y1, x2, y2 in input-image pixels (clipped)."""
+    cx, cy, bw, bh = (boxes[:, i] * size for i in range(4))
+    x1 = (cx - bw / 2 - box.pad_left) / box.scale
+    y1 = (cy - bh / 2 - box.pad_top) / box.scale
+    x2 = (cx + bw / 2 - box.pad_left) / box.scale
+    y2 = (cy + bh / 2 - box.pad_top) / box.scale
+    out = np.stack([x1, y1, x2, y2], axis=1)
+    out[:, 0::2] = out[:, 0::2].clip(0, box.width)
+    out[:, 1::2] = out[:, 1::2].clip(0, box.height)
+    return out
+
+
+def _interp_matrix(n_out: int, n_in: int, scale: float, pad: int, size: int) -> np.ndarray:
+    """[n_out, n_in] bilinear weights: image pixel i (centre i + 0.5) -> canvas (i + 0.5)·scale + pad ->
+    mask cell coordinate u = canvas / size · n_in - 0.5; edges clamp (like align_corners=False)."""
+    u = ((np.arange(n_out) + 0.5) * scale + pad) / size * n_in - 0.5
+    u = u.clip(0, n_in - 1)
+    lo = np.floor(u).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = (u - lo).astype(np.float32)
+    m = np.zeros((n_out, n_in), dtype=np.float32)
+    m[np.arange(n_out), lo] += 1 - frac
+    m[np.arange(n_out), hi] += frac
+    return m
+
+
+def paste_mask(logits: np.ndarray, box: Letterbox, size: int) -> np.ndarray:
+    """mask_size × mask_size logits over the canvas -> H×W bool mask of the input image: each image pixel
+    takes the bilinear sample of the logits at its canvas position, and is on where that is > 0."""
+    ms_h, ms_w = logits.shape
+    ry = _interp_matrix(box.height, ms_h, box.scale, box.pad_top, size)
+    rx = _interp_matrix(box.width, ms_w, box.scale, box.pad_left, size)
+    return (ry @ logits.astype(np.float32) @ rx.T) > 0
+
+
+def rle_encode(mask: np.ndarray) -> dict[str, list[int]]:
+    """COCO uncompressed RLE (same as ``graphdistill.trace.RLE.encode``): column-major runs, first run
+    counts zeros (0 when the first pixel is on)."""
+    flat = np.asarray(mask, dtype=bool).ravel(order="F")
+    if flat.size == 0:
+        return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": [0]}
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
+    if flat[0]:
+        runs = [0, *runs]
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": [int(r) for r in runs]}

@@ -1,0 +1,303 @@
+"""A trained student RUN -> a phone bundle (ExecuTorch or ONNX, float or int8), gated on parity.
+
+``export_run(run, fmt, quantize, out)``:
+1. load the student from RUN (config.json + model.safetensors) and its tokenizer/meta;
+2. pick inputs from the run's dataset: calibration = the train split, held-out = val + test;
+3. compute the PyTorch reference for each (the same ``encode`` + ``decode_step`` loop the runner uses);
+4. export the two programs (``encode``: image + question -> memory + every head; ``decode_step``: one
+   answer token with a fixed-size KV cache), int8 calibrated on the calibration inputs;
+5. write the bundle into a temporary folder, load it with :class:`graphdistill.runner.BundleRunner` (the
+   runtime-only runner a phone app mirrors) and run every input through it;
+6. the gate — float: answer tokens identical to PyTorch's, boxes within :data:`BOX_TOL`, mask IoU >=
+   :data:`MASK_IOU_MIN`; int8: fidelity to the teacher's targets (answer token F1, box F1) no more than
+   :data:`INT8_MAX_DROP` below the float student's. Only a bundle that passes is moved to ``out``;
+   otherwise :class:`ExportError` is raised and nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graphdistill.runner.bundle import (
+    BUNDLE_FORMAT,
+    ENCODE_OUTPUTS,
+    MANIFEST,
+    BundleRunner,
+    Raw,
+    manifest_checksum,
+    sha256_file,
+)
+from graphdistill.student.export_parity import fidelity, parity_float
+from graphdistill.student.export_programs import (
+    DECODE_INPUTS,
+    DECODE_OUTPUTS,
+    ENCODE_INPUTS,
+    Sample,
+    collect_samples,
+    load_run,
+    programs_for,
+    torch_reference,
+)
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("executorch", "onnx")
+QUANTIZE = ("none", "int8")
+BOX_TOL = (
+    1e-3  # float parity: |box_exported - box_pytorch| in units of the canvas side (0.1 %, < 0.3 px at 256)
+)
+MASK_IOU_MIN = 0.99  # float parity: IoU of (mask_logits > 0) per query, exported vs PyTorch
+INT8_MAX_DROP = 0.05  # int8 gate: answer token F1 and box F1 vs the teacher may drop at most this much
+
+
+class ExportError(RuntimeError):
+    """The run cannot be exported, or the exported model failed the parity/fidelity gate."""
+
+
+def export_run(
+    run: str | Path,
+    fmt: str,
+    out: str | Path,
+    *,
+    quantize: str = "none",
+    dataset: str | Path | None = None,
+    n_calibration: int = 8,
+    n_heldout: int = 8,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Export, gate and write the bundle; returns the manifest. Raises :class:`ExportError` on failure."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; choose one of {list(FORMATS)}")
+    if quantize not in QUANTIZE:
+        raise ExportError(f"unknown quantization {quantize!r}; choose one of {list(QUANTIZE)}")
+    say = progress or (lambda msg: log.info("%s", msg))
+    run = Path(run)
+    out = Path(out)
+    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise ExportError(f"output {out} exists and is not a bundle; refusing to overwrite it")
+    t0 = time.perf_counter()
+    say(f"loading the student from {run}")
+    loaded = load_run(run, dataset)
+    say("preparing calibration and held-out inputs")
+    calib = collect_samples(loaded, "calibration", n_calibration)
+    heldout = collect_samples(loaded, "heldout", n_heldout)
+    if not calib or not heldout:
+        raise ExportError(
+            f"the dataset {loaded.dataset_path} has too few rows for calibration ({len(calib)}) "
+            f"and held-out ({len(heldout)}) inputs"
+        )
+    programs, kv_shape = programs_for(loaded)
+    say("running the PyTorch reference")
+    dec_calls: list[tuple[Any, ...]] = []
+    refs = [torch_reference(programs, s, loaded, record=dec_calls) for s in calib]
+    refs += [torch_reference(programs, s, loaded) for s in heldout]
+    samples = calib + heldout
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        say(f"exporting to {fmt} ({quantize})")
+        calibration = {"encode": [s.torch_inputs() for s in calib], "decode_step": dec_calls[:64]}
+        files, qmethods = _export(fmt, programs, tmp, quantize, calibration)
+        shutil.copyfile(loaded.tokenizer_path, tmp / "tokenizer.json")
+        manifest = _manifest(loaded, fmt, quantize, files, qmethods, kv_shape, tmp)
+        _write_manifest(tmp, manifest)
+        say("checking the exported bundle against PyTorch")
+        runner = BundleRunner(tmp)
+        got = [runner.run_models(s.image_input, s.question) for s in samples]
+        gate = _gate(loaded, samples, refs, got, quantize, n_calib=len(calib))
+        manifest["parity"] = gate
+        manifest["export_seconds"] = round(time.perf_counter() - t0, 1)
+        _write_manifest(tmp, manifest)
+        if not gate["passed"]:
+            raise ExportError(f"the exported {fmt}/{quantize} model failed the gate: {gate['failures']}")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    say(f"bundle written to {out}")
+    return manifest
+
+
+def _export(
+    fmt: str, programs: dict[str, tuple[Any, tuple[Any, ...]]], tmp: Path, quantize: str, calibration: Any
+) -> tuple[dict[str, str], dict[str, str]]:
+    if fmt == "executorch":
+        from graphdistill.student.export_executorch import export_executorch
+
+        files = export_executorch(programs, tmp, quantize=quantize, calibration=calibration)
+        return files, ({k: "pt2e-xnnpack-static" for k in files} if quantize == "int8" else {})
+    from graphdistill.student.export_onnx import export_onnx
+
+    names = {"encode": (ENCODE_INPUTS, ENCODE_OUTPUTS), "decode_step": (DECODE_INPUTS, DECODE_OUTPUTS)}
+    res = export_onnx(programs, names, tmp, quantize=quantize, calibration=calibration)
+    return res["files"], res["quantization"]
+
+
+def _gate(
+    loaded: Any, samples: list[Sample], refs: list[Raw], got: list[Raw], quantize: str, n_calib: int
+) -> dict[str, Any]:
+    float_parity = parity_float(refs, got, box_tol=BOX_TOL, mask_iou_min=MASK_IOU_MIN)
+    gate: dict[str, Any] = {
+        "inputs": {"calibration": n_calib, "heldout": len(samples) - n_calib},
+        "vs_pytorch": float_parity,
+        "tolerances": {
+            "box_abs": BOX_TOL,
+            "box_units": "fraction of the canvas side",
+            "mask_iou_min": MASK_IOU_MIN,
+        },
+    }
+    failures: list[str] = []
+    if quantize == "none":
+        failures = list(float_parity["failures"])
+    else:
+        heldout = slice(n_calib, None)
+        f_float = fidelity(loaded, samples[heldout], refs[heldout])
+        f_int8 = fidelity(loaded, samples[heldout], got[heldout])
+        drops = {k: round(f_float[k] - f_int8[k], 4) for k in ("answer_token_f1", "box_f1")}
+        gate["fidelity_vs_teacher"] = {
+            "float": f_float,
+            "int8": f_int8,
+            "drop": drops,
+            "max_drop": INT8_MAX_DROP,
+        }
+        failures = [f"{k} drops by {d:.3f} > {INT8_MAX_DROP}" for k, d in drops.items() if d > INT8_MAX_DROP]
+    gate["failures"] = failures
+    gate["passed"] = not failures
+    return gate
+
+
+def _manifest(
+    loaded: Any,
+    fmt: str,
+    quantize: str,
+    files: dict[str, str],
+    qmethods: dict[str, str],
+    kv_shape: list[int],
+    root: Path,
+) -> dict[str, Any]:
+    cfg = loaded.config
+    lq, s = cfg.max_question_len, cfg.image_size
+    m_len = loaded.memory_len
+    spec = [("float32", [1, m_len, cfg.d_model])]
+    encode_outputs = [
+        {"name": "memory", "shape": spec[0][1], "dtype": "float32"},
+        {"name": "boxes", "shape": [1, cfg.num_queries, 4], "dtype": "float32"},
+        {"name": "class_logits", "shape": [1, cfg.num_queries, cfg.num_classes + 1], "dtype": "float32"},
+        {
+            "name": "mask_logits",
+            "shape": [1, cfg.num_queries, cfg.mask_size, cfg.mask_size],
+            "dtype": "float32",
+        },
+        {"name": "source_logits", "shape": [1, cfg.num_sources], "dtype": "float32"},
+    ]
+    programs = {
+        "encode": {
+            "file": files["encode"],
+            "method": "encode",
+            "inputs": [
+                {"name": "image", "shape": [1, 3, s, s], "dtype": "float32"},
+                {"name": "question_ids", "shape": [1, lq], "dtype": "int64"},
+                {
+                    "name": "question_mask",
+                    "shape": [1, lq],
+                    "dtype": "int64",
+                    "meaning": "1 = token, 0 = pad",
+                },
+            ],
+            "outputs": encode_outputs,
+        },
+        "decode_step": {
+            "file": files["decode_step"],
+            "method": "decode_step",
+            "inputs": [
+                {"name": "token", "shape": [1, 1], "dtype": "int64"},
+                {"name": "position", "shape": [1], "dtype": "int64", "meaning": "0 = the <bos> slot"},
+                {"name": "memory", "shape": spec[0][1], "dtype": "float32", "meaning": "encode's memory"},
+                {"name": "kv_cache", "shape": kv_shape, "dtype": "float32"},
+            ],
+            "outputs": [
+                {"name": "logits", "shape": [1, cfg.vocab_size], "dtype": "float32"},
+                {"name": "kv_cache", "shape": kv_shape, "dtype": "float32", "meaning": "feed back next step"},
+            ],
+        },
+    }
+    meta = loaded.meta
+    eval_path = loaded.run / "eval.json"
+    bundle_files = sorted({*files.values(), "tokenizer.json"})
+    return {
+        "format": BUNDLE_FORMAT,
+        "runtime": fmt,
+        "quantize": quantize,
+        "quantization_method": qmethods,
+        "backend": "XNNPACK" if fmt == "executorch" else "onnxruntime CPUExecutionProvider",
+        "programs": programs,
+        "kv_cache": {
+            "fixed_size": True,
+            "shape": kv_shape,
+            "layout": "[decoder layers, 2 (key, value), batch, heads, max_answer_len, head_dim]",
+            "initial": "zeros",
+            "max_answer_len": cfg.max_answer_len,
+            "update": "decode_step writes this position's key/value and returns the whole cache",
+        },
+        "preprocessing": loaded.preprocessing,
+        "output_decoding": {
+            "boxes": "cx, cy, w, h in 0..1 of the letterboxed canvas -> xyxy image pixels (undo the letterbox)",
+            "class_scores": "softmax over num_classes + 1 logits per query",
+            "no_object_class": cfg.num_classes,
+            "score_threshold": loaded.thresholds["score_threshold"],
+            "mask_size": cfg.mask_size,
+            "mask_paste": "mask_logits cover the whole canvas; each image pixel samples them bilinearly "
+            "at its canvas position ((i + 0.5) * scale + pad) / size * mask_size - 0.5 and is on where > 0",
+            "mask_encoding": "COCO uncompressed RLE, column-major, first run counts zeros",
+            "source_threshold": loaded.thresholds["source_threshold"],
+            "sources": "documents with sigmoid(source_logit) >= source_threshold, most likely first",
+            "answer": "greedy: argmax of logits each step, stop at eos_id or max_answer_len - 1 tokens",
+        },
+        "tokenizer": {
+            "file": "tokenizer.json",
+            "type": "byte-level BPE (Hugging Face tokenizers JSON: model.vocab + model.merges)",
+            "pad_id": loaded.special_ids["pad"],
+            "bos_id": loaded.special_ids["bos"],
+            "eos_id": loaded.special_ids["eos"],
+            "unk_id": loaded.special_ids["unk"],
+            "max_question_len": lq,
+            "question": "ids truncated to max_question_len, padded with pad_id; mask 1 where a token is",
+        },
+        "class_names": loaded.class_names,
+        "documents": loaded.documents,
+        "teacher_graph": meta.get("graph_id") or meta.get("graph"),
+        "student_config": cfg.to_dict(),
+        "source_run": str(loaded.run),
+        "fidelity": json.loads(eval_path.read_text()) if eval_path.is_file() else None,
+        "files": {f: sha256_file(root / f) for f in bundle_files},
+        "file_bytes": {f: (root / f).stat().st_size for f in bundle_files},
+        "parity": None,
+    }
+
+
+def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    """Write plain JSON with its own checksum (so a reader can tell an edited manifest)."""
+    plain = json.loads(json.dumps(manifest, default=_json_default))
+    plain["manifest_sha256"] = manifest_checksum(plain)
+    manifest["manifest_sha256"] = plain["manifest_sha256"]
+    (root / MANIFEST).write_text(json.dumps(plain, indent=2) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"cannot serialise {type(o).__name__}")

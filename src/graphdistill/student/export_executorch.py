@@ -1,0 +1,42 @@
+"""The student -> one ExecuTorch program (``model.pte``) with two methods, ``encode`` and ``decode_step``,
+lowered to XNNPACK: ``torch.export`` -> ``to_edge_transform_and_lower`` -> ``to_executorch``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from graphdistill._lazy import require
+from graphdistill.student.quantize import quantize_pt2e
+
+log = logging.getLogger(__name__)
+
+PTE = "model.pte"
+
+
+def export_executorch(
+    programs: dict[str, tuple[Any, tuple[Any, ...]]],
+    out_dir: Path,
+    *,
+    quantize: str = "none",
+    calibration: dict[str, Sequence[tuple[Any, ...]]] | None = None,
+) -> dict[str, str]:
+    """``programs``: method name -> (eval module, example inputs). Writes ``out_dir/model.pte``; returns
+    method name -> file name."""
+    torch = require("torch")
+    exir = require("executorch.exir", purpose="ExecuTorch export")
+    xnn = require("executorch.backends.xnnpack.partition.xnnpack_partitioner", purpose="ExecuTorch export")
+    exported = {}
+    with torch.no_grad():
+        for name, (module, example) in programs.items():
+            if quantize == "int8":
+                log.info("PT2E int8: calibrating %s on %d inputs", name, len((calibration or {})[name]))
+                module = quantize_pt2e(module, example, (calibration or {})[name])
+            exported[name] = torch.export.export(module, example)
+    log.info("lowering %s to XNNPACK", sorted(exported))
+    edge = exir.to_edge_transform_and_lower(exported, partitioner=[xnn.XnnpackPartitioner()])
+    program = edge.to_executorch()
+    (out_dir / PTE).write_bytes(program.buffer)
+    return {name: PTE for name in programs}

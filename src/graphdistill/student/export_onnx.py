@@ -1,0 +1,61 @@
+"""The student -> two ONNX graphs, ``encode.onnx`` and ``decode_step.onnx`` (static shapes, batch 1)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graphdistill._lazy import require
+from graphdistill.student.quantize import quantize_onnx
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+
+
+def export_onnx(
+    programs: dict[str, tuple[Any, tuple[Any, ...]]],
+    names: dict[str, tuple[list[str], list[str]]],
+    out_dir: Path,
+    *,
+    quantize: str = "none",
+    calibration: dict[str, Sequence[tuple[Any, ...]]] | None = None,
+) -> dict[str, Any]:
+    """``programs``: name -> (eval module, example inputs); ``names``: name -> (input names, output names).
+    Writes ``out_dir/<name>.onnx``; returns {"files": name -> file, "quantization": name -> method}."""
+    torch = require("torch")
+    require("onnx", purpose="ONNX export")
+    files: dict[str, str] = {}
+    methods: dict[str, str] = {}
+    for name, (module, example) in programs.items():
+        inputs, outputs = names[name]
+        path = out_dir / f"{name}.onnx"
+        target = path.with_suffix(".float.onnx") if quantize == "int8" else path
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)  # its fused encoder-layer op has no ONNX symbolic
+        try:
+            with torch.no_grad():
+                torch.onnx.export(
+                    module,
+                    example,
+                    str(target),
+                    input_names=inputs,
+                    output_names=outputs,
+                    opset_version=OPSET,
+                    dynamo=False,  # the TorchScript exporter: static shapes, fast, no onnxscript rewrites
+                )
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+        if quantize == "int8":
+            feeds = [
+                {n: np.ascontiguousarray(t.numpy()) for n, t in zip(inputs, args, strict=True)}
+                for args in (calibration or {})[name]
+            ]
+            methods[name] = quantize_onnx(target, path, feeds)
+            target.unlink()
+        files[name] = path.name
+    return {"files": files, "quantization": methods}

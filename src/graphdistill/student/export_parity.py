@@ -1,0 +1,113 @@
+"""The export gate's measurements: exported vs PyTorch (float), and fidelity to the teacher (int8)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from graphdistill.runner.bundle import Raw, decode_objects
+from graphdistill.runner.preprocess import canvas_size
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def parity_float(refs: list[Raw], got: list[Raw], *, box_tol: float, mask_iou_min: float) -> dict[str, Any]:
+    """Per input: answer tokens identical, max |box difference|, min per-query IoU of (mask_logits > 0)."""
+    answers_equal = [r.answer_ids == g.answer_ids for r, g in zip(refs, got, strict=True)]
+    box_diff = [
+        float(np.abs(r.outputs["boxes"] - g.outputs["boxes"]).max()) for r, g in zip(refs, got, strict=True)
+    ]
+    ious = [
+        min(
+            mask_iou(rm > 0, gm > 0)
+            for rm, gm in zip(r.outputs["mask_logits"], g.outputs["mask_logits"], strict=True)
+        )
+        for r, g in zip(refs, got, strict=True)
+    ]
+    logit_diff = [
+        float(np.abs(r.outputs["class_logits"] - g.outputs["class_logits"]).max())
+        for r, g in zip(refs, got, strict=True)
+    ]
+    failures = []
+    if not all(answers_equal):
+        failures.append(
+            f"answer tokens differ from PyTorch's on {answers_equal.count(False)}/{len(refs)} inputs"
+        )
+    if max(box_diff) > box_tol:
+        failures.append(f"boxes differ by up to {max(box_diff):.2e} > {box_tol}")
+    if min(ious) < mask_iou_min:
+        failures.append(f"mask IoU down to {min(ious):.4f} < {mask_iou_min}")
+    return {
+        "answer_tokens_equal": sum(answers_equal) / len(refs),
+        "box_max_abs_diff": max(box_diff),
+        "mask_iou_min": min(ious),
+        "class_logit_max_abs_diff": max(logit_diff),
+        "failures": failures,
+    }
+
+
+def _words(s: str) -> list[str]:
+    return "".join(c.lower() if c.isalnum() else " " for c in s).split()
+
+
+def token_f1(pred: str, ref: str) -> float:
+    """SQuAD-style word F1 (lower-cased, punctuation dropped); the same measure training reports."""
+    p, r = _words(pred), _words(ref)
+    if not p and not r:
+        return 1.0
+    common = sum(min(p.count(w), r.count(w)) for w in set(p))
+    if common == 0:
+        return 0.0
+    prec, rec = common / len(p), common / len(r)
+    return 2 * prec * rec / (prec + rec)
+
+
+def box_iou(a: list[float], b: list[float]) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def box_f1(pred: list[dict[str, Any]], target: list[dict[str, Any]], iou_min: float = 0.5) -> float:
+    """Greedy one-to-one matching (best score first) on same class and IoU >= iou_min; 2·TP / (P + T)."""
+    if not pred and not target:
+        return 1.0
+    free = list(range(len(target)))
+    tp = 0
+    for p in pred:
+        best, best_iou = None, iou_min
+        for j in free:
+            t = target[j]
+            same = t.get("class_id") == p["class_id"] or (
+                t.get("class_id") is None and t["label"] == p["label"]
+            )
+            iou = box_iou(p["box"], t["box"])
+            if same and iou >= best_iou:
+                best, best_iou = j, iou
+        if best is not None:
+            free.remove(best)
+            tp += 1
+    return 2 * tp / (len(pred) + len(target))
+
+
+def fidelity(loaded: Any, samples: list[Any], raws: list[Raw]) -> dict[str, float]:
+    """Mean answer token F1 and box F1 of decoded predictions against the dataset's (teacher) targets."""
+    size = canvas_size(loaded.preprocessing)
+    decoding = {"no_object_class": loaded.config.num_classes, **loaded.thresholds}
+    f1s, bf1s = [], []
+    for s, raw in zip(samples, raws, strict=True):
+        answer = loaded.tokenizer.decode(raw.answer_ids)
+        f1s.append(token_f1(answer, str(s.row.get("answer") or "")))
+        objs = decode_objects(raw.outputs, s.letterbox, decoding, loaded.class_names, size)
+        target = s.row.get("objects") or []
+        if isinstance(target, str):
+            target = json.loads(target)
+        bf1s.append(box_f1(objs, target))
+    return {"answer_token_f1": float(np.mean(f1s)), "box_f1": float(np.mean(bf1s)), "n": len(samples)}

@@ -1,0 +1,204 @@
+"""What gets exported: the student RUN loaded, its two programs, the inputs they are checked on, and the
+PyTorch reference each exported program must reproduce."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graphdistill._lazy import require
+from graphdistill.runner.bpe import ByteLevelBPE
+from graphdistill.runner.bundle import ENCODE_OUTPUTS, Raw
+from graphdistill.runner.preprocess import Letterbox, load_rgb, preprocess
+
+log = logging.getLogger(__name__)
+
+ENCODE_INPUTS = ["image", "question_ids", "question_mask"]
+DECODE_INPUTS = ["token", "position", "memory", "kv_cache"]
+DECODE_OUTPUTS = ["logits", "kv_cache_out"]  # ONNX output names must differ from input names
+
+
+@dataclass
+class LoadedRun:
+    run: Path
+    model: Any  # the Student, eval mode
+    config: Any  # StudentConfig
+    meta: dict[str, Any]
+    tokenizer_path: Path
+    tokenizer: ByteLevelBPE
+    dataset_path: Path | None
+    preprocessing: dict[str, Any]
+    class_names: list[str]
+    documents: list[dict[str, Any]]
+    special_ids: dict[str, int]
+    thresholds: dict[str, float]
+    memory_len: int = 0
+
+
+@dataclass
+class Sample:
+    """One (image, question) the exported model is checked on, preprocessed exactly as the runner does."""
+
+    image_input: np.ndarray  # [1, 3, S, S] float32
+    question: str
+    question_ids: np.ndarray  # [1, Lq] int64
+    question_mask: np.ndarray  # [1, Lq] int64
+    letterbox: Letterbox
+    row: dict[str, Any] = field(default_factory=dict)  # the dataset row: the teacher's targets
+
+    def torch_inputs(self) -> tuple[Any, ...]:
+        torch = require("torch")
+        return tuple(torch.from_numpy(a) for a in (self.image_input, self.question_ids, self.question_mask))
+
+
+def load_run(run: Path, dataset: str | Path | None = None) -> LoadedRun:
+    """RUN/{config.json, model.safetensors, tokenizer.json, meta.json} -> the eval-mode student + metadata."""
+    from graphdistill.student.export import ExportError
+    from graphdistill.student.model import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Student, StudentConfig
+
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        if not (run / name).is_file():
+            raise ExportError(f"{run} is not a student run: {name} is missing")
+    st = require("safetensors.torch", purpose="loading the student")
+    try:
+        config = StudentConfig.from_dict(json.loads((run / "config.json").read_text()))
+        model = Student(config)
+        st.load_model(model, str(run / "model.safetensors"))
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise ExportError(f"cannot load the student from {run}: {exc}") from exc
+    model.eval()
+    meta_path = run / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    ds = dataset or meta.get("dataset")
+    if meta.get("preprocessing"):
+        spec = dict(meta["preprocessing"])
+    else:
+        from graphdistill.student.loader import preprocess_spec
+
+        spec = preprocess_spec(config.image_size)
+    loaded = LoadedRun(
+        run=run,
+        model=model,
+        config=config,
+        meta=meta,
+        tokenizer_path=run / "tokenizer.json",
+        tokenizer=ByteLevelBPE.from_file(run / "tokenizer.json"),
+        dataset_path=Path(ds) if ds else None,
+        preprocessing=spec,
+        class_names=list(meta.get("class_names") or []),
+        documents=[{"id": d["id"], "text": d.get("text", "")} for d in meta.get("documents") or []],
+        special_ids={"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID, "unk": UNK_ID},
+        thresholds={
+            "score_threshold": float(meta.get("score_threshold", 0.5)),
+            "source_threshold": float(meta.get("source_threshold", 0.5)),  # = logit > 0, as training uses
+        },
+    )
+    loaded.memory_len = model.n_ctx + model.grid_f**2
+    return loaded
+
+
+def make_sample(
+    loaded: LoadedRun, image: np.ndarray, question: str, row: dict[str, Any] | None = None
+) -> Sample:
+    x, box = preprocess(load_rgb(image), loaded.preprocessing)
+    lq = loaded.config.max_question_len
+    ids = loaded.tokenizer.encode(question)[:lq]
+    q = np.full((1, lq), loaded.special_ids["pad"], dtype=np.int64)
+    q[0, : len(ids)] = ids
+    mask = np.zeros((1, lq), dtype=np.int64)
+    mask[0, : len(ids)] = 1
+    return Sample(x, question, q, mask, box, row or {})
+
+
+def collect_samples(loaded: LoadedRun, kind: str, n: int) -> list[Sample]:
+    """``calibration``: the train split; ``heldout``: val then test. The first ``n`` rows, in order."""
+    from graphdistill.student.export import ExportError
+
+    if loaded.dataset_path is None:
+        raise ExportError(f"{loaded.run}/meta.json names no dataset; pass one (--dataset)")
+    from graphdistill.datasets.dataset import DatasetError, open_dataset
+
+    try:
+        ds = open_dataset(loaded.dataset_path)
+    except (DatasetError, OSError) as exc:
+        raise ExportError(f"cannot open the run's dataset {loaded.dataset_path}: {exc}") from exc
+    splits = ["train"] if kind == "calibration" else ["val", "test"]
+    rows = [r for s in splits for r in ds.rows(s)][:n]
+    return [make_sample(loaded, ds.image(r), r["question"], r) for r in rows]
+
+
+def programs_for(loaded: LoadedRun) -> tuple[dict[str, tuple[Any, tuple[Any, ...]]], list[int]]:
+    """The two programs as eval modules with example inputs, and the fixed KV-cache shape."""
+    torch = require("torch")
+    model, cfg = loaded.model, loaded.config
+
+    class Encode(torch.nn.Module):
+        """image, question_ids, question_mask (int64, 1 = token) -> memory + every head's output."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.student = model
+
+        def forward(self, image: Any, question_ids: Any, question_mask: Any) -> tuple[Any, ...]:
+            memory = self.student.encode(image, question_ids, question_mask != 0)
+            heads = self.student.heads(memory)
+            return (memory, *(heads[k] for k in ENCODE_OUTPUTS[1:]))
+
+    class DecodeStep(torch.nn.Module):
+        """token, position, memory, kv_cache -> logits, kv_cache (the student's own decode_step)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.student = model
+
+        def forward(self, token: Any, position: Any, memory: Any, kv_cache: Any) -> tuple[Any, Any]:
+            logits, cache = self.student.decode_step(token, position, memory, kv_cache)
+            return logits, cache
+
+    s, lq = cfg.image_size, cfg.max_question_len
+    kv = model.empty_cache(1)
+    enc_example = (
+        torch.zeros(1, 3, s, s),
+        torch.ones(1, lq, dtype=torch.long),
+        torch.ones(1, lq, dtype=torch.long),
+    )
+    memory = torch.zeros(1, loaded.memory_len, cfg.d_model)
+    dec_example = (torch.ones(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), memory, kv)
+    programs = {"encode": (Encode().eval(), enc_example), "decode_step": (DecodeStep().eval(), dec_example)}
+    return programs, list(kv.shape)
+
+
+def torch_reference(
+    programs: dict[str, tuple[Any, tuple[Any, ...]]],
+    sample: Sample,
+    loaded: LoadedRun,
+    record: list[tuple[Any, ...]] | None = None,
+) -> Raw:
+    """The PyTorch eager run of exactly the loop :meth:`BundleRunner.run_models` performs. ``record``
+    collects every decode_step's inputs (calibration data for int8)."""
+    torch = require("torch")
+    enc, _ = programs["encode"]
+    dec, _ = programs["decode_step"]
+    ids = loaded.special_ids
+    with torch.no_grad():
+        outs = enc(*sample.torch_inputs())
+        memory = outs[0]
+        kv = loaded.model.empty_cache(1)
+        token = torch.tensor([[ids["bos"]]], dtype=torch.long)
+        answer: list[int] = []
+        for pos in range(loaded.config.max_answer_len - 1):
+            args = (token, torch.tensor([pos], dtype=torch.long), memory, kv)
+            if record is not None:
+                record.append(args)
+            logits, kv = dec(*args)
+            nxt = int(logits[0].argmax())
+            if nxt == ids["eos"]:
+                break
+            answer.append(nxt)
+            token = torch.tensor([[nxt]], dtype=torch.long)
+    return Raw(answer, {k: v[0].numpy() for k, v in zip(ENCODE_OUTPUTS, outs, strict=True)})
