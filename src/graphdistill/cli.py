@@ -24,6 +24,8 @@ COMMAND_MODULES = [
     "predict",
     "eval",
     "report",
+    "export",
+    "run_bundle",
 ]
 
 
