@@ -101,7 +101,10 @@ class _Boxes:
 
 @pytest.mark.slow
 def test_detector_finds_cat_bus_and_people() -> None:
+    from graphdistill.teachers.base import Detector
+
     det = detector()
+    assert isinstance(det, Detector)
     assert det.weights_sha256 == REGISTRY["yolo11n"].sha256
     assert len(det.names) == 80 and det.names[0] == "person" and det.names[5] == "bus"
     chelsea = builtin_image("skimage/chelsea")
@@ -209,7 +212,10 @@ def _inside_and_cover(mask: np.ndarray, box: list[float], margin: int = 2) -> tu
 
 @pytest.mark.slow
 def test_segmenter_cat_mask_lies_inside_its_box() -> None:
+    from graphdistill.teachers.base import Segmenter
+
     seg = segmenter()
+    assert isinstance(seg, Segmenter)
     assert seg.weights_sha256 == REGISTRY["mobile_sam"].sha256
     chelsea = builtin_image("skimage/chelsea")
     dets = detector().detect(chelsea)
@@ -283,9 +289,11 @@ def _probe_images() -> list[np.ndarray]:
 
 @pytest.mark.slow
 def test_clip_random_default_arch_is_marked_and_normalised() -> None:
+    from graphdistill.teachers.base import ImageEmbedder
     from graphdistill.teachers.clip import ClipEmbedder
 
     clip = ClipEmbedder(random_weights=True)
+    assert isinstance(clip, ImageEmbedder)
     assert clip.random_weights is True
     assert "RANDOM WEIGHTS" in clip.model_id and "ViT-B-32" in clip.model_id
     assert len(clip.weights_sha256) == 64

@@ -7,7 +7,6 @@ initialisation whose ``model_id`` says "RANDOM WEIGHTS" so every trace and repor
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -102,6 +101,7 @@ class ClipEmbedder:
                 ) from exc
         model.eval()
         self._model = model
+        self._weights_sha256: str | None = None
         self._preprocess = preprocess
         self._tokenizer = open_clip.get_tokenizer(arch)
         self.dim: int = int(open_clip.get_model_config(arch)["embed_dim"])
@@ -110,17 +110,23 @@ class ClipEmbedder:
         else:
             assert ckpt_path is not None
             self.model_id = f"open_clip/{arch} ({ckpt_path.name})"
-            self.__dict__["weights_sha256"] = ckpt_sha
+            self._weights_sha256 = ckpt_sha
         log.info("built %s on %s", self.model_id, self.device)
 
-    @functools.cached_property
+    @property
     def weights_sha256(self) -> str:
         """sha256 of the checkpoint file; for random weights, of the initialised tensors (computed on first use)."""
-        h = hashlib.sha256()
-        for name, tensor in sorted(self._model.state_dict().items()):
-            h.update(name.encode())
-            h.update(np.ascontiguousarray(tensor.detach().float().cpu().numpy()).data)
-        return h.hexdigest()
+        if self._weights_sha256 is None:
+            h = hashlib.sha256()
+            for name, tensor in sorted(self._model.state_dict().items()):
+                h.update(name.encode())
+                h.update(np.ascontiguousarray(tensor.detach().float().cpu().numpy()).data)
+            self._weights_sha256 = h.hexdigest()
+        return self._weights_sha256
+
+    @weights_sha256.setter
+    def weights_sha256(self, value: str) -> None:
+        self._weights_sha256 = value
 
     def _encode(self, fn: Any, batch: Any) -> np.ndarray:
         torch = require("torch")
