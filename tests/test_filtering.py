@@ -375,3 +375,58 @@ def test_filter_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         main(["filter", str(tmp_path / "store"), "--out", str(tmp_path / "y"), "--rule", "unknown_rule"]) == 2
     )
     assert "unknown_rule" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_store_with_three_samples_filters_end_to_end(tmp_path: Path) -> None:
+    """The real visual_rag teacher, recorded with K=3 sampled runs on two photos, filters into a dataset."""
+    import _models
+    from graphdistill.datasets.recording import record
+    from graphdistill.datasets.store import TraceStore
+    from graphdistill.graphs.visual_rag import visual_rag
+
+    teachers = {
+        "detector": _models.detector(),
+        "segmenter": _models.segmenter(),
+        "llm": _models.llm(),
+        "retriever": _models.retriever(),
+    }
+    store = TraceStore(tmp_path / "store")
+    graph = record(visual_rag(teachers=teachers), store)
+    photos = ["skimage/chelsea", "skimage/astronaut"]
+    for photo_id in photos:
+        image = _models.builtin_image(photo_id)
+        for i in range(3):
+            graph.invoke(
+                {"image": image, "question": "What is in this picture?"},
+                config={
+                    "metadata": {
+                        "graphdistill_group_id": photo_id,
+                        "graphdistill_sample_index": i,
+                        "graphdistill_provenance": {"photos": [photo_id], "recipe": {"kind": "original"}},
+                    },
+                    "configurable": {"gd_sample_index": i, "gd_sampling": True, "gd_seed": 1},
+                },
+            )
+    assert store.count() == 6
+
+    def embed(texts: Sequence[str]) -> np.ndarray:
+        return np.asarray(_models.text_embedder().embed(list(texts)))
+
+    result = filter_store(store, tmp_path / "ds", FilterConfig(fractions=(1, 0, 0)), embedder=embed)
+    s = result.summary()
+    assert s["groups"] == 2 and s["kept"] + s["dropped"] == 2
+    by_group = {d.group_id: d for d in result.decisions}
+    cat_vote = by_group["skimage/chelsea"].consensus
+    assert cat_vote.k == 3 and cat_vote.n_ok == 3
+    assert "cat" in [o.label for o in cat_vote.objects]  # all three samples share the detector
+    assert cat_vote.agreement["objects"] == pytest.approx(1.0)  # detection is not sampled
+    assert 1 / 3 <= cat_vote.agreement["answer"] <= 1.0
+    assert cat_vote.llm_topk is not None and cat_vote.llm_topk.token_ids
+    ds = open_dataset(tmp_path / "ds")
+    assert ds.splits["train"] == s["kept"]
+    for r in ds.all_rows():
+        assert np.array_equal(ds.image(r), _models.builtin_image(r["id"]))
+        assert len(r["trace_ids"]) == 3 and r["answer"]
+    assert any(d["id"] in cat_vote.sources for d in ds.documents)
+    assert (tmp_path / "ds" / "report" / "report.html").exists()
