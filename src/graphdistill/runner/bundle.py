@@ -9,8 +9,9 @@ A bundle is a folder: the model file(s), ``tokenizer.json`` and ``manifest.json`
 5. the answer: ``token = <bos>``, ``kv_cache = zeros``; for ``position = 0, 1, ...``:
    ``logits, kv_cache = decode_step(token, position, memory, kv_cache)``; ``token = argmax(logits)``;
    stop at ``<eos>`` or when the fixed-size cache is full;
-6. objects: per query, softmax over the classes + "no object"; keep a query whose best class is a real
-   class with probability >= ``score_threshold``; box back to image pixels; mask pasted back and RLE-encoded;
+6. objects: per query, softmax over the classes + "no object"; its score is the best *real* class's
+   probability; keep queries scoring >= ``score_threshold``, best first; box back to image pixels; mask
+   pasted back (:func:`.preprocess.paste_mask`) and RLE-encoded;
 7. sources: the documents whose ``sigmoid(source_logit) >= source_threshold``, most likely first.
 
 Imports only numpy, Pillow, the stdlib and the model's runtime (``onnxruntime`` or ``executorch.runtime``).
@@ -233,12 +234,9 @@ def decode_objects(
     """Step 6: heads' outputs for one image -> [{label, class_id, score, box, mask}], best first."""
     logits = out["class_logits"].astype(np.float64)  # [Q, C + 1], the last class is "no object"
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
-    best = probs.argmax(axis=1)
-    no_object = int(decoding["no_object_class"])
-    keep = [q for q in range(len(best)) if best[q] != no_object]
-    keep = [q for q in keep if probs[q, best[q]] >= decoding["score_threshold"]]
-    keep.sort(key=lambda q: -probs[q, best[q]])
+    probs = (probs / probs.sum(axis=1, keepdims=True))[:, : int(decoding["no_object_class"])]
+    best, scores = probs.argmax(axis=1), probs.max(axis=1)  # the best real class per query
+    keep = [int(q) for q in np.argsort(-scores, kind="stable") if scores[q] >= decoding["score_threshold"]]
     xyxy = boxes_to_image(out["boxes"][keep].astype(np.float64), box, size) if keep else []
     objects = []
     for q, b in zip(keep, xyxy, strict=True):
@@ -247,9 +245,9 @@ def decode_objects(
             {
                 "label": class_names[cid] if cid < len(class_names) else str(cid),
                 "class_id": cid,
-                "score": float(probs[q, cid]),
+                "score": float(scores[q]),
                 "box": [float(v) for v in b],
-                "mask": rle_encode(paste_mask(out["mask_logits"][q], box, size)),
+                "mask": rle_encode(paste_mask(out["mask_logits"][q], box)),
             }
         )
     return objects

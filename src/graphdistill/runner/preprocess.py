@@ -10,7 +10,7 @@ The rule (``manifest["preprocessing"]``; the keys below are its fields):
 
 Model outputs live on that square canvas: boxes are ``cx, cy, w, h`` in 0..1 of the canvas, masks are
 ``mask_size × mask_size`` logits over the whole canvas. :func:`boxes_to_image` and :func:`paste_mask`
-undo the letterbox.
+undo the letterbox exactly as the PyTorch predictor (``graphdistill.student.predict``) does.
 """
 
 from __future__ import annotations
@@ -94,39 +94,32 @@ def preprocess(rgb: np.ndarray, spec: dict[str, Any]) -> tuple[np.ndarray, Lette
 
 
 def boxes_to_image(boxes: np.ndarray, box: Letterbox, size: int) -> np.ndarray:
-    """[N, 4] canvas-normalised cx, cy, w, h -> [N, 4] x1, y1, x2, y2 in input-image pixels (clipped)."""
-    cx, cy, bw, bh = (boxes[:, i] * size for i in range(4))
-    x1 = (cx - bw / 2 - box.pad_left) / box.scale
-    y1 = (cy - bh / 2 - box.pad_top) / box.scale
-    x2 = (cx + bw / 2 - box.pad_left) / box.scale
-    y2 = (cy + bh / 2 - box.pad_top) / box.scale
-    out = np.stack([x1, y1, x2, y2], axis=1)
-    out[:, 0::2] = out[:, 0::2].clip(0, box.width)
-    out[:, 1::2] = out[:, 1::2].clip(0, box.height)
-    return out
+    """[N, 4] canvas-normalised cx, cy, w, h -> [N, 4] x1, y1, x2, y2 in input-image pixels: scale by
+    ``size / scale``, shift by the padding, clip to the image (and keep x2 >= x1, y2 >= y1)."""
+    side = size / box.scale
+    cx, cy, bw, bh = (boxes[:, i] * side for i in range(4))
+    cx, cy = cx - box.pad_left / box.scale, cy - box.pad_top / box.scale
+    x1 = np.minimum(np.maximum(cx - bw / 2, 0.0), box.width)
+    y1 = np.minimum(np.maximum(cy - bh / 2, 0.0), box.height)
+    x2 = np.minimum(np.maximum(cx + bw / 2, x1), box.width)
+    y2 = np.minimum(np.maximum(cy + bh / 2, y1), box.height)
+    return np.stack([x1, y1, x2, y2], axis=1)
 
 
-def _interp_matrix(n_out: int, n_in: int, scale: float, pad: int, size: int) -> np.ndarray:
-    """[n_out, n_in] bilinear weights: image pixel i (centre i + 0.5) -> canvas (i + 0.5)·scale + pad ->
-    mask cell coordinate u = canvas / size · n_in - 0.5; edges clamp (like align_corners=False)."""
-    u = ((np.arange(n_out) + 0.5) * scale + pad) / size * n_in - 0.5
-    u = u.clip(0, n_in - 1)
-    lo = np.floor(u).astype(int)
-    hi = np.minimum(lo + 1, n_in - 1)
-    frac = (u - lo).astype(np.float32)
-    m = np.zeros((n_out, n_in), dtype=np.float32)
-    m[np.arange(n_out), lo] += 1 - frac
-    m[np.arange(n_out), hi] += frac
-    return m
-
-
-def paste_mask(logits: np.ndarray, box: Letterbox, size: int) -> np.ndarray:
-    """mask_size × mask_size logits over the canvas -> H×W bool mask of the input image: each image pixel
-    takes the bilinear sample of the logits at its canvas position, and is on where that is > 0."""
-    ms_h, ms_w = logits.shape
-    ry = _interp_matrix(box.height, ms_h, box.scale, box.pad_top, size)
-    rx = _interp_matrix(box.width, ms_w, box.scale, box.pad_left, size)
-    return (ry @ logits.astype(np.float32) @ rx.T) > 0
+def paste_mask(logits: np.ndarray, box: Letterbox) -> np.ndarray:
+    """mask_size × mask_size logits over the (top-left letterboxed) canvas -> H×W bool mask of the input
+    image: ``sigmoid``, keep the part covering the image (``round(H·m) × round(W·m)`` cells from the top-left,
+    ``m = mask_size / max(H, W)``, each clamped to 1..mask_size), resize that float32 map to W×H with
+    Pillow's bilinear filter, and threshold at 0.5."""
+    if box.pad_left or box.pad_top:
+        raise ValueError("masks can only be pasted back from a top-left letterbox")
+    ms = logits.shape[0]
+    mw, mh, _ = _resized(box.height, box.width, ms)
+    prob = (1.0 / (1.0 + np.exp(-logits.astype(np.float32)))).astype(np.float32)[:mh, :mw]
+    full = Image.fromarray(np.ascontiguousarray(prob)).resize(
+        (box.width, box.height), RESAMPLE["bilinear"]
+    )
+    return np.asarray(full) > 0.5
 
 
 def rle_encode(mask: np.ndarray) -> dict[str, list[int]]:

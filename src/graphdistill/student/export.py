@@ -253,13 +253,16 @@ def _manifest(
         },
         "preprocessing": loaded.preprocessing,
         "output_decoding": {
-            "boxes": "cx, cy, w, h in 0..1 of the letterboxed canvas -> xyxy image pixels (undo the letterbox)",
-            "class_scores": "softmax over num_classes + 1 logits per query",
+            "boxes": "cx, cy, w, h in 0..1 of the letterboxed canvas; pixels = value * size / scale, "
+            "then x1 = clip(cx - w/2, 0, W), x2 = clip(cx + w/2, x1, W) (same for y)",
+            "class_scores": "softmax over num_classes + 1 logits per query; score = the best real class's "
+            "probability (the last class, no_object_class, is never reported)",
             "no_object_class": cfg.num_classes,
             "score_threshold": loaded.thresholds["score_threshold"],
             "mask_size": cfg.mask_size,
-            "mask_paste": "mask_logits cover the whole canvas; each image pixel samples them bilinearly "
-            "at its canvas position ((i + 0.5) * scale + pad) / size * mask_size - 0.5 and is on where > 0",
+            "mask_paste": "sigmoid(mask_logits); keep the top-left round(H*m) x round(W*m) cells, "
+            "m = mask_size / max(H, W) (each clamped to 1..mask_size); resize that float32 map to W x H "
+            "(Pillow bilinear); on where > 0.5",
             "mask_encoding": "COCO uncompressed RLE, column-major, first run counts zeros",
             "source_threshold": loaded.thresholds["source_threshold"],
             "sources": "documents with sigmoid(source_logit) >= source_threshold, most likely first",
