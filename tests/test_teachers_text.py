@@ -1,0 +1,399 @@
+"""Text-side teachers: LLM, sentence embedder, Chroma retriever, the shipped knowledge base, `graphdistill kb`."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from graphdistill.cli import main as cli_main
+from graphdistill.teachers.coco import COCO_CLASSES
+from graphdistill.teachers.knowledge import (
+    KnowledgeBaseError,
+    default_documents,
+    load_jsonl,
+    parse_jsonl,
+)
+from graphdistill.trace import Document
+from tests import _models
+
+# --------------------------------------------------------------------------------------------------------
+# Fast: the class list, the shipped knowledge base, JSONL validation, light imports
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_coco_classes_are_the_80_in_yolo_order() -> None:
+    assert len(COCO_CLASSES) == 80
+    assert len(set(COCO_CLASSES)) == 80
+    assert COCO_CLASSES[0] == "person"
+    assert COCO_CLASSES[15] == "cat"
+    assert COCO_CLASSES[16] == "dog"
+    assert COCO_CLASSES[62] == "tv"
+    assert COCO_CLASSES[79] == "toothbrush"
+
+
+def test_default_kb_has_at_least_three_facts_per_coco_class_with_stable_unique_ids() -> None:
+    docs = default_documents()
+    ids = [d.id for d in docs]
+    assert len(ids) == len(set(ids))
+    per_label: dict[str, list[Document]] = {}
+    for d in docs:
+        label = d.metadata["label"]
+        per_label.setdefault(label, []).append(d)
+        slug = label.replace(" ", "_")
+        assert re.fullmatch(rf"coco/{re.escape(slug)}/\d+", d.id), d.id
+        assert d.text.strip() and d.text.endswith("."), d.id
+        assert len(d.text) < 200, f"{d.id} is more than one short sentence"
+    assert sorted(per_label) == sorted(COCO_CLASSES)
+    assert all(len(v) >= 3 for v in per_label.values())
+    assert "coco/cat/1" in ids and "coco/traffic_light/1" in ids
+    cat_text = " ".join(d.text.lower() for d in per_label["cat"])
+    assert "cat" in cat_text
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        ('{"id": "a", "text": "ok"}\n{"id": "b", "text": "broken"', 2, "not valid JSON"),
+        ('{"id": "a", "text": "ok"}\n\n["a", "list"]', 3, "expected a JSON object"),
+        ('{"id": "a", "text": "ok"}\n{"id": "b"}', 2, "'text' must be a non-empty string"),
+        ('{"id": "", "text": "x"}', 1, "'id' must be a non-empty string"),
+        ('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}', 2, "duplicate id 'a' (first seen on line 1)"),
+        ('{"id": "a", "text": "x", "label": 3}', 1, "'label' must be a string"),
+        ('{"id": "a", "text": "x", "txt": "y"}', 1, "unknown field"),
+    ],
+)
+def test_bad_kb_jsonl_row_names_the_file_and_line(text: str, line: int, message: str) -> None:
+    with pytest.raises(KnowledgeBaseError) as info:
+        parse_jsonl(text, "facts.jsonl")
+    assert f"facts.jsonl:{line}:" in str(info.value)
+    assert message in str(info.value)
+
+
+def test_kb_jsonl_rows_become_documents_with_label_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "kb.jsonl"
+    path.write_text(
+        '{"id": "x/1", "text": " Lamps give light. ", "label": "lamp"}\n\n{"id": "x/2", "text": "B."}\n'
+    )
+    docs = load_jsonl(path)
+    assert [d.id for d in docs] == ["x/1", "x/2"]
+    assert docs[0].text == "Lamps give light."
+    assert docs[0].metadata == {"label": "lamp"}
+    assert docs[1].metadata == {}
+    with pytest.raises(KnowledgeBaseError, match="no such knowledge-base file"):
+        load_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_kb_build_refuses_a_bad_jsonl_before_opening_any_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a/1", "text": "fine"}\n{"id": "a/2", "txt": "typo"}\n')
+    store = tmp_path / "chroma"
+    rc = cli_main(["kb", "build", "--path", str(store), "--jsonl", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"{bad}:2:" in err and "txt" in err
+    assert not store.exists()
+
+
+def test_cli_parser_and_kb_command_stay_light() -> None:
+    code = (
+        "import sys; from graphdistill.cli import build_parser; build_parser();"
+        "import graphdistill.commands.kb, graphdistill.teachers.knowledge, graphdistill.teachers.base;"
+        "heavy = [m for m in ('torch', 'chromadb', 'transformers', 'sentence_transformers') if m in sys.modules];"
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_verify_converted_rejects_missing_tampered_or_foreign_manifests(tmp_path: Path) -> None:
+    from graphdistill.teachers import llm
+
+    folder = tmp_path / "conv"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "config.json").write_text("{}")
+    assert not llm.verify_converted(folder, "a" * 64)  # no manifest
+    manifest = {
+        "format": llm.MANIFEST_FORMAT,
+        "source_sha256": "a" * 64,
+        "files": llm._folder_files(folder),
+    }
+    (folder / llm.MANIFEST).write_text(json.dumps(manifest))
+    assert llm.verify_converted(folder, "a" * 64)
+    assert not llm.verify_converted(folder, "b" * 64)  # converted from other weights
+    (folder / "model.safetensors").write_bytes(b"weightz")
+    assert not llm.verify_converted(folder, "a" * 64)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "extra.bin").write_bytes(b"")
+    assert not llm.verify_converted(folder, "a" * 64)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Slow: the real LLM (SmolLM2-135M-Instruct)
+# --------------------------------------------------------------------------------------------------------
+
+QUESTION = "What is a cat? Answer in one short sentence."
+
+
+@pytest.mark.slow
+def test_llm_answer_is_grounded_in_the_prompt() -> None:
+    lm = _models.llm()
+    out = lm.generate(
+        "The secret code word is 'pineapple'. What is the secret code word? Answer with the word only.",
+        max_new_tokens=16,
+    )
+    assert out.text.strip()
+    assert "pineapple" in out.text.lower()
+    assert lm.model_id.startswith("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert re.fullmatch(r"[0-9a-f]{64}", lm.weights_sha256)
+
+
+@pytest.mark.slow
+def test_llm_greedy_is_deterministic_and_logprobs_are_the_models_topk() -> None:
+    lm = _models.llm()
+    a = lm.generate(QUESTION, max_new_tokens=12)
+    b = lm.generate(QUESTION, max_new_tokens=12)
+    assert a.text and a.text == b.text
+    assert a.logprobs.token_ids == b.logprobs.token_ids
+    lp = a.logprobs
+    n = len(lp.token_ids)
+    assert 0 < n <= 12
+    assert a.finish_reason == ("stop" if n < 12 else "length")
+    assert lp.tokenizer == lm.model_id
+    assert len(lp.topk_ids) == len(lp.topk_logprobs) == n
+    for tok, ids, vals in zip(lp.token_ids, lp.topk_ids, lp.topk_logprobs, strict=True):
+        assert len(ids) == len(vals) == lm.topk_logprobs == 5
+        assert all(v <= 0 for v in vals)
+        assert vals == sorted(vals, reverse=True)
+        assert ids[0] == tok  # greedy picks the most likely token: the top-1 of the raw distribution
+    assert float(np.exp(lp.topk_logprobs[0]).sum()) <= 1.0 + 1e-5
+    # the answer ends at EOS when it stops, and EOS is the last recorded token
+    if a.finish_reason == "stop":
+        assert lp.token_ids[-1] in lm._eos
+
+
+@pytest.mark.slow
+def test_llm_seeded_sampling_is_reproducible_and_seeds_differ() -> None:
+    lm = _models.llm()
+    prompt = "Write a short poem about a dog in the park."
+    first = lm.generate(prompt, temperature=1.0, seed=1, max_new_tokens=10)
+    again = lm.generate(prompt, temperature=1.0, seed=1, max_new_tokens=10)
+    assert first.logprobs.token_ids == again.logprobs.token_ids
+    others = [lm.generate(prompt, temperature=1.0, seed=s, max_new_tokens=10) for s in (2, 3)]
+    assert any(o.logprobs.token_ids != first.logprobs.token_ids for o in others)
+
+
+@pytest.mark.slow
+def test_llm_batch_matches_single_answers_and_stops_at_length() -> None:
+    lm = _models.llm()
+    prompts: list[Any] = [
+        "What is a dog?",
+        [{"role": "user", "content": "Name a fruit that is yellow."}],
+    ]
+    batch = lm.generate_batch(prompts, max_new_tokens=8)
+    singles = [lm.generate(p, max_new_tokens=8) for p in prompts]
+    assert len(batch) == 2
+    for got, want in zip(batch, singles, strict=True):
+        assert got.logprobs.token_ids == want.logprobs.token_ids
+        assert got.text == want.text
+    short = lm.generate(QUESTION, max_new_tokens=2)
+    assert short.finish_reason == "length"
+    assert len(short.logprobs.token_ids) == 2
+
+
+@pytest.mark.slow
+def test_llm_conversion_cache_is_reused_and_a_corrupt_one_is_rebuilt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from graphdistill import weights
+    from graphdistill.teachers import llm
+
+    lm = _models.llm()  # ensures the shared conversion exists
+    gguf, sha = weights.resolve("smollm2-135m-instruct")
+    shared = llm.converted_dir(sha, gguf.stem)
+    assert llm.verify_converted(shared, sha)
+
+    # a private cache holding a copy of the conversion
+    monkeypatch.setenv("GRAPHDISTILL_HOME", str(tmp_path / "home"))
+    private = llm.converted_dir(sha, gguf.stem)
+    assert private != shared
+    shutil.copytree(shared, private)
+
+    real_convert = llm.convert_gguf
+    calls: list[Path] = []
+
+    def counting_convert(*args: Any, **kwargs: Any) -> Path:
+        calls.append(args[2])
+        return real_convert(*args, **kwargs)
+
+    monkeypatch.setattr(llm, "convert_gguf", counting_convert)
+    assert llm.fast_model_dir(gguf, sha, gguf.stem) == private
+    assert calls == []  # a verified cache is used as it is
+
+    model_file = private / "model.safetensors"
+    good = weights.sha256_file(model_file)
+    with open(model_file, "r+b") as f:  # flip bytes in the middle of the weights
+        f.seek(model_file.stat().st_size // 2)
+        f.write(b"\x00\xff" * 8)
+    assert not llm.verify_converted(private, sha)
+    assert llm.fast_model_dir(gguf, sha, gguf.stem) == private
+    assert calls == [private]  # rebuilt, not used
+    assert llm.verify_converted(private, sha)
+    assert weights.sha256_file(model_file) == good
+    assert not [p for p in private.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+    # the rebuilt folder loads and answers exactly like the shared one
+    rebuilt = llm.HFCausalLM(max_new_tokens=8)
+    assert rebuilt.generate(QUESTION).text == lm.generate(QUESTION, max_new_tokens=8).text
+
+
+# --------------------------------------------------------------------------------------------------------
+# Slow: MiniLM and the retriever
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_minilm_embeddings_are_normalised_and_related_texts_score_higher() -> None:
+    emb = _models.text_embedder()
+    v = emb.embed(["a cat sleeping on a sofa", "a kitten napping on a couch", "the stock market fell today"])
+    assert v.shape == (3, emb.dim) and emb.dim == 384
+    assert v.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    related, unrelated = float(v[0] @ v[1]), float(v[0] @ v[2])
+    assert related > unrelated + 0.3
+    assert emb.embed([]).shape == (0, 384)
+
+
+@pytest.mark.slow
+def test_retrieval_of_cat_returns_cat_documents() -> None:
+    r = _models.retriever()
+    docs = r.query("cat")
+    assert len(docs) == 3
+    assert all(d.id.startswith("coco/cat/") for d in docs)
+    assert all(d.distance is not None and 0 <= d.distance < 1 for d in docs)
+    assert [d.distance for d in docs] == sorted(d.distance for d in docs)  # type: ignore[type-var]
+    question = r.query("Will this cat scratch me if I try to pet it?", k=1)[0]
+    assert question.id.startswith("coco/cat/")
+    assert question.metadata == {"label": "cat"}
+    batch = r.query_batch(["cat", "a red octagonal sign at a crossing"], k=2)
+    assert [d.id for d in batch[0]] == [d.id for d in docs[:2]]
+    assert batch[1][0].id.startswith("coco/stop_sign/")
+    got = r.get(["coco/dog/1", "missing/id", "coco/cat/1"])
+    assert [d.id for d in got] == ["coco/dog/1", "coco/cat/1"]
+    assert got[1].text == next(d.text for d in default_documents() if d.id == "coco/cat/1")
+
+
+@pytest.mark.slow
+def test_retriever_uses_our_embedding_function_never_chromas_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chromadb.api.types import DefaultEmbeddingFunction
+
+    from graphdistill.teachers.knowledge import ensure_default_kb
+    from graphdistill.teachers.retriever import EF_NAME, ChromaRetriever
+
+    def refuse(self: Any, input: Any) -> Any:
+        raise AssertionError("chromadb's default embedding function was called")
+
+    monkeypatch.setattr(DefaultEmbeddingFunction, "__call__", refuse)
+    emb = _models.text_embedder()
+    r = ChromaRetriever(path=tmp_path / "chroma", collection="kb_test", text_embedder=emb)
+    assert r.collection._embedding_function is r.embedding_function
+    assert r.collection._embedding_function.embedder is emb
+    assert r.collection.configuration["embedding_function"].name() == EF_NAME
+    assert r.collection.configuration["hnsw"]["space"] == "cosine"
+    assert r.model_id == f"{emb.model_id} + chroma:kb_test"
+    assert r.weights_sha256 == emb.weights_sha256
+
+    docs = [
+        Document(id="t/1", text="Cats purr when they are content.", metadata={"label": "cat"}),
+        Document(id="t/2", text="Trains run on steel rails between stations."),
+    ]
+    assert r.ingest(docs) == 2
+    assert r.ingest(docs) == 2  # upsert: idempotent
+    assert r.doc_ids() == ["t/1", "t/2"]
+    assert r.query("a purring kitten", k=1)[0].id == "t/1"
+
+    # reopened from the same folder, the collection keeps our embedding function (rebuilt from config)
+    import chromadb
+    from chromadb.config import Settings
+
+    client = chromadb.PersistentClient(
+        path=str(tmp_path / "chroma"), settings=Settings(anonymized_telemetry=False)
+    )
+    reopened = client.get_collection("kb_test")
+    assert reopened.configuration["embedding_function"].name() == EF_NAME
+    assert reopened.configuration["embedding_function"].embedder is emb  # the live one, not a second load
+    assert reopened.query(query_texts=["railway"], n_results=1)["ids"] == [["t/2"]]
+
+    # the default KB is built once, then skipped
+    assert ensure_default_kb(r) == len(default_documents())
+    assert ensure_default_kb(r) == 0
+    assert len(r.doc_ids()) == len(default_documents()) + 2
+
+
+@pytest.mark.slow
+def test_retriever_image_embedding_query_uses_the_clip_collection(tmp_path: Path) -> None:
+    from graphdistill.teachers.clip import ClipEmbedder
+    from graphdistill.teachers.retriever import ChromaRetriever, RetrieverError
+
+    clip = ClipEmbedder(random_weights=True, device="cpu")
+    r = ChromaRetriever(
+        path=tmp_path / "chroma", text_embedder=_models.text_embedder(), image_embedder=clip, k=2
+    )
+    docs = [d for d in default_documents() if d.metadata["label"] in ("cat", "bus", "pizza")]
+    r.ingest(docs)
+    assert r.image_collection.count() == len(docs)
+    # an embedding equal to one document's CLIP text embedding finds that document first
+    target = docs[4]
+    vec = np.asarray(clip.embed_texts([target.text]))[0]
+    found = r.query(image_embedding=vec)
+    assert len(found) == 2
+    assert found[0].id == target.id
+    assert found[0].distance is not None and found[0].distance < 1e-3
+    with pytest.raises(RetrieverError, match="exactly one"):
+        r.query(text="cat", image_embedding=vec)
+    plain = ChromaRetriever(path=tmp_path / "chroma", text_embedder=_models.text_embedder())
+    with pytest.raises(RetrieverError, match="image_embedder"):
+        plain.query(image_embedding=vec)
+
+
+@pytest.mark.slow
+def test_kb_cli_builds_a_user_jsonl_keeps_it_on_a_bad_file_and_queries_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from graphdistill.teachers import text_embedder
+
+    # reuse the already-loaded real embedder instead of loading a second copy
+    monkeypatch.setattr(text_embedder, "SentenceEmbedder", lambda *a, **k: _models.text_embedder())
+    store = tmp_path / "chroma"
+    good = tmp_path / "good.jsonl"
+    good.write_text(
+        '{"id": "home/lamp", "text": "The desk lamp uses an LED bulb.", "label": "lamp"}\n'
+        '{"id": "home/kettle", "text": "Descale the kettle every month.", "label": "kettle"}\n'
+    )
+    assert cli_main(["kb", "build", "--path", str(store), "--jsonl", str(good), "--json"]) == 0
+    built = json.loads(capsys.readouterr().out)
+    assert built["ingested"] == 2 and built["total_documents"] == 2
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "home/new", "text": "New fact."}\nnot json\n')
+    assert cli_main(["kb", "build", "--path", str(store), "--jsonl", str(bad)]) == 2
+    assert f"{bad}:2:" in capsys.readouterr().err
+
+    assert (
+        cli_main(["kb", "query", "how do I clean my kettle", "-k", "1", "--path", str(store), "--json"]) == 0
+    )
+    hits = json.loads(capsys.readouterr().out)
+    assert [h["id"] for h in hits] == ["home/kettle"]  # the earlier build is intact, the bad row absent
+    assert hits[0]["metadata"] == {"label": "kettle"}
