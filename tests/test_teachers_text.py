@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tests import _models
 
 from graphdistill.cli import main as cli_main
 from graphdistill.teachers.coco import COCO_CLASSES
@@ -22,7 +23,6 @@ from graphdistill.teachers.knowledge import (
     parse_jsonl,
 )
 from graphdistill.trace import Document
-from tests import _models
 
 # --------------------------------------------------------------------------------------------------------
 # Fast: the class list, the shipped knowledge base, JSONL validation, light imports
