@@ -253,3 +253,16 @@ def test_as_teacher_graph_is_recorded_under_its_schema(store: TraceStore) -> Non
     (t,) = list(store.iter())
     assert t.graph.name == "toy_teacher" and t.graph.hash == (schema.definition_hash or t.graph.hash)
     assert set(t.output) == {"answer"}
+
+
+def test_background_writer_records_everything_after_flush(store: TraceStore) -> None:
+    graph = toy_graph()
+    recorder = TraceRecorder(store, background=True, max_pending=2)
+    inputs = [{"image": image(i), "question": f"bg{i}"} for i in range(5)]
+    results = [graph.invoke(x, config={"callbacks": [recorder]}) for x in inputs]
+    recorder.flush()
+    assert recorder.recorded == 5 and store.count() == 5
+    by_question = {t.inputs["question"]: t.id for t in store.iter()}
+    for inp, res in zip(inputs, results, strict=True):
+        check_trace(store, by_question[inp["question"]], inp, res)
+    recorder.close()

@@ -145,7 +145,7 @@ def load_graph(spec: str | None) -> Any:
 
 
 def _init(spec: str | None, store_root: str) -> None:
-    """Load the graph and open the store once per process."""
+    """Load the graph, open the store and start one background recorder, once per process."""
     from graphdistill._env import apply_offline_env
     from graphdistill.datasets.recording import TraceRecorder, graph_identity
     from graphdistill.datasets.store import TraceStore
@@ -154,20 +154,27 @@ def _init(spec: str | None, store_root: str) -> None:
     graph = load_graph(spec)
     store = TraceStore(store_root)
     schema, gid = graph_identity(graph)
-    _WORKER.update(graph=graph, store=store, schema=schema, graph_id=gid, recorder_cls=TraceRecorder)
+    outcomes: list[tuple[Any, str | None]] = []
+    recorder = TraceRecorder(
+        store, schema=schema, graph_id=gid, background=True, on_trace=lambda t, i: outcomes.append((t, i))
+    )
+    _WORKER.update(
+        graph=graph, store=store, graph_id=gid, recorder=recorder, outcomes=outcomes, errors_seen=0
+    )
 
 
-def run_tasks(tasks: list[dict[str, Any]], *, resume: bool, tta: list[str]) -> dict[str, int]:
-    """Run one batch of (input row, sample index) tasks through the graph, recording each; returns counts."""
+def run_tasks(
+    tasks: list[dict[str, Any]], *, resume: bool, tta: list[str], flush: bool = True
+) -> dict[str, int]:
+    """Run one batch of (input row, sample index) tasks through the graph, recording each.
+
+    Returns the counts of traces written since the last call; with ``flush=False`` traces still being
+    written in the background are counted by a later call (or :func:`drain`)."""
     from graphdistill.images import ImageError, load_image
     from graphdistill.trace import Provenance, Trace, content_hash, encode_value
 
-    graph, store, gid = _WORKER["graph"], _WORKER["store"], _WORKER["graph_id"]
+    graph, store, gid, recorder = _WORKER["graph"], _WORKER["store"], _WORKER["graph_id"], _WORKER["recorder"]
     counts = {"recorded": 0, "failed": 0, "skipped": 0}
-    outcomes: list[tuple[Trace, str | None]] = []
-    recorder = _WORKER["recorder_cls"](
-        store, schema=_WORKER["schema"], graph_id=gid, on_trace=lambda t, i: outcomes.append((t, i))
-    )
     runs: list[tuple[dict[str, Any], dict[str, Any]]] = []
     for task in tasks:
         row, i = task["row"], task["sample_index"]
@@ -222,14 +229,30 @@ def run_tasks(tasks: list[dict[str, Any]], *, resume: bool, tta: list[str]) -> d
             )
     elif runs:
         graph.batch([r[0] for r in runs], config=[r[1] for r in runs], return_exceptions=True)
-    for trace, trace_id in outcomes:
+    if flush:
+        recorder.flush()
+    for k, v in drain(flush=False).items():
+        counts[k] += v
+    return counts
+
+
+def drain(flush: bool = True) -> dict[str, int]:
+    """Counts of the traces the background recorder wrote since the last drain (after waiting for all)."""
+    recorder, outcomes = _WORKER["recorder"], _WORKER["outcomes"]
+    if flush:
+        recorder.flush()
+    counts = {"recorded": 0, "failed": 0, "skipped": 0}
+    while outcomes:
+        trace, trace_id = outcomes.pop(0)
         if trace_id is None:
             counts["skipped"] += 1
         elif trace.status == "ok":
             counts["recorded"] += 1
         else:
             counts["failed"] += 1
-    counts["failed"] += len(runs) - len(outcomes)  # runs the recorder could not store
+    errors = recorder.failed_to_record
+    counts["failed"] += errors - _WORKER["errors_seen"]  # runs the recorder could not store (logged)
+    _WORKER["errors_seen"] = errors
     return counts
 
 
@@ -299,8 +322,10 @@ def _record(args: argparse.Namespace) -> int:
                 progress.update(bar, advance=n, failed=totals["failed"])
 
             if args.workers == 1:
-                for batch in batches:
-                    done(run_tasks(batch, resume=args.resume, tta=tta), len(batch))
+                for batch in batches:  # traces are written in the background while the next batch runs
+                    done(run_tasks(batch, resume=args.resume, tta=tta, flush=False), len(batch))
+                done(drain(), 0)
+                _WORKER["recorder"].close()
             else:
                 import multiprocessing as mp
                 from concurrent.futures import ProcessPoolExecutor, as_completed

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -81,20 +82,21 @@ class _Encoder:
 class _Span:
     node: str
     start: float
-    reads: Any
+    reads: Any  # raw values, encoded when the trace is written
     model_id: str | None
     weights_sha256: str | None
+    end: float | None = None
+    writes: Any = None
+    error: str | None = None
 
 
 @dataclass
 class _Run:
     start_wall: float
     start_perf: float
-    inputs: dict[str, Any]
+    inputs: Any
     metadata: dict[str, Any]
-    encoder: _Encoder
-    spans: list[NodeSpan] = field(default_factory=list)
-    open_spans: dict[UUID, _Span] = field(default_factory=dict)
+    spans: dict[UUID, _Span] = field(default_factory=dict)
 
 
 class TraceRecorder(BaseCallbackHandler):
@@ -105,6 +107,12 @@ class TraceRecorder(BaseCallbackHandler):
     ``group_id``: default group for every trace (else ``config["metadata"]["graphdistill_group_id"]``, else
     the input hash). ``metadata``: merged into every trace's metadata. ``on_trace(trace, trace_id)`` is
     called after each append (``trace_id`` is None when the store refused it, e.g. a duplicate).
+
+    ``background=False`` (default): the trace is encoded and durably appended before ``invoke`` returns.
+    ``background=True``: encoding (PNG) and the fsynced append run on one writer thread, off the graph's
+    critical path; call :meth:`flush` (or :meth:`close`) before reading the store. At most ``max_pending``
+    traces wait; beyond that the graph waits (memory stays bounded). Values are encoded when the trace is
+    written, so nodes must not mutate arrays in place after returning them (LangGraph's state convention).
     """
 
     run_inline = True  # called in the graph's own thread / event loop: ordering and keys stay exact
@@ -119,6 +127,8 @@ class TraceRecorder(BaseCallbackHandler):
         group_id: str | None = None,
         metadata: dict[str, Any] | None = None,
         on_trace: Callable[[Trace, str | None], None] | None = None,
+        background: bool = False,
+        max_pending: int = 32,
     ) -> None:
         self.store = store
         self.schema = schema
@@ -132,11 +142,15 @@ class TraceRecorder(BaseCallbackHandler):
         self.group_id = group_id
         self.metadata = dict(metadata or {})
         self.on_trace = on_trace
-        self.recorded = 0
-        self.failed_to_record = 0
+        self.background = background
+        self.recorded = 0  # traces appended
+        self.duplicates = 0  # traces the store already had (refused, not an error)
+        self.failed_to_record = 0  # recording errors (logged; the graph went on)
         self._lock = threading.Lock()
         self._runs: dict[UUID, _Run] = {}
         self._node_root: dict[UUID, UUID] = {}  # node run id -> its root run id
+        self._queue: queue.Queue[tuple[_Run, Any, str | None, float] | None] = queue.Queue(max_pending)
+        self._writer: threading.Thread | None = None
 
     # --- root and node starts ----------------------------------------------------------------------------
 
@@ -154,38 +168,21 @@ class TraceRecorder(BaseCallbackHandler):
         try:
             meta = metadata or {}
             with self._lock:
-                is_root = parent_run_id is None or (
+                if parent_run_id is None or (
                     parent_run_id not in self._runs
                     and parent_run_id not in self._node_root
                     and "langgraph_node" not in meta
-                )
-                is_node = parent_run_id in self._runs and "langgraph_node" in meta
-            if is_root:
-                encoder = _Encoder()
-                raw = inputs if isinstance(inputs, dict) else {"input": inputs}
-                run = _Run(
-                    start_wall=time.time(),
-                    start_perf=time.perf_counter(),
-                    inputs=encoder(raw),
-                    metadata=dict(meta),
-                    encoder=encoder,
-                )
-                with self._lock:
-                    self._runs[run_id] = run
-            elif is_node:
-                assert parent_run_id is not None
-                with self._lock:
-                    run = self._runs[parent_run_id]
+                ):
+                    self._runs[run_id] = _Run(time.time(), time.perf_counter(), _snapshot(inputs), dict(meta))
+                elif parent_run_id in self._runs and "langgraph_node" in meta:
                     self._node_root[run_id] = parent_run_id
-                span = _Span(
-                    node=str(meta["langgraph_node"]),
-                    start=time.time(),
-                    reads=run.encoder(inputs),
-                    model_id=_opt_str(meta.get(META_MODEL_ID)),
-                    weights_sha256=_opt_str(meta.get(META_WEIGHTS)),
-                )
-                with self._lock:
-                    run.open_spans[run_id] = span
+                    self._runs[parent_run_id].spans[run_id] = _Span(
+                        node=str(meta["langgraph_node"]),
+                        start=time.time(),
+                        reads=_snapshot(inputs),
+                        model_id=_opt_str(meta.get(META_MODEL_ID)),
+                        weights_sha256=_opt_str(meta.get(META_WEIGHTS)),
+                    )
         except Exception:
             log.exception("trace recording failed at the start of run %s (the graph is unaffected)", run_id)
 
@@ -201,71 +198,82 @@ class TraceRecorder(BaseCallbackHandler):
         try:
             with self._lock:
                 root_id = self._node_root.pop(run_id, None)
-                run = self._runs.get(root_id) if root_id is not None else None
-            if root_id is not None:
-                if run is not None:
-                    self._close_span(run, run_id, outputs, error)
-                return
-            with self._lock:
+                if root_id is not None:
+                    run = self._runs.get(root_id)
+                    span = run.spans.get(run_id) if run is not None else None
+                    if span is not None:
+                        span.end = max(time.time(), span.start)
+                        span.writes = _snapshot(outputs) if error is None else None
+                        span.error = _error_text(error) if error is not None else None
+                    return
                 run = self._runs.pop(run_id, None)
-            if run is not None:
-                self._finish(run, outputs, error)
+            if run is None:
+                return
+            duration = time.perf_counter() - run.start_perf
+            job = (
+                run,
+                _snapshot(outputs) if error is None else None,
+                _error_text(error) if error else None,
+                duration,
+            )
+            if self.background:
+                self._ensure_writer()
+                self._queue.put(job)
+            else:
+                self._write(*job)
         except Exception:
             with self._lock:
                 self.failed_to_record += 1
             log.exception("trace recording failed at the end of run %s (the graph is unaffected)", run_id)
 
-    def _close_span(self, run: _Run, run_id: UUID, outputs: Any, error: BaseException | None) -> None:
-        with self._lock:
-            span = run.open_spans.pop(run_id, None)
-        if span is None:
-            return
-        end = max(time.time(), span.start)
-        writes = run.encoder(outputs) if error is None and outputs is not None else {}
-        node_span = NodeSpan(
-            node=span.node,
-            start=span.start,
-            end=end,
-            reads=span.reads if isinstance(span.reads, dict) else {"input": span.reads},
-            writes=writes if isinstance(writes, dict) else {"output": writes},
-            model_id=span.model_id,
-            weights_sha256=span.weights_sha256,
-            error=_error_text(error) if error is not None else None,
-        )
-        with self._lock:
-            run.spans.append(node_span)
+    # --- writing ------------------------------------------------------------------------------------------
 
-    def _finish(self, run: _Run, outputs: Any, error: BaseException | None) -> None:
-        duration = time.perf_counter() - run.start_perf
+    def _write(self, run: _Run, outputs: Any, error: str | None, duration: float) -> None:
+        encoder = _Encoder()
+        inputs = encoder(run.inputs if isinstance(run.inputs, dict) else {"input": run.inputs})
         output: dict[str, Any] = {}
         if error is None and outputs is not None:
             raw = outputs if isinstance(outputs, dict) else {"output": outputs}
             if self.schema is not None:
                 wanted = [f.name for f in self.schema.outputs]
                 raw = {k: raw[k] for k in wanted if k in raw}
-            output = run.encoder(raw)
-        for span_id, open_span in list(run.open_spans.items()):  # nodes cut short by the graph's end
-            self._close_span(run, span_id, None, error or RuntimeError(f"node {open_span.node} never ended"))
+            output = encoder(raw)
+        spans = []
+        for s in sorted(run.spans.values(), key=lambda s: s.start):
+            reads = encoder(s.reads)
+            writes = encoder(s.writes) if s.writes is not None else {}
+            spans.append(
+                NodeSpan(
+                    node=s.node,
+                    start=s.start,
+                    end=s.end if s.end is not None else max(time.time(), s.start),
+                    reads=reads if isinstance(reads, dict) else {"input": reads},
+                    writes=writes if isinstance(writes, dict) else {"output": writes},
+                    model_id=s.model_id,
+                    weights_sha256=s.weights_sha256,
+                    error=s.error if s.end is not None else (s.error or "the node never ended"),
+                )
+            )
         meta = run.metadata
-        input_hash = content_hash(run.inputs)
+        input_hash = content_hash(inputs)
         user_meta = meta.get(META_METADATA) or {}
         trace = Trace(
             graph=self.graph_id,
-            inputs=run.inputs,
-            spans=sorted(run.spans, key=lambda s: s.start),
+            inputs=inputs,
+            spans=spans,
             output=output,
             status="ok" if error is None else "error",
-            error=_error_text(error) if error is not None else None,
+            error=error,
             group_id=str(meta.get(META_GROUP) or self.group_id or input_hash),
             sample_index=int(meta.get(META_SAMPLE, 0) or 0),
             input_hash=input_hash,
             provenance=Provenance.model_validate(meta.get(META_PROVENANCE) or {}),
-            metadata=encode_value({**self.metadata, **dict(user_meta)}, run.encoder.blobs),
+            metadata=encode_value({**self.metadata, **dict(user_meta)}, encoder.blobs),
             created_at=run.start_wall,
             duration_s=duration,
         )
         try:
-            trace_id: str | None = self.store.append(trace, run.encoder.blobs)
+            trace_id: str | None = self.store.append(trace, encoder.blobs)
         except DuplicateTraceError as exc:
             log.warning("not recorded: %s", exc)
             trace_id = None
@@ -273,9 +281,44 @@ class TraceRecorder(BaseCallbackHandler):
             if trace_id is not None:
                 self.recorded += 1
             else:
-                self.failed_to_record += 1
+                self.duplicates += 1
         if self.on_trace is not None:
             self.on_trace(trace, trace_id)
+
+    def _ensure_writer(self) -> None:
+        with self._lock:
+            if self._writer is None or not self._writer.is_alive():
+                self._writer = threading.Thread(
+                    target=self._drain, name="graphdistill-trace-writer", daemon=True
+                )
+                self._writer.start()
+
+    def _drain(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                self._write(*job)
+            except Exception:
+                with self._lock:
+                    self.failed_to_record += 1
+                log.exception("trace recording failed in the writer thread (the graph is unaffected)")
+            finally:
+                self._queue.task_done()
+
+    def flush(self) -> None:
+        """Wait until every finished run is written (a no-op when not in background mode)."""
+        if self._writer is not None:
+            self._queue.join()
+
+    def close(self) -> None:
+        """Flush and stop the writer thread."""
+        writer = self._writer
+        if writer is not None and writer.is_alive():
+            self._queue.put(None)
+            writer.join()
+        self._writer = None
 
 
 def graph_identity(graph: Any) -> tuple[GraphSchema | None, GraphId]:
@@ -322,6 +365,11 @@ def record(graph: Any, store: TraceStore, **kwargs: Any) -> Any:
 
 def _hash_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _snapshot(value: Any) -> Any:
+    """A shallow copy of a state dict: later key reassignments in the graph do not change what we record."""
+    return dict(value) if isinstance(value, dict) else value
 
 
 def _opt_str(value: Any) -> str | None:

@@ -274,7 +274,9 @@ class TraceStore:
         if path.exists() and path.stat().st_size == len(data):
             _touch(path)
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
+        new_dir = not path.parent.exists()
+        if new_dir:
+            path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             with open(tmp, "wb") as fh:
@@ -286,7 +288,8 @@ class TraceStore:
             tmp.unlink(missing_ok=True)
             raise
         _fsync_dir(path.parent)
-        _fsync_dir(path.parent.parent)
+        if new_dir:  # the new subfolder's own entry must be durable too
+            _fsync_dir(path.parent.parent)
 
     def delete(self, trace_id: str) -> bool:
         """Remove one trace (its blobs stay until :meth:`gc`). Returns whether it existed."""
