@@ -141,14 +141,12 @@ def test_sampling_contract_reaches_the_llm() -> None:
     from graphdistill.graphs.visual_rag import visual_rag
 
     graph = visual_rag(teachers=_teachers())
-    x = {"image": _models.builtin_image("ultralytics/bus"), "question": "What is in this picture?"}
+    x = {"image": _models.builtin_image("skimage/chelsea"), "question": "What is in this picture?"}
 
     def run(**configurable: Any) -> str:
         return str(graph.invoke(x, config={"configurable": configurable})["answer"])
 
-    greedy = run()
-    assert run(gd_sampling=True, gd_sample_index=0, gd_seed=1) == greedy  # sample 0 stays greedy
+    # sample 0 stays greedy whatever the flags (sampling_settings above); samples > 0 are seeded draws
     sampled = run(gd_sampling=True, gd_sample_index=1, gd_seed=1)
     assert run(gd_sampling=True, gd_sample_index=1, gd_seed=1) == sampled  # seeded: reproducible
-    others = {run(gd_sampling=True, gd_sample_index=i, gd_seed=1) for i in (2,)}
-    assert len({greedy, sampled, *others}) > 1  # sampling actually changes answers
+    assert sampled != run()  # and really sampled: differs from the greedy answer
