@@ -56,7 +56,13 @@ def _ls(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    t = Table("id", "group", "sample", "status", "seconds", "error")
+    t = Table()
+    t.add_column("id", no_wrap=True)
+    t.add_column("group", no_wrap=True)
+    t.add_column("sample", justify="right")
+    t.add_column("status")
+    t.add_column("seconds", justify="right")
+    t.add_column("error", no_wrap=True, overflow="ellipsis", max_width=60)
     for r in rows:
         status = "[green]ok[/]" if r["status"] == "ok" else "[red]error[/]"
         err = (r["error"] or "")[:60]
@@ -88,7 +94,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def draw_trace(store: Any, trace: Any, out: Path) -> None:
-    """The trace's input image with its output drawn on top (``graphdistill.viz.draw_output`` when present)."""
+    """The trace's input image with its output drawn on top (``graphdistill.viz.draw_output``)."""
     from graphdistill.trace import decode_value
 
     image = None
@@ -98,46 +104,13 @@ def draw_trace(store: Any, trace: Any, out: Path) -> None:
             break
     if image is None:
         raise ValueError("the trace has no image input")
-    output = decode_value(trace.output, store.blob)
-    try:
-        from graphdistill.viz import draw_output  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:
-        draw_output = None
-    drawn = draw_output(image, output) if draw_output is not None else _draw_local(image, output)
     from PIL import Image
 
+    from graphdistill.viz import draw_output
+
+    drawn = draw_output(image, decode_value(trace.output, store.blob), title=f"trace {trace.id[:12]}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    (Image.fromarray(drawn) if not hasattr(drawn, "save") else drawn).save(out)
-
-
-def _draw_local(image: Any, output: dict[str, Any]) -> Any:
-    """Boxes (+ masks) of ``objects`` / ``detections`` and the answer text, drawn with PIL."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    from graphdistill.trace import RLE, Detections
-
-    canvas = image.astype(np.float32)
-    boxes: list[tuple[list[float], str]] = []
-    for obj in output.get("objects") or []:
-        if isinstance(obj, dict) and "box" in obj:
-            boxes.append((obj["box"], f"{obj.get('label', '')} {obj.get('score', 0):.2f}"))
-            if obj.get("mask"):
-                m = RLE.model_validate(obj["mask"]).decode()
-                if m.shape == canvas.shape[:2]:
-                    canvas[m] = 0.5 * canvas[m] + 0.5 * np.array([255, 64, 64])
-    for v in output.values():
-        if isinstance(v, Detections):
-            boxes += [(b, f"{n} {s:.2f}") for b, n, s in zip(v.xyxy, v.names, v.scores, strict=True)]
-    img = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    for box, label in boxes:
-        draw.rectangle(box, outline=(255, 32, 32), width=2)
-        draw.text((box[0] + 2, box[1] + 2), label, fill=(255, 255, 0))
-    answer = output.get("answer")
-    if isinstance(answer, str):
-        draw.text((4, img.height - 14), answer[:80], fill=(255, 255, 255))
-    return np.asarray(img)
+    (drawn if hasattr(drawn, "save") else Image.fromarray(drawn)).save(out)
 
 
 def _stats(args: argparse.Namespace) -> int:
