@@ -59,14 +59,16 @@ def _ls(args: argparse.Namespace) -> int:
     t = Table()
     t.add_column("id", no_wrap=True)
     t.add_column("group", no_wrap=True)
-    t.add_column("sample", justify="right")
-    t.add_column("status")
-    t.add_column("seconds", justify="right")
-    t.add_column("error", no_wrap=True, overflow="ellipsis", max_width=60)
+    t.add_column("sample", justify="right", no_wrap=True, min_width=6)
+    t.add_column("status", no_wrap=True, min_width=6)
+    t.add_column("seconds", justify="right", no_wrap=True, min_width=7)
+    t.add_column("error", no_wrap=True, overflow="ellipsis", max_width=36)
     for r in rows:
         status = "[green]ok[/]" if r["status"] == "ok" else "[red]error[/]"
         err = (r["error"] or "")[:60]
-        t.add_row(r["id"], r["group_id"][:12], str(r["sample_index"]), status, f"{r['duration_s']:.3f}", err)
+        t.add_row(
+            r["id"][:16], r["group_id"][:12], str(r["sample_index"]), status, f"{r['duration_s']:.3f}", err
+        )
     console().print(t)
     return 0
 
