@@ -294,3 +294,12 @@ def test_several_processes_append_at_once(tmp_path: Path) -> None:
     assert len(acked) == 45 and store.count() == 45
     assert sorted(t.id for t in store.iter()) == sorted(acked)
     assert store.check()["ok"]
+
+
+def test_iter_pages_through_the_store_in_order(tmp_path: Path) -> None:
+    store = TraceStore(tmp_path)
+    ids = [store.append(*make_trace(i)) for i in range(5)]
+    assert [t.id for t in store.iter(page=2)] == ids
+    assert [t.id for t in store.iter(page=2, limit=3)] == ids[:3]
+    assert [r["id"] for r in store.rows(limit=2)] == ids[:2]
+    assert [row[0] for batch in store.raw_rows(batch=2) for row in batch] == ids

@@ -358,22 +358,46 @@ class TraceStore:
         graph: str | None = None,
         group_id: str | None = None,
         limit: int | None = None,
+        page: int = 500,
     ) -> Iterator[Trace]:
-        """Traces in the order they were stored, filtered by status, graph (name or hash) and group."""
+        """Traces in the order they were stored, filtered by status, graph (name or hash) and group.
+
+        Reads ``page`` rows at a time, so a large store never sits in memory at once."""
+        for rows in self._pages("json", status, graph, group_id, limit, page):
+            for (text,) in rows:
+                yield Trace.from_json(text)
+
+    def _pages(
+        self,
+        columns: str,
+        status: str | None,
+        graph: str | None,
+        group_id: str | None,
+        limit: int | None,
+        page: int,
+    ) -> Iterator[list[tuple[Any, ...]]]:
         where, params = _filters(status, graph, group_id)
-        sql = f"SELECT json FROM traces{where} ORDER BY created_at, rowid"
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
-        with self._lock:
-            rows = self._db.execute(sql, params).fetchall()
-        for (text,) in rows:
-            yield Trace.from_json(text)
+        where = where + (" AND" if where else " WHERE") + " rowid > ?"
+        last, left = 0, limit
+        while left is None or left > 0:
+            n = page if left is None else min(page, left)
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT rowid, {columns} FROM traces{where} ORDER BY rowid LIMIT {int(n)}",
+                    [*params, last],
+                ).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            if left is not None:
+                left -= len(rows)
+            yield [r[1:] for r in rows]
 
     def rows(self, *, limit: int | None = None) -> list[dict[str, Any]]:
         """The indexed columns of each trace (no JSON parsing): for listings."""
         sql = (
             "SELECT id, graph_name, group_id, sample_index, status, duration_s, created_at, error "
-            "FROM traces ORDER BY created_at, rowid"
+            "FROM traces ORDER BY rowid"
         )
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
@@ -478,15 +502,16 @@ class TraceStore:
         }
 
     def raw_rows(self, batch: int = 1000) -> Iterator[list[tuple[Any, ...]]]:
-        """All rows (indexed columns + JSON) in batches, oldest first: for export."""
-        with self._lock:
-            cur = self._db.execute(
-                "SELECT id, graph_name, graph_hash, group_id, sample_index, input_hash, status, error, "
-                "created_at, duration_s, json FROM traces ORDER BY created_at, rowid"
-            )
-            rows = cur.fetchall()
-        for i in range(0, len(rows), batch):
-            yield rows[i : i + batch]
+        """All rows (indexed columns + JSON) in batches, in stored order: for export."""
+        yield from self._pages(
+            "id, graph_name, graph_hash, group_id, sample_index, input_hash, status, error, created_at, "
+            "duration_s, json",
+            None,
+            None,
+            None,
+            None,
+            batch,
+        )
 
     def export_parquet(self, out_dir: str | os.PathLike[str], shard_rows: int = 1000) -> list[Path]:
         """One Parquet row per trace (failed ones too), in shards; see :mod:`graphdistill.datasets.parquet`."""
