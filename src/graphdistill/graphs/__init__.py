@@ -1,6 +1,6 @@
 """Teacher graphs: the declarative builder on LangGraph, the reference ``visual_rag`` graph, graph specs.
 
-Importing this package is light; LangGraph is imported when a graph is compiled.
+Importing this package is light; LangGraph is imported when a graph is compiled, models when one is built.
 """
 
 from __future__ import annotations
@@ -14,5 +14,20 @@ from graphdistill.graphs.builder import (
     as_teacher,
     schema_of,
 )
+from graphdistill.graphs.spec import GraphSpecError, load_graph
+from graphdistill.graphs.visual_rag import VisualRagConfig, visual_rag, visual_rag_builder
 
-__all__ = ["END", "START", "GraphBuildError", "GraphBuilder", "NodeError", "as_teacher", "schema_of"]
+__all__ = [
+    "END",
+    "START",
+    "GraphBuildError",
+    "GraphBuilder",
+    "GraphSpecError",
+    "NodeError",
+    "VisualRagConfig",
+    "as_teacher",
+    "load_graph",
+    "schema_of",
+    "visual_rag",
+    "visual_rag_builder",
+]
