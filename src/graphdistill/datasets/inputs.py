@@ -337,7 +337,8 @@ def make_inputs(
     tick = progress or (lambda stage, done, total: None)
 
     if composites and cutouts is None and n > 0:
-        cutouts = teacher_cutouts(train, progress=progress)
+        # held-out photos too, for their question labels only: their cut-outs are never pasted
+        cutouts = teacher_cutouts(list(photos), progress=progress)
     cutouts = cutouts or {}
     labels = {pid: [c.label for c in cs] for pid, cs in cutouts.items()}
     pool = [c for p in train for c in cutouts.get(p.id, [])]
