@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions")
     p.add_argument(
         "--heldout",
-        action="append",
+        action="extend",
+        nargs="+",
         default=None,
         metavar="PHOTO",
         help="photo ids whose inputs all go to test (default: the built-in held-out photos)",

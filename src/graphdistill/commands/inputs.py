@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     m.add_argument("--out", required=True, help="the inputs JSONL to write (images go to <out>_images/)")
     m.add_argument(
         "--holdout",
-        action="append",
+        action="extend",
+        nargs="+",
         default=None,
         metavar="ID",
         help="photo ids held out of training (default for --builtin: the built-in held-out photos)",
