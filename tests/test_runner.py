@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from graphdistill.runner.bpe import ByteLevelBPE, split_words
-from graphdistill.runner.preprocess import boxes_to_image, letterbox_geometry, paste_mask, preprocess, rle_encode
+from graphdistill.runner.preprocess import (
+    boxes_to_image,
+    letterbox_geometry,
+    paste_mask,
+    preprocess,
+    rle_encode,
+)
 
 QUESTIONS = [
     "What is the cat doing on the mat?",
@@ -45,7 +51,9 @@ EDGE_CASES = [
 def student_tokenizer():  # the student's own tokenizer class, trained the way training does
     from graphdistill.student.tokenizer import StudentTokenizer
 
-    return StudentTokenizer.train(QUESTIONS * 5 + ["Yes, there is a red circle.", "There are 3 squares."], 320, 2)
+    return StudentTokenizer.train(
+        QUESTIONS * 5 + ["Yes, there is a red circle.", "There are 3 squares."], 320, 2
+    )
 
 
 def _random_strings(n: int, seed: int = 0) -> list[str]:
@@ -71,7 +79,9 @@ def test_bpe_with_prefix_space_and_saved_file(tmp_path) -> None:
     tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = tk.decoders.ByteLevel()
     trainer = tk.trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "<unk>"], initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=300,
+        special_tokens=["<pad>", "<unk>"],
+        initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(QUESTIONS * 3, trainer=trainer)
     path = tmp_path / "tokenizer.json"

@@ -1,0 +1,283 @@
+"""Export a tiny trained student to ONNX and ExecuTorch bundles, check the parity gate, int8, the torch-free
+runner (in a subprocess where torch and the student's code cannot be imported) and corrupted bundles."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from graphdistill.runner import BundleError, BundleRunner
+from graphdistill.runner.bundle import MANIFEST, manifest_checksum
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
+    pytest.mark.filterwarnings("ignore:.*Enum subclass.*:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:.*Enum subclass.*:FutureWarning"),
+]
+
+TINY = dict(
+    image_size=64,
+    d_model=32,
+    n_heads=2,
+    enc_layers=1,
+    dec_layers=1,
+    det_layers=1,
+    max_question_len=16,
+    max_answer_len=12,
+    mask_size=16,
+    num_queries=6,
+)
+N = {"n_calibration": 3, "n_heldout": 3}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A student trained for one short epoch on a synthetic dataset (a real run folder, via train())."""
+    from graphdistill.datasets.dataset import make_synthetic_dataset
+    from graphdistill.student.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("export")
+    ds = make_synthetic_dataset(root / "ds", n=12, seed=0, size=64)
+    overrides = {**TINY, "num_classes": len(ds.class_names), "num_sources": len(ds.documents)}
+    cfg = TrainConfig(
+        dataset=str(root / "ds"), out=str(root / "run"), epochs=1, batch_size=8, device="cpu", vocab_size=300,
+        warmup_steps=1, overrides=overrides,
+    )  # fmt: skip
+    train(cfg)
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def onnx_float(run_dir: Path) -> Path:
+    from graphdistill.student.export import export_run
+
+    out = run_dir.parent / "bundle-onnx"
+    export_run(run_dir, "onnx", out, **N)
+    return out
+
+
+@pytest.fixture(scope="module")
+def onnx_int8(run_dir: Path) -> Path:
+    from graphdistill.student.export import export_run
+
+    out = run_dir.parent / "bundle-onnx-int8"
+    export_run(run_dir, "onnx", out, quantize="int8", **N)
+    return out
+
+
+def _manifest(bundle: Path) -> dict[str, Any]:
+    return json.loads((bundle / MANIFEST).read_text())
+
+
+def _model_bytes(bundle: Path) -> int:
+    return sum(p.stat().st_size for p in bundle.iterdir() if p.suffix in (".onnx", ".pte"))
+
+
+def _image(run_dir: Path, split: str = "test", i: int = 0) -> tuple[np.ndarray, str]:
+    from graphdistill.datasets.dataset import open_dataset
+
+    ds = open_dataset(run_dir.parent / "ds")
+    row = ds.rows(split)[i]
+    return ds.image(row), row["question"]
+
+
+def test_onnx_float_bundle_passes_parity(onnx_float: Path) -> None:
+    m = _manifest(onnx_float)
+    gate = m["parity"]
+    assert gate["passed"] and not gate["failures"]
+    assert gate["vs_pytorch"]["answer_tokens_equal"] == 1.0
+    assert gate["vs_pytorch"]["box_max_abs_diff"] <= gate["tolerances"]["box_abs"]
+    assert gate["vs_pytorch"]["mask_iou_min"] >= 0.99
+    assert set(m["programs"]) == {"encode", "decode_step"}
+    assert (
+        m["kv_cache"]["fixed_size"]
+        and m["programs"]["decode_step"]["inputs"][3]["shape"] == m["kv_cache"]["shape"]
+    )
+    assert m["preprocessing"]["layout"] == "NCHW" and m["preprocessing"]["mean"]
+    assert set(m["files"]) == {"encode.onnx", "decode_step.onnx", "tokenizer.json"}
+    assert m["class_names"] and m["documents"] and m["teacher_graph"]
+
+
+def test_runner_gives_what_pytorch_predict_gives(run_dir: Path, onnx_float: Path) -> None:
+    from graphdistill.student.predict import load_student
+
+    student = load_student(run_dir)
+    runner = BundleRunner(onnx_float, threads=1)
+    for split, i in [("test", 0), ("val", 0), ("train", 1)]:
+        image, question = _image(run_dir, split, i)
+        want, got = student.predict(image, question), runner.predict(image, question)
+        assert got["answer"] == want["answer"]
+        assert got["sources"] == want["sources"]
+        assert [o["class_id"] for o in got["objects"]] == [o["class_id"] for o in want["objects"]]
+        for g, w in zip(got["objects"], want["objects"], strict=True):
+            assert set(g) == set(w)
+            np.testing.assert_allclose(g["box"], w["box"], atol=0.5)
+            assert g["mask"]["size"] == w["mask"]["size"]
+
+
+def test_int8_is_smaller_and_keeps_fidelity(onnx_float: Path, onnx_int8: Path) -> None:
+    assert _model_bytes(onnx_int8) < 0.75 * _model_bytes(onnx_float)  # tiny model: norms, biases stay float
+    m = _manifest(onnx_int8)
+    fid = m["parity"]["fidelity_vs_teacher"]
+    assert m["parity"]["passed"] and m["quantize"] == "int8"
+    assert set(fid["drop"]) == {"answer_token_f1", "box_f1"}
+    assert all(d <= fid["max_drop"] for d in fid["drop"].values())
+    image, question = _image(Path(m["source_run"]))
+    out = BundleRunner(onnx_int8).predict(image, question)
+    assert set(out) == {"answer", "objects", "sources"}
+
+
+BLOCKER = """
+import importlib.abc, sys
+BLOCKED = {blocked!r}
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+            raise ImportError("blocked by the test: " + name)
+        return None
+sys.meta_path.insert(0, Blocker())
+from graphdistill.cli import main
+rc = main(sys.argv[1:])
+leaked = [m for m in sys.modules if any(m == b or m.startswith(b + ".") for b in BLOCKED)]
+assert not leaked, leaked
+sys.exit(rc)
+"""
+
+
+def _run_blocked(tmp_path: Path, blocked: list[str], *args: str) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "blocked_cli.py"
+    script.write_text(BLOCKER.format(blocked=blocked))
+    return subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_run_bundle_cli_needs_no_torch(tmp_path: Path, run_dir: Path, onnx_float: Path) -> None:
+    from PIL import Image
+
+    from graphdistill.student.predict import load_student
+
+    image, question = _image(run_dir)
+    Image.fromarray(image).save(tmp_path / "img.png")
+    args = ["run-bundle", str(onnx_float), "--image", str(tmp_path / "img.png"), "--question", question]
+    res = _run_blocked(tmp_path, ["torch", "graphdistill.student"], *args, "--json", "--threads", "1")
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    want = load_student(run_dir).predict(image, question)
+    assert set(got) == set(want) == {"answer", "objects", "sources"}
+    assert got["answer"] == want["answer"] and got["sources"] == want["sources"]
+    assert [o["label"] for o in got["objects"]] == [o["label"] for o in want["objects"]]
+    text = _run_blocked(tmp_path, ["torch", "graphdistill.student"], *args)
+    assert text.returncode == 0 and "answer:" in text.stdout
+
+
+def _corrupt(bundle: Path, tmp_path: Path, how: str) -> Path:
+    b = tmp_path / f"bundle-{how}"
+    shutil.copytree(bundle, b)
+    m = _manifest(b)
+    if how == "truncated":
+        data = (b / "encode.onnx").read_bytes()
+        (b / "encode.onnx").write_bytes(data[: len(data) // 2])
+    elif how == "edited":
+        m["output_decoding"]["score_threshold"] = 0.0
+        (b / MANIFEST).write_text(json.dumps(m))
+    elif how == "wrong-sha":  # a consistent manifest that lists a wrong digest
+        m["files"]["decode_step.onnx"] = "0" * 64
+        m["manifest_sha256"] = manifest_checksum(m)
+        (b / MANIFEST).write_text(json.dumps(m))
+    elif how == "missing":
+        (b / "tokenizer.json").unlink()
+    return b
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("truncated", r"encode\.onnx is corrupt"),
+        ("edited", "edited after export"),
+        ("wrong-sha", r"decode_step\.onnx is corrupt"),
+        ("missing", r"tokenizer\.json is missing"),
+    ],
+)
+def test_corrupted_bundle_gives_a_clear_error(
+    tmp_path: Path, onnx_float: Path, how: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from graphdistill.cli import main
+
+    b = _corrupt(onnx_float, tmp_path, how)
+    with pytest.raises(BundleError, match=message):
+        BundleRunner(b)
+    img = tmp_path / "img.png"
+    from PIL import Image
+
+    Image.new("RGB", (40, 30)).save(img)
+    assert main(["run-bundle", str(b), "--image", str(img), "--question", "what?"]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_failed_gate_fails_loudly_and_leaves_no_bundle(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from graphdistill.cli import main
+    from graphdistill.student import export
+
+    monkeypatch.setattr(export, "BOX_TOL", -1.0)  # no export can be this exact: the gate must reject it
+    out = tmp_path / "bundle"
+    rc = main(
+        [
+            "export",
+            str(run_dir),
+            "--format",
+            "onnx",
+            "--out",
+            str(out),
+            "--calibration",
+            "1",
+            "--heldout",
+            "1",
+        ]
+    )
+    assert rc == 2
+    assert "failed the gate" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_export_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from graphdistill.cli import main
+
+    assert main(["export", str(tmp_path / "nope"), "--format", "onnx", "--out", str(tmp_path / "b")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    assert main(["export", str(tmp_path / "run"), "--format", "onnx", "--out", str(tmp_path / "b")]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_executorch_bundle_float_and_int8(run_dir: Path, onnx_float: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from graphdistill.student.export import export_run
+    from graphdistill.student.predict import load_student
+
+    fl = export_run(run_dir, "executorch", tmp_path / "et", **N)
+    assert fl["parity"]["passed"] and fl["parity"]["vs_pytorch"]["answer_tokens_equal"] == 1.0
+    q8 = export_run(run_dir, "executorch", tmp_path / "et8", quantize="int8", **N)
+    assert q8["parity"]["passed"] and _model_bytes(tmp_path / "et8") < _model_bytes(tmp_path / "et")
+    # the ExecuTorch runner in a process where the student's code cannot be imported (ExecuTorch's Python
+    # bindings are linked against libtorch, so torch itself is loaded by the runtime here)
+    image, question = _image(run_dir)
+    Image.fromarray(image).save(tmp_path / "img.png")
+    res = _run_blocked(
+        tmp_path, ["graphdistill.student"], "run-bundle", str(tmp_path / "et"), "--image", str(tmp_path / "img.png"),
+        "--question", question, "--json",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got["answer"] == load_student(run_dir).predict(image, question)["answer"]
