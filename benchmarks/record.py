@@ -134,18 +134,34 @@ def overhead(graph: Any, inputs: list[dict[str, Any]], rounds: int, work: Path) 
 
 
 def throughput(graph: Any, inputs: list[dict[str, Any]], batch: int, work: Path) -> dict[str, Any]:
-    from graphdistill.datasets.recording import record
+    """Recorded traces per second (background writer, flushed): one-by-one ``invoke`` vs ``graph.batch``."""
+    from graphdistill.datasets.recording import TraceRecorder, graph_identity
     from graphdistill.datasets.store import TraceStore
 
-    rec = record(graph, TraceStore(work / "one-by-one"), background=True)
-    one = _time(lambda: [rec.invoke(x) for x in inputs])
-    rec_b = record(graph, TraceStore(work / "batched"), background=True)
-    batched = _time(lambda: [rec_b.batch(inputs[i : i + batch]) for i in range(0, len(inputs), batch)])
+    schema, gid = graph_identity(graph)
+    seconds: dict[str, float] = {}
+    for mode in ("one_by_one", "batched"):
+        store = TraceStore(work / mode)
+        rec = TraceRecorder(store, schema=schema, graph_id=gid, background=True)
+        cfg = {"callbacks": [rec]}
+
+        def run(mode: str = mode, rec: TraceRecorder = rec, cfg: dict[str, Any] = cfg) -> None:
+            if mode == "one_by_one":
+                for x in inputs:
+                    graph.invoke(x, config=cfg)
+            else:
+                for i in range(0, len(inputs), batch):
+                    graph.batch(inputs[i : i + batch], config=cfg)
+            rec.flush()
+
+        seconds[mode] = _time(run)
+        rec.close()
+        assert store.count() == len(inputs)
     return {
-        "one_by_one_traces_per_s": len(inputs) / one,
-        "batched_traces_per_s": len(inputs) / batched,
+        "one_by_one_traces_per_s": len(inputs) / seconds["one_by_one"],
+        "batched_traces_per_s": len(inputs) / seconds["batched"],
         "batch_size": batch,
-        "batched_speedup": one / batched,
+        "batched_speedup": seconds["one_by_one"] / seconds["batched"],
     }
 
 

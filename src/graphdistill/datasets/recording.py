@@ -356,7 +356,8 @@ def record(graph: Any, store: TraceStore, **kwargs: Any) -> Any:
     """``graph`` with a :class:`TraceRecorder` bound: every invoke/batch/stream (sync or async) is recorded.
 
     Keyword arguments go to :class:`TraceRecorder` (``schema``, ``graph_id``, ``group_id``, ``metadata``,
-    ``on_trace``); schema and graph id are derived from the graph when not given.
+    ``on_trace``, ``background``); schema and graph id are derived from the graph when not given. With
+    ``background=True`` build the :class:`TraceRecorder` yourself, so that you can ``flush()`` it.
     """
     if kwargs.get("schema") is None and kwargs.get("graph_id") is None:
         kwargs["schema"], kwargs["graph_id"] = graph_identity(graph)
