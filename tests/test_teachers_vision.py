@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from _models import builtin_image, detector, segmenter
+from graphdistill.images import ImageError
 from graphdistill.trace import Detections, Masks
 from graphdistill.weights import REGISTRY
 
@@ -120,6 +121,8 @@ def test_detector_finds_cat_bus_and_people() -> None:
         assert 0 <= x1 <= x2 <= w and 0 <= y1 <= y2 <= h
     assert all(det.conf <= s <= 1 for s in bus.scores)
     assert [det.names[c] for c in bus.class_ids] == bus.names
+    with pytest.raises(ImageError, match=r"detector input #0.*shape \(4, 4, 2\)"):
+        det.detect(np.zeros((4, 4, 2), np.uint8))
 
 
 @pytest.mark.slow
@@ -227,6 +230,7 @@ def test_segmenter_cat_mask_lies_inside_its_box() -> None:
     assert inside >= 0.97
     assert 0.3 <= cover <= 1.0
     assert 0.5 <= masks.scores[0] <= 1.0
+    assert seg.segment(chelsea, [dets.xyxy[i]]).model_dump() == masks.model_dump()  # deterministic
 
 
 @pytest.mark.slow
