@@ -150,3 +150,41 @@ def test_sampling_contract_reaches_the_llm() -> None:
     sampled = run(gd_sampling=True, gd_sample_index=1, gd_seed=1)
     assert run(gd_sampling=True, gd_sample_index=1, gd_seed=1) == sampled  # seeded: reproducible
     assert sampled != run()  # and really sampled: differs from the greedy answer
+
+
+@pytest.mark.slow
+def test_clip_variant_adds_image_hits(tmp_path: Any) -> None:
+    """With a CLIP embedder (seeded random weights: no real CLIP checkpoint exists offline) the retrieve node
+    appends what the image query finds to the text hits. Only the retrieve node runs, for real."""
+    import numpy as np
+
+    import _models
+    from graphdistill.graphs.visual_rag import retrieval_query, visual_rag_builder
+    from graphdistill.teachers.clip import ClipEmbedder
+    from graphdistill.teachers.knowledge import default_documents
+    from graphdistill.teachers.retriever import ChromaRetriever
+
+    clip = ClipEmbedder(arch="ViT-S-16", random_weights=True)
+    retriever = ChromaRetriever(
+        path=tmp_path / "chroma", text_embedder=_models.text_embedder(), image_embedder=clip, k=3
+    )
+    retriever.ingest(default_documents()[:40])
+    unused = object()  # detect/segment/reason do not run in this test
+    b = visual_rag_builder(
+        teachers={
+            "detector": unused,
+            "segmenter": unused,
+            "llm": unused,
+            "retriever": retriever,
+            "clip": clip,
+        }
+    )
+    assert b.name == "visual_rag_clip"
+    image = np.asarray(_models.builtin_image("skimage/coffee"))
+    dets = Detections(
+        xyxy=[[0, 0, 10, 10]], class_ids=[41], names=["cup"], scores=[0.9], image_size=[400, 600]
+    )
+    out = b.nodes["retrieve"].fn({"question": "What is this?", "detections": dets, "image": image})
+    text_ids = [d.id for d in retriever.query(text=retrieval_query("What is this?", dets), k=3)]
+    image_ids = [d.id for d in retriever.query(image_embedding=clip.embed_images([image])[0], k=3)]
+    assert [d.id for d in out["documents"]] == text_ids + [i for i in image_ids if i not in text_ids]
