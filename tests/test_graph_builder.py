@@ -168,6 +168,14 @@ def test_bad_declarations_fail_at_compile(mutate: Any, message: str) -> None:
         b.compile()
 
 
+def test_async_node_function_is_refused_clearly() -> None:
+    async def fetch(r: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    with pytest.raises(GraphBuildError, match="node 'fetch': async node functions are not supported"):
+        _diamond().node("fetch", fetch, reads=["x"], writes=[])
+
+
 def test_duplicate_node_is_refused() -> None:
     with pytest.raises(GraphBuildError, match="node 'a' is declared twice"):
         _diamond().node("a", lambda r: {}, reads=[], writes=[])

@@ -184,6 +184,11 @@ class GraphBuilder:
             raise GraphBuildError(f"graph '{self.name}': node '{name}' is declared twice")
         if not callable(fn):
             raise GraphBuildError(f"node '{name}': fn must be callable, got {type(fn).__name__}")
+        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__):
+            raise GraphBuildError(
+                f"node '{name}': async node functions are not supported; give a plain function "
+                "(ainvoke/astream still work: LangGraph runs it in a worker thread)"
+            )
         if isinstance(reads, str) or isinstance(writes, str):
             raise GraphBuildError(f"node '{name}': reads/writes must be lists of field names, not one string")
         kinds = (
