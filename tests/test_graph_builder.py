@@ -159,6 +159,10 @@ def test_missing_input_names_node_and_field() -> None:
         (lambda b: b.output("z", Kind.TEXT), r"output 'z' is written by no node"),
         (lambda b: b.conditional("a", lambda s: "k", {"k": "ghost"}), r"route 'k' goes to unknown node"),
         (lambda b: b.node("p", lambda r: {}, reads=["x"], writes=[]), r"same name as a state field"),
+        (  # d reads c's output but nothing orders d after c: it would start with the graph
+            lambda b: b.node("d", lambda r: {}, reads=["y"], writes=[]).edge("a", "d"),
+            r"node 'd' reads \['y'\], but no node that runs before it writes them \(written by \['c'\]\)",
+        ),
     ],
 )
 def test_bad_declarations_fail_at_compile(mutate: Any, message: str) -> None:

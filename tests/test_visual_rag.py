@@ -74,6 +74,29 @@ def test_unknown_teacher_role() -> None:
         visual_rag(teachers={"detctor": object()})
 
 
+def test_declaration_shape() -> None:
+    """The graph's wiring, checked without running a model (the adapters are never called here)."""
+    from graphdistill.graphs.builder import END, START
+    from graphdistill.graphs.visual_rag import visual_rag_builder
+
+    unused = object()
+    roles = ("detector", "segmenter", "llm", "retriever")
+    b = visual_rag_builder(teachers=dict.fromkeys(roles, unused))
+    edges = {(s, t) for s, t in b.edges()}
+    assert edges == {
+        ((START,), "detect"),
+        (("detect",), "segment"),
+        (("detect",), "retrieve"),
+        (("segment", "retrieve"), "reason"),
+        (("reason",), "compose"),
+        (("compose",), END),
+    }
+    kinds = b.field_kinds()
+    assert kinds["llm"] == Kind.TOKEN_LOGPROBS and kinds["masks"] == Kind.MASKS
+    assert kinds["documents"] == Kind.DOCUMENTS and kinds["detections"] == Kind.DETECTIONS
+    assert b.schema().nodes == ["detect", "segment", "retrieve", "reason", "compose"]
+
+
 # ------------------------------------------------------------------------------------------------ real models
 def _teachers() -> dict[str, Any]:
     import _models

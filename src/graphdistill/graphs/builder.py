@@ -295,14 +295,34 @@ class GraphBuilder:
                         f"conditional after '{c.source}': route {key!r} goes to unknown node {target!r} "
                         f"(known: {sorted(known)})"
                     )
+        self._check_reads_follow_writes()
+
+    def _check_reads_follow_writes(self) -> None:
+        """Every field a node reads is a graph input or written by a node that can run before it."""
+        parents: dict[str, set[str]] = {n: set() for n in self.nodes}
         for sources, target in self.edges():
-            if sources == (START,) and target != END:
-                extra = [r for r in self.nodes[target].reads if r not in self.inputs]
-                if extra:
-                    raise GraphBuildError(
-                        f"node '{target}' starts the graph but reads {extra}, which no earlier node has written; "
-                        "add an edge into it from the node that writes them"
-                    )
+            if target in parents:
+                parents[target].update(s for s in sources if s != START)
+        for c in self._decl.conditionals:
+            for target in c.mapping.values():
+                if target in parents:
+                    parents[target].add(c.source)
+        for name, decl in self.nodes.items():
+            ancestors: set[str] = set()
+            todo = list(parents[name])
+            while todo:
+                n = todo.pop()
+                if n not in ancestors:
+                    ancestors.add(n)
+                    todo.extend(parents[n])
+            available = set(self.inputs) | {w for a in ancestors for w in self.nodes[a].writes}
+            missing = [r for r in decl.reads if r not in available]
+            if missing:
+                writers = sorted(n for n, d in self.nodes.items() if set(missing) & set(d.writes))
+                raise GraphBuildError(
+                    f"node '{name}' reads {missing}, but no node that runs before it writes them "
+                    f"(written by {writers}); add an edge from those nodes into '{name}'"
+                )
 
     def definition(self) -> dict[str, Any]:
         """The canonical description the definition hash is taken over."""
