@@ -18,7 +18,12 @@ from graphdistill.eval.evaluate import COST_KEYS, FIDELITY_KEYS, evaluate_run, w
 from graphdistill.eval.report import build_report
 from graphdistill.eval.summary import markdown_summary
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*Matplotlib.*:UserWarning")
+pytestmark = [
+    # tracing the student for the ONNX bundle (the export stage's own named exceptions)
+    pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
+    pytest.mark.filterwarnings("ignore:.*Enum subclass.*:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:.*Enum subclass.*:FutureWarning"),
+]
 
 
 def _bag_embedder(texts: list[str]) -> np.ndarray:
@@ -294,3 +299,105 @@ def test_teacher_params_are_counted_from_the_graph_nodes_adapters() -> None:
     assert fp["params"] == 8 + 3
     assert fp["bytes"] == 0  # no registry weight has this sha256
     assert fp["assumed_defaults"] is False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A real tiny run: the student stage's own training on a synthetic dataset, then the CLI commands
+# ---------------------------------------------------------------------------------------------------------
+
+TINY_STUDENT = dict(
+    image_size=64,
+    d_model=32,
+    n_heads=2,
+    enc_layers=1,
+    dec_layers=1,
+    det_layers=1,
+    max_question_len=16,
+    max_answer_len=12,
+    mask_size=16,
+    num_queries=6,
+)
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from graphdistill.student.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("real")
+    ds = make_synthetic_dataset(root / "ds", n=12, seed=0, size=64)
+    overrides = {**TINY_STUDENT, "num_classes": len(ds.class_names), "num_sources": len(ds.documents)}
+    cfg = TrainConfig(
+        dataset=str(root / "ds"), out=str(root / "run"), epochs=1, batch_size=8, device="cpu", vocab_size=300,
+        warmup_steps=1, overrides=overrides,
+    )  # fmt: skip
+    train(cfg)
+    return root / "run", root / "ds"
+
+
+@pytest.mark.slow
+def test_eval_and_report_commands_on_a_real_tiny_run(
+    real_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from graphdistill.cli import main
+
+    run, ds = real_run
+    assert (
+        main(["eval", str(run), "--dataset", str(ds), "--json", "--no-teacher-timing", "--repeats", "2"]) == 0
+    )
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((run / "eval.json").read_text())
+    assert printed["n"] == saved["n"] == open_dataset(ds).splits["test"]
+    for k in FIDELITY_KEYS:
+        assert isinstance(printed["fidelity"][k], float) and 0.0 <= printed["fidelity"][k] <= 1.0, k
+    for k in ("student_ms", "teacher_bytes", "student_bytes"):
+        assert isinstance(printed["cost"][k], (int, float)) and printed["cost"][k] > 0, k
+    assert printed["cost"]["student_bytes"] == (run / "model.safetensors").stat().st_size
+    assert printed["cost"]["teacher_bytes"] > 100 * printed["cost"]["student_bytes"]
+    assert len(saved["rows"]) == saved["n"]
+
+    out = tmp_path / "report.html"
+    assert main(["report", str(run), "--out", str(out), "--gallery", "2"]) == 0
+    page = _parse(out.read_text())
+    for ident in ("headline", "fidelity", "cost", "plots", "gallery", "plot-per-class", "plot-latency"):
+        assert ident in page.ids, ident
+    assert page.gallery == 2
+    assert page.srcs and all(src.startswith("data:image/") for src in page.srcs)
+    assert not page.external
+    assert "http://" not in out.read_text() and "https://" not in out.read_text()
+
+    capsys.readouterr()
+    assert main(["report", str(run), "--markdown"]) == 0
+    md = capsys.readouterr().out
+    assert (run / "summary.md").read_text() == md
+    assert "| Answer token F1 |" in md and "ms per query" in md
+
+
+@pytest.mark.slow
+def test_eval_times_an_exported_bundle(
+    real_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    export = pytest.importorskip("graphdistill.student.export")
+    from graphdistill.cli import main
+
+    run, ds = real_run
+    bundle = tmp_path / "bundle"
+    export.export_run(run, "onnx", bundle, dataset=ds, n_calibration=2, n_heldout=2)
+    rc = main(["eval", str(run), "--dataset", str(ds), "--json", "--no-teacher-timing", "--no-semantic",
+               "--repeats", "2", "--bundle", str(bundle)])  # fmt: skip
+    assert rc == 0
+    exported = json.loads(capsys.readouterr().out)["exported"][str(bundle)]
+    assert exported["ms"] > 0 and exported["bytes"] > 0
+    # the bundle passed export's parity gate, so its answers are the PyTorch student's
+    assert exported["parity_vs_student"]["answer_exact"] == 1.0
+
+
+def test_eval_command_names_a_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from graphdistill.cli import main
+
+    assert main(["eval", str(tmp_path / "nope"), "--dataset", str(tmp_path)]) == 2
+    assert "nope" in capsys.readouterr().err
+    run = _run_folder(tmp_path / "run", tmp_path / "missing_ds")
+    assert main(["eval", str(run), "--dataset", str(tmp_path / "missing_ds")]) == 2
+    assert "missing_ds" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+    assert "model.safetensors" in capsys.readouterr().err

@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         action="append",
         default=[],
         metavar="PATH",
-        help="also time an exported bundle (repeatable; needs graphdistill.student.runner)",
+        help="also time an exported bundle (repeatable; `graphdistill export` writes them)",
     )
     p.add_argument(
         "--graph", default=None, help="teacher graph spec (module:attr or file.py:attr); default visual_rag"

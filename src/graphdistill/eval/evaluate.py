@@ -93,14 +93,17 @@ def _jsonable_output(out: Any) -> dict[str, Any]:
 
 
 def load_bundle_runner(bundle: str | os.PathLike[str]) -> Any:
-    """``student.runner.BundleRunner(bundle)`` (written by the export stage), or a clear error."""
+    """``graphdistill.runner.BundleRunner(bundle)`` (the export stage's torch-free runner), or a clear error."""
     try:
-        from graphdistill.student.runner import BundleRunner  # type: ignore[import-not-found,unused-ignore]
+        from graphdistill.runner import BundleError, BundleRunner
     except ImportError as exc:
         raise EvalError(
-            f"cannot time exported bundle {bundle}: graphdistill.student.runner is not available ({exc})"
+            f"cannot time exported bundle {bundle}: graphdistill.runner is not available ({exc})"
         ) from exc
-    return BundleRunner(bundle)
+    try:
+        return BundleRunner(Path(bundle))
+    except BundleError as exc:
+        raise EvalError(f"exported bundle {bundle}: {exc}") from exc
 
 
 def evaluate_run(
@@ -140,6 +143,12 @@ def evaluate_run(
         raise EvalError(f"dataset {dataset}: split {split!r} has no rows to evaluate on")
 
     say(f"loading the student from {run}")
+    if predictor is None:
+        # the libraries both models need are imported before the clock starts, so the student's memory is
+        # its own (model + activations), not torch's import
+        from graphdistill._lazy import require
+
+        require("torch", purpose="running the student")
     with cost.PeakRSS() as student_mem:
         if predictor is None:
             from graphdistill.student.predict import load_student  # type: ignore[import-not-found,unused-ignore]
