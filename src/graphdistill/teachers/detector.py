@@ -99,7 +99,7 @@ class YoloDetector:
             raise ValueError(f"imgsz must be at least 32 pixels, got {imgsz}")
         path, sha = resolve(weights)
         apply_offline_env()  # before ultralytics is imported: no hub, no auto-install, local font
-        torch = require("torch", purpose="the YOLO detector")
+        require("torch", purpose="the YOLO detector")
         ultralytics = require("ultralytics", purpose="the YOLO detector")
         self.device = _pick_device(device)
         self.conf = float(conf)
@@ -110,7 +110,6 @@ class YoloDetector:
         self.weights_sha256 = sha
         name = os.fspath(weights)
         self.model_id = REGISTRY[name].model_id if name in REGISTRY else f"ultralytics YOLO ({path.name})"
-        torch.manual_seed(self.seed)
         with _keep_torch_threads():
             self._model = ultralytics.YOLO(str(path), task="detect")
         raw = self._model.names
@@ -159,7 +158,10 @@ class YoloDetector:
 
     def _predict(self, bgr: list[np.ndarray]) -> list[Any]:
         torch = require("torch")
-        with _keep_torch_threads(), torch.inference_mode():
+        # every call starts from the same seed on a private RNG: reproducible whatever ran before, and the
+        # caller's RNG state is left alone (YOLO inference draws no random numbers; a user's model might)
+        with _keep_torch_threads(), torch.random.fork_rng(devices=[]), torch.inference_mode():
+            torch.manual_seed(self.seed)
             return list(
                 self._model.predict(
                     bgr,

@@ -104,13 +104,15 @@ class SamSegmenter:
         self.model_id = (
             REGISTRY[name].model_id if name in REGISTRY else f"SAM {model_type} ({self.weights_path.name})"
         )
-        torch.manual_seed(self.seed)
         # build empty, then load the weights ourselves: the libraries' own loaders call torch.load without
-        # weights_only (arbitrary pickle) and without map_location (fails for GPU checkpoints on a CPU)
-        if model_type == "vit_t":
-            sam = _import_mobile_sam().sam_model_registry["vit_t"](checkpoint=None)
-        else:
-            sam = segment_anything.sam_model_registry[model_type](checkpoint=None)
+        # weights_only (arbitrary pickle) and without map_location (fails for GPU checkpoints on a CPU).
+        # The throwaway init draws from a private, seeded RNG so the caller's RNG state is left alone.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            if model_type == "vit_t":
+                sam = _import_mobile_sam().sam_model_registry["vit_t"](checkpoint=None)
+            else:
+                sam = segment_anything.sam_model_registry[model_type](checkpoint=None)
         state = _load_state_dict(self.weights_path, torch)
         try:
             sam.load_state_dict(state, strict=True)
