@@ -145,7 +145,10 @@ class ExecuTorchPrograms:
         return [o.numpy() for o in outs]
 
 
-RUNTIMES = {"onnx": OnnxPrograms, "executorch": ExecuTorchPrograms}
+RUNTIMES: dict[str, type[OnnxPrograms] | type[ExecuTorchPrograms]] = {
+    "onnx": OnnxPrograms,
+    "executorch": ExecuTorchPrograms,
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -237,7 +240,7 @@ def decode_objects(
     probs = (probs / probs.sum(axis=1, keepdims=True))[:, : int(decoding["no_object_class"])]
     best, scores = probs.argmax(axis=1), probs.max(axis=1)  # the best real class per query
     keep = [int(q) for q in np.argsort(-scores, kind="stable") if scores[q] >= decoding["score_threshold"]]
-    xyxy = boxes_to_image(out["boxes"][keep].astype(np.float64), box, size) if keep else []
+    xyxy = boxes_to_image(out["boxes"][keep].astype(np.float64), box, size) if keep else np.zeros((0, 4))
     objects = []
     for q, b in zip(keep, xyxy, strict=True):
         cid = int(best[q])

@@ -137,7 +137,9 @@ def programs_for(loaded: LoadedRun) -> tuple[dict[str, tuple[Any, tuple[Any, ...
     torch = require("torch")
     model, cfg = loaded.model, loaded.config
 
-    class Encode(torch.nn.Module):
+    nn: Any = torch.nn
+
+    class Encode(nn.Module):  # type: ignore[misc]
         """image, question_ids, question_mask (int64, 1 = token) -> memory + every head's output."""
 
         def __init__(self) -> None:
@@ -149,7 +151,7 @@ def programs_for(loaded: LoadedRun) -> tuple[dict[str, tuple[Any, tuple[Any, ...
             heads = self.student.heads(memory)
             return (memory, *(heads[k] for k in ENCODE_OUTPUTS[1:]))
 
-    class DecodeStep(torch.nn.Module):
+    class DecodeStep(nn.Module):  # type: ignore[misc]
         """token, position, memory, kv_cache -> logits, kv_cache (the student's own decode_step)."""
 
         def __init__(self) -> None:
