@@ -143,6 +143,22 @@ def test_detector_is_deterministic_and_batch_matches_single() -> None:
 
 
 @pytest.mark.slow
+def test_detector_batch_chunks_give_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    det = detector()
+    bus = builtin_image("ultralytics/bus")
+    whole = det.detect_batch([bus, bus, bus])
+    monkeypatch.setattr(det, "max_batch", 2)  # the three same-size images now take two model calls
+    calls: list[int] = []
+    real = det._predict
+    monkeypatch.setattr(det, "_predict", lambda imgs: calls.append(len(imgs)) or real(imgs))
+    chunked = det.detect_batch([bus, bus, bus])
+    assert calls == [2, 1]
+    for a, b in zip(whole, chunked, strict=True):
+        assert a.names == b.names
+        np.testing.assert_allclose(a.xyxy, b.xyxy, atol=0.5)
+
+
+@pytest.mark.slow
 def test_detector_class_filter_and_unknown_class() -> None:
     from graphdistill.teachers.detector import YoloDetector
 

@@ -81,6 +81,8 @@ class YoloDetector:
     that any stochastic layer in a user's model is reproducible.
     """
 
+    max_batch = 16  # images per model call: bounds the letterboxed batch tensor's memory
+
     def __init__(
         self,
         weights: str | os.PathLike[str] = "yolo11n",
@@ -137,7 +139,10 @@ class YoloDetector:
         return self.detect_batch([image])[0]
 
     def detect_batch(self, images: Sequence[np.ndarray]) -> list[Detections]:
-        """Detect in several images in one model call; one :class:`Detections` per image, same order."""
+        """Detect in several images; one :class:`Detections` per image, same order.
+
+        Images of one size go through the model together (up to ``max_batch`` per call).
+        """
         if len(images) == 0:
             return []
         # ultralytics reads numpy arrays as BGR (OpenCV convention)
@@ -151,9 +156,11 @@ class YoloDetector:
         for i, img in enumerate(bgr):
             groups.setdefault(img.shape, []).append(i)
         out: list[Detections | None] = [None] * len(bgr)
-        for idx in groups.values():
-            for i, r in zip(idx, self._predict([bgr[i] for i in idx]), strict=True):
-                out[i] = results_to_detections(r, self.names)
+        for same_size in groups.values():
+            for start in range(0, len(same_size), self.max_batch):
+                idx = same_size[start : start + self.max_batch]
+                for i, r in zip(idx, self._predict([bgr[i] for i in idx]), strict=True):
+                    out[i] = results_to_detections(r, self.names)
         return [d for d in out if d is not None]
 
     def _predict(self, bgr: list[np.ndarray]) -> list[Any]:
