@@ -158,6 +158,9 @@ def test_answer_denies_a_detected_class() -> None:
     assert "answer_denies_detected" in found and "cat" in found["answer_denies_detected"]
     assert "answer_class_not_detected" not in found  # a denied class is not a claimed one
     assert mentioned_classes("two cats and no dogs", ["cat", "dog"]) == ({"cat"}, {"dog"})
+    assert mentioned_classes("There isn't a dog, just a cat.", ["cat", "dog"]) == ({"cat"}, {"dog"})
+    # naming is not denying: "the chair is not a dining table" does not say the table is absent
+    assert mentioned_classes("the chair is not a dining table", ["chair", "dining table"])[1] == set()
 
 
 @pytest.mark.parametrize("box,mask_box", [((5, 5, 55, 35), (5, 5, 7, 7)), ((10, 10, 30, 30), None)])

@@ -89,6 +89,8 @@ def test_questions_use_the_teacher_labels() -> None:
     assert with_x and all("giraffe" in q and r["x"] == "giraffe" for q, r in with_x)
     assert any("x" not in r for _, r in qs)  # some generic questions too
     assert len({r["template"] for _, r in qs}) >= 5
+    unknown = [make_question([], rng) for _ in range(20)]
+    assert all("x" not in r for _, r in unknown)  # no labels: never name an object that may be absent
 
 
 def test_make_inputs_rows_provenance_heldout_and_determinism(tmp_path: Path) -> None:

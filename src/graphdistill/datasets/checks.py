@@ -99,7 +99,11 @@ def mentioned_classes(text: str, class_names: Sequence[str]) -> tuple[set[str], 
     vocab.update({w: n for w, n in SYNONYMS.items() if n in vocab})
     mentioned: set[str] = set()
     denied: set[str] = set()
-    neg = r"(?:no|not an?|not any|isn t an?|aren t any|without an?|without|nor an?)"
+    # "there is no cat", "without a dog", "there isn't a cup"; not "this is not a cat" (a naming, not absence)
+    neg = (
+        r"(?:no|not any|without(?: an?| any)?|nor an?|there (?:is|are) not (?:an?|any)|"
+        r"there (?:isn t|aren t|wasn t|weren t) (?:an?|any))"
+    )
     for word, cls in vocab.items():
         w = re.escape(word)
         pat = rf"\b{w}(?:s|es)?\b"

@@ -33,8 +33,6 @@ from graphdistill.images import load_image
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-# names for questions about photos whose objects nobody has detected (--no-composites): common COCO classes
-FALLBACK_LABELS = ("person", "cat", "dog", "car", "cup", "bus", "chair", "bottle")
 
 __all__ = [
     "DEFAULT_HELDOUT",
@@ -263,9 +261,11 @@ LABEL_QUESTIONS = (
 
 
 def make_question(labels: Sequence[str], rng: np.random.Generator) -> tuple[str, dict[str, Any]]:
-    """A question from the template bank; object names come from ``labels`` (the teacher's, when known)."""
-    names = list(dict.fromkeys(labels)) or list(FALLBACK_LABELS)
-    if rng.random() < 0.25:
+    """A question from the template bank; object names come from ``labels`` (the teacher's). With no labels
+    (``--no-composites`` runs no teacher) only the generic questions: a question about an absent object
+    invites the LLM to invent it, and the filter would drop the input."""
+    names = list(dict.fromkeys(labels))
+    if not names or rng.random() < 0.25:  # no labels known: never ask about an object that may be absent
         i = int(rng.integers(len(GENERIC_QUESTIONS)))
         return GENERIC_QUESTIONS[i], {"template": GENERIC_QUESTIONS[i]}
     t = LABEL_QUESTIONS[int(rng.integers(len(LABEL_QUESTIONS)))]
