@@ -1,0 +1,139 @@
+"""Student benchmark: parameters, bytes on disk, ms per full query on CPU (1 and 2 threads), train s/epoch.
+
+A full query = letterboxed image + question -> encode -> heads (boxes, classes, masks, sources) -> a whole
+greedy answer of ``--answer-tokens`` tokens through the KV cache (forced to that length, never stopping at
+<eos> early, so the number is an upper bound for answers of that length).
+
+    .venv/bin/python benchmarks/student.py --preset tiny [--out benchmarks/results/student.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _full_query(model: Any, img: Any, q: Any, qm: Any, n_tokens: int) -> None:
+    import torch
+
+    memory = model.encode(img, q, qm)
+    model.heads(memory)
+    cache = model.empty_cache(1)
+    tok = torch.ones(1, 1, dtype=torch.long)
+    for i in range(n_tokens):
+        logits, cache = model.decode_step(tok, torch.tensor([i]), memory, cache)
+        tok = logits.argmax(-1, keepdim=True)
+
+
+def bench_query(preset_name: str, threads: int, n_tokens: int, repeats: int) -> dict[str, Any]:
+    import torch
+
+    from graphdistill.student.model import Student, preset
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = preset(preset_name)
+    model = Student(cfg).eval()
+    s = cfg.image_size
+    img = torch.randn(1, 3, s, s)
+    q = torch.randint(4, cfg.vocab_size, (1, 16))
+    qm = torch.ones(1, 16, dtype=torch.bool)
+    n = min(n_tokens, cfg.max_answer_len)
+    times, parts = [], {"encode": [], "heads": [], "decode_step": []}
+    with torch.inference_mode():
+        for _ in range(3):
+            _full_query(model, img, q, qm, n)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            _full_query(model, img, q, qm, n)
+            times.append((time.perf_counter() - t0) * 1000)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            mem = model.encode(img, q, qm)
+            t1 = time.perf_counter()
+            model.heads(mem)
+            t2 = time.perf_counter()
+            model.decode_step(
+                torch.ones(1, 1, dtype=torch.long), torch.tensor([3]), mem, model.empty_cache(1)
+            )
+            t3 = time.perf_counter()
+            parts["encode"].append((t1 - t0) * 1000)
+            parts["heads"].append((t2 - t1) * 1000)
+            parts["decode_step"].append((t3 - t2) * 1000)
+    return {
+        "threads": threads,
+        "answer_tokens": n,
+        "ms_per_query_median": statistics.median(times),
+        "ms_per_query_min": min(times),
+        "ms_median_parts": {k: statistics.median(v) for k, v in parts.items()},
+    }
+
+
+def bench_train(preset_name: str, n: int, epochs: int) -> dict[str, Any]:
+    from graphdistill.datasets.dataset import make_synthetic_dataset
+    from graphdistill.student.train import TrainConfig, train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_synthetic_dataset(Path(tmp) / "ds", n=n, seed=0, size=160)
+        t0 = time.perf_counter()
+        metrics = train(
+            TrainConfig(
+                dataset=str(Path(tmp) / "ds"),
+                out=str(Path(tmp) / "run"),
+                preset=preset_name,
+                epochs=epochs,
+                batch_size=16,
+                device="cpu",
+                val_every=epochs,
+            )
+        )
+        wall = time.perf_counter() - t0
+        size = (Path(tmp) / "run" / "model.safetensors").stat().st_size
+    return {
+        "train_rows": metrics["history"] and n,
+        "epochs": epochs,
+        "seconds_per_epoch": metrics["seconds_per_epoch"],
+        "wall_seconds_incl_setup_and_validation": wall,
+        "model_safetensors_bytes": size,
+        "parameters": metrics["parameters"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--answer-tokens", type=int, default=24)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--train-rows", type=int, default=64)
+    ap.add_argument("--train-epochs", type=int, default=2)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "student.json"))
+    args = ap.parse_args()
+    import torch
+
+    result: dict[str, Any] = {
+        "preset": args.preset,
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "query": [bench_query(args.preset, t, args.answer_tokens, args.repeats) for t in (1, 2)],
+    }
+    torch.set_num_threads(2)
+    result["train"] = bench_train(args.preset, args.train_rows, args.train_epochs)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(out.read_text()) if out.exists() else {}
+    existing[args.preset] = result
+    out.write_text(json.dumps(existing, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

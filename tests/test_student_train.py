@@ -1,0 +1,251 @@
+"""Training the student for real on a synthetic dataset: it overfits, reloads identically, resumes exactly,
+trains a user-supplied module, and the train/predict commands work end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("timm")
+pytest.importorskip("tokenizers")
+
+from torch import nn  # noqa: E402
+
+from graphdistill.student.model import StudentConfig  # noqa: E402
+from graphdistill.student.train import TrainConfig, TrainRecipe, train  # noqa: E402
+
+# a small, fast student for tests (the presets are for real data)
+TEST_MODEL = dict(
+    image_size=96,
+    mask_size=16,
+    num_queries=4,
+    d_model=64,
+    n_heads=2,
+    enc_layers=1,
+    dec_layers=1,
+    det_layers=1,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Any:
+    """These models are tiny: one intra-op thread is as fast as two and does not thrash a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from graphdistill.datasets.dataset import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("student") / "ds"
+    make_synthetic_dataset(root, n=4, seed=3, fractions=(1, 0, 0))
+    return root
+
+
+def _cfg(dataset: Path, out: Path, **kw: Any) -> TrainConfig:
+    base: dict[str, Any] = dict(
+        dataset=str(dataset),
+        out=str(out),
+        epochs=2,
+        batch_size=4,
+        lr=5e-3,
+        warmup_steps=5,
+        device="cpu",
+        seed=0,
+        vocab_size=400,
+        overrides=dict(TEST_MODEL),
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def overfit_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    run = tmp_path_factory.mktemp("student") / "run"
+    torch.manual_seed(0)
+    metrics = train(_cfg(dataset, run, epochs=120, val_every=120))
+    return run, metrics
+
+
+@pytest.mark.slow
+def test_tiny_student_overfits_a_handful_of_examples(
+    overfit_run: tuple[Path, dict[str, Any]], dataset: Path
+) -> None:
+    from graphdistill.datasets.dataset import open_dataset
+    from graphdistill.student.matching import pairwise_iou_giou
+    from graphdistill.student.predict import load_student
+    from graphdistill.trace import ObjectOut
+
+    run, metrics = overfit_run
+    hist = metrics["history"]
+    first, last = hist[0]["train_loss"], hist[-1]["train_loss"]
+    for name, value in last.items():
+        assert np.isfinite(value), name
+    for name in ("answer_ce", "class", "box_l1", "box_giou", "mask_bce", "mask_dice", "sources", "total"):
+        assert last[name] < 0.5 * first[name], (name, first[name], last[name])
+    val = metrics["val"]
+    assert val["answer_exact"] == 1.0
+    assert val["box_iou"] > 0.75 and val["mask_iou"] > 0.6 and val["sources_recall"] == 1.0
+
+    pred = load_student(run)
+    ds = open_dataset(dataset)
+    for row in ds.rows("train"):
+        out = pred.predict(ds.image(row), row["question"])
+        assert set(out) == {"answer", "objects", "sources"}
+        assert out["answer"] == row["answer"]  # token for token
+        assert sorted(out["sources"]) == sorted(row["sources"])
+        objs = [ObjectOut.model_validate(o) for o in out["objects"]]
+        assert sorted(o.label for o in objs) == sorted(o.label for o in row["objects"])
+        for teacher in row["objects"]:
+            best = max(
+                (o for o in objs if o.label == teacher.label),
+                key=lambda o: float(pairwise_iou_giou(torch.tensor([o.box]), torch.tensor([teacher.box]))[0]),
+            )
+            iou = float(pairwise_iou_giou(torch.tensor([best.box]), torch.tensor([teacher.box]))[0])
+            assert iou > 0.6, (teacher.label, iou)
+            assert best.mask is not None and best.mask.size == [row["image_height"], row["image_width"]]
+            pm, tm = best.mask.decode(), teacher.mask.decode()  # type: ignore[union-attr]
+            assert (pm & tm).sum() / max((pm | tm).sum(), 1) > 0.5
+
+
+@pytest.mark.slow
+def test_run_folder_is_complete_and_reloads_to_identical_outputs(
+    overfit_run: tuple[Path, dict[str, Any]],
+) -> None:
+    from safetensors.torch import load_model
+
+    from graphdistill.student.model import Student
+
+    run, _ = overfit_run
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "meta.json", "metrics.json"):
+        assert (run / name).is_file(), name
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["class_names"] == ["circle", "square", "triangle"]
+    assert meta["graph_id"]["name"] == "synthetic_shapes"
+    assert meta["preprocessing"]["size"] == [96, 96]
+    cfg = StudentConfig.from_dict(json.loads((run / "config.json").read_text()))
+    a, b = Student(cfg).eval(), Student(cfg).eval()
+    load_model(a, str(run / "model.safetensors"))
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    b.load_state_dict(ck["model"])
+    assert ck["epoch"] == 120
+    img = torch.randn(1, 3, 96, 96)
+    q = torch.randint(4, 50, (1, cfg.max_question_len))
+    qm = torch.ones_like(q, dtype=torch.bool)
+    ans = torch.randint(4, 50, (1, 5))
+    with torch.no_grad():
+        oa, ob = a(img, q, qm, ans), b(img, q, qm, ans)
+    for k in oa:
+        assert torch.equal(oa[k], ob[k]), k
+
+
+@pytest.mark.slow
+def test_resume_after_an_interrupted_run_matches_a_straight_run(dataset: Path, tmp_path: Path) -> None:
+    straight = train(_cfg(dataset, tmp_path / "straight", epochs=2))
+    train(_cfg(dataset, tmp_path / "resumed", epochs=1))  # "killed" after epoch 1's checkpoint
+    recipe = TrainRecipe(_cfg(dataset, tmp_path / "resumed", epochs=2, resume=True))
+    recipe.setup()
+    assert recipe.epoch == 1 and recipe.step == 1
+    assert recipe.optimizer.state_dict()["state"], "optimizer state must come back"
+    recipe.train()
+    resumed = recipe.save()
+    assert resumed["epochs"] == 2
+    sa = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    sb = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], msg=k)
+    assert resumed["final_train_loss"]["total"] == pytest.approx(
+        straight["final_train_loss"]["total"], rel=1e-5
+    )
+
+
+class UserStudent(nn.Module):
+    """A user-supplied student: a conv + GRU, no detection heads; trains through the same recipe."""
+
+    def __init__(self, config: StudentConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = 32
+        self.conv = nn.Sequential(nn.Conv2d(3, d, 8, stride=8), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.emb = nn.Embedding(config.vocab_size, d)
+        self.gru = nn.GRU(d, d, batch_first=True)
+        self.out = nn.Linear(d, config.vocab_size)
+        self.sources = nn.Linear(2 * d, config.num_sources)
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        question_ids: torch.Tensor,
+        question_mask: torch.Tensor,
+        answer_in: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        v = self.conv(image).flatten(1)
+        qv = (self.emb(question_ids) * question_mask[..., None]).sum(1) / question_mask.sum(1, keepdim=True)
+        h, _ = self.gru(self.emb(answer_in), (v + qv)[None])
+        return {"answer_logits": self.out(h), "source_logits": self.sources(torch.cat([v, qv], -1))}
+
+
+@pytest.mark.slow
+def test_a_user_supplied_module_trains(dataset: Path, tmp_path: Path) -> None:
+    from graphdistill.student.model import StudentProtocol
+
+    metrics = train(_cfg(dataset, tmp_path / "user", epochs=15, lr=1e-2), model_factory=UserStudent)
+    hist = metrics["history"]
+    assert set(hist[-1]["train_loss"]) >= {"answer_ce", "sources", "total"}
+    assert "box_l1" not in hist[-1]["train_loss"]  # no detection outputs -> no detection losses
+    assert hist[-1]["train_loss"]["answer_ce"] < 0.7 * hist[0]["train_loss"]["answer_ce"]
+    assert "answer_token_acc" in metrics["val"] and "answer_exact" not in metrics["val"]  # no generate()
+    assert isinstance(UserStudent(StudentConfig(vocab_size=10)), StudentProtocol)
+    meta = json.loads((tmp_path / "user" / "meta.json").read_text())
+    assert meta["model_class"].endswith("UserStudent")
+
+
+@pytest.mark.slow
+def test_train_and_predict_commands_end_to_end(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from graphdistill.cli import main
+    from graphdistill.datasets.dataset import open_dataset
+
+    run = tmp_path / "cli-run"
+    rc = main(
+        [
+            "train",
+            str(dataset),
+            "--out",
+            str(run),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--image-size",
+            "96",
+            "--json",
+        ]
+    )
+    assert rc == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["epochs"] == 1 and np.isfinite(metrics["final_train_loss"]["total"])
+    ds = open_dataset(dataset)
+    row = ds.rows("train")[0]
+    from PIL import Image
+
+    img_path = tmp_path / "photo.png"
+    Image.fromarray(ds.image(row)).save(img_path)
+    rc = main(["predict", str(run), "--image", str(img_path), "--question", row["question"], "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"answer", "objects", "sources"} and isinstance(out["answer"], str)
+
+    assert main(["predict", str(tmp_path / "nope"), "--image", str(img_path), "--question", "q"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "missing-ds"), "--out", str(run), "--epochs", "1"]) == 2
+    assert "missing-ds" in capsys.readouterr().err
