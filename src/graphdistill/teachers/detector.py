@@ -77,8 +77,9 @@ class YoloDetector:
     """Ultralytics YOLO as a teacher: ``detect(rgb) -> Detections``, ``detect_batch([rgb, ...])``.
 
     ``weights`` is a registry name (see ``graphdistill weights list``) or a local ``.pt`` path; ``classes``
-    restricts detections to those class names. Inference is deterministic; ``seed`` seeds torch anyway so
-    that any stochastic layer in a user's model is reproducible.
+    restricts detections to those class names. Inference is deterministic (YOLO draws no random numbers);
+    ``seed`` is kept for the common teacher interface, and deliberately not applied to torch's global RNG
+    (other graph nodes may be sampling from it in parallel threads).
     """
 
     max_batch = 16  # images per model call: bounds the letterboxed batch tensor's memory
@@ -120,6 +121,10 @@ class YoloDetector:
         )
         self.classes = list(classes) if classes is not None else None
         self._class_ids = self._resolve_classes(self.classes)
+        # Set ultralytics' predictor up now, on a tiny blank image: its setup changes torch's thread count
+        # for the rest of that call, so a first real image would run on other threads than later ones and
+        # come out different at float precision.
+        self._predict([np.zeros((32, 32, 3), dtype=np.uint8)])
         log.info("loaded %s from %s on %s", self.model_id, path, self.device)
 
     def _resolve_classes(self, classes: list[str] | None) -> list[int] | None:
@@ -165,10 +170,9 @@ class YoloDetector:
 
     def _predict(self, bgr: list[np.ndarray]) -> list[Any]:
         torch = require("torch")
-        # every call starts from the same seed on a private RNG: reproducible whatever ran before, and the
-        # caller's RNG state is left alone (YOLO inference draws no random numbers; a user's model might)
-        with _keep_torch_threads(), torch.random.fork_rng(devices=[]), torch.inference_mode():
-            torch.manual_seed(self.seed)
+        # No RNG is touched here: YOLO inference draws no random numbers, and saving/restoring torch's
+        # global RNG (fork_rng) would clobber draws that a sampling LLM makes in another graph thread.
+        with _keep_torch_threads(), torch.inference_mode():
             return list(
                 self._model.predict(
                     bgr,
