@@ -341,9 +341,22 @@ def test_eval_and_report_commands_on_a_real_tiny_run(
     from graphdistill.cli import main
 
     run, ds = real_run
-    assert (
-        main(["eval", str(run), "--dataset", str(ds), "--json", "--no-teacher-timing", "--repeats", "2"]) == 0
-    )
+    # no eval.json yet: the report evaluates the run first, on the dataset its meta.json names
+    (run / "eval.json").unlink(missing_ok=True)
+    out = tmp_path / "report.html"
+    assert main(["report", str(run), "--out", str(out), "--gallery", "2", "--no-teacher-timing"]) == 0
+    assert (run / "eval.json").exists()
+    page = _parse(out.read_text())
+    for ident in ("headline", "fidelity", "cost", "plots", "gallery", "plot-per-class", "plot-latency"):
+        assert ident in page.ids, ident
+    assert page.gallery == 2
+    assert page.srcs and all(src.startswith("data:image/") for src in page.srcs)
+    assert not page.external
+    assert "http://" not in out.read_text() and "https://" not in out.read_text()
+
+    capsys.readouterr()
+    rc = main(["eval", str(run), "--dataset", str(ds), "--json", "--no-teacher-timing", "--repeats", "2"])
+    assert rc == 0
     printed = json.loads(capsys.readouterr().out)
     saved = json.loads((run / "eval.json").read_text())
     assert printed["n"] == saved["n"] == open_dataset(ds).splits["test"]
@@ -354,16 +367,6 @@ def test_eval_and_report_commands_on_a_real_tiny_run(
     assert printed["cost"]["student_bytes"] == (run / "model.safetensors").stat().st_size
     assert printed["cost"]["teacher_bytes"] > 100 * printed["cost"]["student_bytes"]
     assert len(saved["rows"]) == saved["n"]
-
-    out = tmp_path / "report.html"
-    assert main(["report", str(run), "--out", str(out), "--gallery", "2"]) == 0
-    page = _parse(out.read_text())
-    for ident in ("headline", "fidelity", "cost", "plots", "gallery", "plot-per-class", "plot-latency"):
-        assert ident in page.ids, ident
-    assert page.gallery == 2
-    assert page.srcs and all(src.startswith("data:image/") for src in page.srcs)
-    assert not page.external
-    assert "http://" not in out.read_text() and "https://" not in out.read_text()
 
     capsys.readouterr()
     assert main(["report", str(run), "--markdown"]) == 0

@@ -108,7 +108,7 @@ def median_latency(
             outputs[i] = predict(image, question)
             done += 1
             if progress:
-                progress(f"{label} (warm-up)", done, total)
+                progress(label, done, total)
     times: list[float] = []
     for _ in range(repeats):
         for i, (image, question) in enumerate(inputs):

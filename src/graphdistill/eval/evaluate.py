@@ -165,21 +165,6 @@ def evaluate_run(
             predictor.predict, inputs, repeats=student_repeats, label="timing the student", progress=progress
         )
     teacher_out = [output_of_row(r) for r in rows]
-    gts = [ground_truth_of_row(r) for r in rows]
-    say(
-        "scoring fidelity (loading the sentence embedder)"
-        if semantic and embedder is None
-        else "scoring fidelity"
-    )
-    fid = metrics.fidelity(
-        teacher_out,
-        student_out,
-        ground_truth=gts if any(gts) else None,
-        embedder=embedder,
-        semantic=semantic,
-        class_names=ds.class_names,
-    )
-    ground_truth = fid.pop("ground_truth", None)
     s_fp = cost.student_footprint(run)
     cost_out: dict[str, Any] = {
         "student_ms": s_lat["median_ms"],
@@ -235,6 +220,22 @@ def evaluate_run(
         cost_out["teacher_rerun_agreement"] = {
             k: rerun.get(k) for k in ("answer_exact", "answer_f1", "box_map50")
         }
+    gts = [ground_truth_of_row(r) for r in rows]
+    # scored after the teacher was timed, so its memory peak is not hidden by the embedder loaded here
+    say(
+        "scoring fidelity (loading the sentence embedder)"
+        if semantic and embedder is None
+        else "scoring fidelity"
+    )
+    fid = metrics.fidelity(
+        teacher_out,
+        student_out,
+        ground_truth=gts if any(gts) else None,
+        embedder=embedder,
+        semantic=semantic,
+        class_names=ds.class_names,
+    )
+    ground_truth = fid.pop("ground_truth", None)
     say("counting teacher model sizes")
     t_fp = cost.teacher_footprint(graph)
     cost_out["teacher_bytes"] = t_fp["bytes"]
