@@ -139,8 +139,11 @@ def test_degraded_student_and_the_report(tmp_path: Path, synthetic: Path) -> Non
         embedder=_bag_embedder,
         teacher_timing=False,
         student_repeats=1,
+        val=True,
     )
     f = res["fidelity"]
+    assert res["fidelity_val"]["n"] == open_dataset(synthetic).splits["val"]
+    assert 0.0 < res["fidelity_val"]["answer_exact"] < 1.0
     assert 0.0 < f["answer_exact"] < 1.0
     assert 0.0 < f["mask_miou"] < 1.0
     assert f["sources_recall"] == pytest.approx(1.0)
@@ -185,6 +188,10 @@ def test_degraded_student_and_the_report(tmp_path: Path, synthetic: Path) -> Non
     # worst disagreement first
     shown = [float(x) for x in page.disagreements]
     assert shown == sorted(shown, reverse=True) and shown[0] > 0
+
+    assert "run_a (val split)" in text
+    with pytest.raises(ValueError, match="n_inputs"):
+        build_report([run], tmp_path / "bad.html", scaling={"points": [{"filtered": True}]}, gallery_n=0)
 
     md = markdown_summary(res)
     assert f"{f['answer_exact']:.3f}" in md and "| Box mAP@0.5 |" in md

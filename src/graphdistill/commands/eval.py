@@ -85,6 +85,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                 teacher_n=args.teacher_n,
                 student_repeats=args.repeats,
                 bundles=args.bundle,
+                val=getattr(args, "val", False),
                 semantic=args.semantic,
                 graph_spec=args.graph,
                 progress=progress,

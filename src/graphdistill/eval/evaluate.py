@@ -116,6 +116,7 @@ def evaluate_run(
     student_repeats: int = 5,
     teacher_repeats: int = 1,
     bundles: Sequence[str | os.PathLike[str]] = (),
+    val: bool = False,
     embedder: Any | None = None,
     semantic: bool = True,
     graph_spec: str | None = None,
@@ -123,7 +124,8 @@ def evaluate_run(
     progress: Progress | None = None,
     status: Status | None = None,
 ) -> dict[str, Any]:
-    """Everything ``graphdistill eval`` reports; see the module docstring for the shape.
+    """Everything ``graphdistill eval`` reports; see the module docstring for the shape. ``val`` also scores
+    the val split (``fidelity_val``).
 
     ``predictor`` (anything with ``.predict(image, question)``) replaces ``load_student(run)``, e.g. a
     student already in memory; sizes still come from ``RUN/model.safetensors``.
@@ -227,6 +229,8 @@ def evaluate_run(
         if semantic and embedder is None
         else "scoring fidelity"
     )
+    if semantic and embedder is None:
+        embedder = metrics.default_embedder()
     fid = metrics.fidelity(
         teacher_out,
         student_out,
@@ -236,6 +240,21 @@ def evaluate_run(
         class_names=ds.class_names,
     )
     ground_truth = fid.pop("ground_truth", None)
+    fid_val = None
+    if val and split != "val" and ds.splits.get("val"):
+        val_rows = ds.rows("val")
+        val_out = []
+        for i, row in enumerate(val_rows):
+            val_out.append(_jsonable_output(predictor.predict(ds.image(row), row["question"])))
+            if progress:
+                progress("student on val", i + 1, len(val_rows))
+        fid_val = metrics.compare_outputs(
+            [output_of_row(r) for r in val_rows],
+            val_out,
+            embedder=embedder,
+            semantic=semantic,
+            class_names=ds.class_names,
+        )
     say("counting teacher model sizes")
     t_fp = cost.teacher_footprint(graph)
     cost_out["teacher_bytes"] = t_fp["bytes"]
@@ -272,6 +291,8 @@ def evaluate_run(
         "cost": cost_out,
         "rows": per_row,
     }
+    if fid_val is not None:
+        result["fidelity_val"] = fid_val
     if exported:
         result["exported"] = exported
     if ground_truth is not None:

@@ -306,16 +306,23 @@ def render_html(
     ]
     # fidelity table: one column per run (+ human-label columns of the first run when present)
     head = "".join(f"<th>{_e(n)}</th>" for n, _ in evs)
+    val = ev0.get("fidelity_val")
+    if val:
+        head += f"<th>{_e(name0)} (val split)</th>"
     gt = ev0.get("ground_truth")
     if gt:
         head += "<th>student vs human labels</th><th>teacher vs human labels</th>"
     rows = []
     for key, label in FIDELITY_ROWS:
         cells = "".join(f"<td>{fmt_num(ev['fidelity'].get(key))}</td>" for _, ev in evs)
+        if val:
+            cells += f"<td>{fmt_num(val.get(key))}</td>"
         if gt:
             cells += f"<td>{fmt_num(gt['student'].get(key))}</td><td>{fmt_num(gt['teacher'].get(key))}</td>"
         rows.append(f"<tr><td>{_e(label)}</td>{cells}</tr>")
     n_row = "".join(f"<td>{_e(ev.get('n'))} ({_e(ev.get('split'))})</td>" for _, ev in evs)
+    if val:
+        n_row += f"<td>{_e(val.get('n'))} (val)</td>"
     rows.append(f"<tr><td>held-out inputs</td>{n_row}{'<td></td><td></td>' if gt else ''}</tr>")
     parts += [
         '<section id="fidelity-section"><h2>Fidelity to the teacher</h2>',
@@ -433,8 +440,8 @@ def build_report(
         meta = read_json(run / "meta.json") if (run / "meta.json").exists() else {}
         evs.append((run.name, ev))
         sizes.append(train_size(run, ev, meta))
-    gallery = gallery_items(Path(runs[0]), evs[0][1], gallery_n, progress, predictor) if gallery_n > 0 else []
     points = validate_scaling(scaling) if scaling is not None else None
+    gallery = gallery_items(Path(runs[0]), evs[0][1], gallery_n, progress, predictor) if gallery_n > 0 else []
     text = render_html(evs, train_sizes=sizes, gallery=gallery, scaling=points)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
