@@ -38,7 +38,9 @@ def fmt_bytes(n: Any) -> str:
 
 
 def fmt_ratio(v: Any) -> str:
-    return "n/a" if v is None else f"{float(v):.1f}×"
+    if v is None:
+        return "n/a"
+    return f"{float(v):.0f}×" if float(v) >= 100 else f"{float(v):.1f}×"
 
 
 def headline(ev: Mapping[str, Any]) -> str:
