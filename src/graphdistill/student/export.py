@@ -251,7 +251,12 @@ def _manifest(
             "max_answer_len": cfg.max_answer_len,
             "update": "decode_step writes this position's key/value and returns the whole cache",
         },
-        "preprocessing": loaded.preprocessing,
+        "preprocessing": {
+            "rule": "RGB uint8 HxWx3; scale s = size / max(H, W); resize to round(W*s) x round(H*s) (each "
+            "clamped to 1..size) with the interpolation filter (Pillow); paste at the top-left of a size x size "
+            "canvas filled with pad_value; x = (pixel / 255 - mean) / std per channel; float32 NCHW, N = 1",
+            **loaded.preprocessing,
+        },
         "output_decoding": {
             "boxes": "cx, cy, w, h in 0..1 of the letterboxed canvas; pixels = value * size / scale, "
             "then x1 = clip(cx - w/2, 0, W), x2 = clip(cx + w/2, x1, W) (same for y)",

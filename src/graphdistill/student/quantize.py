@@ -26,13 +26,24 @@ def quantize_pt2e(module: Any, example: tuple[Any, ...], calibration: Sequence[t
     torch = require("torch")
     pt2e = require("torchao.quantization.pt2e.quantize_pt2e", purpose="int8 export")
     xq = require("executorch.backends.xnnpack.quantizer.xnnpack_quantizer", purpose="int8 export")
-    quantizer = xq.XNNPACKQuantizer().set_global(xq.get_symmetric_quantization_config(is_per_channel=True))
+    class Quantizer(xq.XNNPACKQuantizer):  # type: ignore[misc]
+        # its "cat" annotator ignores the filter and would observe the encoder's bool padding-mask cat
+        SUPPORTED_PATTERNS = [p for p in xq.XNNPACKQuantizer.SUPPORTED_PATTERNS if p.name != "cat"]
+
+    quantizer = Quantizer().set_global(xq.get_symmetric_quantization_config(is_per_channel=True))
+    quantizer.set_filter_function(_float_only)  # never observe the bool attention masks
     graph = torch.export.export(module, example).module()
     prepared = pt2e.prepare_pt2e(graph, quantizer)
     with torch.no_grad():
         for args in calibration:
             prepared(*args)
     return pt2e.convert_pt2e(prepared)
+
+
+def _float_only(node: Any) -> bool:
+    """Quantize a node only when it and every tensor it reads are floating point."""
+    vals = [node.meta.get("val")] + [a.meta.get("val") for a in node.all_input_nodes]
+    return all(getattr(getattr(v, "dtype", None), "is_floating_point", True) for v in vals)
 
 
 class _Reader:
