@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -120,8 +121,9 @@ def main() -> None:
         "preset": args.preset,
         "machine": {
             "platform": platform.platform(),
-            "cpu_count": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
+            "load_average_at_start": os.getloadavg(),  # other work on the machine skews every number
         },
         "query": [bench_query(args.preset, t, args.answer_tokens, args.repeats) for t in (1, 2)],
     }

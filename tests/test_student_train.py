@@ -249,3 +249,11 @@ def test_train_and_predict_commands_end_to_end(
     assert "nope" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "missing-ds"), "--out", str(run), "--epochs", "1"]) == 2
     assert "missing-ds" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_max_minutes_stops_training_and_still_saves(dataset: Path, tmp_path: Path) -> None:
+    metrics = train(_cfg(dataset, tmp_path / "timed", epochs=None, max_minutes=1e-4))
+    assert metrics["epochs"] == 1 and metrics["steps"] == 1
+    assert (tmp_path / "timed" / "model.safetensors").is_file()
+    assert (tmp_path / "timed" / "checkpoints" / "last.pt").is_file()

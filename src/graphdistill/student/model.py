@@ -21,7 +21,7 @@ Why this shape (speed target: a whole query ≤ 30 ms eager on a 2-core CPU):
   stays small; the fine tokens exist for the mask head only (they never enter a transformer).
 - Masks are a dot product of a per-query embedding with a low-resolution pixel feature map, upsampled
   bilinearly to ``mask_size`` — a prototype spent 16–18 ms in a single 3×3 conv mask head.
-- The KV cache is written with a one-hot blend (no data-dependent indexing or Python branching), so
+- The KV cache is written with ``torch.where`` on a position mask (no data-dependent indexing or branching), so
   ``decode_step`` exports as one static graph.
 """
 
@@ -189,11 +189,11 @@ class DecoderLayer(nn.Module):
     def step(
         self, x: Tensor, mem: Tensor, k_cache: Tensor, v_cache: Tensor, write: Tensor, valid: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """One token ``x`` [B,1,D]; caches [B,H,T,hd]; ``write`` [b,1,T,1] one-hot of this position;
+        """One token ``x`` [B,1,D]; caches [B,H,T,hd]; ``write`` [b,1,T,1] bool, True at this position;
         ``valid`` [b,1,1,T] positions ≤ this one. Returns (x, new k cache, new v cache)."""
         q, k, v = (self._split(t) for t in self.qkv(self.ln1(x)).chunk(3, dim=-1))
-        k_cache = k_cache * (1.0 - write) + k * write  # static-shape cache write (no indexing)
-        v_cache = v_cache * (1.0 - write) + v * write
+        k_cache = torch.where(write, k, k_cache)  # static-shape cache write (no indexing)
+        v_cache = torch.where(write, v, v_cache)
         att = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=valid)
         x = x + self.proj(self._merge(att))
         x = x + self._cross(x, mem)
@@ -348,7 +348,7 @@ class Student(nn.Module):
         pos = position.reshape(-1, 1)  # [b,1], b ∈ {1, B}
         x = self.tok_emb(token) + self.a_pos(pos)
         ar = torch.arange(t_max, device=token.device).view(1, t_max)
-        write = (ar == pos).to(x.dtype).view(-1, 1, t_max, 1)
+        write = (ar == pos).view(-1, 1, t_max, 1)
         valid = (ar <= pos).view(-1, 1, 1, t_max)
         ctx = memory[:, : self.n_ctx]
         new = []
