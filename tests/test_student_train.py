@@ -150,7 +150,13 @@ def test_run_folder_is_complete_and_reloads_to_identical_outputs(
 @pytest.mark.slow
 def test_resume_after_an_interrupted_run_matches_a_straight_run(dataset: Path, tmp_path: Path) -> None:
     straight = train(_cfg(dataset, tmp_path / "straight", epochs=2))
-    train(_cfg(dataset, tmp_path / "resumed", epochs=1))  # "killed" after epoch 1's checkpoint
+
+    def kill_after_first_epoch(record: dict[str, Any]) -> None:
+        raise KeyboardInterrupt  # as if the process were killed once epoch 1's checkpoint is on disk
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(dataset, tmp_path / "resumed", epochs=2), on_epoch=kill_after_first_epoch)
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
     recipe = TrainRecipe(_cfg(dataset, tmp_path / "resumed", epochs=2, resume=True))
     recipe.setup()
     assert recipe.epoch == 1 and recipe.step == 1
