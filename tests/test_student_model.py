@@ -129,6 +129,10 @@ def test_decode_step_matches_full_recompute_at_every_position(model: Student) ->
         for t in range(cfg.max_answer_len):
             logits, cache = model.decode_step(seq[:, t : t + 1], torch.tensor([t]), memory, cache)
             torch.testing.assert_close(logits, full[:, t], atol=1e-4, rtol=1e-4)
+            fast, _ = model.decode_step(
+                seq[:, t : t + 1], torch.tensor([t]), memory, cache, model.cross_kv(memory)
+            )
+            torch.testing.assert_close(fast, logits, atol=1e-5, rtol=1e-5)
         assert cache.shape == (cfg.dec_layers, 2, 2, cfg.n_heads, cfg.max_answer_len, cfg.head_dim)
         # per-row positions ([B,1]) give the same result as a shared one ([1])
         c1, _ = model.decode_step(seq[:, :1], torch.tensor([[0], [0]]), memory, model.empty_cache(2))

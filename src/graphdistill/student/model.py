@@ -174,10 +174,16 @@ class DecoderLayer(nn.Module):
         b, _, t, _ = x.shape
         return x.transpose(1, 2).reshape(b, t, self.n_heads * self.hd)
 
-    def _cross(self, x: Tensor, mem: Tensor) -> Tensor:
-        q = self._split(self.q_x(self.ln2(x)))
+    def cross_kv(self, mem: Tensor) -> Tensor:
+        """Cross-attention keys/values of the memory, [2,B,H,M,hd]: constant over a whole answer."""
         k, v = self.kv_x(mem).chunk(2, dim=-1)
-        return self.proj_x(self._merge(F.scaled_dot_product_attention(q, self._split(k), self._split(v))))
+        return torch.stack([self._split(k), self._split(v)])
+
+    def _cross(self, x: Tensor, mem: Tensor, kv: Tensor | None = None) -> Tensor:
+        q = self._split(self.q_x(self.ln2(x)))
+        if kv is None:
+            kv = self.cross_kv(mem)
+        return self.proj_x(self._merge(F.scaled_dot_product_attention(q, kv[0], kv[1])))
 
     def forward(self, x: Tensor, mem: Tensor) -> Tensor:
         """Teacher-forced pass over a whole sequence (causal)."""
@@ -187,7 +193,14 @@ class DecoderLayer(nn.Module):
         return x + self.ffn(self.ln3(x))
 
     def step(
-        self, x: Tensor, mem: Tensor, k_cache: Tensor, v_cache: Tensor, write: Tensor, valid: Tensor
+        self,
+        x: Tensor,
+        mem: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        write: Tensor,
+        valid: Tensor,
+        cross: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One token ``x`` [B,1,D]; caches [B,H,T,hd]; ``write`` [b,1,T,1] bool, True at this position;
         ``valid`` [b,1,1,T] positions ≤ this one. Returns (x, new k cache, new v cache)."""
@@ -196,7 +209,7 @@ class DecoderLayer(nn.Module):
         v_cache = torch.where(write, v, v_cache)
         att = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=valid)
         x = x + self.proj(self._merge(att))
-        x = x + self._cross(x, mem)
+        x = x + self._cross(x, mem, cross)
         return x + self.ffn(self.ln3(x)), k_cache, v_cache
 
 
@@ -339,11 +352,23 @@ class Student(nn.Module):
             cfg.dec_layers, 2, batch, cfg.n_heads, cfg.max_answer_len, cfg.head_dim, device=device
         )
 
+    def cross_kv(self, memory: Tensor) -> Tensor:
+        """Every decoder layer's cross-attention keys/values, [L,2,B,H,R+Gc,hd]; compute once per query
+        and pass to :meth:`decode_step` to skip re-projecting the memory at every token."""
+        ctx = memory[:, : self.n_ctx]
+        return torch.stack([layer.cross_kv(ctx) for layer in self.dec if isinstance(layer, DecoderLayer)])
+
     def decode_step(
-        self, token: Tensor, position: Tensor, memory: Tensor, kv_cache: Tensor
+        self,
+        token: Tensor,
+        position: Tensor,
+        memory: Tensor,
+        kv_cache: Tensor,
+        cross_kv: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """token [B,1] int64, position [B,1] or [1] int64 (0 = the <bos> slot), memory [B,M,D],
-        kv_cache [L,2,B,H,T,hd] -> (next-token logits [B,V], updated kv_cache)."""
+        kv_cache [L,2,B,H,T,hd], optional cross_kv from :meth:`cross_kv` (same result, faster)
+        -> (next-token logits [B,V], updated kv_cache)."""
         t_max = self.config.max_answer_len
         pos = position.reshape(-1, 1)  # [b,1], b ∈ {1, B}
         x = self.tok_emb(token) + self.a_pos(pos)
@@ -354,7 +379,8 @@ class Student(nn.Module):
         new = []
         for i, layer in enumerate(self.dec):
             assert isinstance(layer, DecoderLayer)
-            x, k, v = layer.step(x, ctx, kv_cache[i, 0], kv_cache[i, 1], write, valid)
+            cross = None if cross_kv is None else cross_kv[i]
+            x, k, v = layer.step(x, ctx, kv_cache[i, 0], kv_cache[i, 1], write, valid, cross)
             new.append(torch.stack([k, v]))
         logits = self.dec_norm(x[:, 0]) @ self.tok_emb.weight.T  # tied output embedding
         return logits, torch.stack(new)
@@ -398,11 +424,12 @@ class Student(nn.Module):
         tok = torch.full((b, 1), BOS_ID, dtype=torch.long, device=dev)
         seq = tok
         cache = self.empty_cache(b, dev)
+        cross = self.cross_kv(memory) if use_cache else None
         done = torch.zeros(b, dtype=torch.bool, device=dev)
         out = []
         for i in range(n):
             if use_cache:
-                logits, cache = self.decode_step(tok, torch.tensor([i], device=dev), memory, cache)
+                logits, cache = self.decode_step(tok, torch.tensor([i], device=dev), memory, cache, cross)
             else:
                 logits = self.decode_full(seq, memory)[:, -1]
             nxt = logits.argmax(-1)
