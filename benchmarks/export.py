@@ -100,8 +100,12 @@ def main() -> int:
                 t0 = time.perf_counter()
                 try:
                     m = export_run(run, fmt, root / key, quantize=q, n_calibration=n, n_heldout=n)
-                except ExportError as exc:
+                except ExportError as exc:  # the gate failed: record it
                     results[key] = {"error": str(exc)}
+                    continue
+                except Exception as exc:  # a toolchain failure of one bundle must not hide the others
+                    logging.exception("export %s failed", key)
+                    results[key] = {"error": f"{type(exc).__name__}: {exc}"}
                     continue
                 model_bytes = sum(v for f, v in m["file_bytes"].items() if f != "tokenizer.json")
                 results[key] = {

@@ -35,6 +35,10 @@ def export_executorch(
                 log.info("PT2E int8: calibrating %s on %d inputs", name, len((calibration or {})[name]))
                 module = quantize_pt2e(module, example, (calibration or {})[name])
             exported[name] = torch.export.export(module, example)
+    if quantize == "int8":
+        # out-variants of the quantized ops XNNPACK does not take (e.g. a per-channel dequantize of the tied
+        # embedding): without them to_executorch() fails with "Missing out variants"
+        require("executorch.kernels.quantized", purpose="int8 ExecuTorch export")
     log.info("lowering %s to XNNPACK", sorted(exported))
     edge = exir.to_edge_transform_and_lower(exported, partitioner=[xnn.XnnpackPartitioner()])
     program = edge.to_executorch()
