@@ -172,20 +172,27 @@ class BundleRunner:
         self.manifest = m = read_manifest(self.root)
         if m["runtime"] not in RUNTIMES:
             raise BundleError(f"{self.root / MANIFEST}: unknown runtime {m['runtime']!r}")
-        tok = m["tokenizer"]
         try:
+            tok = m["tokenizer"]
             self.tokenizer = ByteLevelBPE.from_file(self.root / tok["file"])
-        except TokenizerError as exc:
-            raise BundleError(f"bundle tokenizer: {exc}") from exc
-        self.pad_id, self.bos_id, self.eos_id = tok["pad_id"], tok["bos_id"], tok["eos_id"]
-        self.max_question_len = int(tok["max_question_len"])
-        kv = m["kv_cache"]
-        self.kv_shape, self.max_steps = [int(s) for s in kv["shape"]], int(kv["max_answer_len"]) - 1
-        self.spec = m["preprocessing"]
-        self.decoding = m["output_decoding"]
-        self.class_names: list[str] = m["class_names"]
-        self.document_ids = [d["id"] for d in m["documents"]]
-        self.programs = RUNTIMES[m["runtime"]](self.root, m, threads)
+            self.pad_id, self.bos_id, self.eos_id = tok["pad_id"], tok["bos_id"], tok["eos_id"]
+            self.max_question_len = int(tok["max_question_len"])
+            kv = m["kv_cache"]
+            self.kv_shape, self.max_steps = [int(s) for s in kv["shape"]], int(kv["max_answer_len"]) - 1
+            self.spec = m["preprocessing"]
+            self.decoding = m["output_decoding"]
+            self.class_names: list[str] = m["class_names"]
+            self.document_ids = [d["id"] for d in m["documents"]]
+        except (KeyError, TypeError, TokenizerError) as exc:
+            raise BundleError(
+                f"{self.root / MANIFEST} is incomplete or its tokenizer unusable: {exc!r}"
+            ) from exc
+        try:
+            self.programs = RUNTIMES[m["runtime"]](self.root, m, threads)
+        except BundleError:
+            raise
+        except Exception as exc:  # the runtime's own load errors, named with the bundle
+            raise BundleError(f"cannot load the {m['runtime']} programs of {self.root}: {exc}") from exc
 
     def encode_question(self, question: str) -> tuple[np.ndarray, np.ndarray]:
         ids = self.tokenizer.encode(question)[: self.max_question_len]
