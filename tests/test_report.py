@@ -362,11 +362,14 @@ def test_eval_and_report_commands_on_a_real_tiny_run(
     assert "http://" not in out.read_text() and "https://" not in out.read_text()
 
     capsys.readouterr()
-    rc = main(["eval", str(run), "--dataset", str(ds), "--json", "--no-teacher-timing", "--repeats", "2"])
+    rc = main(
+        ["eval", str(run), "--dataset", str(ds), "--json", "--no-teacher-timing", "--repeats", "2", "--val"]
+    )
     assert rc == 0
     printed = json.loads(capsys.readouterr().out)
     saved = json.loads((run / "eval.json").read_text())
     assert printed["n"] == saved["n"] == open_dataset(ds).splits["test"]
+    assert printed["fidelity_val"]["n"] == open_dataset(ds).splits["val"] > 0
     for k in FIDELITY_KEYS:
         assert isinstance(printed["fidelity"][k], float) and 0.0 <= printed["fidelity"][k] <= 1.0, k
     for k in ("student_ms", "teacher_bytes", "student_bytes"):

@@ -38,6 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--graph", default=None, help="teacher graph spec (module:attr or file.py:attr); default visual_rag"
     )
+    p.add_argument("--val", action="store_true", help="also score the val split (fidelity_val in eval.json)")
+    p.add_argument(
+        "--semantic-threshold",
+        type=float,
+        default=0.8,
+        help="MiniLM cosine at or above which two answers mean the same (0.8)",
+    )
     p.add_argument(
         "--no-semantic", dest="semantic", action="store_false", help="skip the MiniLM answer agreement"
     )
@@ -85,7 +92,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                 teacher_n=args.teacher_n,
                 student_repeats=args.repeats,
                 bundles=args.bundle,
-                val=getattr(args, "val", False),
+                val=args.val,
+                semantic_threshold=args.semantic_threshold,
                 semantic=args.semantic,
                 graph_spec=args.graph,
                 progress=progress,

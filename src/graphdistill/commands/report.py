@@ -76,6 +76,8 @@ def _ensure_eval(run: Path, args: argparse.Namespace) -> None:
         repeats=5,
         bundle=[],
         semantic=True,
+        semantic_threshold=0.8,
+        val=False,
         graph=None,
     )
     run_eval(ns)

@@ -117,6 +117,7 @@ def evaluate_run(
     teacher_repeats: int = 1,
     bundles: Sequence[str | os.PathLike[str]] = (),
     val: bool = False,
+    semantic_threshold: float = metrics.DEFAULT_SEMANTIC_THRESHOLD,
     embedder: Any | None = None,
     semantic: bool = True,
     graph_spec: str | None = None,
@@ -237,8 +238,10 @@ def evaluate_run(
         ground_truth=gts if any(gts) else None,
         embedder=embedder,
         semantic=semantic,
+        semantic_threshold=semantic_threshold,
         class_names=ds.class_names,
     )
+    fid["answer_semantic_threshold"] = semantic_threshold if semantic else None
     ground_truth = fid.pop("ground_truth", None)
     fid_val = None
     if val and split != "val" and ds.splits.get("val"):
@@ -253,6 +256,7 @@ def evaluate_run(
             val_out,
             embedder=embedder,
             semantic=semantic,
+            semantic_threshold=semantic_threshold,
             class_names=ds.class_names,
         )
     say("counting teacher model sizes")
