@@ -83,7 +83,7 @@ def row_scores(teacher: dict[str, Any], student: dict[str, Any]) -> dict[str, fl
     return scores
 
 
-def _jsonable_output(out: Any) -> dict[str, Any]:
+def jsonable_output(out: Any) -> dict[str, Any]:
     """A predictor's output with records dumped to plain JSON values."""
     d = dict(out)
     d["objects"] = [metrics.as_object(o).model_dump(mode="json") for o in d.get("objects") or []]
@@ -159,7 +159,7 @@ def evaluate_run(
             predictor = load_student(run)
         student_out: list[dict[str, Any]] = []
         for i, row in enumerate(rows):
-            student_out.append(_jsonable_output(predictor.predict(ds.image(row), row["question"])))
+            student_out.append(jsonable_output(predictor.predict(ds.image(row), row["question"])))
             if progress:
                 progress(f"student on {split}", i + 1, len(rows))
         timed_rows = rows[: max(1, teacher_n)]
@@ -190,7 +190,7 @@ def evaluate_run(
         )
         parity = metrics.compare_outputs(
             [student_out[i] for i in range(len(inputs))],
-            [_jsonable_output(o) for o in lat["outputs"]],
+            [jsonable_output(o) for o in lat["outputs"]],
             semantic=False,
             class_names=ds.class_names,
         )
@@ -216,7 +216,7 @@ def evaluate_run(
         cost_out["teacher_peak_rss_increase_bytes"] = teacher_mem.increase
         rerun = metrics.compare_outputs(
             [teacher_out[i] for i in range(len(inputs))],
-            [_jsonable_output(o) for o in t_lat["outputs"]],
+            [jsonable_output(o) for o in t_lat["outputs"]],
             semantic=False,
             class_names=ds.class_names,
         )
@@ -248,7 +248,7 @@ def evaluate_run(
         val_rows = ds.rows("val")
         val_out = []
         for i, row in enumerate(val_rows):
-            val_out.append(_jsonable_output(predictor.predict(ds.image(row), row["question"])))
+            val_out.append(jsonable_output(predictor.predict(ds.image(row), row["question"])))
             if progress:
                 progress("student on val", i + 1, len(val_rows))
         fid_val = metrics.compare_outputs(

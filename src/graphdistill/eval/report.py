@@ -237,7 +237,7 @@ def gallery_items(
 
     Teacher outputs come from the dataset; the student is rerun on those rows (it is fast)."""
     from graphdistill.datasets.dataset import open_dataset
-    from graphdistill.eval.evaluate import _jsonable_output, output_of_row
+    from graphdistill.eval.evaluate import jsonable_output, output_of_row
 
     worst = sorted(ev.get("rows") or [], key=lambda r: -float(r.get("disagreement") or 0.0))[:n]
     if not worst:
@@ -255,7 +255,7 @@ def gallery_items(
             log.warning("gallery: row %s is no longer in %s", r["id"], ev["dataset"])
             continue
         image = ds.image(row)
-        student = _jsonable_output(predictor.predict(image, row["question"]))
+        student = jsonable_output(predictor.predict(image, row["question"]))
         teacher = output_of_row(row)
         items.append({"uri": _pil_uri(draw_pair(image, teacher, student)), "row": r, "student": student})
         if progress:
