@@ -253,7 +253,8 @@ def test_llm_conversion_cache_is_reused_and_a_corrupt_one_is_rebuilt(
     assert not [p for p in private.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
     # the rebuilt folder loads and answers exactly like the shared one
-    rebuilt = llm.HFCausalLM(max_new_tokens=8)
+    rebuilt = llm.HFCausalLM(weights=gguf, max_new_tokens=8)  # a local path: no fetch into the temp home
+    assert rebuilt.model_id == lm.model_id and rebuilt.weights_sha256 == sha
     assert rebuilt.generate(QUESTION).text == lm.generate(QUESTION, max_new_tokens=8).text
 
 

@@ -171,7 +171,10 @@ class HFCausalLM:
             folder = fast_model_dir(source, self.weights_sha256, source.stem)
         else:
             folder = source
-        reg = weights_mod.REGISTRY.get(name)
+        # a local copy of a registry file keeps the registry's model id (matched by checksum)
+        reg = weights_mod.REGISTRY.get(name) or next(
+            (s for s in weights_mod.REGISTRY.values() if s.sha256 == self.weights_sha256), None
+        )
         self.model_id = reg.model_id if reg else source.name
         t0 = time.perf_counter()
         self.tokenizer: Any = transformers.AutoTokenizer.from_pretrained(str(folder))
@@ -261,7 +264,8 @@ class HFCausalLM:
             gen_kwargs.update(do_sample=True, temperature=temp, top_p=tp, top_k=0)
         else:
             gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        devices = [self.device] if self.device.startswith("cuda") else []
+        dev = torch.device(self.device)
+        devices = [dev.index or 0] if dev.type == "cuda" else []  # fork_rng wants CUDA device indices
         with torch.random.fork_rng(devices=devices), torch.inference_mode():
             torch.manual_seed(self.seed if seed is None else seed)
             out = self.model.generate(**enc, **gen_kwargs)
