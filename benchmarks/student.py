@@ -35,7 +35,7 @@ def _full_query(model: Any, img: Any, q: Any, qm: Any, n_tokens: int) -> None:
 def bench_query(preset_name: str, threads: int, n_tokens: int, repeats: int) -> dict[str, Any]:
     import torch
 
-    from graphdistill.student.model import Student, preset
+    from graphdistill.student.model import Student, count_parameters, preset
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -68,6 +68,7 @@ def bench_query(preset_name: str, threads: int, n_tokens: int, repeats: int) -> 
             parts["heads"].append((t2 - t1) * 1000)
             parts["decode_step"].append((t3 - t2) * 1000)
     return {
+        "parameters": count_parameters(model),
         "threads": threads,
         "answer_tokens": n,
         "ms_per_query_median": statistics.median(times),
@@ -97,7 +98,7 @@ def bench_train(preset_name: str, n: int, epochs: int) -> dict[str, Any]:
         wall = time.perf_counter() - t0
         size = (Path(tmp) / "run" / "model.safetensors").stat().st_size
     return {
-        "train_rows": metrics["history"] and n,
+        "train_rows": n,
         "epochs": epochs,
         "seconds_per_epoch": metrics["seconds_per_epoch"],
         "wall_seconds_incl_setup_and_validation": wall,
