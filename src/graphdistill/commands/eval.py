@@ -29,6 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--repeats", type=int, default=5, help="timed passes of the student over those images (5)")
     p.add_argument(
+        "--teacher-repeats",
+        type=int,
+        default=1,
+        help="timed passes of the teacher graph over those images (1)",
+    )
+    p.add_argument(
         "--bundle",
         action="append",
         default=[],
@@ -62,8 +68,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         raise CommandError(f"run folder {run} does not exist")
     if not Path(args.dataset).is_dir():
         raise CommandError(f"dataset folder {args.dataset} does not exist")
-    if args.teacher_n < 1 or args.repeats < 1:
-        raise CommandError("--teacher-n and --repeats must be at least 1")
+    if min(args.teacher_n, args.repeats, args.teacher_repeats) < 1:
+        raise CommandError("--teacher-n, --repeats and --teacher-repeats must be at least 1")
     con = console(stderr=True)
     tasks: dict[str, Any] = {}
     with Progress(
@@ -91,6 +97,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                 teacher_timing=args.teacher_timing,
                 teacher_n=args.teacher_n,
                 student_repeats=args.repeats,
+                teacher_repeats=args.teacher_repeats,
                 bundles=args.bundle,
                 val=args.val,
                 semantic_threshold=args.semantic_threshold,

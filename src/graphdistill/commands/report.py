@@ -74,6 +74,7 @@ def _ensure_eval(run: Path, args: argparse.Namespace) -> None:
         teacher_timing=args.teacher_timing,
         teacher_n=3,
         repeats=5,
+        teacher_repeats=1,
         bundle=[],
         semantic=True,
         semantic_threshold=0.8,
