@@ -105,6 +105,7 @@ def _teacher_graph_file(tmp_path: Path, dataset: Path) -> str:
     return f"{tmp_path / 'lookup_graph.py'}:graph"
 
 
+@pytest.mark.slow
 def test_perfect_student_scores_one_and_teacher_is_timed(tmp_path: Path, synthetic: Path) -> None:
     run = _run_folder(tmp_path / "run", synthetic)
     res = evaluate_run(
@@ -130,6 +131,7 @@ def test_perfect_student_scores_one_and_teacher_is_timed(tmp_path: Path, synthet
     assert all(r["disagreement"] == pytest.approx(0.0) for r in res["rows"])
 
 
+@pytest.mark.slow
 def test_degraded_student_and_the_report(tmp_path: Path, synthetic: Path) -> None:
     run = _run_folder(tmp_path / "run_a", synthetic)
     res = evaluate_run(
