@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -56,6 +57,15 @@ def _inputs(cfg: StudentConfig, b: int = 2, seed: int = 0) -> tuple[torch.Tensor
     qm[1:, 6:] = False
     q[~qm] = PAD_ID
     return img, q, qm
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Any:
+    """These models are tiny: one intra-op thread is as fast as two and does not thrash a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
