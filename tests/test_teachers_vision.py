@@ -275,6 +275,8 @@ def test_segmenter_no_boxes_skips_the_encoder(monkeypatch: pytest.MonkeyPatch) -
     try:
         empty = seg.segment(chelsea, Detections(image_size=list(chelsea.shape[:2])))
         assert len(empty) == 0 and counter.calls["encoder"] == 0
+        with pytest.raises(ValueError, match="detections are for a 10x20 image"):
+            seg.segment(chelsea, Detections(image_size=[10, 20]))
         h, w = chelsea.shape[:2]
         batch = seg.segment_batch([chelsea, chelsea], [[], [[w * 0.1, h * 0.1, w * 0.9, h * 0.9]]])
     finally:

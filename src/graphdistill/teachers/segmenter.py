@@ -131,10 +131,15 @@ class SamSegmenter:
 
         With no boxes the image encoder does not run and the result is empty.
         """
+        rgb = to_rgb_uint8(image, "segmenter input")
+        if isinstance(boxes, Detections) and list(boxes.image_size) != list(rgb.shape[:2]):
+            raise ValueError(
+                f"the detections are for a {boxes.image_size[0]}x{boxes.image_size[1]} image (h x w) but the "
+                f"image to segment is {rgb.shape[0]}x{rgb.shape[1]}; pass the image they were detected on"
+            )
         box_arr = boxes_array(boxes)
         if len(box_arr) == 0:
             return Masks()
-        rgb = to_rgb_uint8(image, "segmenter input")
         torch = require("torch")
         predictor = self._predictor
         with torch.inference_mode():
