@@ -74,7 +74,11 @@ class StudentPredictor:
             p = heads["source_logits"][0].sigmoid().cpu()
             order = torch.argsort(p, descending=True).tolist()
             sources = [self.doc_ids[i] for i in order if i < len(self.doc_ids) and p[i] >= source_threshold]
-        return {"answer": answer, "objects": objects, "sources": sources}
+        result: dict[str, Any] = {"answer": answer, "objects": objects, "sources": sources}
+        for key, value in heads.items():  # EMBEDDING outputs of the teacher graph, by their field name
+            if key.startswith("embedding:"):
+                result[key.split(":", 1)[1]] = value[0].float().cpu().tolist()
+        return result
 
     def _objects(
         self, heads: dict[str, torch.Tensor], h: int, w: int, scale: float, thr: float
