@@ -76,7 +76,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("torch", "executorch", "torchao", "onnx", "onnxruntime", "root"):
+    for noisy in ("torch", "executorch", "torchao", "onnx", "onnxruntime"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from graphdistill._env import apply_offline_env
 
