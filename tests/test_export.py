@@ -20,6 +20,9 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
     pytest.mark.filterwarnings("ignore:.*Enum subclass.*:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:.*Enum subclass.*:FutureWarning"),
+    # executorch.exir reads its edge.yaml with the legacy importlib.resources API
+    pytest.mark.filterwarnings("ignore:open_text is deprecated:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:read_text is deprecated:DeprecationWarning"),
 ]
 
 TINY = dict(
