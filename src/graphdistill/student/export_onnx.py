@@ -16,6 +16,8 @@ from graphdistill.student.quantize import quantize_onnx
 log = logging.getLogger(__name__)
 
 OPSET = 18
+# programs quantized with dynamic int8 (see graphdistill.student.quantize); the rest static QDQ
+DYNAMIC_INT8 = {"decode_step": "dynamic"}
 
 
 def export_onnx(
@@ -59,7 +61,7 @@ def export_onnx(
                 {n: np.ascontiguousarray(t.numpy()) for n, t in zip(inputs, args, strict=True)}
                 for args in (calibration or {})[name]
             ]
-            methods[name] = quantize_onnx(target, path, feeds)
+            methods[name] = quantize_onnx(target, path, feeds, DYNAMIC_INT8.get(name, "static"))
             target.unlink()
         files[name] = path.name
     return {"files": files, "quantization": methods}

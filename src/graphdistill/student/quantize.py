@@ -3,8 +3,10 @@
 - ExecuTorch: PT2E static quantization (torchao ``prepare_pt2e`` / ``convert_pt2e``) with ExecuTorch's
   ``XNNPACKQuantizer``: symmetric per-channel int8 weights, int8 activations, observers calibrated by running
   the prepared graph on calibration inputs; XNNPACK then runs the quantized ops.
-- ONNX: onnxruntime's ``quantize_static`` (QDQ format, per-channel int8 weights, activations calibrated on
-  the same inputs) with ``quantize_dynamic`` as the fallback for graphs static QDQ cannot handle.
+- ONNX: ``encode`` through onnxruntime's ``quantize_static`` (QDQ format, per-channel int8 weights,
+  activations calibrated on the same inputs; ``quantize_dynamic`` if static fails); ``decode_step`` through
+  ``quantize_dynamic`` (int8 weights, activation ranges per call): a one-token decoder's activations vary
+  from step to step, and static ranges cost answer fidelity there (measured: -0.08 answer token F1).
 """
 
 from __future__ import annotations
@@ -60,9 +62,14 @@ class _Reader:
         pass
 
 
-def quantize_onnx(src: Path, dst: Path, calibration: Sequence[dict[str, np.ndarray]]) -> str:
+def quantize_onnx(
+    src: Path, dst: Path, calibration: Sequence[dict[str, np.ndarray]], method: str = "static"
+) -> str:
     """Float ONNX -> int8 ONNX. Returns the method used ("static-qdq" or "dynamic")."""
     q = require("onnxruntime.quantization", purpose="int8 export")
+    if method == "dynamic":
+        q.quantize_dynamic(str(src), str(dst), weight_type=q.QuantType.QInt8)
+        return "dynamic"
     try:
         q.quantize_static(
             str(src),
