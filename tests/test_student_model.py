@@ -276,3 +276,123 @@ def test_answer_kl_is_zero_when_the_student_matches_the_teacher_top_k() -> None:
     shifted[..., 0] -= 3.0
     assert float(answer_kl(logits, top.indices, shifted, valid)) > 0.01
     assert float(answer_kl(logits, top.indices, top.values, valid & False)) == 0.0
+
+
+# ---- heads derived from the teacher graph's output schema ------------------------------------------------
+
+
+def _schema(*outputs: tuple[str, str]) -> dict[str, Any]:
+    return {
+        "name": "g",
+        "inputs": [{"name": "image", "kind": "image"}, {"name": "question", "kind": "text"}],
+        "outputs": [{"name": n, "kind": k} for n, k in outputs],
+    }
+
+
+OBJECT_PARAMS = ("queries", "det_", "box_head", "class_head")
+MASK_PARAMS = ("mask_embed", "pixel_proj", "fine_")
+TEXT_PARAMS = ("dec.", "dec_norm", "a_pos")
+
+
+def _has(model: Student, prefixes: tuple[str, ...]) -> bool:
+    return any(k.startswith(prefixes) for k in model.state_dict())
+
+
+def test_a_text_only_schema_builds_no_detection_mask_or_sources_params() -> None:
+    from graphdistill.student.model import config_from_schema
+
+    cfg = config_from_schema(_schema(("reply", "text")), "tiny", **SMALL)
+    assert cfg.outputs == {"reply": "text"}
+    m = Student(cfg).eval()
+    assert not _has(m, OBJECT_PARAMS + MASK_PARAMS + ("source_head",))
+    assert _has(m, TEXT_PARAMS)
+    full = Student(StudentConfig(**SMALL))  # type: ignore[arg-type]
+    assert count_parameters(m) < count_parameters(full)
+    img, q, qm = _inputs(cfg)
+    with torch.no_grad():
+        memory = m.encode(img, q, qm)
+        assert memory.shape[1] == m.memory_len == m.n_ctx  # no fine pixel tokens without a mask head
+        assert m.heads(memory) == {}
+        out = m(img, q, qm, torch.randint(0, cfg.vocab_size, (2, 5)))
+        assert set(out) == {"answer_logits"}
+        assert m.generate(img, q, qm, max_len=4).shape == (2, 4)
+    # the config (with its outputs) round-trips through config.json
+    assert StudentConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_schema_without_text_has_no_decoder_and_generate_says_why() -> None:
+    from graphdistill.student.model import config_from_schema
+
+    cfg = config_from_schema(_schema(("dets", "detections"), ("sources", "sources")), **SMALL)
+    m = Student(cfg).eval()
+    assert not _has(m, TEXT_PARAMS + MASK_PARAMS)
+    img, q, qm = _inputs(cfg)
+    with torch.no_grad():
+        out = m(img, q, qm, torch.zeros(2, 3, dtype=torch.long))
+    assert set(out) == {"boxes", "class_logits", "source_logits"}  # DETECTIONS: boxes without masks
+    for call in (
+        lambda: m.generate(img, q, qm),
+        lambda: m.decode_step(
+            torch.zeros(2, 1, dtype=torch.long), torch.tensor([0]), out["boxes"], out["boxes"]
+        ),
+    ):
+        with pytest.raises(RuntimeError, match="no text head"):
+            call()
+
+
+def test_the_full_visual_rag_schema_gives_todays_heads_and_weights() -> None:
+    from graphdistill.datasets.dataset import synthetic_graph_schema
+    from graphdistill.student.model import DEFAULT_OUTPUTS, config_from_schema
+
+    cfg = config_from_schema(synthetic_graph_schema(), **SMALL)
+    old = dict(StudentConfig(**SMALL).to_dict())  # type: ignore[arg-type]
+    old.pop("outputs")  # a config.json written before `outputs` existed
+    legacy = StudentConfig.from_dict(old)
+    assert cfg == legacy and cfg.outputs == DEFAULT_OUTPUTS
+    torch.manual_seed(0)
+    a = Student(cfg)
+    torch.manual_seed(0)
+    b = Student(legacy)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb) and count_parameters(a) == count_parameters(b)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert a.memory_len == a.n_ctx + a.grid_f**2
+    img, q, qm = _inputs(cfg)
+    with torch.no_grad():
+        assert set(a.heads(a.encode(img, q, qm))) == {"boxes", "class_logits", "mask_logits", "source_logits"}
+
+
+def test_embedding_outputs_get_a_regression_head_and_bad_schemas_fail_clearly() -> None:
+    from graphdistill.student.model import config_from_schema
+
+    schema = _schema(("answer", "text"), ("clip", "embedding"), ("raw", "json"))
+    cfg = config_from_schema(schema, embedding_dims={"clip": 6}, **SMALL)
+    assert cfg.outputs == {"answer": "text", "clip": "embedding"}  # JSON has no head: skipped
+    m = Student(cfg).eval()
+    img, q, qm = _inputs(cfg)
+    with torch.no_grad():
+        assert set(m.heads(m.encode(img, q, qm))) == {"embedding:clip"}
+    # an embedding without a known size cannot be learnt: left out (with a warning)
+    assert config_from_schema(schema, **SMALL).outputs == {"answer": "text"}
+    with pytest.raises(ValueError, match="none of its outputs"):
+        config_from_schema(_schema(("raw", "json")), **SMALL)
+    with pytest.raises(ValueError, match="one such head"):
+        StudentConfig(outputs={"a": "text", "b": "text"})
+    with pytest.raises(ValueError, match="heads for kinds"):
+        StudentConfig(outputs={"a": "number"})
+    with pytest.raises(ValueError, match="no dimension"):
+        StudentConfig(outputs={"e": "embedding"})
+
+
+def test_embedding_loss_is_one_minus_cosine_over_rows_that_have_the_target() -> None:
+    pred = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    batch = {
+        "embedding:e": torch.tensor([[2.0, 0.0], [1.0, 0.0]]),
+        "embedding:e:valid": torch.tensor([True, False]),
+    }
+    losses = compute_losses({"embedding:e": pred}, batch)
+    assert float(losses["embedding:e"]) == pytest.approx(0.0, abs=1e-6)  # row 2 has no target
+    batch["embedding:e:valid"] = torch.tensor([True, True])
+    assert float(compute_losses({"embedding:e": pred}, batch)["embedding:e"]) == pytest.approx(0.5)
+    assert set(compute_losses({"embedding:e": pred}, batch)) == {"embedding:e", "total"}

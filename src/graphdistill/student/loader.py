@@ -12,6 +12,7 @@ batches it with a plain ``DataLoader``.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -46,6 +47,35 @@ def preprocess_spec(image_size: int) -> dict[str, Any]:
         "boxes": "cx,cy,w,h in 0..1 of the letterboxed square; pixels = value * size / scale_factor",
         "scale_factor": "size / max(height, width)",
     }
+
+
+def row_embeddings(row: dict[str, Any]) -> dict[str, list[float]]:
+    """A row's optional ``embeddings`` column — JSON ``{output name: [float, ...]}`` (or that dict, or
+    null) — holding the teacher's EMBEDDING outputs for feature distillation."""
+    raw = row.get("embeddings")
+    if raw is None or raw == "":
+        return {}
+    try:
+        data = json.loads(raw) if isinstance(raw, str | bytes) else raw
+    except ValueError as exc:
+        raise ValueError(f"row {row.get('id')!r}: embeddings is not valid JSON ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"row {row.get('id')!r}: embeddings must be a JSON object {{name: [floats]}}")
+    return {str(k): [float(x) for x in v] for k, v in data.items() if v is not None}
+
+
+def embedding_dims_of(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """The size of each embedding the rows carry (first row that has it); clear error on a mismatch."""
+    dims: dict[str, int] = {}
+    for row in rows:
+        for name, vec in row_embeddings(row).items():
+            if dims.setdefault(name, len(vec)) != len(vec):
+                raise ValueError(
+                    f"row {row.get('id')!r}: embedding {name!r} has {len(vec)} values, other rows {dims[name]}"
+                )
+    return dims
 
 
 def letterbox_scale(height: int, width: int, size: int) -> float:
@@ -87,8 +117,10 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
     Keys: image [3,S,S]; question_ids [Lq] int64; question_mask [Lq] bool; answer_in [La]; answer_target
     [La] (−100 = ignore); boxes [Q,4] cxcywh in 0..1; classes [Q] (−1 = none); masks [Q,m,m]; n_objects [];
-    sources [K] multi-hot; topk_ids [La,k], topk_logprobs [La,k], topk_valid [La] (soft targets, see
-    :mod:`graphdistill.student.losses`); scale [] (letterbox factor); image_hw [2].
+    sources [K] multi-hot; ``embedding:<name>`` [d] and ``embedding:<name>:valid`` [] bool per embedding
+    output; topk_ids [La,k], topk_logprobs [La,k], topk_valid [La] (soft targets, see
+    :mod:`graphdistill.student.losses`); scale [] (letterbox factor); image_hw [2]. Object targets exist only
+    when the config has a detection head (masks only with a mask head), sources only with a sources head.
     """
 
     def __init__(
@@ -110,11 +142,11 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         self.class_names = list(dataset.class_names)
         self.doc_ids = [d["id"] for d in dataset.documents]
         self.doc_index = {d: i for i, d in enumerate(self.doc_ids)}
-        if len(self.class_names) > config.num_classes:
+        if config.has_objects and len(self.class_names) > config.num_classes:
             raise ValueError(
                 f"dataset has {len(self.class_names)} classes but the student has num_classes={config.num_classes}"
             )
-        if len(self.doc_ids) > config.num_sources:
+        if config.has_sources and len(self.doc_ids) > config.num_sources:
             raise ValueError(
                 f"dataset has {len(self.doc_ids)} documents but the student has num_sources={config.num_sources}"
             )
@@ -146,10 +178,42 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         q_ids, q_mask = self.tok.encode_question(row["question"], cfg.max_question_len)
         a_in, a_tgt = self.tok.encode_answer(row["answer"] or "", cfg.max_answer_len)
 
+        item: dict[str, Tensor] = {
+            "image": img,
+            "question_ids": torch.tensor(q_ids, dtype=torch.long),
+            "question_mask": torch.tensor(q_mask, dtype=torch.bool),
+            "answer_in": torch.tensor(a_in, dtype=torch.long),
+            "answer_target": torch.tensor(a_tgt, dtype=torch.long),
+        }
+        if cfg.has_objects:
+            item.update(self._objects(row, scale))
+        if cfg.has_sources:
+            sources = torch.zeros(cfg.num_sources)
+            for s in row["sources"]:
+                if s in self.doc_index:
+                    sources[self.doc_index[s]] = 1.0
+            item["sources"] = sources
+        if cfg.embedding_dims:
+            embs = row_embeddings(row)
+            for name, dim in cfg.embedding_dims.items():
+                vec = embs.get(name)
+                if vec is not None and len(vec) != dim:
+                    raise ValueError(
+                        f"row {row['id']}: embedding {name!r} has {len(vec)} values, the student expects {dim}"
+                    )
+                item[f"embedding:{name}"] = torch.tensor(vec) if vec is not None else torch.zeros(dim)
+                item[f"embedding:{name}:valid"] = torch.tensor(vec is not None)
+        item.update(self._soft_targets(row))
+        item["scale"] = torch.tensor(scale, dtype=torch.float32)
+        item["image_hw"] = torch.tensor([h, w], dtype=torch.long)
+        return item
+
+    def _objects(self, row: dict[str, Any], scale: float) -> dict[str, Tensor]:
+        cfg = self.cfg
         q = cfg.num_queries
         boxes = torch.zeros(q, 4)
         classes = torch.full((q,), -1, dtype=torch.long)
-        masks = torch.zeros(q, cfg.mask_size, cfg.mask_size)
+        masks = torch.zeros(q, cfg.mask_size, cfg.mask_size) if cfg.has_masks else None
         objects = list(row["objects"])
         if len(objects) > q:
             log.warning(
@@ -168,13 +232,15 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
                     f"row {row['id']}: object label {o.label!r} is not one of the dataset's classes"
                 )
             classes[j] = int(cid)
-            if o.mask is not None:
+            if masks is not None and o.mask is not None:
                 masks[j] = torch.from_numpy(letterbox_mask(o.mask.decode(), cfg.mask_size))
-        sources = torch.zeros(cfg.num_sources)
-        for s in row["sources"]:
-            if s in self.doc_index:
-                sources[self.doc_index[s]] = 1.0
+        out = {"boxes": boxes, "classes": classes, "n_objects": torch.tensor(len(objects), dtype=torch.long)}
+        if masks is not None:
+            out["masks"] = masks
+        return out
 
+    def _soft_targets(self, row: dict[str, Any]) -> dict[str, Tensor]:
+        cfg = self.cfg
         topk_ids = torch.zeros(cfg.max_answer_len, self.topk, dtype=torch.long)
         topk_lp = torch.zeros(cfg.max_answer_len, self.topk)
         topk_valid = torch.zeros(cfg.max_answer_len, dtype=torch.bool)
@@ -192,23 +258,7 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
                 topk_lp[t, :k] = torch.tensor(lt.topk_logprobs[t][:k])
                 topk_lp[t, k:] = -float("inf")
                 topk_valid[t] = True
-        return {
-            "image": img,
-            "question_ids": torch.tensor(q_ids, dtype=torch.long),
-            "question_mask": torch.tensor(q_mask, dtype=torch.bool),
-            "answer_in": torch.tensor(a_in, dtype=torch.long),
-            "answer_target": torch.tensor(a_tgt, dtype=torch.long),
-            "boxes": boxes,
-            "classes": classes,
-            "masks": masks,
-            "n_objects": torch.tensor(len(objects), dtype=torch.long),
-            "sources": sources,
-            "topk_ids": topk_ids,
-            "topk_logprobs": topk_lp,
-            "topk_valid": topk_valid,
-            "scale": torch.tensor(scale, dtype=torch.float32),
-            "image_hw": torch.tensor([h, w], dtype=torch.long),
-        }
+        return {"topk_ids": topk_ids, "topk_logprobs": topk_lp, "topk_valid": topk_valid}
 
 
 def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:

@@ -73,19 +73,24 @@ def dice_loss(logits: Tensor, target: Tensor) -> Tensor:
 def compute_losses(
     out: dict[str, Tensor], batch: dict[str, Tensor], weights: LossWeights | None = None
 ) -> dict[str, Tensor]:
-    """Every applicable loss by name, plus ``total`` (their weighted sum)."""
+    """Every applicable loss by name, plus ``total`` (their weighted sum). Only the heads present in
+    ``out`` are supervised (a student built from a graph without e.g. SOURCES has no ``source_logits``)."""
     w = weights or LossWeights()
     losses: dict[str, Tensor] = {}
-    logits = out["answer_logits"]
-    losses["answer_ce"] = F.cross_entropy(
-        logits.flatten(0, 1), batch["answer_target"].flatten(), ignore_index=-100
-    )
-    if "topk_valid" in batch:
-        losses["answer_kl"] = answer_kl(
-            logits, batch["topk_ids"], batch["topk_logprobs"], batch["topk_valid"]
+    if not out:
+        raise ValueError("compute_losses: the model returned no outputs")
+    device = next(iter(out.values())).device
+    if "answer_logits" in out:
+        logits = out["answer_logits"]
+        losses["answer_ce"] = F.cross_entropy(
+            logits.flatten(0, 1), batch["answer_target"].flatten(), ignore_index=-100
         )
+        if "topk_valid" in batch:
+            losses["answer_kl"] = answer_kl(
+                logits, batch["topk_ids"], batch["topk_logprobs"], batch["topk_valid"]
+            )
 
-    if "boxes" in out and "class_logits" in out:
+    if "boxes" in out and "class_logits" in out and "boxes" in batch:
         cls_logits = out["class_logits"]
         b, q, c1 = cls_logits.shape
         matches = hungarian_match(
@@ -107,7 +112,7 @@ def compute_losses(
             losses["box_giou"] = (1 - giou.diagonal()).sum() / n
         else:
             losses["box_giou"] = pb.sum() * 0.0
-        if "mask_logits" in out:
+        if "mask_logits" in out and "masks" in batch:
             pm = out["mask_logits"][bi, si]
             tm = batch["masks"][bi, ti]
             if tm.shape[-2:] != pm.shape[-2:]:
@@ -126,7 +131,15 @@ def compute_losses(
 
     for key, value in out.items():
         if key.startswith("embedding:") and key in batch:
-            losses[key] = (1 - F.cosine_similarity(value, batch[key], dim=-1)).mean()
+            # rows without this embedding carry an all-zero target and a False ``<key>:valid`` flag
+            cos = 1 - F.cosine_similarity(value, batch[key], dim=-1)  # [B]
+            valid = batch.get(f"{key}:valid")
+            if valid is None:
+                losses[key] = cos.mean()
+            elif bool(valid.any()):
+                losses[key] = cos[valid].mean()
+            else:
+                losses[key] = value.sum() * 0.0
 
-    losses["total"] = sum((w.of(k) * v for k, v in losses.items()), torch.zeros((), device=logits.device))
+    losses["total"] = sum((w.of(k) * v for k, v in losses.items()), torch.zeros((), device=device))
     return losses

@@ -28,6 +28,7 @@ Why this shape (speed target: a whole query ≤ 30 ms eager on a 2-core CPU):
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol, runtime_checkable
@@ -36,11 +37,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+log = logging.getLogger(__name__)
+
 PAD_ID = 0
 BOS_ID = 1
 EOS_ID = 2
 UNK_ID = 3
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]  # ids 0..3, in this order, in every tokenizer
+
+# Output kinds of a teacher graph the student has a head for (trace.Kind values):
+#   text -> answer decoder; objects -> detection + mask heads; detections -> detection head only;
+#   sources -> multi-label head over KB doc ids; embedding -> regression head (cosine loss).
+HEAD_KINDS = ("text", "objects", "detections", "sources", "embedding")
+SINGLE_KINDS = ("text", "objects", "detections", "sources")  # at most one output of each of these
+# Today's visual_rag shape: what a config.json written before `outputs` existed describes.
+DEFAULT_OUTPUTS = {"answer": "text", "objects": "objects", "sources": "sources"}
 
 
 @dataclass
@@ -63,12 +74,36 @@ class StudentConfig:
     num_sources: int = 16  # knowledge-base documents the sources head chooses among (multi-label)
     num_registers: int = 4  # learned tokens that gather the question+image summary for sources/embeddings
     backbone: str = "mobilenetv3_small_050"  # timm model, random init, features_only (strides 16 and 32)
-    embedding_dims: dict[str, int] = field(default_factory=dict)  # optional EMBEDDING outputs: name -> dim
+    embedding_dims: dict[str, int] = field(default_factory=dict)  # EMBEDDING outputs: name -> dim
+    # The teacher graph's outputs the student has heads for: field name -> kind (one of HEAD_KINDS). Built
+    # by config_from_schema; the default is the visual_rag shape, so old config.json files load unchanged.
+    outputs: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_OUTPUTS))
     dropout: float = 0.0  # tiny models on small distilled sets: regularise by data, not dropout
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    def output_of(self, kind: str) -> str | None:
+        """The field name of the (single) output of ``kind``, or None when the graph has none."""
+        return next((name for name, k in self.outputs.items() if k == kind), None)
+
+    @property
+    def has_text(self) -> bool:
+        return "text" in self.outputs.values()
+
+    @property
+    def has_objects(self) -> bool:
+        """A detection head (boxes + classes): OBJECTS or DETECTIONS output."""
+        return any(k in ("objects", "detections") for k in self.outputs.values())
+
+    @property
+    def has_masks(self) -> bool:
+        return "objects" in self.outputs.values()
+
+    @property
+    def has_sources(self) -> bool:
+        return "sources" in self.outputs.values()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,6 +123,25 @@ class StudentConfig:
             raise ValueError(f"image_size must be a multiple of 32, got {self.image_size}")
         if self.max_answer_len < 2:
             raise ValueError("max_answer_len must leave room for <bos> and at least one token")
+        self.outputs = dict(self.outputs)
+        for (
+            name
+        ) in self.embedding_dims:  # configs from before `outputs`: embedding heads were listed here only
+            self.outputs.setdefault(name, "embedding")
+        bad = {n: k for n, k in self.outputs.items() if k not in HEAD_KINDS}
+        if bad:
+            raise ValueError(f"outputs {bad}: the student has heads for kinds {list(HEAD_KINDS)} only")
+        for kind in SINGLE_KINDS:
+            names = [n for n, k in self.outputs.items() if k == kind]
+            if len(names) > 1:
+                raise ValueError(f"outputs {names} are all of kind {kind!r}; the student has one such head")
+        if self.has_masks and "detections" in self.outputs.values():
+            raise ValueError("outputs: give either an 'objects' or a 'detections' output, not both")
+        no_dim = [n for n, k in self.outputs.items() if k == "embedding" and n not in self.embedding_dims]
+        if no_dim:
+            raise ValueError(f"embedding outputs {no_dim} have no dimension in embedding_dims")
+        if not self.outputs:
+            raise ValueError("outputs is empty: the student needs at least one head")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -114,12 +168,75 @@ def preset(name: str, **overrides: Any) -> StudentConfig:
     return StudentConfig(**{**PRESETS[name], **overrides})
 
 
+def outputs_from_schema(schema: Any, embedding_dims: dict[str, int] | None = None) -> dict[str, str]:
+    """A teacher graph's declared outputs (``trace.GraphSchema`` or its JSON dict) -> ``StudentConfig.outputs``.
+
+    TEXT -> answer decoder, OBJECTS -> detection + mask heads, DETECTIONS -> detection head, SOURCES ->
+    sources head, EMBEDDING -> regression head (only when ``embedding_dims`` gives its size: an embedding
+    without targets cannot be learnt, so it is left out with a warning). Other kinds have no student head
+    and are skipped with a warning.
+    """
+    from graphdistill.trace import GraphSchema
+
+    graph = schema if isinstance(schema, GraphSchema) else GraphSchema.model_validate(schema)
+    dims = embedding_dims or {}
+    out: dict[str, str] = {}
+    for spec in graph.outputs:
+        kind = spec.kind.value
+        if kind == "embedding" and spec.name not in dims:
+            log.warning(
+                "graph %s: EMBEDDING output %r has no targets (no dimension known); the student gets no head "
+                "for it",
+                graph.name,
+                spec.name,
+            )
+            continue
+        if kind not in HEAD_KINDS:
+            log.warning(
+                "graph %s: output %r of kind %s has no student head; skipped", graph.name, spec.name, kind
+            )
+            continue
+        out[spec.name] = kind
+    if not out:
+        raise ValueError(
+            f"graph {graph.name}: none of its outputs {[f.name for f in graph.outputs]} has a student head "
+            f"(kinds {list(HEAD_KINDS)})"
+        )
+    return out
+
+
+def config_from_schema(
+    schema: Any,
+    preset_name: str = "tiny",
+    *,
+    vocab_size: int | None = None,
+    num_classes: int | None = None,
+    num_sources: int | None = None,
+    embedding_dims: dict[str, int] | None = None,
+    **overrides: Any,
+) -> StudentConfig:
+    """The :class:`StudentConfig` whose heads are exactly those the teacher graph's output schema declares
+    (see :func:`outputs_from_schema`), sized from the dataset (vocabulary, classes, KB documents)."""
+    outputs = outputs_from_schema(schema, embedding_dims)
+    sized: dict[str, Any] = {"outputs": outputs}
+    dims = {n: d for n, d in (embedding_dims or {}).items() if outputs.get(n) == "embedding"}
+    sized["embedding_dims"] = dims
+    for key, value in (
+        ("vocab_size", vocab_size),
+        ("num_classes", num_classes),
+        ("num_sources", num_sources),
+    ):
+        if value is not None:
+            sized[key] = value
+    return preset(preset_name, **{**sized, **overrides})
+
+
 @runtime_checkable
 class StudentProtocol(Protocol):
     """What a user-supplied ``nn.Module`` must provide to be trained by :mod:`graphdistill.student.train`.
 
     ``forward(image [B,3,S,S], question_ids [B,Lq], question_mask [B,Lq], answer_in [B,La])`` returns a
-    dict with ``answer_logits`` [B,La,V] and any of ``boxes`` [B,Q,4] (cx,cy,w,h in 0..1),
+    dict with ``answer_logits`` [B,La,V] (when the config has a text output) and any of ``boxes`` [B,Q,4] (cx,cy,w,h in 0..1),
     ``class_logits`` [B,Q,C+1], ``mask_logits`` [B,Q,Hm,Wm], ``source_logits`` [B,K],
     ``embedding:<name>`` [B,d]. Losses are computed for the outputs present. ``config`` supplies the
     sizes the data loader needs (image_size, max_question_len, max_answer_len, mask_size, ...).
@@ -241,14 +358,20 @@ class Student(nn.Module):
         self.grid_f = cfg.image_size // 16
         self.n_ctx = cfg.num_registers + self.grid_c**2  # memory tokens the decoders read
 
+        # fine pixel tokens exist for the mask head only: without it the memory is [registers | coarse]
+        self.memory_len = self.n_ctx + (self.grid_f**2 if cfg.has_masks else 0)
+
         self.coarse_proj = nn.Linear(c_coarse, d)
-        self.fine_proj = nn.Linear(c_fine, d)
+        if cfg.has_masks:
+            self.fine_proj = nn.Linear(c_fine, d)
         self.coarse_pos = nn.Parameter(torch.zeros(1, self.grid_c**2, d))
-        self.fine_pos = nn.Parameter(torch.zeros(1, self.grid_f**2, d))
+        if cfg.has_masks:
+            self.fine_pos = nn.Parameter(torch.zeros(1, self.grid_f**2, d))
         self.registers = nn.Parameter(torch.zeros(1, cfg.num_registers, d))
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)  # shared by question encoder, decoder input and output
         self.q_pos = nn.Parameter(torch.zeros(1, cfg.max_question_len, d))
-        self.a_pos = nn.Embedding(cfg.max_answer_len, d)
+        if cfg.has_text:
+            self.a_pos = nn.Embedding(cfg.max_answer_len, d)
         self.type_emb = nn.Parameter(torch.zeros(3, d))  # register / image / question
         enc_layer = nn.TransformerEncoderLayer(
             d,
@@ -261,49 +384,69 @@ class Student(nn.Module):
         )
         self.encoder = nn.TransformerEncoder(enc_layer, cfg.enc_layers, enable_nested_tensor=False)
         self.enc_norm = nn.LayerNorm(d)
-        self.fine_mix = nn.Linear(d, d)  # fused coarse tokens, upsampled, added to the fine tokens (FPN-lite)
+        if cfg.has_masks:
+            self.fine_mix = nn.Linear(d, d)  # fused coarse tokens, upsampled, added to fine tokens (FPN-lite)
 
-        # object heads
-        self.queries = nn.Parameter(torch.zeros(1, cfg.num_queries, d))
-        det_layer = nn.TransformerDecoderLayer(
-            d,
-            cfg.n_heads,
-            cfg.ffn_mult * d,
-            cfg.dropout,
-            activation="gelu",
-            batch_first=True,
-            norm_first=True,
-        )
-        self.det_decoder = nn.TransformerDecoder(det_layer, cfg.det_layers)
-        self.det_norm = nn.LayerNorm(d)
-        self.box_head = MLP(d, d, 4, n_layers=3)
-        self.class_head = nn.Linear(d, cfg.num_classes + 1)
-        self.mask_embed = MLP(d, d, d)
-        self.pixel_proj = nn.Linear(d, d)
+        # object heads (OBJECTS or DETECTIONS output; the mask head for OBJECTS only)
+        if cfg.has_objects:
+            self.queries = nn.Parameter(torch.zeros(1, cfg.num_queries, d))
+            det_layer = nn.TransformerDecoderLayer(
+                d,
+                cfg.n_heads,
+                cfg.ffn_mult * d,
+                cfg.dropout,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
+            self.det_decoder = nn.TransformerDecoder(det_layer, cfg.det_layers)
+            self.det_norm = nn.LayerNorm(d)
+            self.box_head = MLP(d, d, 4, n_layers=3)
+            self.class_head = nn.Linear(d, cfg.num_classes + 1)
+        if cfg.has_masks:
+            self.mask_embed = MLP(d, d, d)
+            self.pixel_proj = nn.Linear(d, d)
         # summary heads
-        self.source_head = MLP(d, d, cfg.num_sources)
+        if cfg.has_sources:
+            self.source_head = MLP(d, d, cfg.num_sources)
         self.embedding_heads = nn.ModuleDict({k: nn.Linear(d, v) for k, v in cfg.embedding_dims.items()})
         # answer decoder
-        self.dec = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
-        self.dec_norm = nn.LayerNorm(d)
+        if cfg.has_text:
+            self.dec = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
+            self.dec_norm = nn.LayerNorm(d)
         self._init()
 
     def _init(self) -> None:
-        for p in (self.coarse_pos, self.fine_pos, self.registers, self.q_pos, self.queries, self.type_emb):
+        cfg = self.config
+        params = [self.coarse_pos, self.registers, self.q_pos, self.type_emb]
+        if cfg.has_masks:
+            params.insert(1, self.fine_pos)
+        if cfg.has_objects:
+            params.insert(-1, self.queries)
+        for p in params:
             nn.init.normal_(p, std=0.02)
         nn.init.normal_(self.tok_emb.weight, std=0.02)
-        nn.init.normal_(self.a_pos.weight, std=0.02)
-        with torch.no_grad():  # start boxes near a mid-sized centred box and "no object" favoured
-            last = self.box_head.layers[-1]
-            assert isinstance(last, nn.Linear)
-            last.bias.copy_(torch.tensor([0.0, 0.0, -1.0, -1.0]))
-            self.class_head.bias[-1] = 2.0
+        if cfg.has_text:
+            nn.init.normal_(self.a_pos.weight, std=0.02)
+        if cfg.has_objects:
+            with torch.no_grad():  # start boxes near a mid-sized centred box and "no object" favoured
+                last = self.box_head.layers[-1]
+                assert isinstance(last, nn.Linear)
+                last.bias.copy_(torch.tensor([0.0, 0.0, -1.0, -1.0]))
+                self.class_head.bias[-1] = 2.0
+
+    def _need_text(self, what: str) -> None:
+        if not self.config.has_text:
+            raise RuntimeError(
+                f"Student.{what}: this student has no text head (its teacher graph declares no TEXT output; "
+                f"outputs: {self.config.outputs})"
+            )
 
     # ---- export-facing API ------------------------------------------------------------------------------
 
     def encode(self, image: Tensor, question_ids: Tensor, question_mask: Tensor) -> Tensor:
         """image [B,3,S,S] normalised, question_ids [B,Lq] int64, question_mask [B,Lq] bool (True = token)
-        -> memory [B, R + Gc + Gf, D]."""
+        -> memory [B, R + Gc + Gf, D] (``[B, R + Gc, D]`` without a mask head: see ``memory_len``)."""
         b = image.shape[0]
         fine, coarse = self.backbone(image)
         coarse_t = self.coarse_proj(coarse.flatten(2).transpose(1, 2)) + self.coarse_pos + self.type_emb[1]
@@ -315,6 +458,8 @@ class Student(nn.Module):
         pad = ~torch.cat([keep, question_mask.to(torch.bool)], dim=1)  # True = ignore (PyTorch convention)
         x = self.enc_norm(self.encoder(x, src_key_padding_mask=pad))
         ctx = x[:, : self.n_ctx]
+        if not self.config.has_masks:
+            return ctx
         # fine pixel tokens: projected stride-16 features + upsampled fused coarse tokens (question-aware)
         g = self.grid_c
         up = ctx[:, self.config.num_registers :].transpose(1, 2).reshape(b, -1, g, g)
@@ -325,28 +470,34 @@ class Student(nn.Module):
 
     def heads(self, memory: Tensor) -> dict[str, Tensor]:
         """memory -> boxes [B,Q,4] (cx,cy,w,h ∈ 0..1), class_logits [B,Q,C+1], mask_logits [B,Q,Hm,Wm],
-        source_logits [B,K] and ``embedding:<name>`` [B,d] for each configured embedding head."""
+        source_logits [B,K] and ``embedding:<name>`` [B,d] — only the keys whose head exists (the config's
+        ``outputs``): no boxes/class_logits without an OBJECTS/DETECTIONS output, no mask_logits without
+        OBJECTS, no source_logits without SOURCES."""
         cfg = self.config
         b = memory.shape[0]
         ctx = memory[:, : self.n_ctx]
-        fine = memory[:, self.n_ctx :]
-        h = self.det_norm(self.det_decoder(self.queries.expand(b, -1, -1), ctx))
-        pix = self.pixel_proj(fine)  # [B,Gf²,D]
-        m = torch.einsum("bqd,bpd->bqp", self.mask_embed(h), pix) / math.sqrt(cfg.d_model)
-        m = m.reshape(b, cfg.num_queries, self.grid_f, self.grid_f)
-        m = F.interpolate(m, size=(cfg.mask_size, cfg.mask_size), mode="bilinear", align_corners=False)
+        out: dict[str, Tensor] = {}
+        if cfg.has_objects:
+            h = self.det_norm(self.det_decoder(self.queries.expand(b, -1, -1), ctx))
+            out["boxes"] = self.box_head(h).sigmoid()
+            out["class_logits"] = self.class_head(h)
+            if cfg.has_masks:
+                pix = self.pixel_proj(memory[:, self.n_ctx :])  # [B,Gf²,D]
+                m = torch.einsum("bqd,bpd->bqp", self.mask_embed(h), pix) / math.sqrt(cfg.d_model)
+                m = m.reshape(b, cfg.num_queries, self.grid_f, self.grid_f)
+                m = F.interpolate(
+                    m, size=(cfg.mask_size, cfg.mask_size), mode="bilinear", align_corners=False
+                )
+                out["mask_logits"] = m
         summary = ctx[:, : cfg.num_registers].mean(dim=1)
-        out = {
-            "boxes": self.box_head(h).sigmoid(),
-            "class_logits": self.class_head(h),
-            "mask_logits": m,
-            "source_logits": self.source_head(summary),
-        }
+        if cfg.has_sources:
+            out["source_logits"] = self.source_head(summary)
         for name, head in self.embedding_heads.items():
             out[f"embedding:{name}"] = head(summary)
         return out
 
     def empty_cache(self, batch: int, device: torch.device | None = None) -> Tensor:
+        self._need_text("empty_cache")
         cfg = self.config
         return torch.zeros(
             cfg.dec_layers, 2, batch, cfg.n_heads, cfg.max_answer_len, cfg.head_dim, device=device
@@ -355,6 +506,7 @@ class Student(nn.Module):
     def cross_kv(self, memory: Tensor) -> Tensor:
         """Every decoder layer's cross-attention keys/values, [L,2,B,H,R+Gc,hd]; compute once per query
         and pass to :meth:`decode_step` to skip re-projecting the memory at every token."""
+        self._need_text("cross_kv")
         ctx = memory[:, : self.n_ctx]
         return torch.stack([layer.cross_kv(ctx) for layer in self.dec if isinstance(layer, DecoderLayer)])
 
@@ -369,6 +521,7 @@ class Student(nn.Module):
         """token [B,1] int64, position [B,1] or [1] int64 (0 = the <bos> slot), memory [B,M,D],
         kv_cache [L,2,B,H,T,hd], optional cross_kv from :meth:`cross_kv` (same result, faster)
         -> (next-token logits [B,V], updated kv_cache)."""
+        self._need_text("decode_step")
         t_max = self.config.max_answer_len
         pos = position.reshape(-1, 1)  # [b,1], b ∈ {1, B}
         x = self.tok_emb(token) + self.a_pos(pos)
@@ -387,6 +540,7 @@ class Student(nn.Module):
 
     def decode_full(self, answer_in: Tensor, memory: Tensor) -> Tensor:
         """Teacher forcing: answer_in [B,La] -> logits [B,La,V] (no cache)."""
+        self._need_text("decode_full")
         la = answer_in.shape[1]
         x = self.tok_emb(answer_in) + self.a_pos.weight[:la]
         ctx = memory[:, : self.n_ctx]
@@ -399,7 +553,8 @@ class Student(nn.Module):
     ) -> dict[str, Tensor]:
         memory = self.encode(image, question_ids, question_mask)
         out = self.heads(memory)
-        out["answer_logits"] = self.decode_full(answer_in, memory)
+        if self.config.has_text:
+            out["answer_logits"] = self.decode_full(answer_in, memory)
         return out
 
     @torch.no_grad()
@@ -415,6 +570,7 @@ class Student(nn.Module):
     ) -> Tensor:
         """Greedy answer ids [B, max_len] (without <bos>); after <eos> every position is <pad>.
         ``use_cache=False`` recomputes the whole prefix each step (the reference the cache must match)."""
+        self._need_text("generate")
         t_max = self.config.max_answer_len
         n = min(max_len or t_max - 1, t_max - 1)
         if memory is None:

@@ -1,5 +1,8 @@
 """Run a trained student: ``load_student(RUN).predict(image, question)`` returns exactly the teacher graph's
-final output shape: ``{"answer": str, "objects": [ObjectOut dicts], "sources": [doc ids]}``.
+final output shape — the output fields its schema declares, by their names (``StudentConfig.outputs``): for
+visual_rag ``{"answer": str, "objects": [ObjectOut dicts], "sources": [doc ids]}``; a TEXT-only graph gets
+just its text field; a DETECTIONS output comes back as a ``trace.Detections`` dict; an EMBEDDING output as
+a list of floats.
 
 Boxes come back in pixels of the input image (the letterbox of :mod:`graphdistill.student.loader` undone),
 masks as COCO uncompressed RLE dicts at the input image's size.
@@ -21,7 +24,7 @@ from torch import nn
 from graphdistill.student.loader import letterbox_scale, preprocess_image
 from graphdistill.student.model import Student, StudentConfig
 from graphdistill.student.tokenizer import StudentTokenizer
-from graphdistill.trace import RLE, ObjectOut
+from graphdistill.trace import RLE, Detections, ObjectOut
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ class StudentPredictor:
         source_threshold: float = 0.5,
         max_len: int | None = None,
     ) -> dict[str, Any]:
-        """One photo (HxWx3 uint8 RGB) + question -> ``{"answer", "objects", "sources"}``."""
+        """One photo (HxWx3 uint8 RGB) + question -> ``{output field: value}`` for the graph's outputs."""
         cfg = self.config
         h, w = image.shape[:2]
         x, scale = preprocess_image(image, cfg.image_size)
@@ -65,19 +68,33 @@ class StudentPredictor:
         t0 = time.perf_counter()
         memory = self.model.encode(img, qi, qm)  # type: ignore[operator]
         heads = self.model.heads(memory)  # type: ignore[operator]
-        ids = self.model.generate(img, qi, qm, max_len, memory=memory)  # type: ignore[operator]
+        answer = None
+        if cfg.has_text:
+            ids = self.model.generate(img, qi, qm, max_len, memory=memory)  # type: ignore[operator]
+            answer = self.tokenizer.decode(ids[0].tolist())
         log.debug("student query: %.1f ms", (time.perf_counter() - t0) * 1000)
-        answer = self.tokenizer.decode(ids[0].tolist())
-        objects = self._objects(heads, h, w, scale, score_threshold)
-        sources: list[str] = []
-        if "source_logits" in heads:
-            p = heads["source_logits"][0].sigmoid().cpu()
-            order = torch.argsort(p, descending=True).tolist()
-            sources = [self.doc_ids[i] for i in order if i < len(self.doc_ids) and p[i] >= source_threshold]
-        result: dict[str, Any] = {"answer": answer, "objects": objects, "sources": sources}
-        for key, value in heads.items():  # EMBEDDING outputs of the teacher graph, by their field name
-            if key.startswith("embedding:"):
-                result[key.split(":", 1)[1]] = value[0].float().cpu().tolist()
+        result: dict[str, Any] = {}
+        for name, kind in cfg.outputs.items():  # the schema's order and field names
+            if kind == "text":
+                result[name] = answer
+            elif kind == "objects":
+                result[name] = self._objects(heads, h, w, scale, score_threshold)
+            elif kind == "detections":
+                objs = self._objects(heads, h, w, scale, score_threshold)
+                result[name] = Detections(
+                    xyxy=[o["box"] for o in objs],
+                    class_ids=[int(o["class_id"]) for o in objs],
+                    names=[o["label"] for o in objs],
+                    scores=[o["score"] for o in objs],
+                    image_size=[h, w],
+                ).model_dump(mode="json")
+            elif kind == "sources":
+                p = heads["source_logits"][0].sigmoid().cpu()
+                order = torch.argsort(p, descending=True).tolist()
+                docs = self.doc_ids
+                result[name] = [docs[i] for i in order if i < len(docs) and p[i] >= source_threshold]
+            elif kind == "embedding":
+                result[name] = heads[f"embedding:{name}"][0].float().cpu().tolist()
         return result
 
     def _objects(

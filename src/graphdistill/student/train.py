@@ -29,10 +29,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphdistill.student.loader import StudentDataset, collate, preprocess_spec
+from graphdistill.student.loader import StudentDataset, collate, embedding_dims_of, preprocess_spec
 from graphdistill.student.losses import LossWeights, compute_losses
 from graphdistill.student.matching import cxcywh_to_xyxy, hungarian_match, pairwise_iou_giou
-from graphdistill.student.model import Student, StudentConfig, count_parameters, preset
+from graphdistill.student.model import (
+    Student,
+    StudentConfig,
+    config_from_schema,
+    count_parameters,
+    preset,
+)
 from graphdistill.student.tokenizer import StudentTokenizer
 
 log = logging.getLogger(__name__)
@@ -158,7 +164,7 @@ class TrainRecipe:
                 max_question_len=min(max(base.max_question_len, q_len), 64),
                 max_answer_len=min(max(base.max_answer_len, a_len), 96),
             )
-            self.model_config = preset(cfg.preset, **{**derived, **cfg.overrides})
+            self.model_config = self._derive_config(derived)
             self.tokenizer.save(self.run / "tokenizer.json")
             _atomic_write_json(self.run / "config.json", self.model_config.to_dict())
 
@@ -195,6 +201,23 @@ class TrainRecipe:
             val_split,
             self.device,
         )
+
+    def _derive_config(self, derived: dict[str, Any]) -> StudentConfig:
+        """The student's heads follow the dataset's graph schema (manifest.json ``graph``): TEXT, OBJECTS /
+        DETECTIONS, SOURCES and EMBEDDING outputs (the latter sized from the rows' ``embeddings``)."""
+        cfg = self.cfg
+        graph = self.ds.graph
+        if graph is None:
+            log.warning(
+                "dataset %s declares no graph schema; the student gets the default heads %s",
+                cfg.dataset,
+                StudentConfig().outputs,
+            )
+            return preset(cfg.preset, **{**derived, **cfg.overrides})
+        dims = embedding_dims_of(self.ds.all_rows())
+        config = config_from_schema(graph, cfg.preset, embedding_dims=dims, **{**derived, **cfg.overrides})
+        log.info("graph %s: student heads for outputs %s", graph.name, config.outputs)
+        return config
 
     def _load_checkpoint(self, path: Path) -> None:
         ck = torch.load(path, map_location=self.device, weights_only=False)
@@ -360,13 +383,14 @@ def evaluate_batch(
     recall/precision, over one batch whose items are ``rows[:B]`` in order."""
     out = model(batch["image"], batch["question_ids"], batch["question_mask"], batch["answer_in"])
     res: dict[str, float] = {}
-    tgt = batch["answer_target"]
-    keep = tgt != -100
-    res["answer_token_acc"] = float((out["answer_logits"].argmax(-1)[keep] == tgt[keep]).float().mean())
+    if "answer_logits" in out:
+        tgt = batch["answer_target"]
+        keep = tgt != -100
+        res["answer_token_acc"] = float((out["answer_logits"].argmax(-1)[keep] == tgt[keep]).float().mean())
     losses = compute_losses(out, batch)
     res["loss"] = float(losses["total"])
     generate = getattr(model, "generate", None)
-    if callable(generate):
+    if callable(generate) and "answer_logits" in out:
         ids = generate(batch["image"], batch["question_ids"], batch["question_mask"])
         preds = [tokenizer.decode(r.tolist()) for r in ids]
         refs = [str(rows[i]["answer"] or "") for i in range(len(preds))]
@@ -374,7 +398,15 @@ def evaluate_batch(
             np.mean([p.strip() == r.strip() for p, r in zip(preds, refs, strict=True)])
         )
         res["answer_f1"] = float(np.mean([token_f1(p, r) for p, r in zip(preds, refs, strict=True)]))
-    if "boxes" in out and "class_logits" in out:
+    for key, value in out.items():
+        if key.startswith("embedding:") and key in batch:
+            valid = batch.get(
+                f"{key}:valid", torch.ones(value.shape[0], dtype=torch.bool, device=value.device)
+            )
+            if bool(valid.any()):
+                cos = torch.nn.functional.cosine_similarity(value, batch[key], dim=-1)[valid]
+                res[f"{key}_cosine"] = float(cos.mean())
+    if "boxes" in out and "class_logits" in out and "boxes" in batch:
         matches = hungarian_match(
             out["boxes"], out["class_logits"], batch["boxes"], batch["classes"], batch["n_objects"]
         )
@@ -387,7 +419,7 @@ def evaluate_batch(
             )
             ious += iou.diagonal().tolist()
             cls_ok += (out["class_logits"][i, src, :-1].argmax(-1) == batch["classes"][i, t]).tolist()
-            if "mask_logits" in out:
+            if "mask_logits" in out and "masks" in batch:
                 pm = out["mask_logits"][i, src] > 0
                 tm = batch["masks"][i, t] > 0.5
                 inter = (pm & tm).flatten(1).sum(1).float()
@@ -397,7 +429,7 @@ def evaluate_batch(
         res["class_acc"] = float(np.mean(cls_ok)) if cls_ok else float("nan")
         if "mask_logits" in out:
             res["mask_iou"] = float(np.mean(miou)) if miou else float("nan")
-    if "source_logits" in out:
+    if "source_logits" in out and "sources" in batch:
         k = out["source_logits"].shape[1]
         pred = out["source_logits"] > 0
         t = batch["sources"][:, :k] > 0.5
