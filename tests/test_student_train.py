@@ -263,3 +263,89 @@ def test_max_minutes_stops_training_and_still_saves(dataset: Path, tmp_path: Pat
     assert metrics["epochs"] == 1 and metrics["steps"] == 1
     assert (tmp_path / "timed" / "model.safetensors").is_file()
     assert (tmp_path / "timed" / "checkpoints" / "last.pt").is_file()
+
+
+# ---- heads follow the dataset's graph schema -------------------------------------------------------------
+
+
+def _with_outputs(dataset: Path, dest: Path, outputs: list[tuple[str, str]]) -> Path:
+    """A copy of ``dataset`` whose manifest declares a graph with these outputs (field name, kind)."""
+    import shutil
+
+    shutil.copytree(dataset, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    manifest["graph"]["outputs"] = [{"name": n, "kind": k} for n, k in outputs]
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
+def _photo(dataset: Path) -> tuple[np.ndarray, str]:
+    from graphdistill.datasets.dataset import open_dataset
+
+    ds = open_dataset(dataset)
+    row = ds.rows("train")[0]
+    return ds.image(row), row["question"]
+
+
+@pytest.mark.slow
+def test_a_text_only_graph_trains_a_student_without_object_or_source_heads(
+    dataset: Path, tmp_path: Path
+) -> None:
+    from graphdistill.student.predict import load_student
+
+    ds = _with_outputs(dataset, tmp_path / "ds", [("reply", "text")])
+    metrics = train(_cfg(ds, tmp_path / "run", epochs=3))
+    losses = metrics["history"][-1]["train_loss"]
+    assert set(losses) - {"answer_kl"} == {"answer_ce", "total"} and np.isfinite(losses["total"])
+    cfg = StudentConfig.from_dict(json.loads((tmp_path / "run" / "config.json").read_text()))
+    assert cfg.outputs == {"reply": "text"}
+    pred = load_student(tmp_path / "run")
+    names = list(pred.model.state_dict())
+    assert not [
+        k for k in names if k.startswith(("box_head", "class_head", "mask_embed", "source_head", "queries"))
+    ]
+    out = pred.predict(*_photo(ds))
+    assert set(out) == {"reply"} and isinstance(out["reply"], str)
+
+
+@pytest.mark.slow
+def test_a_text_and_sources_graph_trains_and_predicts_only_those_fields(
+    dataset: Path, tmp_path: Path
+) -> None:
+    from graphdistill.student.predict import load_student
+
+    ds = _with_outputs(dataset, tmp_path / "ds", [("answer", "text"), ("sources", "sources")])
+    metrics = train(_cfg(ds, tmp_path / "run", epochs=3))
+    losses = metrics["history"][-1]["train_loss"]
+    assert set(losses) - {"answer_kl"} == {"answer_ce", "sources", "total"}
+    assert "sources_recall" in metrics["val"] and "box_iou" not in metrics["val"]
+    out = load_student(tmp_path / "run").predict(*_photo(ds), source_threshold=0.0)
+    assert set(out) == {"answer", "sources"}
+    assert set(out["sources"]) == {"doc-circle", "doc-square", "doc-triangle"}  # threshold 0: every KB doc
+
+
+@pytest.mark.slow
+def test_an_embedding_output_is_distilled_with_a_falling_cosine_loss(dataset: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from graphdistill.student.predict import load_student
+
+    ds = _with_outputs(dataset, tmp_path / "ds", [("answer", "text"), ("image_embedding", "embedding")])
+    table = pq.read_table(ds / "train.parquet")
+    rng = np.random.default_rng(0)
+    targets = [rng.normal(size=8).tolist() for _ in range(table.num_rows)]
+    column = [json.dumps({"image_embedding": t}) for t in targets]
+    pq.write_table(table.append_column("embeddings", pa.array(column, pa.string())), ds / "train.parquet")
+
+    torch.manual_seed(0)
+    metrics = train(_cfg(ds, tmp_path / "run", epochs=40, val_every=40))
+    hist = metrics["history"]
+    first, last = hist[0]["train_loss"], hist[-1]["train_loss"]
+    assert set(last) - {"answer_kl"} == {"answer_ce", "embedding:image_embedding", "total"}
+    assert last["embedding:image_embedding"] < 0.5 * first["embedding:image_embedding"], (first, last)
+    assert metrics["val"]["embedding:image_embedding_cosine"] > 0.5
+    cfg = StudentConfig.from_dict(json.loads((tmp_path / "run" / "config.json").read_text()))
+    assert cfg.embedding_dims == {"image_embedding": 8}
+    out = load_student(tmp_path / "run").predict(*_photo(ds))
+    assert set(out) == {"answer", "image_embedding"} and len(out["image_embedding"]) == 8
