@@ -116,9 +116,7 @@ def paste_mask(logits: np.ndarray, box: Letterbox) -> np.ndarray:
     ms = logits.shape[0]
     mw, mh, _ = _resized(box.height, box.width, ms)
     prob = (1.0 / (1.0 + np.exp(-logits.astype(np.float32)))).astype(np.float32)[:mh, :mw]
-    full = Image.fromarray(np.ascontiguousarray(prob)).resize(
-        (box.width, box.height), RESAMPLE["bilinear"]
-    )
+    full = Image.fromarray(np.ascontiguousarray(prob)).resize((box.width, box.height), RESAMPLE["bilinear"])
     return np.asarray(full) > 0.5
 
 
