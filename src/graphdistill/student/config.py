@@ -1,0 +1,198 @@
+"""The student's configuration: :class:`StudentConfig` (saved as RUN/config.json), the size presets, and
+:func:`config_from_schema`, which derives the student's heads from the teacher graph's declared outputs.
+
+Kept free of torch so it can be read (and a config checked) without the model's dependencies.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Output kinds of a teacher graph the student has a head for (trace.Kind values):
+#   text -> answer decoder; objects -> detection + mask heads; detections -> detection head only;
+#   sources -> multi-label head over KB doc ids; embedding -> regression head (cosine loss).
+HEAD_KINDS = ("text", "objects", "detections", "sources", "embedding")
+SINGLE_KINDS = ("text", "objects", "detections", "sources")  # at most one output of each of these
+# Today's visual_rag shape: what a config.json written before `outputs` existed describes.
+DEFAULT_OUTPUTS = {"answer": "text", "objects": "objects", "sources": "sources"}
+
+
+@dataclass
+class StudentConfig:
+    """Everything needed to rebuild a :class:`Student`; saved as RUN/config.json."""
+
+    image_size: int = 256  # square input side in px; 256 keeps the backbone ~10 ms on a phone-class CPU
+    vocab_size: int = 2048  # BPE vocabulary trained on the dataset's own questions + answers (small domain)
+    d_model: int = 128  # width of every transformer; the decoder's per-token cost scales with d_model²
+    n_heads: int = 4  # attention heads; head dim = d_model / n_heads (32 keeps SDPA kernels efficient)
+    enc_layers: int = 2  # joint image+question encoder depth: enough to route the question into the image
+    dec_layers: int = 2  # answer decoder depth: answers are short templated sentences, 2 layers suffice
+    det_layers: int = 1  # object-query decoder depth (DETR uses 6; the teacher's objects are few and large)
+    ffn_mult: int = 2  # FFN width = ffn_mult * d_model; 2 instead of 4 halves params at little cost here
+    max_question_len: int = 32  # question tokens (incl. nothing special); longer questions are truncated
+    max_answer_len: int = 48  # answer positions incl. <bos>; sets the KV-cache length T
+    num_queries: int = 10  # detection slots; must be ≥ the most objects the teacher reports per image
+    num_classes: int = 80  # detector classes (COCO-80 for YOLO); class logits have num_classes + 1
+    mask_size: int = 32  # masks are predicted over the whole (letterboxed) image at mask_size²
+    num_sources: int = 16  # knowledge-base documents the sources head chooses among (multi-label)
+    num_registers: int = 4  # learned tokens that gather the question+image summary for sources/embeddings
+    backbone: str = "mobilenetv3_small_050"  # timm model, random init, features_only (strides 16 and 32)
+    embedding_dims: dict[str, int] = field(default_factory=dict)  # EMBEDDING outputs: name -> dim
+    # The teacher graph's outputs the student has heads for: field name -> kind (one of HEAD_KINDS). Built
+    # by config_from_schema; the default is the visual_rag shape, so old config.json files load unchanged.
+    outputs: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_OUTPUTS))
+    dropout: float = 0.0  # tiny models on small distilled sets: regularise by data, not dropout
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def output_of(self, kind: str) -> str | None:
+        """The field name of the (single) output of ``kind``, or None when the graph has none."""
+        return next((name for name, k in self.outputs.items() if k == kind), None)
+
+    @property
+    def has_text(self) -> bool:
+        return "text" in self.outputs.values()
+
+    @property
+    def has_objects(self) -> bool:
+        """A detection head (boxes + classes): OBJECTS or DETECTIONS output."""
+        return any(k in ("objects", "detections") for k in self.outputs.values())
+
+    @property
+    def has_masks(self) -> bool:
+        return "objects" in self.outputs.values()
+
+    @property
+    def has_sources(self) -> bool:
+        return "sources" in self.outputs.values()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StudentConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown StudentConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.image_size % 32:
+            raise ValueError(f"image_size must be a multiple of 32, got {self.image_size}")
+        if self.max_answer_len < 2:
+            raise ValueError("max_answer_len must leave room for <bos> and at least one token")
+        self.outputs = dict(self.outputs)
+        for (
+            name
+        ) in self.embedding_dims:  # configs from before `outputs`: embedding heads were listed here only
+            self.outputs.setdefault(name, "embedding")
+        bad = {n: k for n, k in self.outputs.items() if k not in HEAD_KINDS}
+        if bad:
+            raise ValueError(f"outputs {bad}: the student has heads for kinds {list(HEAD_KINDS)} only")
+        for kind in SINGLE_KINDS:
+            names = [n for n, k in self.outputs.items() if k == kind]
+            if len(names) > 1:
+                raise ValueError(f"outputs {names} are all of kind {kind!r}; the student has one such head")
+        if self.has_masks and "detections" in self.outputs.values():
+            raise ValueError("outputs: give either an 'objects' or a 'detections' output, not both")
+        no_dim = [n for n, k in self.outputs.items() if k == "embedding" and n not in self.embedding_dims]
+        if no_dim:
+            raise ValueError(f"embedding outputs {no_dim} have no dimension in embedding_dims")
+        if not self.outputs:
+            raise ValueError("outputs is empty: the student needs at least one head")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ≤ 3 M parameters: the phone default
+    "tiny": dict(d_model=128, n_heads=4, enc_layers=2, dec_layers=2, det_layers=1, vocab_size=2048),
+    # ≤ 10 M parameters: more capacity for bigger knowledge bases / longer answers
+    "small": dict(
+        d_model=256,
+        n_heads=8,
+        enc_layers=3,
+        dec_layers=3,
+        det_layers=2,
+        vocab_size=4096,
+        backbone="mobilenetv4_conv_small",
+        image_size=288,
+        mask_size=36,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> StudentConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return StudentConfig(**{**PRESETS[name], **overrides})
+
+
+def outputs_from_schema(schema: Any, embedding_dims: dict[str, int] | None = None) -> dict[str, str]:
+    """A teacher graph's declared outputs (``trace.GraphSchema`` or its JSON dict) -> ``StudentConfig.outputs``.
+
+    TEXT -> answer decoder, OBJECTS -> detection + mask heads, DETECTIONS -> detection head, SOURCES ->
+    sources head, EMBEDDING -> regression head (only when ``embedding_dims`` gives its size: an embedding
+    without targets cannot be learnt, so it is left out with a warning). Other kinds have no student head
+    and are skipped with a warning.
+    """
+    from graphdistill.trace import GraphSchema
+
+    graph = schema if isinstance(schema, GraphSchema) else GraphSchema.model_validate(schema)
+    dims = embedding_dims or {}
+    out: dict[str, str] = {}
+    for spec in graph.outputs:
+        kind = spec.kind.value
+        if kind == "embedding" and spec.name not in dims:
+            log.warning(
+                "graph %s: EMBEDDING output %r has no targets (no dimension known); the student gets no head "
+                "for it",
+                graph.name,
+                spec.name,
+            )
+            continue
+        if kind not in HEAD_KINDS:
+            log.warning(
+                "graph %s: output %r of kind %s has no student head; skipped", graph.name, spec.name, kind
+            )
+            continue
+        out[spec.name] = kind
+    if not out:
+        raise ValueError(
+            f"graph {graph.name}: none of its outputs {[f.name for f in graph.outputs]} has a student head "
+            f"(kinds {list(HEAD_KINDS)})"
+        )
+    return out
+
+
+def config_from_schema(
+    schema: Any,
+    preset_name: str = "tiny",
+    *,
+    vocab_size: int | None = None,
+    num_classes: int | None = None,
+    num_sources: int | None = None,
+    embedding_dims: dict[str, int] | None = None,
+    **overrides: Any,
+) -> StudentConfig:
+    """The :class:`StudentConfig` whose heads are exactly those the teacher graph's output schema declares
+    (see :func:`outputs_from_schema`), sized from the dataset (vocabulary, classes, KB documents)."""
+    outputs = outputs_from_schema(schema, embedding_dims)
+    sized: dict[str, Any] = {"outputs": outputs}
+    dims = {n: d for n, d in (embedding_dims or {}).items() if outputs.get(n) == "embedding"}
+    sized["embedding_dims"] = dims
+    for key, value in (
+        ("vocab_size", vocab_size),
+        ("num_classes", num_classes),
+        ("num_sources", num_sources),
+    ):
+        if value is not None:
+            sized[key] = value
+    return preset(preset_name, **{**sized, **overrides})
