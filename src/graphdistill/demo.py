@@ -1,8 +1,8 @@
 """The main job, end to end, on the default teacher models and the built-in real photos.
 
 weights → knowledge base → inputs from the built-in photos (some held out) → record the teacher with K
-samples → filter (vote, checks, splits) → train the student → evaluate on the held-out photos → export
-(ExecuTorch + ONNX, int8) → HTML report, and a printed headline.
+samples → filter (vote, checks, splits) → train the student → export
+(ExecuTorch + ONNX, float and int8) → evaluate on the held-out photos (PyTorch and the exported bundles) → HTML report, and a printed headline.
 
 Each stage drives the same code as its CLI command, so the demo is also the integration test of the CLI.
 A stage is skipped when its outputs exist and its parameters have not changed (a stamp file per stage),
@@ -38,10 +38,17 @@ class DemoSizes:
     formats: tuple[str, ...]  # export formats (each float + int8)
 
 
-FULL = DemoSizes(n_inputs=96, samples=3, train_minutes=8.0, preset="tiny", eval_teacher_queries=3,
-                 formats=("executorch", "onnx"))
-QUICK = DemoSizes(n_inputs=8, samples=2, train_minutes=0.75, preset="tiny", eval_teacher_queries=1,
-                  formats=("onnx",))
+FULL = DemoSizes(
+    n_inputs=96,
+    samples=3,
+    train_minutes=8.0,
+    preset="tiny",
+    eval_teacher_queries=3,
+    formats=("executorch", "onnx"),
+)
+QUICK = DemoSizes(
+    n_inputs=8, samples=2, train_minutes=0.75, preset="tiny", eval_teacher_queries=1, formats=("onnx",)
+)
 
 
 def _sizes(args: argparse.Namespace) -> DemoSizes:
@@ -59,7 +66,12 @@ def _sizes(args: argparse.Namespace) -> DemoSizes:
 
 
 class Stage:
-    """A resumable step: runs unless its stamp says the same parameters already completed."""
+    """A resumable step: runs unless its stamp says the same parameters already completed.
+
+    A stage's parameters include the completion stamp of the stages it reads from, so a rerun upstream
+    reruns everything downstream. Outputs of a stage whose parameters changed are removed before it reruns;
+    a stage killed half-way (no stamp) keeps its outputs when it can resume from them (record, train).
+    """
 
     def __init__(self, out: Path, con: Any) -> None:
         self.out = out
@@ -68,12 +80,29 @@ class Stage:
         self.stamps.mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, float] = {}
 
-    def run(self, name: str, params: dict[str, Any], outputs: list[Path], fn: Callable[[], None]) -> None:
+    def version(self, name: str) -> str | None:
+        stamp = self.stamps / f"{name}.json"
+        return json.loads(stamp.read_text()).get("done") if stamp.exists() else None
+
+    def run(
+        self,
+        name: str,
+        params: dict[str, Any],
+        outputs: list[Path],
+        fn: Callable[[], None],
+        *,
+        resumable: bool = False,
+    ) -> None:
         key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
         stamp = self.stamps / f"{name}.json"
-        if stamp.exists() and json.loads(stamp.read_text()).get("key") == key and all(p.exists() for p in outputs):
+        old = json.loads(stamp.read_text()) if stamp.exists() else None
+        if old and old.get("key") == key and all(p.exists() for p in outputs):
             self.con.print(f"[dim]✓ {name}: up to date, skipped[/]")
             return
+        if old is not None or not resumable:
+            for p in outputs:
+                _remove(p)
+        stamp.unlink(missing_ok=True)
         self.con.rule(f"[bold]{name}")
         t0 = time.perf_counter()
         fn()
@@ -81,8 +110,21 @@ class Stage:
         if missing:
             raise CommandError(f"demo stage {name!r} finished but did not write {', '.join(missing)}")
         self.timings[name] = time.perf_counter() - t0
-        stamp.write_text(json.dumps({"key": key, "params": params, "seconds": self.timings[name]}))
+        stamp.write_text(
+            json.dumps(
+                {"key": key, "params": params, "seconds": self.timings[name], "done": f"{time.time():.6f}"}
+            )
+        )
         self.con.print(f"[green]✓ {name}[/] in {self.timings[name]:.0f} s")
+
+
+def _remove(p: Path) -> None:
+    import shutil
+
+    if p.is_dir():
+        shutil.rmtree(p)
+    elif p.exists():
+        p.unlink()
 
 
 def _cli(argv: list[str]) -> int:
@@ -113,37 +155,61 @@ def run_demo(args: argparse.Namespace) -> int:
     st.run("knowledge base", {}, [], lambda: _cli(["kb", "build"]))
     st.run(
         "inputs",
-        {"n": sizes.n_inputs, "seed": 0},
+        {"n": sizes.n_inputs, "seed": 0, "kb": st.version("knowledge base")},
         [inputs],
-        lambda: _cli(["inputs", "make", "--builtin", "--n", str(sizes.n_inputs), "--seed", "0", "--out", str(inputs)]),
+        lambda: _cli(
+            ["inputs", "make", "--builtin", "--n", str(sizes.n_inputs), "--seed", "0", "--out", str(inputs)]
+        ),
     )
     graph_spec = f"graphdistill.demo:demo_graph_{device}"
     st.run(
         "record",
-        {"samples": sizes.samples, "inputs": _mtime(inputs), "device": device},
+        {"samples": sizes.samples, "inputs": st.version("inputs")},
         [store],
-        lambda: _cli(["record", "--graph", graph_spec, "--inputs", str(inputs), "--store", str(store),
-                      "--samples", str(sizes.samples), "--resume"]),
+        lambda: _cli(
+            [
+                "record",
+                "--graph",
+                graph_spec,
+                "--inputs",
+                str(inputs),
+                "--store",
+                str(store),
+                "--samples",
+                str(sizes.samples),
+                "--tta",
+                "flip,scale",
+                "--resume",
+            ]
+        ),
+        resumable=True,
     )
     st.run(
         "filter",
-        {"store": _count_hint(store)},
-        [dataset / "manifest.json"],
+        {"record": st.version("record")},
+        [dataset],
         lambda: _cli(["filter", str(store), "--out", str(dataset)]),
     )
     st.run(
         "train",
-        {"minutes": sizes.train_minutes, "preset": sizes.preset, "dataset": _mtime(dataset / "manifest.json")},
-        [run / "model.safetensors"],
-        lambda: _cli(["train", str(dataset), "--out", str(run), "--preset", sizes.preset,
-                      "--max-minutes", str(sizes.train_minutes), "--device", device, "--resume"]),
-    )
-    st.run(
-        "evaluate",
-        {"run": _mtime(run / "model.safetensors"), "q": sizes.eval_teacher_queries},
-        [run / "eval.json"],
-        lambda: _cli(["eval", str(run), "--dataset", str(dataset), "--split", "test",
-                      "--teacher-queries", str(sizes.eval_teacher_queries), "--graph", graph_spec]),
+        {"minutes": sizes.train_minutes, "preset": sizes.preset, "filter": st.version("filter")},
+        [run],
+        lambda: _cli(
+            [
+                "train",
+                str(dataset),
+                "--out",
+                str(run),
+                "--preset",
+                sizes.preset,
+                "--max-minutes",
+                str(sizes.train_minutes),
+                "--device",
+                device,
+                "--resume",
+            ]
+        ),
+        resumable=True,
     )
     bundles: dict[str, Path] = {}
     for fmt in sizes.formats:
@@ -152,15 +218,42 @@ def run_demo(args: argparse.Namespace) -> int:
             bundles[f"{fmt}-{q}"] = b
             st.run(
                 f"export {fmt} {q}",
-                {"run": _mtime(run / "model.safetensors")},
-                [b / "manifest.json"],
-                lambda fmt=fmt, q=q, b=b: _cli(["export", str(run), "--format", fmt, "--quantize", q, "--out", str(b)]),
+                {"train": st.version("train")},
+                [b],
+                lambda fmt=fmt, q=q, b=b: _cli(
+                    ["export", str(run), "--format", fmt, "--quantize", q, "--out", str(b)]
+                ),
             )
     st.run(
+        "evaluate",
+        {
+            "train": st.version("train"),
+            "q": sizes.eval_teacher_queries,
+            "bundles": [st.version(f"export {n.replace('-', ' ')}") for n in sorted(bundles)],
+        },
+        [run / "eval.json"],
+        lambda: _cli(
+            [
+                "eval",
+                str(run),
+                "--dataset",
+                str(dataset),
+                "--split",
+                "test",
+                "--val",
+                "--teacher-n",
+                str(sizes.eval_teacher_queries),
+                "--graph",
+                graph_spec,
+                *[a for b in bundles.values() for a in ("--bundle", str(b))],
+            ]
+        ),
+    )
+    st.run(
         "report",
-        {"eval": _mtime(run / "eval.json"), "bundles": sorted(bundles)},
+        {"eval": st.version("evaluate")},
         [report],
-        lambda: _cli(["report", str(run), "--out", str(report), *[a for b in bundles.values() for a in ("--bundle", str(b))]]),
+        lambda: _cli(["report", str(run), "--out", str(report)]),
     )
     headline = _headline(run, bundles, report)
     _print_headline(con, headline)
@@ -175,25 +268,35 @@ def _headline(run: Path, bundles: dict[str, Path], report: Path) -> dict[str, An
     for name, b in bundles.items():
         files = [p for p in b.iterdir() if p.suffix in (".pte", ".onnx")]
         sizes[name] = sum(p.stat().st_size for p in files)
-    return {"fidelity": ev.get("fidelity", {}), "cost": ev.get("cost", {}), "n": ev.get("n"),
-            "bundle_bytes": sizes, "report": str(report)}
+    return {
+        "fidelity": ev.get("fidelity", {}),
+        "cost": ev.get("cost", {}),
+        "n": ev.get("n"),
+        "bundle_bytes": sizes,
+        "report": str(report),
+    }
 
 
 def _print_headline(con: Any, h: dict[str, Any]) -> None:
     cost, fid = h["cost"], h["fidelity"]
     con.rule("[bold]headline")
     if cost:
-        con.print(f"speedup      {cost.get('speedup', float('nan')):.0f}×  (teacher {cost.get('teacher_ms', 0):.0f} ms → "
-                  f"student {cost.get('student_ms', 0):.1f} ms per query, PyTorch, this machine)")
+        con.print(
+            f"speedup      {cost.get('speedup', float('nan')):.0f}×  (teacher {cost.get('teacher_ms', 0):.0f} ms → "
+            f"student {cost.get('student_ms', 0):.1f} ms per query, PyTorch, this machine)"
+        )
         if cost.get("student_bytes"):
-            con.print(f"size         {cost.get('teacher_bytes', 0) / cost['student_bytes']:.0f}× smaller "
-                      f"({cost.get('teacher_bytes', 0) / 1e6:.0f} MB → {cost['student_bytes'] / 1e6:.1f} MB)")
+            con.print(
+                f"size         {cost.get('teacher_bytes', 0) / cost['student_bytes']:.0f}× smaller "
+                f"({cost.get('teacher_bytes', 0) / 1e6:.0f} MB → {cost['student_bytes'] / 1e6:.1f} MB)"
+            )
+    con.print(f"{'held-out n':<22}{h.get('n')}")
     for k, v in fid.items():
-        if isinstance(v, (int, float)):
-            con.print(f"{k:<13}{v:.3f}")
+        if isinstance(v, (int, float)) and not k.endswith("_threshold"):
+            con.print(f"{k:<22}{v:.3f}")
     for name, size in h["bundle_bytes"].items():
-        con.print(f"bundle {name:<14}{size / 1e6:.2f} MB")
-    con.print(f"report       {h['report']}")
+        con.print(f"{'bundle ' + name:<22}{size / 1e6:.2f} MB")
+    con.print(f"{'report':<22}{h['report']}")
 
 
 def _default_device() -> str:
@@ -203,15 +306,6 @@ def _default_device() -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     except ImportError:
         return "cpu"
-
-
-def _mtime(p: Path) -> float | None:
-    return p.stat().st_mtime if p.exists() else None
-
-
-def _count_hint(store: Path) -> float | None:
-    db = store / "traces.sqlite"
-    return _mtime(db)
 
 
 def demo_graph_cpu() -> Any:
