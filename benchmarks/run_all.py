@@ -93,7 +93,11 @@ def table(results: dict[str, dict]) -> str:
             lines.append(f"| {label} | not measured | {goal} | — |")
             continue
         met = "—" if ok is None else ("yes" if ok(v) else "**no**")
-        fmt = f"{v:,.0f}×" if key.startswith("speedup") or key.endswith("speedup") or key == "size_ratio" else f"{v:.3g}"
+        fmt = (
+            f"{v:,.0f}×"
+            if key.startswith("speedup") or key.endswith("speedup") or key == "size_ratio"
+            else f"{v:.3g}"
+        )
         lines.append(f"| {label} | {fmt} | {goal} | {met} |")
     ms = results.get("e2e", {}).get("ms_per_query", {})
     if ms:
@@ -118,7 +122,9 @@ def write_readme(md: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {list(BENCHMARKS)})")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes: proves the benchmarks run, numbers mean little")
+    ap.add_argument(
+        "--quick", action="store_true", help="tiny sizes: proves the benchmarks run, numbers mean little"
+    )
     ap.add_argument("--no-readme", action="store_true")
     args = ap.parse_args()
     names = args.names or list(BENCHMARKS)

@@ -12,6 +12,7 @@ so a killed or repeated demo resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -89,7 +90,7 @@ class Stage:
         name: str,
         params: dict[str, Any],
         outputs: list[Path],
-        fn: Callable[[], None],
+        fn: Callable[[], object],
         *,
         resumable: bool = False,
     ) -> None:
@@ -220,8 +221,8 @@ def run_demo(args: argparse.Namespace) -> int:
                 f"export {fmt} {q}",
                 {"train": st.version("train")},
                 [b],
-                lambda fmt=fmt, q=q, b=b: _cli(
-                    ["export", str(run), "--format", fmt, "--quantize", q, "--out", str(b)]
+                functools.partial(
+                    _cli, ["export", str(run), "--format", fmt, "--quantize", q, "--out", str(b)]
                 ),
             )
     st.run(

@@ -70,8 +70,8 @@ def load_image(
         ) from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"image {label}: corrupt or truncated image data ({exc})") from exc
-    img = ImageOps.exif_transpose(img) or img
-    return pil_to_rgb(img, label)
+    rotated = ImageOps.exif_transpose(img)
+    return pil_to_rgb(rotated if rotated is not None else img, label)
 
 
 def pil_to_rgb(img: object, label: str = "<image>") -> np.ndarray:

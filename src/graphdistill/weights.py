@@ -358,11 +358,11 @@ def _extract(archive: Path, member: str, out: Path) -> None:
                 dst = out / rel if rel else out
                 _safe_child(out, dst)
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                src = tf.extractfile(m)
-                if src is None:
+                member_file = tf.extractfile(m)
+                if member_file is None:
                     raise WeightsError(f"{archive.name}: cannot read {m.name}")
-                with src, open(dst, "wb") as f:
-                    shutil.copyfileobj(src, f, 1 << 20)
+                with member_file, open(dst, "wb") as f:
+                    shutil.copyfileobj(member_file, f, 1 << 20)
 
 
 def _safe_child(root: Path, p: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata as md
 import platform
+from typing import Any
 
 from graphdistill.commands._common import console, print_json
 
@@ -37,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=_doctor)
 
 
-def collect() -> dict[str, object]:
+def collect() -> dict[str, Any]:
     from graphdistill import weights
     from graphdistill._env import home, offline_status
 
@@ -78,16 +79,16 @@ def _doctor(args: argparse.Namespace) -> int:
     con.print("[bold]graphdistill doctor[/]")
     con.print(f"cache: {info['home']}")
     con.print("[bold]stack[/]")
-    for k, v in info["versions"].items():  # type: ignore[union-attr]
+    for k, v in info["versions"].items():
         con.print(f"  {k:<24} {v or '[red]not installed[/]'}")
     con.print("[bold]device[/]")
-    for k, v in info["device"].items():  # type: ignore[union-attr]
+    for k, v in info["device"].items():
         con.print(f"  {k:<24} {v}")
     con.print("[bold]weights[/]")
-    for w in info["weights"]:  # type: ignore[union-attr]
+    for w in info["weights"]:
         state = "ok" if w["sha256_ok"] else ("MISMATCH" if w["present"] else "missing")
         con.print(f"  {w['name']:<24} {state:<9} {w['path']}")
     con.print("[bold]offline settings in force[/]")
-    for k, v in info["offline"].items():  # type: ignore[union-attr]
+    for k, v in info["offline"].items():
         con.print(f"  {k:<24} {v}")
     return 0

@@ -29,7 +29,7 @@ def quantize_pt2e(module: Any, example: tuple[Any, ...], calibration: Sequence[t
     pt2e = require("torchao.quantization.pt2e.quantize_pt2e", purpose="int8 export")
     xq = require("executorch.backends.xnnpack.quantizer.xnnpack_quantizer", purpose="int8 export")
 
-    class Quantizer(xq.XNNPACKQuantizer):  # type: ignore[misc]
+    class Quantizer(xq.XNNPACKQuantizer):  # type: ignore[misc,name-defined]
         # its "cat" annotator ignores the filter and would observe the encoder's bool padding-mask cat
         SUPPORTED_PATTERNS = [p for p in xq.XNNPACKQuantizer.SUPPORTED_PATTERNS if p.name != "cat"]
 
