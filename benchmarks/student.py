@@ -115,7 +115,10 @@ def main() -> None:
     ap.add_argument("--train-rows", type=int, default=64)
     ap.add_argument("--train-epochs", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "student.json"))
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: proves it runs, numbers mean little")
     args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.train_rows, args.train_epochs = 3, 8, 1
     import torch
 
     result: dict[str, Any] = {

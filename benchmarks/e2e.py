@@ -1,0 +1,124 @@
+"""End to end: the demo's student against the demo's teacher graph, every runtime, in one process.
+
+Runs (or resumes) `graphdistill demo` into a working folder, then re-measures in this one run on this one
+machine: the teacher graph's ms per query, the PyTorch student's, and each exported bundle's (ONNX Runtime,
+ExecuTorch/XNNPACK; float and int8), all on the same held-out real photos, plus the bundles' sizes and the
+student's fidelity to the teacher on the held-out split. Writes JSON with a `headline` block that
+`benchmarks/run_all.py` turns into the README table.
+
+    python benchmarks/e2e.py --out benchmarks/results/e2e.json            # full demo (~30 min the first time)
+    python benchmarks/e2e.py --quick                                       # quick demo; numbers mean little
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def _graphdistill(*args: str) -> None:
+    cmd = [sys.executable, "-m", "graphdistill.cli", *args]
+    print("$ graphdistill " + " ".join(args), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=str(HERE / "results" / "e2e.json"))
+    ap.add_argument(
+        "--demo-dir", default=None, help="demo working folder (default: demo-out, or demo-out-quick)"
+    )
+    ap.add_argument("--quick", action="store_true", help="use the quick demo (minutes); numbers mean little")
+    ap.add_argument("--teacher-n", type=int, default=3, help="held-out photos timed for teacher and students")
+    ap.add_argument("--repeats", type=int, default=5, help="timed passes of each student over those photos")
+    args = ap.parse_args()
+    demo = Path(args.demo_dir or (ROOT / ("demo-out-quick" if args.quick else "demo-out")))
+    t0 = time.perf_counter()
+    _graphdistill("demo", "--out", str(demo), *(["--quick"] if args.quick else []))
+    demo_s = time.perf_counter() - t0
+    run, dataset = demo / "run", demo / "dataset"
+    bundles = sorted(p for p in (demo / "bundles").iterdir() if (p / "manifest.json").exists())
+    bundle_args = [a for b in bundles for a in ("--bundle", str(b))]
+    # one fresh measurement of everything, in one process, on this machine
+    _graphdistill(
+        "eval",
+        str(run),
+        "--dataset",
+        str(dataset),
+        "--split",
+        "test",
+        "--val",
+        "--teacher-n",
+        str(args.teacher_n),
+        "--repeats",
+        str(args.repeats),
+        "--graph",
+        "graphdistill.demo:demo_graph_cpu",
+        *bundle_args,
+    )
+    ev = json.loads((run / "eval.json").read_text())
+    cost, fid, exported = ev["cost"], ev["fidelity"], ev.get("exported", {})
+    by_name = {Path(k).name: v for k, v in exported.items()}
+    ms = {
+        "teacher graph (PyTorch, CPU)": cost.get("teacher_ms"),
+        "student, PyTorch eager": cost.get("student_ms"),
+    }
+    runtime_label = {"executorch": "student, ExecuTorch XNNPACK", "onnx": "student, ONNX Runtime CPU"}
+    for name, v in by_name.items():
+        fmt, q = name.rsplit("-", 1)
+        ms[f"{runtime_label.get(fmt, fmt)} {'int8' if q == 'int8' else 'float'}"] = v.get("ms")
+
+    def speedup(name: str) -> float | None:
+        v = by_name.get(name, {})
+        return v.get("speedup_vs_teacher")
+
+    headline = {
+        "speedup_pytorch": cost.get("speedup"),
+        "speedup_executorch": speedup("executorch-int8"),
+        "speedup_onnx": speedup("onnx-int8"),
+        "int8_pte_mb": by_name.get("executorch-int8", {}).get("bytes", 0) / 1e6 or None,
+        "answer_f1": fid.get("answer_f1"),
+        "box_map50": fid.get("box_map50"),
+        "mask_miou": fid.get("mask_miou"),
+        "size_ratio": cost.get("size_ratio"),
+    }
+    result: dict[str, Any] = {
+        "benchmark": "e2e",
+        "machine": f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}",
+        "load_average": os.getloadavg()[0],
+        "demo_dir": str(demo),
+        "demo_seconds_this_call": round(demo_s, 1),
+        "demo_stage_seconds": {
+            p.stem: json.loads(p.read_text()).get("seconds")
+            for p in sorted((demo / ".stamps").glob("*.json"))
+        },
+        "held_out_n": ev.get("n"),
+        "headline": headline,
+        "ms_per_query": ms,
+        "bytes": {
+            "teacher": cost.get("teacher_bytes"),
+            "student": cost.get("student_bytes"),
+            **{name: v.get("bytes") for name, v in by_name.items()},
+        },
+        "fidelity_test": fid,
+        "eval": ev,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print(json.dumps({"headline": headline, "ms_per_query": ms}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Scaling study: fidelity on the held-out real photos against the number of recorded inputs, with the
+filtering on and off. This is where the claim that filtering matters is checked on our own data.
+
+It takes the demo's trace store (run `graphdistill demo` or `benchmarks/e2e.py` first, or pass --store),
+keeps every held-out group, subsamples the training groups to each size, then for each size and for
+filtering on (default checks + `--min-agreement`) and off (no checks, no agreement threshold, no dedup):
+filter → train (same budget each) → eval on the test split. Writes JSON in the shape the report's scaling
+section reads: {"points": [{"n_inputs", "filtered", "answer_f1", "box_map50", "mask_miou", ...}]}.
+
+    python benchmarks/scaling.py --out benchmarks/results/scaling.json --sizes 16,32,64 --minutes 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+ALL_CHECKS = [
+    "failed_trace", "failed_node", "empty_answer", "truncated_answer", "answer_class_not_detected",
+    "answer_denies_detected", "mask_box_coverage", "source_distance",
+]  # fmt: skip
+
+
+def _cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "graphdistill.cli", *args], check=True, cwd=ROOT)
+
+
+def subset_store(src_dir: Path, dst_dir: Path, n_train_groups: int, seed: int) -> int:
+    """Copy every held-out group and `n_train_groups` other groups (traces + their blobs) into a new store."""
+    from graphdistill.datasets.store import TraceStore
+
+    src, dst = TraceStore(src_dir), TraceStore(dst_dir)
+    groups = src.groups()
+    heldout, train = [], []
+    for gid, ids in sorted(groups.items()):
+        first = src.get(ids[0])
+        recipe = first.provenance.recipe or {}
+        (heldout if recipe.get("heldout") else train).append(gid)
+    random.Random(seed).shuffle(train)
+    chosen = heldout + train[:n_train_groups]
+    for gid in chosen:
+        for tid in groups[gid]:
+            t = src.get(tid)
+            dst.append(t, {ref.blob: src.blob(ref.blob) for ref in t.blob_refs()})
+    return min(n_train_groups, len(train))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=str(HERE / "results" / "scaling.json"))
+    ap.add_argument("--store", default=None, help="trace store (default: demo-out/store)")
+    ap.add_argument(
+        "--sizes", default="16,32,64", help="training inputs per point (capped at what was recorded)"
+    )
+    ap.add_argument("--minutes", type=float, default=2.0, help="training budget per point")
+    ap.add_argument("--min-agreement", type=float, default=0.5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="two tiny points; numbers mean little")
+    args = ap.parse_args()
+    if args.quick:
+        args.sizes, args.minutes = "4,8", 0.3
+    store = (
+        Path(args.store) if args.store else ROOT / ("demo-out-quick" if args.quick else "demo-out") / "store"
+    )
+    if not (store / "traces.sqlite").exists():
+        _cli("demo", "--out", str(store.parent), *(["--quick"] if args.quick else []))
+    points: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="gd-scaling-") as tmp:
+        work = Path(tmp)
+        for size in [int(s) for s in args.sizes.split(",")]:
+            sub = work / f"store-{size}"
+            n_inputs = subset_store(store, sub, size, args.seed)
+            for filtered in (True, False):
+                tag = f"{size}-{'on' if filtered else 'off'}"
+                ds, run = work / f"ds-{tag}", work / f"run-{tag}"
+                flt = ["--min-agreement", str(args.min_agreement)] if filtered else [
+                    "--min-agreement", "0", "--no-dedup", *[a for c in ALL_CHECKS for a in ("--disable-check", c)]]  # fmt: skip
+                _cli("filter", str(sub), "--out", str(ds), *flt)
+                manifest = json.loads((ds / "manifest.json").read_text())
+                if not manifest.get("splits", {}).get("train"):
+                    points.append({"n_inputs": n_inputs, "filtered": filtered, "train_rows": 0,
+                                   "note": "filtering kept no training rows"})  # fmt: skip
+                    continue
+                _cli(
+                    "train",
+                    str(ds),
+                    "--out",
+                    str(run),
+                    "--max-minutes",
+                    str(args.minutes),
+                    "--seed",
+                    str(args.seed),
+                )
+                _cli("eval", str(run), "--dataset", str(ds), "--split", "test", "--no-teacher-timing")
+                ev = json.loads((run / "eval.json").read_text())
+                fid = ev["fidelity"]
+                points.append({
+                    "n_inputs": n_inputs, "filtered": filtered, "train_rows": manifest["splits"]["train"],
+                    "answer_f1": fid.get("answer_f1"), "box_map50": fid.get("box_map50"),
+                    "mask_miou": fid.get("mask_miou"), "sources_recall": fid.get("sources_recall"),
+                    "test_n": ev.get("n"),
+                })  # fmt: skip
+                print(json.dumps(points[-1]), flush=True)
+    result = {
+        "benchmark": "scaling",
+        "machine": f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}",
+        "store": str(store),
+        "train_minutes_per_point": args.minutes,
+        "min_agreement": args.min_agreement,
+        "points": points,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
