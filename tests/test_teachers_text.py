@@ -398,3 +398,151 @@ def test_kb_cli_builds_a_user_jsonl_keeps_it_on_a_bad_file_and_queries_it(
     hits = json.loads(capsys.readouterr().out)
     assert [h["id"] for h in hits] == ["home/kettle"]  # the earlier build is intact, the bad row absent
     assert hits[0]["metadata"] == {"label": "kettle"}
+
+
+# --------------------------------------------------------------------------------------------------------
+# LLM micro-batching (teachers/batching.py)
+# --------------------------------------------------------------------------------------------------------
+
+
+class _EchoLLM:
+    """A deterministic stand-in: answers ``prompt|settings``; fails any prompt containing 'boom'."""
+
+    temperature = 0.0
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.batches: list[list[Any]] = []
+
+    def _one(self, prompt: Any, temperature: Any, max_new_tokens: Any) -> str:
+        if "boom" in str(prompt):
+            raise ValueError(f"bad prompt {prompt}")
+        return f"{prompt}|{temperature}|{max_new_tokens}"
+
+    def generate(
+        self,
+        prompt: Any,
+        temperature: Any = None,
+        top_p: Any = None,
+        seed: Any = None,
+        max_new_tokens: Any = None,
+    ) -> str:
+        return self.generate_batch([prompt], temperature=temperature, max_new_tokens=max_new_tokens)[0]
+
+    def generate_batch(
+        self,
+        prompts: list[Any],
+        temperature: Any = None,
+        top_p: Any = None,
+        seed: Any = None,
+        max_new_tokens: Any = None,
+    ) -> list[str]:
+        import time
+
+        self.batches.append(list(prompts))
+        time.sleep(self.delay)
+        return [self._one(p, temperature, max_new_tokens) for p in prompts]
+
+
+def _concurrently(fn: Any, args: list[Any]) -> list[Any]:
+    """Run ``fn(arg)`` for every arg in its own thread, all released together; results or exceptions."""
+    import threading
+
+    results: list[Any] = [None] * len(args)
+    gate = threading.Barrier(len(args))
+
+    def work(i: int) -> None:
+        gate.wait()
+        try:
+            results[i] = fn(args[i])
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(args))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads), "a caller never got its answer"
+    return results
+
+
+def test_batcher_serves_concurrent_greedy_requests_in_one_call_each_its_own_answer() -> None:
+    from graphdistill.teachers.batching import LLMBatcher
+
+    fake = _EchoLLM()
+    b = LLMBatcher(fake, window_s=2.0, max_batch=5)  # 5 arrivals fill the batch long before the window ends
+    prompts = [f"q{i}" for i in range(5)]
+    got = _concurrently(lambda p: b.generate(p, temperature=0.0, max_new_tokens=8), prompts)
+    assert got == [f"q{i}|0.0|8" for i in range(5)]
+    assert len(fake.batches) == 1 and sorted(fake.batches[0]) == prompts
+    assert b.batch_sizes == [5]
+
+
+def test_batcher_groups_by_settings_and_never_batches_sampled_requests() -> None:
+    from graphdistill.teachers.batching import LLMBatcher
+
+    fake = _EchoLLM()
+    b = LLMBatcher(fake, window_s=0.3, max_batch=8)
+    calls = [("a", 0.0, 8), ("b", 0.0, 8), ("c", 0.0, 4), ("d", 0.7, 8), ("e", 0.7, 8)]
+    got = _concurrently(lambda c: b.generate(c[0], temperature=c[1], max_new_tokens=c[2], seed=1), calls)
+    assert got == [f"{p}|{t}|{n}" for p, t, n in calls]
+    groups = sorted(sorted(batch) for batch in fake.batches)
+    assert groups == [["a", "b"], ["c"], ["d"], ["e"]]  # same greedy settings batch; sampled ones alone
+
+
+def test_batcher_serves_a_lone_request_after_the_window() -> None:
+    import time
+
+    from graphdistill.teachers.batching import LLMBatcher
+
+    fake = _EchoLLM()
+    b = LLMBatcher(fake, window_s=0.2, max_batch=8)
+    t0 = time.perf_counter()
+    assert b.generate("alone", temperature=0.0) == "alone|0.0|None"
+    waited = time.perf_counter() - t0
+    assert 0.2 <= waited < 5.0
+    assert fake.batches == [["alone"]]
+
+
+def test_batcher_overflow_forms_a_next_batch_and_errors_reach_the_right_caller() -> None:
+    from graphdistill.teachers.batching import LLMBatcher
+
+    fake = _EchoLLM(delay=0.05)
+    b = LLMBatcher(fake, window_s=0.3, max_batch=3)
+    prompts = ["p0", "p1", "boom2", "p3", "p4", "p5", "p6"]
+    got = _concurrently(lambda p: b.generate(p, temperature=0.0), prompts)
+    for p, g in zip(prompts, got, strict=True):
+        if p == "boom2":
+            assert isinstance(g, ValueError) and "boom2" in str(g)
+        else:
+            assert g == f"{p}|0.0|None"
+    # every request served, no batch over max_batch; the failing batch was retried one by one
+    assert max(len(x) for x in fake.batches) <= 3
+    assert sum(b.batch_sizes) == len(prompts)
+    with pytest.raises(ValueError, match="boom"):
+        b.generate("boom alone", temperature=0.0)
+
+
+@pytest.mark.slow
+def test_batcher_on_the_real_llm_matches_single_calls() -> None:
+    from graphdistill.teachers.batching import LLMBatcher
+
+    lm = _models.llm()
+    prompts = ["What is a dog?", "Name a fruit that is yellow.", "What colour is the sky?"]
+    singles = [lm.generate(p, max_new_tokens=8) for p in prompts]
+
+    class Spy:
+        temperature = lm.temperature
+        calls = 0
+
+        def generate_batch(self, *a: Any, **kw: Any) -> Any:
+            Spy.calls += 1
+            return lm.generate_batch(*a, **kw)
+
+    b = LLMBatcher(Spy(), window_s=5.0, max_batch=3)
+    got = _concurrently(lambda p: b.generate(p, temperature=0.0, max_new_tokens=8), prompts)
+    assert Spy.calls == 1
+    for g, want in zip(got, singles, strict=True):
+        assert g.logprobs.token_ids == want.logprobs.token_ids and g.text == want.text
+        np.testing.assert_allclose(g.logprobs.topk_logprobs, want.logprobs.topk_logprobs, atol=1e-3)

@@ -85,16 +85,107 @@ def test_declaration_shape() -> None:
     edges = {(s, t) for s, t in b.edges()}
     assert edges == {
         ((START,), "detect"),
-        (("detect",), "segment"),
         (("detect",), "retrieve"),
-        (("segment", "retrieve"), "reason"),
-        (("reason",), "compose"),
+        (("retrieve",), "segment"),  # segment and reason share a superstep: reason never waits for it
+        (("retrieve",), "reason"),
+        (("segment", "reason"), "compose"),
         (("compose",), END),
     }
     kinds = b.field_kinds()
     assert kinds["llm"] == Kind.TOKEN_LOGPROBS and kinds["masks"] == Kind.MASKS
     assert kinds["documents"] == Kind.DOCUMENTS and kinds["detections"] == Kind.DETECTIONS
     assert b.schema().nodes == ["detect", "segment", "retrieve", "reason", "compose"]
+
+
+class _FakeTeachers:
+    """Fast stand-ins. The segmenter blocks until the LLM has been called: the graph only finishes when
+    reason runs while segment is still busy (the two branches are parallel)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.llm_called = threading.Event()
+        self.batches: list[list[Any]] = []
+        self.order: list[str] = []
+
+        outer = self
+
+        class Det:
+            def detect(self, image: Any) -> Detections:
+                return CAT
+
+        class Seg:
+            def segment(self, image: Any, boxes: Any) -> Any:
+                from graphdistill.trace import Masks
+
+                outer.order.append("segment-start")
+                if not outer.llm_called.wait(timeout=10):
+                    raise AssertionError("reason never ran while segment was busy")
+                return Masks(
+                    rles=[RLE(size=[300, 400], counts=[120000]) for _ in boxes], scores=[0.9] * len(boxes)
+                )
+
+        class Ret:
+            def query(self, text: str, k: int) -> list[Document]:
+                return [Document(id=f"doc-{text}", text="Cats sleep a lot.")]
+
+        class LLM:
+            temperature = 0.0
+
+            def generate_batch(self, prompts: list[Any], **kw: Any) -> list[Any]:
+                from graphdistill.teachers.base import LLMOutput
+
+                outer.batches.append(prompts)
+                outer.order.append("llm")
+                outer.llm_called.set()
+                return [
+                    LLMOutput(
+                        text=f" answer to {p[-1]['content'].rsplit(': ', 1)[-1]} ",
+                        logprobs=TokenLogprobs(
+                            tokenizer="t", token_ids=[1], topk_ids=[[1]], topk_logprobs=[[0.0]]
+                        ),
+                        finish_reason="stop",
+                    )
+                    for p in prompts
+                ]
+
+            def generate(self, prompt: Any, **kw: Any) -> Any:
+                return self.generate_batch([prompt], **kw)[0]
+
+        self.roles = {"detector": Det(), "segmenter": Seg(), "retriever": Ret(), "llm": LLM()}
+
+
+def test_reason_runs_in_parallel_with_segment_and_batch_shares_llm_calls() -> None:
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    from graphdistill.graphs.visual_rag import visual_rag
+
+    fakes = _FakeTeachers()
+    graph = visual_rag(teachers=fakes.roles)
+    nodes: list[str] = []
+
+    class Spy(BaseCallbackHandler):
+        def on_chain_start(self, serialized: Any, inputs: Any, **kw: Any) -> None:
+            meta = kw.get("metadata") or {}
+            if meta.get("langgraph_node") == kw.get("name"):
+                nodes.append(kw["name"])
+
+    image = __import__("numpy").zeros((300, 400, 3), "uint8")
+    xs = [{"image": image, "question": q} for q in ("q1?", "q2?", "q3?")]
+    outs = graph.batch(xs, config={"callbacks": [Spy()], "max_concurrency": 3})
+    assert [o["answer"] for o in outs] == ["answer to q1?", "answer to q2?", "answer to q3?"]
+    for o in outs:
+        assert [ob["label"] for ob in o["objects"]] == ["cat", "cat"] and o["objects"][0]["mask"] is not None
+        assert o["sources"] and o["sources"][0].startswith("doc-")
+    # every span name is still there, once per input
+    assert sorted(set(nodes)) == ["compose", "detect", "reason", "retrieve", "segment"]
+    assert all(nodes.count(n) == 3 for n in set(nodes))
+    # the three reason calls were served by fewer LLM calls than prompts (micro-batched)
+    assert sum(len(b) for b in fakes.batches) == 3 and len(fakes.batches) < 3
+    # one-by-one invoke gives the same outputs
+    one = [graph.invoke(x) for x in xs]
+    assert [o["answer"] for o in one] == [o["answer"] for o in outs]
+    assert [o["objects"] for o in one] == [o["objects"] for o in outs]
 
 
 # ------------------------------------------------------------------------------------------------ real models
@@ -211,3 +302,33 @@ def test_clip_variant_adds_image_hits(tmp_path: Any) -> None:
     text_ids = [d.id for d in retriever.query(text=retrieval_query("What is this?", dets), k=3)]
     image_ids = [d.id for d in retriever.query(image_embedding=clip.embed_images([image])[0], k=3)]
     assert [d.id for d in out["documents"]] == text_ids + [i for i in image_ids if i not in text_ids]
+
+
+@pytest.mark.slow
+def test_real_batch_equals_invoke_one_by_one_and_batches_the_llm() -> None:
+    import _models
+    from graphdistill.graphs.visual_rag import visual_rag
+
+    teachers = _teachers()
+    real = teachers["llm"]
+    sizes: list[int] = []
+
+    class CountingLLM:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def generate_batch(self, prompts: Any, **kw: Any) -> Any:
+            sizes.append(len(prompts))
+            return real.generate_batch(prompts, **kw)
+
+    graph = visual_rag(teachers={**teachers, "llm": CountingLLM()})
+    xs = [
+        {"image": _models.builtin_image(p), "question": "What is in this picture?"}
+        for p in ("skimage/chelsea", "skimage/coffee")
+    ]
+    batched = graph.batch(xs)
+    assert sum(sizes) == 2 and len(sizes) == 1, sizes  # both reason calls in one generate_batch
+    one = [graph.invoke(x) for x in xs]
+    for b, o in zip(batched, one, strict=True):
+        assert b["answer"] == o["answer"] and b["answer"].strip()
+        assert b["objects"] == o["objects"] and b["sources"] == o["sources"]

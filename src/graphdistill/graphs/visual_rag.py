@@ -1,17 +1,24 @@
 """The reference teacher graph: a visual RAG pipeline (YOLO + SAM + Chroma + a small chat LLM).
 
 ```
-START -> detect -> segment  ---\\
-                -> retrieve ---+-> reason -> compose -> END
+START -> detect -> retrieve -> reason  --+-> compose -> END
+                            -> segment --/
 ```
 
-* ``detect`` (YOLO) finds objects; ``segment`` (SAM) masks every box and ``retrieve`` (Chroma over the
-  question plus the detected labels, plus the image through CLIP when a CLIP checkpoint is configured) run in
-  parallel in one LangGraph superstep;
+* ``detect`` (YOLO) finds objects; ``retrieve`` (Chroma over the question plus the detected labels, plus the
+  image through CLIP when a CLIP checkpoint is configured, ~15 ms) follows; then ``segment`` (SAM masks every
+  box, the slow step) and ``reason`` run in parallel. ``reason`` reads no masks, so the LLM never waits for
+  the segmenter. (LangGraph runs nodes in supersteps: a step ends when all its nodes end, so ``segment``
+  hangs off ``retrieve`` rather than ``detect``: next to ``retrieve`` it would hold ``reason`` back.)
 * ``reason`` asks the LLM for a one- or two-sentence answer from the question, the objects (label + rough
   position) and the retrieved context; it writes ``answer`` and the LLM's top-k log-probabilities (``llm``)
   for soft-label distillation;
-* ``compose`` joins detections with their masks into ``objects`` and lists the ``sources``.
+* ``compose`` (after both branches) joins detections with their masks into ``objects`` and lists the
+  ``sources``.
+
+Batching: ``graph.batch`` runs its inputs in threads; the reason node's LLM calls go through a
+:class:`~graphdistill.teachers.batching.LLMBatcher`, so concurrent greedy calls are answered by one
+``generate_batch`` call (same tokens as one at a time). Sampled calls are served one by one.
 
 Sampling contract (for recording K samples of one input): nodes read ``config["configurable"]``:
 ``gd_sample_index`` (int, default 0), ``gd_sampling`` (bool) and ``gd_seed`` (int, default 0). With
@@ -210,6 +217,12 @@ def retrieval_query(question: str, detections: Detections) -> str:
 
 
 def _nodes(t: VisualRagTeachers, k: int) -> dict[str, Callable[..., dict[str, Any]]]:
+    llm: Any = t.llm
+    if hasattr(t.llm, "generate_batch"):  # concurrent graph.batch executions share LLM calls
+        from graphdistill.teachers.batching import LLMBatcher
+
+        llm = LLMBatcher(t.llm, lock=t.lock("llm"))
+
     def detect(r: dict[str, Any]) -> dict[str, Any]:
         with t.lock("detector"):
             return {"detections": t.detector.detect(r["image"])}
@@ -235,8 +248,11 @@ def _nodes(t: VisualRagTeachers, k: int) -> dict[str, Callable[..., dict[str, An
 
     def reason(r: dict[str, Any], config: Any) -> dict[str, Any]:
         prompt = build_prompt(r["question"], r["detections"], r["documents"])
-        with t.lock("llm"):
-            out = t.llm.generate(prompt, **sampling_settings(config))
+        if llm is t.llm:
+            with t.lock("llm"):
+                out = t.llm.generate(prompt, **sampling_settings(config))
+        else:  # the batcher takes the lock itself, around each model call
+            out = llm.generate(prompt, **sampling_settings(config))
         return {"answer": out.text.strip(), "llm": out.logprobs}
 
     def compose(r: dict[str, Any]) -> dict[str, Any]:
@@ -300,10 +316,10 @@ def visual_rag_builder(config: VisualRagConfig | None = None, teachers: Any = No
             reads=["detections", "masks", "documents"],
             writes={"objects": Kind.OBJECTS, "sources": Kind.SOURCES},
         )
-        .edge("detect", "segment")
         .edge("detect", "retrieve")
-        .edge(["segment", "retrieve"], "reason")
-        .edge("reason", "compose")
+        .edge("retrieve", "segment")  # an ordering edge: segment reads only the image and detections
+        .edge("retrieve", "reason")
+        .edge(["segment", "reason"], "compose")
     )
     return b
 

@@ -1,0 +1,161 @@
+"""Micro-batching for the LLM teacher: concurrent ``generate`` calls served by one ``generate_batch`` call.
+
+``graph.batch`` runs one graph execution per input in threads; each reaches the LLM node on its own. An
+:class:`LLMBatcher` in front of the model collects the requests that arrive within a short window (or until
+``max_batch`` are waiting) and answers them with one left-padded ``generate_batch`` call, which on CPU gives
+several times the throughput of one prompt at a time. Every caller gets its own ``LLMOutput`` (or its own
+exception); a request that arrives alone is served alone once the window has passed.
+
+Grouping: only requests with the same ``(temperature, top_p, max_new_tokens)`` share a batch. Greedy
+requests (temperature 0) batch, and give the same tokens as single calls. SAMPLED requests (temperature > 0)
+are NOT batched: ``generate_batch`` draws from one seeded RNG for the whole batch, so a row's sample would
+depend on its batch-mates; a sampled request is served alone with its own seed, so it equals its single call.
+
+Batches are taken when the model is free: requests that arrive while a batch is running join the next one.
+One model call runs at a time (``lock``, shareable with other users of the same model).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Key = tuple[Any, ...]
+
+
+@dataclass
+class _Request:
+    prompt: Any
+    wake: threading.Event = field(default_factory=threading.Event)  # answered, or promoted to leader
+    done: bool = False
+    lead: bool = False  # runs the next batch of its key
+    result: Any = None
+    error: BaseException | None = None
+
+
+class LLMBatcher:
+    """Thread-safe micro-batcher around an LLM adapter with ``generate`` and ``generate_batch``.
+
+    ``window_s``: how long the first request of a batch waits for company; ``max_batch``: the largest batch.
+    ``calls`` counts the model calls made (batched or single), ``batch_sizes`` their sizes.
+    """
+
+    def __init__(
+        self,
+        llm: Any,
+        window_s: float = 0.04,
+        max_batch: int = 8,
+        lock: threading.Lock | None = None,
+    ) -> None:
+        if window_s < 0:
+            raise ValueError(f"window_s must be >= 0, got {window_s}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.llm = llm
+        self.window_s = window_s
+        self.max_batch = max_batch
+        self._model_lock = lock or threading.Lock()
+        self._cond = threading.Condition()
+        self._pending: dict[Key, list[_Request]] = {}
+        self._leaders: set[Key] = set()
+        self.batch_sizes: list[int] = []
+
+    @property
+    def calls(self) -> int:
+        return len(self.batch_sizes)
+
+    def _sampled(self, temperature: float | None) -> bool:
+        temp = getattr(self.llm, "temperature", 0.0) if temperature is None else temperature
+        return float(temp or 0.0) > 0
+
+    def generate(
+        self,
+        prompt: Any,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        max_new_tokens: int | None = None,
+    ) -> Any:
+        """Like the adapter's ``generate``; greedy requests may be answered as part of a batch."""
+        if self._sampled(temperature) or self.max_batch == 1:
+            with self._model_lock:
+                out = self.llm.generate(
+                    prompt, temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens
+                )
+            with self._cond:
+                self.batch_sizes.append(1)
+            return out
+        key: Key = (temperature, top_p, max_new_tokens)
+        req = _Request(prompt)
+        with self._cond:
+            self._pending.setdefault(key, []).append(req)
+            if key not in self._leaders:
+                self._leaders.add(key)
+                req.lead = True
+            elif len(self._pending[key]) >= self.max_batch:
+                self._cond.notify_all()
+        if not req.lead:
+            req.wake.wait()
+        if req.lead and not req.done:
+            self._lead(key)
+        if req.error is not None:
+            raise req.error
+        return req.result
+
+    def _lead(self, key: Key) -> None:
+        """Wait for company, take the batch once the model is free, run it and hand out the results."""
+        deadline = time.monotonic() + self.window_s
+        with self._cond:
+            while len(self._pending[key]) < self.max_batch:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+        with self._model_lock:
+            with self._cond:
+                queue = self._pending[key]
+                batch, rest = queue[: self.max_batch], queue[self.max_batch :]
+                self._pending[key] = rest
+                if rest:  # the next batch gets its leader now: nobody waits without one
+                    rest[0].lead = True
+                    rest[0].wake.set()
+                else:
+                    self._leaders.discard(key)
+                self.batch_sizes.append(len(batch))
+            self._run(key, batch)
+
+    def _run(self, key: Key, batch: Sequence[_Request]) -> None:
+        temperature, top_p, max_new_tokens = key
+        kwargs = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
+        try:
+            try:
+                outs = self.llm.generate_batch([r.prompt for r in batch], **kwargs)
+                if len(outs) != len(batch):
+                    raise RuntimeError(f"generate_batch gave {len(outs)} outputs for {len(batch)} prompts")
+            except Exception as exc:
+                if len(batch) == 1:
+                    batch[0].error = exc
+                    return
+                # one bad prompt must not fail its batch-mates: retry each alone
+                log.warning("a batch of %d LLM prompts failed (%s); retrying one by one", len(batch), exc)
+                for r in batch:
+                    try:
+                        r.result = self.llm.generate_batch([r.prompt], **kwargs)[0]
+                    except Exception as one:
+                        r.error = one
+            else:
+                for r, out in zip(batch, outs, strict=True):
+                    r.result = out
+            log.debug("served %d LLM request(s) in one call", len(batch))
+        finally:  # every caller is answered, even when the model call was interrupted
+            for r in batch:
+                if r.result is None and r.error is None:
+                    r.error = RuntimeError("the batched LLM call was interrupted")
+                r.done = True
+                r.wake.set()
