@@ -284,3 +284,89 @@ def test_executorch_bundle_float_and_int8(run_dir: Path, onnx_float: Path, tmp_p
     assert res.returncode == 0, res.stderr
     got = json.loads(res.stdout)
     assert got["answer"] == load_student(run_dir).predict(image, question)["answer"]
+
+
+# ---- the bundle follows the student's heads (the teacher graph's declared outputs) ------------------------
+
+SCHEMAS = {
+    "no-sources": [("answer", "text"), ("objects", "objects")],
+    "no-objects": [("answer", "text"), ("sources", "sources")],
+    "no-text": [("objects", "objects"), ("sources", "sources")],
+}
+
+
+@pytest.fixture(scope="module", params=list(SCHEMAS))
+def schema_run(request: pytest.FixtureRequest, run_dir: Path) -> tuple[Path, Path]:
+    """(run, float ONNX bundle) of a student trained on the synthetic dataset re-declared with SCHEMAS[param]."""
+    from graphdistill.student.export import export_run
+    from graphdistill.student.train import TrainConfig, train
+
+    root = run_dir.parent / f"schema-{request.param}"
+    shutil.copytree(run_dir.parent / "ds", root / "ds")
+    manifest = json.loads((root / "ds" / "manifest.json").read_text())
+    manifest["graph"]["outputs"] = [{"name": n, "kind": k} for n, k in SCHEMAS[request.param]]
+    (root / "ds" / "manifest.json").write_text(json.dumps(manifest))
+    ds_meta = json.loads((run_dir / "meta.json").read_text())
+    overrides = {**TINY, "num_classes": len(ds_meta["class_names"]), "num_sources": len(ds_meta["documents"])}
+    cfg = TrainConfig(
+        dataset=str(root / "ds"), out=str(root / "run"), epochs=1, batch_size=8, device="cpu", vocab_size=300,
+        warmup_steps=1, overrides=overrides,
+    )  # fmt: skip
+    train(cfg)
+    export_run(root / "run", "onnx", root / "bundle", **N)
+    return root / "run", root / "bundle"
+
+
+def test_a_partial_schema_exports_only_its_heads_and_passes_parity(schema_run: tuple[Path, Path]) -> None:
+    from graphdistill.student.model import StudentConfig
+    from graphdistill.student.predict import load_student
+
+    run, bundle = schema_run
+    cfg = StudentConfig.from_dict(json.loads((run / "config.json").read_text()))
+    m = _manifest(bundle)
+    assert m["parity"]["passed"] and not m["parity"]["failures"]
+    assert m["outputs"] == cfg.outputs and list(m["outputs"]) == list(cfg.outputs)
+    heads = [o["name"] for o in m["programs"]["encode"]["outputs"]]
+    want = ["memory"]
+    want += ["boxes", "class_logits", "mask_logits"] if cfg.has_objects else []
+    want += ["source_logits"] if cfg.has_sources else []
+    assert heads == want
+    vs = m["parity"]["vs_pytorch"]
+    assert ("box_max_abs_diff" in vs) == cfg.has_objects and ("mask_iou_min" in vs) == cfg.has_masks
+    assert ("source_logits_max_abs_diff" in vs) == cfg.has_sources
+    assert ("answer_tokens_equal" in vs) == cfg.has_text
+    if cfg.has_text:
+        assert set(m["programs"]) == {"encode", "decode_step"} and vs["answer_tokens_equal"] == 1.0
+        assert set(m["files"]) == {"encode.onnx", "decode_step.onnx", "tokenizer.json"}
+    else:
+        assert set(m["programs"]) == {"encode"} and m["kv_cache"] is None
+        assert set(m["files"]) == {"encode.onnx", "tokenizer.json"}
+    memory_len = load_student(run).model.memory_len
+    assert m["programs"]["encode"]["outputs"][0]["shape"][1] == memory_len
+    if cfg.has_text:
+        assert m["programs"]["decode_step"]["inputs"][2]["shape"][1] == memory_len
+
+
+def test_a_partial_schema_bundle_returns_exactly_predicts_fields(
+    schema_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    from graphdistill.student.predict import load_student
+
+    run, bundle = schema_run
+    student = load_student(run)
+    runner = BundleRunner(bundle, threads=1)
+    image, question = _image(run)
+    want, got = student.predict(image, question), runner.predict(image, question)
+    assert list(got) == list(want) == list(student.config.outputs)
+    assert got.get("answer") == want.get("answer") and got.get("sources") == want.get("sources")
+    if "objects" in want:
+        assert [o["class_id"] for o in got["objects"]] == [o["class_id"] for o in want["objects"]]
+        assert all(set(g) == set(w) for g, w in zip(got["objects"], want["objects"], strict=True))
+    # the torch-free CLI gives the same fields
+    Image.fromarray(image).save(tmp_path / "img.png")
+    args = ["run-bundle", str(bundle), "--image", str(tmp_path / "img.png"), "--question", question]
+    res = _run_blocked(tmp_path, ["torch", "graphdistill.student"], *args, "--json", "--threads", "1")
+    assert res.returncode == 0, res.stderr
+    assert list(json.loads(res.stdout)) == list(want)

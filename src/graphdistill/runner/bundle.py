@@ -5,14 +5,19 @@ A bundle is a folder: the model file(s), ``tokenizer.json`` and ``manifest.json`
 1. check the bundle (format, manifest checksum, every file's sha256) — once, at load;
 2. image -> letterboxed, normalised ``float32 [1, 3, S, S]`` (:mod:`.preprocess`);
 3. question -> BPE ids, truncated/padded to ``max_question_len`` with ``<pad>``, mask 1 for tokens (:mod:`.bpe`);
-4. ``encode(image, question_ids, question_mask)`` -> memory + every head's output, once;
-5. the answer: ``token = <bos>``, ``kv_cache = zeros``; for ``position = 0, 1, ...``:
+4. ``encode(image, question_ids, question_mask)`` -> memory + the output of every head the student has
+   (their names, in order, are ``programs.encode.outputs`` in the manifest), once;
+5. the answer (only when the manifest has a ``decode_step`` program, i.e. a TEXT output): ``token = <bos>``,
+   ``kv_cache = zeros``; for ``position = 0, 1, ...``:
    ``logits, kv_cache = decode_step(token, position, memory, kv_cache)``; ``token = argmax(logits)``;
    stop at ``<eos>`` or when the fixed-size cache is full;
 6. objects: per query, softmax over the classes + "no object"; its score is the best *real* class's
    probability; keep queries scoring >= ``score_threshold``, best first; box back to image pixels; mask
-   pasted back (:func:`.preprocess.paste_mask`) and RLE-encoded;
-7. sources: the documents whose ``sigmoid(source_logit) >= source_threshold``, most likely first.
+   (when there is a ``mask_logits`` output) pasted back (:func:`.preprocess.paste_mask`) and RLE-encoded;
+7. sources: the documents whose ``sigmoid(source_logit) >= source_threshold``, most likely first;
+8. the result has exactly the teacher graph's output fields (manifest ``outputs``: field -> kind, in the
+   schema's order): text -> the answer, objects -> step 6, detections -> step 6 as parallel lists,
+   sources -> step 7, embedding -> the ``embedding:<field>`` output as a list of floats.
 
 Imports only numpy, Pillow, the stdlib and the model's runtime (``onnxruntime`` or ``executorch.runtime``).
 """
@@ -41,7 +46,9 @@ from graphdistill.runner.preprocess import (
 
 BUNDLE_FORMAT = "graphdistill-bundle/1"
 MANIFEST = "manifest.json"
-ENCODE_OUTPUTS = ["memory", "boxes", "class_logits", "mask_logits", "source_logits"]
+ENCODE_OUTPUTS = ["memory", "boxes", "class_logits", "mask_logits", "source_logits"]  # the full schema's
+# A bundle written before ``outputs`` was in the manifest is a visual_rag student: every head, these fields.
+DEFAULT_OUTPUTS = {"answer": "text", "objects": "objects", "sources": "sources"}
 
 
 class BundleError(ValueError):
@@ -161,11 +168,14 @@ class Raw:
     """Everything the models produced for one query, before decoding (parity checks compare these)."""
 
     answer_ids: list[int]
-    outputs: dict[str, np.ndarray] = field(default_factory=dict)  # ENCODE_OUTPUTS, batch dim removed
+    outputs: dict[str, np.ndarray] = field(
+        default_factory=dict
+    )  # encode's outputs by name, batch dim removed
 
 
 class BundleRunner:
-    """``BundleRunner(bundle_dir, threads=None).predict(image, question)`` -> {answer, objects, sources}."""
+    """``BundleRunner(bundle_dir, threads=None).predict(image, question)`` -> {output field: value} for the
+    teacher graph's output fields (visual_rag: {answer, objects, sources})."""
 
     def __init__(self, bundle_dir: str | Path, threads: int | None = None) -> None:
         self.root = Path(bundle_dir)
@@ -177,7 +187,10 @@ class BundleRunner:
             self.tokenizer = ByteLevelBPE.from_file(self.root / tok["file"])
             self.pad_id, self.bos_id, self.eos_id = tok["pad_id"], tok["bos_id"], tok["eos_id"]
             self.max_question_len = int(tok["max_question_len"])
-            kv = m["kv_cache"]
+            self.outputs: dict[str, str] = dict(m.get("outputs") or DEFAULT_OUTPUTS)
+            self.encode_outputs = [str(o["name"]) for o in m["programs"]["encode"]["outputs"]]
+            self.has_text = "decode_step" in m["programs"]
+            kv: dict[str, Any] = m["kv_cache"] if self.has_text else {"shape": [], "max_answer_len": 1}
             self.kv_shape, self.max_steps = [int(s) for s in kv["shape"]], int(kv["max_answer_len"]) - 1
             self.spec = m["preprocessing"]
             self.decoding = m["output_decoding"]
@@ -204,9 +217,12 @@ class BundleRunner:
         return padded, mask
 
     def run_models(self, image_input: np.ndarray, question: str) -> Raw:
-        """Steps 3–5: the encoder once, then the answer decoder one token at a time."""
+        """Steps 3–5: the encoder once, then (with a text output) the answer decoder one token at a time."""
         ids, mask = self.encode_question(question)
         outs = self.programs.run("encode", image_input, ids, mask)
+        named = {k: v[0] for k, v in zip(self.encode_outputs, outs, strict=True)}
+        if not self.has_text:
+            return Raw([], named)
         memory = outs[0]
         kv = np.zeros(self.kv_shape, dtype=np.float32)
         token = np.array([[self.bos_id]], dtype=np.int64)
@@ -218,18 +234,33 @@ class BundleRunner:
                 break
             answer.append(nxt)
             token = np.array([[nxt]], dtype=np.int64)
-        return Raw(answer, {k: v[0] for k, v in zip(ENCODE_OUTPUTS, outs, strict=True)})
+        return Raw(answer, named)
 
     def predict(self, image: np.ndarray | str | Path, question: str) -> dict[str, Any]:
-        """Steps 2–7 for one image (a path or an H×W×3 uint8 RGB array) and one question."""
+        """Steps 2–8 for one image (a path or an H×W×3 uint8 RGB array) and one question."""
         rgb = load_rgb(image)
         x, box = preprocess(rgb, self.spec)
         raw = self.run_models(x, question)
-        return {
-            "answer": self.tokenizer.decode(raw.answer_ids),
-            "objects": self.decode_objects(raw.outputs, box),
-            "sources": self.decode_sources(raw.outputs["source_logits"]),
-        }
+        return self.decode(raw, box, rgb.shape[0], rgb.shape[1])
+
+    def decode(self, raw: Raw, box: Letterbox, height: int, width: int) -> dict[str, Any]:
+        """Step 8: the models' outputs -> exactly the graph's output fields, in the schema's order."""
+        out: dict[str, Any] = {}
+        objects: list[dict[str, Any]] | None = None
+        for name, kind in self.outputs.items():
+            if kind == "text":
+                out[name] = self.tokenizer.decode(raw.answer_ids)
+            elif kind in ("objects", "detections"):
+                if objects is None:
+                    objects = self.decode_objects(raw.outputs, box) if "boxes" in raw.outputs else []
+                out[name] = objects if kind == "objects" else detections_dict(objects, height, width)
+            elif kind == "sources":
+                out[name] = self.decode_sources(raw.outputs["source_logits"])
+            elif kind == "embedding":
+                out[name] = [float(v) for v in raw.outputs[f"embedding:{name}"]]
+            else:
+                raise BundleError(f"{self.root / MANIFEST}: output {name!r} has unknown kind {kind!r}")
+        return out
 
     def decode_objects(self, out: dict[str, np.ndarray], box: Letterbox) -> list[dict[str, Any]]:
         return decode_objects(out, box, self.decoding, self.class_names, canvas_size(self.spec))
@@ -257,10 +288,22 @@ def decode_objects(
                 "class_id": cid,
                 "score": float(scores[q]),
                 "box": [float(v) for v in b],
-                "mask": rle_encode(paste_mask(out["mask_logits"][q], box)),
+                "mask": rle_encode(paste_mask(out["mask_logits"][q], box)) if "mask_logits" in out else None,
             }
         )
     return objects
+
+
+def detections_dict(objects: list[dict[str, Any]], height: int, width: int) -> dict[str, Any]:
+    """Step 6 as a DETECTIONS output: the same objects as parallel lists (``trace.Detections`` as JSON)."""
+    return {
+        "kind": "detections",
+        "xyxy": [o["box"] for o in objects],
+        "class_ids": [o["class_id"] for o in objects],
+        "names": [o["label"] for o in objects],
+        "scores": [o["score"] for o in objects],
+        "image_size": [height, width],
+    }
 
 
 def decode_sources(source_logits: np.ndarray, decoding: dict[str, Any], document_ids: list[str]) -> list[str]:

@@ -4,13 +4,15 @@
 1. load the student from RUN (config.json + model.safetensors) and its tokenizer/meta;
 2. pick inputs from the run's dataset: calibration = the train split, held-out = val + test;
 3. compute the PyTorch reference for each (the same ``encode`` + ``decode_step`` loop the runner uses);
-4. export the two programs (``encode``: image + question -> memory + every head; ``decode_step``: one
-   answer token with a fixed-size KV cache), int8 calibrated on the calibration inputs;
+4. export the programs (``encode``: image + question -> memory + each head the student has, named in the
+   manifest; ``decode_step``, only when the student has a text head: one answer token with a fixed-size KV
+   cache), int8 calibrated on the calibration inputs;
 5. write the bundle into a temporary folder, load it with :class:`graphdistill.runner.BundleRunner` (the
    runtime-only runner a phone app mirrors) and run every input through it;
 6. the gate — float: answer tokens identical to PyTorch's, boxes within :data:`BOX_TOL`, mask IoU >=
-   :data:`MASK_IOU_MIN`; int8: fidelity to the teacher's targets (answer token F1, box F1) no more than
-   :data:`INT8_MAX_DROP` below the float student's. Only a bundle that passes is moved to ``out``;
+   :data:`MASK_IOU_MIN`, source logits and embeddings within :data:`LOGIT_TOL` (each only where the student
+   has that head); int8: fidelity to the teacher's targets (answer token F1, box F1, for the heads there)
+   no more than :data:`INT8_MAX_DROP` below the float student's. Only a bundle that passes is moved to ``out``;
    otherwise :class:`ExportError` is raised and nothing is left behind.
 """
 
@@ -29,7 +31,6 @@ import numpy as np
 
 from graphdistill.runner.bundle import (
     BUNDLE_FORMAT,
-    ENCODE_OUTPUTS,
     MANIFEST,
     BundleRunner,
     Raw,
@@ -56,6 +57,7 @@ BOX_TOL = (
     1e-3  # float parity: |box_exported - box_pytorch| in units of the canvas side (0.1 %, < 0.3 px at 256)
 )
 MASK_IOU_MIN = 0.99  # float parity: IoU of (mask_logits > 0) per query, exported vs PyTorch
+LOGIT_TOL = 1e-3  # float parity: |source logit / embedding value, exported - PyTorch|
 INT8_MAX_DROP = 0.05  # int8 gate: answer token F1 and box F1 vs the teacher may drop at most this much
 
 
@@ -107,7 +109,7 @@ def export_run(
     try:
         say(f"exporting to {fmt} ({quantize})")
         calibration = {"encode": [s.torch_inputs() for s in calib], "decode_step": dec_calls[:64]}
-        files, qmethods = _export(fmt, programs, tmp, quantize, calibration)
+        files, qmethods = _export(fmt, programs, tmp, quantize, calibration, loaded.encode_outputs)
         shutil.copyfile(loaded.tokenizer_path, tmp / "tokenizer.json")
         manifest = _manifest(loaded, fmt, quantize, files, qmethods, kv_shape, tmp)
         _write_manifest(tmp, manifest)
@@ -131,7 +133,12 @@ def export_run(
 
 
 def _export(
-    fmt: str, programs: dict[str, tuple[Any, tuple[Any, ...]]], tmp: Path, quantize: str, calibration: Any
+    fmt: str,
+    programs: dict[str, tuple[Any, tuple[Any, ...]]],
+    tmp: Path,
+    quantize: str,
+    calibration: Any,
+    encode_outputs: list[str],
 ) -> tuple[dict[str, str], dict[str, str]]:
     if fmt == "executorch":
         from graphdistill.student.export_executorch import export_executorch
@@ -140,7 +147,7 @@ def _export(
         return files, ({k: "pt2e-xnnpack-static" for k in files} if quantize == "int8" else {})
     from graphdistill.student.export_onnx import export_onnx
 
-    names = {"encode": (ENCODE_INPUTS, ENCODE_OUTPUTS), "decode_step": (DECODE_INPUTS, DECODE_OUTPUTS)}
+    names = {"encode": (ENCODE_INPUTS, encode_outputs), "decode_step": (DECODE_INPUTS, DECODE_OUTPUTS)}
     res = export_onnx(programs, names, tmp, quantize=quantize, calibration=calibration)
     return res["files"], res["quantization"]
 
@@ -148,7 +155,9 @@ def _export(
 def _gate(
     loaded: Any, samples: list[Sample], refs: list[Raw], got: list[Raw], quantize: str, n_calib: int
 ) -> dict[str, Any]:
-    float_parity = parity_float(refs, got, box_tol=BOX_TOL, mask_iou_min=MASK_IOU_MIN)
+    float_parity = parity_float(
+        refs, got, box_tol=BOX_TOL, mask_iou_min=MASK_IOU_MIN, logit_tol=LOGIT_TOL, has_text=loaded.has_text
+    )
     gate: dict[str, Any] = {
         "inputs": {"calibration": n_calib, "heldout": len(samples) - n_calib},
         "vs_pytorch": float_parity,
@@ -156,6 +165,7 @@ def _gate(
             "box_abs": BOX_TOL,
             "box_units": "fraction of the canvas side",
             "mask_iou_min": MASK_IOU_MIN,
+            "logit_abs": LOGIT_TOL,
         },
     }
     failures: list[str] = []
@@ -165,7 +175,8 @@ def _gate(
         heldout = slice(n_calib, None)
         f_float = fidelity(loaded, samples[heldout], refs[heldout])
         f_int8 = fidelity(loaded, samples[heldout], got[heldout])
-        drops = {k: round(f_float[k] - f_int8[k], 4) for k in ("answer_token_f1", "box_f1")}
+        keys = [k for k in ("answer_token_f1", "box_f1") if k in f_float]
+        drops = {k: round(f_float[k] - f_int8[k], 4) for k in keys}
         gate["fidelity_vs_teacher"] = {
             "float": f_float,
             "int8": f_int8,
@@ -191,18 +202,16 @@ def _manifest(
     lq, s = cfg.max_question_len, cfg.image_size
     m_len = loaded.memory_len
     spec = [("float32", [1, m_len, cfg.d_model])]
-    encode_outputs = [
-        {"name": "memory", "shape": spec[0][1], "dtype": "float32"},
-        {"name": "boxes", "shape": [1, cfg.num_queries, 4], "dtype": "float32"},
-        {"name": "class_logits", "shape": [1, cfg.num_queries, cfg.num_classes + 1], "dtype": "float32"},
-        {
-            "name": "mask_logits",
-            "shape": [1, cfg.num_queries, cfg.mask_size, cfg.mask_size],
-            "dtype": "float32",
-        },
-        {"name": "source_logits", "shape": [1, cfg.num_sources], "dtype": "float32"},
-    ]
-    programs = {
+    shapes = {
+        "memory": spec[0][1],
+        "boxes": [1, cfg.num_queries, 4],
+        "class_logits": [1, cfg.num_queries, cfg.num_classes + 1],
+        "mask_logits": [1, cfg.num_queries, cfg.mask_size, cfg.mask_size],
+        "source_logits": [1, cfg.num_sources],
+        **{f"embedding:{n}": [1, d] for n, d in cfg.embedding_dims.items()},
+    }
+    encode_outputs = [{"name": n, "shape": shapes[n], "dtype": "float32"} for n in loaded.encode_outputs]
+    programs: dict[str, Any] = {
         "encode": {
             "file": files["encode"],
             "method": "encode",
@@ -218,7 +227,9 @@ def _manifest(
             ],
             "outputs": encode_outputs,
         },
-        "decode_step": {
+    }
+    if "decode_step" in files:
+        programs["decode_step"] = {
             "file": files["decode_step"],
             "method": "decode_step",
             "inputs": [
@@ -231,7 +242,14 @@ def _manifest(
                 {"name": "logits", "shape": [1, cfg.vocab_size], "dtype": "float32"},
                 {"name": "kv_cache", "shape": kv_shape, "dtype": "float32", "meaning": "feed back next step"},
             ],
-        },
+        }
+    kv_cache = {
+        "fixed_size": True,
+        "shape": kv_shape,
+        "layout": "[decoder layers, 2 (key, value), batch, heads, max_answer_len, head_dim]",
+        "initial": "zeros",
+        "max_answer_len": cfg.max_answer_len,
+        "update": "decode_step writes this position's key/value and returns the whole cache",
     }
     meta = loaded.meta
     eval_path = loaded.run / "eval.json"
@@ -243,14 +261,8 @@ def _manifest(
         "quantization_method": qmethods,
         "backend": "XNNPACK" if fmt == "executorch" else "onnxruntime CPUExecutionProvider",
         "programs": programs,
-        "kv_cache": {
-            "fixed_size": True,
-            "shape": kv_shape,
-            "layout": "[decoder layers, 2 (key, value), batch, heads, max_answer_len, head_dim]",
-            "initial": "zeros",
-            "max_answer_len": cfg.max_answer_len,
-            "update": "decode_step writes this position's key/value and returns the whole cache",
-        },
+        "outputs": dict(cfg.outputs),  # the teacher graph's output fields -> kind, in the schema's order
+        "kv_cache": kv_cache if "decode_step" in programs else None,
         "preprocessing": {
             "rule": "RGB uint8 HxWx3; scale s = size / max(H, W); resize to round(W*s) x round(H*s) (each "
             "clamped to 1..size) with the interpolation filter (Pillow); paste at the top-left of a size x size "

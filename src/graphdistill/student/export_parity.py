@@ -16,39 +16,57 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
-def parity_float(refs: list[Raw], got: list[Raw], *, box_tol: float, mask_iou_min: float) -> dict[str, Any]:
-    """Per input: answer tokens identical, max |box difference|, min per-query IoU of (mask_logits > 0)."""
-    answers_equal = [r.answer_ids == g.answer_ids for r, g in zip(refs, got, strict=True)]
-    box_diff = [
-        float(np.abs(r.outputs["boxes"] - g.outputs["boxes"]).max()) for r, g in zip(refs, got, strict=True)
-    ]
-    ious = [
-        min(
-            mask_iou(rm > 0, gm > 0)
-            for rm, gm in zip(r.outputs["mask_logits"], g.outputs["mask_logits"], strict=True)
-        )
-        for r, g in zip(refs, got, strict=True)
-    ]
-    logit_diff = [
-        float(np.abs(r.outputs["class_logits"] - g.outputs["class_logits"]).max())
-        for r, g in zip(refs, got, strict=True)
-    ]
+def parity_float(
+    refs: list[Raw],
+    got: list[Raw],
+    *,
+    box_tol: float,
+    mask_iou_min: float,
+    logit_tol: float = 1e-3,
+    has_text: bool = True,
+) -> dict[str, Any]:
+    """Per input, for the outputs the student has (``has_text``: it decodes an answer): answer tokens identical, max |box difference|, min
+    per-query IoU of (mask_logits > 0), max |source logit / embedding difference|. A measure whose head is
+    absent is left out of the result."""
+    pairs = list(zip(refs, got, strict=True))
+    present = set(refs[0].outputs) if refs else set()
+    result: dict[str, Any] = {}
     failures = []
-    if not all(answers_equal):
-        failures.append(
-            f"answer tokens differ from PyTorch's on {answers_equal.count(False)}/{len(refs)} inputs"
+    if has_text:
+        answers_equal = [r.answer_ids == g.answer_ids for r, g in pairs]
+        result["answer_tokens_equal"] = sum(answers_equal) / len(refs)
+        if not all(answers_equal):
+            failures.append(
+                f"answer tokens differ from PyTorch's on {answers_equal.count(False)}/{len(refs)} inputs"
+            )
+    if "boxes" in present:
+        box_diff = [float(np.abs(r.outputs["boxes"] - g.outputs["boxes"]).max()) for r, g in pairs]
+        result["box_max_abs_diff"] = max(box_diff)
+        if max(box_diff) > box_tol:
+            failures.append(f"boxes differ by up to {max(box_diff):.2e} > {box_tol}")
+    if "mask_logits" in present:
+        ious = [
+            min(
+                mask_iou(rm > 0, gm > 0)
+                for rm, gm in zip(r.outputs["mask_logits"], g.outputs["mask_logits"], strict=True)
+            )
+            for r, g in pairs
+        ]
+        result["mask_iou_min"] = min(ious)
+        if min(ious) < mask_iou_min:
+            failures.append(f"mask IoU down to {min(ious):.4f} < {mask_iou_min}")
+    if "class_logits" in present:
+        result["class_logit_max_abs_diff"] = max(
+            float(np.abs(r.outputs["class_logits"] - g.outputs["class_logits"]).max()) for r, g in pairs
         )
-    if max(box_diff) > box_tol:
-        failures.append(f"boxes differ by up to {max(box_diff):.2e} > {box_tol}")
-    if min(ious) < mask_iou_min:
-        failures.append(f"mask IoU down to {min(ious):.4f} < {mask_iou_min}")
-    return {
-        "answer_tokens_equal": sum(answers_equal) / len(refs),
-        "box_max_abs_diff": max(box_diff),
-        "mask_iou_min": min(ious),
-        "class_logit_max_abs_diff": max(logit_diff),
-        "failures": failures,
-    }
+    for name in sorted(present):
+        if name == "source_logits" or name.startswith("embedding:"):
+            diff = max(float(np.abs(r.outputs[name] - g.outputs[name]).max(initial=0.0)) for r, g in pairs)
+            result[f"{name}_max_abs_diff"] = diff
+            if diff > logit_tol:
+                failures.append(f"{name} differs by up to {diff:.2e} > {logit_tol}")
+    result["failures"] = failures
+    return result
 
 
 def _words(s: str) -> list[str]:
@@ -98,16 +116,26 @@ def box_f1(pred: list[dict[str, Any]], target: list[dict[str, Any]], iou_min: fl
 
 
 def fidelity(loaded: Any, samples: list[Any], raws: list[Raw]) -> dict[str, float]:
-    """Mean answer token F1 and box F1 of decoded predictions against the dataset's (teacher) targets."""
+    """Mean answer token F1 (with a text head) and box F1 (with an object head) of decoded predictions
+    against the dataset's (teacher) targets."""
     size = canvas_size(loaded.preprocessing)
     decoding = {"no_object_class": loaded.config.num_classes, **loaded.thresholds}
+    has_text, has_boxes = loaded.config.has_text, "boxes" in loaded.encode_outputs
     f1s, bf1s = [], []
     for s, raw in zip(samples, raws, strict=True):
-        answer = loaded.tokenizer.decode(raw.answer_ids)
-        f1s.append(token_f1(answer, str(s.row.get("answer") or "")))
-        objs = decode_objects(raw.outputs, s.letterbox, decoding, loaded.class_names, size)
-        target = s.row.get("objects") or []
-        if isinstance(target, str):
-            target = json.loads(target)
-        bf1s.append(box_f1(objs, target))
-    return {"answer_token_f1": float(np.mean(f1s)), "box_f1": float(np.mean(bf1s)), "n": len(samples)}
+        if has_text:
+            answer = loaded.tokenizer.decode(raw.answer_ids)
+            f1s.append(token_f1(answer, str(s.row.get("answer") or "")))
+        if has_boxes:
+            objs = decode_objects(raw.outputs, s.letterbox, decoding, loaded.class_names, size)
+            target = s.row.get("objects") or []
+            if isinstance(target, str):
+                target = json.loads(target)
+            bf1s.append(box_f1(objs, target))
+    out: dict[str, float] = {}
+    if has_text:
+        out["answer_token_f1"] = float(np.mean(f1s))
+    if has_boxes:
+        out["box_f1"] = float(np.mean(bf1s))
+    out["n"] = len(samples)
+    return out

@@ -1,5 +1,6 @@
-"""What gets exported: the student RUN loaded, its two programs, the inputs they are checked on, and the
-PyTorch reference each exported program must reproduce."""
+"""What gets exported: the student RUN loaded, its programs (``encode``, and ``decode_step`` when the student
+has a text head), the inputs they are checked on, and the PyTorch reference each exported program must
+reproduce."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from graphdistill._lazy import require
 from graphdistill.runner.bpe import ByteLevelBPE
-from graphdistill.runner.bundle import ENCODE_OUTPUTS, Raw
+from graphdistill.runner.bundle import Raw
 from graphdistill.runner.preprocess import Letterbox, load_rgb, preprocess
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,11 @@ class LoadedRun:
     special_ids: dict[str, int]
     thresholds: dict[str, float]
     memory_len: int = 0
+    encode_outputs: list[str] = field(default_factory=list)  # "memory" + the student's heads, in order
+
+    @property
+    def has_text(self) -> bool:
+        return bool(self.config.has_text)
 
 
 @dataclass
@@ -98,8 +104,16 @@ def load_run(run: Path, dataset: str | Path | None = None) -> LoadedRun:
             "source_threshold": float(meta.get("source_threshold", 0.5)),  # = logit > 0, as training uses
         },
     )
-    loaded.memory_len = model.n_ctx + model.grid_f**2
+    loaded.memory_len = int(model.memory_len)
+    loaded.encode_outputs = ["memory", *head_names(model)]
     return loaded
+
+
+def head_names(model: Any) -> list[str]:
+    """The keys ``model.heads`` returns (only the heads the student has), in its order."""
+    torch = require("torch")
+    with torch.no_grad():
+        return list(model.heads(torch.zeros(1, int(model.memory_len), model.config.d_model)))
 
 
 def make_sample(
@@ -133,14 +147,16 @@ def collect_samples(loaded: LoadedRun, kind: str, n: int) -> list[Sample]:
 
 
 def programs_for(loaded: LoadedRun) -> tuple[dict[str, tuple[Any, tuple[Any, ...]]], list[int]]:
-    """The two programs as eval modules with example inputs, and the fixed KV-cache shape."""
+    """The programs as eval modules with example inputs, and the fixed KV-cache shape: ``encode`` always,
+    ``decode_step`` only for a student with a text head (no KV cache, ``[]``, without one)."""
     torch = require("torch")
     model, cfg = loaded.model, loaded.config
+    head_keys = loaded.encode_outputs[1:]
 
     nn: Any = torch.nn
 
     class Encode(nn.Module):  # type: ignore[misc]
-        """image, question_ids, question_mask (int64, 1 = token) -> memory + every head's output."""
+        """image, question_ids, question_mask (int64, 1 = token) -> memory + each of the student's heads."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -149,7 +165,7 @@ def programs_for(loaded: LoadedRun) -> tuple[dict[str, tuple[Any, tuple[Any, ...
         def forward(self, image: Any, question_ids: Any, question_mask: Any) -> tuple[Any, ...]:
             memory = self.student.encode(image, question_ids, question_mask != 0)
             heads = self.student.heads(memory)
-            return (memory, *(heads[k] for k in ENCODE_OUTPUTS[1:]))
+            return (memory, *(heads[k] for k in head_keys))
 
     class DecodeStep(nn.Module):  # type: ignore[misc]
         """token, position, memory, kv_cache -> logits, kv_cache (the student's own decode_step)."""
@@ -163,15 +179,18 @@ def programs_for(loaded: LoadedRun) -> tuple[dict[str, tuple[Any, tuple[Any, ...
             return logits, cache
 
     s, lq = cfg.image_size, cfg.max_question_len
-    kv = model.empty_cache(1)
     enc_example = (
         torch.zeros(1, 3, s, s),
         torch.ones(1, lq, dtype=torch.long),
         torch.ones(1, lq, dtype=torch.long),
     )
+    programs: dict[str, tuple[Any, tuple[Any, ...]]] = {"encode": (Encode().eval(), enc_example)}
+    if not loaded.has_text:
+        return programs, []
+    kv = model.empty_cache(1)
     memory = torch.zeros(1, loaded.memory_len, cfg.d_model)
     dec_example = (torch.ones(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), memory, kv)
-    programs = {"encode": (Encode().eval(), enc_example), "decode_step": (DecodeStep().eval(), dec_example)}
+    programs["decode_step"] = (DecodeStep().eval(), dec_example)
     return programs, list(kv.shape)
 
 
@@ -185,10 +204,13 @@ def torch_reference(
     collects every decode_step's inputs (calibration data for int8)."""
     torch = require("torch")
     enc, _ = programs["encode"]
-    dec, _ = programs["decode_step"]
     ids = loaded.special_ids
     with torch.no_grad():
         outs = enc(*sample.torch_inputs())
+        named = {k: v[0].numpy() for k, v in zip(loaded.encode_outputs, outs, strict=True)}
+        if "decode_step" not in programs:
+            return Raw([], named)
+        dec, _ = programs["decode_step"]
         memory = outs[0]
         kv = loaded.model.empty_cache(1)
         token = torch.tensor([[ids["bos"]]], dtype=torch.long)
@@ -203,4 +225,4 @@ def torch_reference(
                 break
             answer.append(nxt)
             token = torch.tensor([[nxt]], dtype=torch.long)
-    return Raw(answer, {k: v[0].numpy() for k, v in zip(ENCODE_OUTPUTS, outs, strict=True)})
+    return Raw(answer, named)
