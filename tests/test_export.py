@@ -370,3 +370,18 @@ def test_a_partial_schema_bundle_returns_exactly_predicts_fields(
     res = _run_blocked(tmp_path, ["torch", "graphdistill.student"], *args, "--json", "--threads", "1")
     assert res.returncode == 0, res.stderr
     assert list(json.loads(res.stdout)) == list(want)
+
+
+def test_a_partial_schema_int8_bundle_gates_on_its_own_heads(schema_run: tuple[Path, Path]) -> None:
+    from graphdistill.student.export import export_run
+    from graphdistill.student.predict import load_student
+
+    run, _ = schema_run
+    student = load_student(run)
+    cfg = student.config
+    m = export_run(run, "onnx", run.parent / "bundle-int8", quantize="int8", **N)
+    fid = m["parity"]["fidelity_vs_teacher"]
+    want = ({"answer_token_f1"} if cfg.has_text else set()) | ({"box_f1"} if cfg.has_objects else set())
+    assert m["parity"]["passed"] and set(fid["drop"]) == want
+    image, question = _image(run)
+    assert list(BundleRunner(run.parent / "bundle-int8").predict(image, question)) == list(cfg.outputs)
