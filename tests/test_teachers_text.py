@@ -546,3 +546,29 @@ def test_batcher_on_the_real_llm_matches_single_calls() -> None:
     for g, want in zip(got, singles, strict=True):
         assert g.logprobs.token_ids == want.logprobs.token_ids and g.text == want.text
         np.testing.assert_allclose(g.logprobs.topk_logprobs, want.logprobs.topk_logprobs, atol=1e-3)
+
+
+def test_batcher_waits_for_announced_requests_and_serves_unannounced_at_once() -> None:
+    import threading
+    import time
+
+    from graphdistill.teachers.batching import LLMBatcher
+
+    fake = _EchoLLM()
+    b = LLMBatcher(fake, window_s=0.0, max_wait_s=10.0, max_batch=8)
+    t0 = time.perf_counter()
+    assert b.generate("solo", temperature=0.0) == "solo|0.0|None"  # nothing announced: no wait
+    assert time.perf_counter() - t0 < 1.0
+    b.expect()
+    b.expect()
+    b.expect()
+    b.cancel()  # one announced execution failed before its LLM call
+    results: dict[str, Any] = {}
+    first = threading.Thread(target=lambda: results.update(a=b.generate("a", temperature=0.0)))
+    first.start()
+    time.sleep(0.5)  # "a" waits for the announced "b" even though it came much later than any window
+    assert "a" not in results
+    results["b"] = b.generate("b", temperature=0.0)
+    first.join(timeout=10)
+    assert results == {"a": "a|0.0|None", "b": "b|0.0|None"}
+    assert sorted(fake.batches[-1]) == ["a", "b"] and len(fake.batches) == 2

@@ -221,11 +221,21 @@ def _nodes(t: VisualRagTeachers, k: int) -> dict[str, Callable[..., dict[str, An
     if hasattr(t.llm, "generate_batch"):  # concurrent graph.batch executions share LLM calls
         from graphdistill.teachers.batching import LLMBatcher
 
-        llm = LLMBatcher(t.llm, lock=t.lock("llm"))
+        # no fixed window: a lone invoke is served at once; graph.batch executions announce themselves
+        # in detect, and a batch waits (up to max_wait_s) for every announced one to reach reason
+        llm = LLMBatcher(t.llm, window_s=0.0, max_wait_s=2.0, lock=t.lock("llm"))
+    batcher = llm if llm is not t.llm else None
 
     def detect(r: dict[str, Any]) -> dict[str, Any]:
-        with t.lock("detector"):
-            return {"detections": t.detector.detect(r["image"])}
+        if batcher is not None:  # announced before the detector lock: executions queue there
+            batcher.expect()  # this execution will reach reason (withdrawn if a node before it fails)
+        try:
+            with t.lock("detector"):
+                return {"detections": t.detector.detect(r["image"])}
+        except BaseException:
+            if batcher is not None:
+                batcher.cancel()
+            raise
 
     def segment(r: dict[str, Any]) -> dict[str, Any]:
         dets: Detections = r["detections"]
@@ -235,6 +245,14 @@ def _nodes(t: VisualRagTeachers, k: int) -> dict[str, Callable[..., dict[str, An
             return {"masks": t.segmenter.segment(r["image"], dets.xyxy)}
 
     def retrieve(r: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return _retrieve(r)
+        except BaseException:
+            if batcher is not None:
+                batcher.cancel()
+            raise
+
+    def _retrieve(r: dict[str, Any]) -> dict[str, Any]:
         query = retrieval_query(r["question"], r["detections"])
         with t.lock("retriever"):
             docs: list[Document] = list(t.retriever.query(text=query, k=k))
@@ -247,12 +265,18 @@ def _nodes(t: VisualRagTeachers, k: int) -> dict[str, Callable[..., dict[str, An
         return {"documents": docs}
 
     def reason(r: dict[str, Any], config: Any) -> dict[str, Any]:
-        prompt = build_prompt(r["question"], r["detections"], r["documents"])
+        try:
+            prompt = build_prompt(r["question"], r["detections"], r["documents"])
+            settings = sampling_settings(config)
+        except BaseException:
+            if batcher is not None:
+                batcher.cancel()
+            raise
         if llm is t.llm:
             with t.lock("llm"):
-                out = t.llm.generate(prompt, **sampling_settings(config))
+                out = t.llm.generate(prompt, **settings)
         else:  # the batcher takes the lock itself, around each model call
-            out = llm.generate(prompt, **sampling_settings(config))
+            out = llm.generate(prompt, **settings)
         return {"answer": out.text.strip(), "llm": out.logprobs}
 
     def compose(r: dict[str, Any]) -> dict[str, Any]:

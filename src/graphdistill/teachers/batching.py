@@ -11,6 +11,12 @@ requests (temperature 0) batch, and give the same tokens as single calls. SAMPLE
 are NOT batched: ``generate_batch`` draws from one seeded RNG for the whole batch, so a row's sample would
 depend on its batch-mates; a sampled request is served alone with its own seed, so it equals its single call.
 
+Callers that know a request is on its way (a graph execution that has passed ``detect`` will reach
+``reason``) announce it with :meth:`LLMBatcher.expect`; a batch then waits, up to ``max_wait_s``, until every
+announced request has arrived, so inputs that reach the LLM a little apart still share a call, and a lone
+``invoke`` (nothing else announced) is served at once. :meth:`LLMBatcher.cancel` withdraws an announcement
+(the execution failed before its LLM call).
+
 Batches are taken when the model is free: requests that arrive while a batch is running join the next one.
 One model call runs at a time (``lock``, shareable with other users of the same model).
 """
@@ -42,7 +48,9 @@ class _Request:
 class LLMBatcher:
     """Thread-safe micro-batcher around an LLM adapter with ``generate`` and ``generate_batch``.
 
-    ``window_s``: how long the first request of a batch waits for company; ``max_batch``: the largest batch.
+    ``window_s``: how long the first request of a batch always waits for company; ``max_wait_s``: how long
+    it waits at most while announced requests (:meth:`expect`) have not arrived; ``max_batch``: the largest
+    batch.
     ``calls`` counts the model calls made (batched or single), ``batch_sizes`` their sizes.
     """
 
@@ -52,6 +60,7 @@ class LLMBatcher:
         window_s: float = 0.04,
         max_batch: int = 8,
         lock: threading.Lock | None = None,
+        max_wait_s: float = 2.0,
     ) -> None:
         if window_s < 0:
             raise ValueError(f"window_s must be >= 0, got {window_s}")
@@ -59,6 +68,8 @@ class LLMBatcher:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.llm = llm
         self.window_s = window_s
+        self.max_wait_s = max(max_wait_s, window_s)
+        self._awaited = 0  # announced requests that have not arrived yet
         self.max_batch = max_batch
         self._model_lock = lock or threading.Lock()
         self._cond = threading.Condition()
@@ -69,6 +80,21 @@ class LLMBatcher:
     @property
     def calls(self) -> int:
         return len(self.batch_sizes)
+
+    def expect(self) -> None:
+        """Announce that one more request is on its way (pair with ``generate`` or :meth:`cancel`)."""
+        with self._cond:
+            self._awaited += 1
+
+    def cancel(self) -> None:
+        """Withdraw one announcement (its request will never come)."""
+        self._arrive()
+
+    def _arrive(self) -> None:
+        with self._cond:
+            if self._awaited > 0:
+                self._awaited -= 1
+                self._cond.notify_all()
 
     def _sampled(self, temperature: float | None) -> bool:
         temp = getattr(self.llm, "temperature", 0.0) if temperature is None else temperature
@@ -83,6 +109,7 @@ class LLMBatcher:
         max_new_tokens: int | None = None,
     ) -> Any:
         """Like the adapter's ``generate``; greedy requests may be answered as part of a batch."""
+        self._arrive()
         if self._sampled(temperature) or self.max_batch == 1:
             with self._model_lock:
                 out = self.llm.generate(
@@ -110,13 +137,14 @@ class LLMBatcher:
 
     def _lead(self, key: Key) -> None:
         """Wait for company, take the batch once the model is free, run it and hand out the results."""
-        deadline = time.monotonic() + self.window_s
+        start = time.monotonic()
         with self._cond:
             while len(self._pending[key]) < self.max_batch:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                waited = time.monotonic() - start
+                limit = self.max_wait_s if self._awaited > 0 else self.window_s
+                if waited >= limit:
                     break
-                self._cond.wait(remaining)
+                self._cond.wait(limit - waited)
         with self._model_lock:
             with self._cond:
                 queue = self._pending[key]
