@@ -20,3 +20,23 @@ def console(stderr: bool = False) -> Any:
     from rich.console import Console
 
     return Console(stderr=stderr, highlight=False)
+
+
+def output_lines(output: dict[str, Any]) -> list[str]:
+    """A graph-shaped output (whatever fields its schema declares) as plain text lines for the terminal."""
+    lines: list[str] = []
+    for field, value in output.items():
+        if isinstance(value, str):
+            lines.append(f"{field}: {value}")
+        elif isinstance(value, list) and value and isinstance(value[0], dict) and "box" in value[0]:
+            lines.append(f"{field}:")
+            for o in value:
+                box = ", ".join(f"{v:.0f}" for v in o["box"])
+                lines.append(f"  {o.get('label', '?'):<16} {o.get('score', 0.0):.2f}  [{box}]")
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            lines.append(f"{field}: {', '.join(value) or '-'}")
+        elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+            lines.append(f"{field}: [{len(value)} numbers]")
+        else:
+            lines.append(f"{field}: {json.dumps(value, default=str)[:200]}")
+    return lines

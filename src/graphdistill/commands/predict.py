@@ -55,11 +55,10 @@ def _predict(args: argparse.Namespace) -> int:
         print_json(output)
     else:
         out_con = console()
-        out_con.print(f"[bold]answer:[/] {output['answer']}")
-        for o in output["objects"]:
-            box = ", ".join(f"{v:.0f}" for v in o["box"])
-            out_con.print(f"  {o['label']:<16} {o['score']:.2f}  [{box}]")
-        out_con.print(f"[bold]sources:[/] {', '.join(output['sources']) or '-'}")
+        from graphdistill.commands._common import output_lines
+
+        for line in output_lines(output):
+            out_con.print(line, markup=False)
     if out_path is not None:
         from graphdistill.viz import draw_output
 

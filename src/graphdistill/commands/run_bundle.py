@@ -43,10 +43,9 @@ def _run_bundle(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    print(f"answer:  {out['answer']}")
-    for o in out["objects"]:
-        box = ", ".join(f"{v:.0f}" for v in o["box"])
-        print(f"object:  {o['label']} {o['score']:.2f} [{box}]")
-    print(f"sources: {', '.join(out['sources']) or '-'}")
+    from graphdistill.commands._common import output_lines
+
+    for line in output_lines(out):
+        print(line)
     print(f"({ms:.1f} ms, {runner.manifest['runtime']}/{runner.manifest['quantize']})")
     return 0
