@@ -115,6 +115,11 @@ def box_f1(pred: list[dict[str, Any]], target: list[dict[str, Any]], iou_min: fl
     return 2 * tp / (len(pred) + len(target))
 
 
+def plain_objects(objects: list[Any]) -> list[dict[str, Any]]:
+    """Dataset rows carry ``trace.ObjectOut`` records; the runner's decoder speaks plain dicts."""
+    return [o.model_dump() if hasattr(o, "model_dump") else dict(o) for o in objects]
+
+
 def fidelity(loaded: Any, samples: list[Any], raws: list[Raw]) -> dict[str, float]:
     """Mean answer token F1 (with a text head) and box F1 (with an object head) of decoded predictions
     against the dataset's (teacher) targets."""
@@ -131,7 +136,7 @@ def fidelity(loaded: Any, samples: list[Any], raws: list[Raw]) -> dict[str, floa
             target = s.row.get("objects") or []
             if isinstance(target, str):
                 target = json.loads(target)
-            bf1s.append(box_f1(objs, target))
+            bf1s.append(box_f1(objs, plain_objects(target)))
     out: dict[str, float] = {}
     if has_text:
         out["answer_token_f1"] = float(np.mean(f1s))
