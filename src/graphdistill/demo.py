@@ -180,6 +180,8 @@ def run_demo(args: argparse.Namespace) -> int:
                 str(sizes.samples),
                 "--tta",
                 "flip,scale",
+                "--batch-size",
+                "6",
                 "--resume",
             ]
         ),
