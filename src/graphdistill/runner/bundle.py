@@ -140,6 +140,14 @@ class ExecuTorchPrograms:
             from executorch.extension.pybindings import portable_lib
 
             portable_lib._unsafe_reset_threadpool(int(threads))
+        if manifest.get("quantize") == "int8":
+            # Ops XNNPACK does not take (a per-channel dequantize of the tied embedding) run on ExecuTorch's
+            # quantized kernels library; a phone build links it as `quantized_ops_lib`, here this import
+            # registers the same kernels with the Python runtime.
+            try:
+                import executorch.kernels.quantized  # noqa: F401
+            except ImportError as exc:
+                raise BundleError("this int8 bundle needs ExecuTorch's quantized kernels library") from exc
         files = {p["file"] for p in manifest["programs"].values()}
         self.programs = {f: Runtime.get().load_program(str(root / f)) for f in files}
         self.methods = {
