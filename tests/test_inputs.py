@@ -99,10 +99,12 @@ def test_make_inputs_rows_provenance_heldout_and_determinism(tmp_path: Path) -> 
     kw = dict(n=30, seed=7, heldout=["test/p4"], cutouts=_cutouts(), backgrounds=bgs, composite_share=0.5)
     summary = make_inputs(photos, out=tmp_path / "a" / "inputs.jsonl", **kw)  # type: ignore[arg-type]
     rows = [json.loads(line) for line in (tmp_path / "a" / "inputs.jsonl").read_text().splitlines()]
-    assert summary["rows"] == len(rows) == 31 and summary["composites"] > 0 and summary["augmented"] > 0
+    assert summary["rows"] == len(rows) == 33 and summary["composites"] > 0 and summary["augmented"] > 0
     held = [r for r in rows if r.get("heldout")]
-    assert len(held) == 1 and held[0]["provenance"]["photos"] == ["test/p4"]
-    assert np.array_equal(load_image(tmp_path / "a" / held[0]["image"]), _photo(4))  # untouched
+    # the held-out photo, untouched, asked three different questions (default heldout_questions=3)
+    assert len(held) == 3 and all(r["provenance"]["photos"] == ["test/p4"] for r in held)
+    assert len({r["question"] for r in held}) == 3
+    assert all(np.array_equal(load_image(tmp_path / "a" / r["image"]), _photo(4)) for r in held)
     train = [r for r in rows if not r.get("heldout")]
     assert all("test/p4" not in r["provenance"]["photos"] for r in train)
     labels = {"test/p0": "cat", "test/p1": "dog", "test/p2": "cup bus"}
@@ -161,8 +163,8 @@ def test_inputs_make_cli_from_a_folder(tmp_path: Path, capsys: pytest.CaptureFix
     assert main([*argv, "--holdout", "photos/img2.png", "--no-composites", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert summary["rows"] == len(rows) == 6
-    assert sum(bool(r.get("heldout")) for r in rows) == 1
+    assert summary["rows"] == len(rows) == 8
+    assert sum(bool(r.get("heldout")) for r in rows) == 3
     assert all((out.parent / r["image"]).exists() for r in rows)
     assert main([*argv[:-2], "--out", str(tmp_path / "y.jsonl"), "--holdout", "nope", "--no-composites"]) == 2
     assert "nope" in capsys.readouterr().err

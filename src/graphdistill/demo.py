@@ -322,9 +322,9 @@ def _print_headline(con: Any, h: dict[str, Any]) -> None:
         if isinstance(v, (int, float)) and not k.endswith("_threshold"):
             con.print(f"{k:<22}{v:.3f}")
     for name, size in h["bundle_bytes"].items():
-        con.print(f"{'bundle ' + name:<22}{size / 1e6:.2f} MB")
+        con.print(f"{'bundle ' + name:<24}{size / 1e6:.2f} MB")
     for name, why in h.get("bundles_refused", {}).items():
-        con.print(f"{'bundle ' + name:<22}[yellow]refused by its gate[/]: {why}")
+        con.print(f"{'bundle ' + name:<24}[yellow]refused by its gate[/]: {why}")
     con.print(f"{'report':<22}{h['report']}")
 
 

@@ -29,6 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="ID",
         help="photo ids held out of training (default for --builtin: the built-in held-out photos)",
     )
+    m.add_argument(
+        "--heldout-questions",
+        type=int,
+        default=3,
+        help="different questions asked about each held-out photo (evaluation rows; default 3)",
+    )
     m.add_argument("--no-composites", action="store_true", help="augment only (no teacher models run)")
     m.add_argument("--json", action="store_true", help="print a summary as JSON")
     m.set_defaults(func=_make)
@@ -81,6 +87,7 @@ def _make(args: argparse.Namespace) -> int:
                 out=out,
                 heldout=heldout,
                 composites=not args.no_composites,
+                heldout_questions=args.heldout_questions,
                 progress=tick,
             )
         except (inp.InputsError, ImageError) as exc:

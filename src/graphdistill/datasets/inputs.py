@@ -309,9 +309,12 @@ def make_inputs(
     backgrounds: Sequence[SourcePhoto] | None = None,
     composite_share: float = 0.4,
     families: int = 3,
+    heldout_questions: int = 3,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Write ``out`` (JSONL) and ``<out stem>_images/*.png``: each held-out photo once, then ``n`` inputs.
+    """Write ``out`` (JSONL) and ``<out stem>_images/*.png``: each held-out photo (untouched, with up to
+    ``heldout_questions`` different questions, so evaluation has more than one row per real unseen photo),
+    then ``n`` inputs.
 
     ``cutouts`` (photo id -> cut-outs) skips the teacher (tests); otherwise, with ``composites``, the real
     detector + segmenter cut objects out of each training photo once. Image paths in the rows are relative
@@ -351,12 +354,19 @@ def make_inputs(
     fams = sorted({family[c.photo] for c in pool})
 
     writer = _Writer(out_path, images_dir)
-    for p in photos:  # each held-out photo once, untouched
+    for p in photos:  # each held-out photo untouched, asked up to `heldout_questions` different questions
         if p.id in held:
-            q, qr = make_question(labels.get(p.id, []), rng)
-            writer.add(
-                p.image(), q, [p.id], {"kind": "heldout", "heldout": True, "question": qr}, heldout=True
-            )
+            asked: set[str] = set()
+            for _ in range(8 * max(1, heldout_questions)):
+                if len(asked) >= heldout_questions:
+                    break
+                q, qr = make_question(labels.get(p.id, []), rng)
+                if q in asked:
+                    continue
+                asked.add(q)
+                writer.add(
+                    p.image(), q, [p.id], {"kind": "heldout", "heldout": True, "question": qr}, heldout=True
+                )
 
     cache: dict[str, np.ndarray] = {}
 
