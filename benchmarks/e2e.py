@@ -39,12 +39,16 @@ def main() -> int:
         "--demo-dir", default=None, help="demo working folder (default: demo-out, or demo-out-quick)"
     )
     ap.add_argument("--quick", action="store_true", help="use the quick demo (minutes); numbers mean little")
+    ap.add_argument(
+        "--inputs", type=int, default=None, help="demo size: inputs made from the built-in photos"
+    )
     ap.add_argument("--teacher-n", type=int, default=3, help="held-out photos timed for teacher and students")
     ap.add_argument("--repeats", type=int, default=5, help="timed passes of each student over those photos")
     args = ap.parse_args()
     demo = Path(args.demo_dir or (ROOT / ("demo-out-quick" if args.quick else "demo-out")))
     t0 = time.perf_counter()
-    _graphdistill("demo", "--out", str(demo), *(["--quick"] if args.quick else []))
+    sizes = ["--inputs", str(args.inputs)] if args.inputs else []
+    _graphdistill("demo", "--out", str(demo), *(["--quick"] if args.quick else []), *sizes)
     demo_s = time.perf_counter() - t0
     run, dataset = demo / "run", demo / "dataset"
     bundles = sorted(p for p in (demo / "bundles").iterdir() if (p / "manifest.json").exists())
@@ -103,6 +107,7 @@ def main() -> int:
             for p in sorted((demo / ".stamps").glob("*.json"))
         },
         "held_out_n": ev.get("n"),
+        "demo_inputs": args.inputs or "default",
         "headline": headline,
         "ms_per_query": ms,
         "bytes": {
