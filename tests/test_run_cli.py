@@ -300,3 +300,15 @@ def test_real_reference_graph_through_the_cli(
     cats = [o for o in result["objects"] if o["label"] == "cat"]
     assert cats and RLE.model_validate(cats[0]["mask"]).area() > 1000
     assert result["sources"]
+
+
+def test_non_image_is_a_clear_error_even_after_ultralytics_patched_pillow(tmp_path: Path) -> None:
+    """ultralytics swaps PIL.Image.open for a wrapper that imports a HEIF plugin on unknown files."""
+    import ultralytics.utils.patches  # noqa: F401  (applies the patch, as loading the detector does)
+
+    from graphdistill.images import ImageError, load_image
+
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image at all")
+    with pytest.raises(ImageError, match=r"notes\.jpg: not a readable image file"):
+        load_image(bad)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +54,7 @@ def load_image(
         with warnings.catch_warnings():
             # Pillow's own bomb warning fires before our cap could name the size; the cap below decides
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = _pil_open(io.BytesIO(data))
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError(
@@ -72,6 +74,20 @@ def load_image(
         raise ImageError(f"image {label}: corrupt or truncated image data ({exc})") from exc
     rotated = ImageOps.exif_transpose(img)
     return pil_to_rgb(rotated if rotated is not None else img, label)
+
+
+def _pil_open(fp: io.BytesIO) -> Any:
+    """Pillow's own ``Image.open``.
+
+    Importing ultralytics replaces ``PIL.Image.open`` process-wide with a wrapper that, on an unidentified
+    file, tries to install and import a HEIF plugin (``pi_heif``); a non-image input would then fail with
+    ModuleNotFoundError instead of our clear error. Use the original Pillow function it keeps.
+    """
+    from PIL import Image
+
+    patches = sys.modules.get("ultralytics.utils.patches")
+    original = getattr(patches, "_image_open", None) if patches is not None else None
+    return (original or Image.open)(fp)
 
 
 def pil_to_rgb(img: object, label: str = "<image>") -> np.ndarray:
