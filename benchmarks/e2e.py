@@ -107,6 +107,11 @@ def main() -> int:
             for p in sorted((demo / ".stamps").glob("*.json"))
         },
         "held_out_n": ev.get("n"),
+        "refused_bundles": {
+            p.stem.removeprefix("export ").replace(" ", "-"): json.loads(p.read_text())["failed"]
+            for p in sorted((demo / ".stamps").glob("export *.json"))
+            if "failed" in json.loads(p.read_text())
+        },
         "demo_inputs": args.inputs or "default",
         "headline": headline,
         "ms_per_query": ms,

@@ -88,8 +88,14 @@ def table(results: dict[str, dict]) -> str:
             v = data.get("headline", {}).get(k, data.get(k))
             if v is not None:
                 head[k] = v
+    e2e = results.get("e2e", {})
+    refused = {
+        f"speedup_{name.split('-')[0]}": "refused by its int8 fidelity gate"
+        for name in e2e.get("refused_bundles", {})
+        if name.endswith("-int8")
+    }
     lines = [
-        f"Measured on: {machine()}, {time.strftime('%Y-%m-%d')}. Reproduce: `make bench` "
+        f"Held-out real photos: {e2e.get('held_out_n', '?')} test rows. Measured on: {machine()}, {time.strftime('%Y-%m-%d')}. Reproduce: `make bench` "
         "(JSON per benchmark in `benchmarks/results/`).",
         "",
         "| measure | measured | goal | met |",
@@ -98,21 +104,23 @@ def table(results: dict[str, dict]) -> str:
     for key, label, goal, ok in GOALS:
         v = head.get(key)
         if v is None:
-            lines.append(f"| {label} | not measured | {goal} | — |")
+            why = refused.get(key, "not measured")
+            lines.append(f"| {label} | {why} | {goal} | {'**no**' if key in refused else '—'} |")
             continue
         met = "—" if ok is None else ("yes" if ok(v) else "**no**")
-        fmt = (
-            f"{v:,.0f}×"
-            if key.startswith("speedup") or key.endswith("speedup") or key == "size_ratio"
-            else f"{v:.3g}"
-        )
+        if key == "batched_speedup":
+            fmt = f"{v:.2f}×"
+        elif key.startswith("speedup") or key == "size_ratio":
+            fmt = f"{v:,.0f}×"
+        else:
+            fmt = f"{v:.3g}"
         lines.append(f"| {label} | {fmt} | {goal} | {met} |")
     ms = results.get("e2e", {}).get("ms_per_query", {})
     if ms:
         lines += ["", "| runtime | ms per query | speedup vs teacher |", "|---|---|---|"]
-        teacher = ms.get("teacher")
+        teacher = next((v for k, v in ms.items() if k.startswith("teacher")), None)
         for k, v in ms.items():
-            sp = f"{teacher / v:,.0f}×" if teacher and v else "—"
+            sp = f"{teacher / v:,.0f}×" if teacher and v and not k.startswith("teacher") else "—"
             lines.append(f"| {k} | {v:,.1f} | {sp} |")
     return "\n".join(lines) + "\n"
 
@@ -134,7 +142,9 @@ def main() -> int:
         "--quick", action="store_true", help="tiny sizes: proves the benchmarks run, numbers mean little"
     )
     ap.add_argument("--no-readme", action="store_true")
-    ap.add_argument("--table-only", action="store_true", help="rebuild the table from benchmarks/results/*.json")
+    ap.add_argument(
+        "--table-only", action="store_true", help="rebuild the table from benchmarks/results/*.json"
+    )
     args = ap.parse_args()
     names = args.names or list(BENCHMARKS)
     results = {} if args.table_only else run(names, args.quick)
