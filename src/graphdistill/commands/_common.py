@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -40,3 +42,27 @@ def output_lines(output: dict[str, Any]) -> list[str]:
         else:
             lines.append(f"{field}: {json.dumps(value, default=str)[:200]}")
     return lines
+
+
+@contextmanager
+def stage_progress(con: Any, *, transient: bool = False) -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress display with one bar per stage; yields ``tick(stage, done, total)`` for library code
+    that reports progress as named stages."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    tasks: dict[str, Any] = {}
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=con,
+        transient=transient,
+    ) as progress:
+
+        def tick(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done)
+
+        yield tick

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
-from graphdistill.commands._common import CommandError, console, print_json
+from graphdistill.commands._common import CommandError, console, print_json, stage_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -66,7 +65,6 @@ def _fractions(text: str) -> tuple[float, float, float]:
 
 
 def _filter(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from graphdistill.datasets.checks import CHECKS, CheckConfig
     from graphdistill.datasets.dataset import DatasetError
@@ -119,21 +117,7 @@ def _filter(args: argparse.Namespace) -> int:
         store = TraceStore(root, readonly=True, check=False)
     except StoreError as exc:
         raise CommandError(str(exc)) from exc
-    tasks: dict[str, Any] = {}
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=con,
-        transient=args.json,
-    ) as progress:
-
-        def tick(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=total)
-            progress.update(tasks[stage], completed=done)
-
+    with stage_progress(con, transient=args.json) as tick:
         try:
             result = filter_store(
                 store, out, config, embedder=embedder, progress=tick, source_store=str(root)

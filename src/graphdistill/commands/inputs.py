@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
-from graphdistill.commands._common import CommandError, console, print_json
+from graphdistill.commands._common import CommandError, console, print_json, stage_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -41,7 +40,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _make(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from graphdistill.datasets import inputs as inp
     from graphdistill.images import ImageError
@@ -64,21 +62,7 @@ def _make(args: argparse.Namespace) -> int:
             f"--holdout {', '.join(unknown)}: no such photo; known: {', '.join(p.id for p in photos)}"
         )
     con = console(stderr=True)
-    tasks: dict[str, Any] = {}
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=con,
-        transient=args.json,
-    ) as progress:
-
-        def tick(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=total)
-            progress.update(tasks[stage], completed=done)
-
+    with stage_progress(con, transient=args.json) as tick:
         try:
             summary = inp.make_inputs(
                 photos,
