@@ -105,6 +105,9 @@ class _FakeTeachers:
         import threading
 
         self.llm_called = threading.Event()
+        # set by the test once every execution of a batch has entered detect (and so announced itself to
+        # the LLM batcher); the first detect waits for it, so the test does not depend on thread start-up
+        self.all_detecting = threading.Event()
         self.batches: list[list[Any]] = []
         self.order: list[str] = []
 
@@ -112,6 +115,7 @@ class _FakeTeachers:
 
         class Det:
             def detect(self, image: Any) -> Detections:
+                outer.all_detecting.wait(timeout=10)
                 return CAT
 
         class Seg:
@@ -156,6 +160,8 @@ class _FakeTeachers:
 
 
 def test_reason_runs_in_parallel_with_segment_and_batch_shares_llm_calls() -> None:
+    import threading
+
     from langchain_core.callbacks import BaseCallbackHandler
 
     from graphdistill.graphs.visual_rag import visual_rag
@@ -169,6 +175,9 @@ def test_reason_runs_in_parallel_with_segment_and_batch_shares_llm_calls() -> No
             meta = kw.get("metadata") or {}
             if meta.get("langgraph_node") == kw.get("name"):
                 nodes.append(kw["name"])
+                if nodes.count("detect") == 3 and kw["name"] == "detect":
+                    # each node body announces itself right after this callback, then takes the detector lock
+                    threading.Timer(0.2, fakes.all_detecting.set).start()
 
     image = __import__("numpy").zeros((300, 400, 3), "uint8")
     xs = [{"image": image, "question": q} for q in ("q1?", "q2?", "q3?")]
