@@ -126,7 +126,20 @@ def test_runner_gives_what_pytorch_predict_gives(run_dir: Path, onnx_float: Path
 
 
 def test_int8_is_smaller_and_keeps_fidelity(onnx_float: Path, onnx_int8: Path) -> None:
-    assert _model_bytes(onnx_int8) < 0.75 * _model_bytes(onnx_float)  # tiny model: norms, biases stay float
+    import onnx
+
+    # the test student is tiny, so its float convolutions (kept float: see quantize.DYNAMIC_OPS) weigh a lot;
+    # what must hold is that every matrix product's weight became int8
+    assert _model_bytes(onnx_int8) < 0.95 * _model_bytes(onnx_float)
+    for name in ("encode", "decode_step"):
+        graph = onnx.load(str(onnx_int8 / f"{name}.onnx")).graph
+        consts = {i.name for i in graph.initializer}
+        ops = [n.op_type for n in graph.node]
+        assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops, name
+        float_weights = [
+            n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in consts
+        ]
+        assert not float_weights, (name, float_weights)
     m = _manifest(onnx_int8)
     fid = m["parity"]["fidelity_vs_teacher"]
     assert m["parity"]["passed"] and m["quantize"] == "int8"
@@ -327,7 +340,7 @@ def test_a_partial_schema_exports_only_its_heads_and_passes_parity(schema_run: t
     assert m["parity"]["passed"] and not m["parity"]["failures"]
     assert m["outputs"] == cfg.outputs and list(m["outputs"]) == list(cfg.outputs)
     heads = [o["name"] for o in m["programs"]["encode"]["outputs"]]
-    want = ["memory"]
+    want = ["cross_kv" if cfg.has_text else "memory"]
     want += ["boxes", "class_logits", "mask_logits"] if cfg.has_objects else []
     want += ["source_logits"] if cfg.has_sources else []
     assert heads == want
@@ -341,10 +354,13 @@ def test_a_partial_schema_exports_only_its_heads_and_passes_parity(schema_run: t
     else:
         assert set(m["programs"]) == {"encode"} and m["kv_cache"] is None
         assert set(m["files"]) == {"encode.onnx", "tokenizer.json"}
-    memory_len = load_student(run).model.memory_len
-    assert m["programs"]["encode"]["outputs"][0]["shape"][1] == memory_len
-    if cfg.has_text:
-        assert m["programs"]["decode_step"]["inputs"][2]["shape"][1] == memory_len
+    model = load_student(run).model
+    first = m["programs"]["encode"]["outputs"][0]["shape"]
+    if cfg.has_text:  # the decoder's cross-attention keys/values over the context tokens, fed to every step
+        assert first == [cfg.dec_layers, 2, 1, cfg.n_heads, model.n_ctx, cfg.head_dim]
+        assert m["programs"]["decode_step"]["inputs"][2]["shape"] == first
+    else:
+        assert first == [1, model.memory_len, cfg.d_model]
 
 
 def test_a_partial_schema_bundle_returns_exactly_predicts_fields(

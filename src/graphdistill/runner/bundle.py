@@ -5,11 +5,12 @@ A bundle is a folder: the model file(s), ``tokenizer.json`` and ``manifest.json`
 1. check the bundle (format, manifest checksum, every file's sha256) — once, at load;
 2. image -> letterboxed, normalised ``float32 [1, 3, S, S]`` (:mod:`.preprocess`);
 3. question -> BPE ids, truncated/padded to ``max_question_len`` with ``<pad>``, mask 1 for tokens (:mod:`.bpe`);
-4. ``encode(image, question_ids, question_mask)`` -> memory + the output of every head the student has
+4. ``encode(image, question_ids, question_mask)`` -> ``cross_kv`` (the answer decoder's cross-attention
+   keys/values; ``memory`` for a student without a text output) + the output of every head the student has
    (their names, in order, are ``programs.encode.outputs`` in the manifest), once;
 5. the answer (only when the manifest has a ``decode_step`` program, i.e. a TEXT output): ``token = <bos>``,
    ``kv_cache = zeros``; for ``position = 0, 1, ...``:
-   ``logits, kv_cache = decode_step(token, position, memory, kv_cache)``; ``token = argmax(logits)``;
+   ``logits, kv_cache = decode_step(token, position, cross_kv, kv_cache)``; ``token = argmax(logits)``;
    stop at ``<eos>`` or when the fixed-size cache is full;
 6. objects: per query, softmax over the classes + "no object"; its score is the best *real* class's
    probability; keep queries scoring >= ``score_threshold``, best first; box back to image pixels; mask
@@ -46,7 +47,6 @@ from graphdistill.runner.preprocess import (
 
 BUNDLE_FORMAT = "graphdistill-bundle/1"
 MANIFEST = "manifest.json"
-ENCODE_OUTPUTS = ["memory", "boxes", "class_logits", "mask_logits", "source_logits"]  # the full schema's
 # A bundle written before ``outputs`` was in the manifest is a visual_rag student: every head, these fields.
 DEFAULT_OUTPUTS = {"answer": "text", "objects": "objects", "sources": "sources"}
 
@@ -231,12 +231,14 @@ class BundleRunner:
         named = {k: v[0] for k, v in zip(self.encode_outputs, outs, strict=True)}
         if not self.has_text:
             return Raw([], named)
-        memory = outs[0]
+        cross_kv = outs[0]  # the same for every step of this answer
         kv = np.zeros(self.kv_shape, dtype=np.float32)
         token = np.array([[self.bos_id]], dtype=np.int64)
         answer: list[int] = []
         for pos in range(self.max_steps):
-            logits, kv = self.programs.run("decode_step", token, np.array([pos], dtype=np.int64), memory, kv)
+            logits, kv = self.programs.run(
+                "decode_step", token, np.array([pos], dtype=np.int64), cross_kv, kv
+            )
             nxt = int(np.argmax(logits[0]))
             if nxt == self.eos_id:
                 break

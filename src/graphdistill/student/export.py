@@ -44,6 +44,7 @@ from graphdistill.student.export_programs import (
     ENCODE_INPUTS,
     Sample,
     collect_samples,
+    cross_kv_shape,
     load_run,
     programs_for,
     torch_reference,
@@ -200,10 +201,10 @@ def _manifest(
 ) -> dict[str, Any]:
     cfg = loaded.config
     lq, s = cfg.max_question_len, cfg.image_size
-    m_len = loaded.memory_len
-    spec = [("float32", [1, m_len, cfg.d_model])]
+    cross_shape = cross_kv_shape(loaded)
     shapes = {
-        "memory": spec[0][1],
+        "memory": [1, loaded.memory_len, cfg.d_model],
+        "cross_kv": cross_shape,
         "boxes": [1, cfg.num_queries, 4],
         "class_logits": [1, cfg.num_queries, cfg.num_classes + 1],
         "mask_logits": [1, cfg.num_queries, cfg.mask_size, cfg.mask_size],
@@ -211,6 +212,12 @@ def _manifest(
         **{f"embedding:{n}": [1, d] for n, d in cfg.embedding_dims.items()},
     }
     encode_outputs = [{"name": n, "shape": shapes[n], "dtype": "float32"} for n in loaded.encode_outputs]
+    for out in encode_outputs:
+        if out["name"] == "cross_kv":
+            out["meaning"] = (
+                "[decoder layers, 2 (key, value), batch, heads, context tokens, head_dim]: the answer "
+                "decoder's cross-attention keys/values, computed once per query; pass to every decode_step"
+            )
     programs: dict[str, Any] = {
         "encode": {
             "file": files["encode"],
@@ -235,7 +242,12 @@ def _manifest(
             "inputs": [
                 {"name": "token", "shape": [1, 1], "dtype": "int64"},
                 {"name": "position", "shape": [1], "dtype": "int64", "meaning": "0 = the <bos> slot"},
-                {"name": "memory", "shape": spec[0][1], "dtype": "float32", "meaning": "encode's memory"},
+                {
+                    "name": "cross_kv",
+                    "shape": cross_shape,
+                    "dtype": "float32",
+                    "meaning": "encode's cross_kv output, the same for every step of one answer",
+                },
                 {"name": "kv_cache", "shape": kv_shape, "dtype": "float32"},
             ],
             "outputs": [

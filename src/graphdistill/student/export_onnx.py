@@ -11,13 +11,14 @@ from typing import Any
 import numpy as np
 
 from graphdistill._lazy import require
+from graphdistill.student.phone_ops import phone_friendly
 from graphdistill.student.quantize import quantize_onnx
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
-# programs quantized with dynamic int8 (see graphdistill.student.quantize); the rest static QDQ
-DYNAMIC_INT8 = {"decode_step": "dynamic"}
+# int8 method per program (see graphdistill.student.quantize for why dynamic); any other program: static QDQ
+DYNAMIC_INT8 = {"decode_step": "dynamic", "encode": "dynamic"}
 
 
 def export_onnx(
@@ -41,7 +42,9 @@ def export_onnx(
         fastpath = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)  # its fused encoder-layer op has no ONNX symbolic
         try:
-            with torch.no_grad(), warnings.catch_warnings():
+            # explicit attention and cache writes (graphdistill.student.phone_ops); ONNX keeps its fused
+            # LayerNormalization
+            with torch.no_grad(), warnings.catch_warnings(), phone_friendly(decompose_norms=False):
                 # the TorchScript exporter is deprecated in favour of dynamo=True, but gives the same graph
                 # here in seconds and handles the fused attention ops; the parity gate checks the result
                 warnings.filterwarnings("ignore", "You are using the legacy TorchScript", DeprecationWarning)

@@ -20,7 +20,7 @@ from graphdistill.runner.preprocess import Letterbox, load_rgb, preprocess
 log = logging.getLogger(__name__)
 
 ENCODE_INPUTS = ["image", "question_ids", "question_mask"]
-DECODE_INPUTS = ["token", "position", "memory", "kv_cache"]
+DECODE_INPUTS = ["token", "position", "cross_kv", "kv_cache"]
 DECODE_OUTPUTS = ["logits", "kv_cache_out"]  # ONNX output names must differ from input names
 
 
@@ -39,7 +39,8 @@ class LoadedRun:
     special_ids: dict[str, int]
     thresholds: dict[str, float]
     memory_len: int = 0
-    encode_outputs: list[str] = field(default_factory=list)  # "memory" + the student's heads, in order
+    # encode's outputs in order: "cross_kv" (with a text head) or "memory" (without), then the student's heads
+    encode_outputs: list[str] = field(default_factory=list)
 
     @property
     def has_text(self) -> bool:
@@ -105,7 +106,7 @@ def load_run(run: Path, dataset: str | Path | None = None) -> LoadedRun:
         },
     )
     loaded.memory_len = int(model.memory_len)
-    loaded.encode_outputs = ["memory", *head_names(model)]
+    loaded.encode_outputs = ["cross_kv" if config.has_text else "memory", *head_names(model)]
     return loaded
 
 
@@ -156,7 +157,9 @@ def programs_for(loaded: LoadedRun) -> tuple[dict[str, tuple[Any, tuple[Any, ...
     nn: Any = torch.nn
 
     class Encode(nn.Module):  # type: ignore[misc]
-        """image, question_ids, question_mask (int64, 1 = token) -> memory + each of the student's heads."""
+        """image, question_ids, question_mask (int64, 1 = token) -> the answer decoder's cross-attention
+        keys/values (computed once per query, not once per token; the memory itself without a text head)
+        + each of the student's heads."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -165,17 +168,18 @@ def programs_for(loaded: LoadedRun) -> tuple[dict[str, tuple[Any, tuple[Any, ...
         def forward(self, image: Any, question_ids: Any, question_mask: Any) -> tuple[Any, ...]:
             memory = self.student.encode(image, question_ids, question_mask != 0)
             heads = self.student.heads(memory)
-            return (memory, *(heads[k] for k in head_keys))
+            first = self.student.cross_kv(memory) if cfg.has_text else memory
+            return (first, *(heads[k] for k in head_keys))
 
     class DecodeStep(nn.Module):  # type: ignore[misc]
-        """token, position, memory, kv_cache -> logits, kv_cache (the student's own decode_step)."""
+        """token, position, cross_kv, kv_cache -> logits, kv_cache (the student's own decode_step)."""
 
         def __init__(self) -> None:
             super().__init__()
             self.student = model
 
-        def forward(self, token: Any, position: Any, memory: Any, kv_cache: Any) -> tuple[Any, Any]:
-            logits, cache = self.student.decode_step(token, position, memory, kv_cache)
+        def forward(self, token: Any, position: Any, cross_kv: Any, kv_cache: Any) -> tuple[Any, Any]:
+            logits, cache = self.student.decode_step(token, position, None, kv_cache, cross_kv)
             return logits, cache
 
     s, lq = cfg.image_size, cfg.max_question_len
@@ -188,10 +192,16 @@ def programs_for(loaded: LoadedRun) -> tuple[dict[str, tuple[Any, tuple[Any, ...
     if not loaded.has_text:
         return programs, []
     kv = model.empty_cache(1)
-    memory = torch.zeros(1, loaded.memory_len, cfg.d_model)
-    dec_example = (torch.ones(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), memory, kv)
+    cross = torch.zeros(cross_kv_shape(loaded))
+    dec_example = (torch.ones(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), cross, kv)
     programs["decode_step"] = (DecodeStep().eval(), dec_example)
     return programs, list(kv.shape)
+
+
+def cross_kv_shape(loaded: LoadedRun) -> list[int]:
+    """[decoder layers, 2 (key, value), batch 1, heads, context tokens, head_dim]."""
+    cfg, model = loaded.config, loaded.model
+    return [cfg.dec_layers, 2, 1, cfg.n_heads, int(model.n_ctx), cfg.head_dim]
 
 
 def torch_reference(
@@ -211,12 +221,12 @@ def torch_reference(
         if "decode_step" not in programs:
             return Raw([], named)
         dec, _ = programs["decode_step"]
-        memory = outs[0]
+        cross = outs[0]
         kv = loaded.model.empty_cache(1)
         token = torch.tensor([[ids["bos"]]], dtype=torch.long)
         answer: list[int] = []
         for pos in range(loaded.config.max_answer_len - 1):
-            args = (token, torch.tensor([pos], dtype=torch.long), memory, kv)
+            args = (token, torch.tensor([pos], dtype=torch.long), cross, kv)
             if record is not None:
                 record.append(args)
             logits, kv = dec(*args)

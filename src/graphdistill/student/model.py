@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from graphdistill.student import phone_ops
 from graphdistill.student.config import (  # re-exported: model.StudentConfig etc. stay importable
     DEFAULT_OUTPUTS,
     HEAD_KINDS,
@@ -134,14 +135,15 @@ class DecoderLayer(nn.Module):
 
     def cross_kv(self, mem: Tensor) -> Tensor:
         """Cross-attention keys/values of the memory, [2,B,H,M,hd]: constant over a whole answer."""
-        k, v = self.kv_x(mem).chunk(2, dim=-1)
+        k, v = phone_ops.chunks(self.kv_x(mem), 2)
         return torch.stack([self._split(k), self._split(v)])
 
-    def _cross(self, x: Tensor, mem: Tensor, kv: Tensor | None = None) -> Tensor:
-        q = self._split(self.q_x(self.ln2(x)))
+    def _cross(self, x: Tensor, mem: Tensor | None, kv: Tensor | None = None) -> Tensor:
+        q = self._split(self.q_x(phone_ops.layer_norm(self.ln2, x)))
         if kv is None:
+            assert mem is not None, "cross-attention needs the memory or its keys/values"
             kv = self.cross_kv(mem)
-        return self.proj_x(self._merge(F.scaled_dot_product_attention(q, kv[0], kv[1])))
+        return self.proj_x(self._merge(phone_ops.attention(q, phone_ops.pick(kv, 0), phone_ops.pick(kv, 1))))
 
     def forward(self, x: Tensor, mem: Tensor) -> Tensor:
         """Teacher-forced pass over a whole sequence (causal)."""
@@ -153,7 +155,7 @@ class DecoderLayer(nn.Module):
     def step(
         self,
         x: Tensor,
-        mem: Tensor,
+        mem: Tensor | None,
         k_cache: Tensor,
         v_cache: Tensor,
         write: Tensor,
@@ -161,14 +163,15 @@ class DecoderLayer(nn.Module):
         cross: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One token ``x`` [B,1,D]; caches [B,H,T,hd]; ``write`` [b,1,T,1] bool, True at this position;
-        ``valid`` [b,1,1,T] positions ≤ this one. Returns (x, new k cache, new v cache)."""
-        q, k, v = (self._split(t) for t in self.qkv(self.ln1(x)).chunk(3, dim=-1))
-        k_cache = torch.where(write, k, k_cache)  # static-shape cache write (no indexing)
-        v_cache = torch.where(write, v, v_cache)
-        att = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=valid)
+        ``valid`` [b,1,1,T] positions ≤ this one (bool, or the float bias of :mod:`.phone_ops`).
+        Returns (x, new k cache, new v cache)."""
+        q, k, v = (self._split(t) for t in phone_ops.chunks(self.qkv(phone_ops.layer_norm(self.ln1, x)), 3))
+        k_cache = phone_ops.write_cache(k_cache, k, write)  # static-shape cache write (no indexing)
+        v_cache = phone_ops.write_cache(v_cache, v, write)
+        att = phone_ops.attention(q, k_cache, v_cache, valid)
         x = x + self.proj(self._merge(att))
         x = x + self._cross(x, mem, cross)
-        return x + self.ffn(self.ln3(x)), k_cache, v_cache
+        return x + self.ffn(phone_ops.layer_norm(self.ln3, x)), k_cache, v_cache
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -295,9 +298,17 @@ class Student(nn.Module):
         q_t = self.tok_emb(question_ids) + self.q_pos[:, :lq] + self.type_emb[2]
         regs = self.registers.expand(b, -1, -1) + self.type_emb[0]
         x = torch.cat([regs, coarse_t, q_t], dim=1)
-        keep = torch.ones(b, self.n_ctx, dtype=torch.bool, device=image.device)
-        pad = ~torch.cat([keep, question_mask.to(torch.bool)], dim=1)  # True = ignore (PyTorch convention)
-        x = self.enc_norm(self.encoder(x, src_key_padding_mask=pad))
+        if phone_ops.active():  # the same layers, with an additive key bias instead of a bool mask
+            keep = torch.zeros(b, self.n_ctx, dtype=x.dtype, device=image.device)
+            pad_bias = (question_mask == 0).to(x.dtype) * phone_ops.NEG
+            bias = torch.cat([keep, pad_bias], dim=1).view(b, 1, 1, -1)
+            for layer in self.encoder.layers:
+                x = phone_ops.encoder_layer(layer, x, bias)
+            x = phone_ops.layer_norm(self.enc_norm, x)
+        else:
+            keep_b = torch.ones(b, self.n_ctx, dtype=torch.bool, device=image.device)
+            pad = ~torch.cat([keep_b, question_mask.to(torch.bool)], dim=1)  # True = ignore (PyTorch's way)
+            x = self.enc_norm(self.encoder(x, src_key_padding_mask=pad))
         ctx = x[:, : self.n_ctx]
         if not self.config.has_masks:
             return ctx
@@ -319,7 +330,13 @@ class Student(nn.Module):
         ctx = memory[:, : self.n_ctx]
         out: dict[str, Tensor] = {}
         if cfg.has_objects:
-            h = self.det_norm(self.det_decoder(self.queries.expand(b, -1, -1), ctx))
+            h = self.queries.expand(b, -1, -1)
+            if phone_ops.active():
+                for layer in self.det_decoder.layers:
+                    h = phone_ops.decoder_layer(layer, h, ctx)
+                h = phone_ops.layer_norm(self.det_norm, h)
+            else:
+                h = self.det_norm(self.det_decoder(h, ctx))
             out["boxes"] = self.box_head(h).sigmoid()
             out["class_logits"] = self.class_head(h)
             if cfg.has_masks:
@@ -355,28 +372,34 @@ class Student(nn.Module):
         self,
         token: Tensor,
         position: Tensor,
-        memory: Tensor,
+        memory: Tensor | None,
         kv_cache: Tensor,
         cross_kv: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """token [B,1] int64, position [B,1] or [1] int64 (0 = the <bos> slot), memory [B,M,D],
         kv_cache [L,2,B,H,T,hd], optional cross_kv from :meth:`cross_kv` (same result, faster)
-        -> (next-token logits [B,V], updated kv_cache)."""
+        -> (next-token logits [B,V], updated kv_cache). ``memory`` may be None when ``cross_kv`` is given."""
         self._need_text("decode_step")
+        if memory is None and cross_kv is None:
+            raise ValueError("decode_step needs the memory or its cross_kv")
         t_max = self.config.max_answer_len
         pos = position.reshape(-1, 1)  # [b,1], b ∈ {1, B}
         x = self.tok_emb(token) + self.a_pos(pos)
         ar = torch.arange(t_max, device=token.device).view(1, t_max)
         write = (ar == pos).view(-1, 1, t_max, 1)
-        valid = (ar <= pos).view(-1, 1, 1, t_max)
-        ctx = memory[:, : self.n_ctx]
+        if phone_ops.active():  # float bias: 0 where attended, NEG after this position
+            valid: Tensor = (ar > pos).to(self.tok_emb.weight.dtype).view(-1, 1, 1, t_max) * phone_ops.NEG
+        else:
+            valid = (ar <= pos).view(-1, 1, 1, t_max)
+        ctx = None if memory is None else memory[:, : self.n_ctx]
         new = []
         for i, layer in enumerate(self.dec):
             assert isinstance(layer, DecoderLayer)
-            cross = None if cross_kv is None else cross_kv[i]
-            x, k, v = layer.step(x, ctx, kv_cache[i, 0], kv_cache[i, 1], write, valid, cross)
+            cross = None if cross_kv is None else phone_ops.pick(cross_kv, i)
+            k_i, v_i = phone_ops.pick(kv_cache, i, 0), phone_ops.pick(kv_cache, i, 1)
+            x, k, v = layer.step(x, ctx, k_i, v_i, write, valid, cross)
             new.append(torch.stack([k, v]))
-        logits = self.dec_norm(x[:, 0]) @ self.tok_emb.weight.T  # tied output embedding
+        logits = F.linear(phone_ops.layer_norm(self.dec_norm, x[:, 0]), self.tok_emb.weight)  # tied embedding
         return logits, torch.stack(new)
 
     def decode_full(self, answer_in: Tensor, memory: Tensor) -> Tensor:

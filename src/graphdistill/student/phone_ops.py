@@ -1,0 +1,166 @@
+"""Phone-friendly formulations of the student's layers, used while a program is traced for export.
+
+In eager PyTorch the student uses the fused ops (``F.layer_norm``, ``scaled_dot_product_attention``,
+``nn.TransformerEncoderLayer``). Traced for ExecuTorch, those become operators XNNPACK does not take: every
+layer norm, every boolean attention mask (``where``/``logical_not``/``any``) and every cache write by ``where``
+then runs in ExecuTorch's portable kernels and splits the XNNPACK graph into many small delegate calls. On a
+2-core CPU that per-call overhead, not arithmetic, was most of a decode step (measured: 164 top-level ops,
+19 delegate calls, ~0.7 ms per token for a 2-layer d=128 decoder).
+
+Inside :func:`phone_friendly` the same parameters compute the same function with operators XNNPACK does take:
+
+- layer norm as ``mean``/``sub``/``mul``/``rsqrt`` over a ``[1, N, D, 1]`` view (XNNPACK's ``mean.dim`` takes
+  only the two innermost dims of a 4-D tensor) — only when ``decompose_norms`` (ONNX has a fused
+  LayerNormalization and keeps it);
+- attention as ``matmul``/``softmax``/``matmul`` with an additive float bias instead of a boolean mask;
+- the KV-cache write as ``cache * (1 - w) + new * w`` with a one-hot float ``w`` (exact: ``w`` is 0 or 1).
+
+The export's parity gate compares the traced program with the eager model, so the two stay equal.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NEG = -1e9  # additive bias of a masked attention position (exp underflows to exactly 0)
+
+
+@dataclass
+class _Mode:
+    on: bool = False
+    decompose_norms: bool = False
+
+
+_state = threading.local()
+
+
+def _mode() -> _Mode:
+    mode = getattr(_state, "mode", None)
+    if mode is None:
+        mode = _state.mode = _Mode()
+    return mode
+
+
+@contextmanager
+def phone_friendly(decompose_norms: bool = True) -> Iterator[None]:
+    """Trace the student with the formulations above (for this thread, until the block ends)."""
+    mode = _mode()
+    saved = (mode.on, mode.decompose_norms)
+    mode.on, mode.decompose_norms = True, decompose_norms
+    try:
+        yield
+    finally:
+        mode.on, mode.decompose_norms = saved
+
+
+def active() -> bool:
+    return _mode().on
+
+
+def layer_norm(ln: nn.LayerNorm, x: Tensor) -> Tensor:
+    """``ln(x)``; decomposed into XNNPACK-supported ops inside ``phone_friendly(decompose_norms=True)``."""
+    mode = _mode()
+    if not (mode.on and mode.decompose_norms):
+        return ln(x)
+    d = x.shape[-1]
+    x4 = x.reshape(1, -1, d, 1)
+    mu = x4.mean(dim=(2, 3), keepdim=True)
+    xc = x4 - mu
+    var = (xc * xc).mean(dim=(2, 3), keepdim=True)
+    y = (xc * torch.rsqrt(var + ln.eps)).reshape(x.shape)
+    return y * ln.weight + ln.bias
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Softmax attention, [B,H,Tq,hd] x [B,H,Tk,hd]. ``mask``: bool (True = attend) or a float bias added to
+    the scores (0 or :data:`NEG`); phone-friendly code passes the float form. The explicit form uses 3-D
+    ``bmm`` (a 4-D ``matmul`` traces to ``expand_copy`` copies outside XNNPACK)."""
+    if not active():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    b, h, tq, hd = q.shape
+    tk = k.shape[2]
+    scores = torch.bmm(q.reshape(b * h, tq, hd), k.reshape(b * h, tk, hd).transpose(1, 2))
+    scores = scores.view(b, h, tq, tk) * (1.0 / math.sqrt(hd))
+    if mask is not None:
+        scores = scores + (mask if mask.is_floating_point() else (~mask).to(q.dtype) * NEG)
+    probs = torch.softmax(scores, dim=-1).view(b * h, tq, tk)
+    return torch.bmm(probs, v.reshape(b * h, tk, hd)).view(b, h, tq, hd)
+
+
+def chunks(x: Tensor, n: int) -> list[Tensor]:
+    """``x.chunk(n, -1)``; as slices when phone-friendly (``split_with_sizes`` is not an XNNPACK op)."""
+    if not active():
+        return list(x.chunk(n, dim=-1))
+    size = x.shape[-1] // n
+    return [x[..., i * size : (i + 1) * size] for i in range(n)]
+
+
+def pick(x: Tensor, *index: int) -> Tensor:
+    """``x[i, j, ...]`` (leading integer indices); as slice + reshape when phone-friendly (``select_copy``
+    is not an XNNPACK op)."""
+    if not active():
+        return x[index]
+    for dim, i in enumerate(index):
+        x = x.narrow(dim, i, 1)
+    return x.reshape(x.shape[len(index) :])
+
+
+def write_cache(cache: Tensor, new: Tensor, write: Tensor) -> Tensor:
+    """Put ``new`` [B,H,1,hd] at the positions where ``write`` [b,1,T,1] (bool) is true."""
+    if not active():
+        return torch.where(write, new, cache)
+    w = write.to(cache.dtype)
+    return cache * (1.0 - w) + new * w
+
+
+def _split(x: Tensor, heads: int) -> Tensor:  # [B,T,D] -> [B,H,T,hd]
+    b, t, d = x.shape
+    return x.view(b, t, heads, d // heads).transpose(1, 2)
+
+
+def _merge(x: Tensor) -> Tensor:  # [B,H,T,hd] -> [B,T,D]
+    b, h, t, hd = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * hd)
+
+
+def _mha(mha: nn.MultiheadAttention, x: Tensor, mem: Tensor, bias: Tensor | None) -> Tensor:
+    """``nn.MultiheadAttention`` (batch_first, packed in-projection) with explicit attention. The packed
+    projection is applied whole and its output sliced: a linear on a *slice* of a weight is not a constant
+    weight, and XNNPACK would leave it to a portable ``addmm``."""
+    w, b = mha.in_proj_weight, mha.in_proj_bias
+    assert w is not None and b is not None
+    if x is mem:
+        q, k, v = chunks(F.linear(x, w, b), 3)
+    else:
+        q = chunks(F.linear(x, w, b), 3)[0]
+        _, k, v = chunks(F.linear(mem, w, b), 3)
+    h = mha.num_heads
+    out = attention(_split(q, h), _split(k, h), _split(v, h), bias)
+    return mha.out_proj(_merge(out))
+
+
+def _ffn(layer: nn.TransformerEncoderLayer | nn.TransformerDecoderLayer, x: Tensor) -> Tensor:
+    return layer.linear2(F.gelu(layer.linear1(x)))
+
+
+def encoder_layer(layer: nn.TransformerEncoderLayer, x: Tensor, bias: Tensor | None) -> Tensor:
+    """A ``norm_first``, GELU, eval-mode ``nn.TransformerEncoderLayer``; ``bias`` [B,1,1,T] on the keys."""
+    h = layer_norm(layer.norm1, x)
+    x = x + _mha(layer.self_attn, h, h, bias)
+    return x + _ffn(layer, layer_norm(layer.norm2, x))
+
+
+def decoder_layer(layer: nn.TransformerDecoderLayer, x: Tensor, mem: Tensor) -> Tensor:
+    """A ``norm_first``, GELU, eval-mode ``nn.TransformerDecoderLayer`` without masks."""
+    h = layer_norm(layer.norm1, x)
+    x = x + _mha(layer.self_attn, h, h, None)
+    x = x + _mha(layer.multihead_attn, layer_norm(layer.norm2, x), mem, None)
+    return x + _ffn(layer, layer_norm(layer.norm3, x))

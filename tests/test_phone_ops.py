@@ -1,0 +1,135 @@
+"""The phone-friendly formulations compute what the eager student computes, and lower to XNNPACK whole."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("timm")
+
+from graphdistill.student import phone_ops  # noqa: E402
+from graphdistill.student.model import Student, StudentConfig  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*Enum subclass.*:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:.*Enum subclass.*:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:open_text is deprecated:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:read_text is deprecated:DeprecationWarning"),
+]
+
+CFG = dict(
+    image_size=64, d_model=32, n_heads=2, enc_layers=2, dec_layers=2, det_layers=1, max_question_len=8,
+    max_answer_len=10, mask_size=16, num_queries=4, vocab_size=64, num_classes=5, num_sources=6,
+)  # fmt: skip
+
+
+def _student() -> Student:
+    torch.manual_seed(0)
+    m = Student(StudentConfig(**CFG)).eval()
+    with torch.no_grad():  # non-trivial norms: a wrong decomposition must show
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.2, 0.2)
+    return m
+
+
+def _inputs() -> tuple[Any, Any, Any]:
+    torch.manual_seed(1)
+    ids = torch.randint(4, 64, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, 5:] = 0  # padding in one row: the key bias must hide it exactly as the bool mask does
+    ids[0, 5:] = 0
+    return torch.randn(2, 3, 64, 64), ids, mask
+
+
+def test_phone_friendly_encode_heads_and_steps_equal_eager() -> None:
+    m = _student()
+    img, ids, mask = _inputs()
+    with torch.no_grad():
+        mem = m.encode(img, ids, mask != 0)
+        heads = m.heads(mem)
+        with phone_ops.phone_friendly(decompose_norms=True):
+            assert phone_ops.active()
+            mem_p = m.encode(img, ids, mask)
+            heads_p = m.heads(mem_p)
+        assert not phone_ops.active()
+        torch.testing.assert_close(mem_p, mem, atol=2e-5, rtol=1e-4)
+        for k in heads:
+            torch.testing.assert_close(heads_p[k], heads[k], atol=2e-5, rtol=1e-4)
+        cache, cross = m.empty_cache(2), m.cross_kv(mem)
+        cache_p = cache.clone()
+        tok = torch.ones(2, 1, dtype=torch.long)
+        for pos in range(4):  # several steps: the cache writes must land where the eager ones do
+            p = torch.tensor([pos])
+            logits, cache = m.decode_step(tok, p, mem, cache)
+            with phone_ops.phone_friendly():
+                logits_p, cache_p = m.decode_step(tok, p, None, cache_p, cross)
+            torch.testing.assert_close(logits_p, logits, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(cache_p, cache, atol=2e-5, rtol=1e-4)
+            tok = logits.argmax(-1, keepdim=True)
+
+
+def test_layer_norm_decomposition_only_when_asked() -> None:
+    ln = torch.nn.LayerNorm(8)
+    x = torch.randn(3, 5, 8)
+    with phone_ops.phone_friendly(decompose_norms=False):
+        traced = torch.export.export(_Norm(ln), (x,)).graph
+    assert any("layer_norm" in str(n.target) for n in traced.nodes)
+    with phone_ops.phone_friendly(decompose_norms=True):
+        traced = torch.export.export(_Norm(ln), (x,)).graph
+        torch.testing.assert_close(phone_ops.layer_norm(ln, x), ln(x), atol=1e-5, rtol=1e-5)
+    assert not any("layer_norm" in str(n.target) for n in traced.nodes)
+
+
+class _Norm(torch.nn.Module):
+    def __init__(self, ln: Any) -> None:
+        super().__init__()
+        self.ln = ln
+
+    def forward(self, x: Any) -> Any:
+        return phone_ops.layer_norm(self.ln, x)
+
+
+@pytest.mark.slow
+def test_decode_step_lowers_to_xnnpack_in_few_delegate_calls() -> None:
+    """The reason phone_ops exists: traced with it, a decode step is (nearly) one XNNPACK graph; without it
+    layer norms, bool masks and cache writes split it into many delegate calls around portable kernels."""
+    pytest.importorskip("executorch")
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    m = _student()
+    with torch.no_grad():
+        ids = torch.ones(1, 8, dtype=torch.long)
+        cross = m.cross_kv(m.encode(torch.randn(1, 3, 64, 64), ids, ids != 0))
+
+    class Step(torch.nn.Module):
+        def forward(self, tok: Any, pos: Any, cross: Any, cache: Any) -> Any:
+            return m.decode_step(tok, pos, None, cache, cross)
+
+    example = (torch.ones(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), cross, m.empty_cache(1))
+
+    def top_level_ops(friendly: bool) -> Counter[str]:
+        with torch.no_grad():
+            if friendly:
+                with phone_ops.phone_friendly():
+                    ep = torch.export.export(Step(), example)
+            else:
+                ep = torch.export.export(Step(), example)
+        edge = to_edge_transform_and_lower({"f": ep}, partitioner=[XnnpackPartitioner()])
+        graph = edge.exported_program("f").graph
+        return Counter(
+            getattr(n.target, "__name__", str(n.target))
+            for n in graph.nodes
+            if n.op == "call_function" and "getitem" not in str(n.target)
+        )
+
+    fused, friendly = top_level_ops(False), top_level_ops(True)
+    assert friendly["executorch_call_delegate"] <= 3, friendly
+    assert fused["executorch_call_delegate"] > 2 * friendly["executorch_call_delegate"], (fused, friendly)
+    left = {k for k in friendly if any(s in k for s in ("layer_norm", "where", "logical_not", "split_with"))}
+    assert not left, friendly
