@@ -26,7 +26,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "student": [],
     "export": [],
     "e2e": [],  # runs (or resumes) the full demo first
-    "scaling": ["--sizes", "16,32,64", "--minutes", "2"],
+    "scaling": ["--sizes", "10,20,40", "--minutes", "2"],  # the full demo records 40 training inputs
 }
 # where each headline figure of the table comes from: benchmark -> keys of its "headline" (or top level)
 SOURCES = {"record": ["recording_overhead_pct"], "teacher": ["batched_speedup"]}
@@ -43,6 +43,7 @@ GOALS = [
     ("recording_overhead_pct", "recording overhead (%)", "< 3 %", lambda v: v < 3.0),
     ("batched_speedup", "teacher throughput, batched vs one-by-one", "(no goal)", None),
     ("size_ratio", "teacher bytes / student bytes", "(no goal)", None),
+    ("demo_minutes", "full `make demo`, sum of its stage times (min)", "≤ 30", lambda v: v <= 30.0),
 ]
 
 
@@ -89,6 +90,9 @@ def table(results: dict[str, dict]) -> str:
             if v is not None:
                 head[k] = v
     e2e = results.get("e2e", {})
+    stage_s = [v for v in (e2e.get("demo_stage_seconds") or {}).values() if v is not None]
+    if stage_s and e2e.get("demo_inputs") == "default":
+        head["demo_minutes"] = sum(stage_s) / 60
     refused = {
         f"speedup_{name.split('-')[0]}": "refused by its int8 fidelity gate"
         for name in e2e.get("refused_bundles", {})
@@ -122,7 +126,59 @@ def table(results: dict[str, dict]) -> str:
         for k, v in ms.items():
             sp = f"{teacher / v:,.0f}×" if teacher and v and not k.startswith("teacher") else "—"
             lines.append(f"| {k} | {v:,.1f} | {sp} |")
+        lines.append("")
+        lines.append(
+            "Exported bundles: `BundleRunner.predict` on the held-out photos (decode, letterbox, model, the whole "
+            "answer, masks pasted and RLE-encoded), the faster of 1 and 2 runtime threads; teacher and PyTorch "
+            "student with torch's default threads."
+        )
+    points = results.get("scaling", {}).get("points") or []
+    if points:
+        lines += [
+            "",
+            f"Scaling study (`benchmarks/scaling.py`, {results['scaling'].get('train_minutes_per_point')} training "
+            "minutes per point, held-out real photos):",
+            "",
+            "| training inputs | filtered | train rows | answer F1 | box mAP@0.5 | mask mIoU |",
+            "|---|---|---|---|---|---|",
+        ]
+        for p in sorted(points, key=lambda p: (p["n_inputs"], not p["filtered"])):
+            cells = [_num(p.get(k)) for k in ("answer_f1", "box_map50", "mask_miou")]
+            lines.append(
+                f"| {p['n_inputs']} | {'on' if p['filtered'] else 'off'} | {p.get('train_rows', '?')} | "
+                + " | ".join(cells)
+                + " |"
+            )
     return "\n".join(lines) + "\n"
+
+
+def _num(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+def scaling_outputs(results: dict[str, dict]) -> None:
+    """The scaling plot as a PNG beside the JSON, and the demo's report rebuilt with its scaling section."""
+    data = results.get("scaling", {})
+    if not data.get("points"):
+        return
+    import base64
+
+    from graphdistill.eval.report import plot_scaling, validate_scaling
+
+    uri = plot_scaling(validate_scaling(data))
+    (RESULTS / "scaling.png").write_bytes(base64.b64decode(uri.split(",", 1)[1]))
+    run = ROOT / "demo-out" / "run"
+    if (run / "eval.json").exists():
+        cmd = [
+            sys.executable,
+            "-m",
+            "graphdistill.cli",
+            "report",
+            str(run),
+            "--out",
+            str(run.parent / "report.html"),
+        ]
+        subprocess.run([*cmd, "--scaling", str(RESULTS / "scaling.json")], cwd=ROOT, check=False)
 
 
 def write_readme(md: str) -> None:
@@ -152,6 +208,8 @@ def main() -> int:
         results.setdefault(p.stem, json.loads(p.read_text()))
     md = table(results)
     (RESULTS / "summary.md").write_text(md)
+    if not args.quick:
+        scaling_outputs(results)
     print(md)
     if not args.no_readme and not args.quick:
         write_readme(md)

@@ -402,6 +402,9 @@ def test_eval_times_an_exported_bundle(
     assert rc == 0
     exported = json.loads(capsys.readouterr().out)["exported"][str(bundle)]
     assert exported["ms"] > 0 and exported["bytes"] > 0
+    # timed with 1 and 2 runtime threads (the default); the headline ms is the faster
+    assert set(exported["ms_by_threads"]) == {"1", "2"}
+    assert exported["ms"] == min(exported["ms_by_threads"].values())
     # the bundle passed export's parity gate, so its answers are the PyTorch student's
     assert exported["parity_vs_student"]["answer_exact"] == 1.0
 
@@ -414,5 +417,8 @@ def test_eval_command_names_a_bad_input(tmp_path: Path, capsys: pytest.CaptureFi
     run = _run_folder(tmp_path / "run", tmp_path / "missing_ds")
     assert main(["eval", str(run), "--dataset", str(tmp_path / "missing_ds")]) == 2
     assert "missing_ds" in capsys.readouterr().err
+    (tmp_path / "ds").mkdir()
+    assert main(["eval", str(run), "--dataset", str(tmp_path / "ds"), "--bundle-threads", "0,two"]) == 2
+    assert "--bundle-threads '0,two'" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 2
     assert "model.safetensors" in capsys.readouterr().err

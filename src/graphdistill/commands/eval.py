@@ -42,6 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="also time an exported bundle (repeatable; `graphdistill export` writes them)",
     )
     p.add_argument(
+        "--bundle-threads",
+        default="1,2",
+        metavar="N[,N...]",
+        help="runtime threads each bundle is timed with; its ms is the fastest (default 1,2)",
+    )
+    p.add_argument(
         "--graph", default=None, help="teacher graph spec (module:attr or file.py:attr); default visual_rag"
     )
     p.add_argument("--val", action="store_true", help="also score the val split (fidelity_val in eval.json)")
@@ -70,6 +76,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         raise CommandError(f"dataset folder {args.dataset} does not exist")
     if min(args.teacher_n, args.repeats, args.teacher_repeats) < 1:
         raise CommandError("--teacher-n, --repeats and --teacher-repeats must be at least 1")
+    bundle_threads = _threads(args.bundle_threads)
     con = console(stderr=True)
     tasks: dict[str, Any] = {}
     with Progress(
@@ -99,6 +106,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                 student_repeats=args.repeats,
                 teacher_repeats=args.teacher_repeats,
                 bundles=args.bundle,
+                bundle_threads=bundle_threads,
                 val=args.val,
                 semantic_threshold=args.semantic_threshold,
                 semantic=args.semantic,
@@ -152,3 +160,15 @@ def _eval(args: argparse.Namespace) -> int:
     t.add_row("size ratio", _fmt(c.get("size_ratio")))
     console().print(t)
     return 0
+
+
+def _threads(text: str) -> list[int]:
+    try:
+        threads = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        threads = []
+    if not threads or any(t < 1 for t in threads):
+        raise CommandError(
+            f"--bundle-threads {text!r}: expected positive integers separated by commas, e.g. 1,2"
+        )
+    return threads

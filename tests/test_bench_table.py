@@ -1,0 +1,83 @@
+"""`make bench`'s table: every goal beside its measured figure, met or not, from the benchmarks' JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_all() -> Any:
+    spec = importlib.util.spec_from_file_location("run_all", ROOT / "benchmarks" / "run_all.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(md: str, label: str) -> list[str]:
+    line = next(ln for ln in md.splitlines() if ln.startswith(f"| {label} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+RESULTS: dict[str, dict[str, Any]] = {
+    "e2e": {
+        "held_out_n": 6,
+        "demo_inputs": "default",
+        "demo_stage_seconds": {"record": 900.0, "train": 360.0, "export onnx int8": None, "report": 60.0},
+        "refused_bundles": {"onnx-int8": "failed with exit code 2"},
+        "headline": {
+            "speedup_executorch": 310.0,
+            "speedup_pytorch": 60.0,
+            "int8_pte_mb": 5.4,
+            "answer_f1": 0.95,
+            "box_map50": 0.2,
+        },
+        "ms_per_query": {"teacher graph (PyTorch, CPU)": 3000.0, "student, ExecuTorch XNNPACK int8": 9.7},
+    },
+    "record": {"headline": {"recording_overhead_pct": 4.0}},
+    "teacher": {"batched_speedup": 1.5},
+    "scaling": {
+        "train_minutes_per_point": 2.0,
+        "points": [
+            {"n_inputs": 20, "filtered": False, "train_rows": 20, "answer_f1": 0.1, "box_map50": None},
+            {"n_inputs": 20, "filtered": True, "train_rows": 12, "answer_f1": 0.3, "box_map50": 0.5},
+        ],
+    },
+}
+
+
+def test_each_goal_is_judged_from_the_measured_figure() -> None:
+    md = _run_all().table(RESULTS)
+    assert _row(md, "speedup, ExecuTorch int8 student vs teacher graph") == [
+        "speedup, ExecuTorch int8 student vs teacher graph", "310×", "≥ 300×", "yes"
+    ]  # fmt: skip
+    assert _row(md, "int8 ExecuTorch bundle size (MB)")[1:] == ["5.4", "≤ 5 MB", "**no**"]
+    assert _row(md, "answer token F1 vs teacher (held-out real photos)")[3] == "yes"
+    assert _row(md, "box mAP@0.5 vs teacher (held-out real photos)")[3] == "**no**"
+    assert _row(md, "mask mIoU vs teacher (held-out real photos)")[1:] == ["not measured", "≥ 0.75", "—"]
+    # a bundle its gate refused counts as a goal not met, with the reason
+    assert _row(md, "speedup, ONNX Runtime int8 student vs teacher graph")[1:] == [
+        "refused by its int8 fidelity gate", "≥ 300×", "**no**"
+    ]  # fmt: skip
+    assert _row(md, "recording overhead (%)")[3] == "**no**"
+    assert _row(md, "teacher throughput, batched vs one-by-one")[1] == "1.50×"
+    # the demo's own stage times, summed (a stage with no time is skipped): 1320 s = 22 min
+    assert _row(md, "full `make demo`, sum of its stage times (min)")[1:] == ["22", "≤ 30", "yes"]
+    # runtimes with their speedup against the teacher
+    assert _row(md, "student, ExecuTorch XNNPACK int8")[1:] == ["9.7", "309×"]
+    assert "Held-out real photos: 6 test rows" in md
+
+
+def test_scaling_points_are_tabled_filtered_first_and_missing_values_shown_as_such() -> None:
+    md = _run_all().table(RESULTS)
+    rows = [ln for ln in md.splitlines() if ln.startswith("| 20 |")]
+    assert rows == ["| 20 | on | 12 | 0.300 | 0.500 | — |", "| 20 | off | 20 | 0.100 | — | — |"]
+
+
+def test_demo_time_is_not_judged_for_a_resized_demo() -> None:
+    results = {**RESULTS, "e2e": {**RESULTS["e2e"], "demo_inputs": 8}}
+    md = _run_all().table(results)
+    assert _row(md, "full `make demo`, sum of its stage times (min)")[1] == "not measured"
