@@ -316,15 +316,20 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _headline(run: Path, bundles: dict[str, Path], report: Path) -> dict[str, Any]:
     ev = json.loads((run / "eval.json").read_text())
-    sizes = {}
+    sizes, timed = {}, {}
+    exported = {Path(k).name: v for k, v in (ev.get("exported") or {}).items()}
     for name, b in bundles.items():
         files = [p for p in b.iterdir() if p.suffix in (".pte", ".onnx")]
         sizes[name] = sum(p.stat().st_size for p in files)
+        if b.name in exported:
+            e = exported[b.name]
+            timed[name] = {"ms": e.get("ms"), "speedup_vs_teacher": e.get("speedup_vs_teacher")}
     return {
         "fidelity": ev.get("fidelity", {}),
         "cost": ev.get("cost", {}),
         "n": ev.get("n"),
         "bundle_bytes": sizes,
+        "bundle_timing": timed,
         "report": str(report),
     }
 
@@ -347,7 +352,13 @@ def _print_headline(con: Any, h: dict[str, Any]) -> None:
         if isinstance(v, (int, float)) and not k.endswith("_threshold"):
             con.print(f"{k:<22}{v:.3f}")
     for name, size in h["bundle_bytes"].items():
-        con.print(f"{'bundle ' + name:<24}{size / 1e6:.2f} MB")
+        t = h.get("bundle_timing", {}).get(name) or {}
+        speed = ""
+        if t.get("ms"):
+            speed = f", {t['ms']:.1f} ms per query"
+            if t.get("speedup_vs_teacher"):
+                speed += f", {t['speedup_vs_teacher']:.0f}× faster than the teacher"
+        con.print(f"{'bundle ' + name:<24}{size / 1e6:.2f} MB{speed}")
     for name, why in h.get("bundles_refused", {}).items():
         con.print(f"{'bundle ' + name:<24}[yellow]refused by its gate[/]: {why}")
     con.print(f"{'report':<22}{h['report']}")

@@ -1,0 +1,66 @@
+"""`graphdistill demo --quick`: every stage on the real default models, the headline, and a rerun that skips
+what is up to date. Real models, a few minutes: marked slow (CI runs it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("ultralytics")
+pytest.importorskip("onnxruntime")
+
+STAGES = ["weights", "knowledge base", "inputs", "record", "filter", "train", "export onnx none",
+          "export onnx int8", "evaluate", "report"]  # fmt: skip
+
+
+def _demo(out: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "graphdistill.cli", "demo", "--quick", "--out", str(out), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+
+
+def _headline(stdout: str) -> dict:
+    """The last top-level JSON object printed (stages may print their own before it)."""
+    return json.loads(stdout[stdout.rfind("\n{") + 1 :])
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_stage_then_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    first = _demo(out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for stage in STAGES:
+        assert f"✓ {stage}" in first.stderr or f"✗ {stage}" in first.stderr, stage
+    headline = _headline(first.stdout)
+    # what `make demo` promises to print: speedup, size, fidelity on held-out photos, where the report is
+    assert (
+        headline["cost"]["speedup"] > 1
+        and headline["cost"]["teacher_bytes"] > headline["cost"]["student_bytes"]
+    )
+    assert headline["n"] >= 1 and "answer_f1" in headline["fidelity"]
+    assert Path(headline["report"]).is_file() and Path(headline["report"]).stat().st_size > 10_000
+    assert "onnx-none" in headline["bundle_bytes"]  # the float bundle always passes its parity gate
+    assert headline["bundle_timing"]["onnx-none"]["ms"] > 0
+    assert (out / "bundles" / "onnx-none" / "manifest.json").is_file()
+    assert "speedup" in first.stderr and "report" in first.stderr
+
+    stamps = {p.stem: p.stat().st_mtime_ns for p in (out / ".stamps").glob("*.json")}
+    second = _demo(out)
+    assert second.returncode == 0, second.stderr[-3000:]
+    for stage in STAGES:  # nothing recomputed: every stage is up to date (or refused earlier, same inputs)
+        assert f"✓ {stage}: up to date, skipped" in second.stderr or f"✗ {stage}: refused earlier" in (
+            second.stderr
+        ), stage
+    assert {p.stem: p.stat().st_mtime_ns for p in (out / ".stamps").glob("*.json")} == stamps
+    assert _headline(second.stdout)["fidelity"] == headline["fidelity"]
