@@ -26,7 +26,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "student": [],
     "export": [],
     "e2e": [],  # runs (or resumes) the full demo first
-    "scaling": ["--sizes", "10,20,40", "--minutes", "2"],  # the full demo records 40 training inputs
+    "scaling": ["--sizes", "12,24,48", "--minutes", "2"],  # the full demo records 48 training inputs
 }
 # where each headline figure of the table comes from: benchmark -> keys of its "headline" (or top level)
 SOURCES = {"record": ["recording_overhead_pct"], "teacher": ["batched_speedup"]}
