@@ -86,6 +86,8 @@ def test_tiny_student_overfits_a_handful_of_examples(
 
     run, metrics = overfit_run
     hist = metrics["history"]
+    # the split the per-epoch fidelity was measured on is named (train when there are no val rows)
+    assert hist[-1]["val_split"] == ("val" if open_dataset(dataset).splits.get("val") else "train")
     first, last = hist[0]["train_loss"], hist[-1]["train_loss"]
     for name, value in last.items():
         assert np.isfinite(value), name

@@ -103,8 +103,10 @@ def _train(args: argparse.Namespace) -> int:
             progress.update(state["epoch_task"], completed=record["epoch"])
         val = record["val"]
         keys = ("answer_exact", "answer_f1", "box_iou", "mask_iou", "sources_recall")
+        # "val" is measured on the train split when the dataset has no val rows: say so, not "val"
+        where = "val" if record.get("val_split", "val") == "val" else "train fit (no val rows)"
         con.print(
-            f"epoch {record['epoch']}: train loss {record['train_loss'].get('total', float('nan')):.4f} | val "
+            f"epoch {record['epoch']}: train loss {record['train_loss'].get('total', float('nan')):.4f} | {where} "
             + " ".join(f"{k}={val[k]:.3f}" for k in keys if k in val)
         )
 

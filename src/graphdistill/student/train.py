@@ -117,6 +117,7 @@ class TrainRecipe:
         self.on_epoch = on_epoch or (lambda info: None)
         self.epoch = 0  # epochs completed
         self.step = 0
+        self.val_split = "val"  # "train" when the dataset has no val rows (set in setup)
         self.history: list[dict[str, Any]] = []
         self.train_seconds: list[float] = []
 
@@ -172,7 +173,8 @@ class TrainRecipe:
         self.train_set = StudentDataset(self.ds, "train", self.tokenizer, self.model_config)
         if len(self.train_set) == 0:
             raise ValueError(f"dataset {cfg.dataset}: the train split is empty")
-        val_split = "val" if self.ds.splits.get("val", 0) else "train"
+        # with no val rows (few source photos: splits never share a photo) training fit is all there is to show
+        val_split = self.val_split = "val" if self.ds.splits.get("val", 0) else "train"
         self.val_set = StudentDataset(self.ds, val_split, self.tokenizer, self.model_config)
         self.weights = LossWeights(extra=dict(cfg.loss_weights))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -318,7 +320,13 @@ class TrainRecipe:
             means = {k: v / max(n, 1) for k, v in sums.items()}
             last = out_of_time or self.epoch >= max_epochs
             metrics = self.validate() if last or self.epoch % max(cfg.val_every, 1) == 0 else {}
-            record = {"epoch": self.epoch, "step": self.step, "train_loss": means, "val": metrics}
+            record = {
+                "epoch": self.epoch,
+                "step": self.step,
+                "train_loss": means,
+                "val": metrics,
+                "val_split": self.val_split,
+            }
             self.history.append(record)
             log.info("epoch %d: loss %.4f %s", self.epoch, means.get("total", float("nan")), metrics)
             self.save_checkpoint()
