@@ -120,17 +120,25 @@ def table(results: dict[str, dict]) -> str:
             fmt = f"{v:.3g}"
         lines.append(f"| {label} | {fmt} | {goal} | {met} |")
     ms = results.get("e2e", {}).get("ms_per_query", {})
+    models_only = results.get("e2e", {}).get("ms_models_only", {})
     if ms:
-        lines += ["", "| runtime | ms per query | speedup vs teacher |", "|---|---|---|"]
+        lines += [
+            "",
+            "| runtime | ms per query | speedup vs teacher | models only (ms) | speedup, models only |",
+            "|---|---|---|---|---|",
+        ]
         teacher = next((v for k, v in ms.items() if k.startswith("teacher")), None)
         for k, v in ms.items():
             sp = f"{teacher / v:,.0f}×" if teacher and v and not k.startswith("teacher") else "—"
-            lines.append(f"| {k} | {v:,.1f} | {sp} |")
+            mo = models_only.get(k)
+            mo_cells = f"{mo:,.1f} | {teacher / mo:,.0f}×" if mo and teacher else "— | —"
+            lines.append(f"| {k} | {v:,.1f} | {sp} | {mo_cells} |")
         lines.append("")
         lines.append(
-            "Exported bundles: `BundleRunner.predict` on the held-out photos (decode, letterbox, model, the whole "
-            "answer, masks pasted and RLE-encoded), the faster of 1 and 2 runtime threads; teacher and PyTorch "
-            "student with torch's default threads."
+            "ms per query: the whole query on the held-out photos — for bundles `BundleRunner.predict`: "
+            "letterbox the photo, the models, the whole answer, masks pasted back at the photo's resolution and "
+            "RLE-encoded — the faster of 1 and 2 runtime threads; teacher and PyTorch student with torch's "
+            "default threads. Models only: the exported programs alone (encode + every decode step)."
         )
     points = results.get("scaling", {}).get("points") or []
     if points:
