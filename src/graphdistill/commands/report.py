@@ -76,6 +76,7 @@ def _ensure_eval(run: Path, args: argparse.Namespace) -> None:
         repeats=5,
         teacher_repeats=1,
         bundle=[],
+        bundle_threads="1,2",
         semantic=True,
         semantic_threshold=0.8,
         val=False,
