@@ -4,7 +4,8 @@ filtering on and off. This is where the claim that filtering matters is checked 
 It takes the demo's trace store (run `graphdistill demo` or `benchmarks/e2e.py` first, or pass --store),
 keeps every held-out group, subsamples the training groups to each size, then for each size and for
 filtering on (default checks + `--min-agreement`) and off (no checks, no agreement threshold, no dedup):
-filter → train (same budget each) → eval on the test split. Writes JSON in the shape the report's scaling
+filter → train (same budget each) → eval on one shared test set: every held-out row, unfiltered (a
+filtered run's own test split would hold only the held-out rows its checks kept). Writes JSON in the shape the report's scaling
 section reads: {"points": [{"n_inputs", "filtered", "answer_f1", "box_map50", "mask_miou", ...}]}.
 
     python benchmarks/scaling.py --out benchmarks/results/scaling.json --sizes 16,32,64 --minutes 2
@@ -29,6 +30,9 @@ ALL_CHECKS = [
     "failed_trace", "failed_node", "empty_answer", "truncated_answer", "answer_class_not_detected",
     "answer_denies_detected", "mask_box_coverage", "source_distance",
 ]  # fmt: skip
+
+
+UNFILTERED = ["--min-agreement", "0", "--no-dedup", *[a for c in ALL_CHECKS for a in ("--disable-check", c)]]
 
 
 def _cli(*args: str) -> None:
@@ -77,14 +81,18 @@ def main() -> int:
     points: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="gd-scaling-") as tmp:
         work = Path(tmp)
+        # one test set for every point: all the held-out rows, unfiltered. Scoring each run on its own
+        # dataset's test split would score filtered runs only on the held-out rows the checks kept
+        reference = work / "reference"
+        subset_store(store, work / "store-heldout", 0, args.seed)
+        _cli("filter", str(work / "store-heldout"), "--out", str(reference), *UNFILTERED)
         for size in [int(s) for s in args.sizes.split(",")]:
             sub = work / f"store-{size}"
             n_inputs = subset_store(store, sub, size, args.seed)
             for filtered in (True, False):
                 tag = f"{size}-{'on' if filtered else 'off'}"
                 ds, run = work / f"ds-{tag}", work / f"run-{tag}"
-                flt = ["--min-agreement", str(args.min_agreement)] if filtered else [
-                    "--min-agreement", "0", "--no-dedup", *[a for c in ALL_CHECKS for a in ("--disable-check", c)]]  # fmt: skip
+                flt = ["--min-agreement", str(args.min_agreement)] if filtered else UNFILTERED
                 _cli("filter", str(sub), "--out", str(ds), *flt)
                 manifest = json.loads((ds / "manifest.json").read_text())
                 if not manifest.get("splits", {}).get("train"):
@@ -101,7 +109,7 @@ def main() -> int:
                     "--seed",
                     str(args.seed),
                 )
-                _cli("eval", str(run), "--dataset", str(ds), "--split", "test", "--no-teacher-timing")
+                _cli("eval", str(run), "--dataset", str(reference), "--split", "test", "--no-teacher-timing")
                 ev = json.loads((run / "eval.json").read_text())
                 fid = ev["fidelity"]
                 points.append({
