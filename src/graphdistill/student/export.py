@@ -149,7 +149,7 @@ def _export(
     from graphdistill.student.export_onnx import export_onnx
 
     names = {"encode": (ENCODE_INPUTS, encode_outputs), "decode_step": (DECODE_INPUTS, DECODE_OUTPUTS)}
-    res = export_onnx(programs, names, tmp, quantize=quantize, calibration=calibration)
+    res = export_onnx(programs, names, tmp, quantize=quantize)
     return res["files"], res["quantization"]
 
 

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from graphdistill._lazy import require
 from graphdistill.student.phone_ops import phone_friendly
@@ -17,8 +14,6 @@ from graphdistill.student.quantize import quantize_onnx
 log = logging.getLogger(__name__)
 
 OPSET = 18
-# int8 method per program (see graphdistill.student.quantize for why dynamic); any other program: static QDQ
-DYNAMIC_INT8 = {"decode_step": "dynamic", "encode": "dynamic"}
 
 
 def export_onnx(
@@ -27,7 +22,6 @@ def export_onnx(
     out_dir: Path,
     *,
     quantize: str = "none",
-    calibration: dict[str, Sequence[tuple[Any, ...]]] | None = None,
 ) -> dict[str, Any]:
     """``programs``: name -> (eval module, example inputs); ``names``: name -> (input names, output names).
     Writes ``out_dir/<name>.onnx``; returns {"files": name -> file, "quantization": name -> method}."""
@@ -59,12 +53,8 @@ def export_onnx(
                 )
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
-        if quantize == "int8":
-            feeds = [
-                {n: np.ascontiguousarray(t.numpy()) for n, t in zip(inputs, args, strict=True)}
-                for args in (calibration or {})[name]
-            ]
-            methods[name] = quantize_onnx(target, path, feeds, DYNAMIC_INT8.get(name, "static"))
+        if quantize == "int8":  # dynamic int8: no calibration data (see graphdistill.student.quantize)
+            methods[name] = quantize_onnx(target, path)
             target.unlink()
         files[name] = path.name
     return {"files": files, "quantization": methods}
