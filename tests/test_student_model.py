@@ -136,9 +136,13 @@ def test_decode_step_matches_full_recompute_at_every_position(model: Student) ->
         memory = model.encode(img, q, qm)
         full = model.decode_full(seq, memory)
         cache = model.empty_cache(2)
+        eager_cache, cross = model.empty_cache(2), model.cross_kv(memory)
         for t in range(cfg.max_answer_len):
             logits, cache = model.decode_step(seq[:, t : t + 1], torch.tensor([t]), memory, cache)
             torch.testing.assert_close(logits, full[:, t], atol=1e-4, rtol=1e-4)
+            # generate()'s in-place, unmasked eager step is the same function
+            eager = model._decode_eager(seq[:, t : t + 1], t, eager_cache, cross)
+            torch.testing.assert_close(eager, logits, atol=1e-5, rtol=1e-5)
             fast, _ = model.decode_step(
                 seq[:, t : t + 1], torch.tensor([t]), memory, cache, model.cross_kv(memory)
             )

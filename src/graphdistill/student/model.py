@@ -173,6 +173,21 @@ class DecoderLayer(nn.Module):
         x = x + self._cross(x, mem, cross)
         return x + self.ffn(phone_ops.layer_norm(self.ln3, x)), k_cache, v_cache
 
+    def step_eager(self, x: Tensor, i: int, k_cache: Tensor, v_cache: Tensor, cross: Tensor) -> Tensor:
+        """:meth:`step` for eager inference, same numbers in about a third of the ops: the cache is written
+        in place at the Python position ``i`` and attention reads only positions ``0..i`` (no mask), so
+        nothing here is static-shape or exportable. Caches [B,H,T,hd]; ``cross`` [2,B,H,M,hd]."""
+        b = x.shape[0]
+        qkv = self.qkv(self.ln1(x)).view(b, 1, 3, self.n_heads, self.hd).permute(2, 0, 3, 1, 4)
+        k_cache[:, :, i : i + 1].copy_(qkv[1])
+        v_cache[:, :, i : i + 1].copy_(qkv[2])
+        att = F.scaled_dot_product_attention(qkv[0], k_cache[:, :, : i + 1], v_cache[:, :, : i + 1])
+        x = x + self.proj(att.transpose(1, 2).reshape(b, 1, -1))
+        q = self.q_x(self.ln2(x)).view(b, 1, self.n_heads, self.hd).transpose(1, 2)
+        att = F.scaled_dot_product_attention(q, cross[0], cross[1])
+        x = x + self.proj_x(att.transpose(1, 2).reshape(b, 1, -1))
+        return x + self.ffn(self.ln3(x))
+
 
 # --------------------------------------------------------------------------------------------------------
 # The student
@@ -402,6 +417,14 @@ class Student(nn.Module):
         logits = F.linear(phone_ops.layer_norm(self.dec_norm, x[:, 0]), self.tok_emb.weight)  # tied embedding
         return logits, torch.stack(new)
 
+    def _decode_eager(self, token: Tensor, i: int, kv_cache: Tensor, cross_kv: Tensor) -> Tensor:
+        """:meth:`decode_step` for eager generation: writes ``kv_cache`` in place, returns the logits."""
+        x = self.tok_emb(token) + self.a_pos.weight[i]
+        for layer, kv, cross in zip(self.dec, kv_cache, cross_kv, strict=True):
+            assert isinstance(layer, DecoderLayer)
+            x = layer.step_eager(x, i, kv[0], kv[1], cross)
+        return F.linear(self.dec_norm(x[:, 0]), self.tok_emb.weight)
+
     def decode_full(self, answer_in: Tensor, memory: Tensor) -> Tensor:
         """Teacher forcing: answer_in [B,La] -> logits [B,La,V] (no cache)."""
         self._need_text("decode_full")
@@ -449,7 +472,8 @@ class Student(nn.Module):
         out = []
         for i in range(n):
             if use_cache:
-                logits, cache = self.decode_step(tok, torch.tensor([i], device=dev), memory, cache, cross)
+                assert cross is not None
+                logits = self._decode_eager(tok, i, cache, cross)
             else:
                 logits = self.decode_full(seq, memory)[:, -1]
             nxt = logits.argmax(-1)
