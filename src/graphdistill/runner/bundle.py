@@ -14,7 +14,8 @@ A bundle is a folder: the model file(s), ``tokenizer.json`` and ``manifest.json`
    stop at ``<eos>`` or when the fixed-size cache is full;
 6. objects: per query, softmax over the classes + "no object"; its score is the best *real* class's
    probability; keep queries scoring >= ``score_threshold``, best first; box back to image pixels; mask
-   (when there is a ``mask_logits`` output) pasted back (:func:`.preprocess.paste_mask`) and RLE-encoded;
+   (when there is a ``mask_logits`` output) pasted back inside that box, off outside it
+   (:func:`.preprocess.object_mask_rle`), as COCO RLE;
 7. sources: the documents whose ``sigmoid(source_logit) >= source_threshold``, most likely first;
 8. the result has exactly the teacher graph's output fields (manifest ``outputs``: field -> kind, in the
    schema's order): text -> the answer, objects -> step 6, detections -> step 6 as parallel lists,
@@ -40,9 +41,8 @@ from graphdistill.runner.preprocess import (
     boxes_to_image,
     canvas_size,
     load_rgb,
-    paste_mask,
+    object_mask_rle,
     preprocess,
-    rle_encode,
 )
 
 BUNDLE_FORMAT = "graphdistill-bundle/1"
@@ -298,7 +298,7 @@ def decode_objects(
                 "class_id": cid,
                 "score": float(scores[q]),
                 "box": [float(v) for v in b],
-                "mask": rle_encode(paste_mask(out["mask_logits"][q], box)) if "mask_logits" in out else None,
+                "mask": object_mask_rle(out["mask_logits"][q], box, b) if "mask_logits" in out else None,
             }
         )
     return objects

@@ -277,7 +277,8 @@ def _manifest(
         "kv_cache": kv_cache if "decode_step" in programs else None,
         "preprocessing": {
             "rule": "RGB uint8 HxWx3; scale s = size / max(H, W); resize to round(W*s) x round(H*s) (each "
-            "clamped to 1..size) with the interpolation filter (Pillow); paste at the top-left of a size x size "
+            "clamped to 1..size) with the interpolation filter and reducing_gap when given (Pillow's "
+            "Image.resize); paste at the top-left of a size x size "
             "canvas filled with pad_value; x = (pixel / 255 - mean) / std per channel; float32 NCHW, N = 1",
             **loaded.preprocessing,
         },
@@ -290,8 +291,10 @@ def _manifest(
             "score_threshold": loaded.thresholds["score_threshold"],
             "mask_size": cfg.mask_size,
             "mask_paste": "sigmoid(mask_logits); keep the top-left round(H*m) x round(W*m) cells, "
-            "m = mask_size / max(H, W) (each clamped to 1..mask_size); resize that float32 map to W x H "
-            "(Pillow bilinear); on where > 0.5",
+            "m = mask_size / max(H, W) (each clamped to 1..mask_size); only inside the object's box, "
+            "pixels floor(x1) <= x < ceil(x2), floor(y1) <= y < ceil(y2): resize that float32 map "
+            "(Pillow bilinear, box = the same region in cells: x * round(W*m) / W, y * round(H*m) / H); "
+            "on where > 0.5; off outside the box",
             "mask_encoding": "COCO uncompressed RLE, column-major, first run counts zeros",
             "source_threshold": loaded.thresholds["source_threshold"],
             "sources": "documents with sigmoid(source_logit) >= source_threshold, most likely first",

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics: the conventional input scale for timm backbones
 STD = (0.229, 0.224, 0.225)
 PAD_VALUE = (114, 114, 114)  # YOLO's letterbox grey
+# Pillow's resize(reducing_gap=1.0): box-average by the largest integer factor that keeps the image at
+# least the target size (Image.reduce), then bilinear. A 1280x720 photo letterboxes in ~1 ms instead of
+# ~4 ms (a phone query budget is 10 ms); runs whose spec has no reducing_gap keep the plain bilinear.
+REDUCING_GAP = 1.0
 
 
 def preprocess_spec(image_size: int) -> dict[str, Any]:
@@ -37,6 +41,7 @@ def preprocess_spec(image_size: int) -> dict[str, Any]:
         "size": [image_size, image_size],
         "align": "top-left",
         "interpolation": "bilinear",
+        "reducing_gap": REDUCING_GAP,
         "pad_value": list(PAD_VALUE),
         "channel_order": "RGB",
         "layout": "NCHW",
@@ -82,8 +87,11 @@ def letterbox_scale(height: int, width: int, size: int) -> float:
     return size / max(height, width)
 
 
-def preprocess_image(image: np.ndarray, size: int) -> tuple[Tensor, float]:
-    """HxWx3 uint8 RGB -> (float tensor [3,size,size] normalised, scale factor)."""
+def preprocess_image(
+    image: np.ndarray, size: int, reducing_gap: float | None = REDUCING_GAP
+) -> tuple[Tensor, float]:
+    """HxWx3 uint8 RGB -> (float tensor [3,size,size] normalised, scale factor). ``reducing_gap``: see
+    :data:`REDUCING_GAP` (``None``: the plain bilinear resize of runs trained before it existed)."""
     from PIL import Image
 
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -93,7 +101,8 @@ def preprocess_image(image: np.ndarray, size: int) -> tuple[Tensor, float]:
     nw, nh = max(1, min(size, round(w * s))), max(1, min(size, round(h * s)))
     canvas = np.empty((size, size, 3), dtype=np.uint8)
     canvas[:] = PAD_VALUE
-    canvas[:nh, :nw] = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))
+    small = Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=reducing_gap)
+    canvas[:nh, :nw] = np.asarray(small)
     x = torch.from_numpy(canvas).permute(2, 0, 1).float().div_(255)
     x = (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
     return x, s

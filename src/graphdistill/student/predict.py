@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphdistill.student.loader import letterbox_scale, preprocess_image
+from graphdistill.runner.preprocess import Letterbox, object_mask_rle
+from graphdistill.student.loader import REDUCING_GAP, preprocess_image
 from graphdistill.student.model import Student, StudentConfig
 from graphdistill.student.tokenizer import StudentTokenizer
 from graphdistill.trace import RLE, Detections, ObjectOut
@@ -46,6 +47,8 @@ class StudentPredictor:
         self.class_names: list[str] = list(meta.get("class_names", []))
         self.doc_ids: list[str] = [d["id"] for d in meta.get("documents", [])]
         self.device = torch.device(device)
+        spec = meta.get("preprocessing")  # the rule the run was trained with (older runs: no reducing_gap)
+        self.reducing_gap: float | None = spec.get("reducing_gap") if spec else REDUCING_GAP
 
     @torch.no_grad()
     def predict(
@@ -60,7 +63,7 @@ class StudentPredictor:
         """One photo (HxWx3 uint8 RGB) + question -> ``{output field: value}`` for the graph's outputs."""
         cfg = self.config
         h, w = image.shape[:2]
-        x, scale = preprocess_image(image, cfg.image_size)
+        x, scale = preprocess_image(image, cfg.image_size, self.reducing_gap)
         q_ids, q_mask = self.tokenizer.encode_question(question, cfg.max_question_len)
         img = x[None].to(self.device)
         qi = torch.tensor([q_ids], dtype=torch.long, device=self.device)
@@ -100,8 +103,6 @@ class StudentPredictor:
     def _objects(
         self, heads: dict[str, torch.Tensor], h: int, w: int, scale: float, thr: float
     ) -> list[dict[str, Any]]:
-        from PIL import Image
-
         if "boxes" not in heads:
             return []
         cfg = self.config
@@ -109,9 +110,6 @@ class StudentPredictor:
         scores, cls = probs.max(-1)
         side = cfg.image_size / scale
         boxes = heads["boxes"][0].cpu() * side
-        ms = cfg.mask_size
-        sm = letterbox_scale(h, w, ms)
-        mh, mw = max(1, min(ms, round(h * sm))), max(1, min(ms, round(w * sm)))
         out: list[dict[str, Any]] = []
         for q in torch.argsort(scores, descending=True).tolist():
             s = float(scores[q])
@@ -121,10 +119,9 @@ class StudentPredictor:
             x1, y1 = min(max(cx - bw / 2, 0.0), w), min(max(cy - bh / 2, 0.0), h)
             x2, y2 = min(max(cx + bw / 2, x1), w), min(max(cy + bh / 2, y1), h)
             mask = None
-            if "mask_logits" in heads:
-                m = heads["mask_logits"][0, q].sigmoid().cpu().numpy()[:mh, :mw].astype(np.float32)
-                full = np.asarray(Image.fromarray(m).resize((w, h), Image.Resampling.BILINEAR)) > 0.5
-                mask = RLE.encode(full)
+            if "mask_logits" in heads:  # the bundle runner's rule: pasted inside the box, off outside it
+                logits = heads["mask_logits"][0, q].float().cpu().numpy()
+                mask = RLE(**object_mask_rle(logits, Letterbox(scale, 0, 0, h, w), [x1, y1, x2, y2]))
             c = int(cls[q])
             label = self.class_names[c] if c < len(self.class_names) else str(c)
             out.append(
