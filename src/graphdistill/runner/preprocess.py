@@ -144,50 +144,62 @@ def mask_region(xyxy: np.ndarray | list[float], height: int, width: int) -> tupl
     return x0, y0, max(x0, x1), max(y0, y1)
 
 
-def paste_mask_in_box(logits: np.ndarray, box: Letterbox, xyxy: np.ndarray | list[float]) -> np.ndarray:
-    """The part of :func:`paste_mask` inside the object's box (:func:`mask_region`), computed only there:
-    the same bilinear map sampled at the same pixel centres (Pillow's ``resize(box=...)``), so a phone
-    pastes an object in time ∝ its box, not the photo. -> bool [y1 - y0, x1 - x0]."""
-    if box.pad_left or box.pad_top:
-        raise ValueError("masks can only be pasted back from a top-left letterbox")
-    x0, y0, x1, y1 = mask_region(xyxy, box.height, box.width)
-    if x1 <= x0 or y1 <= y0:
-        return np.zeros((y1 - y0, x1 - x0), dtype=bool)
-    ms = logits.shape[0]
-    mw, mh, _ = _resized(box.height, box.width, ms)
-    prob = (1.0 / (1.0 + np.exp(-logits.astype(np.float32)))).astype(np.float32)[:mh, :mw]
-    sx, sy = mw / box.width, mh / box.height  # mask cells per image pixel, as in the whole-image resize
-    region = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
-    crop = Image.fromarray(np.ascontiguousarray(prob)).resize(
-        (x1 - x0, y1 - y0), RESAMPLE["bilinear"], box=region
-    )
-    return np.asarray(crop) > 0.5
-
-
-def rle_of_region(crop: np.ndarray, x0: int, y0: int, height: int, width: int) -> dict[str, list[int]]:
-    """COCO RLE (as :func:`rle_encode`) of an H×W mask that is ``crop`` at (x0, y0) and off elsewhere,
-    without building the H×W mask: runs never cross a column, so each column's transitions are found in
-    the crop (padded with an off row above and below) and shifted to column-major image positions."""
-    size = [int(height), int(width)]
-    ch, cw = crop.shape
-    if ch == 0 or cw == 0 or not crop.any():
-        return {"size": size, "counts": [height * width]}
-    padded = np.zeros((cw, ch + 2), dtype=np.int8)  # one row per crop column
-    padded[:, 1:-1] = crop.T
-    col, row = np.nonzero(np.diff(padded, axis=1))  # transitions, in column-major order
-    pos = (x0 + col) * height + (y0 + row)  # image index where a run of on / off starts
-    # a run that ends at the bottom of a column and one that starts at the top of the next are one run
-    joined = np.flatnonzero(pos[1:] == pos[:-1])
-    pos = np.delete(pos, np.concatenate([joined, joined + 1]))
-    pos = pos[pos < height * width]  # a run that ends at the last pixel starts nothing after it
-    bounds = np.concatenate([[0], pos, [height * width]])
-    return {"size": size, "counts": [int(r) for r in np.diff(bounds)]}
-
-
 def object_mask_rle(
     logits: np.ndarray, box: Letterbox, xyxy: np.ndarray | list[float]
 ) -> dict[str, list[int]]:
-    """One object's mask at the input image's size, as COCO RLE: :func:`paste_mask_in_box` at the
-    object's box (``xyxy`` in image pixels, as :func:`boxes_to_image` gives), off outside it."""
-    x0, y0, _, _ = mask_region(xyxy, box.height, box.width)
-    return rle_of_region(paste_mask_in_box(logits, box, xyxy), x0, y0, box.height, box.width)
+    """One object's mask at the input image's size, as COCO RLE (:func:`rle_encode`'s format).
+
+    The rule: ``p = sigmoid(logits)``, the top-left ``round(H*m) × round(W*m)`` cells (``m = mask_size /
+    max(H, W)``, each clamped to 1..mask_size: the cells covering the image, as in :func:`paste_mask`);
+    pixel ``(y, x)`` reads that grid bilinearly at cell coordinates ``((y + .5)·mh/H - .5, (x + .5)·mw/W -
+    .5)`` (cell centres at integers, clamped at the edges: ``np.interp`` in each direction, the same map
+    as :func:`paste_mask`'s Pillow resize up to float rounding); it is on where that value > 0.5 and it lies
+    in the object's box (:func:`mask_region`); off everywhere else.
+
+    Computed without any H×W (or box-sized) array: the map is linear between cell centres, so each
+    column's on/off switches are solved from the ``mh - 1`` segments of its column profile; the cost is
+    ``mh × box width``, about 0.1 ms where resizing and encoding a 1280×720 mask takes several ms."""
+    if box.pad_left or box.pad_top:
+        raise ValueError("masks can only be pasted back from a top-left letterbox")
+    height, width = box.height, box.width
+    x0, y0, x1, y1 = mask_region(xyxy, height, width)
+    if x1 <= x0 or y1 <= y0:
+        return {"size": [int(height), int(width)], "counts": [height * width]}
+    mw, mh, _ = _resized(height, width, logits.shape[0])
+    grid = 1.0 / (1.0 + np.exp(-logits[:mh, :mw].astype(np.float64)))
+    # each column of the box, read across: profile[k, c] = the map at cell row k, image column x0 + c
+    u = (np.arange(x0, x1) + 0.5) * (mw / width) - 0.5
+    left = np.clip(np.floor(u), 0, max(mw - 2, 0)).astype(np.int64)
+    frac = np.clip(u - left, 0.0, 1.0)
+    right = np.minimum(left + 1, mw - 1)
+    profile = grid[:, left] * (1.0 - frac) + grid[:, right] * frac  # [mh, box width]
+    # down each column: where the segment between cell rows k and k + 1 crosses 0.5, and which way
+    a, b = profile[:-1], profile[1:]
+    on_a, on_b = a > 0.5, b > 0.5
+    k_idx, col = np.nonzero(on_a != on_b)
+    ka, kb = a[k_idx, col], b[k_idx, col]
+    t = k_idx + (0.5 - ka) / (kb - ka)  # cell row of the crossing
+    y_cross = (t + 0.5) * (height / mh) - 0.5  # the same point in image rows
+    rising = on_b[k_idx, col]
+    y_switch = np.where(rising, np.floor(y_cross) + 1, np.ceil(y_cross)).astype(np.int64)
+    # state at the box's top row: the state above the first cell row, flipped by every earlier switch
+    before = np.bincount(col[y_switch <= y0], minlength=x1 - x0)
+    on_top = profile[0] > 0.5
+    start_on = on_top ^ (before % 2 == 1)
+    inside = (y_switch > y0) & (y_switch < y1)
+    end_on = start_on ^ (np.bincount(col[inside], minlength=x1 - x0) % 2 == 1)
+    cols = np.arange(x1 - x0)
+    pos = np.concatenate(
+        [
+            (x0 + cols[start_on]) * height + y0,  # a run of on starts at the box's top
+            (x0 + col[inside]) * height + y_switch[inside],  # switches inside the box
+            (x0 + cols[end_on]) * height + y1,  # ... and stops at its bottom
+        ]
+    )
+    # switches that land on one pixel cancel in pairs (a run that ends where the next starts: bottom of
+    # one column and top of the next, or several crossings between two pixel centres); nothing starts
+    # after the last pixel
+    pos, n = np.unique(pos, return_counts=True)
+    pos = pos[(n % 2 == 1) & (pos < height * width)]
+    bounds = np.concatenate([[0], pos, [height * width]])
+    return {"size": [int(height), int(width)], "counts": [int(r) for r in np.diff(bounds)]}

@@ -290,11 +290,11 @@ def _manifest(
             "no_object_class": cfg.num_classes,
             "score_threshold": loaded.thresholds["score_threshold"],
             "mask_size": cfg.mask_size,
-            "mask_paste": "sigmoid(mask_logits); keep the top-left round(H*m) x round(W*m) cells, "
-            "m = mask_size / max(H, W) (each clamped to 1..mask_size); only inside the object's box, "
-            "pixels floor(x1) <= x < ceil(x2), floor(y1) <= y < ceil(y2): resize that float32 map "
-            "(Pillow bilinear, box = the same region in cells: x * round(W*m) / W, y * round(H*m) / H); "
-            "on where > 0.5; off outside the box",
+            "mask_paste": "p = sigmoid(mask_logits); keep the top-left mh x mw = round(H*m) x round(W*m) cells, "
+            "m = mask_size / max(H, W) (each clamped to 1..mask_size); pixel (y, x) reads p bilinearly at "
+            "cell coordinates ((y + 0.5) * mh / H - 0.5, (x + 0.5) * mw / W - 0.5), cell centres at integers, "
+            "clamped at the edges; on where that is > 0.5 and floor(x1) <= x < ceil(x2), floor(y1) <= y < "
+            "ceil(y2) (the object's box); off elsewhere",
             "mask_encoding": "COCO uncompressed RLE, column-major, first run counts zeros",
             "source_threshold": loaded.thresholds["source_threshold"],
             "sources": "documents with sigmoid(source_logit) >= source_threshold, most likely first",
