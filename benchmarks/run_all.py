@@ -36,6 +36,13 @@ GOALS = [
     ("speedup_executorch", "speedup, ExecuTorch int8 student vs teacher graph", "≥ 300×", lambda v: v >= 300),
     ("speedup_onnx", "speedup, ONNX Runtime int8 student vs teacher graph", "≥ 300×", lambda v: v >= 300),
     ("speedup_pytorch", "speedup, PyTorch eager student vs teacher graph", "(no goal)", None),
+    ("executorch_int8_ms", "whole query, ExecuTorch int8 bundle (ms)", "≤ 10", lambda v: v <= 10.0),
+    (
+        "student_eager_ms",
+        "student model query, PyTorch eager (ms, `student.py`)",
+        "≤ 30",
+        lambda v: v <= 30.0,
+    ),
     ("int8_pte_mb", "int8 ExecuTorch bundle size (MB)", "≤ 5 MB", lambda v: v <= 5.0),
     ("answer_f1", "answer token F1 vs teacher (held-out real photos)", "≥ 0.9", lambda v: v >= 0.9),
     ("box_map50", "box mAP@0.5 vs teacher (held-out real photos)", "≥ 0.7", lambda v: v >= 0.7),
@@ -90,6 +97,15 @@ def table(results: dict[str, dict]) -> str:
             if v is not None:
                 head[k] = v
     e2e = results.get("e2e", {})
+    ms = e2e.get("ms_per_query") or {}
+    et_int8 = next((v for k, v in ms.items() if "ExecuTorch" in k and "int8" in k), None)
+    if et_int8 is not None:
+        head["executorch_int8_ms"] = et_int8
+    eager = [
+        q["ms_per_query_median"] for q in (results.get("student", {}).get("tiny") or {}).get("query", [])
+    ]
+    if eager:
+        head["student_eager_ms"] = min(eager)  # the faster of 1 and 2 threads, as for the bundles
     stage_s = [v for v in (e2e.get("demo_stage_seconds") or {}).values() if v is not None]
     if stage_s and e2e.get("demo_inputs") == "default":
         head["demo_minutes"] = sum(stage_s) / 60

@@ -21,15 +21,10 @@ from typing import Any
 
 
 def _full_query(model: Any, img: Any, q: Any, qm: Any, n_tokens: int) -> None:
-    import torch
-
+    """What ``StudentPredictor.predict`` runs on the model: encode, heads, greedy answer (KV cache)."""
     memory = model.encode(img, q, qm)
     model.heads(memory)
-    cache = model.empty_cache(1)
-    tok = torch.ones(1, 1, dtype=torch.long)
-    for i in range(n_tokens):
-        logits, cache = model.decode_step(tok, torch.tensor([i]), memory, cache)
-        tok = logits.argmax(-1, keepdim=True)
+    model.generate(img, q, qm, n_tokens, memory=memory, stop_at_eos=False)
 
 
 def bench_query(preset_name: str, threads: int, n_tokens: int, repeats: int) -> dict[str, Any]:
@@ -46,7 +41,7 @@ def bench_query(preset_name: str, threads: int, n_tokens: int, repeats: int) -> 
     q = torch.randint(4, cfg.vocab_size, (1, 16))
     qm = torch.ones(1, 16, dtype=torch.bool)
     n = min(n_tokens, cfg.max_answer_len)
-    times, parts = [], {"encode": [], "heads": [], "decode_step": []}
+    times, parts = [], {"encode": [], "heads": [], "generate_1_token": []}
     with torch.inference_mode():
         for _ in range(3):
             _full_query(model, img, q, qm, n)
@@ -60,13 +55,11 @@ def bench_query(preset_name: str, threads: int, n_tokens: int, repeats: int) -> 
             t1 = time.perf_counter()
             model.heads(mem)
             t2 = time.perf_counter()
-            model.decode_step(
-                torch.ones(1, 1, dtype=torch.long), torch.tensor([3]), mem, model.empty_cache(1)
-            )
+            model.generate(img, q, qm, 1, memory=mem, stop_at_eos=False)
             t3 = time.perf_counter()
             parts["encode"].append((t1 - t0) * 1000)
             parts["heads"].append((t2 - t1) * 1000)
-            parts["decode_step"].append((t3 - t2) * 1000)
+            parts["generate_1_token"].append((t3 - t2) * 1000)
     return {
         "parameters": count_parameters(model),
         "threads": threads,

@@ -454,9 +454,11 @@ class Student(nn.Module):
         *,
         memory: Tensor | None = None,
         use_cache: bool = True,
+        stop_at_eos: bool = True,
     ) -> Tensor:
         """Greedy answer ids [B, max_len] (without <bos>); after <eos> every position is <pad>.
-        ``use_cache=False`` recomputes the whole prefix each step (the reference the cache must match)."""
+        ``use_cache=False`` recomputes the whole prefix each step (the reference the cache must match);
+        ``stop_at_eos=False`` always runs all ``max_len`` steps (benchmarks: a fixed answer length)."""
         self._need_text("generate")
         t_max = self.config.max_answer_len
         n = min(max_len or t_max - 1, t_max - 1)
@@ -481,8 +483,9 @@ class Student(nn.Module):
             out.append(nxt)
             done = done | (nxt == EOS_ID)
             tok = nxt.view(b, 1)
-            seq = torch.cat([seq, tok], dim=1)
-            if bool(done.all()):
+            if not use_cache:
+                seq = torch.cat([seq, tok], dim=1)
+            if stop_at_eos and bool(done.all()):
                 break
         ids = torch.stack(out, dim=1)
         if ids.shape[1] < n:
