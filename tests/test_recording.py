@@ -266,3 +266,33 @@ def test_background_writer_records_everything_after_flush(store: TraceStore) -> 
     for inp, res in zip(inputs, results, strict=True):
         check_trace(store, by_question[inp["question"]], inp, res)
     recorder.close()
+
+
+def test_one_callback_derives_the_graph_id_so_two_graphs_on_one_input_do_not_collide(
+    store: TraceStore,
+) -> None:
+    def count(state: State) -> dict[str, Any]:
+        return {"answer": str(int(state["mask"].sum()))}
+
+    g = StateGraph(State)
+    g.add_node("seg", seg)
+    g.add_node("count", count)
+    g.add_edge(START, "seg")
+    g.add_edge("seg", "count")
+    g.add_edge("count", END)
+    other = g.compile()
+    inputs = {"image": image(), "question": "same input"}
+    recorder = TraceRecorder(store)  # bare: no schema, no graph id
+    for graph in (toy_graph(), other, toy_graph()):
+        graph.invoke(inputs, config={"callbacks": [recorder]})
+    assert (recorder.recorded, recorder.duplicates) == (2, 1)  # the same graph twice still dedups
+    traces = list(store.iter())
+    assert {tuple(s.node for s in t.spans) for t in traces} == {("seg", "answer"), ("seg", "count")}
+    hashes = {t.graph.hash for t in traces}
+    assert len(hashes) == 2 and "unknown" not in hashes
+    assert {t.graph.name for t in traces} == {"LangGraph"}  # the root run's name
+
+    named = toy_graph().with_config(run_name="toy")  # a run name is part of the id
+    named.invoke(inputs, config={"callbacks": [recorder]})
+    assert recorder.recorded == 3
+    assert any(t.graph.name == "toy" and t.graph.hash not in hashes for t in store.iter())

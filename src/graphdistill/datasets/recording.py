@@ -96,6 +96,7 @@ class _Run:
     start_perf: float
     inputs: Any
     metadata: dict[str, Any]
+    name: str = "graph"  # the root run's name (LangGraph's default is "LangGraph"; with_config(run_name=...))
     spans: dict[UUID, _Span] = field(default_factory=dict)
 
 
@@ -103,7 +104,10 @@ class TraceRecorder(BaseCallbackHandler):
     """Records every run of a LangGraph graph it is attached to as one trace in ``store``.
 
     ``schema``: the graph's :class:`GraphSchema` (output restricted to its output fields; graph id from it).
-    ``graph_id``: the graph's name and hash when there is no schema (``record()`` derives one).
+    ``graph_id``: the graph's name and hash when there is no schema (``record()`` derives one from the graph).
+    With neither, each trace's id is derived from its run (a callback never sees the graph object): the
+    root run's name plus a hash of that name and the nodes that ran (name, model id, weights), so two
+    different graphs recorded on one input into one store do not collide on the store's unique key.
     ``group_id``: default group for every trace (else ``config["metadata"]["graphdistill_group_id"]``, else
     the input hash). ``metadata``: merged into every trace's metadata. ``on_trace(trace, trace_id)`` is
     called after each append (``trace_id`` is None when the store refused it, e.g. a duplicate).
@@ -132,13 +136,11 @@ class TraceRecorder(BaseCallbackHandler):
     ) -> None:
         self.store = store
         self.schema = schema
-        if graph_id is None:
-            graph_id = (
-                GraphId(name=schema.name, hash=schema.definition_hash or _hash_text(schema.model_dump_json()))
-                if schema is not None
-                else GraphId(name="graph", hash="unknown")
+        if graph_id is None and schema is not None:
+            graph_id = GraphId(
+                name=schema.name, hash=schema.definition_hash or _hash_text(schema.model_dump_json())
             )
-        self.graph_id = graph_id
+        self.graph_id = graph_id  # None: derived per run, see _run_graph_id
         self.group_id = group_id
         self.metadata = dict(metadata or {})
         self.on_trace = on_trace
@@ -173,7 +175,13 @@ class TraceRecorder(BaseCallbackHandler):
                     and parent_run_id not in self._node_root
                     and "langgraph_node" not in meta
                 ):
-                    self._runs[run_id] = _Run(time.time(), time.perf_counter(), _snapshot(inputs), dict(meta))
+                    self._runs[run_id] = _Run(
+                        time.time(),
+                        time.perf_counter(),
+                        _snapshot(inputs),
+                        dict(meta),
+                        name=str(kwargs.get("name") or "graph"),
+                    )
                 elif parent_run_id in self._runs and "langgraph_node" in meta:
                     self._node_root[run_id] = parent_run_id
                     self._runs[parent_run_id].spans[run_id] = _Span(
@@ -258,7 +266,7 @@ class TraceRecorder(BaseCallbackHandler):
         input_hash = content_hash(inputs)
         user_meta = meta.get(META_METADATA) or {}
         trace = Trace(
-            graph=self.graph_id,
+            graph=self.graph_id if self.graph_id is not None else _run_graph_id(run),
             inputs=inputs,
             spans=spans,
             output=output,
@@ -362,6 +370,15 @@ def record(graph: Any, store: TraceStore, **kwargs: Any) -> Any:
     if kwargs.get("schema") is None and kwargs.get("graph_id") is None:
         kwargs["schema"], kwargs["graph_id"] = graph_identity(graph)
     return graph.with_config(callbacks=[TraceRecorder(store, **kwargs)])
+
+
+def _run_graph_id(run: _Run) -> GraphId:
+    """The id of a graph seen only through its callbacks: the root run's name and a hash of it plus the
+    distinct nodes that ran (sorted, with their model id and weights). Stable for one graph on one input;
+    a conditional branch not taken is not part of it (the callback never sees the compiled graph)."""
+    nodes = sorted({(s.node, s.model_id or "", s.weights_sha256 or "") for s in run.spans.values()})
+    text = json.dumps({"name": run.name, "nodes": nodes}, sort_keys=True)
+    return GraphId(name=run.name, hash=_hash_text(text))
 
 
 def _hash_text(text: str) -> str:
