@@ -213,19 +213,45 @@ def _count(store_dir: Path) -> int:
         return 0
 
 
-def _assert_each_once(store_dir: Path, n_inputs: int, samples: int) -> None:
+def _assert_each_once(store_dir: Path, n_inputs: int, samples: int, jsonl: Path | None = None) -> None:
+    """Every input recorded exactly once per sample; with ``jsonl``, the stored images and provenance are
+    exactly the rows' (each row's image once per sample)."""
     store = TraceStore(store_dir)
     keys = Counter((t.group_id, t.sample_index) for t in store.iter())
     assert len(keys) == n_inputs * samples and set(keys.values()) == {1}
     assert store.count(status="ok") == n_inputs * samples
-    for t in store.iter():
-        assert store.load(t.inputs["image"]).shape == (20, 30, 3)
+    if jsonl is None:
+        for t in store.iter():
+            assert store.load(t.inputs["image"]).shape == (20, 30, 3)
+    else:
+        rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+        expected = Counter(
+            (np.asarray(Image.open(jsonl.parent / r["image"]).convert("RGB")).tobytes(), r["question"],
+             tuple(r["provenance"]["photos"]))
+            for r in rows for _ in range(samples)
+        )  # fmt: skip
+        seen = Counter(
+            (store.load(t.inputs["image"]).tobytes(), t.inputs["question"], tuple(t.provenance.photos))
+            for t in store.iter()
+        )
+        assert seen == expected
     assert store.check()["ok"]
 
 
 @pytest.mark.slow  # real subprocesses
-def test_sigkill_mid_run_then_resume_records_every_input_once(tmp_path: Path, graph_spec: str) -> None:
-    jsonl = make_jsonl(tmp_path, 8)
+def test_sigkill_mid_run_then_resume_records_every_input_once(
+    tmp_path: Path, graph_spec: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the Done-when chain: `inputs make --from DIR` -> `record` (SIGKILL mid-run) -> `record --resume`
+    make_images(tmp_path / "photos", 3)
+    jsonl = tmp_path / "made" / "inputs.jsonl"
+    rc, out, err = run_cli(
+        ["inputs", "make", "--from", str(tmp_path / "photos"), "--n", "8", "--seed", "0",
+         "--no-composites", "--out", str(jsonl), "--json"],
+        capsys,
+    )  # fmt: skip
+    assert rc == 0, err
+    assert json.loads(out)["rows"] == 8
     store_dir = tmp_path / "store"
     args = [
         "record",
@@ -253,7 +279,7 @@ def test_sigkill_mid_run_then_resume_records_every_input_once(tmp_path: Path, gr
     assert resumed.returncode == 0, err
     summary = json.loads(out)
     assert summary["skipped"] == killed_at and summary["recorded"] == 16 - killed_at
-    _assert_each_once(store_dir, 8, 2)
+    _assert_each_once(store_dir, 8, 2, jsonl)
 
 
 @pytest.mark.slow  # real subprocesses
