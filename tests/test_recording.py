@@ -296,3 +296,43 @@ def test_one_callback_derives_the_graph_id_so_two_graphs_on_one_input_do_not_col
     named.invoke(inputs, config={"callbacks": [recorder]})
     assert recorder.recorded == 3
     assert any(t.graph.name == "toy" and t.graph.hash not in hashes for t in store.iter())
+
+
+@pytest.mark.parametrize(
+    ("answer_text", "finish", "truncated"),
+    [("It is a cat.", "length", True), ("a cat", "stop", False)],
+)
+def test_visual_rag_reason_span_records_finish_reason_and_the_check_uses_it(
+    store: TraceStore, answer_text: str, finish: str, truncated: bool
+) -> None:
+    """The heuristic alone would get both cases wrong (a full stop is not a finished answer, a missing one
+    is not a cut-off one): the truncated check must read the finish_reason the reason node recorded."""
+    from graphdistill.datasets.checks import run_checks
+    from graphdistill.datasets.vote import vote_group, written
+    from graphdistill.graphs.visual_rag import visual_rag
+    from graphdistill.teachers.base import LLMOutput
+    from graphdistill.trace import Detections, Document, TokenLogprobs
+
+    class Det:
+        def detect(self, image: Any) -> Detections:
+            return Detections(image_size=list(image.shape[:2]))
+
+    class Ret:
+        def query(self, text: str, k: int) -> list[Document]:
+            return [Document(id="doc-cat", text="Cats sleep a lot.")]
+
+    class LLM:
+        def generate(self, prompt: Any, **kw: Any) -> LLMOutput:
+            lp = TokenLogprobs(tokenizer="t", token_ids=[1], topk_ids=[[1]], topk_logprobs=[[0.0]])
+            return LLMOutput(text=answer_text, logprobs=lp, finish_reason=finish)  # type: ignore[arg-type]
+
+    unused = object()  # no detections: the segmenter is never called
+    graph = visual_rag(teachers={"detector": Det(), "segmenter": unused, "llm": LLM(), "retriever": Ret()})
+    record(graph, store).invoke({"image": image(), "question": "What is it?"})
+    (t,) = list(store.iter())
+    reason = next(s for s in t.spans if s.node == "reason")
+    assert reason.writes["finish_reason"] == finish and written(t, "finish_reason") == finish
+    found = dict(run_checks(vote_group([t]), [t]))
+    assert ("truncated_answer" in found) is truncated
+    if truncated:
+        assert "finish_reason 'length'" in found["truncated_answer"]

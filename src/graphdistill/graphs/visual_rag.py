@@ -11,8 +11,9 @@ START -> detect -> retrieve -> reason  --+-> compose -> END
   the segmenter. (LangGraph runs nodes in supersteps: a step ends when all its nodes end, so ``segment``
   hangs off ``retrieve`` rather than ``detect``: next to ``retrieve`` it would hold ``reason`` back.)
 * ``reason`` asks the LLM for a one- or two-sentence answer from the question, the objects (label + rough
-  position) and the retrieved context; it writes ``answer`` and the LLM's top-k log-probabilities (``llm``)
-  for soft-label distillation;
+  position) and the retrieved context; it writes ``answer``, the LLM's top-k log-probabilities (``llm``)
+  for soft-label distillation and its ``finish_reason`` ("stop" / "length", so filtering knows a cut-off
+  answer without guessing);
 * ``compose`` (after both branches) joins detections with their masks into ``objects`` and lists the
   ``sources``.
 
@@ -277,7 +278,7 @@ def _nodes(t: VisualRagTeachers, k: int) -> dict[str, Callable[..., dict[str, An
                 out = t.llm.generate(prompt, **settings)
         else:  # the batcher takes the lock itself, around each model call
             out = llm.generate(prompt, **settings)
-        return {"answer": out.text.strip(), "llm": out.logprobs}
+        return {"answer": out.text.strip(), "llm": out.logprobs, "finish_reason": out.finish_reason}
 
     def compose(r: dict[str, Any]) -> dict[str, Any]:
         dets: Detections = r["detections"]
@@ -331,7 +332,7 @@ def visual_rag_builder(config: VisualRagConfig | None = None, teachers: Any = No
             "reason",
             fn["reason"],
             reads=["question", "detections", "documents"],
-            writes={"answer": Kind.TEXT, "llm": Kind.TOKEN_LOGPROBS},
+            writes={"answer": Kind.TEXT, "llm": Kind.TOKEN_LOGPROBS, "finish_reason": Kind.TEXT},
             model=t.llm,
         )
         .node(
