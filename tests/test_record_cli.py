@@ -12,6 +12,7 @@ import textwrap
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -331,3 +332,86 @@ def test_traces_ls_show_stats_export(
     assert rc == 2 and "zzzz" in err
     rc, _, err = run_cli(["traces", "ls", str(tmp_path / "nostore")], capsys)
     assert rc == 2 and "not a trace store" in err
+
+
+RULE_SRC = textwrap.dedent(
+    """
+    def even_inputs(trace):
+        # keep 'what 0?' and 'what 2?', drop 'what 1?' and 'what 3?'
+        return int(trace.inputs["question"].split()[1].rstrip("?")) % 2 == 0
+    """
+)
+
+
+@pytest.fixture
+def recorded_store(tmp_path: Path, graph_spec: str, capsys: pytest.CaptureFixture[str]) -> Path:
+    jsonl = make_jsonl(tmp_path, 4)
+    store_dir = tmp_path / "store"
+    rc, _, err = run_cli(
+        ["record", "--graph", graph_spec, "--inputs", str(jsonl), "--store", str(store_dir)], capsys
+    )
+    assert rc == 0, err
+    (tmp_path / "my_rules.py").write_text(RULE_SRC)
+    return store_dir
+
+
+def _filter(store_dir: Path, out: Path, capsys: pytest.CaptureFixture[str], *rule: str) -> dict[str, Any]:
+    # the toy answers end without a full stop: the truncated check would drop every input before any rule
+    rc, out_text, err = run_cli(
+        ["filter", str(store_dir), "--out", str(out), "--no-embedder", "--disable-check", "truncated_answer",
+         "--split", "1,0,0", "--json", *rule],
+        capsys,
+    )  # fmt: skip
+    assert rc == 0, err
+    return dict(json.loads(out_text))
+
+
+def test_filter_rule_from_a_file_drops_what_it_fails(
+    tmp_path: Path, recorded_store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = _filter(recorded_store, tmp_path / "ds0", capsys)
+    assert (base["kept"], base["dropped"], base["by_rule"]) == (4, 0, {})
+    spec = f"{tmp_path / 'my_rules.py'}:even_inputs"
+    summary = _filter(recorded_store, tmp_path / "ds1", capsys, "--rule", spec)
+    assert (summary["kept"], summary["dropped"]) == (2, 2)
+    assert summary["by_rule"] == {spec: 2} and summary["splits"]["train"] == 2
+
+
+def test_filter_rule_by_plain_name_from_graphdistill_rules(
+    tmp_path: Path, recorded_store: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GRAPHDISTILL_RULES", f"json, {tmp_path / 'my_rules.py'}")  # modules and files
+    summary = _filter(recorded_store, tmp_path / "ds", capsys, "--rule", "even_inputs")
+    assert (summary["kept"], summary["by_rule"]) == (2, {"even_inputs": 2})
+
+
+def test_filter_rule_by_plain_name_from_an_entry_point(
+    tmp_path: Path, recorded_store: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an installed package's entry point: a real dist-info folder on sys.path, found by importlib.metadata
+    site = tmp_path / "site"
+    (site / "gd_rules_pkg").mkdir(parents=True)
+    (site / "gd_rules_pkg" / "__init__.py").write_text(RULE_SRC)
+    info = site / "gd_rules_pkg-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gd-rules-pkg\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[graphdistill.rules]\neven = gd_rules_pkg:even_inputs\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv("GRAPHDISTILL_RULES", raising=False)
+    summary = _filter(recorded_store, tmp_path / "ds", capsys, "--rule", "even")
+    assert (summary["kept"], summary["by_rule"]) == (2, {"even": 2})
+
+
+def test_filter_unknown_rule_says_which_forms_are_accepted(
+    tmp_path: Path, recorded_store: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GRAPHDISTILL_RULES", raising=False)
+    for name in ("even_inputs", "truncated_answer"):
+        rc, _, err = run_cli(
+            ["filter", str(recorded_store), "--out", str(tmp_path / "ds"), "--rule", name], capsys
+        )
+        assert rc == 2 and name in err
+        flat = " ".join(err.split())
+        assert "graphdistill.rules" in flat and "GRAPHDISTILL_RULES" in flat
+        assert "package.module:function" in flat and "path/to/file.py:function" in flat
+    assert "built-in check" in flat and "--disable-check truncated_answer" in flat

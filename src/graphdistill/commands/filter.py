@@ -27,7 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         action="append",
         default=[],
         metavar="NAME",
-        help="a user rule: a registered name, module:attr or file.py:attr (repeatable)",
+        help="a user rule (repeatable): NAME (an installed package's 'graphdistill.rules' entry point, or "
+        "a rule defined in a module / .py file listed comma-separated in $GRAPHDISTILL_RULES), "
+        "package.module:function or path/to/file.py:function",
     )
     p.add_argument("--rule-threshold", type=float, default=None, help="keep when a rule's score >= this")
     p.add_argument(

@@ -1,20 +1,32 @@
 """User rules: ``fn(trace) -> bool | float``; a group is kept when the rule's value on the trace whose answer
 was chosen is ``>= threshold`` (True counts as 1, False as 0).
 
-Register in code with :func:`register_rule`, then select by name (``graphdistill filter --rule NAME``), or
-name a function directly as ``package.module:attr`` or ``path/to/file.py:attr``.
+``graphdistill filter --rule SPEC`` accepts:
+
+- ``NAME``: a rule registered with :func:`register_rule` in this process, or, in a fresh process (the CLI),
+  found by name through
+  - the ``graphdistill.rules`` entry-point group of an installed package
+    (``[project.entry-points."graphdistill.rules"] NAME = "pkg.module:fn"``), or
+  - the modules / ``.py`` files listed, comma-separated, in ``$GRAPHDISTILL_RULES``: each is imported, and
+    ``NAME`` is a rule one of them registered or a function (or :class:`Rule`) one of them defines;
+- ``package.module:attr`` or ``path/to/file.py:attr``: that function directly.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from graphdistill.trace import Trace
+
+ENTRY_POINT_GROUP = "graphdistill.rules"
+ENV_RULE_MODULES = "GRAPHDISTILL_RULES"
 
 RuleFn = Callable[[Trace], "bool | float"]
 
@@ -56,43 +68,103 @@ def unregister_rule(name: str) -> None:
 
 
 def load_rule(spec: str, threshold: float | None = None) -> Rule:
-    """A registered rule by name, or a function from ``module:attr`` / ``file.py:attr``.
+    """A rule by name (registered, an entry point, or from ``$GRAPHDISTILL_RULES``), or a function from
+    ``module:attr`` / ``file.py:attr`` (see the module docstring).
 
     A loaded module may itself call :func:`register_rule`; then ``module:NAME`` finds the rule by name."""
     if spec in _REGISTRY:
-        rule = _REGISTRY[spec]
-        return rule if threshold is None else Rule(rule.name, rule.fn, threshold)
+        return _with_threshold(_REGISTRY[spec], threshold)
     if ":" not in spec:
-        known = ", ".join(sorted(_REGISTRY)) or "none registered"
-        raise RuleError(
-            f"rule {spec!r}: not a registered rule ({known}) and not a 'module:attr' or 'file.py:attr' spec"
-        )
+        found = _discover(spec)
+        if found is not None:
+            return _with_threshold(found, threshold)
+        raise RuleError(_not_found(spec))
     target, _, attr = spec.rpartition(":")
+    module = _import(target, f"rule {spec!r}")
+    fn = getattr(module, attr, None)
+    if fn is None and attr in _REGISTRY:
+        return _with_threshold(_REGISTRY[attr], threshold)
+    if isinstance(fn, Rule):
+        return _with_threshold(fn, threshold)
+    if not callable(fn):
+        raise RuleError(f"rule {spec!r}: {target} has no callable {attr!r}")
+    return Rule(spec, fn, 0.5 if threshold is None else threshold)
+
+
+def _with_threshold(rule: Rule, threshold: float | None) -> Rule:
+    return rule if threshold is None else Rule(rule.name, rule.fn, threshold)
+
+
+def _as_rule(name: str, obj: object, where: str) -> Rule:
+    if isinstance(obj, Rule):
+        return obj
+    if not callable(obj):
+        raise RuleError(f"rule {name!r}: {where} is not callable (got {type(obj).__name__})")
+    return Rule(name, obj)
+
+
+def _env_modules() -> list[str]:
+    return [t.strip() for t in os.environ.get(ENV_RULE_MODULES, "").split(",") if t.strip()]
+
+
+def _discover(name: str) -> Rule | None:
+    """``name`` from an installed package's entry point, else from the ``$GRAPHDISTILL_RULES`` modules."""
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            try:
+                obj = ep.load()
+            except Exception as exc:
+                raise RuleError(f"rule {name!r}: loading entry point {ep.value!r} failed: {exc}") from exc
+            return _as_rule(name, obj, f"entry point {ep.value!r}")
+    for target in _env_modules():
+        module = _import(target, f"${ENV_RULE_MODULES} entry {target!r}")
+        if name in _REGISTRY:
+            return _REGISTRY[name]
+        obj = getattr(module, name, None)
+        if obj is not None:
+            return _as_rule(name, obj, f"{target}:{name}")
+    return None
+
+
+def _not_found(spec: str) -> str:
+    names = sorted(
+        set(_REGISTRY) | {ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    )
+    env = _env_modules()
+    msg = (
+        f"rule {spec!r}: no such rule. --rule accepts a rule name (known here: {', '.join(names) or 'none'}; "
+        f"a name is found among the '{ENTRY_POINT_GROUP}' entry points of installed packages and in the "
+        f"modules or .py files listed comma-separated in ${ENV_RULE_MODULES} "
+        f"({', '.join(env) if env else 'not set'})), 'package.module:function' or 'path/to/file.py:function'"
+    )
+    from graphdistill.datasets.checks import CHECKS
+
+    if spec in {c.name for c in CHECKS}:
+        msg += f". {spec!r} is a built-in check: checks always run (skip one with --disable-check {spec})"
+    return msg
+
+
+def _import(target: str, what: str) -> object:
+    """A module by dotted name, or a ``.py`` file (a path: ends in .py or holds a separator)."""
     if target.endswith(".py") or "/" in target or "\\" in target:
         path = Path(target)
         if not path.is_file():
-            raise RuleError(f"rule {spec!r}: no such file {path}")
+            raise RuleError(f"{what}: no such file {path}")
         mod_name = f"_graphdistill_rule_{abs(hash(str(path.resolve())))}"
+        if mod_name in sys.modules:  # one file, imported once per process (its register_rule calls too)
+            return sys.modules[mod_name]
         module_spec = importlib.util.spec_from_file_location(mod_name, path)
         if module_spec is None or module_spec.loader is None:
-            raise RuleError(f"rule {spec!r}: cannot load {path} as Python")
+            raise RuleError(f"{what}: cannot load {path} as Python")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[mod_name] = module
         try:
             module_spec.loader.exec_module(module)
         except Exception as exc:
-            raise RuleError(f"rule {spec!r}: importing {path} failed: {exc}") from exc
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as exc:
-            raise RuleError(f"rule {spec!r}: cannot import module {target!r} ({exc})") from exc
-    fn = getattr(module, attr, None)
-    if fn is None and attr in _REGISTRY:
-        rule = _REGISTRY[attr]
-        return rule if threshold is None else Rule(rule.name, rule.fn, threshold)
-    if isinstance(fn, Rule):
-        return fn if threshold is None else Rule(fn.name, fn.fn, threshold)
-    if not callable(fn):
-        raise RuleError(f"rule {spec!r}: {target} has no callable {attr!r}")
-    return Rule(spec, fn, 0.5 if threshold is None else threshold)
+            del sys.modules[mod_name]
+            raise RuleError(f"{what}: importing {path} failed: {exc}") from exc
+        return module
+    try:
+        return importlib.import_module(target)
+    except ImportError as exc:
+        raise RuleError(f"{what}: cannot import module {target!r} ({exc})") from exc
