@@ -203,6 +203,98 @@ def test_failing_node_is_named(toy: str, photo: Path, capsys: pytest.CaptureFixt
     assert "node 'explode' failed: RuntimeError: the model fell over" in err
 
 
+def test_failing_node_of_a_plain_langgraph_graph_is_named(
+    photo: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hand-written StateGraph has no NodeError wrapper: the error still names the node that raised."""
+    from typing import TypedDict
+
+    from langgraph.graph import END, START, StateGraph
+
+    class State(TypedDict, total=False):
+        image: Any
+        question: str
+        answer: str
+
+    def fine(state: State) -> dict[str, Any]:
+        return {"answer": "so far so good"}
+
+    def explode(state: State) -> dict[str, Any]:
+        raise KeyError("missing_field")
+
+    g = StateGraph(State)
+    g.add_node("fine", fine)
+    g.add_node("plain_explode", explode)
+    g.add_edge(START, "fine")
+    g.add_edge("fine", "plain_explode")
+    g.add_edge("plain_explode", END)
+    mod = types.ModuleType("gd_test_plain_graph")
+    mod.graph = g  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "gd_test_plain_graph", mod)
+    err = _bad(capsys, "--graph", "gd_test_plain_graph:graph", "--image", str(photo), "--question", "q")
+    assert "node 'plain_explode' failed: KeyError: 'missing_field'" in err
+
+
+def test_weight_flags_reach_the_reference_graph_config(
+    photo: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--detector/--segmenter/--segmenter-type/--llm/--text-embedder fill VisualRagConfig (models not loaded)."""
+    import importlib
+
+    vr = importlib.import_module(
+        "graphdistill.graphs.visual_rag"
+    )  # the package re-exports a same-named function
+
+    seen: list[Any] = []
+
+    def fake_visual_rag(config: Any, teachers: Any = None) -> Any:
+        seen.append(config)
+        return (
+            GraphBuilder("stub")
+            .input("image", Kind.IMAGE)
+            .input("question", Kind.TEXT)
+            .output("answer", Kind.TEXT)
+            .node("a", lambda r: {"answer": "ok"}, reads=["question"], writes=["answer"])
+            .compile()
+        )
+
+    monkeypatch.setattr(vr, "visual_rag", fake_visual_rag)
+    rc, out, _ = _run(
+        capsys,
+        *("--image", str(photo), "--question", "q", "--json"),
+        *("--detector", "/w/det.pt", "--segmenter", "/w/sam_b.pth", "--segmenter-type", "vit_b"),
+        *("--llm", "/w/my-llm", "--text-embedder", "/w/my-st", "--device", "cpu"),
+    )
+    assert rc == 0 and json.loads(out) == {"answer": "ok"}
+    (config,) = seen
+    assert (config.detector, config.segmenter, config.segmenter_type) == (
+        "/w/det.pt",
+        "/w/sam_b.pth",
+        "vit_b",
+    )
+    assert (config.llm, config.embedder, config.device) == ("/w/my-llm", "/w/my-st", "cpu")
+    defaults = vr.VisualRagConfig()
+    rc, _, _ = _run(capsys, "--image", str(photo), "--question", "q", "--json")
+    assert rc == 0 and seen[1] == defaults  # no flag: the registry defaults
+
+
+def test_weight_flags_are_refused_with_a_user_graph(
+    toy: str, photo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    g = ["--graph", f"{toy}:builder", "--image", str(photo), "--question", "q"]
+    err = _bad(capsys, *g, "--detector", "my.pt", "--text-embedder", "st")
+    assert "--detector, --text-embedder choose the reference graph's weights" in err
+
+
+def test_missing_detector_path_is_a_clear_error(
+    photo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "my_yolo.pt"
+    err = _bad(capsys, "--image", str(photo), "--question", "q", "--detector", str(missing))
+    assert "could not load its models" in err and f"weights {str(missing)!r}" in err
+    assert "nor an existing path" in err
+
+
 def test_bad_out_path(toy: str, photo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     g = ["--graph", f"{toy}:builder", "--image", str(photo), "--question", "q"]
     assert "does not exist" in _bad(capsys, *g, "--out", str(tmp_path / "no" / "such" / "a.png"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,14 @@ from typing import Any
 from graphdistill.commands._common import CommandError, console
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+# (flag, VisualRagConfig field, default, what it loads): the reference graph's weights, each replaceable
+WEIGHT_FLAGS = [
+    ("--detector", "detector", "yolo11n", "YOLO detector weights (.pt)"),
+    ("--segmenter", "segmenter", "mobile_sam", "SAM checkpoint"),
+    ("--llm", "llm", "smollm2-135m-instruct", "LLM: a Hugging Face model folder or .gguf"),
+    ("--text-embedder", "embedder", "all-minilm-l6-v2", "sentence-transformers model folder"),
+]
+_REFERENCE_ONLY = [(f, field) for f, field, _, _ in WEIGHT_FLAGS] + [("--segmenter-type", "segmenter_type")]
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -27,6 +36,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--json", action="store_true", help="print one JSON object: answer, sources, objects")
     p.add_argument("--out", default=None, help="write the annotated picture here (.png/.jpg)")
     p.add_argument("--device", default=None, help="cpu or cuda (reference graph; default: cpu)")
+    models = p.add_argument_group(
+        "reference graph weights", "a registry name (`graphdistill weights list`) or a local path to your own"
+    )
+    for flag, field, default, what in WEIGHT_FLAGS:
+        models.add_argument(
+            flag, dest=field, default=None, metavar="NAME|PATH", help=f"{what} (default: {default})"
+        )
+    models.add_argument(
+        "--segmenter-type",
+        dest="segmenter_type",
+        default=None,
+        metavar="TYPE",
+        help="the SAM architecture of --segmenter: vit_t (MobileSAM), vit_b, vit_l or vit_h (default: vit_t)",
+    )
     p.set_defaults(func=_run)
 
 
@@ -74,12 +97,24 @@ def _check_out(out: str | None) -> Path | None:
 
 def _load(args: argparse.Namespace) -> Any:
     from graphdistill.graphs.spec import GraphSpecError, load_graph
+    from graphdistill.weights import WeightsError
 
-    overrides = {"device": args.device} if args.graph is None and args.device else {}
+    given = {field: getattr(args, field, None) for _, field in _REFERENCE_ONLY}
+    if args.graph is not None:
+        flags = [flag for flag, field in _REFERENCE_ONLY if given[field] is not None]
+        if flags:
+            raise CommandError(
+                f"{', '.join(flags)} choose the reference graph's weights; --graph {args.graph} brings its own"
+            )
+        try:
+            return load_graph(args.graph)
+        except GraphSpecError as exc:
+            raise CommandError(str(exc)) from exc
+    overrides = {k: v for k, v in {"device": args.device, **given}.items() if v is not None}
     try:
-        return load_graph(args.graph, **overrides)
-    except GraphSpecError as exc:
-        raise CommandError(str(exc)) from exc
+        return load_graph(None, **overrides)
+    except (WeightsError, ValueError) as exc:  # a weights name/path that is not there or not loadable
+        raise CommandError(f"the reference graph could not load its models: {exc}") from exc
 
 
 def _invoke(graph: Any, inputs: dict[str, Any], status: Any) -> dict[str, Any]:
@@ -100,7 +135,23 @@ def _invoke(graph: Any, inputs: dict[str, Any], status: Any) -> dict[str, Any]:
                 state = dict(chunk)
     except NodeError as exc:
         raise CommandError(str(exc)) from exc
+    except Exception as exc:  # a hand-written LangGraph graph: its nodes raise their own errors
+        node = _failed_node(exc)
+        what = f"node '{node}'" if node else f"the graph (after {', '.join(done) or 'no node'})"
+        raise CommandError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
     return {k: state.get(k) for k in wanted} if wanted else state
+
+
+_TASK_NOTE = re.compile(r"During task with name '(?P<node>[^']+)'")
+
+
+def _failed_node(exc: BaseException) -> str | None:
+    """The node LangGraph names in the note it adds to an exception raised inside a task."""
+    for note in getattr(exc, "__notes__", None) or []:
+        found = _TASK_NOTE.search(str(note))
+        if found:
+            return found["node"]
+    return None
 
 
 def _jsonable(output: dict[str, Any]) -> dict[str, Any]:
