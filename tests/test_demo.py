@@ -4,12 +4,13 @@ what is up to date. Real models, a few minutes: marked slow (CI runs it)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from _netguard import subprocess_env
 
 pytest.importorskip("torch")
 pytest.importorskip("ultralytics")
@@ -20,7 +21,7 @@ STAGES = ["weights", "knowledge base", "inputs", "record", "filter", "train", "e
 
 
 def _demo(out: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200"}
+    env = subprocess_env(COLUMNS="200")  # the test network guard holds in the CLI process too
     return subprocess.run(
         [sys.executable, "-m", "graphdistill.cli", "demo", "--quick", "--out", str(out), "--json"],
         capture_output=True,

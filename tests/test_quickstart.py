@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from _netguard import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "quickstart.py"
 
@@ -21,7 +23,12 @@ def test_readme_shows_the_example_verbatim() -> None:
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLE)], cwd=tmp_path, capture_output=True, text=True, timeout=900
+        [sys.executable, str(EXAMPLE)],
+        cwd=tmp_path,
+        env=subprocess_env(),  # the test network guard holds in the example's process too
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     from graphdistill.datasets.store import TraceStore
@@ -43,7 +50,7 @@ def test_quickstart_runs_end_to_end(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "graphdistill.cli", "run-bundle", str(tmp_path / "my-bundle"), "--image", str(photo),
          "--question", "What is in this picture?", "--json"],
-        capture_output=True, text=True, timeout=300, check=True,
+        env=subprocess_env(), capture_output=True, text=True, timeout=300, check=True,
     )  # fmt: skip
     answer = json.loads(out.stdout)
     assert set(answer) == {"answer", "objects"}
