@@ -158,7 +158,17 @@ def test_resume_after_an_interrupted_run_matches_a_straight_run(dataset: Path, t
 
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(dataset, tmp_path / "resumed", epochs=2), on_epoch=kill_after_first_epoch)
-    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    # the killed run is already usable: predict (and eval) load its epoch-1 model
+    from graphdistill.student.predict import load_student
+
+    killed = load_student(tmp_path / "resumed")
+    ck1 = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=False)
+    assert ck1["epoch"] == 1 and json.loads((tmp_path / "resumed" / "meta.json").read_text())["epochs"] == 1
+    for k, v in killed.model.state_dict().items():
+        assert torch.equal(v, ck1["model"][k]), k
+    out = killed.predict(*_photo(dataset))
+    assert set(out) == {"answer", "objects", "sources"} and isinstance(out["answer"], str)
+    assert not list((tmp_path / "resumed").rglob("*.tmp-*")), "no temp file is left behind"
     recipe = TrainRecipe(_cfg(dataset, tmp_path / "resumed", epochs=2, resume=True))
     recipe.setup()
     assert recipe.epoch == 1 and recipe.step == 1
@@ -203,17 +213,59 @@ class UserStudent(nn.Module):
 
 @pytest.mark.slow
 def test_a_user_supplied_module_trains(dataset: Path, tmp_path: Path) -> None:
+    from graphdistill.datasets.dataset import open_dataset
     from graphdistill.student.model import StudentProtocol
+    from graphdistill.student.predict import has_fast_path, load_student
 
-    metrics = train(_cfg(dataset, tmp_path / "user", epochs=15, lr=1e-2), model_factory=UserStudent)
+    metrics = train(_cfg(dataset, tmp_path / "user", epochs=40, lr=1e-2), model_factory=UserStudent)
     hist = metrics["history"]
     assert set(hist[-1]["train_loss"]) >= {"answer_ce", "sources", "total"}
     assert "box_l1" not in hist[-1]["train_loss"]  # no detection outputs -> no detection losses
     assert hist[-1]["train_loss"]["answer_ce"] < 0.7 * hist[0]["train_loss"]["answer_ce"]
-    assert "answer_token_acc" in metrics["val"] and "answer_exact" not in metrics["val"]  # no generate()
     assert isinstance(UserStudent(StudentConfig(vocab_size=10)), StudentProtocol)
     meta = json.loads((tmp_path / "user" / "meta.json").read_text())
     assert meta["model_class"].endswith("UserStudent")
+
+    # it predicts too, through forward() alone (no encode/heads/generate), in the graph's output shape
+    pred = load_student(tmp_path / "user")
+    assert isinstance(pred.model, UserStudent) and not has_fast_path(pred.model)
+    ds = open_dataset(dataset)
+    assert metrics["val"]["answer_exact"] == 1.0  # train fit, decoded as predict decodes
+    for row in ds.rows("train"):
+        out = pred.predict(ds.image(row), row["question"])
+        assert list(out) == ["answer", "objects", "sources"]
+        assert out["answer"] == row["answer"]  # token for token, decoded greedily through forward()
+        assert sorted(out["sources"]) == sorted(row["sources"])
+        assert out["objects"] == []  # the module has no detection head
+
+
+def test_a_module_without_the_protocol_fails_clearly_at_train_and_at_load(
+    dataset: Path, tmp_path: Path
+) -> None:
+    from graphdistill.student.predict import RunError, load_student
+
+    class NoConfig(nn.Module):
+        def __init__(self, config: StudentConfig) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+    with pytest.raises(TypeError, match="NoConfig: needs a `config` attribute"):
+        train(_cfg(dataset, tmp_path / "bad", epochs=1), model_factory=NoConfig)
+
+    run = tmp_path / "run"
+    train(_cfg(dataset, run, epochs=1))
+    meta = json.loads((run / "meta.json").read_text())
+    (run / "meta.json").write_text(json.dumps({**meta, "model_class": "nowhere_pkg.mod.Mine"}))
+    with pytest.raises(RunError, match=r"model class nowhere_pkg\.mod\.Mine cannot be imported"):
+        load_student(run)
+    (run / "meta.json").write_text(json.dumps({**meta, "model_class": f"{__name__}.NotAStudent"}))
+    with pytest.raises(RunError, match="NotAStudent: needs a `config` attribute"):
+        load_student(run)
+
+
+class NotAStudent(nn.Module):
+    def __init__(self, config: StudentConfig) -> None:
+        super().__init__()
 
 
 @pytest.mark.slow

@@ -15,11 +15,16 @@
   over the whole image (same frame as the prediction, so no per-box crop/paste step exists at inference).
 - ``sources``: multi-label BCE over the knowledge-base documents.
 - ``embedding:<name>``: 1 − cosine, when the batch carries that target.
+
+Weights are set by loss name (:meth:`LossWeights.from_names`, ``TrainConfig.loss_weights``,
+``graphdistill train --loss-weight NAME=W``); an unknown name is an error, never silently ignored.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +45,42 @@ class LossWeights:
     sources: float = 1.0
     embedding: float = 1.0
     no_object: float = 0.1  # relative class weight of "no object" (DETR's eos_coef)
-    extra: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, float] = field(default_factory=dict)  # per-embedding weights: "embedding:<name>"
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """The settable names: each loss as :func:`compute_losses` names it (``class``, not ``class_``),
+        ``embedding`` (every embedding loss), ``no_object``; plus ``embedding:<name>`` for one embedding."""
+        return [f.name.rstrip("_") for f in fields(cls) if f.name != "extra"]
+
+    @classmethod
+    def from_names(
+        cls, weights: Mapping[str, float], *, embeddings: Mapping[str, int] | None = None
+    ) -> LossWeights:
+        """Defaults overridden by ``{loss name: weight}``. Raises ``ValueError`` naming an unknown loss (and
+        listing the known ones) or a negative / non-finite weight; with ``embeddings`` (the student's
+        embedding outputs), ``embedding:<name>`` must name one of them."""
+        known = cls.names()
+        w = cls()
+        for name, value in weights.items():
+            value = float(value)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"loss weight {name}={value}: must be a finite number >= 0")
+            if name.startswith("embedding:"):
+                emb = name.split(":", 1)[1]
+                if embeddings is not None and emb not in embeddings:
+                    raise ValueError(
+                        f"loss weight {name!r}: this student has no embedding output {emb!r} "
+                        f"(its embedding outputs: {sorted(embeddings) or 'none'})"
+                    )
+                w.extra[name] = value
+            elif name in known:
+                setattr(w, "class_" if name == "class" else name, value)
+            else:
+                raise ValueError(
+                    f"unknown loss weight {name!r}; known: {', '.join(known)}, embedding:<output name>"
+                )
+        return w
 
     def of(self, name: str) -> float:
         if name in self.extra:

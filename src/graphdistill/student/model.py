@@ -75,13 +75,23 @@ SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]  # ids 0..3, in this order
 
 @runtime_checkable
 class StudentProtocol(Protocol):
-    """What a user-supplied ``nn.Module`` must provide to be trained by :mod:`graphdistill.student.train`.
+    """What a user-supplied ``nn.Module`` must provide to be trained (:mod:`~graphdistill.student.train`)
+    AND to predict and be evaluated (:mod:`~graphdistill.student.predict`, ``graphdistill eval``).
 
     ``forward(image [B,3,S,S], question_ids [B,Lq], question_mask [B,Lq], answer_in [B,La])`` returns a
-    dict with ``answer_logits`` [B,La,V] (when the config has a text output) and any of ``boxes`` [B,Q,4] (cx,cy,w,h in 0..1),
-    ``class_logits`` [B,Q,C+1], ``mask_logits`` [B,Q,Hm,Wm], ``source_logits`` [B,K],
-    ``embedding:<name>`` [B,d]. Losses are computed for the outputs present. ``config`` supplies the
-    sizes the data loader needs (image_size, max_question_len, max_answer_len, mask_size, ...).
+    dict with ``answer_logits`` [B,La,V] (when the config has a text output; causal: step t sees
+    ``answer_in[:, :t+1]`` only) and any of ``boxes`` [B,Q,4] (cx,cy,w,h in 0..1), ``class_logits``
+    [B,Q,C+1], ``mask_logits`` [B,Q,Hm,Wm], ``source_logits`` [B,K], ``embedding:<name>`` [B,d]. Losses
+    are computed for the outputs present; predict returns an empty value for an output with no head.
+    ``config`` is the StudentConfig the module was built with (``cls(config)`` rebuilds it at load): sizes
+    for the data loader (image_size, max_question_len, max_answer_len, mask_size, ...) and the outputs.
+
+    That is all predict needs: it decodes the answer greedily through ``forward`` (``answer_in`` growing by
+    one token a call). Optional fast path, used by predict when present (the built-in ``Student`` has it)
+    and required by ``graphdistill export``: ``encode(image, question_ids, question_mask) -> memory``,
+    ``heads(memory) -> dict`` (the keys above but ``answer_logits``) and
+    ``generate(image, question_ids, question_mask, max_len, memory=memory) -> ids [B,n]`` (greedy, no
+    <bos>, <pad> after <eos>). ``load_student`` and training check the two required members up front.
     """
 
     config: StudentConfig

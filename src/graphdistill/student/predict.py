@@ -6,6 +6,13 @@ a list of floats.
 
 Boxes come back in pixels of the input image (the letterbox of :mod:`graphdistill.student.loader` undone),
 masks as COCO uncompressed RLE dicts at the input image's size.
+
+Any module that follows :class:`~graphdistill.student.model.StudentProtocol` predicts. When it also has the
+fast path (``encode`` + ``heads`` + ``generate``, as the built-in ``Student`` does) one encoder pass feeds
+the heads and a KV-cached decoder; otherwise the answer is decoded greedily through ``forward`` itself (one
+call per token, the whole prefix each time) and the heads are read from a last ``forward`` over the answer
+as training fed it. An output whose head the module does not return comes back empty (``[]``, or ``None``
+for text and embeddings).
 """
 
 from __future__ import annotations
@@ -19,11 +26,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from graphdistill.runner.preprocess import Letterbox, object_mask_rle
 from graphdistill.student.loader import REDUCING_GAP, preprocess_image
-from graphdistill.student.model import Student, StudentConfig
+from graphdistill.student.model import BOS_ID, EOS_ID, PAD_ID, Student, StudentConfig, StudentProtocol
 from graphdistill.student.tokenizer import StudentTokenizer
 from graphdistill.trace import RLE, Detections, ObjectOut
 
@@ -34,6 +42,65 @@ RUN_FILES = ("model.safetensors", "config.json", "tokenizer.json", "meta.json")
 
 class RunError(ValueError):
     """A student run folder is missing or incomplete; the message names the path."""
+
+
+def check_student(model: object) -> None:
+    """Raise ``TypeError`` saying what is missing when ``model`` does not follow ``StudentProtocol``."""
+    name = type(model).__qualname__
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"student {name}: must be a torch.nn.Module following StudentProtocol")
+    if not isinstance(model, StudentProtocol) or not isinstance(
+        getattr(model, "config", None), StudentConfig
+    ):
+        raise TypeError(
+            f"student {name}: needs a `config` attribute holding the StudentConfig it was built with "
+            "(StudentProtocol: `config` + forward(image, question_ids, question_mask, answer_in) -> dict)"
+        )
+
+
+def has_fast_path(model: nn.Module) -> bool:
+    """``encode`` + ``heads`` (+ ``generate`` when the config has a text output): see the module docstring."""
+    need = ("encode", "heads", "generate") if model.config.has_text else ("encode", "heads")  # type: ignore[union-attr]
+    return all(callable(getattr(model, n, None)) for n in need)
+
+
+@torch.no_grad()
+def greedy_answer_ids(
+    model: nn.Module, image: Tensor, question_ids: Tensor, question_mask: Tensor, max_len: int | None = None
+) -> Tensor:
+    """Greedy answer ids [B, n] (no <bos>; <pad> after <eos>): ``generate`` when the module has the fast
+    path, else :func:`greedy_forward`."""
+    if has_fast_path(model):
+        return model.generate(image, question_ids, question_mask, max_len)  # type: ignore[operator,no-any-return]
+    return greedy_forward(model, image, question_ids, question_mask, max_len)[0]
+
+
+@torch.no_grad()
+def greedy_forward(
+    model: nn.Module, image: Tensor, question_ids: Tensor, question_mask: Tensor, max_len: int | None = None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Decode through ``forward`` alone -> (answer ids [B, n] as :func:`greedy_answer_ids`, the outputs of a
+    last forward whose ``answer_in`` is ``<bos> answer <pad>…`` padded to ``max_answer_len``, the exact
+    shape training fed, so heads that read the answer see what they were trained on)."""
+    cfg: StudentConfig = model.config  # type: ignore[assignment]
+    t_max = cfg.max_answer_len
+    n = min(max_len or t_max - 1, t_max - 1)
+    b = image.shape[0]
+    seq = torch.full((b, 1), BOS_ID, dtype=torch.long, device=image.device)
+    done = torch.zeros(b, dtype=torch.bool, device=image.device)
+    out = model(image, question_ids, question_mask, seq)
+    for _ in range(n if "answer_logits" in out else 0):
+        nxt = out["answer_logits"][:, -1].argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, PAD_ID), nxt)
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        done = done | (nxt == EOS_ID)
+        if bool(done.all()) or seq.shape[1] > n:
+            break
+        out = model(image, question_ids, question_mask, seq)
+    ids = F.pad(seq[:, 1:], (0, n - (seq.shape[1] - 1)), value=PAD_ID)
+    answer_in = torch.cat([seq[:, :1], torch.where(ids == EOS_ID, PAD_ID, ids)], dim=1)
+    answer_in = F.pad(answer_in, (0, t_max - answer_in.shape[1]), value=PAD_ID)
+    return ids, model(image, question_ids, question_mask, answer_in)
 
 
 class StudentPredictor:
@@ -69,12 +136,17 @@ class StudentPredictor:
         qi = torch.tensor([q_ids], dtype=torch.long, device=self.device)
         qm = torch.tensor([q_mask], dtype=torch.bool, device=self.device)
         t0 = time.perf_counter()
-        memory = self.model.encode(img, qi, qm)  # type: ignore[operator]
-        heads = self.model.heads(memory)  # type: ignore[operator]
         answer = None
-        if cfg.has_text:
-            ids = self.model.generate(img, qi, qm, max_len, memory=memory)  # type: ignore[operator]
-            answer = self.tokenizer.decode(ids[0].tolist())
+        if has_fast_path(self.model):
+            memory = self.model.encode(img, qi, qm)  # type: ignore[operator]
+            heads = self.model.heads(memory)  # type: ignore[operator]
+            if cfg.has_text:
+                ids = self.model.generate(img, qi, qm, max_len, memory=memory)  # type: ignore[operator]
+                answer = self.tokenizer.decode(ids[0].tolist())
+        else:
+            ids, heads = greedy_forward(self.model, img, qi, qm, max_len)
+            if cfg.has_text and "answer_logits" in heads:
+                answer = self.tokenizer.decode(ids[0].tolist())
         log.debug("student query: %.1f ms", (time.perf_counter() - t0) * 1000)
         result: dict[str, Any] = {}
         for name, kind in cfg.outputs.items():  # the schema's order and field names
@@ -91,13 +163,16 @@ class StudentPredictor:
                     scores=[o["score"] for o in objs],
                     image_size=[h, w],
                 ).model_dump(mode="json")
+            elif kind == "sources" and "source_logits" not in heads:
+                result[name] = []
             elif kind == "sources":
                 p = heads["source_logits"][0].sigmoid().cpu()
                 order = torch.argsort(p, descending=True).tolist()
                 docs = self.doc_ids
                 result[name] = [docs[i] for i in order if i < len(docs) and p[i] >= source_threshold]
             elif kind == "embedding":
-                result[name] = heads[f"embedding:{name}"][0].float().cpu().tolist()
+                emb = heads.get(f"embedding:{name}")
+                result[name] = None if emb is None else emb[0].float().cpu().tolist()
         return result
 
     def _objects(
@@ -148,8 +223,18 @@ def load_student(run: str | Path, device: str = "cpu") -> StudentPredictor:
     name = meta.get("model_class")
     if name and name != f"{Student.__module__}.{Student.__qualname__}":
         mod, _, attr = name.rpartition(".")
-        cls = getattr(importlib.import_module(mod), attr)
+        try:
+            cls = getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError) as exc:
+            raise RunError(
+                f"student run {root}: its model class {name} cannot be imported ({exc}); "
+                "make that module importable (installed or on PYTHONPATH)"
+            ) from exc
     model = cls(config)  # type: ignore[call-arg]
+    try:
+        check_student(model)
+    except TypeError as exc:
+        raise RunError(f"student run {root}: {exc}") from exc
     load_model(model, str(root / "model.safetensors"), device=device)
     model.to(device)
     return StudentPredictor(model, StudentTokenizer.load(root / "tokenizer.json"), meta, device)

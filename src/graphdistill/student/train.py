@@ -4,8 +4,13 @@ Teacher targets are read from the filtered dataset (never from live teachers). O
 
     RUN/config.json        StudentConfig (written at setup, so --resume rebuilds the same model)
     RUN/tokenizer.json     the BPE trained on this dataset's questions + answers (written at setup)
-    RUN/checkpoints/last.pt  model + optimizer + scheduler + epoch + step + RNG state, written atomically
-    RUN/model.safetensors  RUN/meta.json  RUN/metrics.json   (written by save())
+    RUN/checkpoints/last.pt  model + optimizer + scheduler + epoch + step + RNG state (for --resume)
+    RUN/model.safetensors  RUN/meta.json   the loadable model (rewritten at every checkpoint, so a killed run
+                           can still be predicted with and evaluated: it holds the last finished epoch)
+    RUN/metrics.json       (written by save())
+
+Every file is written atomically (a temp file in the same folder, then ``os.replace``): a kill mid-write
+leaves the previous version, never a torn one.
 
 Determinism: every epoch shuffles with its own generator seeded by (seed, epoch), so a run resumed from
 epoch k's checkpoint sees exactly the batches an uninterrupted run would; dropout is 0 by default.
@@ -39,6 +44,7 @@ from graphdistill.student.model import (
     count_parameters,
     preset,
 )
+from graphdistill.student.predict import check_student, greedy_answer_ids
 from graphdistill.student.tokenizer import StudentTokenizer
 
 log = logging.getLogger(__name__)
@@ -129,6 +135,7 @@ class TrainRecipe:
         cfg = self.cfg
         if cfg.epochs is None and cfg.max_minutes is None:
             raise ValueError("give epochs or max_minutes")
+        LossWeights.from_names(cfg.loss_weights)  # a misspelt name fails here, before any work
         dev = cfg.device
         if dev == "auto":
             dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -169,14 +176,16 @@ class TrainRecipe:
             self.tokenizer.save(self.run / "tokenizer.json")
             _atomic_write_json(self.run / "config.json", self.model_config.to_dict())
 
-        self.model = (self.model_factory or Student)(self.model_config).to(self.device)
+        model = (self.model_factory or Student)(self.model_config)
+        check_student(model)
+        self.model = model.to(self.device)
         self.train_set = StudentDataset(self.ds, "train", self.tokenizer, self.model_config)
         if len(self.train_set) == 0:
             raise ValueError(f"dataset {cfg.dataset}: the train split is empty")
         # with no val rows (few source photos: splits never share a photo) training fit is all there is to show
         val_split = self.val_split = "val" if self.ds.splits.get("val", 0) else "train"
         self.val_set = StudentDataset(self.ds, val_split, self.tokenizer, self.model_config)
-        self.weights = LossWeights(extra=dict(cfg.loss_weights))
+        self.weights = LossWeights.from_names(cfg.loss_weights, embeddings=self.model_config.embedding_dims)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
         total = steps_per_epoch * cfg.epochs if cfg.epochs else None
@@ -255,7 +264,34 @@ class TrainRecipe:
         }
         path = self.run / CHECKPOINT
         _atomic_write_bytes(path, lambda p: torch.save(ck, p))
+        self.save_model_files()
         return path
+
+    def save_model_files(self) -> dict[str, Any]:
+        """model.safetensors + config.json + tokenizer.json + meta.json: everything ``load_student`` reads.
+        Returns the meta."""
+        from safetensors.torch import save_model
+
+        _atomic_write_bytes(self.run / "model.safetensors", lambda p: save_model(self.model, str(p)))
+        _atomic_write_json(self.run / "config.json", self.model_config.to_dict())
+        _atomic_write_bytes(self.run / "tokenizer.json", self.tokenizer.save)
+        graph = self.ds.graph
+        meta = {
+            "format": "graphdistill-student/1",
+            "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+            "class_names": self.ds.class_names,
+            "documents": self.ds.documents,
+            "graph": graph.model_dump(mode="json") if graph else None,
+            "graph_id": {"name": graph.name, "hash": graph.definition_hash} if graph else None,
+            "dataset": str(Path(self.cfg.dataset).resolve()),
+            "preprocessing": preprocess_spec(self.model_config.image_size),
+            "preset": self.cfg.preset,
+            "parameters": count_parameters(self.model),
+            "epochs": self.epoch,
+            "train_config": asdict(self.cfg),
+        }
+        _atomic_write_json(self.run / "meta.json", meta)
+        return meta
 
     # ---- train --------------------------------------------------------------------------------------------
 
@@ -345,24 +381,7 @@ class TrainRecipe:
     # ---- save / cleanup -----------------------------------------------------------------------------------
 
     def save(self) -> dict[str, Any]:
-        from safetensors.torch import save_model
-
-        _atomic_write_bytes(self.run / "model.safetensors", lambda p: save_model(self.model, str(p)))
-        graph = self.ds.graph
-        meta = {
-            "format": "graphdistill-student/1",
-            "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
-            "class_names": self.ds.class_names,
-            "documents": self.ds.documents,
-            "graph": graph.model_dump(mode="json") if graph else None,
-            "graph_id": {"name": graph.name, "hash": graph.definition_hash} if graph else None,
-            "dataset": str(Path(self.cfg.dataset).resolve()),
-            "preprocessing": preprocess_spec(self.model_config.image_size),
-            "preset": self.cfg.preset,
-            "parameters": count_parameters(self.model),
-            "train_config": asdict(self.cfg),
-        }
-        _atomic_write_json(self.run / "meta.json", meta)
+        meta = self.save_model_files()
         last = self.history[-1] if self.history else {}
         metrics = {
             "epochs": self.epoch,
@@ -397,9 +416,8 @@ def evaluate_batch(
         res["answer_token_acc"] = float((out["answer_logits"].argmax(-1)[keep] == tgt[keep]).float().mean())
     losses = compute_losses(out, batch)
     res["loss"] = float(losses["total"])
-    generate = getattr(model, "generate", None)
-    if callable(generate) and "answer_logits" in out:
-        ids = generate(batch["image"], batch["question_ids"], batch["question_mask"])
+    if "answer_logits" in out:  # greedy, as predict decodes (generate(), or forward() step by step)
+        ids = greedy_answer_ids(model, batch["image"], batch["question_ids"], batch["question_mask"])
         preds = [tokenizer.decode(r.tolist()) for r in ids]
         refs = [str(rows[i]["answer"] or "") for i in range(len(preds))]
         res["answer_exact"] = float(
