@@ -7,12 +7,14 @@ would try to download an ONNX model) is never used. Distances are cosine distanc
 
 When an image embedder (a CLIP-style model with ``embed_images`` / ``embed_texts``) is configured, the same
 documents are also indexed in a second collection through its text tower, so that an image embedding can
-query the knowledge base directly.
+query the knowledge base directly; the retriever's ``model_id`` and ``weights_sha256`` then cover both
+embedders.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import weakref
@@ -201,6 +203,12 @@ class ChromaRetriever:
         self.device = str(getattr(text_embedder, "device", "cpu"))
         self.model_id = f"{text_embedder.model_id} + chroma:{self.collection_name}"
         self.weights_sha256 = text_embedder.weights_sha256
+        if image_embedder is not None:
+            # the image query is part of this retriever's answer: traces must name (and pin) its model too,
+            # so a CLIP on random weights shows up as "RANDOM WEIGHTS" wherever the retriever is reported
+            self.model_id += f" + image: {image_embedder.model_id}"
+            both = f"{text_embedder.weights_sha256}+{image_embedder.weights_sha256}"
+            self.weights_sha256 = hashlib.sha256(both.encode()).hexdigest()
 
     def _open(self, name: str, ef: Any) -> Any:
         return self.client.get_or_create_collection(
