@@ -138,6 +138,69 @@ def test_verify_converted_rejects_missing_tampered_or_foreign_manifests(tmp_path
     assert not llm.verify_converted(folder, "a" * 64)
 
 
+class _TinyTextEmbedder:
+    """Enough of a text embedder to open a retriever; no vectors are computed in the tests using it."""
+
+    model_id = "tiny-embedder"
+    weights_sha256 = "0" * 64
+    device = "cpu"
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return np.zeros((len(texts), 4), np.float32)
+
+
+@pytest.mark.parametrize(
+    ("url", "host", "port", "ssl"),
+    [
+        ("https://h:9000", "h", 9000, True),
+        ("https://chroma.example", "chroma.example", 443, True),
+        ("http://10.0.0.5", "10.0.0.5", 8000, False),
+        ("kb-server:8123", "kb-server", 8123, False),  # no scheme: plain http
+    ],
+)
+def test_retriever_url_opens_a_chroma_http_client(
+    url: str, host: str, port: int, ssl: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``url=`` goes to chromadb.HttpClient (host, port, ssl; telemetry off); no connection is made here."""
+    import chromadb
+
+    from graphdistill.teachers.retriever import EF_NAME, ChromaRetriever
+
+    calls: list[dict[str, Any]] = []
+    opened: list[dict[str, Any]] = []
+
+    class Client:
+        def __init__(self, **kwargs: Any) -> None:
+            calls.append(kwargs)
+
+        def get_or_create_collection(self, **kwargs: Any) -> str:
+            opened.append(kwargs)
+            return f"collection:{kwargs['name']}"
+
+    def no_local(**kwargs: Any) -> Any:
+        raise AssertionError("a url must not open a local PersistentClient")
+
+    monkeypatch.setattr(chromadb, "HttpClient", Client)
+    monkeypatch.setattr(chromadb, "PersistentClient", no_local)
+    r = ChromaRetriever(url=url, collection="kb_remote", text_embedder=_TinyTextEmbedder())
+    (call,) = calls
+    assert (call["host"], call["port"], call["ssl"]) == (host, port, ssl)
+    assert call["settings"].anonymized_telemetry is False
+    assert r.location == url and r.collection == "collection:kb_remote"
+    (coll,) = opened
+    assert coll["embedding_function"].name() == EF_NAME  # ours, never chromadb's default
+    assert coll["configuration"] == {"hnsw": {"space": "cosine"}}
+
+
+def test_retriever_url_without_host_or_with_a_path_is_refused(tmp_path: Path) -> None:
+    from graphdistill.teachers.retriever import ChromaRetriever, RetrieverError
+
+    with pytest.raises(RetrieverError, match="has no host"):
+        ChromaRetriever(url="http://", text_embedder=_TinyTextEmbedder())
+    with pytest.raises(RetrieverError, match="not both"):
+        ChromaRetriever(path=tmp_path, url="http://h:1", text_embedder=_TinyTextEmbedder())
+
+
 # --------------------------------------------------------------------------------------------------------
 # Slow: the real LLM (SmolLM2-135M-Instruct)
 # --------------------------------------------------------------------------------------------------------
