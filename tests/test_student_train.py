@@ -239,6 +239,7 @@ def test_a_user_supplied_module_trains(dataset: Path, tmp_path: Path) -> None:
         assert out["objects"] == []  # the module has no detection head
 
 
+@pytest.mark.slow
 def test_a_module_without_the_protocol_fails_clearly_at_train_and_at_load(
     dataset: Path, tmp_path: Path
 ) -> None:
@@ -403,3 +404,81 @@ def test_an_embedding_output_is_distilled_with_a_falling_cosine_loss(dataset: Pa
     assert cfg.embedding_dims == {"image_embedding": 8}
     out = load_student(tmp_path / "run").predict(*_photo(ds))
     assert set(out) == {"answer", "image_embedding"} and len(out["image_embedding"]) == 8
+
+
+# ---- loss weights ------------------------------------------------------------------------------------------
+
+
+def test_loss_weights_are_set_by_loss_name_and_unknown_names_are_refused() -> None:
+    from graphdistill.student.losses import LossWeights
+
+    w = LossWeights.from_names({"class": 3, "box_l1": 0, "no_object": 0.3, "embedding:clip": 2})
+    assert (w.of("class"), w.of("box_l1"), w.of("box_giou"), w.no_object) == (
+        3,
+        0,
+        LossWeights().box_giou,
+        0.3,
+    )
+    assert w.of("embedding:clip") == 2 and w.of("embedding:other") == LossWeights().embedding
+    with pytest.raises(ValueError, match="unknown loss weight 'box_l2'; known: answer_ce, .*box_l1") as e:
+        LossWeights.from_names({"box_l2": 0})
+    for name in ("answer_kl", "class", "mask_bce", "mask_dice", "sources", "embedding", "no_object"):
+        assert name in str(e.value)
+    with pytest.raises(ValueError, match="unknown loss weight 'class_'"):
+        LossWeights.from_names({"class_": 1})  # the field's spelling is not a loss name
+    with pytest.raises(ValueError, match="must be a finite number >= 0"):
+        LossWeights.from_names({"mask_dice": -1})
+    with pytest.raises(ValueError, match="no embedding output 'clip'"):
+        LossWeights.from_names({"embedding:clip": 1}, embeddings={"image_embedding": 8})
+
+
+@pytest.mark.slow
+def test_loss_weights_by_name_change_the_total_and_a_misspelt_name_errors(
+    dataset: Path, tmp_path: Path
+) -> None:
+    from graphdistill.student.losses import LossWeights
+
+    default = train(_cfg(dataset, tmp_path / "default", epochs=1))["final_train_loss"]
+    no_box = train(_cfg(dataset, tmp_path / "nobox", epochs=1, loss_weights={"box_l1": 0, "class": 3}))
+    losses = no_box["final_train_loss"]
+    for name in default:  # one step from the same seeded model: each loss is the same, only the sum moves
+        if name != "total":
+            assert losses[name] == pytest.approx(default[name], rel=1e-5), name
+    w = LossWeights()
+    assert losses["box_l1"] > 0.01
+    assert default["total"] - losses["total"] == pytest.approx(
+        w.box_l1 * default["box_l1"] + (w.class_ - 3) * default["class"], rel=1e-4
+    )
+    assert json.loads((tmp_path / "nobox" / "meta.json").read_text())["train_config"]["loss_weights"] == {
+        "box_l1": 0,
+        "class": 3,
+    }
+
+    with pytest.raises(ValueError, match="unknown loss weight 'box_l2'; known: answer_ce, .*box_l1"):
+        train(_cfg(dataset, tmp_path / "typo", epochs=1, loss_weights={"box_l2": 0}))
+    assert not (tmp_path / "typo").exists(), "a misspelt name fails before any work"
+    with pytest.raises(ValueError, match="no embedding output 'clip'"):
+        train(_cfg(dataset, tmp_path / "emb", epochs=1, loss_weights={"embedding:clip": 1}))
+
+
+@pytest.mark.slow
+def test_train_command_takes_loss_weights_and_names_bad_ones(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from graphdistill.cli import main
+
+    base = ["train", str(dataset), "--out", str(tmp_path / "run"), "--epochs", "1", "--image-size", "96"]
+    assert main([*base, "--loss-weight", "box_l2=0"]) == 2
+    err = capsys.readouterr().err
+    assert "box_l2" in err and "box_l1" in err and "mask_dice" in err  # the known names are listed
+    assert main([*base, "--loss-weight", "box_l1"]) == 2
+    assert "NAME=WEIGHT" in capsys.readouterr().err
+    assert main([*base, "--loss-weight", "box_l1=lots"]) == 2
+    assert "box_l1=lots" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+    assert (
+        main([*base, "--batch-size", "4", "--loss-weight", "box_l1=0", "--loss-weight", "mask_dice=4"]) == 0
+    )
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["train_config"]["loss_weights"] == {"box_l1": 0.0, "mask_dice": 4.0}

@@ -27,8 +27,32 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--image-size", type=int, default=None, help="override the preset's input size (multiple of 32)"
     )
+    p.add_argument(
+        "--loss-weight",
+        action="append",
+        default=[],
+        metavar="NAME=W",
+        help="weight of one loss, repeatable (e.g. --loss-weight box_l1=0 --loss-weight mask_dice=4); "
+        "names: answer_ce, answer_kl, class, box_l1, box_giou, mask_bce, mask_dice, sources, embedding, "
+        "no_object, embedding:<output>",
+    )
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
     p.set_defaults(func=_train)
+
+
+def parse_loss_weights(items: list[str]) -> dict[str, float]:
+    """``["box_l1=0", "class=2"]`` -> ``{"box_l1": 0.0, "class": 2.0}``; names are checked by the recipe."""
+    weights: dict[str, float] = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = None
+        if weight is None or not name.strip():
+            raise CommandError(f"--loss-weight {item!r}: give NAME=WEIGHT, e.g. box_l1=0.5")
+        weights[name.strip()] = weight
+    return weights
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -42,6 +66,7 @@ def _train(args: argparse.Namespace) -> int:
         raise CommandError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.image_size is not None and (args.image_size < 32 or args.image_size % 32):
         raise CommandError(f"--image-size {args.image_size}: must be a positive multiple of 32")
+    loss_weights = parse_loss_weights(args.loss_weight)
     try:
         open_dataset(args.dataset)
     except DatasetError as exc:
@@ -52,8 +77,13 @@ def _train(args: argparse.Namespace) -> int:
 
     import torch
 
+    from graphdistill.student.losses import LossWeights
     from graphdistill.student.train import TrainConfig, TrainRecipe
 
+    try:
+        LossWeights.from_names(loss_weights)
+    except ValueError as exc:
+        raise CommandError(f"--loss-weight: {exc}") from exc
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CommandError(f"--device {args.device}: CUDA is not available on this machine")
     cfg = TrainConfig(
@@ -68,6 +98,7 @@ def _train(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
         overrides={"image_size": args.image_size} if args.image_size else {},
+        loss_weights=loss_weights,
     )
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
