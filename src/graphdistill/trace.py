@@ -218,13 +218,26 @@ class Document(_Record):
 
 
 class TokenLogprobs(_Record):
-    """Per generated token: its id and the teacher's top-k (ids, log-probabilities) at that step."""
+    """Per generated token: its id and the teacher's top-k (ids, log-probabilities) at that step.
+
+    The optional ``token_texts`` / ``topk_texts`` / ``eos_ids`` let a student with a different tokenizer use
+    the log-probs (it aligns pieces by characters); records written before them leave them empty.
+    """
 
     kind: Literal["token_logprobs"] = "token_logprobs"
     tokenizer: str = Field(description="model id of the tokenizer the ids belong to")
     token_ids: list[int] = Field(default_factory=list)
     topk_ids: list[list[int]] = Field(default_factory=list)
     topk_logprobs: list[list[float]] = Field(default_factory=list)
+    token_texts: list[str] = Field(
+        default_factory=list,
+        description="the text each generated token adds to the answer (joined: the decoded answer); [] = unknown",
+    )
+    topk_texts: list[list[str]] = Field(
+        default_factory=list,
+        description="the text each top-k alternative would have added at that step; [] = unknown",
+    )
+    eos_ids: list[int] = Field(default_factory=list, description="the teacher's end-of-answer token ids")
 
     @model_validator(mode="after")
     def _check(self) -> TokenLogprobs:
@@ -232,6 +245,10 @@ class TokenLogprobs(_Record):
             raise ValueError(
                 "TokenLogprobs: token_ids, topk_ids and topk_logprobs must have one entry per token"
             )
+        if self.token_texts and len(self.token_texts) != len(self.token_ids):
+            raise ValueError("TokenLogprobs: token_texts must be empty or have one entry per token")
+        if self.topk_texts and [len(t) for t in self.topk_texts] != [len(i) for i in self.topk_ids]:
+            raise ValueError("TokenLogprobs: topk_texts must be empty or have one text per top-k id")
         return self
 
 

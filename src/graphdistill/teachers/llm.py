@@ -6,7 +6,8 @@ folder in a fraction of a second. The folder is written atomically (temp dir + r
 manifest that is verified on every load: a folder that fails the check is rebuilt, never used.
 
 Generation returns the text, the teacher's top-k log-probabilities at every generated step (the signal a
-student distils from) and why it stopped. Greedy decoding is deterministic; sampling is reproducible for a
+student distils from; with the text of each token and alternative, so a student with its own tokenizer can
+align them by characters) and why it stopped. Greedy decoding is deterministic; sampling is reproducible for a
 given ``seed`` (the torch RNG is forked and seeded around each call, so global state is untouched).
 """
 
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "graphdistill-converted.json"
 MANIFEST_FORMAT = "graphdistill-converted/1"
+PIECE_CONTEXT = 8  # tokens of context each piece is decoded in (see HFCausalLM.piece_texts)
 
 
 class ConversionError(RuntimeError):
@@ -218,6 +220,37 @@ class HFCausalLM:
         )
         return str(text)
 
+    def piece_texts(self, ids: list[int], topk: list[list[int]]) -> tuple[list[str], list[list[str]]]:
+        """The text each generated token adds to the answer, and the text each top-k alternative would have
+        added at that step: what a student with another tokenizer aligns the log-probs by.
+
+        Decoded in context (the text of context + token minus the text of the context, the context being
+        the previous :data:`PIECE_CONTEXT` tokens), not one id alone: only in context does a tokenizer
+        whose pieces carry a leading-space marker (SentencePiece) give the space, and a character split over
+        several byte tokens come out whole. A token that ends inside a character adds "" and the token that
+        completes it adds the whole character, so the pieces always join to the decoded answer. Special
+        tokens (EOS) add "". No clean-up of spaces: pieces must join exactly.
+        """
+
+        def dec(x: list[int]) -> str:
+            return str(self.tokenizer.decode(x, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+        texts: list[str] = []
+        alts: list[list[str]] = []
+        whole = 0  # ids[:whole] decode to whole characters (the pieces so far cover exactly them)
+        for s in range(len(ids)):
+            c0 = max(0, whole - PIECE_CONTEXT)
+            base = dec(ids[c0:whole])
+            ctx = ids[c0:s]
+            alts.append([dec([*ctx, a])[len(base) :] for a in topk[s]])
+            text = dec(ids[c0 : s + 1])
+            if text.endswith("\ufffd") and s < len(ids) - 1:  # inside a character: the next token ends it
+                texts.append("")
+                continue
+            texts.append(text[len(base) :])
+            whole = s + 1
+        return texts, alts
+
     def generate(
         self,
         prompt: Prompt,
@@ -285,11 +318,16 @@ class HFCausalLM:
                     break
             ids = tokens[:n]
             text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            topk = [top_ids[s][row] for s in range(n)]
+            token_texts, topk_texts = self.piece_texts(ids, topk)
             lp = TokenLogprobs(
                 tokenizer=self.model_id,
                 token_ids=ids,
-                topk_ids=[top_ids[s][row] for s in range(n)],
+                topk_ids=topk,
                 topk_logprobs=[top_vals[s][row] for s in range(n)],
+                token_texts=token_texts,
+                topk_texts=topk_texts,
+                eos_ids=sorted(self._eos),
             )
             results.append(LLMOutput(text=text, logprobs=lp, finish_reason=finish))  # type: ignore[arg-type]
         return results
