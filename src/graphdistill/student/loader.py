@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from graphdistill.student.model import StudentConfig
+from graphdistill.student.model import EOS_ID, StudentConfig
 from graphdistill.student.tokenizer import StudentTokenizer
+from graphdistill.trace import TokenLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -160,15 +161,9 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
                 f"dataset has {len(self.doc_ids)} documents but the student has num_sources={config.num_sources}"
             )
         self.soft_targets_tokenizer = soft_targets_tokenizer
-        n_topk = sum(r.get("llm_topk") is not None for r in self.rows)
-        if n_topk and soft_targets_tokenizer is None:
-            log.info(
-                "%s: %d rows carry the teacher LLM's top-k log-probs, but in the teacher's vocabulary, not the "
-                "student's BPE; token-level KL is skipped (the answer CE on the consensus text carries the "
-                "signal). See graphdistill.student.losses.",
-                split,
-                n_topk,
-            )
+        # soft targets are built once (tokenising every answer) and logged, so a run shows its KL coverage
+        self._soft = [self._soft_targets(row) for row in self.rows]
+        self._log_soft_coverage()
         self._cache: dict[int, tuple[Tensor, float]] = {}
 
     def __len__(self) -> int:
@@ -212,7 +207,10 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
                     )
                 item[f"embedding:{name}"] = torch.tensor(vec) if vec is not None else torch.zeros(dim)
                 item[f"embedding:{name}:valid"] = torch.tensor(vec is not None)
-        item.update(self._soft_targets(row))
+        soft = self._soft[i]
+        if soft is None:
+            soft = _no_soft_targets(cfg.max_answer_len, self.topk)
+        item.update(zip(("topk_ids", "topk_logprobs", "topk_valid"), soft, strict=True))
         item["scale"] = torch.tensor(scale, dtype=torch.float32)
         item["image_hw"] = torch.tensor([h, w], dtype=torch.long)
         return item
@@ -248,18 +246,15 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             out["masks"] = masks
         return out
 
-    def _soft_targets(self, row: dict[str, Any]) -> dict[str, Tensor]:
+    def _soft_targets(self, row: dict[str, Any]) -> SoftTargets | None:
+        """The row's (topk_ids, topk_logprobs, topk_valid), or None when no answer position has any."""
         cfg = self.cfg
-        topk_ids = torch.zeros(cfg.max_answer_len, self.topk, dtype=torch.long)
-        topk_lp = torch.zeros(cfg.max_answer_len, self.topk)
-        topk_valid = torch.zeros(cfg.max_answer_len, dtype=torch.bool)
         lt = row.get("llm_topk")
-        if (
-            lt is not None
-            and self.soft_targets_tokenizer is not None
-            and lt.tokenizer == self.soft_targets_tokenizer
-        ):
+        if lt is None:
+            return None
+        if self.soft_targets_tokenizer is not None and lt.tokenizer == self.soft_targets_tokenizer:
             # The student shares the teacher's tokenizer: step t of the teacher predicts target position t.
+            topk_ids, topk_lp, topk_valid = _no_soft_targets(cfg.max_answer_len, self.topk)
             n = min(len(lt.topk_ids), cfg.max_answer_len)
             for t in range(n):
                 k = min(self.topk, len(lt.topk_ids[t]))
@@ -267,7 +262,116 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
                 topk_lp[t, :k] = torch.tensor(lt.topk_logprobs[t][:k])
                 topk_lp[t, k:] = -float("inf")
                 topk_valid[t] = True
-        return {"topk_ids": topk_ids, "topk_logprobs": topk_lp, "topk_valid": topk_valid}
+            return (topk_ids, topk_lp, topk_valid) if n else None
+        return align_soft_targets(lt, row["answer"] or "", self.tok, cfg.max_answer_len, self.topk)
+
+    def _log_soft_coverage(self) -> None:
+        with_topk = [r for r in self.rows if r.get("llm_topk") is not None]
+        if not with_topk:
+            return
+        positions = sum(
+            min(len(self.tok.encode(r["answer"] or "")) + 1, self.cfg.max_answer_len) for r in self.rows
+        )
+        covered = sum(int(s[2].sum()) for s in self._soft if s is not None)
+        no_texts = sum(not r["llm_topk"].token_texts for r in with_topk)
+        log.info(
+            "%s: soft targets (the teacher LLM's top-k) on %d of %d answer positions (%.0f%%), in %d of %d rows "
+            "(%d carry top-k log-probs; %d of those were recorded without token texts, so their ids cannot be "
+            "mapped onto the student's tokenizer)",
+            self.split,
+            covered,
+            positions,
+            100 * covered / max(positions, 1),
+            sum(s is not None for s in self._soft),
+            len(self.rows),
+            len(with_topk),
+            no_texts,
+        )
+
+
+SoftTargets = tuple[Tensor, Tensor, Tensor]  # topk_ids [La,k] int64, topk_logprobs [La,k], topk_valid [La]
+
+
+def _no_soft_targets(max_len: int, k: int) -> SoftTargets:
+    return (
+        torch.zeros(max_len, k, dtype=torch.long),
+        torch.zeros(max_len, k),
+        torch.zeros(max_len, dtype=torch.bool),
+    )
+
+
+def align_soft_targets(
+    lt: TokenLogprobs, answer: str, tok: StudentTokenizer, max_len: int, k: int
+) -> SoftTargets | None:
+    """The teacher's top-k at the student's answer positions, aligned by characters (the teacher's
+    tokenizer is not the student's). None when ``lt`` carries no piece texts, ``answer`` is not in the text
+    they decode to (the log-probs came from another text), or no position aligns.
+
+    A student target position gets soft targets when a teacher piece starts at the same character of the
+    answer with exactly the student token's text: both models then predict the same next characters from
+    the same text. Each of the teacher's alternatives there maps to the student token with exactly its text
+    (:attr:`StudentTokenizer.piece_ids`), or to ``<eos>`` when it is one of the teacher's EOS ids; an
+    alternative with no student token is dropped (log-prob −inf, which :func:`losses.answer_kl` skips). The
+    ``<eos>`` target after the answer aligns with the teacher's EOS step when the answer ends the teacher's
+    text. The alternatives are the teacher's first ``k`` at that step, in its order (slots kept).
+    """
+    if not lt.token_texts or not lt.topk_texts or not answer:
+        return None
+    teacher_text = "".join(lt.token_texts)
+    base = teacher_text.find(answer)  # the answer is the teacher's text stripped (or a part of it)
+    if base < 0:
+        return None
+    starts: dict[int, int] = {}  # char offset -> the teacher step whose (non-empty) piece starts there
+    pos = 0
+    for j, piece in enumerate(lt.token_texts):
+        if piece:
+            starts.setdefault(pos, j)
+        pos += len(piece)
+    eos = set(lt.eos_ids)
+    pieces = tok.piece_ids
+
+    def student_id(teacher_id: int, text: str) -> int | None:
+        return EOS_ID if teacher_id in eos else pieces.get(text)
+
+    topk_ids, topk_lp, topk_valid = _no_soft_targets(max_len, k)
+
+    def fill(p: int, j: int) -> None:
+        row = [-float("inf")] * k
+        seen: dict[int, int] = {}  # student id -> slot (two teacher pieces can map to one student token)
+        for slot, (tid, text, lp) in enumerate(
+            zip(lt.topk_ids[j][:k], lt.topk_texts[j][:k], lt.topk_logprobs[j][:k], strict=True)
+        ):
+            sid = student_id(tid, text)
+            if sid is None:
+                continue
+            if sid in seen:  # its mass joins the first slot's
+                row[seen[sid]] = float(np.logaddexp(row[seen[sid]], lp))
+                continue
+            seen[sid] = slot
+            topk_ids[p, slot] = sid
+            row[slot] = float(lp)
+        topk_lp[p] = torch.tensor(row)
+        topk_valid[p] = bool(seen)
+
+    ids, offsets = tok.encode_offsets(answer)
+    n = min(len(ids), max_len - 1)  # as StudentTokenizer.encode_answer truncates
+    for p in range(n):
+        s, e = offsets[p]
+        step = starts.get(base + s)
+        text = answer[s:e]
+        if step is None or lt.token_texts[step] != text or pieces.get(text) != ids[p]:
+            continue
+        if student_id(lt.token_ids[step], text) == ids[p]:  # the teacher's choice is the student's target
+            fill(p, step)
+    last = len(lt.token_ids) - 1
+    if (
+        len(ids) < max_len  # the target ends with <eos> (not truncated)
+        and last >= 0
+        and lt.token_ids[last] in eos
+        and base + len(answer) == len(teacher_text)  # the teacher ended its text right where the answer ends
+    ):
+        fill(len(ids), last)
+    return (topk_ids, topk_lp, topk_valid) if bool(topk_valid.any()) else None
 
 
 def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:

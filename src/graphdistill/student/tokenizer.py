@@ -12,6 +12,7 @@ Special tokens have fixed ids (see :data:`graphdistill.student.model.SPECIAL_TOK
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -66,6 +67,24 @@ class StudentTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok.encode(text).ids)
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and each token's (start, end) character offsets in ``text`` (a token inside a multi-byte
+        character spans that whole character)."""
+        enc = self.tok.encode(text)
+        return list(enc.ids), [(int(s), int(e)) for s, e in enc.offsets]
+
+    @functools.cached_property
+    def piece_ids(self) -> dict[str, int]:
+        """Decoded text -> id for every token that decodes on its own to whole characters (special tokens
+        and byte pieces of a multi-byte character do not). Built once; cross-tokenizer soft targets map a
+        teacher's piece to the student token with exactly its text through it."""
+        out: dict[str, int] = {}
+        for i in range(self.vocab_size):
+            text = str(self.tok.decode([i]))
+            if text and "\ufffd" not in text:
+                out.setdefault(text, i)
+        return out
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids -> text, stopping at the first <eos> and dropping <pad>/<bos>."""
