@@ -295,6 +295,24 @@ def test_missing_detector_path_is_a_clear_error(
     assert "nor an existing path" in err
 
 
+def test_third_party_notice_names_only_real_run_flags() -> None:
+    """The licence notice tells users to swap weights with run flags: each flag it names must exist."""
+    import re
+
+    from graphdistill.cli import build_parser
+
+    notice = (Path(__file__).resolve().parents[1] / "THIRD_PARTY_NOTICES.md").read_text()
+    named = set(re.findall(r"`graphdistill run (--[a-z][a-z-]*)|`(--[a-z][a-z-]*)`", notice))
+    flags = {a or b for a, b in named}
+    assert {"--detector", "--segmenter", "--llm", "--text-embedder"} <= flags
+    import argparse
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    run = sub.choices["run"]
+    options = {o for action in run._actions for o in action.option_strings}
+    assert flags <= options, flags - options
+
+
 def test_bad_out_path(toy: str, photo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     g = ["--graph", f"{toy}:builder", "--image", str(photo), "--question", "q"]
     assert "does not exist" in _bad(capsys, *g, "--out", str(tmp_path / "no" / "such" / "a.png"))

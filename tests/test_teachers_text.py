@@ -275,6 +275,31 @@ def test_llm_batch_matches_single_answers_and_stops_at_length() -> None:
 
 
 @pytest.mark.slow
+def test_llm_records_piece_texts_that_join_to_its_answer_and_align_with_a_student_bpe() -> None:
+    from graphdistill.student.loader import align_soft_targets
+    from graphdistill.student.tokenizer import StudentTokenizer
+
+    lm = _models.llm()
+    out = lm.generate(QUESTION, max_new_tokens=12)
+    lp = out.logprobs
+    assert len(lp.token_texts) == len(lp.token_ids) > 0
+    joined = "".join(lp.token_texts)
+    assert joined == lm.tokenizer.decode(lp.token_ids, skip_special_tokens=True)
+    assert joined.strip() == out.text
+    assert [len(t) for t in lp.topk_texts] == [len(i) for i in lp.topk_ids] == [5] * len(lp.token_ids)
+    for tok, text, ids, alts in zip(lp.token_ids, lp.token_texts, lp.topk_ids, lp.topk_texts, strict=True):
+        assert alts[0] == text and ids[0] == tok  # greedy: the chosen piece is the top-1's text
+        alone = lm.tokenizer.decode([tok], skip_special_tokens=True)
+        if "\ufffd" not in alone:  # byte-level BPE: a whole-character piece is the same on its own
+            assert text == alone
+    assert lp.eos_ids == sorted(lm._eos)
+    # a student BPE trained on the answer maps the teacher's pieces onto its own tokens somewhere
+    student = StudentTokenizer.train([out.text] * 3, vocab_size=300)
+    soft = align_soft_targets(lp, out.text, student, 32, 5)
+    assert soft is not None and int(soft[2].sum()) >= 2
+
+
+@pytest.mark.slow
 def test_llm_conversion_cache_is_reused_and_a_corrupt_one_is_rebuilt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -336,6 +361,21 @@ def test_minilm_embeddings_are_normalised_and_related_texts_score_higher() -> No
     related, unrelated = float(v[0] @ v[1]), float(v[0] @ v[2])
     assert related > unrelated + 0.3
     assert emb.embed([]).shape == (0, 384)
+
+
+@pytest.mark.slow
+def test_text_embedder_loads_a_local_model_folder(tmp_path: Path) -> None:
+    """A user's own sentence-transformers folder (a copy of the registry one, outside the cache) loads."""
+    from graphdistill import weights
+    from graphdistill.teachers.text_embedder import SentenceEmbedder
+
+    local = tmp_path / "my-minilm"
+    shutil.copytree(weights.cached_path("all-minilm-l6-v2"), local)
+    emb = SentenceEmbedder(weights=str(local))
+    assert emb.weights == str(local) and emb.model_id == "my-minilm"
+    assert emb.weights_sha256 == weights.REGISTRY["all-minilm-l6-v2"].sha256  # digest of the folder
+    texts = ["a cat on a sofa", "a red bus"]
+    np.testing.assert_allclose(emb.embed(texts), _models.text_embedder().embed(texts), atol=1e-5)
 
 
 @pytest.mark.slow

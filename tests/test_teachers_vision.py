@@ -143,6 +143,25 @@ def test_detector_is_deterministic_and_batch_matches_single() -> None:
 
 
 @pytest.mark.slow
+def test_detector_loads_a_local_weights_path(tmp_path: Path) -> None:
+    """A user's own .pt (here: a copy of the registry file, outside the cache) loads and detects the same."""
+    import shutil
+
+    from graphdistill.teachers.detector import YoloDetector
+
+    local = tmp_path / "my_yolo.pt"
+    shutil.copyfile(detector().weights_path, local)
+    det = YoloDetector(weights=str(local))
+    assert det.weights_path == local
+    assert det.weights_sha256 == REGISTRY["yolo11n"].sha256  # its digest is computed, not looked up
+    assert "my_yolo.pt" in det.model_id
+    bus = builtin_image("ultralytics/bus")
+    got, want = det.detect(bus), detector().detect(bus)
+    assert got.names == want.names and "bus" in got.names
+    np.testing.assert_allclose(got.xyxy, want.xyxy, atol=0.5)
+
+
+@pytest.mark.slow
 def test_detector_batch_chunks_give_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
     det = detector()
     bus = builtin_image("ultralytics/bus")
