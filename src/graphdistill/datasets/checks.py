@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from graphdistill.datasets.vote import Consensus, trace_documents, trace_failed, written
-from graphdistill.trace import Detections, Trace
+from graphdistill.trace import RECORD_KEY, Detections, Trace, decode_value
 
 # a few everyday words for COCO classes (the LLM rarely says "person")
 SYNONYMS: dict[str, str] = {
@@ -82,12 +82,17 @@ def _chosen(c: Consensus, traces: Sequence[Trace]) -> Trace | None:
 
 
 def _detected(c: Consensus, traces: Sequence[Trace]) -> set[str]:
+    """Labels of the consensus objects and of every Detections a node of the chosen sample wrote (whatever
+    the state key: user graphs name it as they like)."""
     labels = {o.label for o in c.objects}
     t = _chosen(c, traces)
     if t is not None:
-        dets = written(t, "detections")
-        if isinstance(dets, Detections):
-            labels.update(dets.names)
+        for span in t.spans:
+            for value in span.writes.values():
+                if isinstance(value, dict) and value.get(RECORD_KEY) == "detections":
+                    dets = decode_value(value)
+                    if isinstance(dets, Detections):
+                        labels.update(dets.names)
     return labels
 
 
@@ -132,6 +137,8 @@ def check_failed_node(c: Consensus, traces: Sequence[Trace], cfg: CheckConfig) -
 
 
 def check_empty_answer(c: Consensus, traces: Sequence[Trace], cfg: CheckConfig) -> str | None:
+    if c.outputs.answer is None:
+        return None  # the graph declares no TEXT output
     if c.answer is None or not c.answer.strip():
         return "the consensus answer is empty"
     return None

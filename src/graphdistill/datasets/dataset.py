@@ -60,6 +60,11 @@ COLUMNS = (
     "trace_ids",
     "split",
 )
+# columns added later: written by every writer, read as null from datasets written before them
+OPTIONAL_COLUMNS = (
+    "embeddings",  # JSON {EMBEDDING output name: [float, ...]} or null (student.loader.row_embeddings)
+    "ground_truth",  # JSON {"answer", "objects", "sources"} of human labels, or null
+)
 
 
 class DatasetError(ValueError):
@@ -86,6 +91,8 @@ def _schema() -> Any:
             ("llm_topk", pa.string()),  # JSON TokenLogprobs or null
             ("trace_ids", pa.list_(pa.string())),
             ("split", pa.string()),
+            ("embeddings", pa.string()),
+            ("ground_truth", pa.string()),
         ]
     )
 
@@ -100,6 +107,35 @@ def _objects_json(objects: Any) -> str:
         obj = o if isinstance(o, ObjectOut) else ObjectOut.model_validate(o)
         out.append(obj.model_dump(mode="json"))
     return json.dumps(out, separators=(",", ":"))
+
+
+def _embeddings_json(embeddings: Any) -> str | None:
+    if not embeddings:
+        return None
+    vecs = {str(name): [float(x) for x in vec] for name, vec in dict(embeddings).items()}
+    return json.dumps(vecs, separators=(",", ":"))
+
+
+def _ground_truth_json(gt: Any) -> str | None:
+    """Human labels -> JSON with the fields the evaluation scores; objects default to score 1."""
+    if not gt:
+        return None
+    if not isinstance(gt, dict):
+        raise ValueError(
+            f"ground_truth must be an object {{answer, objects, sources}}, got {type(gt).__name__}"
+        )
+    out: dict[str, Any] = {}
+    if gt.get("answer") is not None:
+        out["answer"] = str(gt["answer"])
+    if gt.get("objects") is not None:
+        objs = [
+            o if isinstance(o, ObjectOut) else ObjectOut.model_validate({"score": 1.0, **o})
+            for o in gt["objects"]
+        ]
+        out["objects"] = [o.model_dump(mode="json") for o in objs]
+    if gt.get("sources") is not None:
+        out["sources"] = [str(s) for s in gt["sources"]]
+    return json.dumps(out, separators=(",", ":")) if out else None
 
 
 def _topk_json(topk: Any) -> str | None:
@@ -119,7 +155,8 @@ class DatasetWriter:
 
     ``row`` holds the row columns (``question``, ``answer``, ``objects`` (ObjectOut or dicts), ``sources``,
     the ``agreement_*`` values, ``provenance_photos``, ``llm_topk`` (TokenLogprobs, dict or None),
-    ``trace_ids``, optional ``id``); the writer fills ``image``, ``image_height``, ``image_width`` and
+    ``trace_ids``, optional ``id``, optional ``embeddings`` ({EMBEDDING output name: vector}) and
+    ``ground_truth`` ({answer, objects, sources} human labels)); the writer fills ``image``, ``image_height``, ``image_width`` and
     ``split`` from the image it stores. ``manifest`` is merged into manifest.json (``graph``,
     ``class_names``, ``documents``, ``source_store``, ``filter``); ``format`` and ``splits`` are set here.
     """
@@ -162,6 +199,12 @@ class DatasetWriter:
         rid = str(row.get("id") or f"{len(self._ids):08d}-{ref.blob[:12]}")
         if rid in self._ids:
             raise DatasetError(f"dataset {self.root}: row id {rid!r} added twice")
+        try:
+            ground_truth = _ground_truth_json(row.get("ground_truth"))
+        except ValueError as exc:
+            raise DatasetError(
+                f"dataset {self.root}: row {rid!r} has malformed ground_truth ({exc})"
+            ) from exc
         self._ids.add(rid)
         stored = {
             "id": rid,
@@ -179,6 +222,8 @@ class DatasetWriter:
             "llm_topk": _topk_json(row.get("llm_topk")),
             "trace_ids": [str(t) for t in row.get("trace_ids") or []],
             "split": split,
+            "embeddings": _embeddings_json(row.get("embeddings")),
+            "ground_truth": ground_truth,
         }
         self._rows[split].append(stored)
         return stored
@@ -321,6 +366,8 @@ def _parse_row(raw: dict[str, Any], path: Path) -> dict[str, Any]:
         raise DatasetError(f"dataset file {path}: row {raw.get('id')!r} is corrupt ({exc})") from exc
     for key in ("sources", "provenance_photos", "trace_ids"):
         row[key] = list(row.get(key) or [])
+    for key in OPTIONAL_COLUMNS:
+        row.setdefault(key, None)
     return row
 
 

@@ -23,7 +23,16 @@ from graphdistill.datasets.dedup import dhash, near_duplicates
 from graphdistill.datasets.photos import DEFAULT_HELDOUT
 from graphdistill.datasets.rules import Rule
 from graphdistill.datasets.splits import Item, assign_splits
-from graphdistill.datasets.vote import Consensus, Embedder, trace_documents, vote_group, written
+from graphdistill.datasets.vote import (
+    Consensus,
+    Embedder,
+    OutputNames,
+    output_kinds,
+    recorded_schema,
+    trace_documents,
+    vote_group,
+    written,
+)
 from graphdistill.trace import BlobRef, Detections, FieldSpec, GraphSchema, Kind, Trace
 
 log = logging.getLogger(__name__)
@@ -119,7 +128,14 @@ def _is_heldout(c: Consensus) -> bool:
     return bool(recipe.get("heldout")) or recipe.get("kind") == "heldout"
 
 
-def decide_group(traces: Sequence[Trace], config: FilterConfig, embedder: Embedder | None) -> GroupDecision:
+def decide_group(
+    traces: Sequence[Trace],
+    config: FilterConfig,
+    embedder: Embedder | None,
+    *,
+    names: OutputNames | None = None,
+    load_blob: Callable[[str], bytes] | None = None,
+) -> GroupDecision:
     """Vote, then every check, agreement threshold and user rule (dedup and splits come later)."""
     c = vote_group(
         traces,
@@ -127,6 +143,8 @@ def decide_group(traces: Sequence[Trace], config: FilterConfig, embedder: Embedd
         answer_threshold=config.answer_threshold,
         iou=config.iou,
         quorum=config.quorum,
+        names=names,
+        load_blob=load_blob,
     )
     failed = run_checks(c, traces, config.checks)
     for output, threshold in config.min_agreement.items():
@@ -165,12 +183,15 @@ def filter_store(
     if not groups:
         raise FilterError(f"trace store {source_store or store}: holds no traces")
     tick = progress or (lambda stage, done, total: None)
-    decisions: list[GroupDecision] = []
     all_traces: dict[str, list[Trace]] = {}
     for i, gid in enumerate(sorted(groups)):
-        traces = [store.get(tid) for tid in groups[gid]]
-        all_traces[gid] = traces
-        decisions.append(decide_group(traces, config, embedder))
+        all_traces[gid] = [store.get(tid) for tid in groups[gid]]
+        tick("read", i + 1, len(groups))
+    # which output is the answer / objects / sources: by kind, decided once for the whole store
+    names = OutputNames.from_kinds(output_kinds([t for ts in all_traces.values() for t in ts]))
+    decisions: list[GroupDecision] = []
+    for i, traces in enumerate(all_traces.values()):
+        decisions.append(decide_group(traces, config, embedder, names=names, load_blob=store.blob))
         tick("vote", i + 1, len(groups))
 
     # near-duplicates among the survivors: the best-agreeing copy stays
@@ -209,6 +230,8 @@ def filter_store(
                 "provenance_photos": c.provenance.photos,
                 "llm_topk": c.llm_topk,
                 "trace_ids": c.trace_ids,
+                "embeddings": c.embeddings or None,
+                "ground_truth": c.ground_truth,
             },
             load_image_of(c, store),
             d.split or "train",
@@ -229,27 +252,18 @@ def filter_store(
 # The manifest: graph schema, class names, documents
 # --------------------------------------------------------------------------------------------------------
 
-_INFERRED_KINDS = {"answer": Kind.TEXT, "objects": Kind.OBJECTS, "sources": Kind.SOURCES}
-
 
 def graph_schema(traces: Sequence[Trace]) -> dict[str, Any] | None:
-    """The recorded GraphSchema (trace metadata "graph_schema" / "schema"), else one inferred from outputs."""
-    for t in traces:
-        for key in ("graph_schema", "schema"):
-            raw = t.metadata.get(key)
-            if isinstance(raw, dict):
-                try:
-                    return GraphSchema.model_validate(raw).model_dump(mode="json")
-                except ValueError:
-                    continue
+    """The recorded GraphSchema (trace metadata "graph_schema" / "schema"), else one inferred from outputs
+    (see :func:`~graphdistill.datasets.vote.output_kinds`)."""
+    schema = recorded_schema(traces)
+    if schema is not None:
+        return schema.model_dump(mode="json")
     ok = [t for t in traces if t.status == "ok"] or list(traces)
     if not ok:
         return None
     t0 = ok[0]
-    outputs: dict[str, Kind] = {}
-    for t in ok:
-        for name in t.output:
-            outputs.setdefault(name, _INFERRED_KINDS.get(name, Kind.JSON))
+    outputs = output_kinds(ok)
     inputs = [
         FieldSpec(name=k, kind=Kind.IMAGE if k == "image" else Kind.TEXT if k == "question" else Kind.JSON)
         for k in t0.inputs
