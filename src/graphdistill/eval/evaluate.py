@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +44,25 @@ class EvalError(ValueError):
     """The run or the dataset cannot be evaluated; the message names which and why."""
 
 
-def output_of_row(row: dict[str, Any]) -> dict[str, Any]:
-    """The teacher's recorded final output of one dataset row."""
-    return {
+def output_of_row(row: dict[str, Any], kinds: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The teacher's recorded final output of one dataset row, in the canonical ``answer`` / ``objects`` /
+    ``sources`` fields (the dataset's columns). With ``kinds`` (the graph's {output name: kind}) only the
+    fields the graph has an output for (see :func:`metrics.canonical_output`)."""
+    out = {
         "answer": row.get("answer") or "",
         "objects": list(row.get("objects") or []),
         "sources": list(row.get("sources") or []),
     }
+    if kinds is None:
+        return out
+    kind_values = {str(getattr(k, "value", k)) for k in kinds.values()}
+    return {f: v for f, v in out.items() if kind_values & set(metrics.CANONICAL_KINDS[f])}
+
+
+def output_kinds_of(ds: Any) -> dict[str, Any] | None:
+    """The dataset's graph outputs ({name: kind}) from its manifest, or None (visual_rag's names assumed)."""
+    graph = ds.graph
+    return graph.output_kinds() if graph is not None else None
 
 
 def ground_truth_of_row(row: dict[str, Any]) -> dict[str, Any] | None:
@@ -70,25 +82,34 @@ def row_scores(teacher: dict[str, Any], student: dict[str, Any]) -> dict[str, fl
     s_objs = [metrics.as_object(o) for o in student.get("objects") or []]
     pairs = metrics.match_objects(t_objs, s_objs)
     n = len(t_objs) + len(s_objs)
-    scores: dict[str, float | None] = {
-        "answer_f1": metrics.token_f1(str(student.get("answer") or ""), str(teacher.get("answer") or "")),
-        "objects_f1": 2 * len(pairs) / n if n else 1.0,
-        "mask_miou": metrics.mask_miou([t_objs], [s_objs]),
-        "sources_recall": metrics.source_metrics(
-            [teacher.get("sources") or []], [student.get("sources") or []]
-        )["sources_recall"],
-    }
+    scores: dict[str, float | None] = {"answer_f1": None, "objects_f1": None, "mask_miou": None}
+    if "answer" in teacher:
+        scores["answer_f1"] = metrics.token_f1(str(student.get("answer") or ""), str(teacher["answer"] or ""))
+    if "objects" in teacher:
+        scores["objects_f1"] = 2 * len(pairs) / n if n else 1.0
+        scores["mask_miou"] = metrics.mask_miou([t_objs], [s_objs])
+    scores["sources_recall"] = (
+        metrics.source_metrics([teacher["sources"] or []], [student.get("sources") or []])["sources_recall"]
+        if "sources" in teacher
+        else None
+    )
     vals = [v for v in scores.values() if v is not None]
     scores["disagreement"] = 1.0 - float(np.mean(vals)) if vals else 0.0
     return scores
 
 
-def jsonable_output(out: Any) -> dict[str, Any]:
-    """A predictor's output with records dumped to plain JSON values."""
-    d = dict(out)
-    d["objects"] = [metrics.as_object(o).model_dump(mode="json") for o in d.get("objects") or []]
-    d["sources"] = list(d.get("sources") or [])
-    d["answer"] = str(d.get("answer") or "")
+def jsonable_output(out: Any, kinds: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A predictor's (or the teacher graph's) output in the canonical ``answer`` / ``objects`` / ``sources``
+    fields, records dumped to plain JSON values. ``kinds`` (the graph's {output name: kind}): the output is
+    keyed by the graph's own names and each field is picked by its kind (see
+    :func:`metrics.canonical_output`); without it the names are visual_rag's."""
+    d = metrics.canonical_output(dict(out), kinds)
+    if kinds is None or "objects" in d:
+        d["objects"] = [metrics.as_object(o).model_dump(mode="json") for o in d.get("objects") or []]
+    if kinds is None or "sources" in d:
+        d["sources"] = list(d.get("sources") or [])
+    if kinds is None or "answer" in d:
+        d["answer"] = str(d.get("answer") or "")
     return d
 
 
@@ -149,6 +170,7 @@ def evaluate_run(
         raise EvalError(str(exc)) from exc
     if not rows:
         raise EvalError(f"dataset {dataset}: split {split!r} has no rows to evaluate on")
+    kinds = output_kinds_of(ds)  # outputs are keyed by the graph's own names; scored by kind
 
     say(f"loading the student from {run}")
     if predictor is None:
@@ -164,7 +186,7 @@ def evaluate_run(
             predictor = load_student(run)
         student_out: list[dict[str, Any]] = []
         for i, row in enumerate(rows):
-            student_out.append(jsonable_output(predictor.predict(ds.image(row), row["question"])))
+            student_out.append(jsonable_output(predictor.predict(ds.image(row), row["question"]), kinds))
             if progress:
                 progress(f"student on {split}", i + 1, len(rows))
         timed_rows = rows[: max(1, teacher_n)]
@@ -172,7 +194,7 @@ def evaluate_run(
         s_lat = cost.median_latency(
             predictor.predict, inputs, repeats=student_repeats, label="timing the student", progress=progress
         )
-    teacher_out = [output_of_row(r) for r in rows]
+    teacher_out = [output_of_row(r, kinds) for r in rows]
     s_fp = cost.student_footprint(run)
     cost_out: dict[str, Any] = {
         "student_ms": s_lat["median_ms"],
@@ -203,7 +225,7 @@ def evaluate_run(
             by_threads[str(threads or "default")] = lat["median_ms"]
         parity = metrics.compare_outputs(
             [student_out[i] for i in range(len(inputs))],
-            [jsonable_output(o) for o in lat["outputs"]],
+            [jsonable_output(o, kinds) for o in lat["outputs"]],
             semantic=False,
             class_names=ds.class_names,
         )
@@ -234,7 +256,7 @@ def evaluate_run(
         cost_out["teacher_peak_rss_increase_bytes"] = teacher_mem.increase
         rerun = metrics.compare_outputs(
             [teacher_out[i] for i in range(len(inputs))],
-            [jsonable_output(o) for o in t_lat["outputs"]],
+            [jsonable_output(o, kinds) for o in t_lat["outputs"]],
             semantic=False,
             class_names=ds.class_names,
         )
@@ -266,11 +288,11 @@ def evaluate_run(
         val_rows = ds.rows("val")
         val_out = []
         for i, row in enumerate(val_rows):
-            val_out.append(jsonable_output(predictor.predict(ds.image(row), row["question"])))
+            val_out.append(jsonable_output(predictor.predict(ds.image(row), row["question"]), kinds))
             if progress:
                 progress("student on val", i + 1, len(val_rows))
         fid_val = metrics.compare_outputs(
-            [output_of_row(r) for r in val_rows],
+            [output_of_row(r, kinds) for r in val_rows],
             val_out,
             embedder=embedder,
             semantic=semantic,
@@ -299,8 +321,8 @@ def evaluate_run(
                 "id": row["id"],
                 "image": row["image"],
                 "question": row["question"],
-                "teacher_answer": t["answer"],
-                "student_answer": s["answer"],
+                "teacher_answer": t.get("answer"),
+                "student_answer": s.get("answer"),
                 **row_scores(t, s),
             }
         )

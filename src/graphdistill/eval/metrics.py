@@ -4,7 +4,8 @@ The teacher's outputs are the ground truth: a student that reproduces the teache
 everywhere, one that outputs nothing scores 0. Every function takes two parallel lists of output dicts in the
 shape of the teacher graph's final output (``{"answer": str, "objects": [ObjectOut | dict], "sources":
 [doc id]}``), so the same code scores a PyTorch student, an exported bundle (parity checks) or the teacher
-against human labels.
+against human labels. A graph whose outputs have other names (``reply``, ``things``) is brought to that
+shape by :func:`canonical_output`, which picks each field by its declared kind.
 
 - answers: SQuAD-normalised exact match, SQuAD token F1, and meaning agreement (cosine of sentence
   embeddings >= a threshold; the embedder is injectable).
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from graphdistill.trace import RLE, ObjectOut
+from graphdistill.trace import RLE, Detections, ObjectOut
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,44 @@ Embedder = Callable[[list[str]], np.ndarray]
 
 DEFAULT_SEMANTIC_THRESHOLD = 0.8
 DEFAULT_MATCH_IOU = 0.5
+
+# the canonical field -> the output kinds that fill it, first kind preferred
+CANONICAL_KINDS: dict[str, tuple[str, ...]] = {
+    "answer": ("text",),
+    "objects": ("objects", "detections"),
+    "sources": ("sources",),
+}
+
+
+def canonical_output(out: Output, kinds: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """An output keyed by the graph's own names -> the canonical ``answer`` / ``objects`` / ``sources``
+    fields, each taken from the first output of its kind in ``kinds`` ({name: Kind or kind string}, the
+    graph schema's order; a DETECTIONS output becomes mask-less objects). A canonical field the graph has
+    no output for is left out, so it is not scored. Without ``kinds`` the output is returned as it is."""
+    if kinds is None:
+        return dict(out)
+    kind_of = {name: str(getattr(k, "value", k)) for name, k in kinds.items()}
+    result = {k: v for k, v in out.items() if k not in CANONICAL_KINDS}
+    for field, wanted in CANONICAL_KINDS.items():
+        name = next((n for want in wanted for n, k in kind_of.items() if k == want), None)
+        if name is None:
+            continue
+        value = out.get(name)
+        if kind_of[name] == "detections" and value is not None:
+            value = _detections_as_objects(value)
+        result[field] = value
+    return result
+
+
+def _detections_as_objects(value: Any) -> list[ObjectOut]:
+    if isinstance(value, list):
+        return [as_object(o) for o in value]
+    dets = value if isinstance(value, Detections) else Detections.model_validate(dict(value))
+    return [
+        ObjectOut(label=label, class_id=cid, score=score, box=box)
+        for box, cid, label, score in zip(dets.xyxy, dets.class_ids, dets.names, dets.scores, strict=True)
+    ]
+
 
 # --------------------------------------------------------------------------------------------------------
 # Answers
@@ -265,12 +304,15 @@ def box_map(
     torch = _require("torch")
     detection = _require("torchmetrics.detection")
     _require("faster_coco_eval")
-    names: dict[str, int] = {}
+    rows = [
+        ([as_object(o) for o in t_row], [as_object(o) for o in s_row])
+        for t_row, s_row in zip(teacher_objects, student_objects, strict=True)
+    ]
+    # an object without a class id (human labels) takes the id its label has elsewhere
+    names = {o.label: int(o.class_id) for t, s in rows for o in (*t, *s) if o.class_id is not None}
     labels_by_id: dict[int, str] = {}
     preds, targets = [], []
-    for t_row, s_row in zip(teacher_objects, student_objects, strict=True):
-        t = [as_object(o) for o in t_row]
-        s = [as_object(o) for o in s_row]
+    for t, s in rows:
         for o in (*t, *s):
             labels_by_id.setdefault(_class_key(o, names), o.label)
         targets.append(
@@ -367,14 +409,19 @@ def compare_outputs(
     semantic_threshold: float = DEFAULT_SEMANTIC_THRESHOLD,
     class_names: Sequence[str] | None = None,
     k: int | None = None,
+    kinds: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every fidelity metric of ``predicted`` against ``reference`` (parallel lists of output dicts).
 
     Outputs missing a field are scored on the fields they have: a key is skipped when no reference row has
-    it (e.g. a graph without sources).
+    it (e.g. a graph without sources). ``kinds`` ({output name: kind}): the outputs are keyed by the graph's
+    own names; each is scored by its kind (see :func:`canonical_output`).
     """
     if len(reference) != len(predicted):
         raise ValueError(f"{len(reference)} reference outputs but {len(predicted)} predicted outputs")
+    if kinds is not None:
+        reference = [canonical_output(r, kinds) for r in reference]
+        predicted = [canonical_output(p, kinds) for p in predicted]
     out: dict[str, Any] = {"n": len(reference)}
     if any("answer" in r for r in reference):
         out.update(

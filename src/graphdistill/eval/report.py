@@ -237,13 +237,14 @@ def gallery_items(
 
     Teacher outputs come from the dataset; the student is rerun on those rows (it is fast)."""
     from graphdistill.datasets.dataset import open_dataset
-    from graphdistill.eval.evaluate import jsonable_output, output_of_row
+    from graphdistill.eval.evaluate import jsonable_output, output_kinds_of, output_of_row
 
     worst = sorted(ev.get("rows") or [], key=lambda r: -float(r.get("disagreement") or 0.0))[:n]
     if not worst:
         return []
     ds = open_dataset(ev["dataset"])
     by_id = {r["id"]: r for r in ds.rows(ev.get("split", "test"))}
+    kinds = output_kinds_of(ds)
     if predictor is None:
         from graphdistill.student.predict import load_student  # type: ignore[import-not-found,unused-ignore]
 
@@ -255,8 +256,8 @@ def gallery_items(
             log.warning("gallery: row %s is no longer in %s", r["id"], ev["dataset"])
             continue
         image = ds.image(row)
-        student = jsonable_output(predictor.predict(image, row["question"]))
-        teacher = output_of_row(row)
+        student = jsonable_output(predictor.predict(image, row["question"]), kinds)
+        teacher = output_of_row(row, kinds)
         items.append({"uri": _pil_uri(draw_pair(image, teacher, student)), "row": r, "student": student})
         if progress:
             progress("drawing the gallery", i + 1, len(worst))
@@ -410,8 +411,8 @@ def render_html(
         r = g["row"]
         parts.append(
             f'<figure class="gallery-item"><img src="{g["uri"]}" alt="teacher and student outputs for {_e(r["id"])}">'
-            f'<figcaption><span class="q">Q: {_e(r["question"])}</span><br>teacher: {_e(r["teacher_answer"])}<br>'
-            f"student: {_e(r['student_answer'])}<br>disagreement {fmt_num(r.get('disagreement'), 2)} · answer F1 "
+            f'<figcaption><span class="q">Q: {_e(r["question"])}</span><br>teacher: {_e(r.get("teacher_answer") or "")}<br>'
+            f"student: {_e(r.get('student_answer') or '')}<br>disagreement {fmt_num(r.get('disagreement'), 2)} · answer F1 "
             f"{fmt_num(r.get('answer_f1'), 2)} · objects F1 {fmt_num(r.get('objects_f1'), 2)}</figcaption></figure>"
         )
     parts.append("</section></body></html>")
