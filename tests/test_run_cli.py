@@ -412,6 +412,39 @@ def test_real_reference_graph_through_the_cli(
     assert result["sources"]
 
 
+@pytest.mark.slow
+def test_real_default_run_json_and_picture(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`graphdistill run` with no --graph: the default models and the default KB, built on first use (here
+    into tmp_path, not the shared cache)."""
+    import _models
+    from graphdistill.teachers import retriever
+
+    kb = tmp_path / "kb" / "chroma"
+    monkeypatch.setattr(retriever, "default_path", lambda: kb)
+    photo = tmp_path / "chelsea.png"
+    image = _models.builtin_image("skimage/chelsea")
+    Image.fromarray(image).save(photo)
+    out_png = tmp_path / "annotated.png"
+    rc, out, err = _run(
+        capsys,
+        *("--image", str(photo), "--question", "What is in this picture?"),
+        *("--json", "--out", str(out_png)),
+    )
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["answer"].strip()
+    cats = [o for o in result["objects"] if o["label"] == "cat"]
+    assert cats, result["objects"]
+    assert RLE.model_validate(cats[0]["mask"]).area() > 0.05 * image.shape[0] * image.shape[1]
+    assert any(s.startswith("coco/cat/") for s in result["sources"]), result["sources"]
+    assert kb.is_dir() and any(kb.iterdir())  # the default KB was built where we pointed it
+    pic = Image.open(out_png)
+    assert pic.width == image.shape[1] and pic.height > image.shape[0]
+    assert f"annotated picture: {out_png}" in err.replace("\n", "")
+
+
 def test_non_image_is_a_clear_error_even_after_ultralytics_patched_pillow(tmp_path: Path) -> None:
     """ultralytics swaps PIL.Image.open for a wrapper that imports a HEIF plugin on unknown files."""
     import ultralytics.utils.patches  # noqa: F401  (applies the patch, as loading the detector does)
