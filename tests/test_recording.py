@@ -336,3 +336,54 @@ def test_visual_rag_reason_span_records_finish_reason_and_the_check_uses_it(
     assert ("truncated_answer" in found) is truncated
     if truncated:
         assert "finish_reason 'length'" in found["truncated_answer"]
+
+
+def test_recorder_encoding_equals_encode_value_and_reuses_one_png_per_image(store: TraceStore) -> None:
+    """The recorder's faster encoder gives exactly ``encode_value``'s output (so blob names and input hashes
+    do not change), and the K samples of one input (plus `record`'s input hash) PNG-encode its image once."""
+    from graphdistill.datasets.recording import ImageEncodings, _Encoder
+    from graphdistill.trace import RLE, Masks
+
+    big = np.random.default_rng(5).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    assert ImageEncodings.handles(big) and not ImageEncodings.handles(image())
+    value = {
+        "image": big,
+        "small": image(),
+        "floats": [0.5, float("nan"), 2.0],
+        "counts": list(range(500)),
+        "nested": ({"a": (1, "x", None, True)}, [np.float32(1.5), np.int64(3)]),
+        "masks": Masks(rles=[RLE(size=[2, 2], counts=[1, 3])], scores=[0.5]),
+        "view": big[:, ::-1],  # not contiguous
+    }
+    blobs: dict[str, bytes] = {}
+    expected = encode_value(value, blobs)
+    encoder = _Encoder(ImageEncodings())
+    assert encoder(value) == expected and encoder.blobs == blobs
+
+    graph = toy_graph()
+    recorder = TraceRecorder(store)
+    inputs = {"image": big, "question": "k samples"}
+    ih = recorder.input_hash(inputs)
+    assert ih == content_hash(encode_value(inputs, {}))
+    for i in range(3):  # a fresh array per sample, as `graphdistill record` loads the image per task
+        graph.invoke(
+            {"image": big.copy(), "question": "k samples"},
+            config={"callbacks": [recorder], "metadata": {"graphdistill_sample_index": i}},
+        )
+    assert recorder.recorded == 3
+    assert (recorder.images.misses, recorder.images.hits) == (1, 3)
+    for t in store.iter():
+        assert t.input_hash == ih
+        np.testing.assert_array_equal(store.load(t.inputs["image"]), big)
+
+
+def test_image_encodings_stay_within_their_byte_budget() -> None:
+    from graphdistill.datasets.recording import ImageEncodings
+
+    cache = ImageEncodings(max_bytes=120_000)
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 255, (100, 100, 3), dtype=np.uint8) for _ in range(4)]  # ~30 KB PNGs (noise)
+    refs = [cache.encode(a)[0] for a in imgs]
+    assert cache._bytes <= 120_000 and len(cache._items) < 4
+    assert cache.encode(imgs[-1])[0] == refs[-1] and cache.hits == 1  # the newest is kept
+    assert cache.encode(imgs[0])[0] == refs[0] and cache.misses == 5  # the oldest was evicted

@@ -171,7 +171,7 @@ def run_tasks(
     Returns the counts of traces written since the last call; with ``flush=False`` traces still being
     written in the background are counted by a later call (or :func:`drain`)."""
     from graphdistill.images import ImageError, load_image
-    from graphdistill.trace import Provenance, Trace, content_hash, encode_value
+    from graphdistill.trace import Provenance, Trace, content_hash
 
     graph, store, gid, recorder = _WORKER["graph"], _WORKER["store"], _WORKER["graph_id"], _WORKER["recorder"]
     counts = {"recorded": 0, "failed": 0, "skipped": 0}
@@ -198,11 +198,13 @@ def run_tasks(
             )
             _append_failed(store, failed, counts)
             continue
-        group = content_hash(encode_value({"image": image, "question": row["question"]}, {}))
+        # the recorder's image cache: the PNG hashed here is the one the run is recorded with, and the K
+        # samples of this input reuse it (one encode per input instead of two per sample)
+        group = recorder.input_hash({"image": image, "question": row["question"]})
         shown, tta_info = apply_tta(image, i, tta)
         inputs = {"image": shown, "question": row["question"]}
         if resume:
-            ih = group if shown is image else content_hash(encode_value(inputs, {}))
+            ih = group if shown is image else recorder.input_hash(inputs)
             if store.has_input(ih, i, graph_hash=gid.hash):
                 counts["skipped"] += 1
                 continue
