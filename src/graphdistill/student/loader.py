@@ -128,8 +128,9 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     Keys: image [3,S,S]; question_ids [Lq] int64; question_mask [Lq] bool; answer_in [La]; answer_target
     [La] (−100 = ignore); boxes [Q,4] cxcywh in 0..1; classes [Q] (−1 = none); masks [Q,m,m]; n_objects [];
     sources [K] multi-hot; ``embedding:<name>`` [d] and ``embedding:<name>:valid`` [] bool per embedding
-    output; topk_ids [La,k], topk_logprobs [La,k], topk_valid [La] (soft targets, see
-    :mod:`graphdistill.student.losses`); scale [] (letterbox factor); image_hw [2]. Object targets exist only
+    output; topk_ids [La,k], topk_logprobs [La,k], topk_valid [La] (soft targets from the teacher LLM's
+    recorded top-k, mapped onto the student's tokens by :func:`align_soft_targets`, or step for step when
+    ``soft_targets_tokenizer`` names the teacher's tokenizer); scale [] (letterbox factor); image_hw [2]. Object targets exist only
     when the config has a detection head (masks only with a mask head), sources only with a sources head.
     """
 
