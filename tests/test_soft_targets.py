@@ -242,3 +242,23 @@ def test_answer_kl_on_aligned_soft_targets_is_positive_and_falls(tok: StudentTok
         opt.step()
     assert history[0] > 0.05 and all(math.isfinite(h) for h in history)
     assert history[-1] < 0.5 * history[0]
+
+
+def test_the_trainer_distils_the_aligned_top_k_without_extra_flags(tmp_path: Path) -> None:
+    from graphdistill.student.train import TrainConfig, train
+
+    ds = _dataset(tmp_path / "ds", [teacher_record()] * 3)
+    torch.manual_seed(0)
+    cfg = TrainConfig(
+        dataset=str(ds.root),
+        out=str(tmp_path / "run"),
+        epochs=2,
+        batch_size=3,
+        device="cpu",
+        vocab_size=300,
+        overrides=dict(
+            image_size=64, mask_size=8, num_queries=2, d_model=32, n_heads=2, enc_layers=1, dec_layers=1
+        ),
+    )
+    history = train(cfg)["history"]
+    assert history[0]["train_loss"]["answer_kl"] > 0.01  # the trainer's own BPE, the teacher's top-k mapped
