@@ -387,3 +387,29 @@ def test_image_encodings_stay_within_their_byte_budget() -> None:
     assert cache._bytes <= 120_000 and len(cache._items) < 4
     assert cache.encode(imgs[-1])[0] == refs[-1] and cache.hits == 1  # the newest is kept
     assert cache.encode(imgs[0])[0] == refs[0] and cache.misses == 5  # the oldest was evicted
+
+
+def test_sync_recorder_encodes_the_input_image_while_the_graph_runs(
+    store: TraceStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The input image's PNG is made on the helper thread, started with the run (off invoke's critical
+    path); the trace is still complete and durable when invoke returns."""
+    import graphdistill.datasets.recording as recording
+
+    threads: list[str] = []
+    real = recording.encode_array
+
+    def spy(arr: np.ndarray) -> Any:
+        threads.append(threading.current_thread().name)
+        return real(arr)
+
+    monkeypatch.setattr(recording, "encode_array", spy)
+    big = np.random.default_rng(7).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    recorder = TraceRecorder(store)
+    result = toy_graph().invoke({"image": big, "question": "prefetch"}, config={"callbacks": [recorder]})
+    assert recorder.recorded == 1 and store.count() == 1  # written before invoke returned
+    (t,) = list(store.iter())
+    check_trace(store, t.id, {"image": big, "question": "prefetch"}, result)
+    png = [name for name in threads if name.startswith("graphdistill-png")]
+    assert len(png) == 1 and len(threads) == 2  # the image on the helper; the mask (bool, .npy) inline
+    recorder.close()

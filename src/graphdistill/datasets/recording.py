@@ -26,6 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -63,9 +64,14 @@ class ImageEncodings:
     """Recently PNG-encoded images by pixel content (a sha256 of the raw pixels, ~2 ms for 640x480, against
     ~70 ms for the PNG): the K samples of one input, and the input hash ``graphdistill record`` takes before
     the run, all reuse one encoding. The bytes are exactly :func:`~graphdistill.trace.encode_array`'s, so
-    blob names and input hashes do not change. Bounded by ``max_bytes`` of encoded data; thread-safe."""
+    blob names and input hashes do not change. Bounded by ``max_bytes`` of encoded data; thread-safe.
+
+    :meth:`prefetch` starts encoding an input image on a helper thread when its run starts (Pillow's
+    encoder releases the GIL), so by the time the run ends and its trace is written the PNG is usually
+    ready: the encode leaves the synchronous recorder's critical path."""
 
     min_pixels_bytes = 16 * 1024  # smaller images encode faster than they hash-and-look-up
+    max_pending = 256  # prefetched images not yet used by a trace (their runs may have been dropped)
 
     def __init__(self, max_bytes: int = 64 << 20) -> None:
         self.max_bytes = max_bytes
@@ -74,6 +80,38 @@ class ImageEncodings:
         self._lock = threading.Lock()
         self._items: OrderedDict[tuple[str, tuple[int, ...], str], tuple[BlobRef, bytes]] = OrderedDict()
         self._bytes = 0
+        self._pending: dict[int, tuple[np.ndarray, Future[tuple[BlobRef, bytes]]]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def prefetch(self, arr: np.ndarray) -> None:
+        """Start encoding ``arr`` in the background; :meth:`encode` of this same array then waits for it."""
+        if not self.handles(arr):
+            return
+        with self._lock:
+            if id(arr) in self._pending:
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="graphdistill-png")
+            self._pending[id(arr)] = (arr, self._pool.submit(self._encode_now, arr))  # keeps arr alive
+            while len(self._pending) > self.max_pending:
+                del self._pending[next(iter(self._pending))]  # it still completes into the cache
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+            self._pending.clear()
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def encode(self, arr: np.ndarray) -> tuple[BlobRef, bytes]:
+        with self._lock:
+            pending = self._pending.pop(id(arr), None)
+        if pending is not None and pending[0] is arr:
+            try:
+                return pending[1].result()
+            except Exception:  # encode it here, where an error reaches the caller
+                log.debug("prefetched encoding failed; encoding again", exc_info=True)
+        return self._encode_now(arr)
 
     @staticmethod
     def handles(arr: np.ndarray) -> bool:
@@ -84,7 +122,7 @@ class ImageEncodings:
             and arr.nbytes >= ImageEncodings.min_pixels_bytes
         )
 
-    def encode(self, arr: np.ndarray) -> tuple[BlobRef, bytes]:
+    def _encode_now(self, arr: np.ndarray) -> tuple[BlobRef, bytes]:
         if not self.handles(arr):
             return encode_array(arr)
         arr = np.ascontiguousarray(arr)
@@ -254,6 +292,7 @@ class TraceRecorder(BaseCallbackHandler):
     ) -> None:
         try:
             meta = metadata or {}
+            root = False
             with self._lock:
                 if parent_run_id is None or (
                     parent_run_id not in self._runs
@@ -267,6 +306,7 @@ class TraceRecorder(BaseCallbackHandler):
                         dict(meta),
                         name=str(kwargs.get("name") or "graph"),
                     )
+                    root = True
                 elif parent_run_id in self._runs and "langgraph_node" in meta:
                     self._node_root[run_id] = parent_run_id
                     self._runs[parent_run_id].spans[run_id] = _Span(
@@ -276,6 +316,10 @@ class TraceRecorder(BaseCallbackHandler):
                         model_id=_opt_str(meta.get(META_MODEL_ID)),
                         weights_sha256=_opt_str(meta.get(META_WEIGHTS)),
                     )
+            if root and isinstance(inputs, dict):  # encode the input images while the graph runs
+                for value in inputs.values():
+                    if isinstance(value, np.ndarray):
+                        self.images.prefetch(value)
         except Exception:
             log.exception("trace recording failed at the start of run %s (the graph is unaffected)", run_id)
 
@@ -406,12 +450,13 @@ class TraceRecorder(BaseCallbackHandler):
             self._queue.join()
 
     def close(self) -> None:
-        """Flush and stop the writer thread."""
+        """Flush and stop the writer thread (and the image-encoding helper)."""
         writer = self._writer
         if writer is not None and writer.is_alive():
             self._queue.put(None)
             writer.join()
         self._writer = None
+        self.images.close()
 
 
 def graph_identity(graph: Any) -> tuple[GraphSchema | None, GraphId]:
