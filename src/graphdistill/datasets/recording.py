@@ -230,11 +230,13 @@ class TraceRecorder(BaseCallbackHandler):
     the input hash). ``metadata``: merged into every trace's metadata. ``on_trace(trace, trace_id)`` is
     called after each append (``trace_id`` is None when the store refused it, e.g. a duplicate).
 
-    ``background=False`` (default): the trace is encoded and durably appended before ``invoke`` returns.
-    ``background=True``: encoding (PNG) and the fsynced append run on one writer thread, off the graph's
-    critical path; call :meth:`flush` (or :meth:`close`) before reading the store. At most ``max_pending``
-    traces wait; beyond that the graph waits (memory stays bounded). Values are encoded when the trace is
-    written, so nodes must not mutate arrays in place after returning them (LangGraph's state convention).
+    ``background=False`` (default): the trace is encoded and durably appended before ``invoke`` returns;
+    the input images' PNGs are started on a helper thread when the run starts, so that encode overlaps the
+    graph (see :class:`ImageEncodings`). ``background=True``: encoding (PNG) and the fsynced append run on
+    one writer thread, off the graph's critical path; call :meth:`flush` (or :meth:`close`) before reading
+    the store. At most ``max_pending`` traces wait; beyond that the graph waits (memory stays bounded).
+    Values are encoded while or after the graph runs, so nodes must not mutate arrays in place (LangGraph's
+    state convention). :meth:`close` also stops the helper thread.
     """
 
     run_inline = True  # called in the graph's own thread / event loop: ordering and keys stay exact
