@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from graphdistill.commands._common import CommandError, console, print_json
 
@@ -52,7 +53,7 @@ def _predict(args: argparse.Namespace) -> int:
             raise CommandError(str(exc)) from exc
         output = predictor.predict(image, question, score_threshold=args.threshold)
     if args.json:
-        print_json(output)
+        print_json(graph_json(output))
     else:
         out_con = console()
         from graphdistill.commands._common import output_lines
@@ -65,3 +66,18 @@ def _predict(args: argparse.Namespace) -> int:
         draw_output(image, output, title="student").save(out_path)
         con.print(f"annotated picture: {out_path}")
     return 0
+
+
+def graph_json(output: dict[str, Any]) -> dict[str, Any]:
+    """The student's output as ``graphdistill run --json`` prints the teacher's: the same serialisation
+    (``run._jsonable``, i.e. ``trace.encode_value``). The predictor returns a DETECTIONS output as a plain
+    ``Detections`` dict (``"kind": "detections"``); it is typed again first so that it is written as the
+    teacher's live ``Detections`` is (``"__record__": "detections"``)."""
+    from graphdistill.commands.run import _jsonable
+    from graphdistill.trace import Detections
+
+    typed = {
+        k: Detections.model_validate(v) if isinstance(v, dict) and v.get("kind") == "detections" else v
+        for k, v in output.items()
+    }
+    return _jsonable(typed)
