@@ -415,3 +415,34 @@ def test_filter_unknown_rule_says_which_forms_are_accepted(
         assert "graphdistill.rules" in flat and "GRAPHDISTILL_RULES" in flat
         assert "package.module:function" in flat and "path/to/file.py:function" in flat
     assert "built-in check" in flat and "--disable-check truncated_answer" in flat
+
+
+def test_record_carries_ground_truth_and_the_graph_schema_into_traces(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Human labels on a JSONL row reach the trace (the filter turns them into the dataset's ground_truth
+    column), and every trace carries its graph's schema so outputs are found by kind."""
+    teacher = tmp_path / "toy_teacher.py"
+    teacher.write_text(
+        GRAPH_SRC
+        + "\n\ndef teacher():\n    from graphdistill.graphs import as_teacher\n\n"
+        + "    return as_teacher(build(), name='toy', inputs={'image': 'image', 'question': 'text'},"
+        + " outputs={'answer': 'text'})\n"
+    )
+    graph_spec = f"{teacher}:teacher"
+    jsonl = make_jsonl(tmp_path, 2)
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    rows[0]["ground_truth"] = {"answer": "a labelled answer"}
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    store_dir = tmp_path / "store"
+    rc, _, _ = run_cli(
+        ["record", "--graph", graph_spec, "--inputs", str(jsonl), "--store", str(store_dir), "--json"], capsys
+    )
+    assert rc == 0
+    traces = [t for t in TraceStore(store_dir).iter()]
+    assert len(traces) == 2
+    labelled = [t for t in traces if t.metadata.get("ground_truth")]
+    assert [t.metadata["ground_truth"] for t in labelled] == [{"answer": "a labelled answer"}]
+    for t in traces:
+        outputs = {o["name"]: o["kind"] for o in t.metadata["graph_schema"]["outputs"]}
+        assert outputs["answer"] == "text"

@@ -222,7 +222,7 @@ def test_loader_items_batch_with_a_plain_dataloader(tmp_path: Path) -> None:
         want = {ds.documents.index(d) for d in ds.documents if d["id"] in rows[i]["sources"]}
         assert set(torch.nonzero(batch["sources"][i]).flatten().tolist()) == want
         assert tok.decode(batch["answer_in"][i].tolist()) == rows[i]["answer"]
-    assert not batch["topk_valid"].any()  # teacher vocab ≠ student vocab: no soft targets
+    assert not batch["topk_valid"].any()  # these synthetic rows carry no teacher log-probs
 
 
 def test_hungarian_match_recovers_a_permutation() -> None:

@@ -86,6 +86,8 @@ def read_inputs(
                     "image": str(image),
                     "question": str(row.get("question") or question),
                     "provenance": row.get("provenance") or {},
+                    # human labels ({answer, objects, sources}) ride along to the dataset for eval
+                    **({"ground_truth": row["ground_truth"]} if row.get("ground_truth") else {}),
                 }
             )
     if not rows and not bad:
@@ -211,6 +213,8 @@ def run_tasks(
         meta: dict[str, Any] = {"source": row["image"]}
         if tta:
             meta["tta"] = tta_info
+        if row.get("ground_truth"):
+            meta["ground_truth"] = row["ground_truth"]
         config = {
             "callbacks": [recorder],
             "metadata": {

@@ -263,6 +263,8 @@ class TraceRecorder(BaseCallbackHandler):
         self.graph_id = graph_id  # None: derived per run, see _run_graph_id
         self.group_id = group_id
         self.metadata = dict(metadata or {})
+        if schema is not None:  # the filter and eval pick outputs by their declared kind, not their name
+            self.metadata.setdefault("graph_schema", schema.model_dump(mode="json"))
         self.on_trace = on_trace
         self.background = background
         self.recorded = 0  # traces appended

@@ -3,11 +3,11 @@
 - ``answer_ce``: cross-entropy on the consensus answer's tokens (sequence-level distillation: the consensus
   of the teacher's K samples is the target text).
 - ``answer_kl``: KL(teacher top-k ‖ student) per answer step, only where the loader produced soft targets.
-  The teacher's ids live in the teacher LLM's vocabulary (SmolLM2's 49 k tokens), not the student's BPE:
-  distributions over two vocabularies cannot be compared token by token, and mapping decoded teacher
-  pieces onto our tokens is many-to-many (different segmentations) and would misalign steps. So the loader
-  only emits soft targets when the student's tokenizer *is* the teacher's (``soft_targets_tokenizer``
-  equal to ``TokenLogprobs.tokenizer``); otherwise it logs why and this loss is 0. The top-k mass is
+  The teacher's ids live in the teacher LLM's vocabulary (SmolLM2's 49 k tokens), not the student's BPE,
+  so the loader maps them across (:func:`graphdistill.student.loader.align_soft_targets`): at each answer
+  step where both tokenizers cut the answer at the same character and produce the same piece, the
+  teacher's top-k pieces become the student tokens with exactly that text (the rest are dropped); other
+  steps get no soft target. With the teacher's own tokenizer the ids are used as they are. The top-k mass is
   renormalised on both sides (the teacher's tail beyond k is unknown).
 - ``class``, ``box_l1``, ``box_giou``: DETR set losses after Hungarian matching (see
   :mod:`graphdistill.student.matching` for why); unmatched slots learn "no object" (down-weighted).
