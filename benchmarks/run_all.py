@@ -152,8 +152,8 @@ def table(results: dict[str, dict]) -> str:
         lines.append("")
         lines.append(
             "ms per query: the whole query on the held-out photos — for bundles `BundleRunner.predict`: "
-            "letterbox the photo, the models, the whole answer, masks pasted back at the photo's resolution and "
-            "RLE-encoded — the faster of 1 and 2 runtime threads; teacher and PyTorch student with torch's "
+            "letterbox the photo, the models, the whole answer, each mask pasted back inside its box at the photo's "
+            "resolution and RLE-encoded — the faster of 1 and 2 runtime threads; teacher and PyTorch student with torch's "
             "default threads. Models only: the exported programs alone (encode + every decode step)."
         )
     points = results.get("scaling", {}).get("points") or []
