@@ -38,5 +38,17 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "gdhome"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """For modules of tiny models: one intra-op thread is as fast as two and does not thrash a shared CPU
+    (use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     return f"graphdistill home: {os.environ.get('GRAPHDISTILL_HOME', '~/.cache/graphdistill')}"

@@ -35,13 +35,7 @@ MAX_LEN = 12
 INF = float("inf")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Any:
-    """The models here are tiny: one intra-op thread is as fast as two and does not thrash a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
