@@ -16,6 +16,7 @@ import io
 import json
 import time
 import uuid
+from collections.abc import Mapping
 from enum import Enum
 from typing import Any, Literal
 
@@ -192,6 +193,13 @@ class Detections(_Record):
     def __len__(self) -> int:
         return len(self.xyxy)
 
+    def as_objects(self) -> list[ObjectOut]:
+        """The detections as mask-less :class:`ObjectOut` records, in order."""
+        return [
+            ObjectOut(label=label, class_id=cid, score=score, box=box)
+            for box, cid, label, score in zip(self.xyxy, self.class_ids, self.names, self.scores, strict=True)
+        ]
+
 
 class Masks(_Record):
     """One mask per detection (same order), with the segmenter's score."""
@@ -294,6 +302,25 @@ class GraphSchema(_Record):
 
     def input_kinds(self) -> dict[str, Kind]:
         return {f.name: f.kind for f in self.inputs}
+
+
+# The canonical fields of a teacher's final output and the output kinds that fill them, first kind preferred:
+# the vote, the checks and the fidelity metrics find the answer, objects and sources by kind, not by name.
+CANONICAL_KINDS: dict[str, tuple[Kind, ...]] = {
+    "answer": (Kind.TEXT,),
+    "objects": (Kind.OBJECTS, Kind.DETECTIONS),
+    "sources": (Kind.SOURCES,),
+}
+
+
+def canonical_names(kinds: Mapping[str, Kind | str]) -> dict[str, str | None]:
+    """``{"answer" | "objects" | "sources": the graph output that fills it}`` from ``{output name: kind}`` in
+    the schema's order: the first output of the first kind in :data:`CANONICAL_KINDS`; None when none does."""
+    kind_of = {name: str(getattr(k, "value", k)) for name, k in kinds.items()}
+    return {
+        field: next((n for want in wanted for n, k in kind_of.items() if k == want.value), None)
+        for field, wanted in CANONICAL_KINDS.items()
+    }
 
 
 class GraphId(_Record):

@@ -39,6 +39,7 @@ from graphdistill.trace import (
     Provenance,
     TokenLogprobs,
     Trace,
+    canonical_names,
     decode_array,
     decode_value,
 )
@@ -100,19 +101,12 @@ class OutputNames:
 
     @classmethod
     def from_kinds(cls, kinds: Mapping[str, Kind | str]) -> OutputNames:
-        """From ``{output name: kind}`` in the schema's order: the first output of each kind."""
-
-        def first(*wanted: Kind) -> str | None:
-            for kind in wanted:
-                name = next((n for n, k in kinds.items() if Kind(k) == kind), None)
-                if name is not None:
-                    return name
-            return None
-
+        """From ``{output name: kind}`` in the schema's order (:func:`~graphdistill.trace.canonical_names`)."""
+        names = canonical_names(kinds)
         return cls(
-            answer=first(Kind.TEXT),
-            objects=first(Kind.OBJECTS, Kind.DETECTIONS),
-            sources=first(Kind.SOURCES),
+            answer=names["answer"],
+            objects=names["objects"],
+            sources=names["sources"],
             embeddings=tuple(n for n, k in kinds.items() if Kind(k) == Kind.EMBEDDING),
         )
 
@@ -185,10 +179,7 @@ def trace_objects(trace: Trace, name: str | None = "objects") -> list[ObjectOut]
     """The objects output ``name`` (OBJECTS, or DETECTIONS turned into mask-less objects)."""
     raw = decode_value(trace.output.get(name)) if name else None
     if isinstance(raw, Detections):
-        return [
-            ObjectOut(label=label, class_id=cid, score=score, box=box)
-            for box, cid, label, score in zip(raw.xyxy, raw.class_ids, raw.names, raw.scores, strict=True)
-        ]
+        return raw.as_objects()
     return [o if isinstance(o, ObjectOut) else ObjectOut.model_validate(o) for o in raw or []]
 
 

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from graphdistill.trace import RLE, Detections, ObjectOut
+from graphdistill.trace import CANONICAL_KINDS as TRACE_CANONICAL
+from graphdistill.trace import RLE, Detections, ObjectOut, canonical_names
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,9 @@ Embedder = Callable[[list[str]], np.ndarray]
 DEFAULT_SEMANTIC_THRESHOLD = 0.8
 DEFAULT_MATCH_IOU = 0.5
 
-# the canonical field -> the output kinds that fill it, first kind preferred
+# the canonical field -> the output kinds that fill it, first kind preferred (as strings)
 CANONICAL_KINDS: dict[str, tuple[str, ...]] = {
-    "answer": ("text",),
-    "objects": ("objects", "detections"),
-    "sources": ("sources",),
+    f: tuple(k.value for k in ks) for f, ks in TRACE_CANONICAL.items()
 }
 
 
@@ -54,8 +53,7 @@ def canonical_output(out: Output, kinds: Mapping[str, Any] | None = None) -> dic
         return dict(out)
     kind_of = {name: str(getattr(k, "value", k)) for name, k in kinds.items()}
     result = {k: v for k, v in out.items() if k not in CANONICAL_KINDS}
-    for field, wanted in CANONICAL_KINDS.items():
-        name = next((n for want in wanted for n, k in kind_of.items() if k == want), None)
+    for field, name in canonical_names(kinds).items():
         if name is None:
             continue
         value = out.get(name)
@@ -69,10 +67,7 @@ def _detections_as_objects(value: Any) -> list[ObjectOut]:
     if isinstance(value, list):
         return [as_object(o) for o in value]
     dets = value if isinstance(value, Detections) else Detections.model_validate(dict(value))
-    return [
-        ObjectOut(label=label, class_id=cid, score=score, box=box)
-        for box, cid, label, score in zip(dets.xyxy, dets.class_ids, dets.names, dets.scores, strict=True)
-    ]
+    return dets.as_objects()
 
 
 # --------------------------------------------------------------------------------------------------------
