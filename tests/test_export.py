@@ -103,6 +103,13 @@ def test_onnx_float_bundle_passes_parity(onnx_float: Path) -> None:
         m["kv_cache"]["fixed_size"]
         and m["programs"]["decode_step"]["inputs"][3]["shape"] == m["kv_cache"]["shape"]
     )
+    # decode_step hands back this position's keys/values only: one cache slot, the runner stores it
+    kv_new = m["programs"]["decode_step"]["outputs"][1]
+    assert kv_new["name"] == "kv_new" and kv_new["shape"] == [
+        *m["kv_cache"]["shape"][:4],
+        1,
+        m["kv_cache"]["shape"][5],
+    ]
     assert m["preprocessing"]["layout"] == "NCHW" and m["preprocessing"]["mean"]
     assert set(m["files"]) == {"encode.onnx", "decode_step.onnx", "tokenizer.json"}
     assert m["class_names"] and m["documents"] and m["teacher_graph"]
@@ -210,6 +217,10 @@ def _corrupt(bundle: Path, tmp_path: Path, how: str) -> Path:
         (b / MANIFEST).write_text(json.dumps(m))
     elif how == "missing":
         (b / "tokenizer.json").unlink()
+    elif how == "old-format":  # a bundle of format 1 (its decode_step returned the whole cache)
+        m["format"] = "graphdistill-bundle/1"
+        m["manifest_sha256"] = manifest_checksum(m)
+        (b / MANIFEST).write_text(json.dumps(m))
     return b
 
 
@@ -220,6 +231,7 @@ def _corrupt(bundle: Path, tmp_path: Path, how: str) -> Path:
         ("edited", "edited after export"),
         ("wrong-sha", r"decode_step\.onnx is corrupt"),
         ("missing", r"tokenizer\.json is missing"),
+        ("old-format", r"graphdistill-bundle/1.*older graphdistill: export the run again"),
     ],
 )
 def test_corrupted_bundle_gives_a_clear_error(
@@ -286,6 +298,13 @@ def test_executorch_bundle_float_and_int8(run_dir: Path, onnx_float: Path, tmp_p
     assert fl["parity"]["passed"] and fl["parity"]["vs_pytorch"]["answer_tokens_equal"] == 1.0
     q8 = export_run(run_dir, "executorch", tmp_path / "et8", quantize="int8", **N)
     assert q8["parity"]["passed"] and _model_bytes(tmp_path / "et8") < _model_bytes(tmp_path / "et")
+    # every input is read where the runner keeps it: no planned copy of the cache, cross_kv or image per call
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(str(tmp_path / "et" / "model.pte"))
+    for method, n_inputs in (("encode", 3), ("decode_step", 4)):
+        meta = program.metadata(method)
+        assert [meta.input_tensor_meta(i).is_memory_planned() for i in range(n_inputs)] == [False] * n_inputs
     # the ExecuTorch runner in a process where the student's code cannot be imported (ExecuTorch's Python
     # bindings are linked against libtorch, so torch itself is loaded by the runtime here)
     image, question = _image(run_dir)

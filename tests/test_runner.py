@@ -117,6 +117,23 @@ def test_preprocess_equals_the_students_loader(hw) -> None:
     assert box.scale == pytest.approx(scale)
 
 
+def test_one_preprocessor_reused_on_images_of_every_shape_gives_fresh_results() -> None:
+    """The runner keeps one Preprocessor and writes into the runtime's input buffer: nothing of one image
+    may leak into the next (a smaller image after a larger one must show pad where the larger one was)."""
+    from graphdistill.runner.preprocess import Preprocessor
+    from graphdistill.student.loader import preprocess_spec
+
+    rng = np.random.default_rng(1)
+    spec = {**preprocess_spec(64), "pad_value": [114, 114, 114]}
+    pre, buf = Preprocessor(spec), np.full((1, 3, 64, 64), np.nan, dtype=np.float32)
+    for hw in [(64, 64), (130, 60), (20, 90), (64, 64), (7, 3)]:
+        img = rng.integers(0, 256, (*hw, 3), dtype=np.uint8)
+        want, want_box = preprocess(img, spec)  # a fresh one each time
+        got, box = pre(img, buf)
+        assert got is buf and box == want_box
+        np.testing.assert_array_equal(got, want)
+
+
 def test_rle_equals_trace_rle() -> None:
     from graphdistill.trace import RLE
 

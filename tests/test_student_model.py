@@ -132,19 +132,38 @@ def test_decode_step_matches_full_recompute_at_every_position(model: Student) ->
         cache = model.empty_cache(2)
         eager_cache, cross = model.empty_cache(2), model.cross_kv(memory)
         for t in range(cfg.max_answer_len):
-            logits, cache = model.decode_step(seq[:, t : t + 1], torch.tensor([t]), memory, cache)
+            pos = torch.tensor([t])
+            before = cache.clone()
+            logits, new = model.decode_step(seq[:, t : t + 1], pos, memory, cache)
+            assert torch.equal(cache, before)  # the step reads the cache; storing kv_new is the caller's job
+            assert new.shape == (cfg.dec_layers, 2, 2, cfg.n_heads, 1, cfg.head_dim)
             torch.testing.assert_close(logits, full[:, t], atol=1e-4, rtol=1e-4)
-            # generate()'s in-place, unmasked eager step is the same function
+            # generate()'s in-place, unmasked eager step is the same function and writes the same cache slot
             eager = model._decode_eager(seq[:, t : t + 1], t, eager_cache, cross)
             torch.testing.assert_close(eager, logits, atol=1e-5, rtol=1e-5)
-            fast, _ = model.decode_step(
-                seq[:, t : t + 1], torch.tensor([t]), memory, cache, model.cross_kv(memory)
-            )
+            fast, fast_new = model.decode_step(seq[:, t : t + 1], pos, memory, cache, model.cross_kv(memory))
             torch.testing.assert_close(fast, logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(fast_new, new, atol=1e-5, rtol=1e-5)
+            cache = model.write_kv(cache, new, pos)
+            torch.testing.assert_close(cache[:, :, :, :, : t + 1], eager_cache[:, :, :, :, : t + 1])
+            assert not cache[:, :, :, :, t + 1 :].any()  # nothing written past this position
         assert cache.shape == (cfg.dec_layers, 2, 2, cfg.n_heads, cfg.max_answer_len, cfg.head_dim)
         # per-row positions ([B,1]) give the same result as a shared one ([1])
         c1, _ = model.decode_step(seq[:, :1], torch.tensor([[0], [0]]), memory, model.empty_cache(2))
         torch.testing.assert_close(c1, full[:, 0], atol=1e-4, rtol=1e-4)
+
+
+def test_write_kv_stores_each_row_at_its_own_position(model: Student) -> None:
+    cfg = model.config
+    cache = torch.zeros(cfg.dec_layers, 2, 2, cfg.n_heads, cfg.max_answer_len, cfg.head_dim)
+    new = torch.randn(cfg.dec_layers, 2, 2, cfg.n_heads, 1, cfg.head_dim)
+    out = model.write_kv(cache, new, torch.tensor([[3], [5]]))
+    assert not cache.any()  # functional: the input is untouched
+    torch.testing.assert_close(out[:, :, 0, :, 3], new[:, :, 0, :, 0])
+    torch.testing.assert_close(out[:, :, 1, :, 5], new[:, :, 1, :, 0])
+    out[:, :, 0, :, 3] = 0
+    out[:, :, 1, :, 5] = 0
+    assert not out.any()  # and nothing else was written
 
 
 def test_generate_with_kv_cache_equals_generate_without(model: Student) -> None:

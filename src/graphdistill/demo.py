@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from graphdistill.commands._common import CommandError, console, print_json
+from graphdistill.runner.bundle import BUNDLE_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +265,8 @@ def run_demo(args: argparse.Namespace) -> int:
             # an int8 bundle the fidelity gate refuses is a result to report, not a reason to stop the job
             error = st.run(
                 f"export {fmt} {q}",
-                {"train": st.version("train")},
+                # a bundle of an older format is exported again (the runner reads the current one only)
+                {"train": st.version("train"), "format": BUNDLE_FORMAT},
                 [b],
                 functools.partial(
                     _cli, ["export", str(run), "--format", fmt, "--quantize", q, "--out", str(b)]

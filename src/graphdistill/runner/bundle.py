@@ -10,7 +10,9 @@ A bundle is a folder: the model file(s), ``tokenizer.json`` and ``manifest.json`
    (their names, in order, are ``programs.encode.outputs`` in the manifest), once;
 5. the answer (only when the manifest has a ``decode_step`` program, i.e. a TEXT output): ``token = <bos>``,
    ``kv_cache = zeros``; for ``position = 0, 1, ...``:
-   ``logits, kv_cache = decode_step(token, position, cross_kv, kv_cache)``; ``token = argmax(logits)``;
+   ``logits, kv_new = decode_step(token, position, cross_kv, kv_cache)``;
+   ``kv_cache[:, :, :, :, position] = kv_new[:, :, :, :, 0]`` (the runner owns the cache; the step only reads
+   it); ``token = argmax(logits)``;
    stop at ``<eos>`` or when the fixed-size cache is full;
 6. objects: per query, softmax over the classes + "no object"; its score is the best *real* class's
    probability; keep queries scoring >= ``score_threshold``, best first; box back to image pixels; mask
@@ -35,18 +37,22 @@ from typing import Any
 
 import numpy as np
 
-from graphdistill.runner.bpe import ByteLevelBPE, TokenizerError
+from graphdistill.runner.bpe import ByteLevelBPE
 from graphdistill.runner.preprocess import (
     Letterbox,
+    Preprocessor,
     boxes_to_image,
     canvas_size,
     load_rgb,
     object_mask_rle,
-    preprocess,
 )
 
-BUNDLE_FORMAT = "graphdistill-bundle/1"
+# 2: decode_step returns this position's keys/values (kv_new), not the whole cache as in 1
+BUNDLE_FORMAT = "graphdistill-bundle/2"
 MANIFEST = "manifest.json"
+# XNNPACK may read up to 16 bytes past the end of an input it is handed in place: inputs the runner owns
+# get this much slack, so such a read never reaches an unmapped page
+INPUT_SLACK_BYTES = 64
 # A bundle written before ``outputs`` was in the manifest is a visual_rag student: every head, these fields.
 DEFAULT_OUTPUTS = {"answer": "text", "objects": "objects", "sources": "sources"}
 
@@ -81,7 +87,12 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
         raise BundleError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise BundleError(f"{path}: format is {got!r}, expected {BUNDLE_FORMAT!r}")
+        hint = (
+            "; it was written by an older graphdistill: export the run again (graphdistill export RUN ...)"
+            if isinstance(got, str) and got.startswith("graphdistill-bundle/")
+            else ""
+        )
+        raise BundleError(f"{path}: format is {got!r}, expected {BUNDLE_FORMAT!r}{hint}")
     if manifest.get("manifest_sha256") != manifest_checksum(manifest):
         raise BundleError(f"{path} was edited after export: its checksum (manifest_sha256) does not match")
     for name, expected in manifest["files"].items():
@@ -96,6 +107,19 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------
 # Runtimes: each loads the two programs and runs them on numpy arrays.
 # ----------------------------------------------------------------------------------------------------------
+
+
+def input_buffers(manifest: dict[str, Any], program: str) -> list[np.ndarray]:
+    """One zeroed array per input of ``program``, shaped and typed as the manifest says, with
+    :data:`INPUT_SLACK_BYTES` behind it. The runner writes a query's inputs into these and hands them to the
+    runtime as they are (no copy per call)."""
+    bufs = []
+    for spec in manifest["programs"][program]["inputs"]:
+        dtype = np.dtype(spec["dtype"])
+        n = int(np.prod(spec["shape"], dtype=np.int64))
+        flat = np.zeros(n + INPUT_SLACK_BYTES // dtype.itemsize, dtype=dtype)
+        bufs.append(flat[:n].reshape(spec["shape"]))
+    return bufs
 
 
 class OnnxPrograms:
@@ -116,6 +140,7 @@ class OnnxPrograms:
             for name, prog in manifest["programs"].items()
         }
         self.input_names = {n: [i["name"] for i in p["inputs"]] for n, p in manifest["programs"].items()}
+        self.buffers = {name: input_buffers(manifest, name) for name in manifest["programs"]}
 
     def run(self, program: str, *inputs: np.ndarray) -> list[np.ndarray]:
         feeds = dict(zip(self.input_names[program], inputs, strict=True))
@@ -127,7 +152,9 @@ class ExecuTorchPrograms:
 
     ExecuTorch's *Python* bindings are built on libtorch and take torch tensors, so this class wraps numpy
     arrays with ``torch.from_numpy`` from the module those bindings already loaded. A phone app calls the
-    C++/Java/Swift runtime instead, which has no torch at all.
+    C++/Java/Swift runtime instead, which has no torch at all. A bundle's program reads its inputs where the
+    caller keeps them (exported without planned input memory), so :attr:`buffers` are wrapped once and passed
+    as they are; other arrays are copied into them first.
     """
 
     def __init__(self, root: Path, manifest: dict[str, Any], threads: int | None) -> None:
@@ -135,7 +162,7 @@ class ExecuTorchPrograms:
             from executorch.runtime import Runtime
         except ImportError as exc:
             raise BundleError("this bundle needs the ExecuTorch runtime: pip install executorch") from exc
-        self._tensor = sys.modules["torch"].from_numpy  # loaded by executorch's bindings, see above
+        from_numpy = sys.modules["torch"].from_numpy  # loaded by executorch's bindings, see above
         if threads:
             from executorch.extension.pybindings import portable_lib
 
@@ -154,10 +181,14 @@ class ExecuTorchPrograms:
             name: self.programs[p["file"]].load_method(p.get("method", name))
             for name, p in manifest["programs"].items()
         }
+        self.buffers = {name: input_buffers(manifest, name) for name in manifest["programs"]}
+        self.tensors = {name: [from_numpy(b) for b in bufs] for name, bufs in self.buffers.items()}
 
     def run(self, program: str, *inputs: np.ndarray) -> list[np.ndarray]:
-        outs = self.methods[program].execute([self._tensor(np.ascontiguousarray(x)) for x in inputs])
-        return [o.numpy() for o in outs]
+        for buf, x in zip(self.buffers[program], inputs, strict=True):
+            if x is not buf:
+                np.copyto(buf, x)
+        return [o.numpy() for o in self.methods[program].execute(self.tensors[program])]
 
 
 RUNTIMES: dict[str, type[OnnxPrograms] | type[ExecuTorchPrograms]] = {
@@ -201,10 +232,11 @@ class BundleRunner:
             kv: dict[str, Any] = m["kv_cache"] if self.has_text else {"shape": [], "max_answer_len": 1}
             self.kv_shape, self.max_steps = [int(s) for s in kv["shape"]], int(kv["max_answer_len"]) - 1
             self.spec = m["preprocessing"]
+            self.preprocess = Preprocessor(self.spec)
             self.decoding = m["output_decoding"]
             self.class_names: list[str] = m["class_names"]
             self.document_ids = [d["id"] for d in m["documents"]]
-        except (KeyError, TypeError, TokenizerError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:  # TokenizerError is a ValueError
             raise BundleError(
                 f"{self.root / MANIFEST} is incomplete or its tokenizer unusable: {exc!r}"
             ) from exc
@@ -231,25 +263,27 @@ class BundleRunner:
         named = {k: v[0] for k, v in zip(self.encode_outputs, outs, strict=True)}
         if not self.has_text:
             return Raw([], named)
-        cross_kv = outs[0]  # the same for every step of this answer
-        kv = np.zeros(self.kv_shape, dtype=np.float32)
-        token = np.array([[self.bos_id]], dtype=np.int64)
+        # decode_step's inputs live in the runtime's buffers for the whole answer: written in place, not copied
+        token, position, cross_kv, kv = self.programs.buffers["decode_step"]
+        np.copyto(cross_kv, outs[0])  # the same for every step of this answer
+        kv.fill(0.0)
+        token[0, 0] = self.bos_id
         answer: list[int] = []
         for pos in range(self.max_steps):
-            logits, kv = self.programs.run(
-                "decode_step", token, np.array([pos], dtype=np.int64), cross_kv, kv
-            )
-            nxt = int(np.argmax(logits[0]))
+            position[0] = pos
+            logits, kv_new = self.programs.run("decode_step", token, position, cross_kv, kv)
+            kv[:, :, :, :, pos] = kv_new[:, :, :, :, 0]
+            nxt = int(logits[0].argmax())
             if nxt == self.eos_id:
                 break
             answer.append(nxt)
-            token = np.array([[nxt]], dtype=np.int64)
+            token[0, 0] = nxt
         return Raw(answer, named)
 
     def predict(self, image: np.ndarray | str | Path, question: str) -> dict[str, Any]:
         """Steps 2–8 for one image (a path or an H×W×3 uint8 RGB array) and one question."""
         rgb = load_rgb(image)
-        x, box = preprocess(rgb, self.spec)
+        x, box = self.preprocess(rgb, self.programs.buffers["encode"][0])  # straight into the runtime's input
         raw = self.run_models(x, question)
         return self.decode(raw, box, rgb.shape[0], rgb.shape[1])
 

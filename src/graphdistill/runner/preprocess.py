@@ -77,27 +77,47 @@ def letterbox_geometry(height: int, width: int, size: int, align: str = "top-lef
     raise ValueError(f"unknown letterbox align {align!r}")
 
 
+class Preprocessor:
+    """The rule above for one ``spec``, with what does not depend on the image made once: the canvas filled
+    with ``pad_value`` (filling it per query took longer than the resize) and the normalised value of every
+    channel's 256 pixel values. Call it on each image."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        if (
+            spec.get("resize") != "letterbox"
+            or spec.get("layout") != "NCHW"
+            or spec.get("dtype") != "float32"
+        ):
+            raise ValueError(f"unsupported preprocessing {spec}")
+        self.size = size = canvas_size(spec)
+        self.align = spec.get("align", "top-left")
+        self.resample = RESAMPLE[spec.get("interpolation", "bilinear")]
+        self.reducing_gap = spec.get("reducing_gap")
+        self.canvas = np.empty((size, size, 3), dtype=np.uint8)
+        self.canvas[:] = np.asarray(spec.get("pad_value", [0, 0, 0]), dtype=np.uint8)
+        # (pixel / 255 - mean) / std takes 256 values per channel: look them up (the same float32 steps)
+        mean = np.asarray(spec["mean"], dtype=np.float32)[:, None]
+        std = np.asarray(spec["std"], dtype=np.float32)[:, None]
+        self.table = (np.arange(256, dtype=np.float32)[None] / np.float32(255.0) - mean) / std  # [3, 256]
+
+    def __call__(self, rgb: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, Letterbox]:
+        """H×W×3 uint8 -> (float32 [1, 3, size, size], where the image sits on the canvas); written into
+        ``out`` when given (e.g. the runtime's own input buffer)."""
+        h, w = rgb.shape[:2]
+        box = letterbox_geometry(h, w, self.size, self.align)
+        new_w, new_h, _ = _resized(h, w, self.size)
+        resized = Image.fromarray(rgb).resize((new_w, new_h), self.resample, reducing_gap=self.reducing_gap)
+        canvas = self.canvas.copy()
+        canvas[box.pad_top : box.pad_top + new_h, box.pad_left : box.pad_left + new_w] = np.asarray(resized)
+        x = np.empty((1, 3, self.size, self.size), dtype=np.float32) if out is None else out
+        for c in range(3):
+            np.take(self.table[c], canvas[:, :, c], out=x[0, c])
+        return x, box
+
+
 def preprocess(rgb: np.ndarray, spec: dict[str, Any]) -> tuple[np.ndarray, Letterbox]:
     """H×W×3 uint8 -> (float32 [1, 3, size, size], where the image sits on the canvas)."""
-    if spec.get("resize") != "letterbox" or spec.get("layout") != "NCHW" or spec.get("dtype") != "float32":
-        raise ValueError(f"unsupported preprocessing {spec}")
-    size = canvas_size(spec)
-    h, w = rgb.shape[:2]
-    box = letterbox_geometry(h, w, size, spec.get("align", "top-left"))
-    new_w, new_h, _ = _resized(h, w, size)
-    resample = RESAMPLE[spec.get("interpolation", "bilinear")]
-    resized = Image.fromarray(rgb).resize((new_w, new_h), resample, reducing_gap=spec.get("reducing_gap"))
-    canvas = np.empty((size, size, 3), dtype=np.uint8)
-    canvas[:] = np.asarray(spec.get("pad_value", [0, 0, 0]), dtype=np.uint8)
-    canvas[box.pad_top : box.pad_top + new_h, box.pad_left : box.pad_left + new_w] = np.asarray(resized)
-    # (pixel / 255 - mean) / std takes 256 values per channel: look them up (the same float32 steps)
-    mean = np.asarray(spec["mean"], dtype=np.float32)[:, None]
-    std = np.asarray(spec["std"], dtype=np.float32)[:, None]
-    table = (np.arange(256, dtype=np.float32)[None] / np.float32(255.0) - mean) / std  # [3, 256]
-    x = np.empty((1, 3, size, size), dtype=np.float32)
-    for c in range(3):
-        np.take(table[c], canvas[:, :, c], out=x[0, c])
-    return x, box
+    return Preprocessor(spec)(rgb)
 
 
 def boxes_to_image(boxes: np.ndarray, box: Letterbox, size: int) -> np.ndarray:

@@ -202,6 +202,7 @@ def _manifest(
     cfg = loaded.config
     lq, s = cfg.max_question_len, cfg.image_size
     cross_shape = cross_kv_shape(loaded)
+    new_shape = [*kv_shape[:4], 1, *kv_shape[5:]]
     shapes = {
         "memory": [1, loaded.memory_len, cfg.d_model],
         "cross_kv": cross_shape,
@@ -252,7 +253,12 @@ def _manifest(
             ],
             "outputs": [
                 {"name": "logits", "shape": [1, cfg.vocab_size], "dtype": "float32"},
-                {"name": "kv_cache", "shape": kv_shape, "dtype": "float32", "meaning": "feed back next step"},
+                {
+                    "name": "kv_new",
+                    "shape": new_shape,
+                    "dtype": "float32",
+                    "meaning": "this position's keys/values: store them at kv_cache[:, :, :, :, position]",
+                },
             ],
         }
     kv_cache = {
@@ -261,7 +267,8 @@ def _manifest(
         "layout": "[decoder layers, 2 (key, value), batch, heads, max_answer_len, head_dim]",
         "initial": "zeros",
         "max_answer_len": cfg.max_answer_len,
-        "update": "decode_step writes this position's key/value and returns the whole cache",
+        "update": "the caller owns the cache: after each decode_step, kv_cache[:, :, :, :, position] = "
+        "kv_new[:, :, :, :, 0]; decode_step only reads it (positions > position are masked)",
     }
     meta = loaded.meta
     eval_path = loaded.run / "eval.json"

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 ENCODE_INPUTS = ["image", "question_ids", "question_mask"]
 DECODE_INPUTS = ["token", "position", "cross_kv", "kv_cache"]
-DECODE_OUTPUTS = ["logits", "kv_cache_out"]  # ONNX output names must differ from input names
+DECODE_OUTPUTS = ["logits", "kv_new"]
 
 
 @dataclass
@@ -172,15 +172,16 @@ def programs_for(loaded: LoadedRun) -> tuple[dict[str, tuple[Any, tuple[Any, ...
             return (first, *(heads[k] for k in head_keys))
 
     class DecodeStep(nn.Module):  # type: ignore[misc]
-        """token, position, cross_kv, kv_cache -> logits, kv_cache (the student's own decode_step)."""
+        """token, position, cross_kv, kv_cache -> logits, kv_new (the student's own decode_step: this
+        position's keys/values, which the runner stores in its cache)."""
 
         def __init__(self) -> None:
             super().__init__()
             self.student = model
 
         def forward(self, token: Any, position: Any, cross_kv: Any, kv_cache: Any) -> tuple[Any, Any]:
-            logits, cache = self.student.decode_step(token, position, None, kv_cache, cross_kv)
-            return logits, cache
+            logits, kv_new = self.student.decode_step(token, position, None, kv_cache, cross_kv)
+            return logits, kv_new
 
     s, lq = cfg.image_size, cfg.max_question_len
     enc_example = (
@@ -226,10 +227,14 @@ def torch_reference(
         token = torch.tensor([[ids["bos"]]], dtype=torch.long)
         answer: list[int] = []
         for pos in range(loaded.config.max_answer_len - 1):
-            args = (token, torch.tensor([pos], dtype=torch.long), cross, kv)
+            position = torch.tensor([pos], dtype=torch.long)
+            args = (token, position, cross, kv)
             if record is not None:
                 record.append(args)
-            logits, kv = dec(*args)
+            logits, kv_new = dec(*args)
+            kv = loaded.model.write_kv(
+                kv, kv_new, position
+            )  # a new tensor: recorded inputs stay as they were
             nxt = int(logits[0].argmax())
             if nxt == ids["eos"]:
                 break

@@ -10,8 +10,9 @@ One readable file (nanoGPT-style); its config dataclass lives in :mod:`graphdist
                         boxes (cx,cy,w,h ∈ 0..1), class logits (C+1, last = no-object),
                         mask embedding · fine pixel tokens ──► mask logits (MaskFormer-style, no 3×3 conv)
                      registers ──► source logits (multi-label over KB docs) and optional embedding heads
-    decode_step:     one answer token per call, fixed-size KV cache [L, 2, B, H, T, hd], cross-attention
-                     over memory[:, :R+Gc]
+    decode_step:     one answer token per call: reads a fixed-size KV cache [L, 2, B, H, T, hd], returns the
+                     logits and this position's keys/values (the caller stores them); cross-attention over
+                     memory[:, :R+Gc]
 
 Why this shape (speed target: a whole query ≤ 30 ms eager on a 2-core CPU):
 - The question is fused *into* the image tokens and R register tokens by a joint encoder, so the memory the
@@ -21,8 +22,9 @@ Why this shape (speed target: a whole query ≤ 30 ms eager on a 2-core CPU):
   stays small; the fine tokens exist for the mask head only (they never enter a transformer).
 - Masks are a dot product of a per-query embedding with a low-resolution pixel feature map, upsampled
   bilinearly to ``mask_size`` — a prototype spent 16–18 ms in a single 3×3 conv mask head.
-- The KV cache is written with ``torch.where`` on a position mask (no data-dependent indexing or branching), so
-  ``decode_step`` exports as one static graph.
+- Inside a step the cache is written with ``torch.where`` on a position mask (no data-dependent indexing or
+  branching), so ``decode_step`` exports as one static graph; it returns only the new position's keys/values,
+  which the caller stores (a runtime then copies one cache slot per token, not the whole cache).
 """
 
 from __future__ import annotations
@@ -172,16 +174,17 @@ class DecoderLayer(nn.Module):
         valid: Tensor,
         cross: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """One token ``x`` [B,1,D]; caches [B,H,T,hd]; ``write`` [b,1,T,1] bool, True at this position;
-        ``valid`` [b,1,1,T] positions ≤ this one (bool, or the float bias of :mod:`.phone_ops`).
-        Returns (x, new k cache, new v cache)."""
+        """One token ``x`` [B,1,D]; caches [B,H,T,hd] (read, not changed); ``write`` [b,1,T,1] bool, True at
+        this position; ``valid`` [b,1,1,T] positions ≤ this one (bool, or the float bias of :mod:`.phone_ops`).
+        Returns (x, this position's key [B,H,1,hd], its value [B,H,1,hd]): attention sees the caches with them
+        written in, but storing them is the caller's job."""
         q, k, v = (self._split(t) for t in phone_ops.chunks(self.qkv(phone_ops.layer_norm(self.ln1, x)), 3))
-        k_cache = phone_ops.write_cache(k_cache, k, write)  # static-shape cache write (no indexing)
-        v_cache = phone_ops.write_cache(v_cache, v, write)
-        att = phone_ops.attention(q, k_cache, v_cache, valid)
+        k_all = phone_ops.write_cache(k_cache, k, write)  # static-shape write of a copy (no indexing)
+        v_all = phone_ops.write_cache(v_cache, v, write)
+        att = phone_ops.attention(q, k_all, v_all, valid)
         x = x + self.proj(self._merge(att))
         x = x + self._cross(x, mem, cross)
-        return x + self.ffn(phone_ops.layer_norm(self.ln3, x)), k_cache, v_cache
+        return x + self.ffn(phone_ops.layer_norm(self.ln3, x)), k, v
 
     def step_eager(self, x: Tensor, i: int, k_cache: Tensor, v_cache: Tensor, cross: Tensor) -> Tensor:
         """:meth:`step` for eager inference, same numbers in about a third of the ops: the cache is written
@@ -402,8 +405,11 @@ class Student(nn.Module):
         cross_kv: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """token [B,1] int64, position [B,1] or [1] int64 (0 = the <bos> slot), memory [B,M,D],
-        kv_cache [L,2,B,H,T,hd], optional cross_kv from :meth:`cross_kv` (same result, faster)
-        -> (next-token logits [B,V], updated kv_cache). ``memory`` may be None when ``cross_kv`` is given."""
+        kv_cache [L,2,B,H,T,hd] holding positions < ``position``, optional cross_kv from :meth:`cross_kv`
+        (same result, faster) -> (next-token logits [B,V], ``kv_new`` [L,2,B,H,1,hd]: this position's keys and
+        values). The cache is only read: the caller stores ``kv_new`` at ``position`` (:meth:`write_kv`) before
+        the next step, so a runtime passes a small tensor out per token instead of copying the whole cache.
+        ``memory`` may be None when ``cross_kv`` is given."""
         self._need_text("decode_step")
         if memory is None and cross_kv is None:
             raise ValueError("decode_step needs the memory or its cross_kv")
@@ -426,6 +432,14 @@ class Student(nn.Module):
             new.append(torch.stack([k, v]))
         logits = F.linear(phone_ops.layer_norm(self.dec_norm, x[:, 0]), self.tok_emb.weight)  # tied embedding
         return logits, torch.stack(new)
+
+    @staticmethod
+    def write_kv(kv_cache: Tensor, kv_new: Tensor, position: Tensor) -> Tensor:
+        """``kv_cache`` [L,2,B,H,T,hd] with :meth:`decode_step`'s ``kv_new`` [L,2,B,H,1,hd] stored at
+        ``position`` ([1] or [B,1]); a new tensor, the input is left as it was."""
+        t_max = kv_cache.shape[4]
+        at = torch.arange(t_max, device=kv_cache.device).view(1, t_max) == position.reshape(-1, 1)
+        return torch.where(at.view(1, 1, -1, 1, t_max, 1), kv_new, kv_cache)
 
     def _decode_eager(self, token: Tensor, i: int, kv_cache: Tensor, cross_kv: Tensor) -> Tensor:
         """:meth:`decode_step` for eager generation: writes ``kv_cache`` in place, returns the logits."""
