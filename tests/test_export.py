@@ -420,3 +420,33 @@ def test_a_partial_schema_int8_bundle_gates_on_its_own_heads(schema_run: tuple[P
     assert m["parity"]["passed"] and set(fid["drop"]) == want
     image, question = _image(run)
     assert list(BundleRunner(run.parent / "bundle-int8").predict(image, question)) == list(cfg.outputs)
+
+
+def test_int8_for_executorch_quantizes_the_linear_layers_and_keeps_convolutions_float() -> None:
+    """The ExecuTorch int8 scheme (see graphdistill.student.quantize): int8 weights and activations into every
+    linear layer; convolutions stay float (slower in int8 on CPUs without int8 dot products, few bytes)."""
+    import torch
+
+    from graphdistill.student.quantize import quantize_pt2e
+
+    class ConvThenLinear(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x: Any) -> Any:
+            return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    model = ConvThenLinear().eval()
+    example = (torch.randn(1, 3, 8, 8),)
+    graph = quantize_pt2e(model, example, [(torch.randn(1, 3, 8, 8),) for _ in range(8)] + [example])
+
+    def weight_is_dequantized(op: str) -> bool:
+        node = next(n for n in graph.graph.nodes if n.op == "call_function" and op in str(n.target))
+        return "dequantize" in str(node.args[1].target) if node.args[1].op == "call_function" else False
+
+    assert weight_is_dequantized("linear") and not weight_is_dequantized("conv")
+    with torch.no_grad():  # and the int8 graph still computes the float model's function, to int8 precision
+        torch.testing.assert_close(graph(*example), model(*example), atol=0.02, rtol=0.05)

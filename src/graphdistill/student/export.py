@@ -145,7 +145,7 @@ def _export(
         from graphdistill.student.export_executorch import export_executorch
 
         files = export_executorch(programs, tmp, quantize=quantize, calibration=calibration)
-        return files, ({k: "pt2e-xnnpack-static" for k in files} if quantize == "int8" else {})
+        return files, ({k: "pt2e-xnnpack-static-linear" for k in files} if quantize == "int8" else {})
     from graphdistill.student.export_onnx import export_onnx
 
     names = {"encode": (ENCODE_INPUTS, encode_outputs), "decode_step": (DECODE_INPUTS, DECODE_OUTPUTS)}
