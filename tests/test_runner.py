@@ -134,6 +134,23 @@ def test_one_preprocessor_reused_on_images_of_every_shape_gives_fresh_results() 
         np.testing.assert_array_equal(got, want)
 
 
+def test_split_added_cuts_at_the_longest_added_token() -> None:
+    added = [
+        {"id": 2, "content": "<eos>", "special": True},
+        {"id": 5, "content": "<e"},
+        {"id": 6, "content": "os>"},
+    ]
+    bpe = ByteLevelBPE({
+        "model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": []},
+        "pre_tokenizer": {"type": "ByteLevel"}, "added_tokens": added,
+    })  # fmt: skip
+    assert list(bpe._split_added("a<eos>b<e c os>")) == [
+        ("a", False), ("<eos>", True), ("b", False), ("<e", True), (" c ", False), ("os>", True),
+    ]  # fmt: skip
+    assert list(bpe._split_added("")) == []
+    assert bpe.encode("a<eos>b") == [0, 2, 1]
+
+
 def test_rle_equals_trace_rle() -> None:
     from graphdistill.trace import RLE
 

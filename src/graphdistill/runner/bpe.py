@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import unicodedata
 from collections.abc import Iterable
 from functools import lru_cache
@@ -125,6 +126,9 @@ class ByteLevelBPE:
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self._cache: dict[str, list[int]] = {}
+        # alternatives longest first: at a position where several added tokens start, the longest wins
+        by_length = sorted((t for t in self.added if t), key=len, reverse=True)
+        self._added_re = re.compile("|".join(map(re.escape, by_length))) if by_length else None
 
     @classmethod
     def from_file(cls, path: str | Path) -> ByteLevelBPE:
@@ -152,22 +156,14 @@ class ByteLevelBPE:
         return ids
 
     def _split_added(self, text: str) -> Iterable[tuple[str, bool]]:
-        """Cut the text around literal occurrences of added tokens (longest first)."""
-        if not self.added:
-            if text:
-                yield text, False
-            return
-        tokens = sorted(self.added, key=len, reverse=True)
-        i = start = 0
-        while i < len(text):
-            hit = next((t for t in tokens if text.startswith(t, i)), None)
-            if hit is None:
-                i += 1
-                continue
-            if i > start:
-                yield text[start:i], False
-            yield hit, True
-            i = start = i + len(hit)
+        """Cut the text around literal occurrences of added tokens (at each position the longest one)."""
+        start = 0
+        if self._added_re is not None:
+            for hit in self._added_re.finditer(text):
+                if hit.start() > start:
+                    yield text[start : hit.start()], False
+                yield hit.group(), True
+                start = hit.end()
         if start < len(text):
             yield text[start:], False
 

@@ -226,4 +226,4 @@ def object_mask_rle(
     pos, n = np.unique(pos, return_counts=True)
     pos = pos[(n % 2 == 1) & (pos < height * width)]
     bounds = np.concatenate([[0], pos, [height * width]])
-    return {"size": [int(height), int(width)], "counts": [int(r) for r in np.diff(bounds)]}
+    return {"size": [int(height), int(width)], "counts": np.diff(bounds).tolist()}
