@@ -330,22 +330,30 @@ class Student(nn.Module):
             keep = torch.zeros(b, self.n_ctx, dtype=x.dtype, device=image.device)
             pad_bias = (question_mask == 0).to(x.dtype) * phone_ops.NEG
             bias = torch.cat([keep, pad_bias], dim=1).view(b, 1, 1, -1)
-            for layer in self.encoder.layers:
-                x = phone_ops.encoder_layer(layer, x, bias)
+            last = len(self.encoder.layers) - 1
+            for i, layer in enumerate(self.encoder.layers):
+                # only the context tokens leave the encoder: in the last layer the question tokens are keys
+                # and values, nothing is computed for them as queries
+                x = phone_ops.encoder_layer(layer, x, bias, n_out=self.n_ctx if i == last else None)
             x = phone_ops.layer_norm(self.enc_norm, x)
         else:
             keep_b = torch.ones(b, self.n_ctx, dtype=torch.bool, device=image.device)
             pad = ~torch.cat([keep_b, question_mask.to(torch.bool)], dim=1)  # True = ignore (PyTorch's way)
             x = self.enc_norm(self.encoder(x, src_key_padding_mask=pad))
-        ctx = x[:, : self.n_ctx]
+        # phone-friendly, the last layer returned the context tokens only (a no-op slice exports as a copy)
+        ctx = x if x.shape[1] == self.n_ctx else x[:, : self.n_ctx]
         if not self.config.has_masks:
             return ctx
         # fine pixel tokens: projected stride-16 features + upsampled fused coarse tokens (question-aware)
         g = self.grid_c
-        up = ctx[:, self.config.num_registers :].transpose(1, 2).reshape(b, -1, g, g)
+        coarse_ctx = ctx[:, self.config.num_registers :]
+        if phone_ops.active():  # a linear map commutes with bilinear upsampling (its weights sum to 1):
+            coarse_ctx = self.fine_mix(coarse_ctx)  # mix the Gc coarse tokens, not the Gf upsampled ones
+        up = coarse_ctx.transpose(1, 2).reshape(b, -1, g, g)
         up = F.interpolate(up, size=(self.grid_f, self.grid_f), mode="bilinear", align_corners=False)
+        up_t = up.flatten(2).transpose(1, 2)
         fine_t = self.fine_proj(fine.flatten(2).transpose(1, 2)) + self.fine_pos
-        fine_t = fine_t + self.fine_mix(up.flatten(2).transpose(1, 2))
+        fine_t = fine_t + (up_t if phone_ops.active() else self.fine_mix(up_t))
         return torch.cat([ctx, fine_t], dim=1)
 
     def heads(self, memory: Tensor) -> dict[str, Tensor]:
@@ -375,7 +383,7 @@ class Student(nn.Module):
                     m, size=(cfg.mask_size, cfg.mask_size), mode="bilinear", align_corners=False
                 )
                 out["mask_logits"] = m
-        summary = ctx[:, : cfg.num_registers].mean(dim=1)
+        summary = phone_ops.mean_tokens(ctx[:, : cfg.num_registers])
         if cfg.has_sources:
             out["source_logits"] = self.source_head(summary)
         for name, head in self.embedding_heads.items():

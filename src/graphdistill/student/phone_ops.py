@@ -79,6 +79,15 @@ def layer_norm(ln: nn.LayerNorm, x: Tensor) -> Tensor:
     return y * ln.weight + ln.bias
 
 
+def mean_tokens(x: Tensor) -> Tensor:
+    """``x.mean(dim=1)`` for [B, T, D]; as a mean over the two innermost dims of a [B, D, T, 1] view, keeping
+    them, when phone-friendly (the only ``mean.dim`` XNNPACK takes)."""
+    if not active():
+        return x.mean(dim=1)
+    b, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, d, t, 1).mean(dim=(2, 3), keepdim=True).reshape(b, d)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """Softmax attention, [B,H,Tq,hd] x [B,H,Tk,hd]. ``mask``: bool (True = attend) or a float bias added to
     the scores (0 or :data:`NEG`); phone-friendly code passes the float form. The explicit form uses 3-D
@@ -131,14 +140,19 @@ def _merge(x: Tensor) -> Tensor:  # [B,H,T,hd] -> [B,T,D]
     return x.transpose(1, 2).reshape(b, t, h * hd)
 
 
-def _mha(mha: nn.MultiheadAttention, x: Tensor, mem: Tensor, bias: Tensor | None) -> Tensor:
+def _mha(
+    mha: nn.MultiheadAttention, x: Tensor, mem: Tensor, bias: Tensor | None, n_queries: int | None = None
+) -> Tensor:
     """``nn.MultiheadAttention`` (batch_first, packed in-projection) with explicit attention. The packed
     projection is applied whole and its output sliced: a linear on a *slice* of a weight is not a constant
-    weight, and XNNPACK would leave it to a portable ``addmm``."""
+    weight, and XNNPACK would leave it to a portable ``addmm``. ``n_queries``: self-attention for the first
+    ``n_queries`` tokens of ``x`` only (all of them keys and values)."""
     w, b = mha.in_proj_weight, mha.in_proj_bias
     assert w is not None and b is not None
     if x is mem:
         q, k, v = chunks(F.linear(x, w, b), 3)
+        if n_queries is not None:
+            q = q[:, :n_queries]
     else:
         q = chunks(F.linear(x, w, b), 3)[0]
         _, k, v = chunks(F.linear(mem, w, b), 3)
@@ -151,10 +165,17 @@ def _ffn(layer: nn.TransformerEncoderLayer | nn.TransformerDecoderLayer, x: Tens
     return layer.linear2(F.gelu(layer.linear1(x)))
 
 
-def encoder_layer(layer: nn.TransformerEncoderLayer, x: Tensor, bias: Tensor | None) -> Tensor:
-    """A ``norm_first``, GELU, eval-mode ``nn.TransformerEncoderLayer``; ``bias`` [B,1,1,T] on the keys."""
+def encoder_layer(
+    layer: nn.TransformerEncoderLayer, x: Tensor, bias: Tensor | None, n_out: int | None = None
+) -> Tensor:
+    """A ``norm_first``, GELU, eval-mode ``nn.TransformerEncoderLayer``; ``bias`` [B,1,1,T] on the keys.
+    ``n_out``: compute the output of the first ``n_out`` tokens only (every token is still a key and value):
+    the layer's result for those tokens is unchanged, the rest is never computed."""
     h = layer_norm(layer.norm1, x)
-    x = x + _mha(layer.self_attn, h, h, bias)
+    if n_out is None:
+        x = x + _mha(layer.self_attn, h, h, bias)
+    else:
+        x = x[:, :n_out] + _mha(layer.self_attn, h, h, bias, n_queries=n_out)
     return x + _ffn(layer, layer_norm(layer.norm2, x))
 
 
