@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from _netguard import subprocess_env
 from graphdistill.runner import BundleError, BundleRunner
 from graphdistill.runner.bundle import MANIFEST, manifest_checksum
 
@@ -178,7 +179,12 @@ def _run_blocked(tmp_path: Path, blocked: list[str], *args: str) -> subprocess.C
     script = tmp_path / "blocked_cli.py"
     script.write_text(BLOCKER.format(blocked=blocked))
     return subprocess.run(
-        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=subprocess_env(),  # the test network guard holds in the runner's process too
     )
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from _netguard import subprocess_env
 from graphdistill.cli import main
 from graphdistill.datasets.store import TraceStore
 
@@ -193,7 +194,7 @@ def test_record_bad_arguments_are_one_line_errors(
 
 
 def _cli(*args: str, env_sleep: str = "0") -> subprocess.Popen[str]:
-    env = {**os.environ, "GD_TEST_SLEEP": env_sleep}
+    env = subprocess_env(GD_TEST_SLEEP=env_sleep)  # the test network guard holds in the CLI process too
     return subprocess.Popen(
         [sys.executable, "-m", "graphdistill.cli", *args],
         stdout=subprocess.PIPE,

@@ -5,13 +5,14 @@ groups). Real models, about a minute on a 2-core CPU: marked slow."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from _netguard import subprocess_env
 
 pytest.importorskip("torch")
 pytest.importorskip("ultralytics")
@@ -53,7 +54,7 @@ def test_record_three_samples_then_filter_real_default_graph(tmp_path: Path) -> 
     from graphdistill.datasets.store import TraceStore
 
     home = _isolated_home(tmp_path)
-    env = {**os.environ, "GRAPHDISTILL_HOME": str(home), "COLUMNS": "200"}
+    env = subprocess_env(GRAPHDISTILL_HOME=str(home), COLUMNS="200")  # guarded like the tests
     (tmp_path / "photos").mkdir()
     rows = []
     for pid in PHOTOS:

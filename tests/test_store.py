@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _netguard import subprocess_env
 from graphdistill.datasets.store import (
     DuplicateTraceError,
     StoreError,
@@ -226,6 +227,7 @@ def test_acknowledged_appends_survive_kill_9(tmp_path: Path) -> None:
         [sys.executable, str(_writer(tmp_path)), str(tmp_path / "s"), "0", "100000"],
         stdout=subprocess.PIPE,
         text=True,
+        env=subprocess_env(),
     )
     assert proc.stdout is not None
     acked = [proc.stdout.readline().strip() for _ in range(5)]
@@ -252,6 +254,7 @@ def test_crash_during_append_shows_no_trace(tmp_path: Path, crash: str, blobs_le
         capture_output=True,
         text=True,
         timeout=60,
+        env=subprocess_env(),
     )
     assert proc.returncode == 9 and proc.stdout == ""
     assert len(blob_files(tmp_path / "s")) == blobs_left  # the row never made it
@@ -282,6 +285,7 @@ def test_several_processes_append_at_once(tmp_path: Path) -> None:
             [sys.executable, str(script), str(tmp_path / "s"), str(k * 100), "15"],
             stdout=subprocess.PIPE,
             text=True,
+            env=subprocess_env(),
         )
         for k in range(3)
     ]

@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from tests import _models
 
+import _models  # as every other test imports it: one module, one cache of loaded models
+from _netguard import subprocess_env
 from graphdistill.cli import main as cli_main
 from graphdistill.teachers.coco import COCO_CLASSES
 from graphdistill.teachers.knowledge import (
@@ -111,7 +112,9 @@ def test_cli_parser_and_kb_command_stay_light() -> None:
         "heavy = [m for m in ('torch', 'chromadb', 'transformers', 'sentence_transformers') if m in sys.modules];"
         "print(heavy); sys.exit(1 if heavy else 0)"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=subprocess_env()
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
