@@ -18,6 +18,15 @@ def print_json(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
+def output_json(output: dict[str, Any]) -> dict[str, Any]:
+    """A graph's (or the student's) final output as ``--json`` prints it: every value through
+    ``trace.encode_value`` (typed records keep their ``__record__`` tag), the input image left out."""
+    from graphdistill.trace import encode_value
+
+    blobs: dict[str, bytes] = {}
+    return {k: encode_value(v, blobs) for k, v in output.items() if k not in ("image",)}
+
+
 def console(stderr: bool = False) -> Any:
     from rich.console import Console
 

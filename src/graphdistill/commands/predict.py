@@ -70,14 +70,14 @@ def _predict(args: argparse.Namespace) -> int:
 
 def graph_json(output: dict[str, Any]) -> dict[str, Any]:
     """The student's output as ``graphdistill run --json`` prints the teacher's: the same serialisation
-    (``run._jsonable``, i.e. ``trace.encode_value``). The predictor returns a DETECTIONS output as a plain
+    (:func:`~graphdistill.commands._common.output_json`, i.e. ``trace.encode_value``). The predictor returns a DETECTIONS output as a plain
     ``Detections`` dict (``"kind": "detections"``); it is typed again first so that it is written as the
     teacher's live ``Detections`` is (``"__record__": "detections"``)."""
-    from graphdistill.commands.run import _jsonable
+    from graphdistill.commands._common import output_json
     from graphdistill.trace import Detections
 
     typed = {
         k: Detections.model_validate(v) if isinstance(v, dict) and v.get("kind") == "detections" else v
         for k, v in output.items()
     }
-    return _jsonable(typed)
+    return output_json(typed)

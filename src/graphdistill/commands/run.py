@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from graphdistill.commands._common import CommandError, console
+from graphdistill.commands._common import CommandError, console, output_json
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 # (flag, VisualRagConfig field, default, what it loads): the reference graph's weights, each replaceable
@@ -72,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
         output = _invoke(graph, {"image": image, "question": question}, status)
 
     if args.json:
-        json.dump(_jsonable(output), sys.stdout)
+        json.dump(output_json(output), sys.stdout)
         sys.stdout.write("\n")
     else:
         _show(output)
@@ -152,13 +152,6 @@ def _failed_node(exc: BaseException) -> str | None:
         if found:
             return found["node"]
     return None
-
-
-def _jsonable(output: dict[str, Any]) -> dict[str, Any]:
-    from graphdistill.trace import encode_value
-
-    blobs: dict[str, bytes] = {}
-    return {k: encode_value(v, blobs) for k, v in output.items() if k not in ("image",)}
 
 
 def _show(output: dict[str, Any]) -> None:
