@@ -438,7 +438,8 @@ class Student(nn.Module):
             k_i, v_i = phone_ops.pick(kv_cache, i, 0), phone_ops.pick(kv_cache, i, 1)
             x, k, v = layer.step(x, ctx, k_i, v_i, write, valid, cross)
             new.append(torch.stack([k, v]))
-        logits = F.linear(phone_ops.layer_norm(self.dec_norm, x[:, 0]), self.tok_emb.weight)  # tied embedding
+        x = x.reshape(x.shape[0], x.shape[2])  # [B,1,D] -> [B,D] (a view; x[:, 0] exports as a select copy)
+        logits = F.linear(phone_ops.layer_norm(self.dec_norm, x), self.tok_emb.weight)  # tied embedding
         return logits, torch.stack(new)
 
     @staticmethod
