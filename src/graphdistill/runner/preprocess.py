@@ -110,8 +110,8 @@ class Preprocessor:
         canvas = self.canvas.copy()
         canvas[box.pad_top : box.pad_top + new_h, box.pad_left : box.pad_left + new_w] = np.asarray(resized)
         x = np.empty((1, 3, self.size, self.size), dtype=np.float32) if out is None else out
-        for c in range(3):
-            np.take(self.table[c], canvas[:, :, c], out=x[0, c])
+        for c in range(3):  # uint8 indices are always in 0..255: "clip" skips take's bounds check (2x faster)
+            np.take(self.table[c], canvas[:, :, c], out=x[0, c], mode="clip")
         return x, box
 
 
