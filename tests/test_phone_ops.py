@@ -132,5 +132,9 @@ def test_decode_step_lowers_to_xnnpack_in_few_delegate_calls() -> None:
     fused, friendly = top_level_ops(False), top_level_ops(True)
     assert friendly["executorch_call_delegate"] <= 2, friendly
     assert fused["executorch_call_delegate"] > 2 * friendly["executorch_call_delegate"], (fused, friendly)
-    left = {k for k in friendly if any(s in k for s in ("layer_norm", "where", "logical_not", "split_with", "select"))}
+    left = {
+        k
+        for k in friendly
+        if any(s in k for s in ("layer_norm", "where", "logical_not", "split_with", "select"))
+    }
     assert not left, friendly
