@@ -346,14 +346,13 @@ class Student(nn.Module):
             return ctx
         # fine pixel tokens: projected stride-16 features + upsampled fused coarse tokens (question-aware)
         g = self.grid_c
-        coarse_ctx = ctx[:, self.config.num_registers :]
-        if phone_ops.active():  # a linear map commutes with bilinear upsampling (its weights sum to 1):
-            coarse_ctx = self.fine_mix(coarse_ctx)  # mix the Gc coarse tokens, not the Gf upsampled ones
+        # fine_mix (a linear map) commutes with bilinear upsampling, whose weights sum to 1: it mixes the Gc
+        # coarse tokens before upsampling, not the Gf upsampled ones
+        coarse_ctx = self.fine_mix(ctx[:, self.config.num_registers :])
         up = coarse_ctx.transpose(1, 2).reshape(b, -1, g, g)
         up = F.interpolate(up, size=(self.grid_f, self.grid_f), mode="bilinear", align_corners=False)
-        up_t = up.flatten(2).transpose(1, 2)
         fine_t = self.fine_proj(fine.flatten(2).transpose(1, 2)) + self.fine_pos
-        fine_t = fine_t + (up_t if phone_ops.active() else self.fine_mix(up_t))
+        fine_t = fine_t + up.flatten(2).transpose(1, 2)
         return torch.cat([ctx, fine_t], dim=1)
 
     def heads(self, memory: Tensor) -> dict[str, Tensor]:
