@@ -430,7 +430,7 @@ def test_a_partial_schema_int8_bundle_gates_on_its_own_heads(schema_run: tuple[P
 
 def test_int8_for_executorch_quantizes_the_linear_layers_and_keeps_convolutions_float() -> None:
     """The ExecuTorch int8 scheme (see graphdistill.student.quantize): int8 weights and activations into every
-    linear layer; convolutions stay float (slower in int8 on CPUs without int8 dot products, few bytes)."""
+    linear layer; convolutions stay float (slower in int8 on the CPUs measured, few bytes)."""
     import torch
 
     from graphdistill.student.quantize import quantize_pt2e

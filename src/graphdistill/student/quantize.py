@@ -5,10 +5,11 @@
   observers calibrated by running the prepared graph on calibration inputs; XNNPACK then runs the quantized
   ops. Convolutions, element-wise ops, softmax and norms stay float. The backbone's convolutions hold few of
   the bytes (the int8 program is ~2.9 MB with them float, ~2.2 MB without) but most of the image work, and
-  int8 made them slower: on this benchmark machine's x86 CPU (AVX2, no int8 dot-product instructions) the
-  demo student's int8 ``encode`` took 5.1 ms with int8 convolutions against 4.3 ms with float ones (float
-  program: 4.6 ms; 10th percentiles of 120 interleaved runs, 1 thread), and its largest output error
-  against float was 2.4 instead of 0.54.
+  int8 made them slower on both x86 CPUs we measured (demo student, 1 thread, interleaved runs): on an AMD
+  EPYC (AVX2, no int8 dot-product instructions) its int8 ``encode`` took 5.1 ms with int8 convolutions
+  against 4.3 ms with float ones (float program: 4.6 ms; 10th percentiles of 120 runs), on an Intel Xeon
+  with AVX-512 VNNI 2.29 ms against 2.08 ms (float 2.46 ms; medians of 150); and its largest output error
+  against float was 2.4 instead of 0.54 (AMD run).
 - ONNX: both programs through onnxruntime's ``quantize_dynamic`` on the matrix products and the embedding
   table (:data:`DYNAMIC_OPS`; per-channel int8 weights, activation ranges computed per call). Measured on the
   demo student against static QDQ (per-channel weights, activations calibrated on training inputs) over
