@@ -100,10 +100,16 @@ def test_onnx_float_bundle_passes_parity(onnx_float: Path) -> None:
     assert gate["vs_pytorch"]["box_max_abs_diff"] <= gate["tolerances"]["box_abs"]
     assert gate["vs_pytorch"]["mask_iou_min"] >= 0.99
     assert set(m["programs"]) == {"encode", "decode_step"}
-    assert (
-        m["kv_cache"]["fixed_size"]
-        and m["programs"]["decode_step"]["inputs"][3]["shape"] == m["kv_cache"]["shape"]
-    )
+    step = m["programs"]["decode_step"]
+    assert m["kv_cache"]["fixed_size"] and step["arrays"]["kv_cache"]["shape"] == m["kv_cache"]["shape"]
+    # every layer's cached keys and values are their own input: views [1, H, T, hd] of the runner's cache
+    layers = m["kv_cache"]["shape"][0]
+    cache_inputs = [i for i in step["inputs"] if i.get("view_of", [""])[0] == "kv_cache"]
+    assert [i["view_of"][1:] for i in cache_inputs] == [[n, j] for n in range(layers) for j in (0, 1)]
+    assert all(i["shape"] == m["kv_cache"]["shape"][2:] for i in cache_inputs)
+    assert [i["name"] for i in step["inputs"][:2]] == ["token", "position"] and len(
+        step["inputs"]
+    ) == 2 + 4 * layers
     # decode_step hands back this position's keys/values only: one cache slot, the runner stores it
     kv_new = m["programs"]["decode_step"]["outputs"][1]
     assert kv_new["name"] == "kv_new" and kv_new["shape"] == [
@@ -223,8 +229,8 @@ def _corrupt(bundle: Path, tmp_path: Path, how: str) -> Path:
         (b / MANIFEST).write_text(json.dumps(m))
     elif how == "missing":
         (b / "tokenizer.json").unlink()
-    elif how == "old-format":  # a bundle of format 1 (its decode_step returned the whole cache)
-        m["format"] = "graphdistill-bundle/1"
+    elif how == "old-format":  # a bundle of format 2 (its decode_step took the whole cache as one input)
+        m["format"] = "graphdistill-bundle/2"
         m["manifest_sha256"] = manifest_checksum(m)
         (b / MANIFEST).write_text(json.dumps(m))
     return b
@@ -237,7 +243,7 @@ def _corrupt(bundle: Path, tmp_path: Path, how: str) -> Path:
         ("edited", "edited after export"),
         ("wrong-sha", r"decode_step\.onnx is corrupt"),
         ("missing", r"tokenizer\.json is missing"),
-        ("old-format", r"graphdistill-bundle/1.*older graphdistill: export the run again"),
+        ("old-format", r"graphdistill-bundle/2.*older graphdistill: export the run again"),
     ],
 )
 def test_corrupted_bundle_gives_a_clear_error(
@@ -308,7 +314,8 @@ def test_executorch_bundle_float_and_int8(run_dir: Path, onnx_float: Path, tmp_p
     from executorch.runtime import Runtime
 
     program = Runtime.get().load_program(str(tmp_path / "et" / "model.pte"))
-    for method, n_inputs in (("encode", 3), ("decode_step", 4)):
+    n_step_inputs = len(fl["programs"]["decode_step"]["inputs"])
+    for method, n_inputs in (("encode", 3), ("decode_step", n_step_inputs)):
         meta = program.metadata(method)
         assert [meta.input_tensor_meta(i).is_memory_planned() for i in range(n_inputs)] == [False] * n_inputs
     # the ExecuTorch runner in a process where the student's code cannot be imported (ExecuTorch's Python
@@ -383,7 +390,11 @@ def test_a_partial_schema_exports_only_its_heads_and_passes_parity(schema_run: t
     first = m["programs"]["encode"]["outputs"][0]["shape"]
     if cfg.has_text:  # the decoder's cross-attention keys/values over the context tokens, fed to every step
         assert first == [cfg.dec_layers, 2, 1, cfg.n_heads, model.n_ctx, cfg.head_dim]
-        assert m["programs"]["decode_step"]["inputs"][2]["shape"] == first
+        step = m["programs"]["decode_step"]
+        assert step["arrays"]["cross_kv"]["shape"] == first
+        assert [i["shape"] for i in step["inputs"] if i["name"].startswith("cross_kv.")] == [first[2:]] * (
+            2 * cfg.dec_layers
+        )
     else:
         assert first == [1, model.memory_len, cfg.d_model]
 

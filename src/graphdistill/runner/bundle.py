@@ -8,11 +8,13 @@ A bundle is a folder: the model file(s), ``tokenizer.json`` and ``manifest.json`
 4. ``encode(image, question_ids, question_mask)`` -> ``cross_kv`` (the answer decoder's cross-attention
    keys/values; ``memory`` for a student without a text output) + the output of every head the student has
    (their names, in order, are ``programs.encode.outputs`` in the manifest), once;
-5. the answer (only when the manifest has a ``decode_step`` program, i.e. a TEXT output): ``token = <bos>``,
-   ``kv_cache = zeros``; for ``position = 0, 1, ...``:
-   ``logits, kv_new = decode_step(token, position, cross_kv, kv_cache)``;
-   ``kv_cache[:, :, :, :, position] = kv_new[:, :, :, :, 0]`` (the runner owns the cache; the step only reads
-   it); ``token = argmax(logits)``;
+5. the answer (only when the manifest has a ``decode_step`` program, i.e. a TEXT output): copy ``cross_kv``
+   into the runner's ``cross_kv`` array, ``kv_cache = zeros`` (the runner's other array), ``token = <bos>``;
+   for ``position = 0, 1, ...``:
+   ``logits, kv_new = decode_step(token, position, cross_kv[l, 0], cross_kv[l, 1] for each layer l,
+   kv_cache[l, 0], kv_cache[l, 1] for each layer l)`` (views of the two arrays: the manifest's inputs with
+   ``view_of``, handed over in place); ``kv_cache[:, :, :, :, position] = kv_new[:, :, :, :, 0]`` (the runner
+   owns the cache; the step only reads it); ``token = argmax(logits)``;
    stop at ``<eos>`` or when the fixed-size cache is full;
 6. objects: per query, softmax over the classes + "no object"; its score is the best *real* class's
    probability; keep queries scoring >= ``score_threshold``, best first; box back to image pixels; mask
@@ -48,7 +50,8 @@ from graphdistill.runner.preprocess import (
 )
 
 # 2: decode_step returns this position's keys/values (kv_new), not the whole cache as in 1
-BUNDLE_FORMAT = "graphdistill-bundle/2"
+# 3: decode_step reads each layer's keys and values as separate inputs (views of the runner's arrays)
+BUNDLE_FORMAT = "graphdistill-bundle/3"
 MANIFEST = "manifest.json"
 # XNNPACK may read up to 16 bytes past the end of an input it is handed in place: inputs the runner owns
 # get this much slack, so such a read never reaches an unmapped page
@@ -109,17 +112,30 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def input_buffers(manifest: dict[str, Any], program: str) -> list[np.ndarray]:
-    """One zeroed array per input of ``program``, shaped and typed as the manifest says, with
-    :data:`INPUT_SLACK_BYTES` behind it. The runner writes a query's inputs into these and hands them to the
-    runtime as they are (no copy per call)."""
-    bufs = []
-    for spec in manifest["programs"][program]["inputs"]:
-        dtype = np.dtype(spec["dtype"])
-        n = int(np.prod(spec["shape"], dtype=np.int64))
+def input_buffers(manifest: dict[str, Any], program: str) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """One zeroed array per input of ``program``, shaped and typed as the manifest says, and the program's own
+    ``arrays`` (e.g. decode_step's ``kv_cache``): an input with ``view_of: [array, i, j]`` is ``array[i, j]``, a
+    view. Every array has :data:`INPUT_SLACK_BYTES` behind it. The runner writes a query's inputs into these
+    and hands them to the runtime as they are (no copy per call)."""
+
+    def zeros(shape: list[int], dtype: np.dtype[Any]) -> np.ndarray:
+        n = int(np.prod(shape, dtype=np.int64))
         flat = np.zeros(n + INPUT_SLACK_BYTES // dtype.itemsize, dtype=dtype)
-        bufs.append(flat[:n].reshape(spec["shape"]))
-    return bufs
+        return flat[:n].reshape(shape)
+
+    prog = manifest["programs"][program]
+    arrays = {k: zeros(a["shape"], np.dtype(a["dtype"])) for k, a in prog.get("arrays", {}).items()}
+    bufs = []
+    for spec in prog["inputs"]:
+        if "view_of" in spec:
+            name, *index = spec["view_of"]
+            view = arrays[name][tuple(index)]
+            if list(view.shape) != list(spec["shape"]) or not view.flags.c_contiguous:
+                raise ValueError(f"input {spec['name']}: {spec['view_of']} is not a {spec['shape']} block")
+            bufs.append(view)
+        else:
+            bufs.append(zeros(spec["shape"], np.dtype(spec["dtype"])))
+    return bufs, arrays
 
 
 class OnnxPrograms:
@@ -140,7 +156,9 @@ class OnnxPrograms:
             for name, prog in manifest["programs"].items()
         }
         self.input_names = {n: [i["name"] for i in p["inputs"]] for n, p in manifest["programs"].items()}
-        self.buffers = {name: input_buffers(manifest, name) for name in manifest["programs"]}
+        made = {name: input_buffers(manifest, name) for name in manifest["programs"]}
+        self.buffers = {name: bufs for name, (bufs, _) in made.items()}
+        self.arrays = {name: arrays for name, (_, arrays) in made.items()}
 
     def run(self, program: str, *inputs: np.ndarray) -> list[np.ndarray]:
         feeds = dict(zip(self.input_names[program], inputs, strict=True))
@@ -181,7 +199,9 @@ class ExecuTorchPrograms:
             name: self.programs[p["file"]].load_method(p.get("method", name))
             for name, p in manifest["programs"].items()
         }
-        self.buffers = {name: input_buffers(manifest, name) for name in manifest["programs"]}
+        made = {name: input_buffers(manifest, name) for name in manifest["programs"]}
+        self.buffers = {name: bufs for name, (bufs, _) in made.items()}
+        self.arrays = {name: arrays for name, (_, arrays) in made.items()}
         self.tensors = {name: [from_numpy(b) for b in bufs] for name, bufs in self.buffers.items()}
 
     def run(self, program: str, *inputs: np.ndarray) -> list[np.ndarray]:
@@ -230,6 +250,14 @@ class BundleRunner:
             self.encode_outputs = [str(o["name"]) for o in m["programs"]["encode"]["outputs"]]
             self.has_text = "decode_step" in m["programs"]
             kv: dict[str, Any] = m["kv_cache"] if self.has_text else {"shape": [], "max_answer_len": 1}
+            if self.has_text:
+                step = m["programs"]["decode_step"]
+                first = [i["name"] for i in step["inputs"][:2]]
+                if first != ["token", "position"] or set(step["arrays"]) != {"cross_kv", "kv_cache"}:
+                    raise ValueError(
+                        f"decode_step must take token, position first (got {first}) and own the arrays "
+                        f"cross_kv and kv_cache (got {sorted(step['arrays'])})"
+                    )
             self.kv_shape, self.max_steps = [int(s) for s in kv["shape"]], int(kv["max_answer_len"]) - 1
             self.spec = m["preprocessing"]
             self.preprocess = Preprocessor(self.spec)
@@ -264,14 +292,17 @@ class BundleRunner:
         if not self.has_text:
             return Raw([], named)
         # decode_step's inputs live in the runtime's buffers for the whole answer: written in place, not copied
-        token, position, cross_kv, kv = self.programs.buffers["decode_step"]
-        np.copyto(cross_kv, outs[0])  # the same for every step of this answer
+        inputs = self.programs.buffers["decode_step"]
+        token, position = inputs[0], inputs[1]
+        arrays = self.programs.arrays["decode_step"]
+        np.copyto(arrays["cross_kv"], outs[0])  # the same for every step of this answer
+        kv = arrays["kv_cache"]
         kv.fill(0.0)
         token[0, 0] = self.bos_id
         answer: list[int] = []
         for pos in range(self.max_steps):
             position[0] = pos
-            logits, kv_new = self.programs.run("decode_step", token, position, cross_kv, kv)
+            logits, kv_new = self.programs.run("decode_step", *inputs)
             kv[:, :, :, :, pos] = kv_new[:, :, :, :, 0]
             nxt = int(logits[0].argmax())
             if nxt == self.eos_id:

@@ -39,7 +39,6 @@ from graphdistill.runner.bundle import (
 )
 from graphdistill.student.export_parity import fidelity, parity_float
 from graphdistill.student.export_programs import (
-    DECODE_INPUTS,
     DECODE_OUTPUTS,
     ENCODE_INPUTS,
     Sample,
@@ -98,7 +97,7 @@ def export_run(
             f"the dataset {loaded.dataset_path} has too few rows for calibration ({len(calib)}) "
             f"and held-out ({len(heldout)}) inputs"
         )
-    programs, kv_shape = programs_for(loaded)
+    programs, kv_shape = programs_for(loaded, fused_norms=fmt == "onnx")
     say("running the PyTorch reference")
     dec_calls: list[tuple[Any, ...]] = []
     refs = [torch_reference(programs, s, loaded, record=dec_calls) for s in calib]
@@ -147,8 +146,13 @@ def _export(
         files = export_executorch(programs, tmp, quantize=quantize, calibration=calibration)
         return files, ({k: "pt2e-xnnpack-static-linear" for k in files} if quantize == "int8" else {})
     from graphdistill.student.export_onnx import export_onnx
+    from graphdistill.student.phone_decode import input_names
 
-    names = {"encode": (ENCODE_INPUTS, encode_outputs), "decode_step": (DECODE_INPUTS, DECODE_OUTPUTS)}
+    n_layers = (len(programs["decode_step"][1]) - 2) // 4 if "decode_step" in programs else 0
+    names = {
+        "encode": (ENCODE_INPUTS, encode_outputs),
+        "decode_step": (input_names(n_layers), DECODE_OUTPUTS),
+    }
     res = export_onnx(programs, names, tmp, quantize=quantize)
     return res["files"], res["quantization"]
 
@@ -237,20 +241,38 @@ def _manifest(
         },
     }
     if "decode_step" in files:
+        from graphdistill.student.phone_decode import input_names
+
+        view_shape = {"cross_kv": cross_shape[2:], "kv_cache": kv_shape[2:]}
+        kv_inputs = []
+        for name in input_names(cfg.dec_layers)[2:]:
+            array, layer, kind = name.split(".")
+            kv_inputs.append(
+                {
+                    "name": name,
+                    "shape": view_shape[array],
+                    "dtype": "float32",
+                    "view_of": [array, int(layer), 0 if kind == "key" else 1],
+                }
+            )
         programs["decode_step"] = {
             "file": files["decode_step"],
             "method": "decode_step",
+            "arrays": {
+                "cross_kv": {
+                    "shape": cross_shape,
+                    "dtype": "float32",
+                    "meaning": "encode's cross_kv output, copied in once per answer",
+                },
+                "kv_cache": {"shape": kv_shape, "dtype": "float32", "meaning": "see kv_cache"},
+            },
             "inputs": [
                 {"name": "token", "shape": [1, 1], "dtype": "int64"},
                 {"name": "position", "shape": [1], "dtype": "int64", "meaning": "0 = the <bos> slot"},
-                {
-                    "name": "cross_kv",
-                    "shape": cross_shape,
-                    "dtype": "float32",
-                    "meaning": "encode's cross_kv output, the same for every step of one answer",
-                },
-                {"name": "kv_cache", "shape": kv_shape, "dtype": "float32"},
+                *kv_inputs,
             ],
+            "inputs_note": "an input with view_of [array, i, j] is array[i, j] of the runner's own arrays "
+            "(contiguous): hand it over in place, the step reads it and never writes it",
             "outputs": [
                 {"name": "logits", "shape": [1, cfg.vocab_size], "dtype": "float32"},
                 {
@@ -268,7 +290,8 @@ def _manifest(
         "initial": "zeros",
         "max_answer_len": cfg.max_answer_len,
         "update": "the caller owns the cache: after each decode_step, kv_cache[:, :, :, :, position] = "
-        "kv_new[:, :, :, :, 0]; decode_step only reads it (positions > position are masked)",
+        "kv_new[:, :, :, :, 0]; decode_step only reads it (positions >= position are masked: this "
+        "position's own key and value come from the step itself)",
     }
     meta = loaded.meta
     eval_path = loaded.run / "eval.json"

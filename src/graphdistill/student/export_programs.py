@@ -20,7 +20,6 @@ from graphdistill.runner.preprocess import Letterbox, load_rgb, preprocess
 log = logging.getLogger(__name__)
 
 ENCODE_INPUTS = ["image", "question_ids", "question_mask"]
-DECODE_INPUTS = ["token", "position", "cross_kv", "kv_cache"]
 DECODE_OUTPUTS = ["logits", "kv_new"]
 
 
@@ -147,9 +146,14 @@ def collect_samples(loaded: LoadedRun, kind: str, n: int) -> list[Sample]:
     return [make_sample(loaded, ds.image(r), r["question"], r) for r in rows]
 
 
-def programs_for(loaded: LoadedRun) -> tuple[dict[str, tuple[Any, tuple[Any, ...]]], list[int]]:
+def programs_for(
+    loaded: LoadedRun, fused_norms: bool = False
+) -> tuple[dict[str, tuple[Any, tuple[Any, ...]]], list[int]]:
     """The programs as eval modules with example inputs, and the fixed KV-cache shape: ``encode`` always,
-    ``decode_step`` only for a student with a text head (no KV cache, ``[]``, without one)."""
+    ``decode_step`` (:class:`~graphdistill.student.phone_decode.PhoneDecodeStep`; ``fused_norms`` for ONNX)
+    only for a student with a text head (no KV cache, ``[]``, without one)."""
+    from graphdistill.student.phone_decode import PhoneDecodeStep, step_inputs
+
     torch = require("torch")
     model, cfg = loaded.model, loaded.config
     head_keys = loaded.encode_outputs[1:]
@@ -171,18 +175,6 @@ def programs_for(loaded: LoadedRun) -> tuple[dict[str, tuple[Any, tuple[Any, ...
             first = self.student.cross_kv(memory) if cfg.has_text else memory
             return (first, *(heads[k] for k in head_keys))
 
-    class DecodeStep(nn.Module):  # type: ignore[misc]
-        """token, position, cross_kv, kv_cache -> logits, kv_new (the student's own decode_step: this
-        position's keys/values, which the runner stores in its cache)."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.student = model
-
-        def forward(self, token: Any, position: Any, cross_kv: Any, kv_cache: Any) -> tuple[Any, Any]:
-            logits, kv_new = self.student.decode_step(token, position, None, kv_cache, cross_kv)
-            return logits, kv_new
-
     s, lq = cfg.image_size, cfg.max_question_len
     enc_example = (
         torch.zeros(1, 3, s, s),
@@ -194,8 +186,8 @@ def programs_for(loaded: LoadedRun) -> tuple[dict[str, tuple[Any, tuple[Any, ...
         return programs, []
     kv = model.empty_cache(1)
     cross = torch.zeros(cross_kv_shape(loaded))
-    dec_example = (torch.ones(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), cross, kv)
-    programs["decode_step"] = (DecodeStep().eval(), dec_example)
+    dec_example = step_inputs(torch.ones(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), cross, kv)
+    programs["decode_step"] = (PhoneDecodeStep(model, fused_norms=fused_norms).eval(), dec_example)
     return programs, list(kv.shape)
 
 
@@ -211,9 +203,12 @@ def torch_reference(
     loaded: LoadedRun,
     record: list[tuple[Any, ...]] | None = None,
 ) -> Raw:
-    """The PyTorch eager run of exactly the loop :meth:`BundleRunner.run_models` performs. ``record``
-    collects every decode_step's inputs (calibration data for int8)."""
+    """The PyTorch eager run of exactly the loop :meth:`BundleRunner.run_models` performs, with the student's
+    own :meth:`Student.decode_step` (the reference the exported step must reproduce). ``record`` collects
+    every step's inputs in the exported step's form (calibration data for int8)."""
     torch = require("torch")
+    from graphdistill.student.phone_decode import step_inputs
+
     enc, _ = programs["encode"]
     ids = loaded.special_ids
     with torch.no_grad():
@@ -221,20 +216,17 @@ def torch_reference(
         named = {k: v[0].numpy() for k, v in zip(loaded.encode_outputs, outs, strict=True)}
         if "decode_step" not in programs:
             return Raw([], named)
-        dec, _ = programs["decode_step"]
+        model = loaded.model
         cross = outs[0]
         kv = loaded.model.empty_cache(1)
         token = torch.tensor([[ids["bos"]]], dtype=torch.long)
         answer: list[int] = []
         for pos in range(loaded.config.max_answer_len - 1):
             position = torch.tensor([pos], dtype=torch.long)
-            args = (token, position, cross, kv)
             if record is not None:
-                record.append(args)
-            logits, kv_new = dec(*args)
-            kv = loaded.model.write_kv(
-                kv, kv_new, position
-            )  # a new tensor: recorded inputs stay as they were
+                record.append(step_inputs(token, position, cross, kv))
+            logits, kv_new = model.decode_step(token, position, None, kv, cross)
+            kv = model.write_kv(kv, kv_new, position)  # a new tensor: recorded inputs stay as they were
             nxt = int(logits[0].argmax())
             if nxt == ids["eos"]:
                 break

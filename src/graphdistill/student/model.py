@@ -151,11 +151,11 @@ class DecoderLayer(nn.Module):
         return torch.stack([self._split(k), self._split(v)])
 
     def _cross(self, x: Tensor, mem: Tensor | None, kv: Tensor | None = None) -> Tensor:
-        q = self._split(self.q_x(phone_ops.layer_norm(self.ln2, x)))
+        q = self._split(self.q_x(self.ln2(x)))
         if kv is None:
             assert mem is not None, "cross-attention needs the memory or its keys/values"
             kv = self.cross_kv(mem)
-        return self.proj_x(self._merge(phone_ops.attention(q, phone_ops.pick(kv, 0), phone_ops.pick(kv, 1))))
+        return self.proj_x(self._merge(F.scaled_dot_product_attention(q, kv[0], kv[1])))
 
     def forward(self, x: Tensor, mem: Tensor) -> Tensor:
         """Teacher-forced pass over a whole sequence (causal)."""
@@ -175,16 +175,16 @@ class DecoderLayer(nn.Module):
         cross: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One token ``x`` [B,1,D]; caches [B,H,T,hd] (read, not changed); ``write`` [b,1,T,1] bool, True at
-        this position; ``valid`` [b,1,1,T] positions ≤ this one (bool, or the float bias of :mod:`.phone_ops`).
-        Returns (x, this position's key [B,H,1,hd], its value [B,H,1,hd]): attention sees the caches with them
-        written in, but storing them is the caller's job."""
-        q, k, v = (self._split(t) for t in phone_ops.chunks(self.qkv(phone_ops.layer_norm(self.ln1, x)), 3))
-        k_all = phone_ops.write_cache(k_cache, k, write)  # static-shape write of a copy (no indexing)
-        v_all = phone_ops.write_cache(v_cache, v, write)
-        att = phone_ops.attention(q, k_all, v_all, valid)
+        this position; ``valid`` [b,1,1,T] bool, positions ≤ this one. Returns (x, this position's key
+        [B,H,1,hd], its value [B,H,1,hd]): attention sees the caches with them written in, but storing them is
+        the caller's job. (Exported, the step is :class:`~graphdistill.student.phone_decode.PhoneDecodeStep`.)"""
+        q, k, v = (self._split(t) for t in self.qkv(self.ln1(x)).chunk(3, dim=-1))
+        k_all = torch.where(write, k, k_cache)  # static-shape write of a copy (no indexing)
+        v_all = torch.where(write, v, v_cache)
+        att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=valid)
         x = x + self.proj(self._merge(att))
         x = x + self._cross(x, mem, cross)
-        return x + self.ffn(phone_ops.layer_norm(self.ln3, x)), k, v
+        return x + self.ffn(self.ln3(x)), k, v
 
     def step_eager(self, x: Tensor, i: int, k_cache: Tensor, v_cache: Tensor, cross: Tensor) -> Tensor:
         """:meth:`step` for eager inference, same numbers in about a third of the ops: the cache is written
@@ -425,20 +425,15 @@ class Student(nn.Module):
         x = self.tok_emb(token) + self.a_pos(pos)
         ar = torch.arange(t_max, device=token.device).view(1, t_max)
         write = (ar == pos).view(-1, 1, t_max, 1)
-        if phone_ops.active():  # float bias: 0 where attended, NEG after this position
-            valid: Tensor = (ar > pos).to(self.tok_emb.weight.dtype).view(-1, 1, 1, t_max) * phone_ops.NEG
-        else:
-            valid = (ar <= pos).view(-1, 1, 1, t_max)
+        valid = (ar <= pos).view(-1, 1, 1, t_max)
         ctx = None if memory is None else memory[:, : self.n_ctx]
         new = []
         for i, layer in enumerate(self.dec):
             assert isinstance(layer, DecoderLayer)
-            cross = None if cross_kv is None else phone_ops.pick(cross_kv, i)
-            k_i, v_i = phone_ops.pick(kv_cache, i, 0), phone_ops.pick(kv_cache, i, 1)
-            x, k, v = layer.step(x, ctx, k_i, v_i, write, valid, cross)
+            cross = None if cross_kv is None else cross_kv[i]
+            x, k, v = layer.step(x, ctx, kv_cache[i, 0], kv_cache[i, 1], write, valid, cross)
             new.append(torch.stack([k, v]))
-        x = x.reshape(x.shape[0], x.shape[2])  # [B,1,D] -> [B,D] (a view; x[:, 0] exports as a select copy)
-        logits = F.linear(phone_ops.layer_norm(self.dec_norm, x), self.tok_emb.weight)  # tied embedding
+        logits = F.linear(self.dec_norm(x[:, 0]), self.tok_emb.weight)  # tied embedding
         return logits, torch.stack(new)
 
     @staticmethod

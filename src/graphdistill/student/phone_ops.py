@@ -12,8 +12,10 @@ Inside :func:`phone_friendly` the same parameters compute the same function with
 - layer norm as ``mean``/``sub``/``mul``/``rsqrt`` over a ``[1, N, D, 1]`` view (XNNPACK's ``mean.dim`` takes
   only the two innermost dims of a 4-D tensor) — only when ``decompose_norms`` (ONNX has a fused
   LayerNormalization and keeps it);
-- attention as ``matmul``/``softmax``/``matmul`` with an additive float bias instead of a boolean mask;
-- the KV-cache write as ``cache * (1 - w) + new * w`` with a one-hot float ``w`` (exact: ``w`` is 0 or 1).
+- attention as ``matmul``/``softmax``/``matmul`` with an additive float bias instead of a boolean mask.
+
+The answer decoder's step is exported as :class:`graphdistill.student.phone_decode.PhoneDecodeStep`, which goes
+further for the one-token case (no cache write inside the graph, norms folded into the next linear layer).
 
 The export's parity gate compares the traced program with the eager model, so the two stay equal.
 """
@@ -110,24 +112,6 @@ def chunks(x: Tensor, n: int) -> list[Tensor]:
         return list(x.chunk(n, dim=-1))
     size = x.shape[-1] // n
     return [x[..., i * size : (i + 1) * size] for i in range(n)]
-
-
-def pick(x: Tensor, *index: int) -> Tensor:
-    """``x[i, j, ...]`` (leading integer indices); as slice + reshape when phone-friendly (``select_copy``
-    is not an XNNPACK op)."""
-    if not active():
-        return x[index]
-    for dim, i in enumerate(index):
-        x = x.narrow(dim, i, 1)
-    return x.reshape(x.shape[len(index) :])
-
-
-def write_cache(cache: Tensor, new: Tensor, write: Tensor) -> Tensor:
-    """Put ``new`` [B,H,1,hd] at the positions where ``write`` [b,1,T,1] (bool) is true."""
-    if not active():
-        return torch.where(write, new, cache)
-    w = write.to(cache.dtype)
-    return cache * (1.0 - w) + new * w
 
 
 def _split(x: Tensor, heads: int) -> Tensor:  # [B,T,D] -> [B,H,T,hd]

@@ -58,7 +58,13 @@ def quantize_pt2e(module: Any, example: tuple[Any, ...], calibration: Sequence[t
 
 
 def _float_only(node: Any) -> bool:
-    """Quantize a node only when it and every tensor it reads are floating point."""
+    """Quantize a node only when it and every tensor it reads are floating point, and it is not one of the
+    one-row linear layers that compute a layer norm's mean or variance (:data:`phone_decode.NORM_MEAN`):
+    one int8 scale for the whole residual stream would shift every norm."""
+    from graphdistill.student.phone_decode import NORM_MEAN
+
+    if any(NORM_MEAN in str(getattr(a, "target", a.name)) for a in node.all_input_nodes):
+        return False
     vals = [node.meta.get("val")] + [a.meta.get("val") for a in node.all_input_nodes]
     return all(getattr(getattr(v, "dtype", None), "is_floating_point", True) for v in vals)
 
