@@ -79,8 +79,8 @@ def letterbox_geometry(height: int, width: int, size: int, align: str = "top-lef
 
 class Preprocessor:
     """The rule above for one ``spec``, with what does not depend on the image made once: the canvas filled
-    with ``pad_value`` (filling it per query took longer than the resize) and the normalised value of every
-    channel's 256 pixel values. Call it on each image."""
+    with ``pad_value`` (filling it per query took longer than the resize) and the per-channel mean and std as
+    float32. Call it on each image."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         if (
@@ -95,10 +95,8 @@ class Preprocessor:
         self.reducing_gap = spec.get("reducing_gap")
         self.canvas = np.empty((size, size, 3), dtype=np.uint8)
         self.canvas[:] = np.asarray(spec.get("pad_value", [0, 0, 0]), dtype=np.uint8)
-        # (pixel / 255 - mean) / std takes 256 values per channel: look them up (the same float32 steps)
-        mean = np.asarray(spec["mean"], dtype=np.float32)[:, None]
-        std = np.asarray(spec["std"], dtype=np.float32)[:, None]
-        self.table = (np.arange(256, dtype=np.float32)[None] / np.float32(255.0) - mean) / std  # [3, 256]
+        self.mean = np.asarray(spec["mean"], dtype=np.float32)[:, None, None]
+        self.std = np.asarray(spec["std"], dtype=np.float32)[:, None, None]
 
     def __call__(self, rgb: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, Letterbox]:
         """H×W×3 uint8 -> (float32 [1, 3, size, size], where the image sits on the canvas); written into
@@ -110,8 +108,11 @@ class Preprocessor:
         canvas = self.canvas.copy()
         canvas[box.pad_top : box.pad_top + new_h, box.pad_left : box.pad_left + new_w] = np.asarray(resized)
         x = np.empty((1, 3, self.size, self.size), dtype=np.float32) if out is None else out
-        for c in range(3):  # uint8 indices are always in 0..255: "clip" skips take's bounds check (2x faster)
-            np.take(self.table[c], canvas[:, :, c], out=x[0, c], mode="clip")
+        # (pixel / 255 - mean) / std, each step in float32, HWC -> CHW on the way (faster than a lookup table
+        # of the 256 values: np.take widens every uint8 index to intp first)
+        np.divide(canvas.transpose(2, 0, 1), np.float32(255.0), out=x[0], dtype=np.float32)
+        x[0] -= self.mean
+        x[0] /= self.std
         return x, box
 
 
