@@ -192,39 +192,45 @@ def object_mask_rle(
         return {"size": [int(height), int(width)], "counts": [height * width]}
     mw, mh, _ = _resized(height, width, logits.shape[0])
     grid = 1.0 / (1.0 + np.exp(-logits[:mh, :mw].astype(np.float64)))
+    n = x1 - x0
     # each column of the box, read across: profile[k, c] = the map at cell row k, image column x0 + c
     u = (np.arange(x0, x1) + 0.5) * (mw / width) - 0.5
     left = np.clip(np.floor(u), 0, max(mw - 2, 0)).astype(np.int64)
     frac = np.clip(u - left, 0.0, 1.0)
     right = np.minimum(left + 1, mw - 1)
-    profile = grid[:, left] * (1.0 - frac) + grid[:, right] * frac  # [mh, box width]
+    profile = np.take(grid, left, axis=1)  # np.take: several times faster than grid[:, left]
+    profile *= 1.0 - frac
+    profile += np.take(grid, right, axis=1) * frac  # [mh, box width]
     # down each column: where the segment between cell rows k and k + 1 crosses 0.5, and which way
-    a, b = profile[:-1], profile[1:]
-    on_a, on_b = a > 0.5, b > 0.5
-    k_idx, col = np.nonzero(on_a != on_b)
-    ka, kb = a[k_idx, col], b[k_idx, col]
+    on = profile > 0.5
+    at = np.flatnonzero(on[:-1] != on[1:])  # into the flattened [mh - 1, n] (= [mh, n] up to the last row)
+    k_idx, col = np.divmod(at, n)
+    ka, kb = profile.ravel()[at], profile.ravel()[at + n]
     t = k_idx + (0.5 - ka) / (kb - ka)  # cell row of the crossing
     y_cross = (t + 0.5) * (height / mh) - 0.5  # the same point in image rows
-    rising = on_b[k_idx, col]
+    rising = on.ravel()[at + n]
     y_switch = np.where(rising, np.floor(y_cross) + 1, np.ceil(y_cross)).astype(np.int64)
     # state at the box's top row: the state above the first cell row, flipped by every earlier switch
-    before = np.bincount(col[y_switch <= y0], minlength=x1 - x0)
-    on_top = profile[0] > 0.5
-    start_on = on_top ^ (before % 2 == 1)
+    before = np.bincount(col[y_switch <= y0], minlength=n)
+    start_on = on[0] ^ (before % 2 == 1)
     inside = (y_switch > y0) & (y_switch < y1)
-    end_on = start_on ^ (np.bincount(col[inside], minlength=x1 - x0) % 2 == 1)
-    cols = np.arange(x1 - x0)
-    pos = np.concatenate(
-        [
-            (x0 + cols[start_on]) * height + y0,  # a run of on starts at the box's top
-            (x0 + col[inside]) * height + y_switch[inside],  # switches inside the box
-            (x0 + cols[end_on]) * height + y1,  # ... and stops at its bottom
-        ]
+    end_on = start_on ^ (np.bincount(col[inside], minlength=n) % 2 == 1)
+    cols = np.arange(n)
+    pos = np.sort(
+        np.concatenate(
+            [
+                (x0 + cols[start_on]) * height + y0,  # a run of on starts at the box's top
+                (x0 + col[inside]) * height + y_switch[inside],  # switches inside the box
+                (x0 + cols[end_on]) * height + y1,  # ... and stops at its bottom
+            ]
+        )
     )
     # switches that land on one pixel cancel in pairs (a run that ends where the next starts: bottom of
-    # one column and top of the next, or several crossings between two pixel centres); nothing starts
-    # after the last pixel
-    pos, n = np.unique(pos, return_counts=True)
-    pos = pos[(n % 2 == 1) & (pos < height * width)]
+    # one column and top of the next, or several crossings between two pixel centres): keep a position
+    # that occurs an odd number of times; nothing starts after the last pixel
+    if pos.size:
+        first = np.concatenate([[0], np.flatnonzero(pos[1:] != pos[:-1]) + 1])
+        pos = pos[first[np.diff(np.concatenate([first, [pos.size]])) % 2 == 1]]
+    pos = pos[pos < height * width]
     bounds = np.concatenate([[0], pos, [height * width]])
     return {"size": [int(height), int(width)], "counts": np.diff(bounds).tolist()}
