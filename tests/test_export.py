@@ -310,6 +310,9 @@ def test_executorch_bundle_float_and_int8(run_dir: Path, onnx_float: Path, tmp_p
     assert fl["parity"]["passed"] and fl["parity"]["vs_pytorch"]["answer_tokens_equal"] == 1.0
     q8 = export_run(run_dir, "executorch", tmp_path / "et8", quantize="int8", **N)
     assert q8["parity"]["passed"] and _model_bytes(tmp_path / "et8") < _model_bytes(tmp_path / "et")
+    # the image goes in NHWC, as XNNPACK's convolutions read it (no transpose inside the program)
+    image_input = fl["programs"]["encode"]["inputs"][0]
+    assert image_input["dim_order"] == [0, 2, 3, 1] and fl["preprocessing"]["layout"] == "NHWC"
     # every input is read where the runner keeps it: no planned copy of the cache, cross_kv or image per call
     from executorch.runtime import Runtime
 

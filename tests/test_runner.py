@@ -117,6 +117,27 @@ def test_preprocess_equals_the_students_loader(hw) -> None:
     assert box.scale == pytest.approx(scale)
 
 
+def test_nhwc_layout_holds_the_same_values_as_nchw() -> None:
+    """An ExecuTorch bundle takes its image NHWC: the same numbers as the student's NCHW planes, transposed,
+    bit for bit; a buffer of the wrong layout is refused rather than filled wrongly."""
+    from graphdistill.runner.preprocess import Preprocessor
+    from graphdistill.student.loader import preprocess_spec
+
+    rng = np.random.default_rng(2)
+    spec = {**preprocess_spec(64), "pad_value": [114, 114, 114]}
+    nhwc = Preprocessor({**spec, "layout": "NHWC"})
+    for hw in [(64, 64), (130, 60), (20, 90)]:
+        img = rng.integers(0, 256, (*hw, 3), dtype=np.uint8)
+        want, want_box = preprocess(img, spec)
+        got, box = nhwc(img)
+        assert got.shape == (1, 64, 64, 3) and box == want_box
+        np.testing.assert_array_equal(got, want.transpose(0, 2, 3, 1))
+    with pytest.raises(ValueError, match="contiguous"):
+        nhwc(img, np.empty((1, 3, 64, 64), dtype=np.float32))
+    with pytest.raises(ValueError, match="unsupported preprocessing"):
+        Preprocessor({**spec, "layout": "CHWN"})
+
+
 def test_one_preprocessor_reused_on_images_of_every_shape_gives_fresh_results() -> None:
     """The runner keeps one Preprocessor and writes into the runtime's input buffer: nothing of one image
     may leak into the next (a smaller image after a larger one must show pad where the larger one was)."""

@@ -3,7 +3,9 @@
 A bundle is a folder: the model file(s), ``tokenizer.json`` and ``manifest.json``. One query is:
 
 1. check the bundle (format, manifest checksum, every file's sha256) — once, at load;
-2. image -> letterboxed, normalised ``float32 [1, 3, S, S]`` (:mod:`.preprocess`);
+2. image -> letterboxed, normalised ``float32`` image, N = 1, in the manifest's ``preprocessing.layout``
+   (:mod:`.preprocess`; an ExecuTorch bundle's ``encode`` takes it NHWC: its ``image`` input is ``[1, 3, S, S]``
+   with ``dim_order [0, 2, 3, 1]``);
 3. question -> BPE ids, truncated/padded to ``max_question_len`` with ``<pad>``, mask 1 for tokens (:mod:`.bpe`);
 4. ``encode(image, question_ids, question_mask)`` -> ``cross_kv`` (the answer decoder's cross-attention
    keys/values; ``memory`` for a student without a text output) + the output of every head the student has
@@ -133,8 +135,9 @@ def input_buffers(manifest: dict[str, Any], program: str) -> tuple[list[np.ndarr
             if list(view.shape) != list(spec["shape"]) or not view.flags.c_contiguous:
                 raise ValueError(f"input {spec['name']}: {spec['view_of']} is not a {spec['shape']} block")
             bufs.append(view)
-        else:
-            bufs.append(zeros(spec["shape"], np.dtype(spec["dtype"])))
+        else:  # laid out in memory as dim_order says (e.g. [0, 2, 3, 1]: a [1, 3, S, S] image stored NHWC)
+            order = spec.get("dim_order", list(range(len(spec["shape"]))))
+            bufs.append(zeros([spec["shape"][d] for d in order], np.dtype(spec["dtype"])))
     return bufs, arrays
 
 
@@ -202,7 +205,17 @@ class ExecuTorchPrograms:
         made = {name: input_buffers(manifest, name) for name in manifest["programs"]}
         self.buffers = {name: bufs for name, (bufs, _) in made.items()}
         self.arrays = {name: arrays for name, (_, arrays) in made.items()}
-        self.tensors = {name: [from_numpy(b) for b in bufs] for name, bufs in self.buffers.items()}
+        # an input stored in another dim order (the NHWC image) is handed over as the program's logical
+        # shape with that memory layout: the buffer viewed through the inverse permutation
+        self.tensors = {
+            name: [
+                from_numpy(b).permute(*np.argsort(spec["dim_order"]).tolist())
+                if "dim_order" in spec
+                else from_numpy(b)
+                for b, spec in zip(bufs, manifest["programs"][name]["inputs"], strict=True)
+            ]
+            for name, bufs in self.buffers.items()
+        }
 
     def run(self, program: str, *inputs: np.ndarray) -> list[np.ndarray]:
         for buf, x in zip(self.buffers[program], inputs, strict=True):

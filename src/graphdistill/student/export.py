@@ -97,7 +97,7 @@ def export_run(
             f"the dataset {loaded.dataset_path} has too few rows for calibration ({len(calib)}) "
             f"and held-out ({len(heldout)}) inputs"
         )
-    programs, kv_shape = programs_for(loaded, fused_norms=fmt == "onnx")
+    programs, kv_shape = programs_for(loaded, fused_norms=fmt == "onnx", channels_last=fmt == "executorch")
     say("running the PyTorch reference")
     dec_calls: list[tuple[Any, ...]] = []
     refs = [torch_reference(programs, s, loaded, record=dec_calls) for s in calib]
@@ -115,7 +115,11 @@ def export_run(
         _write_manifest(tmp, manifest)
         say("checking the exported bundle against PyTorch")
         runner = BundleRunner(tmp)
-        got = [runner.run_models(s.image_input, s.question) for s in samples]
+        nhwc = runner.spec["layout"] == "NHWC"  # the same values, in the bundle's layout
+        got = [
+            runner.run_models(s.image_input.transpose(0, 2, 3, 1) if nhwc else s.image_input, s.question)
+            for s in samples
+        ]
         gate = _gate(loaded, samples, refs, got, quantize, n_calib=len(calib))
         manifest["parity"] = gate
         manifest["export_seconds"] = round(time.perf_counter() - t0, 1)
@@ -223,12 +227,19 @@ def _manifest(
                 "[decoder layers, 2 (key, value), batch, heads, context tokens, head_dim]: the answer "
                 "decoder's cross-attention keys/values, computed once per query; pass to every decode_step"
             )
+    # ExecuTorch: the image in NHWC memory (dim order 0, 2, 3, 1), as the XNNPACK convolutions read it
+    nhwc = fmt == "executorch"
+    image_order: dict[str, Any] = (
+        {"dim_order": [0, 2, 3, 1], "meaning": "stored NHWC: memory is [1, S, S, 3] (preprocessing.layout)"}
+        if nhwc
+        else {}
+    )
     programs: dict[str, Any] = {
         "encode": {
             "file": files["encode"],
             "method": "encode",
             "inputs": [
-                {"name": "image", "shape": [1, 3, s, s], "dtype": "float32"},
+                {"name": "image", "shape": [1, 3, s, s], "dtype": "float32", **image_order},
                 {"name": "question_ids", "shape": [1, lq], "dtype": "int64"},
                 {
                     "name": "question_mask",
@@ -309,8 +320,10 @@ def _manifest(
             "rule": "RGB uint8 HxWx3; scale s = size / max(H, W); resize to round(W*s) x round(H*s) (each "
             "clamped to 1..size) with the interpolation filter and reducing_gap when given (Pillow's "
             "Image.resize); paste at the top-left of a size x size "
-            "canvas filled with pad_value; x = (pixel / 255 - mean) / std per channel; float32 NCHW, N = 1",
+            "canvas filled with pad_value; x = (pixel / 255 - mean) / std per channel, each step in float32; "
+            "N = 1, laid out as layout says",
             **loaded.preprocessing,
+            "layout": "NHWC" if nhwc else loaded.preprocessing.get("layout", "NCHW"),
         },
         "output_decoding": {
             "boxes": "cx, cy, w, h in 0..1 of the letterboxed canvas; pixels = value * size / scale, "

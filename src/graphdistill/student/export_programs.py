@@ -147,11 +147,13 @@ def collect_samples(loaded: LoadedRun, kind: str, n: int) -> list[Sample]:
 
 
 def programs_for(
-    loaded: LoadedRun, fused_norms: bool = False
+    loaded: LoadedRun, fused_norms: bool = False, channels_last: bool = False
 ) -> tuple[dict[str, tuple[Any, tuple[Any, ...]]], list[int]]:
     """The programs as eval modules with example inputs, and the fixed KV-cache shape: ``encode`` always,
     ``decode_step`` (:class:`~graphdistill.student.phone_decode.PhoneDecodeStep`; ``fused_norms`` for ONNX)
-    only for a student with a text head (no KV cache, ``[]``, without one)."""
+    only for a student with a text head (no KV cache, ``[]``, without one). ``channels_last``: encode's image
+    is traced in NHWC memory (ExecuTorch: its program then reads the image in that dim order, and XNNPACK's
+    convolutions need no transpose of it)."""
     from graphdistill.student.phone_decode import PhoneDecodeStep, step_inputs
 
     torch = require("torch")
@@ -176,8 +178,9 @@ def programs_for(
             return (first, *(heads[k] for k in head_keys))
 
     s, lq = cfg.image_size, cfg.max_question_len
+    image = torch.zeros(1, 3, s, s)
     enc_example = (
-        torch.zeros(1, 3, s, s),
+        image.contiguous(memory_format=torch.channels_last) if channels_last else image,
         torch.ones(1, lq, dtype=torch.long),
         torch.ones(1, lq, dtype=torch.long),
     )
