@@ -135,7 +135,7 @@ def table(results: dict[str, dict]) -> str:
         elif key.startswith("speedup") or key == "size_ratio":
             fmt = f"{v:,.0f}×"
         else:
-            fmt = f"{v:.3g}"
+            fmt = f"{v:#.3g}"  # keeps its trailing zeros: 6.00, not 6
         lines.append(f"| {label} | {fmt} | {goal} | {met} |")
     ms = results.get("e2e", {}).get("ms_per_query", {})
     models_only = results.get("e2e", {}).get("ms_models_only", {})

@@ -62,7 +62,7 @@ def test_each_goal_is_judged_from_the_measured_figure() -> None:
     assert _row(md, "speedup, ExecuTorch int8 student vs teacher graph") == [
         "speedup, ExecuTorch int8 student vs teacher graph", "310×", "≥ 300×", "yes"
     ]  # fmt: skip
-    assert _row(md, "int8 ExecuTorch bundle size (MB)")[1:] == ["5.4", "≤ 5 MB", "**no**"]
+    assert _row(md, "int8 ExecuTorch bundle size (MB)")[1:] == ["5.40", "≤ 5 MB", "**no**"]
     assert _row(md, "answer token F1 vs teacher (held-out real photos)")[3] == "yes"
     assert _row(md, "box mAP@0.5 vs teacher (held-out real photos)")[3] == "**no**"
     assert _row(md, "mask mIoU vs teacher (held-out real photos)")[1:] == ["not measured", "≥ 0.75", "—"]
@@ -73,14 +73,14 @@ def test_each_goal_is_judged_from_the_measured_figure() -> None:
     assert _row(md, "recording overhead (%)")[3] == "**no**"
     assert _row(md, "teacher throughput, batched vs one-by-one")[1] == "1.50×"
     # the demo's own stage times, summed (a stage with no time is skipped): 1320 s = 22 min
-    assert _row(md, "full `make demo`, sum of its stage times (min)")[1:] == ["22", "≤ 30", "yes"]
+    assert _row(md, "full `make demo`, sum of its stage times (min)")[1:] == ["22.0", "≤ 30", "yes"]
     # runtimes with their speedup against the teacher
     assert _row(md, "student, ExecuTorch XNNPACK int8")[1:] == ["9.7", "309×", "6.0", "500×"]
     assert _row(md, "student, ONNX Runtime CPU int8")[1:] == ["12.0", "250×", "—", "—"]
     assert "Held-out real photos: 6 test rows" in md
     # the ms goals: a whole ExecuTorch int8 query from e2e, the eager model query at its faster thread count
-    assert _row(md, "whole query, ExecuTorch int8 bundle (ms)")[1:] == ["9.7", "≤ 10", "yes"]
-    assert _row(md, "student model query, PyTorch eager (ms, `student.py`)")[1:] == ["24", "≤ 30", "yes"]
+    assert _row(md, "whole query, ExecuTorch int8 bundle (ms)")[1:] == ["9.70", "≤ 10", "yes"]
+    assert _row(md, "student model query, PyTorch eager (ms, `student.py`)")[1:] == ["24.0", "≤ 30", "yes"]
 
 
 def test_scaling_points_are_tabled_filtered_first_and_missing_values_shown_as_such() -> None:
