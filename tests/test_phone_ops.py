@@ -146,3 +146,32 @@ def test_decode_step_lowers_to_one_xnnpack_call() -> None:
     assert fused["executorch_call_delegate"] > 2, fused
     outside = {k for k in phone if k != "executorch_call_delegate" and "view" not in k}
     assert outside == {"aten.embedding.default"} and phone["aten.embedding.default"] == 3, phone
+
+
+@pytest.mark.slow
+def test_int8_quantizes_the_steps_linear_layers_but_not_its_norm_statistics() -> None:
+    """PT2E int8 of the exported step: every real linear layer reads int8 weights; the one-row linears that
+    compute each norm's mean and variance stay float (one int8 scale for the residual stream would shift
+    every norm)."""
+    pytest.importorskip("torchao")
+    pytest.importorskip("executorch")
+    from graphdistill.student.phone_decode import NORM_MEAN
+    from graphdistill.student.quantize import quantize_pt2e
+
+    m = _student()
+    with torch.no_grad():
+        ids = torch.ones(1, 8, dtype=torch.long)
+        cross = m.cross_kv(m.encode(torch.randn(1, 3, 64, 64), ids, ids != 0))
+    example = step_inputs(
+        torch.ones(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), cross, m.empty_cache(1)
+    )
+    q = quantize_pt2e(PhoneDecodeStep(m).eval(), example, [example])
+    stats, layers = [], []
+    for n in q.graph.nodes:
+        if n.op == "call_function" and "linear" in str(n.target):
+            weight = n.args[1]
+            (stats if NORM_MEAN in str(weight.target) else layers).append("dequantize" in str(weight.target))
+    n_norms = 3 * m.config.dec_layers + 1
+    assert stats == [False] * (2 * n_norms)  # mean and variance of every norm, float
+    # per layer: qkv, proj, q_x, proj_x, both feed-forward layers; and the output projection
+    assert layers == [True] * (6 * m.config.dec_layers + 1)

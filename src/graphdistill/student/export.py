@@ -152,7 +152,7 @@ def _export(
     from graphdistill.student.export_onnx import export_onnx
     from graphdistill.student.phone_decode import input_names
 
-    n_layers = (len(programs["decode_step"][1]) - 2) // 4 if "decode_step" in programs else 0
+    n_layers = programs["decode_step"][0].n_layers if "decode_step" in programs else 0
     names = {
         "encode": (ENCODE_INPUTS, encode_outputs),
         "decode_step": (input_names(n_layers), DECODE_OUTPUTS),

@@ -63,7 +63,7 @@ def _float_only(node: Any) -> bool:
     one int8 scale for the whole residual stream would shift every norm."""
     from graphdistill.student.phone_decode import NORM_MEAN
 
-    if any(NORM_MEAN in str(getattr(a, "target", a.name)) for a in node.all_input_nodes):
+    if any(NORM_MEAN in str(a.target) for a in node.all_input_nodes):
         return False
     vals = [node.meta.get("val")] + [a.meta.get("val") for a in node.all_input_nodes]
     return all(getattr(getattr(v, "dtype", None), "is_floating_point", True) for v in vals)
