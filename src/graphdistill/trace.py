@@ -296,6 +296,11 @@ class GraphSchema(_Record):
     outputs: list[FieldSpec]
     nodes: list[str] = Field(default_factory=list)
     definition_hash: str = Field(default="", description="sha256 of the graph's definition")
+    offers: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="node -> what its model offers the student to start from (a JSON reference; see "
+        "graphdistill.teachers.base.load_offer): e.g. a YOLO detector offers its trunk and head",
+    )
 
     def output_kinds(self) -> dict[str, Kind]:
         return {f.name: f.kind for f in self.outputs}

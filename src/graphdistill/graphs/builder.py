@@ -360,7 +360,20 @@ class GraphBuilder:
             outputs=list(self.outputs.values()),
             nodes=list(self.nodes),
             definition_hash=_hash(self.definition()),
+            offers=self.offers(),
         )
+
+    def offers(self) -> dict[str, dict[str, Any]]:
+        """What each node's model offers the student to start from (``student_offer()`` of the adapter, see
+        :mod:`graphdistill.teachers.base`): node -> a JSON reference the trainer loads. Nodes whose model
+        offers nothing are absent."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, decl in self.nodes.items():
+            offer = getattr(decl.model, "student_offer", None) if decl.model is not None else None
+            ref = offer() if callable(offer) else None
+            if ref:
+                out[name] = dict(ref)
+        return out
 
     # -------------------------------------------------------------------------------------------- compile
     def state_graph(self) -> Any:

@@ -11,16 +11,17 @@ A bundle is a folder: the model file(s), ``tokenizer.json`` and ``manifest.json`
    keys/values; ``memory`` for a student without a text output) + the output of every head the student has
    (their names, in order, are ``programs.encode.outputs`` in the manifest), once;
 5. the answer (only when the manifest has a ``decode_step`` program, i.e. a TEXT output): copy ``cross_kv``
-   into the runner's ``cross_kv`` array, ``kv_cache = zeros`` (the runner's other array), ``token = <bos>``;
-   for ``position = 0, 1, ...``:
-   ``logits, kv_new = decode_step(token, position, cross_kv[l, 0], cross_kv[l, 1] for each layer l,
-   kv_cache[l, 0], kv_cache[l, 1] for each layer l)`` (views of the two arrays: the manifest's inputs with
-   ``view_of``, handed over in place); ``kv_cache[:, :, :, :, position] = kv_new[:, :, :, :, 0]`` (the runner
-   owns the cache; the step only reads it); ``token = argmax(logits)``;
+   into the runner's ``cross_kv`` array and each ``per_query`` input of ``decode_step`` (the copy path's
+   ``ptr_keys``, ``ptr_bias``, ``ptr_vocab``) from encode's output of that name, ``kv_cache = zeros`` (the
+   runner's other array), ``token = <bos>``; for ``position = 0, 1, ...``:
+   ``scores, kv_new = decode_step(token, position, cross_kv[l, 0], cross_kv[l, 1] for each layer l,
+   kv_cache[l, 0], kv_cache[l, 1] for each layer l, ptr_keys, ptr_bias, ptr_vocab)`` (views of the two arrays:
+   the manifest's inputs with ``view_of``, handed over in place); ``kv_cache[:, :, :, :, position] =
+   kv_new[:, :, :, :, 0]`` (the runner owns the cache; the step only reads it); ``token = argmax(scores)``;
    stop at ``<eos>`` or when the fixed-size cache is full;
-6. objects: per query, softmax over the classes + "no object"; its score is the best *real* class's
-   probability; keep queries scoring >= ``score_threshold``, best first; box back to image pixels; mask
-   (when there is a ``mask_logits`` output) pasted back inside that box, off outside it
+6. objects: ``encode`` has already selected them (best cells, NMS, the score threshold): every slot whose
+   ``keep`` is true, by descending ``scores``, labelled ``class_names[classes]``; box back to image pixels;
+   mask (when there is a ``mask_logits`` output) pasted back inside that box, off outside it
    (:func:`.preprocess.object_mask_rle`), as COCO RLE;
 7. sources: the documents whose ``sigmoid(source_logit) >= source_threshold``, most likely first;
 8. the result has exactly the teacher graph's output fields (manifest ``outputs``: field -> kind, in the
@@ -53,7 +54,8 @@ from graphdistill.runner.preprocess import (
 
 # 2: decode_step returns this position's keys/values (kv_new), not the whole cache as in 1
 # 3: decode_step reads each layer's keys and values as separate inputs (views of the runner's arrays)
-BUNDLE_FORMAT = "graphdistill-bundle/3"
+# 4: encode selects the objects itself (boxes, scores, classes, keep); decode_step has the copy path's inputs
+BUNDLE_FORMAT = "graphdistill-bundle/4"
 MANIFEST = "manifest.json"
 # XNNPACK may read up to 16 bytes past the end of an input it is handed in place: inputs the runner owns
 # get this much slack, so such a read never reaches an unmapped page
@@ -272,6 +274,12 @@ class BundleRunner:
                         f"cross_kv and kv_cache (got {sorted(step['arrays'])})"
                     )
             self.kv_shape, self.max_steps = [int(s) for s in kv["shape"]], int(kv["max_answer_len"]) - 1
+            # decode_step inputs filled once per query from encode's output of the same name
+            self.per_query = (
+                [(i, str(spec["per_query"])) for i, spec in enumerate(m["programs"]["decode_step"]["inputs"]) if "per_query" in spec]
+                if self.has_text
+                else []
+            )
             self.spec = m["preprocessing"]
             self.preprocess = Preprocessor(self.spec)
             self.decoding = m["output_decoding"]
@@ -308,16 +316,19 @@ class BundleRunner:
         inputs = self.programs.buffers["decode_step"]
         token, position = inputs[0], inputs[1]
         arrays = self.programs.arrays["decode_step"]
-        np.copyto(arrays["cross_kv"], outs[0])  # the same for every step of this answer
+        by_name = dict(zip(self.encode_outputs, outs, strict=True))
+        np.copyto(arrays["cross_kv"], by_name["cross_kv"])  # the same for every step of this answer
+        for i, name in self.per_query:
+            np.copyto(inputs[i], by_name[name])
         kv = arrays["kv_cache"]
         kv.fill(0.0)
         token[0, 0] = self.bos_id
         answer: list[int] = []
         for pos in range(self.max_steps):
             position[0] = pos
-            logits, kv_new = self.programs.run("decode_step", *inputs)
+            scores, kv_new = self.programs.run("decode_step", *inputs)
             kv[:, :, :, :, pos] = kv_new[:, :, :, :, 0]
-            nxt = int(logits[0].argmax())
+            nxt = int(scores[0].argmax())
             if nxt == self.eos_id:
                 break
             answer.append(nxt)
@@ -361,15 +372,12 @@ def decode_objects(
     out: dict[str, np.ndarray], box: Letterbox, decoding: dict[str, Any], class_names: list[str], size: int
 ) -> list[dict[str, Any]]:
     """Step 6: heads' outputs for one image -> [{label, class_id, score, box, mask}], best first."""
-    logits = out["class_logits"].astype(np.float64)  # [Q, C + 1], the last class is "no object"
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs = (probs / probs.sum(axis=1, keepdims=True))[:, : int(decoding["no_object_class"])]
-    best, scores = probs.argmax(axis=1), probs.max(axis=1)  # the best real class per query
-    keep = [int(q) for q in np.argsort(-scores, kind="stable") if scores[q] >= decoding["score_threshold"]]
+    scores, classes = out["scores"].astype(np.float64), out["classes"]
+    keep = [int(q) for q in np.argsort(-scores, kind="stable") if bool(out["keep"][q])]
     xyxy = boxes_to_image(out["boxes"][keep].astype(np.float64), box, size) if keep else np.zeros((0, 4))
     objects = []
     for q, b in zip(keep, xyxy, strict=True):
-        cid = int(best[q])
+        cid = int(classes[q])
         objects.append(
             {
                 "label": class_names[cid] if cid < len(class_names) else str(cid),

@@ -25,25 +25,36 @@ DEFAULT_OUTPUTS = {"answer": "text", "objects": "objects", "sources": "sources"}
 class StudentConfig:
     """Everything needed to rebuild a :class:`Student`; saved as RUN/config.json."""
 
-    image_size: int = 256  # square input side in px; 256 keeps the backbone ~10 ms on a phone-class CPU
+    image_size: int = 320  # square input side in px (multiple of 32); chosen by measurement, see README
+    # the vision trunk: "ultralytics" rebuilds the teacher detector's own backbone + neck + Detect head from
+    # trunk_spec (its model YAML) and starts from its weights; "timm" is `backbone` from scratch + an FPN neck
+    trunk: str = "timm"
+    trunk_spec: dict[str, Any] = field(default_factory=dict)
+    backbone: str = "mobilenetv3_small_050"  # timm model for trunk="timm" (random init, strides 8/16/32)
+    reg_max: int = 16  # DFL bins per box side (Ultralytics' default; must match a detector started from)
+    num_masks: int = 32  # prototype masks (YOLACT / YOLO-seg); an object's mask is coef · protos in its box
+    proto_channels: int = 32  # width of the prototype branch (it runs at stride 4: keep it thin)
+    max_objects: int = 20  # object slots: the most objects a query returns and the object tokens the text reads
+    candidates: int = 100  # best-scoring cells kept before the in-graph (Fast) NMS; ≥ the cells above threshold
+    score_threshold: float = 0.25  # an object is kept at this class score: the teacher detector's own `conf`
+    nms_iou: float = 0.7  # same-class boxes overlapping more than this are one object (the detector's `iou`)
     vocab_size: int = 2048  # BPE vocabulary trained on the dataset's own questions + answers (small domain)
     d_model: int = 128  # width of every transformer; the decoder's per-token cost scales with d_model²
     n_heads: int = 4  # attention heads; head dim = d_model / n_heads (32 keeps SDPA kernels efficient)
-    enc_layers: int = 2  # joint image+question encoder depth: enough to route the question into the image
-    dec_layers: int = 2  # answer decoder depth: answers are short templated sentences, 2 layers suffice
-    det_layers: int = 1  # object-query decoder depth (DETR uses 6; the teacher's objects are few and large)
+    enc_layers: int = 2  # joint encoder over registers, image, object and question tokens
+    dec_layers: int = 2  # answer decoder depth: answers are short sentences, 2 layers suffice
     ffn_mult: int = 2  # FFN width = ffn_mult * d_model; 2 instead of 4 halves params at little cost here
     max_question_len: int = 32  # question tokens (incl. nothing special); longer questions are truncated
     max_answer_len: int = 48  # answer positions incl. <bos>; sets the KV-cache length T
-    num_queries: int = 10  # detection slots; must be ≥ the most objects the teacher reports per image
-    num_classes: int = 80  # detector classes (COCO-80 for YOLO); class logits have num_classes + 1
-    mask_size: int = 32  # masks are predicted over the whole (letterboxed) image at mask_size²
+    num_classes: int = 80  # detector classes (COCO-80 for YOLO)
+    # the student-vocabulary id of each class name (" cat", " traffic light" are single tokens): the answer
+    # decoder copies a detected object's label through it; 0 (<pad>) for a class with no token (never copied)
+    class_token_ids: list[int] = field(default_factory=list)
     num_sources: int = 16  # knowledge-base documents the sources head chooses among (multi-label)
     num_registers: int = 4  # learned tokens that gather the question+image summary for sources/embeddings
-    backbone: str = "mobilenetv3_small_050"  # timm model, random init, features_only (strides 16 and 32)
     embedding_dims: dict[str, int] = field(default_factory=dict)  # EMBEDDING outputs: name -> dim
     # The teacher graph's outputs the student has heads for: field name -> kind (one of HEAD_KINDS). Built
-    # by config_from_schema; the default is the visual_rag shape, so old config.json files load unchanged.
+    # by config_from_schema; the default is the visual_rag shape.
     outputs: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_OUTPUTS))
     dropout: float = 0.0  # tiny models on small distilled sets: regularise by data, not dropout
 
@@ -79,6 +90,11 @@ class StudentConfig:
     def from_dict(cls, d: dict[str, Any]) -> StudentConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
+        if unknown & {"num_queries", "det_layers", "mask_size"}:
+            raise ValueError(
+                "this config.json is from a student with a set-prediction (DETR-style) object head, which "
+                "graphdistill no longer builds: train the run again"
+            )
         if unknown:
             raise ValueError(f"unknown StudentConfig fields: {sorted(unknown)}")
         return cls(**d)
@@ -88,6 +104,18 @@ class StudentConfig:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32, got {self.image_size}")
+        if self.trunk not in ("timm", "ultralytics"):
+            raise ValueError(f"trunk must be 'timm' or 'ultralytics', got {self.trunk!r}")
+        if self.trunk == "ultralytics" and not self.trunk_spec:
+            raise ValueError("trunk 'ultralytics' needs trunk_spec (the detector's model YAML as a dict)")
+        if not 0 < self.max_objects <= self.candidates:
+            raise ValueError(
+                f"max_objects ({self.max_objects}) must be between 1 and candidates ({self.candidates})"
+            )
+        if self.class_token_ids and len(self.class_token_ids) != self.num_classes:
+            raise ValueError(
+                f"class_token_ids has {len(self.class_token_ids)} ids for num_classes={self.num_classes}"
+            )
         if self.max_answer_len < 2:
             raise ValueError("max_answer_len must leave room for <bos> and at least one token")
         self.outputs = dict(self.outputs)
@@ -112,19 +140,17 @@ class StudentConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # ≤ 3 M parameters: the phone default
-    "tiny": dict(d_model=128, n_heads=4, enc_layers=2, dec_layers=2, det_layers=1, vocab_size=2048),
-    # ≤ 10 M parameters: more capacity for bigger knowledge bases / longer answers
+    # the phone default: the text side is ~1 M parameters on top of the trunk (YOLO11n's is 2.6 M)
+    "tiny": dict(d_model=128, n_heads=4, enc_layers=2, dec_layers=2, vocab_size=2048),
+    # more capacity for bigger knowledge bases / longer answers
     "small": dict(
         d_model=256,
         n_heads=8,
         enc_layers=3,
         dec_layers=3,
-        det_layers=2,
         vocab_size=4096,
         backbone="mobilenetv4_conv_small",
-        image_size=288,
-        mask_size=36,
+        image_size=384,
     ),
 }
 

@@ -45,6 +45,7 @@ from graphdistill.student.export_programs import (
     collect_samples,
     cross_kv_shape,
     load_run,
+    pointer_shapes,
     programs_for,
     torch_reference,
 )
@@ -152,10 +153,11 @@ def _export(
     from graphdistill.student.export_onnx import export_onnx
     from graphdistill.student.phone_decode import input_names
 
-    n_layers = programs["decode_step"][0].n_layers if "decode_step" in programs else 0
+    step = programs["decode_step"][0] if "decode_step" in programs else None
+    n_layers = step.n_layers if step is not None else 0
     names = {
         "encode": (ENCODE_INPUTS, encode_outputs),
-        "decode_step": (input_names(n_layers), DECODE_OUTPUTS),
+        "decode_step": (input_names(n_layers, copy=bool(step is not None and step.copy)), DECODE_OUTPUTS),
     }
     res = export_onnx(programs, names, tmp, quantize=quantize)
     return res["files"], res["quantization"]
@@ -211,22 +213,42 @@ def _manifest(
     lq, s = cfg.max_question_len, cfg.image_size
     cross_shape = cross_kv_shape(loaded)
     new_shape = [*kv_shape[:4], 1, *kv_shape[5:]]
+    from graphdistill.student.trunks import PROTO_STRIDE
+
+    k, grid = cfg.max_objects, cfg.image_size // PROTO_STRIDE
+    pointer = pointer_shapes(loaded) if loaded.has_copy else {}
     shapes = {
         "memory": [1, loaded.memory_len, cfg.d_model],
         "cross_kv": cross_shape,
-        "boxes": [1, cfg.num_queries, 4],
-        "class_logits": [1, cfg.num_queries, cfg.num_classes + 1],
-        "mask_logits": [1, cfg.num_queries, cfg.mask_size, cfg.mask_size],
+        **pointer,
+        "boxes": [1, k, 4],
+        "scores": [1, k],
+        "classes": [1, k],
+        "keep": [1, k],
+        "mask_logits": [1, k, grid, grid],
         "source_logits": [1, cfg.num_sources],
         **{f"embedding:{n}": [1, d] for n, d in cfg.embedding_dims.items()},
     }
-    encode_outputs = [{"name": n, "shape": shapes[n], "dtype": "float32"} for n in loaded.encode_outputs]
-    for out in encode_outputs:
-        if out["name"] == "cross_kv":
-            out["meaning"] = (
-                "[decoder layers, 2 (key, value), batch, heads, context tokens, head_dim]: the answer "
-                "decoder's cross-attention keys/values, computed once per query; pass to every decode_step"
-            )
+    dtypes = {"classes": "int64", "keep": "bool"}
+    meanings = {
+        "cross_kv": "[decoder layers, 2 (key, value), batch, heads, context tokens, head_dim]: the answer "
+        "decoder's cross-attention keys/values, computed once per query; pass to every decode_step",
+        "ptr_keys": "the copy path: the object tokens' keys [1, d_model, objects]; decode_step's input of the "
+        "same name, filled once per query",
+        "ptr_bias": "the copy path: 0 for an object the answer may name, -1e9 for an empty slot; decode_step's "
+        "input of the same name",
+        "ptr_vocab": "the copy path: one row per object, one-hot at its class name's token; decode_step's "
+        "input of the same name",
+        "boxes": "the selected objects: cx, cy, w, h in 0..1 of the canvas",
+        "scores": "each object's class score (sigmoid)",
+        "classes": "each object's class id (index into class_names)",
+        "keep": "true for an object the student reports (score >= score_threshold, not suppressed by NMS)",
+        "mask_logits": "each object's mask logits over the whole canvas (coefficients x prototypes)",
+    }
+    encode_outputs = [
+        {"name": n, "shape": shapes[n], "dtype": dtypes.get(n, "float32"), **({"meaning": meanings[n]} if n in meanings else {})}
+        for n in loaded.encode_outputs
+    ]
     # ExecuTorch: the image in NHWC memory (dim order 0, 2, 3, 1), as the XNNPACK convolutions read it
     nhwc = fmt == "executorch"
     image_order: dict[str, Any] = (
@@ -252,7 +274,7 @@ def _manifest(
         },
     }
     if "decode_step" in files:
-        from graphdistill.student.phone_decode import input_names
+        from graphdistill.student.phone_decode import POINTER_INPUTS, input_names
 
         view_shape = {"cross_kv": cross_shape[2:], "kv_cache": kv_shape[2:]}
         kv_inputs = []
@@ -281,11 +303,21 @@ def _manifest(
                 {"name": "token", "shape": [1, 1], "dtype": "int64"},
                 {"name": "position", "shape": [1], "dtype": "int64", "meaning": "0 = the <bos> slot"},
                 *kv_inputs,
+                *(
+                    {"name": n, "shape": pointer[n], "dtype": "float32", "per_query": n}
+                    for n in (POINTER_INPUTS if pointer else ())
+                ),
             ],
             "inputs_note": "an input with view_of [array, i, j] is array[i, j] of the runner's own arrays "
-            "(contiguous): hand it over in place, the step reads it and never writes it",
+            "(contiguous): hand it over in place, the step reads it and never writes it; an input with "
+            "per_query NAME is encode's output NAME, copied in once per query",
             "outputs": [
-                {"name": "logits", "shape": [1, cfg.vocab_size], "dtype": "float32"},
+                {
+                    "name": "scores",
+                    "shape": [1, cfg.vocab_size],
+                    "dtype": "float32",
+                    "meaning": "the next token's probabilities (with the copy path) or logits: take the argmax",
+                },
                 {
                     "name": "kv_new",
                     "shape": new_shape,
@@ -326,13 +358,13 @@ def _manifest(
             "layout": "NHWC" if nhwc else loaded.preprocessing.get("layout", "NCHW"),
         },
         "output_decoding": {
+            "objects": "the objects are selected inside encode (the best `candidates` cells, same-class Fast "
+            "NMS at nms_iou, score >= score_threshold): report each slot whose keep is true, by descending score",
             "boxes": "cx, cy, w, h in 0..1 of the letterboxed canvas; pixels = value * size / scale, "
             "then x1 = clip(cx - w/2, 0, W), x2 = clip(cx + w/2, x1, W) (same for y)",
-            "class_scores": "softmax over num_classes + 1 logits per query; score = the best real class's "
-            "probability (the last class, no_object_class, is never reported)",
-            "no_object_class": cfg.num_classes,
-            "score_threshold": loaded.thresholds["score_threshold"],
-            "mask_size": cfg.mask_size,
+            "score_threshold": cfg.score_threshold,
+            "nms_iou": cfg.nms_iou,
+            "mask_size": grid,
             "mask_paste": "p = sigmoid(mask_logits); keep the top-left mh x mw = round(H*m) x round(W*m) cells, "
             "m = mask_size / max(H, W) (each clamped to 1..mask_size); pixel (y, x) reads p bilinearly at "
             "cell coordinates ((y + 0.5) * mh / H - 0.5, (x + 0.5) * mw / W - 0.5), cell centres at integers, "
@@ -356,6 +388,9 @@ def _manifest(
         "class_names": loaded.class_names,
         "documents": loaded.documents,
         "teacher_graph": meta.get("graph_id") or meta.get("graph"),
+        # the teacher weights the student started from bind the bundle: their licence travels with it
+        "started_from": meta.get("started_from"),
+        "licence": _licence(meta.get("started_from")),
         "student_config": cfg.to_dict(),
         "source_run": str(loaded.run),
         "fidelity": json.loads(eval_path.read_text()) if eval_path.is_file() else None,
@@ -363,6 +398,17 @@ def _manifest(
         "file_bytes": {f: (root / f).stat().st_size for f in bundle_files},
         "parity": None,
     }
+
+
+def _licence(started_from: dict[str, Any] | None) -> str:
+    """The terms a bundle carries: graphdistill's own, or those of the teacher weights its student started from."""
+    if not started_from:
+        return "the student's weights were trained from scratch by graphdistill (Apache-2.0 code)"
+    return (
+        f"{started_from.get('licence')}: this student's trunk and detection head started from "
+        f"{started_from.get('model_id')} (sha256 {str(started_from.get('weights_sha256'))[:12]}…); a bundle "
+        "built from them carries those terms (see THIRD_PARTY_NOTICES.md)"
+    )
 
 
 def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:

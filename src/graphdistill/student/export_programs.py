@@ -20,7 +20,9 @@ from graphdistill.runner.preprocess import Letterbox, load_rgb, preprocess
 log = logging.getLogger(__name__)
 
 ENCODE_INPUTS = ["image", "question_ids", "question_mask"]
-DECODE_OUTPUTS = ["logits", "kv_new"]
+DECODE_OUTPUTS = ["scores", "kv_new"]
+# encode's outputs besides the heads: the answer decoder's per-query inputs (with a text head) or the memory
+TEXT_OUTPUTS = ("cross_kv", "ptr_keys", "ptr_bias", "ptr_vocab")
 
 
 @dataclass
@@ -38,12 +40,17 @@ class LoadedRun:
     special_ids: dict[str, int]
     thresholds: dict[str, float]
     memory_len: int = 0
-    # encode's outputs in order: "cross_kv" (with a text head) or "memory" (without), then the student's heads
+    # encode's outputs in order: "cross_kv" and the copy path's inputs (with a text head) or "memory" (without),
+    # then the student's heads
     encode_outputs: list[str] = field(default_factory=list)
 
     @property
     def has_text(self) -> bool:
         return bool(self.config.has_text)
+
+    @property
+    def has_copy(self) -> bool:
+        return "ptr_keys" in self.encode_outputs
 
 
 @dataclass
@@ -66,10 +73,15 @@ def load_run(run: Path, dataset: str | Path | None = None) -> LoadedRun:
     """RUN/{config.json, model.safetensors, tokenizer.json, meta.json} -> the eval-mode student + metadata."""
     from graphdistill.student.export import ExportError
     from graphdistill.student.model import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Student, StudentConfig
+    from graphdistill.student.predict import STUDENT_FORMAT
 
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         if not (run / name).is_file():
             raise ExportError(f"{run} is not a student run: {name} is missing")
+    meta_path = run / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if meta.get("format") not in (None, STUDENT_FORMAT):
+        raise ExportError(f"{run}: student format {meta.get('format')!r} is not {STUDENT_FORMAT!r}: train it again")
     st = require("safetensors.torch", purpose="loading the student")
     try:
         config = StudentConfig.from_dict(json.loads((run / "config.json").read_text()))
@@ -78,15 +90,13 @@ def load_run(run: Path, dataset: str | Path | None = None) -> LoadedRun:
     except (ValueError, RuntimeError, OSError) as exc:
         raise ExportError(f"cannot load the student from {run}: {exc}") from exc
     model.eval()
-    meta_path = run / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     ds = dataset or meta.get("dataset")
     if meta.get("preprocessing"):
         spec = dict(meta["preprocessing"])
     else:
-        from graphdistill.student.loader import preprocess_spec
+        from graphdistill.student.loader import spec_of
 
-        spec = preprocess_spec(config.image_size)
+        spec = spec_of(config)
     loaded = LoadedRun(
         run=run,
         model=model,
@@ -100,20 +110,35 @@ def load_run(run: Path, dataset: str | Path | None = None) -> LoadedRun:
         documents=[{"id": d["id"], "text": d.get("text", "")} for d in meta.get("documents") or []],
         special_ids={"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID, "unk": UNK_ID},
         thresholds={
-            "score_threshold": float(meta.get("score_threshold", 0.5)),
+            "score_threshold": float(config.score_threshold),  # applied in the graph (the `keep` output)
             "source_threshold": float(meta.get("source_threshold", 0.5)),  # = logit > 0, as training uses
         },
     )
     loaded.memory_len = int(model.memory_len)
-    loaded.encode_outputs = ["cross_kv" if config.has_text else "memory", *head_names(model)]
+    loaded.encode_outputs = [*text_output_names(model), *head_names(model)]
     return loaded
 
 
+def text_output_names(model: Any) -> list[str]:
+    """encode's first outputs: ``cross_kv`` and, with the copy path, ``ptr_keys``/``ptr_bias``/``ptr_vocab``
+    (with a text head); ``memory`` (without)."""
+    if not model.config.has_text:
+        return ["memory"]
+    return list(TEXT_OUTPUTS) if hasattr(model, "ptr_q") else ["cross_kv"]
+
+
 def head_names(model: Any) -> list[str]:
-    """The keys ``model.heads`` returns (only the heads the student has), in its order."""
+    """The keys of ``model.encode``'s output that are heads (objects, sources, embeddings), in its order."""
     torch = require("torch")
+    cfg = model.config
+    s = cfg.image_size
     with torch.no_grad():
-        return list(model.heads(torch.zeros(1, int(model.memory_len), model.config.d_model)))
+        out = model.encode(
+            torch.zeros(1, 3, s, s),
+            torch.ones(1, cfg.max_question_len, dtype=torch.long),
+            torch.ones(1, cfg.max_question_len, dtype=torch.bool),
+        )
+    return [k for k in out if k != "memory" and k not in TEXT_OUTPUTS]
 
 
 def make_sample(
@@ -158,24 +183,32 @@ def programs_for(
 
     torch = require("torch")
     model, cfg = loaded.model, loaded.config
-    head_keys = loaded.encode_outputs[1:]
+    head_keys = [k for k in loaded.encode_outputs if k not in ("memory", *TEXT_OUTPUTS)]
 
     nn: Any = torch.nn
 
+    text_keys = text_output_names(model)
+
     class Encode(nn.Module):  # type: ignore[misc]
-        """image, question_ids, question_mask (int64, 1 = token) -> the answer decoder's cross-attention
-        keys/values (computed once per query, not once per token; the memory itself without a text head)
-        + each of the student's heads."""
+        """image, question_ids, question_mask (int64, 1 = token) -> the answer decoder's per-query inputs (its
+        cross-attention keys/values and the copy path's object keys, bias and class tokens, computed once per
+        query, not once per token; the memory itself without a text head) + each of the student's heads."""
 
         def __init__(self) -> None:
             super().__init__()
             self.student = model
 
         def forward(self, image: Any, question_ids: Any, question_mask: Any) -> tuple[Any, ...]:
-            memory = self.student.encode(image, question_ids, question_mask != 0)
-            heads = self.student.heads(memory)
-            first = self.student.cross_kv(memory) if cfg.has_text else memory
-            return (first, *(heads[k] for k in head_keys))
+            enc = self.student.encode(image, question_ids, question_mask != 0)
+            first = []
+            for k in text_keys:
+                if k == "cross_kv":
+                    first.append(self.student.cross_kv(enc["memory"]))
+                elif k == "ptr_keys":  # transposed once here, so each decode step reads it as it multiplies
+                    first.append(enc[k].transpose(1, 2))
+                else:
+                    first.append(enc[k])
+            return (*first, *(enc[k] for k in head_keys))
 
     s, lq = cfg.image_size, cfg.max_question_len
     image = torch.zeros(1, 3, s, s)
@@ -189,7 +222,10 @@ def programs_for(
         return programs, []
     kv = model.empty_cache(1)
     cross = torch.zeros(cross_kv_shape(loaded))
-    dec_example = step_inputs(torch.ones(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), cross, kv)
+    pointer = pointer_example(loaded) if loaded.has_copy else ()
+    dec_example = step_inputs(
+        torch.ones(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), cross, kv, pointer
+    )
     programs["decode_step"] = (PhoneDecodeStep(model, fused_norms=fused_norms).eval(), dec_example)
     return programs, list(kv.shape)
 
@@ -198,6 +234,19 @@ def cross_kv_shape(loaded: LoadedRun) -> list[int]:
     """[decoder layers, 2 (key, value), batch 1, heads, context tokens, head_dim]."""
     cfg, model = loaded.config, loaded.model
     return [cfg.dec_layers, 2, 1, cfg.n_heads, int(model.n_ctx), cfg.head_dim]
+
+
+def pointer_shapes(loaded: LoadedRun) -> dict[str, list[int]]:
+    """The copy path's per-query inputs: ``ptr_keys`` [1, D, K] (the object tokens' keys, transposed),
+    ``ptr_bias`` [1, K], ``ptr_vocab`` [1, K, V]."""
+    cfg = loaded.config
+    k = int(loaded.model.n_obj)
+    return {"ptr_keys": [1, cfg.d_model, k], "ptr_bias": [1, k], "ptr_vocab": [1, k, cfg.vocab_size]}
+
+
+def pointer_example(loaded: LoadedRun) -> tuple[Any, ...]:
+    torch = require("torch")
+    return tuple(torch.zeros(shape) for shape in pointer_shapes(loaded).values())
 
 
 def torch_reference(
@@ -216,19 +265,26 @@ def torch_reference(
     ids = loaded.special_ids
     with torch.no_grad():
         outs = enc(*sample.torch_inputs())
-        named = {k: v[0].numpy() for k, v in zip(loaded.encode_outputs, outs, strict=True)}
+        by_name = dict(zip(loaded.encode_outputs, outs, strict=True))
+        named = {k: v[0].numpy() for k, v in by_name.items()}
         if "decode_step" not in programs:
             return Raw([], named)
         model = loaded.model
-        cross = outs[0]
+        cross = by_name["cross_kv"]
+        pointer = tuple(by_name[k] for k in TEXT_OUTPUTS[1:]) if loaded.has_copy else ()
+        ptr = (
+            {"ptr_keys": pointer[0].transpose(1, 2), "ptr_bias": pointer[1], "ptr_vocab": pointer[2]}
+            if pointer
+            else None
+        )
         kv = loaded.model.empty_cache(1)
         token = torch.tensor([[ids["bos"]]], dtype=torch.long)
         answer: list[int] = []
         for pos in range(loaded.config.max_answer_len - 1):
             position = torch.tensor([pos], dtype=torch.long)
             if record is not None:
-                record.append(step_inputs(token, position, cross, kv))
-            logits, kv_new = model.decode_step(token, position, None, kv, cross)
+                record.append(step_inputs(token, position, cross, kv, pointer))
+            logits, kv_new = model.decode_step(token, position, None, kv, cross, ptr)
             kv = model.write_kv(kv, kv_new, position)  # a new tensor: recorded inputs stay as they were
             nxt = int(logits[0].argmax())
             if nxt == ids["eos"]:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from graphdistill.student.model import EOS_ID, StudentConfig
+from graphdistill.student.trunks import PROTO_STRIDE
 from graphdistill.student.tokenizer import StudentTokenizer
 from graphdistill.trace import TokenLogprobs
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics: the conventional input scale for timm backbones
 STD = (0.229, 0.224, 0.225)
+UNIT = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # plain x/255: what Ultralytics detectors were trained on
 PAD_VALUE = (114, 114, 114)  # YOLO's letterbox grey
 # Pillow's resize(reducing_gap=1.0): box-average by the largest integer factor that keeps the image at
 # least the target size (Image.reduce), then bilinear. A 1280x720 photo letterboxes in ~1 ms instead of
@@ -35,7 +37,15 @@ PAD_VALUE = (114, 114, 114)  # YOLO's letterbox grey
 REDUCING_GAP = 1.0
 
 
-def preprocess_spec(image_size: int) -> dict[str, Any]:
+def normalisation(config: StudentConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the student's input: a trunk started from an Ultralytics detector reads x/255, as the
+    detector does; a timm trunk ImageNet-normalised input."""
+    return UNIT if config.trunk == "ultralytics" else (MEAN, STD)
+
+
+def preprocess_spec(
+    image_size: int, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD
+) -> dict[str, Any]:
     """The exact preprocessing of :func:`preprocess_image`, as data (for meta.json / export manifests)."""
     return {
         "resize": "letterbox",
@@ -48,11 +58,16 @@ def preprocess_spec(image_size: int) -> dict[str, Any]:
         "layout": "NCHW",
         "dtype": "float32",
         "scale": 1 / 255,
-        "mean": list(MEAN),
-        "std": list(STD),
+        "mean": list(mean),
+        "std": list(std),
         "boxes": "cx,cy,w,h in 0..1 of the letterboxed square; pixels = value * size / scale_factor",
         "scale_factor": "size / max(height, width)",
     }
+
+
+def spec_of(config: StudentConfig) -> dict[str, Any]:
+    """:func:`preprocess_spec` for a student config."""
+    return preprocess_spec(config.image_size, *normalisation(config))
 
 
 def row_embeddings(row: dict[str, Any]) -> dict[str, list[float]]:
@@ -84,12 +99,22 @@ def embedding_dims_of(rows: list[dict[str, Any]]) -> dict[str, int]:
     return dims
 
 
+def is_replay(row: dict[str, Any]) -> bool:
+    """A counterfactual replay's row (its ``replay`` column is set): its objects were edited, so they do not
+    describe its image (the detector is not supervised on them; the text still reads them)."""
+    return row.get("replay") not in (None, "", "null")
+
+
 def letterbox_scale(height: int, width: int, size: int) -> float:
     return size / max(height, width)
 
 
 def preprocess_image(
-    image: np.ndarray, size: int, reducing_gap: float | None = REDUCING_GAP
+    image: np.ndarray,
+    size: int,
+    reducing_gap: float | None = REDUCING_GAP,
+    mean: tuple[float, ...] | list[float] = MEAN,
+    std: tuple[float, ...] | list[float] = STD,
 ) -> tuple[Tensor, float]:
     """HxWx3 uint8 RGB -> (float tensor [3,size,size] normalised, scale factor). ``reducing_gap``: see
     :data:`REDUCING_GAP` (``None``: the plain bilinear resize of runs trained before it existed)."""
@@ -105,7 +130,7 @@ def preprocess_image(
     small = Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=reducing_gap)
     canvas[:nh, :nw] = np.asarray(small)
     x = torch.from_numpy(canvas).permute(2, 0, 1).float().div_(255)
-    x = (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    x = (x - torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)) / torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return x, s
 
 
@@ -126,12 +151,21 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     """Items for the student from ``open_dataset(path).rows(split)``.
 
     Keys: image [3,S,S]; question_ids [Lq] int64; question_mask [Lq] bool; answer_in [La]; answer_target
-    [La] (−100 = ignore); boxes [Q,4] cxcywh in 0..1; classes [Q] (−1 = none); masks [Q,m,m]; n_objects [];
-    sources [K] multi-hot; ``embedding:<name>`` [d] and ``embedding:<name>:valid`` [] bool per embedding
-    output; topk_ids [La,k], topk_logprobs [La,k], topk_valid [La] (soft targets from the teacher LLM's
-    recorded top-k, mapped onto the student's tokens by :func:`align_soft_targets`, or step for step when
-    ``soft_targets_tokenizer`` names the teacher's tokenizer); scale [] (letterbox factor); image_hw [2]. Object targets exist only
-    when the config has a detection head (masks only with a mask head), sources only with a sources head.
+    [La] (−100 = ignore); the row's objects (K = ``max_objects`` slots, the teacher's order): ``obj_classes``
+    [K] (−1 = empty), ``obj_boxes`` [K,4] cx,cy,w,h in 0..1 of the canvas, ``obj_boxes_px`` [K,4] xyxy canvas
+    pixels, ``obj_scores`` [K], ``obj_valid`` [K] bool, with a mask head ``obj_masks`` [K,S/4,S/4] (the
+    teacher's mask letterboxed onto the prototype grid) and ``obj_has_mask`` [K], and ``vision_ok`` [] (False for
+    a counterfactual replay, whose objects were edited and do not describe the image); sources [K] multi-hot;
+    ``embedding:<name>`` [d] and ``embedding:<name>:valid`` [] bool per embedding output; topk_ids [La,k],
+    topk_logprobs [La,k], topk_valid [La] (soft targets from the teacher LLM's recorded top-k, mapped onto
+    the student's tokens by :func:`align_soft_targets`, or step for step when ``soft_targets_tokenizer`` names
+    the teacher's tokenizer); scale [] (letterbox factor); image_hw [2]; and, when ``kd`` gives them for the
+    row (the trainer's detector targets, :mod:`graphdistill.student.kd`), ``kd_cls``, ``kd_dist``, ``kd_valid``.
+    Object targets exist only when the config has a detection head (masks only with a mask head), sources only
+    with a sources head.
+
+    ``class_names``: the student's classes (the detector's label set when it started from one), by which the
+    rows' object labels are numbered; the dataset's own class names by default.
     """
 
     def __init__(
@@ -143,6 +177,8 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         *,
         topk: int = 5,
         soft_targets_tokenizer: str | None = None,
+        class_names: list[str] | None = None,
+        kd: Any = None,
     ) -> None:
         self.ds = dataset
         self.rows = dataset.rows(split)
@@ -150,9 +186,12 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         self.tok = tokenizer
         self.cfg = config
         self.topk = topk
-        self.class_names = list(dataset.class_names)
+        self.class_names = list(class_names if class_names is not None else dataset.class_names)
+        self.class_index = {n: i for i, n in enumerate(self.class_names)}
         self.doc_ids = [d["id"] for d in dataset.documents]
         self.doc_index = {d: i for i, d in enumerate(self.doc_ids)}
+        self.mean, self.std = normalisation(config)
+        self.kd = kd  # row index -> (kd_cls, kd_dist) or None
         if config.has_objects and len(self.class_names) > config.num_classes:
             raise ValueError(
                 f"dataset has {len(self.class_names)} classes but the student has num_classes={config.num_classes}"
@@ -172,7 +211,9 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
     def _image(self, i: int) -> tuple[Tensor, float]:
         if i not in self._cache:  # decoded + letterboxed once: the sets are small and epochs many
-            self._cache[i] = preprocess_image(self.ds.image(self.rows[i]), self.cfg.image_size)
+            self._cache[i] = preprocess_image(
+                self.ds.image(self.rows[i]), self.cfg.image_size, mean=self.mean, std=self.std
+            )
         return self._cache[i]
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
@@ -192,6 +233,8 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         }
         if cfg.has_objects:
             item.update(self._objects(row, scale))
+            if self.kd is not None:
+                item.update(self.kd(i))
         if cfg.has_sources:
             sources = torch.zeros(cfg.num_sources)
             for s in row["sources"]:
@@ -218,33 +261,44 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
     def _objects(self, row: dict[str, Any], scale: float) -> dict[str, Tensor]:
         cfg = self.cfg
-        q = cfg.num_queries
-        boxes = torch.zeros(q, 4)
-        classes = torch.full((q,), -1, dtype=torch.long)
-        masks = torch.zeros(q, cfg.mask_size, cfg.mask_size) if cfg.has_masks else None
+        k = cfg.max_objects
+        size = cfg.image_size
+        boxes = torch.zeros(k, 4)
+        boxes_px = torch.zeros(k, 4)
+        classes = torch.full((k,), -1, dtype=torch.long)
+        scores = torch.zeros(k)
+        grid = size // PROTO_STRIDE
+        masks = torch.zeros(k, grid, grid) if cfg.has_masks else None
+        has_mask = torch.zeros(k, dtype=torch.bool)
         objects = list(row["objects"])
-        if len(objects) > q:
-            log.warning(
-                "row %s has %d objects > num_queries=%d; keeping the first", row["id"], len(objects), q
-            )
-            objects = objects[:q]
-        side = cfg.image_size / scale  # pixels of the original image per unit of normalised coordinate
+        if len(objects) > k:
+            log.warning("row %s has %d objects > max_objects=%d; keeping the first", row["id"], len(objects), k)
+            objects = objects[:k]
         for j, o in enumerate(objects):
-            x1, y1, x2, y2 = o.box
-            boxes[j] = torch.tensor(
-                [(x1 + x2) / 2 / side, (y1 + y2) / 2 / side, (x2 - x1) / side, (y2 - y1) / side]
-            )
-            cid = self.class_names.index(o.label) if o.label in self.class_names else o.class_id
+            x1, y1, x2, y2 = (float(v) * scale for v in o.box)  # canvas pixels
+            boxes_px[j] = torch.tensor([x1, y1, x2, y2])
+            boxes[j] = torch.tensor([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]) / size
+            cid = self.class_index.get(o.label, o.class_id)
             if cid is None or not 0 <= cid < cfg.num_classes:
                 raise ValueError(
-                    f"row {row['id']}: object label {o.label!r} is not one of the dataset's classes"
+                    f"row {row['id']}: object label {o.label!r} is not one of the student's classes"
                 )
             classes[j] = int(cid)
+            scores[j] = float(o.score if o.score is not None else 1.0)
             if masks is not None and o.mask is not None:
-                masks[j] = torch.from_numpy(letterbox_mask(o.mask.decode(), cfg.mask_size))
-        out = {"boxes": boxes, "classes": classes, "n_objects": torch.tensor(len(objects), dtype=torch.long)}
+                masks[j] = torch.from_numpy(letterbox_mask(o.mask.decode(), grid))
+                has_mask[j] = True
+        out = {
+            "obj_classes": classes,
+            "obj_boxes": boxes,
+            "obj_boxes_px": boxes_px,
+            "obj_scores": scores,
+            "obj_valid": classes >= 0,
+            "vision_ok": torch.tensor(not is_replay(row)),
+        }
         if masks is not None:
-            out["masks"] = masks
+            out["obj_masks"] = masks
+            out["obj_has_mask"] = has_mask
         return out
 
     def _soft_targets(self, row: dict[str, Any]) -> SoftTargets | None:

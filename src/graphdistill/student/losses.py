@@ -1,20 +1,30 @@
 """Distillation losses, returned BY NAME so each can be logged and weighted.
 
-- ``answer_ce``: cross-entropy on the consensus answer's tokens (sequence-level distillation: the consensus
-  of the teacher's K samples is the target text).
-- ``answer_kl``: KL(teacher top-k ‖ student) per answer step, only where the loader produced soft targets.
-  The teacher's ids live in the teacher LLM's vocabulary (SmolLM2's 49 k tokens), not the student's BPE,
-  so the loader maps them across (:func:`graphdistill.student.loader.align_soft_targets`): at each answer
-  step where both tokenizers cut the answer at the same character and produce the same piece, the
-  teacher's top-k pieces become the student tokens with exactly that text (the rest are dropped); other
-  steps get no soft target. With the teacher's own tokenizer the ids are used as they are. The top-k mass is
-  renormalised on both sides (the teacher's tail beyond k is unknown).
-- ``class``, ``box_l1``, ``box_giou``: DETR set losses after Hungarian matching (see
-  :mod:`graphdistill.student.matching` for why); unmatched slots learn "no object" (down-weighted).
-- ``mask_bce``, ``mask_dice``: on matched slots, against the teacher's RLE letterboxed to ``mask_size``
-  over the whole image (same frame as the prediction, so no per-box crop/paste step exists at inference).
-- ``sources``: multi-label BCE over the knowledge-base documents.
-- ``embedding:<name>``: 1 − cosine, when the batch carries that target.
+Text:
+- ``answer_ce``: cross-entropy on the consensus answer's tokens (sequence-level distillation). The student's
+  ``answer_logits`` may be log-probabilities (its copy path mixes two distributions); cross-entropy's
+  log-softmax leaves those unchanged.
+- ``answer_kl``: KL(teacher top-k ‖ student) per answer step, only where the loader produced soft targets
+  (:func:`graphdistill.student.loader.align_soft_targets` maps the teacher LLM's top-k onto student tokens).
+
+Objects, densely, as the detector itself was trained (anchor-free, one-to-many; Ultralytics' recipe), on
+rows whose objects describe the image (not counterfactual replays, whose objects were edited):
+- :func:`assign` gives each teacher object the cells that already predict it best (task-aligned: class
+  score^0.5 × IoU^6 among the cells whose centre lies in the box, top 10), with a soft class target scaled by
+  how well the cell predicts it;
+- ``det_cls``: BCE of every cell's class logits against those targets (all other cells: background);
+- ``det_box``: 1 − GIoU of the assigned cells' decoded boxes; ``det_dfl``: the distribution focal loss that
+  puts each side's distribution on the two bins around the target distance.
+The detector's own per-cell outputs, where the trainer computed them (a student started from a YOLO detector:
+the detector run at twice the student's input size, whose strides 16/32 cells line up exactly with the
+student's strides 8/16 cells and measure distances in the same units):
+- ``kd_cls``: BCE of the student's class logits against the detector's class probabilities, every cell;
+- ``kd_box``: KL of each side's box distribution against the detector's, on cells the detector scores ≥ 0.1.
+Masks:
+- ``mask_bce``: per assigned cell, ``coef · protos`` against the teacher's (SAM) mask of its object, inside that
+  object's box only (masks are class-agnostic and cut to the box at inference).
+
+Summary heads: ``sources`` (multi-label BCE over the knowledge-base documents), ``embedding:<name>`` (1 − cosine).
 
 Weights are set by loss name (:meth:`LossWeights.from_names`, ``TrainConfig.loss_weights``,
 ``graphdistill train --loss-weight NAME=W``); an unknown name is an error, never silently ignored.
@@ -30,28 +40,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from graphdistill.student.matching import cxcywh_to_xyxy, hungarian_match, pairwise_iou_giou
+from graphdistill.student.trunks import PROTO_STRIDE, dfl_decode
+
+KD_MIN_SCORE = 0.1  # cells where the detector's best class probability is this or more get box distillation
 
 
 @dataclass
 class LossWeights:
     answer_ce: float = 1.0
     answer_kl: float = 0.5
-    class_: float = 1.0
-    box_l1: float = 5.0
-    box_giou: float = 2.0
+    det_cls: float = 0.5  # Ultralytics' default gains: cls 0.5, box 7.5, dfl 1.5
+    det_box: float = 7.5
+    det_dfl: float = 1.5
+    kd_cls: float = 0.5
+    kd_box: float = 1.5
     mask_bce: float = 2.0
-    mask_dice: float = 2.0
     sources: float = 1.0
     embedding: float = 1.0
-    no_object: float = 0.1  # relative class weight of "no object" (DETR's eos_coef)
     extra: dict[str, float] = field(default_factory=dict)  # per-embedding weights: "embedding:<name>"
 
     @classmethod
     def names(cls) -> list[str]:
-        """The settable names: each loss as :func:`compute_losses` names it (``class``, not ``class_``),
-        ``embedding`` (every embedding loss), ``no_object``; plus ``embedding:<name>`` for one embedding."""
-        return [f.name.rstrip("_") for f in fields(cls) if f.name != "extra"]
+        """The settable names: each loss as :func:`compute_losses` names it, ``embedding`` (every embedding
+        loss); plus ``embedding:<name>`` for one embedding."""
+        return [f.name for f in fields(cls) if f.name != "extra"]
 
     @classmethod
     def from_names(
@@ -75,7 +87,7 @@ class LossWeights:
                     )
                 w.extra[name] = value
             elif name in known:
-                setattr(w, "class_" if name == "class" else name, value)
+                setattr(w, name, value)
             else:
                 raise ValueError(
                     f"unknown loss weight {name!r}; known: {', '.join(known)}, embedding:<output name>"
@@ -85,11 +97,14 @@ class LossWeights:
     def of(self, name: str) -> float:
         if name in self.extra:
             return self.extra[name]
-        if name == "class":
-            return self.class_
         if name.startswith("embedding:"):
             return self.embedding
         return float(getattr(self, name))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Text
+# --------------------------------------------------------------------------------------------------------
 
 
 def answer_kl(logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, valid: Tensor) -> Tensor:
@@ -104,10 +119,187 @@ def answer_kl(logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, valid: Te
     return kl[valid].mean()
 
 
-def dice_loss(logits: Tensor, target: Tensor) -> Tensor:
-    p = logits.sigmoid().flatten(1)
-    t = target.flatten(1)
-    return (1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)).mean()
+# --------------------------------------------------------------------------------------------------------
+# Objects
+# --------------------------------------------------------------------------------------------------------
+
+
+def pairwise_iou(a: Tensor, b: Tensor) -> Tensor:
+    """xyxy a [B,N,4], b [B,M,4] -> IoU [B,N,M]."""
+    from graphdistill.student.model import box_iou_matrix
+
+    return box_iou_matrix(a, b)
+
+
+def giou(a: Tensor, b: Tensor) -> Tensor:
+    """Generalised IoU of matching xyxy boxes [N,4], [N,4] -> [N]."""
+    lt, rb = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(-1)
+    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(-1)
+    union = (area_a + area_b - inter).clamp(min=1e-6)
+    hull = (torch.maximum(a[:, 2:], b[:, 2:]) - torch.minimum(a[:, :2], b[:, :2])).clamp(min=0).prod(-1)
+    iou = inter / union
+    return iou - (hull - union) / hull.clamp(min=1e-6)
+
+
+@dataclass
+class Assignment:
+    fg: Tensor  # [B,A] bool: the cell is assigned an object
+    target: Tensor  # [B,A] int64: the object's index among the row's objects (meaningful where fg)
+    boxes: Tensor  # [B,A,4] xyxy px of the assigned object
+    scores: Tensor  # [B,A,C] soft class targets (0 for background cells)
+
+
+@torch.no_grad()
+def assign(
+    scores: Tensor,
+    boxes: Tensor,
+    anchors: Tensor,
+    gt_labels: Tensor,
+    gt_boxes: Tensor,
+    gt_valid: Tensor,
+    *,
+    topk: int = 10,
+    alpha: float = 0.5,
+    beta: float = 6.0,
+) -> Assignment:
+    """Task-aligned one-to-many assignment (TOOD; what Ultralytics' detectors are trained with).
+
+    scores [B,A,C] (probabilities), boxes [B,A,4] xyxy px (decoded predictions), anchors [A,2] px, gt_labels
+    [B,M], gt_boxes [B,M,4] xyxy px, gt_valid [B,M]. Each object takes the ``topk`` cells whose centre lies
+    inside its box with the highest ``score^alpha · IoU^beta`` (score of the object's class, IoU of the cell's
+    predicted box with the object's); a cell claimed by several objects goes to the one its box overlaps most.
+    A cell's class target is its alignment, normalised so the object's best cell gets that cell's IoU."""
+    b, a, c = scores.shape
+    m = gt_boxes.shape[1]
+    if m == 0 or not bool(gt_valid.any()):
+        z = torch.zeros(b, a, dtype=torch.bool, device=scores.device)
+        return Assignment(z, torch.zeros(b, a, dtype=torch.long, device=scores.device), boxes * 0, scores * 0)
+    rel = torch.cat([anchors[None, None] - gt_boxes[:, :, None, :2], gt_boxes[:, :, None, 2:] - anchors[None, None]], -1)
+    inside = (rel.amin(-1) > 1e-9) & gt_valid[:, :, None]  # [B,M,A]
+    iou = pairwise_iou(gt_boxes, boxes).clamp(min=0)  # [B,M,A]
+    cls_score = scores.gather(2, gt_labels.clamp(min=0)[:, None, :].expand(b, a, m)).transpose(1, 2)  # [B,M,A]
+    align = cls_score.pow(alpha) * iou.pow(beta) * inside
+    top = align.topk(min(topk, a), dim=-1).indices
+    chosen = torch.zeros_like(inside).scatter_(-1, top, True) & inside  # [B,M,A]
+    several = chosen.sum(1) > 1  # [B,A]
+    target = torch.where(several, (iou * chosen).argmax(1), chosen.to(torch.uint8).argmax(1))  # [B,A]
+    fg = chosen.any(1)
+    pos = F.one_hot(target, m).transpose(1, 2).bool() & fg[:, None, :]  # [B,M,A]
+    align_pos, iou_pos = align * pos, iou * pos
+    norm = (align_pos * iou_pos.amax(-1, keepdim=True) / (align_pos.amax(-1, keepdim=True) + 1e-9)).amax(1)
+    labels = gt_labels.gather(1, target).clamp(min=0)
+    tboxes = gt_boxes.gather(1, target[..., None].expand(-1, -1, 4))
+    tscores = F.one_hot(labels, c).to(scores.dtype) * (norm * fg)[..., None]
+    return Assignment(fg, target, tboxes, tscores)
+
+
+def dfl_loss(dist: Tensor, target: Tensor) -> Tensor:
+    """Distribution focal loss: ``dist`` [N,4,R] logits, ``target`` [N,4] distances in bins (0..R-1.01) ->
+    [N] (the cross-entropy on the two bins around each target, weighted by nearness; mean of the 4 sides)."""
+    left = target.long()
+    w_right = target - left
+    lp = dist.log_softmax(-1)
+    ce_l = -lp.gather(-1, left[..., None])[..., 0]
+    ce_r = -lp.gather(-1, (left + 1)[..., None])[..., 0]
+    return (ce_l * (1 - w_right) + ce_r * w_right).mean(-1)
+
+
+def detection_losses(out: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``det_cls``, ``det_box``, ``det_dfl`` and (with a mask head and masks) ``mask_bce``; see the module
+    docstring. Only rows with ``vision_ok`` (their objects describe their image) take part."""
+    dist, cls = out["det_dist"], out["det_cls"]  # [B,4R,A], [B,C,A]
+    anchors, strides = out["det_anchors"], out["det_strides"]
+    b, c, a = cls.shape
+    r = dist.shape[1] // 4
+    rows = batch["vision_ok"].bool() if "vision_ok" in batch else torch.ones(b, dtype=torch.bool, device=cls.device)
+    logits = cls.transpose(1, 2)  # [B,A,C]
+    bins = torch.arange(r, dtype=dist.dtype, device=dist.device)
+    pred_boxes = dfl_decode(dist, anchors, strides, bins)  # [B,A,4]
+    gt_valid = batch["obj_valid"].bool() & rows[:, None]
+    asg = assign(
+        logits.detach().sigmoid(), pred_boxes.detach(), anchors, batch["obj_classes"], batch["obj_boxes_px"], gt_valid
+    )
+    zero = cls.sum() * 0.0
+    weight_sum = asg.scores.sum().clamp(min=1.0)
+    bce = F.binary_cross_entropy_with_logits(logits, asg.scores, reduction="none").sum((1, 2))  # [B]
+    losses = {"det_cls": (bce * rows).sum() / weight_sum}
+    fg = asg.fg
+    if not bool(fg.any()):
+        losses.update(det_box=zero, det_dfl=zero)
+        if "det_coef" in out and "obj_masks" in batch:
+            losses["mask_bce"] = zero
+        return losses
+    w = asg.scores.sum(-1)[fg]  # [N]
+    losses["det_box"] = ((1 - giou(pred_boxes[fg], asg.boxes[fg])) * w).sum() / weight_sum
+    anc = anchors[None].expand(b, -1, -1)[fg]
+    st = strides[None].expand(b, -1, -1)[fg]
+    tb = asg.boxes[fg]
+    ltrb = torch.cat([anc - tb[:, :2], tb[:, 2:] - anc], -1) / st
+    d = dist.view(b, 4, r, a).permute(0, 3, 1, 2)[fg]  # [N,4,R]
+    losses["det_dfl"] = (dfl_loss(d, ltrb.clamp(0, r - 1.01)) * w).sum() / weight_sum
+    if "det_coef" in out and "obj_masks" in batch:
+        losses["mask_bce"] = mask_loss(out, batch, asg, w)
+    return losses
+
+
+def mask_loss(out: dict[str, Tensor], batch: dict[str, Tensor], asg: Assignment, w: Tensor) -> Tensor:
+    """BCE of each assigned cell's ``coef · protos`` against its object's mask, inside the object's box."""
+    protos = out["protos"]  # [B,M,Hp,Wp]
+    b, m, hp, wp = protos.shape
+    fg = asg.fg
+    bi = torch.arange(b, device=fg.device)[:, None].expand_as(fg)[fg]  # [N] row of each assigned cell
+    coef = out["det_coef"].transpose(1, 2)[fg]  # [N,M]
+    pred = torch.bmm(coef[:, None, :], protos[bi].view(-1, m, hp * wp)).view(-1, hp, wp)
+    target = batch["obj_masks"][bi, asg.target[fg]]  # [N,Hp,Wp]
+    has_mask = batch.get("obj_has_mask")
+    keep = has_mask[bi, asg.target[fg]].bool() if has_mask is not None else torch.ones_like(bi, dtype=torch.bool)
+    if not bool(keep.any()):
+        return pred.sum() * 0.0
+    box = asg.boxes[fg] / PROTO_STRIDE  # xyxy in prototype cells
+    xs = torch.arange(wp, device=pred.device, dtype=pred.dtype) + 0.5
+    ys = torch.arange(hp, device=pred.device, dtype=pred.dtype) + 0.5
+    inside = (
+        (xs[None, None, :] >= box[:, 0, None, None])
+        & (xs[None, None, :] <= box[:, 2, None, None])
+        & (ys[None, :, None] >= box[:, 1, None, None])
+        & (ys[None, :, None] <= box[:, 3, None, None])
+    ).to(pred.dtype)
+    per = F.binary_cross_entropy_with_logits(pred, target, reduction="none") * inside
+    per = per.sum((1, 2)) / inside.sum((1, 2)).clamp(min=1.0)
+    return (per * w * keep).sum() / (w * keep).sum().clamp(min=1e-6)
+
+
+def kd_losses(out: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``kd_cls`` and ``kd_box`` against the detector's own per-cell outputs (``kd_cls`` [B,C,N] probabilities and
+    ``kd_dist`` [B,4·R,N] logits for the student's first N cells, ``kd_valid`` [B]); see the module docstring."""
+    t_cls, t_dist = batch["kd_cls"].float(), batch["kd_dist"].float()
+    n = t_cls.shape[2]
+    rows = batch["kd_valid"].bool()
+    s_cls = out["det_cls"][:, :, :n]
+    bce = F.binary_cross_entropy_with_logits(s_cls, t_cls, reduction="none").sum((1, 2))
+    mass = (t_cls.sum((1, 2)) * rows).sum().clamp(min=1.0)
+    losses = {"kd_cls": (bce * rows).sum() / mass}
+    b = s_cls.shape[0]
+    r = t_dist.shape[1] // 4
+    best = t_cls.amax(1) * rows[:, None]  # [B,N]
+    on = best >= KD_MIN_SCORE
+    if not bool(on.any()):
+        losses["kd_box"] = s_cls.sum() * 0.0
+        return losses
+    s_d = out["det_dist"][:, :, :n].view(b, 4, r, n).permute(0, 3, 1, 2)[on]  # [K,4,R]
+    t_d = t_dist.view(b, 4, r, n).permute(0, 3, 1, 2)[on]
+    lt = t_d.log_softmax(-1)
+    kl = (lt.exp() * (lt - s_d.log_softmax(-1))).sum(-1).mean(-1)  # [K]
+    w = best[on]
+    losses["kd_box"] = (kl * w).sum() / w.sum()
+    return losses
+
+
+# --------------------------------------------------------------------------------------------------------
+# Everything
+# --------------------------------------------------------------------------------------------------------
 
 
 def compute_losses(
@@ -129,42 +321,10 @@ def compute_losses(
             losses["answer_kl"] = answer_kl(
                 logits, batch["topk_ids"], batch["topk_logprobs"], batch["topk_valid"]
             )
-
-    if "boxes" in out and "class_logits" in out and "boxes" in batch:
-        cls_logits = out["class_logits"]
-        b, q, c1 = cls_logits.shape
-        matches = hungarian_match(
-            out["boxes"], cls_logits, batch["boxes"], batch["classes"], batch["n_objects"]
-        )
-        tgt_cls = torch.full((b, q), c1 - 1, dtype=torch.long, device=cls_logits.device)
-        bi = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(matches)])
-        si = torch.cat([src for src, _ in matches])
-        ti = torch.cat([tgt for _, tgt in matches])
-        tgt_cls[bi, si] = batch["classes"][bi, ti]
-        cw = torch.ones(c1, device=cls_logits.device)
-        cw[-1] = w.no_object
-        losses["class"] = F.cross_entropy(cls_logits.flatten(0, 1), tgt_cls.flatten(), weight=cw)
-        n = max(int(si.numel()), 1)
-        pb, tb = out["boxes"][bi, si], batch["boxes"][bi, ti]
-        losses["box_l1"] = F.l1_loss(pb, tb, reduction="sum") / n
-        if si.numel():
-            _, giou = pairwise_iou_giou(cxcywh_to_xyxy(pb), cxcywh_to_xyxy(tb))
-            losses["box_giou"] = (1 - giou.diagonal()).sum() / n
-        else:
-            losses["box_giou"] = pb.sum() * 0.0
-        if "mask_logits" in out and "masks" in batch:
-            pm = out["mask_logits"][bi, si]
-            tm = batch["masks"][bi, ti]
-            if tm.shape[-2:] != pm.shape[-2:]:
-                tm = F.interpolate(tm[:, None], size=pm.shape[-2:], mode="bilinear", align_corners=False)[
-                    :, 0
-                ]
-            if si.numel():
-                losses["mask_bce"] = F.binary_cross_entropy_with_logits(pm, tm)
-                losses["mask_dice"] = dice_loss(pm, tm)
-            else:
-                losses["mask_bce"] = losses["mask_dice"] = out["mask_logits"].sum() * 0.0
-
+    if "det_dist" in out and "obj_boxes_px" in batch:
+        losses.update(detection_losses(out, batch))
+    if "det_dist" in out and "kd_cls" in batch:
+        losses.update(kd_losses(out, batch))
     if "source_logits" in out and "sources" in batch:
         k = out["source_logits"].shape[1]
         losses["sources"] = F.binary_cross_entropy_with_logits(out["source_logits"], batch["sources"][:, :k])

@@ -1,30 +1,33 @@
 """The student: one small multimodal model that answers, detects, segments and cites like the teacher graph.
 
-One readable file (nanoGPT-style); its config dataclass lives in :mod:`graphdistill.student.config`. Layout::
+One readable file (nanoGPT-style); its config lives in :mod:`graphdistill.student.config`, its vision trunks in
+:mod:`graphdistill.student.trunks`. Layout::
 
-    image ──timm mobile backbone──► stride-16 map (fine) + stride-32 map (coarse)
-    coarse tokens + question tokens + R register tokens ──joint transformer encoder──► fused
-    memory = [registers (R) | fused coarse tokens (Gc) | fine pixel tokens (Gf)]        [B, M, D]
+    image ──trunk──► P3, P4, P5 (strides 8/16/32)
+      dense head on every cell of P3..P5: box distributions (DFL) + class logits + mask coefficients
+      ──► in-graph selection: best cells, Fast NMS (same class, IoU > nms_iou), the top max_objects kept
+          ──► objects: boxes, scores, classes, masks = coefficients · prototypes (P3 → stride 4), cut to the box
+    object tokens   class embedding + box + score + the P4 feature at the box centre   [B, K, D]
+    joint encoder   [registers R | image tokens (P5 cells) | object tokens K | question tokens]
+    context         [registers | image | objects] ──► answer decoder (cross-attention), sources head (registers)
+    answer          a pointer-generator decoder: each step mixes its vocabulary distribution with a copy
+                    distribution over the object tokens (copying an object emits its class name's token)
 
-    heads(memory):   Q learned object queries ──decoder layer(s) over memory[:, :R+Gc]──►
-                        boxes (cx,cy,w,h ∈ 0..1), class logits (C+1, last = no-object),
-                        mask embedding · fine pixel tokens ──► mask logits (MaskFormer-style, no 3×3 conv)
-                     registers ──► source logits (multi-label over KB docs) and optional embedding heads
-    decode_step:     one answer token per call: reads a fixed-size KV cache [L, 2, B, H, T, hd], returns the
-                     logits and this position's keys/values (the caller stores them); cross-attention over
-                     memory[:, :R+Gc]
-
-Why this shape (speed target: a whole query ≤ 30 ms eager on a 2-core CPU):
-- The question is fused *into* the image tokens and R register tokens by a joint encoder, so the memory the
-  decoder reads has a fixed length with no padding mask: ``decode_step`` needs no question mask and export
-  sees static shapes only.
-- The text decoder reads only the R + Gc context tokens (e.g. 4 + 64), not the fine tokens: per-step cost
-  stays small; the fine tokens exist for the mask head only (they never enter a transformer).
-- Masks are a dot product of a per-query embedding with a low-resolution pixel feature map, upsampled
-  bilinearly to ``mask_size`` — a prototype spent 16–18 ms in a single 3×3 conv mask head.
-- Inside a step the cache is written with ``torch.where`` on a position mask (no data-dependent indexing or
-  branching), so ``decode_step`` exports as one static graph; it returns only the new position's keys/values,
-  which the caller stores (a runtime then copies one cache slot per token, not the whole cache).
+Why this shape:
+- **It starts from what the teacher knows.** When the graph's detector is an Ultralytics YOLO, the trunk and the
+  dense head ARE that detector (``trunk="ultralytics"``): before any training the student already finds the
+  teacher's objects at its own input size, and training adapts it densely, as the detector was trained
+  (task-aligned one-to-many assignment, DFL), plus the detector's own per-cell outputs as soft targets.
+- **Text grounded in its own objects.** The answer and the sources read object tokens built from the
+  student's detections (class, box, score), so they carry to classes no training photo showed; the copy path
+  lets the decoder name a detected class that no training answer named. During training the object tokens
+  are the teacher's objects (teacher forcing; counterfactual replays relabel them), at inference the
+  student's own, selected in the same graph (static shapes throughout: exportable as one program).
+- **Masks class-agnostic inside the box** (YOLACT): prototypes learnt from the teacher's SAM masks carry to
+  any class; the phone computes ``K × num_masks × (S/4)²`` multiply-adds for them.
+- The text side reads the trunk's features detached: the tiny text loss never bends the detector.
+- ``decode_step`` reads a fixed-size KV cache ``[L, 2, B, H, T, hd]`` and returns this position's keys/values
+  (the caller stores them), so it exports as one static graph.
 """
 
 from __future__ import annotations
@@ -47,6 +50,15 @@ from graphdistill.student.config import (  # re-exported: model.StudentConfig et
     config_from_schema,
     outputs_from_schema,
     preset,
+)
+from graphdistill.student.trunks import (
+    STRIDES,
+    CoefHead,
+    Proto,
+    TimmTrunk,
+    UltralyticsTrunk,
+    dfl_decode,
+    make_anchors,
 )
 
 __all__ = [
@@ -73,6 +85,7 @@ BOS_ID = 1
 EOS_ID = 2
 UNK_ID = 3
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]  # ids 0..3, in this order, in every tokenizer
+OBJECT_KEYS = ("obj_classes", "obj_boxes", "obj_scores", "obj_valid")  # teacher-forced object tokens
 
 
 @runtime_checkable
@@ -80,20 +93,24 @@ class StudentProtocol(Protocol):
     """What a user-supplied ``nn.Module`` must provide to be trained (:mod:`~graphdistill.student.train`)
     AND to predict and be evaluated (:mod:`~graphdistill.student.predict`, ``graphdistill eval``).
 
-    ``forward(image [B,3,S,S], question_ids [B,Lq], question_mask [B,Lq], answer_in [B,La])`` returns a
-    dict with ``answer_logits`` [B,La,V] (when the config has a text output; causal: step t sees
-    ``answer_in[:, :t+1]`` only) and any of ``boxes`` [B,Q,4] (cx,cy,w,h in 0..1), ``class_logits``
-    [B,Q,C+1], ``mask_logits`` [B,Q,Hm,Wm], ``source_logits`` [B,K], ``embedding:<name>`` [B,d]. Losses
-    are computed for the outputs present; predict returns an empty value for an output with no head.
-    ``config`` is the StudentConfig the module was built with (``cls(config)`` rebuilds it at load): sizes
-    for the data loader (image_size, max_question_len, max_answer_len, mask_size, ...) and the outputs.
+    ``forward(image [B,3,S,S], question_ids [B,Lq], question_mask [B,Lq], answer_in [B,La], objects=None)``
+    returns a dict with ``answer_logits`` [B,La,V] (scores or log-probabilities; causal: step t sees
+    ``answer_in[:, :t+1]`` only) when the config has a text output, and any of: the objects the module keeps,
+    ``boxes`` [B,K,4] (cx,cy,w,h in 0..1 of the letterboxed canvas), ``scores`` [B,K], ``classes`` [B,K]
+    (int), ``keep`` [B,K] (bool), ``mask_logits`` [B,K,Hm,Wm] (over the whole canvas; pasted inside the box);
+    ``source_logits`` [B,K]; ``embedding:<name>`` [B,d]; and, for training a dense detector, ``det_dist``
+    [B,4·reg_max,A], ``det_cls`` [B,C,A], ``det_coef`` [B,M,A], ``protos`` [B,M,Hp,Wp], ``det_anchors``
+    [A,2], ``det_strides`` [A,1] (see :mod:`~graphdistill.student.losses`). ``objects`` (training) is the
+    teacher's objects as tensors (``obj_classes``, ``obj_boxes``, ``obj_scores``, ``obj_valid``) for a module
+    whose text reads objects. Losses are computed for the outputs present; predict returns an empty value for
+    an output with no head. ``config`` is the StudentConfig the module was built with (``cls(config)``
+    rebuilds it at load).
 
-    That is all predict needs: it decodes the answer greedily through ``forward`` (``answer_in`` growing by
-    one token a call). Optional fast path, used by predict when present (the built-in ``Student`` has it)
-    and required by ``graphdistill export``: ``encode(image, question_ids, question_mask) -> memory``,
-    ``heads(memory) -> dict`` (the keys above but ``answer_logits``) and
-    ``generate(image, question_ids, question_mask, max_len, memory=memory) -> ids [B,n]`` (greedy, no
-    <bos>, <pad> after <eos>). ``load_student`` and training check the two required members up front.
+    That is all predict needs: it decodes the answer greedily through ``forward``. Optional fast path, used by
+    predict when present (the built-in ``Student`` has it) and required by ``graphdistill export``:
+    ``encode(image, question_ids, question_mask) -> dict`` (the keys above but ``answer_logits``, plus
+    ``memory``) and ``generate(image, question_ids, question_mask, max_len, encoded=encoded) -> ids [B,n]``
+    (greedy, no <bos>, <pad> after <eos>).
     """
 
     config: StudentConfig
@@ -202,110 +219,106 @@ class DecoderLayer(nn.Module):
         return x + self.ffn(self.ln3(x))
 
 
+def box_iou_matrix(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of xyxy boxes, batched: a [B,N,4], b [B,M,4] -> [B,N,M] (elementwise ops only: exportable)."""
+    lt = torch.maximum(a[:, :, None, :2], b[:, None, :, :2])
+    rb = torch.minimum(a[:, :, None, 2:], b[:, None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    area_a = ((a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1]))[:, :, None]
+    area_b = ((b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]))[:, None, :]
+    return inter / (area_a + area_b - inter).clamp(min=1e-6)
+
+
 # --------------------------------------------------------------------------------------------------------
 # The student
 # --------------------------------------------------------------------------------------------------------
 
 
 class Student(nn.Module):
-    """See the module docstring. All methods are static-shape; no Python branches on tensor values."""
+    """See the module docstring. All inference methods are static-shape; no Python branches on tensor values."""
 
     def __init__(self, config: StudentConfig) -> None:
         super().__init__()
-        import timm
-
         cfg = self.config = config
         d = cfg.d_model
-        self.backbone = timm.create_model(
-            cfg.backbone, pretrained=False, features_only=True, out_indices=(-2, -1)
-        )
-        info: Any = self.backbone.feature_info
-        reductions = info.reduction()
-        if list(reductions) != [16, 32]:
-            raise ValueError(
-                f"backbone {cfg.backbone!r} must give stride 16 and 32 features, got {reductions}"
-            )
-        c_fine, c_coarse = info.channels()
-        self.grid_c = cfg.image_size // 32
-        self.grid_f = cfg.image_size // 16
-        self.n_ctx = cfg.num_registers + self.grid_c**2  # memory tokens the decoders read
-
-        # fine pixel tokens exist for the mask head only: without it the memory is [registers | coarse]
-        self.memory_len = self.n_ctx + (self.grid_f**2 if cfg.has_masks else 0)
-
-        self.coarse_proj = nn.Linear(c_coarse, d)
+        if cfg.trunk == "ultralytics":
+            self.trunk: nn.Module = UltralyticsTrunk(cfg.trunk_spec, cfg.num_classes)
+        else:
+            self.trunk = TimmTrunk(cfg.backbone, cfg.num_classes, cfg.reg_max, cfg.image_size)
+        if int(self.trunk.reg_max) != cfg.reg_max:  # type: ignore[arg-type]
+            raise ValueError(f"the trunk's head has reg_max {self.trunk.reg_max}, the config {cfg.reg_max}")
+        c3, c4, c5 = self.trunk.channels  # type: ignore[misc]
+        self.grid = [cfg.image_size // s for s in STRIDES]
+        self.n_img = self.grid[2] ** 2  # image tokens: the P5 cells
+        self.n_obj = cfg.max_objects if cfg.has_objects else 0
+        self.n_ctx = cfg.num_registers + self.n_img + self.n_obj  # memory tokens the decoder reads
+        self.memory_len = self.n_ctx
+        anchors, strides = make_anchors(cfg.image_size)
+        self.det_anchors: Tensor
+        self.det_strides: Tensor
+        self.register_buffer("det_anchors", anchors, persistent=False)
+        self.register_buffer("det_strides", strides, persistent=False)
+        self.dfl_bins: Tensor
+        self.register_buffer("dfl_bins", torch.arange(cfg.reg_max, dtype=torch.float32), persistent=False)
+        # Fast NMS: candidate i suppresses candidate j (ranked below it) when they overlap; a constant mask
+        self.register_buffer("rank_above", torch.ones(cfg.candidates, cfg.candidates).triu(1), persistent=False)
         if cfg.has_masks:
-            self.fine_proj = nn.Linear(c_fine, d)
-        self.coarse_pos = nn.Parameter(torch.zeros(1, self.grid_c**2, d))
-        if cfg.has_masks:
-            self.fine_pos = nn.Parameter(torch.zeros(1, self.grid_f**2, d))
+            self.proto = Proto(c3, cfg.proto_channels, cfg.num_masks)
+            self.coef = nn.ModuleList(CoefHead(c, cfg.num_masks) for c in (c3, c4, c5))
+
+        # text side
+        self.img_proj = nn.Linear(c5, d)
+        self.img_pos = nn.Parameter(torch.zeros(1, self.n_img, d))
+        if cfg.has_objects:
+            self.cls_emb = nn.Embedding(cfg.num_classes, d)
+            self.box_emb = nn.Linear(5, d)  # cx, cy, w, h, score
+            self.obj_feat = nn.Linear(c4, d)  # the P4 cell under the box centre: colour, texture
+            self.empty_obj = nn.Parameter(torch.zeros(1, 1, d))  # an unused object slot
         self.registers = nn.Parameter(torch.zeros(1, cfg.num_registers, d))
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)  # shared by question encoder, decoder input and output
         self.q_pos = nn.Parameter(torch.zeros(1, cfg.max_question_len, d))
-        if cfg.has_text:
-            self.a_pos = nn.Embedding(cfg.max_answer_len, d)
-        self.type_emb = nn.Parameter(torch.zeros(3, d))  # register / image / question
+        self.type_emb = nn.Parameter(torch.zeros(4, d))  # register / image / object / question
         enc_layer = nn.TransformerEncoderLayer(
-            d,
-            cfg.n_heads,
-            cfg.ffn_mult * d,
-            cfg.dropout,
-            activation="gelu",
-            batch_first=True,
-            norm_first=True,
+            d, cfg.n_heads, cfg.ffn_mult * d, cfg.dropout, activation="gelu", batch_first=True, norm_first=True
         )
         self.encoder = nn.TransformerEncoder(enc_layer, cfg.enc_layers, enable_nested_tensor=False)
         self.enc_norm = nn.LayerNorm(d)
-        if cfg.has_masks:
-            self.fine_mix = nn.Linear(d, d)  # fused coarse tokens, upsampled, added to fine tokens (FPN-lite)
-
-        # object heads (OBJECTS or DETECTIONS output; the mask head for OBJECTS only)
-        if cfg.has_objects:
-            self.queries = nn.Parameter(torch.zeros(1, cfg.num_queries, d))
-            det_layer = nn.TransformerDecoderLayer(
-                d,
-                cfg.n_heads,
-                cfg.ffn_mult * d,
-                cfg.dropout,
-                activation="gelu",
-                batch_first=True,
-                norm_first=True,
-            )
-            self.det_decoder = nn.TransformerDecoder(det_layer, cfg.det_layers)
-            self.det_norm = nn.LayerNorm(d)
-            self.box_head = MLP(d, d, 4, n_layers=3)
-            self.class_head = nn.Linear(d, cfg.num_classes + 1)
-        if cfg.has_masks:
-            self.mask_embed = MLP(d, d, d)
-            self.pixel_proj = nn.Linear(d, d)
-        # summary heads
         if cfg.has_sources:
             self.source_head = MLP(d, d, cfg.num_sources)
         self.embedding_heads = nn.ModuleDict({k: nn.Linear(d, v) for k, v in cfg.embedding_dims.items()})
-        # answer decoder
         if cfg.has_text:
+            self.a_pos = nn.Embedding(cfg.max_answer_len, d)
             self.dec = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
             self.dec_norm = nn.LayerNorm(d)
+            if cfg.has_objects:  # the copy path: a pointer over the object tokens + a "generate" slot
+                self.ptr_q = nn.Linear(d, d)
+                self.ptr_k = nn.Linear(d, d)
+                self.ptr_gate = nn.Linear(d, 1)
+                ids = cfg.class_token_ids or [PAD_ID] * cfg.num_classes
+                self.class_tokens: Tensor
+                self.register_buffer("class_tokens", torch.tensor(ids, dtype=torch.long), persistent=False)
         self._init()
 
     def _init(self) -> None:
         cfg = self.config
-        params = [self.coarse_pos, self.registers, self.q_pos, self.type_emb]
-        if cfg.has_masks:
-            params.insert(1, self.fine_pos)
-        if cfg.has_objects:
-            params.insert(-1, self.queries)
-        for p in params:
+        for p in (self.img_pos, self.registers, self.q_pos, self.type_emb):
             nn.init.normal_(p, std=0.02)
         nn.init.normal_(self.tok_emb.weight, std=0.02)
+        if cfg.has_objects:
+            nn.init.normal_(self.cls_emb.weight, std=0.02)
+            nn.init.normal_(self.empty_obj, std=0.02)
         if cfg.has_text:
             nn.init.normal_(self.a_pos.weight, std=0.02)
-        if cfg.has_objects:
-            with torch.no_grad():  # start boxes near a mid-sized centred box and "no object" favoured
-                last = self.box_head.layers[-1]
-                assert isinstance(last, nn.Linear)
-                last.bias.copy_(torch.tensor([0.0, 0.0, -1.0, -1.0]))
-                self.class_head.bias[-1] = 2.0
+            if cfg.has_objects:
+                with torch.no_grad():  # start by generating, copy only once it has learnt to
+                    self.ptr_gate.bias.fill_(2.0)
+
+    def start_from(self, start: Any) -> None:
+        """Copy a teacher's offered modules (``teachers.base.StudentStart``) into the trunk and head."""
+        if not isinstance(self.trunk, UltralyticsTrunk) or start.kind != "ultralytics-detect":
+            raise ValueError(f"a {self.config.trunk} trunk cannot start from a {start.kind!r} offer")
+        self.trunk.load_ultralytics(start.state_dict)
 
     def _need_text(self, what: str) -> None:
         if not self.config.has_text:
@@ -314,20 +327,94 @@ class Student(nn.Module):
                 f"outputs: {self.config.outputs})"
             )
 
-    # ---- export-facing API ------------------------------------------------------------------------------
+    # ---- vision: dense outputs and the objects selected from them --------------------------------------------
 
-    def encode(self, image: Tensor, question_ids: Tensor, question_mask: Tensor) -> Tensor:
-        """image [B,3,S,S] normalised, question_ids [B,Lq] int64, question_mask [B,Lq] bool (True = token)
-        -> memory [B, R + Gc + Gf, D] (``[B, R + Gc, D]`` without a mask head: see ``memory_len``)."""
-        b = image.shape[0]
-        fine, coarse = self.backbone(image)
-        coarse_t = self.coarse_proj(coarse.flatten(2).transpose(1, 2)) + self.coarse_pos + self.type_emb[1]
+    def dense(self, feats: list[Tensor]) -> dict[str, Tensor]:
+        """Every cell's box distributions ``det_dist`` [B,4·R,A], class logits ``det_cls`` [B,C,A] and, with a
+        mask head, coefficients ``det_coef`` [B,M,A] and the prototypes ``protos`` [B,M,S/4,S/4]."""
+        head: Any = self.trunk.head
+        out = {
+            "det_dist": torch.cat([head.cv2[i](f).flatten(2) for i, f in enumerate(feats)], 2),
+            "det_cls": torch.cat([head.cv3[i](f).flatten(2) for i, f in enumerate(feats)], 2),
+        }
+        if self.config.has_masks:
+            out["det_coef"] = torch.cat([c(f).flatten(2) for c, f in zip(self.coef, feats, strict=True)], 2)
+            out["protos"] = self.proto(feats[0])
+        return out
+
+    def decode_boxes(self, dist: Tensor) -> Tensor:
+        """``det_dist`` [B,4·R,A] -> xyxy boxes in canvas pixels [B,A,4] (:func:`trunks.dfl_decode`)."""
+        return dfl_decode(dist, self.det_anchors, self.det_strides, self.dfl_bins)
+
+    def select(self, dense: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The objects, as the detector's own post-processing keeps them, with static shapes: the
+        ``candidates`` best cells (best class each), Fast NMS among them (a candidate is dropped when one
+        ranked above it, of the same class, overlaps it by IoU > ``nms_iou``: YOLACT), then the best
+        ``max_objects`` left. Returns ``boxes`` [B,K,4] (cx,cy,w,h in 0..1 of the canvas), ``scores`` [B,K],
+        ``classes`` [B,K] int64, ``keep`` [B,K] bool (score ≥ ``score_threshold`` and not suppressed) and,
+        with a mask head, ``mask_logits`` [B,K,S/4,S/4] over the whole canvas (``coef · protos``)."""
+        cfg = self.config
+        boxes = self.decode_boxes(dense["det_dist"])  # [B,A,4] px
+        best, label = dense["det_cls"].max(1)  # [B,A] logits: sigmoid is monotonic
+        top, idx = best.topk(cfg.candidates, dim=1)
+        score = top.sigmoid()
+        cand = boxes.gather(1, idx[..., None].expand(-1, -1, 4))
+        cls = label.gather(1, idx)
+        overlap = box_iou_matrix(cand, cand) * (cls[:, :, None] == cls[:, None, :]).to(cand.dtype)
+        worst = (overlap * self.rank_above).amax(dim=1)  # [B,K0]: the largest overlap with one ranked above
+        keep = (worst <= cfg.nms_iou) & (score >= cfg.score_threshold)
+        kept_score, pick = (score * keep.to(score.dtype)).topk(cfg.max_objects, dim=1)
+        out_boxes = cand.gather(1, pick[..., None].expand(-1, -1, 4)) / cfg.image_size
+        x1, y1, x2, y2 = out_boxes.unbind(-1)
+        out = {
+            "boxes": torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], -1),
+            "scores": score.gather(1, pick),
+            "classes": cls.gather(1, pick),
+            "keep": keep.gather(1, pick),
+        }
+        if cfg.has_masks:
+            cell = idx.gather(1, pick)  # [B,K] cell index of each object
+            coef = dense["det_coef"].gather(2, cell[:, None, :].expand(-1, cfg.num_masks, -1))  # [B,M,K]
+            protos = dense["protos"]
+            b, m, hp, wp = protos.shape
+            out["mask_logits"] = torch.bmm(coef.transpose(1, 2), protos.view(b, m, hp * wp)).view(b, -1, hp, wp)
+        del kept_score
+        return out
+
+    # ---- text: object tokens, the joint encoder, the pointer ---------------------------------------------------
+
+    def object_tokens(self, objects: dict[str, Tensor], p4: Tensor) -> Tensor:
+        """``objects`` (``classes`` [B,K] int, ``boxes`` [B,K,4] cx,cy,w,h in 0..1, ``scores`` [B,K],
+        ``valid`` [B,K] bool) -> object tokens [B,K,D]; an invalid slot is the learnt empty token."""
+        classes, boxes, scores, valid = (objects[k] for k in ("classes", "boxes", "scores", "valid"))
+        b, c4, h4, w4 = p4.shape
+        # the flat index in float, cast last: int8 preparation turns the scalars of integer arithmetic into
+        # float constants
+        ix = torch.floor((boxes[..., 0] * w4).clamp(0, w4 - 1))
+        iy = torch.floor((boxes[..., 1] * h4).clamp(0, h4 - 1))
+        flat = (iy * w4 + ix).long()
+        cell = p4.flatten(2).gather(2, flat[:, None, :].expand(-1, c4, -1)).transpose(1, 2)  # [B,K,C4]
+        tok = (
+            self.cls_emb(classes.clamp(0, self.config.num_classes - 1))
+            + self.box_emb(torch.cat([boxes, scores[..., None]], -1))
+            + self.obj_feat(cell)
+        )
+        return torch.where(valid[..., None], tok, self.empty_obj.expand(b, tok.shape[1], -1))
+
+    def context(
+        self, p5: Tensor, obj_tokens: Tensor | None, question_ids: Tensor, question_mask: Tensor
+    ) -> Tensor:
+        """The joint encoder -> memory [B, n_ctx, D] = [registers | image tokens | object tokens]."""
+        b = p5.shape[0]
+        img = self.img_proj(p5.flatten(2).transpose(1, 2)) + self.img_pos + self.type_emb[1]
+        parts = [self.registers.expand(b, -1, -1) + self.type_emb[0], img]
+        if obj_tokens is not None:
+            parts.append(obj_tokens + self.type_emb[2])
         lq = question_ids.shape[1]
-        q_t = self.tok_emb(question_ids) + self.q_pos[:, :lq] + self.type_emb[2]
-        regs = self.registers.expand(b, -1, -1) + self.type_emb[0]
-        x = torch.cat([regs, coarse_t, q_t], dim=1)
+        parts.append(self.tok_emb(question_ids) + self.q_pos[:, :lq] + self.type_emb[3])
+        x = torch.cat(parts, dim=1)
         if phone_ops.active():  # the same layers, with an additive key bias instead of a bool mask
-            keep = torch.zeros(b, self.n_ctx, dtype=x.dtype, device=image.device)
+            keep = torch.zeros(b, self.n_ctx, dtype=x.dtype, device=x.device)
             pad_bias = (question_mask == 0).to(x.dtype) * phone_ops.NEG
             bias = torch.cat([keep, pad_bias], dim=1).view(b, 1, 1, -1)
             last = len(self.encoder.layers) - 1
@@ -337,57 +424,80 @@ class Student(nn.Module):
                 x = phone_ops.encoder_layer(layer, x, bias, n_out=self.n_ctx if i == last else None)
             x = phone_ops.layer_norm(self.enc_norm, x)
         else:
-            keep_b = torch.ones(b, self.n_ctx, dtype=torch.bool, device=image.device)
+            keep_b = torch.ones(b, self.n_ctx, dtype=torch.bool, device=x.device)
             pad = ~torch.cat([keep_b, question_mask.to(torch.bool)], dim=1)  # True = ignore (PyTorch's way)
             x = self.enc_norm(self.encoder(x, src_key_padding_mask=pad))
-        # phone-friendly, the last layer returned the context tokens only (a no-op slice exports as a copy)
-        ctx = x if x.shape[1] == self.n_ctx else x[:, : self.n_ctx]
-        if not self.config.has_masks:
-            return ctx
-        # fine pixel tokens: projected stride-16 features + upsampled fused coarse tokens (question-aware)
-        g = self.grid_c
-        # fine_mix (a linear map) commutes with bilinear upsampling, whose weights sum to 1: it mixes the Gc
-        # coarse tokens before upsampling, not the Gf upsampled ones
-        coarse_ctx = self.fine_mix(ctx[:, self.config.num_registers :])
-        up = coarse_ctx.transpose(1, 2).reshape(b, -1, g, g)
-        up = F.interpolate(up, size=(self.grid_f, self.grid_f), mode="bilinear", align_corners=False)
-        fine_t = self.fine_proj(fine.flatten(2).transpose(1, 2)) + self.fine_pos
-        fine_t = fine_t + up.flatten(2).transpose(1, 2)
-        return torch.cat([ctx, fine_t], dim=1)
+        return x if x.shape[1] == self.n_ctx else x[:, : self.n_ctx]
 
-    def heads(self, memory: Tensor) -> dict[str, Tensor]:
-        """memory -> boxes [B,Q,4] (cx,cy,w,h ∈ 0..1), class_logits [B,Q,C+1], mask_logits [B,Q,Hm,Wm],
-        source_logits [B,K] and ``embedding:<name>`` [B,d] — only the keys whose head exists (the config's
-        ``outputs``): no boxes/class_logits without an OBJECTS/DETECTIONS output, no mask_logits without
-        OBJECTS, no source_logits without SOURCES."""
+    def pointer(self, memory: Tensor, classes: Tensor, valid: Tensor) -> dict[str, Tensor]:
+        """The copy path's per-query inputs: ``ptr_keys`` [B,K,D] (the object tokens' keys), ``ptr_bias``
+        [B,K] (0, or :data:`phone_ops.NEG` for an empty slot or a class with no token) and ``ptr_vocab``
+        [B,K,V] (one-hot of each object's class-name token)."""
+        tokens = self.class_tokens[classes.clamp(0, self.config.num_classes - 1)]  # [B,K]
+        usable = valid & (tokens > UNK_ID)
+        vocab = (tokens[..., None] == torch.arange(self.config.vocab_size, device=tokens.device)).to(memory.dtype)
+        return {
+            "ptr_keys": self.ptr_k(memory[:, self.n_ctx - self.n_obj :]),
+            "ptr_bias": (~usable).to(memory.dtype) * phone_ops.NEG,
+            "ptr_vocab": vocab,
+        }
+
+    def copy_mix(self, h: Tensor, ptr: dict[str, Tensor] | None) -> Tensor:
+        """Final hidden states ``h`` [B,T,D] (after ``dec_norm``) -> log-probabilities [B,T,V]: a mixture of
+        the vocabulary distribution (tied embedding) and copies of the objects' class tokens, weighted by one
+        softmax over ``[generate | object 1 .. K]`` (a pointer-generator whose gate is the first slot)."""
+        logits = h @ self.tok_emb.weight.T
+        if ptr is None or not hasattr(self, "ptr_q"):
+            return logits.log_softmax(-1)
+        scores = torch.matmul(self.ptr_q(h), ptr["ptr_keys"].transpose(1, 2)) * (1.0 / math.sqrt(h.shape[-1]))
+        weights = torch.cat([self.ptr_gate(h), scores + ptr["ptr_bias"][:, None, :]], -1).softmax(-1)
+        probs = weights[..., :1] * logits.softmax(-1) + torch.matmul(weights[..., 1:], ptr["ptr_vocab"])
+        return probs.clamp(min=1e-12).log()
+
+    # ---- the whole query ---------------------------------------------------------------------------------------
+
+    def encode(
+        self,
+        image: Tensor,
+        question_ids: Tensor,
+        question_mask: Tensor,
+        objects: dict[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """image [B,3,S,S] normalised, question_ids [B,Lq] int64, question_mask [B,Lq] bool (True = token) ->
+        ``memory`` [B,n_ctx,D], the selected objects (see :meth:`select`), the copy path's inputs (see
+        :meth:`pointer`), ``source_logits`` [B,K], ``embedding:<name>`` [B,d], and in training mode the dense
+        outputs (see :meth:`dense`) with ``det_anchors`` and ``det_strides``. ``objects`` (``obj_*`` tensors,
+        the teacher's): the object tokens are built from them instead of from the student's own selection."""
         cfg = self.config
-        b = memory.shape[0]
-        ctx = memory[:, : self.n_ctx]
+        feats = self.trunk(image)
         out: dict[str, Tensor] = {}
+        obj_tokens = None
+        chosen: dict[str, Tensor] | None = None
         if cfg.has_objects:
-            h = self.queries.expand(b, -1, -1)
-            if phone_ops.active():
-                for layer in self.det_decoder.layers:
-                    h = phone_ops.decoder_layer(layer, h, ctx)
-                h = phone_ops.layer_norm(self.det_norm, h)
+            dense = self.dense(feats)
+            if self.training:
+                out.update(dense, det_anchors=self.det_anchors, det_strides=self.det_strides)
+            if objects is None or not self.training:
+                out.update(self.select(dense))
+            if objects is not None:
+                chosen = {k.removeprefix("obj_"): objects[k] for k in OBJECT_KEYS}
             else:
-                h = self.det_norm(self.det_decoder(h, ctx))
-            out["boxes"] = self.box_head(h).sigmoid()
-            out["class_logits"] = self.class_head(h)
-            if cfg.has_masks:
-                pix = self.pixel_proj(memory[:, self.n_ctx :])  # [B,Gf²,D]
-                m = torch.einsum("bqd,bpd->bqp", self.mask_embed(h), pix) / math.sqrt(cfg.d_model)
-                m = m.reshape(b, cfg.num_queries, self.grid_f, self.grid_f)
-                m = F.interpolate(
-                    m, size=(cfg.mask_size, cfg.mask_size), mode="bilinear", align_corners=False
-                )
-                out["mask_logits"] = m
-        summary = phone_ops.mean_tokens(ctx[:, : cfg.num_registers])
+                chosen = {k: out[k] for k in ("classes", "boxes", "scores")} | {"valid": out["keep"]}
+            obj_tokens = self.object_tokens(chosen, _text_view(feats[1], self.training))
+        memory = self.context(_text_view(feats[2], self.training), obj_tokens, question_ids, question_mask)
+        out["memory"] = memory
+        if cfg.has_text and chosen is not None:
+            out.update(self.pointer(memory, chosen["classes"], chosen["valid"]))
+        summary = phone_ops.mean_tokens(memory[:, : cfg.num_registers])
         if cfg.has_sources:
             out["source_logits"] = self.source_head(summary)
         for name, head in self.embedding_heads.items():
             out[f"embedding:{name}"] = head(summary)
         return out
+
+    @staticmethod
+    def pointer_of(encoded: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        return {k: encoded[k] for k in ("ptr_keys", "ptr_bias", "ptr_vocab")} if "ptr_keys" in encoded else None
 
     def empty_cache(self, batch: int, device: torch.device | None = None) -> Tensor:
         self._need_text("empty_cache")
@@ -397,11 +507,10 @@ class Student(nn.Module):
         )
 
     def cross_kv(self, memory: Tensor) -> Tensor:
-        """Every decoder layer's cross-attention keys/values, [L,2,B,H,R+Gc,hd]; compute once per query
+        """Every decoder layer's cross-attention keys/values, [L,2,B,H,n_ctx,hd]; compute once per query
         and pass to :meth:`decode_step` to skip re-projecting the memory at every token."""
         self._need_text("cross_kv")
-        ctx = memory[:, : self.n_ctx]
-        return torch.stack([layer.cross_kv(ctx) for layer in self.dec if isinstance(layer, DecoderLayer)])
+        return torch.stack([layer.cross_kv(memory) for layer in self.dec if isinstance(layer, DecoderLayer)])
 
     def decode_step(
         self,
@@ -410,13 +519,14 @@ class Student(nn.Module):
         memory: Tensor | None,
         kv_cache: Tensor,
         cross_kv: Tensor | None = None,
+        pointer: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """token [B,1] int64, position [B,1] or [1] int64 (0 = the <bos> slot), memory [B,M,D],
         kv_cache [L,2,B,H,T,hd] holding positions < ``position``, optional cross_kv from :meth:`cross_kv`
-        (same result, faster) -> (next-token logits [B,V], ``kv_new`` [L,2,B,H,1,hd]: this position's keys and
-        values). The cache is only read: the caller stores ``kv_new`` at ``position`` (:meth:`write_kv`) before
-        the next step, so a runtime passes a small tensor out per token instead of copying the whole cache.
-        ``memory`` may be None when ``cross_kv`` is given."""
+        (same result, faster), the copy path's inputs (:meth:`pointer`) -> (next-token log-probabilities
+        [B,V], ``kv_new`` [L,2,B,H,1,hd]: this position's keys and values). The cache is only read: the caller
+        stores ``kv_new`` at ``position`` (:meth:`write_kv`) before the next step. ``memory`` may be None when
+        ``cross_kv`` is given."""
         self._need_text("decode_step")
         if memory is None and cross_kv is None:
             raise ValueError("decode_step needs the memory or its cross_kv")
@@ -426,15 +536,14 @@ class Student(nn.Module):
         ar = torch.arange(t_max, device=token.device).view(1, t_max)
         write = (ar == pos).view(-1, 1, t_max, 1)
         valid = (ar <= pos).view(-1, 1, 1, t_max)
-        ctx = None if memory is None else memory[:, : self.n_ctx]
         new = []
         for i, layer in enumerate(self.dec):
             assert isinstance(layer, DecoderLayer)
             cross = None if cross_kv is None else cross_kv[i]
-            x, k, v = layer.step(x, ctx, kv_cache[i, 0], kv_cache[i, 1], write, valid, cross)
+            x, k, v = layer.step(x, memory, kv_cache[i, 0], kv_cache[i, 1], write, valid, cross)
             new.append(torch.stack([k, v]))
-        logits = F.linear(self.dec_norm(x[:, 0]), self.tok_emb.weight)  # tied embedding
-        return logits, torch.stack(new)
+        logp = self.copy_mix(self.dec_norm(x), pointer)[:, 0]
+        return logp, torch.stack(new)
 
     @staticmethod
     def write_kv(kv_cache: Tensor, kv_new: Tensor, position: Tensor) -> Tensor:
@@ -444,32 +553,37 @@ class Student(nn.Module):
         at = torch.arange(t_max, device=kv_cache.device).view(1, t_max) == position.reshape(-1, 1)
         return torch.where(at.view(1, 1, -1, 1, t_max, 1), kv_new, kv_cache)
 
-    def _decode_eager(self, token: Tensor, i: int, kv_cache: Tensor, cross_kv: Tensor) -> Tensor:
-        """:meth:`decode_step` for eager generation: writes ``kv_cache`` in place, returns the logits."""
-        x = self.tok_emb(token) + self.a_pos.weight[i]
-        for layer, kv, cross in zip(self.dec, kv_cache, cross_kv, strict=True):
-            assert isinstance(layer, DecoderLayer)
-            x = layer.step_eager(x, i, kv[0], kv[1], cross)
-        return F.linear(self.dec_norm(x[:, 0]), self.tok_emb.weight)
-
-    def decode_full(self, answer_in: Tensor, memory: Tensor) -> Tensor:
-        """Teacher forcing: answer_in [B,La] -> logits [B,La,V] (no cache)."""
+    def decode_full(self, answer_in: Tensor, memory: Tensor, pointer: dict[str, Tensor] | None = None) -> Tensor:
+        """Teacher forcing: answer_in [B,La] -> log-probabilities [B,La,V] (no cache)."""
         self._need_text("decode_full")
         la = answer_in.shape[1]
         x = self.tok_emb(answer_in) + self.a_pos.weight[:la]
-        ctx = memory[:, : self.n_ctx]
         for layer in self.dec:
-            x = layer(x, ctx)
-        return self.dec_norm(x) @ self.tok_emb.weight.T
+            x = layer(x, memory)
+        return self.copy_mix(self.dec_norm(x), pointer)
 
     def forward(
-        self, image: Tensor, question_ids: Tensor, question_mask: Tensor, answer_in: Tensor
+        self,
+        image: Tensor,
+        question_ids: Tensor,
+        question_mask: Tensor,
+        answer_in: Tensor,
+        objects: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        memory = self.encode(image, question_ids, question_mask)
-        out = self.heads(memory)
+        out = self.encode(image, question_ids, question_mask, objects)
         if self.config.has_text:
-            out["answer_logits"] = self.decode_full(answer_in, memory)
+            out["answer_logits"] = self.decode_full(answer_in, out["memory"], self.pointer_of(out))
         return out
+
+    def train(self, mode: bool = True) -> Student:
+        """Training mode everywhere but, for a trunk started from a detector, its batch norms: their statistics
+        stay the detector's (a few hundred photos are too few to re-estimate them)."""
+        super().train(mode)
+        if self.config.trunk == "ultralytics":  # a trunk from scratch learns its statistics
+            for m in self.trunk.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
 
     @torch.no_grad()
     def generate(
@@ -479,7 +593,7 @@ class Student(nn.Module):
         question_mask: Tensor,
         max_len: int | None = None,
         *,
-        memory: Tensor | None = None,
+        encoded: dict[str, Tensor] | None = None,
         use_cache: bool = True,
         stop_at_eos: bool = True,
     ) -> Tensor:
@@ -489,8 +603,10 @@ class Student(nn.Module):
         self._need_text("generate")
         t_max = self.config.max_answer_len
         n = min(max_len or t_max - 1, t_max - 1)
-        if memory is None:
-            memory = self.encode(image, question_ids, question_mask)
+        if encoded is None:
+            encoded = self.encode(image, question_ids, question_mask)
+        memory = encoded["memory"]
+        ptr = self.pointer_of(encoded)
         b = memory.shape[0]
         dev = memory.device
         tok = torch.full((b, 1), BOS_ID, dtype=torch.long, device=dev)
@@ -502,9 +618,13 @@ class Student(nn.Module):
         for i in range(n):
             if use_cache:
                 assert cross is not None
-                logits = self._decode_eager(tok, i, cache, cross)
+                x = self.tok_emb(tok) + self.a_pos.weight[i]
+                for layer, kv, cr in zip(self.dec, cache, cross, strict=True):
+                    assert isinstance(layer, DecoderLayer)
+                    x = layer.step_eager(x, i, kv[0], kv[1], cr)
+                logits = self.copy_mix(self.dec_norm(x), ptr)[:, 0]
             else:
-                logits = self.decode_full(seq, memory)[:, -1]
+                logits = self.decode_full(seq, memory, ptr)[:, -1]
             nxt = logits.argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, PAD_ID), nxt)
             out.append(nxt)
@@ -518,6 +638,13 @@ class Student(nn.Module):
         if ids.shape[1] < n:
             ids = F.pad(ids, (0, n - ids.shape[1]), value=PAD_ID)
         return ids
+
+
+def _text_view(feature: Tensor, training: bool) -> Tensor:
+    """A trunk feature as the text side reads it: detached in training (the text loss never bends the detector);
+    as it is otherwise (an exported graph would keep ``detach`` as an alias op, which ExecuTorch refuses on a
+    channels-last tensor)."""
+    return feature.detach() if training else feature
 
 
 def count_parameters(model: nn.Module) -> int:

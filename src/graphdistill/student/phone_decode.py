@@ -67,9 +67,12 @@ class FoldedNorm(nn.Module):
 
 class PhoneDecodeStep(nn.Module):
     """``(token [1,1], position [1], cross_kv.{l}.{key,value} [1,H,M,hd] for each layer l, kv_cache.{l}.{key,value}
-    [1,H,T,hd] for each layer l) -> (logits [1,V], kv_new [L,2,1,H,1,hd])``: :meth:`Student.decode_step` for
-    batch 1 with ``cross_kv``, in the inputs' order of :func:`input_names`. ``fused_norms``: ONNX's
-    LayerNormalization; otherwise one-row linear layers (ExecuTorch)."""
+    [1,H,T,hd] for each layer l[, ptr_keys [1,D,K], ptr_bias [1,K], ptr_vocab [1,K,V]]) -> (scores [1,V],
+    kv_new [L,2,1,H,1,hd])``: :meth:`Student.decode_step` for batch 1 with ``cross_kv``, in the inputs' order of
+    :func:`input_names`. With the copy path (a student with object tokens) ``scores`` are the next token's
+    probabilities (the mixture itself: its argmax is the log-probabilities' argmax, so the log is not taken);
+    without it, the vocabulary logits. ``fused_norms``: ONNX's LayerNormalization; otherwise one-row linear
+    layers (ExecuTorch)."""
 
     def __init__(self, student: Any, fused_norms: bool = False) -> None:
         super().__init__()
@@ -89,14 +92,21 @@ class PhoneDecodeStep(nn.Module):
             self.q_x.append(FoldedNorm(layer.ln2, layer.q_x.weight, layer.q_x.bias, fused_norms))
             ffn_in = layer.ffn.layers[0]
             self.ffn_in.append(FoldedNorm(layer.ln3, ffn_in.weight, ffn_in.bias, fused_norms))
-        self.logits = FoldedNorm(student.dec_norm, student.tok_emb.weight, None, fused_norms)
+        self.copy = hasattr(student, "ptr_q")
+        self.vocab = int(student.tok_emb.weight.shape[0])
+        if self.copy:  # one linear after the final norm: [vocabulary logits | pointer query | gate]
+            w = torch.cat([student.tok_emb.weight, student.ptr_q.weight, student.ptr_gate.weight])
+            b = torch.cat([torch.zeros(self.vocab), student.ptr_q.bias, student.ptr_gate.bias])
+            self.logits = FoldedNorm(student.dec_norm, w, b, fused_norms)
+        else:
+            self.logits = FoldedNorm(student.dec_norm, student.tok_emb.weight, None, fused_norms)
 
     def forward(self, token: Tensor, position: Tensor, *kv: Tensor) -> tuple[Tensor, Tensor]:
         s, d, h, hd, t_max, m = self.student, self.d, self.heads, self.hd, self.t_max, self.n_ctx
         n = self.n_layers
-        if len(kv) != 4 * n:
-            raise ValueError(f"decode step takes {4 * n} key/value inputs, got {len(kv)}")
-        cross, cache = kv[: 2 * n], kv[2 * n :]
+        if len(kv) != 4 * n + (3 if self.copy else 0):
+            raise ValueError(f"decode step takes {4 * n} key/value inputs (+3 copy-path inputs), got {len(kv)}")
+        cross, cache = kv[: 2 * n], kv[2 * n : 4 * n]
         scale = 1.0 / math.sqrt(hd)
         x = (s.tok_emb(token) + s.a_pos(position.view(1, 1))).view(1, d)
         bias = F.embedding(position, self.key_bias).view(1, 1, t_max)  # [1, 1, T]
@@ -117,27 +127,45 @@ class PhoneDecodeStep(nn.Module):
             x = x + layer.proj_x(torch.bmm(px, vx).view(1, d))
             x = x + layer.ffn.layers[1](F.gelu(self.ffn_in[i](x)))
             new.append(torch.stack([kh.view(1, h, 1, hd), vh.view(1, h, 1, hd)]))
-        return self.logits(x), torch.stack(new)
+        out = self.logits(x)
+        if not self.copy:
+            return out, torch.stack(new)
+        ptr_keys, ptr_bias, ptr_vocab = kv[4 * n :]  # [1,D,K], [1,K], [1,K,V]
+        v = self.vocab
+        k = ptr_bias.shape[-1]
+        q = out[:, v : v + d].view(1, 1, d)
+        pointed = torch.bmm(q, ptr_keys) * (1.0 / math.sqrt(d)) + ptr_bias.view(1, 1, k)  # [1,1,K]
+        w = torch.softmax(torch.cat([out[:, v + d :].view(1, 1, 1), pointed], dim=-1), dim=-1)
+        probs = w[..., :1].view(1, 1) * torch.softmax(out[:, :v], dim=-1) + torch.bmm(w[..., 1:], ptr_vocab).view(1, v)
+        return probs, torch.stack(new)
 
 
-def input_names(n_layers: int) -> list[str]:
-    """The step's inputs in order: token, position, every layer's cross-attention key and value, then every
-    layer's cached key and value."""
+POINTER_INPUTS = ("ptr_keys", "ptr_bias", "ptr_vocab")  # the copy path's per-query inputs, encode's outputs
+
+
+def input_names(n_layers: int, copy: bool = False) -> list[str]:
+    """The step's inputs in order: token, position, every layer's cross-attention key and value, every
+    layer's cached key and value, then (with the copy path) :data:`POINTER_INPUTS`."""
     kinds = ("key", "value")
     return [
         "token",
         "position",
         *(f"cross_kv.{i}.{k}" for i in range(n_layers) for k in kinds),
         *(f"kv_cache.{i}.{k}" for i in range(n_layers) for k in kinds),
+        *(POINTER_INPUTS if copy else ()),
     ]
 
 
-def step_inputs(token: Tensor, position: Tensor, cross_kv: Tensor, kv_cache: Tensor) -> tuple[Tensor, ...]:
-    """The student's ``cross_kv`` [L,2,1,H,M,hd] and ``kv_cache`` [L,2,1,H,T,hd] -> the step's inputs (views)."""
+def step_inputs(
+    token: Tensor, position: Tensor, cross_kv: Tensor, kv_cache: Tensor, pointer: tuple[Tensor, ...] = ()
+) -> tuple[Tensor, ...]:
+    """The student's ``cross_kv`` [L,2,1,H,M,hd] and ``kv_cache`` [L,2,1,H,T,hd] -> the step's inputs (views),
+    followed by the copy path's ``pointer`` inputs (``ptr_keys`` [1,D,K], ``ptr_bias``, ``ptr_vocab``)."""
     n = cross_kv.shape[0]
     return (
         token,
         position,
         *(cross_kv[i, j] for i in range(n) for j in range(2)),
         *(kv_cache[i, j] for i in range(n) for j in range(2)),
+        *pointer,
     )

@@ -27,6 +27,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,14 +54,70 @@ def _mode() -> _Mode:
 
 @contextmanager
 def phone_friendly(decompose_norms: bool = True) -> Iterator[None]:
-    """Trace the student with the formulations above (for this thread, until the block ends)."""
+    """Trace the student with the formulations above (for this thread, until the block ends), and, when
+    Ultralytics is loaded (a trunk started from a YOLO detector), its blocks too (:func:`ultralytics_blocks`)."""
     mode = _mode()
     saved = (mode.on, mode.decompose_norms)
     mode.on, mode.decompose_norms = True, decompose_norms
     try:
-        yield
+        with ultralytics_blocks():
+            yield
     finally:
         mode.on, mode.decompose_norms = saved
+
+
+# --------------------------------------------------------------------------------------------------------
+# Ultralytics' blocks, as XNNPACK takes them
+# --------------------------------------------------------------------------------------------------------
+# A YOLO trunk traced as Ultralytics writes it leaves ~70 nodes outside XNNPACK in ~17 pieces: channel splits
+# (``chunk``/``split`` -> ``split_with_sizes``) in every C2f/C3k2/C2PSA block and C2PSA's 4-D attention
+# matmuls (-> ``expand_copy``). The same arithmetic with slices and 3-D ``bmm`` is delegated whole. These
+# forwards replace the classes' own while a program is traced (class attributes: the export holds no teacher
+# running in another thread), and are checked against Ultralytics' own by the parity gate and the tests.
+
+
+def _c2f_forward(self: Any, x: Tensor) -> Tensor:
+    t = self.cv1(x)
+    y = [t[:, : self.c], t[:, self.c :]]
+    y.extend(m(y[-1]) for m in self.m)
+    return self.cv2(torch.cat(y, 1))
+
+
+def _c2psa_forward(self: Any, x: Tensor) -> Tensor:
+    t = self.cv1(x)
+    return self.cv2(torch.cat((t[:, : self.c], self.m(t[:, self.c :])), 1))
+
+
+def _attention_forward(self: Any, x: Tensor) -> Tensor:
+    b, c, h, w = x.shape
+    n, heads, kd = h * w, self.num_heads, self.key_dim
+    qkv = self.qkv(x).view(b * heads, 2 * kd + self.head_dim, n)
+    q, k, v = qkv[:, :kd], qkv[:, kd : 2 * kd], qkv[:, 2 * kd :]
+    attn = torch.bmm((q * self.scale).transpose(1, 2), k).softmax(dim=-1)  # [B*heads, N, N]
+    out = torch.bmm(v, attn.transpose(1, 2)).view(b, c, h, w) + self.pe(v.reshape(b, c, h, w))
+    return self.proj(out)  # type: ignore[no-any-return]
+
+
+@contextmanager
+def ultralytics_blocks() -> Iterator[None]:
+    """Ultralytics' C2f (and so C3k2), C2PSA and Attention blocks with :func:`_c2f_forward`,
+    :func:`_c2psa_forward` and :func:`_attention_forward` until the block ends; nothing when Ultralytics is
+    not imported."""
+    import sys
+
+    block = sys.modules.get("ultralytics.nn.modules.block")
+    if block is None:
+        yield
+        return
+    swaps = [(block.C2f, _c2f_forward), (block.C2PSA, _c2psa_forward), (block.Attention, _attention_forward)]
+    saved = [(cls, cls.__dict__["forward"]) for cls, _ in swaps]
+    try:
+        for cls, fn in swaps:
+            cls.forward = fn
+        yield
+    finally:
+        for cls, fn in saved:
+            cls.forward = fn
 
 
 def active() -> bool:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graphdistill.runner.preprocess import Letterbox, object_mask_rle
-from graphdistill.student.loader import REDUCING_GAP, preprocess_image
+from graphdistill.student.loader import MEAN, REDUCING_GAP, STD, preprocess_image
 from graphdistill.student.model import BOS_ID, EOS_ID, PAD_ID, Student, StudentConfig, StudentProtocol
 from graphdistill.student.tokenizer import StudentTokenizer
 from graphdistill.trace import RLE, Detections, ObjectOut
@@ -38,6 +38,8 @@ from graphdistill.trace import RLE, Detections, ObjectOut
 log = logging.getLogger(__name__)
 
 RUN_FILES = ("model.safetensors", "config.json", "tokenizer.json", "meta.json")
+# 2: dense YOLO-style object head selected in the graph, object tokens, copy path (1: DETR-style set prediction)
+STUDENT_FORMAT = "graphdistill-student/2"
 
 
 class RunError(ValueError):
@@ -59,8 +61,8 @@ def check_student(model: object) -> None:
 
 
 def has_fast_path(model: nn.Module) -> bool:
-    """``encode`` + ``heads`` (+ ``generate`` when the config has a text output): see the module docstring."""
-    need = ("encode", "heads", "generate") if model.config.has_text else ("encode", "heads")  # type: ignore[union-attr]
+    """``encode`` (+ ``generate`` when the config has a text output): see the module docstring."""
+    need = ("encode", "generate") if model.config.has_text else ("encode",)  # type: ignore[union-attr]
     return all(callable(getattr(model, n, None)) for n in need)
 
 
@@ -116,6 +118,7 @@ class StudentPredictor:
         self.device = torch.device(device)
         spec = meta.get("preprocessing")  # the rule the run was trained with (older runs: no reducing_gap)
         self.reducing_gap: float | None = spec.get("reducing_gap") if spec else REDUCING_GAP
+        self.mean, self.std = (spec["mean"], spec["std"]) if spec else (MEAN, STD)
 
     @torch.no_grad()
     def predict(
@@ -123,14 +126,14 @@ class StudentPredictor:
         image: np.ndarray,
         question: str,
         *,
-        score_threshold: float = 0.5,
         source_threshold: float = 0.5,
         max_len: int | None = None,
     ) -> dict[str, Any]:
-        """One photo (HxWx3 uint8 RGB) + question -> ``{output field: value}`` for the graph's outputs."""
+        """One photo (HxWx3 uint8 RGB) + question -> ``{output field: value}`` for the graph's outputs. The
+        objects are those the student keeps (``keep``: its own score threshold and NMS, in the graph)."""
         cfg = self.config
         h, w = image.shape[:2]
-        x, scale = preprocess_image(image, cfg.image_size, self.reducing_gap)
+        x, scale = preprocess_image(image, cfg.image_size, self.reducing_gap, self.mean, self.std)
         q_ids, q_mask = self.tokenizer.encode_question(question, cfg.max_question_len)
         img = x[None].to(self.device)
         qi = torch.tensor([q_ids], dtype=torch.long, device=self.device)
@@ -138,10 +141,9 @@ class StudentPredictor:
         t0 = time.perf_counter()
         answer = None
         if has_fast_path(self.model):
-            memory = self.model.encode(img, qi, qm)  # type: ignore[operator]
-            heads = self.model.heads(memory)  # type: ignore[operator]
+            heads = self.model.encode(img, qi, qm)  # type: ignore[operator]
             if cfg.has_text:
-                ids = self.model.generate(img, qi, qm, max_len, memory=memory)  # type: ignore[operator]
+                ids = self.model.generate(img, qi, qm, max_len, encoded=heads)  # type: ignore[operator]
                 answer = self.tokenizer.decode(ids[0].tolist())
         else:
             ids, heads = greedy_forward(self.model, img, qi, qm, max_len)
@@ -153,9 +155,9 @@ class StudentPredictor:
             if kind == "text":
                 result[name] = answer
             elif kind == "objects":
-                result[name] = self._objects(heads, h, w, scale, score_threshold)
+                result[name] = self._objects(heads, h, w, scale)
             elif kind == "detections":
-                objs = self._objects(heads, h, w, scale, score_threshold)
+                objs = self._objects(heads, h, w, scale)
                 result[name] = Detections(
                     xyxy=[o["box"] for o in objs],
                     class_ids=[int(o["class_id"]) for o in objs],
@@ -175,32 +177,32 @@ class StudentPredictor:
                 result[name] = None if emb is None else emb[0].float().cpu().tolist()
         return result
 
-    def _objects(
-        self, heads: dict[str, torch.Tensor], h: int, w: int, scale: float, thr: float
-    ) -> list[dict[str, Any]]:
+    def _objects(self, heads: dict[str, torch.Tensor], h: int, w: int, scale: float) -> list[dict[str, Any]]:
+        """The kept objects, best first: boxes back to image pixels, masks pasted inside their boxes (the bundle
+        runner's rule, :func:`object_mask_rle`)."""
         if "boxes" not in heads:
             return []
         cfg = self.config
-        probs = heads["class_logits"][0].softmax(-1)[:, :-1].cpu()
-        scores, cls = probs.max(-1)
+        scores = heads["scores"][0].float().cpu()
+        keep = heads["keep"][0].cpu().bool() if "keep" in heads else scores >= cfg.score_threshold
+        classes = heads["classes"][0].cpu()
         side = cfg.image_size / scale
-        boxes = heads["boxes"][0].cpu() * side
+        boxes = heads["boxes"][0].float().cpu() * side
         out: list[dict[str, Any]] = []
         for q in torch.argsort(scores, descending=True).tolist():
-            s = float(scores[q])
-            if s < thr:
+            if not bool(keep[q]):
                 continue
             cx, cy, bw, bh = boxes[q].tolist()
             x1, y1 = min(max(cx - bw / 2, 0.0), w), min(max(cy - bh / 2, 0.0), h)
             x2, y2 = min(max(cx + bw / 2, x1), w), min(max(cy + bh / 2, y1), h)
             mask = None
-            if "mask_logits" in heads:  # the bundle runner's rule: pasted inside the box, off outside it
+            if "mask_logits" in heads:
                 logits = heads["mask_logits"][0, q].float().cpu().numpy()
                 mask = RLE(**object_mask_rle(logits, Letterbox(scale, 0, 0, h, w), [x1, y1, x2, y2]))
-            c = int(cls[q])
+            c = int(classes[q])
             label = self.class_names[c] if c < len(self.class_names) else str(c)
             out.append(
-                ObjectOut(label=label, class_id=c, score=s, box=[x1, y1, x2, y2], mask=mask).model_dump(
+                ObjectOut(label=label, class_id=c, score=float(scores[q]), box=[x1, y1, x2, y2], mask=mask).model_dump(
                     mode="json"
                 )
             )
@@ -218,7 +220,15 @@ def load_student(run: str | Path, device: str = "cpu") -> StudentPredictor:
     if missing:
         raise RunError(f"student run {root}: missing {', '.join(missing)} (did training finish?)")
     meta = json.loads((root / "meta.json").read_text())
-    config = StudentConfig.from_dict(json.loads((root / "config.json").read_text()))
+    if meta.get("format") not in (None, STUDENT_FORMAT):
+        raise RunError(
+            f"student run {root}: format {meta.get('format')!r} is not {STUDENT_FORMAT!r} (an older student "
+            "architecture): train it again"
+        )
+    try:
+        config = StudentConfig.from_dict(json.loads((root / "config.json").read_text()))
+    except ValueError as exc:
+        raise RunError(f"student run {root}: {exc}") from exc
     cls: type[nn.Module] = Student
     name = meta.get("model_class")
     if name and name != f"{Student.__module__}.{Student.__qualname__}":

@@ -38,7 +38,16 @@ class StudentTokenizer:
         return int(self.tok.get_vocab_size())
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2) -> StudentTokenizer:
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int = 2048,
+        min_frequency: int = 2,
+        class_names: Iterable[str] = (),
+    ) -> StudentTokenizer:
+        """A byte-level BPE of ``vocab_size`` trained on ``texts``, plus one token per class name: ``" " + name``
+        (``" cat"``, ``" traffic light"``) is matched literally wherever it occurs, so every detector label is
+        one token the answer decoder can copy (:meth:`class_token_ids`), even for a class no text names."""
         tk = require("tokenizers", purpose="the student's tokenizer")
         tok = tk.Tokenizer(tk.models.BPE(unk_token="<unk>"))
         tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -52,8 +61,25 @@ class StudentTokenizer:
         )
         texts = [t for t in texts if t]
         tok.train_from_iterator(texts, trainer=trainer)
-        log.info("trained a byte-level BPE on %d texts: %d tokens", len(texts), tok.get_vocab_size())
+        names = [n for n in dict.fromkeys(class_names) if n.strip()]
+        if names:
+            tok.add_tokens([tk.AddedToken(" " + n, normalized=False) for n in names])
+        log.info(
+            "trained a byte-level BPE on %d texts: %d tokens (%d class names among them)",
+            len(texts),
+            tok.get_vocab_size(),
+            len(names),
+        )
         return cls(tok)
+
+    def class_token_ids(self, class_names: Iterable[str]) -> list[int]:
+        """The token of each class name (``" " + name``, see :meth:`train`), or 0 (<pad>, never copied) for a
+        name that has none."""
+        out = []
+        for name in class_names:
+            i = self.tok.token_to_id(" " + name)
+            out.append(int(i) if i is not None else PAD_ID)
+        return out
 
     def save(self, path: str | Path) -> None:
         self.tok.save(str(path))
@@ -84,6 +110,9 @@ class StudentTokenizer:
             text = str(self.tok.decode([i]))
             if text and "\ufffd" not in text:
                 out.setdefault(text, i)
+        for i, added in self.tok.get_added_tokens_decoder().items():  # encode() emits these for their text
+            if not added.special:
+                out[added.content] = int(i)
         return out
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -34,9 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphdistill.student.loader import StudentDataset, collate, embedding_dims_of, preprocess_spec
+from graphdistill.student.loader import StudentDataset, collate, embedding_dims_of, spec_of
 from graphdistill.student.losses import LossWeights, compute_losses
-from graphdistill.student.matching import cxcywh_to_xyxy, hungarian_match, pairwise_iou_giou
 from graphdistill.student.model import (
     Student,
     StudentConfig,
@@ -44,7 +43,7 @@ from graphdistill.student.model import (
     count_parameters,
     preset,
 )
-from graphdistill.student.predict import check_student, greedy_answer_ids
+from graphdistill.student.predict import STUDENT_FORMAT, StudentPredictor, check_student
 from graphdistill.student.tokenizer import StudentTokenizer
 
 log = logging.getLogger(__name__)
@@ -68,6 +67,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     val_every: int = 1  # validate every N epochs (and always after the last)
+    # "auto": start from what the graph's teachers offer (a YOLO detector: its trunk and head); "none": scratch
+    start: str = "auto"
+    trunk_lr: float = 1e-4  # learning rate of a trunk started from a detector (the rest uses `lr`)
+    # a trunk started from a detector: "backbone" trains its neck and head only, "none" all of it
+    freeze: str = "backbone"
     vocab_size: int | None = None  # None: the preset's
     overrides: dict[str, Any] = field(default_factory=dict)  # extra StudentConfig fields
     loss_weights: dict[str, float] = field(default_factory=dict)
@@ -90,21 +94,6 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _words(s: str) -> list[str]:
-    return "".join(c.lower() if c.isalnum() else " " for c in s).split()
-
-
-def token_f1(pred: str, ref: str) -> float:
-    p, r = _words(pred), _words(ref)
-    if not p and not r:
-        return 1.0
-    common = sum(min(p.count(w), r.count(w)) for w in set(p))
-    if common == 0:
-        return 0.0
-    prec, rec = common / len(p), common / len(r)
-    return 2 * prec * rec / (prec + rec)
-
-
 class TrainRecipe:
     """``setup()``, ``train()``, ``save()``, ``cleanup()``; or :func:`train` for all four."""
 
@@ -115,17 +104,21 @@ class TrainRecipe:
         model_factory: Callable[[StudentConfig], nn.Module] | None = None,
         on_step: Callable[[dict[str, Any]], None] | None = None,
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        on_progress: Callable[[str, int, int], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.run = Path(cfg.out)
         self.model_factory = model_factory
         self.on_step = on_step or (lambda info: None)
         self.on_epoch = on_epoch or (lambda info: None)
+        self.on_progress = on_progress  # (stage, done, total) for setup work a person waits on
         self.epoch = 0  # epochs completed
         self.step = 0
         self.val_split = "val"  # "train" when the dataset has no val rows (set in setup)
         self.history: list[dict[str, Any]] = []
         self.train_seconds: list[float] = []
+        self.start: Any = None  # teachers.base.StudentStart the student started from, if any
+        self.class_names: list[str] = []
 
     # ---- setup --------------------------------------------------------------------------------------------
 
@@ -135,6 +128,10 @@ class TrainRecipe:
         cfg = self.cfg
         if cfg.epochs is None and cfg.max_minutes is None:
             raise ValueError("give epochs or max_minutes")
+        if cfg.start not in ("auto", "none"):
+            raise ValueError(f"start must be 'auto' or 'none', got {cfg.start!r}")
+        if cfg.freeze not in ("backbone", "none"):
+            raise ValueError(f"freeze must be 'backbone' or 'none', got {cfg.freeze!r}")
         LossWeights.from_names(cfg.loss_weights)  # a misspelt name fails here, before any work
         dev = cfg.device
         if dev == "auto":
@@ -152,13 +149,15 @@ class TrainRecipe:
         self.run.mkdir(parents=True, exist_ok=True)
         _seed_all(cfg.seed)
 
+        self.start = self._offered_start()
+        self.class_names = list(self.start.class_names if self.start else self.ds.class_names)
         if resuming:
             self.tokenizer = StudentTokenizer.load(self.run / "tokenizer.json")
             self.model_config = StudentConfig.from_dict(json.loads((self.run / "config.json").read_text()))
         else:
             texts = [t for r in self.ds.all_rows() for t in (r["question"], r["answer"])]
             vocab = cfg.vocab_size or int(preset(cfg.preset).vocab_size)
-            self.tokenizer = StudentTokenizer.train(texts, vocab_size=vocab)
+            self.tokenizer = StudentTokenizer.train(texts, vocab_size=vocab, class_names=self.class_names)
             train_rows = self.ds.rows("train") or self.ds.all_rows()
             max_objects = max([len(r["objects"]) for r in self.ds.all_rows()] + [1])
             q_len = max(len(self.tokenizer.encode(r["question"])) for r in train_rows)
@@ -166,27 +165,54 @@ class TrainRecipe:
             base = preset(cfg.preset)
             derived: dict[str, Any] = dict(
                 vocab_size=self.tokenizer.vocab_size,
-                num_classes=max(len(self.ds.class_names), 1),
+                num_classes=max(len(self.class_names), 1),
+                class_token_ids=self.tokenizer.class_token_ids(self.class_names) if self.class_names else [],
                 num_sources=max(len(self.ds.documents), 1),
-                num_queries=max(base.num_queries, max_objects),
+                max_objects=max(base.max_objects, max_objects),
                 max_question_len=min(max(base.max_question_len, q_len), 64),
                 max_answer_len=min(max(base.max_answer_len, a_len), 96),
             )
+            if self.start is not None:  # the trunk is the detector's: its architecture and its thresholds
+                derived.update(
+                    trunk="ultralytics",
+                    trunk_spec=self.start.spec,
+                    score_threshold=self.start.score_threshold,
+                    nms_iou=self.start.nms_iou,
+                )
             self.model_config = self._derive_config(derived)
             self.tokenizer.save(self.run / "tokenizer.json")
             _atomic_write_json(self.run / "config.json", self.model_config.to_dict())
 
         model = (self.model_factory or Student)(self.model_config)
         check_student(model)
+        if self.start is not None and not resuming and hasattr(model, "start_from"):
+            model.start_from(self.start)
+            log.info("student trunk and detection head start from %s (%s)", self.start.model_id, self.start.licence)
+        trunk = getattr(model, "trunk", None)
+        if self.start is not None and cfg.freeze == "backbone" and hasattr(trunk, "freeze_backbone"):
+            trunk.freeze_backbone()  # type: ignore[union-attr]
         self.model = model.to(self.device)
-        self.train_set = StudentDataset(self.ds, "train", self.tokenizer, self.model_config)
+        kd = self._detector_targets("train")
+        self.train_set = StudentDataset(
+            self.ds, "train", self.tokenizer, self.model_config, class_names=self.class_names, kd=kd
+        )
         if len(self.train_set) == 0:
             raise ValueError(f"dataset {cfg.dataset}: the train split is empty")
         # with no val rows (few source photos: splits never share a photo) training fit is all there is to show
         val_split = self.val_split = "val" if self.ds.splits.get("val", 0) else "train"
-        self.val_set = StudentDataset(self.ds, val_split, self.tokenizer, self.model_config)
+        self.val_set = StudentDataset(
+            self.ds, val_split, self.tokenizer, self.model_config, class_names=self.class_names
+        )
         self.weights = LossWeights.from_names(cfg.loss_weights, embeddings=self.model_config.embedding_dims)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        trunk_ids = {id(p) for p in trunk.parameters()} if self.start is not None and trunk is not None else set()
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in trainable if id(p) not in trunk_ids], "lr": cfg.lr},
+            {"params": [p for p in trainable if id(p) in trunk_ids], "lr": cfg.trunk_lr},
+        ]
+        self.optimizer = torch.optim.AdamW(
+            [g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
         steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
         total = steps_per_epoch * cfg.epochs if cfg.epochs else None
         warm = min(cfg.warmup_steps, max(1, (total or 10**9) // 10))
@@ -212,6 +238,35 @@ class TrainRecipe:
             val_split,
             self.device,
         )
+
+    def _offered_start(self) -> Any:
+        """The modules the graph's teachers offer the student (``GraphSchema.offers``, recorded with the
+        traces), loaded; None with ``start="none"``, a custom model factory, or when no node offers any."""
+        graph = self.ds.graph
+        if self.cfg.start == "none" or self.model_factory is not None or graph is None:
+            return None
+        from graphdistill.teachers.base import load_offer, pick_offer
+
+        found = pick_offer(graph.offers, "ultralytics-detect")
+        if found is None:
+            log.info("graph %s: no node offers modules to start from; the trunk starts from scratch", graph.name)
+            return None
+        return load_offer(found[1], node=found[0])
+
+    def _detector_targets(self, split: str) -> Any:
+        """Row index -> the detector's per-cell outputs (:mod:`graphdistill.student.kd`), for a student started
+        from a YOLO detector; None otherwise."""
+        if self.start is None or not self.model_config.has_objects:
+            return None
+        from graphdistill.student.kd import DetectorTargets, cached_targets
+
+        rows = self.ds.rows(split)
+        detector = DetectorTargets(self.start, self.model_config.image_size, self.device)
+        get = cached_targets(
+            detector, [str(r["image"]) for r in rows], lambda i: self.ds.image(rows[i]), progress=self.on_progress
+        )
+        del detector
+        return get
 
     def _derive_config(self, derived: dict[str, Any]) -> StudentConfig:
         """The student's heads follow the dataset's graph schema (manifest.json ``graph``): TEXT, OBJECTS /
@@ -275,23 +330,29 @@ class TrainRecipe:
         _atomic_write_bytes(self.run / "model.safetensors", lambda p: save_model(self.model, str(p)))
         _atomic_write_json(self.run / "config.json", self.model_config.to_dict())
         _atomic_write_bytes(self.run / "tokenizer.json", self.tokenizer.save)
+        meta = self.meta()
+        _atomic_write_json(self.run / "meta.json", meta)
+        return meta
+
+    def meta(self) -> dict[str, Any]:
+        """RUN/meta.json: what a run needs besides its weights (classes, documents, preprocessing) and where it
+        came from — including the teacher weights it started from and their licence, which bind the run."""
         graph = self.ds.graph
-        meta = {
-            "format": "graphdistill-student/1",
+        return {
+            "format": STUDENT_FORMAT,
             "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
-            "class_names": self.ds.class_names,
+            "class_names": self.class_names,
             "documents": self.ds.documents,
             "graph": graph.model_dump(mode="json") if graph else None,
             "graph_id": {"name": graph.name, "hash": graph.definition_hash} if graph else None,
             "dataset": str(Path(self.cfg.dataset).resolve()),
-            "preprocessing": preprocess_spec(self.model_config.image_size),
+            "preprocessing": spec_of(self.model_config),
+            "started_from": self.start.describe() if self.start is not None else None,
             "preset": self.cfg.preset,
             "parameters": count_parameters(self.model),
             "epochs": self.epoch,
             "train_config": asdict(self.cfg),
         }
-        _atomic_write_json(self.run / "meta.json", meta)
-        return meta
 
     # ---- train --------------------------------------------------------------------------------------------
 
@@ -318,9 +379,7 @@ class TrainRecipe:
             loader = self._batches(self.epoch)
             for i, batch in enumerate(loader):
                 batch = self._to_device(batch)
-                out = self.model(
-                    batch["image"], batch["question_ids"], batch["question_mask"], batch["answer_in"]
-                )
+                out = self._forward(batch)
                 losses = compute_losses(out, batch, self.weights)
                 bad = [k for k, v in losses.items() if not torch.isfinite(v)]
                 if bad:
@@ -369,14 +428,41 @@ class TrainRecipe:
             self.on_epoch(record)
         return self.history
 
+    def _forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        args = (batch["image"], batch["question_ids"], batch["question_mask"], batch["answer_in"])
+        if "obj_valid" in batch and isinstance(self.model, Student):  # the text reads the teacher's objects
+            return self.model(*args, objects={k: batch[k] for k in ("obj_classes", "obj_boxes", "obj_scores", "obj_valid")})
+        return self.model(*args)  # type: ignore[no-any-return]
+
     @torch.no_grad()
-    def validate(self, max_rows: int = 64) -> dict[str, float]:
-        """Simple internal fidelity on the val split (the official metrics live in graphdistill.eval)."""
+    def validate(self, max_rows: int = 48) -> dict[str, float]:
+        """Fidelity on the val split with the evaluation's own metrics (:mod:`graphdistill.eval.metrics`): the
+        student predicts each row as ``predict`` does and is scored against the teacher's recorded output;
+        plus the teacher-forced loss and answer token accuracy of one batch."""
+        from graphdistill.eval import metrics
+        from graphdistill.eval.evaluate import jsonable_output, output_kinds_of, output_of_row
+
         self.model.eval()
-        items = [self.val_set[i] for i in range(min(len(self.val_set), max_rows))]
-        res = evaluate_batch(self.model, self._to_device(collate(items)), self.tokenizer, self.val_set.rows)
-        self.model.train()
-        return res
+        try:
+            n = min(len(self.val_set), max_rows)
+            batch = self._to_device(collate([self.val_set[i] for i in range(n)]))
+            out = self._forward(batch)
+            res: dict[str, float] = {"loss": float(compute_losses(out, batch, self.weights)["total"])}
+            if "answer_logits" in out:
+                tgt = batch["answer_target"]
+                keep = tgt != -100
+                acc = (out["answer_logits"].argmax(-1)[keep] == tgt[keep]).float().mean()
+                res["answer_token_acc"] = float(acc)
+            kinds = output_kinds_of(self.ds)
+            predictor = StudentPredictor(self.model, self.tokenizer, self.meta(), str(self.device))
+            rows = self.val_set.rows[:n]
+            student = [jsonable_output(predictor.predict(self.ds.image(r), r["question"]), kinds) for r in rows]
+            teacher = [output_of_row(r, kinds) for r in rows]
+            scores = metrics.compare_outputs(teacher, student, semantic=False, class_names=self.class_names)
+            res.update({k: float(v) for k, v in scores.items() if isinstance(v, int | float) and k != "n"})
+            return res
+        finally:
+            self.model.train()
 
     # ---- save / cleanup -----------------------------------------------------------------------------------
 
@@ -402,77 +488,18 @@ class TrainRecipe:
         self.val_set._cache.clear()
 
 
-@torch.no_grad()
-def evaluate_batch(
-    model: nn.Module, batch: dict[str, torch.Tensor], tokenizer: StudentTokenizer, rows: list[dict[str, Any]]
-) -> dict[str, float]:
-    """Answer exact/token-F1 (greedy), teacher-forced token accuracy, matched box IoU, mask IoU, sources
-    recall/precision, over one batch whose items are ``rows[:B]`` in order."""
-    out = model(batch["image"], batch["question_ids"], batch["question_mask"], batch["answer_in"])
-    res: dict[str, float] = {}
-    if "answer_logits" in out:
-        tgt = batch["answer_target"]
-        keep = tgt != -100
-        res["answer_token_acc"] = float((out["answer_logits"].argmax(-1)[keep] == tgt[keep]).float().mean())
-    losses = compute_losses(out, batch)
-    res["loss"] = float(losses["total"])
-    if "answer_logits" in out:  # greedy, as predict decodes (generate(), or forward() step by step)
-        ids = greedy_answer_ids(model, batch["image"], batch["question_ids"], batch["question_mask"])
-        preds = [tokenizer.decode(r.tolist()) for r in ids]
-        refs = [str(rows[i]["answer"] or "") for i in range(len(preds))]
-        res["answer_exact"] = float(
-            np.mean([p.strip() == r.strip() for p, r in zip(preds, refs, strict=True)])
-        )
-        res["answer_f1"] = float(np.mean([token_f1(p, r) for p, r in zip(preds, refs, strict=True)]))
-    for key, value in out.items():
-        if key.startswith("embedding:") and key in batch:
-            valid = batch.get(
-                f"{key}:valid", torch.ones(value.shape[0], dtype=torch.bool, device=value.device)
-            )
-            if bool(valid.any()):
-                cos = torch.nn.functional.cosine_similarity(value, batch[key], dim=-1)[valid]
-                res[f"{key}_cosine"] = float(cos.mean())
-    if "boxes" in out and "class_logits" in out and "boxes" in batch:
-        matches = hungarian_match(
-            out["boxes"], out["class_logits"], batch["boxes"], batch["classes"], batch["n_objects"]
-        )
-        ious, miou, cls_ok = [], [], []
-        for i, (src, t) in enumerate(matches):
-            if not len(src):
-                continue
-            iou, _ = pairwise_iou_giou(
-                cxcywh_to_xyxy(out["boxes"][i, src]), cxcywh_to_xyxy(batch["boxes"][i, t])
-            )
-            ious += iou.diagonal().tolist()
-            cls_ok += (out["class_logits"][i, src, :-1].argmax(-1) == batch["classes"][i, t]).tolist()
-            if "mask_logits" in out and "masks" in batch:
-                pm = out["mask_logits"][i, src] > 0
-                tm = batch["masks"][i, t] > 0.5
-                inter = (pm & tm).flatten(1).sum(1).float()
-                union = (pm | tm).flatten(1).sum(1).float().clamp(min=1)
-                miou += (inter / union).tolist()
-        res["box_iou"] = float(np.mean(ious)) if ious else float("nan")
-        res["class_acc"] = float(np.mean(cls_ok)) if cls_ok else float("nan")
-        if "mask_logits" in out:
-            res["mask_iou"] = float(np.mean(miou)) if miou else float("nan")
-    if "source_logits" in out and "sources" in batch:
-        k = out["source_logits"].shape[1]
-        pred = out["source_logits"] > 0
-        t = batch["sources"][:, :k] > 0.5
-        res["sources_recall"] = float((pred & t).sum() / t.sum().clamp(min=1))
-        res["sources_precision"] = float((pred & t).sum() / pred.sum().clamp(min=1))
-    return res
-
-
 def train(
     cfg: TrainConfig,
     *,
     model_factory: Callable[[StudentConfig], nn.Module] | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """setup → train → save → cleanup. Returns the final metrics (also in RUN/metrics.json)."""
-    recipe = TrainRecipe(cfg, model_factory=model_factory, on_step=on_step, on_epoch=on_epoch)
+    recipe = TrainRecipe(
+        cfg, model_factory=model_factory, on_step=on_step, on_epoch=on_epoch, on_progress=on_progress
+    )
     recipe.setup()
     try:
         recipe.train()

@@ -113,3 +113,74 @@ def pick_device(device: str | None) -> str:
 
     torch: Any = require("torch")
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# --------------------------------------------------------------------------------------------------------
+# What a teacher offers the student to start from
+# --------------------------------------------------------------------------------------------------------
+# An adapter may have a method ``student_offer() -> dict | None``: a small JSON reference (``kind``, the weights
+# and their sha256, the licence, whatever its loader needs) that the graph schema records per node
+# (``GraphSchema.offers``) and the dataset carries to training. :func:`load_offer` turns it back into modules the
+# student starts from. A student whose graph's nodes offer nothing starts from scratch.
+
+# kind -> "module:function" that loads that kind of offer (imported only when such an offer is used)
+OFFER_LOADERS: dict[str, str] = {
+    "ultralytics-detect": "graphdistill.teachers.detector:load_student_start",
+}
+
+
+class OfferError(ValueError):
+    """An offer cannot be loaded: an unknown kind, weights that are missing or no longer match their sha256."""
+
+
+@dataclass
+class StudentStart:
+    """Modules a teacher offers, loaded: the student builds its part from ``spec`` and copies ``state_dict``.
+
+    ``kind`` says which part and how to build it (``"ultralytics-detect"``: the vision trunk and the dense
+    detection head of an Ultralytics detector, ``spec`` its model YAML as a dict). The licence of the weights
+    travels with them into every run and bundle started from them."""
+
+    kind: str
+    spec: dict[str, Any]
+    state_dict: dict[str, Any]
+    class_names: list[str]
+    input_size: int  # the image size the teacher itself runs at
+    score_threshold: float  # the teacher's own confidence threshold: the student keeps objects above it
+    nms_iou: float
+    model_id: str
+    weights_sha256: str
+    licence: str
+    node: str = ""  # the graph node that offered it
+
+    def describe(self) -> dict[str, Any]:
+        """Where the student's starting weights came from (for run meta and bundle manifests)."""
+        return {
+            "kind": self.kind,
+            "node": self.node,
+            "model_id": self.model_id,
+            "weights_sha256": self.weights_sha256,
+            "licence": self.licence,
+        }
+
+
+def load_offer(ref: dict[str, Any], node: str = "") -> StudentStart:
+    """A node's offer reference (``GraphSchema.offers[node]``) -> the loaded :class:`StudentStart`."""
+    import importlib
+
+    kind = str(ref.get("kind", ""))
+    target = OFFER_LOADERS.get(kind)
+    if target is None:
+        raise OfferError(f"node {node or '?'} offers modules of unknown kind {kind!r}; known: {sorted(OFFER_LOADERS)}")
+    module, _, attr = target.partition(":")
+    start: StudentStart = getattr(importlib.import_module(module), attr)(ref)
+    start.node = node
+    return start
+
+
+def pick_offer(offers: dict[str, dict[str, Any]], kind: str) -> tuple[str, dict[str, Any]] | None:
+    """The first node (schema order) whose offer is of ``kind``, with its reference; None when none is."""
+    for node, ref in offers.items():
+        if ref.get("kind") == kind:
+            return node, ref
+    return None

@@ -7,6 +7,7 @@ restores torch's thread count after every call.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -110,6 +111,7 @@ class YoloDetector:
         self.imgsz = int(imgsz)
         self.seed = int(seed)
         self.weights_path = Path(path)
+        self.weights_arg = weights
         self.weights_sha256 = sha
         name = os.fspath(weights)
         self.model_id = REGISTRY[name].model_id if name in REGISTRY else f"ultralytics YOLO ({path.name})"
@@ -186,5 +188,61 @@ class YoloDetector:
                 )
             )
 
+    def student_offer(self) -> dict[str, Any]:
+        """The student may start from this detector: its trunk (backbone + neck) and its dense detection head
+        (see :func:`load_student_start`). A JSON reference the graph schema records for the detect node."""
+        name = os.fspath(self.weights_arg)
+        licence = REGISTRY[name].licence if name in REGISTRY else "AGPL-3.0 (Ultralytics YOLO weights)"
+        return {
+            "kind": "ultralytics-detect",
+            "weights": name if name in REGISTRY else str(self.weights_path.resolve()),
+            "weights_sha256": self.weights_sha256,
+            "model_id": self.model_id,
+            "licence": licence,
+            "imgsz": self.imgsz,
+            "conf": self.conf,
+            "iou": self.iou,
+            "names": list(self.names),
+        }
+
     def __repr__(self) -> str:
         return f"YoloDetector({self.model_id!r}, device={self.device!r}, conf={self.conf}, iou={self.iou})"
+
+
+def load_student_start(ref: dict[str, Any]) -> Any:
+    """A YOLO detector's offer (:meth:`YoloDetector.student_offer`) -> ``teachers.base.StudentStart``: the
+    Ultralytics model's YAML (to rebuild its architecture) and its float weights. The weights are resolved as
+    the detector resolved them and must still have the recorded sha256."""
+    from graphdistill.teachers.base import OfferError, StudentStart
+
+    try:
+        path, sha = resolve(ref["weights"])
+    except (KeyError, OSError, ValueError) as exc:
+        raise OfferError(f"detector offer {ref.get('weights')!r}: cannot resolve its weights ({exc})") from exc
+    if ref.get("weights_sha256") and sha != ref["weights_sha256"]:
+        raise OfferError(
+            f"detector offer {ref['weights']!r}: the weights' sha256 {sha[:12]}… is not the recorded "
+            f"{str(ref['weights_sha256'])[:12]}… (the file changed since the traces were recorded)"
+        )
+    apply_offline_env()
+    torch = require("torch", purpose="starting the student from the YOLO detector")
+    require("ultralytics", purpose="starting the student from the YOLO detector")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model = (ckpt.get("ema") or ckpt["model"]) if isinstance(ckpt, dict) else ckpt
+    yaml = getattr(model, "yaml", None)
+    if not isinstance(yaml, dict) or type(model.model[-1]).__name__ != "Detect":
+        raise OfferError(f"detector offer {ref['weights']!r}: not an Ultralytics detection model (no Detect head)")
+    raw = model.names
+    names = [str(raw[i]) for i in sorted(raw)] if isinstance(raw, dict) else [str(n) for n in raw]
+    return StudentStart(
+        kind="ultralytics-detect",
+        spec=json.loads(json.dumps(yaml, default=str)),
+        state_dict={k: v.detach().float().clone() for k, v in model.state_dict().items()},
+        class_names=names,
+        input_size=int(ref.get("imgsz", 640)),
+        score_threshold=float(ref.get("conf", 0.25)),
+        nms_iou=float(ref.get("iou", 0.7)),
+        model_id=str(ref.get("model_id", path.name)),
+        weights_sha256=sha,
+        licence=str(ref.get("licence", "AGPL-3.0")),
+    )
