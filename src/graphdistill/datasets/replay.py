@@ -278,67 +278,86 @@ def replay(
         store, schema=schema, graph_id=gid, on_trace=lambda t, i: outcomes.append((t, i))
     )
     graphs: dict[Any, Any] = {}
-    images: dict[str, Any] = {}
-    tasks: list[tuple[Any, dict[str, Any], dict[str, Any]]] = []  # (compiled replay graph, state, config)
+    images: dict[str, Any] = {}  # decoded parent images, a few at a time
+    pending: list[tuple[ReplayRequest, Trace, str, list[int]]] = []
     for req in requests:
         parent = parents[req.parent]
         why = why_not_parent(parent, held)
-        key = req.key()
-        todo = [i for i in range(samples) if not store.has_input(key, i, graph_hash=gid.hash)]
-        if why is None and todo:
-            try:
-                nodes, sub = _plan(graph, req, parent, graphs)
-                state = req.edit.apply(parent_state(parent, store, nodes.reused, kinds=kinds, images=images))
-            except (ValueError, TypeError, KeyError, IndexError) as exc:
-                why = f"edit {json.dumps(req.edit.describe(), sort_keys=True)} does not apply: {exc}"
         if why is not None:
             log.warning("not replaying trace %s: %s", parent.id, why)
             result.refused.append((parent.id, why))
             continue
-        result.groups.append(key)
+        key = req.key()
+        todo = [i for i in range(samples) if not store.has_input(key, i, graph_hash=gid.hash)]
         result.skipped += samples - len(todo)
-        if not todo:
-            continue
+        if todo:
+            pending.append((req, parent, key, todo))
+        else:
+            result.groups.append(key)
+
+    def config(req: ReplayRequest, parent: Trace, key: str, i: int, nodes: Any) -> dict[str, Any]:
         info = {
             "parent_trace": parent.id,
             "parent_group": parent.group_id,
             "from_node": req.from_node,
             "edit": req.edit.describe(),
         }
-        provenance = {
-            "photos": list(parent.provenance.photos),
-            "recipe": {**parent.provenance.recipe, REPLAY_KEY: info},
-        }
         meta: dict[str, Any] = {"replay_nodes": {"ran": list(nodes.run), "reused": list(nodes.reused)}}
         if parent.metadata.get("source") is not None:
             meta["source"] = parent.metadata["source"]
-        for i in todo:
-            config = {
-                "callbacks": [recorder],
-                "max_concurrency": batch_size,
-                "metadata": {
-                    META_GROUP: key,
-                    META_SAMPLE: i,
-                    META_PROVENANCE: provenance,
-                    META_METADATA: meta,
-                    META_INPUT_FIELDS: list(parent.inputs),
-                    META_INPUT_HASH: key,
-                    META_TRACE_ID: replay_trace_id(key, i),
+        return {
+            "callbacks": [recorder],
+            "max_concurrency": batch_size,
+            "metadata": {
+                META_GROUP: key,
+                META_SAMPLE: i,
+                META_PROVENANCE: {
+                    "photos": list(parent.provenance.photos),
+                    "recipe": {**parent.provenance.recipe, REPLAY_KEY: info},
                 },
-                "configurable": {**sampling_configurable(key, i), CONF_REPLAY_FROM: req.from_node},
-            }
-            tasks.append((sub, state, config))
+                META_METADATA: meta,
+                META_INPUT_FIELDS: list(parent.inputs),
+                META_INPUT_HASH: key,
+                META_TRACE_ID: replay_trace_id(key, i),
+            },
+            "configurable": {**sampling_configurable(key, i), CONF_REPLAY_FROM: req.from_node},
+        }
+
+    total = sum(len(todo) for *_, todo in pending)
     done = 0
-    for b in range(0, len(tasks), batch_size):
-        batch = tasks[b : b + batch_size]
+    batch: list[tuple[Any, dict[str, Any], dict[str, Any]]] = []  # (compiled replay graph, state, config)
+
+    def run_batch() -> None:
+        nonlocal done
         by_graph: dict[int, list[tuple[Any, dict[str, Any], dict[str, Any]]]] = {}
         for t in batch:
             by_graph.setdefault(id(t[0]), []).append(t)
         for group in by_graph.values():
             group[0][0].batch([t[1] for t in group], config=[t[2] for t in group], return_exceptions=True)
         done += len(batch)
+        batch.clear()
         if progress is not None:
-            progress(done, len(tasks))
+            progress(done, total)
+
+    for req, parent, key, todo in pending:  # states are built batch by batch: memory stays bounded
+        if len(images) > 8:
+            images.clear()
+        try:
+            nodes, sub = _plan(graph, req, parent, graphs)
+            state = req.edit.apply(parent_state(parent, store, nodes.reused, kinds=kinds, images=images))
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            why = f"edit {json.dumps(req.edit.describe(), sort_keys=True)} does not apply: {exc}"
+            log.warning("not replaying trace %s: %s", parent.id, why)
+            result.refused.append((parent.id, why))
+            total -= len(todo)
+            continue
+        result.groups.append(key)
+        for i in todo:
+            batch.append((sub, state, config(req, parent, key, i, nodes)))
+            if len(batch) >= batch_size:
+                run_batch()
+    if batch:
+        run_batch()
     for trace, trace_id in outcomes:
         if trace_id is None:
             result.skipped += 1
