@@ -422,3 +422,34 @@ def test_eval_command_names_a_bad_input(tmp_path: Path, capsys: pytest.CaptureFi
     assert "--bundle-threads '0,two'" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 2
     assert "model.safetensors" in capsys.readouterr().err
+
+
+def test_replay_rows_are_left_out_of_the_evaluation(tmp_path: Path, synthetic: Path) -> None:
+    """A counterfactual replay's row shares its parent's image and question but not its targets: scoring the
+    student on it would compare the photo's objects with edited ones. Evaluation leaves such rows out."""
+    from graphdistill.datasets.dataset import DatasetWriter
+
+    src = open_dataset(synthetic)
+    mixed = tmp_path / "mixed"
+    writer = DatasetWriter(mixed, src.manifest)
+    for split in ("train", "val", "test"):
+        for row in src.rows(split):
+            writer.add(row, src.image(row), split)
+            edited = {**row, "id": row["id"] + "-replay", "answer": "I see a cup.", "objects": []}
+            replay = {"parent_trace": "t", "from_node": "retrieve", "edit": {"kind": "drop", "index": 0}}
+            writer.add({**edited, "replay": replay}, src.image(row), split)
+    writer.close()
+    assert sum(r["replay"] is not None for r in open_dataset(mixed).rows("test")) == src.splits["test"]
+    run = _run_folder(tmp_path / "run", mixed)
+    res = evaluate_run(
+        run,
+        mixed,
+        predictor=LookupStudent(synthetic),
+        embedder=_bag_embedder,
+        teacher_timing=False,
+        student_repeats=1,
+        val=True,
+    )
+    assert res["n"] == src.splits["test"] and res["fidelity_val"]["n"] == src.splits["val"]
+    assert res["fidelity"]["answer_exact"] == pytest.approx(1.0)
+    assert res["fidelity_val"]["answer_exact"] == pytest.approx(1.0)

@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "kb",
     "run",
     "record",
+    "replay",
     "traces",
     "inputs",
     "filter",

@@ -124,11 +124,6 @@ def apply_tta(image: Any, sample_index: int, tta: list[str]) -> tuple[Any, dict[
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)), info
 
 
-def stable_seed(group_id: str, sample_index: int) -> int:
-    """A seed that is the same for (input, sample) in every run and every worker."""
-    return (int(group_id[:8], 16) + sample_index * 1_000_003) & 0x7FFFFFFF
-
-
 # --------------------------------------------------------------------------------------------------------
 # running (the same code in-process and in each worker process)
 # --------------------------------------------------------------------------------------------------------
@@ -172,6 +167,13 @@ def run_tasks(
 
     Returns the counts of traces written since the last call; with ``flush=False`` traces still being
     written in the background are counted by a later call (or :func:`drain`)."""
+    from graphdistill.datasets.recording import (
+        META_GROUP,
+        META_METADATA,
+        META_PROVENANCE,
+        META_SAMPLE,
+        sampling_configurable,
+    )
     from graphdistill.images import ImageError, load_image
     from graphdistill.trace import Provenance, Trace, content_hash
 
@@ -218,21 +220,19 @@ def run_tasks(
         config = {
             "callbacks": [recorder],
             "metadata": {
-                "graphdistill_group_id": group,
-                "graphdistill_sample_index": i,
-                "graphdistill_provenance": row["provenance"],
-                "graphdistill_metadata": meta,
+                META_GROUP: group,
+                META_SAMPLE: i,
+                META_PROVENANCE: row["provenance"],
+                META_METADATA: meta,
             },
-            "configurable": {"gd_sample_index": i, "gd_sampling": i > 0, "gd_seed": stable_seed(group, i)},
+            "configurable": sampling_configurable(group, i),
         }
         runs.append((inputs, config))
     if len(runs) == 1:
         try:
             graph.invoke(runs[0][0], config=runs[0][1])
         except Exception as exc:  # recorded as a failed trace by the recorder
-            log.warning(
-                "graph failed on %s: %s", runs[0][1]["metadata"]["graphdistill_metadata"]["source"], exc
-            )
+            log.warning("graph failed on %s: %s", runs[0][1]["metadata"][META_METADATA]["source"], exc)
     elif runs:
         graph.batch([r[0] for r in runs], config=[r[1] for r in runs], return_exceptions=True)
     if flush:

@@ -64,6 +64,9 @@ COLUMNS = (
 OPTIONAL_COLUMNS = (
     "embeddings",  # JSON {EMBEDDING output name: [float, ...]} or null (student.loader.row_embeddings)
     "ground_truth",  # JSON {"answer", "objects", "sources"} of human labels, or null
+    # JSON {"parent_trace", "from_node", "edit"} for a counterfactual replay (datasets.replay), else null:
+    # the row's objects were edited, they do NOT describe its image
+    "replay",
 )
 
 
@@ -93,6 +96,7 @@ def _schema() -> Any:
             ("split", pa.string()),
             ("embeddings", pa.string()),
             ("ground_truth", pa.string()),
+            ("replay", pa.string()),
         ]
     )
 
@@ -138,6 +142,12 @@ def _ground_truth_json(gt: Any) -> str | None:
     return json.dumps(out, separators=(",", ":")) if out else None
 
 
+def _replay_json(replay: Any) -> str | None:
+    if replay is None or isinstance(replay, str):
+        return replay
+    return json.dumps(dict(replay), sort_keys=True, separators=(",", ":"))
+
+
 def _topk_json(topk: Any) -> str | None:
     if topk is None:
         return None
@@ -155,8 +165,9 @@ class DatasetWriter:
 
     ``row`` holds the row columns (``question``, ``answer``, ``objects`` (ObjectOut or dicts), ``sources``,
     the ``agreement_*`` values, ``provenance_photos``, ``llm_topk`` (TokenLogprobs, dict or None),
-    ``trace_ids``, optional ``id``, optional ``embeddings`` ({EMBEDDING output name: vector}) and
-    ``ground_truth`` ({answer, objects, sources} human labels)); the writer fills ``image``, ``image_height``, ``image_width`` and
+    ``trace_ids``, optional ``id``, optional ``embeddings`` ({EMBEDDING output name: vector}),
+    ``ground_truth`` ({answer, objects, sources} human labels) and ``replay`` (JSON string or dict
+    ``{parent_trace, from_node, edit}`` of a counterfactual replay)); the writer fills ``image``, ``image_height``, ``image_width`` and
     ``split`` from the image it stores. ``manifest`` is merged into manifest.json (``graph``,
     ``class_names``, ``documents``, ``source_store``, ``filter``); ``format`` and ``splits`` are set here.
     """
@@ -224,6 +235,7 @@ class DatasetWriter:
             "split": split,
             "embeddings": _embeddings_json(row.get("embeddings")),
             "ground_truth": ground_truth,
+            "replay": _replay_json(row.get("replay")),
         }
         self._rows[split].append(stored)
         return stored

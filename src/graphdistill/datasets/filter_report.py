@@ -102,6 +102,12 @@ def write_report(result: FilterResult, store: StoreLike, out: Path) -> Path:
             )
         sections.append(f"<h3>{esc(rule)}</h3><div class='cards'>{''.join(cards)}</div>")
     splits = ", ".join(f"{k}: {v}" for k, v in summary["splits"].items())
+    rep = summary.get("replays") or {}
+    replays = (
+        f" Counterfactual replays among them: {rep['groups']} ({rep['kept']} kept, {rep['dropped']} dropped)."
+        if rep.get("groups")
+        else ""
+    )
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>graphdistill filter report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} td,th{{padding:2px 10px}}
@@ -109,7 +115,7 @@ def write_report(result: FilterResult, store: StoreLike, out: Path) -> Path:
 .card img{{max-width:100%}}</style></head><body>
 <h1>Filter report</h1>
 <p>{summary["groups"]} recorded inputs: <b>{summary["kept"]} kept</b>, {summary["dropped"]} dropped.
-Splits: {esc(splits)}.</p>
+Splits: {esc(splits)}.{replays}</p>
 <h2>Dropped, by the first rule each failed</h2><table><tr><th>rule</th><th>dropped</th></tr>{rows}</table>
 <h2>Flagged, by every rule (an input can fail several)</h2>
 <table><tr><th>rule</th><th>inputs</th></tr>{flagged}</table>

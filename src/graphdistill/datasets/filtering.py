@@ -21,6 +21,7 @@ from graphdistill.datasets.checks import CheckConfig, coco_classes, run_checks
 from graphdistill.datasets.dataset import DatasetWriter
 from graphdistill.datasets.dedup import dhash, near_duplicates
 from graphdistill.datasets.photos import DEFAULT_HELDOUT
+from graphdistill.datasets.replay import is_heldout, replay_column, replay_of
 from graphdistill.datasets.rules import Rule
 from graphdistill.datasets.splits import Item, assign_splits
 from graphdistill.datasets.vote import (
@@ -99,6 +100,7 @@ class FilterResult:
     def summary(self) -> dict[str, Any]:
         by_rule = Counter(d.rule for d in self.decisions if d.rule)
         splits = Counter(d.split for d in self.decisions if d.kept)
+        replays = [d for d in self.decisions if replay_of(d.consensus.provenance) is not None]
         return {
             "groups": len(self.decisions),
             "kept": sum(d.kept for d in self.decisions),
@@ -108,6 +110,11 @@ class FilterResult:
                 sorted(Counter(name for d in self.decisions for name, _ in d.failed).items())
             ),
             "splits": {s: splits.get(s, 0) for s in ("train", "val", "test")},
+            "replays": {
+                "groups": len(replays),
+                "kept": sum(d.kept for d in replays),
+                "dropped": sum(not d.kept for d in replays),
+            },
         }
 
 
@@ -123,9 +130,15 @@ def load_image_of(c: Consensus, store: StoreLike) -> np.ndarray:
     raise FilterError(f"group {c.group_id}: its traces record no input image")
 
 
-def _is_heldout(c: Consensus) -> bool:
-    recipe = c.provenance.recipe or {}
-    return bool(recipe.get("heldout")) or recipe.get("kind") == "heldout"
+def _split_item(group_id: str, c: Consensus) -> Item:
+    """The split unit of a group: its photos; a replay is tied to its parent's group as well."""
+    parent = (replay_of(c.provenance) or {}).get("parent_group")
+    return Item(
+        group_id,
+        tuple(c.provenance.photos),
+        is_heldout(c.provenance),
+        tied_to=(str(parent),) if parent else (),
+    )
 
 
 def decide_group(
@@ -200,7 +213,10 @@ def filter_store(
         order = sorted(survivors, key=lambda d: (-d.consensus.agreement["answer"], d.group_id))
         keys = []
         for j, d in enumerate(order):
-            keys.append((d.group_id, dhash(load_image_of(d.consensus, store)), d.consensus.question))
+            # a replay shares its parent's image and question but not its state: its edit is part of the key
+            edit = replay_of(d.consensus.provenance)
+            question = d.consensus.question + (f"\0replay {edit.get('edit')}" if edit else "")
+            keys.append((d.group_id, dhash(load_image_of(d.consensus, store)), question))
             tick("dedup", j + 1, len(order))
         dup = near_duplicates(keys, config.dedup_distance)
         for d in survivors:
@@ -208,7 +224,7 @@ def filter_store(
                 d.failed.append(("near_duplicate", f"near-duplicate of group {dup[d.group_id]}"))
 
     kept = [d for d in decisions if d.kept]
-    items = [Item(d.group_id, tuple(d.consensus.provenance.photos), _is_heldout(d.consensus)) for d in kept]
+    items = [_split_item(d.group_id, d.consensus) for d in kept]
     split_of = assign_splits(items, config.fractions, heldout_photos=config.heldout_photos, seed=config.seed)
     for d in kept:
         d.split = split_of[d.group_id]
@@ -232,6 +248,7 @@ def filter_store(
                 "trace_ids": c.trace_ids,
                 "embeddings": c.embeddings or None,
                 "ground_truth": c.ground_truth,
+                "replay": replay_column(c.provenance),
             },
             load_image_of(c, store),
             d.split or "train",

@@ -55,6 +55,12 @@ META_GROUP = "graphdistill_group_id"
 META_SAMPLE = "graphdistill_sample_index"
 META_PROVENANCE = "graphdistill_provenance"
 META_METADATA = "graphdistill_metadata"
+# set by runs that are not plain executions on their inputs (replays, see datasets.replay): the root run's
+# input fields that are the trace's inputs (the rest is state given from outside), the trace's input hash
+# (the store's resume key) and its id
+META_INPUT_FIELDS = "graphdistill_input_fields"
+META_INPUT_HASH = "graphdistill_input_hash"
+META_TRACE_ID = "graphdistill_trace_id"
 # keys of a node's metadata
 META_MODEL_ID = "graphdistill_model_id"
 META_WEIGHTS = "graphdistill_weights_sha256"
@@ -371,7 +377,12 @@ class TraceRecorder(BaseCallbackHandler):
 
     def _write(self, run: _Run, outputs: Any, error: str | None, duration: float) -> None:
         encoder = _Encoder(self.images)
-        inputs = encoder(run.inputs if isinstance(run.inputs, dict) else {"input": run.inputs})
+        meta = run.metadata
+        raw_inputs = run.inputs if isinstance(run.inputs, dict) else {"input": run.inputs}
+        input_fields = meta.get(META_INPUT_FIELDS)
+        if isinstance(input_fields, (list, tuple)):
+            raw_inputs = {k: raw_inputs[k] for k in input_fields if k in raw_inputs}
+        inputs = encoder(raw_inputs)
         output: dict[str, Any] = {}
         if error is None and outputs is not None:
             raw = outputs if isinstance(outputs, dict) else {"output": outputs}
@@ -395,8 +406,7 @@ class TraceRecorder(BaseCallbackHandler):
                     error=s.error if s.end is not None else (s.error or "the node never ended"),
                 )
             )
-        meta = run.metadata
-        input_hash = content_hash(inputs)
+        input_hash = str(meta.get(META_INPUT_HASH) or content_hash(inputs))
         user_meta = meta.get(META_METADATA) or {}
         trace = Trace(
             graph=self.graph_id if self.graph_id is not None else _run_graph_id(run),
@@ -413,6 +423,8 @@ class TraceRecorder(BaseCallbackHandler):
             created_at=run.start_wall,
             duration_s=duration,
         )
+        if meta.get(META_TRACE_ID):
+            trace.id = str(meta[META_TRACE_ID])
         try:
             trace_id: str | None = self.store.append(trace, encoder.blobs)
         except DuplicateTraceError as exc:
@@ -504,6 +516,21 @@ def record(graph: Any, store: TraceStore, **kwargs: Any) -> Any:
     if kwargs.get("schema") is None and kwargs.get("graph_id") is None:
         kwargs["schema"], kwargs["graph_id"] = graph_identity(graph)
     return graph.with_config(callbacks=[TraceRecorder(store, **kwargs)])
+
+
+def stable_seed(group_id: str, sample_index: int) -> int:
+    """The ``gd_seed`` of (input, sample): the same in every run and every worker (a hex group id)."""
+    return (int(group_id[:8], 16) + sample_index * 1_000_003) & 0x7FFFFFFF
+
+
+def sampling_configurable(group_id: str, sample_index: int) -> dict[str, Any]:
+    """``config["configurable"]`` for sample ``sample_index`` of an input under the sampling contract
+    (``graphs.visual_rag``): sample 0 greedy, the others drawn with a seed stable for (input, sample)."""
+    return {
+        "gd_sample_index": sample_index,
+        "gd_sampling": sample_index > 0,
+        "gd_seed": stable_seed(group_id, sample_index),
+    }
 
 
 def _run_graph_id(run: _Run) -> GraphId:

@@ -1,9 +1,10 @@
 """Leakage-free train/val/test splits by provenance.
 
 Inputs that share a real source photo are tied together (a composite made from photos A and B ties A and
-B, and everything else made from either); whole connected components go to one split. Components holding a
-held-out photo go to test. The rest are ordered by a hash of their photo ids and dealt out greedily so each
-split approaches its target share of rows: deterministic, and no photo ever appears in two splits.
+B, and everything else made from either), and so is a replay with its parent input; whole connected
+components go to one split. Components holding a held-out photo go to test. The rest are ordered by a hash
+of their photo ids and dealt out greedily so each split approaches its target share of rows: deterministic,
+and no photo ever appears in two splits.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ class SplitLeakError(AssertionError):
 
 @dataclass(frozen=True)
 class Item:
-    """One input to split: its id, the real photos it was made from, whether it is a held-out input."""
+    """One input to split: its id, the real photos it was made from, whether it is a held-out input, and
+    the ids of other items it must share a split with (a replay's parent input, whatever photos it has)."""
 
     id: str
     photos: tuple[str, ...]
     heldout: bool = False
+    tied_to: tuple[str, ...] = ()
 
 
 class _UnionFind:
@@ -46,10 +49,12 @@ class _UnionFind:
 
 
 def components(items: Sequence[Item]) -> list[list[Item]]:
-    """Connected components of items sharing a photo (an item with no photos is its own component)."""
+    """Connected components of items sharing a photo or tied together (an item with neither is its own
+    component)."""
     uf = _UnionFind()
     for it in items:
         nodes = [f"photo:{p}" for p in it.photos] or [f"item:{it.id}"]
+        nodes += [f"item:{t}" for t in it.tied_to]
         for n in nodes[1:]:
             uf.union(nodes[0], n)
         uf.find(nodes[0])

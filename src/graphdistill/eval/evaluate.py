@@ -127,6 +127,15 @@ def load_bundle_runner(bundle: str | os.PathLike[str], threads: int | None = Non
         raise EvalError(f"exported bundle {bundle}: {exc}") from exc
 
 
+def _real_rows(rows: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
+    """The rows whose targets describe their image: counterfactual replays (``replay`` column) are left out,
+    their objects and answer were made from an edited state, not from the photo."""
+    real = [r for r in rows if not r.get("replay")]
+    if len(real) < len(rows):
+        log.info("%s: %d counterfactual replay rows left out of the evaluation", split, len(rows) - len(real))
+    return real
+
+
 def evaluate_run(
     run: str | os.PathLike[str],
     dataset: str | os.PathLike[str],
@@ -165,7 +174,7 @@ def evaluate_run(
         raise EvalError(f"{run} is not a student run: {run / 'model.safetensors'} is missing")
     try:
         ds = open_dataset(dataset)
-        rows = ds.rows(split)
+        rows = _real_rows(ds.rows(split), split)
     except DatasetError as exc:
         raise EvalError(str(exc)) from exc
     if not rows:
@@ -285,7 +294,7 @@ def evaluate_run(
     ground_truth = fid.pop("ground_truth", None)
     fid_val = None
     if val and split != "val" and ds.splits.get("val"):
-        val_rows = ds.rows("val")
+        val_rows = _real_rows(ds.rows("val"), "val")
         val_out = []
         for i, row in enumerate(val_rows):
             val_out.append(jsonable_output(predictor.predict(ds.image(row), row["question"]), kinds))

@@ -26,6 +26,11 @@ Sampling contract (for recording K samples of one input): nodes read ``config["c
 ``gd_sampling`` true, every sample but sample 0 is drawn at temperature 0.7, top-p 0.95, with a seed derived
 from ``gd_seed`` and the sample index; sample 0 always stays greedy, so it equals a plain ``invoke``.
 
+Replays (``graphdistill.datasets.replay``) run ``retrieve -> reason -> compose`` again on a recorded state
+whose detections (and their masks) were edited; ``detect`` and ``segment`` do not run. A replay sets
+``config["configurable"]["gd_replay_from"]`` to its start node, and ``retrieve`` then announces the coming
+LLM call to the batcher, as ``detect`` does in a full run, so a batch of replays shares LLM calls.
+
 Heavy clients (models, the Chroma collection) live in the node closures, never in the graph state.
 """
 
@@ -40,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from graphdistill.graphs.builder import GraphBuilder
+from graphdistill.graphs.replay import CONF_REPLAY_FROM
 from graphdistill.trace import Detections, Document, Kind, Masks, ObjectOut
 
 log = logging.getLogger(__name__)
@@ -183,6 +189,11 @@ def sampling_settings(config: Mapping[str, Any] | None) -> dict[str, Any]:
     return {"temperature": SAMPLE_TEMPERATURE, "top_p": SAMPLE_TOP_P, "seed": seed}
 
 
+def _replay_from(config: Mapping[str, Any] | None) -> str | None:
+    value = dict((config or {}).get("configurable") or {}).get(CONF_REPLAY_FROM)
+    return str(value) if value else None
+
+
 def position_words(box: Sequence[float], image_size: Sequence[int]) -> str:
     """A rough position of a box in words ("top left", "center", ...) and its size."""
     h, w = image_size
@@ -245,7 +256,9 @@ def _nodes(t: VisualRagTeachers, k: int) -> dict[str, Callable[..., dict[str, An
         with t.lock("segmenter"):
             return {"masks": t.segmenter.segment(r["image"], dets.xyxy)}
 
-    def retrieve(r: dict[str, Any]) -> dict[str, Any]:
+    def retrieve(r: dict[str, Any], config: Any = None) -> dict[str, Any]:
+        if batcher is not None and _replay_from(config) == "retrieve":
+            batcher.expect()  # a replay starts here: announce its reason call as detect does
         try:
             return _retrieve(r)
         except BaseException:
