@@ -3,6 +3,16 @@ thresholds, drop near-duplicates, split by provenance, write the dataset and its
 
 Every recorded group ends either kept (in exactly one split) or dropped by exactly one rule (the first it
 failed; every failed rule is still listed in the report), so kept + dropped = groups.
+
+Held-out groups (inputs made from a held-out photo) are the evaluation set, and it must not depend on the
+filter's settings: runs filtered differently (the scaling study, filtering on and off, later changes to the
+checks) are compared on the same held-out rows. So a held-out group is checked and voted like any other, its
+failed checks are reported, and it is kept all the same, with its consensus as the reference ("held out:
+kept for evaluation"); dedup never drops one. The student is scored against what the teacher said, even where
+the teacher's samples disagreed or its answer named an object its detector missed: fidelity to the teacher
+is the measure, and the checks only decide what the student learns from. Only a held-out group with no
+finished teacher sample is dropped (there is nothing to score against), and that depends on the recording,
+not on the filter's settings.
 """
 
 from __future__ import annotations
@@ -76,10 +86,17 @@ class GroupDecision:
     failed: list[tuple[str, str]]  # every rule it failed: (name, reason)
     split: str | None = None
     rule_scores: dict[str, float] = field(default_factory=dict)
+    heldout: bool = False  # made from a held-out photo: evaluation, never training
 
     @property
     def kept(self) -> bool:
-        return not self.failed
+        return not self.failed or self.kept_for_evaluation
+
+    @property
+    def kept_for_evaluation(self) -> bool:
+        """A held-out group that failed a check, kept as it is (see the module docstring); one with no
+        finished teacher sample has no reference to score against and is dropped."""
+        return self.heldout and bool(self.failed) and self.consensus.n_ok > 0
 
     @property
     def rule(self) -> str | None:
@@ -97,8 +114,9 @@ class FilterResult:
     manifest: dict[str, Any]
 
     def summary(self) -> dict[str, Any]:
-        by_rule = Counter(d.rule for d in self.decisions if d.rule)
+        by_rule = Counter(d.rule for d in self.decisions if d.rule and not d.kept)
         splits = Counter(d.split for d in self.decisions if d.kept)
+        held = [d for d in self.decisions if d.heldout]
         return {
             "groups": len(self.decisions),
             "kept": sum(d.kept for d in self.decisions),
@@ -108,6 +126,13 @@ class FilterResult:
                 sorted(Counter(name for d in self.decisions for name, _ in d.failed).items())
             ),
             "splits": {s: splits.get(s, 0) for s in ("train", "val", "test")},
+            "heldout": {
+                "groups": len(held),
+                "kept": sum(d.kept for d in held),
+                # flagged by a check or rule, kept all the same: the evaluation set is fixed
+                "kept_for_evaluation": sum(d.kept_for_evaluation for d in held),
+                "no_teacher_output": sum(not d.kept for d in held),
+            },
         }
 
 
@@ -123,9 +148,11 @@ def load_image_of(c: Consensus, store: StoreLike) -> np.ndarray:
     raise FilterError(f"group {c.group_id}: its traces record no input image")
 
 
-def _is_heldout(c: Consensus) -> bool:
+def _is_heldout(c: Consensus, heldout_photos: Sequence[str] = ()) -> bool:
+    """Marked held out by the input maker, or made from a photo of ``heldout_photos``."""
     recipe = c.provenance.recipe or {}
-    return bool(recipe.get("heldout")) or recipe.get("kind") == "heldout"
+    marked = bool(recipe.get("heldout")) or recipe.get("kind") == "heldout"
+    return marked or not set(heldout_photos).isdisjoint(c.provenance.photos)
 
 
 def decide_group(
@@ -164,7 +191,9 @@ def decide_group(
         scores[rule.name] = score
         if not keep:
             failed.append((rule.name, f"rule {rule.name} scored {score:.3f} < {rule.threshold}"))
-    return GroupDecision(c.group_id, c, failed, rule_scores=scores)
+    return GroupDecision(
+        c.group_id, c, failed, rule_scores=scores, heldout=_is_heldout(c, config.heldout_photos)
+    )
 
 
 def filter_store(
@@ -194,8 +223,9 @@ def filter_store(
         decisions.append(decide_group(traces, config, embedder, names=names, load_blob=store.blob))
         tick("vote", i + 1, len(groups))
 
-    # near-duplicates among the survivors: the best-agreeing copy stays
-    survivors = [d for d in decisions if d.kept]
+    # near-duplicates among the training survivors: the best-agreeing copy stays (held-out rows are the
+    # fixed evaluation set; each is a different question about an untouched photo)
+    survivors = [d for d in decisions if d.kept and not d.heldout]
     if config.dedup and survivors:
         order = sorted(survivors, key=lambda d: (-d.consensus.agreement["answer"], d.group_id))
         keys = []
@@ -208,7 +238,7 @@ def filter_store(
                 d.failed.append(("near_duplicate", f"near-duplicate of group {dup[d.group_id]}"))
 
     kept = [d for d in decisions if d.kept]
-    items = [Item(d.group_id, tuple(d.consensus.provenance.photos), _is_heldout(d.consensus)) for d in kept]
+    items = [Item(d.group_id, tuple(d.consensus.provenance.photos), d.heldout) for d in kept]
     split_of = assign_splits(items, config.fractions, heldout_photos=config.heldout_photos, seed=config.seed)
     for d in kept:
         d.split = split_of[d.group_id]
