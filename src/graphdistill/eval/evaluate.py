@@ -80,13 +80,11 @@ def row_scores(teacher: dict[str, Any], student: dict[str, Any]) -> dict[str, fl
     >= 0.5), mask mIoU, sources recall; ``disagreement`` = 1 - their mean."""
     t_objs = [metrics.as_object(o) for o in teacher.get("objects") or []]
     s_objs = [metrics.as_object(o) for o in student.get("objects") or []]
-    pairs = metrics.match_objects(t_objs, s_objs)
-    n = len(t_objs) + len(s_objs)
     scores: dict[str, float | None] = {"answer_f1": None, "objects_f1": None, "mask_miou": None}
     if "answer" in teacher:
         scores["answer_f1"] = metrics.token_f1(str(student.get("answer") or ""), str(teacher["answer"] or ""))
     if "objects" in teacher:
-        scores["objects_f1"] = 2 * len(pairs) / n if n else 1.0
+        scores["objects_f1"] = metrics.objects_f1(t_objs, s_objs)
         scores["mask_miou"] = metrics.mask_miou([t_objs], [s_objs])
     scores["sources_recall"] = (
         metrics.source_metrics([teacher["sources"] or []], [student.get("sources") or []])["sources_recall"]

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from graphdistill.eval.metrics import token_f1
 from graphdistill.student.loader import StudentDataset, collate, embedding_dims_of, preprocess_spec
 from graphdistill.student.losses import LossWeights, compute_losses
 from graphdistill.student.matching import cxcywh_to_xyxy, hungarian_match, pairwise_iou_giou
@@ -88,21 +89,6 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _words(s: str) -> list[str]:
-    return "".join(c.lower() if c.isalnum() else " " for c in s).split()
-
-
-def token_f1(pred: str, ref: str) -> float:
-    p, r = _words(pred), _words(ref)
-    if not p and not r:
-        return 1.0
-    common = sum(min(p.count(w), r.count(w)) for w in set(p))
-    if common == 0:
-        return 0.0
-    prec, rec = common / len(p), common / len(r)
-    return 2 * prec * rec / (prec + rec)
 
 
 class TrainRecipe:
