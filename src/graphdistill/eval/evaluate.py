@@ -2,12 +2,15 @@
 the live teacher graph, in one process. The result is what ``graphdistill eval`` prints and writes to
 ``RUN/eval.json``::
 
-    {"n": int, "split": str, "run": str, "dataset": str,
+    {"n": int, "photos": int, "split": str, "run": str, "dataset": str,
      "fidelity": {answer_exact, answer_f1, answer_semantic, box_map50, box_map, mask_miou, sources_recall, ...},
+     "fidelity_ci": {answer_exact: [lo, hi], ...},  # 95 % bootstrap intervals, photos then rows resampled
+     "ci": {level, resamples, seed, method},
      "cost": {teacher_ms, student_ms, speedup, teacher_bytes, student_bytes, size_ratio, ...},
      "rows": [{id, question, teacher_answer, student_answer, answer_f1, objects_f1, mask_miou,
                sources_recall, disagreement}],  # per test row, for the report's gallery
-     "exported": {bundle: {ms, fidelity vs the PyTorch student}}, "ground_truth": {...} (when rows have it)}
+     "exported": {bundle: {ms, fidelity and fidelity_ci vs the teacher on every row, parity_vs_student}},
+     "ground_truth": {...} (when rows have it)}
 """
 
 from __future__ import annotations
@@ -96,6 +99,13 @@ def row_scores(teacher: dict[str, Any], student: dict[str, Any]) -> dict[str, fl
     return scores
 
 
+def photo_key(row: Mapping[str, Any]) -> str:
+    """The photo(s) a dataset row was made from, as one key: the unit the bootstrap resamples (rows about
+    one photo are correlated). A row without provenance is its own unit."""
+    photos = sorted(str(p) for p in row.get("provenance_photos") or [])
+    return "+".join(photos) if photos else f"row:{row.get('id')}"
+
+
 def jsonable_output(out: Any, kinds: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A predictor's (or the teacher graph's) output in the canonical ``answer`` / ``objects`` / ``sources``
     fields, records dumped to plain JSON values. ``kinds`` (the graph's {output name: kind}): the output is
@@ -142,11 +152,18 @@ def evaluate_run(
     semantic: bool = True,
     graph_spec: str | None = None,
     predictor: Any | None = None,
+    ci_resamples: int = metrics.DEFAULT_RESAMPLES,
+    ci_seed: int = 0,
     progress: Progress | None = None,
     status: Status | None = None,
 ) -> dict[str, Any]:
     """Everything ``graphdistill eval`` reports; see the module docstring for the shape. ``val`` also scores
     the val split (``fidelity_val``).
+
+    Each fidelity figure, of the PyTorch student and of every bundle, comes with a 95 % bootstrap interval
+    (:func:`metrics.fidelity_intervals`: the split's photos resampled, then the rows of each, ``ci_resamples``
+    times from ``ci_seed``; 0 resamples: no intervals). Each bundle answers every row of the split, so its
+    fidelity to the teacher is measured on the same rows as the PyTorch student's.
 
     ``predictor`` (anything with ``.predict(image, question)``) replaces ``load_student(run)``, e.g. a
     student already in memory; sizes still come from ``RUN/model.safetensors``.
@@ -168,6 +185,8 @@ def evaluate_run(
         raise EvalError(str(exc)) from exc
     if not rows:
         raise EvalError(f"dataset {dataset}: split {split!r} has no rows to evaluate on")
+    if ci_resamples < 0:
+        raise EvalError(f"ci_resamples must be >= 0, got {ci_resamples}")
     kinds = output_kinds_of(ds)  # outputs are keyed by the graph's own names; scored by kind
 
     say(f"loading the student from {run}")
@@ -207,9 +226,11 @@ def evaluate_run(
     }
 
     exported: dict[str, Any] = {}
+    bundle_out: dict[str, list[dict[str, Any]]] = {}
     for b in bundles:
         by_threads: dict[str, float] = {}
         lat: dict[str, Any] = {}
+        runner: Any = None
         for threads in bundle_threads or (None,):
             say(f"loading exported bundle {b}" + (f" ({threads} threads)" if threads else ""))
             runner = load_bundle_runner(b, threads)
@@ -221,6 +242,11 @@ def evaluate_run(
                 progress=progress,
             )
             by_threads[str(threads or "default")] = lat["median_ms"]
+        outs = bundle_out[str(b)] = []
+        for i, row in enumerate(rows):  # every row: its fidelity is scored like the PyTorch student's
+            outs.append(jsonable_output(runner.predict(ds.image(row), row["question"]), kinds))
+            if progress:
+                progress(f"{Path(b).name} on {split}", i + 1, len(rows))
         parity = metrics.compare_outputs(
             [student_out[i] for i in range(len(inputs))],
             [jsonable_output(o, kinds) for o in lat["outputs"]],
@@ -281,6 +307,26 @@ def evaluate_run(
     )
     fid["answer_semantic_threshold"] = semantic_threshold if semantic else None
     ground_truth = fid.pop("ground_truth", None)
+    clusters = [photo_key(r) for r in rows]
+    score_kw: dict[str, Any] = dict(
+        embedder=embedder, semantic=semantic, semantic_threshold=semantic_threshold
+    )
+
+    def intervals(predicted: list[dict[str, Any]]) -> dict[str, list[float] | None] | None:
+        if not ci_resamples:
+            return None
+        return metrics.fidelity_intervals(
+            teacher_out, predicted, clusters, resamples=ci_resamples, seed=ci_seed, **score_kw
+        )
+
+    if ci_resamples:
+        say(f"bootstrap intervals ({ci_resamples} resamples of {len(set(clusters))} photos, then their rows)")
+    fid_ci = intervals(student_out)
+    for b, outs in bundle_out.items():
+        exported[b]["fidelity"] = metrics.compare_outputs(
+            teacher_out, outs, class_names=ds.class_names, **score_kw
+        )
+        exported[b]["fidelity_ci"] = intervals(outs)
     fid_val = None
     if val and split != "val" and ds.splits.get("val"):
         val_rows = ds.rows("val")
@@ -326,10 +372,19 @@ def evaluate_run(
         )
     result: dict[str, Any] = {
         "n": len(rows),
+        "photos": len(set(clusters)),
         "split": split,
         "run": str(run),
         "dataset": str(Path(dataset)),
         "fidelity": fid,
+        "fidelity_ci": fid_ci,
+        "ci": {
+            "level": metrics.DEFAULT_LEVEL,
+            "resamples": ci_resamples,
+            "seed": ci_seed,
+            "method": "percentile bootstrap: the split's photos drawn with replacement, then the rows of "
+            "each drawn photo; every figure recomputed on each resample",
+        },
         "cost": cost_out,
         "rows": per_row,
     }
