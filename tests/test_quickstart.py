@@ -31,9 +31,8 @@ def test_quickstart_runs_end_to_end(tmp_path: Path) -> None:
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from graphdistill.datasets.store import TraceStore
-
     from graphdistill.datasets.photos import DEFAULT_HELDOUT, builtin_photos
+    from graphdistill.datasets.store import TraceStore
 
     store = TraceStore(tmp_path / "my-traces")
     traces = list(store.iter())

@@ -424,7 +424,7 @@ def test_eval_times_an_exported_bundle(
     assert exported["fidelity"]["answer_exact"] == saved["fidelity"]["answer_exact"]
     assert set(exported["fidelity_ci"]) == set(saved["fidelity_ci"]) and exported["fidelity_ci"]["answer_f1"]
     md = markdown_summary(saved)
-    assert "Student, PyTorch" in md and "Student, bundle" in md
+    assert "| PyTorch student vs teacher | bundle vs teacher |" in md
 
 
 def test_eval_command_names_a_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

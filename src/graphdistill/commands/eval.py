@@ -154,7 +154,7 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    from graphdistill.eval.metrics import CI_KEYS
+    from graphdistill.eval.metrics import FIDELITY_KEYS
     from graphdistill.eval.summary import fmt_ci
 
     t = Table(
@@ -163,7 +163,7 @@ def _eval(args: argparse.Namespace) -> int:
         title=f"{result['run']} on {result['split']} (n={result['n']}, {result.get('photos', '?')} photos)",
     )
     ci = result.get("fidelity_ci") or {}
-    for k in CI_KEYS:
+    for k in FIDELITY_KEYS:
         t.add_row(k, fmt_ci(result["fidelity"].get(k), ci.get(k)))
     c = result["cost"]
     t.add_row("teacher ms / query", _fmt(c.get("teacher_ms")))

@@ -31,15 +31,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 Status = Callable[[str], None]
 
-FIDELITY_KEYS = (
-    "answer_exact",
-    "answer_f1",
-    "answer_semantic",
-    "box_map50",
-    "box_map",
-    "mask_miou",
-    "sources_recall",
-)
+FIDELITY_KEYS = metrics.FIDELITY_KEYS
 COST_KEYS = ("teacher_ms", "student_ms", "speedup", "teacher_bytes", "student_bytes")
 
 

@@ -546,8 +546,8 @@ def fidelity(
 # Bootstrap intervals
 # --------------------------------------------------------------------------------------------------------
 
-# the fidelity figures that get an interval
-CI_KEYS = (
+# the headline fidelity figures (each gets an interval)
+FIDELITY_KEYS = (
     "answer_exact",
     "answer_f1",
     "answer_semantic",
@@ -583,7 +583,7 @@ def cluster_resamples(clusters: Sequence[Any], resamples: int, *, seed: int = 0)
 
 
 class RowScores:
-    """Every row's part of the fidelity figures of :data:`CI_KEYS`, computed once by the functions above
+    """Every row's part of the fidelity figures of :data:`FIDELITY_KEYS`, computed once by the functions above
     (:func:`answer_scores`, :func:`mask_ious`, :func:`source_recall`; the objects are kept for
     :func:`box_map`), so that :meth:`figures` scores any resample of the rows with the same code and no
     model or embedder runs again."""
@@ -629,7 +629,7 @@ class RowScores:
             ]
 
     def figures(self, idx: Sequence[int] | np.ndarray | None = None) -> dict[str, float | None]:
-        """The :data:`CI_KEYS` figures of the rows ``idx`` (repeats count again; default every row) that
+        """The :data:`FIDELITY_KEYS` figures of the rows ``idx`` (repeats count again; default every row) that
         this comparison has: :func:`compare_outputs`' values when ``idx`` is every row."""
         rows = np.arange(self.n) if idx is None else np.asarray(idx, dtype=np.int64)
         out: dict[str, float | None] = {}
@@ -663,7 +663,7 @@ def fidelity_intervals(
     seed: int = 0,
 ) -> dict[str, list[float] | None]:
     """A percentile bootstrap interval ``[lo, hi]`` at ``level`` for each fidelity figure of
-    :data:`CI_KEYS` that the comparison has, resampling photos then rows (:func:`cluster_resamples`;
+    :data:`FIDELITY_KEYS` that the comparison has, resampling photos then rows (:func:`cluster_resamples`;
     ``clusters`` gives each row's photo, default: every row its own) and scoring each resample with the
     same metric functions as :func:`compare_outputs` (:class:`RowScores`; box mAP recomputed by
     torchmetrics every time). A figure undefined on every resample (no teacher objects, say) is ``None``;

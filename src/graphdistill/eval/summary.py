@@ -39,7 +39,7 @@ def fidelity_columns(ev: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]
     """(name, fidelity, intervals) of the PyTorch student, then of each exported bundle scored against the
     teacher on the same rows."""
     cols: list[tuple[str, Mapping[str, Any], Mapping[str, Any]]] = [
-        ("PyTorch", ev.get("fidelity") or {}, ev.get("fidelity_ci") or {})
+        ("PyTorch student", ev.get("fidelity") or {}, ev.get("fidelity_ci") or {})
     ]
     for name, info in (ev.get("exported") or {}).items():
         if info.get("fidelity"):
@@ -96,11 +96,7 @@ def markdown_summary(ev: Mapping[str, Any]) -> str:
     c = ev.get("cost", {})
     cols = fidelity_columns(ev)
     gt = ev.get("ground_truth")
-    head = (
-        "| Fidelity to the teacher [95 % interval] | "
-        + " | ".join(f"Student, {n}" for n, _, _ in cols)
-        + " |"
-    )
+    head = "| Fidelity [95 % interval] | " + " | ".join(f"{n} vs teacher" for n, _, _ in cols) + " |"
     rule = "|---|" + "---:|" * len(cols)
     if gt:
         head += " Student vs human labels | Teacher vs human labels |"
