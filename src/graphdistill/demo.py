@@ -44,6 +44,11 @@ class DemoSizes:
     # questions asked about each held-out photo, half of them worded unlike any training question: the
     # held-out rows are all the evaluation has (the filter keeps every one, see datasets/filtering.py)
     heldout_questions: int = 3
+    # counterfactual replays of the recorded training inputs (detections relabelled, dropped, duplicated;
+    # retrieve -> reason -> compose re-run): the text and sources heads see every class of the detector's label
+    # set at the cost of the LLM alone
+    replays: int = 0
+    replay_samples: int = 2
 
 
 # Sized for the 30-minute budget on a 2-core CPU. Measured here (idle machine): the teacher records ~3 s a
@@ -59,6 +64,8 @@ FULL = DemoSizes(
     eval_teacher_queries=3,
     formats=("executorch", "onnx"),
     heldout_questions=6,
+    replays=160,
+    replay_samples=2,
 )
 QUICK = DemoSizes(
     n_inputs=8,
@@ -68,6 +75,8 @@ QUICK = DemoSizes(
     eval_teacher_queries=1,
     formats=("onnx",),
     heldout_questions=2,  # one template and one free-form question per held-out photo
+    replays=4,
+    replay_samples=1,
 )
 
 
@@ -80,6 +89,8 @@ def _sizes(args: argparse.Namespace) -> DemoSizes:
         over["samples"] = args.samples
     if getattr(args, "minutes", None):
         over["train_minutes"] = args.minutes
+    if getattr(args, "replays", None) is not None:
+        over["replays"] = args.replays
     if getattr(args, "formats", None):
         over["formats"] = tuple(args.formats.split(","))
     return DemoSizes(**{**asdict(base), **over})
@@ -242,9 +253,31 @@ def run_demo(args: argparse.Namespace) -> int:
         ),
         resumable=True,
     )
+    if sizes.replays:
+        # writes into the store the record stage made: no outputs of its own to remove on a rerun
+        st.run(
+            "replay",
+            {"n": sizes.replays, "samples": sizes.replay_samples, "record": st.version("record")},
+            [],
+            lambda: _cli(
+                [
+                    "replay",
+                    str(store),
+                    "--graph",
+                    graph_spec,
+                    "--n",
+                    str(sizes.replays),
+                    "--samples",
+                    str(sizes.replay_samples),
+                    "--seed",
+                    "0",
+                ]
+            ),
+            resumable=True,
+        )
     st.run(
         "filter",
-        {"record": st.version("record")},
+        {"record": st.version("record"), "replay": st.version("replay")},
         [dataset],
         lambda: _cli(["filter", str(store), "--out", str(dataset)]),
     )

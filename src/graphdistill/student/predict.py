@@ -126,11 +126,13 @@ class StudentPredictor:
         image: np.ndarray,
         question: str,
         *,
+        score_threshold: float | None = None,
         source_threshold: float = 0.5,
         max_len: int | None = None,
     ) -> dict[str, Any]:
         """One photo (HxWx3 uint8 RGB) + question -> ``{output field: value}`` for the graph's outputs. The
-        objects are those the student keeps (``keep``: its own score threshold and NMS, in the graph)."""
+        objects are those the student keeps (``keep``: its own score threshold and NMS, in the graph), and of
+        those only the ones scoring at least ``score_threshold`` when it is given."""
         cfg = self.config
         h, w = image.shape[:2]
         x, scale = preprocess_image(image, cfg.image_size, self.reducing_gap, self.mean, self.std)
@@ -155,9 +157,9 @@ class StudentPredictor:
             if kind == "text":
                 result[name] = answer
             elif kind == "objects":
-                result[name] = self._objects(heads, h, w, scale)
+                result[name] = self._objects(heads, h, w, scale, score_threshold)
             elif kind == "detections":
-                objs = self._objects(heads, h, w, scale)
+                objs = self._objects(heads, h, w, scale, score_threshold)
                 result[name] = Detections(
                     xyxy=[o["box"] for o in objs],
                     class_ids=[int(o["class_id"]) for o in objs],
@@ -177,7 +179,9 @@ class StudentPredictor:
                 result[name] = None if emb is None else emb[0].float().cpu().tolist()
         return result
 
-    def _objects(self, heads: dict[str, torch.Tensor], h: int, w: int, scale: float) -> list[dict[str, Any]]:
+    def _objects(
+        self, heads: dict[str, torch.Tensor], h: int, w: int, scale: float, thr: float | None = None
+    ) -> list[dict[str, Any]]:
         """The kept objects, best first: boxes back to image pixels, masks pasted inside their boxes (the bundle
         runner's rule, :func:`object_mask_rle`)."""
         if "boxes" not in heads:
@@ -185,6 +189,8 @@ class StudentPredictor:
         cfg = self.config
         scores = heads["scores"][0].float().cpu()
         keep = heads["keep"][0].cpu().bool() if "keep" in heads else scores >= cfg.score_threshold
+        if thr is not None:
+            keep = keep & (scores >= thr)
         classes = heads["classes"][0].cpu()
         side = cfg.image_size / scale
         boxes = heads["boxes"][0].float().cpu() * side
