@@ -7,8 +7,8 @@ manifest that is verified on every load: a folder that fails the check is rebuil
 
 Generation returns the text, the teacher's top-k log-probabilities at every generated step (the signal a
 student distils from; with the text of each token and alternative, so a student with its own tokenizer can
-align them by characters) and why it stopped: "stop" at an EOS token or a stop string (``stop``, e.g. a
-newline), "length" at ``max_new_tokens``. Greedy decoding is deterministic; sampling is reproducible for a
+align them by characters) and why it stopped: "stop" at an EOS token, a stop string (``stop``, e.g. a
+newline) or the sentence limit (``max_sentences``), "length" at ``max_new_tokens``. Greedy decoding is deterministic; sampling is reproducible for a
 given ``seed`` (the torch RNG is forked and seeded around each call, so global state is untouched).
 """
 
