@@ -16,7 +16,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("run", help="the student run folder (from `graphdistill train`)")
     p.add_argument("--image", required=True, help="the photo (any format Pillow reads)")
     p.add_argument("--question", required=True, help="the question about the photo")
-    p.add_argument("--threshold", type=float, default=0.5, help="object score threshold (default 0.5)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="object score threshold (default: the student's own, its detector's confidence threshold)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--json", action="store_true", help="print one JSON object: answer, objects, sources")
     p.add_argument("--out", default=None, help="write the annotated picture here (.png/.jpg)")
@@ -29,7 +34,7 @@ def _predict(args: argparse.Namespace) -> int:
     question = (args.question or "").strip()
     if not question:
         raise CommandError("--question is empty: ask something about the photo")
-    if not 0.0 <= args.threshold <= 1.0:
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise CommandError(f"--threshold {args.threshold}: must be between 0 and 1")
     out_path = None
     if args.out is not None:
