@@ -674,3 +674,21 @@ def test_predict_reports_the_kept_objects_and_takes_another_score_threshold_per_
         assert obj["label"] == meta["class_names"][obj["class_id"]]
     scores = [o["score"] for o in everything["objects"]]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_the_text_loss_reaches_the_trunk_only_when_no_detection_head_trains_it() -> None:
+    """With a detection head, the trunk is the detector's: the answer loss never bends it. Without one,
+    nothing else trains the trunk, so the text (and summary) losses must."""
+    import torch.nn.functional as F
+
+    for outputs, reaches in (({"answer": "text", "objects": "objects"}, False), ({"answer": "text"}, True)):
+        torch.manual_seed(0)
+        m = Student(StudentConfig(**{**SMALL, "outputs": outputs})).train()  # type: ignore[arg-type]
+        img, q, qm = _inputs(m.config)
+        answer = torch.randint(4, m.config.vocab_size, (2, 5))
+        objects = _objects(2, m.config.max_objects, [1], [True]) if m.config.has_objects else None
+        out = m(img, q, qm, answer, objects=objects)
+        F.nll_loss(out["answer_logits"].flatten(0, 1), answer.flatten()).backward()
+        reached = any(p.grad is not None and bool(p.grad.any()) for p in m.trunk.parameters())
+        assert reached == reaches, outputs
+        assert m.tok_emb.weight.grad is not None and bool(m.tok_emb.weight.grad.any())
