@@ -167,7 +167,6 @@ def test_runner_gives_what_pytorch_predict_gives(run_dir: Path, onnx_float: Path
 
 def test_int8_is_smaller_and_keeps_fidelity(onnx_float: Path, onnx_int8: Path) -> None:
     import onnx
-
     from onnx import numpy_helper
 
     # the test student is tiny, so its float convolutions (kept float: see quantize.DYNAMIC_OPS) weigh most of
@@ -179,7 +178,10 @@ def test_int8_is_smaller_and_keeps_fidelity(onnx_float: Path, onnx_int8: Path) -
         weights = {n.input[1] for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in consts}
         matmul_bytes += sum(numpy_helper.to_array(consts[w]).nbytes for w in weights)
     saved = _model_bytes(onnx_float) - _model_bytes(onnx_int8)
-    assert matmul_bytes > 0 and saved > 0.5 * matmul_bytes, (saved, matmul_bytes)  # int8: a quarter of float32
+    assert matmul_bytes > 0 and saved > 0.5 * matmul_bytes, (
+        saved,
+        matmul_bytes,
+    )  # int8: a quarter of float32
     for name in ("encode", "decode_step"):
         graph = onnx.load(str(onnx_int8 / f"{name}.onnx")).graph
         consts = {i.name for i in graph.initializer}
