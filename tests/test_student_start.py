@@ -321,3 +321,28 @@ def test_a_run_started_from_yolo_carries_its_weights_and_licence_into_meta_and_t
     assert set(out) == {"answer", "objects", "sources"}
     shutil.rmtree(bundle)
     assert np.isfinite(losses["total"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("freeze", ["backbone", "none"])
+def test_a_trunk_started_from_the_detector_trains_at_its_own_rate_with_or_without_its_backbone(
+    tmp_path: Path, freeze: str
+) -> None:
+    import _models
+    from graphdistill.student.train import TrainRecipe
+
+    ds = _dataset_offering(tmp_path / "ds", _models.detector().student_offer())
+    recipe = TrainRecipe(_train_cfg(ds, tmp_path / "run", freeze=freeze, lr=1e-3, trunk_lr=1e-5))
+    recipe.setup()
+    trunk = recipe.model.trunk
+    backbone = [p for m in trunk.layers[: trunk.n_backbone] for p in m.parameters()]
+    head = [
+        p for branch in (trunk.head.cv2, trunk.head.cv3) for p in branch.parameters()
+    ]  # not the fixed DFL
+    rest = [p for m in trunk.layers[trunk.n_backbone :] for p in m.parameters()] + head
+    assert backbone and rest and all(p.requires_grad for p in rest)
+    assert all(p.requires_grad == (freeze == "none") for p in backbone)
+    groups = {g["initial_lr"]: {id(p) for p in g["params"]} for g in recipe.optimizer.param_groups}
+    trained_trunk = {id(p) for p in backbone + rest if p.requires_grad}
+    assert groups[1e-5] == trained_trunk  # the trunk: trunk_lr; everything else: lr
+    assert groups[1e-3] and not groups[1e-3] & trained_trunk
