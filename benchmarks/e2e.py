@@ -121,6 +121,17 @@ def main() -> int:
         v = by_name.get(name, {})
         return v.get("speedup_vs_teacher")
 
+    # fidelity to the teacher on the held-out rows, with 95 % bootstrap intervals, for each runtime that
+    # answered them (eval scores every bundle on every test row)
+    fidelity_by_runtime = {
+        "student, PyTorch eager": {"fidelity": fid, "ci": ev.get("fidelity_ci") or {}},
+    }
+    for name, v in by_name.items():
+        if v.get("fidelity"):
+            fmt, q = name.rsplit("-", 1)
+            label = f"{runtime_label.get(fmt, fmt)} {'int8' if q == 'int8' else 'float'}"
+            fidelity_by_runtime[label] = {"fidelity": v["fidelity"], "ci": v.get("fidelity_ci") or {}}
+
     headline = {
         "speedup_pytorch": cost.get("speedup"),
         "speedup_executorch": speedup("executorch-int8"),
@@ -142,6 +153,9 @@ def main() -> int:
             for p in sorted((demo / ".stamps").glob("*.json"))
         },
         "held_out_n": ev.get("n"),
+        "held_out_photos": ev.get("photos"),
+        "fidelity_by_runtime": fidelity_by_runtime,
+        "ci": ev.get("ci"),
         "refused_bundles": {
             p.stem.removeprefix("export ").replace(" ", "-"): json.loads(p.read_text())["failed"]
             for p in sorted((demo / ".stamps").glob("export *.json"))

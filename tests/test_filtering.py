@@ -258,10 +258,26 @@ def test_splits_tie_composites_and_never_share_a_photo() -> None:
     verify_no_leak(items, splits)
     assert splits["held"] == "test" and splits["uses-held"] == "test"
     assert all(splits[f"aug-H-{i}"] == "test" for i in range(3))  # H is tied to the held-out Z
+    # with a held-out photo, test is exactly its component: nothing else is evaluated on
+    assert {i for i, s in splits.items() if s == "test"} == {
+        "held",
+        "uses-held",
+        *(f"aug-H-{i}" for i in range(3)),
+    }
     abc = {splits[it.id] for it in items if set(it.photos) & {"A", "B", "C"}}
     assert len(abc) == 1  # A-B-C is one component
     assert set(splits.values()) == {"train", "val", "test"}
+    rest = [s for s in splits.values() if s != "test"]
+    assert rest.count("train") > rest.count("val") > 0  # 0.6 : 0.2 between train and val
     assert splits == assign_splits(items, (0.6, 0.2, 0.2), seed=1)  # deterministic
+    # the same photos named held out by id, not marked: the same test split
+    by_id = assign_splits(
+        [Item(it.id, it.photos) for it in items], (0.6, 0.2, 0.2), heldout_photos=["Z"], seed=1
+    )
+    assert by_id == splits
+    # without held-out photos every split gets a share of the components
+    free = [Item(f"aug-{p}-{i}", (p,)) for p in "ABCDEFGHIJ" for i in range(3)]
+    assert set(assign_splits(free, (0.6, 0.2, 0.2), seed=1).values()) == {"train", "val", "test"}
     with pytest.raises(SplitLeakError):
         verify_no_leak(items, {**splits, "comp-AB": "val" if splits["comp-AB"] != "val" else "train"})
 
@@ -306,6 +322,29 @@ def _fill_store(root: Path) -> Any:
     plan.append(group("long", ["There is a cat."] * 3, image=_image(90), blobs=blobs, question="A long one?"))
     failed = [make_trace("fail", i, "x", status="error", image=_image(95), blobs=blobs) for i in range(3)]
     plan.append(failed)
+    # held-out groups that fail checks are kept for evaluation; one with no finished sample cannot be
+    held = {"recipe": {"kind": "heldout", "heldout": True}, "blobs": blobs}
+    plan.append(
+        group("held-dog", ["There is a dog."] * 3, image=_image(61), photos=["skimage/camera"], **held)
+    )
+    plan.append(
+        group(
+            "held-split",
+            ["A cat.", "A bus.", "A dog."],
+            image=_image(61),
+            photos=["skimage/camera"],
+            question="Who or what is the main subject?",
+            **held,
+        )
+    )
+    plan.append(
+        [
+            make_trace(
+                "held-fail", i, "x", status="error", image=_image(62), photos=["skimage/camera"], **held
+            )
+            for i in range(3)
+        ]
+    )
     for traces in plan:
         for t in traces:
             store.append(t, blobs)
@@ -331,20 +370,32 @@ def test_filter_store_end_to_end(tmp_path: Path) -> None:
         "zdup": "near_duplicate",
         "long": "no_long",
         "fail": "failed_trace",
+        "held-fail": "failed_trace",  # held out, but the teacher gave nothing to score against
     }
-    assert s["by_rule"] == {r: 1 for r in drop.values()}
+    assert s["by_rule"] == {**{r: 1 for r in drop.values()}, "failed_trace": 2}
+    # flagged like any other group, kept all the same: the evaluation set does not depend on the filter
+    flagged = {d.group_id: [n for n, _ in d.failed] for d in result.decisions if d.kept_for_evaluation}
+    assert flagged == {"held-dog": ["answer_class_not_detected"], "held-split": ["min_agreement_answer"]}
+    assert s["heldout"] == {"groups": 4, "kept": 3, "kept_for_evaluation": 2, "no_teacher_output": 1}
+    assert s["flagged_by_rule"]["answer_class_not_detected"] == 2  # "dog" and "held-dog"
     ds = open_dataset(tmp_path / "ds")
     assert sum(ds.splits.values()) == s["kept"] == len(ds.all_rows())
     assert ds.splits == s["splits"] and all(ds.splits[k] > 0 for k in ("train", "val", "test"))
+    # the test split is exactly the held-out rows the teacher answered, with their consensus
+    test = {r["id"]: r for r in ds.rows("test")}
+    assert set(test) == {"heldout", "held-dog", "held-split"}
+    assert test["held-dog"]["answer"] == "There is a dog." and test["held-split"]["answer"] == "A cat."
     where: dict[str, str] = {}
     for r in ds.all_rows():
         for p in r["provenance_photos"]:
             assert where.setdefault(p, r["split"]) == r["split"]  # no photo in two splits
+        if r["id"] in ("held-dog", "held-split"):
+            continue
         seed = {"comp": 50, "heldout": 60}.get(r["id"]) or int(r["id"].removeprefix("ok"))
         assert np.array_equal(ds.image(r), _image(seed))
         assert r["answer"] in ("There is a cat.", "A cat.") and len(r["trace_ids"]) == 3
         assert [o.label for o in r["objects"]] == ["cat"] and r["sources"] == ["doc-cat"]
-    assert where["skimage/coffee"] == "test"
+    assert where["skimage/coffee"] == where["skimage/camera"] == "test"
     assert where["p/A"] == where["p/B"]  # tied by the composite
     assert ds.manifest["class_names"][15] == "cat" and len(ds.manifest["class_names"]) == 80
     assert ds.manifest["documents"] == [{"id": "doc-cat", "text": "about doc-cat"}]
@@ -354,8 +405,10 @@ def test_filter_store_end_to_end(tmp_path: Path) -> None:
     assert json.loads((report / "summary.json").read_text())["kept"] == s["kept"]
     page = (report / "report.html").read_text()
     assert "data:image/png;base64," in page and "answer_class_not_detected" in page
+    assert "3 of 4 kept for evaluation" in page
     assert (report / "agreement.png").stat().st_size > 1000
-    assert len(list((report / "examples").glob("*.png"))) == 5  # one dropped example per rule
+    # every dropped group, one per rule but failed_trace (two); the kept held-out groups are no examples
+    assert len(list((report / "examples").glob("*.png"))) == 6
 
 
 def test_filter_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -367,7 +420,12 @@ def test_filter_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["kept"] + out["dropped"] == n_groups
-    assert out["by_rule"]["failed_trace"] == 1 and out["by_rule"]["near_duplicate"] == 1
+    assert out["by_rule"]["failed_trace"] == 2 and out["by_rule"]["near_duplicate"] == 1
+    # no agreement threshold here, so only held-dog is flagged; the test split is the same three rows as
+    # under the stricter settings of test_filter_store_end_to_end
+    assert out["heldout"] == {"groups": 4, "kept": 3, "kept_for_evaluation": 1, "no_teacher_output": 1}
+    test_ids = {r["id"] for r in open_dataset(tmp_path / "ds").rows("test")}
+    assert test_ids == {"heldout", "held-dog", "held-split"}
     assert (
         sum(out["splits"].values()) == out["kept"] == math.fsum(open_dataset(tmp_path / "ds").splits.values())
     )

@@ -11,6 +11,10 @@ import numpy as np
 import pytest
 
 from graphdistill.datasets.inputs import (
+    GENERIC_QUESTIONS,
+    HELDOUT_GENERIC,
+    HELDOUT_LABEL,
+    LABEL_QUESTIONS,
     Cutout,
     InputsError,
     SourcePhoto,
@@ -18,6 +22,7 @@ from graphdistill.datasets.inputs import (
     composite,
     cutout_from_mask,
     folder_sources,
+    make_heldout_questions,
     make_inputs,
     make_question,
 )
@@ -93,21 +98,62 @@ def test_questions_use_the_teacher_labels() -> None:
     assert all("x" not in r for _, r in unknown)  # no labels: never name an object that may be absent
 
 
+def test_heldout_questions_mix_the_templates_with_a_bank_no_training_input_is_asked() -> None:
+    # the held-out bank is worded unlike the templates: no template, generic or with a label, is in it
+    training = {*GENERIC_QUESTIONS, *LABEL_QUESTIONS}
+    assert not training & {*HELDOUT_GENERIC, *HELDOUT_LABEL}
+    qs = make_heldout_questions(["cup", "spoon"], 6, np.random.default_rng(3))
+    assert len({q for q, _ in qs}) == 6
+    assert [r["bank"] for _, r in qs] == ["template", "heldout"] * 3
+    for q, r in qs:
+        assert r["template"] in (training if r["bank"] == "template" else {*HELDOUT_GENERIC, *HELDOUT_LABEL})
+        assert "x" not in r or (r["x"] in ("cup", "spoon") and r["x"] in q)
+    assert qs == make_heldout_questions(["cup", "spoon"], 6, np.random.default_rng(3))
+    # with no teacher labels only the generic questions of both banks: nothing names an absent object
+    bare = make_heldout_questions([], 4, np.random.default_rng(0))
+    assert len(bare) == 4 and all("x" not in r for _, r in bare)
+
+
 def test_make_inputs_rows_provenance_heldout_and_determinism(tmp_path: Path) -> None:
     photos = _sources(5)
     bgs = [SourcePhoto("test/bg", lambda: np.full((50, 50, 3), 90, np.uint8))]
-    kw = dict(n=30, seed=7, heldout=["test/p4"], cutouts=_cutouts(), backgrounds=bgs, composite_share=0.5)
+    kw = dict(
+        n=30,
+        seed=7,
+        heldout=["test/p2", "test/p4"],
+        heldout_questions=6,
+        cutouts=_cutouts(),
+        backgrounds=bgs,
+        composite_share=0.5,
+    )
     summary = make_inputs(photos, out=tmp_path / "a" / "inputs.jsonl", **kw)  # type: ignore[arg-type]
     rows = [json.loads(line) for line in (tmp_path / "a" / "inputs.jsonl").read_text().splitlines()]
-    assert summary["rows"] == len(rows) == 33 and summary["composites"] > 0 and summary["augmented"] > 0
+    assert summary["rows"] == len(rows) == 42 and summary["composites"] > 0 and summary["augmented"] > 0
     held = [r for r in rows if r.get("heldout")]
-    # the held-out photo, untouched, asked three different questions (default heldout_questions=3)
-    assert len(held) == 3 and all(r["provenance"]["photos"] == ["test/p4"] for r in held)
-    assert len({r["question"] for r in held}) == 3
-    assert all(np.array_equal(load_image(tmp_path / "a" / r["image"]), _photo(4)) for r in held)
+    # each held-out photo, untouched, asked six different questions: three templates, three free-form
+    for pid, i in (("test/p2", 2), ("test/p4", 4)):
+        mine = [r for r in held if r["provenance"]["photos"] == [pid]]
+        assert len(mine) == 6 and len({r["question"] for r in mine}) == 6
+        banks = [r["provenance"]["recipe"]["question"]["bank"] for r in mine]
+        assert banks.count("template") == banks.count("heldout") == 3
+        assert all(np.array_equal(load_image(tmp_path / "a" / r["image"]), _photo(i)) for r in mine)
+    # p2's teacher labels (cup, bus) name objects in its questions; p4 has none
+    xs = {
+        r["provenance"]["recipe"]["question"].get("x") for r in held if "test/p2" in r["provenance"]["photos"]
+    }
+    assert xs - {None} and xs - {None} <= {"cup", "bus"}
+    assert len(held) == 12
     train = [r for r in rows if not r.get("heldout")]
-    assert all("test/p4" not in r["provenance"]["photos"] for r in train)
-    labels = {"test/p0": "cat", "test/p1": "dog", "test/p2": "cup bus"}
+    assert all({"test/p2", "test/p4"}.isdisjoint(r["provenance"]["photos"]) for r in train)
+    # the held-out bank is never a training question; every training question is a template
+    heldout_bank = {*HELDOUT_GENERIC, *HELDOUT_LABEL}
+    assert all(r["provenance"]["recipe"]["question"]["template"] not in heldout_bank for r in train)
+    assert all(
+        r["provenance"]["recipe"]["question"]["template"] in {*GENERIC_QUESTIONS, *LABEL_QUESTIONS}
+        for r in train
+    )
+    assert all("cup" not in r["question"] and "bus" not in r["question"] for r in train)  # p2's only
+    labels = {"test/p0": "cat", "test/p1": "dog"}
     for r in train:
         recipe = r["provenance"]["recipe"]
         img = load_image(tmp_path / "a" / r["image"])
@@ -133,6 +179,10 @@ def test_make_inputs_rows_provenance_heldout_and_determinism(tmp_path: Path) -> 
     assert rows_b == rows
     for ra, rb in zip(rows, rows_b, strict=True):
         assert (tmp_path / "a" / ra["image"]).read_bytes() == (tmp_path / "b" / rb["image"]).read_bytes()
+    # the held-out questions depend on the seed and the photo alone, not on how many inputs are made
+    make_inputs(photos, out=tmp_path / "c" / "inputs.jsonl", **{**kw, "n": 3})  # type: ignore[arg-type]
+    rows_c = [json.loads(line) for line in (tmp_path / "c" / "inputs.jsonl").read_text().splitlines()]
+    assert [r["question"] for r in rows_c if r.get("heldout")] == [r["question"] for r in held]
 
 
 def test_make_inputs_errors_name_the_input(tmp_path: Path) -> None:
@@ -168,6 +218,19 @@ def test_inputs_make_cli_from_a_folder(tmp_path: Path, capsys: pytest.CaptureFix
     assert all((out.parent / r["image"]).exists() for r in rows)
     assert main([*argv[:-2], "--out", str(tmp_path / "y.jsonl"), "--holdout", "nope", "--no-composites"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_teacher_finds_objects_on_every_default_heldout_photo() -> None:
+    """The held-out photos are what fidelity is measured on: each must give the teacher something to find
+    (YOLO11n at its default threshold: coffee cup 0.82, Grace Hopper's person 0.91, measured 2026-12-02)."""
+    import _models
+    from graphdistill.datasets.photos import BUILTIN, DEFAULT_HELDOUT, photo
+
+    assert len(set(DEFAULT_HELDOUT)) >= 4 and set(DEFAULT_HELDOUT) < {p.id for p in BUILTIN}
+    found = {pid: set(_models.detector().detect(photo(pid).image()).names) for pid in DEFAULT_HELDOUT}
+    assert all(found.values()), found
+    assert "cup" in found["skimage/coffee"] and "person" in found["matplotlib/grace_hopper"]
 
 
 @pytest.mark.slow

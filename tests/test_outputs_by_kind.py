@@ -241,11 +241,19 @@ def test_ground_truth_reaches_the_dataset_report_and_summary(
     table = table[: table.index("</table>")]
     assert "student vs human labels" in table and "teacher vs human labels" in table
     exact_row = next(r for r in table.split("<tr>") if r.startswith("<td>Answer exact match"))
-    assert [c.split("</td>")[0] for c in exact_row.split("<td>")[2:]] == ["1.000", "0.500", "0.500"]
+    # against the teacher with its (degenerate: a perfect student) interval; against human labels without
+    assert [c.split("</td>")[0] for c in exact_row.split("<td>")[2:]] == [
+        "1.00 [1.00, 1.00]",
+        "0.500",
+        "0.500",
+    ]
 
     md = markdown_summary(res)
-    assert "| Fidelity | Student vs teacher | Student vs human labels | Teacher vs human labels |" in md
-    assert "| Answer exact match | 1.000 | 0.500 | 0.500 |" in md
+    assert (
+        "| Fidelity [95 % interval] | PyTorch student vs teacher | Student vs human labels | "
+        "Teacher vs human labels |" in md
+    )
+    assert "| Answer exact match | 1.00 [1.00, 1.00] | 0.500 | 0.500 |" in md
 
 
 def test_datasets_written_before_the_new_columns_still_load(tmp_path: Path) -> None:

@@ -31,14 +31,15 @@ def test_quickstart_runs_end_to_end(tmp_path: Path) -> None:
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    from graphdistill.datasets.photos import DEFAULT_HELDOUT, builtin_photos
     from graphdistill.datasets.store import TraceStore
 
     store = TraceStore(tmp_path / "my-traces")
     traces = list(store.iter())
-    assert len(traces) == 9 and all(t.status == "ok" for t in traces)
+    assert len(traces) == len(builtin_photos()) and all(t.status == "ok" for t in traces)
     assert {s.node for t in traces for s in t.spans} == {"look"}
     manifest = json.loads((tmp_path / "my-dataset" / "manifest.json").read_text())
-    assert manifest["splits"]["test"] >= 1  # the held-out photos
+    assert manifest["splits"]["test"] == len(DEFAULT_HELDOUT)  # the held-out photos, and nothing else
     # the node's model (the YOLO detector) offers its trunk and head: the student started from them, and the
     # bundle carries their licence
     assert manifest["graph"]["offers"]["look"]["kind"] == "ultralytics-detect"

@@ -119,8 +119,11 @@ def test_perfect_student_scores_one_and_teacher_is_timed(tmp_path: Path, synthet
     )
     n_test = open_dataset(synthetic).splits["test"]
     assert res["n"] == n_test > 0
+    assert res["photos"] == n_test  # each synthetic picture is its own photo
     for k in FIDELITY_KEYS:
         assert res["fidelity"][k] == pytest.approx(1.0), k
+        assert res["fidelity_ci"][k] == [pytest.approx(1.0), pytest.approx(1.0)], k  # nothing to vary
+    assert res["ci"]["resamples"] == 1000 and res["ci"]["level"] == 0.95
     for k in COST_KEYS:
         assert isinstance(res["cost"][k], (int, float)), k
     assert res["cost"]["student_bytes"] == (run / "model.safetensors").stat().st_size
@@ -144,6 +147,10 @@ def test_degraded_student_and_the_report(tmp_path: Path, synthetic: Path) -> Non
         val=True,
     )
     f = res["fidelity"]
+    for k in FIDELITY_KEYS:  # each figure inside its interval
+        lo, hi = res["fidelity_ci"][k]
+        assert lo <= f[k] <= hi, (k, f[k], lo, hi)
+    assert res["fidelity_ci"]["answer_exact"][0] < res["fidelity_ci"]["answer_exact"][1]
     assert res["fidelity_val"]["n"] == open_dataset(synthetic).splits["val"]
     assert 0.0 < res["fidelity_val"]["answer_exact"] < 1.0
     assert 0.0 < f["answer_exact"] < 1.0
@@ -195,8 +202,12 @@ def test_degraded_student_and_the_report(tmp_path: Path, synthetic: Path) -> Non
     with pytest.raises(ValueError, match="n_inputs"):
         build_report([run], tmp_path / "bad.html", scaling={"points": [{"filtered": True}]}, gallery_n=0)
 
+    lo, hi = res["fidelity_ci"]["answer_exact"]
+    assert f"{f['answer_exact']:.2f} [{lo:.2f}, {hi:.2f}]" in text  # the figure with its interval
+    assert "95 % interval" in text
     md = markdown_summary(res)
-    assert f"{f['answer_exact']:.3f}" in md and "| Box mAP@0.5 |" in md
+    assert f"| Answer exact match | {f['answer_exact']:.2f} [{lo:.2f}, {hi:.2f}] |" in md
+    assert "| Box mAP@0.5 |" in md and "percentile bootstrap" in md
 
 
 class _Page(HTMLParser):
@@ -408,6 +419,13 @@ def test_eval_times_an_exported_bundle(
     assert exported["ms"] == min(exported["ms_by_threads"].values())
     # the bundle passed export's parity gate, so its answers are the PyTorch student's
     assert exported["parity_vs_student"]["answer_exact"] == 1.0
+    # and it is scored against the teacher on every test row, with intervals, like the PyTorch student
+    saved = json.loads((run / "eval.json").read_text())
+    assert exported["fidelity"]["n"] == saved["n"]
+    assert exported["fidelity"]["answer_exact"] == saved["fidelity"]["answer_exact"]
+    assert set(exported["fidelity_ci"]) == set(saved["fidelity_ci"]) and exported["fidelity_ci"]["answer_f1"]
+    md = markdown_summary(saved)
+    assert "| PyTorch student vs teacher | bundle vs teacher |" in md
 
 
 def test_eval_command_names_a_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -421,6 +439,8 @@ def test_eval_command_names_a_bad_input(tmp_path: Path, capsys: pytest.CaptureFi
     (tmp_path / "ds").mkdir()
     assert main(["eval", str(run), "--dataset", str(tmp_path / "ds"), "--bundle-threads", "0,two"]) == 2
     assert "--bundle-threads '0,two'" in capsys.readouterr().err
+    assert main(["eval", str(run), "--dataset", str(tmp_path / "ds"), "--ci-resamples", "-1"]) == 2
+    assert "--ci-resamples -1" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 2
     assert "model.safetensors" in capsys.readouterr().err
 

@@ -231,15 +231,15 @@ def test_boxes_and_masks_paste_back_like_predict() -> None:
     assert inside > 0.99 and outside == 0.0
 
 
-def test_box_f1_scores_dataset_records_against_runner_dicts() -> None:
+def test_objects_f1_scores_dataset_records_against_runner_dicts() -> None:
     """The int8 fidelity gate compares the runner's dict objects with the dataset's ObjectOut records."""
-    from graphdistill.student.export_parity import box_f1, plain_objects
+    from graphdistill.eval.metrics import objects_f1
     from graphdistill.trace import ObjectOut
 
     target = [ObjectOut(label="cat", class_id=15, score=0.9, box=[0, 0, 10, 10])]
-    pred = [{"label": "cat", "class_id": 15, "score": 0.8, "box": [0.0, 0.0, 10.0, 9.0]}]
-    assert box_f1(pred, plain_objects(target)) == 1.0
-    assert box_f1([{**pred[0], "class_id": 16, "label": "dog"}], plain_objects(target)) == 0.0
+    pred = [{"label": "cat", "class_id": 15, "score": 0.8, "box": [0.0, 0.0, 10.0, 9.0], "mask": None}]
+    assert objects_f1(target, pred) == 1.0
+    assert objects_f1(target, [{**pred[0], "class_id": 16, "label": "dog"}]) == 0.0
 
 
 def _dense_mask(logits: np.ndarray, h: int, w: int, xyxy: list[float]) -> np.ndarray:

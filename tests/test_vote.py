@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from graphdistill.datasets.vote import (
-    normalise_text,
     untta_object,
     vote_answers,
     vote_group,
 )
+from graphdistill.eval.metrics import normalize_text
 from graphdistill.trace import (
     RLE,
     Document,
@@ -134,15 +134,15 @@ def fake_embedder(table: Mapping[str, Sequence[float]]) -> Any:
     return embed
 
 
-def test_normalise_text_strips_case_punctuation_articles() -> None:
-    assert normalise_text("A Cat, on THE mat!") == "cat on mat"
-    assert normalise_text("  an   apple.") == "apple"
+def test_normalize_text_strips_case_punctuation_articles() -> None:
+    assert normalize_text("A Cat, on THE mat!") == "cat on mat"
+    assert normalize_text("  an   apple.") == "apple"
 
 
 def test_answers_cluster_by_normalised_text_majority_wins() -> None:
     answers = ["A cat.", "a cat", "The dog!", "the CAT"]
     idx, agreement, clusters = vote_answers(answers, k=4, embedder=None)
-    assert idx is not None and normalise_text(answers[idx]) == "cat"
+    assert idx is not None and normalize_text(answers[idx]) == "cat"
     assert agreement == pytest.approx(3 / 4)
     assert sorted(len(c) for c in clusters) == [1, 3]
 
@@ -188,7 +188,7 @@ def test_group_vote_fuses_boxes_masks_and_sources_by_majority() -> None:
         make_trace("g", 2, "a dog", [obj("cat", [12, 12, 32, 32], 0.45, m3)], ["d2", "d3"], blobs=blobs),
     ]
     c = vote_group(traces)
-    assert normalise_text(c.answer or "") == "cat"
+    assert normalize_text(c.answer or "") == "cat"
     assert c.agreement["answer"] == pytest.approx(2 / 3)
     assert [o.label for o in c.objects] == ["cat"]  # the dog (1 of 3) is below quorum 2
     # score-weighted box: (0.9*10 + 0.9*10 + 0.45*12) / 2.25 = 10.4

@@ -1,8 +1,9 @@
 """The main job, end to end, on the default teacher models and the built-in real photos.
 
-weights → knowledge base → inputs from the built-in photos (some held out) → record the teacher with K
-samples → filter (vote, checks, splits) → train the student → export
-(ExecuTorch + ONNX, float and int8) → evaluate on the held-out photos (PyTorch and the exported bundles) → HTML report, and a printed headline.
+weights → knowledge base → inputs from the built-in photos (four held out, each asked several questions)
+→ record the teacher with K samples → filter (vote, checks, splits) → train the student → export
+(ExecuTorch + ONNX, float and int8) → evaluate on the held-out photos (PyTorch and the exported bundles,
+each figure with a bootstrap interval) → HTML report, and a printed headline.
 
 Each stage drives the same code as its CLI command, so the demo is also the integration test of the CLI.
 A stage is skipped when its outputs exist and its parameters have not changed (a stamp file per stage),
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from graphdistill.commands._common import CommandError, console, print_json
+from graphdistill.datasets.photos import DEFAULT_HELDOUT
+from graphdistill.eval.metrics import DEFAULT_RESAMPLES
 from graphdistill.runner.bundle import BUNDLE_FORMAT
 
 log = logging.getLogger(__name__)
@@ -38,15 +41,21 @@ class DemoSizes:
     preset: str  # student preset
     eval_teacher_queries: int  # teacher queries re-timed for the speed ratio
     formats: tuple[str, ...]  # export formats (each float + int8)
-    # questions asked about each held-out photo: the consistency checks drop about half the teacher's
-    # answers here, and the held-out test rows are all the evaluation has
+    # questions asked about each held-out photo, half of them worded unlike any training question: the
+    # held-out rows are all the evaluation has (the filter keeps every one, see datasets/filtering.py)
     heldout_questions: int = 3
+    # counterfactual replays of the recorded training inputs (detections relabelled, dropped, duplicated;
+    # retrieve -> reason -> compose re-run): the text and sources heads see every class of the detector's label
+    # set at the cost of the LLM alone
+    replays: int = 0
+    replay_samples: int = 2
 
 
 # Sized for the 30-minute budget on a 2-core CPU. Measured here (idle machine): the teacher records ~3 s a
-# trace with TTA samples batched; 40 inputs + 6 held-out rows x 3 samples took 7 min. 48 inputs + 12 held-out
-# rows x 3 samples is ~180 traces (~9 min); with 6 training minutes, four exports (~4.5 min) and the
-# evaluation that is ~22 minutes, leaving margin for a slower machine.
+# trace with TTA samples batched; 40 inputs + 6 held-out rows x 3 samples took 7 min, and the whole demo with
+# 48 inputs + 12 held-out rows x 3 samples (180 traces) 19.6 min (2026-12-01). 48 inputs + 24 held-out rows
+# (4 photos x 6 questions) x 3 samples is 216 traces: ~2 min more by the same per-trace time (an estimate,
+# not yet measured), ~22 minutes in all, leaving margin for a slower machine.
 FULL = DemoSizes(
     n_inputs=48,
     samples=3,
@@ -55,9 +64,19 @@ FULL = DemoSizes(
     eval_teacher_queries=3,
     formats=("executorch", "onnx"),
     heldout_questions=6,
+    replays=160,
+    replay_samples=2,
 )
 QUICK = DemoSizes(
-    n_inputs=8, samples=2, train_minutes=0.75, preset="tiny", eval_teacher_queries=1, formats=("onnx",)
+    n_inputs=8,
+    samples=2,
+    train_minutes=0.75,
+    preset="tiny",
+    eval_teacher_queries=1,
+    formats=("onnx",),
+    heldout_questions=2,  # one template and one free-form question per held-out photo
+    replays=4,
+    replay_samples=1,
 )
 
 
@@ -70,6 +89,8 @@ def _sizes(args: argparse.Namespace) -> DemoSizes:
         over["samples"] = args.samples
     if getattr(args, "minutes", None):
         over["train_minutes"] = args.minutes
+    if getattr(args, "replays", None) is not None:
+        over["replays"] = args.replays
     if getattr(args, "formats", None):
         over["formats"] = tuple(args.formats.split(","))
     return DemoSizes(**{**asdict(base), **over})
@@ -186,6 +207,8 @@ def run_demo(args: argparse.Namespace) -> int:
             "n": sizes.n_inputs,
             "seed": 0,
             "heldout_questions": sizes.heldout_questions,
+            "heldout": list(DEFAULT_HELDOUT),
+            "questions": 2,  # the held-out photos' questions come from two banks (issue 16)
             "kb": st.version("knowledge base"),
         },
         [inputs],
@@ -230,9 +253,31 @@ def run_demo(args: argparse.Namespace) -> int:
         ),
         resumable=True,
     )
+    if sizes.replays:
+        # writes into the store the record stage made: no outputs of its own to remove on a rerun
+        st.run(
+            "replay",
+            {"n": sizes.replays, "samples": sizes.replay_samples, "record": st.version("record")},
+            [],
+            lambda: _cli(
+                [
+                    "replay",
+                    str(store),
+                    "--graph",
+                    graph_spec,
+                    "--n",
+                    str(sizes.replays),
+                    "--samples",
+                    str(sizes.replay_samples),
+                    "--seed",
+                    "0",
+                ]
+            ),
+            resumable=True,
+        )
     st.run(
         "filter",
-        {"record": st.version("record")},
+        {"record": st.version("record"), "replay": st.version("replay")},
         [dataset],
         lambda: _cli(["filter", str(store), "--out", str(dataset)]),
     )
@@ -283,6 +328,7 @@ def run_demo(args: argparse.Namespace) -> int:
             "train": st.version("train"),
             "q": sizes.eval_teacher_queries,
             "bundles": [st.version(f"export {n.replace('-', ' ')}") for n in sorted(bundles)],
+            "ci_resamples": DEFAULT_RESAMPLES,  # an eval.json from before the intervals is redone
         },
         [run / "eval.json"],
         lambda: _cli(
@@ -328,8 +374,10 @@ def _headline(run: Path, bundles: dict[str, Path], report: Path) -> dict[str, An
             timed[name] = {"ms": e.get("ms"), "speedup_vs_teacher": e.get("speedup_vs_teacher")}
     return {
         "fidelity": ev.get("fidelity", {}),
+        "fidelity_ci": ev.get("fidelity_ci") or {},
         "cost": ev.get("cost", {}),
         "n": ev.get("n"),
+        "photos": ev.get("photos"),
         "bundle_bytes": sizes,
         "bundle_timing": timed,
         "report": str(report),
@@ -349,10 +397,12 @@ def _print_headline(con: Any, h: dict[str, Any]) -> None:
                 f"size         {cost.get('teacher_bytes', 0) / cost['student_bytes']:.0f}× smaller "
                 f"({cost.get('teacher_bytes', 0) / 1e6:.0f} MB → {cost['student_bytes'] / 1e6:.1f} MB)"
             )
-    con.print(f"{'held-out n':<22}{h.get('n')}")
+    con.print(f"{'held-out n':<22}{h.get('n')} rows about {h.get('photos') or '?'} photos")
+    ci = h.get("fidelity_ci") or {}
     for k, v in fid.items():
         if isinstance(v, (int, float)) and not k.endswith("_threshold"):
-            con.print(f"{k:<22}{v:.3f}")
+            interval = f"  95 % interval [{ci[k][0]:.3f}, {ci[k][1]:.3f}]" if ci.get(k) else ""
+            con.print(f"{k:<22}{v:.3f}{interval}")
     for name, size in h["bundle_bytes"].items():
         t = h.get("bundle_timing", {}).get(name) or {}
         speed = ""

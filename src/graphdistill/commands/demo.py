@@ -13,6 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--inputs", type=int, help="number of inputs to make from the built-in photos")
     p.add_argument("--samples", type=int, help="teacher samples per input (for the vote)")
     p.add_argument("--minutes", type=float, help="student training budget in minutes")
+    p.add_argument("--replays", type=int, help="counterfactual replays of the recorded inputs (0: none)")
     p.add_argument("--formats", help="export formats, comma-separated (executorch,onnx)")
     p.add_argument("--json", action="store_true", help="print the headline as JSON")
     p.set_defaults(func=_demo)

@@ -60,7 +60,21 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--no-semantic", dest="semantic", action="store_false", help="skip the MiniLM answer agreement"
     )
+    add_ci_arguments(p)
     p.set_defaults(func=_eval)
+
+
+def add_ci_arguments(p: argparse.ArgumentParser) -> None:
+    from graphdistill.eval.metrics import DEFAULT_RESAMPLES
+
+    p.add_argument(
+        "--ci-resamples",
+        type=int,
+        default=DEFAULT_RESAMPLES,
+        metavar="N",
+        help=f"bootstrap resamples (photos, then their rows) for each 95 %% interval; 0: none ({DEFAULT_RESAMPLES})",
+    )
+    p.add_argument("--ci-seed", type=int, default=0, help="seed of the bootstrap resamples (0)")
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -76,6 +90,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         raise CommandError(f"dataset folder {args.dataset} does not exist")
     if min(args.teacher_n, args.repeats, args.teacher_repeats) < 1:
         raise CommandError("--teacher-n, --repeats and --teacher-repeats must be at least 1")
+    if args.ci_resamples < 0:
+        raise CommandError(f"--ci-resamples {args.ci_resamples}: must be >= 0")
     bundle_threads = _threads(args.bundle_threads)
     con = console(stderr=True)
     tasks: dict[str, Any] = {}
@@ -111,6 +127,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                 semantic_threshold=args.semantic_threshold,
                 semantic=args.semantic,
                 graph_spec=args.graph,
+                ci_resamples=args.ci_resamples,
+                ci_seed=args.ci_seed,
                 progress=progress,
                 status=status,
             )
@@ -136,21 +154,17 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
+    from graphdistill.eval.metrics import FIDELITY_KEYS
+    from graphdistill.eval.summary import fmt_ci
+
     t = Table(
         "fidelity (student vs teacher)",
-        "value",
-        title=f"{result['run']} on {result['split']} (n={result['n']})",
+        "value [95 % interval]",
+        title=f"{result['run']} on {result['split']} (n={result['n']}, {result.get('photos', '?')} photos)",
     )
-    for k in (
-        "answer_exact",
-        "answer_f1",
-        "answer_semantic",
-        "box_map50",
-        "box_map",
-        "mask_miou",
-        "sources_recall",
-    ):
-        t.add_row(k, _fmt(result["fidelity"].get(k)))
+    ci = result.get("fidelity_ci") or {}
+    for k in FIDELITY_KEYS:
+        t.add_row(k, fmt_ci(result["fidelity"].get(k), ci.get(k)))
     c = result["cost"]
     t.add_row("teacher ms / query", _fmt(c.get("teacher_ms")))
     t.add_row("student ms / query", _fmt(c.get("student_ms")))

@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="photo ids whose inputs all go to test (default: the built-in held-out photos)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print {kept, dropped, by_rule, splits}")
+    p.add_argument("--json", action="store_true", help="print {kept, dropped, by_rule, splits, heldout}")
     p.set_defaults(func=_filter)
 
 
@@ -136,6 +136,7 @@ def _filter(args: argparse.Namespace) -> int:
                 "dropped": summary["dropped"],
                 "by_rule": summary["by_rule"],
                 "splits": summary["splits"],
+                "heldout": summary["heldout"],
                 "dataset": str(out),
             }
         )
@@ -147,5 +148,11 @@ def _filter(args: argparse.Namespace) -> int:
         )
         for rule, n in summary["by_rule"].items():
             c.print(f"  dropped by {rule}: {n}")
+        held = summary["heldout"]
+        if held["groups"]:
+            c.print(
+                f"  held out: {held['kept']} kept for evaluation (the test split; "
+                f"{held['kept_for_evaluation']} flagged by a check, kept all the same)"
+            )
         c.print(f"dataset: {out}   report: {out / 'report' / 'report.html'}")
     return 0

@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--threshold",
         type=float,
         default=None,
-        help="object score threshold (default: the student's own, its detector's confidence threshold)",
+        help="report only objects scoring at least this (default: the student's own threshold, the teacher "
+        "detector's; a lower value cannot bring back objects the student dropped)",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--json", action="store_true", help="print one JSON object: answer, objects, sources")

@@ -65,6 +65,7 @@ def _ensure_eval(run: Path, args: argparse.Namespace) -> None:
     if (run / "eval.json").exists():
         return
     from graphdistill.commands.eval import run_eval
+    from graphdistill.eval.metrics import DEFAULT_RESAMPLES
 
     console(stderr=True).print(f"{run} has no eval.json yet: evaluating it first")
     ns = argparse.Namespace(
@@ -81,6 +82,8 @@ def _ensure_eval(run: Path, args: argparse.Namespace) -> None:
         semantic_threshold=0.8,
         val=False,
         graph=None,
+        ci_resamples=DEFAULT_RESAMPLES,
+        ci_seed=0,
     )
     run_eval(ns)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from graphdistill.commands._common import CommandError, console, print_json
 
-SHOWN_LOSSES = ("answer_ce", "class", "box_l1", "mask_bce", "sources")
+SHOWN_LOSSES = ("answer_ce", "det_cls", "det_box", "kd_cls", "mask_bce", "sources")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -32,16 +32,30 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         action="append",
         default=[],
         metavar="NAME=W",
-        help="weight of one loss, repeatable (e.g. --loss-weight box_l1=0 --loss-weight mask_dice=4); "
-        "names: answer_ce, answer_kl, class, box_l1, box_giou, mask_bce, mask_dice, sources, embedding, "
-        "no_object, embedding:<output>",
+        help="weight of one loss, repeatable (e.g. --loss-weight kd_cls=0 --loss-weight mask_bce=4); "
+        "names: answer_ce, answer_kl, det_cls, det_box, det_dfl, kd_cls, kd_box, mask_bce, sources, "
+        "embedding, embedding:<output>",
+    )
+    p.add_argument(
+        "--start",
+        choices=["auto", "none"],
+        default="auto",
+        help="auto (default): start from what the graph's teachers offer (a YOLO detector: its trunk and "
+        "detection head, and its licence); none: a trunk from scratch",
+    )
+    p.add_argument(
+        "--freeze",
+        choices=["backbone", "trunk", "none"],
+        default="backbone",
+        help="a trunk started from a detector: train its neck and head only (default), none of it (the "
+        "detector stays the teacher's at the student's input size) or all of it",
     )
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
     p.set_defaults(func=_train)
 
 
 def parse_loss_weights(items: list[str]) -> dict[str, float]:
-    """``["box_l1=0", "class=2"]`` -> ``{"box_l1": 0.0, "class": 2.0}``; names are checked by the recipe."""
+    """``["kd_cls=0", "det_cls=2"]`` -> ``{"kd_cls": 0.0, "det_cls": 2.0}``; names are checked by the recipe."""
     weights: dict[str, float] = {}
     for item in items:
         name, _, value = item.partition("=")
@@ -50,7 +64,7 @@ def parse_loss_weights(items: list[str]) -> dict[str, float]:
         except ValueError:
             weight = None
         if weight is None or not name.strip():
-            raise CommandError(f"--loss-weight {item!r}: give NAME=WEIGHT, e.g. box_l1=0.5")
+            raise CommandError(f"--loss-weight {item!r}: give NAME=WEIGHT, e.g. det_box=5")
         weights[name.strip()] = weight
     return weights
 
@@ -99,6 +113,8 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
         overrides={"image_size": args.image_size} if args.image_size else {},
         loss_weights=loss_weights,
+        start=args.start,
+        freeze=args.freeze,
     )
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -133,7 +149,7 @@ def _train(args: argparse.Namespace) -> int:
         if "epoch_task" in state:
             progress.update(state["epoch_task"], completed=record["epoch"])
         val = record["val"]
-        keys = ("answer_exact", "answer_f1", "box_iou", "mask_iou", "sources_recall")
+        keys = ("answer_exact", "answer_f1", "box_map50", "mask_miou", "sources_recall")
         # "val" is measured on the train split when the dataset has no val rows: say so, not "val"
         where = "val" if record.get("val_split", "val") == "val" else "train fit (no val rows)"
         con.print(
@@ -141,9 +157,14 @@ def _train(args: argparse.Namespace) -> int:
             + " ".join(f"{k}={val[k]:.3f}" for k in keys if k in val)
         )
 
-    recipe = TrainRecipe(cfg, on_step=on_step, on_epoch=on_epoch)
+    def on_progress(stage: str, done: int, total: int) -> None:
+        if stage not in state:
+            state[stage] = progress.add_task(stage, total=total, info="")
+        progress.update(state[stage], completed=done, total=total)
+
+    recipe = TrainRecipe(cfg, on_step=on_step, on_epoch=on_epoch, on_progress=on_progress)
     try:
-        with con.status("preparing: tokenizer, model, data"):
+        with progress:
             recipe.setup()
     except (ValueError, FileNotFoundError) as exc:
         raise CommandError(str(exc)) from exc

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from graphdistill.datasets.vote import normalise_text
+from graphdistill.eval.metrics import normalize_text
 
 
 def dhash(image: np.ndarray, size: int = 8) -> int:
@@ -31,7 +31,7 @@ def near_duplicates(keys: Sequence[tuple[str, int, str]], max_distance: int = 4)
     kept_by_question: dict[str, list[tuple[str, int]]] = {}
     dropped: dict[str, str] = {}
     for item_id, h, question in keys:
-        q = normalise_text(question)
+        q = normalize_text(question)
         bucket = kept_by_question.setdefault(q, [])
         dup = next((kid for kid, kh in bucket if hamming(kh, h) <= max_distance), None)
         if dup is not None:

@@ -108,6 +108,15 @@ def write_report(result: FilterResult, store: StoreLike, out: Path) -> Path:
         if rep.get("groups")
         else ""
     )
+    held = summary["heldout"]
+    held_line = (
+        f"<p>Held out: <b>{held['kept']} of {held['groups']} kept for evaluation</b> (the test split), "
+        f"{held['kept_for_evaluation']} of them flagged by a check and kept all the same, so every run is "
+        f"scored on the same rows whatever the filter's settings; {held['no_teacher_output']} dropped with "
+        "no finished teacher sample.</p>"
+        if held["groups"]
+        else ""
+    )
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>graphdistill filter report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} td,th{{padding:2px 10px}}
@@ -116,6 +125,7 @@ def write_report(result: FilterResult, store: StoreLike, out: Path) -> Path:
 <h1>Filter report</h1>
 <p>{summary["groups"]} recorded inputs: <b>{summary["kept"]} kept</b>, {summary["dropped"]} dropped.
 Splits: {esc(splits)}.{replays}</p>
+{held_line}
 <h2>Dropped, by the first rule each failed</h2><table><tr><th>rule</th><th>dropped</th></tr>{rows}</table>
 <h2>Flagged, by every rule (an input can fail several)</h2>
 <table><tr><th>rule</th><th>inputs</th></tr>{flagged}</table>

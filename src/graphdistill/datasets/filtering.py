@@ -3,6 +3,16 @@ thresholds, drop near-duplicates, split by provenance, write the dataset and its
 
 Every recorded group ends either kept (in exactly one split) or dropped by exactly one rule (the first it
 failed; every failed rule is still listed in the report), so kept + dropped = groups.
+
+Held-out groups (inputs made from a held-out photo) are the evaluation set, and it must not depend on the
+filter's settings: runs filtered differently (the scaling study, filtering on and off, later changes to the
+checks) are compared on the same held-out rows. So a held-out group is checked and voted like any other, its
+failed checks are reported, and it is kept all the same, with its consensus as the reference ("held out:
+kept for evaluation"); dedup never drops one. The student is scored against what the teacher said, even where
+the teacher's samples disagreed or its answer named an object its detector missed: fidelity to the teacher
+is the measure, and the checks only decide what the student learns from. Only a held-out group with no
+finished teacher sample is dropped (there is nothing to score against), and that depends on the recording,
+not on the filter's settings.
 """
 
 from __future__ import annotations
@@ -77,10 +87,17 @@ class GroupDecision:
     failed: list[tuple[str, str]]  # every rule it failed: (name, reason)
     split: str | None = None
     rule_scores: dict[str, float] = field(default_factory=dict)
+    heldout: bool = False  # made from a held-out photo: evaluation, never training
 
     @property
     def kept(self) -> bool:
-        return not self.failed
+        return not self.failed or self.kept_for_evaluation
+
+    @property
+    def kept_for_evaluation(self) -> bool:
+        """A held-out group that failed a check, kept as it is (see the module docstring); one with no
+        finished teacher sample has no reference to score against and is dropped."""
+        return self.heldout and bool(self.failed) and self.consensus.n_ok > 0
 
     @property
     def rule(self) -> str | None:
@@ -98,9 +115,10 @@ class FilterResult:
     manifest: dict[str, Any]
 
     def summary(self) -> dict[str, Any]:
-        by_rule = Counter(d.rule for d in self.decisions if d.rule)
+        by_rule = Counter(d.rule for d in self.decisions if d.rule and not d.kept)
         splits = Counter(d.split for d in self.decisions if d.kept)
         replays = [d for d in self.decisions if replay_of(d.consensus.provenance) is not None]
+        held = [d for d in self.decisions if d.heldout]
         return {
             "groups": len(self.decisions),
             "kept": sum(d.kept for d in self.decisions),
@@ -114,6 +132,13 @@ class FilterResult:
                 "groups": len(replays),
                 "kept": sum(d.kept for d in replays),
                 "dropped": sum(not d.kept for d in replays),
+            },
+            "heldout": {
+                "groups": len(held),
+                "kept": sum(d.kept for d in held),
+                # flagged by a check or rule, kept all the same: the evaluation set is fixed
+                "kept_for_evaluation": sum(d.kept_for_evaluation for d in held),
+                "no_teacher_output": sum(not d.kept for d in held),
             },
         }
 
@@ -130,15 +155,10 @@ def load_image_of(c: Consensus, store: StoreLike) -> np.ndarray:
     raise FilterError(f"group {c.group_id}: its traces record no input image")
 
 
-def _split_item(group_id: str, c: Consensus) -> Item:
+def _split_item(group_id: str, c: Consensus, heldout: bool) -> Item:
     """The split unit of a group: its photos; a replay is tied to its parent's group as well."""
     parent = (replay_of(c.provenance) or {}).get("parent_group")
-    return Item(
-        group_id,
-        tuple(c.provenance.photos),
-        is_heldout(c.provenance),
-        tied_to=(str(parent),) if parent else (),
-    )
+    return Item(group_id, tuple(c.provenance.photos), heldout, tied_to=(str(parent),) if parent else ())
 
 
 def decide_group(
@@ -177,7 +197,9 @@ def decide_group(
         scores[rule.name] = score
         if not keep:
             failed.append((rule.name, f"rule {rule.name} scored {score:.3f} < {rule.threshold}"))
-    return GroupDecision(c.group_id, c, failed, rule_scores=scores)
+    return GroupDecision(
+        c.group_id, c, failed, rule_scores=scores, heldout=is_heldout(c.provenance, config.heldout_photos)
+    )
 
 
 def filter_store(
@@ -207,8 +229,9 @@ def filter_store(
         decisions.append(decide_group(traces, config, embedder, names=names, load_blob=store.blob))
         tick("vote", i + 1, len(groups))
 
-    # near-duplicates among the survivors: the best-agreeing copy stays
-    survivors = [d for d in decisions if d.kept]
+    # near-duplicates among the training survivors: the best-agreeing copy stays (held-out rows are the
+    # fixed evaluation set; each is a different question about an untouched photo)
+    survivors = [d for d in decisions if d.kept and not d.heldout]
     if config.dedup and survivors:
         order = sorted(survivors, key=lambda d: (-d.consensus.agreement["answer"], d.group_id))
         keys = []
@@ -224,7 +247,7 @@ def filter_store(
                 d.failed.append(("near_duplicate", f"near-duplicate of group {dup[d.group_id]}"))
 
     kept = [d for d in decisions if d.kept]
-    items = [_split_item(d.group_id, d.consensus) for d in kept]
+    items = [_split_item(d.group_id, d.consensus, d.heldout) for d in kept]
     split_of = assign_splits(items, config.fractions, heldout_photos=config.heldout_photos, seed=config.seed)
     for d in kept:
         d.split = split_of[d.group_id]

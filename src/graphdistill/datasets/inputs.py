@@ -8,9 +8,12 @@ distillation. Two kinds of input are made from the training photos:
   once per photo and cached) pasted onto a background texture or another photo.
 
 Each input gets a question from a bank of templates whose object names are the labels the teacher found in
-the photos used. Held-out photos are never used to make training inputs; each is written once, untouched,
-marked ``heldout`` so evaluation sees real, unseen photos. Every row's provenance lists every real photo
-that went into it (the splitter keeps them in one split). Deterministic for a seed.
+the photos used. Held-out photos are never used to make training inputs; each is written untouched, once
+per question, marked ``heldout`` so evaluation sees real, unseen photos. A held-out photo is asked questions
+from the templates *and* from a separate bank phrased unlike them (:data:`HELDOUT_GENERIC`,
+:data:`HELDOUT_LABEL`), which no training input is ever asked: evaluation also measures whether the student
+carries to wording it never saw. Every row's provenance lists every real photo that went into it (the
+splitter keeps them in one split). Deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ __all__ = [
     "builtin_sources",
     "composite",
     "folder_sources",
+    "make_heldout_questions",
     "make_inputs",
     "make_question",
     "teacher_cutouts",
@@ -273,6 +277,65 @@ def make_question(labels: Sequence[str], rng: np.random.Generator) -> tuple[str,
     return t.format(x=x), {"template": t, "x": x}
 
 
+# Asked only about held-out photos, never in a training input: free-form wording unlike the templates above
+# (no "Is there a ...", "How many ...s", "Where is the ...", "What colour ..."), so the evaluation tells
+# whether the student answers the question or only recognises a template.
+HELDOUT_GENERIC = (
+    "Give me a quick rundown of this scene.",
+    "Who or what is the main subject?",
+    "Anything here I could drink from?",
+    "What's going on in this shot?",
+    "If you had to caption this photo in a few words, what would you write?",
+    "Is anybody in this photo?",
+    "Which things here could someone pick up and carry?",
+)
+HELDOUT_LABEL = (
+    "I think I spot a {x}. Am I right?",
+    "Could you count the {x}s for me?",
+    "In which part of the frame does the {x} sit?",
+    "What's around the {x}?",
+    "Anything worth knowing about that {x}?",
+    "Would you call that a {x}, or something else?",
+)
+
+
+def make_heldout_questions(
+    labels: Sequence[str], n: int, rng: np.random.Generator
+) -> list[tuple[str, dict[str, Any]]]:
+    """``n`` different questions for one held-out photo, alternating banks: template questions
+    (:func:`make_question`, as training inputs are asked) in the even slots, questions from the held-out
+    bank (:data:`HELDOUT_GENERIC`, and :data:`HELDOUT_LABEL` with the teacher's ``labels``) in the odd ones;
+    each recipe says which (``bank``: ``"template"`` or ``"heldout"``). Fewer than ``n`` only when the banks
+    run out of different questions."""
+    names = list(dict.fromkeys(labels))
+    out: list[tuple[str, dict[str, Any]]] = []
+    asked: set[str] = set()
+    for _ in range(16 * max(1, n)):
+        if len(out) >= n:
+            break
+        if len(out) % 2 == 0:
+            q, recipe = make_question(names, rng)
+            recipe = {"bank": "template", **recipe}
+        elif names and rng.random() < 0.5:
+            t = HELDOUT_LABEL[int(rng.integers(len(HELDOUT_LABEL)))]
+            x = names[int(rng.integers(len(names)))]
+            q, recipe = t.format(x=x), {"bank": "heldout", "template": t, "x": x}
+        else:
+            q = HELDOUT_GENERIC[int(rng.integers(len(HELDOUT_GENERIC)))]
+            recipe = {"bank": "heldout", "template": q}
+        if q not in asked:
+            asked.add(q)
+            out.append((q, recipe))
+    return out
+
+
+def _photo_rng(seed: int, photo_id: str) -> np.random.Generator:
+    """A generator of its own for one photo's held-out questions: they depend on the seed and the photo
+    only, never on how many training inputs are made or on which other photos are held out."""
+    digest = hashlib.sha256(f"{seed}\0{photo_id}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
 # --------------------------------------------------------------------------------------------------------
 # Making the inputs file
 # --------------------------------------------------------------------------------------------------------
@@ -313,8 +376,8 @@ def make_inputs(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Write ``out`` (JSONL) and ``<out stem>_images/*.png``: each held-out photo (untouched, with up to
-    ``heldout_questions`` different questions, so evaluation has more than one row per real unseen photo),
-    then ``n`` inputs.
+    ``heldout_questions`` different questions from :func:`make_heldout_questions`, so evaluation has several
+    rows per real unseen photo, some worded unlike any training question), then ``n`` inputs.
 
     ``cutouts`` (photo id -> cut-outs) skips the teacher (tests); otherwise, with ``composites``, the real
     detector + segmenter cut objects out of each training photo once. Image paths in the rows are relative
@@ -356,16 +419,12 @@ def make_inputs(
     writer = _Writer(out_path, images_dir)
     for p in photos:  # each held-out photo untouched, asked up to `heldout_questions` different questions
         if p.id in held:
-            asked: set[str] = set()
-            for _ in range(8 * max(1, heldout_questions)):
-                if len(asked) >= heldout_questions:
-                    break
-                q, qr = make_question(labels.get(p.id, []), rng)
-                if q in asked:
-                    continue
-                asked.add(q)
+            image = p.image()
+            for q, qr in make_heldout_questions(
+                labels.get(p.id, []), heldout_questions, _photo_rng(seed, p.id)
+            ):
                 writer.add(
-                    p.image(), q, [p.id], {"kind": "heldout", "heldout": True, "question": qr}, heldout=True
+                    image, q, [p.id], {"kind": "heldout", "heldout": True, "question": qr}, heldout=True
                 )
 
     cache: dict[str, np.ndarray] = {}

@@ -2,9 +2,11 @@
 
 Inputs that share a real source photo are tied together (a composite made from photos A and B ties A and
 B, and everything else made from either), and so is a replay with its parent input; whole connected
-components go to one split. Components holding a held-out photo go to test. The rest are ordered by a hash
-of their photo ids and dealt out greedily so each split approaches its target share of rows: deterministic,
-and no photo ever appears in two splits.
+components go to one split. Components holding a held-out photo go to test, and when there are any, test
+holds nothing else: the evaluation set is exactly the rows of real photos no training input was made from,
+and the other components are shared between train and val only. Without held-out photos every split gets its
+share. The components are ordered by a hash of their photo ids and dealt out greedily so each split approaches
+its target share of rows: deterministic, and no photo ever appears in two splits.
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ def assign_splits(
     heldout_photos: Iterable[str] = (),
     seed: int = 0,
 ) -> dict[str, str]:
-    """item id -> "train" | "val" | "test". Held-out items (or those using a held-out photo) go to test."""
+    """item id -> "train" | "val" | "test". Held-out items (or those using a held-out photo) go to test; when
+    there are any, the others go to train and val alone, in the shares of ``fractions[:2]``."""
     if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) <= 0:
         raise ValueError(f"fractions must be three non-negative numbers, got {fractions}")
     held = set(heldout_photos)
@@ -96,6 +99,15 @@ def assign_splits(
             rest.append(comp)
     rest.sort(key=lambda c: _key(c, seed))
     n_total = len(items)
+    if counts["test"]:  # the held-out rows are the test split: the rest train and validate
+        n_total -= counts["test"]
+        counts["test"] = 0
+        shares = target["train"] + target["val"]
+        target = {
+            "train": target["train"] / shares if shares else 1.0,
+            "val": target["val"] / shares if shares else 0.0,
+            "test": 0.0,
+        }
     for comp in rest:
         # the split furthest below its target share (ties: train, val, test)
         split = max(

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
-import string
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from graphdistill.eval.metrics import box_iou_pair, normalize_text
 from graphdistill.trace import (
     RLE,
     BlobRef,
@@ -47,16 +46,6 @@ from graphdistill.trace import (
 log = logging.getLogger(__name__)
 
 Embedder = Callable[[Sequence[str]], np.ndarray]  # texts -> [n, d] unit vectors
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans("", "", string.punctuation)
-
-
-def normalise_text(text: str) -> str:
-    """Lowercase, strip punctuation and articles, collapse whitespace."""
-    t = _ARTICLES.sub(" ", text.lower().translate(_PUNCT))
-    return " ".join(t.split())
-
 
 # --------------------------------------------------------------------------------------------------------
 # Reading values out of traces
@@ -318,14 +307,6 @@ class Consensus:
     ground_truth: dict[str, Any] | None = None  # human labels the input carried, if any
 
 
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _find(parent: list[int], i: int) -> int:
     while parent[i] != i:
         parent[i] = parent[parent[i]]
@@ -340,7 +321,7 @@ def vote_answers(
     n = len(answers)
     if n == 0:
         return None, 0.0, []
-    norms = [normalise_text(a) for a in answers]
+    norms = [normalize_text(a) for a in answers]
     parent = list(range(n))
     for i in range(n):
         for j in range(i + 1, n):
@@ -381,7 +362,7 @@ def vote_objects(
             for c in clusters:
                 if c[0][1].label != obj.label or any(si == s for si, _ in c):
                     continue
-                v = box_iou(_fused_box([o for _, o in c]), obj.box)
+                v = box_iou_pair(_fused_box([o for _, o in c]), obj.box)
                 if v >= best_iou:
                     best, best_iou = c, v
             if best is None:

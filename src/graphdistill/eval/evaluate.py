@@ -2,12 +2,15 @@
 the live teacher graph, in one process. The result is what ``graphdistill eval`` prints and writes to
 ``RUN/eval.json``::
 
-    {"n": int, "split": str, "run": str, "dataset": str,
+    {"n": int, "photos": int, "split": str, "run": str, "dataset": str,
      "fidelity": {answer_exact, answer_f1, answer_semantic, box_map50, box_map, mask_miou, sources_recall, ...},
+     "fidelity_ci": {answer_exact: [lo, hi], ...},  # 95 % bootstrap intervals, photos then rows resampled
+     "ci": {level, resamples, seed, method},
      "cost": {teacher_ms, student_ms, speedup, teacher_bytes, student_bytes, size_ratio, ...},
      "rows": [{id, question, teacher_answer, student_answer, answer_f1, objects_f1, mask_miou,
                sources_recall, disagreement}],  # per test row, for the report's gallery
-     "exported": {bundle: {ms, fidelity vs the PyTorch student}}, "ground_truth": {...} (when rows have it)}
+     "exported": {bundle: {ms, fidelity and fidelity_ci vs the teacher on every row, parity_vs_student}},
+     "ground_truth": {...} (when rows have it)}
 """
 
 from __future__ import annotations
@@ -28,15 +31,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 Status = Callable[[str], None]
 
-FIDELITY_KEYS = (
-    "answer_exact",
-    "answer_f1",
-    "answer_semantic",
-    "box_map50",
-    "box_map",
-    "mask_miou",
-    "sources_recall",
-)
+FIDELITY_KEYS = metrics.FIDELITY_KEYS
 COST_KEYS = ("teacher_ms", "student_ms", "speedup", "teacher_bytes", "student_bytes")
 
 
@@ -80,13 +75,11 @@ def row_scores(teacher: dict[str, Any], student: dict[str, Any]) -> dict[str, fl
     >= 0.5), mask mIoU, sources recall; ``disagreement`` = 1 - their mean."""
     t_objs = [metrics.as_object(o) for o in teacher.get("objects") or []]
     s_objs = [metrics.as_object(o) for o in student.get("objects") or []]
-    pairs = metrics.match_objects(t_objs, s_objs)
-    n = len(t_objs) + len(s_objs)
     scores: dict[str, float | None] = {"answer_f1": None, "objects_f1": None, "mask_miou": None}
     if "answer" in teacher:
         scores["answer_f1"] = metrics.token_f1(str(student.get("answer") or ""), str(teacher["answer"] or ""))
     if "objects" in teacher:
-        scores["objects_f1"] = 2 * len(pairs) / n if n else 1.0
+        scores["objects_f1"] = metrics.objects_f1(t_objs, s_objs)
         scores["mask_miou"] = metrics.mask_miou([t_objs], [s_objs])
     scores["sources_recall"] = (
         metrics.source_metrics([teacher["sources"] or []], [student.get("sources") or []])["sources_recall"]
@@ -96,6 +89,13 @@ def row_scores(teacher: dict[str, Any], student: dict[str, Any]) -> dict[str, fl
     vals = [v for v in scores.values() if v is not None]
     scores["disagreement"] = 1.0 - float(np.mean(vals)) if vals else 0.0
     return scores
+
+
+def photo_key(row: Mapping[str, Any]) -> str:
+    """The photo(s) a dataset row was made from, as one key: the unit the bootstrap resamples (rows about
+    one photo are correlated). A row without provenance is its own unit."""
+    photos = sorted(str(p) for p in row.get("provenance_photos") or [])
+    return "+".join(photos) if photos else f"row:{row.get('id')}"
 
 
 def jsonable_output(out: Any, kinds: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -153,11 +153,18 @@ def evaluate_run(
     semantic: bool = True,
     graph_spec: str | None = None,
     predictor: Any | None = None,
+    ci_resamples: int = metrics.DEFAULT_RESAMPLES,
+    ci_seed: int = 0,
     progress: Progress | None = None,
     status: Status | None = None,
 ) -> dict[str, Any]:
     """Everything ``graphdistill eval`` reports; see the module docstring for the shape. ``val`` also scores
     the val split (``fidelity_val``).
+
+    Each fidelity figure, of the PyTorch student and of every bundle, comes with a 95 % bootstrap interval
+    (:func:`metrics.fidelity_intervals`: the split's photos resampled, then the rows of each, ``ci_resamples``
+    times from ``ci_seed``; 0 resamples: no intervals). Each bundle answers every row of the split, so its
+    fidelity to the teacher is measured on the same rows as the PyTorch student's.
 
     ``predictor`` (anything with ``.predict(image, question)``) replaces ``load_student(run)``, e.g. a
     student already in memory; sizes still come from ``RUN/model.safetensors``.
@@ -179,6 +186,8 @@ def evaluate_run(
         raise EvalError(str(exc)) from exc
     if not rows:
         raise EvalError(f"dataset {dataset}: split {split!r} has no rows to evaluate on")
+    if ci_resamples < 0:
+        raise EvalError(f"ci_resamples must be >= 0, got {ci_resamples}")
     kinds = output_kinds_of(ds)  # outputs are keyed by the graph's own names; scored by kind
 
     say(f"loading the student from {run}")
@@ -218,9 +227,11 @@ def evaluate_run(
     }
 
     exported: dict[str, Any] = {}
+    bundle_out: dict[str, list[dict[str, Any]]] = {}
     for b in bundles:
         by_threads: dict[str, float] = {}
         lat: dict[str, Any] = {}
+        runner: Any = None
         for threads in bundle_threads or (None,):
             say(f"loading exported bundle {b}" + (f" ({threads} threads)" if threads else ""))
             runner = load_bundle_runner(b, threads)
@@ -232,6 +243,11 @@ def evaluate_run(
                 progress=progress,
             )
             by_threads[str(threads or "default")] = lat["median_ms"]
+        outs = bundle_out[str(b)] = []
+        for i, row in enumerate(rows):  # every row: its fidelity is scored like the PyTorch student's
+            outs.append(jsonable_output(runner.predict(ds.image(row), row["question"]), kinds))
+            if progress:
+                progress(f"{Path(b).name} on {split}", i + 1, len(rows))
         parity = metrics.compare_outputs(
             [student_out[i] for i in range(len(inputs))],
             [jsonable_output(o, kinds) for o in lat["outputs"]],
@@ -292,6 +308,26 @@ def evaluate_run(
     )
     fid["answer_semantic_threshold"] = semantic_threshold if semantic else None
     ground_truth = fid.pop("ground_truth", None)
+    clusters = [photo_key(r) for r in rows]
+    score_kw: dict[str, Any] = dict(
+        embedder=embedder, semantic=semantic, semantic_threshold=semantic_threshold
+    )
+
+    def intervals(predicted: list[dict[str, Any]]) -> dict[str, list[float] | None] | None:
+        if not ci_resamples:
+            return None
+        return metrics.fidelity_intervals(
+            teacher_out, predicted, clusters, resamples=ci_resamples, seed=ci_seed, **score_kw
+        )
+
+    if ci_resamples:
+        say(f"bootstrap intervals ({ci_resamples} resamples of {len(set(clusters))} photos, then their rows)")
+    fid_ci = intervals(student_out)
+    for b, outs in bundle_out.items():
+        exported[b]["fidelity"] = metrics.compare_outputs(
+            teacher_out, outs, class_names=ds.class_names, **score_kw
+        )
+        exported[b]["fidelity_ci"] = intervals(outs)
     fid_val = None
     if val and split != "val" and ds.splits.get("val"):
         val_rows = _real_rows(ds.rows("val"), "val")
@@ -337,10 +373,19 @@ def evaluate_run(
         )
     result: dict[str, Any] = {
         "n": len(rows),
+        "photos": len(set(clusters)),
         "split": split,
         "run": str(run),
         "dataset": str(Path(dataset)),
         "fidelity": fid,
+        "fidelity_ci": fid_ci,
+        "ci": {
+            "level": metrics.DEFAULT_LEVEL,
+            "resamples": ci_resamples,
+            "seed": ci_seed,
+            "method": "percentile bootstrap: the split's photos drawn with replacement, then the rows of "
+            "each drawn photo; every figure recomputed on each resample",
+        },
         "cost": cost_out,
         "rows": per_row,
     }

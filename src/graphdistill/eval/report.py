@@ -21,7 +21,16 @@ from typing import Any
 
 import numpy as np
 
-from graphdistill.eval.summary import FIDELITY_ROWS, fmt_bytes, fmt_num, fmt_ratio, headline
+from graphdistill.eval.summary import (
+    FIDELITY_ROWS,
+    ci_note,
+    fidelity_columns,
+    fmt_bytes,
+    fmt_ci,
+    fmt_num,
+    fmt_ratio,
+    headline,
+)
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +300,12 @@ def render_html(
 ) -> str:
     """The whole report as one HTML string (pure: no file or model access)."""
     name0, ev0 = evs[0]
-    c0, f0 = ev0["cost"], ev0["fidelity"]
+    c0, f0, ci0 = ev0["cost"], ev0["fidelity"], ev0.get("fidelity_ci") or {}
+
+    def interval(key: str) -> str:
+        lo_hi = ci0.get(key)
+        return f" (95 % interval {fmt_num(lo_hi[0], 2)}–{fmt_num(lo_hi[1], 2)})" if lo_hi else ""
+
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
@@ -300,13 +314,16 @@ def render_html(
         '<section id="headline"><p>' + _e(headline(ev0)) + '</p><div class="cards">',
         _card(fmt_ratio(c0.get("speedup")), "faster than the teacher graph"),
         _card(fmt_ratio(c0.get("size_ratio")), "smaller (model bytes)"),
-        _card(fmt_num(f0.get("answer_f1"), 2), "answer token F1"),
-        _card(fmt_num(f0.get("box_map50"), 2), "box mAP@0.5"),
-        _card(fmt_num(f0.get("mask_miou"), 2), "mask mIoU"),
+        _card(fmt_num(f0.get("answer_f1"), 2), "answer token F1" + interval("answer_f1")),
+        _card(fmt_num(f0.get("box_map50"), 2), "box mAP@0.5" + interval("box_map50")),
+        _card(fmt_num(f0.get("mask_miou"), 2), "mask mIoU" + interval("mask_miou")),
         "</div></section>",
     ]
-    # fidelity table: one column per run (+ human-label columns of the first run when present)
+    # fidelity table: one column per run, then the first run's exported bundles (scored against the teacher
+    # on the same rows), its val split and its human-label columns when present
+    bundles = fidelity_columns(ev0)[1:]
     head = "".join(f"<th>{_e(n)}</th>" for n, _ in evs)
+    head += "".join(f"<th>{_e(name0)}: {_e(b)}</th>" for b, _, _ in bundles)
     val = ev0.get("fidelity_val")
     if val:
         head += f"<th>{_e(name0)} (val split)</th>"
@@ -315,20 +332,32 @@ def render_html(
         head += "<th>student vs human labels</th><th>teacher vs human labels</th>"
     rows = []
     for key, label in FIDELITY_ROWS:
-        cells = "".join(f"<td>{fmt_num(ev['fidelity'].get(key))}</td>" for _, ev in evs)
+        cells = "".join(
+            f"<td>{_e(fmt_ci(ev['fidelity'].get(key), (ev.get('fidelity_ci') or {}).get(key)))}</td>"
+            for _, ev in evs
+        )
+        cells += "".join(f"<td>{_e(fmt_ci(f.get(key), ci.get(key)))}</td>" for _, f, ci in bundles)
         if val:
             cells += f"<td>{fmt_num(val.get(key))}</td>"
         if gt:
             cells += f"<td>{fmt_num(gt['student'].get(key))}</td><td>{fmt_num(gt['teacher'].get(key))}</td>"
         rows.append(f"<tr><td>{_e(label)}</td>{cells}</tr>")
-    n_row = "".join(f"<td>{_e(ev.get('n'))} ({_e(ev.get('split'))})</td>" for _, ev in evs)
+    n_row = "".join(
+        f"<td>{_e(ev.get('n'))} ({_e(ev.get('split'))}"
+        + (f", {_e(ev['photos'])} photos" if ev.get("photos") else "")
+        + ")</td>"
+        for _, ev in evs
+    )
+    n_row += "".join(f"<td>{_e(ev0.get('n'))}</td>" for _ in bundles)
     if val:
         n_row += f"<td>{_e(val.get('n'))} (val)</td>"
     rows.append(f"<tr><td>held-out inputs</td>{n_row}{'<td></td><td></td>' if gt else ''}</tr>")
     parts += [
         '<section id="fidelity-section"><h2>Fidelity to the teacher</h2>',
         '<p class="muted">The teacher graph\'s outputs are the ground truth. Mask mIoU matches student to '
-        "teacher objects by class and box IoU (Hungarian); a teacher object the student missed counts as 0.</p>",
+        "teacher objects by class and box IoU (Hungarian); a teacher object the student missed counts as 0. "
+        + (_e(ci_note(ev0)) if ci0 else "")
+        + "</p>",
         f'<div class="scroll"><table id="fidelity"><tr><th>metric</th>{head}</tr>{"".join(rows)}</table></div>',
         "</section>",
     ]

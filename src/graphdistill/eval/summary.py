@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 FIDELITY_ROWS = (
@@ -26,6 +27,26 @@ def fmt_num(v: Any, digits: int = 3) -> str:
     return f"{float(v):.{digits}f}"
 
 
+def fmt_ci(v: Any, ci: Any, digits: int = 2) -> str:
+    """A figure with its interval, "0.72 [0.61, 0.80]"; the figure alone when it has none."""
+    if v is None or not ci:
+        return fmt_num(v)
+    lo, hi = ci
+    return f"{float(v):.{digits}f} [{float(lo):.{digits}f}, {float(hi):.{digits}f}]"
+
+
+def fidelity_columns(ev: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any], Mapping[str, Any]]]:
+    """(name, fidelity, intervals) of the PyTorch student, then of each exported bundle scored against the
+    teacher on the same rows."""
+    cols: list[tuple[str, Mapping[str, Any], Mapping[str, Any]]] = [
+        ("PyTorch student", ev.get("fidelity") or {}, ev.get("fidelity_ci") or {})
+    ]
+    for name, info in (ev.get("exported") or {}).items():
+        if info.get("fidelity"):
+            cols.append((Path(name).name, info["fidelity"], info.get("fidelity_ci") or {}))
+    return cols
+
+
 def fmt_bytes(n: Any) -> str:
     if n is None:
         return "n/a"
@@ -44,41 +65,50 @@ def fmt_ratio(v: Any) -> str:
 
 
 def headline(ev: Mapping[str, Any]) -> str:
-    """One sentence: speedup, size ratio and the answer/box fidelity."""
-    c, f = ev.get("cost", {}), ev.get("fidelity", {})
+    """One sentence: speedup, size ratio and the answer/box fidelity, each with its 95 % interval."""
+    c, f, ci = ev.get("cost", {}), ev.get("fidelity", {}), ev.get("fidelity_ci") or {}
     parts = []
     if c.get("speedup") is not None:
         parts.append(f"{fmt_ratio(c['speedup'])} faster")
     if c.get("size_ratio") is not None:
         parts.append(f"{fmt_ratio(c['size_ratio'])} smaller")
     fid = []
-    if f.get("answer_f1") is not None:
-        fid.append(f"answer F1 {fmt_num(f['answer_f1'], 2)}")
-    if f.get("box_map50") is not None:
-        fid.append(f"box mAP@0.5 {fmt_num(f['box_map50'], 2)}")
-    if f.get("mask_miou") is not None:
-        fid.append(f"mask mIoU {fmt_num(f['mask_miou'], 2)}")
+    for key, label in (("answer_f1", "answer F1"), ("box_map50", "box mAP@0.5"), ("mask_miou", "mask mIoU")):
+        if f.get(key) is not None:
+            fid.append(f"{label} {fmt_ci(f[key], ci[key]) if ci.get(key) else fmt_num(f[key], 2)}")
     what = "The student is " + (" and ".join(parts) if parts else "measured") + " than the teacher graph"
     if not parts:
         what = "The student, against the teacher graph"
+    n = f"n = {ev.get('n', '?')} held-out inputs" + (
+        f" about {ev['photos']} photos" if ev.get("photos") else ""
+    )
     return (
-        what + (", keeping " + ", ".join(fid) if fid else "") + f" (n = {ev.get('n', '?')} held-out inputs)."
+        what
+        + (", keeping " + ", ".join(fid) if fid else "")
+        + f" ({n}"
+        + ("; 95 % intervals" if ci else "")
+        + ")."
     )
 
 
 def markdown_summary(ev: Mapping[str, Any]) -> str:
     """A headline, the fidelity table and the cost table of one ``eval.json``."""
-    f, c = ev.get("fidelity", {}), ev.get("cost", {})
-    lines = [f"**{headline(ev)}**", "", "| Fidelity to the teacher | Student |", "|---|---:|"]
+    c = ev.get("cost", {})
+    cols = fidelity_columns(ev)
     gt = ev.get("ground_truth")
+    head = "| Fidelity [95 % interval] | " + " | ".join(f"{n} vs teacher" for n, _, _ in cols) + " |"
+    rule = "|---|" + "---:|" * len(cols)
     if gt:
-        lines[2] = "| Fidelity | Student vs teacher | Student vs human labels | Teacher vs human labels |"
-        lines[3] = "|---|---:|---:|---:|"
+        head += " Student vs human labels | Teacher vs human labels |"
+        rule += "---:|---:|"
+    lines = [f"**{headline(ev)}**", "", head, rule]
     for key, label in FIDELITY_ROWS:
-        row = f"| {label} | {fmt_num(f.get(key))} |"
+        row = f"| {label} | " + " | ".join(fmt_ci(f.get(key), ci.get(key)) for _, f, ci in cols) + " |"
         if gt:
             row += f" {fmt_num(gt['student'].get(key))} | {fmt_num(gt['teacher'].get(key))} |"
         lines.append(row)
+    if ev.get("fidelity_ci"):
+        lines += ["", ci_note(ev)]
     lines += [
         "",
         "| Cost (same machine, warm, median) | Teacher graph | Student | Ratio |",
@@ -101,3 +131,12 @@ def markdown_summary(ev: Mapping[str, Any]) -> str:
         f"Split `{ev.get('split', '?')}` of `{ev.get('dataset', '?')}`; run `{ev.get('run', '?')}`.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def ci_note(ev: Mapping[str, Any]) -> str:
+    ci = ev.get("ci") or {}
+    return (
+        f"Intervals: {100 * float(ci.get('level', 0.95)):.0f} % percentile bootstrap, "
+        f"{ci.get('resamples', '?')} resamples of the {ev.get('photos', '?')} held-out photos and then of each "
+        "photo's rows (rows about one photo are not independent)."
+    )

@@ -110,7 +110,7 @@ def export_run(
     try:
         say(f"exporting to {fmt} ({quantize})")
         calibration = {"encode": [s.torch_inputs() for s in calib], "decode_step": dec_calls[:64]}
-        files, qmethods = _export(fmt, programs, tmp, quantize, calibration, loaded.encode_outputs)
+        files, qmethods = _export(fmt, programs, tmp, quantize, calibration, loaded)
         shutil.copyfile(loaded.tokenizer_path, tmp / "tokenizer.json")
         manifest = _manifest(loaded, fmt, quantize, files, qmethods, kv_shape, tmp)
         _write_manifest(tmp, manifest)
@@ -143,13 +143,17 @@ def _export(
     tmp: Path,
     quantize: str,
     calibration: Any,
-    encode_outputs: list[str],
+    loaded: Any,
 ) -> tuple[dict[str, str], dict[str, str]]:
+    encode_outputs = loaded.encode_outputs
     if fmt == "executorch":
         from graphdistill.student.export_executorch import export_executorch
+        from graphdistill.student.quantize import QUANTIZED, QUANTIZED_WITH_CONVS
 
-        files = export_executorch(programs, tmp, quantize=quantize, calibration=calibration)
-        return files, ({k: "pt2e-xnnpack-static-linear" for k in files} if quantize == "int8" else {})
+        patterns = QUANTIZED_WITH_CONVS if loaded.config.trunk == "ultralytics" else QUANTIZED
+        files = export_executorch(programs, tmp, quantize=quantize, calibration=calibration, int8_patterns=patterns)
+        method = "pt2e-xnnpack-static-" + "-".join(patterns)
+        return files, ({k: method for k in files} if quantize == "int8" else {})
     from graphdistill.student.export_onnx import export_onnx
     from graphdistill.student.phone_decode import input_names
 

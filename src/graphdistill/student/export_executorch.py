@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from graphdistill._lazy import require
-from graphdistill.student.quantize import quantize_pt2e
+from graphdistill.student.quantize import QUANTIZED, quantize_pt2e
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,10 @@ def export_executorch(
     *,
     quantize: str = "none",
     calibration: dict[str, Sequence[tuple[Any, ...]]] | None = None,
+    int8_patterns: tuple[str, ...] = QUANTIZED,
 ) -> dict[str, str]:
     """``programs``: method name -> (eval module, example inputs). Writes ``out_dir/model.pte``; returns
-    method name -> file name."""
+    method name -> file name. ``int8_patterns``: what int8 quantizes (see :func:`quantize_pt2e`)."""
     torch = require("torch")
     exir = require("executorch.exir", purpose="ExecuTorch export")
     xnn = require("executorch.backends.xnnpack.partition.xnnpack_partitioner", purpose="ExecuTorch export")
@@ -41,7 +42,7 @@ def export_executorch(
         for name, (module, example) in programs.items():
             if quantize == "int8":
                 log.info("PT2E int8: calibrating %s on %d inputs", name, len((calibration or {})[name]))
-                module = quantize_pt2e(module, example, (calibration or {})[name])
+                module = quantize_pt2e(module, example, (calibration or {})[name], int8_patterns)
             exported[name] = torch.export.export(module, example)
     if quantize == "int8":
         # out-variants of the quantized ops XNNPACK does not take (e.g. a per-channel dequantize of the tied

@@ -7,13 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from graphdistill.eval.metrics import mask_array_iou, objects_f1, token_f1
 from graphdistill.runner.bundle import Raw, decode_objects
 from graphdistill.runner.preprocess import canvas_size
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
 def parity_float(
@@ -50,7 +46,7 @@ def parity_float(
                 box_diff.append(float(np.abs(r.outputs["boxes"][rk] - g.outputs["boxes"][gk]).max()))
             if "mask_logits" in present:
                 ious += [
-                    mask_iou(rm > 0, gm > 0)
+                    mask_array_iou(rm > 0, gm > 0)
                     for rm, gm in zip(r.outputs["mask_logits"][rk], g.outputs["mask_logits"][gk], strict=True)
                 ]
         result["objects_equal"] = same / len(pairs)
@@ -73,60 +69,10 @@ def parity_float(
     return result
 
 
-def _words(s: str) -> list[str]:
-    return "".join(c.lower() if c.isalnum() else " " for c in s).split()
-
-
-def token_f1(pred: str, ref: str) -> float:
-    """SQuAD-style word F1 (lower-cased, punctuation dropped); the same measure training reports."""
-    p, r = _words(pred), _words(ref)
-    if not p and not r:
-        return 1.0
-    common = sum(min(p.count(w), r.count(w)) for w in set(p))
-    if common == 0:
-        return 0.0
-    prec, rec = common / len(p), common / len(r)
-    return 2 * prec * rec / (prec + rec)
-
-
-def box_iou(a: list[float], b: list[float]) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def box_f1(pred: list[dict[str, Any]], target: list[dict[str, Any]], iou_min: float = 0.5) -> float:
-    """Greedy one-to-one matching (best score first) on same class and IoU >= iou_min; 2·TP / (P + T)."""
-    if not pred and not target:
-        return 1.0
-    free = list(range(len(target)))
-    tp = 0
-    for p in pred:
-        best, best_iou = None, iou_min
-        for j in free:
-            t = target[j]
-            same = t.get("class_id") == p["class_id"] or (
-                t.get("class_id") is None and t["label"] == p["label"]
-            )
-            iou = box_iou(p["box"], t["box"])
-            if same and iou >= best_iou:
-                best, best_iou = j, iou
-        if best is not None:
-            free.remove(best)
-            tp += 1
-    return 2 * tp / (len(pred) + len(target))
-
-
-def plain_objects(objects: list[Any]) -> list[dict[str, Any]]:
-    """Dataset rows carry ``trace.ObjectOut`` records; the runner's decoder speaks plain dicts."""
-    return [o.model_dump() if hasattr(o, "model_dump") else dict(o) for o in objects]
-
-
 def fidelity(loaded: Any, samples: list[Any], raws: list[Raw]) -> dict[str, float]:
-    """Mean answer token F1 (with a text head) and box F1 (with an object head) of decoded predictions
-    against the dataset's (teacher) targets."""
+    """Mean answer token F1 (with a text head) and box F1 (with an object head: object-match F1, class and
+    box IoU >= 0.5) of decoded predictions against the dataset's (teacher) targets; both are
+    :mod:`graphdistill.eval.metrics`' measures, as evaluation and training report them."""
     size = canvas_size(loaded.preprocessing)
     decoding = dict(loaded.thresholds)
     has_text, has_boxes = loaded.config.has_text, "boxes" in loaded.encode_outputs
@@ -140,7 +86,7 @@ def fidelity(loaded: Any, samples: list[Any], raws: list[Raw]) -> dict[str, floa
             target = s.row.get("objects") or []
             if isinstance(target, str):
                 target = json.loads(target)
-            bf1s.append(box_f1(objs, plain_objects(target)))
+            bf1s.append(objects_f1(target, objs))
     out: dict[str, float] = {}
     if has_text:
         out["answer_token_f1"] = float(np.mean(f1s))

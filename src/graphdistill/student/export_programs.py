@@ -155,7 +155,9 @@ def make_sample(
 
 
 def collect_samples(loaded: LoadedRun, kind: str, n: int) -> list[Sample]:
-    """``calibration``: the train split; ``heldout``: val then test. The first ``n`` rows, in order."""
+    """``calibration``: the first ``n`` train rows; ``heldout``: the first ``n`` val rows, topped up with train
+    rows after the calibration ones. Never the test split: the held-out photos are only for evaluation, and a
+    gate that looked at them would be choosing what ships by them."""
     from graphdistill.student.export import ExportError
 
     if loaded.dataset_path is None:
@@ -166,8 +168,8 @@ def collect_samples(loaded: LoadedRun, kind: str, n: int) -> list[Sample]:
         ds = open_dataset(loaded.dataset_path)
     except (DatasetError, OSError) as exc:
         raise ExportError(f"cannot open the run's dataset {loaded.dataset_path}: {exc}") from exc
-    splits = ["train"] if kind == "calibration" else ["val", "test"]
-    rows = [r for s in splits for r in ds.rows(s)][:n]
+    train = ds.rows("train")
+    rows = train[:n] if kind == "calibration" else (ds.rows("val") + train[n:])[:n]
     return [make_sample(loaded, ds.image(r), r["question"], r) for r in rows]
 
 

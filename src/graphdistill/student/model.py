@@ -25,7 +25,8 @@ Why this shape:
   student's own, selected in the same graph (static shapes throughout: exportable as one program).
 - **Masks class-agnostic inside the box** (YOLACT): prototypes learnt from the teacher's SAM masks carry to
   any class; the phone computes ``K × num_masks × (S/4)²`` multiply-adds for them.
-- The text side reads the trunk's features detached: the tiny text loss never bends the detector.
+- The text and mask branches read the trunk's features detached: their losses never bend the detector (on a
+  few hundred photos, letting the mask loss train the neck cost the detector fidelity on unseen photos).
 - ``decode_step`` reads a fixed-size KV cache ``[L, 2, B, H, T, hd]`` and returns this position's keys/values
   (the caller stores them), so it exports as one static graph.
 """
@@ -337,9 +338,10 @@ class Student(nn.Module):
             "det_dist": torch.cat([head.cv2[i](f).flatten(2) for i, f in enumerate(feats)], 2),
             "det_cls": torch.cat([head.cv3[i](f).flatten(2) for i, f in enumerate(feats)], 2),
         }
-        if self.config.has_masks:
-            out["det_coef"] = torch.cat([c(f).flatten(2) for c, f in zip(self.coef, feats, strict=True)], 2)
-            out["protos"] = self.proto(feats[0])
+        if self.config.has_masks:  # the mask branch reads the trunk as the text does: it never bends the detector
+            own = [_text_view(f, self.training) for f in feats]
+            out["det_coef"] = torch.cat([c(f).flatten(2) for c, f in zip(self.coef, own, strict=True)], 2)
+            out["protos"] = self.proto(own[0])
         return out
 
     def decode_boxes(self, dist: Tensor) -> Tensor:
@@ -643,10 +645,10 @@ class Student(nn.Module):
 
 
 def _text_view(feature: Tensor, training: bool) -> Tensor:
-    """A trunk feature as the text side reads it: detached in training (the text loss never bends the detector;
-    ``training`` is False for a student without a detection head, whose trunk only the text side trains);
-    as it is otherwise (an exported graph would keep ``detach`` as an alias op, which ExecuTorch refuses on a
-    channels-last tensor)."""
+    """A trunk feature as the text and mask branches read it: detached in training (their losses never bend the
+    detector, which only the detection losses train; the text side passes ``training`` False when the student has
+    no detection head: then nothing else trains its trunk); as it is otherwise (an exported graph would keep
+    ``detach`` as an alias op, which ExecuTorch refuses on a channels-last tensor)."""
     return feature.detach() if training else feature
 
 

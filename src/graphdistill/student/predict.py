@@ -8,8 +8,8 @@ Boxes come back in pixels of the input image (the letterbox of :mod:`graphdistil
 masks as COCO uncompressed RLE dicts at the input image's size.
 
 Any module that follows :class:`~graphdistill.student.model.StudentProtocol` predicts. When it also has the
-fast path (``encode`` + ``generate``, as the built-in ``Student`` does) one encoder pass gives the heads'
-outputs and feeds a KV-cached decoder; otherwise the answer is decoded greedily through ``forward`` itself (one
+fast path (``encode`` + ``heads`` + ``generate``, as the built-in ``Student`` does) one encoder pass feeds
+the heads and a KV-cached decoder; otherwise the answer is decoded greedily through ``forward`` itself (one
 call per token, the whole prefix each time) and the heads are read from a last ``forward`` over the answer
 as training fed it. An output whose head the module does not return comes back empty (``[]``, or ``None``
 for text and embeddings).
@@ -21,8 +21,6 @@ import importlib
 import json
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -128,14 +126,13 @@ class StudentPredictor:
         image: np.ndarray,
         question: str,
         *,
-        source_threshold: float = 0.5,
         score_threshold: float | None = None,
+        source_threshold: float = 0.5,
         max_len: int | None = None,
     ) -> dict[str, Any]:
         """One photo (HxWx3 uint8 RGB) + question -> ``{output field: value}`` for the graph's outputs. The
-        objects are those the student keeps (``keep``: its own score threshold and NMS, in the graph);
-        ``score_threshold`` selects them at another score instead (``config.score_threshold`` for this call;
-        an exported bundle keeps the threshold it was exported with)."""
+        objects are those the student keeps (``keep``: its own score threshold and NMS, in the graph), and of
+        those only the ones scoring at least ``score_threshold`` when it is given."""
         cfg = self.config
         h, w = image.shape[:2]
         x, scale = preprocess_image(image, cfg.image_size, self.reducing_gap, self.mean, self.std)
@@ -145,16 +142,15 @@ class StudentPredictor:
         qm = torch.tensor([q_mask], dtype=torch.bool, device=self.device)
         t0 = time.perf_counter()
         answer = None
-        with _score_threshold(cfg, score_threshold):
-            if has_fast_path(self.model):
-                heads = self.model.encode(img, qi, qm)  # type: ignore[operator]
-                if cfg.has_text:
-                    ids = self.model.generate(img, qi, qm, max_len, encoded=heads)  # type: ignore[operator]
-                    answer = self.tokenizer.decode(ids[0].tolist())
-            else:
-                ids, heads = greedy_forward(self.model, img, qi, qm, max_len)
-                if cfg.has_text and "answer_logits" in heads:
-                    answer = self.tokenizer.decode(ids[0].tolist())
+        if has_fast_path(self.model):
+            heads = self.model.encode(img, qi, qm)  # type: ignore[operator]
+            if cfg.has_text:
+                ids = self.model.generate(img, qi, qm, max_len, encoded=heads)  # type: ignore[operator]
+                answer = self.tokenizer.decode(ids[0].tolist())
+        else:
+            ids, heads = greedy_forward(self.model, img, qi, qm, max_len)
+            if cfg.has_text and "answer_logits" in heads:
+                answer = self.tokenizer.decode(ids[0].tolist())
         log.debug("student query: %.1f ms", (time.perf_counter() - t0) * 1000)
         result: dict[str, Any] = {}
         for name, kind in cfg.outputs.items():  # the schema's order and field names
@@ -184,12 +180,7 @@ class StudentPredictor:
         return result
 
     def _objects(
-        self,
-        heads: dict[str, torch.Tensor],
-        h: int,
-        w: int,
-        scale: float,
-        score_threshold: float | None = None,
+        self, heads: dict[str, torch.Tensor], h: int, w: int, scale: float, thr: float | None = None
     ) -> list[dict[str, Any]]:
         """The kept objects, best first: boxes back to image pixels, masks pasted inside their boxes (the bundle
         runner's rule, :func:`object_mask_rle`)."""
@@ -197,8 +188,9 @@ class StudentPredictor:
             return []
         cfg = self.config
         scores = heads["scores"][0].float().cpu()
-        threshold = cfg.score_threshold if score_threshold is None else score_threshold
-        keep = heads["keep"][0].cpu().bool() if "keep" in heads else scores >= threshold
+        keep = heads["keep"][0].cpu().bool() if "keep" in heads else scores >= cfg.score_threshold
+        if thr is not None:
+            keep = keep & (scores >= thr)
         classes = heads["classes"][0].cpu()
         side = cfg.image_size / scale
         boxes = heads["boxes"][0].float().cpu() * side
@@ -216,25 +208,11 @@ class StudentPredictor:
             c = int(classes[q])
             label = self.class_names[c] if c < len(self.class_names) else str(c)
             out.append(
-                ObjectOut(
-                    label=label, class_id=c, score=float(scores[q]), box=[x1, y1, x2, y2], mask=mask
-                ).model_dump(mode="json")
+                ObjectOut(label=label, class_id=c, score=float(scores[q]), box=[x1, y1, x2, y2], mask=mask).model_dump(
+                    mode="json"
+                )
             )
         return out
-
-
-@contextmanager
-def _score_threshold(config: StudentConfig, value: float | None) -> Iterator[None]:
-    """``config.score_threshold`` is ``value`` inside the block (the in-graph selection reads it per call)."""
-    if value is None:
-        yield
-        return
-    saved = config.score_threshold
-    config.score_threshold = float(value)
-    try:
-        yield
-    finally:
-        config.score_threshold = saved
 
 
 def load_student(run: str | Path, device: str = "cpu") -> StudentPredictor:

@@ -30,10 +30,18 @@ from graphdistill._lazy import require
 log = logging.getLogger(__name__)
 
 QUANTIZED = ("linear",)  # XNNPACKQuantizer pattern names quantized for ExecuTorch
+# with a YOLO trunk the convolutions are most of the bytes and the work, and int8 halves their time
+QUANTIZED_WITH_CONVS = ("linear", "conv")
 
 
-def quantize_pt2e(module: Any, example: tuple[Any, ...], calibration: Sequence[tuple[Any, ...]]) -> Any:
-    """An eval ``nn.Module`` -> a torch.export-able int8 graph module (PT2E, XNNPACK quantizer)."""
+def quantize_pt2e(
+    module: Any,
+    example: tuple[Any, ...],
+    calibration: Sequence[tuple[Any, ...]],
+    patterns: tuple[str, ...] = QUANTIZED,
+) -> Any:
+    """An eval ``nn.Module`` -> a torch.export-able int8 graph module (PT2E, XNNPACK quantizer) with the
+    XNNPACKQuantizer patterns whose names start with one of ``patterns`` quantized."""
     torch = require("torch")
     pt2e = require("torchao.quantization.pt2e.quantize_pt2e", purpose="int8 export")
     xq = require("executorch.backends.xnnpack.quantizer.xnnpack_quantizer", purpose="int8 export")
@@ -44,7 +52,7 @@ def quantize_pt2e(module: Any, example: tuple[Any, ...], calibration: Sequence[t
         # attention biases (0 / -1e9), which one int8 scale per tensor cannot represent, and the residual
         # stream, whose range varies most; their cost is negligible next to the matmuls.
         SUPPORTED_PATTERNS = [
-            p for p in xq.XNNPACKQuantizer.SUPPORTED_PATTERNS if p.name.startswith(QUANTIZED)
+            p for p in xq.XNNPACKQuantizer.SUPPORTED_PATTERNS if p.name.startswith(patterns)
         ]
 
     quantizer = Quantizer().set_global(xq.get_symmetric_quantization_config(is_per_channel=True))

@@ -70,7 +70,8 @@ class TrainConfig:
     # "auto": start from what the graph's teachers offer (a YOLO detector: its trunk and head); "none": scratch
     start: str = "auto"
     trunk_lr: float = 1e-4  # learning rate of a trunk started from a detector (the rest uses `lr`)
-    # a trunk started from a detector: "backbone" trains its neck and head only, "none" all of it
+    # a trunk started from a detector: "backbone" trains its neck and head only, "trunk" none of it (the
+    # detector stays the teacher's at the student's input size), "none" all of it
     freeze: str = "backbone"
     vocab_size: int | None = None  # None: the preset's
     overrides: dict[str, Any] = field(default_factory=dict)  # extra StudentConfig fields
@@ -130,8 +131,8 @@ class TrainRecipe:
             raise ValueError("give epochs or max_minutes")
         if cfg.start not in ("auto", "none"):
             raise ValueError(f"start must be 'auto' or 'none', got {cfg.start!r}")
-        if cfg.freeze not in ("backbone", "none"):
-            raise ValueError(f"freeze must be 'backbone' or 'none', got {cfg.freeze!r}")
+        if cfg.freeze not in ("backbone", "trunk", "none"):
+            raise ValueError(f"freeze must be 'backbone', 'trunk' or 'none', got {cfg.freeze!r}")
         LossWeights.from_names(cfg.loss_weights)  # a misspelt name fails here, before any work
         dev = cfg.device
         if dev == "auto":
@@ -189,8 +190,8 @@ class TrainRecipe:
             model.start_from(self.start)
             log.info("student trunk and detection head start from %s (%s)", self.start.model_id, self.start.licence)
         trunk = getattr(model, "trunk", None)
-        if self.start is not None and cfg.freeze == "backbone" and hasattr(trunk, "freeze_backbone"):
-            trunk.freeze_backbone()  # type: ignore[union-attr]
+        if self.start is not None and hasattr(trunk, "freeze"):
+            trunk.freeze(cfg.freeze)  # type: ignore[union-attr]
         self.model = model.to(self.device)
         kd = self._detector_targets("train")
         self.train_set = StudentDataset(

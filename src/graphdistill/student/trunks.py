@@ -106,14 +106,17 @@ class UltralyticsTrunk(nn.Module):
         if tuple(strides) != STRIDES:
             raise ValueError(f"the detector's strides are {strides}; the student needs {list(STRIDES)}")
 
-    def freeze_backbone(self, frozen: bool = True) -> None:
-        """Train only the neck and the head: the backbone keeps the detector's weights and runs without
-        gradients (half the trunk's training cost; and a few hundred photos cannot improve what the detector
-        learnt from COCO's 118 k)."""
-        self.backbone_frozen = frozen
-        for m in self.layers[: self.n_backbone]:
+    def freeze(self, part: str) -> None:
+        """``"backbone"``: train only the neck and the head; the backbone keeps the detector's weights and runs
+        without gradients (half the trunk's training cost; a few hundred photos cannot improve what the
+        detector learnt from COCO's 118 k). ``"trunk"``: the whole detector stays the teacher's. ``"none"``:
+        everything trains."""
+        if part not in ("none", "backbone", "trunk"):
+            raise ValueError(f"freeze must be none, backbone or trunk, got {part!r}")
+        self.backbone_frozen = part != "none"
+        for i, m in enumerate([*self.layers, self.head]):
             for p in m.parameters():
-                p.requires_grad_(not frozen)
+                p.requires_grad_(part == "none" or (part == "backbone" and i >= self.n_backbone))
 
     def forward(self, x: Tensor) -> list[Tensor]:
         y: list[Tensor | None] = []

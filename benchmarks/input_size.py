@@ -1,0 +1,158 @@
+"""Which input size the student should run at: fidelity to the teacher detector against the exported trunk's cost.
+
+The student's trunk and detection head start from the teacher's own YOLO detector (which runs at 640). For each
+candidate size this builds that student *before any training* (its in-graph selection is the detector's own
+post-processing), and measures:
+
+- box mAP@0.5 / mAP@0.5:0.95 of its objects against the teacher graph's detector at 640, on the built-in
+  *training* photos only (never the held-out ones: they exist to tell the truth about the chosen size, not to
+  choose it);
+- the ExecuTorch XNNPACK int8 ``encode`` program of a student of that size (trunk, dense head, selection, masks,
+  the text encoder), median ms over repeated calls at 1 and 2 threads, and its file size.
+
+    python benchmarks/input_size.py --out benchmarks/results/input_size.json [--sizes 256,320,384]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+
+def student_at(size: int, start: Any) -> Any:
+    from graphdistill.student.config import StudentConfig
+    from graphdistill.student.model import Student
+
+    cfg = StudentConfig(
+        image_size=size,
+        trunk="ultralytics",
+        trunk_spec=start.spec,
+        num_classes=len(start.class_names),
+        score_threshold=start.score_threshold,
+        nms_iou=start.nms_iou,
+        outputs={"objects": "objects", "sources": "sources"},
+    )
+    model = Student(cfg)
+    model.start_from(start)
+    return model.eval()
+
+
+def fidelity(model: Any, photos: list[Any], teacher: list[Any], names: list[str]) -> dict[str, float]:
+    from graphdistill.eval.metrics import box_map
+    from graphdistill.student.loader import spec_of
+    from graphdistill.student.predict import StudentPredictor
+    from graphdistill.student.tokenizer import StudentTokenizer
+
+    tok = StudentTokenizer.train(["what is in the picture"] * 4, vocab_size=300)
+    meta = {"class_names": names, "documents": [], "preprocessing": spec_of(model.config)}
+    predictor = StudentPredictor(model, tok, meta)
+    student = [predictor.predict(p.image(), "What is in the picture?")["objects"] for p in photos]
+    res = box_map(teacher, student)
+    return {"box_map50": res["box_map50"], "box_map": res["box_map"]}
+
+
+def encode_cost(model: Any, photos: list[Any], repeats: int) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from graphdistill.runner.preprocess import preprocess
+    from graphdistill.student.export_executorch import export_executorch
+    from graphdistill.student.loader import spec_of
+    from graphdistill.student.quantize import QUANTIZED_WITH_CONVS
+
+    cfg = model.config
+    lq = cfg.max_question_len
+
+    class Encode(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.student = model
+
+        def forward(self, image: Any, ids: Any, mask: Any) -> tuple[Any, ...]:
+            out = self.student.encode(image, ids, mask != 0)
+            return tuple(out[k] for k in ("boxes", "scores", "classes", "keep", "mask_logits", "source_logits"))
+
+    spec = spec_of(cfg)
+    images = [torch.from_numpy(preprocess(p.image(), spec)[0]) for p in photos]
+    ids = torch.ones(1, lq, dtype=torch.long)
+    example = (torch.zeros(1, 3, cfg.image_size, cfg.image_size), ids, ids)
+    calibration = [(x, ids, ids) for x in images]
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        export_executorch(
+            {"encode": (Encode().eval(), example)},
+            Path(tmp),
+            quantize="int8",
+            calibration={"encode": calibration},
+            int8_patterns=QUANTIZED_WITH_CONVS,
+        )
+        pte = Path(tmp) / "model.pte"
+        out["pte_bytes"] = pte.stat().st_size
+        from executorch.extension.pybindings import portable_lib
+        from executorch.runtime import Runtime
+
+        import executorch.kernels.quantized  # noqa: F401  (the int8 program's out-of-delegate kernels)
+
+        for threads in (1, 2):
+            portable_lib._unsafe_reset_threadpool(threads)
+            method = Runtime.get().load_program(str(pte)).load_method("encode")
+            inputs = [np.ascontiguousarray(images[0].numpy()), ids.numpy(), ids.numpy()]
+            tensors = [torch.from_numpy(a) for a in inputs]
+            for _ in range(3):
+                method.execute(tensors)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                method.execute(tensors)
+                times.append((time.perf_counter() - t0) * 1000)
+            out[f"encode_ms_{threads}t"] = round(statistics.median(times), 2)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=str(HERE / "results" / "input_size.json"))
+    ap.add_argument("--sizes", default="256,320,384,448")
+    ap.add_argument("--repeats", type=int, default=30)
+    args = ap.parse_args()
+    from graphdistill.datasets.photos import DEFAULT_HELDOUT, builtin_photos
+    from graphdistill.teachers.base import load_offer
+    from graphdistill.teachers.detector import YoloDetector
+
+    detector = YoloDetector()
+    start = load_offer(detector.student_offer(), node="detect")
+    photos = [p for p in builtin_photos() if p.id not in DEFAULT_HELDOUT]
+    teacher = [detector.detect(p.image()).as_objects() for p in photos]
+    rows = []
+    for size in [int(s) for s in args.sizes.split(",")]:
+        model = student_at(size, start)
+        row: dict[str, Any] = {"size": size, **fidelity(model, photos, teacher, start.class_names)}
+        row.update(encode_cost(model, photos, args.repeats))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    result = {
+        "what": "student started from the teacher's YOLO detector, before training: box fidelity to the "
+        "teacher detector (at 640) on the built-in training photos, and the int8 ExecuTorch encode program",
+        "photos": [p.id for p in photos],
+        "teacher_objects": sum(len(t) for t in teacher),
+        "machine": f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), {platform.system()}",
+        "date": time.strftime("%Y-%m-%d"),
+        "sizes": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
