@@ -324,8 +324,8 @@ def test_a_run_started_from_yolo_carries_its_weights_and_licence_into_meta_and_t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("freeze", ["backbone", "none"])
-def test_a_trunk_started_from_the_detector_trains_at_its_own_rate_with_or_without_its_backbone(
+@pytest.mark.parametrize("freeze", ["backbone", "trunk", "none"])
+def test_a_trunk_started_from_the_detector_trains_at_its_own_rate_as_much_as_freeze_says(
     tmp_path: Path, freeze: str
 ) -> None:
     import _models
@@ -340,9 +340,13 @@ def test_a_trunk_started_from_the_detector_trains_at_its_own_rate_with_or_withou
         p for branch in (trunk.head.cv2, trunk.head.cv3) for p in branch.parameters()
     ]  # not the fixed DFL
     rest = [p for m in trunk.layers[trunk.n_backbone :] for p in m.parameters()] + head
-    assert backbone and rest and all(p.requires_grad for p in rest)
+    assert backbone and rest
     assert all(p.requires_grad == (freeze == "none") for p in backbone)
+    assert all(p.requires_grad == (freeze != "trunk") for p in rest)
     groups = {g["initial_lr"]: {id(p) for p in g["params"]} for g in recipe.optimizer.param_groups}
-    trained_trunk = {id(p) for p in backbone + rest if p.requires_grad}
-    assert groups[1e-5] == trained_trunk  # the trunk: trunk_lr; everything else: lr
-    assert groups[1e-3] and not groups[1e-3] & trained_trunk
+    trained_trunk = {id(p) for p in trunk.parameters() if p.requires_grad}
+    assert {id(p) for p in backbone + rest if p.requires_grad} <= trained_trunk
+    assert groups.get(1e-5, set()) == trained_trunk  # the trunk: trunk_lr; everything else: lr
+    assert groups[1e-3] and not groups[1e-3] & {id(p) for p in trunk.parameters()}
+    # the mask, object-token and text parts train at lr whatever the trunk does
+    assert {id(p) for p in recipe.model.proto.parameters()} <= groups[1e-3]
