@@ -57,7 +57,9 @@ def test_quick_demo_runs_every_stage_then_resumes(tmp_path: Path) -> None:
     assert Path(headline["report"]).is_file() and Path(headline["report"]).stat().st_size > 10_000
     assert "onnx-none" in headline["bundle_bytes"]  # the float bundle always passes its parity gate
     assert headline["bundle_timing"]["onnx-none"]["ms"] > 0
-    assert (out / "bundles" / "onnx-none" / "manifest.json").is_file()
+    bundle = json.loads((out / "bundles" / "onnx-none" / "manifest.json").read_text())
+    # visual_rag's detect node offers YOLO11n: the student started from it and its bundle says so
+    assert bundle["started_from"]["kind"] == "ultralytics-detect" and "AGPL-3.0" in bundle["licence"]
     assert "speedup" in first.stderr and "report" in first.stderr
 
     stamps = {p.stem: p.stat().st_mtime_ns for p in (out / ".stamps").glob("*.json")}

@@ -32,12 +32,15 @@ TINY = dict(
     n_heads=2,
     enc_layers=1,
     dec_layers=1,
-    det_layers=1,
     max_question_len=16,
     max_answer_len=12,
-    mask_size=16,
-    num_queries=6,
+    max_objects=4,
+    candidates=20,
+    num_masks=8,
+    proto_channels=16,
 )
+COPY_INPUTS = ["ptr_keys", "ptr_bias", "ptr_vocab"]
+OBJECT_OUTPUTS = ["boxes", "scores", "classes", "keep", "mask_logits"]
 N = {"n_calibration": 3, "n_heldout": 3}
 
 
@@ -97,9 +100,20 @@ def test_onnx_float_bundle_passes_parity(onnx_float: Path) -> None:
     gate = m["parity"]
     assert gate["passed"] and not gate["failures"]
     assert gate["vs_pytorch"]["answer_tokens_equal"] == 1.0
+    assert gate["vs_pytorch"]["objects_equal"] == 1.0  # the same slots kept, with the same classes
     assert gate["vs_pytorch"]["box_max_abs_diff"] <= gate["tolerances"]["box_abs"]
     assert gate["vs_pytorch"]["mask_iou_min"] >= 0.99
     assert set(m["programs"]) == {"encode", "decode_step"}
+    cfg = m["student_config"]
+    k, d, v = cfg["max_objects"], cfg["d_model"], cfg["vocab_size"]
+    # encode selects the objects itself and hands the decoder its per-query inputs, the copy path's included
+    outs = {o["name"]: o for o in m["programs"]["encode"]["outputs"]}
+    assert list(outs) == ["cross_kv", *COPY_INPUTS, *OBJECT_OUTPUTS, "source_logits"]
+    assert outs["classes"]["dtype"] == "int64" and outs["keep"]["dtype"] == "bool"
+    assert outs["boxes"]["shape"] == [1, k, 4] and outs["mask_logits"]["shape"] == [1, k, 16, 16]
+    decoding = m["output_decoding"]
+    assert (decoding["score_threshold"], decoding["nms_iou"]) == (cfg["score_threshold"], cfg["nms_iou"])
+    assert decoding["mask_size"] == 16 and "no_object_class" not in decoding
     step = m["programs"]["decode_step"]
     assert m["kv_cache"]["fixed_size"] and step["arrays"]["kv_cache"]["shape"] == m["kv_cache"]["shape"]
     # every layer's cached keys and values are their own input: views [1, H, T, hd] of the runner's cache
@@ -107,9 +121,13 @@ def test_onnx_float_bundle_passes_parity(onnx_float: Path) -> None:
     cache_inputs = [i for i in step["inputs"] if i.get("view_of", [""])[0] == "kv_cache"]
     assert [i["view_of"][1:] for i in cache_inputs] == [[n, j] for n in range(layers) for j in (0, 1)]
     assert all(i["shape"] == m["kv_cache"]["shape"][2:] for i in cache_inputs)
-    assert [i["name"] for i in step["inputs"][:2]] == ["token", "position"] and len(
-        step["inputs"]
-    ) == 2 + 4 * layers
+    assert [i["name"] for i in step["inputs"][:2]] == ["token", "position"]
+    assert len(step["inputs"]) == 2 + 4 * layers + 3
+    # the copy path's inputs: encode's outputs of the same names, copied in once per query
+    copy = step["inputs"][-3:]
+    assert [i["name"] for i in copy] == [i["per_query"] for i in copy] == COPY_INPUTS
+    assert [i["shape"] for i in copy] == [[1, d, k], [1, k], [1, k, v]]
+    assert step["outputs"][0]["name"] == "scores" and step["outputs"][0]["shape"] == [1, v]
     # decode_step hands back this position's keys/values only: one cache slot, the runner stores it
     kv_new = m["programs"]["decode_step"]["outputs"][1]
     assert kv_new["name"] == "kv_new" and kv_new["shape"] == [
@@ -120,13 +138,17 @@ def test_onnx_float_bundle_passes_parity(onnx_float: Path) -> None:
     assert m["preprocessing"]["layout"] == "NCHW" and m["preprocessing"]["mean"]
     assert set(m["files"]) == {"encode.onnx", "decode_step.onnx", "tokenizer.json"}
     assert m["class_names"] and m["documents"] and m["teacher_graph"]
+    # a student trained from scratch: no teacher weights' terms bind the bundle
+    assert m["started_from"] is None and "from scratch" in m["licence"]
 
 
 def test_runner_gives_what_pytorch_predict_gives(run_dir: Path, onnx_float: Path) -> None:
+    from graphdistill.eval.metrics import mask_iou
     from graphdistill.student.predict import load_student
 
     student = load_student(run_dir)
     runner = BundleRunner(onnx_float, threads=1)
+    n_objects = 0
     for split, i in [("test", 0), ("val", 0), ("train", 1)]:
         image, question = _image(run_dir, split, i)
         want, got = student.predict(image, question), runner.predict(image, question)
@@ -136,15 +158,30 @@ def test_runner_gives_what_pytorch_predict_gives(run_dir: Path, onnx_float: Path
         for g, w in zip(got["objects"], want["objects"], strict=True):
             assert set(g) == set(w)
             np.testing.assert_allclose(g["box"], w["box"], atol=0.5)
+            assert g["score"] == pytest.approx(w["score"], abs=1e-4)
             assert g["mask"]["size"] == w["mask"]["size"]
+            assert mask_iou(g["mask"], w["mask"]) > 0.95
+        n_objects += len(want["objects"])
+    assert n_objects > 0  # objects were compared, not two empty lists
 
 
 def test_int8_is_smaller_and_keeps_fidelity(onnx_float: Path, onnx_int8: Path) -> None:
     import onnx
+    from onnx import numpy_helper
 
-    # the test student is tiny, so its float convolutions (kept float: see quantize.DYNAMIC_OPS) weigh a lot;
-    # what must hold is that every matrix product's weight became int8
-    assert _model_bytes(onnx_int8) < 0.95 * _model_bytes(onnx_float)
+    # the test student is tiny, so its float convolutions (kept float: see quantize.DYNAMIC_OPS) weigh most of
+    # it; what must hold is that every matrix product's weight became int8, and that this is what shrank
+    matmul_bytes = 0
+    for name in ("encode", "decode_step"):
+        graph = onnx.load(str(onnx_float / f"{name}.onnx")).graph
+        consts = {i.name: i for i in graph.initializer}
+        weights = {n.input[1] for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in consts}
+        matmul_bytes += sum(numpy_helper.to_array(consts[w]).nbytes for w in weights)
+    saved = _model_bytes(onnx_float) - _model_bytes(onnx_int8)
+    assert matmul_bytes > 0 and saved > 0.5 * matmul_bytes, (
+        saved,
+        matmul_bytes,
+    )  # int8: a quarter of float32
     for name in ("encode", "decode_step"):
         graph = onnx.load(str(onnx_int8 / f"{name}.onnx")).graph
         consts = {i.name for i in graph.initializer}
@@ -229,8 +266,8 @@ def _corrupt(bundle: Path, tmp_path: Path, how: str) -> Path:
         (b / MANIFEST).write_text(json.dumps(m))
     elif how == "missing":
         (b / "tokenizer.json").unlink()
-    elif how == "old-format":  # a bundle of format 2 (its decode_step took the whole cache as one input)
-        m["format"] = "graphdistill-bundle/2"
+    elif how == "old-format":  # a bundle of format 3 (its objects were decoded from set-prediction queries)
+        m["format"] = "graphdistill-bundle/3"
         m["manifest_sha256"] = manifest_checksum(m)
         (b / MANIFEST).write_text(json.dumps(m))
     return b
@@ -243,7 +280,7 @@ def _corrupt(bundle: Path, tmp_path: Path, how: str) -> Path:
         ("edited", "edited after export"),
         ("wrong-sha", r"decode_step\.onnx is corrupt"),
         ("missing", r"tokenizer\.json is missing"),
-        ("old-format", r"graphdistill-bundle/2.*older graphdistill: export the run again"),
+        ("old-format", r"graphdistill-bundle/3.*older graphdistill: export the run again"),
     ],
 )
 def test_corrupted_bundle_gives_a_clear_error(
@@ -260,6 +297,34 @@ def test_corrupted_bundle_gives_a_clear_error(
     Image.new("RGB", (40, 30)).save(img)
     assert main(["run-bundle", str(b), "--image", str(img), "--question", "what?"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_a_run_of_the_old_student_is_refused_with_a_clear_message(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run trained before the dense object head (config.json with num_queries, meta format /1): predict
+    and export say what it is and what to do, never a stack trace or a silently wrong model."""
+    from graphdistill.cli import main
+    from graphdistill.student.predict import STUDENT_FORMAT, RunError, load_student
+
+    old = tmp_path / "old-run"
+    shutil.copytree(run_dir, old)
+    new_cfg = json.loads((run_dir / "config.json").read_text())
+    cfg = {k: v for k, v in new_cfg.items() if k not in ("trunk", "trunk_spec", "max_objects", "candidates")}
+    (old / "config.json").write_text(json.dumps({**cfg, "num_queries": 6, "det_layers": 1, "mask_size": 16}))
+    export_args = ["export", str(old), "--format", "onnx", "--out", str(tmp_path / "b"), "--calibration", "1"]
+    with pytest.raises(RunError, match="set-prediction .*train the run again"):
+        load_student(old)
+    assert main(export_args) == 2
+    assert "set-prediction" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    (old / "config.json").write_text(json.dumps(new_cfg))
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["format"] == STUDENT_FORMAT
+    (old / "meta.json").write_text(json.dumps({**meta, "format": "graphdistill-student/1"}))
+    with pytest.raises(RunError, match="graphdistill-student/1.*train it again"):
+        load_student(old)
+    assert main(export_args) == 2
+    assert "graphdistill-student/1" in capsys.readouterr().err and not (tmp_path / "b").exists()
 
 
 def test_failed_gate_fails_loudly_and_leaves_no_bundle(
@@ -375,8 +440,9 @@ def test_a_partial_schema_exports_only_its_heads_and_passes_parity(schema_run: t
     assert m["parity"]["passed"] and not m["parity"]["failures"]
     assert m["outputs"] == cfg.outputs and list(m["outputs"]) == list(cfg.outputs)
     heads = [o["name"] for o in m["programs"]["encode"]["outputs"]]
-    want = ["cross_kv" if cfg.has_text else "memory"]
-    want += ["boxes", "class_logits", "mask_logits"] if cfg.has_objects else []
+    copy = cfg.has_text and cfg.has_objects  # the copy path needs objects to copy from
+    want = ["cross_kv", *(COPY_INPUTS if copy else [])] if cfg.has_text else ["memory"]
+    want += OBJECT_OUTPUTS if cfg.has_objects else []
     want += ["source_logits"] if cfg.has_sources else []
     assert heads == want
     vs = m["parity"]["vs_pytorch"]
@@ -395,6 +461,7 @@ def test_a_partial_schema_exports_only_its_heads_and_passes_parity(schema_run: t
         assert first == [cfg.dec_layers, 2, 1, cfg.n_heads, model.n_ctx, cfg.head_dim]
         step = m["programs"]["decode_step"]
         assert step["arrays"]["cross_kv"]["shape"] == first
+        assert [i["name"] for i in step["inputs"] if "per_query" in i] == (COPY_INPUTS if copy else [])
         assert [i["shape"] for i in step["inputs"] if i["name"].startswith("cross_kv.")] == [first[2:]] * (
             2 * cfg.dec_layers
         )

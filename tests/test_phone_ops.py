@@ -22,8 +22,9 @@ pytestmark = [
 ]
 
 CFG = dict(
-    image_size=64, d_model=32, n_heads=2, enc_layers=2, dec_layers=2, det_layers=1, max_question_len=8,
-    max_answer_len=10, mask_size=16, num_queries=4, vocab_size=64, num_classes=5, num_sources=6,
+    image_size=64, d_model=32, n_heads=2, enc_layers=2, dec_layers=2, max_question_len=8, max_answer_len=10,
+    max_objects=4, candidates=20, num_masks=8, proto_channels=16, vocab_size=64, num_classes=5,
+    class_token_ids=[40, 41, 42, 43, 0], num_sources=6,
 )  # fmt: skip
 
 
@@ -47,20 +48,75 @@ def _inputs() -> tuple[Any, Any, Any]:
     return torch.randn(2, 3, 64, 64), ids, mask
 
 
-def test_phone_friendly_encode_and_heads_equal_eager() -> None:
+def _objects(b: int = 1) -> dict[str, Any]:
+    """Teacher-forced objects: two the answer may name (classes 1 and 3), one empty slot, one whose class has
+    no token (class 4): a live copy path."""
+    return {
+        "obj_classes": torch.tensor([[1, 3, -1, 4]] * b),
+        "obj_boxes": torch.tensor(
+            [[[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4], [0, 0, 0, 0], [0.5, 0.5, 0.9, 0.9]]] * b
+        ),
+        "obj_scores": torch.tensor([[0.9, 0.6, 0.0, 0.5]] * b),
+        "obj_valid": torch.tensor([[True, True, False, True]] * b),
+    }
+
+
+def test_phone_friendly_encode_equals_eager() -> None:
     m = _student()
     img, ids, mask = _inputs()
     with torch.no_grad():
-        mem = m.encode(img, ids, mask != 0)
-        heads = m.heads(mem)
+        eager = m.encode(img, ids, mask != 0)
         with phone_ops.phone_friendly(decompose_norms=True):
             assert phone_ops.active()
-            mem_p = m.encode(img, ids, mask)
-            heads_p = m.heads(mem_p)
+            phone = m.encode(img, ids, mask)
         assert not phone_ops.active()
-        torch.testing.assert_close(mem_p, mem, atol=2e-5, rtol=1e-4)
-        for k in heads:
-            torch.testing.assert_close(heads_p[k], heads[k], atol=2e-5, rtol=1e-4)
+    assert set(phone) == set(eager) and {"boxes", "keep", "mask_logits", "ptr_keys", "source_logits"} <= set(
+        eager
+    )
+    for k in eager:
+        if eager[k].is_floating_point():
+            torch.testing.assert_close(phone[k], eager[k], atol=2e-5, rtol=1e-4, msg=k)
+        else:  # the selection itself (classes, keep) is identical
+            assert torch.equal(phone[k], eager[k]), k
+
+
+def test_ultralytics_blocks_traced_for_xnnpack_compute_ultralytics_own_forward() -> None:
+    """A YOLO11n trunk (its architecture from Ultralytics' own YAML, random weights): inside phone_friendly
+    its C3k2/C2PSA/Attention blocks run as slices and 3-D bmm; the numbers are Ultralytics' forward's."""
+    pytest.importorskip("ultralytics")
+    from ultralytics.nn.modules import block
+    from ultralytics.nn.tasks import yaml_model_load
+
+    from graphdistill.student.trunks import UltralyticsTrunk
+
+    torch.manual_seed(0)
+    trunk = UltralyticsTrunk(yaml_model_load("yolo11n.yaml"), num_classes=5)
+    # batch-norm statistics of these random weights (left at 0/1 the activations fade to ~1e-5 by P3, and
+    # any formulation would pass)
+    for mod in trunk.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.momentum = None  # a plain average over the calibration batches
+            mod.reset_running_stats()
+    with torch.no_grad():
+        for _ in range(3):
+            trunk.train()(torch.rand(4, 3, 64, 64))
+    trunk.eval()
+    kinds = {type(mod).__name__ for mod in trunk.modules()}
+    assert {"C3k2", "C2PSA", "Attention"} <= kinds  # the swapped blocks are all in this trunk
+    own = {cls: cls.forward for cls in (block.C2f, block.C2PSA, block.Attention)}
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        want = trunk(x)
+        with phone_ops.phone_friendly():
+            assert (
+                block.C2f.forward is not own[block.C2f]
+                and block.Attention.forward is not own[block.Attention]
+            )
+            got = trunk(x)
+    assert {cls: cls.forward for cls in own} == own  # Ultralytics' own forwards are back afterwards
+    for g, w in zip(got, want, strict=True):
+        assert float(w.std()) > 0.1  # real activations at every level
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
 def test_layer_norm_decomposition_only_when_asked() -> None:
@@ -84,29 +140,63 @@ class _Norm(torch.nn.Module):
         return phone_ops.layer_norm(self.ln, x)
 
 
+def _pointer(m: Student, enc: dict[str, Any]) -> tuple[Any, ...]:
+    """encode's copy-path outputs as the exported step takes them (``ptr_keys`` transposed to [1, D, K])."""
+    return (enc["ptr_keys"].transpose(1, 2), enc["ptr_bias"], enc["ptr_vocab"])
+
+
 @pytest.mark.parametrize("fused_norms", [False, True], ids=["executorch-norms", "onnx-norms"])
 def test_phone_decode_step_equals_the_students_decode_step(fused_norms: bool) -> None:
-    """The exported step (folded norms, cache read without this position, per-layer inputs) against the
-    student's own decode_step over a whole answer, as the runner loops: kv_new stored at each position.
-    Positions at and after this one hold garbage in the phone step's cache: it must not read them."""
+    """The exported step (folded norms, cache read without this position, per-layer inputs, the copy path's
+    mixture) against the student's own decode_step over a whole answer, as the runner loops: kv_new stored at
+    each position. Positions at and after this one hold garbage in the phone step's cache: it must not read
+    them. The step returns probabilities, the student log-probabilities."""
     m = _student()
+    with torch.no_grad():  # copying matters: the generate slot does not take most of the mass
+        m.ptr_gate.bias.fill_(-1.0)
     img, ids, mask = _inputs()
     step = PhoneDecodeStep(m, fused_norms=fused_norms).eval()
+    assert step.copy
     with torch.no_grad():
-        cross = m.cross_kv(m.encode(img[:1], ids[:1], mask[:1] != 0))
+        enc = m.encode(img[:1], ids[:1], mask[:1] != 0, _objects())
+        cross, ptr, pointer = m.cross_kv(enc["memory"]), m.pointer_of(enc), _pointer(m, enc)
         cache = m.empty_cache(1)
         tok = torch.ones(1, 1, dtype=torch.long)
+        copied = 0.0
         for pos in range(m.config.max_answer_len):
             p = torch.tensor([pos])
-            logits, new = m.decode_step(tok, p, None, cache, cross)
+            logp, new = m.decode_step(tok, p, None, cache, cross, ptr)
             stale = cache.clone()
             stale[:, :, :, :, pos:] = torch.randn_like(stale[:, :, :, :, pos:])
-            logits_p, new_p = step(*step_inputs(tok, p, cross, stale))
-            torch.testing.assert_close(logits_p, logits, atol=2e-5, rtol=1e-4)
+            probs_p, new_p = step(*step_inputs(tok, p, cross, stale, pointer))
+            torch.testing.assert_close(probs_p, logp.exp(), atol=2e-5, rtol=1e-4)
             torch.testing.assert_close(new_p, new, atol=2e-5, rtol=1e-4)
+            copied = max(copied, float(probs_p[0, [41, 43]].sum()))
             cache = m.write_kv(cache, new, p)
-            tok = logits.argmax(-1, keepdim=True)
-    assert len(step_inputs(tok, p, cross, cache)) == len(input_names(m.config.dec_layers)) == 2 + 4 * 2
+            tok = logp.argmax(-1, keepdim=True)
+        assert copied > 0.3  # the objects' class tokens took real mass: the copy path was compared
+        assert float(probs_p[0, 40] + probs_p[0, 42]) < 0.1  # no object of those classes to copy
+    names = input_names(m.config.dec_layers, copy=True)
+    assert len(step_inputs(tok, p, cross, cache, pointer)) == len(names) == 2 + 4 * 2 + 3
+    assert names[-3:] == ["ptr_keys", "ptr_bias", "ptr_vocab"]
+
+
+def test_phone_decode_step_without_objects_returns_the_vocabulary_logits() -> None:
+    """A student with text but no object head has no copy path: the step is the plain tied output layer."""
+    torch.manual_seed(0)
+    m = Student(StudentConfig(**{**CFG, "outputs": {"answer": "text", "sources": "sources"}})).eval()
+    img, ids, mask = _inputs()
+    step = PhoneDecodeStep(m).eval()
+    assert not step.copy
+    with torch.no_grad():
+        cross = m.cross_kv(m.encode(img[:1], ids[:1], mask[:1] != 0)["memory"])
+        tok, p = torch.ones(1, 1, dtype=torch.long), torch.tensor([0])
+        logp, new = m.decode_step(tok, p, None, m.empty_cache(1), cross)
+        logits, new_p = step(*step_inputs(tok, p, cross, m.empty_cache(1)))
+    torch.testing.assert_close(logits.log_softmax(-1), logp, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(new_p, new, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="key/value inputs"):
+        step(*step_inputs(tok, p, cross, m.empty_cache(1)), torch.zeros(1))
 
 
 @pytest.mark.slow
@@ -121,11 +211,15 @@ def test_decode_step_lowers_to_one_xnnpack_call() -> None:
     m = _student()
     with torch.no_grad():
         ids = torch.ones(1, 8, dtype=torch.long)
-        cross = m.cross_kv(m.encode(torch.randn(1, 3, 64, 64), ids, ids != 0))
+        enc = m.encode(torch.randn(1, 3, 64, 64), ids, ids != 0, _objects())
+        cross, pointer = m.cross_kv(enc["memory"]), _pointer(m, enc)
 
     class Step(torch.nn.Module):
-        def forward(self, tok: Any, pos: Any, cross: Any, cache: Any) -> Any:
-            return m.decode_step(tok, pos, None, cache, cross)
+        def forward(
+            self, tok: Any, pos: Any, cross: Any, cache: Any, keys: Any, bias: Any, vocab: Any
+        ) -> Any:
+            ptr = {"ptr_keys": keys.transpose(1, 2), "ptr_bias": bias, "ptr_vocab": vocab}
+            return m.decode_step(tok, pos, None, cache, cross, ptr)
 
     tok, pos = torch.ones(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
 
@@ -140,8 +234,8 @@ def test_decode_step_lowers_to_one_xnnpack_call() -> None:
             if n.op == "call_function" and "getitem" not in str(n.target)
         )
 
-    fused = top_level_ops(Step(), (tok, pos, cross, m.empty_cache(1)))
-    phone = top_level_ops(PhoneDecodeStep(m).eval(), step_inputs(tok, pos, cross, m.empty_cache(1)))
+    fused = top_level_ops(Step(), (tok, pos, cross, m.empty_cache(1), *pointer))
+    phone = top_level_ops(PhoneDecodeStep(m).eval(), step_inputs(tok, pos, cross, m.empty_cache(1), pointer))
     assert phone["executorch_call_delegate"] == 1, phone
     assert fused["executorch_call_delegate"] > 2, fused
     outside = {k for k in phone if k != "executorch_call_delegate" and "view" not in k}
@@ -161,9 +255,10 @@ def test_int8_quantizes_the_steps_linear_layers_but_not_its_norm_statistics() ->
     m = _student()
     with torch.no_grad():
         ids = torch.ones(1, 8, dtype=torch.long)
-        cross = m.cross_kv(m.encode(torch.randn(1, 3, 64, 64), ids, ids != 0))
+        enc = m.encode(torch.randn(1, 3, 64, 64), ids, ids != 0, _objects())
+        cross, pointer = m.cross_kv(enc["memory"]), _pointer(m, enc)
     example = step_inputs(
-        torch.ones(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), cross, m.empty_cache(1)
+        torch.ones(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), cross, m.empty_cache(1), pointer
     )
     q = quantize_pt2e(PhoneDecodeStep(m).eval(), example, [example])
     stats, layers = [], []
@@ -173,5 +268,6 @@ def test_int8_quantizes_the_steps_linear_layers_but_not_its_norm_statistics() ->
             (stats if NORM_MEAN in str(weight.target) else layers).append("dequantize" in str(weight.target))
     n_norms = 3 * m.config.dec_layers + 1
     assert stats == [False] * (2 * n_norms)  # mean and variance of every norm, float
-    # per layer: qkv, proj, q_x, proj_x, both feed-forward layers; and the output projection
+    # per layer: qkv, proj, q_x, proj_x, both feed-forward layers; and the output projection (vocabulary
+    # logits, the copy path's query and its gate in one)
     assert layers == [True] * (6 * m.config.dec_layers + 1)

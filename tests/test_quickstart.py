@@ -40,8 +40,13 @@ def test_quickstart_runs_end_to_end(tmp_path: Path) -> None:
     assert {s.node for t in traces for s in t.spans} == {"look"}
     manifest = json.loads((tmp_path / "my-dataset" / "manifest.json").read_text())
     assert manifest["splits"]["test"] == len(DEFAULT_HELDOUT)  # the held-out photos, and nothing else
+    # the node's model (the YOLO detector) offers its trunk and head: the student started from them, and the
+    # bundle carries their licence
+    assert manifest["graph"]["offers"]["look"]["kind"] == "ultralytics-detect"
     bundle = json.loads((tmp_path / "my-bundle" / "manifest.json").read_text())
     assert bundle["parity"]["passed"] is True
+    assert bundle["student_config"]["trunk"] == "ultralytics"
+    assert bundle["started_from"]["node"] == "look" and "AGPL-3.0" in bundle["licence"]
     photo = tmp_path / "cat.png"
     from PIL import Image
 
@@ -55,3 +60,4 @@ def test_quickstart_runs_end_to_end(tmp_path: Path) -> None:
     )  # fmt: skip
     answer = json.loads(out.stdout)
     assert set(answer) == {"answer", "objects"}
+    assert "cat" in [o["label"] for o in answer["objects"]]  # the detector it started from finds the cat

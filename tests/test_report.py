@@ -331,11 +331,12 @@ TINY_STUDENT = dict(
     n_heads=2,
     enc_layers=1,
     dec_layers=1,
-    det_layers=1,
     max_question_len=16,
     max_answer_len=12,
-    mask_size=16,
-    num_queries=6,
+    max_objects=4,
+    candidates=20,
+    num_masks=8,
+    proto_channels=16,
 )
 
 

@@ -48,11 +48,15 @@ EDGE_CASES = [
 
 
 @pytest.fixture(scope="module")
-def student_tokenizer():  # the student's own tokenizer class, trained the way training does
+def student_tokenizer():  # the student's own tokenizer class, trained the way training does: class names too
     from graphdistill.student.tokenizer import StudentTokenizer
+    from graphdistill.teachers.coco import COCO_CLASSES
 
     return StudentTokenizer.train(
-        QUESTIONS * 5 + ["Yes, there is a red circle.", "There are 3 squares."], 320, 2
+        QUESTIONS * 5 + ["Yes, there is a red circle.", "There are 3 squares."],
+        320,
+        2,
+        class_names=COCO_CLASSES,
     )
 
 
@@ -71,6 +75,29 @@ def test_bpe_matches_tokenizers_on_many_strings(student_tokenizer) -> None:
     for s in strings:
         ids = student_tokenizer.encode(s)
         assert bpe.decode(ids) == student_tokenizer.tok.decode(ids)
+
+
+def test_bpe_encodes_every_class_name_as_the_one_token_the_decoder_copies(student_tokenizer) -> None:
+    """The class names are added tokens with a leading space (" traffic light"): matched literally, never
+    merged, wherever they occur, by the runner exactly as by ``tokenizers``."""
+    from graphdistill.teachers.coco import COCO_CLASSES
+
+    bpe = ByteLevelBPE(json.loads(student_tokenizer.tok.to_str()))
+    ids = student_tokenizer.class_token_ids(COCO_CLASSES)
+    assert min(ids) > 3 and len(set(ids)) == len(COCO_CLASSES)
+    rng = random.Random(5)
+    for name, i in zip(COCO_CLASSES, ids, strict=True):
+        for text in (
+            f"There is a {name}.",
+            f"A {name} and a {rng.choice(COCO_CLASSES)} near the {name}s",
+            f"{name} first, then  {name}",  # at the start (no leading space) and after two spaces
+            f"the {name.upper()} and the{name}",  # other spellings are not the class token
+        ):
+            want = student_tokenizer.encode(text)
+            assert bpe.encode(text) == want, text
+            assert bpe.decode(want) == student_tokenizer.tok.decode(want) == text
+        assert i in bpe.encode(f"There is a {name}.")
+    assert len(bpe.encode("There is a traffic light.")) == len(bpe.encode("There is a cat.")), "one token"
 
 
 def test_bpe_with_prefix_space_and_saved_file(tmp_path) -> None:

@@ -166,12 +166,14 @@ def _dataset(path: Path, records: list[TokenLogprobs | dict[str, Any] | None]) -
 def _config(tok: StudentTokenizer) -> StudentConfig:
     return StudentConfig(  # type: ignore[call-arg]
         image_size=64,
-        mask_size=8,
+        max_objects=2,
+        candidates=10,
+        num_masks=4,
+        proto_channels=8,
         d_model=32,
         n_heads=2,
         enc_layers=1,
         dec_layers=1,
-        num_queries=2,
         num_classes=3,
         num_sources=3,
         vocab_size=tok.vocab_size,
@@ -251,7 +253,7 @@ def test_the_trainer_distils_the_aligned_top_k_without_extra_flags(tmp_path: Pat
         device="cpu",
         vocab_size=300,
         overrides=dict(
-            image_size=64, mask_size=8, num_queries=2, d_model=32, n_heads=2, enc_layers=1, dec_layers=1
+            image_size=64, max_objects=2, candidates=10, d_model=32, n_heads=2, enc_layers=1, dec_layers=1
         ),
     )
     history = train(cfg)["history"]

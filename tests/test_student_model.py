@@ -1,7 +1,9 @@
-"""The student model, tokenizer, loader and losses: shapes, KV-cache equivalence, preprocessing, matching."""
+"""The student model, tokenizer and loader: shapes, KV-cache equivalence, the in-graph object selection, the
+copy path, preprocessing, and the heads a teacher graph's schema asks for."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +15,17 @@ pytest.importorskip("timm")
 pytest.importorskip("tokenizers")
 
 from graphdistill.student.loader import (  # noqa: E402
+    MEAN,
+    STD,
+    UNIT,
     StudentDataset,
     collate,
     letterbox_mask,
+    normalisation,
     preprocess_image,
     preprocess_spec,
+    spec_of,
 )
-from graphdistill.student.losses import answer_kl, compute_losses  # noqa: E402
-from graphdistill.student.matching import hungarian_match  # noqa: E402
 from graphdistill.student.model import (  # noqa: E402
     BOS_ID,
     EOS_ID,
@@ -32,21 +37,26 @@ from graphdistill.student.model import (  # noqa: E402
     preset,
 )
 from graphdistill.student.tokenizer import StudentTokenizer  # noqa: E402
+from graphdistill.student.trunks import make_anchors  # noqa: E402
 
 SMALL = dict(
     image_size=96,
-    mask_size=12,
     d_model=64,
     n_heads=2,
     enc_layers=1,
     dec_layers=2,
-    num_queries=4,
+    max_objects=4,
+    candidates=20,
+    num_masks=8,
+    proto_channels=16,
     num_classes=3,
+    class_token_ids=[100, 101, 102],
     num_sources=3,
     vocab_size=120,
     max_question_len=10,
     max_answer_len=16,
 )
+CELLS_96 = (96 // 8) ** 2 + (96 // 16) ** 2 + (96 // 32) ** 2  # every cell of strides 8, 16, 32
 
 
 def _inputs(cfg: StudentConfig, b: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -57,6 +67,17 @@ def _inputs(cfg: StudentConfig, b: int = 2, seed: int = 0) -> tuple[torch.Tensor
     qm[1:, 6:] = False
     q[~qm] = PAD_ID
     return img, q, qm
+
+
+def _objects(b: int, k: int, classes: list[int], valid: list[bool]) -> dict[str, torch.Tensor]:
+    """Teacher-forced objects (the loader's ``obj_*`` keys): the same objects in every row."""
+    n = len(classes)
+    cls = torch.full((b, k), -1, dtype=torch.long)
+    cls[:, :n] = torch.tensor(classes)
+    ok = torch.zeros(b, k, dtype=torch.bool)
+    ok[:, :n] = torch.tensor(valid)
+    boxes = torch.tensor([0.3, 0.4, 0.2, 0.3]).repeat(b, k, 1)
+    return {"obj_classes": cls, "obj_boxes": boxes, "obj_scores": torch.full((b, k), 0.9), "obj_valid": ok}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -73,7 +94,7 @@ def test_presets_stay_within_their_parameter_budgets() -> None:
     small = count_parameters(Student(preset("small")))
     assert 0.5e6 < tiny <= 3e6
     assert tiny < small <= 10e6
-    assert 256 <= preset("tiny").image_size <= 320 and 256 <= preset("small").image_size <= 320
+    assert 256 <= preset("tiny").image_size <= 384 and 256 <= preset("small").image_size <= 384
 
 
 def test_config_round_trips_and_rejects_bad_values() -> None:
@@ -85,28 +106,88 @@ def test_config_round_trips_and_rejects_bad_values() -> None:
         StudentConfig.from_dict({"nope": 1})
     with pytest.raises(ValueError, match="unknown preset"):
         preset("huge")
+    with pytest.raises(ValueError, match="trunk must be 'timm' or 'ultralytics'"):
+        StudentConfig(trunk="resnet")
+    with pytest.raises(ValueError, match="needs trunk_spec"):
+        StudentConfig(trunk="ultralytics")
+    with pytest.raises(ValueError, match=r"max_objects \(30\) must be between 1 and candidates \(20\)"):
+        StudentConfig(max_objects=30, candidates=20)
+    with pytest.raises(ValueError, match="class_token_ids has 2 ids for num_classes=3"):
+        StudentConfig(num_classes=3, class_token_ids=[5, 6])
+
+
+def test_a_config_of_the_old_set_prediction_student_is_refused_clearly() -> None:
+    old = {**StudentConfig().to_dict(), "num_queries": 20, "det_layers": 2, "mask_size": 32}
+    for gone in (
+        "reg_max",
+        "num_masks",
+        "proto_channels",
+        "max_objects",
+        "candidates",
+        "trunk",
+        "trunk_spec",
+    ):
+        old.pop(gone)
+    with pytest.raises(ValueError, match=r"set-prediction \(DETR-style\) object head.*train the run again"):
+        StudentConfig.from_dict(old)
 
 
 def test_output_shapes_follow_the_config(model: Student) -> None:
     cfg = model.config
+    k, grid = cfg.max_objects, cfg.image_size // 4
     img, q, qm = _inputs(cfg)
     answer_in = torch.randint(0, cfg.vocab_size, (2, 7))
     with torch.no_grad():
         out = model(img, q, qm, answer_in)
+    # the answer is log-probabilities (the copy path mixes two distributions): each step sums to 1
     assert out["answer_logits"].shape == (2, 7, cfg.vocab_size)
-    assert out["boxes"].shape == (2, cfg.num_queries, 4)
-    assert float(out["boxes"].min()) >= 0 and float(out["boxes"].max()) <= 1
-    assert out["class_logits"].shape == (2, cfg.num_queries, cfg.num_classes + 1)
-    assert out["mask_logits"].shape == (2, cfg.num_queries, cfg.mask_size, cfg.mask_size)
+    torch.testing.assert_close(out["answer_logits"].exp().sum(-1), torch.ones(2, 7))
+    # the objects, selected in the graph: static shapes, a keep flag per slot
+    assert out["boxes"].shape == (2, k, 4) and out["scores"].shape == (2, k)
+    assert out["classes"].shape == (2, k) and out["classes"].dtype == torch.int64
+    assert int(out["classes"].min()) >= 0 and int(out["classes"].max()) < cfg.num_classes
+    assert out["keep"].shape == (2, k) and out["keep"].dtype == torch.bool
+    assert float(out["scores"].min()) >= 0 and float(out["scores"].max()) <= 1
+    for keep, scores in zip(out["keep"], out["scores"], strict=True):  # the kept objects first, best first
+        n = int(keep.sum())
+        assert bool(keep[:n].all()) and bool((scores[: max(n - 1, 0)] >= scores[1:n]).all())
+    assert out["mask_logits"].shape == (2, k, grid, grid)
     assert out["source_logits"].shape == (2, cfg.num_sources)
+    assert out["memory"].shape == (2, model.n_ctx, cfg.d_model)
+    assert model.n_ctx == cfg.num_registers + (cfg.image_size // 32) ** 2 + k
+    # the copy path's per-query inputs
+    assert out["ptr_keys"].shape == (2, k, cfg.d_model) and out["ptr_bias"].shape == (2, k)
+    assert out["ptr_vocab"].shape == (2, k, cfg.vocab_size)
+    assert not any(key.startswith("det_") for key in out)  # dense outputs only in training
     assert isinstance(model, StudentProtocol)
 
 
+def test_training_mode_returns_the_dense_outputs_and_reads_the_teachers_objects() -> None:
+    torch.manual_seed(0)
+    m = Student(StudentConfig(**SMALL)).train()  # type: ignore[arg-type]
+    cfg = m.config
+    img, q, qm = _inputs(cfg)
+    objects = _objects(2, cfg.max_objects, [1, 2], [True, True])
+    out = m(img, q, qm, torch.randint(0, cfg.vocab_size, (2, 5)), objects=objects)
+    assert out["det_dist"].shape == (2, 4 * cfg.reg_max, CELLS_96)
+    assert out["det_cls"].shape == (2, cfg.num_classes, CELLS_96)
+    assert out["det_coef"].shape == (2, cfg.num_masks, CELLS_96)
+    assert out["protos"].shape == (2, cfg.num_masks, 24, 24)
+    assert out["det_anchors"].shape == (CELLS_96, 2) and out["det_strides"].shape == (CELLS_96, 1)
+    assert "boxes" not in out  # teacher forcing: no selection from an untrained head
+    # the object tokens are the teacher's: their class tokens feed the copy path
+    assert torch.equal(out["ptr_vocab"][:, 0].argmax(-1), torch.tensor([101, 101]))
+    assert torch.equal(out["ptr_bias"][:, 2:], torch.full((2, 2), -1e9))  # empty slots are never copied
+    # without objects, training selects from its own head like inference does
+    own = m(img, q, qm, torch.randint(0, cfg.vocab_size, (2, 5)))
+    assert own["boxes"].shape == (2, cfg.max_objects, 4) and "det_cls" in own
+
+
 def test_embedding_heads_come_from_the_config() -> None:
-    m = Student(StudentConfig(**{**SMALL, "embedding_dims": {"clip": 8}}))  # type: ignore[arg-type]
+    m = Student(StudentConfig(**{**SMALL, "embedding_dims": {"clip": 8}})).eval()  # type: ignore[arg-type]
     img, q, qm = _inputs(m.config)
     with torch.no_grad():
-        out = m.heads(m.encode(img, q, qm))
+        out = m.encode(img, q, qm)
     assert out["embedding:clip"].shape == (2, 8)
 
 
@@ -118,7 +199,10 @@ def test_question_padding_does_not_change_the_answer(model: Student) -> None:
     with torch.no_grad():
         a = model.encode(img, q, qm)
         b = model.encode(img, q2, qm)
+        ids_a = model.generate(img, q, qm, 8, encoded=a)
+        ids_b = model.generate(img, q2, qm, 8, encoded=b)
     torch.testing.assert_close(a, b)
+    assert torch.equal(ids_a, ids_b)
 
 
 def test_decode_step_matches_full_recompute_at_every_position(model: Student) -> None:
@@ -127,21 +211,27 @@ def test_decode_step_matches_full_recompute_at_every_position(model: Student) ->
     seq = torch.randint(4, cfg.vocab_size, (2, cfg.max_answer_len))
     seq[:, 0] = BOS_ID
     with torch.no_grad():
-        memory = model.encode(img, q, qm)
-        full = model.decode_full(seq, memory)
+        # teacher-forced objects with class tokens: the copy path is live in every step compared here
+        enc = model.encode(img, q, qm, _objects(2, cfg.max_objects, [0, 2], [True, True]))
+        memory, ptr = enc["memory"], model.pointer_of(enc)
+        assert ptr is not None and bool((ptr["ptr_bias"][:, :2] == 0).all())
+        full = model.decode_full(seq, memory, ptr)
         cache = model.empty_cache(2)
         eager_cache, cross = model.empty_cache(2), model.cross_kv(memory)
         for t in range(cfg.max_answer_len):
             pos = torch.tensor([t])
             before = cache.clone()
-            logits, new = model.decode_step(seq[:, t : t + 1], pos, memory, cache)
+            logits, new = model.decode_step(seq[:, t : t + 1], pos, memory, cache, pointer=ptr)
             assert torch.equal(cache, before)  # the step reads the cache; storing kv_new is the caller's job
             assert new.shape == (cfg.dec_layers, 2, 2, cfg.n_heads, 1, cfg.head_dim)
             torch.testing.assert_close(logits, full[:, t], atol=1e-4, rtol=1e-4)
             # generate()'s in-place, unmasked eager step is the same function and writes the same cache slot
-            eager = model._decode_eager(seq[:, t : t + 1], t, eager_cache, cross)
+            x = model.tok_emb(seq[:, t : t + 1]) + model.a_pos.weight[t]
+            for layer, kv, cr in zip(model.dec, eager_cache, cross, strict=True):
+                x = layer.step_eager(x, t, kv[0], kv[1], cr)
+            eager = model.copy_mix(model.dec_norm(x), ptr)[:, 0]
             torch.testing.assert_close(eager, logits, atol=1e-5, rtol=1e-5)
-            fast, fast_new = model.decode_step(seq[:, t : t + 1], pos, memory, cache, model.cross_kv(memory))
+            fast, fast_new = model.decode_step(seq[:, t : t + 1], pos, memory, cache, cross, ptr)
             torch.testing.assert_close(fast, logits, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(fast_new, new, atol=1e-5, rtol=1e-5)
             cache = model.write_kv(cache, new, pos)
@@ -149,7 +239,9 @@ def test_decode_step_matches_full_recompute_at_every_position(model: Student) ->
             assert not cache[:, :, :, :, t + 1 :].any()  # nothing written past this position
         assert cache.shape == (cfg.dec_layers, 2, 2, cfg.n_heads, cfg.max_answer_len, cfg.head_dim)
         # per-row positions ([B,1]) give the same result as a shared one ([1])
-        c1, _ = model.decode_step(seq[:, :1], torch.tensor([[0], [0]]), memory, model.empty_cache(2))
+        c1, _ = model.decode_step(
+            seq[:, :1], torch.tensor([[0], [0]]), memory, model.empty_cache(2), pointer=ptr
+        )
         torch.testing.assert_close(c1, full[:, 0], atol=1e-4, rtol=1e-4)
 
 
@@ -169,10 +261,159 @@ def test_write_kv_stores_each_row_at_its_own_position(model: Student) -> None:
 def test_generate_with_kv_cache_equals_generate_without(model: Student) -> None:
     img, q, qm = _inputs(model.config)
     with torch.no_grad():
-        cached = model.generate(img, q, qm, 12)
-        plain = model.generate(img, q, qm, 12, use_cache=False)
-    assert cached.shape == (2, 12)
+        enc = model.encode(img, q, qm, _objects(2, model.config.max_objects, [1], [True]))
+        cached = model.generate(img, q, qm, 12, encoded=enc)
+        plain = model.generate(img, q, qm, 12, encoded=enc, use_cache=False)
+        own = model.generate(img, q, qm, 12)  # encodes itself, with its own objects
+    assert cached.shape == own.shape == (2, 12)
     assert torch.equal(cached, plain)
+
+
+# ---- the in-graph selection --------------------------------------------------------------------------------
+
+
+def _dist_for(xyxy: torch.Tensor, image_size: int, reg_max: int) -> torch.Tensor:
+    """det_dist [1, 4·R, A] whose DFL expectation decodes to ``xyxy`` [A, 4] (px) at every cell exactly: each
+    side's distance as a distribution over its two neighbouring bins."""
+    anchors, strides = make_anchors(image_size)
+    ltrb = torch.cat([anchors - xyxy[:, :2], xyxy[:, 2:] - anchors], -1) / strides
+    assert bool((ltrb >= 0).all() and (ltrb <= reg_max - 1).all()), "each cell's centre must be in its box"
+    left = ltrb.floor().clamp(max=reg_max - 2)
+    right_w = ltrb - left
+    probs = torch.zeros(*ltrb.shape, reg_max)
+    probs.scatter_(-1, left.long()[..., None], (1 - right_w)[..., None])
+    probs.scatter_add_(-1, left.long()[..., None] + 1, right_w[..., None])
+    return probs.clamp(min=1e-12).log().permute(1, 2, 0).reshape(1, 4 * reg_max, -1)
+
+
+def _cell(ix: int, iy: int, level: int = 0, image_size: int = 64) -> int:
+    """The flat index of cell (ix, iy) of a level (0: stride 8, 1: stride 16, 2: stride 32)."""
+    grids = [image_size // s for s in (8, 16, 32)]
+    return sum(g * g for g in grids[:level]) + iy * grids[level] + ix
+
+
+def _logit(p: float) -> float:
+    return float(np.log(p / (1 - p)))
+
+
+def test_in_graph_selection_equals_a_reference_nms() -> None:
+    """Duplicates of one class are one object, overlapping objects of different classes are two, a score
+    under the threshold is no object, and at most max_objects are kept: what the detector's own NMS keeps."""
+    tv = pytest.importorskip("torchvision")
+    cfg = StudentConfig(  # type: ignore[arg-type]
+        **{
+            **SMALL,
+            "image_size": 64,
+            "max_objects": 3,
+            "candidates": 10,
+            "score_threshold": 0.25,
+            "nms_iou": 0.7,
+        }
+    )
+    m = Student(cfg).eval()
+    anchors, _ = make_anchors(64)
+    a = anchors.shape[0]
+    #         cell               class score  box (px)
+    cells = [
+        (_cell(2, 2), 0, 0.90, [8, 8, 40, 40]),
+        (_cell(3, 3), 0, 0.80, [9, 9, 41, 41]),  # the same object again (IoU 0.88): suppressed
+        (_cell(1, 1, 1), 0, 0.70, [10, 10, 40, 40]),  # and again, from the stride-16 level
+        (_cell(2, 3), 1, 0.85, [8, 8, 40, 41]),  # the same place, another class: kept
+        (_cell(6, 6), 2, 0.10, [44, 44, 60, 60]),  # under the score threshold: dropped
+        (_cell(6, 1), 0, 0.60, [44, 4, 60, 20]),
+        (_cell(1, 6), 0, 0.50, [4, 44, 20, 60]),  # a fourth object: max_objects is 3
+    ]
+    rows = [cells, cells[:2]]  # the second image: one object and its duplicate
+    dist, logits = [], []
+    for row in rows:
+        xyxy = torch.cat([anchors - 3.0, anchors + 3.0], -1)  # every other cell: a small box, no class
+        cls = torch.full((cfg.num_classes, a), -12.0)
+        for i, c, p, box in row:
+            xyxy[i] = torch.tensor(box, dtype=torch.float32)
+            cls[c, i] = _logit(p)
+        dist.append(_dist_for(xyxy, 64, cfg.reg_max))
+        logits.append(cls)
+    g = torch.Generator().manual_seed(0)
+    dense = {
+        "det_dist": torch.cat(dist),
+        "det_cls": torch.stack(logits),
+        "det_coef": torch.randn(2, cfg.num_masks, a, generator=g),
+        "protos": torch.randn(2, cfg.num_masks, 16, 16, generator=g),
+    }
+    with torch.no_grad():
+        torch.testing.assert_close(
+            m.decode_boxes(dense["det_dist"])[0, _cell(2, 2)], torch.tensor([8.0, 8, 40, 40])
+        )
+        out = m.select(dense)
+    for r, row in enumerate(rows):
+        boxes = torch.tensor([box for _, _, _, box in row], dtype=torch.float32)
+        scores = torch.tensor([p for _, _, p, _ in row])
+        labels = torch.tensor([c for _, c, _, _ in row])
+        ok = scores >= cfg.score_threshold
+        keep = tv.ops.batched_nms(boxes[ok], scores[ok], labels[ok], cfg.nms_iou)[: cfg.max_objects]
+        want_xyxy, want_scores, want_labels = boxes[ok][keep], scores[ok][keep], labels[ok][keep]
+        n = len(keep)
+        assert n == (3 if r == 0 else 1)
+        assert out["keep"][r].tolist() == [True] * n + [False] * (cfg.max_objects - n)
+        assert out["classes"][r, :n].tolist() == want_labels.tolist()
+        torch.testing.assert_close(out["scores"][r, :n], want_scores, atol=1e-5, rtol=1e-5)
+        x1, y1, x2, y2 = (want_xyxy / 64).unbind(-1)
+        want_boxes = torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], -1)
+        torch.testing.assert_close(out["boxes"][r, :n], want_boxes, atol=1e-4, rtol=1e-4)
+    # each object's mask is its own cell's coefficients times the prototypes
+    for slot, cell in enumerate([_cell(2, 2), _cell(2, 3), _cell(6, 1)]):
+        want = torch.einsum("m,mhw->hw", dense["det_coef"][0, :, cell], dense["protos"][0])
+        torch.testing.assert_close(out["mask_logits"][0, slot], want, atol=1e-5, rtol=1e-5)
+
+
+# ---- the copy path -----------------------------------------------------------------------------------------
+
+
+def test_the_copy_path_names_a_detected_class_that_the_vocabulary_path_cannot() -> None:
+    """With the vocabulary path switched off (the generate slot's weight ~e^-30), the decoder still emits the
+    class-name token of the one object the answer may name; an empty slot and a class without a token are
+    never copied, and the answer is still a distribution."""
+    torch.manual_seed(0)
+    m = Student(StudentConfig(**SMALL)).eval()  # type: ignore[arg-type]
+    cfg = m.config
+    with torch.no_grad():
+        m.ptr_gate.weight.zero_()
+        m.ptr_gate.bias.fill_(-30.0)
+    img, q, qm = _inputs(cfg)
+    answer_in = torch.full((2, 5), BOS_ID)
+    with torch.no_grad():
+        # object 0 is a class 2 object (token 102); slot 1 holds a class-0 object that is not valid
+        objects = _objects(2, cfg.max_objects, [2, 0], [True, False])
+        out = m(img, q, qm, answer_in, objects=objects)
+        assert bool((out["answer_logits"].argmax(-1) == 102).all())
+        assert float(out["answer_logits"][..., 102].exp().min()) > 0.99
+        assert float(out["answer_logits"][..., 100].exp().max()) < 1e-6  # the invalid slot's class
+        torch.testing.assert_close(out["answer_logits"].exp().sum(-1), torch.ones(2, 5))
+        enc = m.encode(img, q, qm, objects)
+        assert m.generate(img, q, qm, 4, encoded=enc)[:, 0].tolist() == [102, 102]
+        # a class whose name has no token (id 0) cannot be copied: the mass goes back to the vocabulary
+        no_token = Student(StudentConfig(**{**SMALL, "class_token_ids": [100, 101, 0]})).eval()  # type: ignore[arg-type]
+        no_token.load_state_dict(m.state_dict())
+        enc = no_token.encode(img, q, qm, objects)
+        mixed = no_token.decode_full(answer_in, enc["memory"], no_token.pointer_of(enc))
+        vocabulary = no_token.decode_full(answer_in, enc["memory"], None)
+        torch.testing.assert_close(mixed, vocabulary, atol=1e-5, rtol=1e-5)
+        assert float(mixed[..., PAD_ID].exp().max()) < 0.5
+
+
+def test_a_student_without_objects_has_no_copy_path_and_still_gives_log_probabilities() -> None:
+    from graphdistill.student.model import config_from_schema
+
+    cfg = config_from_schema(_schema(("reply", "text")), "tiny", **SMALL)
+    m = Student(cfg).eval()
+    assert not hasattr(m, "ptr_q") and not _has(m, ("ptr_", "cls_emb", "box_emb"))
+    img, q, qm = _inputs(cfg)
+    with torch.no_grad():
+        out = m(img, q, qm, torch.randint(0, cfg.vocab_size, (2, 5)))
+    torch.testing.assert_close(out["answer_logits"].exp().sum(-1), torch.ones(2, 5))
+
+
+# ---- tokenizer -------------------------------------------------------------------------------------------
 
 
 def test_tokenizer_round_trips_and_fixes_special_ids(tmp_path: Path) -> None:
@@ -188,6 +429,28 @@ def test_tokenizer_round_trips_and_fixes_special_ids(tmp_path: Path) -> None:
     n = len(tok.encode("Yes."))
     assert inp[0] == BOS_ID and inp[1 : n + 1] == tgt[:n] and tgt[n] == EOS_ID and tgt[n + 1] == -100
     assert tok.decode([*tok.encode("Yes."), EOS_ID, 9, 9]) == "Yes."
+
+
+def test_every_class_name_is_one_token_even_one_no_text_names(tmp_path: Path) -> None:
+    from graphdistill.teachers.coco import COCO_CLASSES
+
+    texts = ["There is a cat.", "I see a dog and a cat.", "What is in this picture?"] * 5
+    tok = StudentTokenizer.train(texts, vocab_size=300, class_names=COCO_CLASSES)
+    tok.save(tmp_path / "tokenizer.json")
+    tok = StudentTokenizer.load(tmp_path / "tokenizer.json")  # the class tokens survive saving
+    ids = tok.class_token_ids(COCO_CLASSES)
+    assert len(set(ids)) == 80 and min(ids) > 3  # one distinct, non-special token each
+    for name, i in zip(COCO_CLASSES, ids, strict=True):
+        text = f"There is a {name} here."
+        enc = tok.encode(text)
+        assert i in enc, name  # " traffic light", " hair drier": one token inside a sentence
+        assert tok.decode(enc) == text
+        assert tok.decode([i]) == " " + name
+    assert tok.piece_ids[" traffic light"] == ids[COCO_CLASSES.index("traffic light")]
+    assert tok.class_token_ids(["unicorn"]) == [PAD_ID]  # no token: never copied
+
+
+# ---- preprocessing and the loader ------------------------------------------------------------------------
 
 
 def test_letterbox_preprocessing_is_top_left_and_normalised() -> None:
@@ -209,90 +472,68 @@ def test_letterbox_preprocessing_is_top_left_and_normalised() -> None:
         preprocess_image(img[:, :, 0], 64)
 
 
-def test_loader_items_batch_with_a_plain_dataloader(tmp_path: Path) -> None:
-    from graphdistill.datasets.dataset import make_synthetic_dataset
+def test_a_trunk_started_from_a_detector_reads_the_image_as_the_detector_does() -> None:
+    """A YOLO trunk was trained on x/255; a timm trunk from scratch on ImageNet-normalised input. The spec a
+    run and a bundle carry says which."""
+    yolo = StudentConfig(trunk="ultralytics", trunk_spec={"backbone": []}, image_size=64)
+    timm_cfg = StudentConfig(image_size=64)
+    assert normalisation(yolo) == UNIT and normalisation(timm_cfg) == (MEAN, STD)
+    assert spec_of(yolo)["mean"] == [0.0, 0.0, 0.0] and spec_of(yolo)["std"] == [1.0, 1.0, 1.0]
+    assert spec_of(timm_cfg) == preprocess_spec(64)
+    img = np.full((10, 20, 3), 51, dtype=np.uint8)
+    x, _ = preprocess_image(img, 64, mean=UNIT[0], std=UNIT[1])
+    assert float(x[0, 0, 0]) == pytest.approx(0.2) and float(x[0, 63, 0]) == pytest.approx(114 / 255)
 
-    ds = make_synthetic_dataset(tmp_path / "ds", n=6, seed=1, fractions=(1, 0, 0))
+
+def test_loader_items_batch_with_a_plain_dataloader(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from graphdistill.datasets.dataset import make_synthetic_dataset, open_dataset
+
+    make_synthetic_dataset(tmp_path / "ds", n=6, seed=1, fractions=(1, 0, 0))
+    # the fourth row is a counterfactual replay: its objects were edited and do not describe its image
+    table = pq.read_table(tmp_path / "ds" / "train.parquet")
+    replay = [
+        None,
+        None,
+        None,
+        json.dumps({"parent_trace": "t", "from_node": "retrieve", "edit": {}}),
+        None,
+        None,
+    ]
+    i_col = table.column_names.index("replay")
+    table = table.set_column(i_col, "replay", pa.array(replay, pa.string()))
+    pq.write_table(table, tmp_path / "ds" / "train.parquet")
+    ds = open_dataset(tmp_path / "ds")
     rows = ds.rows("train")
     tok = StudentTokenizer.train([t for r in rows for t in (r["question"], r["answer"])], vocab_size=400)
     cfg = StudentConfig(**{**SMALL, "vocab_size": tok.vocab_size, "max_answer_len": 48})  # type: ignore[arg-type]
     sd = StudentDataset(ds, "train", tok, cfg)
-    batch = next(iter(torch.utils.data.DataLoader(sd, batch_size=3, collate_fn=collate)))
-    assert batch["image"].shape == (3, 3, 96, 96)
-    assert batch["answer_in"].shape == (3, cfg.max_answer_len)
-    for i in range(3):
-        n = int(batch["n_objects"][i])
-        assert n == len(rows[i]["objects"])
+    batch = next(iter(torch.utils.data.DataLoader(sd, batch_size=4, collate_fn=collate)))
+    k = cfg.max_objects
+    assert batch["image"].shape == (4, 3, 96, 96)
+    assert batch["answer_in"].shape == (4, cfg.max_answer_len)
+    assert batch["obj_masks"].shape == (4, k, 24, 24)  # the prototype grid, stride 4
+    assert batch["vision_ok"].tolist() == [True, True, True, False]
+    for i in range(4):
+        n = int(batch["obj_valid"][i].sum())
+        assert n == len(rows[i]["objects"]) and bool(batch["obj_valid"][i, :n].all())
         o = rows[i]["objects"][0]
         x1, y1, x2, y2 = o.box
-        side = 96 / float(batch["scale"][i])
+        s = float(batch["scale"][i])
+        side = 96 / s
         torch.testing.assert_close(
-            batch["boxes"][i, 0], torch.tensor([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]) / side
+            batch["obj_boxes"][i, 0], torch.tensor([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]) / side
         )
-        assert int(batch["classes"][i, 0]) == ds.class_names.index(o.label)
-        assert (batch["classes"][i, n:] == -1).all()
-        assert float(batch["masks"][i, 0].sum()) > 0
+        torch.testing.assert_close(batch["obj_boxes_px"][i, 0], torch.tensor([x1, y1, x2, y2]) * s)
+        assert int(batch["obj_classes"][i, 0]) == ds.class_names.index(o.label)
+        assert (batch["obj_classes"][i, n:] == -1).all() and not batch["obj_valid"][i, n:].any()
+        assert float(batch["obj_masks"][i, 0].sum()) > 0 and bool(batch["obj_has_mask"][i, :n].all())
         want = {ds.documents.index(d) for d in ds.documents if d["id"] in rows[i]["sources"]}
         assert set(torch.nonzero(batch["sources"][i]).flatten().tolist()) == want
         assert tok.decode(batch["answer_in"][i].tolist()) == rows[i]["answer"]
     assert not batch["topk_valid"].any()  # these synthetic rows carry no teacher log-probs
-
-
-def test_hungarian_match_recovers_a_permutation() -> None:
-    tgt = torch.tensor([[[0.2, 0.2, 0.1, 0.1], [0.7, 0.6, 0.3, 0.2], [0.5, 0.5, 0.2, 0.4]]])
-    perm = [2, 0, 1]  # slot s predicts target perm[s]; slot 3 predicts nothing
-    boxes = torch.cat([tgt[:, perm], torch.tensor([[[0.9, 0.9, 0.05, 0.05]]])], dim=1)
-    logits = torch.zeros(1, 4, 4)
-    ((src, t),) = hungarian_match(boxes, logits, tgt, torch.tensor([[0, 1, 2]]), torch.tensor([3]))
-    assert dict(zip(src.tolist(), t.tolist(), strict=True)) == {0: 2, 1: 0, 2: 1}
-
-
-def test_losses_are_zero_ish_for_a_perfect_prediction_and_named() -> None:
-    b, q, c, la, v = 1, 3, 2, 4, 10
-    tgt_boxes = torch.tensor([[[0.3, 0.3, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2], [0, 0, 0, 0]]])
-    masks = torch.zeros(b, q, 8, 8)
-    masks[0, 0, :4, :4] = 1
-    masks[0, 1, 4:, 4:] = 1
-    target = torch.tensor([[5, 6, EOS_ID, -100]])
-    answer_logits = torch.full((b, la, v), -30.0)
-    for t, tok in enumerate([5, 6, EOS_ID, 0]):
-        answer_logits[0, t, tok] = 30.0
-    class_logits = torch.full((b, q, c + 1), -30.0)
-    class_logits[0, 0, 1] = class_logits[0, 1, 0] = class_logits[0, 2, c] = 30.0
-    out = {
-        "answer_logits": answer_logits,
-        "boxes": tgt_boxes[:, [0, 1, 2]].clone(),
-        "class_logits": class_logits,
-        "mask_logits": masks * 60 - 30,
-        "source_logits": torch.tensor([[30.0, -30.0]]),
-    }
-    batch = {
-        "answer_target": target,
-        "boxes": tgt_boxes,
-        "classes": torch.tensor([[1, 0, -1]]),
-        "masks": masks,
-        "n_objects": torch.tensor([2]),
-        "sources": torch.tensor([[1.0, 0.0]]),
-    }
-    losses = compute_losses(out, batch)
-    for name in ("answer_ce", "class", "box_l1", "box_giou", "mask_bce", "sources"):
-        assert float(losses[name]) < 1e-3, name
-    assert float(losses["mask_dice"]) < 0.05
-    out["boxes"] = out["boxes"] + 0.05
-    worse = compute_losses(out, batch)
-    assert float(worse["box_l1"]) > 0.1 and float(worse["total"]) > float(losses["total"])
-
-
-def test_answer_kl_is_zero_when_the_student_matches_the_teacher_top_k() -> None:
-    logits = torch.randn(1, 2, 12)
-    top = logits.log_softmax(-1).topk(3)
-    valid = torch.tensor([[True, False]])
-    kl = answer_kl(logits, top.indices, top.values, valid)
-    assert float(kl) == pytest.approx(0.0, abs=1e-6)
-    shifted = top.values.clone()
-    shifted[..., 0] -= 3.0
-    assert float(answer_kl(logits, top.indices, shifted, valid)) > 0.01
-    assert float(answer_kl(logits, top.indices, top.values, valid & False)) == 0.0
 
 
 # ---- heads derived from the teacher graph's output schema ------------------------------------------------
@@ -306,8 +547,8 @@ def _schema(*outputs: tuple[str, str]) -> dict[str, Any]:
     }
 
 
-OBJECT_PARAMS = ("queries", "det_", "box_head", "class_head")
-MASK_PARAMS = ("mask_embed", "pixel_proj", "fine_")
+OBJECT_PARAMS = ("cls_emb", "box_emb", "obj_feat", "empty_obj", "ptr_")
+MASK_PARAMS = ("proto.", "coef.")
 TEXT_PARAMS = ("dec.", "dec_norm", "a_pos")
 
 
@@ -327,11 +568,11 @@ def test_a_text_only_schema_builds_no_detection_mask_or_sources_params() -> None
     assert count_parameters(m) < count_parameters(full)
     img, q, qm = _inputs(cfg)
     with torch.no_grad():
-        memory = m.encode(img, q, qm)
-        assert memory.shape[1] == m.memory_len == m.n_ctx  # no fine pixel tokens without a mask head
-        assert m.heads(memory) == {}
+        enc = m.encode(img, q, qm)
+        assert set(enc) == {"memory"}  # no objects, no copy path, no sources
+        assert enc["memory"].shape[1] == m.memory_len == m.n_ctx == cfg.num_registers + 9  # no object tokens
         out = m(img, q, qm, torch.randint(0, cfg.vocab_size, (2, 5)))
-        assert set(out) == {"answer_logits"}
+        assert set(out) == {"memory", "answer_logits"}
         assert m.generate(img, q, qm, max_len=4).shape == (2, 4)
     # the config (with its outputs) round-trips through config.json
     assert StudentConfig.from_dict(cfg.to_dict()) == cfg
@@ -342,15 +583,16 @@ def test_a_schema_without_text_has_no_decoder_and_generate_says_why() -> None:
 
     cfg = config_from_schema(_schema(("dets", "detections"), ("sources", "sources")), **SMALL)
     m = Student(cfg).eval()
-    assert not _has(m, TEXT_PARAMS + MASK_PARAMS)
+    assert not _has(m, TEXT_PARAMS + MASK_PARAMS + ("ptr_",))
     img, q, qm = _inputs(cfg)
     with torch.no_grad():
         out = m(img, q, qm, torch.zeros(2, 3, dtype=torch.long))
-    assert set(out) == {"boxes", "class_logits", "source_logits"}  # DETECTIONS: boxes without masks
+    # DETECTIONS: boxes without masks
+    assert set(out) == {"memory", "boxes", "scores", "classes", "keep", "source_logits"}
     for call in (
         lambda: m.generate(img, q, qm),
         lambda: m.decode_step(
-            torch.zeros(2, 1, dtype=torch.long), torch.tensor([0]), out["boxes"], out["boxes"]
+            torch.zeros(2, 1, dtype=torch.long), torch.tensor([0]), out["memory"], out["boxes"]
         ),
     ):
         with pytest.raises(RuntimeError, match="no text head"):
@@ -374,10 +616,14 @@ def test_the_full_visual_rag_schema_gives_todays_heads_and_weights() -> None:
     assert list(sa) == list(sb) and count_parameters(a) == count_parameters(b)
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
-    assert a.memory_len == a.n_ctx + a.grid_f**2
+    assert a.memory_len == a.n_ctx == cfg.num_registers + 9 + cfg.max_objects
     img, q, qm = _inputs(cfg)
     with torch.no_grad():
-        assert set(a.heads(a.encode(img, q, qm))) == {"boxes", "class_logits", "mask_logits", "source_logits"}
+        heads = set(a.eval().encode(img, q, qm))
+    assert heads == {
+        "memory", "boxes", "scores", "classes", "keep", "mask_logits", "ptr_keys", "ptr_bias", "ptr_vocab",
+        "source_logits",
+    }  # fmt: skip
 
 
 def test_embedding_outputs_get_a_regression_head_and_bad_schemas_fail_clearly() -> None:
@@ -389,7 +635,7 @@ def test_embedding_outputs_get_a_regression_head_and_bad_schemas_fail_clearly() 
     m = Student(cfg).eval()
     img, q, qm = _inputs(cfg)
     with torch.no_grad():
-        assert set(m.heads(m.encode(img, q, qm))) == {"embedding:clip"}
+        assert set(m.encode(img, q, qm)) == {"memory", "embedding:clip"}
     # an embedding without a known size cannot be learnt: left out (with a warning)
     assert config_from_schema(schema, **SMALL).outputs == {"answer": "text"}
     with pytest.raises(ValueError, match="none of its outputs"):
@@ -402,14 +648,49 @@ def test_embedding_outputs_get_a_regression_head_and_bad_schemas_fail_clearly() 
         StudentConfig(outputs={"e": "embedding"})
 
 
-def test_embedding_loss_is_one_minus_cosine_over_rows_that_have_the_target() -> None:
-    pred = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    batch = {
-        "embedding:e": torch.tensor([[2.0, 0.0], [1.0, 0.0]]),
-        "embedding:e:valid": torch.tensor([True, False]),
-    }
-    losses = compute_losses({"embedding:e": pred}, batch)
-    assert float(losses["embedding:e"]) == pytest.approx(0.0, abs=1e-6)  # row 2 has no target
-    batch["embedding:e:valid"] = torch.tensor([True, True])
-    assert float(compute_losses({"embedding:e": pred}, batch)["embedding:e"]) == pytest.approx(0.5)
-    assert set(compute_losses({"embedding:e": pred}, batch)) == {"embedding:e", "total"}
+# ---- predict ---------------------------------------------------------------------------------------------
+
+
+def test_predict_reports_the_kept_objects_and_a_score_threshold_only_drops_some() -> None:
+    from graphdistill.student.predict import StudentPredictor
+
+    tok = StudentTokenizer.train(["What is in this picture?"] * 3, vocab_size=300)
+    torch.manual_seed(0)
+    # score_threshold 0: the student keeps every object its NMS leaves (an untrained head scores ~0.04)
+    cfg = StudentConfig(
+        **{**SMALL, "vocab_size": tok.vocab_size, "class_token_ids": [], "score_threshold": 0.0}
+    )  # type: ignore[arg-type]
+    model = Student(cfg).eval()
+    meta = {"class_names": ["circle", "square", "triangle"], "preprocessing": spec_of(cfg)}
+    pred = StudentPredictor(model, tok, meta)
+    img = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    own = pred.predict(img, "What is in this picture?")["objects"]
+    assert 2 <= len(own) <= cfg.max_objects
+    scores = [o["score"] for o in own]
+    assert scores == sorted(scores, reverse=True)  # best first
+    for obj in own:
+        x1, y1, x2, y2 = obj["box"]
+        assert 0 <= x1 <= x2 <= 80 and 0 <= y1 <= y2 <= 60 and obj["mask"]["size"] == [60, 80]
+        assert obj["label"] == meta["class_names"][obj["class_id"]]
+    cut = (scores[0] + scores[-1]) / 2
+    some = pred.predict(img, "What is in this picture?", score_threshold=cut)["objects"]
+    assert some == [o for o in own if o["score"] >= cut] and 0 < len(some) < len(own)
+    assert pred.predict(img, "What is in this picture?", score_threshold=1.0)["objects"] == []
+
+
+def test_the_text_loss_reaches_the_trunk_only_when_no_detection_head_trains_it() -> None:
+    """With a detection head, the trunk is the detector's: the answer loss never bends it. Without one,
+    nothing else trains the trunk, so the text (and summary) losses must."""
+    import torch.nn.functional as F
+
+    for outputs, reaches in (({"answer": "text", "objects": "objects"}, False), ({"answer": "text"}, True)):
+        torch.manual_seed(0)
+        m = Student(StudentConfig(**{**SMALL, "outputs": outputs})).train()  # type: ignore[arg-type]
+        img, q, qm = _inputs(m.config)
+        answer = torch.randint(4, m.config.vocab_size, (2, 5))
+        objects = _objects(2, m.config.max_objects, [1], [True]) if m.config.has_objects else None
+        out = m(img, q, qm, answer, objects=objects)
+        F.nll_loss(out["answer_logits"].flatten(0, 1), answer.flatten()).backward()
+        reached = any(p.grad is not None and bool(p.grad.any()) for p in m.trunk.parameters())
+        assert reached == reaches, outputs
+        assert m.tok_emb.weight.grad is not None and bool(m.tok_emb.weight.grad.any())

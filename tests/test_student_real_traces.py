@@ -2,12 +2,15 @@
 
 The real visual_rag teacher (YOLO, MobileSAM, SmolLM2, Chroma; the shared weights cache, no network) is
 recorded on three built-in photos, the store is filtered into a dataset, and a tiny student trains on it for
-a few hundred steps. With no val rows the recipe reports its fidelity on the train split ("train fit"), which
-is what is asserted: the answer reproduced token for token, boxes and masks close to the teacher's.
+a few hundred steps. The recorded graph's detect node offers its YOLO detector, so the student's trunk and
+detection head start from the detector's own weights (and carry their licence). With no val rows the recipe
+reports its fidelity on the train split ("train fit"), which is what is asserted: the answer reproduced token
+for token, boxes and masks close to the teacher's.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -68,6 +71,8 @@ def test_tiny_student_overfits_a_handful_of_real_recorded_traces(tmp_path: Path)
     assert sorted(r["id"] for r in rows) == sorted(PHOTOS) and ds.splits["val"] == 0
     assert sum(len(r["objects"]) for r in rows) >= 4 and all(r["answer"] for r in rows)
     assert all(o.mask is not None for r in rows for o in r["objects"])
+    offer = ds.graph.offers["detect"]  # recorded with the traces, carried by the dataset
+    assert offer["kind"] == "ultralytics-detect" and offer["weights"] == "yolo11n"
 
     torch.manual_seed(0)
     threads = torch.get_num_threads()
@@ -77,22 +82,20 @@ def test_tiny_student_overfits_a_handful_of_real_recorded_traces(tmp_path: Path)
             TrainConfig(
                 dataset=str(ds.root),
                 out=str(tmp_path / "run"),
-                epochs=200,  # one batch of all rows per epoch: 200 steps
+                epochs=40,  # one batch of all rows per epoch: 40 steps (the trunk and head start trained)
                 batch_size=8,
                 lr=5e-3,
                 warmup_steps=10,
                 device="cpu",
                 seed=0,
                 vocab_size=300,
-                val_every=200,
+                val_every=40,
                 overrides=dict(
                     image_size=128,
-                    mask_size=32,
                     d_model=64,
                     n_heads=2,
                     enc_layers=1,
                     dec_layers=1,
-                    det_layers=1,
                     # the teacher's two-sentence answers run to ~90 tokens of a 300-piece BPE trained on
                     # three of them: the answer positions must hold them to reproduce them token for token
                     max_answer_len=128,
@@ -102,17 +105,22 @@ def test_tiny_student_overfits_a_handful_of_real_recorded_traces(tmp_path: Path)
     finally:
         torch.set_num_threads(threads)
 
-    assert metrics["steps"] == 200
+    assert metrics["steps"] == 40
     hist = metrics["history"]
     assert hist[-1]["val_split"] == "train"  # no val rows: the reported fidelity is the train fit
     first, last = hist[0]["train_loss"], hist[-1]["train_loss"]
-    for name in ("answer_ce", "class", "box_l1", "box_giou", "mask_bce", "mask_dice", "sources", "total"):
-        assert np.isfinite(last[name]) and last[name] < 0.5 * first[name], (name, first[name], last[name])
+    assert all(np.isfinite(v) for v in last.values()), last
+    for name in ("answer_ce", "mask_bce", "sources", "total"):
+        assert last[name] < 0.5 * first[name], (name, first[name], last[name])
+    for name in ("det_cls", "det_box", "det_dfl", "kd_cls", "kd_box"):  # started from the detector: it adapts
+        assert last[name] < first[name], (name, first[name], last[name])
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["started_from"]["node"] == "detect" and "AGPL-3.0" in meta["started_from"]["licence"]
     fit = metrics["val"]
     assert fit["answer_exact"] == 1.0  # every training answer, token for token
-    assert fit["class_acc"] == 1.0 and fit["sources_recall"] == 1.0
-    assert fit["box_iou"] > 0.85, fit  # matched boxes, in the letterboxed frame
-    assert fit["mask_iou"] > 0.7, fit  # matched masks at mask_size
+    assert fit["sources_recall"] == 1.0
+    assert fit["box_map50"] > 0.9, fit  # the teacher's boxes (classes included), as predict returns them
+    assert fit["mask_miou"] > 0.7, fit  # the teacher's SAM masks, pasted in the objects' boxes
 
     pred = load_student(tmp_path / "run")
     for row in rows:

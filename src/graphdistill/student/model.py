@@ -486,7 +486,9 @@ class Student(nn.Module):
             else:
                 chosen = {k: out[k] for k in ("classes", "boxes", "scores")} | {"valid": out["keep"]}
             obj_tokens = self.object_tokens(chosen, _text_view(feats[1], self.training))
-        memory = self.context(_text_view(feats[2], self.training), obj_tokens, question_ids, question_mask)
+        # without a detection head nothing else trains the trunk: the text and summary losses must reach it
+        detach = self.training and cfg.has_objects
+        memory = self.context(_text_view(feats[2], detach), obj_tokens, question_ids, question_mask)
         out["memory"] = memory
         if cfg.has_text and chosen is not None:
             out.update(self.pointer(memory, chosen["classes"], chosen["valid"]))
@@ -644,7 +646,8 @@ class Student(nn.Module):
 
 def _text_view(feature: Tensor, training: bool) -> Tensor:
     """A trunk feature as the text and mask branches read it: detached in training (their losses never bend the
-    detector, which only the detection losses train); as it is otherwise (an exported graph would keep
+    detector, which only the detection losses train; the text side passes ``training`` False when the student has
+    no detection head: then nothing else trains its trunk); as it is otherwise (an exported graph would keep
     ``detach`` as an alias op, which ExecuTorch refuses on a channels-last tensor)."""
     return feature.detach() if training else feature
 

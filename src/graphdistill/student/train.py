@@ -454,6 +454,11 @@ class TrainRecipe:
                 keep = tgt != -100
                 acc = (out["answer_logits"].argmax(-1)[keep] == tgt[keep]).float().mean()
                 res["answer_token_acc"] = float(acc)
+            for key, value in out.items():  # EMBEDDING outputs (the evaluation's metrics have none for them)
+                valid = batch.get(f"{key}:valid")
+                if key.startswith("embedding:") and key in batch and valid is not None and bool(valid.any()):
+                    cos = nn.functional.cosine_similarity(value, batch[key], dim=-1)[valid]
+                    res[f"{key}_cosine"] = float(cos.mean())
             kinds = output_kinds_of(self.ds)
             predictor = StudentPredictor(self.model, self.tokenizer, self.meta(), str(self.device))
             rows = self.val_set.rows[:n]

@@ -21,7 +21,7 @@ from graphdistill._env import apply_offline_env
 from graphdistill._lazy import require
 from graphdistill.images import to_rgb_uint8
 from graphdistill.trace import Detections
-from graphdistill.weights import REGISTRY, resolve
+from graphdistill.weights import REGISTRY, WeightsError, resolve
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +217,10 @@ def load_student_start(ref: dict[str, Any]) -> Any:
 
     try:
         path, sha = resolve(ref["weights"])
-    except (KeyError, OSError, ValueError) as exc:
-        raise OfferError(f"detector offer {ref.get('weights')!r}: cannot resolve its weights ({exc})") from exc
+    except (KeyError, OSError, ValueError, WeightsError) as exc:
+        raise OfferError(
+            f"detector offer {ref.get('weights')!r}: cannot resolve its weights ({exc})"
+        ) from exc
     if ref.get("weights_sha256") and sha != ref["weights_sha256"]:
         raise OfferError(
             f"detector offer {ref['weights']!r}: the weights' sha256 {sha[:12]}… is not the recorded "
@@ -231,7 +233,9 @@ def load_student_start(ref: dict[str, Any]) -> Any:
     model = (ckpt.get("ema") or ckpt["model"]) if isinstance(ckpt, dict) else ckpt
     yaml = getattr(model, "yaml", None)
     if not isinstance(yaml, dict) or type(model.model[-1]).__name__ != "Detect":
-        raise OfferError(f"detector offer {ref['weights']!r}: not an Ultralytics detection model (no Detect head)")
+        raise OfferError(
+            f"detector offer {ref['weights']!r}: not an Ultralytics detection model (no Detect head)"
+        )
     raw = model.names
     names = [str(raw[i]) for i in sorted(raw)] if isinstance(raw, dict) else [str(n) for n in raw]
     return StudentStart(
