@@ -79,7 +79,9 @@ def encode_cost(model: Any, photos: list[Any], repeats: int) -> dict[str, Any]:
 
         def forward(self, image: Any, ids: Any, mask: Any) -> tuple[Any, ...]:
             out = self.student.encode(image, ids, mask != 0)
-            return tuple(out[k] for k in ("boxes", "scores", "classes", "keep", "mask_logits", "source_logits"))
+            return tuple(
+                out[k] for k in ("boxes", "scores", "classes", "keep", "mask_logits", "source_logits")
+            )
 
     spec = spec_of(cfg)
     images = [torch.from_numpy(preprocess(p.image(), spec)[0]) for p in photos]
@@ -97,10 +99,9 @@ def encode_cost(model: Any, photos: list[Any], repeats: int) -> dict[str, Any]:
         )
         pte = Path(tmp) / "model.pte"
         out["pte_bytes"] = pte.stat().st_size
+        import executorch.kernels.quantized  # noqa: F401  (the int8 program's out-of-delegate kernels)
         from executorch.extension.pybindings import portable_lib
         from executorch.runtime import Runtime
-
-        import executorch.kernels.quantized  # noqa: F401  (the int8 program's out-of-delegate kernels)
 
         for threads in (1, 2):
             portable_lib._unsafe_reset_threadpool(threads)

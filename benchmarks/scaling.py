@@ -1,12 +1,14 @@
-"""Scaling study: fidelity on the held-out real photos against the number of recorded inputs, with the
-filtering on and off. This is where the claim that filtering matters is checked on our own data.
+"""Scaling study: fidelity on the held-out real photos against the number of recorded inputs (each with its
+counterfactual replays), with the filtering on and off. This is where the claim that filtering matters is
+checked on our own data.
 
 It takes the demo's trace store (run `graphdistill demo` or `benchmarks/e2e.py` first, or pass --store),
-keeps every held-out group, subsamples the training groups to each size, then for each size and for
-filtering on (default checks + `--min-agreement`) and off (no checks, no agreement threshold, no dedup):
-filter → train (same budget each) → eval on one shared test set: every held-out row, unfiltered (a
-filtered run's own test split would hold only the held-out rows its checks kept). Writes JSON in the shape the report's scaling
-section reads: {"points": [{"n_inputs", "filtered", "answer_f1", "box_map50", "mask_miou", ...}]}.
+keeps every held-out group, subsamples the recorded training inputs to each size together with the replays
+made from them, then for each size and for filtering on (default checks + `--min-agreement`) and off (no
+checks, no agreement threshold, no dedup): filter -> train (same budget each) -> eval on the dataset's test
+split, which is every held-out row whatever the filter's settings (the filter keeps them all for evaluation),
+so every point is scored on the same rows. Writes JSON in the shape the report's scaling section reads:
+{"points": [{"n_inputs", "replays", "filtered", "answer_f1", "box_map50", "mask_miou", ...}]}.
 
     python benchmarks/scaling.py --out benchmarks/results/scaling.json --sizes 16,32,64 --minutes 2
 """
@@ -39,24 +41,31 @@ def _cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "graphdistill.cli", *args], check=True, cwd=ROOT)
 
 
-def subset_store(src_dir: Path, dst_dir: Path, n_train_groups: int, seed: int) -> int:
-    """Copy every held-out group and `n_train_groups` other groups (traces + their blobs) into a new store."""
+def subset_store(src_dir: Path, dst_dir: Path, n_train_groups: int, seed: int) -> tuple[int, int]:
+    """Copy every held-out group, ``n_train_groups`` recorded training inputs and every replay made from
+    them (traces + their blobs) into a new store. Returns (training inputs, replay groups) copied."""
+    from graphdistill.datasets.replay import replay_of
     from graphdistill.datasets.store import TraceStore
 
     src, dst = TraceStore(src_dir), TraceStore(dst_dir)
     groups = src.groups()
-    heldout, train = [], []
+    heldout, train, replays = [], [], {}
     for gid, ids in sorted(groups.items()):
         first = src.get(ids[0])
         recipe = first.provenance.recipe or {}
-        (heldout if recipe.get("heldout") else train).append(gid)
+        edit = replay_of(first.provenance)
+        if edit is not None:
+            replays[gid] = str(edit.get("parent_group"))
+        else:
+            (heldout if recipe.get("heldout") else train).append(gid)
     random.Random(seed).shuffle(train)
-    chosen = heldout + train[:n_train_groups]
-    for gid in chosen:
+    parents = set(train[:n_train_groups])
+    kept_replays = [g for g, parent in replays.items() if parent in parents]
+    for gid in heldout + sorted(parents) + kept_replays:
         for tid in groups[gid]:
             t = src.get(tid)
             dst.append(t, {ref.blob: src.blob(ref.blob) for ref in t.blob_refs()})
-    return min(n_train_groups, len(train))
+    return len(parents), len(kept_replays)
 
 
 def main() -> int:
@@ -81,14 +90,9 @@ def main() -> int:
     points: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="gd-scaling-") as tmp:
         work = Path(tmp)
-        # one test set for every point: all the held-out rows, unfiltered. Scoring each run on its own
-        # dataset's test split would score filtered runs only on the held-out rows the checks kept
-        reference = work / "reference"
-        subset_store(store, work / "store-heldout", 0, args.seed)
-        _cli("filter", str(work / "store-heldout"), "--out", str(reference), *UNFILTERED)
         for size in [int(s) for s in args.sizes.split(",")]:
             sub = work / f"store-{size}"
-            n_inputs = subset_store(store, sub, size, args.seed)
+            n_inputs, n_replays = subset_store(store, sub, size, args.seed)
             for filtered in (True, False):
                 tag = f"{size}-{'on' if filtered else 'off'}"
                 ds, run = work / f"ds-{tag}", work / f"run-{tag}"
@@ -96,8 +100,8 @@ def main() -> int:
                 _cli("filter", str(sub), "--out", str(ds), *flt)
                 manifest = json.loads((ds / "manifest.json").read_text())
                 if not manifest.get("splits", {}).get("train"):
-                    points.append({"n_inputs": n_inputs, "filtered": filtered, "train_rows": 0,
-                                   "note": "filtering kept no training rows"})  # fmt: skip
+                    points.append({"n_inputs": n_inputs, "replays": n_replays, "filtered": filtered,
+                                   "train_rows": 0, "note": "filtering kept no training rows"})  # fmt: skip
                     continue
                 _cli(
                     "train",
@@ -109,13 +113,18 @@ def main() -> int:
                     "--seed",
                     str(args.seed),
                 )
-                _cli("eval", str(run), "--dataset", str(reference), "--split", "test", "--no-teacher-timing")
+                _cli(
+                    "eval", str(run), "--dataset", str(ds), "--split", "test", "--no-teacher-timing",
+                    "--ci-resamples", "200",
+                )  # fmt: skip
                 ev = json.loads((run / "eval.json").read_text())
-                fid = ev["fidelity"]
+                fid, ci = ev["fidelity"], ev.get("fidelity_ci") or {}
                 points.append({
-                    "n_inputs": n_inputs, "filtered": filtered, "train_rows": manifest["splits"]["train"],
+                    "n_inputs": n_inputs, "replays": n_replays, "filtered": filtered,
+                    "train_rows": manifest["splits"]["train"],
                     "answer_f1": fid.get("answer_f1"), "box_map50": fid.get("box_map50"),
                     "mask_miou": fid.get("mask_miou"), "sources_recall": fid.get("sources_recall"),
+                    "answer_f1_ci": ci.get("answer_f1"), "sources_recall_ci": ci.get("sources_recall"),
                     "test_n": ev.get("n"),
                 })  # fmt: skip
                 print(json.dumps(points[-1]), flush=True)

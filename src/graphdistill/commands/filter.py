@@ -52,7 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="photo ids whose inputs all go to test (default: the built-in held-out photos)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print {kept, dropped, by_rule, splits, heldout, teacher}")
+    p.add_argument(
+        "--json", action="store_true", help="print {kept, dropped, by_rule, splits, heldout, teacher}"
+    )
     p.set_defaults(func=_filter)
 
 

@@ -276,7 +276,11 @@ class BundleRunner:
             self.kv_shape, self.max_steps = [int(s) for s in kv["shape"]], int(kv["max_answer_len"]) - 1
             # decode_step inputs filled once per query from encode's output of the same name
             self.per_query = (
-                [(i, str(spec["per_query"])) for i, spec in enumerate(m["programs"]["decode_step"]["inputs"]) if "per_query" in spec]
+                [
+                    (i, str(spec["per_query"]))
+                    for i, spec in enumerate(m["programs"]["decode_step"]["inputs"])
+                    if "per_query" in spec
+                ]
                 if self.has_text
                 else []
             )

@@ -34,8 +34,12 @@ class StudentConfig:
     reg_max: int = 16  # DFL bins per box side (Ultralytics' default; must match a detector started from)
     num_masks: int = 32  # prototype masks (YOLACT / YOLO-seg); an object's mask is coef · protos in its box
     proto_channels: int = 32  # width of the prototype branch (it runs at stride 4: keep it thin)
-    max_objects: int = 20  # object slots: the most objects a query returns and the object tokens the text reads
-    candidates: int = 100  # best-scoring cells kept before the in-graph (Fast) NMS; ≥ the cells above threshold
+    max_objects: int = (
+        20  # object slots: the most objects a query returns and the object tokens the text reads
+    )
+    candidates: int = (
+        100  # best-scoring cells kept before the in-graph (Fast) NMS; ≥ the cells above threshold
+    )
     score_threshold: float = 0.25  # an object is kept at this class score: the teacher detector's own `conf`
     nms_iou: float = 0.7  # same-class boxes overlapping more than this are one object (the detector's `iou`)
     vocab_size: int = 2048  # BPE vocabulary trained on the dataset's own questions + answers (small domain)

@@ -151,7 +151,9 @@ def _export(
         from graphdistill.student.quantize import QUANTIZED, QUANTIZED_WITH_CONVS
 
         patterns = QUANTIZED_WITH_CONVS if loaded.config.trunk == "ultralytics" else QUANTIZED
-        files = export_executorch(programs, tmp, quantize=quantize, calibration=calibration, int8_patterns=patterns)
+        files = export_executorch(
+            programs, tmp, quantize=quantize, calibration=calibration, int8_patterns=patterns
+        )
         method = "pt2e-xnnpack-static-" + "-".join(patterns)
         return files, ({k: method for k in files} if quantize == "int8" else {})
     from graphdistill.student.export_onnx import export_onnx
@@ -250,7 +252,12 @@ def _manifest(
         "mask_logits": "each object's mask logits over the whole canvas (coefficients x prototypes)",
     }
     encode_outputs = [
-        {"name": n, "shape": shapes[n], "dtype": dtypes.get(n, "float32"), **({"meaning": meanings[n]} if n in meanings else {})}
+        {
+            "name": n,
+            "shape": shapes[n],
+            "dtype": dtypes.get(n, "float32"),
+            **({"meaning": meanings[n]} if n in meanings else {}),
+        }
         for n in loaded.encode_outputs
     ]
     # ExecuTorch: the image in NHWC memory (dim order 0, 2, 3, 1), as the XNNPACK convolutions read it

@@ -39,7 +39,9 @@ def parity_float(
         same, box_diff, ious = 0, [0.0], [1.0]
         for r, g in pairs:
             rk, gk = r.outputs["keep"].astype(bool), g.outputs["keep"].astype(bool)
-            if not (np.array_equal(rk, gk) and np.array_equal(r.outputs["classes"][rk], g.outputs["classes"][gk])):
+            if not (
+                np.array_equal(rk, gk) and np.array_equal(r.outputs["classes"][rk], g.outputs["classes"][gk])
+            ):
                 continue
             same += 1
             if rk.any():
@@ -52,7 +54,9 @@ def parity_float(
         result["objects_equal"] = same / len(pairs)
         result["box_max_abs_diff"] = max(box_diff)
         if same < len(pairs):
-            failures.append(f"kept objects (slots, classes) differ from PyTorch's on {len(pairs) - same}/{len(pairs)} inputs")
+            failures.append(
+                f"kept objects (slots, classes) differ from PyTorch's on {len(pairs) - same}/{len(pairs)} inputs"
+            )
         if max(box_diff) > box_tol:
             failures.append(f"boxes differ by up to {max(box_diff):.2e} > {box_tol}")
         if "mask_logits" in present:

@@ -81,7 +81,9 @@ def load_run(run: Path, dataset: str | Path | None = None) -> LoadedRun:
     meta_path = run / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if meta.get("format") not in (None, STUDENT_FORMAT):
-        raise ExportError(f"{run}: student format {meta.get('format')!r} is not {STUDENT_FORMAT!r}: train it again")
+        raise ExportError(
+            f"{run}: student format {meta.get('format')!r} is not {STUDENT_FORMAT!r}: train it again"
+        )
     st = require("safetensors.torch", purpose="loading the student")
     try:
         config = StudentConfig.from_dict(json.loads((run / "config.json").read_text()))

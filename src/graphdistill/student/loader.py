@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from graphdistill.student.model import EOS_ID, StudentConfig
-from graphdistill.student.trunks import PROTO_STRIDE
 from graphdistill.student.tokenizer import StudentTokenizer
+from graphdistill.student.trunks import PROTO_STRIDE
 from graphdistill.trace import TokenLogprobs
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,9 @@ def preprocess_image(
     small = Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=reducing_gap)
     canvas[:nh, :nw] = np.asarray(small)
     x = torch.from_numpy(canvas).permute(2, 0, 1).float().div_(255)
-    x = (x - torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)) / torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    x = (x - torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)) / torch.tensor(
+        std, dtype=torch.float32
+    ).view(3, 1, 1)
     return x, s
 
 
@@ -272,7 +274,9 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         has_mask = torch.zeros(k, dtype=torch.bool)
         objects = list(row["objects"])
         if len(objects) > k:
-            log.warning("row %s has %d objects > max_objects=%d; keeping the first", row["id"], len(objects), k)
+            log.warning(
+                "row %s has %d objects > max_objects=%d; keeping the first", row["id"], len(objects), k
+            )
             objects = objects[:k]
         for j, o in enumerate(objects):
             x1, y1, x2, y2 = (float(v) * scale for v in o.box)  # canvas pixels

@@ -176,10 +176,14 @@ def assign(
     if m == 0 or not bool(gt_valid.any()):
         z = torch.zeros(b, a, dtype=torch.bool, device=scores.device)
         return Assignment(z, torch.zeros(b, a, dtype=torch.long, device=scores.device), boxes * 0, scores * 0)
-    rel = torch.cat([anchors[None, None] - gt_boxes[:, :, None, :2], gt_boxes[:, :, None, 2:] - anchors[None, None]], -1)
+    rel = torch.cat(
+        [anchors[None, None] - gt_boxes[:, :, None, :2], gt_boxes[:, :, None, 2:] - anchors[None, None]], -1
+    )
     inside = (rel.amin(-1) > 1e-9) & gt_valid[:, :, None]  # [B,M,A]
     iou = pairwise_iou(gt_boxes, boxes).clamp(min=0)  # [B,M,A]
-    cls_score = scores.gather(2, gt_labels.clamp(min=0)[:, None, :].expand(b, a, m)).transpose(1, 2)  # [B,M,A]
+    cls_score = scores.gather(2, gt_labels.clamp(min=0)[:, None, :].expand(b, a, m)).transpose(
+        1, 2
+    )  # [B,M,A]
     align = cls_score.pow(alpha) * iou.pow(beta) * inside
     top = align.topk(min(topk, a), dim=-1).indices
     chosen = torch.zeros_like(inside).scatter_(-1, top, True) & inside  # [B,M,A]
@@ -211,15 +215,24 @@ def detection_losses(out: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[s
     docstring. Only rows with ``vision_ok`` (their objects describe their image) take part."""
     dist, cls = out["det_dist"], out["det_cls"]  # [B,4R,A], [B,C,A]
     anchors, strides = out["det_anchors"], out["det_strides"]
-    b, c, a = cls.shape
+    b, _c, a = cls.shape
     r = dist.shape[1] // 4
-    rows = batch["vision_ok"].bool() if "vision_ok" in batch else torch.ones(b, dtype=torch.bool, device=cls.device)
+    rows = (
+        batch["vision_ok"].bool()
+        if "vision_ok" in batch
+        else torch.ones(b, dtype=torch.bool, device=cls.device)
+    )
     logits = cls.transpose(1, 2)  # [B,A,C]
-    bins = torch.arange(r, dtype=dist.dtype, device=dist.device)
+    bins = torch.arange(r, dtype=dist.dtype, device=dist.device).view(1, r)
     pred_boxes = dfl_decode(dist, anchors, strides, bins)  # [B,A,4]
     gt_valid = batch["obj_valid"].bool() & rows[:, None]
     asg = assign(
-        logits.detach().sigmoid(), pred_boxes.detach(), anchors, batch["obj_classes"], batch["obj_boxes_px"], gt_valid
+        logits.detach().sigmoid(),
+        pred_boxes.detach(),
+        anchors,
+        batch["obj_classes"],
+        batch["obj_boxes_px"],
+        gt_valid,
     )
     zero = cls.sum() * 0.0
     weight_sum = asg.scores.sum().clamp(min=1.0)
@@ -254,7 +267,9 @@ def mask_loss(out: dict[str, Tensor], batch: dict[str, Tensor], asg: Assignment,
     pred = torch.bmm(coef[:, None, :], protos[bi].view(-1, m, hp * wp)).view(-1, hp, wp)
     target = batch["obj_masks"][bi, asg.target[fg]]  # [N,Hp,Wp]
     has_mask = batch.get("obj_has_mask")
-    keep = has_mask[bi, asg.target[fg]].bool() if has_mask is not None else torch.ones_like(bi, dtype=torch.bool)
+    keep = (
+        has_mask[bi, asg.target[fg]].bool() if has_mask is not None else torch.ones_like(bi, dtype=torch.bool)
+    )
     if not bool(keep.any()):
         return pred.sum() * 0.0
     box = asg.boxes[fg] / PROTO_STRIDE  # xyxy in prototype cells

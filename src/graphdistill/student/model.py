@@ -53,6 +53,7 @@ from graphdistill.student.config import (  # re-exported: model.StudentConfig et
     preset,
 )
 from graphdistill.student.trunks import (
+    DFL_BINS,
     STRIDES,
     CoefHead,
     Proto,
@@ -261,9 +262,14 @@ class Student(nn.Module):
         self.register_buffer("det_anchors", anchors, persistent=False)
         self.register_buffer("det_strides", strides, persistent=False)
         self.dfl_bins: Tensor
-        self.register_buffer("dfl_bins", torch.arange(cfg.reg_max, dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            DFL_BINS, torch.arange(cfg.reg_max, dtype=torch.float32).view(1, -1), persistent=False
+        )
         # Fast NMS: candidate i suppresses candidate j (ranked below it) when they overlap; a constant mask
-        self.register_buffer("rank_above", torch.ones(cfg.candidates, cfg.candidates).triu(1), persistent=False)
+        self.rank_above: Tensor
+        self.register_buffer(
+            "rank_above", torch.ones(cfg.candidates, cfg.candidates).triu(1), persistent=False
+        )
         if cfg.has_masks:
             self.proto = Proto(c3, cfg.proto_channels, cfg.num_masks)
             self.coef = nn.ModuleList(CoefHead(c, cfg.num_masks) for c in (c3, c4, c5))
@@ -281,7 +287,13 @@ class Student(nn.Module):
         self.q_pos = nn.Parameter(torch.zeros(1, cfg.max_question_len, d))
         self.type_emb = nn.Parameter(torch.zeros(4, d))  # register / image / object / question
         enc_layer = nn.TransformerEncoderLayer(
-            d, cfg.n_heads, cfg.ffn_mult * d, cfg.dropout, activation="gelu", batch_first=True, norm_first=True
+            d,
+            cfg.n_heads,
+            cfg.ffn_mult * d,
+            cfg.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
         )
         self.encoder = nn.TransformerEncoder(enc_layer, cfg.enc_layers, enable_nested_tensor=False)
         self.enc_norm = nn.LayerNorm(d)
@@ -338,7 +350,9 @@ class Student(nn.Module):
             "det_dist": torch.cat([head.cv2[i](f).flatten(2) for i, f in enumerate(feats)], 2),
             "det_cls": torch.cat([head.cv3[i](f).flatten(2) for i, f in enumerate(feats)], 2),
         }
-        if self.config.has_masks:  # the mask branch reads the trunk as the text does: it never bends the detector
+        if (
+            self.config.has_masks
+        ):  # the mask branch reads the trunk as the text does: it never bends the detector
             own = [_text_view(f, self.training) for f in feats]
             out["det_coef"] = torch.cat([c(f).flatten(2) for c, f in zip(self.coef, own, strict=True)], 2)
             out["protos"] = self.proto(own[0])
@@ -379,7 +393,9 @@ class Student(nn.Module):
             coef = dense["det_coef"].gather(2, cell[:, None, :].expand(-1, cfg.num_masks, -1))  # [B,M,K]
             protos = dense["protos"]
             b, m, hp, wp = protos.shape
-            out["mask_logits"] = torch.bmm(coef.transpose(1, 2), protos.view(b, m, hp * wp)).view(b, -1, hp, wp)
+            out["mask_logits"] = torch.bmm(coef.transpose(1, 2), protos.view(b, m, hp * wp)).view(
+                b, -1, hp, wp
+            )
         del kept_score
         return out
 
@@ -437,7 +453,9 @@ class Student(nn.Module):
         [B,K,V] (one-hot of each object's class-name token)."""
         tokens = self.class_tokens[classes.clamp(0, self.config.num_classes - 1)]  # [B,K]
         usable = valid & (tokens > UNK_ID)
-        vocab = (tokens[..., None] == torch.arange(self.config.vocab_size, device=tokens.device)).to(memory.dtype)
+        vocab = (tokens[..., None] == torch.arange(self.config.vocab_size, device=tokens.device)).to(
+            memory.dtype
+        )
         return {
             "ptr_keys": self.ptr_k(memory[:, self.n_ctx - self.n_obj :]),
             "ptr_bias": (~usable).to(memory.dtype) * phone_ops.NEG,
@@ -501,7 +519,9 @@ class Student(nn.Module):
 
     @staticmethod
     def pointer_of(encoded: dict[str, Tensor]) -> dict[str, Tensor] | None:
-        return {k: encoded[k] for k in ("ptr_keys", "ptr_bias", "ptr_vocab")} if "ptr_keys" in encoded else None
+        return (
+            {k: encoded[k] for k in ("ptr_keys", "ptr_bias", "ptr_vocab")} if "ptr_keys" in encoded else None
+        )
 
     def empty_cache(self, batch: int, device: torch.device | None = None) -> Tensor:
         self._need_text("empty_cache")
@@ -557,7 +577,9 @@ class Student(nn.Module):
         at = torch.arange(t_max, device=kv_cache.device).view(1, t_max) == position.reshape(-1, 1)
         return torch.where(at.view(1, 1, -1, 1, t_max, 1), kv_new, kv_cache)
 
-    def decode_full(self, answer_in: Tensor, memory: Tensor, pointer: dict[str, Tensor] | None = None) -> Tensor:
+    def decode_full(
+        self, answer_in: Tensor, memory: Tensor, pointer: dict[str, Tensor] | None = None
+    ) -> Tensor:
         """Teacher forcing: answer_in [B,La] -> log-probabilities [B,La,V] (no cache)."""
         self._need_text("decode_full")
         la = answer_in.shape[1]

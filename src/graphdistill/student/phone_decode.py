@@ -105,7 +105,9 @@ class PhoneDecodeStep(nn.Module):
         s, d, h, hd, t_max, m = self.student, self.d, self.heads, self.hd, self.t_max, self.n_ctx
         n = self.n_layers
         if len(kv) != 4 * n + (3 if self.copy else 0):
-            raise ValueError(f"decode step takes {4 * n} key/value inputs (+3 copy-path inputs), got {len(kv)}")
+            raise ValueError(
+                f"decode step takes {4 * n} key/value inputs (+3 copy-path inputs), got {len(kv)}"
+            )
         cross, cache = kv[: 2 * n], kv[2 * n : 4 * n]
         scale = 1.0 / math.sqrt(hd)
         x = (s.tok_emb(token) + s.a_pos(position.view(1, 1))).view(1, d)
@@ -136,7 +138,9 @@ class PhoneDecodeStep(nn.Module):
         q = out[:, v : v + d].view(1, 1, d)
         pointed = torch.bmm(q, ptr_keys) * (1.0 / math.sqrt(d)) + ptr_bias.view(1, 1, k)  # [1,1,K]
         w = torch.softmax(torch.cat([out[:, v + d :].view(1, 1, 1), pointed], dim=-1), dim=-1)
-        probs = w[..., :1].view(1, 1) * torch.softmax(out[:, :v], dim=-1) + torch.bmm(w[..., 1:], ptr_vocab).view(1, v)
+        probs = w[..., :1].view(1, 1) * torch.softmax(out[:, :v], dim=-1) + torch.bmm(
+            w[..., 1:], ptr_vocab
+        ).view(1, v)
         return probs, torch.stack(new)
 
 

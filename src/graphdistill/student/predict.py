@@ -118,7 +118,8 @@ class StudentPredictor:
         self.device = torch.device(device)
         spec = meta.get("preprocessing")  # the rule the run was trained with (older runs: no reducing_gap)
         self.reducing_gap: float | None = spec.get("reducing_gap") if spec else REDUCING_GAP
-        self.mean, self.std = (spec["mean"], spec["std"]) if spec else (MEAN, STD)
+        self.mean: Any = spec["mean"] if spec else MEAN
+        self.std: Any = spec["std"] if spec else STD
 
     @torch.no_grad()
     def predict(
@@ -208,9 +209,9 @@ class StudentPredictor:
             c = int(classes[q])
             label = self.class_names[c] if c < len(self.class_names) else str(c)
             out.append(
-                ObjectOut(label=label, class_id=c, score=float(scores[q]), box=[x1, y1, x2, y2], mask=mask).model_dump(
-                    mode="json"
-                )
+                ObjectOut(
+                    label=label, class_id=c, score=float(scores[q]), box=[x1, y1, x2, y2], mask=mask
+                ).model_dump(mode="json")
             )
         return out
 

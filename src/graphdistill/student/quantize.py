@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from graphdistill._lazy import require
+from graphdistill.student.phone_decode import NORM_MEAN
+from graphdistill.student.trunks import DFL_BINS
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +69,17 @@ def quantize_pt2e(
 
 def _float_only(node: Any) -> bool:
     """Quantize a node only when it and every tensor it reads are floating point, and it is not one of the
-    one-row linear layers that compute a layer norm's mean or variance (:data:`phone_decode.NORM_MEAN`):
-    one int8 scale for the whole residual stream would shift every norm."""
-    from graphdistill.student.phone_decode import NORM_MEAN
-
-    if any(NORM_MEAN in str(a.target) for a in node.all_input_nodes):
+    linear layers of :data:`FLOAT_ONLY`."""
+    if any(name in str(a.target) for a in node.all_input_nodes for name in FLOAT_ONLY):
         return False
     vals = [node.meta.get("val")] + [a.meta.get("val") for a in node.all_input_nodes]
     return all(getattr(getattr(v, "dtype", None), "is_floating_point", True) for v in vals)
+
+
+# linear layers that must stay float, by the name of their weight: a layer norm's mean/variance rows
+# (phone_decode.NORM_MEAN: one int8 scale for the residual stream would shift every norm) and the DFL's bin
+# values 0..15 (trunks.dfl_decode: int8 would move every box side by up to 5 %)
+FLOAT_ONLY = (NORM_MEAN, DFL_BINS)
 
 
 # dynamic int8 for the matrix products (and the embedding table): ONNX Runtime's ConvInteger is slower than

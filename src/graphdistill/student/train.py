@@ -187,9 +187,12 @@ class TrainRecipe:
 
         model = (self.model_factory or Student)(self.model_config)
         check_student(model)
-        if self.start is not None and not resuming and hasattr(model, "start_from"):
-            model.start_from(self.start)
-            log.info("student trunk and detection head start from %s (%s)", self.start.model_id, self.start.licence)
+        start_from = getattr(model, "start_from", None)
+        if self.start is not None and not resuming and callable(start_from):
+            start_from(self.start)
+            log.info(
+                "student trunk and detection head start from %s (%s)", self.start.model_id, self.start.licence
+            )
         trunk = getattr(model, "trunk", None)
         if self.start is not None and hasattr(trunk, "freeze"):
             trunk.freeze(cfg.freeze)  # type: ignore[union-attr]
@@ -206,7 +209,9 @@ class TrainRecipe:
             self.ds, val_split, self.tokenizer, self.model_config, class_names=self.class_names
         )
         self.weights = LossWeights.from_names(cfg.loss_weights, embeddings=self.model_config.embedding_dims)
-        trunk_ids = {id(p) for p in trunk.parameters()} if self.start is not None and trunk is not None else set()
+        trunk_ids = (
+            {id(p) for p in trunk.parameters()} if self.start is not None and trunk is not None else set()
+        )
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in trainable if id(p) not in trunk_ids], "lr": cfg.lr},
@@ -251,7 +256,9 @@ class TrainRecipe:
 
         found = pick_offer(graph.offers, "ultralytics-detect")
         if found is None:
-            log.info("graph %s: no node offers modules to start from; the trunk starts from scratch", graph.name)
+            log.info(
+                "graph %s: no node offers modules to start from; the trunk starts from scratch", graph.name
+            )
             return None
         return load_offer(found[1], node=found[0])
 
@@ -265,7 +272,10 @@ class TrainRecipe:
         rows = self.ds.rows(split)
         detector = DetectorTargets(self.start, self.model_config.image_size, self.device)
         get = cached_targets(
-            detector, [str(r["image"]) for r in rows], lambda i: self.ds.image(rows[i]), progress=self.on_progress
+            detector,
+            [str(r["image"]) for r in rows],
+            lambda i: self.ds.image(rows[i]),
+            progress=self.on_progress,
         )
         del detector
         return get
@@ -433,7 +443,9 @@ class TrainRecipe:
     def _forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         args = (batch["image"], batch["question_ids"], batch["question_mask"], batch["answer_in"])
         if "obj_valid" in batch and isinstance(self.model, Student):  # the text reads the teacher's objects
-            return self.model(*args, objects={k: batch[k] for k in ("obj_classes", "obj_boxes", "obj_scores", "obj_valid")})
+            return self.model(
+                *args, objects={k: batch[k] for k in ("obj_classes", "obj_boxes", "obj_scores", "obj_valid")}
+            )
         return self.model(*args)  # type: ignore[no-any-return]
 
     @torch.no_grad()
@@ -463,7 +475,9 @@ class TrainRecipe:
             kinds = output_kinds_of(self.ds)
             predictor = StudentPredictor(self.model, self.tokenizer, self.meta(), str(self.device))
             rows = self.val_set.rows[:n]
-            student = [jsonable_output(predictor.predict(self.ds.image(r), r["question"]), kinds) for r in rows]
+            student = [
+                jsonable_output(predictor.predict(self.ds.image(r), r["question"]), kinds) for r in rows
+            ]
             teacher = [output_of_row(r, kinds) for r in rows]
             scores = metrics.compare_outputs(teacher, student, semantic=False, class_names=self.class_names)
             res.update({k: float(v) for k, v in scores.items() if isinstance(v, int | float) and k != "n"})

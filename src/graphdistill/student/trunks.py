@@ -25,10 +25,12 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 STRIDES = (8, 16, 32)
 PROTO_STRIDE = 4  # prototype masks: the stride-8 map upsampled twice
+DFL_BINS = "dfl_bins"  # the name of the student's buffer of DFL bin values (int8 export leaves it float)
 
 
 class ConvBN(nn.Module):
@@ -61,8 +63,10 @@ class DenseHead(nn.Module):
         )
         with torch.no_grad():  # YOLO's prior: ~0.01 objects per cell spread over the classes
             for box, cls, stride in zip(self.cv2, self.cv3, STRIDES, strict=True):
-                box[-1].bias.fill_(2.0)
-                cls[-1].bias.fill_(math.log(5 / num_classes / (image_size / stride) ** 2))
+                box_out: Any = box[-1]  # type: ignore[index]
+                cls_out: Any = cls[-1]  # type: ignore[index]
+                box_out.bias.fill_(2.0)
+                cls_out.bias.fill_(math.log(5 / num_classes / (image_size / stride) ** 2))
 
 
 class UltralyticsTrunk(nn.Module):
@@ -87,7 +91,7 @@ class UltralyticsTrunk(nn.Module):
         cfg["nc"] = num_classes
         with contextlib.redirect_stdout(io.StringIO()):  # its build summary
             model = DetectionModel(cfg=cfg, ch=3, nc=num_classes, verbose=False)
-        layers = list(model.model)
+        layers: list[Any] = list(model.model)  # type: ignore[arg-type]
         head = layers[-1]
         if type(head).__name__ != "Detect" or getattr(head, "one2one_cv2", None) is not None:
             raise ValueError(
@@ -98,7 +102,7 @@ class UltralyticsTrunk(nn.Module):
         self.head = head
         self.n_backbone = len(spec.get("backbone") or [])  # the YAML's backbone layers come first
         self.backbone_frozen = False
-        self.save = sorted(int(i) for i in model.save)
+        self.save = sorted(int(i) for i in model.save)  # type: ignore[union-attr]
         self.outs = [int(i) for i in head.f]
         self.reg_max = int(head.reg_max)
         self.channels = [int(seq[0].conv.in_channels) for seq in head.cv2]
@@ -121,9 +125,9 @@ class UltralyticsTrunk(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         y: list[Tensor | None] = []
         for i, m in enumerate(self.layers):
-            f = m.f
+            f: Any = m.f
             if f != -1:
-                x = y[f] if isinstance(f, int) else [x if j == -1 else y[j] for j in f]  # type: ignore[assignment,index]
+                x = y[f] if isinstance(f, int) else [x if j == -1 else y[j] for j in f]  # type: ignore[assignment]
             if self.backbone_frozen and i < self.n_backbone and torch.is_grad_enabled():
                 with torch.no_grad():
                     x = m(x)
@@ -153,14 +157,20 @@ class UltralyticsTrunk(nn.Module):
 class TimmTrunk(nn.Module):
     """A timm backbone (random init, strides 8/16/32) + a top-down FPN neck + :class:`DenseHead`."""
 
-    def __init__(self, backbone: str, num_classes: int, reg_max: int, image_size: int, width: int = 64) -> None:
+    def __init__(
+        self, backbone: str, num_classes: int, reg_max: int, image_size: int, width: int = 64
+    ) -> None:
         super().__init__()
         import timm
 
-        self.backbone = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=(-3, -2, -1))
+        self.backbone = timm.create_model(
+            backbone, pretrained=False, features_only=True, out_indices=(-3, -2, -1)
+        )
         info: Any = self.backbone.feature_info
         if list(info.reduction()) != list(STRIDES):
-            raise ValueError(f"backbone {backbone!r} must give stride 8, 16 and 32 features, got {info.reduction()}")
+            raise ValueError(
+                f"backbone {backbone!r} must give stride 8, 16 and 32 features, got {info.reduction()}"
+            )
         self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in info.channels())
         self.smooth = nn.ModuleList(ConvBN(width, width) for _ in STRIDES)
         self.up = nn.Upsample(scale_factor=2, mode="nearest")
@@ -208,7 +218,9 @@ def make_anchors(image_size: int) -> tuple[Tensor, Tensor]:
     points, strides = [], []
     for s in STRIDES:
         g = image_size // s
-        ys, xs = torch.meshgrid(torch.arange(g, dtype=torch.float32), torch.arange(g, dtype=torch.float32), indexing="ij")
+        ys, xs = torch.meshgrid(
+            torch.arange(g, dtype=torch.float32), torch.arange(g, dtype=torch.float32), indexing="ij"
+        )
         points.append(torch.stack([xs, ys], -1).view(-1, 2).add(0.5).mul(s))
         strides.append(torch.full((g * g, 1), float(s)))
     return torch.cat(points), torch.cat(strides)
@@ -221,11 +233,13 @@ def level_sizes(image_size: int) -> list[int]:
 
 def dfl_decode(dist: Tensor, anchors: Tensor, strides: Tensor, bins: Tensor) -> Tensor:
     """Box distributions [B,4·R,A] -> xyxy boxes in canvas pixels [B,A,4]: each side's distance from the cell
-    centre is the expected value of its distribution over ``bins`` (0..R-1) strides (Ultralytics' DFL). A
+    centre is the expected value of its distribution over ``bins`` ([1, R]: 0..R-1) strides (Ultralytics' DFL). A
     last-dim softmax and a matmul with the bin values: both ops XNNPACK takes, where a softmax over dim 2 of a
     4-D tensor it does not."""
     b, _, a = dist.shape
-    r = bins.shape[0]
+    r = bins.shape[-1]
     probs = dist.view(b, 4, r, a).transpose(2, 3).softmax(-1)  # [B,4,A,R]
-    ltrb = (probs @ bins.view(r, 1)).view(b, 4, a).transpose(1, 2) * strides  # [B,A,4] px
+    # a linear layer whose weight is the bin values [1, R]: XNNPACK takes it (a matmul with a buffer it does
+    # not), and int8 export leaves it float (quantize.FLOAT_ONLY, by the buffer's name)
+    ltrb = F.linear(probs, bins).view(b, 4, a).transpose(1, 2) * strides  # [B,A,4] px
     return torch.cat([anchors - ltrb[..., :2], anchors + ltrb[..., 2:]], -1)

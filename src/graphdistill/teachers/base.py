@@ -180,7 +180,9 @@ def load_offer(ref: dict[str, Any], node: str = "") -> StudentStart:
     kind = str(ref.get("kind", ""))
     target = OFFER_LOADERS.get(kind)
     if target is None:
-        raise OfferError(f"node {node or '?'} offers modules of unknown kind {kind!r}; known: {sorted(OFFER_LOADERS)}")
+        raise OfferError(
+            f"node {node or '?'} offers modules of unknown kind {kind!r}; known: {sorted(OFFER_LOADERS)}"
+        )
     module, _, attr = target.partition(":")
     start: StudentStart = getattr(importlib.import_module(module), attr)(ref)
     start.node = node
