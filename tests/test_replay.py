@@ -30,6 +30,7 @@ from graphdistill.datasets.replay_plan import (
     edit_from_description,
     plan_replays,
     relabel,
+    relabel_text,
     replay_store,
 )
 from graphdistill.datasets.store import TraceStore
@@ -160,7 +161,12 @@ def photo(two: bool, seed: int = 0) -> np.ndarray:
 
 
 def record_parents(
-    graph: Any, store: TraceStore, photos: list[tuple[str, bool]], samples: int = 1, **recipe: Any
+    graph: Any,
+    store: TraceStore,
+    photos: list[tuple[str, bool]],
+    samples: int = 1,
+    question: str = "What is in this picture?",
+    **recipe: Any,
 ) -> list[Trace]:
     """Record each photo (id, two objects?) ``samples`` times, as `graphdistill record` does."""
     from graphdistill.datasets.recording import sampling_configurable
@@ -169,7 +175,7 @@ def record_parents(
     for j, (pid, two) in enumerate(photos):
         for i in range(samples):
             live.invoke(
-                {"image": photo(two, j), "question": "What is in this picture?"},
+                {"image": photo(two, j), "question": question},
                 config={
                     "metadata": {
                         "graphdistill_sample_index": i,
@@ -434,6 +440,21 @@ def _state() -> dict[str, Any]:
         ),
         "masks": Masks(rles=[RLE.encode(ellipse(b)) for b in boxes], scores=[0.95, 0.85, 0.75]),
     }
+
+
+def test_a_relabel_asks_the_question_about_the_new_label_and_records_it(store: TraceStore) -> None:
+    assert relabel_text("How many cats? The cat, the dog.", {"cat": "dog", "dog": "cat"}) == (
+        "How many dogs? The dog, the cat."
+    )
+    assert relabel_text("A category of cats", {"cat": "traffic light"}) == "A category of traffic lights"
+    graph = Toy().graph()
+    (parent,) = record_parents(graph, store, [("p/cat", False)], question="Where is the cat?")
+    replay(graph, store, [ReplayRequest(parent.id, relabel({"cat": "cup"}, LABELS))], samples=1)
+    (t,) = [t for t in store.iter() if t.id != parent.id]
+    # the replay's recorded input is the question it was asked: about the cup its detections now show
+    assert t.inputs["question"] == "Where is the cup?" and parent.inputs["question"] == "Where is the cat?"
+    assert t.inputs["image"] == parent.inputs["image"]
+    assert t.spans[0].reads["question"] == "Where is the cup?"
 
 
 def test_relabel_changes_class_ids_and_names_together() -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -46,6 +47,7 @@ EDIT_KINDS = ("relabel", "drop", "duplicate")
 EDIT_WEIGHTS = {"relabel": 0.8, "drop": 0.1, "duplicate": 0.1}
 DETECTIONS = "detections"
 MASKS = "masks"
+QUESTION = "question"  # the input a relabel also rewrites (visual_rag's question)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -101,10 +103,30 @@ def _check_index(dets: Detections, index: int, label: str | None) -> None:
         raise ValueError(f"object {index} is a {dets.names[index]!r}, not a {label!r}")
 
 
+def relabel_text(text: str, mapping: Mapping[str, str]) -> str:
+    """``text`` with every whole-word mention of an old label (or its plural in -s) turned into the new one,
+    all at once (so ``{cat: dog, dog: cat}`` swaps them): "How many cats are there?" -> "How many dogs are
+    there?"."""
+    if not mapping:
+        return text
+    words = sorted(mapping, key=len, reverse=True)
+    pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")(s?)\b", re.IGNORECASE)
+    lower = {k.lower(): v for k, v in mapping.items()}
+    return pattern.sub(lambda m: lower[m.group(1).lower()] + m.group(2), text)
+
+
 def relabel(
-    mapping: Mapping[str, str], labels: Sequence[str], *, detections: str = DETECTIONS, masks: str = MASKS
+    mapping: Mapping[str, str],
+    labels: Sequence[str],
+    *,
+    detections: str = DETECTIONS,
+    masks: str = MASKS,
+    question: str | None = QUESTION,
 ) -> Edit:
-    """Every detection named ``old`` becomes class ``mapping[old]`` (its id: the index in ``labels``)."""
+    """Every detection named ``old`` becomes class ``mapping[old]`` (its id: the index in ``labels``), and so
+    does every mention of it in the ``question`` state field (an input: the replay records the edited
+    question), so a question about the cat asks about the dog the detector now reports: without it the LLM
+    answers about the cat, an object no detection names any more."""
     labels = list(labels)
     unknown = sorted(v for v in mapping.values() if v not in labels)
     if unknown:
@@ -126,6 +148,8 @@ def relabel(
             scores=dets.scores,
             image_size=dets.image_size,
         )
+        if question is not None and isinstance(state.get(question), str):
+            state[question] = relabel_text(state[question], mapping)
         return state
 
     return Edit("relabel", {"map": mapping}, (detections, masks), fn)
