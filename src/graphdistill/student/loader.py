@@ -181,6 +181,7 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         soft_targets_tokenizer: str | None = None,
         class_names: list[str] | None = None,
         kd: Any = None,
+        features: Any = None,
     ) -> None:
         self.ds = dataset
         self.rows = dataset.rows(split)
@@ -193,7 +194,8 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         self.doc_ids = [d["id"] for d in dataset.documents]
         self.doc_index = {d: i for i, d in enumerate(self.doc_ids)}
         self.mean, self.std = normalisation(config)
-        self.kd = kd  # row index -> (kd_cls, kd_dist) or None
+        self.kd = kd  # row index -> {kd_cls, kd_dist, kd_valid}, or None
+        self.features = features  # row index -> a frozen trunk's cached features {trunk_p3, ...}, or None
         if config.has_objects and len(self.class_names) > config.num_classes:
             raise ValueError(
                 f"dataset has {len(self.class_names)} classes but the student has num_classes={config.num_classes}"
@@ -207,6 +209,7 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         self._soft = [self._soft_targets(row) for row in self.rows]
         self._log_soft_coverage()
         self._cache: dict[int, tuple[Tensor, float]] = {}
+        self._objects_cache: dict[int, dict[str, Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -234,9 +237,13 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             "answer_target": torch.tensor(a_tgt, dtype=torch.long),
         }
         if cfg.has_objects:
-            item.update(self._objects(row, scale))
+            if i not in self._objects_cache:  # decoding and letterboxing every mask each epoch cost more than a step
+                self._objects_cache[i] = self._objects(row, scale)
+            item.update({k: (v.float() if k == "obj_masks" else v) for k, v in self._objects_cache[i].items()})
             if self.kd is not None:
                 item.update(self.kd(i))
+        if self.features is not None:
+            item.update(self.features(i))
         if cfg.has_sources:
             sources = torch.zeros(cfg.num_sources)
             for s in row["sources"]:
@@ -301,7 +308,7 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             "vision_ok": torch.tensor(not is_replay(row)),
         }
         if masks is not None:
-            out["obj_masks"] = masks
+            out["obj_masks"] = masks.half()  # kept per row for the whole run: half the memory
             out["obj_has_mask"] = has_mask
         return out
 

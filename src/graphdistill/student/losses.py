@@ -258,32 +258,44 @@ def detection_losses(out: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[s
 
 
 def mask_loss(out: dict[str, Tensor], batch: dict[str, Tensor], asg: Assignment, w: Tensor) -> Tensor:
-    """BCE of each assigned cell's ``coef · protos`` against its object's mask, inside the object's box."""
+    """BCE of each assigned cell's ``coef · protos`` against its object's mask, inside the object's box. One
+    matrix product per image (its cells' coefficients × its prototypes): gathering the prototypes per cell
+    instead materialised a copy of them for every assigned cell."""
     protos = out["protos"]  # [B,M,Hp,Wp]
     b, m, hp, wp = protos.shape
     fg = asg.fg
-    bi = torch.arange(b, device=fg.device)[:, None].expand_as(fg)[fg]  # [N] row of each assigned cell
-    coef = out["det_coef"].transpose(1, 2)[fg]  # [N,M]
-    pred = torch.bmm(coef[:, None, :], protos[bi].view(-1, m, hp * wp)).view(-1, hp, wp)
-    target = batch["obj_masks"][bi, asg.target[fg]]  # [N,Hp,Wp]
+    coef = out["det_coef"].transpose(1, 2)  # [B,A,M]
     has_mask = batch.get("obj_has_mask")
-    keep = (
-        has_mask[bi, asg.target[fg]].bool() if has_mask is not None else torch.ones_like(bi, dtype=torch.bool)
-    )
-    if not bool(keep.any()):
-        return pred.sum() * 0.0
-    box = asg.boxes[fg] / PROTO_STRIDE  # xyxy in prototype cells
-    xs = torch.arange(wp, device=pred.device, dtype=pred.dtype) + 0.5
-    ys = torch.arange(hp, device=pred.device, dtype=pred.dtype) + 0.5
-    inside = (
-        (xs[None, None, :] >= box[:, 0, None, None])
-        & (xs[None, None, :] <= box[:, 2, None, None])
-        & (ys[None, :, None] >= box[:, 1, None, None])
-        & (ys[None, :, None] <= box[:, 3, None, None])
-    ).to(pred.dtype)
-    per = F.binary_cross_entropy_with_logits(pred, target, reduction="none") * inside
-    per = per.sum((1, 2)) / inside.sum((1, 2)).clamp(min=1.0)
-    return (per * w * keep).sum() / (w * keep).sum().clamp(min=1e-6)
+    xs = torch.arange(wp, device=protos.device, dtype=protos.dtype) + 0.5
+    ys = torch.arange(hp, device=protos.device, dtype=protos.dtype) + 0.5
+    total = protos.sum() * 0.0
+    weight = protos.new_zeros(())
+    w_rows = torch.zeros_like(asg.scores[..., 0])
+    w_rows[fg] = w  # each assigned cell's weight, in [B,A]
+    for i in range(b):
+        cells = fg[i].nonzero()[:, 0]
+        if not len(cells):
+            continue
+        target_obj = asg.target[i, cells]  # [n]
+        keep = has_mask[i, target_obj].bool() if has_mask is not None else torch.ones_like(cells, dtype=torch.bool)
+        if not bool(keep.any()):
+            continue
+        cells, target_obj = cells[keep], target_obj[keep]
+        pred = (coef[i, cells] @ protos[i].view(m, hp * wp)).view(-1, hp, wp)  # [n,Hp,Wp]
+        target = batch["obj_masks"][i, target_obj]
+        box = asg.boxes[i, cells] / PROTO_STRIDE  # xyxy in prototype cells
+        inside = (
+            (xs[None, None, :] >= box[:, 0, None, None])
+            & (xs[None, None, :] <= box[:, 2, None, None])
+            & (ys[None, :, None] >= box[:, 1, None, None])
+            & (ys[None, :, None] <= box[:, 3, None, None])
+        ).to(pred.dtype)
+        per = (F.binary_cross_entropy_with_logits(pred, target, reduction="none") * inside).sum((1, 2))
+        per = per / inside.sum((1, 2)).clamp(min=1.0)
+        wi = w_rows[i, cells]
+        total = total + (per * wi).sum()
+        weight = weight + wi.sum()
+    return total / weight.clamp(min=1e-6)
 
 
 def kd_losses(out: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -482,14 +482,17 @@ class Student(nn.Module):
         question_ids: Tensor,
         question_mask: Tensor,
         objects: dict[str, Tensor] | None = None,
+        features: list[Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """image [B,3,S,S] normalised, question_ids [B,Lq] int64, question_mask [B,Lq] bool (True = token) ->
         ``memory`` [B,n_ctx,D], the selected objects (see :meth:`select`), the copy path's inputs (see
         :meth:`pointer`), ``source_logits`` [B,K], ``embedding:<name>`` [B,d], and in training mode the dense
         outputs (see :meth:`dense`) with ``det_anchors`` and ``det_strides``. ``objects`` (``obj_*`` tensors,
-        the teacher's): the object tokens are built from them instead of from the student's own selection."""
+        the teacher's): the object tokens are built from them instead of from the student's own selection.
+        ``features``: the trunk's [P3, P4, P5] for ``image``, computed earlier (training with a frozen trunk
+        caches them: they never change), instead of running the trunk."""
         cfg = self.config
-        feats = self.trunk(image)
+        feats = features if features is not None else self.trunk(image)
         out: dict[str, Tensor] = {}
         obj_tokens = None
         chosen: dict[str, Tensor] | None = None
@@ -595,8 +598,9 @@ class Student(nn.Module):
         question_mask: Tensor,
         answer_in: Tensor,
         objects: dict[str, Tensor] | None = None,
+        features: list[Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        out = self.encode(image, question_ids, question_mask, objects)
+        out = self.encode(image, question_ids, question_mask, objects, features)
         if self.config.has_text:
             out["answer_logits"] = self.decode_full(answer_in, out["memory"], self.pointer_of(out))
         return out

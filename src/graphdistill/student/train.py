@@ -49,6 +49,7 @@ from graphdistill.student.tokenizer import StudentTokenizer
 log = logging.getLogger(__name__)
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
+FEATURE_KEYS = ("trunk_p3", "trunk_p4", "trunk_p5")  # a frozen trunk's cached features in a batch
 
 
 @dataclass
@@ -66,7 +67,7 @@ class TrainConfig:
     warmup_steps: int = 20
     grad_clip: float = 1.0
     seed: int = 0
-    val_every: int = 1  # validate every N epochs (and always after the last)
+    val_every: int = 10  # validate every N epochs (and always after the last): an epoch is a few steps here
     # "auto": start from what the graph's teachers offer (a YOLO detector: its trunk and head); "none": scratch
     start: str = "auto"
     trunk_lr: float = 1e-4  # learning rate of a trunk started from a detector (the rest uses `lr`)
@@ -199,7 +200,13 @@ class TrainRecipe:
         self.model = model.to(self.device)
         kd = self._detector_targets("train")
         self.train_set = StudentDataset(
-            self.ds, "train", self.tokenizer, self.model_config, class_names=self.class_names, kd=kd
+            self.ds,
+            "train",
+            self.tokenizer,
+            self.model_config,
+            class_names=self.class_names,
+            kd=kd,
+            features=self._frozen_features("train"),
         )
         if len(self.train_set) == 0:
             raise ValueError(f"dataset {cfg.dataset}: the train split is empty")
@@ -442,14 +449,49 @@ class TrainRecipe:
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         args = (batch["image"], batch["question_ids"], batch["question_mask"], batch["answer_in"])
-        if "obj_valid" in batch and isinstance(self.model, Student):  # the text reads the teacher's objects
-            return self.model(
-                *args, objects={k: batch[k] for k in ("obj_classes", "obj_boxes", "obj_scores", "obj_valid")}
-            )
-        return self.model(*args)  # type: ignore[no-any-return]
+        if not isinstance(self.model, Student):
+            return self.model(*args)  # type: ignore[no-any-return]
+        objects = (  # the text reads the teacher's objects
+            {k: batch[k] for k in ("obj_classes", "obj_boxes", "obj_scores", "obj_valid")}
+            if "obj_valid" in batch
+            else None
+        )
+        features = [batch[k].float() for k in FEATURE_KEYS] if FEATURE_KEYS[0] in batch else None
+        return self.model(*args, objects=objects, features=features)  # type: ignore[no-any-return]
+
+    def _frozen_features(self, split: str) -> Any:
+        """Row index -> the trunk's features of its image, computed once per distinct image, when nothing of the
+        trunk trains (``freeze="trunk"``): most of a training step is the trunk, and its output never changes.
+        None otherwise."""
+        trunk = getattr(self.model, "trunk", None)
+        if trunk is None or any(p.requires_grad for p in trunk.parameters()):
+            return None
+        rows = self.ds.rows(split)
+        cache: dict[str, list[torch.Tensor]] = {}
+        first: dict[str, int] = {}
+        for i, r in enumerate(rows):
+            first.setdefault(str(r["image"]), i)
+        todo = list(first)
+        data = StudentDataset(self.ds, split, self.tokenizer, self.model_config, class_names=self.class_names)
+        trunk.eval()
+        with torch.no_grad():
+            for j in range(0, len(todo), 8):
+                keys = todo[j : j + 8]
+                images = torch.stack([data._image(first[k])[0] for k in keys]).to(self.device)
+                for k, *maps in zip(keys, *trunk(images), strict=True):
+                    cache[k] = [m.half().cpu() for m in maps]
+                if self.on_progress:
+                    self.on_progress("trunk features", min(j + 8, len(todo)), len(todo))
+        self.model.train()
+        log.info("trunk frozen: its features cached for %d distinct images (%d rows)", len(cache), len(rows))
+
+        def get(i: int) -> dict[str, torch.Tensor]:
+            return dict(zip(FEATURE_KEYS, cache[str(rows[i]["image"])], strict=True))
+
+        return get
 
     @torch.no_grad()
-    def validate(self, max_rows: int = 48) -> dict[str, float]:
+    def validate(self, max_rows: int = 24) -> dict[str, float]:
         """Fidelity on the val split with the evaluation's own metrics (:mod:`graphdistill.eval.metrics`): the
         student predicts each row as ``predict`` does and is scored against the teacher's recorded output;
         plus the teacher-forced loss and answer token accuracy of one batch."""
@@ -505,8 +547,9 @@ class TrainRecipe:
         return metrics
 
     def cleanup(self) -> None:
-        self.train_set._cache.clear()
-        self.val_set._cache.clear()
+        for data in (self.train_set, self.val_set):
+            data._cache.clear()
+            data._objects_cache.clear()
 
 
 def train(
