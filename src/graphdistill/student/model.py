@@ -263,6 +263,7 @@ class Student(nn.Module):
         self.dfl_bins: Tensor
         self.register_buffer("dfl_bins", torch.arange(cfg.reg_max, dtype=torch.float32), persistent=False)
         # Fast NMS: candidate i suppresses candidate j (ranked below it) when they overlap; a constant mask
+        self.rank_above: Tensor
         self.register_buffer("rank_above", torch.ones(cfg.candidates, cfg.candidates).triu(1), persistent=False)
         if cfg.has_masks:
             self.proto = Proto(c3, cfg.proto_channels, cfg.num_masks)

@@ -118,6 +118,8 @@ class StudentPredictor:
         self.device = torch.device(device)
         spec = meta.get("preprocessing")  # the rule the run was trained with (older runs: no reducing_gap)
         self.reducing_gap: float | None = spec.get("reducing_gap") if spec else REDUCING_GAP
+        self.mean: tuple[float, ...] | list[float]
+        self.std: tuple[float, ...] | list[float]
         self.mean, self.std = (spec["mean"], spec["std"]) if spec else (MEAN, STD)
 
     @torch.no_grad()

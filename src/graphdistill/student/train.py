@@ -186,8 +186,9 @@ class TrainRecipe:
 
         model = (self.model_factory or Student)(self.model_config)
         check_student(model)
-        if self.start is not None and not resuming and hasattr(model, "start_from"):
-            model.start_from(self.start)
+        start_from = getattr(model, "start_from", None)
+        if self.start is not None and not resuming and callable(start_from):
+            start_from(self.start)
             log.info("student trunk and detection head start from %s (%s)", self.start.model_id, self.start.licence)
         trunk = getattr(model, "trunk", None)
         if self.start is not None and hasattr(trunk, "freeze"):
