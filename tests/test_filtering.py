@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from graphdistill.datasets.checks import CheckConfig, mentioned_classes, run_checks
+from graphdistill.datasets.checks import CheckConfig, GreedyAnswer, mentioned_classes, run_checks
 from graphdistill.datasets.dataset import (
     DatasetError,
     DatasetWriter,
@@ -21,7 +21,8 @@ from graphdistill.datasets.dataset import (
     open_dataset,
 )
 from graphdistill.datasets.dedup import dhash, hamming, near_duplicates
-from graphdistill.datasets.filtering import FilterConfig, filter_store
+from graphdistill.datasets.filter_report import teacher_line
+from graphdistill.datasets.filtering import FilterConfig, decide_group, filter_store, teacher_measures
 from graphdistill.datasets.rules import RuleError, load_rule, register_rule, unregister_rule
 from graphdistill.datasets.splits import Item, SplitLeakError, assign_splits, verify_no_leak
 from graphdistill.datasets.vote import vote_group
@@ -206,6 +207,57 @@ def test_failed_traces_and_failed_nodes() -> None:
     found = checks_of(traces)
     assert "failed_node" in found and "chroma down" in found["failed_node"]
     assert "failed_trace" not in found
+
+
+# --------------------------------------------------------------------------------------------------------
+# the teacher's answers, measured for the filter report
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_teacher_measures_count_greedy_grounding_agreement_and_keep_rate() -> None:
+    config = FilterConfig()
+    groups = {
+        # sample 0 grounded, all agree, kept
+        "ok": group("ok", ["There is a cat."] * 3),
+        # sample 0 names a dog nobody detected; the vote picks the cat answer (2 of 3), so the group is
+        # kept, but the greedy answer counts as not grounded
+        "dog": group("dog", ["There is a dog and a cat.", "There is a cat.", "There is a cat."]),
+        # sample 0 cut by the token limit (4 words); dropped: the consensus answer is the cut one
+        "cut": [
+            make_trace("cut", 0, "There is a cat", [cat()], ["doc-cat"], finish_reason="length"),
+            make_trace("cut", 1, "There is a cat", [cat()], ["doc-cat"], finish_reason="length"),
+            make_trace("cut", 2, "A cat.", [cat()], ["doc-cat"], finish_reason="stop"),
+        ],
+        # sample 0 failed: no greedy answer to measure; the other two still vote
+        "fail": [
+            make_trace("fail", 0, "A cat.", [cat()], ["doc-cat"], status="error"),
+            make_trace("fail", 1, "A cat.", [cat()], ["doc-cat"]),
+            make_trace("fail", 2, "A cat.", [cat()], ["doc-cat"]),
+        ],
+    }
+    decisions = [decide_group(traces, config, None) for traces in groups.values()]
+    greedy = {d.group_id: d.greedy for d in decisions}
+    assert greedy["fail"] is None
+    assert greedy["ok"] == GreedyAnswer(grounded=True, cut_by_length=False, words=4)
+    assert greedy["dog"] == GreedyAnswer(grounded=False, cut_by_length=False, words=7)
+    assert greedy["cut"] == GreedyAnswer(grounded=True, cut_by_length=True, words=4)
+    assert [d.kept for d in decisions] == [True, True, False, True]
+    agreement = [d.consensus.agreement["answer"] for d in decisions]
+    assert agreement == pytest.approx([1, 2 / 3, 2 / 3, 2 / 3])  # "fail" counts its failed sample in K
+    m = teacher_measures(decisions)
+    assert m == {
+        "groups": 4,
+        "greedy_n": 3,
+        "greedy_grounded": pytest.approx(2 / 3),
+        "greedy_cut_by_length": pytest.approx(1 / 3),
+        "greedy_words": pytest.approx(5.0),
+        "answer_agreement": pytest.approx(float(np.mean(agreement))),
+        "keep_rate": pytest.approx(3 / 4),
+    }
+    assert teacher_measures([])["greedy_grounded"] is None
+    line = teacher_line(m)
+    assert "naming only detected classes 67% (of 3)" in line and "keep rate 75%" in line
+    assert "agreement across the K samples 0.75" in line and "5.0 words" in line
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -402,10 +454,19 @@ def test_filter_store_end_to_end(tmp_path: Path) -> None:
     assert [f["name"] for f in ds.manifest["graph"]["outputs"]] == ["answer", "objects", "sources"]
     assert ds.manifest["source_store"] == str(store.root)
     report = tmp_path / "ds" / "report"
-    assert json.loads((report / "summary.json").read_text())["kept"] == s["kept"]
+    written = json.loads((report / "summary.json").read_text())
+    assert written["kept"] == s["kept"]
+    # the teacher's answers: every group's sample 0 answered but the failed one; the "dog" group's did not
+    # stay grounded; the keep rate is the kept share
+    assert written["teacher"] == s["teacher"] == teacher_measures(result.decisions)
+    # no finished sample 0: "failed" and "held-fail"; not grounded: "dog" and "held-dog"
+    assert s["teacher"]["greedy_n"] == n_groups - 2
+    assert s["teacher"]["greedy_grounded"] == pytest.approx((n_groups - 4) / (n_groups - 2))
+    assert s["teacher"]["keep_rate"] == pytest.approx(s["kept"] / n_groups)
     page = (report / "report.html").read_text()
     assert "data:image/png;base64," in page and "answer_class_not_detected" in page
     assert "3 of 4 kept for evaluation" in page
+    assert teacher_line(s["teacher"]) in page
     assert (report / "agreement.png").stat().st_size > 1000
     # every dropped group, one per rule but failed_trace (two); the kept held-out groups are no examples
     assert len(list((report / "examples").glob("*.png"))) == 6

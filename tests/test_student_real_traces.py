@@ -90,7 +90,16 @@ def test_tiny_student_overfits_a_handful_of_real_recorded_traces(tmp_path: Path)
                 seed=0,
                 vocab_size=300,
                 val_every=40,
-                overrides=dict(image_size=128, d_model=64, n_heads=2, enc_layers=1, dec_layers=1),
+                overrides=dict(
+                    image_size=128,
+                    d_model=64,
+                    n_heads=2,
+                    enc_layers=1,
+                    dec_layers=1,
+                    # the teacher's two-sentence answers run to ~90 tokens of a 300-piece BPE trained on
+                    # three of them: the answer positions must hold them to reproduce them token for token
+                    max_answer_len=128,
+                ),
             )
         )
     finally:

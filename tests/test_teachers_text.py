@@ -277,6 +277,70 @@ def test_llm_batch_matches_single_answers_and_stops_at_length() -> None:
     assert len(short.logprobs.token_ids) == 2
 
 
+def test_stop_rule_cuts_at_a_stop_string_or_after_n_sentences() -> None:
+    from graphdistill.teachers.llm import HFCausalLM, StopRule
+
+    rule = StopRule(("\n",), 2)
+    assert not StopRule() and rule
+    assert rule.cut("A cat.") is None  # a full stop needs the white space after it to end a sentence
+    assert rule.cut("A cat. It") is None  # one sentence so far
+    assert rule.cut("A 3.5 kg cat. It sleeps. More") == len("A 3.5 kg cat. It sleeps.")
+    assert rule.cut('She said "hi." Then? x') == len('She said "hi." Then?')
+    assert rule.cut("one\ntwo") == 3
+    assert rule.cut("\n\nA cat.\n") == len("\n\nA cat.")  # leading white space never ends an answer
+    assert StopRule(("END",)).cut("a END b END") == 2
+    with pytest.raises(ValueError, match="sequence of strings"):
+        HFCausalLM._check_stop("\n")
+    with pytest.raises(ValueError, match="non-empty"):
+        HFCausalLM._check_stop(["\n", ""])
+    with pytest.raises(ValueError, match="max_sentences"):
+        HFCausalLM._check_sentences(0)
+
+
+@pytest.mark.slow
+def test_llm_stops_at_a_newline_or_a_sentence_limit_and_keeps_logprobs_of_the_kept_tokens() -> None:
+    lm = _models.llm()
+    lists = "List three fruits, one per line."
+    full = lm.generate(lists, max_new_tokens=24)
+    assert "\n" in full.text  # without a stop the list goes on past its first line
+    cut = lm.generate(lists, max_new_tokens=24, stop=["\n"])
+    assert cut.finish_reason == "stop" and cut.text and "\n" not in cut.text
+    assert full.text.startswith(cut.text)
+    lp, n = cut.logprobs, len(cut.logprobs.token_ids)
+    # the kept tokens end with the one that completed the stop; every per-token array has one row each
+    assert len(lp.topk_ids) == len(lp.topk_logprobs) == len(lp.token_texts) == len(lp.topk_texts) == n
+    assert lp.token_ids == full.logprobs.token_ids[:n]  # greedy: the same steps as the uncut answer
+    np.testing.assert_allclose(lp.topk_logprobs, full.logprobs.topk_logprobs[:n], atol=1e-5)
+    joined = "".join(lp.token_texts)
+    assert joined.startswith(cut.text) and "\n" in joined[len(cut.text) :]
+    # a sentence limit: the answer is its first sentence, ended by its full stop
+    dog = "What is a dog? Answer in three sentences."
+    long = lm.generate(dog, max_new_tokens=40)
+    one = lm.generate(dog, max_new_tokens=40, max_sentences=1)
+    assert one.finish_reason == "stop" and one.text.endswith(".") and one.text.count(". ") == 0
+    assert long.text.startswith(one.text) and len(long.text) > len(one.text)
+    assert one.logprobs.token_ids == long.logprobs.token_ids[: len(one.logprobs.token_ids)]
+    # a stop rule the answer never meets leaves it to the token limit
+    assert lm.generate(dog, max_new_tokens=3, stop=["@@"]).finish_reason == "length"
+
+
+@pytest.mark.slow
+def test_llm_batch_with_a_stop_rule_matches_single_answers() -> None:
+    lm = _models.llm()
+    prompts: list[Any] = [
+        "List three fruits, one per line.",
+        "What is a dog?",
+        [{"role": "user", "content": "Name two colours, one per line."}],
+    ]
+    rule = {"stop": ["\n"], "max_sentences": 1, "max_new_tokens": 32}
+    batch = lm.generate_batch(prompts, **rule)
+    singles = [lm.generate(p, **rule) for p in prompts]
+    for got, want in zip(batch, singles, strict=True):
+        assert got.text == want.text and got.finish_reason == want.finish_reason == "stop"
+        assert got.logprobs.token_ids == want.logprobs.token_ids
+        np.testing.assert_allclose(got.logprobs.topk_logprobs, want.logprobs.topk_logprobs, atol=1e-3)
+
+
 @pytest.mark.slow
 def test_llm_records_piece_texts_that_join_to_its_answer_and_align_with_a_student_bpe() -> None:
     from graphdistill.student.loader import align_soft_targets
@@ -628,6 +692,33 @@ def test_batcher_overflow_forms_a_next_batch_and_errors_reach_the_right_caller()
     assert sum(b.batch_sizes) == len(prompts)
     with pytest.raises(ValueError, match="boom"):
         b.generate("boom alone", temperature=0.0)
+
+
+def test_batcher_passes_a_stop_rule_through_and_batches_only_equal_rules() -> None:
+    from graphdistill.teachers.batching import LLMBatcher
+
+    calls: list[tuple[list[Any], dict[str, Any]]] = []
+
+    class Recorder:
+        temperature = 0.0
+
+        def generate_batch(self, prompts: list[Any], **kw: Any) -> list[str]:
+            calls.append((list(prompts), kw))
+            return [f"{p}|{kw.get('stop')}|{kw.get('max_sentences')}" for p in prompts]
+
+        def generate(self, prompt: Any, **kw: Any) -> str:
+            return self.generate_batch([prompt], **kw)[0]
+
+    b = LLMBatcher(Recorder(), window_s=0.3, max_batch=8)
+    reqs = [("a", ["\n"], 2), ("b", ["\n"], 2), ("c", ["."], 2), ("d", None, None)]
+    got = _concurrently(lambda r: b.generate(r[0], temperature=0.0, stop=r[1], max_sentences=r[2]), reqs)
+    assert got == ["a|('\\n',)|2", "b|('\\n',)|2", "c|('.',)|2", "d|None|None"]
+    assert sorted(sorted(p) for p, _ in calls) == [["a", "b"], ["c"], ["d"]]
+    # an adapter without a stop rule is never handed one it was not asked for
+    assert all(("stop" in kw) == (p != ["d"]) and ("max_sentences" in kw) == (p != ["d"]) for p, kw in calls)
+    calls.clear()
+    assert b.generate("s", temperature=0.7, seed=1, stop=["\n"]) == "s|('\\n',)|None"  # sampled: alone
+    assert calls[0][1]["stop"] == ("\n",) and "max_sentences" not in calls[0][1]
 
 
 @pytest.mark.slow

@@ -7,11 +7,15 @@ from typing import Any
 import pytest
 
 from graphdistill.graphs.visual_rag import (
+    EXAMPLES,
+    PLAIN_SYSTEM_PROMPT,
     SAMPLE_TEMPERATURE,
     SAMPLE_TOP_P,
+    SYSTEM_PROMPT,
     VisualRagConfig,
     build_prompt,
     position_words,
+    prompt_facts,
     retrieval_query,
     sampling_settings,
 )
@@ -47,21 +51,99 @@ def test_positions_in_words() -> None:
     assert position_words([0, 0, 300, 300], [300, 300]) == "center, large"
 
 
-def test_prompt_and_query() -> None:
+def test_plain_prompt_and_query() -> None:
     docs = [Document(id="cat-1", text="Cats sleep up to 16 hours a day.")]
-    system, user = build_prompt("  What is it? ", CAT, docs)
-    assert system["role"] == "system" and "one or two" in system["content"]
+    system, user = build_prompt("  What is it? ", CAT, docs, style="plain")
+    assert system == {"role": "system", "content": PLAIN_SYSTEM_PROMPT} and "one or two" in system["content"]
     assert user["role"] == "user"
     text = user["content"]
     assert "cat (0.91, center, large)" in text and "bottom right, small" in text
     assert "Cats sleep up to 16 hours a day." in text and text.endswith("Question: What is it?")
     empty = Detections(image_size=[10, 10])
-    assert "no objects detected" in build_prompt("q", empty, [])[1]["content"]
+    assert "no objects detected" in build_prompt("q", empty, [], style="plain")[1]["content"]
     assert retrieval_query(" What is it? ", CAT) == "What is it? cat"
     assert retrieval_query("q", empty) == "q"
+    with pytest.raises(ValueError, match="prompt style must be one of"):
+        build_prompt("q", CAT, docs, style="chatty")
 
 
-@pytest.mark.parametrize(("field", "value"), [("k", 0), ("conf", 1.5), ("max_new_tokens", 0)])
+MIXED = Detections(
+    xyxy=[[0, 0, 40, 40], [100, 100, 300, 290], [350, 10, 395, 60]],
+    class_ids=[60, 41, 41],
+    names=["dining table", "cup", "cup"],
+    scores=[0.8, 0.7, 0.6],
+    image_size=[300, 400],
+)
+
+
+def test_fewshot_prompt_is_the_examples_then_the_detected_labels_facts_and_question() -> None:
+    docs = [
+        Document(id="cup-1", text="A cup is a small open container for drinks.", metadata={"label": "cup"}),
+        Document(id="cat-1", text="Cats sleep a lot.", metadata={"label": "cat"}),  # cat: not detected
+        Document(id="cup-2", text="Cups sit on a saucer or a table.", metadata={"label": "cup"}),
+        Document(id="free", text="Hot drinks can scald.", metadata={}),  # no label: kept
+    ]
+    msgs = build_prompt(" What is next to the cup? ", MIXED, docs, class_names=["cup", "dining table", "cat"])
+    assert msgs == build_prompt(
+        " What is next to the cup? ", MIXED, docs, class_names=["cup", "dining table", "cat"]
+    )
+    assert [m["role"] for m in msgs] == ["system", *["user", "assistant"] * len(EXAMPLES), "user"]
+    assert msgs[0]["content"] == SYSTEM_PROMPT and len(EXAMPLES) == 3
+    for ex, user, assistant in zip(EXAMPLES, msgs[1:-1:2], msgs[2:-1:2], strict=True):
+        assert assistant["content"] == ex.answer
+        assert user["content"].endswith(f"Question: {ex.question}")
+        for label, where in ex.objects:
+            assert f" {label}: " in user["content"] and where in user["content"]
+        for fact in ex.facts:
+            assert f"- {fact}" in user["content"]
+    last = msgs[-1]["content"]
+    # the labels exactly as the detector spells them, grouped with a count, then the positions
+    assert "Objects:\n- 1 dining table: top left, small\n- 2 cup: center, large; top right, small\n" in last
+    # facts about detected labels (or with no label), in retrieval order, at most MAX_FACTS: cat's fact is out
+    assert "Facts:\n- A cup is a small open container for drinks.\n- Cups sit on a saucer" in last
+    assert "Cats sleep" not in last and "Hot drinks" not in last  # the third kept fact is past MAX_FACTS
+    assert last.endswith("\nQuestion: What is next to the cup?")
+    # no detections: "none" for objects and facts (every fact is about an undetected label), as in the first
+    # worked example
+    nothing = Detections(image_size=[10, 10])
+    empty = build_prompt("What is in the picture?", nothing, docs[:3])[-1]["content"]
+    assert empty == "Objects: none\nFacts: none\nQuestion: What is in the picture?"
+
+
+def test_prompt_facts_leave_out_facts_naming_an_undetected_class() -> None:
+    docs = [
+        Document(id="t", text="A toilet is a bowl with a seat.", metadata={"label": "toilet"}),
+        Document(id="t2", text="Toilets are in bathrooms.", metadata={"label": "toilet"}),
+    ]
+    toilet = Detections(
+        xyxy=[[0, 0, 9, 9]], class_ids=[61], names=["toilet"], scores=[0.9], image_size=[10, 10]
+    )
+    # "bowl" is a class of the detector's label set and no bowl was detected: that fact would teach the
+    # LLM to name it
+    assert prompt_facts(toilet, docs, ["toilet", "bowl"]) == ["Toilets are in bathrooms."]
+    assert prompt_facts(toilet, docs, ["toilet"]) == [d.text for d in docs]  # "bowl" is no class here
+    bowl_too = Detections(
+        xyxy=[[0, 0, 9, 9], [0, 0, 5, 5]],
+        class_ids=[61, 45],
+        names=["toilet", "bowl"],
+        scores=[0.9, 0.8],
+        image_size=[10, 10],
+    )
+    assert prompt_facts(bowl_too, docs, ["toilet", "bowl"]) == [d.text for d in docs]
+
+
+def test_the_config_asks_every_llm_call_for_its_stop_rule() -> None:
+    cfg = VisualRagConfig()
+    assert cfg.prompt_style == "fewshot"
+    assert cfg.llm_options() == {"max_new_tokens": 96, "stop": ("\n",), "max_sentences": 2}
+    old = VisualRagConfig(prompt_style="plain", max_new_tokens=48, stop=(), max_sentences=None)
+    assert old.llm_options() == {"max_new_tokens": 48, "stop": (), "max_sentences": None}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("k", 0), ("conf", 1.5), ("max_new_tokens", 0), ("prompt_style", "chatty"), ("max_sentences", 0)],
+)
 def test_config_validation(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=field):
         VisualRagConfig(**{field: value})

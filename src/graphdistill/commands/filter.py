@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="photo ids whose inputs all go to test (default: the built-in held-out photos)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print {kept, dropped, by_rule, splits, heldout}")
+    p.add_argument("--json", action="store_true", help="print {kept, dropped, by_rule, splits, heldout, teacher}")
     p.set_defaults(func=_filter)
 
 
@@ -70,6 +70,7 @@ def _filter(args: argparse.Namespace) -> int:
 
     from graphdistill.datasets.checks import CHECKS, CheckConfig
     from graphdistill.datasets.dataset import DatasetError
+    from graphdistill.datasets.filter_report import teacher_line
     from graphdistill.datasets.filtering import FilterConfig, FilterError, filter_store
     from graphdistill.datasets.rules import RuleError, load_rule
     from graphdistill.datasets.store import StoreError, TraceStore
@@ -137,6 +138,7 @@ def _filter(args: argparse.Namespace) -> int:
                 "by_rule": summary["by_rule"],
                 "splits": summary["splits"],
                 "heldout": summary["heldout"],
+                "teacher": summary["teacher"],
                 "dataset": str(out),
             }
         )
@@ -154,5 +156,6 @@ def _filter(args: argparse.Namespace) -> int:
                 f"  held out: {held['kept']} kept for evaluation (the test split; "
                 f"{held['kept_for_evaluation']} flagged by a check, kept all the same)"
             )
+        c.print(f"teacher: {teacher_line(summary['teacher'])}")
         c.print(f"dataset: {out}   report: {out / 'report' / 'report.html'}")
     return 0

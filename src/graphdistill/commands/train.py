@@ -45,10 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument(
         "--freeze",
-        choices=["backbone", "trunk", "none"],
-        default="backbone",
-        help="a trunk started from a detector: train its neck and head only (default), none of it (the "
-        "detector stays the teacher's at the student's input size) or all of it",
+        choices=["trunk", "backbone", "none"],
+        default="trunk",
+        help="a trunk started from a detector: train none of it (default: the detector stays the teacher's "
+        "at the student's input size), its neck and head only (densely, with the detector's per-cell outputs "
+        "as soft targets), or all of it",
     )
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
     p.set_defaults(func=_train)

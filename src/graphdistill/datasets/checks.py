@@ -19,29 +19,10 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from graphdistill.datasets.vote import Consensus, trace_documents, trace_failed, written
+from graphdistill.datasets.vote import Consensus, trace_documents, trace_failed, trace_objects, written
+from graphdistill.teachers.coco import mentioned_classes
 from graphdistill.trace import RECORD_KEY, Detections, Trace, decode_value
 
-# a few everyday words for COCO classes (the LLM rarely says "person")
-SYNONYMS: dict[str, str] = {
-    "people": "person",
-    "man": "person",
-    "men": "person",
-    "woman": "person",
-    "women": "person",
-    "boy": "person",
-    "girl": "person",
-    "kitten": "cat",
-    "puppy": "dog",
-    "motorbike": "motorcycle",
-    "bike": "bicycle",
-    "plane": "airplane",
-    "aeroplane": "airplane",
-    "sofa": "couch",
-    "cellphone": "cell phone",
-    "phone": "cell phone",
-    "mug": "cup",
-}
 _SENTENCE_END = re.compile(r"[.!?…][\"')\]]*\s*$")
 
 
@@ -82,41 +63,32 @@ def _chosen(c: Consensus, traces: Sequence[Trace]) -> Trace | None:
 
 
 def _detected(c: Consensus, traces: Sequence[Trace]) -> set[str]:
-    """Labels of the consensus objects and of every Detections a node of the chosen sample wrote (whatever
-    the state key: user graphs name it as they like)."""
+    """Labels of the consensus objects and of everything the chosen sample detected."""
     labels = {o.label for o in c.objects}
     t = _chosen(c, traces)
     if t is not None:
-        for span in t.spans:
-            for value in span.writes.values():
-                if isinstance(value, dict) and value.get(RECORD_KEY) == "detections":
-                    dets = decode_value(value)
-                    if isinstance(dets, Detections):
-                        labels.update(dets.names)
+        labels.update(trace_labels(t, c.outputs.objects))
     return labels
 
 
-def mentioned_classes(text: str, class_names: Sequence[str]) -> tuple[set[str], set[str]]:
-    """(classes the text mentions, classes it denies), matching singular/plural and a few synonyms."""
-    t = " " + re.sub(r"[^a-z0-9 ]+", " ", text.lower()) + " "
-    t = " ".join(t.split())
-    vocab = {n: n for n in class_names}
-    vocab.update({w: n for w, n in SYNONYMS.items() if n in vocab})
-    mentioned: set[str] = set()
-    denied: set[str] = set()
-    # "there is no cat", "without a dog", "there isn't a cup"; not "this is not a cat" (a naming, not absence)
-    neg = (
-        r"(?:no|not any|without(?: an?| any)?|nor an?|there (?:is|are) not (?:an?|any)|"
-        r"there (?:isn t|aren t|wasn t|weren t) (?:an?|any))"
-    )
-    for word, cls in vocab.items():
-        w = re.escape(word)
-        pat = rf"\b{w}(?:s|es)?\b"
-        if re.search(pat, t):
-            mentioned.add(cls)
-            if re.search(rf"\b{neg} (?:\w+ )?{pat}", t):
-                denied.add(cls)
-    return mentioned - denied, denied
+def trace_labels(t: Trace, objects: str | None = "objects") -> set[str]:
+    """The labels of every Detections a node of ``t`` wrote (whatever the state key: user graphs name it
+    as they like) and of its objects output (``objects``: its name)."""
+    labels: set[str] = set()
+    for span in t.spans:
+        for value in span.writes.values():
+            if isinstance(value, dict) and value.get(RECORD_KEY) == "detections":
+                dets = decode_value(value)
+                if isinstance(dets, Detections):
+                    labels.update(dets.names)
+    labels.update(o.label for o in trace_objects(t, objects))
+    return labels
+
+
+def undetected_classes(answer: str, detected: set[str], class_names: Sequence[str]) -> list[str]:
+    """The classes ``answer`` names (denials aside) that are not among ``detected``, sorted."""
+    mentioned, _ = mentioned_classes(answer, class_names)
+    return sorted(mentioned - detected)
 
 
 def check_failed_trace(c: Consensus, traces: Sequence[Trace], cfg: CheckConfig) -> str | None:
@@ -182,8 +154,7 @@ def _classes(cfg: CheckConfig, traces: Sequence[Trace], c: Consensus) -> list[st
 def check_answer_class_not_detected(c: Consensus, traces: Sequence[Trace], cfg: CheckConfig) -> str | None:
     if not c.answer:
         return None
-    mentioned, _ = mentioned_classes(c.answer, _classes(cfg, traces, c))
-    missing = sorted(mentioned - _detected(c, traces))
+    missing = undetected_classes(c.answer, _detected(c, traces), _classes(cfg, traces, c))
     if missing:
         return f"the answer names {', '.join(missing)} but the detector found none"
     return None
@@ -230,6 +201,40 @@ def check_source_distance(c: Consensus, traces: Sequence[Trace], cfg: CheckConfi
     return None
 
 
+# --------------------------------------------------------------------------------------------------------
+# The greedy sample (sample 0): what the teacher answers without sampling, measured per group
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GreedyAnswer:
+    """Sample 0's answer of a group: does it name only classes its own detector run found, and was it cut
+    by the token limit."""
+
+    grounded: bool
+    cut_by_length: bool
+    words: int
+
+
+def greedy_answer(
+    c: Consensus, traces: Sequence[Trace], cfg: CheckConfig | None = None
+) -> GreedyAnswer | None:
+    """Sample 0's answer measured (None when sample 0 failed or wrote no answer)."""
+    cfg = cfg or CheckConfig()
+    t = next((t for t in traces if t.sample_index == 0), None)
+    name = c.outputs.answer
+    if t is None or name is None or trace_failed(t) is not None:
+        return None
+    answer = t.output.get(name)
+    if not isinstance(answer, str):
+        return None
+    return GreedyAnswer(
+        grounded=not undetected_classes(answer, trace_labels(t, c.outputs.objects), _classes(cfg, traces, c)),
+        cut_by_length=_finish_reason(t) == "length",
+        words=len(answer.split()),
+    )
+
+
 CHECKS: list[Check] = [
     Check("failed_trace", check_failed_trace, "fewer than a quorum of samples finished"),
     Check("failed_node", check_failed_node, "fewer than a quorum of samples ran every node cleanly"),
@@ -261,4 +266,15 @@ def run_checks(
     return out
 
 
-__all__ = ["CHECKS", "Check", "CheckConfig", "mentioned_classes", "run_checks", "trace_failed"]
+__all__ = [
+    "CHECKS",
+    "Check",
+    "CheckConfig",
+    "GreedyAnswer",
+    "greedy_answer",
+    "mentioned_classes",
+    "run_checks",
+    "trace_failed",
+    "trace_labels",
+    "undetected_classes",
+]

@@ -59,6 +59,24 @@ def _example_picture(d: GroupDecision, store: StoreLike) -> Any:
     return pic
 
 
+def teacher_line(measures: dict[str, Any]) -> str:
+    """The teacher measures of a filter summary (:func:`~graphdistill.datasets.filtering.teacher_measures`)
+    in one line of words."""
+
+    def pct(key: str) -> str:
+        v = measures.get(key)
+        return "n/a" if v is None else f"{v:.0%}"
+
+    agreement = measures.get("answer_agreement")
+    words = measures.get("greedy_words")
+    return (
+        f"greedy answers naming only detected classes {pct('greedy_grounded')} "
+        f"(of {measures.get('greedy_n', 0)}), cut by the token limit {pct('greedy_cut_by_length')}, "
+        f"{'n/a' if words is None else f'{words:.1f}'} words on average; mean answer agreement across the K "
+        f"samples {'n/a' if agreement is None else f'{agreement:.2f}'}; keep rate {pct('keep_rate')}"
+    )
+
+
 def _b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
@@ -126,6 +144,7 @@ def write_report(result: FilterResult, store: StoreLike, out: Path) -> Path:
 <p>{summary["groups"]} recorded inputs: <b>{summary["kept"]} kept</b>, {summary["dropped"]} dropped.
 Splits: {esc(splits)}.{replays}</p>
 {held_line}
+<h2>The teacher's answers</h2><p>{esc(teacher_line(summary["teacher"]))}.</p>
 <h2>Dropped, by the first rule each failed</h2><table><tr><th>rule</th><th>dropped</th></tr>{rows}</table>
 <h2>Flagged, by every rule (an input can fail several)</h2>
 <table><tr><th>rule</th><th>inputs</th></tr>{flagged}</table>

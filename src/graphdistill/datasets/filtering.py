@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from graphdistill.datasets.checks import CheckConfig, coco_classes, run_checks
+from graphdistill.datasets.checks import CheckConfig, GreedyAnswer, coco_classes, greedy_answer, run_checks
 from graphdistill.datasets.dataset import DatasetWriter
 from graphdistill.datasets.dedup import dhash, near_duplicates
 from graphdistill.datasets.photos import DEFAULT_HELDOUT
@@ -88,6 +88,7 @@ class GroupDecision:
     split: str | None = None
     rule_scores: dict[str, float] = field(default_factory=dict)
     heldout: bool = False  # made from a held-out photo: evaluation, never training
+    greedy: GreedyAnswer | None = None  # sample 0's answer, measured (see teacher_measures)
 
     @property
     def kept(self) -> bool:
@@ -140,7 +141,36 @@ class FilterResult:
                 "kept_for_evaluation": sum(d.kept_for_evaluation for d in held),
                 "no_teacher_output": sum(not d.kept for d in held),
             },
+            "teacher": teacher_measures(self.decisions),
         }
+
+
+def teacher_measures(decisions: Sequence[GroupDecision]) -> dict[str, float | int | None]:
+    """How well the teacher answered the recorded inputs, before any filtering:
+
+    - ``greedy_grounded``: the share of greedy answers (sample 0) that name only classes their own run
+      detected (the ``answer_class_not_detected`` test on sample 0 alone);
+    - ``greedy_cut_by_length``: the share of greedy answers that hit the token limit;
+    - ``greedy_words``: their mean length in words;
+    - ``answer_agreement``: the mean answer agreement (fraction of the K samples in the winning cluster);
+    - ``keep_rate``: the share of groups the filter kept.
+
+    Shares over the groups with a greedy answer (``greedy_n`` of them); None when there is none."""
+    greedy = [d.greedy for d in decisions if d.greedy is not None]
+    n = len(decisions)
+
+    def share(values: Sequence[bool]) -> float | None:
+        return sum(values) / len(values) if values else None
+
+    return {
+        "groups": n,
+        "greedy_n": len(greedy),
+        "greedy_grounded": share([g.grounded for g in greedy]),
+        "greedy_cut_by_length": share([g.cut_by_length for g in greedy]),
+        "greedy_words": sum(g.words for g in greedy) / len(greedy) if greedy else None,
+        "answer_agreement": sum(d.consensus.agreement["answer"] for d in decisions) / n if n else None,
+        "keep_rate": sum(d.kept for d in decisions) / n if n else None,
+    }
 
 
 def load_image_of(c: Consensus, store: StoreLike) -> np.ndarray:
@@ -198,7 +228,12 @@ def decide_group(
         if not keep:
             failed.append((rule.name, f"rule {rule.name} scored {score:.3f} < {rule.threshold}"))
     return GroupDecision(
-        c.group_id, c, failed, rule_scores=scores, heldout=is_heldout(c.provenance, config.heldout_photos)
+        c.group_id,
+        c,
+        failed,
+        rule_scores=scores,
+        heldout=is_heldout(c.provenance, config.heldout_photos),
+        greedy=greedy_answer(c, traces, config.checks),
     )
 
 

@@ -11,9 +11,14 @@ START -> detect -> retrieve -> reason  --+-> compose -> END
   the segmenter. (LangGraph runs nodes in supersteps: a step ends when all its nodes end, so ``segment``
   hangs off ``retrieve`` rather than ``detect``: next to ``retrieve`` it would hold ``reason`` back.)
 * ``reason`` asks the LLM for a one- or two-sentence answer from the question, the objects (label + rough
-  position) and the retrieved context; it writes ``answer``, the LLM's top-k log-probabilities (``llm``)
+  position) and the retrieved facts; it writes ``answer``, the LLM's top-k log-probabilities (``llm``)
   for soft-label distillation and its ``finish_reason`` ("stop" / "length", so filtering knows a cut-off
-  answer without guessing);
+  answer without guessing). The default prompt (``prompt_style="fewshot"``) is a chat with three short
+  worked examples: each answer first says what the photo shows with the detected labels as the detector
+  spells them, then copies one fact; the facts shown are the retrieved ones about detected labels that name
+  no other class of the detector. The answer ends at a newline or after two sentences (``stop``,
+  ``max_sentences``), so a list is never cut mid-item by the token limit. ``"plain"`` is the single-turn
+  prompt used before (kept to measure against: ``benchmarks/teacher_answers.py``);
 * ``compose`` (after both branches) joins detections with their masks into ``objects`` and lists the
   ``sources``.
 
@@ -53,9 +58,57 @@ log = logging.getLogger(__name__)
 SAMPLE_TEMPERATURE = 0.7
 SAMPLE_TOP_P = 0.95
 
+PROMPT_STYLES = ("fewshot", "plain")
+
 SYSTEM_PROMPT = (
+    "You answer questions about a photo. A detector lists the objects in it, and a knowledge base gives "
+    "facts about them. Answer in two short sentences: first say what the photo shows, naming only the "
+    "listed objects, never an object that is not listed, then copy the fact that best answers the question."
+)
+# the single-turn prompt of prompt_style="plain" (the reference graph's prompt until 2026-12-03)
+PLAIN_SYSTEM_PROMPT = (
     "You answer questions about a photo. You are told which objects a detector found in it and given facts "
     "from a knowledge base. Answer in one or two short sentences. Mention the objects you see."
+)
+MAX_FACTS = 2  # facts shown to the few-shot prompt: a 135M model copies from a short list more reliably
+
+
+@dataclass(frozen=True)
+class Example:
+    """A worked example of the few-shot prompt: what the detector found (label, position words), the facts,
+    the question and the answer it should give."""
+
+    objects: tuple[tuple[str, str], ...]
+    facts: tuple[str, ...]
+    question: str
+    answer: str
+
+
+# Classes none of the built-in photos shows, so a copied example label is easy to spot. The three cover: no
+# detections; a question about an object the detector did not find (the answer names only what it found);
+# a question about a found object.
+EXAMPLES: tuple[Example, ...] = (
+    Example((), (), "What is in the picture?", "The photo shows no object that I can name."),
+    Example(
+        (("horse", "left, large"), ("horse", "right, medium"), ("bench", "bottom, small")),
+        (
+            "A horse is a large hoofed mammal ridden by people or used to pull carts and carriages.",
+            "Never walk directly behind a horse, because a startled horse can kick hard.",
+        ),
+        "Tell me something about the kite in this photo.",
+        "The photo shows 2 horses, on the left and on the right, and a bench at the bottom. Never walk "
+        "directly behind a horse, because a startled horse can kick hard.",
+    ),
+    Example(
+        (("umbrella", "top left, small"), ("laptop", "center, large")),
+        (
+            "A laptop is a portable computer with a built-in screen and a battery.",
+            "An umbrella is a folding canopy on a stick that protects from rain or sun.",
+        ),
+        "What is in the picture?",
+        "The photo shows a laptop in the center and an umbrella at the top left. A laptop is a portable "
+        "computer with a built-in screen and a battery.",
+    ),
 )
 
 
@@ -73,7 +126,11 @@ class VisualRagConfig:
     collection: str = "coco_facts"
     k: int = 3  # documents retrieved per query
     conf: float = 0.25  # detector confidence threshold
-    max_new_tokens: int = 48
+    prompt_style: str = "fewshot"  # or "plain": the single-turn prompt used before (see PROMPT_STYLES)
+    # a cap that two short sentences never reach (the stop rule ends answers; "length" means a runaway)
+    max_new_tokens: int = 96
+    stop: tuple[str, ...] = ("\n",)  # an answer ends at a newline (a list keeps its first whole item)
+    max_sentences: int | None = 2  # ...or after two sentences
     device: str | None = "cpu"  # None -> cuda when available
     seed: int = 0
     clip_checkpoint: str | None = None  # set to add CLIP image retrieval
@@ -86,6 +143,15 @@ class VisualRagConfig:
             raise ValueError(f"conf must be in [0, 1], got {self.conf}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}")
+        if self.max_sentences is not None and self.max_sentences < 1:
+            raise ValueError(f"max_sentences must be >= 1 or None, got {self.max_sentences}")
+        self.stop = tuple(self.stop)
+
+    def llm_options(self) -> dict[str, Any]:
+        """What the reason node asks of every LLM call besides the sampling settings."""
+        return {"max_new_tokens": self.max_new_tokens, "stop": self.stop, "max_sentences": self.max_sentences}
 
 
 @dataclass
@@ -208,9 +274,76 @@ def position_words(box: Sequence[float], image_size: Sequence[int]) -> str:
 
 
 def build_prompt(
+    question: str,
+    detections: Detections,
+    documents: Sequence[Document],
+    style: str = "fewshot",
+    class_names: Sequence[str] | None = None,
+) -> list[dict[str, str]]:
+    """The chat the LLM answers (see the module docstring).
+
+    ``fewshot``: the system instructions, the worked :data:`EXAMPLES` as user/assistant turns, then the
+    detected objects (grouped by label, with a count and their positions), the facts (:func:`prompt_facts`)
+    and the question. ``plain``: the system instructions and one user turn with every detection, every
+    retrieved fact and the question. ``class_names``: the detector's label set (facts naming another of its
+    classes are left out of the few-shot prompt); None: every label the facts' metadata and the detections
+    name.
+    """
+    if style == "plain":
+        return _plain_prompt(question, detections, documents)
+    if style != "fewshot":
+        raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
+    msgs = [{"role": "system", "content": SYSTEM_PROMPT}]
+    for ex in EXAMPLES:
+        msgs.append({"role": "user", "content": _fewshot_turn(ex.objects, ex.facts, ex.question)})
+        msgs.append({"role": "assistant", "content": ex.answer})
+    objects = tuple(
+        (n, position_words(b, detections.image_size))
+        for n, b in zip(detections.names, detections.xyxy, strict=True)
+    )
+    facts = prompt_facts(detections, documents, class_names)
+    msgs.append({"role": "user", "content": _fewshot_turn(objects, facts, question.strip())})
+    return msgs
+
+
+def _fewshot_turn(objects: Sequence[tuple[str, str]], facts: Sequence[str], question: str) -> str:
+    where: dict[str, list[str]] = {}
+    for label, pos in objects:
+        where.setdefault(label, []).append(pos)
+    lines = [f"- {len(ps)} {label}: {'; '.join(ps)}" for label, ps in where.items()]
+    text = "Objects:\n" + "\n".join(lines) if lines else "Objects: none"
+    text += "\nFacts:\n" + "\n".join(f"- {f}" for f in facts) if facts else "\nFacts: none"
+    return f"{text}\nQuestion: {question}"
+
+
+def prompt_facts(
+    detections: Detections, documents: Sequence[Document], class_names: Sequence[str] | None = None
+) -> list[str]:
+    """The retrieved facts the few-shot prompt shows, in retrieval order (at most :data:`MAX_FACTS`): those
+    about a detected label (a document whose metadata names no label counts as about one) that name no other
+    class (a 135M model copies a fact whole, and "a toilet is a bowl ..." would name a bowl it never saw)."""
+    from graphdistill.teachers.coco import mentioned_classes
+
+    found = set(detections.names)
+    vocab = (
+        set(class_names or ())
+        | found
+        | {str(d.metadata["label"]) for d in documents if "label" in d.metadata}
+    )
+    out = []
+    for d in documents:
+        label = d.metadata.get("label")
+        if label is not None and label not in found:
+            continue
+        if mentioned_classes(d.text, sorted(vocab))[0] - found:
+            continue
+        out.append(d.text)
+    return out[:MAX_FACTS]
+
+
+def _plain_prompt(
     question: str, detections: Detections, documents: Sequence[Document]
 ) -> list[dict[str, str]]:
-    """The chat the LLM answers: the system instructions, then objects, facts and the question."""
     if len(detections):
         objects = "\n".join(
             f"- {n} ({s:.2f}, {position_words(b, detections.image_size)})"
@@ -220,7 +353,7 @@ def build_prompt(
         objects = "- (no objects detected)"
     context = "\n".join(f"- {d.text}" for d in documents) or "- (no facts found)"
     user = f"Objects in the photo:\n{objects}\n\nFacts:\n{context}\n\nQuestion: {question.strip()}"
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": PLAIN_SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
 def retrieval_query(question: str, detections: Detections) -> str:
@@ -228,7 +361,10 @@ def retrieval_query(question: str, detections: Detections) -> str:
     return question.strip() + (" " + " ".join(labels) if labels else "")
 
 
-def _nodes(t: VisualRagTeachers, k: int) -> dict[str, Callable[..., dict[str, Any]]]:
+def _nodes(t: VisualRagTeachers, cfg: VisualRagConfig) -> dict[str, Callable[..., dict[str, Any]]]:
+    k = cfg.k
+    names = getattr(t.detector, "names", None) or []  # the detector's label set, when it tells
+    class_names = [str(n) for n in (names.values() if isinstance(names, Mapping) else names)]
     llm: Any = t.llm
     if hasattr(t.llm, "generate_batch"):  # concurrent graph.batch executions share LLM calls
         from graphdistill.teachers.batching import LLMBatcher
@@ -280,8 +416,10 @@ def _nodes(t: VisualRagTeachers, k: int) -> dict[str, Callable[..., dict[str, An
 
     def reason(r: dict[str, Any], config: Any) -> dict[str, Any]:
         try:
-            prompt = build_prompt(r["question"], r["detections"], r["documents"])
-            settings = sampling_settings(config)
+            prompt = build_prompt(
+                r["question"], r["detections"], r["documents"], cfg.prompt_style, class_names
+            )
+            settings = {**sampling_settings(config), **cfg.llm_options()}
         except BaseException:
             if batcher is not None:
                 batcher.cancel()
@@ -315,7 +453,7 @@ def visual_rag_builder(config: VisualRagConfig | None = None, teachers: Any = No
     """The reference graph's declaration, with its models loaded (or taken from ``teachers``)."""
     config = config or VisualRagConfig()
     t = load_teachers(config, teachers)
-    fn = _nodes(t, config.k)
+    fn = _nodes(t, config)
     name = "visual_rag_clip" if t.clip is not None else "visual_rag"
     b = (
         GraphBuilder(name)

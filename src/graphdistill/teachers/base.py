@@ -59,12 +59,18 @@ class LLMOutput:
 
 @runtime_checkable
 class LLM(Teacher, Protocol):
+    """``max_new_tokens``, ``stop`` (strings that end an answer) and ``max_sentences``: None means the
+    adapter's own setting."""
+
     def generate(
         self,
         prompt: Prompt,
         temperature: float | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        max_new_tokens: int | None = None,
+        stop: Sequence[str] | None = None,
+        max_sentences: int | None = None,
     ) -> LLMOutput: ...
 
     def generate_batch(
@@ -73,6 +79,9 @@ class LLM(Teacher, Protocol):
         temperature: float | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        max_new_tokens: int | None = None,
+        stop: Sequence[str] | None = None,
+        max_sentences: int | None = None,
     ) -> list[LLMOutput]: ...
 
 

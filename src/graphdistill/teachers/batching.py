@@ -6,7 +6,8 @@
 several times the throughput of one prompt at a time. Every caller gets its own ``LLMOutput`` (or its own
 exception); a request that arrives alone is served alone once the window has passed.
 
-Grouping: only requests with the same ``(temperature, top_p, max_new_tokens)`` share a batch. Greedy
+Grouping: only requests with the same ``(temperature, top_p, max_new_tokens, stop, max_sentences)`` share
+a batch. Greedy
 requests (temperature 0) batch, and give the same tokens as single calls. SAMPLED requests (temperature > 0)
 are NOT batched: ``generate_batch`` draws from one seeded RNG for the whole batch, so a row's sample would
 depend on its batch-mates; a sampled request is served alone with its own seed, so it equals its single call.
@@ -107,18 +108,23 @@ class LLMBatcher:
         top_p: float | None = None,
         seed: int | None = None,
         max_new_tokens: int | None = None,
+        stop: Sequence[str] | None = None,
+        max_sentences: int | None = None,
     ) -> Any:
-        """Like the adapter's ``generate``; greedy requests may be answered as part of a batch."""
+        """Like the adapter's ``generate``; greedy requests may be answered as part of a batch.
+
+        ``stop`` / ``max_sentences`` reach the adapter only when given (an adapter without a stop rule
+        need not take them)."""
         self._arrive()
+        stops = None if stop is None else tuple(stop)
         if self._sampled(temperature) or self.max_batch == 1:
+            kwargs = self._kwargs(top_p, max_new_tokens, stops, max_sentences)
             with self._model_lock:
-                out = self.llm.generate(
-                    prompt, temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens
-                )
+                out = self.llm.generate(prompt, temperature=temperature, seed=seed, **kwargs)
             with self._cond:
                 self.batch_sizes.append(1)
             return out
-        key: Key = (temperature, top_p, max_new_tokens)
+        key: Key = (temperature, top_p, max_new_tokens, stops, max_sentences)
         req = _Request(prompt)
         with self._cond:
             self._pending.setdefault(key, []).append(req)
@@ -158,9 +164,23 @@ class LLMBatcher:
                 self.batch_sizes.append(len(batch))
             self._run(key, batch)
 
+    @staticmethod
+    def _kwargs(
+        top_p: float | None,
+        max_new_tokens: int | None,
+        stop: tuple[str, ...] | None,
+        max_sentences: int | None,
+    ) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"top_p": top_p, "max_new_tokens": max_new_tokens}
+        if stop is not None:
+            kwargs["stop"] = stop
+        if max_sentences is not None:
+            kwargs["max_sentences"] = max_sentences
+        return kwargs
+
     def _run(self, key: Key, batch: Sequence[_Request]) -> None:
-        temperature, top_p, max_new_tokens = key
-        kwargs = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
+        temperature, top_p, max_new_tokens, stop, max_sentences = key
+        kwargs = {"temperature": temperature, **self._kwargs(top_p, max_new_tokens, stop, max_sentences)}
         try:
             try:
                 outs = self.llm.generate_batch([r.prompt for r in batch], **kwargs)

@@ -1,6 +1,9 @@
-"""The 80 COCO class names in YOLO / ultralytics order (class id = index)."""
+"""The 80 COCO class names in YOLO / ultralytics order (class id = index), and which of them a text names."""
 
 from __future__ import annotations
+
+import re
+from collections.abc import Sequence
 
 COCO_CLASSES: tuple[str, ...] = (
     "person",
@@ -86,3 +89,47 @@ COCO_CLASSES: tuple[str, ...] = (
 )
 
 assert len(COCO_CLASSES) == 80
+
+# a few everyday words for COCO classes (the LLM rarely says "person")
+SYNONYMS: dict[str, str] = {
+    "people": "person",
+    "man": "person",
+    "men": "person",
+    "woman": "person",
+    "women": "person",
+    "boy": "person",
+    "girl": "person",
+    "kitten": "cat",
+    "puppy": "dog",
+    "motorbike": "motorcycle",
+    "bike": "bicycle",
+    "plane": "airplane",
+    "aeroplane": "airplane",
+    "sofa": "couch",
+    "cellphone": "cell phone",
+    "phone": "cell phone",
+    "mug": "cup",
+}
+
+
+def mentioned_classes(text: str, class_names: Sequence[str]) -> tuple[set[str], set[str]]:
+    """(classes the text mentions, classes it denies), matching singular/plural and a few synonyms."""
+    t = " " + re.sub(r"[^a-z0-9 ]+", " ", text.lower()) + " "
+    t = " ".join(t.split())
+    vocab = {n: n for n in class_names}
+    vocab.update({w: n for w, n in SYNONYMS.items() if n in vocab})
+    mentioned: set[str] = set()
+    denied: set[str] = set()
+    # "there is no cat", "without a dog", "there isn't a cup"; not "this is not a cat" (a naming, not absence)
+    neg = (
+        r"(?:no|not any|without(?: an?| any)?|nor an?|there (?:is|are) not (?:an?|any)|"
+        r"there (?:isn t|aren t|wasn t|weren t) (?:an?|any))"
+    )
+    for word, cls in vocab.items():
+        w = re.escape(word)
+        pat = rf"\b{w}(?:s|es)?\b"
+        if re.search(pat, t):
+            mentioned.add(cls)
+            if re.search(rf"\b{neg} (?:\w+ )?{pat}", t):
+                denied.add(cls)
+    return mentioned - denied, denied

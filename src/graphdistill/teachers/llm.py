@@ -7,7 +7,8 @@ manifest that is verified on every load: a folder that fails the check is rebuil
 
 Generation returns the text, the teacher's top-k log-probabilities at every generated step (the signal a
 student distils from; with the text of each token and alternative, so a student with its own tokenizer can
-align them by characters) and why it stopped. Greedy decoding is deterministic; sampling is reproducible for a
+align them by characters) and why it stopped: "stop" at an EOS token, a stop string (``stop``, e.g. a
+newline) or the sentence limit (``max_sentences``), "length" at ``max_new_tokens``. Greedy decoding is deterministic; sampling is reproducible for a
 given ``seed`` (the torch RNG is forked and seeded around each call, so global state is untouched).
 """
 
@@ -16,10 +17,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -149,13 +152,18 @@ class HFCausalLM:
         top_p: float = 1.0,
         topk_logprobs: int = 5,
         system_prompt: str | None = None,
+        stop: Sequence[str] = (),
+        max_sentences: int | None = None,
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if topk_logprobs < 1:
             raise ValueError(f"topk_logprobs must be >= 1, got {topk_logprobs}")
         self._check_sampling(temperature, top_p)
+        self.stop = self._check_stop(stop)
+        self.max_sentences = self._check_sentences(max_sentences)
         transformers: Any = require("transformers", purpose="the LLM teacher")
+        self._transformers: Any = transformers
         self._torch: Any = require("torch", purpose="the LLM teacher")
         self.device = pick_device(device)
         self.seed = seed
@@ -200,6 +208,22 @@ class HFCausalLM:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+    @staticmethod
+    def _check_stop(stop: Sequence[str]) -> tuple[str, ...]:
+        if isinstance(stop, str):
+            raise ValueError(f"stop must be a sequence of strings, got the string {stop!r}; use [{stop!r}]")
+        out = tuple(stop)
+        for s in out:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"every stop string must be a non-empty string, got {s!r}")
+        return out
+
+    @staticmethod
+    def _check_sentences(n: int | None) -> int | None:
+        if n is not None and n < 1:
+            raise ValueError(f"max_sentences must be >= 1 or None, got {n}")
+        return n
 
     def _messages(self, prompt: Prompt) -> Messages:
         if isinstance(prompt, str):
@@ -258,10 +282,18 @@ class HFCausalLM:
         top_p: float | None = None,
         seed: int | None = None,
         max_new_tokens: int | None = None,
+        stop: Sequence[str] | None = None,
+        max_sentences: int | None = None,
     ) -> LLMOutput:
         """One answer to a user message or a chat."""
         return self.generate_batch(
-            [prompt], temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens
+            [prompt],
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            max_new_tokens=max_new_tokens,
+            stop=stop,
+            max_sentences=max_sentences,
         )[0]
 
     def generate_batch(
@@ -271,11 +303,22 @@ class HFCausalLM:
         top_p: float | None = None,
         seed: int | None = None,
         max_new_tokens: int | None = None,
+        stop: Sequence[str] | None = None,
+        max_sentences: int | None = None,
     ) -> list[LLMOutput]:
         """Answers to several prompts in one left-padded batch (same settings and seed for the batch).
 
         ``None`` arguments fall back to the adapter's settings; ``seed=None`` means the adapter's seed, so
         two identical calls give identical answers even when sampling.
+
+        ``stop``: strings that end an answer (finish_reason "stop"), as EOS does; ``max_sentences``: the
+        answer ends after that many sentences (a sentence ends at ``.``, ``!`` or ``?`` followed by white
+        space, so the stop is seen one token after the full stop). A row stops generating once its answer
+        is complete (the others go on). The text ends before the stop string (after the last sentence's
+        full stop); the recorded tokens and their top-k end with the token that completed the stop (so the
+        pieces join to the text, then the stop string or white space, and whatever else that last token
+        held). A stop only counts after the first non-space character: an answer that opens with a newline
+        is not cut to nothing.
         """
         if not prompts:
             return []
@@ -283,6 +326,9 @@ class HFCausalLM:
         temp = self.temperature if temperature is None else temperature
         tp = self.top_p if top_p is None else top_p
         self._check_sampling(temp, tp)
+        stops = self.stop if stop is None else self._check_stop(stop)
+        sentences = self.max_sentences if max_sentences is None else self._check_sentences(max_sentences)
+        rule = StopRule(stops, sentences)
         texts = [self.render(p) for p in prompts]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(self.device) for k, v in enc.items()}
@@ -297,12 +343,16 @@ class HFCausalLM:
             gen_kwargs.update(do_sample=True, temperature=temp, top_p=tp, top_k=0)
         else:
             gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        prompt_len = enc["input_ids"].shape[1]
+        if rule:
+            gen_kwargs["stopping_criteria"] = self._transformers.StoppingCriteriaList(
+                [_StopCriterion(self, prompt_len, rule)]
+            )
         dev = torch.device(self.device)
         devices = [dev.index or 0] if dev.type == "cuda" else []  # fork_rng wants CUDA device indices
         with torch.random.fork_rng(devices=devices), torch.inference_mode():
             torch.manual_seed(self.seed if seed is None else seed)
             out = self.model.generate(**enc, **gen_kwargs)
-        prompt_len = enc["input_ids"].shape[1]
         new_tokens = out.sequences[:, prompt_len:].tolist()
         # [steps, batch, vocab] -> top-k per step and row
         logprobs = torch.log_softmax(torch.stack(out.logits, dim=0).float(), dim=-1)
@@ -310,14 +360,11 @@ class HFCausalLM:
         top_vals, top_ids = top_vals.cpu().tolist(), top_ids.cpu().tolist()
         results = []
         for row, tokens in enumerate(new_tokens):
-            n = len(tokens)
-            finish = "length"
-            for i, tok in enumerate(tokens):
-                if tok in self._eos:
-                    n, finish = i + 1, "stop"
-                    break
+            n, cut = self._kept(tokens, rule)
+            finish = "stop" if cut is not None or tokens[n - 1] in self._eos else "length"
             ids = tokens[:n]
-            text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            text = (text if cut is None else text[:cut]).strip()
             topk = [top_ids[s][row] for s in range(n)]
             token_texts, topk_texts = self.piece_texts(ids, topk)
             lp = TokenLogprobs(
@@ -331,3 +378,60 @@ class HFCausalLM:
             )
             results.append(LLMOutput(text=text, logprobs=lp, finish_reason=finish))  # type: ignore[arg-type]
         return results
+
+    def _kept(self, tokens: list[int], rule: StopRule) -> tuple[int, int | None]:
+        """How many of a row's generated tokens its answer keeps, and where the stop rule cuts the text
+        they decode to (None: not cut). The answer ends at the first EOS (kept) or at the first token that
+        completes a stop (kept); the rest is what the batch generated after this row stopped (padding)."""
+        for i, tok in enumerate(tokens):
+            if tok in self._eos:
+                return i + 1, None
+            if rule:
+                cut = rule.cut(self.tokenizer.decode(tokens[: i + 1], skip_special_tokens=True))
+                if cut is not None:
+                    return i + 1, cut
+        return len(tokens), None
+
+
+_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s)")
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """Where an answer ends besides EOS: at any of ``stops`` (strings), or after ``max_sentences``."""
+
+    stops: tuple[str, ...] = ()
+    max_sentences: int | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.stops) or self.max_sentences is not None
+
+    def cut(self, text: str) -> int | None:
+        """Where ``text`` ends, if the rule ends it: the start of the first stop string, or the end of the
+        ``max_sentences``-th sentence (its full stop seen with white space after it), whichever comes first;
+        only past the first non-space character. None when the text is not complete yet."""
+        body = len(text) - len(text.lstrip())  # leading white space never ends an answer
+        found = [i for s in self.stops if (i := text.find(s, body)) >= 0 and text[:i].strip()]
+        if self.max_sentences is not None:
+            ends = [m.end() for m in _SENTENCE_END.finditer(text, body)]
+            if len(ends) >= self.max_sentences:
+                found.append(ends[self.max_sentences - 1])
+        return min(found) if found else None
+
+
+class _StopCriterion:
+    """A transformers stopping criterion: a row is done once the stop rule cuts its generated text.
+    Rows are decoded whole at every step: answers are short."""
+
+    def __init__(self, llm: HFCausalLM, prompt_len: int, rule: StopRule) -> None:
+        self.llm = llm
+        self.prompt_len = prompt_len
+        self.rule = rule
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        tok = self.llm.tokenizer
+        done = [
+            self.rule.cut(tok.decode(row[self.prompt_len :], skip_special_tokens=True)) is not None
+            for row in input_ids.tolist()
+        ]
+        return self.llm._torch.tensor(done, dtype=self.llm._torch.bool, device=input_ids.device)
