@@ -237,9 +237,13 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             "answer_target": torch.tensor(a_tgt, dtype=torch.long),
         }
         if cfg.has_objects:
-            if i not in self._objects_cache:  # decoding and letterboxing every mask each epoch cost more than a step
+            if (
+                i not in self._objects_cache
+            ):  # decoding and letterboxing every mask each epoch cost more than a step
                 self._objects_cache[i] = self._objects(row, scale)
-            item.update({k: (v.float() if k == "obj_masks" else v) for k, v in self._objects_cache[i].items()})
+            item.update(
+                {k: (v.float() if k == "obj_masks" else v) for k, v in self._objects_cache[i].items()}
+            )
             if self.kd is not None:
                 item.update(self.kd(i))
         if self.features is not None:

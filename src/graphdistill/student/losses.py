@@ -277,7 +277,11 @@ def mask_loss(out: dict[str, Tensor], batch: dict[str, Tensor], asg: Assignment,
         if not len(cells):
             continue
         target_obj = asg.target[i, cells]  # [n]
-        keep = has_mask[i, target_obj].bool() if has_mask is not None else torch.ones_like(cells, dtype=torch.bool)
+        keep = (
+            has_mask[i, target_obj].bool()
+            if has_mask is not None
+            else torch.ones_like(cells, dtype=torch.bool)
+        )
         if not bool(keep.any()):
             continue
         cells, target_obj = cells[keep], target_obj[keep]
