@@ -289,3 +289,12 @@ def test_object_mask_equals_the_rule_at_every_pixel_and_pillows_paste() -> None:
         np.zeros((32, 32), np.float32), letterbox_geometry(10, 10, 64), [3.0, 3.0, 3.0, 8.0]
     )
     assert empty == {"size": [10, 10], "counts": [100]}
+
+
+def test_sources_are_the_top_k_documents_highest_first_ties_in_document_order() -> None:
+    from graphdistill.runner.bundle import top_sources
+
+    docs = ["a", "b", "c", "d"]
+    assert top_sources(np.array([0.1, 2.0, 0.1, 1.0], dtype=np.float32), 3, docs) == ["b", "d", "a"]
+    assert top_sources(np.array([[0.5, 0.5, 0.5, 0.5]]), 2, docs) == ["a", "b"]
+    assert top_sources(np.array([3.0, 2.0, 1.0, 0.0, 9.0]), 9, docs) == ["a", "b", "c", "d"]  # logits past the docs

@@ -308,3 +308,19 @@ def test_loss_weights_are_set_by_loss_name_and_unknown_names_are_refused() -> No
         LossWeights.from_names({"mask_bce": -1})
     with pytest.raises(ValueError, match="no embedding output 'clip'"):
         LossWeights.from_names({"embedding:clip": 1}, embeddings={"image_embedding": 8})
+
+
+def test_sources_loss_spreads_the_target_over_the_retrieved_documents_and_skips_rows_without_any() -> None:
+    from graphdistill.student.losses import sources_loss
+
+    targets = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    good = torch.tensor([[9.0, 9.0, -9.0, -9.0], [0.0, 0.0, 0.0, 0.0]])
+    # each retrieved document holds half the mass: two equal winning logits are the optimum
+    assert float(sources_loss(good, targets)) == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-3)
+    one_sided = torch.tensor([[9.0, -9.0, -9.0, -9.0], [5.0, 0.0, 0.0, 0.0]])
+    assert float(sources_loss(one_sided, targets)) > float(sources_loss(good, targets)) + 1.0
+    # the second row retrieved nothing: changing its logits changes nothing
+    assert float(sources_loss(good + torch.tensor([[0.0], [3.0]]) * torch.arange(4.0), targets)) == pytest.approx(
+        float(sources_loss(good, targets))
+    )
+    assert float(sources_loss(good, torch.zeros(2, 4))) == 0.0

@@ -694,3 +694,42 @@ def test_the_text_loss_reaches_the_trunk_only_when_no_detection_head_trains_it()
         reached = any(p.grad is not None and bool(p.grad.any()) for p in m.trunk.parameters())
         assert reached == reaches, outputs
         assert m.tok_emb.weight.grad is not None and bool(m.tok_emb.weight.grad.any())
+
+
+def test_documents_rank_by_their_words_through_the_shared_token_embeddings() -> None:
+    """A document's key is built from the student's own embeddings of its words, nothing per document: two
+    documents made of the same tokens score alike, and moving one word's embedding moves exactly the documents
+    that contain it (the word is in neither the question nor a class name here)."""
+    cfg = StudentConfig(**{**SMALL, "source_token_ids": [[10, 11], [10, 11], [12, 13]]})
+    m = Student(cfg).eval()
+    img, q, qm = _inputs(cfg)
+    q[q == 12] = 5
+    with torch.no_grad():
+        before = m.encode(img, q, qm)["source_logits"]
+        assert before.shape == (2, 3)
+        assert torch.allclose(before[:, 0], before[:, 1])
+        m.tok_emb.weight[12] += 1.0  # a word only document 2 has
+        after = m.encode(img, q, qm)["source_logits"]
+    assert torch.allclose(after[:, :2], before[:, :2])
+    assert not torch.allclose(after[:, 2], before[:, 2])
+    with pytest.raises(ValueError, match="source_token_ids has 2 documents for num_sources=3"):
+        StudentConfig(**{**SMALL, "source_token_ids": [[10], [11]]})
+
+
+def test_before_training_the_sources_head_ranks_first_the_documents_sharing_the_querys_rare_words() -> None:
+    """The retriever's query is the question and the detected labels: with fresh (random) word vectors the head
+    is a TF-IDF-like retriever, so a question naming a class ranks that class's documents first, and a
+    detected object's class word does the same with a question naming nothing."""
+    docs = [[20, 30, 31], [21, 30, 31], [22, 30, 31]]  # each names one class (20..22); 30, 31 are in all
+    cfg = StudentConfig(**{**SMALL, "num_sources": 3, "source_token_ids": docs, "class_token_ids": [20, 21, 22]})
+    m = Student(cfg).eval()
+    img, _, _ = _inputs(cfg, b=1)
+    q = torch.tensor([[40, 41, 21, 30] + [PAD_ID] * (cfg.max_question_len - 4)])
+    qm = q != PAD_ID
+    with torch.no_grad():
+        logits = m.encode(img, q, qm)["source_logits"]
+        assert int(logits[0].argmax()) == 1
+        ids = torch.tensor([[40, 41] + [PAD_ID] * (cfg.max_question_len - 2)])
+        objects = _objects(1, cfg.max_objects, [2], [True])
+        heads = m.encode(img, ids, ids != PAD_ID, objects=objects)
+    assert int(heads["source_logits"][0].argmax()) == 2

@@ -23,7 +23,8 @@ A bundle is a folder: the model file(s), ``tokenizer.json`` and ``manifest.json`
    ``keep`` is true, by descending ``scores``, labelled ``class_names[classes]``; box back to image pixels;
    mask (when there is a ``mask_logits`` output) pasted back inside that box, off outside it
    (:func:`.preprocess.object_mask_rle`), as COCO RLE;
-7. sources: the documents whose ``sigmoid(source_logit) >= source_threshold``, most likely first;
+7. sources: the ``sources_k`` documents of highest ``source_logits``, highest first (the teacher's retriever
+   returns its top k; ties keep the manifest's document order);
 8. the result has exactly the teacher graph's output fields (manifest ``outputs``: field -> kind, in the
    schema's order): text -> the answer, objects -> step 6, detections -> step 6 as parallel lists,
    sources -> step 7, embedding -> the ``embedding:<field>`` output as a list of floats.
@@ -358,7 +359,7 @@ class BundleRunner:
                     objects = self.decode_objects(raw.outputs, box) if "boxes" in raw.outputs else []
                 out[name] = objects if kind == "objects" else detections_dict(objects, height, width)
             elif kind == "sources":
-                out[name] = self.decode_sources(raw.outputs["source_logits"])
+                out[name] = top_sources(raw.outputs["source_logits"], self.decoding["sources_k"], self.document_ids)
             elif kind == "embedding":
                 out[name] = [float(v) for v in raw.outputs[f"embedding:{name}"]]
             else:
@@ -367,9 +368,6 @@ class BundleRunner:
 
     def decode_objects(self, out: dict[str, np.ndarray], box: Letterbox) -> list[dict[str, Any]]:
         return decode_objects(out, box, self.decoding, self.class_names, canvas_size(self.spec))
-
-    def decode_sources(self, source_logits: np.ndarray) -> list[str]:
-        return decode_sources(source_logits, self.decoding, self.document_ids)
 
 
 def decode_objects(
@@ -406,9 +404,8 @@ def detections_dict(objects: list[dict[str, Any]], height: int, width: int) -> d
     }
 
 
-def decode_sources(source_logits: np.ndarray, decoding: dict[str, Any], document_ids: list[str]) -> list[str]:
-    """Step 7: the documents whose sigmoid(logit) >= source_threshold, most likely first."""
-    p = 1.0 / (1.0 + np.exp(-source_logits.astype(np.float64)))
-    n = min(len(document_ids), len(p))
-    chosen = [k for k in range(n) if p[k] >= decoding["source_threshold"]]
-    return [document_ids[k] for k in sorted(chosen, key=lambda k: -p[k])]
+def top_sources(source_logits: np.ndarray, k: int, document_ids: list[str]) -> list[str]:
+    """Step 7: the ``k`` documents of highest score, highest first (a stable sort: ties keep document order)."""
+    scores = np.asarray(source_logits, dtype=np.float64).reshape(-1)[: len(document_ids)]
+    order = np.argsort(-scores, kind="stable")[: max(int(k), 0)]
+    return [document_ids[int(i)] for i in order]

@@ -19,6 +19,7 @@ HEAD_KINDS = ("text", "objects", "detections", "sources", "embedding")
 SINGLE_KINDS = ("text", "objects", "detections", "sources")  # at most one output of each of these
 # Today's visual_rag shape: what a config.json written before `outputs` existed describes.
 DEFAULT_OUTPUTS = {"answer": "text", "objects": "objects", "sources": "sources"}
+SOURCE_TOKENS = 24  # a document's key reads at most this many of its tokens (the first words say what it is about)
 
 
 @dataclass
@@ -54,7 +55,11 @@ class StudentConfig:
     # the student-vocabulary id of each class name (" cat", " traffic light" are single tokens): the answer
     # decoder copies a detected object's label through it; 0 (<pad>) for a class with no token (never copied)
     class_token_ids: list[int] = field(default_factory=list)
-    num_sources: int = 16  # knowledge-base documents the sources head chooses among (multi-label)
+    num_sources: int = 16  # knowledge-base documents the sources head ranks
+    # each document's text in student tokens (at most SOURCE_TOKENS; [] for none): a document's key is built
+    # from its words, so a document whose class no training row retrieved still ranks by what it says
+    source_token_ids: list[list[int]] = field(default_factory=list)
+    sources_k: int = 3  # the sources output is the top sources_k documents, as the teacher's retriever returns
     num_registers: int = 4  # learned tokens that gather the question+image summary for sources/embeddings
     embedding_dims: dict[str, int] = field(default_factory=dict)  # EMBEDDING outputs: name -> dim
     # The teacher graph's outputs the student has heads for: field name -> kind (one of HEAD_KINDS). Built
@@ -120,6 +125,12 @@ class StudentConfig:
             raise ValueError(
                 f"class_token_ids has {len(self.class_token_ids)} ids for num_classes={self.num_classes}"
             )
+        if self.source_token_ids and len(self.source_token_ids) != self.num_sources:
+            raise ValueError(
+                f"source_token_ids has {len(self.source_token_ids)} documents for num_sources={self.num_sources}"
+            )
+        if self.sources_k < 1:
+            raise ValueError(f"sources_k must be at least 1, got {self.sources_k}")
         if self.max_answer_len < 2:
             raise ValueError("max_answer_len must leave room for <bos> and at least one token")
         self.outputs = dict(self.outputs)

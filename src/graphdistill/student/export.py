@@ -382,8 +382,9 @@ def _manifest(
             "clamped at the edges; on where that is > 0.5 and floor(x1) <= x < ceil(x2), floor(y1) <= y < "
             "ceil(y2) (the object's box); off elsewhere",
             "mask_encoding": "COCO uncompressed RLE, column-major, first run counts zeros",
-            "source_threshold": loaded.thresholds["source_threshold"],
-            "sources": "documents with sigmoid(source_logit) >= source_threshold, most likely first",
+            "sources_k": cfg.sources_k,
+            "sources": "the sources_k documents of highest source_logits, highest first (stable: ties keep "
+            "document order)",
             "answer": "greedy: argmax of logits each step, stop at eos_id or max_answer_len - 1 tokens",
         },
         "tokenizer": {

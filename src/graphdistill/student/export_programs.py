@@ -113,7 +113,6 @@ def load_run(run: Path, dataset: str | Path | None = None) -> LoadedRun:
         special_ids={"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID, "unk": UNK_ID},
         thresholds={
             "score_threshold": float(config.score_threshold),  # applied in the graph (the `keep` output)
-            "source_threshold": float(meta.get("source_threshold", 0.5)),  # = logit > 0, as training uses
         },
     )
     loaded.memory_len = int(model.memory_len)

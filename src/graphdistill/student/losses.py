@@ -24,7 +24,9 @@ Masks:
 - ``mask_bce``: per assigned cell, ``coef · protos`` against the teacher's (SAM) mask of its object, inside that
   object's box only (masks are class-agnostic and cut to the box at inference).
 
-Summary heads: ``sources`` (multi-label BCE over the knowledge-base documents), ``embedding:<name>`` (1 − cosine).
+Summary heads: ``sources`` (a listwise softmax cross-entropy: the teacher's retrieved documents share the
+target mass, every other document is a negative; the student returns its top ``sources_k`` as the retriever
+does), ``embedding:<name>`` (1 − cosine).
 
 Weights are set by loss name (:meth:`LossWeights.from_names`, ``TrainConfig.loss_weights``,
 ``graphdistill train --loss-weight NAME=W``); an unknown name is an error, never silently ignored.
@@ -333,6 +335,19 @@ def kd_losses(out: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Ten
 # --------------------------------------------------------------------------------------------------------
 
 
+def sources_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Listwise cross-entropy of the document scores [B,N] against the teacher's retrieved set [B,N] (0/1):
+    each retrieved document holds an equal share of the target distribution. Rows that retrieved nothing
+    are left out (zero when none retrieved anything)."""
+    targets = targets[:, : logits.shape[1]].float()
+    mass = targets.sum(-1)
+    rows = mass > 0
+    if not bool(rows.any()):
+        return logits.sum() * 0.0
+    dist = targets[rows] / mass[rows].unsqueeze(-1)
+    return -(dist * F.log_softmax(logits[rows].float(), dim=-1)).sum(-1).mean()
+
+
 def compute_losses(
     out: dict[str, Tensor], batch: dict[str, Tensor], weights: LossWeights | None = None
 ) -> dict[str, Tensor]:
@@ -357,8 +372,7 @@ def compute_losses(
     if "det_dist" in out and "kd_cls" in batch:
         losses.update(kd_losses(out, batch))
     if "source_logits" in out and "sources" in batch:
-        k = out["source_logits"].shape[1]
-        losses["sources"] = F.binary_cross_entropy_with_logits(out["source_logits"], batch["sources"][:, :k])
+        losses["sources"] = sources_loss(out["source_logits"], batch["sources"])
 
     for key, value in out.items():
         if key.startswith("embedding:") and key in batch:

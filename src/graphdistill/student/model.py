@@ -141,6 +141,76 @@ class MLP(nn.Module):
         return x
 
 
+def first_of_class(classes: Tensor, valid: Tensor) -> Tensor:
+    """[B,K] bool: a valid slot whose class no earlier valid slot has (a label once, as the retriever's query
+    lists it)."""
+    same = (classes[:, :, None] == classes[:, None, :]) & valid[:, None, :].to(torch.bool)  # [B,j,i]
+    earlier = torch.ones(classes.shape[1], classes.shape[1], device=classes.device).tril(-1).to(torch.bool)
+    return valid.to(torch.bool) & ~(same & earlier).any(-1)
+
+
+class SourceHead(nn.Module):
+    """Ranks the knowledge-base documents as the teacher's retriever does: its query is the question plus the
+    detected labels, each once (``visual_rag.retrieval_query``), embedded and compared by cosine with every
+    document. The student's query is the question's tokens and the kept objects' class-name words (a class
+    once), and a document's score is the sum of two cosines at learned scales:
+
+    - lexical: of the query's and the document's (``doc_tokens``, a constant) idf-weighted bags of tokens,
+      counted by comparing token ids in the graph. A rare word they share, such as a class name, is what makes
+      them similar, for every class alike, trained on or not;
+    - semantic: of the idf-weighted means of the student's own token embeddings (shared with the question
+      encoder, the object tokens and the decoder), each through a linear map (identity at first), which
+      training moves to rank as the teacher's sentence embedder does (synonyms, related objects).
+
+    Nothing is per-document: a document about a class no training row retrieved still ranks by what it says,
+    and the student cannot memorise which documents the training photos retrieved."""
+
+    def __init__(self, d: int, doc_tokens: list[list[int]], num_docs: int, vocab_size: int) -> None:
+        super().__init__()
+        width = max([len(t) for t in doc_tokens] + [1])
+        ids = torch.zeros(num_docs, width, dtype=torch.long)
+        for n, toks in enumerate(doc_tokens):
+            ids[n, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+        present = (ids != PAD_ID).float()
+        # inverse document frequency of each token over the documents: a word only a few documents use (a class
+        # name) says what a document is about; "is", "a" say nothing. A token no document uses weighs the most,
+        # but adds the same to every document's score (the ranking reads the document side)
+        df = torch.zeros(num_docs, vocab_size).scatter_(1, ids.clamp(max=vocab_size - 1), 1.0).sum(0)
+        idf = torch.log((num_docs + 1) / (df + 1))
+        idf[PAD_ID] = 0.0
+        self.idf: Tensor
+        self.doc_tokens: Tensor
+        self.doc_weights: Tensor  # idf-weighted mean over a document's tokens, 0 on padding
+        self.register_buffer("idf", idf.view(-1, 1), persistent=False)
+        self.register_buffer("doc_tokens", ids, persistent=False)
+        w = idf[ids] * present
+        self.register_buffer("doc_weights", w / w.sum(1, keepdim=True).clamp(min=1e-6), persistent=False)
+        self.doc_norm: Tensor  # 1 / the L2 norm of a document's weights: the lexical score is a cosine
+        self.register_buffer(
+            "doc_norm", 1.0 / self.doc_weights.square().sum(1).sqrt().clamp(min=1e-6), persistent=False
+        )
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, d)
+        for lin in (self.q, self.k):  # start as the plain cosine of the two bags of embeddings
+            nn.init.eye_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        self.log_temp = nn.Parameter(torch.tensor(math.log(2.0)))  # the semantic cosine's scale
+        self.log_lex = nn.Parameter(torch.tensor(math.log(10.0)))  # the lexical cosine's scale
+
+    def forward(self, query_ids: Tensor, query_mask: Tensor, tok_emb: nn.Embedding) -> Tensor:
+        """``query_ids`` [B,J] (question tokens, then object words), ``query_mask`` [B,J] (1 = a real token)
+        -> ``source_logits`` [B,N]."""
+        w = F.embedding(query_ids, self.idf).squeeze(-1) * query_mask.to(self.idf.dtype)  # [B,J]
+        query = (tok_emb(query_ids) * w.unsqueeze(-1)).sum(1)  # [B,d]
+        words = (tok_emb(self.doc_tokens) * self.doc_weights.unsqueeze(-1)).sum(1)  # [N,d]
+        keys = F.normalize(self.k(words), dim=-1)
+        semantic = F.normalize(self.q(query), dim=-1) @ keys.t()
+        same = (query_ids[:, :, None, None] == self.doc_tokens[None, None]).to(w.dtype)  # [B,J,N,L]
+        shared = (same * w[:, :, None, None]).sum(1)  # [B,N,L]: each document token's weight in the query
+        lexical = (shared * self.doc_weights).sum(-1) / (w.square().sum(1, keepdim=True).sqrt() + 1e-6)
+        return semantic * self.log_temp.exp() + lexical * self.doc_norm * self.log_lex.exp()
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm decoder layer: causal self-attention (with a cache path), cross-attention, FFN."""
 
@@ -279,6 +349,9 @@ class Student(nn.Module):
         self.img_pos = nn.Parameter(torch.zeros(1, self.n_img, d))
         if cfg.has_objects:
             self.cls_emb = nn.Embedding(cfg.num_classes, d)
+            self.class_words: Tensor  # each class name's token (<pad> for none): object tokens start from words
+            words = cfg.class_token_ids or [PAD_ID] * cfg.num_classes
+            self.register_buffer("class_words", torch.tensor(words, dtype=torch.long), persistent=False)
             self.box_emb = nn.Linear(5, d)  # cx, cy, w, h, score
             self.obj_feat = nn.Linear(c4, d)  # the P4 cell under the box centre: colour, texture
             self.empty_obj = nn.Parameter(torch.zeros(1, 1, d))  # an unused object slot
@@ -298,7 +371,7 @@ class Student(nn.Module):
         self.encoder = nn.TransformerEncoder(enc_layer, cfg.enc_layers, enable_nested_tensor=False)
         self.enc_norm = nn.LayerNorm(d)
         if cfg.has_sources:
-            self.source_head = MLP(d, d, cfg.num_sources)
+            self.source_head = SourceHead(d, cfg.source_token_ids, cfg.num_sources, cfg.vocab_size)
         self.embedding_heads = nn.ModuleDict({k: nn.Linear(d, v) for k, v in cfg.embedding_dims.items()})
         if cfg.has_text:
             self.a_pos = nn.Embedding(cfg.max_answer_len, d)
@@ -308,9 +381,6 @@ class Student(nn.Module):
                 self.ptr_q = nn.Linear(d, d)
                 self.ptr_k = nn.Linear(d, d)
                 self.ptr_gate = nn.Linear(d, 1)
-                ids = cfg.class_token_ids or [PAD_ID] * cfg.num_classes
-                self.class_tokens: Tensor
-                self.register_buffer("class_tokens", torch.tensor(ids, dtype=torch.long), persistent=False)
         self._init()
 
     def _init(self) -> None:
@@ -412,8 +482,10 @@ class Student(nn.Module):
         iy = torch.floor((boxes[..., 1] * h4).clamp(0, h4 - 1))
         flat = (iy * w4 + ix).long()
         cell = p4.flatten(2).gather(2, flat[:, None, :].expand(-1, c4, -1)).transpose(1, 2)  # [B,K,C4]
+        c = classes.clamp(0, self.config.num_classes - 1)
         tok = (
-            self.cls_emb(classes.clamp(0, self.config.num_classes - 1))
+            self.cls_emb(c)
+            + self.tok_emb(self.class_words[c])  # the class name's word: the one the copy path and documents use
             + self.box_emb(torch.cat([boxes, scores[..., None]], -1))
             + self.obj_feat(cell)
         )
@@ -451,7 +523,7 @@ class Student(nn.Module):
         """The copy path's per-query inputs: ``ptr_keys`` [B,K,D] (the object tokens' keys), ``ptr_bias``
         [B,K] (0, or :data:`phone_ops.NEG` for an empty slot or a class with no token) and ``ptr_vocab``
         [B,K,V] (one-hot of each object's class-name token)."""
-        tokens = self.class_tokens[classes.clamp(0, self.config.num_classes - 1)]  # [B,K]
+        tokens = self.class_words[classes.clamp(0, self.config.num_classes - 1)]  # [B,K]
         usable = valid & (tokens > UNK_ID)
         vocab = (tokens[..., None] == torch.arange(self.config.vocab_size, device=tokens.device)).to(
             memory.dtype
@@ -514,8 +586,13 @@ class Student(nn.Module):
         if cfg.has_text and chosen is not None:
             out.update(self.pointer(memory, chosen["classes"], chosen["valid"]))
         summary = phone_ops.mean_tokens(memory[:, : cfg.num_registers])
-        if cfg.has_sources:
-            out["source_logits"] = self.source_head(summary)
+        if cfg.has_sources:  # the retriever's query: the question and the detected labels
+            ids, mask = question_ids, question_mask
+            if chosen is not None:
+                c = chosen["classes"].clamp(0, cfg.num_classes - 1)
+                ids = torch.cat([ids, self.class_words[c]], dim=1)
+                mask = torch.cat([mask.to(torch.bool), first_of_class(c, chosen["valid"])], dim=1)
+            out["source_logits"] = self.source_head(ids, mask, self.tok_emb)
         for name, head in self.embedding_heads.items():
             out[f"embedding:{name}"] = head(summary)
         return out

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from graphdistill.runner.bundle import top_sources
 from graphdistill.runner.preprocess import Letterbox, object_mask_rle
 from graphdistill.student.loader import MEAN, REDUCING_GAP, STD, preprocess_image
 from graphdistill.student.model import BOS_ID, EOS_ID, PAD_ID, Student, StudentConfig, StudentProtocol
@@ -128,7 +129,7 @@ class StudentPredictor:
         question: str,
         *,
         score_threshold: float | None = None,
-        source_threshold: float = 0.5,
+        sources_k: int | None = None,
         max_len: int | None = None,
     ) -> dict[str, Any]:
         """One photo (HxWx3 uint8 RGB) + question -> ``{output field: value}`` for the graph's outputs. The
@@ -171,10 +172,9 @@ class StudentPredictor:
             elif kind == "sources" and "source_logits" not in heads:
                 result[name] = []
             elif kind == "sources":
-                p = heads["source_logits"][0].sigmoid().cpu()
-                order = torch.argsort(p, descending=True).tolist()
-                docs = self.doc_ids
-                result[name] = [docs[i] for i in order if i < len(docs) and p[i] >= source_threshold]
+                result[name] = top_sources(
+                    heads["source_logits"][0].float().cpu().numpy(), sources_k or cfg.sources_k, self.doc_ids
+                )
             elif kind == "embedding":
                 emb = heads.get(f"embedding:{name}")
                 result[name] = None if emb is None else emb[0].float().cpu().tolist()

@@ -25,6 +25,7 @@ import math
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphdistill.student.loader import StudentDataset, collate, embedding_dims_of, spec_of
+from graphdistill.student.config import SOURCE_TOKENS
+from graphdistill.student.loader import StudentDataset, collate, embedding_dims_of, is_replay, spec_of
 from graphdistill.student.losses import LossWeights, compute_losses
 from graphdistill.student.model import (
     Student,
@@ -85,6 +87,14 @@ def _atomic_write_bytes(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     write(tmp)
     os.replace(tmp, path)
+
+
+def retrieved_k(rows: list[dict[str, Any]]) -> int:
+    """How many documents the teacher's retriever returns: the most common count over rows that retrieved
+    any (a retriever's top-k), 3 when none did."""
+    counts = Counter(len(r.get("sources") or []) for r in rows)
+    counts.pop(0, None)
+    return counts.most_common(1)[0][0] if counts else 3
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
@@ -158,7 +168,9 @@ class TrainRecipe:
             self.tokenizer = StudentTokenizer.load(self.run / "tokenizer.json")
             self.model_config = StudentConfig.from_dict(json.loads((self.run / "config.json").read_text()))
         else:
+            docs = self.ds.documents
             texts = [t for r in self.ds.all_rows() for t in (r["question"], r["answer"])]
+            texts += [str(d.get("text") or "") for d in docs]  # the sources head reads documents in these words
             vocab = cfg.vocab_size or int(preset(cfg.preset).vocab_size)
             self.tokenizer = StudentTokenizer.train(texts, vocab_size=vocab, class_names=self.class_names)
             train_rows = self.ds.rows("train") or self.ds.all_rows()
@@ -170,7 +182,11 @@ class TrainRecipe:
                 vocab_size=self.tokenizer.vocab_size,
                 num_classes=max(len(self.class_names), 1),
                 class_token_ids=self.tokenizer.class_token_ids(self.class_names) if self.class_names else [],
-                num_sources=max(len(self.ds.documents), 1),
+                num_sources=max(len(docs), 1),
+                source_token_ids=[
+                    self.tokenizer.encode(str(d.get("text") or ""))[:SOURCE_TOKENS] for d in docs
+                ],
+                sources_k=retrieved_k(train_rows),
                 max_objects=max(base.max_objects, max_objects),
                 max_question_len=min(max(base.max_question_len, q_len), 64),
                 max_answer_len=min(max(base.max_answer_len, a_len), 96),
@@ -492,8 +508,9 @@ class TrainRecipe:
 
     @torch.no_grad()
     def validate(self, max_rows: int = 24) -> dict[str, float]:
-        """Fidelity on the val split with the evaluation's own metrics (:mod:`graphdistill.eval.metrics`): the
-        student predicts each row as ``predict`` does and is scored against the teacher's recorded output;
+        """Fidelity on the val split's recorded (not replayed) rows with the evaluation's own metrics
+        (:mod:`graphdistill.eval.metrics`): the student predicts each row as ``predict`` does and is scored
+        against the teacher's recorded output;
         plus the teacher-forced loss and answer token accuracy of one batch."""
         from graphdistill.eval import metrics
         from graphdistill.eval.evaluate import jsonable_output, output_kinds_of, output_of_row
@@ -514,9 +531,13 @@ class TrainRecipe:
                 if key.startswith("embedding:") and key in batch and valid is not None and bool(valid.any()):
                     cos = nn.functional.cosine_similarity(value, batch[key], dim=-1)[valid]
                     res[f"{key}_cosine"] = float(cos.mean())
+            # fidelity on recorded rows only: a replay's objects and answer describe an edited state, not its
+            # photo, which is all the student sees at inference
+            rows = [r for r in self.val_set.rows if not is_replay(r)][:max_rows]
+            if not rows:
+                return res
             kinds = output_kinds_of(self.ds)
             predictor = StudentPredictor(self.model, self.tokenizer, self.meta(), str(self.device))
-            rows = self.val_set.rows[:n]
             student = [
                 jsonable_output(predictor.predict(self.ds.image(r), r["question"]), kinds) for r in rows
             ]
