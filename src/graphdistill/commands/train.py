@@ -16,9 +16,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("dataset", help="the filtered dataset folder (from `graphdistill filter`)")
     p.add_argument("--out", required=True, help="the run folder to write (model, tokenizer, checkpoints)")
     p.add_argument("--preset", choices=["tiny", "small"], default="tiny", help="model size (default: tiny)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--epochs", type=int, default=None, help="epochs to train (default: 30)")
-    g.add_argument("--max-minutes", type=float, default=None, help="train until this much time has passed")
+    p.add_argument("--epochs", type=int, default=None, help="epochs to train (default: 30)")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="train until this much time has passed (with --epochs: whichever comes first)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.pt")
     p.add_argument("--batch-size", type=int, default=16)
