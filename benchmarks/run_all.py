@@ -28,17 +28,25 @@ BENCHMARKS: dict[str, list[str]] = {
     "student": [],
     "export": [],
     "e2e": [],  # runs (or resumes) the full demo first
-    "scaling": ["--sizes", "12,24,48", "--minutes", "2"],  # the full demo records 48 training inputs
+    "scaling": [
+        "--sizes",
+        "12,24,48",
+        "--epochs",
+        "40",
+        "--minutes",
+        "4",
+    ],  # the full demo records 48 training inputs
 }
 # where each headline figure of the table comes from: benchmark -> keys of its "headline" (or top level)
 SOURCES = {"record": ["recording_overhead_pct"], "teacher": ["batched_speedup"]}
 
 GOALS = [
     # key in e2e.json "headline", label, goal text, predicate
-    ("speedup_executorch", "speedup, ExecuTorch int8 student vs teacher graph", "≥ 300×", lambda v: v >= 300),
-    ("speedup_onnx", "speedup, ONNX Runtime int8 student vs teacher graph", "≥ 300×", lambda v: v >= 300),
+    # issue 16: the inherited YOLO trunk costs more than the old student's, so ≤ 15 ms and ≥ 200× (were 10, 300)
+    ("speedup_executorch", "speedup, ExecuTorch int8 student vs teacher graph", "≥ 200×", lambda v: v >= 200),
+    ("speedup_onnx", "speedup, ONNX Runtime int8 student vs teacher graph", "≥ 200×", lambda v: v >= 200),
     ("speedup_pytorch", "speedup, PyTorch eager student vs teacher graph", "(no goal)", None),
-    ("executorch_int8_ms", "whole query, ExecuTorch int8 bundle (ms)", "≤ 10", lambda v: v <= 10.0),
+    ("executorch_int8_ms", "whole query, ExecuTorch int8 bundle (ms)", "≤ 15", lambda v: v <= 15.0),
     (
         "student_eager_ms",
         "student model query, PyTorch eager (ms, `student.py`)",
@@ -176,20 +184,26 @@ def table(results: dict[str, dict]) -> str:
     if points:
         lines += [
             "",
-            f"Scaling study (`benchmarks/scaling.py`, {results['scaling'].get('train_minutes_per_point')} training "
-            "minutes per point, held-out real photos):",
+            f"Scaling study (`benchmarks/scaling.py`, {_budget(results['scaling'])} per point, held-out real "
+            "photos):",
             "",
-            "| training inputs | filtered | train rows | answer F1 | box mAP@0.5 | mask mIoU |",
-            "|---|---|---|---|---|---|",
+            "| training inputs | replays | filtered | train rows | answer F1 | box mAP@0.5 | mask mIoU | sources recall |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for p in sorted(points, key=lambda p: (p["n_inputs"], not p["filtered"])):
-            cells = [_num(p.get(k)) for k in ("answer_f1", "box_map50", "mask_miou")]
+            cells = [_num(p.get(k)) for k in ("answer_f1", "box_map50", "mask_miou", "sources_recall")]
             lines.append(
-                f"| {p['n_inputs']} | {'on' if p['filtered'] else 'off'} | {p.get('train_rows', '?')} | "
-                + " | ".join(cells)
-                + " |"
+                f"| {p['n_inputs']} | {p.get('replays', 0)} | {'on' if p['filtered'] else 'off'} | "
+                f"{p.get('train_rows', '?')} | " + " | ".join(cells) + " |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _budget(scaling: dict) -> str:
+    epochs, minutes = scaling.get("train_epochs_per_point"), scaling.get("train_minutes_per_point")
+    if epochs:
+        return f"{epochs} training epochs (at most {minutes} minutes)"
+    return f"{minutes} training minutes"
 
 
 def fidelity_table(e2e: dict) -> list[str]:

@@ -75,13 +75,14 @@ def main() -> int:
     ap.add_argument(
         "--sizes", default="16,32,64", help="training inputs per point (capped at what was recorded)"
     )
-    ap.add_argument("--minutes", type=float, default=2.0, help="training budget per point")
+    ap.add_argument("--epochs", type=int, default=40, help="training epochs per point (the demo's schedule)")
+    ap.add_argument("--minutes", type=float, default=4.0, help="training time cap per point")
     ap.add_argument("--min-agreement", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="two tiny points; numbers mean little")
     args = ap.parse_args()
     if args.quick:
-        args.sizes, args.minutes = "4,8", 0.3
+        args.sizes, args.minutes, args.epochs = "4,8", 0.3, 5
     store = (
         Path(args.store) if args.store else ROOT / ("demo-out-quick" if args.quick else "demo-out") / "store"
     )
@@ -108,6 +109,8 @@ def main() -> int:
                     str(ds),
                     "--out",
                     str(run),
+                    "--epochs",
+                    str(args.epochs),
                     "--max-minutes",
                     str(args.minutes),
                     "--seed",
@@ -133,6 +136,7 @@ def main() -> int:
         "machine": f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}",
         "store": str(store),
         "train_minutes_per_point": args.minutes,
+        "train_epochs_per_point": args.epochs,
         "min_agreement": args.min_agreement,
         "points": points,
     }

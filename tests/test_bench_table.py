@@ -68,7 +68,15 @@ RESULTS: dict[str, dict[str, Any]] = {
         "train_minutes_per_point": 2.0,
         "points": [
             {"n_inputs": 20, "filtered": False, "train_rows": 20, "answer_f1": 0.1, "box_map50": None},
-            {"n_inputs": 20, "filtered": True, "train_rows": 12, "answer_f1": 0.3, "box_map50": 0.5},
+            {
+                "n_inputs": 20,
+                "replays": 40,
+                "filtered": True,
+                "train_rows": 12,
+                "answer_f1": 0.3,
+                "box_map50": 0.5,
+                "sources_recall": 0.75,
+            },
         ],
     },
 }
@@ -77,12 +85,12 @@ RESULTS: dict[str, dict[str, Any]] = {
 def test_each_goal_is_judged_from_the_measured_figure() -> None:
     md = _run_all().table(RESULTS)
     assert _row(md, "speedup, ExecuTorch int8 student vs teacher graph") == [
-        "speedup, ExecuTorch int8 student vs teacher graph", "310×", "≥ 300×", "yes"
+        "speedup, ExecuTorch int8 student vs teacher graph", "310×", "≥ 200×", "yes"
     ]  # fmt: skip
     assert _row(md, "int8 ExecuTorch bundle size (MB)")[1:] == ["5.40", "≤ 5 MB", "**no**"]
     # a bundle its gate refused counts as a goal not met, with the reason
     assert _row(md, "speedup, ONNX Runtime int8 student vs teacher graph")[1:] == [
-        "refused by its int8 fidelity gate", "≥ 300×", "**no**"
+        "refused by its int8 fidelity gate", "≥ 200×", "**no**"
     ]  # fmt: skip
     assert _row(md, "recording overhead (%)")[3] == "**no**"
     assert _row(md, "teacher throughput, batched vs one-by-one")[1] == "1.50×"
@@ -93,7 +101,7 @@ def test_each_goal_is_judged_from_the_measured_figure() -> None:
     assert _row(md, "student, ONNX Runtime CPU int8")[1:] == ["12.0", "250×", "—", "—"]
     assert "Held-out real photos: 24 test rows about 4 photos" in md
     # the ms goals: a whole ExecuTorch int8 query from e2e, the eager model query at its faster thread count
-    assert _row(md, "whole query, ExecuTorch int8 bundle (ms)")[1:] == ["9.70", "≤ 10", "yes"]
+    assert _row(md, "whole query, ExecuTorch int8 bundle (ms)")[1:] == ["9.70", "≤ 15", "yes"]
     assert _row(md, "student model query, PyTorch eager (ms, `student.py`)")[1:] == ["24.0", "≤ 30", "yes"]
 
 
@@ -117,7 +125,11 @@ def test_fidelity_is_tabled_with_intervals_for_pytorch_and_the_int8_bundle() -> 
 def test_scaling_points_are_tabled_filtered_first_and_missing_values_shown_as_such() -> None:
     md = _run_all().table(RESULTS)
     rows = [ln for ln in md.splitlines() if ln.startswith("| 20 |")]
-    assert rows == ["| 20 | on | 12 | 0.300 | 0.500 | — |", "| 20 | off | 20 | 0.100 | — | — |"]
+    assert rows == [
+        "| 20 | 40 | on | 12 | 0.300 | 0.500 | — | 0.750 |",
+        "| 20 | 0 | off | 20 | 0.100 | — | — | — |",
+    ]
+    assert "2.0 training minutes per point" in md  # a scaling.json from before epochs: its time budget
 
 
 def test_demo_time_is_not_judged_for_a_resized_demo() -> None:
