@@ -126,7 +126,9 @@ def test_onnx_float_bundle_passes_parity(onnx_float: Path) -> None:
     # the copy path's inputs: encode's outputs of the same names, copied in once per query
     copy = step["inputs"][-3:]
     assert [i["name"] for i in copy] == [i["per_query"] for i in copy] == COPY_INPUTS
-    assert [i["shape"] for i in copy] == [[1, d, k], [1, k], [1, k, v]]
+    # one slot per object, then one per token of the sources_k best-ranked documents
+    slots = k + min(cfg["sources_k"], cfg["num_sources"]) * max(len(t) for t in cfg["source_token_ids"])
+    assert [i["shape"] for i in copy] == [[1, d, slots], [1, slots], [1, slots, v]]
     assert step["outputs"][0]["name"] == "scores" and step["outputs"][0]["shape"] == [1, v]
     # decode_step hands back this position's keys/values only: one cache slot, the runner stores it
     kv_new = m["programs"]["decode_step"]["outputs"][1]
@@ -440,7 +442,8 @@ def test_a_partial_schema_exports_only_its_heads_and_passes_parity(schema_run: t
     assert m["parity"]["passed"] and not m["parity"]["failures"]
     assert m["outputs"] == cfg.outputs and list(m["outputs"]) == list(cfg.outputs)
     heads = [o["name"] for o in m["programs"]["encode"]["outputs"]]
-    copy = cfg.has_text and cfg.has_objects  # the copy path needs objects to copy from
+    # the copy path needs something to copy from: objects' class names or the retrieved documents' words
+    copy = cfg.has_text and (cfg.has_objects or cfg.has_sources)
     want = ["cross_kv", *(COPY_INPUTS if copy else [])] if cfg.has_text else ["memory"]
     want += OBJECT_OUTPUTS if cfg.has_objects else []
     want += ["source_logits"] if cfg.has_sources else []

@@ -182,9 +182,10 @@ def test_phone_decode_step_equals_the_students_decode_step(fused_norms: bool) ->
 
 
 def test_phone_decode_step_without_objects_returns_the_vocabulary_logits() -> None:
-    """A student with text but no object head has no copy path: the step is the plain tied output layer."""
+    """A student with text but neither objects nor sources has no copy path: the step is the plain tied output
+    layer."""
     torch.manual_seed(0)
-    m = Student(StudentConfig(**{**CFG, "outputs": {"answer": "text", "sources": "sources"}})).eval()
+    m = Student(StudentConfig(**{**CFG, "outputs": {"answer": "text"}})).eval()
     img, ids, mask = _inputs()
     step = PhoneDecodeStep(m).eval()
     assert not step.copy

@@ -155,9 +155,11 @@ def test_output_shapes_follow_the_config(model: Student) -> None:
     assert out["source_logits"].shape == (2, cfg.num_sources)
     assert out["memory"].shape == (2, model.n_ctx, cfg.d_model)
     assert model.n_ctx == cfg.num_registers + (cfg.image_size // 32) ** 2 + k
-    # the copy path's per-query inputs
-    assert out["ptr_keys"].shape == (2, k, cfg.d_model) and out["ptr_bias"].shape == (2, k)
-    assert out["ptr_vocab"].shape == (2, k, cfg.vocab_size)
+    # the copy path's per-query inputs: every object slot, then every token of the sources_k best documents
+    n = model.n_copy
+    assert n == k + min(cfg.sources_k, cfg.num_sources) * 1  # SMALL's documents have no text: one pad each
+    assert out["ptr_keys"].shape == (2, n, cfg.d_model) and out["ptr_bias"].shape == (2, n)
+    assert out["ptr_vocab"].shape == (2, n, cfg.vocab_size)
     assert not any(key.startswith("det_") for key in out)  # dense outputs only in training
     assert isinstance(model, StudentProtocol)
 
@@ -177,7 +179,8 @@ def test_training_mode_returns_the_dense_outputs_and_reads_the_teachers_objects(
     assert "boxes" not in out  # teacher forcing: no selection from an untrained head
     # the object tokens are the teacher's: their class tokens feed the copy path
     assert torch.equal(out["ptr_vocab"][:, 0].argmax(-1), torch.tensor([101, 101]))
-    assert torch.equal(out["ptr_bias"][:, 2:], torch.full((2, 2), -1e9))  # empty slots are never copied
+    k = cfg.max_objects  # the object slots come first; empty ones are never copied
+    assert torch.equal(out["ptr_bias"][:, 2:k], torch.full((2, k - 2), -1e9))
     # without objects, training selects from its own head like inference does
     own = m(img, q, qm, torch.randint(0, cfg.vocab_size, (2, 5)))
     assert own["boxes"].shape == (2, cfg.max_objects, 4) and "det_cls" in own

@@ -359,7 +359,9 @@ class BundleRunner:
                     objects = self.decode_objects(raw.outputs, box) if "boxes" in raw.outputs else []
                 out[name] = objects if kind == "objects" else detections_dict(objects, height, width)
             elif kind == "sources":
-                out[name] = top_sources(raw.outputs["source_logits"], self.decoding["sources_k"], self.document_ids)
+                out[name] = top_sources(
+                    raw.outputs["source_logits"], self.decoding["sources_k"], self.document_ids
+                )
             elif kind == "embedding":
                 out[name] = [float(v) for v in raw.outputs[f"embedding:{name}"]]
             else:

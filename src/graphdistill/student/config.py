@@ -14,12 +14,13 @@ log = logging.getLogger(__name__)
 
 # Output kinds of a teacher graph the student has a head for (trace.Kind values):
 #   text -> answer decoder; objects -> detection + mask heads; detections -> detection head only;
-#   sources -> multi-label head over KB doc ids; embedding -> regression head (cosine loss).
+#   sources -> a ranking of the KB's documents by their words (top sources_k); embedding -> regression head (cosine loss).
 HEAD_KINDS = ("text", "objects", "detections", "sources", "embedding")
 SINGLE_KINDS = ("text", "objects", "detections", "sources")  # at most one output of each of these
 # Today's visual_rag shape: what a config.json written before `outputs` existed describes.
 DEFAULT_OUTPUTS = {"answer": "text", "objects": "objects", "sources": "sources"}
-SOURCE_TOKENS = 24  # a document's key reads at most this many of its tokens (the first words say what it is about)
+# a document's tokens the sources head reads and the answer may copy (the knowledge base's facts are a sentence)
+SOURCE_TOKENS = 32
 
 
 @dataclass
@@ -59,7 +60,9 @@ class StudentConfig:
     # each document's text in student tokens (at most SOURCE_TOKENS; [] for none): a document's key is built
     # from its words, so a document whose class no training row retrieved still ranks by what it says
     source_token_ids: list[list[int]] = field(default_factory=list)
-    sources_k: int = 3  # the sources output is the top sources_k documents, as the teacher's retriever returns
+    sources_k: int = (
+        3  # the sources output is the top sources_k documents, as the teacher's retriever returns
+    )
     num_registers: int = 4  # learned tokens that gather the question+image summary for sources/embeddings
     embedding_dims: dict[str, int] = field(default_factory=dict)  # EMBEDDING outputs: name -> dim
     # The teacher graph's outputs the student has heads for: field name -> kind (one of HEAD_KINDS). Built

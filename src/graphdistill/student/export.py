@@ -239,12 +239,12 @@ def _manifest(
     meanings = {
         "cross_kv": "[decoder layers, 2 (key, value), batch, heads, context tokens, head_dim]: the answer "
         "decoder's cross-attention keys/values, computed once per query; pass to every decode_step",
-        "ptr_keys": "the copy path: the object tokens' keys [1, d_model, objects]; decode_step's input of the "
-        "same name, filled once per query",
-        "ptr_bias": "the copy path: 0 for an object the answer may name, -1e9 for an empty slot; decode_step's "
-        "input of the same name",
-        "ptr_vocab": "the copy path: one row per object, one-hot at its class name's token; decode_step's "
-        "input of the same name",
+        "ptr_keys": "the copy path: the keys of its slots (each object, then each token of the best-ranked "
+        "documents) [1, d_model, slots]; decode_step's input of the same name, filled once per query",
+        "ptr_bias": "the copy path: 0 for a slot the answer may copy, -1e9 for an empty slot or padding; "
+        "decode_step's input of the same name",
+        "ptr_vocab": "the copy path: one row per slot, one-hot at its token (an object's class name, a "
+        "document's word); decode_step's input of the same name",
         "boxes": "the selected objects: cx, cy, w, h in 0..1 of the canvas",
         "scores": "each object's class score (sigmoid)",
         "classes": "each object's class id (index into class_names)",

@@ -240,10 +240,10 @@ def cross_kv_shape(loaded: LoadedRun) -> list[int]:
 
 
 def pointer_shapes(loaded: LoadedRun) -> dict[str, list[int]]:
-    """The copy path's per-query inputs: ``ptr_keys`` [1, D, K] (the object tokens' keys, transposed),
+    """The copy path's per-query inputs: ``ptr_keys`` [1, D, K] (the copy slots' keys, transposed),
     ``ptr_bias`` [1, K], ``ptr_vocab`` [1, K, V]."""
     cfg = loaded.config
-    k = int(loaded.model.n_obj)
+    k = int(loaded.model.n_copy)
     return {"ptr_keys": [1, cfg.d_model, k], "ptr_bias": [1, k], "ptr_vocab": [1, k, cfg.vocab_size]}
 
 

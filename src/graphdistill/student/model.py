@@ -183,6 +183,11 @@ class SourceHead(nn.Module):
         self.doc_weights: Tensor  # idf-weighted mean over a document's tokens, 0 on padding
         self.register_buffer("idf", idf.view(-1, 1), persistent=False)
         self.register_buffer("doc_tokens", ids, persistent=False)
+        self.doc_prev: (
+            Tensor  # the token before each document token (<bos> before the first): copy keys read it
+        )
+        prev = torch.cat([torch.full((num_docs, 1), BOS_ID, dtype=torch.long), ids[:, :-1]], 1)
+        self.register_buffer("doc_prev", prev, persistent=False)
         w = idf[ids] * present
         self.register_buffer("doc_weights", w / w.sum(1, keepdim=True).clamp(min=1e-6), persistent=False)
         self.doc_norm: Tensor  # 1 / the L2 norm of a document's weights: the lexical score is a cosine
@@ -349,7 +354,9 @@ class Student(nn.Module):
         self.img_pos = nn.Parameter(torch.zeros(1, self.n_img, d))
         if cfg.has_objects:
             self.cls_emb = nn.Embedding(cfg.num_classes, d)
-            self.class_words: Tensor  # each class name's token (<pad> for none): object tokens start from words
+            self.class_words: (
+                Tensor  # each class name's token (<pad> for none): object tokens start from words
+            )
             words = cfg.class_token_ids or [PAD_ID] * cfg.num_classes
             self.register_buffer("class_words", torch.tensor(words, dtype=torch.long), persistent=False)
             self.box_emb = nn.Linear(5, d)  # cx, cy, w, h, score
@@ -377,10 +384,18 @@ class Student(nn.Module):
             self.a_pos = nn.Embedding(cfg.max_answer_len, d)
             self.dec = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
             self.dec_norm = nn.LayerNorm(d)
-            if cfg.has_objects:  # the copy path: a pointer over the object tokens + a "generate" slot
+            # the copy path: a pointer over the object tokens and the retrieved documents' tokens + a
+            # "generate" slot
+            if cfg.has_objects or cfg.has_sources:
                 self.ptr_q = nn.Linear(d, d)
-                self.ptr_k = nn.Linear(d, d)
                 self.ptr_gate = nn.Linear(d, 1)
+            if cfg.has_objects:
+                self.ptr_k = nn.Linear(d, d)
+            if (
+                cfg.has_sources
+            ):  # a document token's key: the token and the one before it (where a copy goes on)
+                self.ptr_doc = nn.Linear(d, d)
+                self.ptr_doc_prev = nn.Linear(d, d)
         self._init()
 
     def _init(self) -> None:
@@ -393,7 +408,7 @@ class Student(nn.Module):
             nn.init.normal_(self.empty_obj, std=0.02)
         if cfg.has_text:
             nn.init.normal_(self.a_pos.weight, std=0.02)
-            if cfg.has_objects:
+            if hasattr(self, "ptr_gate"):
                 with torch.no_grad():  # start by generating, copy only once it has learnt to
                     self.ptr_gate.bias.fill_(2.0)
 
@@ -485,7 +500,9 @@ class Student(nn.Module):
         c = classes.clamp(0, self.config.num_classes - 1)
         tok = (
             self.cls_emb(c)
-            + self.tok_emb(self.class_words[c])  # the class name's word: the one the copy path and documents use
+            + self.tok_emb(
+                self.class_words[c]
+            )  # the class name's word: the one the copy path and documents use
             + self.box_emb(torch.cat([boxes, scores[..., None]], -1))
             + self.obj_feat(cell)
         )
@@ -519,25 +536,53 @@ class Student(nn.Module):
             x = self.enc_norm(self.encoder(x, src_key_padding_mask=pad))
         return x if x.shape[1] == self.n_ctx else x[:, : self.n_ctx]
 
-    def pointer(self, memory: Tensor, classes: Tensor, valid: Tensor) -> dict[str, Tensor]:
-        """The copy path's per-query inputs: ``ptr_keys`` [B,K,D] (the object tokens' keys), ``ptr_bias``
-        [B,K] (0, or :data:`phone_ops.NEG` for an empty slot or a class with no token) and ``ptr_vocab``
-        [B,K,V] (one-hot of each object's class-name token)."""
-        tokens = self.class_words[classes.clamp(0, self.config.num_classes - 1)]  # [B,K]
-        usable = valid & (tokens > UNK_ID)
-        vocab = (tokens[..., None] == torch.arange(self.config.vocab_size, device=tokens.device)).to(
-            memory.dtype
-        )
+    @property
+    def n_copy(self) -> int:
+        """The copy path's slots: every object slot, then every token of the ``copy_docs`` documents read."""
+        cfg = self.config
+        docs = self.copy_docs * self.source_head.doc_tokens.shape[1] if cfg.has_sources else 0
+        return (self.n_obj if cfg.has_objects else 0) + docs
+
+    @property
+    def copy_docs(self) -> int:
+        """How many of the best-ranked documents the answer decoder may copy from (the retriever's k)."""
+        return min(self.config.sources_k, self.config.num_sources) if self.config.has_sources else 0
+
+    def pointer(
+        self, memory: Tensor, chosen: dict[str, Tensor] | None, docs: Tensor | None
+    ) -> dict[str, Tensor]:
+        """The copy path's per-query inputs, one slot per object then one per token of the documents ``docs``
+        [B,k] (indices): ``ptr_keys`` [B,K,D] (an object token's key; a document token's key from its word and
+        the word before it, so a copy goes on where the last one left off), ``ptr_bias`` [B,K] (0, or
+        :data:`phone_ops.NEG` for an empty slot, padding or a class with no token) and ``ptr_vocab`` [B,K,V]
+        (one-hot of each slot's token)."""
+        keys, tokens, usable = [], [], []
+        if chosen is not None:
+            t = self.class_words[chosen["classes"].clamp(0, self.config.num_classes - 1)]  # [B,K]
+            keys.append(self.ptr_k(memory[:, self.n_ctx - self.n_obj :]))
+            tokens.append(t)
+            usable.append(chosen["valid"].to(torch.bool) & (t > UNK_ID))
+        if docs is not None:
+            b, k = docs.shape
+            flat = docs.reshape(-1)
+            t = torch.index_select(self.source_head.doc_tokens, 0, flat).view(b, -1)  # [B,k*L]
+            prev = torch.index_select(self.source_head.doc_prev, 0, flat).view(b, -1)
+            keys.append(self.ptr_doc(self.tok_emb(t)) + self.ptr_doc_prev(self.tok_emb(prev)))
+            tokens.append(t)
+            usable.append(t > UNK_ID)
+        tok = torch.cat(tokens, 1)
+        vocab = (tok[..., None] == torch.arange(self.config.vocab_size, device=tok.device)).to(memory.dtype)
         return {
-            "ptr_keys": self.ptr_k(memory[:, self.n_ctx - self.n_obj :]),
-            "ptr_bias": (~usable).to(memory.dtype) * phone_ops.NEG,
+            "ptr_keys": torch.cat(keys, 1),
+            "ptr_bias": (~torch.cat(usable, 1)).to(memory.dtype) * phone_ops.NEG,
             "ptr_vocab": vocab,
         }
 
     def copy_mix(self, h: Tensor, ptr: dict[str, Tensor] | None) -> Tensor:
         """Final hidden states ``h`` [B,T,D] (after ``dec_norm``) -> log-probabilities [B,T,V]: a mixture of
-        the vocabulary distribution (tied embedding) and copies of the objects' class tokens, weighted by one
-        softmax over ``[generate | object 1 .. K]`` (a pointer-generator whose gate is the first slot)."""
+        the vocabulary distribution (tied embedding) and copies of the objects' class tokens and the retrieved
+        documents' tokens, weighted by one softmax over ``[generate | slot 1 .. K]`` (a pointer-generator whose
+        gate is the first slot)."""
         logits = h @ self.tok_emb.weight.T
         if ptr is None or not hasattr(self, "ptr_q"):
             return logits.log_softmax(-1)
@@ -583,9 +628,8 @@ class Student(nn.Module):
         detach = self.training and cfg.has_objects
         memory = self.context(_text_view(feats[2], detach), obj_tokens, question_ids, question_mask)
         out["memory"] = memory
-        if cfg.has_text and chosen is not None:
-            out.update(self.pointer(memory, chosen["classes"], chosen["valid"]))
         summary = phone_ops.mean_tokens(memory[:, : cfg.num_registers])
+        docs = None
         if cfg.has_sources:  # the retriever's query: the question and the detected labels
             ids, mask = question_ids, question_mask
             if chosen is not None:
@@ -593,6 +637,13 @@ class Student(nn.Module):
                 ids = torch.cat([ids, self.class_words[c]], dim=1)
                 mask = torch.cat([mask.to(torch.bool), first_of_class(c, chosen["valid"])], dim=1)
             out["source_logits"] = self.source_head(ids, mask, self.tok_emb)
+            # the documents the answer may copy from: the teacher's in training (``objects["sources"]``,
+            # multi-hot), the student's best-ranked ones otherwise
+            retrieved = objects.get("sources") if objects is not None and self.training else None
+            ranked = retrieved.float() if retrieved is not None else out["source_logits"]
+            docs = ranked.topk(self.copy_docs, dim=-1).indices
+        if cfg.has_text and (chosen is not None or docs is not None):
+            out.update(self.pointer(memory, chosen, docs))
         for name, head in self.embedding_heads.items():
             out[f"embedding:{name}"] = head(summary)
         return out

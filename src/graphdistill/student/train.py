@@ -170,7 +170,9 @@ class TrainRecipe:
         else:
             docs = self.ds.documents
             texts = [t for r in self.ds.all_rows() for t in (r["question"], r["answer"])]
-            texts += [str(d.get("text") or "") for d in docs]  # the sources head reads documents in these words
+            texts += [
+                str(d.get("text") or "") for d in docs
+            ]  # the sources head reads documents in these words
             vocab = cfg.vocab_size or int(preset(cfg.preset).vocab_size)
             self.tokenizer = StudentTokenizer.train(texts, vocab_size=vocab, class_names=self.class_names)
             train_rows = self.ds.rows("train") or self.ds.all_rows()
@@ -467,13 +469,14 @@ class TrainRecipe:
         args = (batch["image"], batch["question_ids"], batch["question_mask"], batch["answer_in"])
         if not isinstance(self.model, Student):
             return self.model(*args)  # type: ignore[no-any-return]
-        objects = (  # the text reads the teacher's objects
-            {k: batch[k] for k in ("obj_classes", "obj_boxes", "obj_scores", "obj_valid")}
-            if "obj_valid" in batch
-            else None
-        )
+        # the text reads the teacher's objects, and copies from the documents the teacher retrieved
+        objects = {
+            k: batch[k]
+            for k in ("obj_classes", "obj_boxes", "obj_scores", "obj_valid", "sources")
+            if k in batch
+        }
         features = [batch[k].float() for k in FEATURE_KEYS] if FEATURE_KEYS[0] in batch else None
-        return self.model(*args, objects=objects, features=features)  # type: ignore[no-any-return]
+        return self.model(*args, objects=objects or None, features=features)  # type: ignore[no-any-return]
 
     def _frozen_features(self, split: str) -> Any:
         """Row index -> the trunk's features of its image, computed once per distinct image, when nothing of the
