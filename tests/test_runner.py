@@ -297,4 +297,22 @@ def test_sources_are_the_top_k_documents_highest_first_ties_in_document_order() 
     docs = ["a", "b", "c", "d"]
     assert top_sources(np.array([0.1, 2.0, 0.1, 1.0], dtype=np.float32), 3, docs) == ["b", "d", "a"]
     assert top_sources(np.array([[0.5, 0.5, 0.5, 0.5]]), 2, docs) == ["a", "b"]
-    assert top_sources(np.array([3.0, 2.0, 1.0, 0.0, 9.0]), 9, docs) == ["a", "b", "c", "d"]  # logits past the docs
+    assert top_sources(np.array([3.0, 2.0, 1.0, 0.0, 9.0]), 9, docs) == [
+        "a",
+        "b",
+        "c",
+        "d",
+    ]  # logits past the docs
+
+
+def test_greedy_decoding_never_repeats_a_trigram_and_is_plain_argmax_otherwise() -> None:
+    from graphdistill.runner.bundle import banned_tokens, greedy_token
+
+    # "set on set on" would repeat the trigram "set on set" if "set" came next
+    assert banned_tokens([5, 6, 5, 6]) == [5]
+    assert banned_tokens([1, 2, 3]) == [] and banned_tokens([7, 7]) == []
+    assert banned_tokens([7, 7, 7], n=2) == [7]
+    scores = np.array([0.0, 0.1, 0.2, 0.0, 0.0, 0.9, 0.5])
+    assert greedy_token(scores, [5, 6, 5, 6]) == 6  # 5 is the best score but banned; 6 is next best
+    assert greedy_token(scores, [1, 2, 3]) == 5
+    assert greedy_token(scores, [5, 6, 5, 6], n=0) == 5  # a bundle without the rule: plain argmax

@@ -320,7 +320,7 @@ def test_sources_loss_spreads_the_target_over_the_retrieved_documents_and_skips_
     one_sided = torch.tensor([[9.0, -9.0, -9.0, -9.0], [5.0, 0.0, 0.0, 0.0]])
     assert float(sources_loss(one_sided, targets)) > float(sources_loss(good, targets)) + 1.0
     # the second row retrieved nothing: changing its logits changes nothing
-    assert float(sources_loss(good + torch.tensor([[0.0], [3.0]]) * torch.arange(4.0), targets)) == pytest.approx(
-        float(sources_loss(good, targets))
-    )
+    assert float(
+        sources_loss(good + torch.tensor([[0.0], [3.0]]) * torch.arange(4.0), targets)
+    ) == pytest.approx(float(sources_loss(good, targets)))
     assert float(sources_loss(good, torch.zeros(2, 4))) == 0.0

@@ -724,7 +724,9 @@ def test_before_training_the_sources_head_ranks_first_the_documents_sharing_the_
     is a TF-IDF-like retriever, so a question naming a class ranks that class's documents first, and a
     detected object's class word does the same with a question naming nothing."""
     docs = [[20, 30, 31], [21, 30, 31], [22, 30, 31]]  # each names one class (20..22); 30, 31 are in all
-    cfg = StudentConfig(**{**SMALL, "num_sources": 3, "source_token_ids": docs, "class_token_ids": [20, 21, 22]})
+    cfg = StudentConfig(
+        **{**SMALL, "num_sources": 3, "source_token_ids": docs, "class_token_ids": [20, 21, 22]}
+    )
     m = Student(cfg).eval()
     img, _, _ = _inputs(cfg, b=1)
     q = torch.tensor([[40, 41, 21, 30] + [PAD_ID] * (cfg.max_question_len - 4)])

@@ -17,7 +17,8 @@ A bundle is a folder: the model file(s), ``tokenizer.json`` and ``manifest.json`
    ``scores, kv_new = decode_step(token, position, cross_kv[l, 0], cross_kv[l, 1] for each layer l,
    kv_cache[l, 0], kv_cache[l, 1] for each layer l, ptr_keys, ptr_bias, ptr_vocab)`` (views of the two arrays:
    the manifest's inputs with ``view_of``, handed over in place); ``kv_cache[:, :, :, :, position] =
-   kv_new[:, :, :, :, 0]`` (the runner owns the cache; the step only reads it); ``token = argmax(scores)``;
+   kv_new[:, :, :, :, 0]`` (the runner owns the cache; the step only reads it); ``token = argmax(scores)``
+   over the tokens that would not repeat an ``no_repeat_ngram``-gram of the answer so far (:func:`greedy_token`);
    stop at ``<eos>`` or when the fixed-size cache is full;
 6. objects: ``encode`` has already selected them (best cells, NMS, the score threshold): every slot whose
    ``keep`` is true, by descending ``scores``, labelled ``class_names[classes]``; box back to image pixels;
@@ -333,7 +334,7 @@ class BundleRunner:
             position[0] = pos
             scores, kv_new = self.programs.run("decode_step", *inputs)
             kv[:, :, :, :, pos] = kv_new[:, :, :, :, 0]
-            nxt = int(scores[0].argmax())
+            nxt = greedy_token(scores[0], answer, self.decoding.get("no_repeat_ngram", 0))
             if nxt == self.eos_id:
                 break
             answer.append(nxt)
@@ -404,6 +405,36 @@ def detections_dict(objects: list[dict[str, Any]], height: int, width: int) -> d
         "scores": [o["score"] for o in objects],
         "image_size": [height, width],
     }
+
+
+NO_REPEAT_NGRAM = (
+    3  # greedy decoding never writes the same 3 tokens twice in one answer (fairseq's, HF's rule)
+)
+
+
+def banned_tokens(history: list[int], n: int = NO_REPEAT_NGRAM) -> list[int]:
+    """The tokens that would complete an ``n``-gram ``history`` (the answer so far) already holds: greedy
+    decoding takes the best token not among them. A small decoder trained on a few hundred answers falls into
+    loops ("set set set set", "not a person, but it's not a person"); this is the standard cure."""
+    if n < 1 or len(history) < n:
+        return []
+    prefix = history[len(history) - n + 1 :] if n > 1 else []
+    return sorted(
+        {history[i + n - 1] for i in range(len(history) - n + 1) if history[i : i + n - 1] == prefix}
+    )
+
+
+def greedy_token(scores: Any, history: list[int], n: int = NO_REPEAT_NGRAM) -> int:
+    """The answer's next token: argmax of one row of scores (numpy or torch) over the tokens
+    :func:`banned_tokens` allows."""
+    banned = banned_tokens(history, n)
+    if not banned:
+        return int(scores.argmax())
+    if hasattr(scores, "detach"):  # a torch tensor (the student's own decoding)
+        scores = scores.detach().float().cpu().numpy()
+    row = np.array(scores, dtype=np.float64).reshape(-1)
+    row[banned] = -np.inf
+    return int(row.argmax())
 
 
 def top_sources(source_logits: np.ndarray, k: int, document_ids: list[str]) -> list[str]:

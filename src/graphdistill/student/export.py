@@ -32,6 +32,7 @@ import numpy as np
 from graphdistill.runner.bundle import (
     BUNDLE_FORMAT,
     MANIFEST,
+    NO_REPEAT_NGRAM,
     BundleRunner,
     Raw,
     manifest_checksum,
@@ -385,7 +386,9 @@ def _manifest(
             "sources_k": cfg.sources_k,
             "sources": "the sources_k documents of highest source_logits, highest first (stable: ties keep "
             "document order)",
-            "answer": "greedy: argmax of logits each step, stop at eos_id or max_answer_len - 1 tokens",
+            "no_repeat_ngram": NO_REPEAT_NGRAM,
+            "answer": "greedy: each step the argmax of scores over the tokens that would not repeat an "
+            "no_repeat_ngram-gram already in the answer; stop at eos_id or max_answer_len - 1 tokens",
         },
         "tokenizer": {
             "file": "tokenizer.json",

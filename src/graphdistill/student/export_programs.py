@@ -14,7 +14,7 @@ import numpy as np
 
 from graphdistill._lazy import require
 from graphdistill.runner.bpe import ByteLevelBPE
-from graphdistill.runner.bundle import Raw
+from graphdistill.runner.bundle import Raw, greedy_token
 from graphdistill.runner.preprocess import Letterbox, load_rgb, preprocess
 
 log = logging.getLogger(__name__)
@@ -289,7 +289,7 @@ def torch_reference(
                 record.append(step_inputs(token, position, cross, kv, pointer))
             logits, kv_new = model.decode_step(token, position, None, kv, cross, ptr)
             kv = model.write_kv(kv, kv_new, position)  # a new tensor: recorded inputs stay as they were
-            nxt = int(logits[0].argmax())
+            nxt = greedy_token(logits[0], answer)
             if nxt == ids["eos"]:
                 break
             answer.append(nxt)

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from graphdistill.runner.bundle import greedy_token
 from graphdistill.student import phone_ops
 from graphdistill.student.config import (  # re-exported: model.StudentConfig etc. stay importable
     DEFAULT_OUTPUTS,
@@ -183,11 +184,6 @@ class SourceHead(nn.Module):
         self.doc_weights: Tensor  # idf-weighted mean over a document's tokens, 0 on padding
         self.register_buffer("idf", idf.view(-1, 1), persistent=False)
         self.register_buffer("doc_tokens", ids, persistent=False)
-        self.doc_prev: (
-            Tensor  # the token before each document token (<bos> before the first): copy keys read it
-        )
-        prev = torch.cat([torch.full((num_docs, 1), BOS_ID, dtype=torch.long), ids[:, :-1]], 1)
-        self.register_buffer("doc_prev", prev, persistent=False)
         w = idf[ids] * present
         self.register_buffer("doc_weights", w / w.sum(1, keepdim=True).clamp(min=1e-6), persistent=False)
         self.doc_norm: Tensor  # 1 / the L2 norm of a document's weights: the lexical score is a cosine
@@ -565,8 +561,10 @@ class Student(nn.Module):
         if docs is not None:
             b, k = docs.shape
             flat = docs.reshape(-1)
-            t = torch.index_select(self.source_head.doc_tokens, 0, flat).view(b, -1)  # [B,k*L]
-            prev = torch.index_select(self.source_head.doc_prev, 0, flat).view(b, -1)
+            t3 = torch.index_select(self.source_head.doc_tokens, 0, flat).view(b, k, -1)  # [B,k,L]
+            # the token before each one, <bos> before a document's first: where a copy goes on from
+            prev = torch.cat([torch.full_like(t3[:, :, :1], BOS_ID), t3[:, :, :-1]], 2).view(b, -1)
+            t = t3.view(b, -1)  # [B,k*L]
             keys.append(self.ptr_doc(self.tok_emb(t)) + self.ptr_doc_prev(self.tok_emb(prev)))
             tokens.append(t)
             usable.append(t > UNK_ID)
@@ -783,7 +781,10 @@ class Student(nn.Module):
                 logits = self.copy_mix(self.dec_norm(x), ptr)[:, 0]
             else:
                 logits = self.decode_full(seq, memory, ptr)[:, -1]
-            nxt = logits.argmax(-1)
+            history = torch.stack(out, 1).tolist() if out else [[] for _ in range(b)]
+            nxt = torch.tensor(
+                [greedy_token(logits[r], history[r]) for r in range(b)], dtype=torch.long, device=dev
+            )
             nxt = torch.where(done, torch.full_like(nxt, PAD_ID), nxt)
             out.append(nxt)
             done = done | (nxt == EOS_ID)

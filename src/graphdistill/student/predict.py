@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graphdistill.runner.bundle import top_sources
+from graphdistill.runner.bundle import greedy_token, top_sources
 from graphdistill.runner.preprocess import Letterbox, object_mask_rle
 from graphdistill.student.loader import MEAN, REDUCING_GAP, STD, preprocess_image
 from graphdistill.student.model import BOS_ID, EOS_ID, PAD_ID, Student, StudentConfig, StudentProtocol
@@ -93,7 +93,9 @@ def greedy_forward(
     done = torch.zeros(b, dtype=torch.bool, device=image.device)
     out = model(image, question_ids, question_mask, seq)
     for _ in range(n if "answer_logits" in out else 0):
-        nxt = out["answer_logits"][:, -1].argmax(-1)
+        logits = out["answer_logits"][:, -1]
+        history = seq[:, 1:].tolist()
+        nxt = torch.tensor([greedy_token(logits[r], history[r]) for r in range(b)], device=image.device)
         nxt = torch.where(done, torch.full_like(nxt, PAD_ID), nxt)
         seq = torch.cat([seq, nxt[:, None]], dim=1)
         done = done | (nxt == EOS_ID)
