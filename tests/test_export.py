@@ -540,3 +540,21 @@ def test_int8_for_executorch_quantizes_the_linear_layers_and_keeps_convolutions_
     assert weight_is_dequantized("linear") and not weight_is_dequantized("conv")
     with torch.no_grad():  # and the int8 graph still computes the float model's function, to int8 precision
         torch.testing.assert_close(graph(*example), model(*example), atol=0.02, rtol=0.05)
+
+
+def test_the_int8_executorch_export_looks_words_up_in_a_float16_table_and_puts_the_float_one_back() -> None:
+    import torch
+
+    from graphdistill.student.quantize import HalfEmbedding, half_embedding
+
+    model = torch.nn.Module()
+    model.tok_emb = torch.nn.Embedding(50, 8)
+    original = model.tok_emb
+    ids = torch.tensor([[1, 7, 49]])
+    with half_embedding(model):
+        assert isinstance(model.tok_emb, HalfEmbedding) and model.tok_emb.table.dtype == torch.float16
+        got = model.tok_emb(ids)
+        assert got.dtype == torch.float32 and model.tok_emb.weight.dtype == torch.float32
+        torch.testing.assert_close(got, original(ids), atol=1e-3, rtol=1e-3)
+        assert not torch.equal(model.tok_emb.weight, original.weight)  # rounded to float16: a real copy
+    assert model.tok_emb is original

@@ -111,7 +111,13 @@ def export_run(
     try:
         say(f"exporting to {fmt} ({quantize})")
         calibration = {"encode": [s.torch_inputs() for s in calib], "decode_step": dec_calls[:64]}
-        files, qmethods = _export(fmt, programs, tmp, quantize, calibration, loaded)
+        if fmt == "executorch" and quantize == "int8":  # the word table is looked up, never multiplied
+            from graphdistill.student.quantize import half_embedding
+
+            with half_embedding(loaded.model):
+                files, qmethods = _export(fmt, programs, tmp, quantize, calibration, loaded)
+        else:
+            files, qmethods = _export(fmt, programs, tmp, quantize, calibration, loaded)
         shutil.copyfile(loaded.tokenizer_path, tmp / "tokenizer.json")
         manifest = _manifest(loaded, fmt, quantize, files, qmethods, kv_shape, tmp)
         _write_manifest(tmp, manifest)

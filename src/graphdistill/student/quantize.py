@@ -21,9 +21,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from graphdistill._lazy import require
 from graphdistill.student.phone_decode import NORM_MEAN
@@ -34,6 +37,36 @@ log = logging.getLogger(__name__)
 QUANTIZED = ("linear",)  # XNNPACKQuantizer pattern names quantized for ExecuTorch
 # with a YOLO trunk the convolutions are most of the bytes and the work, and int8 halves their time
 QUANTIZED_WITH_CONVS = ("linear", "conv")
+
+
+class HalfEmbedding(torch.nn.Module):
+    """A student's word table stored in float16 and widened to float32 after the lookup: half the bytes of the
+    largest float tensor an int8 ExecuTorch program keeps (XNNPACK quantizes products, not lookups; the tied
+    output layer already holds its own int8 copy). ``weight`` is the float32 table, for code that reads it."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.table: torch.Tensor
+        self.register_buffer("table", weight.detach().to(torch.float16))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.table.float()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.embedding(ids, self.table).float()
+
+
+@contextmanager
+def half_embedding(model: Any) -> Iterator[None]:
+    """Within the block ``model.tok_emb`` is a :class:`HalfEmbedding` of its table; the float32 embedding is put
+    back after."""
+    emb = model.tok_emb
+    model.tok_emb = HalfEmbedding(emb.weight)
+    try:
+        yield
+    finally:
+        model.tok_emb = emb
 
 
 def quantize_pt2e(
