@@ -112,9 +112,9 @@ def export_run(
         say(f"exporting to {fmt} ({quantize})")
         calibration = {"encode": [s.torch_inputs() for s in calib], "decode_step": dec_calls[:64]}
         if fmt == "executorch" and quantize == "int8":  # the word table is looked up, never multiplied
-            from graphdistill.student.quantize import half_embedding
+            from graphdistill.student.quantize import int8_embedding
 
-            with half_embedding(loaded.model):
+            with int8_embedding(loaded.model):
                 files, qmethods = _export(fmt, programs, tmp, quantize, calibration, loaded)
         else:
             files, qmethods = _export(fmt, programs, tmp, quantize, calibration, loaded)
@@ -437,7 +437,9 @@ def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     plain = json.loads(json.dumps(manifest, default=_json_default))
     plain["manifest_sha256"] = manifest_checksum(plain)
     manifest["manifest_sha256"] = plain["manifest_sha256"]
-    (root / MANIFEST).write_text(json.dumps(plain, indent=2) + "\n")
+    # compact: indented, the student's config (its detector's layer spec, each document's tokens) took ~60 KB
+    # of a bundle that must fit in 5 MB
+    (root / MANIFEST).write_text(json.dumps(plain, separators=(",", ":")) + "\n")
 
 
 def _json_default(o: Any) -> Any:

@@ -39,30 +39,36 @@ QUANTIZED = ("linear",)  # XNNPACKQuantizer pattern names quantized for ExecuTor
 QUANTIZED_WITH_CONVS = ("linear", "conv")
 
 
-class HalfEmbedding(torch.nn.Module):
-    """A student's word table stored in float16 and widened to float32 after the lookup: half the bytes of the
-    largest float tensor an int8 ExecuTorch program keeps (XNNPACK quantizes products, not lookups; the tied
-    output layer already holds its own int8 copy). ``weight`` is the float32 table, for code that reads it."""
+class Int8Embedding(torch.nn.Module):
+    """A student's word table stored as int8 with one float scale per word (symmetric, per row) and widened to
+    float32 after the lookup: a quarter of the bytes of the largest float tensor an int8 ExecuTorch program
+    would keep (XNNPACK quantizes products, not lookups; the tied output layer has its own int8 copy).
+    ``weight`` is the dequantised float32 table, for code that reads it."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
+        w = weight.detach().float()
+        scale = w.abs().amax(1, keepdim=True).clamp(min=1e-8) / 127.0
         self.table: torch.Tensor
-        self.register_buffer("table", weight.detach().to(torch.float16))
+        self.scale: torch.Tensor
+        self.register_buffer("table", torch.round(w / scale).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale)
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.table.float()
+        return self.table.float() * self.scale
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.embedding(ids, self.table).float()
+        f = torch.nn.functional
+        return f.embedding(ids, self.table).float() * f.embedding(ids, self.scale)
 
 
 @contextmanager
-def half_embedding(model: Any) -> Iterator[None]:
-    """Within the block ``model.tok_emb`` is a :class:`HalfEmbedding` of its table; the float32 embedding is put
-    back after."""
+def int8_embedding(model: Any) -> Iterator[None]:
+    """Within the block ``model.tok_emb`` is an :class:`Int8Embedding` of its table; the float32 embedding is
+    put back after."""
     emb = model.tok_emb
-    model.tok_emb = HalfEmbedding(emb.weight)
+    model.tok_emb = Int8Embedding(emb.weight)
     try:
         yield
     finally:
