@@ -770,7 +770,7 @@ class Student(nn.Module):
         cache = self.empty_cache(b, dev)
         cross = self.cross_kv(memory) if use_cache else None
         done = torch.zeros(b, dtype=torch.bool, device=dev)
-        out = []
+        out: list[Tensor] = []
         for i in range(n):
             if use_cache:
                 assert cross is not None
