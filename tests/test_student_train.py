@@ -371,9 +371,13 @@ def test_a_text_and_sources_graph_trains_and_predicts_only_those_fields(
     losses = metrics["history"][-1]["train_loss"]
     assert set(losses) - {"answer_kl"} == {"answer_ce", "sources", "total"}
     assert "sources_recall" in metrics["val"] and "box_map50" not in metrics["val"]
-    out = load_student(tmp_path / "run").predict(*_photo(ds), source_threshold=0.0)
+    student = load_student(tmp_path / "run")
+    out = student.predict(*_photo(ds))
     assert set(out) == {"answer", "sources"}
-    assert set(out["sources"]) == {"doc-circle", "doc-square", "doc-triangle"}  # threshold 0: every KB doc
+    k = student.config.sources_k  # the retriever's k, read from the training rows
+    assert len(out["sources"]) == k and set(out["sources"]) <= {"doc-circle", "doc-square", "doc-triangle"}
+    every = student.predict(*_photo(ds), sources_k=3)["sources"]  # asked for all three: every KB doc, ranked
+    assert sorted(every) == ["doc-circle", "doc-square", "doc-triangle"] and every[:k] == out["sources"]
 
 
 @pytest.mark.slow
