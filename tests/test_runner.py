@@ -305,14 +305,20 @@ def test_sources_are_the_top_k_documents_highest_first_ties_in_document_order() 
     ]  # logits past the docs
 
 
-def test_greedy_decoding_never_repeats_a_trigram_and_is_plain_argmax_otherwise() -> None:
-    from graphdistill.runner.bundle import banned_tokens, greedy_token
+def test_greedy_decoding_never_repeats_an_n_gram_and_is_plain_argmax_otherwise() -> None:
+    from graphdistill.runner.bundle import banned_tokens, greedy_token, longest_repeat
 
     # "set on set on" would repeat the trigram "set on set" if "set" came next
-    assert banned_tokens([5, 6, 5, 6]) == [5]
-    assert banned_tokens([1, 2, 3]) == [] and banned_tokens([7, 7]) == []
-    assert banned_tokens([7, 7, 7], n=2) == [7]
+    assert banned_tokens([5, 6, 5, 6], 3) == [5]
+    assert banned_tokens([1, 2, 3], 3) == [] and banned_tokens([7, 7], 3) == []
+    assert banned_tokens([7, 7, 7], 2) == [7] and banned_tokens([7, 7, 7], 0) == []
     scores = np.array([0.0, 0.1, 0.2, 0.0, 0.0, 0.9, 0.5])
-    assert greedy_token(scores, [5, 6, 5, 6]) == 6  # 5 is the best score but banned; 6 is next best
-    assert greedy_token(scores, [1, 2, 3]) == 5
-    assert greedy_token(scores, [5, 6, 5, 6], n=0) == 5  # a bundle without the rule: plain argmax
+    assert greedy_token(scores, [5, 6, 5, 6], 3) == 6  # 5 is the best score but banned; 6 is next best
+    assert greedy_token(scores, [1, 2, 3], 3) == 5
+    assert greedy_token(scores, [5, 6, 5, 6], 0) == 5  # a bundle without the rule: plain argmax
+    # the student's n: one more than the longest n-gram a training answer repeats, so that answer stays writable
+    answer = [1, 2, 3, 9, 1, 2, 3, 8]
+    n = longest_repeat(answer) + 1
+    assert longest_repeat(answer) == 3 and longest_repeat([1, 2, 3]) == 0 and longest_repeat([4, 4, 4]) == 2
+    assert all(answer[i] not in banned_tokens(answer[:i], n) for i in range(len(answer)))
+    assert answer[6] in banned_tokens(answer[:6], 3)  # a trigram rule could not write it

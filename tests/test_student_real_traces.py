@@ -106,8 +106,16 @@ def test_tiny_student_overfits_a_handful_of_real_recorded_traces(tmp_path: Path)
     assert hist[-1]["val_split"] == "train"  # no val rows: the reported fidelity is the train fit
     first, last = hist[0]["train_loss"], hist[-1]["train_loss"]
     assert all(np.isfinite(v) for v in last.values()), last
-    for name in ("answer_ce", "mask_bce", "sources", "total"):
+    for name in ("answer_ce", "mask_bce", "total"):
         assert last[name] < 0.5 * first[name], (name, first[name], last[name])
+    # the sources loss is a cross-entropy against the retrieved documents' equal shares: its floor is the
+    # entropy of that target, log(k) for k documents retrieved; the distance to it halves
+    floor = float(np.mean([np.log(len(r["sources"])) for r in rows if r["sources"]]))
+    assert last["sources"] - floor < 0.5 * (first["sources"] - floor), (
+        first["sources"],
+        last["sources"],
+        floor,
+    )
     for name in ("det_cls", "det_box", "det_dfl", "kd_cls", "kd_box"):  # started from the detector: it adapts
         assert last[name] < first[name], (name, first[name], last[name])
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())

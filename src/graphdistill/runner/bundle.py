@@ -18,7 +18,8 @@ A bundle is a folder: the model file(s), ``tokenizer.json`` and ``manifest.json`
    kv_cache[l, 0], kv_cache[l, 1] for each layer l, ptr_keys, ptr_bias, ptr_vocab)`` (views of the two arrays:
    the manifest's inputs with ``view_of``, handed over in place); ``kv_cache[:, :, :, :, position] =
    kv_new[:, :, :, :, 0]`` (the runner owns the cache; the step only reads it); ``token = argmax(scores)``
-   over the tokens that would not repeat an ``no_repeat_ngram``-gram of the answer so far (:func:`greedy_token`);
+   over the tokens that would not repeat a ``no_repeat_ngram``-gram of the answer so far (0: plain argmax;
+   :func:`greedy_token`);
    stop at ``<eos>`` or when the fixed-size cache is full;
 6. objects: ``encode`` has already selected them (best cells, NMS, the score threshold): every slot whose
    ``keep`` is true, by descending ``scores``, labelled ``class_names[classes]``; box back to image pixels;
@@ -407,15 +408,12 @@ def detections_dict(objects: list[dict[str, Any]], height: int, width: int) -> d
     }
 
 
-NO_REPEAT_NGRAM = (
-    3  # greedy decoding never writes the same 3 tokens twice in one answer (fairseq's, HF's rule)
-)
-
-
-def banned_tokens(history: list[int], n: int = NO_REPEAT_NGRAM) -> list[int]:
-    """The tokens that would complete an ``n``-gram ``history`` (the answer so far) already holds: greedy
-    decoding takes the best token not among them. A small decoder trained on a few hundred answers falls into
-    loops ("set set set set", "not a person, but it's not a person"); this is the standard cure."""
+def banned_tokens(history: list[int], n: int) -> list[int]:
+    """The tokens that would complete an ``n``-gram ``history`` (the answer so far) already holds (none for
+    ``n`` < 1): greedy decoding takes the best token not among them. A small decoder trained on a few hundred
+    answers falls into loops ("set set set set set set"); fairseq's and Hugging Face's no-repeat rule cuts
+    them. The student's ``n`` is one more than the longest n-gram any training answer repeats
+    (:func:`longest_repeat`), so the rule never forbids what the teacher wrote."""
     if n < 1 or len(history) < n:
         return []
     prefix = history[len(history) - n + 1 :] if n > 1 else []
@@ -424,7 +422,18 @@ def banned_tokens(history: list[int], n: int = NO_REPEAT_NGRAM) -> list[int]:
     )
 
 
-def greedy_token(scores: Any, history: list[int], n: int = NO_REPEAT_NGRAM) -> int:
+def longest_repeat(ids: list[int]) -> int:
+    """The length of the longest n-gram that occurs at least twice in ``ids`` (0 when none does)."""
+    best = 0
+    for n in range(1, len(ids)):
+        grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+        if len(set(grams)) == len(grams):
+            break
+        best = n
+    return best
+
+
+def greedy_token(scores: Any, history: list[int], n: int) -> int:
     """The answer's next token: argmax of one row of scores (numpy or torch) over the tokens
     :func:`banned_tokens` allows."""
     banned = banned_tokens(history, n)

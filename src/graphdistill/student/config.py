@@ -60,9 +60,10 @@ class StudentConfig:
     # each document's text in student tokens (at most SOURCE_TOKENS; [] for none): a document's key is built
     # from its words, so a document whose class no training row retrieved still ranks by what it says
     source_token_ids: list[list[int]] = field(default_factory=list)
-    sources_k: int = (
-        3  # the sources output is the top sources_k documents, as the teacher's retriever returns
-    )
+    sources_k: int = 3  # the sources output is the top k documents, as the teacher's retriever returns
+    # greedy decoding never repeats an n-gram this long (0: plain argmax); derived from the training answers as
+    # one more than the longest n-gram any of them repeats, so every teacher answer stays writable
+    no_repeat_ngram: int = 0
     num_registers: int = 4  # learned tokens that gather the question+image summary for sources/embeddings
     embedding_dims: dict[str, int] = field(default_factory=dict)  # EMBEDDING outputs: name -> dim
     # The teacher graph's outputs the student has heads for: field name -> kind (one of HEAD_KINDS). Built

@@ -32,7 +32,6 @@ import numpy as np
 from graphdistill.runner.bundle import (
     BUNDLE_FORMAT,
     MANIFEST,
-    NO_REPEAT_NGRAM,
     BundleRunner,
     Raw,
     manifest_checksum,
@@ -392,9 +391,10 @@ def _manifest(
             "sources_k": cfg.sources_k,
             "sources": "the sources_k documents of highest source_logits, highest first (stable: ties keep "
             "document order)",
-            "no_repeat_ngram": NO_REPEAT_NGRAM,
-            "answer": "greedy: each step the argmax of scores over the tokens that would not repeat an "
-            "no_repeat_ngram-gram already in the answer; stop at eos_id or max_answer_len - 1 tokens",
+            "no_repeat_ngram": cfg.no_repeat_ngram,
+            "answer": "greedy: each step the argmax of scores over the tokens that would not repeat a "
+            "no_repeat_ngram-gram already in the answer (0: plain argmax); stop at eos_id or max_answer_len - 1 "
+            "tokens",
         },
         "tokenizer": {
             "file": "tokenizer.json",

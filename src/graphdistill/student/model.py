@@ -783,7 +783,9 @@ class Student(nn.Module):
                 logits = self.decode_full(seq, memory, ptr)[:, -1]
             history = torch.stack(out, 1).tolist() if out else [[] for _ in range(b)]
             nxt = torch.tensor(
-                [greedy_token(logits[r], history[r]) for r in range(b)], dtype=torch.long, device=dev
+                [greedy_token(logits[r], history[r], self.config.no_repeat_ngram) for r in range(b)],
+                dtype=torch.long,
+                device=dev,
             )
             nxt = torch.where(done, torch.full_like(nxt, PAD_ID), nxt)
             out.append(nxt)

@@ -95,7 +95,9 @@ def greedy_forward(
     for _ in range(n if "answer_logits" in out else 0):
         logits = out["answer_logits"][:, -1]
         history = seq[:, 1:].tolist()
-        nxt = torch.tensor([greedy_token(logits[r], history[r]) for r in range(b)], device=image.device)
+        nxt = torch.tensor(
+            [greedy_token(logits[r], history[r], cfg.no_repeat_ngram) for r in range(b)], device=image.device
+        )
         nxt = torch.where(done, torch.full_like(nxt, PAD_ID), nxt)
         seq = torch.cat([seq, nxt[:, None]], dim=1)
         done = done | (nxt == EOS_ID)

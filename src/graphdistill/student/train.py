@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from graphdistill.runner.bundle import longest_repeat
 from graphdistill.student.config import SOURCE_TOKENS
 from graphdistill.student.loader import StudentDataset, collate, embedding_dims_of, is_replay, spec_of
 from graphdistill.student.losses import LossWeights, compute_losses
@@ -189,6 +190,8 @@ class TrainRecipe:
                     self.tokenizer.encode(str(d.get("text") or ""))[:SOURCE_TOKENS] for d in docs
                 ],
                 sources_k=retrieved_k(train_rows),
+                no_repeat_ngram=1
+                + max([longest_repeat(self.tokenizer.encode(r["answer"] or "")) for r in train_rows] + [0]),
                 max_objects=max(base.max_objects, max_objects),
                 max_question_len=min(max(base.max_question_len, q_len), 64),
                 max_answer_len=min(max(base.max_answer_len, a_len), 96),
