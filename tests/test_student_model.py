@@ -738,3 +738,27 @@ def test_before_training_the_sources_head_ranks_first_the_documents_sharing_the_
         objects = _objects(1, cfg.max_objects, [2], [True])
         heads = m.encode(img, ids, ids != PAD_ID, objects=objects)
     assert int(heads["source_logits"][0].argmax()) == 2
+
+
+def test_the_copy_path_holds_the_words_of_the_teachers_documents_in_training_and_its_own_best_otherwise() -> (
+    None
+):
+    """After the object slots, one copy slot per token of the sources_k documents: the teacher's retrieved ones
+    when training (``objects["sources"]``), the best-ranked ones at inference; padding is never copied."""
+    docs = [[20, 30], [21, 31, 32], [22, 33]]
+    cfg = StudentConfig(
+        **{**SMALL, "source_token_ids": docs, "sources_k": 1, "class_token_ids": [20, 21, 22]}
+    )
+    m = Student(cfg)
+    img, q, qm = _inputs(cfg, b=1)
+    k, width = cfg.max_objects, 3
+    objects = _objects(1, k, [0], [True]) | {"sources": torch.tensor([[0.0, 0.0, 1.0]])}
+    with torch.no_grad():
+        out = m.train().encode(img, q, qm, objects=objects)
+        assert out["ptr_vocab"][0, k:].argmax(-1).tolist()[:2] == [22, 33]  # the teacher's document 2
+        assert out["ptr_bias"][0, k:].tolist() == [0.0, 0.0, -1e9]  # its padding slot is never copied
+        m.eval()
+        ev = m.encode(img, q, qm)
+        best = int(ev["source_logits"][0].argmax())
+        slots = ev["ptr_vocab"][0, k : k + width]
+        assert slots.argmax(-1).tolist()[: len(docs[best])] == docs[best]

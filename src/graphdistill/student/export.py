@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -110,12 +111,11 @@ def export_run(
     try:
         say(f"exporting to {fmt} ({quantize})")
         calibration = {"encode": [s.torch_inputs() for s in calib], "decode_step": dec_calls[:64]}
-        if fmt == "executorch" and quantize == "int8":  # the word table is looked up, never multiplied
-            from graphdistill.student.quantize import int8_embedding
+        # int8 ExecuTorch: the word table is looked up, never multiplied, so XNNPACK leaves it; store it int8
+        from graphdistill.student.quantize import int8_embedding
 
-            with int8_embedding(loaded.model):
-                files, qmethods = _export(fmt, programs, tmp, quantize, calibration, loaded)
-        else:
+        table = int8_embedding(loaded.model) if fmt == "executorch" and quantize == "int8" else nullcontext()
+        with table:
             files, qmethods = _export(fmt, programs, tmp, quantize, calibration, loaded)
         shutil.copyfile(loaded.tokenizer_path, tmp / "tokenizer.json")
         manifest = _manifest(loaded, fmt, quantize, files, qmethods, kv_shape, tmp)

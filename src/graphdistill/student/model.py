@@ -626,7 +626,6 @@ class Student(nn.Module):
         detach = self.training and cfg.has_objects
         memory = self.context(_text_view(feats[2], detach), obj_tokens, question_ids, question_mask)
         out["memory"] = memory
-        summary = phone_ops.mean_tokens(memory[:, : cfg.num_registers])
         docs = None
         if cfg.has_sources:  # the retriever's query: the question and the detected labels
             ids, mask = question_ids, question_mask
@@ -642,8 +641,10 @@ class Student(nn.Module):
             docs = ranked.topk(self.copy_docs, dim=-1).indices
         if cfg.has_text and (chosen is not None or docs is not None):
             out.update(self.pointer(memory, chosen, docs))
-        for name, head in self.embedding_heads.items():
-            out[f"embedding:{name}"] = head(summary)
+        if self.embedding_heads:
+            summary = phone_ops.mean_tokens(memory[:, : cfg.num_registers])
+            for name, head in self.embedding_heads.items():
+                out[f"embedding:{name}"] = head(summary)
         return out
 
     @staticmethod
@@ -771,6 +772,7 @@ class Student(nn.Module):
         cross = self.cross_kv(memory) if use_cache else None
         done = torch.zeros(b, dtype=torch.bool, device=dev)
         out: list[Tensor] = []
+        history: list[list[int]] = [[] for _ in range(b)]  # each row's answer so far, for the no-repeat rule
         for i in range(n):
             if use_cache:
                 assert cross is not None
@@ -781,12 +783,13 @@ class Student(nn.Module):
                 logits = self.copy_mix(self.dec_norm(x), ptr)[:, 0]
             else:
                 logits = self.decode_full(seq, memory, ptr)[:, -1]
-            history = torch.stack(out, 1).tolist() if out else [[] for _ in range(b)]
-            nxt = torch.tensor(
-                [greedy_token(logits[r], history[r], self.config.no_repeat_ngram) for r in range(b)],
-                dtype=torch.long,
-                device=dev,
-            )
+            if self.config.no_repeat_ngram:
+                picked = [greedy_token(logits[r], history[r], self.config.no_repeat_ngram) for r in range(b)]
+                for h, t in zip(history, picked, strict=True):
+                    h.append(t)
+                nxt = torch.tensor(picked, dtype=torch.long, device=dev)
+            else:
+                nxt = logits.argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, PAD_ID), nxt)
             out.append(nxt)
             done = done | (nxt == EOS_ID)
