@@ -329,6 +329,36 @@ def test_a_run_of_the_old_student_is_refused_with_a_clear_message(
     assert "graphdistill-student/1" in capsys.readouterr().err and not (tmp_path / "b").exists()
 
 
+def test_a_run_from_before_the_question_mention_features_loads_as_the_model_it_was(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    """A run whose weights lack the zero-started question-mention parameters (trained before they existed)
+    loads and predicts exactly what the same weights with those parameters at zero predict; weights missing
+    anything else are refused with a message naming the run."""
+    from safetensors.torch import load_file, save_file
+
+    from graphdistill.student.predict import OPTIONAL_ZERO_PARAMS, RunError, load_student
+
+    image = np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8)
+    old = tmp_path / "old-run"
+    shutil.copytree(run_dir, old)
+    weights = load_file(str(run_dir / "model.safetensors"))
+    assert set(OPTIONAL_ZERO_PARAMS) <= set(weights)
+    zeroed = {k: (v.zero_() if k in OPTIONAL_ZERO_PARAMS else v) for k, v in weights.items()}
+    save_file(
+        {k: v for k, v in zeroed.items() if k not in OPTIONAL_ZERO_PARAMS}, str(old / "model.safetensors")
+    )
+    full = tmp_path / "zeroed-run"
+    shutil.copytree(run_dir, full)
+    save_file(zeroed, str(full / "model.safetensors"))
+    assert load_student(old).predict(image, "what is this?") == load_student(full).predict(
+        image, "what is this?"
+    )
+    save_file({k: v for k, v in weights.items() if k != "tok_emb.weight"}, str(old / "model.safetensors"))
+    with pytest.raises(RunError, match=f"{old}.*tok_emb.weight.*train it again"):
+        load_student(old)
+
+
 def test_failed_gate_fails_loudly_and_leaves_no_bundle(
     run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -322,3 +322,30 @@ def test_greedy_decoding_never_repeats_an_n_gram_and_is_plain_argmax_otherwise()
     assert longest_repeat(answer) == 3 and longest_repeat([1, 2, 3]) == 0 and longest_repeat([4, 4, 4]) == 2
     assert all(answer[i] not in banned_tokens(answer[:i], n) for i in range(len(answer)))
     assert answer[6] in banned_tokens(answer[:6], 3)  # a trigram rule could not write it
+
+
+def test_greedy_decoding_cuts_a_run_of_one_token_at_the_longest_run_the_teacher_wrote() -> None:
+    from graphdistill.runner.bundle import banned_tokens, greedy_token, longest_run
+
+    # a 16-gram rule (what SmolLM2's own repeats allow) lets "set set set set" through; the run rule does not
+    assert banned_tokens([4, 9, 9], 16, 2) == [9] and banned_tokens([4, 9, 9], 16) == []
+    assert banned_tokens([9, 4, 9], 16, 2) == [] and banned_tokens([9, 9], 16, 0) == []
+    assert banned_tokens([9], 0, 1) == [9]  # run 1: never the same token twice in a row
+    assert banned_tokens([5, 6, 5, 6, 6], 3, 2) == [6]  # both rules at once, each token once
+    assert banned_tokens([5, 6, 5, 6, 6, 6], 3, 3) == [6]
+    scores = np.array([0.0, 0.1, 0.2, 0.0, 0.0, 0.9, 0.5])
+    assert greedy_token(scores, [5, 5], 16, 2) == 6 and greedy_token(scores, [5, 5], 16, 3) == 5
+    assert longest_run([]) == 0 and longest_run([1, 2, 3]) == 1 and longest_run([1, 2, 2, 2, 3, 3]) == 3
+
+    # the student's rules from its training answers: the run is the longest in any answer; n leaves 90 % of
+    # the answers writable, not the one that repeats a whole phrase
+    from graphdistill.student.train import decoding_rules
+
+    answers = [[1, 2, 2, 3], [4, 5, 6], *([[7, 8, 9, 7, 8, 10]] * 8), [1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]]
+    rules = decoding_rules(answers)
+    assert rules == {"no_repeat_ngram": 3, "max_token_run": 2}
+    n, run = rules["no_repeat_ngram"], rules["max_token_run"]
+    writable = [all(a[i] not in banned_tokens(a[:i], n, run) for i in range(len(a))) for a in answers]
+    assert writable == [True] * 10 + [False]  # the phrase-repeating answer: 10 of 11 stay writable
+    assert decoding_rules([]) == {"no_repeat_ngram": 0, "max_token_run": 0}
+    assert decoding_rules([[1, 2, 3]]) == {"no_repeat_ngram": 1, "max_token_run": 1}

@@ -762,3 +762,51 @@ def test_the_copy_path_holds_the_words_of_the_teachers_documents_in_training_and
         best = int(ev["source_logits"][0].argmax())
         slots = ev["ptr_vocab"][0, k : k + width]
         assert slots.argmax(-1).tolist()[: len(docs[best])] == docs[best]
+
+
+def test_the_object_and_the_documents_the_question_names_are_marked_and_nothing_else() -> None:
+    """The question names class 1 (token 21): its object token and the keys of the document holding that word
+    move with ``obj_mention`` / ``doc_mention``; the other objects, the other documents and a question naming
+    nothing do not. Both start at zero, where the student is the one before these features (older runs load)."""
+    from graphdistill.student.model import mentioned
+
+    q = torch.tensor([[5, 21, 7, 0], [5, 6, 21, 21]])
+    qm = q != PAD_ID
+    words = torch.tensor([[20, 21, 0], [21, 22, 1]])
+    assert mentioned(words, q, qm).tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+    assert mentioned(torch.tensor([[0, 7]]), q[:1], torch.tensor([[True, True, False, False]])).tolist() == [
+        [0.0, 0.0]  # <pad> never counts, nor a word the mask hides
+    ]
+
+    docs = [[20, 30], [21, 31, 32], [22, 33]]
+    cfg = StudentConfig(
+        **{**SMALL, "source_token_ids": docs, "sources_k": 3, "class_token_ids": [20, 21, 22]}
+    )
+    torch.manual_seed(0)
+    m = Student(cfg).eval()  # type: ignore[arg-type]
+    img, _, _ = _inputs(cfg, b=1)
+    k = cfg.max_objects
+    objects = _objects(1, k, [0, 1, 2], [True, True, True]) | {"sources": torch.tensor([[1.0, 1.0, 1.0]])}
+    asks = torch.tensor([[5, 6, 21, 7] + [PAD_ID] * (cfg.max_question_len - 4)])
+    plain = torch.tensor([[5, 6, 8, 7] + [PAD_ID] * (cfg.max_question_len - 4)])
+    feats = m.trunk(img)
+    p4 = feats[1]
+    chosen = {key.removeprefix("obj_"): v for key, v in objects.items() if key != "sources"}
+    with torch.no_grad():
+        before = m.object_tokens(chosen, p4, asks, asks != PAD_ID)
+        keys_before = m.train().encode(img, asks, asks != PAD_ID, objects=objects, features=feats)["ptr_keys"]
+        m.obj_mention.fill_(1.0)
+        m.doc_mention.fill_(1.0)
+        after = m.object_tokens(chosen, p4, asks, asks != PAD_ID)
+        moved = (after - before).abs().amax(-1)[0]
+        assert moved[1] > 0.5 and float(moved[0]) == 0.0 and float(moved[2]) == 0.0
+        untouched = m.object_tokens(chosen, p4, plain, plain != PAD_ID)
+        torch.testing.assert_close(untouched, before)
+        enc = m.encode(img, asks, asks != PAD_ID, objects=objects, features=feats)
+        doc_keys = (enc["ptr_keys"] - keys_before)[
+            0, k:
+        ]  # the document slots, in the teacher's order 0, 1, 2
+        width = doc_keys.shape[0] // 3
+        shift = (doc_keys.abs().amax(-1) > 0.5).view(3, width)
+        assert shift[1].all() and not shift[0].any() and not shift[2].any()
+    m.eval()

@@ -18,8 +18,8 @@ A bundle is a folder: the model file(s), ``tokenizer.json`` and ``manifest.json`
    kv_cache[l, 0], kv_cache[l, 1] for each layer l, ptr_keys, ptr_bias, ptr_vocab)`` (views of the two arrays:
    the manifest's inputs with ``view_of``, handed over in place); ``kv_cache[:, :, :, :, position] =
    kv_new[:, :, :, :, 0]`` (the runner owns the cache; the step only reads it); ``token = argmax(scores)``
-   over the tokens that would not repeat a ``no_repeat_ngram``-gram of the answer so far (0: plain argmax;
-   :func:`greedy_token`);
+   over the tokens that would not repeat a ``no_repeat_ngram``-gram of the answer so far nor make one token
+   follow itself more than ``max_token_run`` times in a row (0: no such rule; :func:`greedy_token`);
    stop at ``<eos>`` or when the fixed-size cache is full;
 6. objects: ``encode`` has already selected them (best cells, NMS, the score threshold): every slot whose
    ``keep`` is true, by descending ``scores``, labelled ``class_names[classes]``; box back to image pixels;
@@ -335,7 +335,12 @@ class BundleRunner:
             position[0] = pos
             scores, kv_new = self.programs.run("decode_step", *inputs)
             kv[:, :, :, :, pos] = kv_new[:, :, :, :, 0]
-            nxt = greedy_token(scores[0], answer, self.decoding.get("no_repeat_ngram", 0))
+            nxt = greedy_token(
+                scores[0],
+                answer,
+                self.decoding.get("no_repeat_ngram", 0),
+                self.decoding.get("max_token_run", 0),
+            )
             if nxt == self.eos_id:
                 break
             answer.append(nxt)
@@ -408,18 +413,23 @@ def detections_dict(objects: list[dict[str, Any]], height: int, width: int) -> d
     }
 
 
-def banned_tokens(history: list[int], n: int) -> list[int]:
-    """The tokens that would complete an ``n``-gram ``history`` (the answer so far) already holds (none for
-    ``n`` < 1): greedy decoding takes the best token not among them. A small decoder trained on a few hundred
-    answers falls into loops ("set set set set set set"); fairseq's and Hugging Face's no-repeat rule cuts
-    them. The student's ``n`` is one more than the longest n-gram any training answer repeats
-    (:func:`longest_repeat`), so the rule never forbids what the teacher wrote."""
-    if n < 1 or len(history) < n:
-        return []
-    prefix = history[len(history) - n + 1 :] if n > 1 else []
-    return sorted(
-        {history[i + n - 1] for i in range(len(history) - n + 1) if history[i : i + n - 1] == prefix}
-    )
+def banned_tokens(history: list[int], n: int, run: int = 0) -> list[int]:
+    """The tokens greedy decoding may not take next, given ``history`` (the answer so far): those that would
+    complete an ``n``-gram it already holds (none for ``n`` < 1), and the token that would make its last
+    ``run`` tokens one token ``run + 1`` times in a row (none for ``run`` < 1). A small decoder trained on a few
+    hundred answers falls into loops ("set set set set set set"); fairseq's and Hugging Face's no-repeat rule
+    cuts them. The student's ``n`` leaves 90 % of its training answers writable and its ``run`` is the
+    longest run of one token in any of them (``student.train.decoding_rules``, from :func:`longest_repeat`
+    and :func:`longest_run`)."""
+    banned: set[int] = set()
+    if run >= 1 and len(history) >= run and len(set(history[len(history) - run :])) == 1:
+        banned.add(history[-1])
+    if n >= 1 and len(history) >= n:
+        prefix = history[len(history) - n + 1 :] if n > 1 else []
+        banned.update(
+            history[i + n - 1] for i in range(len(history) - n + 1) if history[i : i + n - 1] == prefix
+        )
+    return sorted(banned)
 
 
 def longest_repeat(ids: list[int]) -> int:
@@ -433,10 +443,19 @@ def longest_repeat(ids: list[int]) -> int:
     return best
 
 
-def greedy_token(scores: Any, history: list[int], n: int) -> int:
+def longest_run(ids: list[int]) -> int:
+    """The most times one token follows itself in a row in ``ids`` (1 when none does, 0 for no tokens)."""
+    best = run = 0
+    for i, t in enumerate(ids):
+        run = run + 1 if i and t == ids[i - 1] else 1
+        best = max(best, run)
+    return best
+
+
+def greedy_token(scores: Any, history: list[int], n: int, run: int = 0) -> int:
     """The answer's next token: argmax of one row of scores (numpy or torch) over the tokens
     :func:`banned_tokens` allows."""
-    banned = banned_tokens(history, n)
+    banned = banned_tokens(history, n, run)
     if not banned:
         return int(scores.argmax())
     if hasattr(scores, "detach"):  # a torch tensor (the student's own decoding)

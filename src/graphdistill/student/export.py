@@ -392,9 +392,10 @@ def _manifest(
             "sources": "the sources_k documents of highest source_logits, highest first (stable: ties keep "
             "document order)",
             "no_repeat_ngram": cfg.no_repeat_ngram,
+            "max_token_run": cfg.max_token_run,
             "answer": "greedy: each step the argmax of scores over the tokens that would not repeat a "
-            "no_repeat_ngram-gram already in the answer (0: plain argmax); stop at eos_id or max_answer_len - 1 "
-            "tokens",
+            "no_repeat_ngram-gram already in the answer nor make one token follow itself more than "
+            "max_token_run times in a row (0: no such rule); stop at eos_id or max_answer_len - 1 tokens",
         },
         "tokenizer": {
             "file": "tokenizer.json",

@@ -289,7 +289,7 @@ def torch_reference(
                 record.append(step_inputs(token, position, cross, kv, pointer))
             logits, kv_new = model.decode_step(token, position, None, kv, cross, ptr)
             kv = model.write_kv(kv, kv_new, position)  # a new tensor: recorded inputs stay as they were
-            nxt = greedy_token(logits[0], answer, loaded.config.no_repeat_ngram)
+            nxt = greedy_token(logits[0], answer, loaded.config.no_repeat_ngram, loaded.config.max_token_run)
             if nxt == ids["eos"]:
                 break
             answer.append(nxt)

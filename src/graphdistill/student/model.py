@@ -150,6 +150,14 @@ def first_of_class(classes: Tensor, valid: Tensor) -> Tensor:
     return valid.to(torch.bool) & ~(same & earlier).any(-1)
 
 
+def mentioned(words: Tensor, question_ids: Tensor, question_mask: Tensor) -> Tensor:
+    """[B,K] float: 1 where ``words`` [B,K] (token ids; <pad>/<unk> never count) is one of the question's
+    tokens, else 0. The reading-comprehension "exact match" feature: the object or the document the question
+    asks about ("I think I spot a spoon", "How many ties are there?") is the one the answer names first."""
+    same = (words[:, :, None] == question_ids[:, None, :]) & question_mask[:, None, :].to(torch.bool)
+    return same.to(torch.float32).amax(-1) * (words > UNK_ID).to(torch.float32)
+
+
 class SourceHead(nn.Module):
     """Ranks the knowledge-base documents as the teacher's retriever does: its query is the question plus the
     detected labels, each once (``visual_rag.retrieval_query``), embedded and compared by cosine with every
@@ -358,6 +366,7 @@ class Student(nn.Module):
             self.box_emb = nn.Linear(5, d)  # cx, cy, w, h, score
             self.obj_feat = nn.Linear(c4, d)  # the P4 cell under the box centre: colour, texture
             self.empty_obj = nn.Parameter(torch.zeros(1, 1, d))  # an unused object slot
+            self.obj_mention = nn.Parameter(torch.zeros(d))  # added to the object the question names
         self.registers = nn.Parameter(torch.zeros(1, cfg.num_registers, d))
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)  # shared by question encoder, decoder input and output
         self.q_pos = nn.Parameter(torch.zeros(1, cfg.max_question_len, d))
@@ -392,6 +401,8 @@ class Student(nn.Module):
             ):  # a document token's key: the token and the one before it (where a copy goes on)
                 self.ptr_doc = nn.Linear(d, d)
                 self.ptr_doc_prev = nn.Linear(d, d)
+                # added to the keys of a document that names a class the question names
+                self.doc_mention = nn.Parameter(torch.zeros(d))
         self._init()
 
     def _init(self) -> None:
@@ -482,9 +493,12 @@ class Student(nn.Module):
 
     # ---- text: object tokens, the joint encoder, the pointer ---------------------------------------------------
 
-    def object_tokens(self, objects: dict[str, Tensor], p4: Tensor) -> Tensor:
+    def object_tokens(
+        self, objects: dict[str, Tensor], p4: Tensor, question_ids: Tensor, question_mask: Tensor
+    ) -> Tensor:
         """``objects`` (``classes`` [B,K] int, ``boxes`` [B,K,4] cx,cy,w,h in 0..1, ``scores`` [B,K],
-        ``valid`` [B,K] bool) -> object tokens [B,K,D]; an invalid slot is the learnt empty token."""
+        ``valid`` [B,K] bool) -> object tokens [B,K,D]; an invalid slot is the learnt empty token. An object
+        whose class name the question holds gets ``obj_mention`` (:func:`mentioned`)."""
         classes, boxes, scores, valid = (objects[k] for k in ("classes", "boxes", "scores", "valid"))
         b, c4, h4, w4 = p4.shape
         # the flat index in float, cast last: int8 preparation turns the scalars of integer arithmetic into
@@ -494,13 +508,13 @@ class Student(nn.Module):
         flat = (iy * w4 + ix).long()
         cell = p4.flatten(2).gather(2, flat[:, None, :].expand(-1, c4, -1)).transpose(1, 2)  # [B,K,C4]
         c = classes.clamp(0, self.config.num_classes - 1)
+        words = self.class_words[c]  # the class name's word: the one the copy path and documents use
         tok = (
             self.cls_emb(c)
-            + self.tok_emb(
-                self.class_words[c]
-            )  # the class name's word: the one the copy path and documents use
+            + self.tok_emb(words)
             + self.box_emb(torch.cat([boxes, scores[..., None]], -1))
             + self.obj_feat(cell)
+            + mentioned(words, question_ids, question_mask)[..., None] * self.obj_mention
         )
         return torch.where(valid[..., None], tok, self.empty_obj.expand(b, tok.shape[1], -1))
 
@@ -545,11 +559,17 @@ class Student(nn.Module):
         return min(self.config.sources_k, self.config.num_sources) if self.config.has_sources else 0
 
     def pointer(
-        self, memory: Tensor, chosen: dict[str, Tensor] | None, docs: Tensor | None
+        self,
+        memory: Tensor,
+        chosen: dict[str, Tensor] | None,
+        docs: Tensor | None,
+        question_ids: Tensor,
+        question_mask: Tensor,
     ) -> dict[str, Tensor]:
         """The copy path's per-query inputs, one slot per object then one per token of the documents ``docs``
         [B,k] (indices): ``ptr_keys`` [B,K,D] (an object token's key; a document token's key from its word and
-        the word before it, so a copy goes on where the last one left off), ``ptr_bias`` [B,K] (0, or
+        the word before it, so a copy goes on where the last one left off, plus ``doc_mention`` when the
+        document names a class the question names), ``ptr_bias`` [B,K] (0, or
         :data:`phone_ops.NEG` for an empty slot, padding or a class with no token) and ``ptr_vocab`` [B,K,V]
         (one-hot of each slot's token)."""
         keys, tokens, usable = [], [], []
@@ -565,7 +585,14 @@ class Student(nn.Module):
             # the token before each one, <bos> before a document's first: where a copy goes on from
             prev = torch.cat([torch.full_like(t3[:, :, :1], BOS_ID), t3[:, :, :-1]], 2).view(b, -1)
             t = t3.view(b, -1)  # [B,k*L]
-            keys.append(self.ptr_doc(self.tok_emb(t)) + self.ptr_doc_prev(self.tok_emb(prev)))
+            key = self.ptr_doc(self.tok_emb(t)) + self.ptr_doc_prev(self.tok_emb(prev))
+            if self.config.has_objects:  # a document is about what the question asks: it holds a class name
+                # the question holds
+                class_q = (question_ids[:, :, None] == self.class_words[None, None, :]).to(torch.float32)
+                asked = question_mask.to(torch.float32) * class_q.amax(-1)
+                named = mentioned(t, question_ids, asked).view(b, k, -1).amax(-1, keepdim=True)  # [B,k,1]
+                key = key + named.expand(-1, -1, t3.shape[2]).reshape(b, -1)[..., None] * self.doc_mention
+            keys.append(key)
             tokens.append(t)
             usable.append(t > UNK_ID)
         tok = torch.cat(tokens, 1)
@@ -621,7 +648,9 @@ class Student(nn.Module):
                 chosen = {k.removeprefix("obj_"): objects[k] for k in OBJECT_KEYS}
             else:
                 chosen = {k: out[k] for k in ("classes", "boxes", "scores")} | {"valid": out["keep"]}
-            obj_tokens = self.object_tokens(chosen, _text_view(feats[1], self.training))
+            obj_tokens = self.object_tokens(
+                chosen, _text_view(feats[1], self.training), question_ids, question_mask
+            )
         # without a detection head nothing else trains the trunk: the text and summary losses must reach it
         detach = self.training and cfg.has_objects
         memory = self.context(_text_view(feats[2], detach), obj_tokens, question_ids, question_mask)
@@ -640,7 +669,7 @@ class Student(nn.Module):
             ranked = retrieved.float() if retrieved is not None else out["source_logits"]
             docs = ranked.topk(self.copy_docs, dim=-1).indices
         if cfg.has_text and (chosen is not None or docs is not None):
-            out.update(self.pointer(memory, chosen, docs))
+            out.update(self.pointer(memory, chosen, docs, question_ids, question_mask))
         if self.embedding_heads:
             summary = phone_ops.mean_tokens(memory[:, : cfg.num_registers])
             for name, head in self.embedding_heads.items():
@@ -758,7 +787,8 @@ class Student(nn.Module):
         ``use_cache=False`` recomputes the whole prefix each step (the reference the cache must match);
         ``stop_at_eos=False`` always runs all ``max_len`` steps (benchmarks: a fixed answer length)."""
         self._need_text("generate")
-        t_max = self.config.max_answer_len
+        cfg = self.config
+        t_max = cfg.max_answer_len
         n = min(max_len or t_max - 1, t_max - 1)
         if encoded is None:
             encoded = self.encode(image, question_ids, question_mask)
@@ -783,8 +813,11 @@ class Student(nn.Module):
                 logits = self.copy_mix(self.dec_norm(x), ptr)[:, 0]
             else:
                 logits = self.decode_full(seq, memory, ptr)[:, -1]
-            if self.config.no_repeat_ngram:
-                picked = [greedy_token(logits[r], history[r], self.config.no_repeat_ngram) for r in range(b)]
+            if cfg.no_repeat_ngram or cfg.max_token_run:
+                picked = [
+                    greedy_token(logits[r], history[r], cfg.no_repeat_ngram, cfg.max_token_run)
+                    for r in range(b)
+                ]
                 for h, t in zip(history, picked, strict=True):
                     h.append(t)
                 nxt = torch.tensor(picked, dtype=torch.long, device=dev)

@@ -38,6 +38,9 @@ from graphdistill.trace import RLE, Detections, ObjectOut
 
 log = logging.getLogger(__name__)
 
+# parameters added after runs were trained with models that lacked them; each starts at zero, where the model
+# computes exactly what it did without it (the question-mention features)
+OPTIONAL_ZERO_PARAMS = ("obj_mention", "doc_mention")
 RUN_FILES = ("model.safetensors", "config.json", "tokenizer.json", "meta.json")
 # 2: dense YOLO-style object head selected in the graph, object tokens, copy path (1: DETR-style set prediction)
 STUDENT_FORMAT = "graphdistill-student/2"
@@ -96,7 +99,8 @@ def greedy_forward(
         logits = out["answer_logits"][:, -1]
         history = seq[:, 1:].tolist()
         nxt = torch.tensor(
-            [greedy_token(logits[r], history[r], cfg.no_repeat_ngram) for r in range(b)], device=image.device
+            [greedy_token(logits[r], history[r], cfg.no_repeat_ngram, cfg.max_token_run) for r in range(b)],
+            device=image.device,
         )
         nxt = torch.where(done, torch.full_like(nxt, PAD_ID), nxt)
         seq = torch.cat([seq, nxt[:, None]], dim=1)
@@ -256,6 +260,13 @@ def load_student(run: str | Path, device: str = "cpu") -> StudentPredictor:
         check_student(model)
     except TypeError as exc:
         raise RunError(f"student run {root}: {exc}") from exc
-    load_model(model, str(root / "model.safetensors"), device=device)
+    missing_keys, unexpected = load_model(model, str(root / "model.safetensors"), strict=False, device=device)
+    # a run trained before a parameter that starts at zero existed is that model exactly: it loads as it was
+    absent = [k for k in missing_keys if k not in OPTIONAL_ZERO_PARAMS]
+    if absent or unexpected:
+        raise RunError(
+            f"student run {root}: model.safetensors does not fit its config.json (missing {absent[:5]}, "
+            f"unexpected {list(unexpected)[:5]}): train it again"
+        )
     model.to(device)
     return StudentPredictor(model, StudentTokenizer.load(root / "tokenizer.json"), meta, device)
