@@ -27,7 +27,7 @@ SOURCE_TOKENS = 32
 class StudentConfig:
     """Everything needed to rebuild a :class:`Student`; saved as RUN/config.json."""
 
-    image_size: int = 320  # square input side in px (multiple of 32); chosen by measurement, see README
+    image_size: int = 448  # square input side in px (multiple of 32); chosen by measurement, see README
     # the vision trunk: "ultralytics" rebuilds the teacher detector's own backbone + neck + Detect head from
     # trunk_spec (its model YAML) and starts from its weights; "timm" is `backbone` from scratch + an FPN neck
     trunk: str = "timm"
@@ -61,9 +61,11 @@ class StudentConfig:
     # from its words, so a document whose class no training row retrieved still ranks by what it says
     source_token_ids: list[list[int]] = field(default_factory=list)
     sources_k: int = 3  # the sources output is the top k documents, as the teacher's retriever returns
-    # greedy decoding never repeats an n-gram this long (0: plain argmax); derived from the training answers as
-    # one more than the longest n-gram any of them repeats, so every teacher answer stays writable
+    # greedy decoding never repeats an n-gram this long (0: no such rule), nor writes one token more than
+    # max_token_run times in a row (0: no such rule); both derived from the training answers
+    # (student.train.decoding_rules)
     no_repeat_ngram: int = 0
+    max_token_run: int = 0
     num_registers: int = 4  # learned tokens that gather the question+image summary for sources/embeddings
     embedding_dims: dict[str, int] = field(default_factory=dict)  # EMBEDDING outputs: name -> dim
     # The teacher graph's outputs the student has heads for: field name -> kind (one of HEAD_KINDS). Built

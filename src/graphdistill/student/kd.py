@@ -10,7 +10,7 @@ stride-32 cells then cover exactly the image regions of the student's stride-8 a
 same row-major order), at the same object scale, and its box distributions count distances in units of its
 stride, which are the student's stride in the student's pixels: the targets line up cell for cell and bin for
 bin, with no resampling. (The student's stride-32 cells have no counterpart; they learn from the assigned
-final boxes alone.) At 320 px that is the detector's own 640.
+final boxes alone.) At 320 px that is the detector's own 640; at the default 448, 896.
 """
 
 from __future__ import annotations
