@@ -140,6 +140,11 @@ def test_onnx_float_bundle_passes_parity(onnx_float: Path) -> None:
     assert m["preprocessing"]["layout"] == "NCHW" and m["preprocessing"]["mean"]
     assert set(m["files"]) == {"encode.onnx", "decode_step.onnx", "tokenizer.json"}
     assert m["class_names"] and m["documents"] and m["teacher_graph"]
+    # the bundle's tokenizer is the run's, the same JSON without the indentation the run's file has
+    bundled = (onnx_float / "tokenizer.json").read_text(encoding="utf-8")
+    run_tok = Path(m["source_run"]) / "tokenizer.json"
+    assert "\n" not in bundled and json.loads(bundled) == json.loads(run_tok.read_text(encoding="utf-8"))
+    assert len(bundled) < 0.7 * run_tok.stat().st_size
     # a student trained from scratch: no teacher weights' terms bind the bundle
     assert m["started_from"] is None and "from scratch" in m["licence"]
 
@@ -357,6 +362,36 @@ def test_a_run_from_before_the_question_mention_features_loads_as_the_model_it_w
     save_file({k: v for k, v in weights.items() if k != "tok_emb.weight"}, str(old / "model.safetensors"))
     with pytest.raises(RunError, match=f"{old}.*tok_emb.weight.*train it again"):
         load_student(old)
+
+
+def test_a_bundle_carries_the_runs_fidelity_figures_not_its_evaluation_rows(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    """An evaluated run's bundle states the fidelity it was exported with (figures, intervals, the rows they
+    were measured on: how many, which photos) and none of eval.json's per-row answers or other bundles' timings,
+    which grow with the evaluation and would count against the bundle's bytes."""
+    from graphdistill.student.export import FIDELITY_SUMMARY_KEYS, export_run
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    figures = {"answer_f1": 0.5, "box_map50": 0.75}
+    evaluation = {
+        "n": 24,
+        "photos": 4,
+        "split": "test",
+        "dataset": "ds",
+        "fidelity": figures,
+        "fidelity_ci": {"answer_f1": [0.4, 0.6]},
+        "ci": {"level": 0.95},
+        "rows": [{"id": str(i), "teacher_answer": "x" * 500} for i in range(50)],
+        "exported": {"other-bundle": {"ms": 5.0}},
+        "cost": {"student_ms": 30.0},
+    }
+    (run / "eval.json").write_text(json.dumps(evaluation))
+    export_run(run, "onnx", tmp_path / "bundle", dataset=run_dir.parent / "ds", n_calibration=2, n_heldout=2)
+    carried = _manifest(tmp_path / "bundle")["fidelity"]
+    assert carried == {k: evaluation[k] for k in FIDELITY_SUMMARY_KEYS}
+    assert (tmp_path / "bundle" / MANIFEST).stat().st_size < len(json.dumps(evaluation["rows"]))
 
 
 def test_failed_gate_fails_loudly_and_leaves_no_bundle(
