@@ -160,6 +160,8 @@ class StudentConfig:
             raise ValueError("outputs is empty: the student needs at least one head")
 
 
+# Presets size the text side (and the backbone of a trunk built from scratch); the input size is the measured
+# default for both (``image_size``), below the teacher detector's 640
 PRESETS: dict[str, dict[str, Any]] = {
     # the phone default: the text side is ~1 M parameters on top of the trunk (YOLO11n's is 2.6 M)
     "tiny": dict(d_model=128, n_heads=4, enc_layers=2, dec_layers=2, vocab_size=2048),
@@ -171,7 +173,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         dec_layers=3,
         vocab_size=4096,
         backbone="mobilenetv4_conv_small",
-        image_size=384,
     ),
 }
 
