@@ -140,6 +140,18 @@ def test_onnx_float_bundle_passes_parity(onnx_float: Path) -> None:
     assert m["preprocessing"]["layout"] == "NCHW" and m["preprocessing"]["mean"]
     assert set(m["files"]) == {"encode.onnx", "decode_step.onnx", "tokenizer.json"}
     assert m["class_names"] and m["documents"] and m["teacher_graph"]
+    # the decoding rules the runner applies are the run's, derived from its own training answers
+    from graphdistill.datasets.dataset import open_dataset
+    from graphdistill.student.tokenizer import StudentTokenizer
+    from graphdistill.student.train import decoding_rules
+
+    tok = StudentTokenizer.load(Path(m["source_run"]) / "tokenizer.json")
+    answers = [
+        tok.encode(r["answer"] or "") for r in open_dataset(Path(m["source_run"]).parent / "ds").rows("train")
+    ]
+    rules = decoding_rules(answers)
+    assert rules["no_repeat_ngram"] >= 1 and rules["max_token_run"] >= 1
+    assert {k: m["output_decoding"][k] for k in rules} == {k: cfg[k] for k in rules} == rules
     # the bundle's tokenizer is the run's, the same JSON without the indentation the run's file has
     bundled = (onnx_float / "tokenizer.json").read_text(encoding="utf-8")
     run_tok = Path(m["source_run"]) / "tokenizer.json"

@@ -306,7 +306,8 @@ def test_sources_are_the_top_k_documents_highest_first_ties_in_document_order() 
 
 
 def test_greedy_decoding_never_repeats_an_n_gram_and_is_plain_argmax_otherwise() -> None:
-    from graphdistill.runner.bundle import banned_tokens, greedy_token, longest_repeat
+    from graphdistill.runner.bundle import banned_tokens, greedy_token
+    from graphdistill.student.train import longest_repeat
 
     # "set on set on" would repeat the trigram "set on set" if "set" came next
     assert banned_tokens([5, 6, 5, 6], 3) == [5]
@@ -316,7 +317,7 @@ def test_greedy_decoding_never_repeats_an_n_gram_and_is_plain_argmax_otherwise()
     assert greedy_token(scores, [5, 6, 5, 6], 3) == 6  # 5 is the best score but banned; 6 is next best
     assert greedy_token(scores, [1, 2, 3], 3) == 5
     assert greedy_token(scores, [5, 6, 5, 6], 0) == 5  # a bundle without the rule: plain argmax
-    # the student's n: one more than the longest n-gram a training answer repeats, so that answer stays writable
+    # an n one more than the longest n-gram an answer repeats leaves that answer writable
     answer = [1, 2, 3, 9, 1, 2, 3, 8]
     n = longest_repeat(answer) + 1
     assert longest_repeat(answer) == 3 and longest_repeat([1, 2, 3]) == 0 and longest_repeat([4, 4, 4]) == 2
@@ -325,7 +326,8 @@ def test_greedy_decoding_never_repeats_an_n_gram_and_is_plain_argmax_otherwise()
 
 
 def test_greedy_decoding_cuts_a_run_of_one_token_at_the_longest_run_the_teacher_wrote() -> None:
-    from graphdistill.runner.bundle import banned_tokens, greedy_token, longest_run
+    from graphdistill.runner.bundle import banned_tokens, greedy_token
+    from graphdistill.student.train import longest_run
 
     # a 16-gram rule (what SmolLM2's own repeats allow) lets "set set set set" through; the run rule does not
     assert banned_tokens([4, 9, 9], 16, 2) == [9] and banned_tokens([4, 9, 9], 16) == []

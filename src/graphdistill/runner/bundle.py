@@ -419,8 +419,7 @@ def banned_tokens(history: list[int], n: int, run: int = 0) -> list[int]:
     ``run`` tokens one token ``run + 1`` times in a row (none for ``run`` < 1). A small decoder trained on a few
     hundred answers falls into loops ("set set set set set set"); fairseq's and Hugging Face's no-repeat rule
     cuts them. The student's ``n`` leaves 90 % of its training answers writable and its ``run`` is the
-    longest run of one token in any of them (``student.train.decoding_rules``, from :func:`longest_repeat`
-    and :func:`longest_run`)."""
+    longest run of one token in any of them (``student.train.decoding_rules``)."""
     banned: set[int] = set()
     if run >= 1 and len(history) >= run and len(set(history[len(history) - run :])) == 1:
         banned.add(history[-1])
@@ -430,26 +429,6 @@ def banned_tokens(history: list[int], n: int, run: int = 0) -> list[int]:
             history[i + n - 1] for i in range(len(history) - n + 1) if history[i : i + n - 1] == prefix
         )
     return sorted(banned)
-
-
-def longest_repeat(ids: list[int]) -> int:
-    """The length of the longest n-gram that occurs at least twice in ``ids`` (0 when none does)."""
-    best = 0
-    for n in range(1, len(ids)):
-        grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
-        if len(set(grams)) == len(grams):
-            break
-        best = n
-    return best
-
-
-def longest_run(ids: list[int]) -> int:
-    """The most times one token follows itself in a row in ``ids`` (1 when none does, 0 for no tokens)."""
-    best = run = 0
-    for i, t in enumerate(ids):
-        run = run + 1 if i and t == ids[i - 1] else 1
-        best = max(best, run)
-    return best
 
 
 def greedy_token(scores: Any, history: list[int], n: int, run: int = 0) -> int:

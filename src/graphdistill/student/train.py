@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphdistill.runner.bundle import longest_repeat, longest_run
 from graphdistill.student.config import SOURCE_TOKENS
 from graphdistill.student.loader import StudentDataset, collate, embedding_dims_of, is_replay, spec_of
 from graphdistill.student.losses import LossWeights, compute_losses
@@ -53,6 +52,26 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 FEATURE_KEYS = ("trunk_p3", "trunk_p4", "trunk_p5")  # a frozen trunk's cached features in a batch
+
+
+def longest_repeat(ids: list[int]) -> int:
+    """The length of the longest n-gram that occurs at least twice in ``ids`` (0 when none does)."""
+    best = 0
+    for n in range(1, len(ids)):
+        grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+        if len(set(grams)) == len(grams):
+            break
+        best = n
+    return best
+
+
+def longest_run(ids: list[int]) -> int:
+    """The most times one token follows itself in a row in ``ids`` (1 when none does, 0 for no tokens)."""
+    best = run = 0
+    for i, t in enumerate(ids):
+        run = run + 1 if i and t == ids[i - 1] else 1
+        best = max(best, run)
+    return best
 
 
 # the share of training answers greedy decoding's no-repeat rule leaves writable (see decoding_rules)
