@@ -155,6 +155,8 @@ def main() -> int:
         "held_out_n": ev.get("n"),
         "held_out_photos": ev.get("photos"),
         "fidelity_by_runtime": fidelity_by_runtime,
+        # the teacher's other recorded samples against the same reference: how far the teacher follows itself
+        "teacher_self": ev.get("teacher_self"),
         "ci": ev.get("ci"),
         "refused_bundles": {
             p.stem.removeprefix("export ").replace(" ", "-"): json.loads(p.read_text())["failed"]

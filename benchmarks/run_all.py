@@ -227,9 +227,10 @@ def fidelity_table(e2e: dict) -> list[str]:
         "",
         f"Fidelity to the teacher on the held-out real photos ({e2e.get('held_out_n', '?')} rows{photos}{how}):",
         "",
-        "| measure vs teacher | " + " | ".join(FIDELITY_RUNTIMES) + " | goal | met |",
-        "|---|" + "---|" * (len(FIDELITY_RUNTIMES) + 2),
+        "| measure vs teacher | " + " | ".join(FIDELITY_RUNTIMES) + " | goal | met | teacher vs itself |",
+        "|---|" + "---|" * (len(FIDELITY_RUNTIMES) + 3),
     ]
+    own = e2e.get("teacher_self") or {}
     for key, label, goal, ok in FIDELITY_GOALS:
         cells, verdicts = [], {}
         for column, runtime in FIDELITY_RUNTIMES.items():
@@ -246,7 +247,16 @@ def fidelity_table(e2e: dict) -> list[str]:
             met = ", ".join(c for c, good in verdicts.items() if good) + " only"
         else:
             met = "**no**"
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {goal} | {met} |")
+        mine = (own.get("fidelity") or {}).get(key)
+        itself = "not measured" if mine is None else fmt_ci(mine, (own.get("fidelity_ci") or {}).get(key))
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {goal} | {met} | {itself} |")
+    if own.get("samples"):
+        lines += [
+            "",
+            f"Teacher vs itself: the teacher's {own['samples']} other recorded samples of the same rows (sampled "
+            "answers, flip/scale views mapped back) scored against the same reference with the same metrics: "
+            "how closely one run of the teacher follows it. Not a goal; a student is not expected to beat it.",
+        ]
     return lines
 
 

@@ -474,3 +474,56 @@ def test_replay_rows_are_left_out_of_the_evaluation(tmp_path: Path, synthetic: P
     assert res["n"] == src.splits["test"] and res["fidelity_val"]["n"] == src.splits["val"]
     assert res["fidelity"]["answer_exact"] == pytest.approx(1.0)
     assert res["fidelity_val"]["answer_exact"] == pytest.approx(1.0)
+
+
+def test_the_teacher_against_itself_scores_its_other_samples_against_the_reference(tmp_path: Path) -> None:
+    """The noise ceiling: each recorded sample other than the one the row's answer was voted from, scored
+    against the row with the evaluation's metrics; a sample seen under a flip is mapped back first."""
+    import shutil
+
+    from graphdistill.datasets.filtering import FilterConfig, filter_store
+    from graphdistill.datasets.store import TraceStore
+    from graphdistill.eval import metrics
+    from graphdistill.eval.evaluate import output_kinds_of, teacher_samples
+    from test_vote import W, make_trace, obj
+
+    store = TraceStore(tmp_path / "store")
+    blobs: dict[str, bytes] = {}
+    box = [10.0, 10.0, 30.0, 30.0]
+    mirrored = [W - 30.0, 10.0, W - 10.0, 30.0]  # the same cat on the flipped photo
+    flip = {"flip": True, "scale": 1.0, "orig_size": [40, W]}
+    held: dict[str, Any] = {"photos": ["skimage/coffee"], "recipe": {"kind": "heldout", "heldout": True}}
+    for t in (
+        make_trace("g", 0, "There is a cat.", [obj("cat", box)], ["doc-cat"], blobs=blobs, **held),
+        make_trace("g", 1, "There is a cat.", [obj("cat", box)], ["doc-cat"], blobs=blobs, **held),
+        make_trace(
+            "g", 2, "A cat sits here.", [obj("cat", mirrored)], ["doc-dog"], blobs=blobs, tta=flip, **held
+        ),
+    ):
+        store.append(t, blobs)
+    filter_store(store, tmp_path / "ds", FilterConfig(fractions=(1, 0, 0)), source_store=str(store.root))
+    ds = open_dataset(tmp_path / "ds")
+    rows = ds.rows("test")  # a held-out photo: kept, as evaluation rows are
+    assert [r["answer"] for r in rows] == ["There is a cat."]
+    got = teacher_samples(ds, rows, output_kinds_of(ds))
+    assert got is not None
+    refs, others, photos = got
+    assert len(others) == 2 and photos == ["skimage/coffee"] * 2  # sample 0 is the reference's own: left out
+    assert [o["answer"] for o in others] == ["There is a cat.", "A cat sits here."]
+    assert [o["objects"][0]["box"] for o in others] == [box, box]  # the flipped sample, mapped back
+    scores = metrics.compare_outputs(refs, others, semantic=False, class_names=ds.class_names)
+    assert scores["answer_f1"] == pytest.approx(
+        (1.0 + metrics.token_f1("A cat sits here.", "There is a cat.")) / 2
+    )
+    assert scores["box_map50"] == pytest.approx(1.0) and scores["sources_recall"] == pytest.approx(0.5)
+    # the summary and the report show it as its own column beside the student's
+    ev = {
+        "fidelity": {"answer_f1": 0.2},
+        "teacher_self": {"samples": 2, "fidelity": scores, "fidelity_ci": {"answer_f1": [0.4, 0.9]}},
+    }
+    md = markdown_summary(ev)
+    assert "| teacher (another sample) vs teacher |" in md.replace("PyTorch student vs teacher | ", "")
+    assert f"| Answer token F1 | 0.200 | {scores['answer_f1']:.2f} [0.40, 0.90] |" in md
+    assert "teacher (another sample)" not in markdown_summary({"fidelity": {"answer_f1": 0.2}})
+    shutil.rmtree(tmp_path / "store")  # a dataset whose trace store is gone: nothing to compare, no error
+    assert teacher_samples(ds, rows, output_kinds_of(ds)) is None

@@ -10,6 +10,8 @@ the live teacher graph, in one process. The result is what ``graphdistill eval``
      "rows": [{id, question, teacher_answer, student_answer, answer_f1, objects_f1, mask_miou,
                sources_recall, disagreement}],  # per test row, for the report's gallery
      "exported": {bundle: {ms, fidelity and fidelity_ci vs the teacher on every row, parity_vs_student}},
+     "teacher_self": {samples, fidelity, fidelity_ci},  # the teacher's other recorded samples vs the reference
+                                                        # (the trace store must be there; else absent)
      "ground_truth": {...} (when rows have it)}
 """
 
@@ -134,6 +136,59 @@ def _real_rows(rows: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
     if len(real) < len(rows):
         log.info("%s: %d counterfactual replay rows left out of the evaluation", split, len(rows) - len(real))
     return real
+
+
+def teacher_samples(
+    ds: Any, rows: Sequence[Mapping[str, Any]], kinds: Mapping[str, Any] | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]] | None:
+    """The teacher against itself: for each row, each of its recorded samples other than the one its answer
+    was voted from, as (reference, that sample's output, the row's photo) — the reference repeated once per
+    sample. A sample's objects are mapped back from its test-time augmentation as the vote maps them
+    (:func:`graphdistill.datasets.vote.untta_object`). None when the dataset's trace store
+    (``manifest.source_store``) is not there to read them from; rows whose store holds no other sample add
+    nothing."""
+    from graphdistill.datasets.store import StoreError, TraceStore
+    from graphdistill.datasets.vote import OutputNames, trace_objects, trace_sources, tta_of, untta_object
+
+    where = ds.manifest.get("source_store")
+    if not where or not Path(where).is_dir():
+        log.info("teacher against itself: the dataset's trace store %s is not here; skipped", where)
+        return None
+    names = OutputNames.from_kinds(kinds) if kinds else OutputNames()
+    refs: list[dict[str, Any]] = []
+    outs: list[dict[str, Any]] = []
+    photos: list[str] = []
+    try:
+        store = TraceStore(where, readonly=True)
+    except (StoreError, OSError) as exc:
+        log.info("teacher against itself: cannot open the trace store %s (%s); skipped", where, exc)
+        return None
+    with store:
+        for row in rows:
+            ref = output_of_row(dict(row), kinds)
+            voted_from_seen = False
+            for tid in row.get("trace_ids") or []:
+                try:
+                    trace = store.get(str(tid))
+                except (StoreError, KeyError):
+                    continue
+                if trace.status != "ok":
+                    continue
+                answer = trace.output.get(names.answer) if names.answer else None
+                if not voted_from_seen and answer == ref.get("answer"):
+                    voted_from_seen = True  # the sample the reference answer is: not "another" sample
+                    continue
+                tta = tta_of(trace)
+                objs = trace_objects(trace, names.objects) if names.objects else []
+                out = {
+                    "answer": answer if isinstance(answer, str) else "",
+                    "objects": [(untta_object(o, tta) if tta else o).model_dump(mode="json") for o in objs],
+                    "sources": trace_sources(trace, names.sources),
+                }
+                refs.append(ref)
+                outs.append({f: v for f, v in out.items() if f in ref})
+                photos.append(photo_key(row))
+    return refs, outs, photos
 
 
 def evaluate_run(
@@ -328,6 +383,21 @@ def evaluate_run(
             teacher_out, outs, class_names=ds.class_names, **score_kw
         )
         exported[b]["fidelity_ci"] = intervals(outs)
+    # the teacher's other recorded samples against the reference: how far one run of the teacher follows it
+    teacher_self: dict[str, Any] | None = None
+    self_pairs = teacher_samples(ds, rows, kinds)
+    if self_pairs is not None and self_pairs[0]:
+        refs, others, self_photos = self_pairs
+        say(f"scoring the teacher against itself ({len(others)} other samples)")
+        teacher_self = {
+            "samples": len(others),
+            "fidelity": metrics.compare_outputs(refs, others, class_names=ds.class_names, **score_kw),
+            "fidelity_ci": metrics.fidelity_intervals(
+                refs, others, self_photos, resamples=ci_resamples, seed=ci_seed, **score_kw
+            )
+            if ci_resamples
+            else None,
+        }
     fid_val = None
     if val and split != "val" and ds.splits.get("val"):
         val_rows = _real_rows(ds.rows("val"), "val")
@@ -389,6 +459,8 @@ def evaluate_run(
         "cost": cost_out,
         "rows": per_row,
     }
+    if teacher_self is not None:
+        result["teacher_self"] = teacher_self
     if fid_val is not None:
         result["fidelity_val"] = fid_val
     if exported:

@@ -30,6 +30,7 @@ from graphdistill.eval.summary import (
     fmt_num,
     fmt_ratio,
     headline,
+    teacher_self_column,
 )
 
 log = logging.getLogger(__name__)
@@ -324,6 +325,10 @@ def render_html(
     bundles = fidelity_columns(ev0)[1:]
     head = "".join(f"<th>{_e(n)}</th>" for n, _ in evs)
     head += "".join(f"<th>{_e(name0)}: {_e(b)}</th>" for b, _, _ in bundles)
+    itself = teacher_self_column(ev0)
+    if itself is not None:
+        bundles.append(itself)
+        head += f"<th>{_e(itself[0])}</th>"
     val = ev0.get("fidelity_val")
     if val:
         head += f"<th>{_e(name0)} (val split)</th>"

@@ -47,6 +47,15 @@ def fidelity_columns(ev: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]
     return cols
 
 
+def teacher_self_column(ev: Mapping[str, Any]) -> tuple[str, Mapping[str, Any], Mapping[str, Any]] | None:
+    """(name, fidelity, intervals) of the teacher's other recorded samples against the same reference (the
+    most a student can expect to follow it), when the evaluation could read them."""
+    own = ev.get("teacher_self") or {}
+    if not own.get("fidelity"):
+        return None
+    return ("teacher (another sample)", own["fidelity"], own.get("fidelity_ci") or {})
+
+
 def fmt_bytes(n: Any) -> str:
     if n is None:
         return "n/a"
@@ -95,6 +104,9 @@ def markdown_summary(ev: Mapping[str, Any]) -> str:
     """A headline, the fidelity table and the cost table of one ``eval.json``."""
     c = ev.get("cost", {})
     cols = fidelity_columns(ev)
+    itself = teacher_self_column(ev)
+    if itself is not None:
+        cols.append(itself)
     gt = ev.get("ground_truth")
     head = "| Fidelity [95 % interval] | " + " | ".join(f"{n} vs teacher" for n, _, _ in cols) + " |"
     rule = "|---|" + "---:|" * len(cols)
