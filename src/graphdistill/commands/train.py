@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="NAME=W",
         help="weight of one loss, repeatable (e.g. --loss-weight kd_cls=0 --loss-weight mask_bce=4); "
         "names: answer_ce, answer_kl, det_cls, det_box, det_dfl, kd_cls, kd_box, mask_bce, sources, "
-        "embedding, embedding:<output>",
+        "retrieval, embedding, embedding:<output>",
     )
     p.add_argument(
         "--start",
@@ -54,6 +54,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="a trunk started from a detector: train none of it (default: the detector stays the teacher's "
         "at the student's input size), its neck and head only (densely, with the detector's per-cell outputs "
         "as soft targets), or all of it",
+    )
+    p.add_argument(
+        "--retrieval-queries",
+        type=int,
+        default=4000,
+        metavar="N",
+        help="synthetic queries the graph's retriever ranks, to teach the sources head how it ranks (default "
+        "4000; 0: learn from the traces alone). Used when the graph's retrieve node offers its embedder",
     )
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
     p.set_defaults(func=_train)
@@ -83,6 +91,8 @@ def _train(args: argparse.Namespace) -> int:
         raise CommandError(f"--max-minutes {args.max_minutes}: must be positive")
     if args.batch_size < 1:
         raise CommandError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.retrieval_queries < 0:
+        raise CommandError(f"--retrieval-queries {args.retrieval_queries}: must be 0 or more")
     if args.image_size is not None and (args.image_size < 32 or args.image_size % 32):
         raise CommandError(f"--image-size {args.image_size}: must be a positive multiple of 32")
     loss_weights = parse_loss_weights(args.loss_weight)
@@ -120,6 +130,7 @@ def _train(args: argparse.Namespace) -> int:
         loss_weights=loss_weights,
         start=args.start,
         freeze=args.freeze,
+        retrieval_queries=args.retrieval_queries,
     )
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -51,6 +51,7 @@ import numpy as np
 
 from graphdistill.graphs.builder import GraphBuilder
 from graphdistill.graphs.replay import CONF_REPLAY_FROM
+from graphdistill.teachers.retriever import labelled_query
 from graphdistill.trace import Detections, Document, Kind, Masks, ObjectOut
 
 log = logging.getLogger(__name__)
@@ -357,8 +358,8 @@ def _plain_prompt(
 
 
 def retrieval_query(question: str, detections: Detections) -> str:
-    labels = list(dict.fromkeys(detections.names))
-    return question.strip() + (" " + " ".join(labels) if labels else "")
+    """What ``retrieve`` embeds: the question and the detected labels, each once (:func:`labelled_query`)."""
+    return labelled_query(question, detections.names)
 
 
 def _nodes(t: VisualRagTeachers, cfg: VisualRagConfig) -> dict[str, Callable[..., dict[str, Any]]]:

@@ -58,6 +58,7 @@ class LossWeights:
     kd_box: float = 1.5
     mask_bce: float = 2.0
     sources: float = 1.0
+    retrieval: float = 1.0  # the sources head on synthetic queries ranked by the teacher's retriever
     embedding: float = 1.0
     extra: dict[str, float] = field(default_factory=dict)  # per-embedding weights: "embedding:<name>"
 
@@ -373,6 +374,8 @@ def compute_losses(
         losses.update(kd_losses(out, batch))
     if "source_logits" in out and "sources" in batch:
         losses["sources"] = sources_loss(out["source_logits"], batch["sources"])
+    if "retrieval_logits" in out and "retrieval_targets" in batch:  # see graphdistill.student.retrieval_kd
+        losses["retrieval"] = sources_loss(out["retrieval_logits"], batch["retrieval_targets"])
 
     for key, value in out.items():
         if key.startswith("embedding:") and key in batch:

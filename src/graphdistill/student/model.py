@@ -160,7 +160,7 @@ def mentioned(words: Tensor, question_ids: Tensor, question_mask: Tensor) -> Ten
 
 class SourceHead(nn.Module):
     """Ranks the knowledge-base documents as the teacher's retriever does: its query is the question plus the
-    detected labels, each once (``visual_rag.retrieval_query``), embedded and compared by cosine with every
+    detected labels, each once (``teachers.retriever.labelled_query``), embedded and compared by cosine with every
     document. The student's query is the question's tokens and the kept objects' class-name words (a class
     once), and a document's score is the sum of two cosines at learned scales:
 
@@ -656,13 +656,8 @@ class Student(nn.Module):
         memory = self.context(_text_view(feats[2], detach), obj_tokens, question_ids, question_mask)
         out["memory"] = memory
         docs = None
-        if cfg.has_sources:  # the retriever's query: the question and the detected labels
-            ids, mask = question_ids, question_mask
-            if chosen is not None:
-                c = chosen["classes"].clamp(0, cfg.num_classes - 1)
-                ids = torch.cat([ids, self.class_words[c]], dim=1)
-                mask = torch.cat([mask.to(torch.bool), first_of_class(c, chosen["valid"])], dim=1)
-            out["source_logits"] = self.source_head(ids, mask, self.tok_emb)
+        if cfg.has_sources:
+            out["source_logits"] = self.rank_sources(question_ids, question_mask, chosen)
             # the documents the answer may copy from: the teacher's in training (``objects["sources"]``,
             # multi-hot), the student's best-ranked ones otherwise
             retrieved = objects.get("sources") if objects is not None and self.training else None
@@ -675,6 +670,20 @@ class Student(nn.Module):
             for name, head in self.embedding_heads.items():
                 out[f"embedding:{name}"] = head(summary)
         return out
+
+    def rank_sources(
+        self, question_ids: Tensor, question_mask: Tensor, objects: dict[str, Tensor] | None
+    ) -> Tensor:
+        """``source_logits`` [B,N] for the retriever's query: the question and the labels of ``objects``
+        (``classes`` [B,K], ``valid`` [B,K]; None: the question alone), each class once, as the teacher's
+        retriever asks (:func:`graphdistill.teachers.retriever.labelled_query`). Training's retrieval
+        distillation calls it on queries no trace asked (:mod:`graphdistill.student.retrieval_kd`)."""
+        ids, mask = question_ids, question_mask
+        if objects is not None:
+            c = objects["classes"].clamp(0, self.config.num_classes - 1)
+            ids = torch.cat([ids, self.class_words[c]], dim=1)
+            mask = torch.cat([mask.to(torch.bool), first_of_class(c, objects["valid"])], dim=1)
+        return self.source_head(ids, mask, self.tok_emb)  # type: ignore[no-any-return]
 
     @staticmethod
     def pointer_of(encoded: dict[str, Tensor]) -> dict[str, Tensor] | None:

@@ -46,11 +46,14 @@ from graphdistill.student.model import (
     preset,
 )
 from graphdistill.student.predict import STUDENT_FORMAT, StudentPredictor, check_student
+from graphdistill.student.retrieval_kd import RetrievalQueries, make_retrieval_queries, ranking_recall
 from graphdistill.student.tokenizer import StudentTokenizer
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
+RETRIEVAL_BATCH = 64  # synthetic retrieval queries per training step
+RETRIEVAL_VAL = 256  # more of them, never trained on: validation's ``retrieval_recall``
 FEATURE_KEYS = ("trunk_p3", "trunk_p4", "trunk_p5")  # a frozen trunk's cached features in a batch
 
 
@@ -119,6 +122,8 @@ class TrainConfig:
     vocab_size: int | None = None  # None: the preset's
     overrides: dict[str, Any] = field(default_factory=dict)  # extra StudentConfig fields
     loss_weights: dict[str, float] = field(default_factory=dict)
+    # synthetic queries the graph's retriever ranks for the sources head (student.retrieval_kd); 0: none
+    retrieval_queries: int = 4000
 
 
 def _atomic_write_bytes(path: Path, write: Callable[[Path], object]) -> None:
@@ -171,6 +176,9 @@ class TrainRecipe:
         self.train_seconds: list[float] = []
         self.start: Any = None  # teachers.base.StudentStart the student started from, if any
         self.class_names: list[str] = []
+        self.retrieval: RetrievalQueries | None = None  # synthetic queries ranked by the graph's retriever
+        self.retrieval_val: RetrievalQueries | None = None
+        self.retrieval_teacher: dict[str, Any] | None = None  # the retriever that ranked them (run meta)
 
     # ---- setup --------------------------------------------------------------------------------------------
 
@@ -257,6 +265,8 @@ class TrainRecipe:
         if self.start is not None and hasattr(trunk, "freeze"):
             trunk.freeze(cfg.freeze)  # type: ignore[union-attr]
         self.model = model.to(self.device)
+        self.retrieval, self.retrieval_val = self._retrieval_queries()
+        self.retrieval_gen = torch.Generator().manual_seed(cfg.seed)
         kd = self._detector_targets("train")
         self.train_set = StudentDataset(
             self.ds,
@@ -327,6 +337,54 @@ class TrainRecipe:
             )
             return None
         return load_offer(found[1], node=found[0])
+
+    def _retrieval_queries(self) -> tuple[RetrievalQueries | None, RetrievalQueries | None]:
+        """Synthetic queries ranked by the graph's retriever (:mod:`graphdistill.student.retrieval_kd`), for
+        training and for validation; (None, None) when ``retrieval_queries`` is 0, the student has no sources
+        head, or no node of the graph offers its retriever (``"text-retriever"``)."""
+        from graphdistill.teachers.base import RetrievalTeacher, load_offer, pick_offer
+
+        graph = self.ds.graph
+        model = self.model
+        n = self.cfg.retrieval_queries
+        if n <= 0 or graph is None or not isinstance(model, Student) or not model.config.has_sources:
+            return None, None
+        found = pick_offer(graph.offers, "text-retriever")
+        if found is None:
+            log.info(
+                "graph %s: no node offers its retriever; the sources head learns from the traces", graph.name
+            )
+            return None, None
+        teacher = load_offer(found[1], node=found[0])
+        if not isinstance(teacher, RetrievalTeacher):
+            raise TypeError(f"node {found[0]}: a text-retriever offer loaded as {type(teacher).__name__}")
+        rows = self.ds.rows("train") or self.ds.all_rows()
+        queries = make_retrieval_queries(
+            teacher.embed,
+            teacher.k,
+            questions=[str(r["question"]) for r in rows],
+            documents=[str(d.get("text") or "") for d in self.ds.documents],
+            class_names=self.class_names,
+            tokenizer=self.tokenizer,
+            max_question_len=self.model_config.max_question_len,
+            n=n + RETRIEVAL_VAL,
+            seed=self.cfg.seed,
+            progress=self.on_progress,
+        )
+        self.retrieval_teacher = teacher.describe() | {"queries": n}
+        log.info("%d synthetic queries ranked by %s (node %s)", n, teacher.model_id, found[0])
+        return queries.subset(slice(0, n)), queries.subset(slice(n, None))
+
+    def _retrieval_logits(self, queries: RetrievalQueries, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The sources head's ranking of synthetic queries ``idx`` and the teacher's (``retrieval_logits``,
+        ``retrieval_targets``)."""
+        b = queries.batch(idx, self.device)
+        model = self.model
+        assert isinstance(model, Student)
+        logits = model.rank_sources(
+            b["question_ids"], b["question_mask"], {"classes": b["classes"], "valid": b["valid"]}
+        )
+        return {"retrieval_logits": logits, "retrieval_targets": b["retrieval_targets"]}
 
     def _detector_targets(self, split: str) -> Any:
         """Row index -> the detector's per-cell outputs (:mod:`graphdistill.student.kd`), for a student started
@@ -426,6 +484,7 @@ class TrainRecipe:
             "dataset": str(Path(self.cfg.dataset).resolve()),
             "preprocessing": spec_of(self.model_config),
             "started_from": self.start.describe() if self.start is not None else None,
+            "retrieval_teacher": self.retrieval_teacher,
             "preset": self.cfg.preset,
             "parameters": count_parameters(self.model),
             "epochs": self.epoch,
@@ -458,6 +517,11 @@ class TrainRecipe:
             for i, batch in enumerate(loader):
                 batch = self._to_device(batch)
                 out = self._forward(batch)
+                if self.retrieval is not None:
+                    idx = torch.randint(len(self.retrieval), (RETRIEVAL_BATCH,), generator=self.retrieval_gen)
+                    got = self._retrieval_logits(self.retrieval, idx)
+                    out["retrieval_logits"] = got["retrieval_logits"]
+                    batch["retrieval_targets"] = got["retrieval_targets"]
                 losses = compute_losses(out, batch, self.weights)
                 bad = [k for k, v in losses.items() if not torch.isfinite(v)]
                 if bad:
@@ -570,6 +634,12 @@ class TrainRecipe:
                 keep = tgt != -100
                 acc = (out["answer_logits"].argmax(-1)[keep] == tgt[keep]).float().mean()
                 res["answer_token_acc"] = float(acc)
+            if self.retrieval_val is not None:  # how well the head ranks as the retriever on unseen queries
+                with torch.no_grad():
+                    got = self._retrieval_logits(self.retrieval_val, torch.arange(len(self.retrieval_val)))
+                recall = ranking_recall(got["retrieval_logits"].cpu(), got["retrieval_targets"].cpu())
+                if recall is not None:
+                    res["retrieval_recall"] = recall
             for key, value in out.items():  # EMBEDDING outputs (the evaluation's metrics have none for them)
                 valid = batch.get(f"{key}:valid")
                 if key.startswith("embedding:") and key in batch and valid is not None and bool(valid.any()):

@@ -6,7 +6,7 @@ its role by shape only, so a user's own adapter needs no import from here to plu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -135,6 +135,7 @@ def pick_device(device: str | None) -> str:
 # kind -> "module:function" that loads that kind of offer (imported only when such an offer is used)
 OFFER_LOADERS: dict[str, str] = {
     "ultralytics-detect": "graphdistill.teachers.detector:load_student_start",
+    "text-retriever": "graphdistill.teachers.text_embedder:load_retrieval_teacher",
 }
 
 
@@ -164,17 +165,39 @@ class StudentStart:
 
     def describe(self) -> dict[str, Any]:
         """Where the student's starting weights came from (for run meta and bundle manifests)."""
-        return {
-            "kind": self.kind,
-            "node": self.node,
-            "model_id": self.model_id,
-            "weights_sha256": self.weights_sha256,
-            "licence": self.licence,
-        }
+        return _offered_by(self) | {"licence": self.licence}
 
 
-def load_offer(ref: dict[str, Any], node: str = "") -> StudentStart:
-    """A node's offer reference (``GraphSchema.offers[node]``) -> the loaded :class:`StudentStart`."""
+@dataclass
+class RetrievalTeacher:
+    """A retriever's offer, loaded: its text embedder, which the trainer asks to rank the knowledge base for
+    queries no recorded trace asked (:mod:`graphdistill.student.retrieval_kd`). Nothing of it enters the
+    student's weights: it is a teacher the trainer may call, as cheap as one embedding per query."""
+
+    kind: str
+    embed: Callable[[Sequence[str]], Any]  # texts -> [n, dim] L2-normalised vectors (cosine = dot product)
+    k: int  # how many documents the retriever returns
+    model_id: str
+    weights_sha256: str
+    node: str = ""
+
+    def describe(self) -> dict[str, Any]:
+        """Which retriever taught the run (for its meta)."""
+        return _offered_by(self) | {"k": self.k}
+
+
+def _offered_by(loaded: StudentStart | RetrievalTeacher) -> dict[str, Any]:
+    return {
+        "kind": loaded.kind,
+        "node": loaded.node,
+        "model_id": loaded.model_id,
+        "weights_sha256": loaded.weights_sha256,
+    }
+
+
+def load_offer(ref: dict[str, Any], node: str = "") -> StudentStart | RetrievalTeacher:
+    """A node's offer reference (``GraphSchema.offers[node]``) -> what it offers, loaded: modules the student
+    starts from (:class:`StudentStart`) or a teacher the trainer may call (:class:`RetrievalTeacher`)."""
     import importlib
 
     kind = str(ref.get("kind", ""))
@@ -184,9 +207,9 @@ def load_offer(ref: dict[str, Any], node: str = "") -> StudentStart:
             f"node {node or '?'} offers modules of unknown kind {kind!r}; known: {sorted(OFFER_LOADERS)}"
         )
     module, _, attr = target.partition(":")
-    start: StudentStart = getattr(importlib.import_module(module), attr)(ref)
-    start.node = node
-    return start
+    loaded: StudentStart | RetrievalTeacher = getattr(importlib.import_module(module), attr)(ref)
+    loaded.node = node
+    return loaded
 
 
 def pick_offer(offers: dict[str, dict[str, Any]], kind: str) -> tuple[str, dict[str, Any]] | None:

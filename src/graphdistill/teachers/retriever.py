@@ -40,6 +40,14 @@ _SCALAR = (str, int, float, bool)
 _LIVE: weakref.WeakValueDictionary[tuple[str, str], Any] = weakref.WeakValueDictionary()
 
 
+def labelled_query(question: str, labels: Sequence[str]) -> str:
+    """The text a visual RAG retriever embeds: the question, then each detected label once, in order
+    ("What is it? cat dog"). One implementation: the reference graph queries with it, and the student's
+    retrieval distillation (:mod:`graphdistill.student.retrieval_kd`) asks the teacher's embedder the same way."""
+    names = list(dict.fromkeys(str(n) for n in labels))
+    return question.strip() + (" " + " ".join(names) if names else "")
+
+
 class RetrieverError(ValueError):
     """Bad input to the retriever (ids, metadata, collection names); the message names the culprit."""
 
@@ -209,6 +217,24 @@ class ChromaRetriever:
             self.model_id += f" + image: {image_embedder.model_id}"
             both = f"{text_embedder.weights_sha256}+{image_embedder.weights_sha256}"
             self.weights_sha256 = hashlib.sha256(both.encode()).hexdigest()
+
+    def student_offer(self) -> dict[str, Any] | None:
+        """The student may learn to rank the documents as this retriever does, on queries no recorded trace
+        asked (:mod:`graphdistill.student.retrieval_kd`): a JSON reference to the text embedder's weights that
+        the graph schema records for the retrieve node. None when the ranking is not the text embedder's alone
+        (an image embedder also retrieves) or the embedder cannot be reloaded from a name or a folder."""
+        if self.image_embedder is not None:
+            return None
+        weights = getattr(self.text_embedder, "weights", None)
+        if not isinstance(weights, str) or not weights:
+            return None
+        return {
+            "kind": "text-retriever",
+            "embedder": weights,
+            "weights_sha256": self.text_embedder.weights_sha256,
+            "model_id": self.text_embedder.model_id,
+            "k": self.k,
+        }
 
     def _open(self, name: str, ef: Any) -> Any:
         return self.client.get_or_create_collection(

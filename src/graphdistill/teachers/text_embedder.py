@@ -83,3 +83,29 @@ class SentenceEmbedder:
             out.append(vecs[start : start + len(b)])
             start += len(b)
         return out
+
+
+def load_retrieval_teacher(ref: dict[str, Any]) -> Any:
+    """A retriever's offer (:meth:`ChromaRetriever.student_offer`) -> ``teachers.base.RetrievalTeacher``: the
+    same text embedder, loaded again from its name or folder; its weights must still have the recorded sha256
+    (rankings from other weights would teach the student another retriever)."""
+    from graphdistill.teachers.base import OfferError, RetrievalTeacher
+
+    name = str(ref.get("embedder") or "")
+    try:
+        _, sha = weights_mod.resolve(name)
+    except (OSError, ValueError, weights_mod.WeightsError) as exc:
+        raise OfferError(f"retriever offer {name!r}: cannot resolve its text embedder ({exc})") from exc
+    if ref.get("weights_sha256") and sha != ref["weights_sha256"]:
+        raise OfferError(
+            f"retriever offer {name!r}: the embedder's sha256 {sha[:12]}… is not the recorded "
+            f"{str(ref['weights_sha256'])[:12]}… (the weights changed since the traces were recorded)"
+        )
+    embedder = SentenceEmbedder(name)
+    return RetrievalTeacher(
+        kind="text-retriever",
+        embed=embedder.embed,
+        k=int(ref.get("k") or 3),
+        model_id=embedder.model_id,
+        weights_sha256=sha,
+    )
