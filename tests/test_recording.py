@@ -190,15 +190,133 @@ def test_graph_identity_without_schema_is_stable_and_structural() -> None:
     assert a == b and a.hash != c.hash
 
 
-def test_recording_failure_never_breaks_the_graph(
+def test_a_trace_that_cannot_be_written_is_never_lost_in_silence(
     store: TraceStore, caplog: pytest.LogCaptureFixture
 ) -> None:
-    graph = record(toy_graph(), store)
-    store.close()  # every append now fails
+    """strict (default): invoke raises TraceNotRecorded once the graph is done, the graph's result attached;
+    strict=False: the graph's result comes back and the failure is counted, logged and raisable."""
+    from graphdistill.datasets.recording import TraceNotRecorded
+
     inputs = {"image": image(), "question": "still works"}
-    result = graph.invoke(inputs)
-    assert result["answer"] == toy_graph().invoke(inputs)["answer"]
-    assert "trace recording failed" in caplog.text
+    expected = toy_graph().invoke(inputs)
+    strict = record(toy_graph(), store)
+    lenient_recorder = TraceRecorder(store, strict=False)
+    store.close()  # every append now fails
+    with pytest.raises(TraceNotRecorded, match=r"1 run\(s\) finished but their trace was NOT written") as got:
+        strict.invoke(inputs)
+    assert got.value.result["answer"] == expected["answer"]  # the graph's own result is safe
+    np.testing.assert_array_equal(got.value.result["mask"], expected["mask"])
+    assert len(got.value.failures) == 1 and "closed" in got.value.failures[0].lower()
+
+    result = toy_graph().invoke(inputs, config={"callbacks": [lenient_recorder]})
+    assert result["answer"] == expected["answer"]
+    assert lenient_recorder.failed_to_record == 1 and len(lenient_recorder.failures) == 1
+    assert "trace NOT recorded" in caplog.text
+    with pytest.raises(TraceNotRecorded, match="1 run"):
+        lenient_recorder.raise_if_failed()
+    lenient_recorder.raise_if_failed()  # each failure is raised once
+
+
+def test_the_store_argument_is_a_store_a_path_or_a_file_url_and_anything_else_is_refused_at_once(
+    tmp_path: Path,
+) -> None:
+    from graphdistill.datasets.store import StoreError
+
+    inputs = {"image": image(), "question": "q"}
+    for i, where in enumerate(
+        (str(tmp_path / "as-str"), tmp_path / "as-path", (tmp_path / "as-url").as_uri())
+    ):
+        live = record(toy_graph(), where)
+        live.invoke(inputs)
+        (t,) = list(TraceStore(tmp_path / ["as-str", "as-path", "as-url"][i]).iter())
+        assert t.output["answer"] == "q: " + str(int((image()[..., 0] > 100).sum()))
+    for bad, error, message in (
+        (3, TypeError, "must be a TraceStore, a folder path or a file:// URL, not int 3"),
+        (None, TypeError, "not NoneType None"),
+        (["a"], TypeError, "not list"),
+        ("s3://bucket/traces", StoreError, r"a local folder.*not s3://"),
+        ("", StoreError, "an empty path"),
+    ):
+        with pytest.raises(error, match=message):
+            record(toy_graph(), bad)
+        with pytest.raises(error, match=message):
+            TraceRecorder(bad)
+    assert not (tmp_path / "s3:").exists()
+
+
+def _count(root: Path) -> int:
+    with TraceStore(root, readonly=True) as s:
+        return s.count()
+
+
+def test_each_way_a_write_can_fail_raises_and_leaves_what_was_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import shutil
+    import sqlite3
+
+    from graphdistill.datasets.recording import TraceNotRecorded
+
+    root = tmp_path / "store"
+    store = TraceStore(root)
+    live = record(toy_graph(), store)
+    live.invoke({"image": image(0), "question": "kept"})
+    assert _count(root) == 1
+
+    def read_only(*args: Any, **kwargs: Any) -> None:
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    def disk_full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for name, patch, message in (
+        ("read-only", ("_insert_row", read_only), "readonly database"),
+        ("disk full", ("_write_blob", disk_full), "No space left on device"),
+    ):
+        with monkeypatch.context() as m:
+            m.setattr(store, *patch)
+            with pytest.raises(TraceNotRecorded, match=message):
+                live.invoke({"image": image(1), "question": name})
+        assert _count(root) == 1, name  # nothing half-written, the first trace untouched
+        assert store.get(next(store.iter()).id).inputs["question"] == "kept"
+
+    class Unstorable:  # a node output that cannot be encoded (not even by its repr)
+        def __repr__(self) -> str:
+            raise RuntimeError("no representation")
+
+    g = StateGraph(State)
+    g.add_node("weird", lambda s: {"answer": Unstorable()})
+    g.add_edge(START, "weird")
+    g.add_edge("weird", END)
+    with pytest.raises(TraceNotRecorded, match="no representation") as got:
+        record(g.compile(), store).invoke({"image": image(2), "question": "weird"})
+    assert isinstance(got.value.result["answer"], Unstorable)
+    assert _count(root) == 1
+
+    # a node that raises is not a recording failure: its trace is kept, status error, and its error comes out
+    with pytest.raises(ValueError, match="refuses"):
+        live.invoke({"image": image(3), "question": "explode"})
+    assert _count(root) == 2
+
+    shutil.rmtree(root)  # the store deleted while open: SQLite would write into the deleted file
+    with pytest.raises(TraceNotRecorded, match="was deleted while open"):
+        live.invoke({"image": image(4), "question": "gone"})
+
+
+def test_a_background_recorder_raises_its_failures_at_flush(store: TraceStore) -> None:
+    from graphdistill.datasets.recording import TraceNotRecorded
+
+    recorder = TraceRecorder(store, background=True)
+    graph = toy_graph()
+    graph.invoke({"image": image(), "question": "one"}, config={"callbacks": [recorder]})
+    recorder.flush()
+    assert store.count() == 1
+    store.close()
+    graph.invoke({"image": image(), "question": "two"}, config={"callbacks": [recorder]})  # queued
+    with pytest.raises(TraceNotRecorded, match="1 run"):
+        recorder.flush()
+    recorder.close()  # already raised: nothing new
 
 
 def test_nested_runnables_inside_a_node_are_not_spans(store: TraceStore) -> None:

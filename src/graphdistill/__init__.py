@@ -27,6 +27,7 @@ _EXPORTS: dict[str, str] = {
     "load_image": "graphdistill.images",
     "record": "graphdistill.datasets.recording",
     "TraceRecorder": "graphdistill.datasets.recording",
+    "TraceNotRecorded": "graphdistill.datasets.recording",
     "TraceStore": "graphdistill.datasets.store",
 }
 

@@ -152,8 +152,13 @@ def _init(spec: str | None, store_root: str) -> None:
     store = TraceStore(store_root)
     schema, gid = graph_identity(graph)
     outcomes: list[tuple[Any, str | None]] = []
-    recorder = TraceRecorder(
-        store, schema=schema, graph_id=gid, background=True, on_trace=lambda t, i: outcomes.append((t, i))
+    recorder = TraceRecorder(  # not strict: the runs it could not store are counted as failed and shown
+        store,
+        schema=schema,
+        graph_id=gid,
+        background=True,
+        strict=False,
+        on_trace=lambda t, i: outcomes.append((t, i)),
     )
     _WORKER.update(
         graph=graph, store=store, graph_id=gid, recorder=recorder, outcomes=outcomes, errors_seen=0

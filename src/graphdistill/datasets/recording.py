@@ -21,11 +21,12 @@ import hashlib
 import json
 import logging
 import math
+import os
 import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,7 @@ from uuid import UUID
 import numpy as np
 from langchain_core.callbacks import BaseCallbackHandler
 
-from graphdistill.datasets.store import DuplicateTraceError, TraceStore
+from graphdistill.datasets.store import DuplicateTraceError, StoreError, TraceStore, as_store
 from graphdistill.trace import (
     BLOB_KEY,
     BlobRef,
@@ -224,6 +225,16 @@ class _Run:
     spans: dict[UUID, _Span] = field(default_factory=dict)
 
 
+class TraceNotRecorded(StoreError):
+    """A run finished but its trace could not be written. ``result``: the graph's own output (None when the
+    graph itself failed, or for failures raised by ``flush``); ``failures``: one line per run not recorded."""
+
+    def __init__(self, message: str, *, result: Any = None, failures: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.result = result
+        self.failures = list(failures)
+
+
 class TraceRecorder(BaseCallbackHandler):
     """Records every run of a LangGraph graph it is attached to as one trace in ``store``.
 
@@ -236,6 +247,18 @@ class TraceRecorder(BaseCallbackHandler):
     the input hash). ``metadata``: merged into every trace's metadata. ``on_trace(trace, trace_id)`` is
     called after each append (``trace_id`` is None when the store refused it, e.g. a duplicate).
 
+    ``store``: a :class:`TraceStore`, a folder path or a ``file://`` URL (opened at once; anything else is
+    refused here, before the first run).
+
+    **No trace is lost in silence.** Every run whose trace cannot be written (the store deleted or read-only,
+    the disk full, a value that cannot be stored) is counted in ``failed_to_record``, described in
+    ``failures`` and logged as an error. With ``strict=True`` (default) it is also raised:
+    :class:`TraceNotRecorded` from ``invoke`` / ``batch`` itself once the graph has finished (the graph's own
+    result is the exception's ``result``: nothing the graph computed is lost either), or, with
+    ``background=True``, from the next :meth:`flush` / :meth:`close`. ``strict=False`` only counts and logs
+    (a batch recorder that reports its own tallies); :meth:`raise_if_failed` raises for failures not yet
+    raised in either mode. A run where the graph itself failed is a trace too (status ``error``).
+
     ``background=False`` (default): the trace is encoded and durably appended before ``invoke`` returns;
     the input images' PNGs are started on a helper thread when the run starts, so that encode overlaps the
     graph (see :class:`ImageEncodings`). ``background=True``: encoding (PNG) and the fsynced append run on
@@ -246,11 +269,11 @@ class TraceRecorder(BaseCallbackHandler):
     """
 
     run_inline = True  # called in the graph's own thread / event loop: ordering and keys stay exact
-    raise_error = False
+    raise_error = False  # per instance: True when strict, so LangChain lets TraceNotRecorded out of invoke
 
     def __init__(
         self,
-        store: TraceStore,
+        store: TraceStore | str | os.PathLike[str],
         *,
         schema: GraphSchema | None = None,
         graph_id: GraphId | None = None,
@@ -259,8 +282,11 @@ class TraceRecorder(BaseCallbackHandler):
         on_trace: Callable[[Trace, str | None], None] | None = None,
         background: bool = False,
         max_pending: int = 32,
+        strict: bool = True,
     ) -> None:
-        self.store = store
+        self.store = as_store(store, what="TraceRecorder store")
+        self.strict = strict
+        self.raise_error = strict
         self.schema = schema
         if graph_id is None and schema is not None:
             graph_id = GraphId(
@@ -275,7 +301,10 @@ class TraceRecorder(BaseCallbackHandler):
         self.background = background
         self.recorded = 0  # traces appended
         self.duplicates = 0  # traces the store already had (refused, not an error)
-        self.failed_to_record = 0  # recording errors (logged; the graph went on)
+        self.failed_to_record = 0  # runs whose trace could not be written (logged, raised when strict)
+        self.failures: list[str] = []  # what went wrong, one line per run not recorded
+        self._reported = 0  # failures already raised
+        self._lost: set[UUID] = set()  # root runs whose start could not be recorded
         self._lock = threading.Lock()
         self._runs: dict[UUID, _Run] = {}
         self._node_root: dict[UUID, UUID] = {}  # node run id -> its root run id
@@ -330,8 +359,11 @@ class TraceRecorder(BaseCallbackHandler):
                 for value in inputs.values():
                     if isinstance(value, np.ndarray):
                         self.images.prefetch(value)
-        except Exception:
-            log.exception("trace recording failed at the start of run %s (the graph is unaffected)", run_id)
+        except Exception as exc:
+            if parent_run_id is None:  # a root run: its trace cannot be written at its end
+                with self._lock:
+                    self._lost.add(run_id)
+            self._fail(f"run {run_id} (at its start)", exc)
 
     # --- ends ---------------------------------------------------------------------------------------------
 
@@ -342,6 +374,13 @@ class TraceRecorder(BaseCallbackHandler):
         self._end(run_id, None, error)
 
     def _end(self, run_id: UUID, outputs: Any, error: BaseException | None) -> None:
+        with self._lock:
+            lost = run_id in self._lost
+            self._lost.discard(run_id)
+        if lost:
+            self._raise_new(outputs)
+            return
+        root = False
         try:
             with self._lock:
                 root_id = self._node_root.pop(run_id, None)
@@ -356,6 +395,7 @@ class TraceRecorder(BaseCallbackHandler):
                 run = self._runs.pop(run_id, None)
             if run is None:
                 return
+            root = True
             duration = time.perf_counter() - run.start_perf
             job = (
                 run,
@@ -368,10 +408,46 @@ class TraceRecorder(BaseCallbackHandler):
                 self._queue.put(job)
             else:
                 self._write(*job)
-        except Exception:
-            with self._lock:
-                self.failed_to_record += 1
-            log.exception("trace recording failed at the end of run %s (the graph is unaffected)", run_id)
+        except Exception as exc:
+            self._fail(f"run {run_id}", exc)
+            if root and not self.background:
+                self._raise_new(outputs)
+
+    # --- failures -----------------------------------------------------------------------------------------
+
+    def _fail(self, what: str, exc: BaseException) -> None:
+        line = f"{what}: {type(exc).__name__}: {exc}"
+        with self._lock:
+            self.failed_to_record += 1
+            self.failures.append(line)
+            n = self.failed_to_record
+        log.error(
+            "trace NOT recorded in %s (%d so far): %s",
+            self.store.root,
+            n,
+            line,
+            exc_info=(type(exc), exc, None),
+        )
+
+    def _raise_new(self, result: Any = None) -> None:
+        if self.strict:
+            self.raise_if_failed(result)
+
+    def raise_if_failed(self, result: Any = None) -> None:
+        """Raise :class:`TraceNotRecorded` for the runs whose trace could not be written since the last time
+        this raised (nothing when there are none). ``result``: the graph's output to hand back with it."""
+        with self._lock:
+            new = self.failures[self._reported :]
+            self._reported = len(self.failures)
+        if not new:
+            return
+        more = f" (and {len(new) - 1} more)" if len(new) > 1 else ""
+        raise TraceNotRecorded(
+            f"{len(new)} run(s) finished but their trace was NOT written to trace store {self.store.root}: "
+            f"{new[0]}{more}. The graph's own result is this error's .result, and .failures lists every run not recorded",
+            result=result,
+            failures=new,
+        )
 
     # --- writing ------------------------------------------------------------------------------------------
 
@@ -453,26 +529,28 @@ class TraceRecorder(BaseCallbackHandler):
                 if job is None:
                     return
                 self._write(*job)
-            except Exception:
-                with self._lock:
-                    self.failed_to_record += 1
-                log.exception("trace recording failed in the writer thread (the graph is unaffected)")
+            except Exception as exc:
+                self._fail("a run written in the background", exc)
             finally:
                 self._queue.task_done()
 
     def flush(self) -> None:
-        """Wait until every finished run is written (a no-op when not in background mode)."""
+        """Wait until every finished run is written (a no-op when not in background mode); with ``strict``,
+        raise :class:`TraceNotRecorded` if any of them could not be."""
         if self._writer is not None:
             self._queue.join()
+        self._raise_new()
 
     def close(self) -> None:
-        """Flush and stop the writer thread (and the image-encoding helper)."""
+        """Flush and stop the writer thread (and the image-encoding helper); with ``strict``, raise
+        :class:`TraceNotRecorded` if a run could not be written."""
         writer = self._writer
         if writer is not None and writer.is_alive():
             self._queue.put(None)
             writer.join()
         self._writer = None
         self.images.close()
+        self._raise_new()
 
 
 def graph_identity(graph: Any) -> tuple[GraphSchema | None, GraphId]:
@@ -506,12 +584,15 @@ def graph_identity(graph: Any) -> tuple[GraphSchema | None, GraphId]:
     return None, GraphId(name=name, hash=digest)
 
 
-def record(graph: Any, store: TraceStore, **kwargs: Any) -> Any:
+def record(graph: Any, store: TraceStore | str | os.PathLike[str], **kwargs: Any) -> Any:
     """``graph`` with a :class:`TraceRecorder` bound: every invoke/batch/stream (sync or async) is recorded.
 
+    ``store``: a :class:`TraceStore`, a folder path or a ``file://`` URL (anything else is refused here).
     Keyword arguments go to :class:`TraceRecorder` (``schema``, ``graph_id``, ``group_id``, ``metadata``,
-    ``on_trace``, ``background``); schema and graph id are derived from the graph when not given. With
-    ``background=True`` build the :class:`TraceRecorder` yourself, so that you can ``flush()`` it.
+    ``on_trace``, ``background``, ``strict``); schema and graph id are derived from the graph when not given.
+    A run whose trace cannot be written raises :class:`TraceNotRecorded` from ``invoke`` (``strict``, the
+    default) with the graph's result attached. With ``background=True`` build the :class:`TraceRecorder`
+    yourself, so that you can ``flush()`` it.
     """
     if kwargs.get("schema") is None and kwargs.get("graph_id") is None:
         kwargs["schema"], kwargs["graph_id"] = graph_identity(graph)

@@ -32,6 +32,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 from pydantic import ValidationError
@@ -85,6 +86,29 @@ class TraceValidationError(StoreError, ValueError):
 
 class DuplicateTraceError(StoreError):
     """A trace for the same (input_hash, sample_index, graph_hash) is already stored."""
+
+
+def as_store(store: Any, *, what: str = "store") -> TraceStore:
+    """A :class:`TraceStore` as is; a path (``str`` / ``os.PathLike``) or a ``file://`` URL opened (created
+    when absent). Anything else is refused at once, naming it: a recorder must never find out at the end of
+    its first run that it has nowhere to write."""
+    if isinstance(store, TraceStore):
+        return store
+    if isinstance(store, str) and "://" in store:
+        parsed = urlparse(store)
+        if parsed.scheme != "file" or parsed.netloc not in ("", "localhost"):
+            raise StoreError(
+                f"{what} {store!r}: a trace store is a local folder; give a path or a file:// URL "
+                f"(not {parsed.scheme}://)"
+            )
+        store = unquote(parsed.path)
+    if isinstance(store, str | os.PathLike):
+        if not os.fspath(store):
+            raise StoreError(f"{what}: an empty path is not a trace store")
+        return TraceStore(store)
+    raise TypeError(
+        f"{what} must be a TraceStore, a folder path or a file:// URL, not {type(store).__name__} {store!r:.80}"
+    )
 
 
 class TraceStore:
@@ -331,6 +355,8 @@ class TraceStore:
     def _writable(self) -> None:
         if self.readonly:
             raise StoreError(f"trace store {self.root} is open read-only")
+        if not (self.root / DB_NAME).exists():  # a write would go to a deleted file's inode, and be lost
+            raise StoreError(f"trace store {self.root}: its database {DB_NAME} was deleted while open")
 
     # ---------------------------------------------------------------------------------------------------
     # reading
