@@ -334,6 +334,39 @@ def test_splits_tie_composites_and_never_share_a_photo() -> None:
         verify_no_leak(items, {**splits, "comp-AB": "val" if splits["comp-AB"] != "val" else "train"})
 
 
+def test_from_three_source_photos_the_test_split_is_never_empty() -> None:
+    # five inputs about five photos at 0.8/0.1/0.1 once went 4/1/0: nothing to evaluate on
+    five = [Item(f"in-{p}", (p,)) for p in "ABCDE"]
+    splits = assign_splits(five, (0.8, 0.1, 0.1))
+    counts = {s: list(splits.values()).count(s) for s in ("train", "val", "test")}
+    assert counts == {"train": 3, "val": 1, "test": 1}
+    # the component moved is the smallest one of the split that had the most
+    big = [Item(f"in-A-{i}", ("A",)) for i in range(4)] + [Item("in-B", ("B",)), Item("in-C", ("C",))]
+    moved = assign_splits(big, (0.8, 0.2, 0.01))
+    assert [i for i, s in moved.items() if s == "test"] in (["in-B"], ["in-C"])
+    assert all(moved[f"in-A-{i}"] == moved["in-A-0"] != "test" for i in range(4))
+    # two photos, or no test share: no test split is forced
+    assert "test" not in assign_splits(five[:2], (0.8, 0.1, 0.1)).values()
+    assert "test" not in assign_splits(five, (0.8, 0.2, 0.0)).values()
+
+
+def test_the_filter_says_which_split_is_empty_and_why(tmp_path: Path) -> None:
+    from graphdistill.datasets.store import TraceStore
+
+    store = TraceStore(tmp_path / "store")
+    blobs: dict[str, bytes] = {}
+    for g, photo in enumerate(("p/A", "p/B")):  # two photos: too few for three splits
+        for t in group(f"g{g}", ["There is a cat."] * 3, image=_image(g), photos=[photo], blobs=blobs):
+            store.append(t, blobs)
+    result = filter_store(store, tmp_path / "ds", FilterConfig(fractions=(0.8, 0.1, 0.1)), report=False)
+    empty = result.summary()["empty_splits"]
+    assert set(empty) == {"val", "test"} and result.summary()["splits"] == {"train": 2, "val": 0, "test": 0}
+    assert "2 kept inputs about 2 source photos are too few to split 0.8/0.1/0.1" in empty["test"]
+    assert "nothing to evaluate on" in empty["test"] and "--heldout" in empty["test"]
+    # the demo's photos are not held out in a user's store: only inputs marked held out, or photos named
+    assert FilterConfig().heldout_photos == ()
+
+
 # --------------------------------------------------------------------------------------------------------
 # end to end on a real TraceStore
 # --------------------------------------------------------------------------------------------------------

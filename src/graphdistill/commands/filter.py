@@ -49,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         nargs="+",
         default=None,
         metavar="PHOTO",
-        help="photo ids whose inputs all go to test (default: the built-in held-out photos)",
+        help="photo ids whose inputs all go to test (default: none; inputs whose recipe marks them held out, "
+        "as `inputs make --heldout-questions` writes them, go to test anyway)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -125,7 +126,7 @@ def _filter(args: argparse.Namespace) -> int:
     with stage_progress(con, transient=args.json) as tick:
         try:
             result = filter_store(
-                store, out, config, embedder=embedder, progress=tick, source_store=str(root)
+                store, out, config, embedder=embedder, progress=tick, source_store=str(Path(root).resolve())
             )
         except (FilterError, DatasetError, StoreError) as exc:
             raise CommandError(str(exc)) from exc
@@ -139,6 +140,7 @@ def _filter(args: argparse.Namespace) -> int:
                 "dropped": summary["dropped"],
                 "by_rule": summary["by_rule"],
                 "splits": summary["splits"],
+                "empty_splits": summary["empty_splits"],
                 "heldout": summary["heldout"],
                 "teacher": summary["teacher"],
                 "dataset": str(out),
@@ -152,6 +154,8 @@ def _filter(args: argparse.Namespace) -> int:
         )
         for rule, n in summary["by_rule"].items():
             c.print(f"  dropped by {rule}: {n}")
+        for split, why in summary["empty_splits"].items():
+            c.print(f"  [yellow]split {split!r} is empty[/]: {why}")
         held = summary["heldout"]
         if held["groups"]:
             c.print(

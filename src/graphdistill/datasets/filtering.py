@@ -30,7 +30,6 @@ import numpy as np
 from graphdistill.datasets.checks import CheckConfig, GreedyAnswer, coco_classes, greedy_answer, run_checks
 from graphdistill.datasets.dataset import DatasetWriter
 from graphdistill.datasets.dedup import dhash, near_duplicates
-from graphdistill.datasets.photos import DEFAULT_HELDOUT
 from graphdistill.datasets.replay import is_heldout, replay_column, replay_of
 from graphdistill.datasets.rules import Rule
 from graphdistill.datasets.splits import Item, assign_splits
@@ -70,7 +69,9 @@ class FilterConfig:
     dedup: bool = True
     dedup_distance: int = 4  # dHash bits
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    heldout_photos: tuple[str, ...] = DEFAULT_HELDOUT
+    # photos whose inputs all go to test. None by default: a user's own store has its own photos; inputs
+    # marked held-out by their recipe (``inputs make --heldout-questions``) go to test whatever this says
+    heldout_photos: tuple[str, ...] = ()
     seed: int = 0
 
     def describe(self) -> dict[str, Any]:
@@ -115,6 +116,25 @@ class FilterResult:
     decisions: list[GroupDecision]
     manifest: dict[str, Any]
 
+    def empty_splits(self) -> dict[str, str]:
+        """split -> why it is empty, for each split the fractions give a share but no kept row reached
+        (``test``: nothing to evaluate on)."""
+        got = Counter(d.split for d in self.decisions if d.kept)
+        shares = tuple((self.manifest.get("filter") or {}).get("fractions") or (0.8, 0.1, 0.1))
+        fractions = dict(zip(("train", "val", "test"), shares, strict=True))
+        photos = {p for d in self.decisions if d.kept for p in d.consensus.provenance.photos}
+        why = (
+            f"{sum(got.values())} kept inputs about {len(photos)} source photos are too few to split "
+            f"{'/'.join(f'{f:g}' for f in shares)} (inputs that share a photo share a split)"
+        )
+        out = {s: why for s, f in fractions.items() if f > 0 and not got.get(s)}
+        if "test" in out:
+            out["test"] += (
+                "; nothing to evaluate on: hold photos out (filter --heldout PHOTO ...) or record held-out "
+                "inputs (inputs make --heldout-questions N)"
+            )
+        return out
+
     def summary(self) -> dict[str, Any]:
         by_rule = Counter(d.rule for d in self.decisions if d.rule and not d.kept)
         splits = Counter(d.split for d in self.decisions if d.kept)
@@ -129,6 +149,7 @@ class FilterResult:
                 sorted(Counter(name for d in self.decisions for name, _ in d.failed).items())
             ),
             "splits": {s: splits.get(s, 0) for s in ("train", "val", "test")},
+            "empty_splits": self.empty_splits(),
             "replays": {
                 "groups": len(replays),
                 "kept": sum(d.kept for d in replays),
@@ -313,6 +334,8 @@ def filter_store(
         )
         tick("write", j + 1, len(kept))
     result = FilterResult(Path(out_dir), decisions, manifest)
+    for split, why in result.empty_splits().items():
+        log.warning("dataset %s: split %r is empty: %s", out_dir, split, why)
     writer.manifest["filter"] = {**writer.manifest.get("filter", {}), "summary": result.summary()}
     writer.close()
     if report:

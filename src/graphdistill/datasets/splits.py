@@ -80,7 +80,10 @@ def assign_splits(
     seed: int = 0,
 ) -> dict[str, str]:
     """item id -> "train" | "val" | "test". Held-out items (or those using a held-out photo) go to test; when
-    there are any, the others go to train and val alone, in the shares of ``fractions[:2]``."""
+    there are any, the others go to train and val alone, in the shares of ``fractions[:2]``. Items that share
+    a photo (components) stay in one split. With a test share, no held-out item and at least three components,
+    test gets at least one component, however small its share: a dataset with nothing to evaluate on is no
+    use to ``eval``."""
     if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) <= 0:
         raise ValueError(f"fractions must be three non-negative numbers, got {fractions}")
     held = set(heldout_photos)
@@ -108,6 +111,7 @@ def assign_splits(
             "val": target["val"] / shares if shares else 0.0,
             "test": 0.0,
         }
+    placed: dict[str, list[list[Item]]] = {s: [] for s in SPLIT_NAMES}
     for comp in rest:
         # the split furthest below its target share (ties: train, val, test)
         split = max(
@@ -117,6 +121,15 @@ def assign_splits(
         for it in comp:
             out[it.id] = split
         counts[split] += len(comp)
+        placed[split].append(comp)
+    # a test share with no test row leaves nothing to evaluate on: from three source components on, the
+    # smallest component of the split holding the most of them moves to test (that split keeps the rest)
+    if target["test"] > 0 and not counts["test"] and len(rest) >= 3:
+        donor = max(("train", "val"), key=lambda s: len(placed[s]))
+        if len(placed[donor]) >= 2:
+            comp = min(placed[donor], key=len)
+            for it in comp:
+                out[it.id] = "test"
     verify_no_leak(items, out)
     return out
 
