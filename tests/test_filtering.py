@@ -350,6 +350,52 @@ def test_from_three_source_photos_the_test_split_is_never_empty() -> None:
     assert "test" not in assign_splits(five, (0.8, 0.2, 0.0)).values()
 
 
+class _CountingStore:
+    """A TraceStore that tracks how many of the traces it handed out are still alive (weak references)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.alive: dict[int, Any] = {}  # handed-out number -> a weak reference that removes itself
+        self.handed = 0
+        self.most_alive = 0
+
+    def get(self, trace_id: str) -> Trace:
+        import weakref
+
+        t = self.store.get(trace_id)
+        self.handed += 1
+        self.alive[self.handed] = weakref.ref(t, lambda _, n=self.handed: self.alive.pop(n, None))
+        self.most_alive = max(self.most_alive, len(self.alive))
+        return t
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+@pytest.mark.parametrize("schema", [True, False], ids=["recorded-schema", "inferred-kinds"])
+def test_filtering_holds_one_group_of_traces_at_a_time(tmp_path: Path, schema: bool) -> None:
+    from graphdistill.datasets.dataset import synthetic_graph_schema
+    from graphdistill.datasets.store import TraceStore
+
+    store = TraceStore(tmp_path / "store")
+    blobs: dict[str, bytes] = {}
+    declared = synthetic_graph_schema().model_dump(mode="json")
+    for g in range(12):
+        for t in group(f"g{g:02d}", ["There is a cat."] * 3, image=_image(g), photos=[f"p/{g}"], blobs=blobs):
+            if schema:
+                t.metadata["graph_schema"] = declared
+            store.append(t, blobs)
+    counting = _CountingStore(store)
+    result = filter_store(counting, tmp_path / "ds", FilterConfig(), report=False)  # type: ignore[arg-type]
+    assert result.summary()["kept"] == 12
+    assert counting.most_alive <= 3 * 2, (
+        counting.most_alive
+    )  # one group (and the one read to find the schema)
+    plain = filter_store(store, tmp_path / "ds2", FilterConfig(), report=False)
+    assert plain.manifest["graph"] == result.manifest["graph"]
+    assert [o.name for o in open_dataset(tmp_path / "ds").graph.outputs] == ["answer", "objects", "sources"]
+
+
 def test_the_filter_says_which_split_is_empty_and_why(tmp_path: Path) -> None:
     from graphdistill.datasets.store import TraceStore
 

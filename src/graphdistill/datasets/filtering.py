@@ -37,7 +37,7 @@ from graphdistill.datasets.vote import (
     Consensus,
     Embedder,
     OutputNames,
-    output_kinds,
+    output_kinds_of_trace,
     recorded_schema,
     trace_documents,
     vote_group,
@@ -124,7 +124,9 @@ class FilterResult:
         fractions = dict(zip(("train", "val", "test"), shares, strict=True))
         photos = {p for d in self.decisions if d.kept for p in d.consensus.provenance.photos}
         why = (
-            f"{sum(got.values())} kept inputs about {len(photos)} source photos are too few to split "
+            "no input was kept"
+            if not got
+            else f"{sum(got.values())} kept inputs about {len(photos)} source photos are too few to split "
             f"{'/'.join(f'{f:g}' for f in shares)} (inputs that share a photo share a split)"
         )
         out = {s: why for s, f in fractions.items() if f > 0 and not got.get(s)}
@@ -274,15 +276,32 @@ def filter_store(
     if not groups:
         raise FilterError(f"trace store {source_store or store}: holds no traces")
     tick = progress or (lambda stage, done, total: None)
-    all_traces: dict[str, list[Trace]] = {}
-    for i, gid in enumerate(sorted(groups)):
-        all_traces[gid] = [store.get(tid) for tid in groups[gid]]
-        tick("read", i + 1, len(groups))
-    # which output is the answer / objects / sources: by kind, decided once for the whole store
-    names = OutputNames.from_kinds(output_kinds([t for ts in all_traces.values() for t in ts]))
+    group_ids = sorted(groups)
+
+    def read(gid: str) -> list[Trace]:
+        return [store.get(tid) for tid in groups[gid]]
+
+    # One group's traces in memory at a time: memory is bounded by the largest group, not the store
+    # (benchmarks/filter_memory.py). Which output is the answer / objects / sources is decided once for the
+    # whole store: from the graph schema the traces recorded (one pass), else from every recorded value
+    # (a first pass that only gathers; the second votes).
+    facts = StoreFacts()
+    if recorded_schema(read(group_ids[0])) is None:
+        for i, gid in enumerate(group_ids):
+            for t in read(gid):
+                facts.add(t)
+            tick("read", i + 1, len(groups))
+    names: OutputNames | None = None
     decisions: list[GroupDecision] = []
-    for i, traces in enumerate(all_traces.values()):
+    for i, gid in enumerate(group_ids):
+        traces = read(gid)
+        if not facts.seen:
+            for t in traces:
+                facts.add(t)
+        if names is None:
+            names = OutputNames.from_kinds(facts.output_kinds())
         decisions.append(decide_group(traces, config, embedder, names=names, load_blob=store.blob))
+        del traces
         tick("vote", i + 1, len(groups))
 
     # near-duplicates among the training survivors: the best-agreeing copy stays (held-out rows are the
@@ -308,7 +327,7 @@ def filter_store(
     for d in kept:
         d.split = split_of[d.group_id]
 
-    manifest = build_manifest(decisions, all_traces, config, source_store)
+    manifest = build_manifest(decisions, facts, config, source_store)
     writer = DatasetWriter(out_dir, manifest)
     for j, d in enumerate(kept):
         c = d.consensus
@@ -351,41 +370,70 @@ def filter_store(
 # --------------------------------------------------------------------------------------------------------
 
 
-def graph_schema(traces: Sequence[Trace]) -> dict[str, Any] | None:
-    """The recorded GraphSchema (trace metadata "graph_schema" / "schema"), else one inferred from outputs
-    (see :func:`~graphdistill.datasets.vote.output_kinds`)."""
-    schema = recorded_schema(traces)
-    if schema is not None:
+class StoreFacts:
+    """What the manifest and the vote need from every trace of a store, gathered one trace at a time (so the
+    filter never holds the store in memory): the recorded graph schema, else each output's kind inferred from
+    its values (:func:`~graphdistill.datasets.vote.output_kinds`, the same rules), the documents retrieved,
+    the detector's labels, and the first finished trace (an inferred schema's inputs and nodes)."""
+
+    def __init__(self) -> None:
+        self.schema: GraphSchema | None = None
+        self.kinds: dict[str, Kind | None] = {}
+        self.documents: dict[str, str] = {}
+        self.labels: set[str] = set()
+        self.first: Trace | None = None  # the first finished trace (else the first trace)
+        self.seen = 0
+
+    def add(self, t: Trace) -> None:
+        self.seen += 1
+        if self.schema is None:
+            self.schema = recorded_schema([t])
+        if self.first is None or (self.first.status != "ok" and t.status == "ok"):
+            self.first = t
+        if t.status == "ok":
+            for name, kind in output_kinds_of_trace(t).items():
+                if self.kinds.get(name) is None:
+                    self.kinds[name] = kind
+        for d in trace_documents(t):
+            self.documents.setdefault(d.id, d.text)
+        dets = written(t, "detections")
+        if isinstance(dets, Detections):
+            self.labels.update(dets.names)
+
+    def output_kinds(self) -> dict[str, Kind]:
+        if self.schema is not None:
+            return self.schema.output_kinds()
+        return {n: k or Kind.JSON for n, k in self.kinds.items()}
+
+    def graph_schema(self) -> dict[str, Any] | None:
+        """The recorded GraphSchema, else one inferred from the outputs' kinds and the first trace."""
+        if self.schema is not None:
+            return self.schema.model_dump(mode="json")
+        t0 = self.first
+        if t0 is None:
+            return None
+        inputs = [
+            FieldSpec(
+                name=k, kind=Kind.IMAGE if k == "image" else Kind.TEXT if k == "question" else Kind.JSON
+            )
+            for k in t0.inputs
+        ]
+        schema = GraphSchema(
+            name=t0.graph.name,
+            inputs=inputs,
+            outputs=[FieldSpec(name=n, kind=k) for n, k in self.output_kinds().items()],
+            nodes=list(dict.fromkeys(s.node for s in t0.spans)),
+            definition_hash=t0.graph.hash,
+        )
         return schema.model_dump(mode="json")
-    ok = [t for t in traces if t.status == "ok"] or list(traces)
-    if not ok:
-        return None
-    t0 = ok[0]
-    outputs = output_kinds(ok)
-    inputs = [
-        FieldSpec(name=k, kind=Kind.IMAGE if k == "image" else Kind.TEXT if k == "question" else Kind.JSON)
-        for k in t0.inputs
-    ]
-    schema = GraphSchema(
-        name=t0.graph.name,
-        inputs=inputs,
-        outputs=[FieldSpec(name=n, kind=k) for n, k in outputs.items()],
-        nodes=list(dict.fromkeys(s.node for s in t0.spans)),
-        definition_hash=t0.graph.hash,
-    )
-    return schema.model_dump(mode="json")
 
 
-def class_names(decisions: Sequence[GroupDecision], traces: dict[str, list[Trace]]) -> list[str]:
-    """COCO order when every label seen is a COCO class, else the sorted labels seen."""
-    seen: set[str] = set()
+def class_names(decisions: Sequence[GroupDecision], labels: set[str]) -> list[str]:
+    """COCO order when every label seen (kept objects, and ``labels``: every detector label of every
+    trace) is a COCO class, else the sorted labels seen."""
+    seen = set(labels)
     for d in decisions:
         seen.update(o.label for o in d.consensus.objects)
-    for ts in traces.values():
-        for t in ts:
-            dets = written(t, "detections")
-            if isinstance(dets, Detections):
-                seen.update(dets.names)
     coco = coco_classes()
     if coco and seen <= set(coco):
         return coco
@@ -394,19 +442,14 @@ def class_names(decisions: Sequence[GroupDecision], traces: dict[str, list[Trace
 
 def build_manifest(
     decisions: Sequence[GroupDecision],
-    traces: dict[str, list[Trace]],
+    facts: StoreFacts,
     config: FilterConfig,
     source_store: str | None,
 ) -> dict[str, Any]:
-    docs: dict[str, str] = {}
-    for ts in traces.values():
-        for t in ts:
-            for d in trace_documents(t):
-                docs.setdefault(d.id, d.text)
-    flat = [t for ts in traces.values() for t in ts]
+    docs = facts.documents
     return {
-        "graph": graph_schema(flat),
-        "class_names": class_names(decisions, traces),
+        "graph": facts.graph_schema(),
+        "class_names": class_names(decisions, facts.labels),
         "documents": [{"id": i, "text": docs[i]} for i in sorted(docs)],
         "source_store": source_store,
         "filter": config.describe(),

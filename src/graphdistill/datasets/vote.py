@@ -153,10 +153,16 @@ def output_kinds(traces: Sequence[Trace]) -> dict[str, Kind]:
     for t in traces:
         if t.status != "ok":
             continue
-        for name, value in t.output.items():
+        for name, kind in output_kinds_of_trace(t).items():
             if kinds.get(name) is None:
-                kinds[name] = _KINDS_BY_NAME.get(name) or infer_kind(value)
+                kinds[name] = kind
     return {n: k or Kind.JSON for n, k in kinds.items()}
+
+
+def output_kinds_of_trace(t: Trace) -> dict[str, Kind | None]:
+    """The kind each output of one trace looks like (visual_rag's names by name); None where it cannot
+    tell (an empty value): another sample may."""
+    return {name: _KINDS_BY_NAME.get(name) or infer_kind(value) for name, value in t.output.items()}
 
 
 def output_names(traces: Sequence[Trace]) -> OutputNames:
