@@ -66,14 +66,22 @@ def read_inputs(
         return [{"image": str(p.resolve()), "question": question, "provenance": {}} for p in files], 0
     rows: list[dict[str, Any]] = []
     bad = 0
-    with open(src, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(src, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:  # one bad row, not a bad file: the others still count
+                log.warning("--inputs %s line %d skipped: not UTF-8 text (%s)", src, lineno, exc.reason)
+                bad += 1
+                continue
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
                 if not isinstance(row, dict) or not isinstance(row.get("image"), str):
                     raise ValueError("a row must be an object with an 'image' path")
+                if "question" in row and not str(row["question"] or "").strip():
+                    raise ValueError("its question is empty (leave the key out for the default question)")
             except ValueError as exc:
                 log.warning("--inputs %s line %d skipped: %s", src, lineno, exc)
                 bad += 1

@@ -22,19 +22,24 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def _run_bundle(args: argparse.Namespace) -> int:
     import json
     import time
-    from pathlib import Path
 
     from graphdistill.commands._common import CommandError
+    from graphdistill.images import ImageError, load_image
     from graphdistill.runner import BundleError, BundleRunner
 
-    if not Path(args.image).is_file():
-        raise CommandError(f"image {args.image} does not exist")
+    question = (args.question or "").strip()
+    if not question:
+        raise CommandError("--question is empty: ask something about the photo")
     if args.threads is not None and args.threads < 1:
         raise CommandError(f"--threads must be >= 1, got {args.threads}")
     try:
+        image = load_image(args.image, name=args.image)
+    except ImageError as exc:
+        raise CommandError(str(exc)) from exc
+    try:
         runner = BundleRunner(args.bundle, threads=args.threads)
         t0 = time.perf_counter()
-        out = runner.predict(args.image, args.question)
+        out = runner.predict(image, question)
         ms = (time.perf_counter() - t0) * 1000
     except BundleError as exc:
         raise CommandError(str(exc)) from exc

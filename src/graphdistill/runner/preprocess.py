@@ -43,10 +43,14 @@ class Letterbox:
 
 
 def load_rgb(image: np.ndarray | str | Path) -> np.ndarray:
-    """A path or an array -> H×W×3 uint8 RGB."""
+    """A path or an array -> H×W×3 uint8 RGB. A path is read as everywhere else in graphdistill
+    (:func:`graphdistill.images.load_image`, numpy + Pillow as well: EXIF rotation, 16-bit, CMYK, palette,
+    the first frame of an animation, a pixel cap instead of a decompression bomb; ``ImageError`` naming the
+    file)."""
     if isinstance(image, (str, Path)):
-        with Image.open(image) as im:
-            return np.asarray(im.convert("RGB"))
+        from graphdistill.images import load_image
+
+        return load_image(image)
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
         raise ValueError(f"image array must be uint8, got {arr.dtype}")
