@@ -301,6 +301,45 @@ def test_two_record_processes_on_one_store(tmp_path: Path, graph_spec: str) -> N
     _assert_each_once(store_dir, 6, 1)
 
 
+@pytest.mark.slow  # real subprocesses, bounded: 40 inputs, 12 kills, at most 90 s of killing
+def test_soak_four_recorders_killed_and_restarted_at_random_store_every_input_once(
+    tmp_path: Path, graph_spec: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import random
+
+    jsonl = make_jsonl(tmp_path, 40)
+    store_dir = tmp_path / "store"
+    TraceStore(store_dir).close()
+    base = ["record", "--graph", graph_spec, "--inputs", str(jsonl), "--store", str(store_dir)]
+    base += ["--samples", "2", "--resume", "--batch-size", "2", "--json"]
+    rng = random.Random(0)
+    procs = [_cli(*base, env_sleep="0.1") for _ in range(4)]
+    kills = 0
+    deadline = time.monotonic() + 90
+    while kills < 12 and time.monotonic() < deadline:
+        time.sleep(rng.uniform(0.2, 0.8))
+        running = [i for i, p in enumerate(procs) if p.poll() is None]
+        if not running:
+            break
+        i = rng.choice(running)
+        os.kill(procs[i].pid, signal.SIGKILL)  # mid-batch, mid-write: wherever it happens to be
+        procs[i].wait(timeout=30)
+        kills += 1
+        procs[i] = _cli(*base, env_sleep="0.1")  # and restarted, resuming by input hash
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+    assert kills >= 8, "the recorders finished before the soak could kill them"
+    _assert_each_once(store_dir, 40, 2, jsonl)
+    assert TraceStore(store_dir).check()["ok"]
+    rc, out, _ = run_cli(["traces", "ls", str(store_dir), "--json"], capsys)
+    assert rc == 0 and len(json.loads(out)) == 80
+    rc, out, err = run_cli(
+        ["filter", str(store_dir), "--out", str(tmp_path / "ds"), "--no-embedder", "--json"], capsys
+    )
+    assert rc == 0 and json.loads(out)["kept"] + json.loads(out)["dropped"] == 40, err
+
+
 def test_traces_ls_show_stats_export(
     tmp_path: Path, graph_spec: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
