@@ -34,7 +34,8 @@ demo: setup
 demo-quick: setup
 	$(VENV)/bin/graphdistill demo --quick
 
-test: setup
+# the linters first: CI runs `make test`, so ruff and mypy are enforced wherever the tests are
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
