@@ -199,3 +199,45 @@ def test_doctor_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert info["versions"]["graphdistill"]
     assert info["device"]["default_device"] in ("cpu", "cuda")
     assert len(info["weights"]) == 4
+
+
+def test_every_error_graphdistill_defines_derives_from_one_base_and_the_cli_catches_it_once(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ast
+
+    import graphdistill
+    from graphdistill.cli import main
+    from graphdistill.errors import GraphdistillError
+
+    root = Path(graphdistill.__file__).parent
+    defined = {}
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.ClassDef)
+                and node.name.endswith("Error")
+                and node.name != "GraphdistillError"
+            ):
+                defined[f"{path.relative_to(root)}:{node.name}"] = [ast.unparse(b) for b in node.bases]
+    assert len(defined) >= 25
+    # directly, or through another graphdistill error (TraceNotRecorded -> StoreError, ReplayGraphError)
+    local = {key.split(":")[1] for key in defined}
+    orphans = [
+        k for k, bases in defined.items() if "GraphdistillError" not in bases and not local & set(bases)
+    ]
+    assert not orphans, orphans
+    from graphdistill.datasets.store import StoreError
+    from graphdistill.images import ImageError
+
+    assert issubclass(ImageError, ValueError) and issubclass(StoreError, RuntimeError)  # as before
+    import graphdistill.commands.traces as traces_cmd
+
+    def broken(args: object) -> int:
+        raise StoreError("trace store /nowhere: the disk went away")
+
+    monkeypatch.setattr(traces_cmd, "_ls", broken)
+    assert main(["traces", "ls", "/nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "graphdistill traces: error: trace store /nowhere: the disk went away"
+    assert issubclass(StoreError, GraphdistillError)

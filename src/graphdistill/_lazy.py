@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from graphdistill.errors import GraphdistillError
+
 # import name -> the extra of graphdistill that installs it
 EXTRA_FOR: dict[str, str] = {
     "torch": "train",
@@ -36,7 +38,7 @@ EXTRA_FOR: dict[str, str] = {
 }
 
 
-class MissingDependencyError(ImportError):
+class MissingDependencyError(GraphdistillError, ImportError):
     """A heavy optional dependency is not installed; the message says which extra to install."""
 
 

@@ -51,11 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from graphdistill._env import apply_offline_env
 
     apply_offline_env()
-    from graphdistill.commands._common import CommandError
+    from graphdistill.errors import GraphdistillError
 
     try:
         rc = args.func(args)
-    except CommandError as exc:
+    except GraphdistillError as exc:  # CommandError and every stage's own error: one line, exit code 2
         print(f"graphdistill {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

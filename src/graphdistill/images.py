@@ -12,12 +12,14 @@ from typing import Any
 
 import numpy as np
 
+from graphdistill.errors import GraphdistillError
+
 # 12000 x 12000 is 144 MP: far past any teacher's input size. Bigger images are refused by default rather
 # than decoded into gigabytes; ``max_pixels`` raises the cap when a user really means it.
 DEFAULT_MAX_PIXELS = 64_000_000
 
 
-class ImageError(ValueError):
+class ImageError(GraphdistillError, ValueError):
     """An input image is unusable; the message names the input and what is wrong."""
 
 

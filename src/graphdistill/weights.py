@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from graphdistill._env import weights_dir
+from graphdistill.errors import GraphdistillError
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ REGISTRY: dict[str, WeightSpec] = {
 }
 
 
-class WeightsError(RuntimeError):
+class WeightsError(GraphdistillError, RuntimeError):
     """A weight could not be fetched or failed verification; the message says which and why."""
 
 

@@ -8,8 +8,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from graphdistill.errors import GraphdistillError
 
-class CommandError(RuntimeError):
+
+class CommandError(GraphdistillError, RuntimeError):
     """An error the CLI prints as one clear line (exit code 2), naming the input at fault."""
 
 

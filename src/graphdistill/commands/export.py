@@ -32,30 +32,27 @@ def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from graphdistill.commands._common import CommandError, console, print_json
-    from graphdistill.student.export import ExportError, export_run
+    from graphdistill.student.export import export_run
 
     if not Path(args.run).is_dir():
         raise CommandError(f"run folder {args.run} does not exist")
     con = console(stderr=True)
-    try:
-        with con.status(f"exporting {args.run} to {args.fmt} ({args.quantize})") as status:
+    with con.status(f"exporting {args.run} to {args.fmt} ({args.quantize})") as status:
 
-            def progress(msg: str) -> None:
-                status.update(msg)
-                con.print(f"  {msg}")
+        def progress(msg: str) -> None:
+            status.update(msg)
+            con.print(f"  {msg}")
 
-            manifest = export_run(
-                args.run,
-                args.fmt,
-                args.out,
-                quantize=args.quantize,
-                dataset=args.dataset,
-                n_calibration=args.calibration,
-                n_heldout=args.heldout,
-                progress=progress,
-            )
-    except ExportError as exc:
-        raise CommandError(str(exc)) from exc
+        manifest = export_run(
+            args.run,
+            args.fmt,
+            args.out,
+            quantize=args.quantize,
+            dataset=args.dataset,
+            n_calibration=args.calibration,
+            n_heldout=args.heldout,
+            progress=progress,
+        )
     if args.json:
         print_json(manifest)
     else:

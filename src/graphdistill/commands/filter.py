@@ -72,11 +72,10 @@ def _fractions(text: str) -> tuple[float, float, float]:
 def _filter(args: argparse.Namespace) -> int:
 
     from graphdistill.datasets.checks import CHECKS, CheckConfig
-    from graphdistill.datasets.dataset import DatasetError
     from graphdistill.datasets.filter_report import teacher_line
-    from graphdistill.datasets.filtering import FilterConfig, FilterError, filter_store
-    from graphdistill.datasets.rules import RuleError, load_rule
-    from graphdistill.datasets.store import StoreError, TraceStore
+    from graphdistill.datasets.filtering import FilterConfig, filter_store
+    from graphdistill.datasets.rules import load_rule
+    from graphdistill.datasets.store import TraceStore
 
     root = Path(args.store)
     if not (root / "traces.sqlite").exists():
@@ -92,10 +91,7 @@ def _filter(args: argparse.Namespace) -> int:
         raise CommandError(
             f"--disable-check {', '.join(unknown)}: built-in checks are {', '.join(sorted(known))}"
         )
-    try:
-        rules = [load_rule(spec, args.rule_threshold) for spec in args.rule]
-    except RuleError as exc:
-        raise CommandError(str(exc)) from exc
+    rules = [load_rule(spec, args.rule_threshold) for spec in args.rule]
     config = FilterConfig(
         min_agreement={"answer": args.min_agreement} if args.min_agreement is not None else {},
         rules=rules,
@@ -119,17 +115,12 @@ def _filter(args: argparse.Namespace) -> int:
         embedder = default_embedder()
 
     con = console(stderr=True)
-    try:
-        store = TraceStore(root, readonly=True, check=False)
-    except StoreError as exc:
-        raise CommandError(str(exc)) from exc
+    store = TraceStore(root, readonly=True, check=False)
     with stage_progress(con, transient=args.json) as tick:
         try:
             result = filter_store(
                 store, out, config, embedder=embedder, progress=tick, source_store=str(Path(root).resolve())
             )
-        except (FilterError, DatasetError, StoreError) as exc:
-            raise CommandError(str(exc)) from exc
         finally:
             store.close()
     summary = result.summary()

@@ -42,17 +42,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def _make(args: argparse.Namespace) -> int:
 
     from graphdistill.datasets import inputs as inp
-    from graphdistill.images import ImageError
 
     if args.n < 0:
         raise CommandError(f"--n {args.n}: must be >= 0")
     out = Path(args.out)
     if out.suffix != ".jsonl":
         raise CommandError(f"--out {args.out}: expected a .jsonl path")
-    try:
-        photos = inp.builtin_sources() if args.builtin else inp.folder_sources(args.from_dir)
-    except (inp.InputsError, ImageError) as exc:
-        raise CommandError(str(exc)) from exc
+    photos = inp.builtin_sources() if args.builtin else inp.folder_sources(args.from_dir)
     heldout = (
         tuple(args.holdout) if args.holdout is not None else (inp.DEFAULT_HELDOUT if args.builtin else ())
     )
@@ -63,19 +59,16 @@ def _make(args: argparse.Namespace) -> int:
         )
     con = console(stderr=True)
     with stage_progress(con, transient=args.json) as tick:
-        try:
-            summary = inp.make_inputs(
-                photos,
-                n=args.n,
-                seed=args.seed,
-                out=out,
-                heldout=heldout,
-                composites=not args.no_composites,
-                heldout_questions=args.heldout_questions,
-                progress=tick,
-            )
-        except (inp.InputsError, ImageError) as exc:
-            raise CommandError(str(exc)) from exc
+        summary = inp.make_inputs(
+            photos,
+            n=args.n,
+            seed=args.seed,
+            out=out,
+            heldout=heldout,
+            composites=not args.no_composites,
+            heldout_questions=args.heldout_questions,
+            progress=tick,
+        )
     if args.json:
         print_json(summary)
     else:

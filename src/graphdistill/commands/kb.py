@@ -33,25 +33,23 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _open(args: argparse.Namespace) -> Any:
-    from graphdistill.teachers.retriever import ChromaRetriever, RetrieverError
+    from graphdistill.errors import GraphdistillError
+    from graphdistill.teachers.retriever import ChromaRetriever
 
     try:
         return ChromaRetriever(path=args.path, url=args.url, collection=args.collection)
-    except RetrieverError as exc:
-        raise CommandError(str(exc)) from exc
+    except GraphdistillError:  # RetrieverError: already names what is wrong
+        raise
     except Exception as exc:  # chromadb raises its own types for an unreachable server or a bad folder
         where = args.url or args.path or "the default knowledge-base folder"
         raise CommandError(f"cannot open the knowledge base at {where}: {exc}") from exc
 
 
 def _build(args: argparse.Namespace) -> int:
-    from graphdistill.teachers.knowledge import KnowledgeBaseError, default_documents, load_jsonl
+    from graphdistill.teachers.knowledge import default_documents, load_jsonl
 
     # read and validate every row before touching the store: a bad file changes nothing
-    try:
-        docs = load_jsonl(args.jsonl) if args.jsonl else default_documents()
-    except KnowledgeBaseError as exc:
-        raise CommandError(str(exc)) from exc
+    docs = load_jsonl(args.jsonl) if args.jsonl else default_documents()
     source = args.jsonl or "default COCO facts"
     con = console(stderr=True)
     with con.status("loading the text embedder and the knowledge base"):
@@ -96,7 +94,6 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
-    from graphdistill.teachers.retriever import RetrieverError
 
     if args.k < 1:
         raise CommandError(f"-k must be >= 1, got {args.k}")
@@ -105,10 +102,7 @@ def _query(args: argparse.Namespace) -> int:
     con = console(stderr=True)
     with con.status("loading the text embedder and the knowledge base"):
         retriever = _open(args)
-    try:
-        docs = retriever.query(args.text, k=args.k)
-    except RetrieverError as exc:
-        raise CommandError(str(exc)) from exc
+    docs = retriever.query(args.text, k=args.k)
     if args.json:
         print_json([d.model_dump() for d in docs])
         return 0

@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from graphdistill.images import ImageError, load_image
+    from graphdistill.images import load_image
 
     question = (args.question or "").strip()
     if not question:
@@ -44,19 +44,13 @@ def _predict(args: argparse.Namespace) -> int:
             raise CommandError(f"--out {args.out}: give a picture file name ending in .png or .jpg")
         if not out_path.parent.is_dir():
             raise CommandError(f"--out {args.out}: the folder {out_path.parent} does not exist")
-    try:
-        image = load_image(args.image, name=args.image)
-    except ImageError as exc:
-        raise CommandError(str(exc)) from exc
+    image = load_image(args.image, name=args.image)
 
-    from graphdistill.student.predict import RunError, load_student
+    from graphdistill.student.predict import load_student
 
     con = console(stderr=True)
     with con.status("loading the student…"):
-        try:
-            predictor = load_student(args.run, device=args.device)
-        except RunError as exc:
-            raise CommandError(str(exc)) from exc
+        predictor = load_student(args.run, device=args.device)
         output = predictor.predict(image, question, score_threshold=args.threshold)
     if args.json:
         print_json(graph_json(output))

@@ -44,7 +44,6 @@ def _replay(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from graphdistill.commands.record import load_graph
-    from graphdistill.datasets.replay import ReplayError
     from graphdistill.datasets.replay_plan import replay_store
     from graphdistill.datasets.store import StoreError, TraceStore
 
@@ -85,8 +84,6 @@ def _replay(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 progress=tick,
             )
-    except ReplayError as exc:
-        raise CommandError(str(exc)) from exc
     except StoreError as exc:
         raise CommandError(f"STORE {args.store}: {exc}") from exc
     finally:

@@ -54,16 +54,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _run(args: argparse.Namespace) -> int:
-    from graphdistill.images import ImageError, load_image
+    from graphdistill.images import load_image
 
     question = (args.question or "").strip()
     if not question:
         raise CommandError("--question is empty: ask something about the photo")
     out_path = _check_out(args.out)
-    try:
-        image = load_image(args.image, name=args.image)
-    except ImageError as exc:
-        raise CommandError(str(exc)) from exc
+    image = load_image(args.image, name=args.image)
 
     con = console(stderr=True)
     with con.status("loading the teacher graph (models load on first use)…") as status:
@@ -96,7 +93,7 @@ def _check_out(out: str | None) -> Path | None:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from graphdistill.graphs.spec import GraphSpecError, load_graph
+    from graphdistill.graphs.spec import load_graph
     from graphdistill.weights import WeightsError
 
     given = {field: getattr(args, field, None) for _, field in _REFERENCE_ONLY}
@@ -106,10 +103,7 @@ def _load(args: argparse.Namespace) -> Any:
             raise CommandError(
                 f"{', '.join(flags)} choose the reference graph's weights; --graph {args.graph} brings its own"
             )
-        try:
-            return load_graph(args.graph)
-        except GraphSpecError as exc:
-            raise CommandError(str(exc)) from exc
+        return load_graph(args.graph)
     overrides = {k: v for k, v in {"device": args.device, **given}.items() if v is not None}
     try:
         return load_graph(None, **overrides)
@@ -118,7 +112,8 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _invoke(graph: Any, inputs: dict[str, Any], status: Any) -> dict[str, Any]:
-    from graphdistill.graphs.builder import GraphBuildError, NodeError, schema_of
+    from graphdistill.errors import GraphdistillError
+    from graphdistill.graphs.builder import GraphBuildError, schema_of
 
     try:
         wanted = [f.name for f in schema_of(graph).outputs]
@@ -133,8 +128,8 @@ def _invoke(graph: Any, inputs: dict[str, Any], status: Any) -> dict[str, Any]:
                 status.update(f"running the graph… done: {', '.join(done)}")
             else:
                 state = dict(chunk)
-    except NodeError as exc:
-        raise CommandError(str(exc)) from exc
+    except GraphdistillError:  # a GraphBuilder node's NodeError names the node itself: one line as it is
+        raise
     except Exception as exc:  # a hand-written LangGraph graph: its nodes raise their own errors
         node = _failed_node(exc)
         what = f"node '{node}'" if node else f"the graph (after {', '.join(done) or 'no node'})"

@@ -24,27 +24,22 @@ def _run_bundle(args: argparse.Namespace) -> int:
     import time
 
     from graphdistill.commands._common import CommandError
-    from graphdistill.images import ImageError, load_image
-    from graphdistill.runner import BundleError, BundleRunner
+    from graphdistill.images import load_image
+    from graphdistill.runner import BundleRunner
 
     question = (args.question or "").strip()
     if not question:
         raise CommandError("--question is empty: ask something about the photo")
     if args.threads is not None and args.threads < 1:
         raise CommandError(f"--threads must be >= 1, got {args.threads}")
-    try:
-        image = load_image(args.image, name=args.image)
-    except ImageError as exc:
-        raise CommandError(str(exc)) from exc
+    image = load_image(args.image, name=args.image)
     try:
         runner = BundleRunner(args.bundle, threads=args.threads)
         t0 = time.perf_counter()
         out = runner.predict(image, question)
         ms = (time.perf_counter() - t0) * 1000
-    except BundleError as exc:
-        raise CommandError(str(exc)) from exc
     except OSError as exc:
-        raise CommandError(f"cannot read image {args.image}: {exc}") from exc
+        raise CommandError(f"bundle {args.bundle}: cannot read it ({exc})") from exc
     if args.json:
         print(json.dumps(out, indent=2))
         return 0

@@ -37,15 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _open(path: str) -> Any:
-    from graphdistill.datasets.store import StoreError, TraceStore
+    from graphdistill.datasets.store import TraceStore
 
     root = Path(path)
     if not (root / "traces.sqlite").exists():
         raise CommandError(f"{path}: not a trace store (no traces.sqlite there)")
-    try:
-        return TraceStore(root, readonly=True, check=False)
-    except StoreError as exc:
-        raise CommandError(str(exc)) from exc
+    return TraceStore(root, readonly=True, check=False)
 
 
 def _ls(args: argparse.Namespace) -> int:

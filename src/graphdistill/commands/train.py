@@ -83,7 +83,7 @@ def parse_loss_weights(items: list[str]) -> dict[str, float]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from graphdistill.datasets.dataset import DatasetError, open_dataset
+    from graphdistill.datasets.dataset import open_dataset
 
     if args.epochs is not None and args.epochs < 1:
         raise CommandError(f"--epochs {args.epochs}: must be at least 1")
@@ -96,10 +96,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.image_size is not None and (args.image_size < 32 or args.image_size % 32):
         raise CommandError(f"--image-size {args.image_size}: must be a positive multiple of 32")
     loss_weights = parse_loss_weights(args.loss_weight)
-    try:
-        open_dataset(args.dataset)
-    except DatasetError as exc:
-        raise CommandError(str(exc)) from exc
+    open_dataset(args.dataset)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CommandError(f"--out {out}: is a file, expected a run folder")

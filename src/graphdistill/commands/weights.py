@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from graphdistill.commands._common import CommandError, console, print_json
+from graphdistill.commands._common import console, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -32,16 +32,13 @@ def _fetch(args: argparse.Namespace) -> int:
     from graphdistill import weights
 
     con = console(stderr=True)
-    try:
-        with con.status("fetching weights") as status:
+    with con.status("fetching weights") as status:
 
-            def progress(msg: str) -> None:
-                status.update(msg)
-                con.print(f"  {msg}")
+        def progress(msg: str) -> None:
+            status.update(msg)
+            con.print(f"  {msg}")
 
-            results = weights.fetch(args.names or None, progress=progress, force=args.force)
-    except weights.WeightsError as exc:
-        raise CommandError(str(exc)) from exc
+        results = weights.fetch(args.names or None, progress=progress, force=args.force)
     if args.json:
         print_json(results)
     bad = [r["name"] for r in results if not r["sha256_ok"]]
@@ -51,10 +48,7 @@ def _fetch(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from graphdistill import weights
 
-    try:
-        results = [weights.verify(n) for n in (args.names or list(weights.REGISTRY))]
-    except weights.WeightsError as exc:
-        raise CommandError(str(exc)) from exc
+    results = [weights.verify(n) for n in (args.names or list(weights.REGISTRY))]
     if args.json:
         print_json(results)
     else:
@@ -72,10 +66,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _path(args: argparse.Namespace) -> int:
     from graphdistill import weights
 
-    try:
-        print(weights.path(args.name, fetch_missing=False))
-    except weights.WeightsError as exc:
-        raise CommandError(str(exc)) from exc
+    print(weights.path(args.name, fetch_missing=False))
     return 0
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from graphdistill.errors import GraphdistillError
 from graphdistill.trace import (
     RLE,
     BlobRef,
@@ -70,7 +71,7 @@ OPTIONAL_COLUMNS = (
 )
 
 
-class DatasetError(ValueError):
+class DatasetError(GraphdistillError, ValueError):
     """A dataset folder is missing, incomplete or corrupt; the message names the file at fault."""
 
 

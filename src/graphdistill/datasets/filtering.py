@@ -43,6 +43,7 @@ from graphdistill.datasets.vote import (
     vote_group,
     written,
 )
+from graphdistill.errors import GraphdistillError
 from graphdistill.trace import BlobRef, Detections, FieldSpec, GraphSchema, Kind, Trace
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class StoreLike(Protocol):
     def blob(self, sha: str) -> bytes: ...
 
 
-class FilterError(ValueError):
+class FilterError(GraphdistillError, ValueError):
     """The store cannot be filtered (empty, unreadable images, ...); the message names what."""
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from graphdistill.datasets.photos import BACKGROUNDS, BUILTIN, DEFAULT_HELDOUT
+from graphdistill.errors import GraphdistillError
 from graphdistill.images import load_image
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ __all__ = [
 ]
 
 
-class InputsError(ValueError):
+class InputsError(GraphdistillError, ValueError):
     """Bad input to input making (no photos, an unknown held-out id, ...); the message names it."""
 
 

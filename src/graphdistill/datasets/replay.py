@@ -31,6 +31,7 @@ from typing import Any
 
 from graphdistill.datasets.photos import DEFAULT_HELDOUT
 from graphdistill.datasets.store import TraceStore
+from graphdistill.errors import GraphdistillError
 from graphdistill.trace import Document, Kind, Provenance, Trace, decode_value
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ REPLAY_KEY = "replay"  # provenance.recipe key, and the dataset column
 DEFAULT_FROM_NODE = "retrieve"
 
 
-class ReplayError(ValueError):
+class ReplayError(GraphdistillError, ValueError):
     """A replay cannot be made (unknown trace or node, another graph's trace); nothing was stored."""
 
 

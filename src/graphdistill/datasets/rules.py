@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from graphdistill.errors import GraphdistillError
 from graphdistill.trace import Trace
 
 ENTRY_POINT_GROUP = "graphdistill.rules"
@@ -31,7 +32,7 @@ ENV_RULE_MODULES = "GRAPHDISTILL_RULES"
 RuleFn = Callable[[Trace], "bool | float"]
 
 
-class RuleError(ValueError):
+class RuleError(GraphdistillError, ValueError):
     """A rule name or spec that cannot be resolved; the message names it."""
 
 

@@ -15,10 +15,12 @@ import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from graphdistill.errors import GraphdistillError
+
 SPLIT_NAMES = ("train", "val", "test")
 
 
-class SplitLeakError(AssertionError):
+class SplitLeakError(GraphdistillError, AssertionError):
     """A photo ended up in two splits (a bug: the splitter guarantees it cannot)."""
 
 

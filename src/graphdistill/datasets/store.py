@@ -37,6 +37,7 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 from pydantic import ValidationError
 
+from graphdistill.errors import GraphdistillError
 from graphdistill.trace import BLOB_KEY, BlobRef, Trace, decode_array, sha256_bytes
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ CREATE INDEX IF NOT EXISTS trace_blobs_sha ON trace_blobs (sha);
 """
 
 
-class StoreError(RuntimeError):
+class StoreError(GraphdistillError, RuntimeError):
     """The store cannot do what was asked; the message names the store and the trace or blob at fault."""
 
 

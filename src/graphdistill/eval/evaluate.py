@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from graphdistill.errors import GraphdistillError
 from graphdistill.eval import cost, metrics
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ FIDELITY_KEYS = metrics.FIDELITY_KEYS
 COST_KEYS = ("teacher_ms", "student_ms", "speedup", "teacher_bytes", "student_bytes")
 
 
-class EvalError(ValueError):
+class EvalError(GraphdistillError, ValueError):
     """The run or the dataset cannot be evaluated; the message names which and why."""
 
 

@@ -32,6 +32,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypedDict
 
+from graphdistill.errors import GraphdistillError
 from graphdistill.trace import FieldSpec, GraphSchema, Kind
 
 if TYPE_CHECKING:  # langgraph/langchain-core are imported only when a graph is compiled
@@ -45,11 +46,11 @@ END = "__end__"
 NodeFn = Callable[..., Mapping[str, Any]]
 
 
-class GraphBuildError(ValueError):
+class GraphBuildError(GraphdistillError, ValueError):
     """A graph declaration is inconsistent; the message names the node, field or edge at fault."""
 
 
-class NodeError(RuntimeError):
+class NodeError(GraphdistillError, RuntimeError):
     """A node failed while the graph ran; the message names the node."""
 
     def __init__(self, node: str, message: str) -> None:

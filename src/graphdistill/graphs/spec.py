@@ -16,12 +16,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from graphdistill.errors import GraphdistillError
 from graphdistill.graphs.builder import GraphBuilder
 
 log = logging.getLogger(__name__)
 
 
-class GraphSpecError(ValueError):
+class GraphSpecError(GraphdistillError, ValueError):
     """A graph spec does not name a usable teacher graph; the message names the spec."""
 
 

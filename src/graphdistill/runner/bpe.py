@@ -25,8 +25,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from graphdistill.errors import GraphdistillError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(GraphdistillError, ValueError):
     """tokenizer.json uses a feature this runner does not implement, or is malformed."""
 
 

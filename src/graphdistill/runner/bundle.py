@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from graphdistill.errors import GraphdistillError
 from graphdistill.runner.bpe import ByteLevelBPE
 from graphdistill.runner.preprocess import (
     Letterbox,
@@ -67,7 +68,7 @@ INPUT_SLACK_BYTES = 64
 DEFAULT_OUTPUTS = {"answer": "text", "objects": "objects", "sources": "sources"}
 
 
-class BundleError(ValueError):
+class BundleError(GraphdistillError, ValueError):
     """The bundle is missing, corrupt, edited after export, or for a runtime that is not installed."""
 
 

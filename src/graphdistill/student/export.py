@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from graphdistill.errors import GraphdistillError
 from graphdistill.runner.bundle import (
     BUNDLE_FORMAT,
     MANIFEST,
@@ -63,7 +64,7 @@ LOGIT_TOL = 1e-3  # float parity: |source logit / embedding value, exported - Py
 INT8_MAX_DROP = 0.05  # int8 gate: answer token F1 and box F1 vs the teacher may drop at most this much
 
 
-class ExportError(RuntimeError):
+class ExportError(GraphdistillError, RuntimeError):
     """The run cannot be exported, or the exported model failed the parity/fidelity gate."""
 
 

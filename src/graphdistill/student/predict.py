@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from graphdistill.errors import GraphdistillError
 from graphdistill.runner.bundle import greedy_token, top_sources
 from graphdistill.runner.preprocess import Letterbox, object_mask_rle
 from graphdistill.student.loader import MEAN, REDUCING_GAP, STD, preprocess_image
@@ -46,7 +47,7 @@ RUN_FILES = ("model.safetensors", "config.json", "tokenizer.json", "meta.json")
 STUDENT_FORMAT = "graphdistill-student/2"
 
 
-class RunError(ValueError):
+class RunError(GraphdistillError, ValueError):
     """A student run folder is missing or incomplete; the message names the path."""
 
 

@@ -12,6 +12,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from graphdistill.errors import GraphdistillError
 from graphdistill.trace import Detections, Document, Masks, TokenLogprobs
 
 Messages = list[dict[str, str]]
@@ -139,7 +140,7 @@ OFFER_LOADERS: dict[str, str] = {
 }
 
 
-class OfferError(ValueError):
+class OfferError(GraphdistillError, ValueError):
     """An offer cannot be loaded: an unknown kind, weights that are missing or no longer match their sha256."""
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from graphdistill._env import apply_offline_env
 from graphdistill._lazy import require
+from graphdistill.errors import GraphdistillError
 from graphdistill.images import to_rgb_uint8
 from graphdistill.weights import resolve
 
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 RANDOM_MARK = "RANDOM WEIGHTS"
 
 
-class NoClipWeightsError(ValueError):
+class NoClipWeightsError(GraphdistillError, ValueError):
     """A CLIP embedder was asked for without weights (and without explicitly accepting random ones)."""
 
 

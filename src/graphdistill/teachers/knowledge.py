@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from graphdistill.errors import GraphdistillError
 from graphdistill.teachers.base import Retriever
 from graphdistill.trace import Document
 
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 DEFAULT_KB = "coco_facts.jsonl"
 
 
-class KnowledgeBaseError(ValueError):
+class KnowledgeBaseError(GraphdistillError, ValueError):
     """A knowledge-base file is unreadable or has a bad row; the message names the file and the line."""
 
 

@@ -29,6 +29,7 @@ from typing import Any
 from graphdistill import weights as weights_mod
 from graphdistill._env import home
 from graphdistill._lazy import require
+from graphdistill.errors import GraphdistillError
 from graphdistill.teachers.base import LLMOutput, Messages, Prompt, pick_device
 from graphdistill.trace import TokenLogprobs
 
@@ -39,7 +40,7 @@ MANIFEST_FORMAT = "graphdistill-converted/1"
 PIECE_CONTEXT = 8  # tokens of context each piece is decoded in (see HFCausalLM.piece_texts)
 
 
-class ConversionError(RuntimeError):
+class ConversionError(GraphdistillError, RuntimeError):
     """A GGUF file could not be converted into a fast-loading folder."""
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from graphdistill._env import apply_offline_env, home
 from graphdistill._lazy import require
+from graphdistill.errors import GraphdistillError
 from graphdistill.teachers.base import ImageEmbedder, TextEmbedder
 from graphdistill.trace import Document
 
@@ -48,7 +49,7 @@ def labelled_query(question: str, labels: Sequence[str]) -> str:
     return question.strip() + (" " + " ".join(names) if names else "")
 
 
-class RetrieverError(ValueError):
+class RetrieverError(GraphdistillError, ValueError):
     """Bad input to the retriever (ids, metadata, collection names); the message names the culprit."""
 
 
