@@ -812,3 +812,24 @@ def test_the_object_and_the_documents_the_question_names_are_marked_and_nothing_
         shift = (doc_keys.abs().amax(-1) > 0.5).view(3, width)
         assert shift[1].all() and not shift[0].any() and not shift[2].any()
     m.eval()
+
+
+def test_the_built_in_student_is_exportable_and_predict_takes_its_fast_path() -> None:
+    from graphdistill.student.model import ExportableStudent, StudentProtocol
+    from graphdistill.student.predict import config_of, has_fast_path
+
+    model = Student(StudentConfig(**SMALL))  # type: ignore[arg-type]
+    assert isinstance(model, StudentProtocol) and isinstance(model, ExportableStudent)
+    assert has_fast_path(model) and config_of(model) is model.config
+
+    class ForwardOnly(torch.nn.Module):  # StudentProtocol without the fast path
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = model.config
+
+        def forward(self, *args: object) -> dict[str, torch.Tensor]:
+            return {}
+
+    assert not has_fast_path(ForwardOnly()) and not has_fast_path(object())
+    with pytest.raises(TypeError, match="no `config`"):
+        config_of(object())

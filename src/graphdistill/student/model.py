@@ -123,6 +123,25 @@ class StudentProtocol(Protocol):
     ) -> dict[str, Tensor]: ...
 
 
+@runtime_checkable
+class ExportableStudent(StudentProtocol, Protocol):
+    """A student with the fast path (see :class:`StudentProtocol`): ``encode`` once per query, and
+    ``generate`` the answer from what it encoded. ``predict`` uses it when a module has it, and ``graphdistill
+    export`` needs it (the exported programs are ``encode`` and one decode step)."""
+
+    def encode(self, image: Tensor, question_ids: Tensor, question_mask: Tensor) -> dict[str, Tensor]: ...
+
+    def generate(
+        self,
+        image: Tensor,
+        question_ids: Tensor,
+        question_mask: Tensor,
+        max_len: int | None = None,
+        *,
+        encoded: dict[str, Tensor] | None = None,
+    ) -> Tensor: ...
+
+
 # --------------------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------------------

@@ -21,8 +21,9 @@ import importlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -33,7 +34,15 @@ from graphdistill.errors import GraphdistillError
 from graphdistill.runner.bundle import greedy_token, top_sources
 from graphdistill.runner.preprocess import Letterbox, object_mask_rle
 from graphdistill.student.loader import MEAN, REDUCING_GAP, STD, preprocess_image
-from graphdistill.student.model import BOS_ID, EOS_ID, PAD_ID, Student, StudentConfig, StudentProtocol
+from graphdistill.student.model import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    ExportableStudent,
+    Student,
+    StudentConfig,
+    StudentProtocol,
+)
 from graphdistill.student.tokenizer import StudentTokenizer
 from graphdistill.trace import RLE, Detections, ObjectOut
 
@@ -65,10 +74,21 @@ def check_student(model: object) -> None:
         )
 
 
-def has_fast_path(model: nn.Module) -> bool:
+def has_fast_path(model: object) -> TypeGuard[ExportableStudent]:
     """``encode`` (+ ``generate`` when the config has a text output): see the module docstring."""
-    need = ("encode", "generate") if model.config.has_text else ("encode",)  # type: ignore[union-attr]
+    config = getattr(model, "config", None)
+    if not isinstance(config, StudentConfig):
+        return False
+    need = ("encode", "generate") if config.has_text else ("encode",)
     return all(callable(getattr(model, n, None)) for n in need)
+
+
+def config_of(model: object) -> StudentConfig:
+    """The StudentConfig a student was built with (``StudentProtocol.config``)."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, StudentConfig):
+        raise TypeError(f"student {type(model).__qualname__}: no `config` holding its StudentConfig")
+    return config
 
 
 @torch.no_grad()
@@ -78,7 +98,7 @@ def greedy_answer_ids(
     """Greedy answer ids [B, n] (no <bos>; <pad> after <eos>): ``generate`` when the module has the fast
     path, else :func:`greedy_forward`."""
     if has_fast_path(model):
-        return model.generate(image, question_ids, question_mask, max_len)  # type: ignore[operator,no-any-return]
+        return model.generate(image, question_ids, question_mask, max_len)
     return greedy_forward(model, image, question_ids, question_mask, max_len)[0]
 
 
@@ -89,7 +109,7 @@ def greedy_forward(
     """Decode through ``forward`` alone -> (answer ids [B, n] as :func:`greedy_answer_ids`, the outputs of a
     last forward whose ``answer_in`` is ``<bos> answer <pad>…`` padded to ``max_answer_len``, the exact
     shape training fed, so heads that read the answer see what they were trained on)."""
-    cfg: StudentConfig = model.config  # type: ignore[assignment]
+    cfg = config_of(model)
     t_max = cfg.max_answer_len
     n = min(max_len or t_max - 1, t_max - 1)
     b = image.shape[0]
@@ -122,7 +142,7 @@ class StudentPredictor:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.meta = meta
-        self.config: StudentConfig = model.config  # type: ignore[assignment]
+        self.config = config_of(model)
         self.class_names: list[str] = list(meta.get("class_names", []))
         self.doc_ids: list[str] = [d["id"] for d in meta.get("documents", [])]
         self.device = torch.device(device)
@@ -153,10 +173,11 @@ class StudentPredictor:
         qm = torch.tensor([q_mask], dtype=torch.bool, device=self.device)
         t0 = time.perf_counter()
         answer = None
-        if has_fast_path(self.model):
-            heads = self.model.encode(img, qi, qm)  # type: ignore[operator]
+        model = self.model
+        if has_fast_path(model):
+            heads = model.encode(img, qi, qm)
             if cfg.has_text:
-                ids = self.model.generate(img, qi, qm, max_len, encoded=heads)  # type: ignore[operator]
+                ids = model.generate(img, qi, qm, max_len, encoded=heads)
                 answer = self.tokenizer.decode(ids[0].tolist())
         else:
             ids, heads = greedy_forward(self.model, img, qi, qm, max_len)
@@ -245,7 +266,7 @@ def load_student(run: str | Path, device: str = "cpu") -> StudentPredictor:
         config = StudentConfig.from_dict(json.loads((root / "config.json").read_text()))
     except ValueError as exc:
         raise RunError(f"student run {root}: {exc}") from exc
-    cls: type[nn.Module] = Student
+    cls: Callable[[StudentConfig], nn.Module] = Student  # a user's model class is built the same way
     name = meta.get("model_class")
     if name and name != f"{Student.__module__}.{Student.__qualname__}":
         mod, _, attr = name.rpartition(".")
@@ -256,7 +277,7 @@ def load_student(run: str | Path, device: str = "cpu") -> StudentPredictor:
                 f"student run {root}: its model class {name} cannot be imported ({exc}); "
                 "make that module importable (installed or on PYTHONPATH)"
             ) from exc
-    model = cls(config)  # type: ignore[call-arg]
+    model = cls(config)
     try:
         check_student(model)
     except TypeError as exc:
