@@ -380,8 +380,17 @@ def test_filtering_holds_one_group_of_traces_at_a_time(tmp_path: Path, schema: b
     store = TraceStore(tmp_path / "store")
     blobs: dict[str, bytes] = {}
     declared = synthetic_graph_schema().model_dump(mode="json")
-    for g in range(12):
-        for t in group(f"g{g:02d}", ["There is a cat."] * 3, image=_image(g), photos=[f"p/{g}"], blobs=blobs):
+    for g in range(12):  # each group retrieved its own document: the manifest must hold all twelve
+        docs = [Document(id=f"doc-{g:02d}", text=f"fact number {g}")]
+        traces = group(
+            f"g{g:02d}",
+            ["There is a cat."] * 3,
+            image=_image(g),
+            photos=[f"p/{g}"],
+            blobs=blobs,
+            documents=docs,
+        )
+        for t in traces:
             if schema:
                 t.metadata["graph_schema"] = declared
             store.append(t, blobs)
@@ -393,6 +402,8 @@ def test_filtering_holds_one_group_of_traces_at_a_time(tmp_path: Path, schema: b
     )  # one group (and the one read to find the schema)
     plain = filter_store(store, tmp_path / "ds2", FilterConfig(), report=False)
     assert plain.manifest["graph"] == result.manifest["graph"]
+    assert [d["id"] for d in result.manifest["documents"]] == [f"doc-{g:02d}" for g in range(12)]
+    assert result.manifest["class_names"][15] == "cat"  # COCO order: every label seen is a COCO class
     assert [o.name for o in open_dataset(tmp_path / "ds").graph.outputs] == ["answer", "objects", "sources"]
 
 

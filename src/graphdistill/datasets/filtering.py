@@ -287,7 +287,8 @@ def filter_store(
     # whole store: from the graph schema the traces recorded (one pass), else from every recorded value
     # (a first pass that only gathers; the second votes).
     facts = StoreFacts()
-    if recorded_schema(read(group_ids[0])) is None:
+    gathered = recorded_schema(read(group_ids[0])) is None  # no schema: every value first, then vote
+    if gathered:
         for i, gid in enumerate(group_ids):
             for t in read(gid):
                 facts.add(t)
@@ -296,7 +297,7 @@ def filter_store(
     decisions: list[GroupDecision] = []
     for i, gid in enumerate(group_ids):
         traces = read(gid)
-        if not facts.seen:
+        if not gathered:  # one pass: each group's documents, labels (and kinds) as it is voted
             for t in traces:
                 facts.add(t)
         if names is None:
@@ -383,10 +384,8 @@ class StoreFacts:
         self.documents: dict[str, str] = {}
         self.labels: set[str] = set()
         self.first: Trace | None = None  # the first finished trace (else the first trace)
-        self.seen = 0
 
     def add(self, t: Trace) -> None:
-        self.seen += 1
         if self.schema is None:
             self.schema = recorded_schema([t])
         if self.first is None or (self.first.status != "ok" and t.status == "ok"):
