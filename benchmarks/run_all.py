@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "student": [],
     "export": [],
     "e2e": [],  # runs (or resumes) the full demo first
+    "filter_memory": [],  # issue 18: the filter's memory is bounded by the largest group, not the store
     "scaling": [
         "--sizes",
         "12,24,48",
@@ -57,6 +58,8 @@ GOALS = [
     ("recording_overhead_pct", "recording overhead (%)", "< 3 %", lambda v: v < 3.0),
     ("batched_speedup", "teacher throughput, batched vs one-by-one", "(no goal)", None),
     ("size_ratio", "teacher bytes / student bytes", "(no goal)", None),
+    ("filter_peak_rss_mb", "filter peak RSS increase on the largest store (MB)", "(no goal)", None),
+    ("read_all_peak_rss_mb", "the same store's traces all held at once (MB)", "(no goal)", None),
     ("demo_minutes", "full `make demo`, sum of its stage times (min)", "≤ 30", lambda v: v <= 30.0),
 ]
 
@@ -118,6 +121,11 @@ def table(results: dict[str, dict]) -> str:
             v = data.get("headline", {}).get(k, data.get(k))
             if v is not None:
                 head[k] = v
+    points = results.get("filter_memory", {}).get("points") or []
+    if points:  # the largest store measured: streaming keeps the filter flat, holding every trace does not
+        big = max(points, key=lambda p: p["traces"])
+        head["filter_peak_rss_mb"] = big["filter"]["peak_rss_increase_mb"]
+        head["read_all_peak_rss_mb"] = big["read_all"]["peak_rss_increase_mb"]
     e2e = results.get("e2e", {})
     ms = e2e.get("ms_per_query") or {}
     et_int8 = next((v for k, v in ms.items() if "ExecuTorch" in k and "int8" in k), None)
@@ -155,6 +163,8 @@ def table(results: dict[str, dict]) -> str:
             fmt = f"{v:.2f}×"
         elif key.startswith("speedup") or key == "size_ratio":
             fmt = f"{v:,.0f}×"
+        elif key.endswith("_rss_mb"):
+            fmt = f"{v:,.1f}"
         else:
             fmt = f"{v:#.3g}"  # keeps its trailing zeros: 6.00, not 6
         lines.append(f"| {label} | {fmt} | {goal} | {met} |")

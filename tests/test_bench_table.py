@@ -108,6 +108,18 @@ def test_each_goal_is_judged_from_the_measured_figure() -> None:
     # the ms goals: a whole ExecuTorch int8 query from e2e, the eager model query at its faster thread count
     assert _row(md, "whole query, ExecuTorch int8 bundle (ms)")[1:] == ["9.70", "≤ 15", "yes"]
     assert _row(md, "student model query, PyTorch eager (ms, `student.py`)")[1:] == ["24.0", "≤ 30", "yes"]
+    # the filter's memory on the largest store measured, beside every trace of it held at once
+    points = [
+        {"traces": 600, "filter": {"peak_rss_increase_mb": 4.4}, "read_all": {"peak_rss_increase_mb": 29.7}},
+        {
+            "traces": 2400,
+            "filter": {"peak_rss_increase_mb": 15.93},
+            "read_all": {"peak_rss_increase_mb": 116.85},
+        },
+    ]
+    md = _run_all().table({**RESULTS, "filter_memory": {"points": points}})
+    assert _row(md, "filter peak RSS increase on the largest store (MB)")[1:] == ["15.9", "(no goal)", "—"]
+    assert _row(md, "the same store's traces all held at once (MB)")[1] == "116.8"
 
 
 def test_fidelity_is_tabled_with_intervals_for_pytorch_and_the_int8_bundle() -> None:
