@@ -147,6 +147,7 @@ def test_record_keeps_every_good_row_and_names_every_bad_one_without_touching_th
     assert (counts["recorded"], counts["failed"], counts["skipped"]) == (len(rows), 1, 2)
     assert f"line {len(lines)} skipped: its question is empty" in caplog.text
     assert f"line {len(lines) + 1} skipped: not UTF-8 text" in caplog.text
+    assert "huge.png not run: image" in caplog.text and "is larger than the 64 MP limit" in caplog.text
     with TraceStore(store, readonly=True) as s:
         traces = {t.id: t for t in s.iter()}
     assert traces[before.id] == before  # what was stored before is untouched

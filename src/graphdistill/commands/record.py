@@ -199,6 +199,8 @@ def run_tasks(
         try:
             image = load_image(row["image"])
         except ImageError as exc:
+            if i == 0:  # one line per input, not per sample; its failed traces keep the error
+                log.warning("input %s not run: %s", row["image"], exc)
             ih = content_hash(raw_inputs)
             if resume and store.has_input(ih, i, graph_hash=gid.hash):
                 counts["skipped"] += 1
