@@ -121,7 +121,7 @@ class FilterResult:
         """split -> why it is empty, for each split the fractions give a share but no kept row reached
         (``test``: nothing to evaluate on)."""
         got = Counter(d.split for d in self.decisions if d.kept)
-        shares = tuple((self.manifest.get("filter") or {}).get("fractions") or (0.8, 0.1, 0.1))
+        shares = tuple((self.manifest.get("filter") or {}).get("fractions") or FilterConfig().fractions)
         fractions = dict(zip(("train", "val", "test"), shares, strict=True))
         photos = {p for d in self.decisions if d.kept for p in d.consensus.provenance.photos}
         why = (
@@ -282,13 +282,15 @@ def filter_store(
     def read(gid: str) -> list[Trace]:
         return [store.get(tid) for tid in groups[gid]]
 
-    # One group's traces in memory at a time: memory is bounded by the largest group, not the store
-    # (benchmarks/filter_memory.py). Which output is the answer / objects / sources is decided once for the
+    # One group's traces in memory at a time, never the store's; what stays per input is its decision and
+    # consensus row, written after the splits (benchmarks/filter_memory.py). Which output is the answer / objects / sources is decided once for the
     # whole store: from the graph schema the traces recorded (one pass), else from every recorded value
     # (a first pass that only gathers; the second votes).
     facts = StoreFacts()
-    gathered = recorded_schema(read(group_ids[0])) is None  # no schema: every value first, then vote
+    first: list[Trace] | None = read(group_ids[0])  # voted first in the one-pass case: read once
+    gathered = recorded_schema(first or []) is None  # no schema: every value first, then vote
     if gathered:
+        first = None  # one group at a time: the gathering pass reads it again
         for i, gid in enumerate(group_ids):
             for t in read(gid):
                 facts.add(t)
@@ -296,7 +298,8 @@ def filter_store(
     names: OutputNames | None = None
     decisions: list[GroupDecision] = []
     for i, gid in enumerate(group_ids):
-        traces = read(gid)
+        traces = first if first is not None else read(gid)
+        first = None
         if not gathered:  # one pass: each group's documents, labels (and kinds) as it is voted
             for t in traces:
                 facts.add(t)
@@ -390,7 +393,7 @@ class StoreFacts:
             self.schema = recorded_schema([t])
         if self.first is None or (self.first.status != "ok" and t.status == "ok"):
             self.first = t
-        if t.status == "ok":
+        if self.schema is None and t.status == "ok":  # a recorded schema declares the kinds: no inference
             for name, kind in output_kinds_of_trace(t).items():
                 if self.kinds.get(name) is None:
                     self.kinds[name] = kind

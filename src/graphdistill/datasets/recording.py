@@ -426,7 +426,7 @@ class TraceRecorder(BaseCallbackHandler):
             self.store.root,
             n,
             line,
-            exc_info=(type(exc), exc, None),
+            exc_info=exc,
         )
 
     def _raise_new(self, result: Any = None) -> None:

@@ -3,8 +3,8 @@ retriever does, on queries no recorded trace asked.
 
 A recorded trace teaches the sources head one ranking: the documents its one query (the question and the
 labels the detector found) retrieved. A few hundred traces about a few photos name a few classes, so the head
-learns which documents those photos retrieved, not how the retriever ranks (``README``: sources recall 0.41
-on the held-out photos). The retriever is the cheapest teacher in the graph: one sentence embedding a query.
+learns which documents those photos retrieved, not how the retriever ranks (the README has the measured
+effect). The retriever is the cheapest teacher in the graph: one sentence embedding a query.
 When the graph's retrieve node offers its text embedder (``ChromaRetriever.student_offer``, kind
 ``"text-retriever"``), training asks it about thousands of synthetic queries, made the way the graph makes its
 own (:func:`graphdistill.teachers.retriever.labelled_query`):

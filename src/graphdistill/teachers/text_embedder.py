@@ -93,15 +93,15 @@ def load_retrieval_teacher(ref: dict[str, Any]) -> Any:
 
     name = str(ref.get("embedder") or "")
     try:
-        _, sha = weights_mod.resolve(name)
+        embedder = SentenceEmbedder(name)  # resolves (and hashes) the weights once
     except (OSError, ValueError, weights_mod.WeightsError) as exc:
-        raise OfferError(f"retriever offer {name!r}: cannot resolve its text embedder ({exc})") from exc
+        raise OfferError(f"retriever offer {name!r}: cannot load its text embedder ({exc})") from exc
+    sha = embedder.weights_sha256
     if ref.get("weights_sha256") and sha != ref["weights_sha256"]:
         raise OfferError(
             f"retriever offer {name!r}: the embedder's sha256 {sha[:12]}… is not the recorded "
             f"{str(ref['weights_sha256'])[:12]}… (the weights changed since the traces were recorded)"
         )
-    embedder = SentenceEmbedder(name)
     return RetrievalTeacher(
         kind="text-retriever",
         embed=embedder.embed,
