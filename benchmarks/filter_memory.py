@@ -2,8 +2,9 @@
 every trace of the store in memory at once (what the filter did before it streamed groups).
 
 Each store is recorded for real through `record()` from a toy graph (no model): G inputs x 3 samples, each
-trace a 64x64 photo (a blob), an answer, one object with its mask, three sources, and a 32 KB node output in
-its spans, about what a visual_rag trace's LLM top-k log-probabilities weigh. Every measurement runs in a fresh
+trace a 64x64 photo (a blob), an answer, one object with its mask, three sources, the answer's top-5
+log-probabilities over 96 tokens with their texts (what visual_rag's reason node writes as ``llm``; the
+consensus row keeps the chosen sample's), and a 32 KB node output that stays in the spans. Every measurement runs in a fresh
 process (`cost.PeakRSS`: the peak RSS inside the call over the RSS at its start).
 
     python benchmarks/filter_memory.py --out benchmarks/results/filter_memory.json
@@ -25,13 +26,14 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 SAMPLES = 3
 PAYLOAD = 32_000  # bytes of text a node writes into its span, per trace
+TOKENS, TOPK = 96, 5  # the answer's top-k log-probabilities: visual_rag's limit and default
 
 
 def _graph() -> Any:
     import numpy as np
 
     from graphdistill.graphs.builder import GraphBuilder
-    from graphdistill.trace import RLE, ObjectOut
+    from graphdistill.trace import RLE, ObjectOut, TokenLogprobs
 
     def look(state: dict[str, Any], config: Any) -> dict[str, Any]:
         i = int(config["configurable"].get("gd_sample_index", 0))
@@ -41,8 +43,18 @@ def _graph() -> Any:
             label="cat", class_id=15, score=0.9, box=[10.0, 8.0, 50.0, 40.0], mask=RLE.encode(mask)
         )
         rng = np.random.default_rng(i)
+        ids = rng.integers(0, 49_000, (TOKENS, TOPK))
+        llm = TokenLogprobs(
+            tokenizer="toy",
+            token_ids=[int(t) for t in ids[:, 0]],
+            topk_ids=ids.tolist(),
+            topk_logprobs=np.sort(rng.normal(-3.0, 1.0, (TOKENS, TOPK)), axis=1)[:, ::-1].round(4).tolist(),
+            token_texts=[f" w{t}" for t in ids[:, 0]],
+            topk_texts=[[f" w{t}" for t in row] for row in ids],
+        )
         return {
             "scratch": "".join(rng.choice(list("abcdefgh "), PAYLOAD)),  # stays in the spans
+            "llm": llm,
             "answer": "There is a cat.",
             "objects": [cat],
             "sources": ["coco/cat/1", "coco/cat/2", "coco/cat/3"],
@@ -50,7 +62,9 @@ def _graph() -> Any:
 
     b = GraphBuilder("filter_memory").input("image", "image").input("question", "text")
     b.output("answer", "text").output("objects", "objects").output("sources", "sources")
-    b.node("look", look, reads=["image", "question"], writes=["scratch", "answer", "objects", "sources"])
+    b.node(
+        "look", look, reads=["image", "question"], writes=["scratch", "llm", "answer", "objects", "sources"]
+    )
     return b.edge("__start__", "look").edge("look", "__end__").compile()
 
 
@@ -101,7 +115,7 @@ def measure(mode: str, store: str, out_dir: str, warm: str) -> dict[str, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=str(HERE / "results" / "filter_memory.json"))
-    ap.add_argument("--groups", default="200,800", help="inputs per store (x3 samples each)")
+    ap.add_argument("--groups", default="200,800,1600", help="inputs per store (x3 samples each)")
     ap.add_argument("--measure", nargs=4, metavar=("MODE", "STORE", "OUT", "WARM"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:  # the child process
@@ -138,6 +152,7 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d"),
         "samples_per_input": SAMPLES,
         "span_payload_bytes": PAYLOAD,
+        "logprobs_per_trace": {"tokens": TOKENS, "topk": TOPK},
         "points": points,
     }
     out = Path(args.out)

@@ -22,7 +22,13 @@ from graphdistill.datasets.dataset import (
 )
 from graphdistill.datasets.dedup import dhash, hamming, near_duplicates
 from graphdistill.datasets.filter_report import teacher_line
-from graphdistill.datasets.filtering import FilterConfig, decide_group, filter_store, teacher_measures
+from graphdistill.datasets.filtering import (
+    FilterConfig,
+    FilterError,
+    decide_group,
+    filter_store,
+    teacher_measures,
+)
 from graphdistill.datasets.rules import RuleError, load_rule, register_rule, unregister_rule
 from graphdistill.datasets.splits import Item, SplitLeakError, assign_splits, verify_no_leak
 from graphdistill.datasets.vote import vote_group
@@ -117,6 +123,31 @@ def test_writer_round_trips_every_column(tmp_path: Path) -> None:
     assert row["provenance_photos"] == ["p/a", "p/b"] and row["trace_ids"] == ["t1", "t2"]
     assert np.array_equal(ds.image(row), img)
     assert ds.documents == [{"id": "doc-cat", "text": "x"}]
+
+
+def test_the_writer_streams_rows_a_row_group_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyarrow.parquet as pq
+
+    import graphdistill.datasets.dataset as dataset_mod
+
+    monkeypatch.setattr(dataset_mod, "ROW_GROUP", 3)
+    w = DatasetWriter(tmp_path / "d", {"class_names": ["cat"]})
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        img = rng.integers(0, 255, (H, W, 3), dtype=np.uint8)
+        w.add({"id": f"r{i}", "question": f"q{i}?", "answer": "A cat.", "objects": [cat()]}, img, "train")
+        assert len(w._pending["train"]) < 3  # never more than a row group waits in memory
+    w.add({"id": "v0", "question": "v?", "answer": "A cat."}, img, "val")
+    assert not (tmp_path / "d" / "manifest.json").exists()  # unfinished: no reader opens it
+    w.close()
+    assert pq.ParquetFile(tmp_path / "d" / "train.parquet").num_row_groups == 4  # 3 + 3 + 3 + 1
+    ds = open_dataset(tmp_path / "d")
+    assert ds.splits == {"train": 10, "val": 1, "test": 0}
+    assert [r["id"] for r in ds.rows("train")] == [f"r{i}" for i in range(10)]
+    assert [r["question"] for r in ds.rows("train")] == [f"q{i}?" for i in range(10)]
+    assert all(r["objects"] == [cat()] for r in ds.rows("train")) and ds.rows("test") == []
 
 
 def test_missing_or_corrupt_dataset_errors_name_the_file(tmp_path: Path) -> None:
@@ -405,6 +436,34 @@ def test_filtering_holds_one_group_of_traces_at_a_time(tmp_path: Path, schema: b
     assert [d["id"] for d in result.manifest["documents"]] == [f"doc-{g:02d}" for g in range(12)]
     assert result.manifest["class_names"][15] == "cat"  # COCO order: every label seen is a COCO class
     assert [o.name for o in open_dataset(tmp_path / "ds").graph.outputs] == ["answer", "objects", "sources"]
+
+
+def test_the_filter_holds_each_consensus_slim_and_spools_the_rest(tmp_path: Path) -> None:
+    from graphdistill.datasets.store import TraceStore
+
+    store = TraceStore(tmp_path / "store")
+    blobs: dict[str, bytes] = {}
+    logp = TokenLogprobs(tokenizer="t", token_ids=[1], topk_ids=[[1]], topk_logprobs=[[-0.1]])
+    for g in range(6):
+        for t in group(
+            f"g{g}", ["There is a cat."] * 3, image=_image(g), photos=[f"p/{g}"], blobs=blobs, logprobs=logp
+        ):
+            store.append(t, blobs)
+    result = filter_store(store, tmp_path / "out" / "ds", FilterConfig(fractions=(1.0, 0.0, 0.0)))
+    assert result.summary()["kept"] == 6
+    for d in result.decisions:  # in memory: what the splits, the summary and the report's words need
+        c = d.consensus
+        assert c.question and c.answer == "There is a cat." and c.agreement["answer"] == 1.0
+        assert [o.label for o in c.objects] == ["cat"] and c.objects[0].box == pytest.approx(cat().box)
+        assert all(o.mask is None for o in c.objects) and c.llm_topk is None and not c.embeddings
+    rows = open_dataset(tmp_path / "out" / "ds").all_rows()  # on disk: the whole consensus
+    assert len(rows) == 6 and all(o.mask is not None for r in rows for o in r["objects"])
+    assert all(np.array_equal(r["objects"][0].mask.decode(), cat().mask.decode()) for r in rows)
+    assert all(r["llm_topk"] is not None for r in rows)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ds"]  # the spool is gone
+    with pytest.raises(FilterError, match="nope"):  # an error mid-way removes the spool all the same
+        filter_store(store, tmp_path / "out" / "bad", FilterConfig(min_agreement={"nope": 0.5}))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ds"]
 
 
 def test_the_filter_says_which_split_is_empty_and_why(tmp_path: Path) -> None:

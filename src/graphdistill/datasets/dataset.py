@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 FORMAT = "graphdistill-dataset/1"
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
+ROW_GROUP = 256  # rows the writer holds per split before it writes them out as one Parquet row group
 
 # column name -> pyarrow type name (built lazily so importing this module stays cheap)
 COLUMNS = (
@@ -171,6 +172,10 @@ class DatasetWriter:
     ``{parent_trace, from_node, edit}`` of a counterfactual replay)); the writer fills ``image``, ``image_height``, ``image_width`` and
     ``split`` from the image it stores. ``manifest`` is merged into manifest.json (``graph``,
     ``class_names``, ``documents``, ``source_store``, ``filter``); ``format`` and ``splits`` are set here.
+
+    Rows stream: each split's Parquet file is written a row group of ``ROW_GROUP`` rows at a time, so the
+    writer holds at most that many rows per split, whatever the dataset's size. The manifest is written last,
+    by ``close``: a folder without it is an unfinished dataset and no reader opens it.
     """
 
     def __init__(self, out_dir: str | os.PathLike[str], manifest: dict[str, Any] | None = None) -> None:
@@ -183,7 +188,9 @@ class DatasetWriter:
             )
         self.root.mkdir(parents=True, exist_ok=True)
         self.manifest: dict[str, Any] = dict(manifest or {})
-        self._rows: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+        self._pending: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+        self._counts: dict[str, int] = {s: 0 for s in SPLITS}
+        self._writers: dict[str, Any] = {}  # split -> its open pyarrow.parquet.ParquetWriter
         self._ids: set[str] = set()
         self._closed = False
 
@@ -238,8 +245,23 @@ class DatasetWriter:
             "ground_truth": ground_truth,
             "replay": _replay_json(row.get("replay")),
         }
-        self._rows[split].append(stored)
+        self._pending[split].append(stored)
+        self._counts[split] += 1
+        if len(self._pending[split]) >= ROW_GROUP:
+            self._flush(split)
         return stored
+
+    def _flush(self, split: str) -> None:
+        """Write ``split``'s pending rows as one row group of its Parquet file (opened on first use)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        writer = self._writers.get(split)
+        if writer is None:
+            writer = self._writers[split] = pq.ParquetWriter(self.root / f"{split}.parquet", _schema())
+        rows, self._pending[split] = self._pending[split], []
+        if rows:
+            writer.write_table(pa.Table.from_pylist(rows, schema=_schema()))
 
     def close(self) -> Path:
         """Write the Parquet files and manifest.json; returns the dataset folder."""
@@ -248,10 +270,12 @@ class DatasetWriter:
 
         if self._closed:
             return self.root
-        schema = _schema()
-        for split, rows in self._rows.items():
-            table = pa.Table.from_pylist(rows, schema=schema)
-            pq.write_table(table, self.root / f"{split}.parquet")
+        for split in SPLITS:
+            if self._pending[split] or split in self._writers:
+                self._flush(split)
+                self._writers.pop(split).close()
+            else:  # an empty split is an empty table with the schema
+                pq.write_table(pa.Table.from_pylist([], schema=_schema()), self.root / f"{split}.parquet")
         manifest = {
             "format": FORMAT,
             "graph": None,
@@ -265,7 +289,7 @@ class DatasetWriter:
         if isinstance(graph, GraphSchema):
             manifest["graph"] = graph.model_dump(mode="json")
         manifest["format"] = FORMAT
-        manifest["splits"] = {s: len(r) for s, r in self._rows.items()}
+        manifest["splits"] = dict(self._counts)
         tmp = self.root / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=2, default=str))
         tmp.replace(self.root / MANIFEST)  # the manifest last: its presence means the dataset is complete

@@ -10,11 +10,13 @@ import base64
 import html
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from graphdistill.datasets.filtering import FilterResult, GroupDecision, StoreLike
+    from graphdistill.datasets.vote import Consensus
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +48,10 @@ def agreement_histogram(decisions: list[GroupDecision], path: Path) -> Path:
     return path
 
 
-def _example_picture(d: GroupDecision, store: StoreLike) -> Any:
+def _example_picture(c: Consensus, store: StoreLike) -> Any:
     from graphdistill.datasets.filtering import load_image_of
     from graphdistill.viz import draw_output
 
-    c = d.consensus
     image = load_image_of(c, store)
     output = {"answer": c.answer, "objects": c.objects, "sources": c.sources}
     pic = draw_output(image, output, title=f"Q: {c.question}")
@@ -81,8 +82,14 @@ def _b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
 
-def write_report(result: FilterResult, store: StoreLike, out: Path) -> Path:
-    """Write the report folder; returns the path of report.html."""
+def write_report(
+    result: FilterResult,
+    store: StoreLike,
+    out: Path,
+    consensus_of: Callable[[GroupDecision], Consensus] | None = None,
+) -> Path:
+    """Write the report folder; returns the path of report.html. ``consensus_of`` gives a decision's full
+    consensus (masks included) for the pictures of dropped examples; by default the decision's own."""
     out.mkdir(parents=True, exist_ok=True)
     summary = result.summary()
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -95,7 +102,7 @@ def write_report(result: FilterResult, store: StoreLike, out: Path) -> Path:
             continue
         path: Path | None = ex_dir / f"{d.rule}-{len(examples.get(d.rule, []))}.png"
         try:
-            pic = _example_picture(d, store)
+            pic = _example_picture(consensus_of(d) if consensus_of else d.consensus, store)
             ex_dir.mkdir(exist_ok=True)
             assert path is not None
             pic.save(path)

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import sqlite3
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -113,6 +116,11 @@ class GroupDecision:
 
 @dataclass
 class FilterResult:
+    """What ``filter_store`` decided. Each decision holds its group's consensus *slim* (:func:`slim`: no
+    masks, top-k log-probabilities, embeddings or answer clusters): the full consensus of every kept group
+    is its dataset row, and holding every group's in memory would make the filter's memory grow with the
+    store."""
+
     dataset: Path
     decisions: list[GroupDecision]
     manifest: dict[str, Any]
@@ -195,6 +203,49 @@ def teacher_measures(decisions: Sequence[GroupDecision]) -> dict[str, float | in
         "answer_agreement": sum(d.consensus.agreement["answer"] for d in decisions) / n if n else None,
         "keep_rate": sum(d.kept for d in decisions) / n if n else None,
     }
+
+
+def slim(c: Consensus) -> Consensus:
+    """``c`` without what weighs per input and nothing after the vote needs: masks (objects keep label,
+    class, score and box), the answer's top-k log-probabilities, embeddings, answer clusters, ground truth."""
+    return replace(
+        c,
+        objects=[o.model_copy(update={"mask": None}) if o.mask is not None else o for o in c.objects],
+        llm_topk=None,
+        embeddings={},
+        answer_clusters=[],
+        ground_truth=None,
+    )
+
+
+class ConsensusSpool:
+    """Each group's full consensus on disk (a temporary SQLite file) while the filter holds it slim in
+    memory; read back one at a time to write the dataset rows and draw the report's examples. Removed by
+    ``close``."""
+
+    def __init__(self, near: Path) -> None:
+        parent = near.parent if near.parent.is_dir() else None  # beside the dataset: the same disk
+        self._dir = tempfile.TemporaryDirectory(prefix=".graphdistill-filter-", dir=parent)
+        self._db = sqlite3.connect(Path(self._dir.name) / "spool.sqlite")
+        self._db.execute("PRAGMA journal_mode=OFF")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.execute("CREATE TABLE c (id TEXT PRIMARY KEY, data BLOB)")
+
+    def put(self, c: Consensus) -> Consensus:
+        """Store ``c``; returns it slim."""
+        self._db.execute("INSERT OR REPLACE INTO c VALUES (?, ?)", (c.group_id, pickle.dumps(c)))
+        return slim(c)
+
+    def get(self, group_id: str) -> Consensus:
+        row = self._db.execute("SELECT data FROM c WHERE id = ?", (group_id,)).fetchone()
+        if row is None:
+            raise KeyError(group_id)
+        c: Consensus = pickle.loads(row[0])  # our own temporary file, written by this process
+        return c
+
+    def close(self) -> None:
+        self._db.close()
+        self._dir.cleanup()
 
 
 def load_image_of(c: Consensus, store: StoreLike) -> np.ndarray:
@@ -282,9 +333,11 @@ def filter_store(
     def read(gid: str) -> list[Trace]:
         return [store.get(tid) for tid in groups[gid]]
 
-    # One group's traces in memory at a time, never the store's; what stays per input is its decision and
-    # consensus row, written after the splits (benchmarks/filter_memory.py). Which output is the answer / objects / sources is decided once for the
-    # whole store: from the graph schema the traces recorded (one pass), else from every recorded value
+    # One group's traces in memory at a time, never the store's. What stays in memory per input is its
+    # decision and its consensus slim (question, answer, agreement, provenance, boxes); the full consensus
+    # waits in a spool on disk until the splits are known and its row is written, a Parquet row group at a
+    # time (benchmarks/filter_memory.py). Which output is the answer / objects / sources is decided once for
+    # the whole store: from the graph schema the traces recorded (one pass), else from every recorded value
     # (a first pass that only gathers; the second votes).
     facts = StoreFacts()
     first: list[Trace] | None = read(group_ids[0])  # voted first in the one-pass case: read once
@@ -295,79 +348,89 @@ def filter_store(
             for t in read(gid):
                 facts.add(t)
             tick("read", i + 1, len(groups))
-    names: OutputNames | None = None
-    decisions: list[GroupDecision] = []
-    for i, gid in enumerate(group_ids):
-        traces = first if first is not None else read(gid)
-        first = None
-        if not gathered:  # one pass: each group's documents, labels (and kinds) as it is voted
-            for t in traces:
-                facts.add(t)
-        if names is None:
-            names = OutputNames.from_kinds(facts.output_kinds())
-        decisions.append(decide_group(traces, config, embedder, names=names, load_blob=store.blob))
-        del traces
-        tick("vote", i + 1, len(groups))
+    spool = ConsensusSpool(Path(out_dir))
+    try:
+        names: OutputNames | None = None
+        decisions: list[GroupDecision] = []
+        for i, gid in enumerate(group_ids):
+            traces = first if first is not None else read(gid)
+            first = None
+            if not gathered:  # one pass: each group's documents, labels (and kinds) as it is voted
+                for t in traces:
+                    facts.add(t)
+            if names is None:
+                names = OutputNames.from_kinds(facts.output_kinds())
+            d = decide_group(traces, config, embedder, names=names, load_blob=store.blob)
+            d.consensus = spool.put(d.consensus)  # the full consensus waits on disk; memory keeps it slim
+            decisions.append(d)
+            del traces
+            tick("vote", i + 1, len(groups))
 
-    # near-duplicates among the training survivors: the best-agreeing copy stays (held-out rows are the
-    # fixed evaluation set; each is a different question about an untouched photo)
-    survivors = [d for d in decisions if d.kept and not d.heldout]
-    if config.dedup and survivors:
-        order = sorted(survivors, key=lambda d: (-d.consensus.agreement["answer"], d.group_id))
-        keys = []
-        for j, d in enumerate(order):
-            # a replay shares its parent's image and question but not its state: its edit is part of the key
-            edit = replay_of(d.consensus.provenance)
-            question = d.consensus.question + (f"\0replay {edit.get('edit')}" if edit else "")
-            keys.append((d.group_id, dhash(load_image_of(d.consensus, store)), question))
-            tick("dedup", j + 1, len(order))
-        dup = near_duplicates(keys, config.dedup_distance)
-        for d in survivors:
-            if d.group_id in dup:
-                d.failed.append(("near_duplicate", f"near-duplicate of group {dup[d.group_id]}"))
+        # near-duplicates among the training survivors: the best-agreeing copy stays (held-out rows are the
+        # fixed evaluation set; each is a different question about an untouched photo)
+        survivors = [d for d in decisions if d.kept and not d.heldout]
+        if config.dedup and survivors:
+            order = sorted(survivors, key=lambda d: (-d.consensus.agreement["answer"], d.group_id))
+            keys = []
+            for j, d in enumerate(order):
+                # a replay shares its parent's image and question but not its state: its edit is part of the key
+                edit = replay_of(d.consensus.provenance)
+                question = d.consensus.question + (f"\0replay {edit.get('edit')}" if edit else "")
+                keys.append((d.group_id, dhash(load_image_of(d.consensus, store)), question))
+                tick("dedup", j + 1, len(order))
+            dup = near_duplicates(keys, config.dedup_distance)
+            for d in survivors:
+                if d.group_id in dup:
+                    d.failed.append(("near_duplicate", f"near-duplicate of group {dup[d.group_id]}"))
 
-    kept = [d for d in decisions if d.kept]
-    items = [_split_item(d.group_id, d.consensus, d.heldout) for d in kept]
-    split_of = assign_splits(items, config.fractions, heldout_photos=config.heldout_photos, seed=config.seed)
-    for d in kept:
-        d.split = split_of[d.group_id]
-
-    manifest = build_manifest(decisions, facts, config, source_store)
-    writer = DatasetWriter(out_dir, manifest)
-    for j, d in enumerate(kept):
-        c = d.consensus
-        writer.add(
-            {
-                "id": c.group_id,
-                "question": c.question,
-                "answer": c.answer or "",
-                "objects": c.objects,
-                "sources": c.sources,
-                "agreement_answer": c.agreement["answer"],
-                "agreement_objects": c.agreement["objects"],
-                "agreement_sources": c.agreement["sources"],
-                "provenance_photos": c.provenance.photos,
-                "llm_topk": c.llm_topk,
-                "trace_ids": c.trace_ids,
-                "embeddings": c.embeddings or None,
-                "ground_truth": c.ground_truth,
-                "replay": replay_column(c.provenance),
-            },
-            load_image_of(c, store),
-            d.split or "train",
+        kept = [d for d in decisions if d.kept]
+        items = [_split_item(d.group_id, d.consensus, d.heldout) for d in kept]
+        split_of = assign_splits(
+            items, config.fractions, heldout_photos=config.heldout_photos, seed=config.seed
         )
-        tick("write", j + 1, len(kept))
-    result = FilterResult(Path(out_dir), decisions, manifest)
-    for split, why in result.empty_splits().items():
-        log.warning("dataset %s: split %r is empty: %s", out_dir, split, why)
-    writer.manifest["filter"] = {**writer.manifest.get("filter", {}), "summary": result.summary()}
-    writer.close()
-    if report:
-        from graphdistill.datasets.filter_report import write_report
+        for d in kept:
+            d.split = split_of[d.group_id]
 
-        write_report(result, store, Path(out_dir) / "report")
-    log.info("filtered %d groups: %s", len(decisions), result.summary())
-    return result
+        manifest = build_manifest(decisions, facts, config, source_store)
+        writer = DatasetWriter(out_dir, manifest)
+        for j, d in enumerate(kept):
+            c = spool.get(d.group_id)
+            writer.add(
+                {
+                    "id": c.group_id,
+                    "question": c.question,
+                    "answer": c.answer or "",
+                    "objects": c.objects,
+                    "sources": c.sources,
+                    "agreement_answer": c.agreement["answer"],
+                    "agreement_objects": c.agreement["objects"],
+                    "agreement_sources": c.agreement["sources"],
+                    "provenance_photos": c.provenance.photos,
+                    "llm_topk": c.llm_topk,
+                    "trace_ids": c.trace_ids,
+                    "embeddings": c.embeddings or None,
+                    "ground_truth": c.ground_truth,
+                    "replay": replay_column(c.provenance),
+                },
+                load_image_of(c, store),
+                d.split or "train",
+            )
+            tick("write", j + 1, len(kept))
+        result = FilterResult(Path(out_dir), decisions, manifest)
+        for split, why in result.empty_splits().items():
+            log.warning("dataset %s: split %r is empty: %s", out_dir, split, why)
+        writer.manifest["filter"] = {**writer.manifest.get("filter", {}), "summary": result.summary()}
+        writer.close()
+        if report:
+            from graphdistill.datasets.filter_report import write_report
+
+            write_report(
+                result, store, Path(out_dir) / "report", consensus_of=lambda d: spool.get(d.group_id)
+            )
+        log.info("filtered %d groups: %s", len(decisions), result.summary())
+        return result
+    finally:
+        spool.close()
 
 
 # --------------------------------------------------------------------------------------------------------
