@@ -693,8 +693,10 @@ def test_real_store_with_three_samples_filters_end_to_end(tmp_path: Path) -> Non
     assert "cat" in [o.label for o in cat_vote.objects]  # all three samples share the detector
     assert cat_vote.agreement["objects"] == pytest.approx(1.0)  # detection is not sampled
     assert 1 / 3 <= cat_vote.agreement["answer"] <= 1.0
-    assert cat_vote.llm_topk is not None and cat_vote.llm_topk.token_ids
+    assert cat_vote.llm_topk is None  # held slim in memory: the row on disk has the log-probabilities
     ds = open_dataset(tmp_path / "ds")
+    cat_row = next(r for r in ds.all_rows() if r["id"] == "skimage/chelsea")
+    assert cat_row["llm_topk"] is not None and cat_row["llm_topk"].token_ids
     assert ds.splits["train"] == s["kept"]
     for r in ds.all_rows():
         assert np.array_equal(ds.image(r), _models.builtin_image(r["id"]))
