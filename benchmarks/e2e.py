@@ -36,7 +36,7 @@ def _models_only_ms(bundle: Path, dataset: Path, n: int, repeats: int) -> float:
     """Median ms of ``BundleRunner.run_models`` on the first ``n`` test rows, best of 1 and 2 threads."""
     import statistics
 
-    from graphdistill.datasets.dataset import open_dataset
+    from graphdistill.dataset import open_dataset
     from graphdistill.runner.bundle import BundleRunner
     from graphdistill.runner.preprocess import load_rgb, preprocess
 

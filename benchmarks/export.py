@@ -29,7 +29,7 @@ TARGET_QUERY_MS = 10.0
 
 def tiny_run(root: Path, quick: bool) -> Path:
     """Train a small student on a synthetic dataset (so the benchmark runs with no prior artefacts)."""
-    from graphdistill.datasets.dataset import make_synthetic_dataset
+    from graphdistill.dataset import make_synthetic_dataset
     from graphdistill.student.train import TrainConfig, train
 
     ds = make_synthetic_dataset(root / "ds", n=12 if quick else 48, seed=0)
@@ -81,8 +81,8 @@ def main() -> int:
     from graphdistill._env import apply_offline_env
 
     apply_offline_env()
-    from graphdistill.datasets.dataset import open_dataset
-    from graphdistill.student.export import ExportError, export_run
+    from graphdistill.dataset import open_dataset
+    from graphdistill.export.bundle import ExportError, export_run
 
     repeats = args.repeats or (1 if args.quick else 5)
     n = 2 if args.quick else 8

@@ -71,7 +71,7 @@ def _graph() -> Any:
 def make_store(root: Path, groups: int) -> None:
     import numpy as np
 
-    from graphdistill.datasets.recording import record
+    from graphdistill.recording.recorder import record
 
     live = record(_graph(), root)
     for g in range(groups):
@@ -92,9 +92,9 @@ def make_store(root: Path, groups: int) -> None:
 
 def measure(mode: str, store: str, out_dir: str, warm: str) -> dict[str, Any]:
     """In this process: the peak RSS increase of one filter_store call, or of reading every trace."""
-    from graphdistill.datasets.filtering import FilterConfig, filter_store
-    from graphdistill.datasets.store import TraceStore
     from graphdistill.eval.cost import PeakRSS
+    from graphdistill.filter.filtering import FilterConfig, filter_store
+    from graphdistill.store.trace_store import TraceStore
 
     s = TraceStore(store, readonly=True)
     if mode == "filter":  # every module the filter imports on first use, imported before the clock starts

@@ -73,7 +73,7 @@ def fidelity(model: Any, images: list[Any], teacher: list[Any], names: list[str]
 def dataset_images(path: str) -> tuple[list[Any], list[Any], str]:
     """Every distinct image of a dataset's train split (recorded inputs, not replays) and the teacher objects
     recorded with it."""
-    from graphdistill.datasets.dataset import open_dataset
+    from graphdistill.dataset import open_dataset
     from graphdistill.eval.evaluate import output_kinds_of, output_of_row
     from graphdistill.student.loader import is_replay
 
@@ -93,10 +93,10 @@ def encode_cost(model: Any, photos: list[Any], repeats: int) -> dict[str, Any]:
     import numpy as np
     import torch
 
+    from graphdistill.export.executorch import export_executorch
+    from graphdistill.export.quantize import QUANTIZED_WITH_CONVS
     from graphdistill.runner.preprocess import preprocess
-    from graphdistill.student.export_executorch import export_executorch
     from graphdistill.student.loader import spec_of
-    from graphdistill.student.quantize import QUANTIZED_WITH_CONVS
 
     cfg = model.config
     lq = cfg.max_question_len
@@ -155,7 +155,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--dataset", default=None, help="measure on this dataset's training images (see above)")
     args = ap.parse_args()
-    from graphdistill.datasets.photos import DEFAULT_HELDOUT, builtin_photos
+    from graphdistill.recording.photos import DEFAULT_HELDOUT, builtin_photos
     from graphdistill.teachers.base import load_offer
     from graphdistill.teachers.detector import YoloDetector
 

@@ -73,7 +73,7 @@ def synthetic_graph() -> Any:
 def _inputs(n: int, size: tuple[int, int]) -> list[dict[str, Any]]:
     """The built-in real photos (PNG-encoding noise would overstate the cost), cycled, distinct questions."""
     try:
-        from graphdistill.datasets.photos import builtin_photos
+        from graphdistill.recording.photos import builtin_photos
 
         photos = [p.image() for p in builtin_photos()]
     except Exception:  # no photos in this install: random images
@@ -93,8 +93,8 @@ def overhead(graph: Any, inputs: list[dict[str, Any]], rounds: int, work: Path) 
 
     ``sync``: each trace is durable when invoke returns; ``background``: encoding and the fsynced append
     run on the recorder's writer thread (the time to flush the last ones is included)."""
-    from graphdistill.datasets.recording import TraceRecorder, graph_identity
-    from graphdistill.datasets.store import TraceStore
+    from graphdistill.recording.recorder import TraceRecorder, graph_identity
+    from graphdistill.store.trace_store import TraceStore
 
     schema, gid = graph_identity(graph)
     graph.invoke(inputs[0])  # warm-up
@@ -135,8 +135,8 @@ def overhead(graph: Any, inputs: list[dict[str, Any]], rounds: int, work: Path) 
 
 def throughput(graph: Any, inputs: list[dict[str, Any]], batch: int, work: Path) -> dict[str, Any]:
     """Recorded traces per second (background writer, flushed): one-by-one ``invoke`` vs ``graph.batch``."""
-    from graphdistill.datasets.recording import TraceRecorder, graph_identity
-    from graphdistill.datasets.store import TraceStore
+    from graphdistill.recording.recorder import TraceRecorder, graph_identity
+    from graphdistill.store.trace_store import TraceStore
 
     schema, gid = graph_identity(graph)
     seconds: dict[str, float] = {}
@@ -187,7 +187,7 @@ def workers(
 
 def append_rate(n: int, work: Path) -> dict[str, Any]:
     """Small traces (a 64x64 image and a short answer) appended one by one, each durable (fsync)."""
-    from graphdistill.datasets.store import TraceStore
+    from graphdistill.store.trace_store import TraceStore
     from graphdistill.trace import GraphId, Trace, content_hash, encode_value
 
     store = TraceStore(work / "append")

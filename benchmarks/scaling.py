@@ -44,8 +44,8 @@ def _cli(*args: str) -> None:
 def subset_store(src_dir: Path, dst_dir: Path, n_train_groups: int, seed: int) -> tuple[int, int]:
     """Copy every held-out group, ``n_train_groups`` recorded training inputs and every replay made from
     them (traces + their blobs) into a new store. Returns (training inputs, replay groups) copied."""
-    from graphdistill.datasets.replay import replay_of
-    from graphdistill.datasets.store import TraceStore
+    from graphdistill.recording.replay import replay_of
+    from graphdistill.store.trace_store import TraceStore
 
     src, dst = TraceStore(src_dir), TraceStore(dst_dir)
     groups = src.groups()

@@ -82,7 +82,7 @@ def bench_query(preset_name: str, trunk: str, threads: int, n_tokens: int, repea
 
 
 def bench_train(preset_name: str, trunk: str, n: int, epochs: int) -> dict[str, Any]:
-    from graphdistill.datasets.dataset import make_synthetic_dataset
+    from graphdistill.dataset import make_synthetic_dataset
     from graphdistill.student.train import TrainConfig, train
 
     with tempfile.TemporaryDirectory() as tmp:

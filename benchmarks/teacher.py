@@ -79,9 +79,9 @@ def main() -> int:
     from graphdistill._env import apply_offline_env
 
     apply_offline_env()
-    from graphdistill.datasets.photos import builtin_photos
     from graphdistill.graphs.builder import schema_of
     from graphdistill.graphs.visual_rag import VisualRagConfig, visual_rag
+    from graphdistill.recording.photos import builtin_photos
 
     con = Console(stderr=True)
     photos = builtin_photos()

@@ -131,9 +131,9 @@ def _cli(*argv: str) -> None:
 
 def measure(store_dir: Path, dataset_dir: Path) -> dict[str, Any]:
     """Filter the store as `graphdistill filter` does; the filter summary plus what only the store tells."""
-    from graphdistill.datasets.filtering import FilterConfig, filter_store
-    from graphdistill.datasets.store import TraceStore
-    from graphdistill.datasets.vote import default_embedder, written
+    from graphdistill.filter.filtering import FilterConfig, filter_store
+    from graphdistill.filter.vote import default_embedder, written
+    from graphdistill.store.trace_store import TraceStore
 
     store = TraceStore(store_dir)
     try:

@@ -1,9 +1,9 @@
-from graphdistill.datasets.filtering import FilterConfig, filter_store
-from graphdistill.datasets.photos import DEFAULT_HELDOUT, builtin_photos
-from graphdistill.datasets.recording import record
-from graphdistill.datasets.store import TraceStore
+from graphdistill.filter.filtering import FilterConfig, filter_store
+from graphdistill.recording.photos import DEFAULT_HELDOUT, builtin_photos
+from graphdistill.recording.recorder import record
+from graphdistill.store.trace_store import TraceStore
 from graphdistill.graphs import GraphBuilder
-from graphdistill.student.export import export_run
+from graphdistill.export.bundle import export_run
 from graphdistill.student.train import TrainConfig, train
 from graphdistill.teachers.detector import YoloDetector
 from graphdistill.teachers.segmenter import SamSegmenter

@@ -58,6 +58,6 @@ def retriever() -> Any:
 
 @functools.cache
 def builtin_image(photo_id: str) -> Any:
-    from graphdistill.datasets.photos import photo
+    from graphdistill.recording.photos import photo
 
     return photo(photo_id).image()

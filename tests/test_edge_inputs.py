@@ -122,7 +122,7 @@ def test_record_keeps_every_good_row_and_names_every_bad_one_without_touching_th
     capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from graphdistill.datasets.store import TraceStore
+    from graphdistill.store.trace_store import TraceStore
 
     store = tmp_path / "store"
     first = tmp_path / "first.jsonl"

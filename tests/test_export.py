@@ -47,7 +47,7 @@ N = {"n_calibration": 3, "n_heldout": 3}
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A student trained for one short epoch on a synthetic dataset (a real run folder, via train())."""
-    from graphdistill.datasets.dataset import make_synthetic_dataset
+    from graphdistill.dataset import make_synthetic_dataset
     from graphdistill.student.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("export")
@@ -63,7 +63,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def onnx_float(run_dir: Path) -> Path:
-    from graphdistill.student.export import export_run
+    from graphdistill.export.bundle import export_run
 
     out = run_dir.parent / "bundle-onnx"
     export_run(run_dir, "onnx", out, **N)
@@ -72,7 +72,7 @@ def onnx_float(run_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def onnx_int8(run_dir: Path) -> Path:
-    from graphdistill.student.export import export_run
+    from graphdistill.export.bundle import export_run
 
     out = run_dir.parent / "bundle-onnx-int8"
     export_run(run_dir, "onnx", out, quantize="int8", **N)
@@ -88,7 +88,7 @@ def _model_bytes(bundle: Path) -> int:
 
 
 def _image(run_dir: Path, split: str = "test", i: int = 0) -> tuple[np.ndarray, str]:
-    from graphdistill.datasets.dataset import open_dataset
+    from graphdistill.dataset import open_dataset
 
     ds = open_dataset(run_dir.parent / "ds")
     row = ds.rows(split)[i]
@@ -141,7 +141,7 @@ def test_onnx_float_bundle_passes_parity(onnx_float: Path) -> None:
     assert set(m["files"]) == {"encode.onnx", "decode_step.onnx", "tokenizer.json"}
     assert m["class_names"] and m["documents"] and m["teacher_graph"]
     # the decoding rules the runner applies are the run's, derived from its own training answers
-    from graphdistill.datasets.dataset import open_dataset
+    from graphdistill.dataset import open_dataset
     from graphdistill.student.tokenizer import StudentTokenizer
     from graphdistill.student.train import decoding_rules
 
@@ -382,7 +382,7 @@ def test_a_bundle_carries_the_runs_fidelity_figures_not_its_evaluation_rows(
     """An evaluated run's bundle states the fidelity it was exported with (figures, intervals, the rows they
     were measured on: how many, which photos) and none of eval.json's per-row answers or other bundles' timings,
     which grow with the evaluation and would count against the bundle's bytes."""
-    from graphdistill.student.export import FIDELITY_SUMMARY_KEYS, export_run
+    from graphdistill.export.bundle import FIDELITY_SUMMARY_KEYS, export_run
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
@@ -410,7 +410,7 @@ def test_failed_gate_fails_loudly_and_leaves_no_bundle(
     run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from graphdistill.cli import main
-    from graphdistill.student import export
+    from graphdistill.export import bundle as export
 
     monkeypatch.setattr(export, "BOX_TOL", -1.0)  # no export can be this exact: the gate must reject it
     out = tmp_path / "bundle"
@@ -447,7 +447,7 @@ def test_export_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_executorch_bundle_float_and_int8(run_dir: Path, onnx_float: Path, tmp_path: Path) -> None:
     from PIL import Image
 
-    from graphdistill.student.export import export_run
+    from graphdistill.export.bundle import export_run
     from graphdistill.student.predict import load_student
 
     fl = export_run(run_dir, "executorch", tmp_path / "et", **N)
@@ -490,7 +490,7 @@ SCHEMAS = {
 @pytest.fixture(scope="module", params=list(SCHEMAS))
 def schema_run(request: pytest.FixtureRequest, run_dir: Path) -> tuple[Path, Path]:
     """(run, float ONNX bundle) of a student trained on the synthetic dataset re-declared with SCHEMAS[param]."""
-    from graphdistill.student.export import export_run
+    from graphdistill.export.bundle import export_run
     from graphdistill.student.train import TrainConfig, train
 
     root = run_dir.parent / f"schema-{request.param}"
@@ -575,7 +575,7 @@ def test_a_partial_schema_bundle_returns_exactly_predicts_fields(
 
 
 def test_a_partial_schema_int8_bundle_gates_on_its_own_heads(schema_run: tuple[Path, Path]) -> None:
-    from graphdistill.student.export import export_run
+    from graphdistill.export.bundle import export_run
     from graphdistill.student.predict import load_student
 
     run, _ = schema_run
@@ -590,11 +590,11 @@ def test_a_partial_schema_int8_bundle_gates_on_its_own_heads(schema_run: tuple[P
 
 
 def test_int8_for_executorch_quantizes_the_linear_layers_and_keeps_convolutions_float() -> None:
-    """The ExecuTorch int8 scheme (see graphdistill.student.quantize): int8 weights and activations into every
+    """The ExecuTorch int8 scheme (see graphdistill.export.quantize): int8 weights and activations into every
     linear layer; convolutions stay float (slower in int8 on the CPUs measured, few bytes)."""
     import torch
 
-    from graphdistill.student.quantize import quantize_pt2e
+    from graphdistill.export.quantize import quantize_pt2e
 
     class ConvThenLinear(torch.nn.Module):
         def __init__(self) -> None:
@@ -622,7 +622,7 @@ def test_int8_for_executorch_quantizes_the_linear_layers_and_keeps_convolutions_
 def test_the_int8_executorch_export_looks_words_up_in_an_int8_table_and_puts_the_float_one_back() -> None:
     import torch
 
-    from graphdistill.student.quantize import Int8Embedding, int8_embedding
+    from graphdistill.export.quantize import Int8Embedding, int8_embedding
 
     torch.manual_seed(0)
     model = torch.nn.Module()

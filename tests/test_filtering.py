@@ -13,25 +13,25 @@ from typing import Any
 import numpy as np
 import pytest
 
-from graphdistill.datasets.checks import CheckConfig, GreedyAnswer, mentioned_classes, run_checks
-from graphdistill.datasets.dataset import (
+from graphdistill.dataset import (
     DatasetError,
     DatasetWriter,
     make_synthetic_dataset,
     open_dataset,
 )
-from graphdistill.datasets.dedup import dhash, hamming, near_duplicates
-from graphdistill.datasets.filter_report import teacher_line
-from graphdistill.datasets.filtering import (
+from graphdistill.filter.checks import CheckConfig, GreedyAnswer, mentioned_classes, run_checks
+from graphdistill.filter.dedup import dhash, hamming, near_duplicates
+from graphdistill.filter.filtering import (
     FilterConfig,
     FilterError,
     decide_group,
     filter_store,
     teacher_measures,
 )
-from graphdistill.datasets.rules import RuleError, load_rule, register_rule, unregister_rule
-from graphdistill.datasets.splits import Item, SplitLeakError, assign_splits, verify_no_leak
-from graphdistill.datasets.vote import vote_group
+from graphdistill.filter.report import teacher_line
+from graphdistill.filter.rules import RuleError, load_rule, register_rule, unregister_rule
+from graphdistill.filter.splits import Item, SplitLeakError, assign_splits, verify_no_leak
+from graphdistill.filter.vote import vote_group
 from graphdistill.trace import Document, ObjectOut, TokenLogprobs, Trace
 from test_vote import make_trace, obj
 
@@ -130,7 +130,7 @@ def test_the_writer_streams_rows_a_row_group_at_a_time(
 ) -> None:
     import pyarrow.parquet as pq
 
-    import graphdistill.datasets.dataset as dataset_mod
+    import graphdistill.dataset as dataset_mod
 
     monkeypatch.setattr(dataset_mod, "ROW_GROUP", 3)
     w = DatasetWriter(tmp_path / "d", {"class_names": ["cat"]})
@@ -405,8 +405,8 @@ class _CountingStore:
 
 @pytest.mark.parametrize("schema", [True, False], ids=["recorded-schema", "inferred-kinds"])
 def test_filtering_holds_one_group_of_traces_at_a_time(tmp_path: Path, schema: bool) -> None:
-    from graphdistill.datasets.dataset import synthetic_graph_schema
-    from graphdistill.datasets.store import TraceStore
+    from graphdistill.dataset import synthetic_graph_schema
+    from graphdistill.store.trace_store import TraceStore
 
     store = TraceStore(tmp_path / "store")
     blobs: dict[str, bytes] = {}
@@ -439,7 +439,7 @@ def test_filtering_holds_one_group_of_traces_at_a_time(tmp_path: Path, schema: b
 
 
 def test_the_filter_holds_each_consensus_slim_and_spools_the_rest(tmp_path: Path) -> None:
-    from graphdistill.datasets.store import TraceStore
+    from graphdistill.store.trace_store import TraceStore
 
     store = TraceStore(tmp_path / "store")
     blobs: dict[str, bytes] = {}
@@ -467,7 +467,7 @@ def test_the_filter_holds_each_consensus_slim_and_spools_the_rest(tmp_path: Path
 
 
 def test_the_filter_says_which_split_is_empty_and_why(tmp_path: Path) -> None:
-    from graphdistill.datasets.store import TraceStore
+    from graphdistill.store.trace_store import TraceStore
 
     store = TraceStore(tmp_path / "store")
     blobs: dict[str, bytes] = {}
@@ -493,7 +493,7 @@ def _image(seed: int) -> np.ndarray:
 
 
 def _fill_store(root: Path) -> Any:
-    from graphdistill.datasets.store import TraceStore
+    from graphdistill.store.trace_store import TraceStore
 
     store = TraceStore(root)
     plan: list[list[Trace]] = []
@@ -652,9 +652,9 @@ def test_filter_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 def test_real_store_with_three_samples_filters_end_to_end(tmp_path: Path) -> None:
     """The real visual_rag teacher, recorded with K=3 sampled runs on two photos, filters into a dataset."""
     import _models
-    from graphdistill.datasets.recording import record
-    from graphdistill.datasets.store import TraceStore
     from graphdistill.graphs.visual_rag import visual_rag
+    from graphdistill.recording.recorder import record
+    from graphdistill.store.trace_store import TraceStore
 
     teachers = {
         "detector": _models.detector(),

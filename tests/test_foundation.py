@@ -227,8 +227,8 @@ def test_every_error_graphdistill_defines_derives_from_one_base_and_the_cli_catc
         k for k, bases in defined.items() if "GraphdistillError" not in bases and not local & set(bases)
     ]
     assert not orphans, orphans
-    from graphdistill.datasets.store import StoreError
     from graphdistill.images import ImageError
+    from graphdistill.store.trace_store import StoreError
 
     assert issubclass(ImageError, ValueError) and issubclass(StoreError, RuntimeError)  # as before
     import graphdistill.commands.traces as traces_cmd

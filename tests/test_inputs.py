@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from graphdistill.datasets.inputs import (
+from graphdistill.images import load_image
+from graphdistill.recording.inputs import (
     GENERIC_QUESTIONS,
     HELDOUT_GENERIC,
     HELDOUT_LABEL,
@@ -26,7 +27,6 @@ from graphdistill.datasets.inputs import (
     make_inputs,
     make_question,
 )
-from graphdistill.images import load_image
 
 
 def _photo(i: int, h: int = 48, w: int = 64) -> np.ndarray:
@@ -225,7 +225,7 @@ def test_the_teacher_finds_objects_on_every_default_heldout_photo() -> None:
     """The held-out photos are what fidelity is measured on: each must give the teacher something to find
     (YOLO11n at its default threshold: coffee cup 0.82, Grace Hopper's person 0.91, measured 2026-12-02)."""
     import _models
-    from graphdistill.datasets.photos import BUILTIN, DEFAULT_HELDOUT, photo
+    from graphdistill.recording.photos import BUILTIN, DEFAULT_HELDOUT, photo
 
     assert len(set(DEFAULT_HELDOUT)) >= 4 and set(DEFAULT_HELDOUT) < {p.id for p in BUILTIN}
     found = {pid: set(_models.detector().detect(photo(pid).image()).names) for pid in DEFAULT_HELDOUT}
@@ -236,8 +236,8 @@ def test_the_teacher_finds_objects_on_every_default_heldout_photo() -> None:
 @pytest.mark.slow
 def test_real_teacher_cutouts_from_the_cat_photo(tmp_path: Path) -> None:
     import _models
-    from graphdistill.datasets.inputs import teacher_cutouts
-    from graphdistill.datasets.photos import photo
+    from graphdistill.recording.inputs import teacher_cutouts
+    from graphdistill.recording.photos import photo
 
     chelsea = photo("skimage/chelsea")
     src = [SourcePhoto(chelsea.id, chelsea.loader)]

@@ -175,7 +175,8 @@ def test_gate_training_and_eval_give_one_token_f1() -> None:
 
     pytest.importorskip("torch")
     from graphdistill.eval.evaluate import row_scores
-    from graphdistill.student import export_parity, train
+    from graphdistill.export import parity as export_parity
+    from graphdistill.student import train
 
     # TrainRecipe.validate reports answer_f1 (and every fidelity figure) through metrics.compare_outputs
     assert "compare_outputs" in inspect.unwrap(train.TrainRecipe.validate).__code__.co_names

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from graphdistill.datasets.dataset import DatasetWriter, open_dataset
-from graphdistill.datasets.filtering import FilterConfig, FilterResult, filter_store
-from graphdistill.datasets.vote import OutputNames, vote_group
+from graphdistill.dataset import DatasetWriter, open_dataset
 from graphdistill.eval import metrics
+from graphdistill.filter.filtering import FilterConfig, FilterResult, filter_store
+from graphdistill.filter.vote import OutputNames, vote_group
 from graphdistill.trace import Detections, Kind, ObjectOut
 
 N_INPUTS, K = 4, 3
@@ -91,8 +91,8 @@ def _invoke(graph: Any, n: int, question: str = "What is it?") -> None:
 
 @pytest.fixture(scope="module")
 def filtered(tmp_path_factory: pytest.TempPathFactory) -> tuple[FilterResult, Path]:
-    from graphdistill.datasets.recording import record
-    from graphdistill.datasets.store import TraceStore
+    from graphdistill.recording.recorder import record
+    from graphdistill.store.trace_store import TraceStore
 
     root = tmp_path_factory.mktemp("kinds")
     store = TraceStore(root / "store")
@@ -135,9 +135,9 @@ def test_embedding_outputs_reach_the_dataset_and_the_student(filtered: tuple[Fil
 
 def test_declared_kind_beats_the_value_it_looks_like(tmp_path: Path) -> None:
     """``notes`` holds a string but is declared JSON; the TEXT output ``reply`` is the answer."""
-    from graphdistill.datasets.recording import record
-    from graphdistill.datasets.store import TraceStore
     from graphdistill.graphs.builder import schema_of
+    from graphdistill.recording.recorder import record
+    from graphdistill.store.trace_store import TraceStore
 
     graph = toy_graph(notes_first=True)
     store = TraceStore(tmp_path / "store")

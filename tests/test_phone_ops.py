@@ -10,9 +10,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 
+from graphdistill.export.phone_decode import PhoneDecodeStep, input_names, step_inputs  # noqa: E402
 from graphdistill.student import phone_ops  # noqa: E402
 from graphdistill.student.model import Student, StudentConfig  # noqa: E402
-from graphdistill.student.phone_decode import PhoneDecodeStep, input_names, step_inputs  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*Enum subclass.*:DeprecationWarning"),
@@ -250,8 +250,8 @@ def test_int8_quantizes_the_steps_linear_layers_but_not_its_norm_statistics() ->
     every norm)."""
     pytest.importorskip("torchao")
     pytest.importorskip("executorch")
-    from graphdistill.student.phone_decode import NORM_MEAN
-    from graphdistill.student.quantize import quantize_pt2e
+    from graphdistill.export.phone_decode import NORM_MEAN
+    from graphdistill.export.quantize import quantize_pt2e
 
     m = _student()
     with torch.no_grad():

@@ -31,8 +31,8 @@ def test_quickstart_runs_end_to_end(tmp_path: Path) -> None:
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from graphdistill.datasets.photos import DEFAULT_HELDOUT, builtin_photos
-    from graphdistill.datasets.store import TraceStore
+    from graphdistill.recording.photos import DEFAULT_HELDOUT, builtin_photos
+    from graphdistill.store.trace_store import TraceStore
 
     store = TraceStore(tmp_path / "my-traces")
     traces = list(store.iter())
@@ -50,7 +50,7 @@ def test_quickstart_runs_end_to_end(tmp_path: Path) -> None:
     photo = tmp_path / "cat.png"
     from PIL import Image
 
-    from graphdistill.datasets.photos import photo as builtin
+    from graphdistill.recording.photos import photo as builtin
 
     Image.fromarray(builtin("skimage/chelsea").image()).save(photo)
     out = subprocess.run(

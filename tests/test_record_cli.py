@@ -20,7 +20,7 @@ from PIL import Image
 
 from _netguard import subprocess_env
 from graphdistill.cli import main
-from graphdistill.datasets.store import TraceStore
+from graphdistill.store.trace_store import TraceStore
 
 GRAPH_SRC = textwrap.dedent(
     """

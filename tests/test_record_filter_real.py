@@ -50,8 +50,8 @@ def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
 def test_record_three_samples_then_filter_real_default_graph(tmp_path: Path) -> None:
     from PIL import Image
 
-    from graphdistill.datasets.photos import photo
-    from graphdistill.datasets.store import TraceStore
+    from graphdistill.recording.photos import photo
+    from graphdistill.store.trace_store import TraceStore
 
     home = _isolated_home(tmp_path)
     env = subprocess_env(GRAPHDISTILL_HOME=str(home), COLUMNS="200")  # guarded like the tests

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from langgraph.graph import END, START, StateGraph
 
-from graphdistill.datasets.recording import TraceRecorder, graph_identity, record
-from graphdistill.datasets.store import TraceStore
+from graphdistill.recording.recorder import TraceRecorder, graph_identity, record
+from graphdistill.store.trace_store import TraceStore
 from graphdistill.trace import FieldSpec, GraphSchema, Kind, content_hash, encode_value
 
 
@@ -195,7 +195,7 @@ def test_a_trace_that_cannot_be_written_is_never_lost_in_silence(
 ) -> None:
     """strict (default): invoke raises TraceNotRecorded once the graph is done, the graph's result attached;
     strict=False: the graph's result comes back and the failure is counted, logged and raisable."""
-    from graphdistill.datasets.recording import TraceNotRecorded
+    from graphdistill.recording.recorder import TraceNotRecorded
 
     inputs = {"image": image(), "question": "still works"}
     expected = toy_graph().invoke(inputs)
@@ -220,7 +220,7 @@ def test_a_trace_that_cannot_be_written_is_never_lost_in_silence(
 def test_the_store_argument_is_a_store_a_path_or_a_file_url_and_anything_else_is_refused_at_once(
     tmp_path: Path,
 ) -> None:
-    from graphdistill.datasets.store import StoreError
+    from graphdistill.store.trace_store import StoreError
 
     inputs = {"image": image(), "question": "q"}
     for i, where in enumerate(
@@ -256,7 +256,7 @@ def test_each_way_a_write_can_fail_raises_and_leaves_what_was_stored(
     import shutil
     import sqlite3
 
-    from graphdistill.datasets.recording import TraceNotRecorded
+    from graphdistill.recording.recorder import TraceNotRecorded
 
     root = tmp_path / "store"
     store = TraceStore(root)
@@ -305,7 +305,7 @@ def test_each_way_a_write_can_fail_raises_and_leaves_what_was_stored(
 
 
 def test_a_background_recorder_raises_its_failures_at_flush(store: TraceStore) -> None:
-    from graphdistill.datasets.recording import TraceNotRecorded
+    from graphdistill.recording.recorder import TraceNotRecorded
 
     recorder = TraceRecorder(store, background=True)
     graph = toy_graph()
@@ -425,8 +425,8 @@ def test_visual_rag_reason_span_records_finish_reason_and_the_check_uses_it(
 ) -> None:
     """The heuristic alone would get both cases wrong (a full stop is not a finished answer, a missing one
     is not a cut-off one): the truncated check must read the finish_reason the reason node recorded."""
-    from graphdistill.datasets.checks import run_checks
-    from graphdistill.datasets.vote import vote_group, written
+    from graphdistill.filter.checks import run_checks
+    from graphdistill.filter.vote import vote_group, written
     from graphdistill.graphs.visual_rag import visual_rag
     from graphdistill.teachers.base import LLMOutput
     from graphdistill.trace import Detections, Document, TokenLogprobs
@@ -459,7 +459,7 @@ def test_visual_rag_reason_span_records_finish_reason_and_the_check_uses_it(
 def test_recorder_encoding_equals_encode_value_and_reuses_one_png_per_image(store: TraceStore) -> None:
     """The recorder's faster encoder gives exactly ``encode_value``'s output (so blob names and input hashes
     do not change), and the K samples of one input (plus `record`'s input hash) PNG-encode its image once."""
-    from graphdistill.datasets.recording import ImageEncodings, _Encoder
+    from graphdistill.recording.recorder import ImageEncodings, _Encoder
     from graphdistill.trace import RLE, Masks
 
     big = np.random.default_rng(5).integers(0, 255, (120, 160, 3), dtype=np.uint8)
@@ -496,7 +496,7 @@ def test_recorder_encoding_equals_encode_value_and_reuses_one_png_per_image(stor
 
 
 def test_image_encodings_stay_within_their_byte_budget() -> None:
-    from graphdistill.datasets.recording import ImageEncodings
+    from graphdistill.recording.recorder import ImageEncodings
 
     cache = ImageEncodings(max_bytes=120_000)
     rng = np.random.default_rng(0)
@@ -512,7 +512,7 @@ def test_sync_recorder_encodes_the_input_image_while_the_graph_runs(
 ) -> None:
     """The input image's PNG is made on the helper thread, started with the run (off invoke's critical
     path); the trace is still complete and durable when invoke returns."""
-    import graphdistill.datasets.recording as recording
+    import graphdistill.recording.recorder as recording
 
     threads: list[str] = []
     real = recording.encode_array

@@ -13,8 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from graphdistill.datasets.recording import graph_identity, record
-from graphdistill.datasets.replay import (
+from graphdistill.graphs import GraphBuilder
+from graphdistill.graphs.replay import ReplayGraphError, replay_nodes
+from graphdistill.recording.recorder import graph_identity, record
+from graphdistill.recording.replay import (
     ReplayError,
     ReplayRequest,
     parent_state,
@@ -23,7 +25,7 @@ from graphdistill.datasets.replay import (
     replay_of,
     replay_trace_id,
 )
-from graphdistill.datasets.replay_plan import (
+from graphdistill.recording.replay_plan import (
     detector_labels,
     drop,
     duplicate,
@@ -33,9 +35,7 @@ from graphdistill.datasets.replay_plan import (
     relabel_text,
     replay_store,
 )
-from graphdistill.datasets.store import TraceStore
-from graphdistill.graphs import GraphBuilder
-from graphdistill.graphs.replay import ReplayGraphError, replay_nodes
+from graphdistill.store.trace_store import TraceStore
 from graphdistill.trace import RLE, Detections, Document, Kind, Masks, ObjectOut, Trace
 
 LABELS = ["person", "cat", "dog", "cup", "bird"]
@@ -169,7 +169,7 @@ def record_parents(
     **recipe: Any,
 ) -> list[Trace]:
     """Record each photo (id, two objects?) ``samples`` times, as `graphdistill record` does."""
-    from graphdistill.datasets.recording import sampling_configurable
+    from graphdistill.recording.recorder import sampling_configurable
 
     live = record(graph, store)
     for j, (pid, two) in enumerate(photos):
@@ -336,7 +336,7 @@ def test_a_hand_written_stategraph_replays_everything_after_the_start(store: Tra
     record(graph, store).invoke({"x": 1})
     (parent,) = store.iter()
     assert parent.output == {"x": 1, "y": 2, "z": 20, "w": 22}
-    from graphdistill.datasets.replay import Edit
+    from graphdistill.recording.replay import Edit
 
     def set_y(state: dict[str, Any]) -> dict[str, Any]:
         return {**state, "y": 5}
@@ -374,7 +374,7 @@ def test_a_conditional_route_after_the_start_is_decided_again(store: TraceStore)
     record(graph, store).invoke({"x": 2})
     (parent,) = store.iter()
     assert parent.output == {"out": "small"}
-    from graphdistill.datasets.replay import Edit
+    from graphdistill.recording.replay import Edit
 
     edit = Edit("bigger", {"y": 50}, ("y",), lambda s: {**s, "y": 50})
     assert replay(graph, store, [ReplayRequest(parent.id, edit, "judge")]).recorded == 1
@@ -598,8 +598,8 @@ def test_replay_store_plans_and_runs_with_samples(store: TraceStore) -> None:
 def test_replays_are_filtered_split_with_their_parent_and_carry_the_replay_column(
     store: TraceStore, tmp_path: Path
 ) -> None:
-    from graphdistill.datasets.dataset import open_dataset
-    from graphdistill.datasets.filtering import FilterConfig, filter_store
+    from graphdistill.dataset import open_dataset
+    from graphdistill.filter.filtering import FilterConfig, filter_store
 
     toy = Toy()
     graph = toy.graph()
@@ -645,7 +645,7 @@ def test_replays_are_filtered_split_with_their_parent_and_carry_the_replay_colum
 
 
 def test_replays_of_photo_less_inputs_stay_with_their_parent_in_the_split() -> None:
-    from graphdistill.datasets.splits import Item, assign_splits
+    from graphdistill.filter.splits import Item, assign_splits
 
     items = [Item(f"g{i}", ()) for i in range(20)]
     items += [Item(f"r{i}", (), tied_to=(f"g{i}",)) for i in range(20)]
@@ -657,7 +657,7 @@ def test_replays_of_photo_less_inputs_stay_with_their_parent_in_the_split() -> N
 def test_a_dataset_written_before_the_replay_column_still_loads(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
-    from graphdistill.datasets.dataset import make_synthetic_dataset, open_dataset
+    from graphdistill.dataset import make_synthetic_dataset, open_dataset
 
     make_synthetic_dataset(tmp_path / "old", n=6, seed=0)
     for split in ("train", "val", "test"):

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from graphdistill.datasets.dataset import make_synthetic_dataset, open_dataset
+from graphdistill.dataset import make_synthetic_dataset, open_dataset
 from graphdistill.eval import cost
 from graphdistill.eval.evaluate import COST_KEYS, FIDELITY_KEYS, evaluate_run, write_eval
 from graphdistill.eval.report import build_report
@@ -403,7 +403,7 @@ def test_eval_and_report_commands_on_a_real_tiny_run(
 def test_eval_times_an_exported_bundle(
     real_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    export = pytest.importorskip("graphdistill.student.export")
+    export = pytest.importorskip("graphdistill.export.bundle")
     from graphdistill.cli import main
 
     run, ds = real_run
@@ -448,7 +448,7 @@ def test_eval_command_names_a_bad_input(tmp_path: Path, capsys: pytest.CaptureFi
 def test_replay_rows_are_left_out_of_the_evaluation(tmp_path: Path, synthetic: Path) -> None:
     """A counterfactual replay's row shares its parent's image and question but not its targets: scoring the
     student on it would compare the photo's objects with edited ones. Evaluation leaves such rows out."""
-    from graphdistill.datasets.dataset import DatasetWriter
+    from graphdistill.dataset import DatasetWriter
 
     src = open_dataset(synthetic)
     mixed = tmp_path / "mixed"
@@ -481,10 +481,10 @@ def test_the_teacher_against_itself_scores_its_other_samples_against_the_referen
     against the row with the evaluation's metrics; a sample seen under a flip is mapped back first."""
     import shutil
 
-    from graphdistill.datasets.filtering import FilterConfig, filter_store
-    from graphdistill.datasets.store import TraceStore
     from graphdistill.eval import metrics
     from graphdistill.eval.evaluate import output_kinds_of, teacher_samples
+    from graphdistill.filter.filtering import FilterConfig, filter_store
+    from graphdistill.store.trace_store import TraceStore
     from test_vote import W, make_trace, obj
 
     store = TraceStore(tmp_path / "store")

@@ -126,7 +126,7 @@ TINY = dict(image_size=64, d_model=32, n_heads=2, enc_layers=1, dec_layers=1, ma
 def _dataset_with_retriever(root: Path) -> Path:
     """The synthetic dataset, its graph's retrieve node offering a text embedder (as a recorded visual_rag's
     does)."""
-    from graphdistill.datasets.dataset import make_synthetic_dataset
+    from graphdistill.dataset import make_synthetic_dataset
 
     make_synthetic_dataset(root, n=6, seed=0, size=64)
     manifest = json.loads((root / "manifest.json").read_text())

@@ -126,7 +126,7 @@ def test_no_soft_targets_for_another_answer_a_truncated_eos_or_a_record_without_
 
 
 def _dataset(path: Path, records: list[TokenLogprobs | dict[str, Any] | None]) -> Any:
-    from graphdistill.datasets.dataset import (
+    from graphdistill.dataset import (
         SYNTHETIC_CLASSES,
         SYNTHETIC_DOCUMENTS,
         DatasetWriter,

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from _netguard import subprocess_env
-from graphdistill.datasets.store import (
+from graphdistill.store.parquet import export_parquet
+from graphdistill.store.trace_store import (
     DuplicateTraceError,
     StoreError,
     TraceStore,
@@ -162,7 +163,7 @@ def test_export_parquet_one_row_per_trace_in_shards(tmp_path: Path) -> None:
     traces = [make_trace(i)[0] for i in range(4)] + [make_trace(9, status="error")[0]]
     for i, t in enumerate(traces):
         store.append(t, make_trace(i if i < 4 else 9, status=t.status)[1])
-    paths = store.export_parquet(tmp_path / "pq", shard_rows=2)
+    paths = export_parquet(store, tmp_path / "pq", shard_rows=2)
     assert [p.name for p in paths] == [f"traces-0000{i}.parquet" for i in range(3)]
     table = pq.read_table(tmp_path / "pq")  # a folder of shards reads as one table
     assert table.num_rows == 5
@@ -182,7 +183,7 @@ def test_export_parquet_one_row_per_trace_in_shards(tmp_path: Path) -> None:
     assert json.loads(ok["spans_json"])[0]["node"] == "seg"
     assert ok["input_hash"] == traces[0].input_hash
     # an empty store still exports a readable (empty) table
-    empty = TraceStore(tmp_path / "e").export_parquet(tmp_path / "epq")
+    empty = export_parquet(TraceStore(tmp_path / "e"), tmp_path / "epq")
     assert pq.read_table(empty[0]).num_rows == 0
 
 
@@ -193,7 +194,7 @@ WRITER = textwrap.dedent(
     import sys, os
     sys.path.insert(0, {tests!r})
     from test_store import make_trace
-    from graphdistill.datasets.store import TraceStore
+    from graphdistill.store.trace_store import TraceStore
     store = TraceStore(sys.argv[1])
     start, n = int(sys.argv[2]), int(sys.argv[3])
     crash = sys.argv[4] if len(sys.argv) > 4 else ""

@@ -494,7 +494,7 @@ def test_loader_items_batch_with_a_plain_dataloader(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from graphdistill.datasets.dataset import make_synthetic_dataset, open_dataset
+    from graphdistill.dataset import make_synthetic_dataset, open_dataset
 
     make_synthetic_dataset(tmp_path / "ds", n=6, seed=1, fractions=(1, 0, 0))
     # the fourth row is a counterfactual replay: its objects were edited and do not describe its image
@@ -605,7 +605,7 @@ def test_a_schema_without_text_has_no_decoder_and_generate_says_why() -> None:
 
 
 def test_the_full_visual_rag_schema_gives_todays_heads_and_weights() -> None:
-    from graphdistill.datasets.dataset import synthetic_graph_schema
+    from graphdistill.dataset import synthetic_graph_schema
     from graphdistill.student.model import DEFAULT_OUTPUTS, config_from_schema
 
     cfg = config_from_schema(synthetic_graph_schema(), **SMALL)

@@ -73,7 +73,7 @@ def student_run(
     """(toy graph name, a one-epoch student run over that graph's outputs, a training photo saved as PNG)."""
     import torch
 
-    from graphdistill.datasets.dataset import make_synthetic_dataset, open_dataset
+    from graphdistill.dataset import make_synthetic_dataset, open_dataset
     from graphdistill.student.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("predict-cli")

@@ -28,10 +28,10 @@ QUESTION = "What is in this picture?"
 
 def _record_and_filter(tmp_path: Path) -> Path:
     import _models
-    from graphdistill.datasets.filtering import FilterConfig, filter_store
-    from graphdistill.datasets.recording import record
-    from graphdistill.datasets.store import TraceStore
+    from graphdistill.filter.filtering import FilterConfig, filter_store
     from graphdistill.graphs.visual_rag import visual_rag
+    from graphdistill.recording.recorder import record
+    from graphdistill.store.trace_store import TraceStore
 
     teachers = {
         "detector": _models.detector(),
@@ -62,7 +62,7 @@ def _record_and_filter(tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 def test_tiny_student_overfits_a_handful_of_real_recorded_traces(tmp_path: Path) -> None:
-    from graphdistill.datasets.dataset import open_dataset
+    from graphdistill.dataset import open_dataset
     from graphdistill.student.predict import load_student
     from graphdistill.student.train import TrainConfig, train
 

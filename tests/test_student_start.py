@@ -206,7 +206,7 @@ TINY = dict(image_size=64, d_model=32, n_heads=2, enc_layers=1, dec_layers=1, ma
 
 def _dataset_offering(root: Path, offer: dict[str, Any] | None) -> Path:
     """The synthetic dataset, its graph's detect node offering ``offer`` (as a recorded YOLO graph's does)."""
-    from graphdistill.datasets.dataset import make_synthetic_dataset
+    from graphdistill.dataset import make_synthetic_dataset
 
     make_synthetic_dataset(root, n=6, seed=0, size=64)
     manifest = json.loads((root / "manifest.json").read_text())
@@ -258,8 +258,8 @@ def test_a_run_started_from_yolo_carries_its_weights_and_licence_into_meta_and_t
     import torch
 
     import _models
+    from graphdistill.export.bundle import export_run
     from graphdistill.runner import BundleRunner
-    from graphdistill.student.export import export_run
     from graphdistill.student.model import StudentConfig
     from graphdistill.student.train import TrainRecipe
 
@@ -316,7 +316,7 @@ def test_a_run_started_from_yolo_carries_its_weights_and_licence_into_meta_and_t
     assert manifest["started_from"] == meta["started_from"]
     assert manifest["licence"].startswith(offer["licence"]) and offer["model_id"] in manifest["licence"]
     assert json.loads((bundle / "manifest.json").read_text())["licence"] == manifest["licence"]
-    from graphdistill.datasets.dataset import open_dataset
+    from graphdistill.dataset import open_dataset
 
     data = open_dataset(ds)
     row = data.rows("test")[0]

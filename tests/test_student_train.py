@@ -36,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from graphdistill.datasets.dataset import make_synthetic_dataset
+    from graphdistill.dataset import make_synthetic_dataset
 
     root = tmp_path_factory.mktemp("student") / "ds"
     make_synthetic_dataset(root, n=4, seed=3, fractions=(1, 0, 0))
@@ -72,7 +72,7 @@ def overfit_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
 def test_tiny_student_overfits_a_handful_of_examples(
     overfit_run: tuple[Path, dict[str, Any]], dataset: Path
 ) -> None:
-    from graphdistill.datasets.dataset import open_dataset
+    from graphdistill.dataset import open_dataset
     from graphdistill.eval.metrics import box_iou
     from graphdistill.student.predict import load_student
     from graphdistill.trace import ObjectOut
@@ -212,7 +212,7 @@ class UserStudent(nn.Module):
 
 @pytest.mark.slow
 def test_a_user_supplied_module_trains(dataset: Path, tmp_path: Path) -> None:
-    from graphdistill.datasets.dataset import open_dataset
+    from graphdistill.dataset import open_dataset
     from graphdistill.student.model import StudentProtocol
     from graphdistill.student.predict import has_fast_path, load_student
 
@@ -273,7 +273,7 @@ def test_train_and_predict_commands_end_to_end(
     dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from graphdistill.cli import main
-    from graphdistill.datasets.dataset import open_dataset
+    from graphdistill.dataset import open_dataset
 
     run = tmp_path / "cli-run"
     rc = main(
@@ -334,7 +334,7 @@ def _with_outputs(dataset: Path, dest: Path, outputs: list[tuple[str, str]]) -> 
 
 
 def _photo(dataset: Path) -> tuple[np.ndarray, str]:
-    from graphdistill.datasets.dataset import open_dataset
+    from graphdistill.dataset import open_dataset
 
     ds = open_dataset(dataset)
     row = ds.rows("train")[0]

@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from graphdistill.datasets.vote import (
-    untta_object,
+from graphdistill.eval.metrics import normalize_text
+from graphdistill.filter.vote import (
     vote_answers,
     vote_group,
 )
-from graphdistill.eval.metrics import normalize_text
+from graphdistill.recording.tta import TTA, untta_object
 from graphdistill.trace import (
     RLE,
     Document,
@@ -245,7 +245,7 @@ def test_tta_flip_and_scale_map_back_to_the_original_frame() -> None:
     aug_mask = np.zeros((H * 2, W * 2), dtype=bool)
     aug_mask[10:30, 80:100] = True
     seen = obj("cat", [80, 10, 100, 30], mask=aug_mask)
-    back = untta_object(seen, tta)
+    back = untta_object(seen, TTA.from_metadata(tta))
     assert back.box == pytest.approx([10, 5, 20, 15])
     assert back.mask is not None and back.mask.size == [H, W]
     assert np.array_equal(back.mask.decode(), rect_mask([10, 5, 20, 15]))

@@ -25,10 +25,10 @@ _EXPORTS: dict[str, str] = {
     "MissingDependencyError": "graphdistill._lazy",
     "ImageError": "graphdistill.images",
     "load_image": "graphdistill.images",
-    "record": "graphdistill.datasets.recording",
-    "TraceRecorder": "graphdistill.datasets.recording",
-    "TraceNotRecorded": "graphdistill.datasets.recording",
-    "TraceStore": "graphdistill.datasets.store",
+    "record": "graphdistill.recording.recorder",
+    "TraceRecorder": "graphdistill.recording.recorder",
+    "TraceNotRecorded": "graphdistill.recording.recorder",
+    "TraceStore": "graphdistill.store.trace_store",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -5,7 +5,9 @@ weights → knowledge base → inputs from the built-in photos (four held out, e
 (ExecuTorch + ONNX, float and int8) → evaluate on the held-out photos (PyTorch and the exported bundles,
 each figure with a bootstrap interval) → HTML report, and a printed headline.
 
-Each stage drives the same code as its CLI command, so the demo is also the integration test of the CLI.
+Each stage calls the library function its CLI command calls (``recording.batch.record_inputs``,
+``filter.filtering.filter_store``, ``student.train.TrainRecipe``, ``export.bundle.export_run``, ...), with the
+commands' defaults.
 A stage is skipped when its outputs exist and its parameters have not changed (a stamp file per stage),
 so a killed or repeated demo resumes where it stopped.
 """
@@ -23,12 +25,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from graphdistill.commands._common import CommandError, console, print_json
-from graphdistill.datasets.photos import DEFAULT_HELDOUT
+from graphdistill.commands._common import console, print_json, stage_progress
+from graphdistill.errors import GraphdistillError
 from graphdistill.eval.metrics import DEFAULT_RESAMPLES
+from graphdistill.recording.photos import DEFAULT_HELDOUT
 from graphdistill.runner.bundle import BUNDLE_FORMAT
 
 log = logging.getLogger(__name__)
+
+
+class DemoError(GraphdistillError, RuntimeError):
+    """A demo stage failed; the message names the stage and why."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,7 @@ class DemoSizes:
     eval_teacher_queries: int  # teacher queries re-timed for the speed ratio
     formats: tuple[str, ...]  # export formats (each float + int8)
     # questions asked about each held-out photo, half of them worded unlike any training question: the
-    # held-out rows are all the evaluation has (the filter keeps every one, see datasets/filtering.py)
+    # held-out rows are all the evaluation has (the filter keeps every one, see filter/filtering.py)
     heldout_questions: int = 3
     # counterfactual replays of the recorded training inputs (detections relabelled, dropped, duplicated;
     # retrieve -> reason -> compose re-run): the text and sources heads see every class of the detector's label
@@ -152,7 +159,7 @@ class Stage:
         t0 = time.perf_counter()
         try:
             fn()
-        except CommandError as exc:
+        except GraphdistillError as exc:
             if not may_fail:
                 raise
             stamp.write_text(json.dumps({"key": key, "params": params, "failed": str(exc)}))
@@ -160,7 +167,7 @@ class Stage:
             return str(exc)
         missing = [str(p) for p in outputs if not p.exists()]
         if missing:
-            raise CommandError(f"demo stage {name!r} finished but did not write {', '.join(missing)}")
+            raise DemoError(f"demo stage {name!r} finished but did not write {', '.join(missing)}")
         self.timings[name] = time.perf_counter() - t0
         stamp.write_text(
             json.dumps(
@@ -180,13 +187,163 @@ def _remove(p: Path) -> None:
         p.unlink()
 
 
-def _cli(argv: list[str]) -> int:
-    from graphdistill.cli import main
+def _weights(con: Any) -> None:
+    from graphdistill import weights
 
-    rc = main(argv)
-    if rc != 0:
-        raise CommandError(f"`graphdistill {' '.join(argv)}` failed with exit code {rc}")
-    return rc
+    with con.status("fetching weights") as status:
+        results = weights.fetch(None, progress=status.update)
+    bad = [str(r["name"]) for r in results if not r["sha256_ok"]]
+    if bad:
+        raise DemoError(f"weights {', '.join(bad)}: their sha256 does not match the registry")
+
+
+def _knowledge_base(con: Any) -> None:
+    from graphdistill.teachers.knowledge import ensure_default_kb
+    from graphdistill.teachers.retriever import ChromaRetriever
+
+    with con.status("loading the text embedder and building the knowledge base"):
+        n = ensure_default_kb(ChromaRetriever())
+    con.print(f"{n} documents ingested")
+
+
+def _inputs(con: Any, sizes: DemoSizes, out: Path) -> None:
+    from graphdistill.recording import inputs as inp
+
+    with stage_progress(con) as tick:
+        summary = inp.make_inputs(
+            inp.builtin_sources(),
+            n=sizes.n_inputs,
+            seed=0,
+            out=out,
+            heldout=inp.DEFAULT_HELDOUT,
+            heldout_questions=sizes.heldout_questions,
+            progress=tick,
+        )
+    con.print(f"wrote {summary['rows']} inputs ({summary['heldout']} held-out photos) to {out}")
+
+
+def _record(con: Any, sizes: DemoSizes, graph: str, inputs: Path, store: Path) -> None:
+    from graphdistill.recording.batch import record_inputs
+
+    with stage_progress(con) as tick:
+        state = {"done": 0, "total": 0}
+
+        def start(total: int) -> None:
+            state["total"] = total
+            tick("recording", 0, total)
+
+        def advance(n: int, totals: dict[str, int]) -> None:
+            state["done"] += n
+            tick("recording", state["done"], state["total"])
+
+        summary = record_inputs(
+            inputs,
+            store,
+            graph=graph,
+            samples=sizes.samples,
+            tta=("flip", "scale"),
+            resume=True,
+            batch_size=6,
+            on_start=start,
+            progress=advance,
+        )
+    con.print(f"recorded {summary['recorded']}, failed {summary['failed']}, skipped {summary['skipped']}")
+
+
+def _replay(con: Any, sizes: DemoSizes, graph: str, store: Path) -> None:
+    from graphdistill.recording.batch import load_graph
+    from graphdistill.recording.replay_plan import replay_store
+    from graphdistill.store.trace_store import TraceStore
+
+    teacher = load_graph(graph)
+    with stage_progress(con) as tick, TraceStore(store) as traces:
+        result = replay_store(
+            teacher,
+            traces,
+            n=sizes.replays,
+            samples=sizes.replay_samples,
+            seed=0,
+            progress=lambda done, total: tick("replaying", done, total),
+        )
+    con.print(f"replayed {len(result.groups)} edits: recorded {result.recorded}, failed {result.failed}")
+
+
+def _filter(con: Any, store: Path, dataset: Path) -> None:
+    from graphdistill.filter.filtering import FilterConfig, filter_store
+    from graphdistill.filter.report import teacher_line
+    from graphdistill.filter.vote import default_embedder
+    from graphdistill.store.trace_store import TraceStore
+
+    traces = TraceStore(store, readonly=True, check=False)
+    try:
+        with stage_progress(con) as tick:
+            result = filter_store(
+                traces,
+                dataset,
+                FilterConfig(),
+                embedder=default_embedder(),
+                progress=tick,
+                source_store=str(store.resolve()),
+            )
+    finally:
+        traces.close()
+    summary = result.summary()
+    con.print(f"{summary['groups']} inputs: {summary['kept']} kept, splits {summary['splits']}")
+    con.print(f"teacher: {teacher_line(summary['teacher'])}")
+
+
+def _train(con: Any, sizes: DemoSizes, device: str, dataset: Path, run: Path) -> None:
+    from graphdistill.student.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        dataset=str(dataset),
+        out=str(run),
+        preset=sizes.preset,
+        epochs=sizes.train_epochs,
+        max_minutes=sizes.train_minutes,
+        device=device,
+        resume=True,
+    )
+    with stage_progress(con) as tick:
+        metrics = train(
+            cfg,
+            on_epoch=lambda record: tick("epochs", record["epoch"], sizes.train_epochs),
+            on_progress=tick,
+        )
+    con.print(f"student written to {run} ({metrics['parameters']:,} parameters, {metrics['epochs']} epochs)")
+
+
+def _export(con: Any, run: Path, fmt: str, quantize: str, out: Path) -> None:
+    from graphdistill.export.bundle import export_run
+
+    with con.status(f"exporting to {fmt} ({quantize})") as status:
+        export_run(run, fmt, out, quantize=quantize, progress=status.update)
+
+
+def _evaluate(con: Any, sizes: DemoSizes, graph: str, run: Path, dataset: Path, bundles: list[Path]) -> None:
+    from graphdistill.eval.evaluate import evaluate_run, write_eval
+
+    with stage_progress(con) as tick:
+        result = evaluate_run(
+            run,
+            dataset,
+            split="test",
+            val=True,
+            teacher_n=sizes.eval_teacher_queries,
+            graph_spec=graph,
+            bundles=bundles,
+            progress=tick,
+            status=lambda msg: con.print(f"[dim]{msg}[/]"),
+        )
+    con.print(f"wrote {write_eval(run, result)}")
+
+
+def _report(con: Any, run: Path, report: Path) -> None:
+    from graphdistill.eval.report import build_report
+
+    with stage_progress(con) as tick:
+        build_report([run], report, progress=tick)
+    con.print(f"wrote {report}")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -204,8 +361,8 @@ def run_demo(args: argparse.Namespace) -> int:
     run = out / "run"
     report = out / "report.html"
 
-    st.run("weights", {}, [], lambda: _cli(["weights", "fetch"]))
-    st.run("knowledge base", {}, [], lambda: _cli(["kb", "build"]))
+    st.run("weights", {}, [], lambda: _weights(con))
+    st.run("knowledge base", {}, [], lambda: _knowledge_base(con))
     st.run(
         "inputs",
         {
@@ -217,45 +374,14 @@ def run_demo(args: argparse.Namespace) -> int:
             "kb": st.version("knowledge base"),
         },
         [inputs],
-        lambda: _cli(
-            [
-                "inputs",
-                "make",
-                "--builtin",
-                "--n",
-                str(sizes.n_inputs),
-                "--seed",
-                "0",
-                "--heldout-questions",
-                str(sizes.heldout_questions),
-                "--out",
-                str(inputs),
-            ]
-        ),
+        lambda: _inputs(con, sizes, inputs),
     )
     graph_spec = f"graphdistill.demo:demo_graph_{device}"
     st.run(
         "record",
         {"samples": sizes.samples, "inputs": st.version("inputs")},
         [store],
-        lambda: _cli(
-            [
-                "record",
-                "--graph",
-                graph_spec,
-                "--inputs",
-                str(inputs),
-                "--store",
-                str(store),
-                "--samples",
-                str(sizes.samples),
-                "--tta",
-                "flip,scale",
-                "--batch-size",
-                "6",
-                "--resume",
-            ]
-        ),
+        lambda: _record(con, sizes, graph_spec, inputs, store),
         resumable=True,
     )
     if sizes.replays:
@@ -264,27 +390,14 @@ def run_demo(args: argparse.Namespace) -> int:
             "replay",
             {"n": sizes.replays, "samples": sizes.replay_samples, "record": st.version("record")},
             [],
-            lambda: _cli(
-                [
-                    "replay",
-                    str(store),
-                    "--graph",
-                    graph_spec,
-                    "--n",
-                    str(sizes.replays),
-                    "--samples",
-                    str(sizes.replay_samples),
-                    "--seed",
-                    "0",
-                ]
-            ),
+            lambda: _replay(con, sizes, graph_spec, store),
             resumable=True,
         )
     st.run(
         "filter",
         {"record": st.version("record"), "replay": st.version("replay")},
         [dataset],
-        lambda: _cli(["filter", str(store), "--out", str(dataset)]),
+        lambda: _filter(con, store, dataset),
     )
     st.run(
         "train",
@@ -295,23 +408,7 @@ def run_demo(args: argparse.Namespace) -> int:
             "filter": st.version("filter"),
         },
         [run],
-        lambda: _cli(
-            [
-                "train",
-                str(dataset),
-                "--out",
-                str(run),
-                "--preset",
-                sizes.preset,
-                "--epochs",
-                str(sizes.train_epochs),
-                "--max-minutes",
-                str(sizes.train_minutes),
-                "--device",
-                device,
-                "--resume",
-            ]
-        ),
+        lambda: _train(con, sizes, device, dataset, run),
         resumable=True,
     )
     bundles: dict[str, Path] = {}
@@ -325,9 +422,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 # a bundle of an older format is exported again (the runner reads the current one only)
                 {"train": st.version("train"), "format": BUNDLE_FORMAT},
                 [b],
-                functools.partial(
-                    _cli, ["export", str(run), "--format", fmt, "--quantize", q, "--out", str(b)]
-                ),
+                functools.partial(_export, con, run, fmt, q, b),
                 may_fail=q == "int8",
             )
             if error is None:
@@ -343,29 +438,9 @@ def run_demo(args: argparse.Namespace) -> int:
             "ci_resamples": DEFAULT_RESAMPLES,  # an eval.json from before the intervals is redone
         },
         [run / "eval.json"],
-        lambda: _cli(
-            [
-                "eval",
-                str(run),
-                "--dataset",
-                str(dataset),
-                "--split",
-                "test",
-                "--val",
-                "--teacher-n",
-                str(sizes.eval_teacher_queries),
-                "--graph",
-                graph_spec,
-                *[a for b in bundles.values() for a in ("--bundle", str(b))],
-            ]
-        ),
+        lambda: _evaluate(con, sizes, graph_spec, run, dataset, list(bundles.values())),
     )
-    st.run(
-        "report",
-        {"eval": st.version("evaluate")},
-        [report],
-        lambda: _cli(["report", str(run), "--out", str(report)]),
-    )
+    st.run("report", {"eval": st.version("evaluate")}, [report], lambda: _report(con, run, report))
     headline = _headline(run, bundles, report)
     headline["bundles_refused"] = refused
     _print_headline(con, headline)

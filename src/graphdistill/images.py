@@ -19,6 +19,10 @@ from graphdistill.errors import GraphdistillError
 DEFAULT_MAX_PIXELS = 64_000_000
 
 
+# the file suffixes read as images wherever a folder or a path is taken (record, run, predict, inputs make)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+
 class ImageError(GraphdistillError, ValueError):
     """An input image is unusable; the message names the input and what is wrong."""
 

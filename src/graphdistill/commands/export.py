@@ -32,7 +32,7 @@ def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from graphdistill.commands._common import CommandError, console, print_json
-    from graphdistill.student.export import export_run
+    from graphdistill.export.bundle import export_run
 
     if not Path(args.run).is_dir():
         raise CommandError(f"run folder {args.run} does not exist")

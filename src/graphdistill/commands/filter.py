@@ -71,11 +71,11 @@ def _fractions(text: str) -> tuple[float, float, float]:
 
 def _filter(args: argparse.Namespace) -> int:
 
-    from graphdistill.datasets.checks import CHECKS, CheckConfig
-    from graphdistill.datasets.filter_report import teacher_line
-    from graphdistill.datasets.filtering import FilterConfig, filter_store
-    from graphdistill.datasets.rules import load_rule
-    from graphdistill.datasets.store import TraceStore
+    from graphdistill.filter.checks import CHECKS, CheckConfig
+    from graphdistill.filter.filtering import FilterConfig, filter_store
+    from graphdistill.filter.report import teacher_line
+    from graphdistill.filter.rules import load_rule
+    from graphdistill.store.trace_store import TraceStore
 
     root = Path(args.store)
     if not (root / "traces.sqlite").exists():
@@ -110,7 +110,7 @@ def _filter(args: argparse.Namespace) -> int:
         config.heldout_photos = tuple(args.heldout)
     embedder = None
     if not args.no_embedder:
-        from graphdistill.datasets.vote import default_embedder
+        from graphdistill.filter.vote import default_embedder
 
         embedder = default_embedder()
 

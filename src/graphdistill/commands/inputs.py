@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def _make(args: argparse.Namespace) -> int:
 
-    from graphdistill.datasets import inputs as inp
+    from graphdistill.recording import inputs as inp
 
     if args.n < 0:
         raise CommandError(f"--n {args.n}: must be >= 0")

@@ -54,32 +54,29 @@ def _build(args: argparse.Namespace) -> int:
     con = console(stderr=True)
     with con.status("loading the text embedder and the knowledge base"):
         retriever = _open(args)
-    present = set(retriever.doc_ids())
-    todo = docs if args.force else [d for d in docs if d.id not in present]
-    if todo:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        step = retriever.batch_size
-        with Progress(
-            TextColumn("[bold]ingesting[/]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=con,
-        ) as bar:
-            task = bar.add_task("ingest", total=len(todo))
-            for start in range(0, len(todo), step):
-                chunk = todo[start : start + step]
-                retriever.ingest(chunk)
-                bar.advance(task, len(chunk))
+    from graphdistill.teachers.knowledge import ingest_documents
+
+    with Progress(
+        TextColumn("[bold]ingesting[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=con,
+    ) as bar:
+        task = bar.add_task("ingest", total=None)
+        counts = ingest_documents(
+            retriever,
+            docs,
+            force=args.force,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
     result = {
         "source": source,
         "location": retriever.location,
         "collection": retriever.collection_name,
-        "rows": len(docs),
-        "ingested": len(todo),
-        "skipped_already_present": len(docs) - len(todo),
-        "total_documents": retriever.count(),
+        **counts,
         "embedder": retriever.text_embedder.model_id,
     }
     if args.json:

@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from graphdistill.commands._common import CommandError, console, print_json
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+from graphdistill.images import IMAGE_SUFFIXES
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -1,4 +1,4 @@
-"""`graphdistill replay STORE`: counterfactual replays of recorded traces (datasets.replay_plan.replay_store)."""
+"""`graphdistill replay STORE`: counterfactual replays of recorded traces (recording.replay_plan.replay_store)."""
 
 from __future__ import annotations
 
@@ -43,9 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def _replay(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from graphdistill.commands.record import load_graph
-    from graphdistill.datasets.replay_plan import replay_store
-    from graphdistill.datasets.store import StoreError, TraceStore
+    from graphdistill.recording.batch import load_graph
+    from graphdistill.recording.replay_plan import replay_store
+    from graphdistill.store.trace_store import StoreError, TraceStore
 
     for name in ("n", "samples", "batch_size"):
         if getattr(args, name) < 1:

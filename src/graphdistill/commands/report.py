@@ -64,28 +64,22 @@ def _dataset_of(run: Path, explicit: str | None) -> str:
 def _ensure_eval(run: Path, args: argparse.Namespace) -> None:
     if (run / "eval.json").exists():
         return
-    from graphdistill.commands.eval import run_eval
-    from graphdistill.eval.metrics import DEFAULT_RESAMPLES
+    from graphdistill.commands._common import stage_progress
+    from graphdistill.eval.evaluate import evaluate_run, write_eval
 
-    console(stderr=True).print(f"{run} has no eval.json yet: evaluating it first")
-    ns = argparse.Namespace(
-        run=str(run),
-        dataset=_dataset_of(run, args.dataset),
-        split=args.split,
-        teacher_timing=args.teacher_timing,
-        teacher_n=3,
-        repeats=5,
-        teacher_repeats=1,
-        bundle=[],
-        bundle_threads="1,2",
-        semantic=True,
-        semantic_threshold=0.8,
-        val=False,
-        graph=None,
-        ci_resamples=DEFAULT_RESAMPLES,
-        ci_seed=0,
-    )
-    run_eval(ns)
+    con = console(stderr=True)
+    con.print(f"{run} has no eval.json yet: evaluating it first")
+    dataset = _dataset_of(run, args.dataset)
+    with stage_progress(con) as tick:
+        result = evaluate_run(
+            run,
+            dataset,
+            split=args.split,
+            teacher_timing=args.teacher_timing,
+            progress=tick,
+            status=lambda msg: con.print(f"[dim]{msg}[/]"),
+        )
+    con.print(f"wrote {write_eval(run, result)}")
 
 
 def _report(args: argparse.Namespace) -> int:

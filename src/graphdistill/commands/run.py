@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from graphdistill.commands._common import CommandError, console, output_json
+from graphdistill.images import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 # (flag, VisualRagConfig field, default, what it loads): the reference graph's weights, each replaceable
 WEIGHT_FLAGS = [
     ("--detector", "detector", "yolo11n", "YOLO detector weights (.pt)"),

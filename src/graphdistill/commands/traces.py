@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _open(path: str) -> Any:
-    from graphdistill.datasets.store import TraceStore
+    from graphdistill.store.trace_store import TraceStore
 
     root = Path(path)
     if not (root / "traces.sqlite").exists():
@@ -136,11 +136,13 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from graphdistill.store.parquet import export_parquet
+
     if args.shard_rows < 1:
         raise CommandError(f"--shard-rows must be >= 1, got {args.shard_rows}")
     store = _open(args.store)
     with console(stderr=True).status(f"exporting {store.count()} traces"):
-        paths = store.export_parquet(args.out, shard_rows=args.shard_rows)
+        paths = export_parquet(store, args.out, shard_rows=args.shard_rows)
     if args.json:
         print_json({"shards": [str(p) for p in paths], "traces": store.count()})
     else:

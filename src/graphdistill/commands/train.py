@@ -83,7 +83,7 @@ def parse_loss_weights(items: list[str]) -> dict[str, float]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from graphdistill.datasets.dataset import open_dataset
+    from graphdistill.dataset import open_dataset
 
     if args.epochs is not None and args.epochs < 1:
         raise CommandError(f"--epochs {args.epochs}: must be at least 1")

@@ -145,11 +145,12 @@ def teacher_samples(
     """The teacher against itself: for each row, each of its recorded samples other than the one its answer
     was voted from, as (reference, that sample's output, the row's photo) — the reference repeated once per
     sample. A sample's objects are mapped back from its test-time augmentation as the vote maps them
-    (:func:`graphdistill.datasets.vote.untta_object`). None when the dataset's trace store
+    (:func:`graphdistill.recording.tta.untta_object`). None when the dataset's trace store
     (``manifest.source_store``) is not there to read them from; rows whose store holds no other sample add
     nothing."""
-    from graphdistill.datasets.store import StoreError, TraceStore
-    from graphdistill.datasets.vote import OutputNames, trace_objects, trace_sources, tta_of, untta_object
+    from graphdistill.filter.vote import OutputNames, trace_objects, trace_sources
+    from graphdistill.recording.tta import tta_of, untta_object
+    from graphdistill.store.trace_store import StoreError, TraceStore
 
     where = ds.manifest.get("source_store")
     if not where or not Path(where).is_dir():
@@ -229,7 +230,7 @@ def evaluate_run(
     (``ms_by_threads`` has them all): on a 2-core CPU a one-token decoder step is often faster on one thread,
     the thread hand-off costing more than the split work saves.
     """
-    from graphdistill.datasets.dataset import DatasetError, open_dataset
+    from graphdistill.dataset import DatasetError, open_dataset
 
     run = Path(run)
     say = status or (lambda msg: log.info("%s", msg))

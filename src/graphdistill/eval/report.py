@@ -246,7 +246,7 @@ def gallery_items(
     """The ``n`` rows of the evaluated split where student and teacher disagree most, drawn side by side.
 
     Teacher outputs come from the dataset; the student is rerun on those rows (it is fast)."""
-    from graphdistill.datasets.dataset import open_dataset
+    from graphdistill.dataset import open_dataset
     from graphdistill.eval.evaluate import jsonable_output, output_kinds_of, output_of_row
 
     worst = sorted(ev.get("rows") or [], key=lambda r: -float(r.get("disagreement") or 0.0))[:n]

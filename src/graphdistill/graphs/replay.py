@@ -1,7 +1,7 @@
 """Running part of a teacher graph again: the nodes after one node, on a state given from outside.
 
 A *replay* starts at node ``start`` with a state rebuilt from a recorded trace and edited (see
-:mod:`graphdistill.datasets.replay`). Which nodes run again (:func:`replay_nodes`):
+:mod:`graphdistill.recording.replay`). Which nodes run again (:func:`replay_nodes`):
 
 * ``start`` itself;
 * every node after it (reachable along edges, conditional routes or ``Command`` destinations) that reads a

@@ -31,7 +31,7 @@ Sampling contract (for recording K samples of one input): nodes read ``config["c
 ``gd_sampling`` true, every sample but sample 0 is drawn at temperature 0.7, top-p 0.95, with a seed derived
 from ``gd_seed`` and the sample index; sample 0 always stays greedy, so it equals a plain ``invoke``.
 
-Replays (``graphdistill.datasets.replay``) run ``retrieve -> reason -> compose`` again on a recorded state
+Replays (``graphdistill.recording.replay``) run ``retrieve -> reason -> compose`` again on a recorded state
 whose detections (and their masks) were edited; ``detect`` and ``segment`` do not run. A replay sets
 ``config["configurable"]["gd_replay_from"]`` to its start node, and ``retrieve`` then announces the coming
 LLM call to the batcher, as ``detect`` does in a full run, so a batch of replays shares LLM calls.

@@ -294,7 +294,7 @@ class DecoderLayer(nn.Module):
         """One token ``x`` [B,1,D]; caches [B,H,T,hd] (read, not changed); ``write`` [b,1,T,1] bool, True at
         this position; ``valid`` [b,1,1,T] bool, positions ≤ this one. Returns (x, this position's key
         [B,H,1,hd], its value [B,H,1,hd]): attention sees the caches with them written in, but storing them is
-        the caller's job. (Exported, the step is :class:`~graphdistill.student.phone_decode.PhoneDecodeStep`.)"""
+        the caller's job. (Exported, the step is :class:`~graphdistill.export.phone_decode.PhoneDecodeStep`.)"""
         q, k, v = (self._split(t) for t in self.qkv(self.ln1(x)).chunk(3, dim=-1))
         k_all = torch.where(write, k, k_cache)  # static-shape write of a copy (no indexing)
         v_all = torch.where(write, v, v_cache)

@@ -14,7 +14,7 @@ Inside :func:`phone_friendly` the same parameters compute the same function with
   LayerNormalization and keeps it);
 - attention as ``matmul``/``softmax``/``matmul`` with an additive float bias instead of a boolean mask.
 
-The answer decoder's step is exported as :class:`graphdistill.student.phone_decode.PhoneDecodeStep`, which goes
+The answer decoder's step is exported as :class:`graphdistill.export.phone_decode.PhoneDecodeStep`, which goes
 further for the one-token case (no cache write inside the graph, norms folded into the next linear layer).
 
 The export's parity gate compares the traced program with the eager model, so the two stay equal.

@@ -183,7 +183,7 @@ class TrainRecipe:
     # ---- setup --------------------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        from graphdistill.datasets.dataset import open_dataset
+        from graphdistill.dataset import open_dataset
 
         cfg = self.cfg
         if cfg.epochs is None and cfg.max_minutes is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -88,15 +89,40 @@ def default_documents() -> list[Document]:
     return parse_jsonl(res.read_text(encoding="utf-8"), f"graphdistill/teachers/kb/{DEFAULT_KB}")
 
 
+def ingest_documents(
+    retriever: Retriever,
+    docs: Sequence[Document],
+    *,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, int]:
+    """Ingest ``docs`` into ``retriever`` (those it already holds only with ``force``), a batch of the
+    retriever's size at a time; ``progress(done, total)`` after each. Returns ``{rows, ingested,
+    skipped_already_present, total_documents}``."""
+    present = set(retriever.doc_ids())
+    todo = list(docs) if force else [d for d in docs if d.id not in present]
+    step = max(1, int(getattr(retriever, "batch_size", 128)))
+    for start in range(0, len(todo), step):
+        retriever.ingest(todo[start : start + step])
+        if progress is not None:
+            progress(min(start + step, len(todo)), len(todo))
+    return {
+        "rows": len(docs),
+        "ingested": len(todo),
+        "skipped_already_present": len(docs) - len(todo),
+        "total_documents": len(present | {d.id for d in todo}),
+    }
+
+
 def ensure_default_kb(retriever: Retriever) -> int:
-    """Build the default knowledge base into ``retriever`` unless it already holds every default id.
+    """Build the default knowledge base into ``retriever``: the default documents it does not hold yet.
 
     Returns how many documents were written (0 when the collection was already complete).
     """
     docs = default_documents()
-    have = set(retriever.doc_ids())
-    if {d.id for d in docs} <= have:
-        log.debug("default knowledge base already present (%d documents)", len(docs))
-        return 0
-    log.info("building the default knowledge base (%d documents)", len(docs))
-    return retriever.ingest(docs)
+    result = ingest_documents(retriever, docs)
+    if result["ingested"]:
+        log.info(
+            "built the default knowledge base (%d of %d documents written)", result["ingested"], len(docs)
+        )
+    return result["ingested"]

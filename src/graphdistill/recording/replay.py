@@ -5,11 +5,11 @@ A replay takes a recorded trace (the *parent*), a node to start from and an :cla
 1. rebuilds the state the run had: the trace's inputs plus what every node that does not run again wrote
    (from the trace's spans; blobs loaded back into arrays);
 2. applies the edit (visual_rag's: relabel, drop or duplicate detections, their masks edited with them;
-   :mod:`graphdistill.datasets.replay_plan`);
+   :mod:`graphdistill.recording.replay_plan`);
 3. runs only the nodes after the start node that the change reaches (:func:`graphs.replay.replay_nodes`;
    for visual_rag from ``retrieve``: retrieve, reason, compose, never detect or segment), K samples under the
    sampling contract, batched through ``graph.batch`` so the LLM batcher serves them together;
-4. records each sample through the ordinary :class:`~graphdistill.datasets.recording.TraceRecorder` into the
+4. records each sample through the ordinary :class:`~graphdistill.recording.recorder.TraceRecorder` into the
    same store, as a trace of the SAME graph (name, hash, schema), so filtering treats it like any other.
 
 A replay trace's inputs are the parent's inputs (same image blob, same question); its group is one
@@ -29,9 +29,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from graphdistill.datasets.photos import DEFAULT_HELDOUT
-from graphdistill.datasets.store import TraceStore
 from graphdistill.errors import GraphdistillError
+from graphdistill.recording.photos import DEFAULT_HELDOUT
+from graphdistill.store.trace_store import TraceStore
 from graphdistill.trace import Document, Kind, Provenance, Trace, decode_value
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,8 @@ def replay(
     graph lacks, or a trace another graph recorded. Parents that cannot be replayed (held-out, failed, replays
     themselves, TTA samples) and edits that do not fit their state are skipped, logged and listed in
     ``refused``. ``progress(done, total)`` is called after each batch."""
-    from graphdistill.datasets.recording import (
+    from graphdistill.graphs.replay import CONF_REPLAY_FROM, ReplayGraphError, field_kinds, graph_node_names
+    from graphdistill.recording.recorder import (
         META_GROUP,
         META_INPUT_FIELDS,
         META_INPUT_HASH,
@@ -244,7 +245,6 @@ def replay(
         graph_identity,
         sampling_configurable,
     )
-    from graphdistill.graphs.replay import CONF_REPLAY_FROM, ReplayGraphError, field_kinds, graph_node_names
 
     if samples < 1 or batch_size < 1:
         raise ReplayError(f"samples and batch_size must be >= 1, got {samples} and {batch_size}")

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from graphdistill.student.phone_ops import NEG
 
 # buffers whose linear layer computes a norm's mean or variance: int8 export must leave them float
-# (graphdistill.student.quantize skips linear layers whose weight is named with this prefix)
+# (graphdistill.export.quantize skips linear layers whose weight is named with this prefix)
 NORM_MEAN = "norm_mean"
 
 

@@ -138,7 +138,7 @@ def _not_found(spec: str) -> str:
         f"modules or .py files listed comma-separated in ${ENV_RULE_MODULES} "
         f"({', '.join(env) if env else 'not set'})), 'package.module:function' or 'path/to/file.py:function'"
     )
-    from graphdistill.datasets.checks import CHECKS
+    from graphdistill.filter.checks import CHECKS
 
     if spec in {c.name for c in CHECKS}:
         msg += f". {spec!r} is a built-in check: checks always run (skip one with --disable-check {spec})"

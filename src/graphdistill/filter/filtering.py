@@ -28,26 +28,25 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
-
-from graphdistill.datasets.checks import CheckConfig, GreedyAnswer, coco_classes, greedy_answer, run_checks
-from graphdistill.datasets.dataset import DatasetWriter
-from graphdistill.datasets.dedup import dhash, near_duplicates
-from graphdistill.datasets.replay import is_heldout, replay_column, replay_of
-from graphdistill.datasets.rules import Rule
-from graphdistill.datasets.splits import Item, assign_splits
-from graphdistill.datasets.vote import (
+from graphdistill.dataset import DatasetWriter
+from graphdistill.filter.checks import CheckConfig, GreedyAnswer, coco_classes, greedy_answer, run_checks
+from graphdistill.filter.dedup import dhash, near_duplicates
+from graphdistill.filter.rules import Rule
+from graphdistill.filter.splits import Item, assign_splits
+from graphdistill.filter.vote import (
     Consensus,
     Embedder,
+    FilterError,
     OutputNames,
+    load_image_of,
     output_kinds_of_trace,
     recorded_schema,
     trace_documents,
     vote_group,
     written,
 )
-from graphdistill.errors import GraphdistillError
-from graphdistill.trace import BlobRef, Detections, FieldSpec, GraphSchema, Kind, Trace
+from graphdistill.recording.replay import is_heldout, replay_column, replay_of
+from graphdistill.trace import Detections, FieldSpec, GraphSchema, Kind, Trace
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +55,6 @@ class StoreLike(Protocol):
     def groups(self) -> dict[str, list[str]]: ...
     def get(self, trace_id: str) -> Trace: ...
     def blob(self, sha: str) -> bytes: ...
-
-
-class FilterError(GraphdistillError, ValueError):
-    """The store cannot be filtered (empty, unreadable images, ...); the message names what."""
 
 
 @dataclass
@@ -248,18 +243,6 @@ class ConsensusSpool:
         self._dir.cleanup()
 
 
-def load_image_of(c: Consensus, store: StoreLike) -> np.ndarray:
-    """The consensus's input image as HxWx3 uint8 (from the store's blobs, or the recorded path)."""
-    from graphdistill.images import load_image, to_rgb_uint8
-    from graphdistill.trace import decode_array
-
-    if isinstance(c.image, BlobRef):
-        return to_rgb_uint8(decode_array(c.image, store.blob(c.image.blob)), f"blob {c.image.blob[:12]}")
-    if isinstance(c.image, str):
-        return load_image(c.image)
-    raise FilterError(f"group {c.group_id}: its traces record no input image")
-
-
 def _split_item(group_id: str, c: Consensus, heldout: bool) -> Item:
     """The split unit of a group: its photos; a replay is tied to its parent's group as well."""
     parent = (replay_of(c.provenance) or {}).get("parent_group")
@@ -376,7 +359,7 @@ def filter_store(
                 # a replay shares its parent's image and question but not its state: its edit is part of the key
                 edit = replay_of(d.consensus.provenance)
                 question = d.consensus.question + (f"\0replay {edit.get('edit')}" if edit else "")
-                keys.append((d.group_id, dhash(load_image_of(d.consensus, store)), question))
+                keys.append((d.group_id, dhash(load_image_of(d.consensus, store.blob)), question))
                 tick("dedup", j + 1, len(order))
             dup = near_duplicates(keys, config.dedup_distance)
             for d in survivors:
@@ -412,7 +395,7 @@ def filter_store(
                     "ground_truth": c.ground_truth,
                     "replay": replay_column(c.provenance),
                 },
-                load_image_of(c, store),
+                load_image_of(c, store.blob),
                 d.split or "train",
             )
             tick("write", j + 1, len(kept))
@@ -422,7 +405,7 @@ def filter_store(
         writer.manifest["filter"] = {**writer.manifest.get("filter", {}), "summary": result.summary()}
         writer.close()
         if report:
-            from graphdistill.datasets.filter_report import write_report
+            from graphdistill.filter.report import write_report
 
             write_report(
                 result, store, Path(out_dir) / "report", consensus_of=lambda d: spool.get(d.group_id)
@@ -441,7 +424,7 @@ def filter_store(
 class StoreFacts:
     """What the manifest and the vote need from every trace of a store, gathered one trace at a time (so the
     filter never holds the store in memory): the recorded graph schema, else each output's kind inferred from
-    its values (:func:`~graphdistill.datasets.vote.output_kinds`, the same rules), the documents retrieved,
+    its values (:func:`~graphdistill.filter.vote.output_kinds`, the same rules), the documents retrieved,
     the detector's labels, and the first finished trace (an inferred schema's inputs and nodes)."""
 
     def __init__(self) -> None:

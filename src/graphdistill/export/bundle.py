@@ -30,19 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from graphdistill.errors import GraphdistillError
-from graphdistill.runner.bundle import (
-    BUNDLE_FORMAT,
-    MANIFEST,
-    BundleRunner,
-    Raw,
-    manifest_checksum,
-    sha256_file,
-)
-from graphdistill.student.export_parity import fidelity, parity_float
-from graphdistill.student.export_programs import (
+from graphdistill.export.parity import fidelity, parity_float
+from graphdistill.export.programs import (
     DECODE_OUTPUTS,
     ENCODE_INPUTS,
+    ExportError,
     Sample,
     collect_samples,
     cross_kv_shape,
@@ -50,6 +42,14 @@ from graphdistill.student.export_programs import (
     pointer_shapes,
     programs_for,
     torch_reference,
+)
+from graphdistill.runner.bundle import (
+    BUNDLE_FORMAT,
+    MANIFEST,
+    BundleRunner,
+    Raw,
+    manifest_checksum,
+    sha256_file,
 )
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,6 @@ BOX_TOL = (
 MASK_IOU_MIN = 0.99  # float parity: IoU of (mask_logits > 0) per query, exported vs PyTorch
 LOGIT_TOL = 1e-3  # float parity: |source logit / embedding value, exported - PyTorch|
 INT8_MAX_DROP = 0.05  # int8 gate: answer token F1 and box F1 vs the teacher may drop at most this much
-
-
-class ExportError(GraphdistillError, RuntimeError):
-    """The run cannot be exported, or the exported model failed the parity/fidelity gate."""
 
 
 def export_run(
@@ -113,7 +109,7 @@ def export_run(
         say(f"exporting to {fmt} ({quantize})")
         calibration = {"encode": [s.torch_inputs() for s in calib], "decode_step": dec_calls[:64]}
         # int8 ExecuTorch: the word table is looked up, never multiplied, so XNNPACK leaves it; store it int8
-        from graphdistill.student.quantize import int8_embedding
+        from graphdistill.export.quantize import int8_embedding
 
         table = int8_embedding(loaded.model) if fmt == "executorch" and quantize == "int8" else nullcontext()
         with table:
@@ -159,8 +155,8 @@ def _export(
 ) -> tuple[dict[str, str], dict[str, str]]:
     encode_outputs = loaded.encode_outputs
     if fmt == "executorch":
-        from graphdistill.student.export_executorch import export_executorch
-        from graphdistill.student.quantize import QUANTIZED, QUANTIZED_WITH_CONVS
+        from graphdistill.export.executorch import export_executorch
+        from graphdistill.export.quantize import QUANTIZED, QUANTIZED_WITH_CONVS
 
         patterns = QUANTIZED_WITH_CONVS if loaded.config.trunk == "ultralytics" else QUANTIZED
         files = export_executorch(
@@ -168,8 +164,8 @@ def _export(
         )
         method = "pt2e-xnnpack-static-" + "-".join(patterns)
         return files, ({k: method for k in files} if quantize == "int8" else {})
-    from graphdistill.student.export_onnx import export_onnx
-    from graphdistill.student.phone_decode import input_names
+    from graphdistill.export.onnx import export_onnx
+    from graphdistill.export.phone_decode import input_names
 
     step = programs["decode_step"][0] if "decode_step" in programs else None
     n_layers = step.n_layers if step is not None else 0
@@ -308,7 +304,7 @@ def _manifest(
         },
     }
     if "decode_step" in files:
-        from graphdistill.student.phone_decode import POINTER_INPUTS, input_names
+        from graphdistill.export.phone_decode import POINTER_INPUTS, input_names
 
         view_shape = {"cross_kv": cross_shape[2:], "kv_cache": kv_shape[2:]}
         kv_inputs = []

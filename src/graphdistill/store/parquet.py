@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from graphdistill.datasets.store import TraceStore
+    from graphdistill.store.trace_store import TraceStore
 
 log = logging.getLogger(__name__)
 

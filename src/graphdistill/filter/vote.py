@@ -26,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from graphdistill.errors import GraphdistillError
 from graphdistill.eval.metrics import box_iou_pair, normalize_text
+from graphdistill.recording.tta import tta_of, untta_object
 from graphdistill.trace import (
     RLE,
     BlobRef,
@@ -238,52 +240,6 @@ def image_ref(trace: Trace) -> BlobRef | str | None:
     return None
 
 
-def tta_of(trace: Trace) -> dict[str, Any] | None:
-    tta = trace.metadata.get("tta")
-    if not isinstance(tta, dict):
-        return None
-    if not tta.get("flip") and float(tta.get("scale", 1.0)) == 1.0:
-        return None
-    return tta
-
-
-# --------------------------------------------------------------------------------------------------------
-# Test-time augmentation: back to the original frame
-# --------------------------------------------------------------------------------------------------------
-
-
-def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    h, w = size
-    if mask.shape == (h, w):
-        return mask
-    ys = np.minimum((np.arange(h) + 0.5) * mask.shape[0] / h, mask.shape[0] - 1).astype(int)
-    xs = np.minimum((np.arange(w) + 0.5) * mask.shape[1] / w, mask.shape[1] - 1).astype(int)
-    return mask[ys][:, xs]
-
-
-def untta_object(obj: ObjectOut, tta: dict[str, Any]) -> ObjectOut:
-    """Map one object seen on an augmented image back to the original image's frame."""
-    scale = float(tta.get("scale", 1.0))
-    oh, ow = (int(v) for v in tta["orig_size"])
-    aw = round(ow * scale)
-    x1, y1, x2, y2 = obj.box
-    if tta.get("flip"):
-        x1, x2 = aw - x2, aw - x1
-    box = [
-        float(np.clip(x1 / scale, 0, ow)),
-        float(np.clip(y1 / scale, 0, oh)),
-        float(np.clip(x2 / scale, 0, ow)),
-        float(np.clip(y2 / scale, 0, oh)),
-    ]
-    mask = None
-    if obj.mask is not None:
-        m = obj.mask.decode()
-        if tta.get("flip"):
-            m = m[:, ::-1]
-        mask = RLE.encode(_resize_mask(m, (oh, ow)))
-    return obj.model_copy(update={"box": box, "mask": mask})
-
-
 # --------------------------------------------------------------------------------------------------------
 # The vote
 # --------------------------------------------------------------------------------------------------------
@@ -311,6 +267,23 @@ class Consensus:
     outputs: OutputNames = field(default_factory=OutputNames)  # which graph output each field came from
     embeddings: dict[str, list[float]] = field(default_factory=dict)  # output name -> mean over samples
     ground_truth: dict[str, Any] | None = None  # human labels the input carried, if any
+
+
+class FilterError(GraphdistillError, ValueError):
+    """The store cannot be filtered (empty, unreadable images, ...); the message names what."""
+
+
+def load_image_of(c: Consensus, load_blob: Callable[[str], bytes]) -> np.ndarray:
+    """The consensus's input image as HxWx3 uint8 (a blob of the store, read with ``load_blob``, or the
+    recorded path)."""
+    from graphdistill.images import load_image, to_rgb_uint8
+    from graphdistill.trace import decode_array
+
+    if isinstance(c.image, BlobRef):
+        return to_rgb_uint8(decode_array(c.image, load_blob(c.image.blob)), f"blob {c.image.blob[:12]}")
+    if isinstance(c.image, str):
+        return load_image(c.image)
+    raise FilterError(f"group {c.group_id}: its traces record no input image")
 
 
 def _find(parent: list[int], i: int) -> int:

@@ -1,5 +1,5 @@
 """Live recording: a langchain-core callback handler that turns each execution of a LangGraph graph into a
-:class:`~graphdistill.trace.Trace` in a :class:`~graphdistill.datasets.store.TraceStore`.
+:class:`~graphdistill.trace.Trace` in a :class:`~graphdistill.store.trace_store.TraceStore`.
 
 Add it to any compiled graph with one line::
 
@@ -35,7 +35,7 @@ from uuid import UUID
 import numpy as np
 from langchain_core.callbacks import BaseCallbackHandler
 
-from graphdistill.datasets.store import DuplicateTraceError, StoreError, TraceStore, as_store
+from graphdistill.store.trace_store import DuplicateTraceError, StoreError, TraceStore, as_store
 from graphdistill.trace import (
     BLOB_KEY,
     BlobRef,
@@ -56,7 +56,7 @@ META_GROUP = "graphdistill_group_id"
 META_SAMPLE = "graphdistill_sample_index"
 META_PROVENANCE = "graphdistill_provenance"
 META_METADATA = "graphdistill_metadata"
-# set by runs that are not plain executions on their inputs (replays, see datasets.replay): the root run's
+# set by runs that are not plain executions on their inputs (replays, see recording.replay): the root run's
 # input fields that are the trace's inputs (the rest is state given from outside), the trace's input hash
 # (the store's resume key) and its id
 META_INPUT_FIELDS = "graphdistill_input_fields"

@@ -13,7 +13,7 @@ compose on the edited state:
 
 :func:`plan_replays` spreads relabels so each class of the label set is the target about equally often for a
 budget of ``n`` replays, deterministically for a seed; :func:`replay_store` plans over a store's recorded
-traces and runs the plan (:func:`~graphdistill.datasets.replay.replay`).
+traces and runs the plan (:func:`~graphdistill.recording.replay.replay`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from graphdistill.datasets.photos import DEFAULT_HELDOUT
-from graphdistill.datasets.replay import (
+from graphdistill.recording.photos import DEFAULT_HELDOUT
+from graphdistill.recording.replay import (
     DEFAULT_FROM_NODE,
     Edit,
     ReplayError,
@@ -37,7 +37,7 @@ from graphdistill.datasets.replay import (
     replay,
     why_not_parent,
 )
-from graphdistill.datasets.store import TraceStore
+from graphdistill.store.trace_store import TraceStore
 from graphdistill.trace import RLE, Detections, Kind, Masks, Trace, decode_value
 
 log = logging.getLogger(__name__)
@@ -363,8 +363,8 @@ def replay_store(
     """Plan ``n`` replays over the graph's traces in ``store`` (:func:`plan_replays`; the label set from the
     graph's detector unless ``labels`` is given) and run them, ``samples`` samples each. Raises
     :class:`ReplayError` when the store holds no trace of this graph or ``from_node`` is not one of its nodes."""
-    from graphdistill.datasets.recording import graph_identity
     from graphdistill.graphs.replay import ReplayGraphError, graph_node_names
+    from graphdistill.recording.recorder import graph_identity
 
     try:
         names = graph_node_names(graph)

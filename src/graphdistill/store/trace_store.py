@@ -540,12 +540,6 @@ class TraceStore:
             batch,
         )
 
-    def export_parquet(self, out_dir: str | os.PathLike[str], shard_rows: int = 1000) -> list[Path]:
-        """One Parquet row per trace (failed ones too), in shards; see :mod:`graphdistill.datasets.parquet`."""
-        from graphdistill.datasets.parquet import export_parquet
-
-        return export_parquet(self, out_dir, shard_rows=shard_rows)
-
 
 def _validated(trace: Trace | Mapping[str, Any]) -> Trace:
     try:

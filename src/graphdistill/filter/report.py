@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from graphdistill.datasets.filtering import FilterResult, GroupDecision, StoreLike
-    from graphdistill.datasets.vote import Consensus
+    from graphdistill.filter.filtering import FilterResult, GroupDecision, StoreLike
+    from graphdistill.filter.vote import Consensus
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,10 @@ def agreement_histogram(decisions: list[GroupDecision], path: Path) -> Path:
 
 
 def _example_picture(c: Consensus, store: StoreLike) -> Any:
-    from graphdistill.datasets.filtering import load_image_of
+    from graphdistill.filter.vote import load_image_of
     from graphdistill.viz import draw_output
 
-    image = load_image_of(c, store)
+    image = load_image_of(c, store.blob)
     output = {"answer": c.answer, "objects": c.objects, "sources": c.sources}
     pic = draw_output(image, output, title=f"Q: {c.question}")
     if max(pic.size) > 480:
@@ -61,7 +61,7 @@ def _example_picture(c: Consensus, store: StoreLike) -> Any:
 
 
 def teacher_line(measures: dict[str, Any]) -> str:
-    """The teacher measures of a filter summary (:func:`~graphdistill.datasets.filtering.teacher_measures`)
+    """The teacher measures of a filter summary (:func:`~graphdistill.filter.filtering.teacher_measures`)
     in one line of words."""
 
     def pct(key: str) -> str:

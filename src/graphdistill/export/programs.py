@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from graphdistill._lazy import require
+from graphdistill.errors import GraphdistillError
 from graphdistill.runner.bpe import ByteLevelBPE
 from graphdistill.runner.bundle import Raw, greedy_token
 from graphdistill.runner.preprocess import Letterbox, load_rgb, preprocess
@@ -23,6 +24,10 @@ ENCODE_INPUTS = ["image", "question_ids", "question_mask"]
 DECODE_OUTPUTS = ["scores", "kv_new"]
 # encode's outputs besides the heads: the answer decoder's per-query inputs (with a text head) or the memory
 TEXT_OUTPUTS = ("cross_kv", "ptr_keys", "ptr_bias", "ptr_vocab")
+
+
+class ExportError(GraphdistillError, RuntimeError):
+    """The run cannot be exported, or the exported model failed the parity/fidelity gate."""
 
 
 @dataclass
@@ -71,7 +76,6 @@ class Sample:
 
 def load_run(run: Path, dataset: str | Path | None = None) -> LoadedRun:
     """RUN/{config.json, model.safetensors, tokenizer.json, meta.json} -> the eval-mode student + metadata."""
-    from graphdistill.student.export import ExportError
     from graphdistill.student.model import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Student, StudentConfig
     from graphdistill.student.predict import STUDENT_FORMAT
 
@@ -159,11 +163,10 @@ def collect_samples(loaded: LoadedRun, kind: str, n: int) -> list[Sample]:
     """``calibration``: the first ``n`` train rows; ``heldout``: the first ``n`` val rows, topped up with train
     rows after the calibration ones. Never the test split: the held-out photos are only for evaluation, and a
     gate that looked at them would be choosing what ships by them."""
-    from graphdistill.student.export import ExportError
 
     if loaded.dataset_path is None:
         raise ExportError(f"{loaded.run}/meta.json names no dataset; pass one (--dataset)")
-    from graphdistill.datasets.dataset import DatasetError, open_dataset
+    from graphdistill.dataset import DatasetError, open_dataset
 
     try:
         ds = open_dataset(loaded.dataset_path)
@@ -178,11 +181,11 @@ def programs_for(
     loaded: LoadedRun, fused_norms: bool = False, channels_last: bool = False
 ) -> tuple[dict[str, tuple[Any, tuple[Any, ...]]], list[int]]:
     """The programs as eval modules with example inputs, and the fixed KV-cache shape: ``encode`` always,
-    ``decode_step`` (:class:`~graphdistill.student.phone_decode.PhoneDecodeStep`; ``fused_norms`` for ONNX)
+    ``decode_step`` (:class:`~graphdistill.export.phone_decode.PhoneDecodeStep`; ``fused_norms`` for ONNX)
     only for a student with a text head (no KV cache, ``[]``, without one). ``channels_last``: encode's image
     is traced in NHWC memory (ExecuTorch: its program then reads the image in that dim order, and XNNPACK's
     convolutions need no transpose of it)."""
-    from graphdistill.student.phone_decode import PhoneDecodeStep, step_inputs
+    from graphdistill.export.phone_decode import PhoneDecodeStep, step_inputs
 
     torch = require("torch")
     model, cfg = loaded.model, loaded.config
@@ -262,7 +265,7 @@ def torch_reference(
     own :meth:`Student.decode_step` (the reference the exported step must reproduce). ``record`` collects
     every step's inputs in the exported step's form (calibration data for int8)."""
     torch = require("torch")
-    from graphdistill.student.phone_decode import step_inputs
+    from graphdistill.export.phone_decode import step_inputs
 
     enc, _ = programs["encode"]
     ids = loaded.special_ids

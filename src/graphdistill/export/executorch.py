@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from graphdistill._lazy import require
-from graphdistill.student.quantize import QUANTIZED, quantize_pt2e
+from graphdistill.export.quantize import QUANTIZED, quantize_pt2e
 
 log = logging.getLogger(__name__)
 

@@ -30,13 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from graphdistill.datasets.photos import BACKGROUNDS, BUILTIN, DEFAULT_HELDOUT
 from graphdistill.errors import GraphdistillError
-from graphdistill.images import load_image
+from graphdistill.images import IMAGE_SUFFIXES, load_image
+from graphdistill.recording.photos import BACKGROUNDS, BUILTIN, DEFAULT_HELDOUT
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 __all__ = [
     "DEFAULT_HELDOUT",

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from graphdistill._lazy import require
-from graphdistill.student.phone_decode import NORM_MEAN
+from graphdistill.export.phone_decode import NORM_MEAN
 from graphdistill.student.trunks import DFL_BINS
 
 log = logging.getLogger(__name__)

@@ -66,7 +66,7 @@ COLUMNS = (
 OPTIONAL_COLUMNS = (
     "embeddings",  # JSON {EMBEDDING output name: [float, ...]} or null (student.loader.row_embeddings)
     "ground_truth",  # JSON {"answer", "objects", "sources"} of human labels, or null
-    # JSON {"parent_trace", "from_node", "edit"} for a counterfactual replay (datasets.replay), else null:
+    # JSON {"parent_trace", "from_node", "edit"} for a counterfactual replay (recording.replay), else null:
     # the row's objects were edited, they do NOT describe its image
     "replay",
 )

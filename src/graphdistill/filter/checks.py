@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from graphdistill.datasets.vote import Consensus, trace_documents, trace_failed, trace_objects, written
+from graphdistill.filter.vote import Consensus, trace_documents, trace_failed, trace_objects, written
 from graphdistill.teachers.coco import mentioned_classes
 from graphdistill.trace import RECORD_KEY, Detections, Trace, decode_value
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from graphdistill._lazy import require
+from graphdistill.export.quantize import quantize_onnx
 from graphdistill.student.phone_ops import phone_friendly
-from graphdistill.student.quantize import quantize_onnx
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def export_onnx(
                 )
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
-        if quantize == "int8":  # dynamic int8: no calibration data (see graphdistill.student.quantize)
+        if quantize == "int8":  # dynamic int8: no calibration data (see graphdistill.export.quantize)
             methods[name] = quantize_onnx(target, path)
             target.unlink()
         files[name] = path.name

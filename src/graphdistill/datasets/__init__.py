@@ -1,1 +1,0 @@
-"""Recording, the trace store, input multiplication, filtering, splits and the training loader."""
