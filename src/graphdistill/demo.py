@@ -62,11 +62,9 @@ class DemoSizes:
     train_epochs: int = 40
 
 
-# Sized for the 30-minute budget on a 2-core CPU. Measured here (idle machine): the teacher records ~3 s a
-# trace with TTA samples batched; 40 inputs + 6 held-out rows x 3 samples took 7 min, and the whole demo with
-# 48 inputs + 12 held-out rows x 3 samples (180 traces) 19.6 min (2026-12-01). 48 inputs + 24 held-out rows
-# (4 photos x 6 questions) x 3 samples is 216 traces: ~2 min more by the same per-trace time (an estimate,
-# not yet measured), ~22 minutes in all, leaving margin for a slower machine.
+# Sized for the 30-minute budget on a 2-core CPU: recording the teacher is most of the time (a few seconds a
+# trace), so the number of inputs x samples (and of replays) is what the budget buys; the measured stage
+# times are in benchmarks/results/e2e.json and the README.
 FULL = DemoSizes(
     n_inputs=48,
     samples=3,

@@ -557,8 +557,8 @@ FIDELITY_KEYS = (
     "sources_recall",
 )
 # Resamples per interval. Box mAP is recomputed by torchmetrics on every resample and is nearly all the
-# cost: 1000 resamples of 24 rows about 4 photos (2-4 objects each, 1280x720 masks) took 4.1 s on the
-# 2-core CPU here (2026-12-03; the masks' IoUs are computed once, not per resample).
+# cost (the masks' IoUs are computed once, not per resample); at the demo's size a thousand take seconds
+# (README, "Measuring fidelity").
 DEFAULT_RESAMPLES = 1000
 DEFAULT_LEVEL = 0.95
 

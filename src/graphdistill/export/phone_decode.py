@@ -49,7 +49,7 @@ class FoldedNorm(nn.Module):
             w = (weight * ln.weight[None, :]).detach().clone()
             b = (weight @ ln.bias + (bias if bias is not None else 0.0)).detach().clone()
         # parameters, not buffers: int8 conversion replaces a quantized parameter by its int8 copy, while an
-        # unused float buffer would stay in the program (measured: +1 MB for the demo student)
+        # unused float buffer would stay in the program (a float copy of every such weight)
         self.weight = nn.Parameter(w, requires_grad=False)
         self.bias = nn.Parameter(b, requires_grad=False)
         self.register_buffer(NORM_MEAN, torch.full((1, d), 1.0 / d))

@@ -1,21 +1,18 @@
 """int8 for the two runtimes, calibrated on real training inputs.
 
 - ExecuTorch: PT2E static quantization (torchao ``prepare_pt2e`` / ``convert_pt2e``) with ExecuTorch's
-  ``XNNPACKQuantizer`` on the linear layers: symmetric per-channel int8 weights, int8 activations into them,
-  observers calibrated by running the prepared graph on calibration inputs; XNNPACK then runs the quantized
-  ops. Convolutions, element-wise ops, softmax and norms stay float. The backbone's convolutions hold few of
-  the bytes (the int8 program is ~2.9 MB with them float, ~2.2 MB without) but most of the image work, and
-  int8 made them slower on both x86 CPUs we measured (demo student, 1 thread, interleaved runs): on an AMD
-  EPYC (AVX2, no int8 dot-product instructions) its int8 ``encode`` took 5.1 ms with int8 convolutions
-  against 4.3 ms with float ones (float program: 4.6 ms; 10th percentiles of 120 runs), on an Intel Xeon
-  with AVX-512 VNNI 2.29 ms against 2.08 ms (float 2.46 ms; medians of 150); and its largest output error
-  against float was 2.4 instead of 0.54 (AMD run).
+  ``XNNPACKQuantizer``: symmetric per-channel int8 weights, int8 activations into them, observers calibrated
+  by running the prepared graph on calibration inputs; XNNPACK then runs the quantized ops. Element-wise ops,
+  softmax and norms stay float. What is quantized depends on where the bytes are: with a trunk started from
+  a YOLO detector its convolutions hold most of the bytes and the work, so they are int8 too
+  (:data:`QUANTIZED_WITH_CONVS`); with a small trunk built from scratch they hold few of the bytes, and int8
+  convolutions were slower than float ones on x86 CPUs without int8 dot-product instructions and moved the
+  outputs more, so only the linear layers are (:data:`QUANTIZED`).
 - ONNX: both programs through onnxruntime's ``quantize_dynamic`` on the matrix products and the embedding
-  table (:data:`DYNAMIC_OPS`; per-channel int8 weights, activation ranges computed per call). Measured on the
-  demo student against static QDQ (per-channel weights, activations calibrated on training inputs) over
-  every op: static left 27 % of answers different from the float model's, moved boxes by 0.12 of the canvas
-  and broke masks (IoU 0), and its encode ran 2x slower than float (QDQ convolutions); dynamic kept every
-  answer token and mask IoU >= 0.9 and runs faster than float; no calibration data is needed.
+  table (:data:`DYNAMIC_OPS`; per-channel int8 weights, activation ranges computed per call). Static QDQ over
+  every op changed answers, moved boxes and broke masks against the float model on the demo student, and its
+  QDQ convolutions ran slower than float; dynamic kept the answers and masks, runs faster than float and
+  needs no calibration data.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ START -> detect -> retrieve -> reason  --+-> compose -> END
 ```
 
 * ``detect`` (YOLO) finds objects; ``retrieve`` (Chroma over the question plus the detected labels, plus the
-  image through CLIP when a CLIP checkpoint is configured, ~15 ms) follows; then ``segment`` (SAM masks every
+  image through CLIP when a CLIP checkpoint is configured; fast) follows; then ``segment`` (SAM masks every
   box, the slow step) and ``reason`` run in parallel. ``reason`` reads no masks, so the LLM never waits for
   the segmenter. (LangGraph runs nodes in supersteps: a step ends when all its nodes end, so ``segment``
   hangs off ``retrieve`` rather than ``detect``: next to ``retrieve`` it would hold ``reason`` back.)
@@ -66,7 +66,8 @@ SYSTEM_PROMPT = (
     "facts about them. Answer in two short sentences: first say what the photo shows, naming only the "
     "listed objects, never an object that is not listed, then copy the fact that best answers the question."
 )
-# the single-turn prompt of prompt_style="plain" (the reference graph's prompt until 2026-12-03)
+# the single-turn prompt of prompt_style="plain" (the reference graph's earlier prompt, kept to compare:
+# benchmarks/teacher_answers.py)
 PLAIN_SYSTEM_PROMPT = (
     "You answer questions about a photo. You are told which objects a detector found in it and given facts "
     "from a knowledge base. Answer in one or two short sentences. Mention the objects you see."

@@ -68,8 +68,8 @@ META_WEIGHTS = "graphdistill_weights_sha256"
 
 
 class ImageEncodings:
-    """Recently PNG-encoded images by pixel content (a sha256 of the raw pixels, ~2 ms for 640x480, against
-    ~70 ms for the PNG): the K samples of one input, and the input hash ``graphdistill record`` takes before
+    """Recently PNG-encoded images by pixel content (a sha256 of the raw pixels, far cheaper than encoding
+    the PNG): the K samples of one input, and the input hash ``graphdistill record`` takes before
     the run, all reuse one encoding. The bytes are exactly :func:`~graphdistill.trace.encode_array`'s, so
     blob names and input hashes do not change. Bounded by ``max_bytes`` of encoded data; thread-safe.
 

@@ -206,8 +206,7 @@ def object_mask_rle(
 
     Computed without any H×W (or box-sized) array: the map is linear between cell centres, so each
     column's on/off switches are solved from the ``mh - 1`` segments of its column profile; the cost is
-    ``mh × box width``: 0.15-0.4 ms on a 2-core Xeon where resizing and encoding a 1280×720 mask takes
-    several ms."""
+    ``mh × box width``, well under what resizing and encoding a full-resolution mask would take."""
     if box.pad_left or box.pad_top:
         raise ValueError("masks can only be pasted back from a top-left letterbox")
     height, width = box.height, box.width

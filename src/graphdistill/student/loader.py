@@ -32,8 +32,9 @@ STD = (0.229, 0.224, 0.225)
 UNIT = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # plain x/255: what Ultralytics detectors were trained on
 PAD_VALUE = (114, 114, 114)  # YOLO's letterbox grey
 # Pillow's resize(reducing_gap=1.0): box-average by the largest integer factor that keeps the image at
-# least the target size (Image.reduce), then bilinear. A 1280x720 photo letterboxes in ~1 ms instead of
-# ~4 ms (a phone query budget is 10 ms); runs whose spec has no reducing_gap keep the plain bilinear.
+# least the target size (Image.reduce), then bilinear: several times faster than a plain bilinear resize of a
+# large photo, which matters in a phone query's budget; runs whose spec has no reducing_gap keep the plain
+# bilinear.
 REDUCING_GAP = 1.0
 
 

@@ -3,9 +3,8 @@
 In eager PyTorch the student uses the fused ops (``F.layer_norm``, ``scaled_dot_product_attention``,
 ``nn.TransformerEncoderLayer``). Traced for ExecuTorch, those become operators XNNPACK does not take: every
 layer norm, every boolean attention mask (``where``/``logical_not``/``any``) and every cache write by ``where``
-then runs in ExecuTorch's portable kernels and splits the XNNPACK graph into many small delegate calls. On a
-2-core CPU that per-call overhead, not arithmetic, was most of a decode step (measured: 164 top-level ops,
-19 delegate calls, ~0.7 ms per token for a 2-layer d=128 decoder).
+then runs in ExecuTorch's portable kernels and splits the XNNPACK graph into many small delegate calls. For a
+decoder this small, that per-call overhead, not arithmetic, is most of a decode step.
 
 Inside :func:`phone_friendly` the same parameters compute the same function with operators XNNPACK does take:
 
