@@ -127,7 +127,9 @@ def test_onnx_float_bundle_passes_parity(onnx_float: Path) -> None:
     copy = step["inputs"][-3:]
     assert [i["name"] for i in copy] == [i["per_query"] for i in copy] == COPY_INPUTS
     # one slot per object, then one per token of the sources_k best-ranked documents
-    slots = k + min(cfg["sources_k"], cfg["num_sources"]) * max(len(t) for t in cfg["source_token_ids"])
+    assert "source_token_ids" not in cfg  # the program holds them; the manifest lists the documents
+    run_cfg = json.loads((onnx_float.parent / "run" / "config.json").read_text())
+    slots = k + min(cfg["sources_k"], cfg["num_sources"]) * max(len(t) for t in run_cfg["source_token_ids"])
     assert [i["shape"] for i in copy] == [[1, d, slots], [1, slots], [1, slots, v]]
     assert step["outputs"][0]["name"] == "scores" and step["outputs"][0]["shape"] == [1, v]
     # decode_step hands back this position's keys/values only: one cache slot, the runner stores it

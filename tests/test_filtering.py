@@ -466,6 +466,48 @@ def test_the_filter_holds_each_consensus_slim_and_spools_the_rest(tmp_path: Path
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ds"]
 
 
+def test_the_dataset_ranks_the_whole_knowledge_base_and_never_what_only_held_out_inputs_retrieved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import graphdistill.teachers.retriever as retriever_mod
+    from graphdistill.dataset import synthetic_graph_schema
+    from graphdistill.filter.filtering import manifest_documents
+    from graphdistill.store.trace_store import TraceStore
+
+    store = TraceStore(tmp_path / "store")
+    blobs: dict[str, bytes] = {}
+    declared = synthetic_graph_schema().model_dump(mode="json")
+    for g, photo in enumerate(["p/train0", "p/train1", "skimage/coffee"]):  # the last one is held out
+        docs = [Document(id=f"doc-{g}", text=f"fact {g}")]
+        for t in group(
+            f"g{g}", ["There is a cat."] * 3, image=_image(g), photos=[photo], blobs=blobs, documents=docs
+        ):
+            t.metadata["graph_schema"] = declared
+            store.append(t, blobs)
+    config = FilterConfig(heldout_photos=("skimage/coffee",))
+    result = filter_store(store, tmp_path / "ds", config, report=False)
+    assert [d["id"] for d in result.manifest["documents"]] == ["doc-0", "doc-1"]  # not doc-2: held out only
+
+    # a retriever that offers its knowledge base: the whole of it, read once
+    offer = {"kind": "text-retriever", "embedder": "x", "knowledge_base": {"path": "kb", "collection": "c"}}
+    kb = [Document(id=f"kb/{i}", text=f"fact {i}") for i in range(5)]
+    asked: list[dict[str, Any]] = []
+    monkeypatch.setattr(retriever_mod, "read_knowledge_base", lambda ref: asked.append(ref) or kb)
+    graph = {**declared, "offers": {"retrieve": offer}}
+    assert manifest_documents(graph, {"doc-0": "fact 0"}) == [{"id": d.id, "text": d.text} for d in kb]
+    assert asked == [offer]
+
+    def gone(ref: dict[str, Any]) -> list[Document]:
+        raise retriever_mod.RetrieverError("knowledge base kb: no Chroma database there")
+
+    monkeypatch.setattr(
+        retriever_mod, "read_knowledge_base", gone
+    )  # moved since recording: say so, fall back
+    assert manifest_documents(graph, {"doc-0": "fact 0"}) == [{"id": "doc-0", "text": "fact 0"}]
+    assert "cannot be read" in caplog.text and "no Chroma database" in caplog.text
+    assert manifest_documents(declared, {"doc-0": "fact 0"}) == [{"id": "doc-0", "text": "fact 0"}]
+
+
 def test_the_filter_says_which_split_is_empty_and_why(tmp_path: Path) -> None:
     from graphdistill.store.trace_store import TraceStore
 

@@ -18,7 +18,7 @@ from graphdistill.student.retrieval_kd import (
     synthetic_queries,
     teacher_targets,
 )
-from graphdistill.teachers.retriever import labelled_query
+from graphdistill.teachers.retriever import RetrieverError, labelled_query, read_knowledge_base
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -226,3 +226,8 @@ def test_the_real_retriever_offers_its_embedder_and_the_targets_are_chromas_rank
         assert ours == {d.id for d in retriever.query(text=q)}, q
     with pytest.raises(OfferError, match="is not the recorded"):
         load_offer({**ref, "weights_sha256": "0" * 64})
+    # the offer names its knowledge base, and the filter reads all of it: the student ranks what Chroma does
+    assert ref["knowledge_base"] == {"path": retriever.location, "collection": retriever.collection_name}
+    assert [d.id for d in read_knowledge_base(ref)] == sorted(d.id for d in docs)
+    with pytest.raises(RetrieverError, match="no Chroma database"):
+        read_knowledge_base({**ref, "knowledge_base": {**ref["knowledge_base"], "path": "/nonexistent/kb"}})

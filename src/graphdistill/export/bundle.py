@@ -426,7 +426,9 @@ def _manifest(
         # the teacher weights the student started from bind the bundle: their licence travels with it
         "started_from": meta.get("started_from"),
         "licence": _licence(meta.get("started_from")),
-        "student_config": cfg.to_dict(),
+        # the run's config but the documents' token ids: the program holds them, and the manifest already
+        # lists the documents' texts (one knowledge base's token ids would be tens of KB of the bundle)
+        "student_config": {k: v for k, v in cfg.to_dict().items() if k != "source_token_ids"},
         "source_run": str(loaded.run),
         "fidelity": fidelity_summary(json.loads(eval_path.read_text())) if eval_path.is_file() else None,
         "files": {f: sha256_file(root / f) for f in bundle_files},

@@ -322,7 +322,7 @@ def filter_store(
     # time (benchmarks/filter_memory.py). Which output is the answer / objects / sources is decided once for
     # the whole store: from the graph schema the traces recorded (one pass), else from every recorded value
     # (a first pass that only gathers; the second votes).
-    facts = StoreFacts()
+    facts = StoreFacts(config.heldout_photos)
     first: list[Trace] | None = read(group_ids[0])  # voted first in the one-pass case: read once
     gathered = recorded_schema(first or []) is None  # no schema: every value first, then vote
     if gathered:
@@ -424,10 +424,13 @@ def filter_store(
 class StoreFacts:
     """What the manifest and the vote need from every trace of a store, gathered one trace at a time (so the
     filter never holds the store in memory): the recorded graph schema, else each output's kind inferred from
-    its values (:func:`~graphdistill.filter.vote.output_kinds`, the same rules), the documents retrieved,
-    the detector's labels, and the first finished trace (an inferred schema's inputs and nodes)."""
+    its values (:func:`~graphdistill.filter.vote.output_kinds`, the same rules), the documents retrieved by
+    inputs that are not held out (``heldout_photos``, or a held-out recipe: what the held-out photos
+    retrieved must not shape what the student can rank), the detector's labels, and the first finished trace
+    (an inferred schema's inputs and nodes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, heldout_photos: Sequence[str] = ()) -> None:
+        self.heldout_photos = tuple(heldout_photos)
         self.schema: GraphSchema | None = None
         self.kinds: dict[str, Kind | None] = {}
         self.documents: dict[str, str] = {}
@@ -443,8 +446,9 @@ class StoreFacts:
             for name, kind in output_kinds_of_trace(t).items():
                 if self.kinds.get(name) is None:
                     self.kinds[name] = kind
-        for d in trace_documents(t):
-            self.documents.setdefault(d.id, d.text)
+        if not is_heldout(t.provenance, self.heldout_photos):
+            for d in trace_documents(t):
+                self.documents.setdefault(d.id, d.text)
         dets = written(t, "detections")
         if isinstance(dets, Detections):
             self.labels.update(dets.names)
@@ -489,17 +493,46 @@ def class_names(decisions: Sequence[GroupDecision], labels: set[str]) -> list[st
     return sorted(seen)
 
 
+def manifest_documents(graph: dict[str, Any] | None, retrieved: dict[str, str]) -> list[dict[str, str]]:
+    """The documents the student ranks: the whole knowledge base when the graph's retriever offers it
+    (:meth:`~graphdistill.teachers.retriever.ChromaRetriever.student_offer`), as the teacher ranks it; else
+    (no offer, or the knowledge base cannot be read) ``retrieved``: the documents inputs that are not held out
+    retrieved."""
+    from graphdistill.teachers.base import pick_offer
+
+    found = pick_offer(dict((graph or {}).get("offers") or {}), "text-retriever")
+    if found is not None and found[1].get("knowledge_base"):
+        from graphdistill.teachers.retriever import read_knowledge_base
+
+        try:
+            docs = read_knowledge_base(found[1])
+        except Exception as exc:  # a knowledge base moved since recording: say so, keep what traces show
+            log.warning(
+                "node %s: its knowledge base cannot be read (%s); the dataset holds the %d documents the "
+                "recorded inputs retrieved",
+                found[0],
+                exc,
+                len(retrieved),
+            )
+        else:
+            log.info(
+                "node %s: the dataset holds its whole knowledge base (%d documents)", found[0], len(docs)
+            )
+            return [{"id": d.id, "text": d.text} for d in docs]
+    return [{"id": i, "text": retrieved[i]} for i in sorted(retrieved)]
+
+
 def build_manifest(
     decisions: Sequence[GroupDecision],
     facts: StoreFacts,
     config: FilterConfig,
     source_store: str | None,
 ) -> dict[str, Any]:
-    docs = facts.documents
+    graph = facts.graph_schema()
     return {
-        "graph": facts.graph_schema(),
+        "graph": graph,
         "class_names": class_names(decisions, facts.labels),
-        "documents": [{"id": i, "text": docs[i]} for i in sorted(docs)],
+        "documents": manifest_documents(graph, facts.documents),
         "source_store": source_store,
         "filter": config.describe(),
     }

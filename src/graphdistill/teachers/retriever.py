@@ -190,6 +190,7 @@ class ChromaRetriever:
             if not parsed.hostname:
                 raise RetrieverError(f"chroma url {url!r} has no host")
             self.location = url
+            self.url: str | None = url
             self.client: Any = chromadb.HttpClient(
                 host=parsed.hostname,
                 port=parsed.port or (443 if parsed.scheme == "https" else 8000),
@@ -200,6 +201,7 @@ class ChromaRetriever:
             root = Path(path).expanduser() if path is not None else default_path()
             root.mkdir(parents=True, exist_ok=True)
             self.location = str(root)
+            self.url = None
             self.client = chromadb.PersistentClient(path=str(root), settings=settings)
         ef_cls = embedding_function_class()
         self.embedding_function: Any = ef_cls(text_embedder, "text")
@@ -223,7 +225,11 @@ class ChromaRetriever:
         """The student may learn to rank the documents as this retriever does, on queries no recorded trace
         asked (:mod:`graphdistill.student.retrieval_kd`): a JSON reference to the text embedder's weights that
         the graph schema records for the retrieve node. None when the ranking is not the text embedder's alone
-        (an image embedder also retrieves) or the embedder cannot be reloaded from a name or a folder."""
+        (an image embedder also retrieves) or the embedder cannot be reloaded from a name or a folder.
+
+        ``knowledge_base`` names the collection (its folder or server and its name): the filter reads every
+        document of it into the dataset (:func:`read_knowledge_base`), so the student ranks the whole
+        knowledge base, as this retriever does, not only the documents some recorded trace retrieved."""
         if self.image_embedder is not None:
             return None
         weights = getattr(self.text_embedder, "weights", None)
@@ -235,6 +241,10 @@ class ChromaRetriever:
             "weights_sha256": self.text_embedder.weights_sha256,
             "model_id": self.text_embedder.model_id,
             "k": self.k,
+            "knowledge_base": {
+                ("url" if self.url else "path"): self.location,
+                "collection": self.collection_name,
+            },
         }
 
     def _open(self, name: str, ef: Any) -> Any:
@@ -349,3 +359,24 @@ def _documents(res: dict[str, Any]) -> list[list[Document]]:
             ]
         )
     return out
+
+
+def read_knowledge_base(offer: dict[str, Any]) -> list[Document]:
+    """Every document of the collection a retriever's offer (:meth:`ChromaRetriever.student_offer`) names,
+    sorted by id. Refuses a folder that holds no Chroma database and an empty collection (never creates
+    either)."""
+    kb = offer.get("knowledge_base") or {}
+    name = str(kb.get("collection") or "")
+    path, url = kb.get("path"), kb.get("url")
+    if not name or not (path or url):
+        raise RetrieverError(f"the retriever's offer names no knowledge base ({kb!r})")
+    if path and not (Path(path) / "chroma.sqlite3").is_file():
+        raise RetrieverError(f"knowledge base {path}: no Chroma database there (moved or deleted?)")
+    from graphdistill.teachers.text_embedder import SentenceEmbedder
+
+    embedder = SentenceEmbedder(str(offer.get("embedder") or "all-minilm-l6-v2"))
+    retriever = ChromaRetriever(path=path, url=url, collection=name, text_embedder=embedder)
+    docs = retriever.get(retriever.doc_ids())
+    if not docs:
+        raise RetrieverError(f"knowledge base {path or url}: collection {name!r} holds no documents")
+    return sorted(docs, key=lambda d: d.id)
