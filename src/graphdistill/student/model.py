@@ -210,7 +210,9 @@ class SourceHead(nn.Module):
         self.doc_tokens: Tensor
         self.doc_weights: Tensor  # idf-weighted mean over a document's tokens, 0 on padding
         self.register_buffer("idf", idf.view(-1, 1), persistent=False)
-        self.register_buffer("doc_tokens", ids, persistent=False)
+        # int32: the program keeps this table for the comparison below, at half the bytes of int64 (the
+        # bundle counts every byte); the query's ids are cast to it, the embedding lookup takes either
+        self.register_buffer("doc_tokens", ids.to(torch.int32), persistent=False)
         w = idf[ids] * present
         self.register_buffer("doc_weights", w / w.sum(1, keepdim=True).clamp(min=1e-6), persistent=False)
         self.doc_norm: Tensor  # 1 / the L2 norm of a document's weights: the lexical score is a cosine
@@ -233,7 +235,9 @@ class SourceHead(nn.Module):
         words = (tok_emb(self.doc_tokens) * self.doc_weights.unsqueeze(-1)).sum(1)  # [N,d]
         keys = F.normalize(self.k(words), dim=-1)
         semantic = F.normalize(self.q(query), dim=-1) @ keys.t()
-        same = (query_ids[:, :, None, None] == self.doc_tokens[None, None]).to(w.dtype)  # [B,J,N,L]
+        same = (query_ids.to(self.doc_tokens.dtype)[:, :, None, None] == self.doc_tokens[None, None]).to(
+            w.dtype
+        )  # [B,J,N,L]
         shared = (same * w[:, :, None, None]).sum(1)  # [B,N,L]: each document token's weight in the query
         lexical = (shared * self.doc_weights).sum(-1) / (w.square().sum(1, keepdim=True).sqrt() + 1e-6)
         return semantic * self.log_temp.exp() + lexical * self.doc_norm * self.log_lex.exp()
@@ -600,7 +604,7 @@ class Student(nn.Module):
         if docs is not None:
             b, k = docs.shape
             flat = docs.reshape(-1)
-            t3 = torch.index_select(self.source_head.doc_tokens, 0, flat).view(b, k, -1)  # [B,k,L]
+            t3 = torch.index_select(self.source_head.doc_tokens, 0, flat).view(b, k, -1).long()  # [B,k,L]
             # the token before each one, <bos> before a document's first: where a copy goes on from
             prev = torch.cat([torch.full_like(t3[:, :, :1], BOS_ID), t3[:, :, :-1]], 2).view(b, -1)
             t = t3.view(b, -1)  # [B,k*L]
