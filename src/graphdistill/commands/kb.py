@@ -54,23 +54,12 @@ def _build(args: argparse.Namespace) -> int:
     con = console(stderr=True)
     with con.status("loading the text embedder and the knowledge base"):
         retriever = _open(args)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+    from graphdistill.commands._common import stage_progress
     from graphdistill.teachers.knowledge import ingest_documents
 
-    with Progress(
-        TextColumn("[bold]ingesting[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=con,
-    ) as bar:
-        task = bar.add_task("ingest", total=None)
+    with stage_progress(con) as tick:
         counts = ingest_documents(
-            retriever,
-            docs,
-            force=args.force,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            retriever, docs, force=args.force, progress=lambda done, total: tick("ingesting", done, total)
         )
     result = {
         "source": source,
