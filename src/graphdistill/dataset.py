@@ -465,15 +465,18 @@ def _shape_mask(kind: str, h: int, w: int, box: tuple[int, int, int, int]) -> np
     x1, y1, x2, y2 = box
     yy, xx = np.mgrid[0:h, 0:w]
     if kind == "square":
-        return (xx >= x1) & (xx < x2) & (yy >= y1) & (yy < y2)
+        square: np.ndarray = (xx >= x1) & (xx < x2) & (yy >= y1) & (yy < y2)
+        return square
     if kind == "circle":
         cx, cy, r = (x1 + x2 - 1) / 2, (y1 + y2 - 1) / 2, (x2 - x1) / 2
-        return ((xx - cx) ** 2 + (yy - cy) ** 2) <= r * r
+        circle: np.ndarray = ((xx - cx) ** 2 + (yy - cy) ** 2) <= r * r
+        return circle
     # triangle: apex at top centre, base at the bottom of the box
     cx = (x1 + x2 - 1) / 2
     t = (yy - y1) / max(y2 - 1 - y1, 1)
     half = t * (x2 - x1) / 2
-    return (yy >= y1) & (yy < y2) & (np.abs(xx - cx) <= half)
+    triangle: np.ndarray = (yy >= y1) & (yy < y2) & (np.abs(xx - cx) <= half)
+    return triangle
 
 
 def synthetic_example(

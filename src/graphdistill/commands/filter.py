@@ -66,7 +66,7 @@ def _fractions(text: str) -> tuple[float, float, float]:
         parts = ()
     if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0:
         raise CommandError(f"--split {text!r}: expected three non-negative fractions like 0.8,0.1,0.1")
-    return parts  # type: ignore[return-value]
+    return parts  # type: ignore[return-value,unused-ignore]
 
 
 def _filter(args: argparse.Namespace) -> int:

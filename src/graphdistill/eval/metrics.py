@@ -122,7 +122,8 @@ def _as_embedder(embedder: Embedder | Any | None) -> Embedder:
         return default_embedder()
     if hasattr(embedder, "embed"):
         return lambda texts: np.asarray(embedder.embed(texts), dtype=np.float32)
-    return embedder  # type: ignore[no-any-return]
+    fn: Embedder = embedder
+    return fn
 
 
 def semantic_similarity(preds: Sequence[str], refs: Sequence[str], embedder: Embedder | Any) -> np.ndarray:
@@ -135,7 +136,7 @@ def semantic_similarity(preds: Sequence[str], refs: Sequence[str], embedder: Emb
     vecs = np.asarray(fn([*preds, *refs]), dtype=np.float64)
     vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
     a, b = vecs[: len(preds)], vecs[len(preds) :]
-    sims = np.sum(a * b, axis=1)
+    sims: np.ndarray = np.sum(a * b, axis=1)
     # two empty answers agree; one empty answer never does
     for i, (p, r) in enumerate(zip(preds, refs, strict=True)):
         if not p.strip() or not r.strip():

@@ -399,7 +399,7 @@ class GraphBuilder:
         for sources, target in self.edges():
             g.add_edge(sources[0] if len(sources) == 1 else list(sources), target)
         for c in self._decl.conditionals:
-            g.add_conditional_edges(c.source, c.router, dict(c.mapping))  # type: ignore[arg-type]
+            g.add_conditional_edges(c.source, c.router, dict(c.mapping))
         return g
 
     def compile(self, **kwargs: Any) -> Any:
@@ -494,4 +494,5 @@ def _ident(name: str) -> str:
 
 def _typed_dict(name: str, fields: Mapping[str, Kind]) -> type:
     # Kinds are checked by the nodes and the trace records; LangGraph only needs the keys (LastValue channels).
-    return TypedDict(name, dict.fromkeys(fields, Any), total=False)  # type: ignore[operator]
+    state: type = TypedDict(name, dict.fromkeys(fields, Any), total=False)  # type: ignore[misc]
+    return state

@@ -89,7 +89,8 @@ def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return mask
     ys = np.minimum((np.arange(h) + 0.5) * mask.shape[0] / h, mask.shape[0] - 1).astype(int)
     xs = np.minimum((np.arange(w) + 0.5) * mask.shape[1] / w, mask.shape[1] - 1).astype(int)
-    return mask[ys][:, xs]
+    resized: np.ndarray = mask[ys][:, xs]
+    return resized
 
 
 def untta_object(obj: ObjectOut, tta: TTA) -> ObjectOut:

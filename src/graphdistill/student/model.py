@@ -276,14 +276,16 @@ class DecoderLayer(nn.Module):
         if kv is None:
             assert mem is not None, "cross-attention needs the memory or its keys/values"
             kv = self.cross_kv(mem)
-        return self.proj_x(self._merge(F.scaled_dot_product_attention(q, kv[0], kv[1])))
+        out: Tensor = self.proj_x(self._merge(F.scaled_dot_product_attention(q, kv[0], kv[1])))
+        return out
 
     def forward(self, x: Tensor, mem: Tensor) -> Tensor:
         """Teacher-forced pass over a whole sequence (causal)."""
         q, k, v = (self._split(t) for t in self.qkv(self.ln1(x)).chunk(3, dim=-1))
         x = x + self.proj(self._merge(F.scaled_dot_product_attention(q, k, v, is_causal=True)))
         x = x + self._cross(x, mem)
-        return x + self.ffn(self.ln3(x))
+        out: Tensor = x + self.ffn(self.ln3(x))
+        return out
 
     def step(
         self,
@@ -320,7 +322,8 @@ class DecoderLayer(nn.Module):
         q = self.q_x(self.ln2(x)).view(b, 1, self.n_heads, self.hd).transpose(1, 2)
         att = F.scaled_dot_product_attention(q, cross[0], cross[1])
         x = x + self.proj_x(att.transpose(1, 2).reshape(b, 1, -1))
-        return x + self.ffn(self.ln3(x))
+        out: Tensor = x + self.ffn(self.ln3(x))
+        return out
 
 
 def box_iou_matrix(a: Tensor, b: Tensor) -> Tensor:
@@ -350,9 +353,9 @@ class Student(nn.Module):
             self.trunk: nn.Module = UltralyticsTrunk(cfg.trunk_spec, cfg.num_classes)
         else:
             self.trunk = TimmTrunk(cfg.backbone, cfg.num_classes, cfg.reg_max, cfg.image_size)
-        if int(self.trunk.reg_max) != cfg.reg_max:  # type: ignore[arg-type]
+        if int(self.trunk.reg_max) != cfg.reg_max:
             raise ValueError(f"the trunk's head has reg_max {self.trunk.reg_max}, the config {cfg.reg_max}")
-        c3, c4, c5 = self.trunk.channels  # type: ignore[misc]
+        c3, c4, c5 = self.trunk.channels
         self.grid = [cfg.image_size // s for s in STRIDES]
         self.n_img = self.grid[2] ** 2  # image tokens: the P5 cells
         self.n_obj = cfg.max_objects if cfg.has_objects else 0

@@ -79,12 +79,14 @@ def _c2f_forward(self: Any, x: Tensor) -> Tensor:
     t = self.cv1(x)
     y = [t[:, : self.c], t[:, self.c :]]
     y.extend(m(y[-1]) for m in self.m)
-    return self.cv2(torch.cat(y, 1))
+    out: Tensor = self.cv2(torch.cat(y, 1))
+    return out
 
 
 def _c2psa_forward(self: Any, x: Tensor) -> Tensor:
     t = self.cv1(x)
-    return self.cv2(torch.cat((t[:, : self.c], self.m(t[:, self.c :])), 1))
+    out: Tensor = self.cv2(torch.cat((t[:, : self.c], self.m(t[:, self.c :])), 1))
+    return out
 
 
 def _attention_forward(self: Any, x: Tensor) -> Tensor:
@@ -127,7 +129,8 @@ def layer_norm(ln: nn.LayerNorm, x: Tensor) -> Tensor:
     """``ln(x)``; decomposed into XNNPACK-supported ops inside ``phone_friendly(decompose_norms=True)``."""
     mode = _mode()
     if not (mode.on and mode.decompose_norms):
-        return ln(x)
+        plain: Tensor = ln(x)
+        return plain
     d = x.shape[-1]
     x4 = x.reshape(1, -1, d, 1)
     mu = x4.mean(dim=(2, 3), keepdim=True)
@@ -198,11 +201,13 @@ def _mha(
         _, k, v = chunks(F.linear(mem, w, b), 3)
     h = mha.num_heads
     out = attention(_split(q, h), _split(k, h), _split(v, h), bias)
-    return mha.out_proj(_merge(out))
+    proj: Tensor = mha.out_proj(_merge(out))
+    return proj
 
 
 def _ffn(layer: nn.TransformerEncoderLayer | nn.TransformerDecoderLayer, x: Tensor) -> Tensor:
-    return layer.linear2(F.gelu(layer.linear1(x)))
+    out: Tensor = layer.linear2(F.gelu(layer.linear1(x)))
+    return out
 
 
 def encoder_layer(

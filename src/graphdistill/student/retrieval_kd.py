@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from graphdistill.student.tokenizer import PAD_ID, StudentTokenizer
+from graphdistill.student.model import PAD_ID
+from graphdistill.student.tokenizer import StudentTokenizer
 from graphdistill.teachers.retriever import labelled_query
 
 log = logging.getLogger(__name__)

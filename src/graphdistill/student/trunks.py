@@ -43,7 +43,8 @@ class ConvBN(nn.Module):
         self.act = nn.SiLU()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.act(self.bn(self.conv(x)))
+        out: Tensor = self.act(self.bn(self.conv(x)))
+        return out
 
 
 class DenseHead(nn.Module):
@@ -197,7 +198,8 @@ class Proto(nn.Module):
         self.cv3 = ConvBN(channels, num_masks, k=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.cv3(self.cv2(self.up(self.cv1(x))))
+        out: Tensor = self.cv3(self.cv2(self.up(self.cv1(x))))
+        return out
 
 
 class CoefHead(nn.Module):
@@ -209,7 +211,8 @@ class CoefHead(nn.Module):
         self.body = nn.Sequential(ConvBN(c_in, hidden), nn.Conv2d(hidden, num_masks, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.body(x)
+        out: Tensor = self.body(x)
+        return out
 
 
 def make_anchors(image_size: int) -> tuple[Tensor, Tensor]:

@@ -156,7 +156,8 @@ class ClipEmbedder:
 
     def embed_image(self, image: np.ndarray) -> np.ndarray:
         """One image -> float32 [dim]."""
-        return self.embed_images([image])[0]
+        vec: np.ndarray = self.embed_images([image])[0]
+        return vec
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Texts -> float32 [n, dim], each row of unit length (same space as the images)."""
@@ -172,7 +173,8 @@ class ClipEmbedder:
 
     def embed_text(self, text: str) -> np.ndarray:
         """One text -> float32 [dim]."""
-        return self.embed_texts([text])[0]
+        vec: np.ndarray = self.embed_texts([text])[0]
+        return vec
 
     def __repr__(self) -> str:
         return f"ClipEmbedder({self.model_id!r}, device={self.device!r})"
