@@ -18,11 +18,10 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
+from graphdistill._user_code import import_user_module
 from graphdistill.errors import GraphdistillError
 from graphdistill.trace import Trace
 
@@ -81,7 +80,7 @@ def load_rule(spec: str, threshold: float | None = None) -> Rule:
             return _with_threshold(found, threshold)
         raise RuleError(_not_found(spec))
     target, _, attr = spec.rpartition(":")
-    module = _import(target, f"rule {spec!r}")
+    module = import_user_module(target, f"rule {spec!r}", RuleError)
     fn = getattr(module, attr, None)
     if fn is None and attr in _REGISTRY:
         return _with_threshold(_REGISTRY[attr], threshold)
@@ -118,7 +117,7 @@ def _discover(name: str) -> Rule | None:
                 raise RuleError(f"rule {name!r}: loading entry point {ep.value!r} failed: {exc}") from exc
             return _as_rule(name, obj, f"entry point {ep.value!r}")
     for target in _env_modules():
-        module = _import(target, f"${ENV_RULE_MODULES} entry {target!r}")
+        module = import_user_module(target, f"${ENV_RULE_MODULES} entry {target!r}", RuleError)
         if name in _REGISTRY:
             return _REGISTRY[name]
         obj = getattr(module, name, None)
@@ -143,29 +142,3 @@ def _not_found(spec: str) -> str:
     if spec in {c.name for c in CHECKS}:
         msg += f". {spec!r} is a built-in check: checks always run (skip one with --disable-check {spec})"
     return msg
-
-
-def _import(target: str, what: str) -> object:
-    """A module by dotted name, or a ``.py`` file (a path: ends in .py or holds a separator)."""
-    if target.endswith(".py") or "/" in target or "\\" in target:
-        path = Path(target)
-        if not path.is_file():
-            raise RuleError(f"{what}: no such file {path}")
-        mod_name = f"_graphdistill_rule_{abs(hash(str(path.resolve())))}"
-        if mod_name in sys.modules:  # one file, imported once per process (its register_rule calls too)
-            return sys.modules[mod_name]
-        module_spec = importlib.util.spec_from_file_location(mod_name, path)
-        if module_spec is None or module_spec.loader is None:
-            raise RuleError(f"{what}: cannot load {path} as Python")
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[mod_name] = module
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as exc:
-            del sys.modules[mod_name]
-            raise RuleError(f"{what}: importing {path} failed: {exc}") from exc
-        return module
-    try:
-        return importlib.import_module(target)
-    except ImportError as exc:
-        raise RuleError(f"{what}: cannot import module {target!r} ({exc})") from exc

@@ -6,16 +6,11 @@ graph, or a zero-argument factory returning either. ``None`` gives the reference
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
 import inspect
 import logging
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+from graphdistill._user_code import import_user_module
 from graphdistill.errors import GraphdistillError
 from graphdistill.graphs.builder import GraphBuilder
 
@@ -44,43 +39,13 @@ def load_graph(spec: str | None, **overrides: Any) -> Any:
     module_part, sep, attr = spec.rpartition(":")
     if not sep or not module_part or not attr:
         raise GraphSpecError(f"graph spec {spec!r}: expected 'package.module:attr' or 'path/to/file.py:attr'")
-    module = _import(module_part, spec)
+    module = import_user_module(module_part, f"graph spec {spec!r}", GraphSpecError)
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise GraphSpecError(f"graph spec {spec!r}: {module_part} has no attribute {attr!r}")
         obj = getattr(obj, part)
     return _to_graph(obj, spec, overrides)
-
-
-def _import(module_part: str, spec: str) -> ModuleType:
-    looks_like_file = module_part.endswith(".py") or "/" in module_part or "\\" in module_part
-    if looks_like_file:
-        path = Path(module_part).expanduser()
-        if not path.is_file():
-            raise GraphSpecError(f"graph spec {spec!r}: no such file {module_part}")
-        name = "graphdistill_user_graph_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
-        loader_spec = importlib.util.spec_from_file_location(name, path)
-        if loader_spec is None or loader_spec.loader is None:
-            raise GraphSpecError(f"graph spec {spec!r}: cannot import {module_part} as Python")
-        module = importlib.util.module_from_spec(loader_spec)
-        sys.modules[name] = module
-        try:
-            loader_spec.loader.exec_module(module)
-        except Exception as exc:
-            sys.modules.pop(name, None)
-            raise GraphSpecError(
-                f"graph spec {spec!r}: importing {module_part} failed: {type(exc).__name__}: {exc}"
-            ) from exc
-        return module
-    try:
-        return importlib.import_module(module_part)
-    except ModuleNotFoundError as exc:
-        raise GraphSpecError(f"graph spec {spec!r}: no module named {module_part!r} ({exc})") from exc
-    except Exception as exc:
-        raise GraphSpecError(
-            f"graph spec {spec!r}: importing {module_part} failed: {type(exc).__name__}: {exc}"
-        ) from exc
 
 
 def _is_compiled_graph(obj: Any) -> bool:
