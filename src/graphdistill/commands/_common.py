@@ -74,6 +74,6 @@ def stage_progress(con: Any, *, transient: bool = False) -> Iterator[Callable[[s
         def tick(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
                 tasks[stage] = progress.add_task(stage, total=total)
-            progress.update(tasks[stage], completed=done)
+            progress.update(tasks[stage], completed=done, total=total)
 
         yield tick

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from graphdistill.commands._common import CommandError, console, print_json
+from graphdistill.commands._common import CommandError, console, print_json, stage_progress
+
+if TYPE_CHECKING:
+    from graphdistill.eval.result import EvalResult
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -77,11 +80,10 @@ def add_ci_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ci-seed", type=int, default=0, help="seed of the bootstrap resamples (0)")
 
 
-def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+def run_eval(args: argparse.Namespace) -> EvalResult:
     """Shared with `graphdistill report` (which evaluates a run that has no eval.json yet)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from graphdistill.eval.evaluate import EvalError, evaluate_run, write_eval
+    from graphdistill.eval.evaluate import evaluate_run
+    from graphdistill.eval.result import write_eval
 
     run = Path(args.run)
     if not run.is_dir():
@@ -94,23 +96,10 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         raise CommandError(f"--ci-resamples {args.ci_resamples}: must be >= 0")
     bundle_threads = _threads(args.bundle_threads)
     con = console(stderr=True)
-    tasks: dict[str, Any] = {}
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=con,
-        transient=False,
-    ) as bar:
-
-        def progress(what: str, done: int, total: int) -> None:
-            if what not in tasks:
-                tasks[what] = bar.add_task(what, total=total)
-            bar.update(tasks[what], completed=done, total=total)
+    with stage_progress(con) as progress:
 
         def status(msg: str) -> None:
-            bar.console.print(f"[dim]{msg}[/]")
+            con.print(f"[dim]{msg}[/]")
 
         try:
             result = evaluate_run(
@@ -132,7 +121,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                 progress=progress,
                 status=status,
             )
-        except (EvalError, FileNotFoundError) as exc:
+        except FileNotFoundError as exc:  # EvalError, a GraphdistillError, reaches cli.main as it is
             raise CommandError(str(exc)) from exc
     path = write_eval(run, result)
     con.print(f"wrote {path}")
