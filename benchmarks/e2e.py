@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from graphdistill.eval.result import read_eval
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -98,7 +100,7 @@ def main() -> int:
         "graphdistill.demo:demo_graph_cpu",
         *bundle_args,
     )
-    ev = json.loads((run / "eval.json").read_text())
+    ev = read_eval(run)
     cost, fid, exported = ev["cost"], ev["fidelity"], ev.get("exported", {})
     by_name = {Path(k).name: v for k, v in exported.items()}
     ms = {

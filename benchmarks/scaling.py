@@ -26,6 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from graphdistill.eval.result import read_eval
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 ALL_CHECKS = [
@@ -120,7 +122,7 @@ def main() -> int:
                     "eval", str(run), "--dataset", str(ds), "--split", "test", "--no-teacher-timing",
                     "--ci-resamples", "200",
                 )  # fmt: skip
-                ev = json.loads((run / "eval.json").read_text())
+                ev = read_eval(run)
                 fid, ci = ev["fidelity"], ev.get("fidelity_ci") or {}
                 points.append({
                     "n_inputs": n_inputs, "replays": n_replays, "filtered": filtered,

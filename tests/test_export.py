@@ -271,6 +271,37 @@ def test_run_bundle_cli_needs_no_torch(tmp_path: Path, run_dir: Path, onnx_float
     assert text.returncode == 0 and "answer:" in text.stdout
 
 
+def _undeclared(data: dict[str, Any], contract: Any) -> set[str]:
+    """The keys of ``data`` its TypedDict ``contract`` does not declare; a missing required key is an error too."""
+    assert contract.__required_keys__ <= set(data), contract.__required_keys__ - set(data)
+    return set(data) - contract.__required_keys__ - contract.__optional_keys__
+
+
+def test_the_written_manifest_is_the_typed_contract_the_runner_reads(
+    onnx_float: Path, onnx_int8: Path
+) -> None:
+    """Every field the exporter writes is declared in runner.manifest (so mypy checks the writer and every
+    reader), and nothing declared as required is left out."""
+    from graphdistill.runner import manifest as contract
+
+    for bundle in (onnx_float, onnx_int8):
+        m = _manifest(bundle)
+        assert not _undeclared(m, contract.Manifest)
+        assert not _undeclared(m["preprocessing"], contract.Preprocessing)
+        assert not _undeclared(m["tokenizer"], contract.TokenizerSpec)
+        assert not _undeclared(m["kv_cache"], contract.KVCacheSpec)
+        assert not _undeclared(m["parity"], contract.ExportGate)
+        for doc in m["documents"]:
+            assert not _undeclared(doc, contract.Document)
+        for prog in m["programs"].values():
+            assert not _undeclared(prog, contract.ProgramSpec)
+            for spec in (*prog["inputs"], *prog["outputs"]):
+                assert not _undeclared(spec, contract.TensorSpec)
+            for array in prog.get("arrays", {}).values():
+                assert not _undeclared(array, contract.ArraySpec)
+        assert BundleRunner(bundle).manifest == m
+
+
 def _corrupt(bundle: Path, tmp_path: Path, how: str) -> Path:
     b = tmp_path / f"bundle-{how}"
     shutil.copytree(bundle, b)
@@ -287,6 +318,10 @@ def _corrupt(bundle: Path, tmp_path: Path, how: str) -> Path:
         (b / MANIFEST).write_text(json.dumps(m))
     elif how == "missing":
         (b / "tokenizer.json").unlink()
+    elif how == "lacks-field":  # a consistent manifest without a field of the contract
+        del m["tokenizer"]
+        m["manifest_sha256"] = manifest_checksum(m)
+        (b / MANIFEST).write_text(json.dumps(m))
     elif how == "old-format":  # a bundle of format 3 (its objects were decoded from set-prediction queries)
         m["format"] = "graphdistill-bundle/3"
         m["manifest_sha256"] = manifest_checksum(m)
@@ -301,6 +336,7 @@ def _corrupt(bundle: Path, tmp_path: Path, how: str) -> Path:
         ("edited", "edited after export"),
         ("wrong-sha", r"decode_step\.onnx is corrupt"),
         ("missing", r"tokenizer\.json is missing"),
+        ("lacks-field", r"manifest lacks tokenizer; export the run again"),
         ("old-format", r"graphdistill-bundle/3.*older graphdistill: export the run again"),
     ],
 )

@@ -216,8 +216,8 @@ def test_eval_scores_user_named_outputs_by_kind(filtered: tuple[FilterResult, Pa
 def test_ground_truth_reaches_the_dataset_report_and_summary(
     filtered: tuple[FilterResult, Path], tmp_path: Path
 ) -> None:
-    from graphdistill.eval.evaluate import write_eval
     from graphdistill.eval.report import build_report
+    from graphdistill.eval.result import write_eval
     from graphdistill.eval.summary import markdown_summary
 
     _, path = filtered

@@ -14,8 +14,9 @@ import pytest
 
 from graphdistill.dataset import make_synthetic_dataset, open_dataset
 from graphdistill.eval import cost
-from graphdistill.eval.evaluate import COST_KEYS, FIDELITY_KEYS, evaluate_run, write_eval
+from graphdistill.eval.evaluate import COST_KEYS, FIDELITY_KEYS, evaluate_run
 from graphdistill.eval.report import build_report
+from graphdistill.eval.result import write_eval
 from graphdistill.eval.summary import markdown_summary
 
 pytestmark = [

@@ -28,6 +28,7 @@ from typing import Any
 from graphdistill.commands._common import console, print_json, stage_progress
 from graphdistill.errors import GraphdistillError
 from graphdistill.eval.metrics import DEFAULT_RESAMPLES
+from graphdistill.eval.result import read_eval, write_eval
 from graphdistill.recording.photos import DEFAULT_HELDOUT
 from graphdistill.runner.bundle import BUNDLE_FORMAT
 
@@ -319,7 +320,7 @@ def _export(con: Any, run: Path, fmt: str, quantize: str, out: Path) -> None:
 
 
 def _evaluate(con: Any, sizes: DemoSizes, graph: str, run: Path, dataset: Path, bundles: list[Path]) -> None:
-    from graphdistill.eval.evaluate import evaluate_run, write_eval
+    from graphdistill.eval.evaluate import evaluate_run
 
     with stage_progress(con) as tick:
         result = evaluate_run(
@@ -448,7 +449,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _headline(run: Path, bundles: dict[str, Path], report: Path) -> dict[str, Any]:
-    ev = json.loads((run / "eval.json").read_text())
+    ev = read_eval(run)
     sizes, timed = {}, {}
     exported = {Path(k).name: v for k, v in (ev.get("exported") or {}).items()}
     for name, b in bundles.items():

@@ -57,6 +57,7 @@ def _export(args: argparse.Namespace) -> int:
         print_json(manifest)
     else:
         gate = manifest["parity"]
+        assert gate is not None, "export_run returns a manifest with its gate's result"
         vs = gate["vs_pytorch"]
         print(
             f"{args.out}: {args.fmt}/{args.quantize}, {sum(manifest['file_bytes'].values()) / 1e6:.2f} MB; "

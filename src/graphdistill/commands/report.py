@@ -65,7 +65,8 @@ def _ensure_eval(run: Path, args: argparse.Namespace) -> None:
     if (run / "eval.json").exists():
         return
     from graphdistill.commands._common import stage_progress
-    from graphdistill.eval.evaluate import evaluate_run, write_eval
+    from graphdistill.eval.evaluate import evaluate_run
+    from graphdistill.eval.result import write_eval
 
     con = console(stderr=True)
     con.print(f"{run} has no eval.json yet: evaluating it first")
@@ -92,10 +93,10 @@ def _report(args: argparse.Namespace) -> int:
     for run in runs:
         _ensure_eval(run, args)
     if args.markdown:
-        from graphdistill.eval.report import read_json
+        from graphdistill.eval.result import read_eval
         from graphdistill.eval.summary import markdown_summary
 
-        text = markdown_summary(read_json(runs[0] / "eval.json"))
+        text = markdown_summary(read_eval(runs[0]))
         (runs[0] / "summary.md").write_text(text)
         print(text, end="")
         console(stderr=True).print(f"wrote {runs[0] / 'summary.md'}")

@@ -28,6 +28,7 @@ import numpy as np
 
 from graphdistill.errors import GraphdistillError
 from graphdistill.eval import cost, metrics
+from graphdistill.eval.result import EvalResult, RowScores, TeacherSelf
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ def evaluate_run(
     ci_seed: int = 0,
     progress: Progress | None = None,
     status: Status | None = None,
-) -> dict[str, Any]:
+) -> EvalResult:
     """Everything ``graphdistill eval`` reports; see the module docstring for the shape. ``val`` also scores
     the val split (``fidelity_val``).
 
@@ -386,7 +387,7 @@ def evaluate_run(
         )
         exported[b]["fidelity_ci"] = intervals(outs)
     # the teacher's other recorded samples against the reference: how far one run of the teacher follows it
-    teacher_self: dict[str, Any] | None = None
+    teacher_self: TeacherSelf | None = None
     self_pairs = teacher_samples(ds, rows, kinds)
     if self_pairs is not None and self_pairs[0]:
         refs, others, self_photos = self_pairs
@@ -431,8 +432,9 @@ def evaluate_run(
     for info in exported.values():
         info["speedup_vs_teacher"] = cost.ratio(cost_out["teacher_ms"], info["ms"])
 
-    per_row = []
+    per_row: list[RowScores] = []
     for row, t, s in zip(rows, teacher_out, student_out, strict=True):
+        scores = row_scores(t, s)
         per_row.append(
             {
                 "id": row["id"],
@@ -440,10 +442,14 @@ def evaluate_run(
                 "question": row["question"],
                 "teacher_answer": t.get("answer"),
                 "student_answer": s.get("answer"),
-                **row_scores(t, s),
+                "answer_f1": scores["answer_f1"],
+                "objects_f1": scores["objects_f1"],
+                "mask_miou": scores["mask_miou"],
+                "sources_recall": scores["sources_recall"],
+                "disagreement": float(scores["disagreement"] or 0.0),
             }
         )
-    result: dict[str, Any] = {
+    result: EvalResult = {
         "n": len(rows),
         "photos": len(set(clusters)),
         "split": split,
@@ -470,11 +476,3 @@ def evaluate_run(
     if ground_truth is not None:
         result["ground_truth"] = ground_truth
     return result
-
-
-def write_eval(run: str | os.PathLike[str], result: dict[str, Any]) -> Path:
-    path = Path(run) / "eval.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    tmp.replace(path)
-    return path

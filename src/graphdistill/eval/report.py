@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from graphdistill.eval.result import EvalResult, read_eval
 from graphdistill.eval.summary import (
     FIDELITY_ROWS,
     ci_note,
@@ -66,7 +67,7 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def train_size(run: Path, ev: Mapping[str, Any], meta: Mapping[str, Any]) -> int | None:
+def train_size(run: Path, ev: EvalResult, meta: Mapping[str, Any]) -> int | None:
     """Training-set size of a run: from meta.json when it says, else the dataset's manifest."""
     for key in ("train_size", "n_train", "train_rows"):
         if isinstance(meta.get(key), int):
@@ -126,7 +127,7 @@ def _plt() -> Any:
     return plt
 
 
-def plot_per_class(ev: Mapping[str, Any]) -> str | None:
+def plot_per_class(ev: EvalResult) -> str | None:
     per = {k: v for k, v in (ev["fidelity"].get("box_ap_per_class") or {}).items() if v is not None}
     if not per:
         return None
@@ -140,7 +141,7 @@ def plot_per_class(ev: Mapping[str, Any]) -> str | None:
     return _png_uri(fig)
 
 
-def plot_latency(evs: Sequence[tuple[str, Mapping[str, Any]]]) -> str | None:
+def plot_latency(evs: Sequence[tuple[str, EvalResult]]) -> str | None:
     labels, values, colours = [], [], []
     ev0 = evs[0][1]
     if ev0["cost"].get("teacher_ms") is not None:
@@ -238,7 +239,7 @@ def draw_pair(image: np.ndarray, teacher: Mapping[str, Any], student: Mapping[st
 
 def gallery_items(
     run: Path,
-    ev: Mapping[str, Any],
+    ev: EvalResult,
     n: int,
     progress: Progress | None = None,
     predictor: Any | None = None,
@@ -292,7 +293,7 @@ def _card(value: str, label: str) -> str:
 
 
 def render_html(
-    evs: Sequence[tuple[str, Mapping[str, Any]]],
+    evs: Sequence[tuple[str, EvalResult]],
     *,
     train_sizes: Sequence[int | None] = (),
     gallery: Sequence[Mapping[str, Any]] = (),
@@ -467,11 +468,11 @@ def build_report(
     ``predictor`` replaces ``load_student(runs[0])`` for the gallery."""
     if not runs:
         raise ValueError("build_report needs at least one run")
-    evs: list[tuple[str, dict[str, Any]]] = []
+    evs: list[tuple[str, EvalResult]] = []
     sizes: list[int | None] = []
     for r in runs:
         run = Path(r)
-        ev = read_json(run / "eval.json")
+        ev = read_eval(run)
         meta = read_json(run / "meta.json") if (run / "meta.json").exists() else {}
         evs.append((run.name, ev))
         sizes.append(train_size(run, ev, meta))

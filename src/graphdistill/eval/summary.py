@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from graphdistill.eval.result import EvalResult
+
 FIDELITY_ROWS = (
     ("answer_exact", "Answer exact match"),
     ("answer_f1", "Answer token F1"),
@@ -35,7 +37,7 @@ def fmt_ci(v: Any, ci: Any, digits: int = 2) -> str:
     return f"{float(v):.{digits}f} [{float(lo):.{digits}f}, {float(hi):.{digits}f}]"
 
 
-def fidelity_columns(ev: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any], Mapping[str, Any]]]:
+def fidelity_columns(ev: EvalResult) -> list[tuple[str, Mapping[str, Any], Mapping[str, Any]]]:
     """(name, fidelity, intervals) of the PyTorch student, then of each exported bundle scored against the
     teacher on the same rows."""
     cols: list[tuple[str, Mapping[str, Any], Mapping[str, Any]]] = [
@@ -47,11 +49,11 @@ def fidelity_columns(ev: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]
     return cols
 
 
-def teacher_self_column(ev: Mapping[str, Any]) -> tuple[str, Mapping[str, Any], Mapping[str, Any]] | None:
+def teacher_self_column(ev: EvalResult) -> tuple[str, Mapping[str, Any], Mapping[str, Any]] | None:
     """(name, fidelity, intervals) of the teacher's other recorded samples against the same reference (the
     most a student can expect to follow it), when the evaluation could read them."""
-    own = ev.get("teacher_self") or {}
-    if not own.get("fidelity"):
+    own = ev.get("teacher_self")
+    if not own or not own.get("fidelity"):
         return None
     return ("teacher (another sample)", own["fidelity"], own.get("fidelity_ci") or {})
 
@@ -73,7 +75,7 @@ def fmt_ratio(v: Any) -> str:
     return f"{float(v):.0f}×" if float(v) >= 100 else f"{float(v):.1f}×"
 
 
-def headline(ev: Mapping[str, Any]) -> str:
+def headline(ev: EvalResult) -> str:
     """One sentence: speedup, size ratio and the answer/box fidelity, each with its 95 % interval."""
     c, f, ci = ev.get("cost", {}), ev.get("fidelity", {}), ev.get("fidelity_ci") or {}
     parts = []
@@ -100,7 +102,7 @@ def headline(ev: Mapping[str, Any]) -> str:
     )
 
 
-def markdown_summary(ev: Mapping[str, Any]) -> str:
+def markdown_summary(ev: EvalResult) -> str:
     """A headline, the fidelity table and the cost table of one ``eval.json``."""
     c = ev.get("cost", {})
     cols = fidelity_columns(ev)
@@ -145,8 +147,8 @@ def markdown_summary(ev: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def ci_note(ev: Mapping[str, Any]) -> str:
-    ci = ev.get("ci") or {}
+def ci_note(ev: EvalResult) -> str:
+    ci: Mapping[str, Any] = ev.get("ci") or {}
     return (
         f"Intervals: {100 * float(ci.get('level', 0.95)):.0f} % percentile bootstrap, "
         f"{ci.get('resamples', '?')} resamples of the {ev.get('photos', '?')} held-out photos and then of each "

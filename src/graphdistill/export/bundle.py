@@ -23,18 +23,20 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from graphdistill.eval.result import EvalResult, read_eval
 from graphdistill.export.parity import fidelity, parity_float
 from graphdistill.export.programs import (
     DECODE_OUTPUTS,
     ENCODE_INPUTS,
     ExportError,
+    LoadedRun,
     Sample,
     collect_samples,
     cross_kv_shape,
@@ -50,6 +52,13 @@ from graphdistill.runner.bundle import (
     Raw,
     manifest_checksum,
     sha256_file,
+)
+from graphdistill.runner.manifest import (
+    ExportGate,
+    KVCacheSpec,
+    Manifest,
+    ProgramSpec,
+    TensorSpec,
 )
 
 log = logging.getLogger(__name__)
@@ -74,7 +83,7 @@ def export_run(
     n_calibration: int = 8,
     n_heldout: int = 8,
     progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
+) -> Manifest:
     """Export, gate and write the bundle; returns the manifest. Raises :class:`ExportError` on failure."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {list(FORMATS)}")
@@ -178,12 +187,12 @@ def _export(
 
 
 def _gate(
-    loaded: Any, samples: list[Sample], refs: list[Raw], got: list[Raw], quantize: str, n_calib: int
-) -> dict[str, Any]:
+    loaded: LoadedRun, samples: list[Sample], refs: list[Raw], got: list[Raw], quantize: str, n_calib: int
+) -> ExportGate:
     float_parity = parity_float(
         refs, got, box_tol=BOX_TOL, mask_iou_min=MASK_IOU_MIN, logit_tol=LOGIT_TOL, has_text=loaded.has_text
     )
-    gate: dict[str, Any] = {
+    gate: ExportGate = {
         "inputs": {"calibration": n_calib, "heldout": len(samples) - n_calib},
         "vs_pytorch": float_parity,
         "tolerances": {
@@ -192,6 +201,8 @@ def _gate(
             "mask_iou_min": MASK_IOU_MIN,
             "logit_abs": LOGIT_TOL,
         },
+        "failures": [],
+        "passed": False,
     }
     failures: list[str] = []
     if quantize == "none":
@@ -219,21 +230,22 @@ def _gate(
 FIDELITY_SUMMARY_KEYS = ("n", "photos", "split", "dataset", "fidelity", "fidelity_ci", "ci")
 
 
-def fidelity_summary(evaluation: dict[str, Any]) -> dict[str, Any]:
+def fidelity_summary(evaluation: EvalResult) -> dict[str, Any]:
     """The fidelity figures of a run's ``eval.json`` (``eval.evaluate.evaluate_run``) that a bundle carries: the
     PyTorch student's against the teacher, with their intervals and the rows they were measured on."""
-    return {k: evaluation[k] for k in FIDELITY_SUMMARY_KEYS if k in evaluation}
+    plain: Mapping[str, Any] = evaluation  # read as JSON: the keys above, whichever of them it has
+    return {k: plain[k] for k in FIDELITY_SUMMARY_KEYS if k in plain}
 
 
 def _manifest(
-    loaded: Any,
+    loaded: LoadedRun,
     fmt: str,
     quantize: str,
     files: dict[str, str],
     qmethods: dict[str, str],
     kv_shape: list[int],
     root: Path,
-) -> dict[str, Any]:
+) -> Manifest:
     cfg = loaded.config
     lq, s = cfg.max_question_len, cfg.image_size
     cross_shape = cross_kv_shape(loaded)
@@ -270,28 +282,24 @@ def _manifest(
         "keep": "true for an object the student reports (score >= score_threshold, not suppressed by NMS)",
         "mask_logits": "each object's mask logits over the whole canvas (coefficients x prototypes)",
     }
-    encode_outputs = [
-        {
-            "name": n,
-            "shape": shapes[n],
-            "dtype": dtypes.get(n, "float32"),
-            **({"meaning": meanings[n]} if n in meanings else {}),
-        }
-        for n in loaded.encode_outputs
-    ]
+    encode_outputs: list[TensorSpec] = []
+    for n in loaded.encode_outputs:
+        out: TensorSpec = {"name": n, "shape": shapes[n], "dtype": dtypes.get(n, "float32")}
+        if n in meanings:
+            out["meaning"] = meanings[n]
+        encode_outputs.append(out)
     # ExecuTorch: the image in NHWC memory (dim order 0, 2, 3, 1), as the XNNPACK convolutions read it
     nhwc = fmt == "executorch"
-    image_order: dict[str, Any] = (
-        {"dim_order": [0, 2, 3, 1], "meaning": "stored NHWC: memory is [1, S, S, 3] (preprocessing.layout)"}
-        if nhwc
-        else {}
-    )
-    programs: dict[str, Any] = {
+    image: TensorSpec = {"name": "image", "shape": [1, 3, s, s], "dtype": "float32"}
+    if nhwc:
+        image["dim_order"] = [0, 2, 3, 1]
+        image["meaning"] = "stored NHWC: memory is [1, S, S, 3] (preprocessing.layout)"
+    programs: dict[str, ProgramSpec] = {
         "encode": {
             "file": files["encode"],
             "method": "encode",
             "inputs": [
-                {"name": "image", "shape": [1, 3, s, s], "dtype": "float32", **image_order},
+                image,
                 {"name": "question_ids", "shape": [1, lq], "dtype": "int64"},
                 {
                     "name": "question_mask",
@@ -307,7 +315,7 @@ def _manifest(
         from graphdistill.export.phone_decode import POINTER_INPUTS, input_names
 
         view_shape = {"cross_kv": cross_shape[2:], "kv_cache": kv_shape[2:]}
-        kv_inputs = []
+        kv_inputs: list[TensorSpec] = []
         for name in input_names(cfg.dec_layers)[2:]:
             array, layer, kind = name.split(".")
             kv_inputs.append(
@@ -318,6 +326,10 @@ def _manifest(
                     "view_of": [array, int(layer), 0 if kind == "key" else 1],
                 }
             )
+        pointer_inputs: list[TensorSpec] = [
+            {"name": n, "shape": pointer[n], "dtype": "float32", "per_query": n}
+            for n in (POINTER_INPUTS if pointer else ())
+        ]
         programs["decode_step"] = {
             "file": files["decode_step"],
             "method": "decode_step",
@@ -333,10 +345,7 @@ def _manifest(
                 {"name": "token", "shape": [1, 1], "dtype": "int64"},
                 {"name": "position", "shape": [1], "dtype": "int64", "meaning": "0 = the <bos> slot"},
                 *kv_inputs,
-                *(
-                    {"name": n, "shape": pointer[n], "dtype": "float32", "per_query": n}
-                    for n in (POINTER_INPUTS if pointer else ())
-                ),
+                *pointer_inputs,
             ],
             "inputs_note": "an input with view_of [array, i, j] is array[i, j] of the runner's own arrays "
             "(contiguous): hand it over in place, the step reads it and never writes it; an input with "
@@ -356,7 +365,7 @@ def _manifest(
                 },
             ],
         }
-    kv_cache = {
+    kv_cache: KVCacheSpec = {
         "fixed_size": True,
         "shape": kv_shape,
         "layout": "[decoder layers, 2 (key, value), batch, heads, max_answer_len, head_dim]",
@@ -430,7 +439,7 @@ def _manifest(
         # lists the documents' texts (one knowledge base's token ids would be tens of KB of the bundle)
         "student_config": {k: v for k, v in cfg.to_dict().items() if k != "source_token_ids"},
         "source_run": str(loaded.run),
-        "fidelity": fidelity_summary(json.loads(eval_path.read_text())) if eval_path.is_file() else None,
+        "fidelity": fidelity_summary(read_eval(eval_path)) if eval_path.is_file() else None,
         "files": {f: sha256_file(root / f) for f in bundle_files},
         "file_bytes": {f: (root / f).stat().st_size for f in bundle_files},
         "parity": None,
@@ -448,7 +457,7 @@ def _licence(started_from: dict[str, Any] | None) -> str:
     )
 
 
-def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+def _write_manifest(root: Path, manifest: Manifest) -> None:
     """Write plain JSON with its own checksum (so a reader can tell an edited manifest)."""
     plain = json.loads(json.dumps(manifest, default=_json_default))
     plain["manifest_sha256"] = manifest_checksum(plain)

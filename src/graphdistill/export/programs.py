@@ -16,6 +16,7 @@ from graphdistill._lazy import require
 from graphdistill.errors import GraphdistillError
 from graphdistill.runner.bpe import ByteLevelBPE
 from graphdistill.runner.bundle import Raw, greedy_token
+from graphdistill.runner.manifest import Document, Preprocessing
 from graphdistill.runner.preprocess import Letterbox, load_rgb, preprocess
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,9 @@ class LoadedRun:
     tokenizer_path: Path
     tokenizer: ByteLevelBPE
     dataset_path: Path | None
-    preprocessing: dict[str, Any]
+    preprocessing: Preprocessing
     class_names: list[str]
-    documents: list[dict[str, Any]]
+    documents: list[Document]
     special_ids: dict[str, int]
     thresholds: dict[str, float]
     memory_len: int = 0
@@ -97,8 +98,11 @@ def load_run(run: Path, dataset: str | Path | None = None) -> LoadedRun:
         raise ExportError(f"cannot load the student from {run}: {exc}") from exc
     model.eval()
     ds = dataset or meta.get("dataset")
+    spec: Preprocessing
     if meta.get("preprocessing"):
-        spec = dict(meta["preprocessing"])
+        spec = meta[
+            "preprocessing"
+        ]  # as train wrote it (student.loader.preprocess_spec); Preprocessor checks it
     else:
         from graphdistill.student.loader import spec_of
 

@@ -39,14 +39,16 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from graphdistill.errors import GraphdistillError
 from graphdistill.runner.bpe import ByteLevelBPE
+from graphdistill.runner.manifest import Manifest, missing_fields
 from graphdistill.runner.preprocess import (
     Letterbox,
     Preprocessor,
@@ -80,13 +82,13 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def manifest_checksum(manifest: dict[str, Any]) -> str:
+def manifest_checksum(manifest: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON of the manifest without its own ``manifest_sha256`` field."""
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
+def read_manifest(bundle_dir: str | Path) -> Manifest:
     """Load and verify ``manifest.json`` and every file it lists; raise :class:`BundleError` naming the fault."""
     root = Path(bundle_dir)
     path = root / MANIFEST
@@ -106,13 +108,17 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
         raise BundleError(f"{path}: format is {got!r}, expected {BUNDLE_FORMAT!r}{hint}")
     if manifest.get("manifest_sha256") != manifest_checksum(manifest):
         raise BundleError(f"{path} was edited after export: its checksum (manifest_sha256) does not match")
-    for name, expected in manifest["files"].items():
+    missing = missing_fields(manifest)
+    if missing:
+        raise BundleError(f"{path}: the manifest lacks {', '.join(missing)}; export the run again")
+    checked = cast(Manifest, manifest)  # every field of the contract is there (the values, the exporter's)
+    for name, expected in checked["files"].items():
         f = root / name
         if not f.is_file():
             raise BundleError(f"bundle file {f} is missing")
         if sha256_file(f) != expected:
             raise BundleError(f"bundle file {f} is corrupt: its sha256 does not match the manifest")
-    return manifest
+    return checked
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -120,7 +126,7 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def input_buffers(manifest: dict[str, Any], program: str) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+def input_buffers(manifest: Manifest, program: str) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
     """One zeroed array per input of ``program``, shaped and typed as the manifest says, and the program's own
     ``arrays`` (e.g. decode_step's ``kv_cache``): an input with ``view_of: [array, i, j]`` is ``array[i, j]``, a
     view. Every array has :data:`INPUT_SLACK_BYTES` behind it. The runner writes a query's inputs into these
@@ -150,7 +156,7 @@ def input_buffers(manifest: dict[str, Any], program: str) -> tuple[list[np.ndarr
 class OnnxPrograms:
     """``encode.onnx`` and ``decode_step.onnx`` in onnxruntime's CPU provider."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any], threads: int | None) -> None:
+    def __init__(self, root: Path, manifest: Manifest, threads: int | None) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -184,7 +190,7 @@ class ExecuTorchPrograms:
     as they are; other arrays are copied into them first.
     """
 
-    def __init__(self, root: Path, manifest: dict[str, Any], threads: int | None) -> None:
+    def __init__(self, root: Path, manifest: Manifest, threads: int | None) -> None:
         try:
             from executorch.runtime import Runtime
         except ImportError as exc:
@@ -268,7 +274,7 @@ class BundleRunner:
             self.outputs: dict[str, str] = dict(m.get("outputs") or DEFAULT_OUTPUTS)
             self.encode_outputs = [str(o["name"]) for o in m["programs"]["encode"]["outputs"]]
             self.has_text = "decode_step" in m["programs"]
-            kv: dict[str, Any] = m["kv_cache"] if self.has_text else {"shape": [], "max_answer_len": 1}
+            kv = m["kv_cache"] if self.has_text else None
             if self.has_text:
                 step = m["programs"]["decode_step"]
                 first = [i["name"] for i in step["inputs"][:2]]
@@ -277,7 +283,10 @@ class BundleRunner:
                         f"decode_step must take token, position first (got {first}) and own the arrays "
                         f"cross_kv and kv_cache (got {sorted(step['arrays'])})"
                     )
-            self.kv_shape, self.max_steps = [int(s) for s in kv["shape"]], int(kv["max_answer_len"]) - 1
+            if kv is None:  # no text output: no cache, no steps
+                self.kv_shape, self.max_steps = [], 0
+            else:
+                self.kv_shape, self.max_steps = [int(s) for s in kv["shape"]], int(kv["max_answer_len"]) - 1
             # decode_step inputs filled once per query from encode's output of the same name
             self.per_query = (
                 [

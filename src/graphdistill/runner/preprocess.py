@@ -20,6 +20,7 @@ undo the letterbox exactly as the PyTorch predictor (``graphdistill.student.pred
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ def load_rgb(image: np.ndarray | str | Path) -> np.ndarray:
     return np.ascontiguousarray(arr[:, :, :3])
 
 
-def canvas_size(spec: dict[str, Any]) -> int:
+def canvas_size(spec: Mapping[str, Any]) -> int:
     size = spec["size"]
     if isinstance(size, list):
         if len(size) != 2 or size[0] != size[1]:
@@ -89,7 +90,7 @@ class Preprocessor:
     with ``pad_value`` (filling it per query took longer than the resize) and the per-channel mean and std as
     float32. Call it on each image."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: Mapping[str, Any]) -> None:
         if (
             spec.get("resize") != "letterbox"
             or spec.get("layout") not in ("NCHW", "NHWC")
@@ -139,7 +140,7 @@ class Preprocessor:
         return x, box
 
 
-def preprocess(rgb: np.ndarray, spec: dict[str, Any]) -> tuple[np.ndarray, Letterbox]:
+def preprocess(rgb: np.ndarray, spec: Mapping[str, Any]) -> tuple[np.ndarray, Letterbox]:
     """H×W×3 uint8 -> (float32 [1, 3, size, size], where the image sits on the canvas)."""
     return Preprocessor(spec)(rgb)
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from graphdistill.runner.manifest import Preprocessing
 from graphdistill.student.model import EOS_ID, StudentConfig
 from graphdistill.student.tokenizer import StudentTokenizer
 from graphdistill.student.trunks import PROTO_STRIDE
@@ -46,7 +47,7 @@ def normalisation(config: StudentConfig) -> tuple[tuple[float, ...], tuple[float
 
 def preprocess_spec(
     image_size: int, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD
-) -> dict[str, Any]:
+) -> Preprocessing:
     """The exact preprocessing of :func:`preprocess_image`, as data (for meta.json / export manifests)."""
     return {
         "resize": "letterbox",
@@ -66,7 +67,7 @@ def preprocess_spec(
     }
 
 
-def spec_of(config: StudentConfig) -> dict[str, Any]:
+def spec_of(config: StudentConfig) -> Preprocessing:
     """:func:`preprocess_spec` for a student config."""
     return preprocess_spec(config.image_size, *normalisation(config))
 
