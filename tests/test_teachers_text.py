@@ -202,6 +202,17 @@ def test_retriever_url_without_host_or_with_a_path_is_refused(tmp_path: Path) ->
         ChromaRetriever(url="http://", text_embedder=_TinyTextEmbedder())
     with pytest.raises(RetrieverError, match="not both"):
         ChromaRetriever(path=tmp_path, url="http://h:1", text_embedder=_TinyTextEmbedder())
+    # the client would drop these silently and talk to http://h:8000/api/v2 instead of what was named
+    for url, why in [
+        ("http://h:8000/chroma", "without a path or query"),
+        ("http://h:8000/?tenant=x", "without a path or query"),
+        ("ftp://h:8000", "scheme must be http or https"),
+        ("h:port", "port must be a number"),
+        ("http://h:0", "port must be a number"),
+        ("http://h:70000", "port must be a number"),
+    ]:
+        with pytest.raises(RetrieverError, match=why):
+            ChromaRetriever(url=url, text_embedder=_TinyTextEmbedder())
 
 
 # --------------------------------------------------------------------------------------------------------

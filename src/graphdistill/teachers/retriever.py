@@ -53,6 +53,28 @@ class RetrieverError(GraphdistillError, ValueError):
     """Bad input to the retriever (ids, metadata, collection names); the message names the culprit."""
 
 
+def parse_server_url(url: str) -> tuple[str, int, bool]:
+    """``http[s]://HOST[:PORT]`` (or ``HOST[:PORT]``) -> (host, port, ssl); the port defaults to chroma's
+    8000 over http and 443 over https. Refuses another scheme, a path, a query and a bad port: the client
+    would silently drop them and talk to another endpoint than the one named."""
+    parsed = urlparse(url if "://" in url else f"http://{url}")
+    if parsed.scheme not in ("http", "https"):
+        raise RetrieverError(f"chroma url {url!r}: the scheme must be http or https, not {parsed.scheme!r}")
+    if not parsed.hostname:
+        raise RetrieverError(f"chroma url {url!r} has no host")
+    if parsed.path not in ("", "/") or parsed.query or parsed.fragment or parsed.username:
+        raise RetrieverError(f"chroma url {url!r}: give only http[s]://HOST[:PORT], without a path or query")
+    bad_port = RetrieverError(f"chroma url {url!r}: the port must be a number from 1 to 65535")
+    try:
+        port = parsed.port
+    except ValueError:
+        raise bad_port from None
+    if port == 0:
+        raise bad_port
+    ssl = parsed.scheme == "https"
+    return parsed.hostname, (443 if ssl else 8000) if port is None else port, ssl
+
+
 def default_path() -> Path:
     return home() / "kb" / "chroma"
 
@@ -170,6 +192,7 @@ class ChromaRetriever:
             raise RetrieverError("give the retriever a local path or a server url, not both")
         if k < 1:
             raise RetrieverError(f"k must be >= 1, got {k}")
+        server = parse_server_url(url) if url is not None else None  # a bad url fails before any load
         apply_offline_env()
         chromadb: Any = require("chromadb", purpose="the retriever")
         from chromadb.config import Settings
@@ -185,18 +208,17 @@ class ChromaRetriever:
         self.batch_size = batch_size
         self.collection_name = _check_collection_name(collection)
         settings = Settings(anonymized_telemetry=False)
-        if url is not None:
-            parsed = urlparse(url if "://" in url else f"http://{url}")
-            if not parsed.hostname:
-                raise RetrieverError(f"chroma url {url!r} has no host")
+        if url is not None and server is not None:
+            host, port, ssl = server
             self.location = url
             self.url: str | None = url
-            self.client: Any = chromadb.HttpClient(
-                host=parsed.hostname,
-                port=parsed.port or (443 if parsed.scheme == "https" else 8000),
-                ssl=parsed.scheme == "https",
-                settings=settings,
-            )
+            try:  # the client checks the server's heartbeat here
+                self.client: Any = chromadb.HttpClient(host=host, port=port, ssl=ssl, settings=settings)
+            except Exception as exc:  # a dead server: chromadb raises a bare ValueError (or httpx errors)
+                raise RetrieverError(
+                    f"cannot reach the Chroma server at {url}: {exc} "
+                    "(start one with `chroma run --path DIR --port PORT`)"
+                ) from exc
         else:
             root = Path(path).expanduser() if path is not None else default_path()
             root.mkdir(parents=True, exist_ok=True)
