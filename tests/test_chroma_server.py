@@ -1,0 +1,233 @@
+"""The knowledge base on a real Chroma server (`chroma run` on loopback) against the same KB in a folder.
+
+One server per module (started by the installed chromadb's ``chroma`` command, stopped at the end whatever
+happened): the KB is built on it through the library function `kb build` calls and once through the CLI,
+the teacher graph's retrieval and a recording of the real reference graph are run against it, and every
+answer is compared with the embedded folder's: the same ids, documents and sources, in the same order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from _netguard import subprocess_env
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+START_TIMEOUT_S = 60.0
+QUERIES = [
+    "What is in this picture? cat",
+    "Is it safe to touch? dog",
+    "What is it used for? laptop keyboard mouse",
+    "How heavy is it? elephant",
+    "What is in this picture? pizza cup dining table",
+]
+
+
+def _chroma_command() -> str:
+    found = Path(sys.executable).with_name("chroma")  # the chromadb installed next to this Python
+    if found.is_file():
+        return str(found)
+    which = shutil.which("chroma")
+    if which is None:
+        pytest.fail("no `chroma` command: chromadb is not installed (pip install 'graphdistill[kb]')")
+    return which
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _heartbeat(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/api/v2/heartbeat", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Chroma server on 127.0.0.1 and a free port, its data in a temporary folder; yields its url."""
+    root = tmp_path_factory.mktemp("chroma-server")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = root / "server.log"
+    env = {**os.environ, "ANONYMIZED_TELEMETRY": "False"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                _chroma_command(),
+                "run",
+                "--path",
+                str(root / "db"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _heartbeat(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                why = f"exited with {proc.returncode}" if proc.poll() is not None else "no heartbeat"
+                pytest.fail(
+                    f"the Chroma server at {url} did not start ({why} after {START_TIMEOUT_S:.0f}s); "
+                    f"its output:\n{log.read_text(errors='replace')[-4000:]}"
+                )
+            time.sleep(0.2)
+        yield url
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Any:
+    import _models
+
+    return _models.text_embedder()
+
+
+@pytest.fixture(scope="module")
+def folder_kb(tmp_path_factory: pytest.TempPathFactory, embedder: Any) -> Any:
+    """The default KB in an embedded Chroma folder, built by the same library function."""
+    from graphdistill.teachers.knowledge import default_documents, ingest_documents
+    from graphdistill.teachers.retriever import ChromaRetriever
+
+    r = ChromaRetriever(path=tmp_path_factory.mktemp("kb-folder"), text_embedder=embedder)
+    ingest_documents(r, default_documents())
+    return r
+
+
+@pytest.fixture(scope="module")
+def server_kb(chroma_server: str, embedder: Any) -> Any:
+    """The default KB on the server, built by the function `graphdistill kb build` calls."""
+    from graphdistill.teachers.knowledge import default_documents, ingest_documents
+    from graphdistill.teachers.retriever import ChromaRetriever
+
+    r = ChromaRetriever(url=chroma_server, text_embedder=embedder)
+    counts = ingest_documents(r, default_documents())
+    assert counts["ingested"] == counts["rows"] == counts["total_documents"] > 0
+    again = ingest_documents(ChromaRetriever(url=chroma_server, text_embedder=embedder), default_documents())
+    assert again["ingested"] == 0 and again["skipped_already_present"] == counts["rows"]  # resumable
+    return r
+
+
+def _contents(retriever: Any) -> list[tuple[str, str, dict[str, Any]]]:
+    return [(d.id, d.text, d.metadata) for d in retriever.get(retriever.doc_ids())]
+
+
+def test_server_and_folder_hold_the_same_knowledge_base(server_kb: Any, folder_kb: Any) -> None:
+    from graphdistill.teachers.knowledge import default_documents
+
+    docs = default_documents()
+    assert server_kb.doc_ids() == folder_kb.doc_ids() == sorted(d.id for d in docs)
+    assert _contents(server_kb) == _contents(folder_kb)
+    assert server_kb.student_offer()["knowledge_base"] == {"url": server_kb.url, "collection": "coco_facts"}
+
+
+def test_retrieval_on_the_server_equals_the_folder(server_kb: Any, folder_kb: Any) -> None:
+    """The graph's retrieve node asks one query at a time: same sources, same order, same distances."""
+    from graphdistill.graphs.visual_rag import retrieval_query
+    from graphdistill.trace import Detections
+
+    dets = Detections(xyxy=[[0, 0, 10, 10]], class_ids=[15], names=["cat"], scores=[0.9], image_size=[20, 20])
+    queries = [*QUERIES, retrieval_query("Tell me about it.", dets)]
+    for q in queries:
+        remote, local = server_kb.query(text=q, k=5), folder_kb.query(text=q, k=5)
+        assert [d.id for d in remote] == [d.id for d in local], q
+        assert [d.text for d in remote] == [d.text for d in local], q
+        assert [d.distance for d in remote] == pytest.approx([d.distance for d in local], abs=1e-5), q
+    batched = server_kb.query_batch(queries)
+    assert [[d.id for d in ds] for ds in batched] == [
+        [d.id for d in ds] for ds in folder_kb.query_batch(queries)
+    ]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI in a child process (its own chromadb client), network-guarded like the tests."""
+    return subprocess.run(
+        [sys.executable, "-m", "graphdistill.cli", *args],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def _main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """The CLI in this process (its models already loaded)."""
+    from graphdistill.cli import main
+
+    capsys.readouterr()
+    rc = main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_kb_build_and_query_cli_on_the_server(
+    chroma_server: str, folder_kb: Any, embedder: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`graphdistill kb build --url` (its own process and chromadb client) builds a collection that this
+    process opens and `kb query --url` reads back."""
+    from graphdistill.teachers.retriever import ChromaRetriever
+
+    built = _cli("kb", "build", "--url", chroma_server, "--collection", "cli_facts", "--json")
+    assert built.returncode == 0, built.stderr
+    result = json.loads(built.stdout)
+    assert result["location"] == chroma_server and result["collection"] == "cli_facts"
+    assert result["ingested"] == result["total_documents"] == len(folder_kb.doc_ids())
+    cli_kb = ChromaRetriever(url=chroma_server, collection="cli_facts", text_embedder=embedder)
+    assert _contents(cli_kb) == _contents(folder_kb)
+
+    q = QUERIES[0]
+    rc, out, err = _main(
+        capsys, "kb", "query", q, "--url", chroma_server, "--collection", "cli_facts", "--json"
+    )
+    assert rc == 0, err
+    assert [d["id"] for d in json.loads(out)] == [d.id for d in folder_kb.query(text=q)]
+
+
+def test_an_unreachable_or_bad_url_is_one_error_line(
+    chroma_server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    cases = [
+        (["kb", "build", "--url", dead], "cannot reach the Chroma server at " + dead),
+        (["kb", "query", "cat", "--url", dead], "cannot reach the Chroma server at " + dead),
+        (["kb", "query", "cat", "--url", f"{chroma_server}/chroma"], "without a path or query"),
+    ]
+    for args, message in cases:
+        rc, _, err = _main(capsys, *args)
+        assert rc == 2, (args, err)
+        lines = [ln for ln in err.splitlines() if "error:" in ln]
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
