@@ -231,3 +231,48 @@ def test_an_unreachable_or_bad_url_is_one_error_line(
         assert rc == 2, (args, err)
         lines = [ln for ln in err.splitlines() if "error:" in ln]
         assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+
+
+@pytest.mark.slow
+def test_recording_the_reference_graph_against_the_server_gives_the_folders_sources(
+    chroma_server: str, server_kb: Any, folder_kb: Any, tmp_path: Path
+) -> None:
+    """The real visual_rag graph, its retriever opened from ``VisualRagConfig(kb_url=...)``, recorded on two
+    photos (greedy): the traces' sources, retrieved documents and answers equal a recording against the
+    embedded folder, and the server's traces name it as their knowledge base."""
+    import _models
+    from graphdistill import record
+    from graphdistill.graphs.visual_rag import VisualRagConfig, visual_rag
+    from graphdistill.store.trace_store import TraceStore
+    from graphdistill.teachers.retriever import read_knowledge_base
+
+    models = {"detector": _models.detector(), "segmenter": _models.segmenter(), "llm": _models.llm()}
+    inputs = [
+        {"image": _models.builtin_image(p), "question": "What is in this picture?"}
+        for p in ("skimage/chelsea", "skimage/coffee")
+    ]
+    recorded: dict[str, list[Any]] = {}
+    for where, config, teachers in [
+        ("server", VisualRagConfig(kb_url=chroma_server), models),  # the graph opens the server itself
+        ("folder", VisualRagConfig(), {**models, "retriever": folder_kb}),
+    ]:
+        store = TraceStore(tmp_path / where)
+        graph = record(visual_rag(config, teachers=teachers), store)
+        for x in inputs:
+            graph.invoke(x)
+        recorded[where] = sorted(store.iter(), key=lambda t: t.input_hash)
+        store.close()
+
+    server, folder = recorded["server"], recorded["folder"]
+    assert len(server) == len(folder) == len(inputs)
+    for s, f in zip(server, folder, strict=True):
+        assert s.status == f.status == "ok", (s.error, f.error)
+        assert s.input_hash == f.input_hash
+        assert s.output["sources"] and s.output["sources"] == f.output["sources"]
+        assert s.output["answer"] == f.output["answer"]  # same facts in the prompt, greedy: same answer
+        (retrieve,) = [span for span in s.spans if span.node == "retrieve"]
+        assert retrieve.model_id == f"{_models.text_embedder().model_id} + chroma:coco_facts"
+    # what the filter reads the student's candidate documents from: the server's whole collection
+    offer = server[0].metadata["graph_schema"]["offers"]["retrieve"]
+    assert offer["knowledge_base"] == {"url": chroma_server, "collection": "coco_facts"}
+    assert [d.id for d in read_knowledge_base(offer)] == folder_kb.doc_ids()
