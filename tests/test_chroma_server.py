@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from _netguard import subprocess_env
 
@@ -231,6 +232,50 @@ def test_an_unreachable_or_bad_url_is_one_error_line(
         assert rc == 2, (args, err)
         lines = [ln for ln in err.splitlines() if "error:" in ln]
         assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+
+
+class _Unused:
+    """Stands in for the detector, SAM and the LLM, which load before the retriever and are never called
+    when the knowledge base cannot be opened."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.names: list[str] = []
+
+
+def test_run_and_record_name_a_dead_kb_url_in_one_line(
+    chroma_server: str,
+    embedder: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import graphdistill.teachers.detector as detector
+    import graphdistill.teachers.llm as llm
+    import graphdistill.teachers.segmenter as segmenter
+    import graphdistill.teachers.text_embedder as text_embedder
+
+    for module, name in [(detector, "YoloDetector"), (segmenter, "SamSegmenter"), (llm, "HFCausalLM")]:
+        monkeypatch.setattr(module, name, _Unused)
+    monkeypatch.setattr(text_embedder, "SentenceEmbedder", lambda **kwargs: embedder)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (32, 24)).save(photos / "a.png")
+    dead = f"http://127.0.0.1:{_free_port()}"
+    run = ["run", "--image", str(photos / "a.png"), "--question", "What is it?"]
+    record = ["record", "--inputs", str(photos), "--store", str(tmp_path / "store")]
+    for args, url, message in [
+        (run, dead, "cannot reach the Chroma server at " + dead),
+        (record, dead, "cannot reach the Chroma server at " + dead),
+        (run, f"{chroma_server}/chroma", "without a path or query"),
+        (record, f"{chroma_server}/chroma", "without a path or query"),
+    ]:
+        rc, out, err = _main(capsys, *args, "--kb-url", url)
+        assert rc == 2 and out == "", (args, err)
+        lines = [ln for ln in err.splitlines() if "error:" in ln]
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+    for args in (run, record):  # a user's graph brings its own knowledge base
+        rc, _, err = _main(capsys, *args, "--graph", "m:g", "--kb-url", chroma_server)
+        assert rc == 2 and "--kb-url" in err and "brings its own" in err, err
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -13,6 +14,20 @@ from graphdistill.errors import GraphdistillError
 
 class CommandError(GraphdistillError, RuntimeError):
     """An error the CLI prints as one clear line (exit code 2), naming the input at fault."""
+
+
+def add_kb_flags(p: argparse.ArgumentParser) -> None:
+    """Where the reference graph's retriever finds the knowledge base (`graphdistill kb build` fills it)."""
+    kb = p.add_argument_group("reference graph knowledge base", "default: $GRAPHDISTILL_HOME/kb/chroma")
+    where = kb.add_mutually_exclusive_group()
+    where.add_argument("--kb-path", dest="kb_path", default=None, metavar="DIR", help="a local Chroma folder")
+    where.add_argument(
+        "--kb-url",
+        dest="kb_url",
+        default=None,
+        metavar="URL",
+        help="a Chroma server, e.g. http://localhost:8000",
+    )
 
 
 def print_json(obj: Any) -> None:

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from graphdistill.commands._common import CommandError, console, print_json
+from graphdistill.commands._common import CommandError, add_kb_flags, console, print_json
 from graphdistill.recording.batch import DEFAULT_QUESTION
 
 
@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--tta", default="", help="test-time augmentations for samples > 0: flip,scale")
     p.add_argument("--batch-size", type=int, default=1, help="inputs per graph.batch call (default 1)")
     p.add_argument("--json", action="store_true", help="print {recorded, failed, skipped, seconds}")
+    add_kb_flags(p)
     p.set_defaults(func=_record)
 
 
@@ -47,6 +48,12 @@ def _record(args: argparse.Namespace) -> int:
     for name in ("samples", "workers", "batch_size"):
         if getattr(args, name) < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    kb = {k: v for k, v in {"kb_path": args.kb_path, "kb_url": args.kb_url}.items() if v is not None}
+    if kb and args.graph is not None:
+        flag = "--kb-url" if "kb_url" in kb else "--kb-path"
+        raise CommandError(
+            f"{flag} places the reference graph's knowledge base; --graph {args.graph} brings its own"
+        )
     if not Path(args.inputs).exists():
         raise CommandError(f"--inputs {args.inputs}: no such file or folder")
     con = console(stderr=True)
@@ -74,6 +81,7 @@ def _record(args: argparse.Namespace) -> int:
             args.inputs,
             args.store,
             graph=args.graph,
+            graph_options=kb,
             question=args.question,
             samples=args.samples,
             tta=parse_tta(args.tta),

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from graphdistill.commands._common import CommandError, console, output_json
+from graphdistill.commands._common import CommandError, add_kb_flags, console, output_json
 from graphdistill.images import IMAGE_SUFFIXES
 
 # (flag, VisualRagConfig field, default, what it loads): the reference graph's weights, each replaceable
@@ -19,7 +19,11 @@ WEIGHT_FLAGS = [
     ("--llm", "llm", "smollm2-135m-instruct", "LLM: a Hugging Face model folder or .gguf"),
     ("--text-embedder", "embedder", "all-minilm-l6-v2", "sentence-transformers model folder"),
 ]
-_REFERENCE_ONLY = [(f, field) for f, field, _, _ in WEIGHT_FLAGS] + [("--segmenter-type", "segmenter_type")]
+_REFERENCE_ONLY = [(f, field) for f, field, _, _ in WEIGHT_FLAGS] + [
+    ("--segmenter-type", "segmenter_type"),
+    ("--kb-path", "kb_path"),
+    ("--kb-url", "kb_url"),
+]
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -50,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="TYPE",
         help="the SAM architecture of --segmenter: vit_t (MobileSAM), vit_b, vit_l or vit_h (default: vit_t)",
     )
+    add_kb_flags(p)
     p.set_defaults(func=_run)
 
 
@@ -94,6 +99,7 @@ def _check_out(out: str | None) -> Path | None:
 
 def _load(args: argparse.Namespace) -> Any:
     from graphdistill.graphs.spec import load_graph
+    from graphdistill.teachers.retriever import RetrieverError
     from graphdistill.weights import WeightsError
 
     given = {field: getattr(args, field, None) for _, field in _REFERENCE_ONLY}
@@ -107,6 +113,8 @@ def _load(args: argparse.Namespace) -> Any:
     overrides = {k: v for k, v in {"device": args.device, **given}.items() if v is not None}
     try:
         return load_graph(None, **overrides)
+    except RetrieverError:  # the knowledge base (a bad --kb-url, a dead server): its message names it
+        raise
     except (WeightsError, ValueError) as exc:  # a weights name/path that is not there or not loadable
         raise CommandError(f"the reference graph could not load its models: {exc}") from exc
 

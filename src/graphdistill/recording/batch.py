@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,24 +97,26 @@ def read_inputs(
 _WORKER: dict[str, Any] = {}  # per process: the graph, the store and the recorder, loaded once
 
 
-def load_graph(spec: str | None) -> Any:
-    """The graph ``spec`` names (:func:`graphdistill.graphs.spec.load_graph`; None -> visual_rag)."""
+def load_graph(spec: str | None, options: Mapping[str, Any] | None = None) -> Any:
+    """The graph ``spec`` names (:func:`graphdistill.graphs.spec.load_graph`; None -> visual_rag, with
+    ``options`` as :class:`~graphdistill.graphs.visual_rag.VisualRagConfig` fields)."""
     from graphdistill.graphs.spec import load_graph as spec_load_graph
 
     try:
-        return spec_load_graph(spec)
+        return spec_load_graph(spec, **dict(options or {}))
     except Exception as exc:
-        raise RecordingError(f"graph {spec}: cannot load it ({type(exc).__name__}: {exc})") from exc
+        name = spec or "visual_rag"
+        raise RecordingError(f"graph {name}: cannot load it ({type(exc).__name__}: {exc})") from exc
 
 
-def _init(spec: str | None, store_root: str) -> None:
+def _init(spec: str | None, store_root: str, options: Mapping[str, Any] | None = None) -> None:
     """Load the graph, open the store and start one background recorder, once per process."""
     from graphdistill._env import apply_offline_env
     from graphdistill.recording.recorder import TraceRecorder, graph_identity
     from graphdistill.store.trace_store import TraceStore
 
     apply_offline_env()
-    graph = load_graph(spec)
+    graph = load_graph(spec, options)
     store = TraceStore(store_root)
     schema, gid = graph_identity(graph)
     outcomes: list[tuple[Any, str | None]] = []
@@ -259,6 +261,7 @@ def record_inputs(
     store: str | os.PathLike[str],
     *,
     graph: str | None = None,
+    graph_options: Mapping[str, Any] | None = None,
     question: str = DEFAULT_QUESTION,
     samples: int = 1,
     tta: Sequence[str] = (),
@@ -269,7 +272,8 @@ def record_inputs(
     progress: Callable[[int, dict[str, int]], None] | None = None,
 ) -> dict[str, Any]:
     """Record every input of ``inputs`` ``samples`` times with the graph ``graph`` names (a spec
-    ``module:attr`` / ``file.py:attr``; None: visual_rag) into the store at ``store``.
+    ``module:attr`` / ``file.py:attr``; None: visual_rag, configured by ``graph_options``, e.g. ``{"kb_url":
+    ...}``) into the store at ``store``.
 
     ``on_start(total)`` is called once the graph is loaded, with the number of runs to come; ``progress(n,
     totals)`` after each batch of ``n`` runs, with the running counts. Returns ``{recorded, failed, skipped,
@@ -297,7 +301,7 @@ def record_inputs(
 
     try:
         if workers == 1:
-            _init(graph, store_root)  # load errors show before any progress
+            _init(graph, store_root, graph_options)  # load errors show before any progress
             if on_start is not None:
                 on_start(len(tasks))
             try:
@@ -317,7 +321,7 @@ def record_inputs(
                 max_workers=workers,
                 mp_context=mp.get_context("spawn"),
                 initializer=_init,
-                initargs=(graph, store_root),
+                initargs=(graph, store_root, dict(graph_options or {})),
             ) as pool:
                 futures = {pool.submit(_worker_run, b, resume, tta): len(b) for b in batches}
                 for fut in as_completed(futures):
