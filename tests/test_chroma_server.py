@@ -23,8 +23,6 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from _netguard import subprocess_env
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 START_TIMEOUT_S = 60.0
@@ -118,14 +116,12 @@ def embedder() -> Any:
 
 
 @pytest.fixture(scope="module")
-def folder_kb(tmp_path_factory: pytest.TempPathFactory, embedder: Any) -> Any:
-    """The default KB in an embedded Chroma folder, built by the same library function."""
-    from graphdistill.teachers.knowledge import default_documents, ingest_documents
-    from graphdistill.teachers.retriever import ChromaRetriever
+def folder_kb() -> Any:
+    """The default KB in an embedded Chroma folder: the one the real-model tests share, built by the same
+    library function (``ChromaRetriever.ingest`` of the default documents)."""
+    import _models
 
-    r = ChromaRetriever(path=tmp_path_factory.mktemp("kb-folder"), text_embedder=embedder)
-    ingest_documents(r, default_documents())
-    return r
+    return _models.retriever()
 
 
 @pytest.fixture(scope="module")
@@ -173,18 +169,6 @@ def test_retrieval_on_the_server_equals_the_folder(server_kb: Any, folder_kb: An
     ]
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """The CLI in a child process (its own chromadb client), network-guarded like the tests."""
-    return subprocess.run(
-        [sys.executable, "-m", "graphdistill.cli", *args],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
 def _main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     """The CLI in this process (its models already loaded)."""
     from graphdistill.cli import main
@@ -198,13 +182,12 @@ def _main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str
 def test_kb_build_and_query_cli_on_the_server(
     chroma_server: str, folder_kb: Any, embedder: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`graphdistill kb build --url` (its own process and chromadb client) builds a collection that this
-    process opens and `kb query --url` reads back."""
+    """`graphdistill kb build --url` builds a collection of its own that `kb query --url` reads back."""
     from graphdistill.teachers.retriever import ChromaRetriever
 
-    built = _cli("kb", "build", "--url", chroma_server, "--collection", "cli_facts", "--json")
-    assert built.returncode == 0, built.stderr
-    result = json.loads(built.stdout)
+    rc, out, err = _main(capsys, "kb", "build", "--url", chroma_server, "--collection", "cli_facts", "--json")
+    assert rc == 0, err
+    result = json.loads(out)
     assert result["location"] == chroma_server and result["collection"] == "cli_facts"
     assert result["ingested"] == result["total_documents"] == len(folder_kb.doc_ids())
     cli_kb = ChromaRetriever(url=chroma_server, collection="cli_facts", text_embedder=embedder)
