@@ -51,9 +51,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
+
+
 def _heartbeat(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/api/v2/heartbeat", timeout=2) as resp:
+        with _DIRECT.open(f"{url}/api/v2/heartbeat", timeout=2) as resp:
             return bool(resp.status == 200)
     except OSError:
         return False
@@ -94,13 +97,14 @@ def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             env=env,
         )
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
+        started = time.monotonic()
         while not _heartbeat(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                why = f"exited with {proc.returncode}" if proc.poll() is not None else "no heartbeat"
+            waited = time.monotonic() - started
+            if proc.poll() is not None or waited > START_TIMEOUT_S:
+                why = f"exited with code {proc.returncode}" if proc.poll() is not None else "no heartbeat"
                 pytest.fail(
-                    f"the Chroma server at {url} did not start ({why} after {START_TIMEOUT_S:.0f}s); "
-                    f"its output:\n{log.read_text(errors='replace')[-4000:]}"
+                    f"the Chroma server at {url} did not start ({why} after {waited:.0f}s); "
+                    f"its output (stdout and stderr):\n{log.read_text(errors='replace')[-4000:]}"
                 )
             time.sleep(0.2)
         yield url
