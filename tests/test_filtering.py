@@ -698,12 +698,7 @@ def test_real_store_with_three_samples_filters_end_to_end(tmp_path: Path) -> Non
     from graphdistill.recording.recorder import record
     from graphdistill.store.trace_store import TraceStore
 
-    teachers = {
-        "detector": _models.detector(),
-        "segmenter": _models.segmenter(),
-        "llm": _models.llm(),
-        "retriever": _models.retriever(),
-    }
+    teachers = _models.visual_rag_teachers()
     store = TraceStore(tmp_path / "store")
     graph = record(visual_rag(teachers=teachers), store)
     photos = ["skimage/chelsea", "skimage/astronaut"]
