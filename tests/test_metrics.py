@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from _fixtures import rect_mask
 from graphdistill.eval import metrics
 from graphdistill.trace import RLE
 
@@ -18,12 +19,6 @@ def _bag_embedder(texts: list[str]) -> np.ndarray:
     return vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
 
 
-def _rect_mask(h: int, w: int, x1: int, y1: int, x2: int, y2: int) -> RLE:
-    m = np.zeros((h, w), dtype=bool)
-    m[y1:y2, x1:x2] = True
-    return RLE.encode(m)
-
-
 def _obj(
     label: str, cid: int, box: list[float], score: float = 0.9, size: tuple[int, int] = (100, 100)
 ) -> dict:
@@ -33,7 +28,7 @@ def _obj(
         "class_id": cid,
         "score": score,
         "box": box,
-        "mask": _rect_mask(*size, x1, y1, x2, y2).model_dump(),
+        "mask": RLE.encode(rect_mask([x1, y1, x2, y2], *size)).model_dump(),
     }
 
 
@@ -80,10 +75,10 @@ def test_box_iou_of_a_shifted_box() -> None:
 
 
 def test_mask_iou_of_half_overlapping_masks() -> None:
-    a = _rect_mask(20, 20, 0, 0, 10, 20)  # left half, 200 px
-    b = _rect_mask(20, 20, 5, 0, 15, 20)  # shifted by 5: overlap 100, union 300
+    a = RLE.encode(rect_mask([0, 0, 10, 20], 20, 20))  # left half, 200 px
+    b = RLE.encode(rect_mask([5, 0, 15, 20], 20, 20))  # shifted by 5: overlap 100, union 300
     assert metrics.mask_iou(a, b) == pytest.approx(1 / 3)
-    c = _rect_mask(20, 20, 0, 0, 10, 10)  # half of a
+    c = RLE.encode(rect_mask([0, 0, 10, 10], 20, 20))  # half of a
     assert metrics.mask_iou(a, c) == pytest.approx(0.5)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from _fixtures import noise
 from graphdistill.dataset import DatasetWriter, open_dataset
 from graphdistill.eval import metrics
 from graphdistill.filter.filtering import FilterConfig, FilterResult, filter_store
@@ -26,10 +27,6 @@ GROUND_TRUTH = {
     0: {"answer": "There is a cat.", "objects": [{"label": "cat", "box": BOX}]},
     1: {"answer": "There is a dog.", "objects": [{"label": "cat", "box": BOX}]},
 }
-
-
-def _image(seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 255, (24, 32, 3), dtype=np.uint8)
 
 
 def _key(image: np.ndarray, question: str) -> str:
@@ -76,7 +73,7 @@ def _invoke(graph: Any, n: int, question: str = "What is it?") -> None:
             if g in GROUND_TRUTH:
                 meta["ground_truth"] = GROUND_TRUTH[g]
             graph.invoke(
-                {"image": _image(g), "question": question},
+                {"image": noise(g, 24, 32), "question": question},
                 config={
                     "metadata": {
                         "graphdistill_group_id": f"g{g}",
@@ -260,7 +257,7 @@ def test_datasets_written_before_the_new_columns_still_load(tmp_path: Path) -> N
     import pyarrow.parquet as pq
 
     w = DatasetWriter(tmp_path / "old")
-    w.add({"id": "a", "question": "q?", "answer": "A cat."}, _image(0), "train")
+    w.add({"id": "a", "question": "q?", "answer": "A cat."}, noise(0, 24, 32), "train")
     w.close()
     for split in ("train", "val", "test"):
         f = tmp_path / "old" / f"{split}.parquet"

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from _fixtures import W, make_trace, obj
 from graphdistill.dataset import make_synthetic_dataset, open_dataset
 from graphdistill.eval import cost
 from graphdistill.eval.evaluate import COST_KEYS, FIDELITY_KEYS, evaluate_run, write_eval
@@ -485,7 +486,6 @@ def test_the_teacher_against_itself_scores_its_other_samples_against_the_referen
     from graphdistill.eval.evaluate import output_kinds_of, teacher_samples
     from graphdistill.filter.filtering import FilterConfig, filter_store
     from graphdistill.store.trace_store import TraceStore
-    from test_vote import W, make_trace, obj
 
     store = TraceStore(tmp_path / "store")
     blobs: dict[str, bytes] = {}
