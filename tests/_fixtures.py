@@ -7,11 +7,15 @@ module costs what importing numpy and graphdistill.trace costs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from graphdistill.eval.metrics import normalize_text
 from graphdistill.trace import (
     RLE,
     Detections,
@@ -25,6 +29,61 @@ from graphdistill.trace import (
     content_hash,
     encode_value,
 )
+
+# ---- a toy text embedder ------------------------------------------------------------------------------------
+
+
+def bag_embedder(texts: Sequence[str]) -> np.ndarray:
+    """A deterministic stand-in text embedder: L2-normalised bags of hashed words, after the evaluation's own
+    normalisation (case, punctuation and articles go), so texts of the same words have cosine 1 and texts
+    sharing no word cosine 0 (up to hash collisions in 64 bins); an empty text is the zero vector."""
+    vecs = np.zeros((len(texts), 64), dtype=np.float32)
+    for i, t in enumerate(texts):
+        for w in normalize_text(t).split():
+            vecs[i, sum(map(ord, w)) % 64] += 1.0
+    return vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+
+
+# ---- a stand-in student and its run folder ------------------------------------------------------------------
+
+
+def input_key(image: np.ndarray, question: str) -> str:
+    """What identifies one input (a picture and a question): the key a lookup table of outputs is kept by."""
+    return hashlib.sha256(np.ascontiguousarray(image).tobytes() + question.encode()).hexdigest()
+
+
+def teacher_answer(i: int, row: dict[str, Any]) -> dict[str, Any]:
+    """A dataset row's own outputs, as a perfect student of a visual_rag-shaped graph returns them."""
+    return {"answer": row["answer"], "objects": list(row["objects"]), "sources": list(row["sources"])}
+
+
+class LookupStudent:
+    """A stand-in student that answers every input of a dataset from a table: ``output(i, row)`` is what it
+    says for the dataset's ``i``-th row (by default the row's own outputs: a perfect student)."""
+
+    def __init__(
+        self, dataset: Path, output: Callable[[int, dict[str, Any]], dict[str, Any]] = teacher_answer
+    ) -> None:
+        from graphdistill.dataset import open_dataset
+
+        ds = open_dataset(dataset)
+        self.table = {
+            input_key(ds.image(row), row["question"]): output(i, row) for i, row in enumerate(ds.all_rows())
+        }
+
+    def predict(self, image: np.ndarray, question: str) -> dict[str, Any]:
+        return self.table[input_key(image, question)]
+
+
+def run_folder(root: Path, dataset: Path, n_params: int = 1000) -> Path:
+    """The least a run folder holds for evaluation: weights of ``n_params`` parameters and the dataset's name."""
+    from safetensors.numpy import save_file
+
+    root.mkdir(parents=True)
+    save_file({"w": np.zeros(n_params, dtype=np.float32)}, str(root / "model.safetensors"))
+    (root / "meta.json").write_text(json.dumps({"dataset": str(dataset)}))
+    return root
+
 
 # ---- visual_rag-shaped traces, built straight from the trace records ----------------------------------------
 
