@@ -30,6 +30,72 @@ from graphdistill.trace import (
     encode_value,
 )
 
+# ---- student configurations ---------------------------------------------------------------------------------
+
+# What both test students below share: two attention heads, one layer each side, four object slots.
+_ONE_LAYER_STUDENT: dict[str, Any] = dict(n_heads=2, enc_layers=1, dec_layers=1, max_objects=4, candidates=20)
+
+# The smallest student, for every test that only needs *a* student to train or build: 64 px, 32 wide, short
+# texts, a small mask head. A test needing another value overrides that field
+# (``{**TINY_STUDENT, "dec_layers": 2}``).
+TINY_STUDENT: dict[str, Any] = {
+    **_ONE_LAYER_STUDENT,
+    "image_size": 64,
+    "d_model": 32,
+    "max_question_len": 16,
+    "max_answer_len": 12,
+    "num_masks": 8,
+    "proto_channels": 16,
+}
+
+# A second size, 96 px and 64 wide: the one test_student_train's overfit checks (exact answers, box mAP50 > 0.9
+# and mask mIoU > 0.6 after 120 epochs) were set with, also trained by test_student_predict_cli; and the base of
+# test_student_model's hand-built config, whose expected numbers count this size's 3 x 3 stride-32 grid. The
+# texts' lengths, vocabulary and heads are left to the trainer (it derives them from the dataset).
+SMALL_STUDENT: dict[str, Any] = {**_ONE_LAYER_STUDENT, "image_size": 96, "d_model": 64}
+
+
+def tiny_train_config(dataset: Path, out: Path, **kw: Any) -> Any:
+    """A TrainConfig for the tiny student on ``dataset`` into the run folder ``out``: one short epoch on the
+    CPU with a 300-piece vocabulary; ``kw`` sets any other TrainConfig field."""
+    from graphdistill.student.train import TrainConfig
+
+    base: dict[str, Any] = dict(
+        dataset=str(dataset),
+        out=str(out),
+        epochs=1,
+        batch_size=8,
+        device="cpu",
+        vocab_size=300,
+        warmup_steps=1,
+        overrides=dict(TINY_STUDENT),
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def train_tiny_run(root: Path) -> Path:
+    """The synthetic dataset (12 rows, 64 px) at ``root/ds`` and the tiny student trained on it through train():
+    a real run folder at ``root/run``, which is returned."""
+    from graphdistill.dataset import make_synthetic_dataset
+    from graphdistill.student.train import train
+
+    make_synthetic_dataset(root / "ds", n=12, seed=0, size=64)
+    train(tiny_train_config(root / "ds", root / "run"))
+    return root / "run"
+
+
+def dataset_offering(root: Path, offers: dict[str, Any]) -> Path:
+    """The synthetic dataset (6 rows, 64 px) at ``root``, its graph's nodes offering ``offers`` (node -> offer)
+    to the student, as a recorded graph's nodes do."""
+    from graphdistill.dataset import make_synthetic_dataset
+
+    make_synthetic_dataset(root, n=6, seed=0, size=64)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["graph"]["offers"] = offers
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
 # ---- a toy text embedder ------------------------------------------------------------------------------------
 
 

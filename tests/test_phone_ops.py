@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 
+from _fixtures import TINY_STUDENT  # noqa: E402
 from graphdistill.export.phone_decode import PhoneDecodeStep, input_names, step_inputs  # noqa: E402
 from graphdistill.student import phone_ops  # noqa: E402
 from graphdistill.student.model import Student, StudentConfig  # noqa: E402
@@ -21,11 +22,18 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:read_text is deprecated:DeprecationWarning"),
 ]
 
-CFG = dict(
-    image_size=64, d_model=32, n_heads=2, enc_layers=2, dec_layers=2, max_question_len=8, max_answer_len=10,
-    max_objects=4, candidates=20, num_masks=8, proto_channels=16, vocab_size=64, num_classes=5,
-    class_token_ids=[40, 41, 42, 43, 0], num_sources=6,
-)  # fmt: skip
+# the tiny student with two layers a side (a per-layer mistake in the decomposition or the cache must show), the
+# 8-token questions and 64-word vocabulary _inputs() draws, and five classes, one with no token (a live copy path)
+CFG = {
+    **TINY_STUDENT,
+    "enc_layers": 2,
+    "dec_layers": 2,
+    "max_question_len": 8,
+    "vocab_size": 64,
+    "num_classes": 5,
+    "class_token_ids": [40, 41, 42, 43, 0],
+    "num_sources": 6,
+}
 
 
 def _student() -> Student:

@@ -19,6 +19,7 @@ from _fixtures import (
     obj,
     run_folder,
     teacher_answer,
+    train_tiny_run,
 )
 from graphdistill.dataset import make_synthetic_dataset, open_dataset
 from graphdistill.eval import cost
@@ -300,34 +301,11 @@ def test_teacher_params_are_counted_from_the_graph_nodes_adapters() -> None:
 # A real tiny run: the student stage's own training on a synthetic dataset, then the CLI commands
 # ---------------------------------------------------------------------------------------------------------
 
-TINY_STUDENT = dict(
-    image_size=64,
-    d_model=32,
-    n_heads=2,
-    enc_layers=1,
-    dec_layers=1,
-    max_question_len=16,
-    max_answer_len=12,
-    max_objects=4,
-    candidates=20,
-    num_masks=8,
-    proto_channels=16,
-)
-
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from graphdistill.student.train import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("real")
-    ds = make_synthetic_dataset(root / "ds", n=12, seed=0, size=64)
-    overrides = {**TINY_STUDENT, "num_classes": len(ds.class_names), "num_sources": len(ds.documents)}
-    cfg = TrainConfig(
-        dataset=str(root / "ds"), out=str(root / "run"), epochs=1, batch_size=8, device="cpu", vocab_size=300,
-        warmup_steps=1, overrides=overrides,
-    )  # fmt: skip
-    train(cfg)
-    return root / "run", root / "ds"
+    run = train_tiny_run(tmp_path_factory.mktemp("real"))
+    return run, run.parent / "ds"
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from _fixtures import bag_embedder
+from _fixtures import bag_embedder, dataset_offering, tiny_train_config
 from graphdistill.student.retrieval_kd import (
     MAX_LABELS,
     make_retrieval_queries,
@@ -111,28 +111,12 @@ def test_retrieval_queries_tokenise_the_question_and_keep_the_labels() -> None:
 
 # ---- training learns the retriever's ranking ---------------------------------------------------------------
 
-TINY = dict(image_size=64, d_model=32, n_heads=2, enc_layers=1, dec_layers=1, max_objects=4, candidates=20)
-
-
-def _dataset_with_retriever(root: Path) -> Path:
-    """The synthetic dataset, its graph's retrieve node offering a text embedder (as a recorded visual_rag's
-    does)."""
-    from graphdistill.dataset import make_synthetic_dataset
-
-    make_synthetic_dataset(root, n=6, seed=0, size=64)
-    manifest = json.loads((root / "manifest.json").read_text())
-    manifest["graph"]["offers"] = {
-        "retrieve": {"kind": "text-retriever", "embedder": "toy-bag", "weights_sha256": "c" * 64, "k": 1}
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
-
 
 def test_training_teaches_the_sources_head_the_offered_retrievers_ranking(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import graphdistill.teachers.base as base
-    from graphdistill.student.train import TrainConfig, TrainRecipe
+    from graphdistill.student.train import TrainRecipe
 
     asked: list[tuple[dict[str, Any], str]] = []
 
@@ -147,13 +131,12 @@ def test_training_teaches_the_sources_head_the_offered_retrievers_ranking(
         )
 
     monkeypatch.setattr(base, "load_offer", fake_load_offer)
-    ds = _dataset_with_retriever(tmp_path / "ds")
+    # the synthetic dataset, its graph's retrieve node offering a text embedder (as a recorded visual_rag's does)
+    offer = {"kind": "text-retriever", "embedder": "toy-bag", "weights_sha256": "c" * 64, "k": 1}
+    ds = dataset_offering(tmp_path / "ds", {"retrieve": offer})
 
     def recipe(out: str, n: int) -> Any:
-        cfg = TrainConfig(
-            dataset=str(ds), out=str(tmp_path / out), epochs=12, batch_size=6, device="cpu", vocab_size=300,
-            warmup_steps=1, lr=3e-3, overrides=dict(TINY), start="none", retrieval_queries=n,
-        )  # fmt: skip
+        cfg = tiny_train_config(ds, tmp_path / out, epochs=12, lr=3e-3, start="none", retrieval_queries=n)
         r = TrainRecipe(cfg)
         r.setup()
         return r

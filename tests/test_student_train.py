@@ -16,20 +16,9 @@ pytest.importorskip("tokenizers")
 
 from torch import nn  # noqa: E402
 
+from _fixtures import SMALL_STUDENT  # noqa: E402
 from graphdistill.student.model import StudentConfig  # noqa: E402
 from graphdistill.student.train import TrainConfig, TrainRecipe, train  # noqa: E402
-
-# a small, fast student for tests (the presets are for real data)
-TEST_MODEL = dict(
-    image_size=96,
-    max_objects=4,
-    candidates=20,
-    d_model=64,
-    n_heads=2,
-    enc_layers=1,
-    dec_layers=1,
-)
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -54,7 +43,7 @@ def _cfg(dataset: Path, out: Path, **kw: Any) -> TrainConfig:
         device="cpu",
         seed=0,
         vocab_size=400,
-        overrides=dict(TEST_MODEL),
+        overrides=dict(SMALL_STUDENT),  # a small, fast student (the presets are for real data)
     )
     base.update(kw)
     return TrainConfig(**base)
