@@ -153,6 +153,15 @@ def _pointer(m: Student, enc: dict[str, Any]) -> tuple[Any, ...]:
     return (enc["ptr_keys"].transpose(1, 2), enc["ptr_bias"], enc["ptr_vocab"])
 
 
+def _step_context(m: Student) -> tuple[Any, tuple[Any, ...]]:
+    """What a decode step reads besides its token: the cross-attention keys/values and the copy path's inputs,
+    for a random picture, an 8-token question and the teacher-forced objects."""
+    with torch.no_grad():
+        ids = torch.ones(1, 8, dtype=torch.long)
+        enc = m.encode(torch.randn(1, 3, 64, 64), ids, ids != 0, _objects())
+        return m.cross_kv(enc["memory"]), _pointer(m, enc)
+
+
 @pytest.mark.parametrize("fused_norms", [False, True], ids=["executorch-norms", "onnx-norms"])
 def test_phone_decode_step_equals_the_students_decode_step(fused_norms: bool) -> None:
     """The exported step (folded norms, cache read without this position, per-layer inputs, the copy path's
@@ -218,10 +227,7 @@ def test_decode_step_lowers_to_one_xnnpack_call() -> None:
     from executorch.exir import to_edge_transform_and_lower
 
     m = _student()
-    with torch.no_grad():
-        ids = torch.ones(1, 8, dtype=torch.long)
-        enc = m.encode(torch.randn(1, 3, 64, 64), ids, ids != 0, _objects())
-        cross, pointer = m.cross_kv(enc["memory"]), _pointer(m, enc)
+    cross, pointer = _step_context(m)
 
     class Step(torch.nn.Module):
         def forward(
@@ -262,10 +268,7 @@ def test_int8_quantizes_the_steps_linear_layers_but_not_its_norm_statistics() ->
     from graphdistill.export.quantize import quantize_pt2e
 
     m = _student()
-    with torch.no_grad():
-        ids = torch.ones(1, 8, dtype=torch.long)
-        enc = m.encode(torch.randn(1, 3, 64, 64), ids, ids != 0, _objects())
-        cross, pointer = m.cross_kv(enc["memory"]), _pointer(m, enc)
+    cross, pointer = _step_context(m)
     example = step_inputs(
         torch.ones(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), cross, m.empty_cache(1), pointer
     )
