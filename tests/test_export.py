@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from _fixtures import tiny_train_config, train_tiny_run
+from _fixtures import train_tiny, train_tiny_run
 from _netguard import subprocess_env
 from graphdistill.runner import BundleError, BundleRunner
 from graphdistill.runner.bundle import MANIFEST, manifest_checksum
@@ -470,14 +470,13 @@ SCHEMAS = {
 def schema_run(request: pytest.FixtureRequest, run_dir: Path) -> tuple[Path, Path]:
     """(run, float ONNX bundle) of a student trained on the synthetic dataset re-declared with SCHEMAS[param]."""
     from graphdistill.export.bundle import export_run
-    from graphdistill.student.train import train
 
     root = run_dir.parent / f"schema-{request.param}"
     shutil.copytree(run_dir.parent / "ds", root / "ds")
     manifest = json.loads((root / "ds" / "manifest.json").read_text())
     manifest["graph"]["outputs"] = [{"name": n, "kind": k} for n, k in SCHEMAS[request.param]]
     (root / "ds" / "manifest.json").write_text(json.dumps(manifest))
-    train(tiny_train_config(root / "ds", root / "run"))
+    train_tiny(root / "ds", root / "run")
     export_run(root / "run", "onnx", root / "bundle", **N)
     return root / "run", root / "bundle"
 

@@ -23,12 +23,14 @@ pytestmark = [
 ]
 
 # the tiny student with two layers a side (a per-layer mistake in the decomposition or the cache must show), the
-# 8-token questions and 64-word vocabulary _inputs() draws, and five classes, one with no token (a live copy path)
+# 8-token questions and 64-word vocabulary _inputs() draws, 10 answer positions, and five classes, one with no
+# token (a live copy path)
 CFG = {
     **TINY_STUDENT,
     "enc_layers": 2,
     "dec_layers": 2,
     "max_question_len": 8,
+    "max_answer_len": 10,
     "vocab_size": 64,
     "num_classes": 5,
     "class_token_ids": [40, 41, 42, 43, 0],

@@ -165,13 +165,15 @@ def _dataset(path: Path, records: list[TokenLogprobs | dict[str, Any] | None]) -
 
 
 def _config(tok: StudentTokenizer) -> StudentConfig:
-    """The tiny student sized for this test's dataset: three classes and documents, ``tok``'s vocabulary."""
+    """The tiny student sized for this test's dataset: three classes and documents, ``tok``'s vocabulary, short
+    questions and MAX_LEN answer positions."""
     return StudentConfig(
         **{
             **TINY_STUDENT,
             "num_classes": 3,
             "num_sources": 3,
             "vocab_size": tok.vocab_size,
+            "max_question_len": 8,
             "max_answer_len": MAX_LEN,
         }
     )

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 pytest.importorskip("tokenizers")
 
-from _fixtures import SMALL_STUDENT  # noqa: E402
+from _fixtures import TINY_STUDENT_96  # noqa: E402
 from graphdistill.student.loader import (  # noqa: E402
     MEAN,
     STD,
@@ -40,14 +40,12 @@ from graphdistill.student.model import (  # noqa: E402
 from graphdistill.student.tokenizer import StudentTokenizer  # noqa: E402
 from graphdistill.student.trunks import make_anchors  # noqa: E402
 
-# the small student (96 px: a 3 x 3 stride-32 grid, which CELLS_96 and the memory-length checks count) with two
+# the tiny student at 96 px (CELLS_96 and the memory-length checks count its 3 x 3 stride-32 grid) with two
 # decoder layers (the KV cache's layer axis is not trivial), and by hand what the trainer would derive from a
-# dataset: the mask head's size, three classes and documents, the vocabulary and the texts' lengths
+# dataset: three classes and documents, the vocabulary and the texts' lengths
 SMALL = {
-    **SMALL_STUDENT,
+    **TINY_STUDENT_96,
     "dec_layers": 2,
-    "num_masks": 8,
-    "proto_channels": 16,
     "num_classes": 3,
     "class_token_ids": [100, 101, 102],
     "num_sources": 3,

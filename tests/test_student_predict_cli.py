@@ -18,7 +18,7 @@ pytest.importorskip("torch")
 pytest.importorskip("timm")
 pytest.importorskip("tokenizers")
 
-from _fixtures import SMALL_STUDENT
+from _fixtures import TINY_STUDENT
 from graphdistill.cli import main
 
 # two toy teachers' outputs, between them every kind whose JSON differs: text, OBJECTS (with masks), SOURCES
@@ -97,7 +97,7 @@ def student_run(
                 vocab_size=400,
                 # one epoch scores every cell far below the teacher's threshold: keep what the NMS leaves, so
                 # the lists whose shape is compared are not empty
-                overrides={**SMALL_STUDENT, "score_threshold": 0.0},
+                overrides={**TINY_STUDENT, "score_threshold": 0.0},
             )
         )
     finally:
