@@ -1,8 +1,9 @@
 """Test helpers that more than one test module uses: one copy of each, imported as ``from _fixtures import …``.
 
 Plain constants and functions (pytest fixtures live in conftest.py; real teacher models in _models.py). Heavy
-libraries (torch, the trainer) are imported inside the functions that need them, so that importing this
-module costs what importing numpy and graphdistill.trace costs.
+libraries (torch, the trainer, the dataset) are imported inside the functions that need them, so that
+importing this module costs what importing numpy, graphdistill.trace and graphdistill.eval.metrics costs (a
+subprocess test_store starts imports it too).
 """
 
 from __future__ import annotations
