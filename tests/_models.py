@@ -56,6 +56,12 @@ def retriever() -> Any:
     return r
 
 
+def visual_rag_teachers() -> dict[str, Any]:
+    """The reference graph's four default teachers, by the names visual_rag takes them (a fresh dict each call,
+    the models themselves shared)."""
+    return {"detector": detector(), "segmenter": segmenter(), "llm": llm(), "retriever": retriever()}
+
+
 @functools.cache
 def builtin_image(photo_id: str) -> Any:
     from graphdistill.recording.photos import photo

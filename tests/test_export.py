@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from _fixtures import train_tiny, train_tiny_run
 from _netguard import subprocess_env
 from graphdistill.runner import BundleError, BundleRunner
 from graphdistill.runner.bundle import MANIFEST, manifest_checksum
@@ -26,19 +27,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:read_text is deprecated:DeprecationWarning"),
 ]
 
-TINY = dict(
-    image_size=64,
-    d_model=32,
-    n_heads=2,
-    enc_layers=1,
-    dec_layers=1,
-    max_question_len=16,
-    max_answer_len=12,
-    max_objects=4,
-    candidates=20,
-    num_masks=8,
-    proto_channels=16,
-)
 COPY_INPUTS = ["ptr_keys", "ptr_bias", "ptr_vocab"]
 OBJECT_OUTPUTS = ["boxes", "scores", "classes", "keep", "mask_logits"]
 N = {"n_calibration": 3, "n_heldout": 3}
@@ -47,18 +35,7 @@ N = {"n_calibration": 3, "n_heldout": 3}
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A student trained for one short epoch on a synthetic dataset (a real run folder, via train())."""
-    from graphdistill.dataset import make_synthetic_dataset
-    from graphdistill.student.train import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("export")
-    ds = make_synthetic_dataset(root / "ds", n=12, seed=0, size=64)
-    overrides = {**TINY, "num_classes": len(ds.class_names), "num_sources": len(ds.documents)}
-    cfg = TrainConfig(
-        dataset=str(root / "ds"), out=str(root / "run"), epochs=1, batch_size=8, device="cpu", vocab_size=300,
-        warmup_steps=1, overrides=overrides,
-    )  # fmt: skip
-    train(cfg)
-    return root / "run"
+    return train_tiny_run(tmp_path_factory.mktemp("export"))
 
 
 @pytest.fixture(scope="module")
@@ -529,20 +506,13 @@ SCHEMAS = {
 def schema_run(request: pytest.FixtureRequest, run_dir: Path) -> tuple[Path, Path]:
     """(run, float ONNX bundle) of a student trained on the synthetic dataset re-declared with SCHEMAS[param]."""
     from graphdistill.export.bundle import export_run
-    from graphdistill.student.train import TrainConfig, train
 
     root = run_dir.parent / f"schema-{request.param}"
     shutil.copytree(run_dir.parent / "ds", root / "ds")
     manifest = json.loads((root / "ds" / "manifest.json").read_text())
     manifest["graph"]["outputs"] = [{"name": n, "kind": k} for n, k in SCHEMAS[request.param]]
     (root / "ds" / "manifest.json").write_text(json.dumps(manifest))
-    ds_meta = json.loads((run_dir / "meta.json").read_text())
-    overrides = {**TINY, "num_classes": len(ds_meta["class_names"]), "num_sources": len(ds_meta["documents"])}
-    cfg = TrainConfig(
-        dataset=str(root / "ds"), out=str(root / "run"), epochs=1, batch_size=8, device="cpu", vocab_size=300,
-        warmup_steps=1, overrides=overrides,
-    )  # fmt: skip
-    train(cfg)
+    train_tiny(root / "ds", root / "run")
     export_run(root / "run", "onnx", root / "bundle", **N)
     return root / "run", root / "bundle"
 

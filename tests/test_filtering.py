@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from _fixtures import H, W, ellipse_mask, make_trace, noise, obj
 from graphdistill.dataset import (
     DatasetError,
     DatasetWriter,
@@ -33,20 +34,10 @@ from graphdistill.filter.rules import RuleError, load_rule, register_rule, unreg
 from graphdistill.filter.splits import Item, SplitLeakError, assign_splits, verify_no_leak
 from graphdistill.filter.vote import vote_group
 from graphdistill.trace import Document, ObjectOut, TokenLogprobs, Trace
-from test_vote import make_trace, obj
-
-H, W = 40, 60
-
-
-def ellipse(box: Sequence[float], h: int = H, w: int = W) -> np.ndarray:
-    x1, y1, x2, y2 = box
-    yy, xx = np.mgrid[0:h, 0:w]
-    cx, cy, rx, ry = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
-    return ((xx + 0.5 - cx) / rx) ** 2 + ((yy + 0.5 - cy) / ry) ** 2 <= 1
 
 
 def cat(box: Sequence[float] = (10, 10, 30, 30), score: float = 0.9) -> ObjectOut:
-    return obj("cat", box, score, ellipse(box))
+    return obj("cat", box, score, ellipse_mask(box))
 
 
 def group(gid: str, answers: Sequence[str], **kw: Any) -> list[Trace]:
@@ -416,7 +407,7 @@ def test_filtering_holds_one_group_of_traces_at_a_time(tmp_path: Path, schema: b
         traces = group(
             f"g{g:02d}",
             ["There is a cat."] * 3,
-            image=_image(g),
+            image=noise(g),
             photos=[f"p/{g}"],
             blobs=blobs,
             documents=docs,
@@ -446,7 +437,7 @@ def test_the_filter_holds_each_consensus_slim_and_spools_the_rest(tmp_path: Path
     logp = TokenLogprobs(tokenizer="t", token_ids=[1], topk_ids=[[1]], topk_logprobs=[[-0.1]])
     for g in range(6):
         for t in group(
-            f"g{g}", ["There is a cat."] * 3, image=_image(g), photos=[f"p/{g}"], blobs=blobs, logprobs=logp
+            f"g{g}", ["There is a cat."] * 3, image=noise(g), photos=[f"p/{g}"], blobs=blobs, logprobs=logp
         ):
             store.append(t, blobs)
     result = filter_store(store, tmp_path / "out" / "ds", FilterConfig(fractions=(1.0, 0.0, 0.0)))
@@ -480,7 +471,7 @@ def test_the_dataset_ranks_the_whole_knowledge_base_and_never_what_only_held_out
     for g, photo in enumerate(["p/train0", "p/train1", "skimage/coffee"]):  # the last one is held out
         docs = [Document(id=f"doc-{g}", text=f"fact {g}")]
         for t in group(
-            f"g{g}", ["There is a cat."] * 3, image=_image(g), photos=[photo], blobs=blobs, documents=docs
+            f"g{g}", ["There is a cat."] * 3, image=noise(g), photos=[photo], blobs=blobs, documents=docs
         ):
             t.metadata["graph_schema"] = declared
             store.append(t, blobs)
@@ -514,7 +505,7 @@ def test_the_filter_says_which_split_is_empty_and_why(tmp_path: Path) -> None:
     store = TraceStore(tmp_path / "store")
     blobs: dict[str, bytes] = {}
     for g, photo in enumerate(("p/A", "p/B")):  # two photos: too few for three splits
-        for t in group(f"g{g}", ["There is a cat."] * 3, image=_image(g), photos=[photo], blobs=blobs):
+        for t in group(f"g{g}", ["There is a cat."] * 3, image=noise(g), photos=[photo], blobs=blobs):
             store.append(t, blobs)
     result = filter_store(store, tmp_path / "ds", FilterConfig(fractions=(0.8, 0.1, 0.1)), report=False)
     empty = result.summary()["empty_splits"]
@@ -530,10 +521,6 @@ def test_the_filter_says_which_split_is_empty_and_why(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _image(seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 255, (H, W, 3), dtype=np.uint8)
-
-
 def _fill_store(root: Path) -> Any:
     from graphdistill.store.trace_store import TraceStore
 
@@ -543,38 +530,38 @@ def _fill_store(root: Path) -> Any:
     photos = ["p/A", "p/B", "p/C", "p/D", "p/E", "p/F"]
     for g in range(12):  # clean groups, two per photo
         p = photos[g % 6]
-        plan.append(group(f"ok{g:02d}", ["There is a cat."] * 3, image=_image(g), photos=[p], blobs=blobs))
-    plan.append(group("comp", ["A cat."] * 3, image=_image(50), photos=["p/A", "p/B"], blobs=blobs))
+        plan.append(group(f"ok{g:02d}", ["There is a cat."] * 3, image=noise(g), photos=[p], blobs=blobs))
+    plan.append(group("comp", ["A cat."] * 3, image=noise(50), photos=["p/A", "p/B"], blobs=blobs))
     plan.append(
         group(
             "heldout",
             ["A cat."] * 3,
-            image=_image(60),
+            image=noise(60),
             photos=["skimage/coffee"],
             recipe={"kind": "heldout", "heldout": True},
             blobs=blobs,
         )
     )
-    plan.append(group("dog", ["There is a dog."] * 3, image=_image(70), blobs=blobs))  # class not detected
-    plan.append(group("split", ["A cat.", "A bus.", "A dog."], image=_image(80), blobs=blobs))  # 1/3 agree
+    plan.append(group("dog", ["There is a dog."] * 3, image=noise(70), blobs=blobs))  # class not detected
+    plan.append(group("split", ["A cat.", "A bus.", "A dog."], image=noise(80), blobs=blobs))  # 1/3 agree
     # the same picture and question as ok00 (its question differs only in case and punctuation)
     q = "what is in the picture"
     plan.append(
-        group("zdup", ["There is a cat."] * 3, image=_image(0), photos=["p/A"], blobs=blobs, question=q)
+        group("zdup", ["There is a cat."] * 3, image=noise(0), photos=["p/A"], blobs=blobs, question=q)
     )
-    plan.append(group("long", ["There is a cat."] * 3, image=_image(90), blobs=blobs, question="A long one?"))
-    failed = [make_trace("fail", i, "x", status="error", image=_image(95), blobs=blobs) for i in range(3)]
+    plan.append(group("long", ["There is a cat."] * 3, image=noise(90), blobs=blobs, question="A long one?"))
+    failed = [make_trace("fail", i, "x", status="error", image=noise(95), blobs=blobs) for i in range(3)]
     plan.append(failed)
     # held-out groups that fail checks are kept for evaluation; one with no finished sample cannot be
     held = {"recipe": {"kind": "heldout", "heldout": True}, "blobs": blobs}
     plan.append(
-        group("held-dog", ["There is a dog."] * 3, image=_image(61), photos=["skimage/camera"], **held)
+        group("held-dog", ["There is a dog."] * 3, image=noise(61), photos=["skimage/camera"], **held)
     )
     plan.append(
         group(
             "held-split",
             ["A cat.", "A bus.", "A dog."],
-            image=_image(61),
+            image=noise(61),
             photos=["skimage/camera"],
             question="Who or what is the main subject?",
             **held,
@@ -583,7 +570,7 @@ def _fill_store(root: Path) -> Any:
     plan.append(
         [
             make_trace(
-                "held-fail", i, "x", status="error", image=_image(62), photos=["skimage/camera"], **held
+                "held-fail", i, "x", status="error", image=noise(62), photos=["skimage/camera"], **held
             )
             for i in range(3)
         ]
@@ -635,7 +622,7 @@ def test_filter_store_end_to_end(tmp_path: Path) -> None:
         if r["id"] in ("held-dog", "held-split"):
             continue
         seed = {"comp": 50, "heldout": 60}.get(r["id"]) or int(r["id"].removeprefix("ok"))
-        assert np.array_equal(ds.image(r), _image(seed))
+        assert np.array_equal(ds.image(r), noise(seed))
         assert r["answer"] in ("There is a cat.", "A cat.") and len(r["trace_ids"]) == 3
         assert [o.label for o in r["objects"]] == ["cat"] and r["sources"] == ["doc-cat"]
     assert where["skimage/coffee"] == where["skimage/camera"] == "test"
@@ -698,12 +685,7 @@ def test_real_store_with_three_samples_filters_end_to_end(tmp_path: Path) -> Non
     from graphdistill.recording.recorder import record
     from graphdistill.store.trace_store import TraceStore
 
-    teachers = {
-        "detector": _models.detector(),
-        "segmenter": _models.segmenter(),
-        "llm": _models.llm(),
-        "retriever": _models.retriever(),
-    }
+    teachers = _models.visual_rag_teachers()
     store = TraceStore(tmp_path / "store")
     graph = record(visual_rag(teachers=teachers), store)
     photos = ["skimage/chelsea", "skimage/astronaut"]

@@ -5,23 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from _fixtures import bag_embedder, rect_mask
 from graphdistill.eval import metrics
 from graphdistill.trace import RLE
-
-
-def _bag_embedder(texts: list[str]) -> np.ndarray:
-    """A deterministic stand-in embedder: normalised bag of hashed words (same words -> cosine 1)."""
-    vecs = np.zeros((len(texts), 64), dtype=np.float32)
-    for i, t in enumerate(texts):
-        for w in metrics.normalize_text(t).split():
-            vecs[i, sum(map(ord, w)) % 64] += 1.0
-    return vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
-
-
-def _rect_mask(h: int, w: int, x1: int, y1: int, x2: int, y2: int) -> RLE:
-    m = np.zeros((h, w), dtype=bool)
-    m[y1:y2, x1:x2] = True
-    return RLE.encode(m)
 
 
 def _obj(
@@ -33,7 +19,7 @@ def _obj(
         "class_id": cid,
         "score": score,
         "box": box,
-        "mask": _rect_mask(*size, x1, y1, x2, y2).model_dump(),
+        "mask": RLE.encode(rect_mask([x1, y1, x2, y2], *size)).model_dump(),
     }
 
 
@@ -64,7 +50,7 @@ def test_normalisation_and_token_f1_known_pair() -> None:
 
 def test_semantic_agreement_uses_injected_embedder_and_threshold() -> None:
     res = metrics.answer_metrics(
-        ["a dog on grass", "a red bus"], ["grass dog", "a blue car"], embedder=_bag_embedder
+        ["a dog on grass", "a red bus"], ["grass dog", "a blue car"], embedder=bag_embedder
     )
     assert res["answer_semantic"] == pytest.approx(0.5)  # first pair identical bags, second disjoint
     assert res["answer_exact"] == 0.0
@@ -80,16 +66,16 @@ def test_box_iou_of_a_shifted_box() -> None:
 
 
 def test_mask_iou_of_half_overlapping_masks() -> None:
-    a = _rect_mask(20, 20, 0, 0, 10, 20)  # left half, 200 px
-    b = _rect_mask(20, 20, 5, 0, 15, 20)  # shifted by 5: overlap 100, union 300
+    a = RLE.encode(rect_mask([0, 0, 10, 20], 20, 20))  # left half, 200 px
+    b = RLE.encode(rect_mask([5, 0, 15, 20], 20, 20))  # shifted by 5: overlap 100, union 300
     assert metrics.mask_iou(a, b) == pytest.approx(1 / 3)
-    c = _rect_mask(20, 20, 0, 0, 10, 10)  # half of a
+    c = RLE.encode(rect_mask([0, 0, 10, 10], 20, 20))  # half of a
     assert metrics.mask_iou(a, c) == pytest.approx(0.5)
 
 
 def test_perfect_student_scores_one_everywhere() -> None:
     t = _teacher_outputs()
-    res = metrics.fidelity(t, t, embedder=_bag_embedder)
+    res = metrics.fidelity(t, t, embedder=bag_embedder)
     for key in ("answer_exact", "answer_f1", "answer_semantic", "box_map50", "box_map", "box_map75"):
         assert res[key] == pytest.approx(1.0), key
     assert res["mask_miou"] == pytest.approx(1.0)
@@ -103,7 +89,7 @@ def test_perfect_student_scores_one_everywhere() -> None:
 def test_empty_student_scores_zero() -> None:
     t = _teacher_outputs()
     empty = [{"answer": "", "objects": [], "sources": []} for _ in t]
-    res = metrics.fidelity(t, empty, embedder=_bag_embedder)
+    res = metrics.fidelity(t, empty, embedder=bag_embedder)
     for key in (*metrics.FIDELITY_KEYS, "sources_precision"):
         assert res[key] == 0.0, key
 
@@ -147,7 +133,7 @@ def test_ground_truth_rows_are_scored_side_by_side() -> None:
     t = _teacher_outputs()
     student = [dict(t[0]), {**t[1], "answer": "a blue car"}]
     gt = [None, {"answer": "a blue car", "objects": t[1]["objects"], "sources": ["bus_facts"]}]
-    res = metrics.fidelity(t, student, ground_truth=gt, embedder=_bag_embedder)
+    res = metrics.fidelity(t, student, ground_truth=gt, embedder=bag_embedder)
     assert res["answer_exact"] == pytest.approx(0.5)
     side = res["ground_truth"]
     assert side["n"] == 1
@@ -158,7 +144,7 @@ def test_ground_truth_rows_are_scored_side_by_side() -> None:
 
 def test_length_mismatch_is_an_error() -> None:
     with pytest.raises(ValueError, match="reference outputs"):
-        metrics.compare_outputs(_teacher_outputs(), [], embedder=_bag_embedder)
+        metrics.compare_outputs(_teacher_outputs(), [], embedder=bag_embedder)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -240,8 +226,8 @@ def _photo_rows(n_photos: int, per_photo: int, *, seed: int = 0) -> tuple[list[d
 
 def test_row_scores_give_compare_outputs_figures() -> None:
     teacher, student, _ = _photo_rows(3, 4)
-    point = metrics.compare_outputs(teacher, student, embedder=_bag_embedder)
-    figures = metrics.RowScores(teacher, student, embedder=_bag_embedder).figures()
+    point = metrics.compare_outputs(teacher, student, embedder=bag_embedder)
+    figures = metrics.RowScores(teacher, student, embedder=bag_embedder).figures()
     assert set(figures) == set(metrics.FIDELITY_KEYS)
     for key in metrics.FIDELITY_KEYS:
         assert figures[key] == pytest.approx(point[key]), key
@@ -249,25 +235,23 @@ def test_row_scores_give_compare_outputs_figures() -> None:
 
 def test_bootstrap_interval_contains_the_point_estimate_and_is_seeded() -> None:
     teacher, student, photos = _photo_rows(5, 4)
-    point = metrics.compare_outputs(teacher, student, embedder=_bag_embedder)
-    ci = metrics.fidelity_intervals(teacher, student, photos, embedder=_bag_embedder, resamples=300)
+    point = metrics.compare_outputs(teacher, student, embedder=bag_embedder)
+    ci = metrics.fidelity_intervals(teacher, student, photos, embedder=bag_embedder, resamples=300)
     assert set(ci) == set(metrics.FIDELITY_KEYS)
     for key, interval in ci.items():
         assert interval is not None, key
         lo, hi = interval
         assert 0.0 <= lo <= point[key] <= hi <= 1.0, (key, point[key], interval)
     assert ci["answer_f1"][1] - ci["answer_f1"][0] > 0.05  # about half right: a real spread
-    again = metrics.fidelity_intervals(teacher, student, photos, embedder=_bag_embedder, resamples=300)
+    again = metrics.fidelity_intervals(teacher, student, photos, embedder=bag_embedder, resamples=300)
     assert again == ci
-    other = metrics.fidelity_intervals(
-        teacher, student, photos, embedder=_bag_embedder, resamples=300, seed=1
-    )
+    other = metrics.fidelity_intervals(teacher, student, photos, embedder=bag_embedder, resamples=300, seed=1)
     assert other != ci
 
 
 def test_bootstrap_interval_is_degenerate_for_identical_predictions() -> None:
     teacher, _, photos = _photo_rows(4, 3)
-    ci = metrics.fidelity_intervals(teacher, teacher, photos, embedder=_bag_embedder, resamples=100)
+    ci = metrics.fidelity_intervals(teacher, teacher, photos, embedder=bag_embedder, resamples=100)
     assert ci == {key: [pytest.approx(1.0), pytest.approx(1.0)] for key in metrics.FIDELITY_KEYS}
 
 

@@ -5,14 +5,15 @@ each output by its kind, the embedding must reach the dataset's ``embeddings`` c
 
 from __future__ import annotations
 
-import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from _fixtures import LookupStudent, bag_embedder, noise, run_folder
 from graphdistill.dataset import DatasetWriter, open_dataset
 from graphdistill.eval import metrics
 from graphdistill.filter.filtering import FilterConfig, FilterResult, filter_store
@@ -26,22 +27,6 @@ GROUND_TRUTH = {
     0: {"answer": "There is a cat.", "objects": [{"label": "cat", "box": BOX}]},
     1: {"answer": "There is a dog.", "objects": [{"label": "cat", "box": BOX}]},
 }
-
-
-def _image(seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 255, (24, 32, 3), dtype=np.uint8)
-
-
-def _key(image: np.ndarray, question: str) -> str:
-    return hashlib.sha256(np.ascontiguousarray(image).tobytes() + question.encode()).hexdigest()
-
-
-def _bag_embedder(texts: list[str]) -> np.ndarray:
-    vecs = np.zeros((len(texts), 64), dtype=np.float32)
-    for i, t in enumerate(texts):
-        for w in t.lower().split():
-            vecs[i, sum(map(ord, w)) % 64] += 1.0
-    return vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
 
 
 def toy_graph(notes_first: bool = False) -> Any:
@@ -76,7 +61,7 @@ def _invoke(graph: Any, n: int, question: str = "What is it?") -> None:
             if g in GROUND_TRUTH:
                 meta["ground_truth"] = GROUND_TRUTH[g]
             graph.invoke(
-                {"image": _image(g), "question": question},
+                {"image": noise(g, 24, 32), "question": question},
                 config={
                     "metadata": {
                         "graphdistill_group_id": f"g{g}",
@@ -159,32 +144,18 @@ def test_detections_output_counts_as_objects() -> None:
     assert [(o.label, o.box, o.score) for o in out["objects"]] == [("cat", BOX, 0.8)]
 
 
-class LookupStudent:
-    """Answers each dataset input with the teacher's row, keyed by the graph's own output names (as a
-    student trained on this graph's schema does); ``wrong`` answers every other input wrongly."""
+def _named(wrong: bool = False) -> Callable[[int, dict[str, Any]], dict[str, Any]]:
+    """A student's outputs under this graph's own names, the teacher's row (as a student trained on the graph's
+    schema answers); ``wrong`` answers every other input wrongly."""
 
-    def __init__(self, dataset: Path, wrong: bool = False) -> None:
-        ds = open_dataset(dataset)
-        self.table: dict[str, dict[str, Any]] = {}
-        for i, row in enumerate(ds.all_rows()):
-            reply = "A bus." if wrong and i % 2 == 0 else row["answer"]
-            self.table[_key(ds.image(row), row["question"])] = {
-                "reply": reply,
-                "things": [o.model_dump(mode="json") for o in row["objects"]],
-                "vec": [2.0, 2.0, 3.0],
-            }
+    def output(i: int, row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "reply": "A bus." if wrong and i % 2 == 0 else row["answer"],
+            "things": [o.model_dump(mode="json") for o in row["objects"]],
+            "vec": [2.0, 2.0, 3.0],
+        }
 
-    def predict(self, image: np.ndarray, question: str) -> dict[str, Any]:
-        return self.table[_key(image, question)]
-
-
-def _run_folder(root: Path, dataset: Path) -> Path:
-    from safetensors.numpy import save_file
-
-    root.mkdir(parents=True)
-    save_file({"w": np.zeros(100, dtype=np.float32)}, str(root / "model.safetensors"))
-    (root / "meta.json").write_text(json.dumps({"dataset": str(dataset)}))
-    return root
+    return output
 
 
 def _evaluate(run: Path, dataset: Path, student: LookupStudent) -> dict[str, Any]:
@@ -195,7 +166,7 @@ def _evaluate(run: Path, dataset: Path, student: LookupStudent) -> dict[str, Any
         dataset,
         split="train",
         predictor=student,
-        embedder=_bag_embedder,
+        embedder=bag_embedder,
         teacher_timing=False,
         student_repeats=1,
     )
@@ -203,12 +174,12 @@ def _evaluate(run: Path, dataset: Path, student: LookupStudent) -> dict[str, Any
 
 def test_eval_scores_user_named_outputs_by_kind(filtered: tuple[FilterResult, Path], tmp_path: Path) -> None:
     _, path = filtered
-    res = _evaluate(_run_folder(tmp_path / "run", path), path, LookupStudent(path))
+    res = _evaluate(run_folder(tmp_path / "run", path), path, LookupStudent(path, _named()))
     f = res["fidelity"]
     assert f["answer_exact"] == f["answer_f1"] == f["answer_semantic"] == 1.0
     assert f["box_map50"] == pytest.approx(1.0)
     assert "sources_recall" not in f  # the graph has no SOURCES output: nothing to score
-    wrong = _evaluate(_run_folder(tmp_path / "run_w", path), path, LookupStudent(path, wrong=True))
+    wrong = _evaluate(run_folder(tmp_path / "run_w", path), path, LookupStudent(path, _named(wrong=True)))
     assert wrong["fidelity"]["answer_exact"] == 0.5
     assert sorted(r["answer_f1"] for r in wrong["rows"]) == [0.0, 0.0, 1.0, 1.0]
 
@@ -226,8 +197,8 @@ def test_ground_truth_reaches_the_dataset_report_and_summary(
     assert json.loads(rows["g0"]["ground_truth"])["objects"][0]["score"] == 1.0  # labels get score 1
     assert rows["g2"]["ground_truth"] is None
 
-    run = _run_folder(tmp_path / "run", path)
-    res = _evaluate(run, path, LookupStudent(path))
+    run = run_folder(tmp_path / "run", path)
+    res = _evaluate(run, path, LookupStudent(path, _named()))
     gt = res["ground_truth"]
     assert gt["n"] == 2
     assert gt["teacher"]["answer_exact"] == gt["student"]["answer_exact"] == 0.5  # "dog" vs "cat"
@@ -235,7 +206,7 @@ def test_ground_truth_reaches_the_dataset_report_and_summary(
     write_eval(run, res)
 
     html = build_report(
-        [run], tmp_path / "report.html", gallery_n=1, predictor=LookupStudent(path)
+        [run], tmp_path / "report.html", gallery_n=1, predictor=LookupStudent(path, _named())
     ).read_text()
     table = html[html.index('<table id="fidelity">') :]
     table = table[: table.index("</table>")]
@@ -260,7 +231,7 @@ def test_datasets_written_before_the_new_columns_still_load(tmp_path: Path) -> N
     import pyarrow.parquet as pq
 
     w = DatasetWriter(tmp_path / "old")
-    w.add({"id": "a", "question": "q?", "answer": "A cat."}, _image(0), "train")
+    w.add({"id": "a", "question": "q?", "answer": "A cat."}, noise(0, 24, 32), "train")
     w.close()
     for split in ("train", "val", "test"):
         f = tmp_path / "old" / f"{split}.parquet"

@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 
+from _fixtures import TINY_STUDENT  # noqa: E402
 from graphdistill.export.phone_decode import PhoneDecodeStep, input_names, step_inputs  # noqa: E402
 from graphdistill.student import phone_ops  # noqa: E402
 from graphdistill.student.model import Student, StudentConfig  # noqa: E402
@@ -21,11 +22,20 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:read_text is deprecated:DeprecationWarning"),
 ]
 
-CFG = dict(
-    image_size=64, d_model=32, n_heads=2, enc_layers=2, dec_layers=2, max_question_len=8, max_answer_len=10,
-    max_objects=4, candidates=20, num_masks=8, proto_channels=16, vocab_size=64, num_classes=5,
-    class_token_ids=[40, 41, 42, 43, 0], num_sources=6,
-)  # fmt: skip
+# the tiny student with two layers a side (a per-layer mistake in the decomposition or the cache must show), the
+# 8-token questions and 64-word vocabulary _inputs() draws, 10 answer positions, and five classes, one with no
+# token (a live copy path)
+CFG = {
+    **TINY_STUDENT,
+    "enc_layers": 2,
+    "dec_layers": 2,
+    "max_question_len": 8,
+    "max_answer_len": 10,
+    "vocab_size": 64,
+    "num_classes": 5,
+    "class_token_ids": [40, 41, 42, 43, 0],
+    "num_sources": 6,
+}
 
 
 def _student() -> Student:
@@ -145,6 +155,15 @@ def _pointer(m: Student, enc: dict[str, Any]) -> tuple[Any, ...]:
     return (enc["ptr_keys"].transpose(1, 2), enc["ptr_bias"], enc["ptr_vocab"])
 
 
+def _step_context(m: Student) -> tuple[Any, tuple[Any, ...]]:
+    """What a decode step reads besides its token: the cross-attention keys/values and the copy path's inputs,
+    for a random picture, an 8-token question and the teacher-forced objects."""
+    with torch.no_grad():
+        ids = torch.ones(1, 8, dtype=torch.long)
+        enc = m.encode(torch.randn(1, 3, 64, 64), ids, ids != 0, _objects())
+        return m.cross_kv(enc["memory"]), _pointer(m, enc)
+
+
 @pytest.mark.parametrize("fused_norms", [False, True], ids=["executorch-norms", "onnx-norms"])
 def test_phone_decode_step_equals_the_students_decode_step(fused_norms: bool) -> None:
     """The exported step (folded norms, cache read without this position, per-layer inputs, the copy path's
@@ -210,10 +229,7 @@ def test_decode_step_lowers_to_one_xnnpack_call() -> None:
     from executorch.exir import to_edge_transform_and_lower
 
     m = _student()
-    with torch.no_grad():
-        ids = torch.ones(1, 8, dtype=torch.long)
-        enc = m.encode(torch.randn(1, 3, 64, 64), ids, ids != 0, _objects())
-        cross, pointer = m.cross_kv(enc["memory"]), _pointer(m, enc)
+    cross, pointer = _step_context(m)
 
     class Step(torch.nn.Module):
         def forward(
@@ -254,10 +270,7 @@ def test_int8_quantizes_the_steps_linear_layers_but_not_its_norm_statistics() ->
     from graphdistill.export.quantize import quantize_pt2e
 
     m = _student()
-    with torch.no_grad():
-        ids = torch.ones(1, 8, dtype=torch.long)
-        enc = m.encode(torch.randn(1, 3, 64, 64), ids, ids != 0, _objects())
-        cross, pointer = m.cross_kv(enc["memory"]), _pointer(m, enc)
+    cross, pointer = _step_context(m)
     example = step_inputs(
         torch.ones(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), cross, m.empty_cache(1), pointer
     )

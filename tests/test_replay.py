@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from _fixtures import H, W, ellipse_mask
 from graphdistill.graphs import GraphBuilder
 from graphdistill.graphs.replay import ReplayGraphError, replay_nodes
 from graphdistill.recording.recorder import graph_identity, record
@@ -39,20 +40,12 @@ from graphdistill.store.trace_store import TraceStore
 from graphdistill.trace import RLE, Detections, Document, Kind, Masks, ObjectOut, Trace
 
 LABELS = ["person", "cat", "dog", "cup", "bird"]
-H, W = 40, 60
 
 
 class ToyDetector:
     model_id = "toy-detector"
     weights_sha256 = "ab" * 32
     names = LABELS
-
-
-def ellipse(box: list[float]) -> np.ndarray:
-    x1, y1, x2, y2 = box
-    yy, xx = np.mgrid[0:H, 0:W]
-    cx, cy, rx, ry = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
-    return ((xx + 0.5 - cx) / rx) ** 2 + ((yy + 0.5 - cy) / ry) ** 2 <= 1
 
 
 class Toy:
@@ -80,7 +73,9 @@ class Toy:
     def segment(self, r: dict[str, Any]) -> dict[str, Any]:
         self.calls["segment"] += 1
         dets = r["detections"]
-        return {"masks": Masks(rles=[RLE.encode(ellipse(b)) for b in dets.xyxy], scores=[0.9] * len(dets))}
+        return {
+            "masks": Masks(rles=[RLE.encode(ellipse_mask(b)) for b in dets.xyxy], scores=[0.9] * len(dets))
+        }
 
     def retrieve(self, r: dict[str, Any]) -> dict[str, Any]:
         self.calls["retrieve"] += 1
@@ -438,7 +433,7 @@ def _state() -> dict[str, Any]:
             scores=[0.9, 0.8, 0.7],
             image_size=[H, W],
         ),
-        "masks": Masks(rles=[RLE.encode(ellipse(b)) for b in boxes], scores=[0.95, 0.85, 0.75]),
+        "masks": Masks(rles=[RLE.encode(ellipse_mask(b)) for b in boxes], scores=[0.95, 0.85, 0.75]),
     }
 
 

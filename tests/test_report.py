@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from html.parser import HTMLParser
@@ -12,6 +11,16 @@ from typing import Any
 import numpy as np
 import pytest
 
+from _fixtures import (
+    LookupStudent,
+    W,
+    bag_embedder,
+    make_trace,
+    obj,
+    run_folder,
+    teacher_answer,
+    train_tiny_run,
+)
 from graphdistill.dataset import make_synthetic_dataset, open_dataset
 from graphdistill.eval import cost
 from graphdistill.eval.evaluate import COST_KEYS, FIDELITY_KEYS, evaluate_run
@@ -27,44 +36,11 @@ pytestmark = [
 ]
 
 
-def _bag_embedder(texts: list[str]) -> np.ndarray:
-    vecs = np.zeros((len(texts), 64), dtype=np.float32)
-    for i, t in enumerate(texts):
-        for w in t.lower().split():
-            vecs[i, sum(map(ord, w)) % 64] += 1.0
-    return vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
-
-
-def _key(image: np.ndarray, question: str) -> str:
-    return hashlib.sha256(np.ascontiguousarray(image).tobytes() + question.encode()).hexdigest()
-
-
-class LookupStudent:
-    """A stand-in student that answers from a table of known outputs; ``degrade`` drops its last object and
-    blanks the answer on every other input, so the fidelity it earns is known."""
-
-    def __init__(self, dataset: Path, degrade: bool = False) -> None:
-        ds = open_dataset(dataset)
-        self.table: dict[str, dict[str, Any]] = {}
-        for i, row in enumerate(ds.all_rows()):
-            out = {"answer": row["answer"], "objects": list(row["objects"]), "sources": list(row["sources"])}
-            if degrade and i % 2 == 0:
-                out = {"answer": "", "objects": out["objects"][:-1], "sources": out["sources"]}
-            self.table[_key(ds.image(row), row["question"])] = out
-        self.calls = 0
-
-    def predict(self, image: np.ndarray, question: str) -> dict[str, Any]:
-        self.calls += 1
-        return self.table[_key(image, question)]
-
-
-def _run_folder(root: Path, dataset: Path, n_params: int = 1000) -> Path:
-    from safetensors.numpy import save_file
-
-    root.mkdir(parents=True)
-    save_file({"w": np.zeros(n_params, dtype=np.float32)}, str(root / "model.safetensors"))
-    (root / "meta.json").write_text(json.dumps({"dataset": str(dataset)}))
-    return root
+def _degraded(i: int, row: dict[str, Any]) -> dict[str, Any]:
+    """A student that blanks the answer and drops the last object on every other input, so the fidelity it
+    earns is known."""
+    out = teacher_answer(i, row)
+    return {**out, "answer": "", "objects": out["objects"][:-1]} if i % 2 == 0 else out
 
 
 GRAPH_FILE = """
@@ -108,12 +84,12 @@ def _teacher_graph_file(tmp_path: Path, dataset: Path) -> str:
 
 @pytest.mark.slow
 def test_perfect_student_scores_one_and_teacher_is_timed(tmp_path: Path, synthetic: Path) -> None:
-    run = _run_folder(tmp_path / "run", synthetic)
+    run = run_folder(tmp_path / "run", synthetic)
     res = evaluate_run(
         run,
         synthetic,
         predictor=LookupStudent(synthetic),
-        embedder=_bag_embedder,
+        embedder=bag_embedder,
         graph_spec=_teacher_graph_file(tmp_path, synthetic),
         teacher_n=2,
         student_repeats=2,
@@ -137,12 +113,12 @@ def test_perfect_student_scores_one_and_teacher_is_timed(tmp_path: Path, synthet
 
 @pytest.mark.slow
 def test_degraded_student_and_the_report(tmp_path: Path, synthetic: Path) -> None:
-    run = _run_folder(tmp_path / "run_a", synthetic)
+    run = run_folder(tmp_path / "run_a", synthetic)
     res = evaluate_run(
         run,
         synthetic,
-        predictor=LookupStudent(synthetic, degrade=True),
-        embedder=_bag_embedder,
+        predictor=LookupStudent(synthetic, _degraded),
+        embedder=bag_embedder,
         teacher_timing=False,
         student_repeats=1,
         val=True,
@@ -162,9 +138,9 @@ def test_degraded_student_and_the_report(tmp_path: Path, synthetic: Path) -> Non
     write_eval(run, res)
 
     # a second "run" evaluated with a perfect student, to exercise the multi-run plot
-    run_b = _run_folder(tmp_path / "run_b", synthetic, n_params=500)
+    run_b = run_folder(tmp_path / "run_b", synthetic, n_params=500)
     res_b = evaluate_run(
-        run_b, synthetic, predictor=LookupStudent(synthetic), embedder=_bag_embedder, teacher_timing=False
+        run_b, synthetic, predictor=LookupStudent(synthetic), embedder=bag_embedder, teacher_timing=False
     )
     write_eval(run_b, res_b)
     meta_b = json.loads((run_b / "meta.json").read_text())
@@ -182,7 +158,7 @@ def test_degraded_student_and_the_report(tmp_path: Path, synthetic: Path) -> Non
         tmp_path / "out" / "report.html",
         scaling=scaling,
         gallery_n=4,
-        predictor=LookupStudent(synthetic, degrade=True),
+        predictor=LookupStudent(synthetic, _degraded),
     )
     page = _parse(out.read_text())
     for section in ("headline", "fidelity", "cost", "plots", "scaling", "gallery"):
@@ -326,34 +302,11 @@ def test_teacher_params_are_counted_from_the_graph_nodes_adapters() -> None:
 # A real tiny run: the student stage's own training on a synthetic dataset, then the CLI commands
 # ---------------------------------------------------------------------------------------------------------
 
-TINY_STUDENT = dict(
-    image_size=64,
-    d_model=32,
-    n_heads=2,
-    enc_layers=1,
-    dec_layers=1,
-    max_question_len=16,
-    max_answer_len=12,
-    max_objects=4,
-    candidates=20,
-    num_masks=8,
-    proto_channels=16,
-)
-
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from graphdistill.student.train import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("real")
-    ds = make_synthetic_dataset(root / "ds", n=12, seed=0, size=64)
-    overrides = {**TINY_STUDENT, "num_classes": len(ds.class_names), "num_sources": len(ds.documents)}
-    cfg = TrainConfig(
-        dataset=str(root / "ds"), out=str(root / "run"), epochs=1, batch_size=8, device="cpu", vocab_size=300,
-        warmup_steps=1, overrides=overrides,
-    )  # fmt: skip
-    train(cfg)
-    return root / "run", root / "ds"
+    run = train_tiny_run(tmp_path_factory.mktemp("real"))
+    return run, run.parent / "ds"
 
 
 @pytest.mark.slow
@@ -434,7 +387,7 @@ def test_eval_command_names_a_bad_input(tmp_path: Path, capsys: pytest.CaptureFi
 
     assert main(["eval", str(tmp_path / "nope"), "--dataset", str(tmp_path)]) == 2
     assert "nope" in capsys.readouterr().err
-    run = _run_folder(tmp_path / "run", tmp_path / "missing_ds")
+    run = run_folder(tmp_path / "run", tmp_path / "missing_ds")
     assert main(["eval", str(run), "--dataset", str(tmp_path / "missing_ds")]) == 2
     assert "missing_ds" in capsys.readouterr().err
     (tmp_path / "ds").mkdir()
@@ -462,12 +415,12 @@ def test_replay_rows_are_left_out_of_the_evaluation(tmp_path: Path, synthetic: P
             writer.add({**edited, "replay": replay}, src.image(row), split)
     writer.close()
     assert sum(r["replay"] is not None for r in open_dataset(mixed).rows("test")) == src.splits["test"]
-    run = _run_folder(tmp_path / "run", mixed)
+    run = run_folder(tmp_path / "run", mixed)
     res = evaluate_run(
         run,
         mixed,
         predictor=LookupStudent(synthetic),
-        embedder=_bag_embedder,
+        embedder=bag_embedder,
         teacher_timing=False,
         student_repeats=1,
         val=True,
@@ -486,7 +439,6 @@ def test_the_teacher_against_itself_scores_its_other_samples_against_the_referen
     from graphdistill.eval.evaluate import output_kinds_of, teacher_samples
     from graphdistill.filter.filtering import FilterConfig, filter_store
     from graphdistill.store.trace_store import TraceStore
-    from test_vote import W, make_trace, obj
 
     store = TraceStore(tmp_path / "store")
     blobs: dict[str, bytes] = {}

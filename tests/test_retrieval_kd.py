@@ -4,13 +4,13 @@ synthetic queries made the graph's way, and the sources head learns that ranking
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from _fixtures import bag_embedder, dataset_offering, tiny_train_config
 from graphdistill.student.retrieval_kd import (
     MAX_LABELS,
     make_retrieval_queries,
@@ -29,15 +29,6 @@ DOCS = [
     "A dog is a loyal pet that barks.",
     "A cup is for drinking coffee or tea.",
 ]
-
-
-def _bag_embed(texts: Sequence[str]) -> np.ndarray:
-    """A toy text embedder: L2-normalised bags of hashed lower-case words (cosine = shared words)."""
-    out = np.zeros((len(texts), 64), dtype=np.float32)
-    for i, t in enumerate(texts):
-        for w in t.lower().replace(".", " ").replace("?", " ").split():
-            out[i, sum(map(ord, w)) % 64] += 1.0
-    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-6)
 
 
 def test_labelled_query_is_the_question_then_each_label_once() -> None:
@@ -74,14 +65,14 @@ def test_synthetic_queries_swap_the_class_a_question_names_or_quote_a_document()
 
 def test_teacher_targets_are_the_embedders_top_k_documents() -> None:
     texts = ["Is there a cat? cat", "coffee cup", "What barks? dog traffic light"]
-    t = teacher_targets(_bag_embed, texts, DOCS, k=2)
+    t = teacher_targets(bag_embedder, texts, DOCS, k=2)
     assert t.shape == (3, 4) and t.sum(1).tolist() == [2.0, 2.0, 2.0]
     assert t[0, 0] == 1 and t[1, 3] == 1 and t[2, 2] == 1
-    sims = _bag_embed(texts) @ _bag_embed(DOCS).T
+    sims = bag_embedder(texts) @ bag_embedder(DOCS).T
     expected = np.argsort(-sims, axis=1)[:, :2]
     assert [set(r) for r in expected.tolist()] == [set(np.nonzero(r)[0].tolist()) for r in t.numpy()]
     with pytest.raises(ValueError, match="documents"):
-        teacher_targets(_bag_embed, texts, [], k=2)
+        teacher_targets(bag_embedder, texts, [], k=2)
 
 
 def test_ranking_recall_is_the_evaluations_sources_recall() -> None:
@@ -97,7 +88,7 @@ def test_retrieval_queries_tokenise_the_question_and_keep_the_labels() -> None:
 
     tok = StudentTokenizer.train(["Is there a cat in the picture?"] * 3, vocab_size=300, class_names=CLASSES)
     rq = make_retrieval_queries(
-        _bag_embed,
+        bag_embedder,
         2,
         questions=["Is there a cat in the picture?"],
         documents=DOCS,
@@ -120,28 +111,12 @@ def test_retrieval_queries_tokenise_the_question_and_keep_the_labels() -> None:
 
 # ---- training learns the retriever's ranking ---------------------------------------------------------------
 
-TINY = dict(image_size=64, d_model=32, n_heads=2, enc_layers=1, dec_layers=1, max_objects=4, candidates=20)
-
-
-def _dataset_with_retriever(root: Path) -> Path:
-    """The synthetic dataset, its graph's retrieve node offering a text embedder (as a recorded visual_rag's
-    does)."""
-    from graphdistill.dataset import make_synthetic_dataset
-
-    make_synthetic_dataset(root, n=6, seed=0, size=64)
-    manifest = json.loads((root / "manifest.json").read_text())
-    manifest["graph"]["offers"] = {
-        "retrieve": {"kind": "text-retriever", "embedder": "toy-bag", "weights_sha256": "c" * 64, "k": 1}
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
-
 
 def test_training_teaches_the_sources_head_the_offered_retrievers_ranking(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import graphdistill.teachers.base as base
-    from graphdistill.student.train import TrainConfig, TrainRecipe
+    from graphdistill.student.train import TrainRecipe
 
     asked: list[tuple[dict[str, Any], str]] = []
 
@@ -149,20 +124,19 @@ def test_training_teaches_the_sources_head_the_offered_retrievers_ranking(
         asked.append((ref, node))
         return base.RetrievalTeacher(
             kind="text-retriever",
-            embed=_bag_embed,
+            embed=bag_embedder,
             k=int(ref["k"]),
             model_id="toy/bag",
             weights_sha256="c" * 64,
         )
 
     monkeypatch.setattr(base, "load_offer", fake_load_offer)
-    ds = _dataset_with_retriever(tmp_path / "ds")
+    # the synthetic dataset, its graph's retrieve node offering a text embedder (as a recorded visual_rag's does)
+    offer = {"kind": "text-retriever", "embedder": "toy-bag", "weights_sha256": "c" * 64, "k": 1}
+    ds = dataset_offering(tmp_path / "ds", {"retrieve": offer})
 
     def recipe(out: str, n: int) -> Any:
-        cfg = TrainConfig(
-            dataset=str(ds), out=str(tmp_path / out), epochs=12, batch_size=6, device="cpu", vocab_size=300,
-            warmup_steps=1, lr=3e-3, overrides=dict(TINY), start="none", retrieval_queries=n,
-        )  # fmt: skip
+        cfg = tiny_train_config(ds, tmp_path / out, epochs=12, lr=3e-3, start="none", retrieval_queries=n)
         r = TrainRecipe(cfg)
         r.setup()
         return r

@@ -383,12 +383,7 @@ def test_real_reference_graph_through_the_cli(
     import _models
     from graphdistill.graphs.visual_rag import visual_rag
 
-    teachers: dict[str, Any] = {
-        "detector": _models.detector(),
-        "segmenter": _models.segmenter(),
-        "llm": _models.llm(),
-        "retriever": _models.retriever(),
-    }
+    teachers = _models.visual_rag_teachers()
     mod = types.ModuleType("gd_test_real_graph")
     mod.graph = lambda: visual_rag(teachers=teachers)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "gd_test_real_graph", mod)

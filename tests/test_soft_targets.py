@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 pytest.importorskip("tokenizers")
 
+from _fixtures import TINY_STUDENT, tiny_train_config  # noqa: E402
 from graphdistill.student.loader import StudentDataset, align_soft_targets, collate  # noqa: E402
 from graphdistill.student.losses import compute_losses  # noqa: E402
 from graphdistill.student.model import EOS_ID, Student, StudentConfig  # noqa: E402
@@ -164,21 +165,17 @@ def _dataset(path: Path, records: list[TokenLogprobs | dict[str, Any] | None]) -
 
 
 def _config(tok: StudentTokenizer) -> StudentConfig:
-    return StudentConfig(  # type: ignore[call-arg]
-        image_size=64,
-        max_objects=2,
-        candidates=10,
-        num_masks=4,
-        proto_channels=8,
-        d_model=32,
-        n_heads=2,
-        enc_layers=1,
-        dec_layers=1,
-        num_classes=3,
-        num_sources=3,
-        vocab_size=tok.vocab_size,
-        max_question_len=8,
-        max_answer_len=MAX_LEN,
+    """The tiny student sized for this test's dataset: three classes and documents, ``tok``'s vocabulary, short
+    questions and MAX_LEN answer positions."""
+    return StudentConfig(
+        **{
+            **TINY_STUDENT,
+            "num_classes": 3,
+            "num_sources": 3,
+            "vocab_size": tok.vocab_size,
+            "max_question_len": 8,
+            "max_answer_len": MAX_LEN,
+        }
     )
 
 
@@ -241,20 +238,10 @@ def test_answer_kl_on_aligned_soft_targets_is_positive_and_falls(tok: StudentTok
 
 
 def test_the_trainer_distils_the_aligned_top_k_without_extra_flags(tmp_path: Path) -> None:
-    from graphdistill.student.train import TrainConfig, train
+    from graphdistill.student.train import train
 
     ds = _dataset(tmp_path / "ds", [teacher_record()] * 3)
     torch.manual_seed(0)
-    cfg = TrainConfig(
-        dataset=str(ds.root),
-        out=str(tmp_path / "run"),
-        epochs=2,
-        batch_size=3,
-        device="cpu",
-        vocab_size=300,
-        overrides=dict(
-            image_size=64, max_objects=2, candidates=10, d_model=32, n_heads=2, enc_layers=1, dec_layers=1
-        ),
-    )
+    cfg = tiny_train_config(ds.root, tmp_path / "run", epochs=2, batch_size=3)
     history = train(cfg)["history"]
     assert history[0]["train_loss"]["answer_kl"] > 0.01  # the trainer's own BPE, the teacher's top-k mapped

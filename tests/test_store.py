@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _fixtures import noise
 from _netguard import subprocess_env
 from graphdistill.store.parquet import export_parquet
 from graphdistill.store.trace_store import (
@@ -28,9 +29,12 @@ from graphdistill.trace import GraphId, NodeSpan, Trace, content_hash, encode_va
 GRAPH = GraphId(name="toy", hash="h" * 8)
 
 
-def make_trace(seed: int, sample_index: int = 0, *, status: str = "ok") -> tuple[Trace, dict[str, bytes]]:
+def seeded_trace(seed: int, sample_index: int = 0, *, status: str = "ok") -> tuple[Trace, dict[str, bytes]]:
+    """A one-span toy trace and its blobs: a 12 x 16 picture of noise from ``seed`` and its mask (two blobs
+    per seed), or a failed run. Not the visual_rag-shaped ``_fixtures.make_trace``: the store's promises are
+    about bytes, blobs and rows, whatever the graph."""
     blobs: dict[str, bytes] = {}
-    image = np.random.default_rng(seed).integers(0, 255, (12, 16, 3), dtype=np.uint8)
+    image = noise(seed, 12, 16)
     inputs = encode_value({"image": image, "question": f"q{seed}"}, blobs)
     ih = content_hash(inputs)
     mask = encode_value({"mask": image[..., 0] > 128}, blobs)
@@ -55,18 +59,16 @@ def blob_files(root: Path) -> list[str]:
 
 def test_append_get_roundtrip_and_queries(tmp_path: Path) -> None:
     store = TraceStore(tmp_path / "s")
-    t0, b0 = make_trace(0)
-    t1, b1 = make_trace(0, sample_index=1)
-    t2, b2 = make_trace(2, status="error")
+    t0, b0 = seeded_trace(0)
+    t1, b1 = seeded_trace(0, sample_index=1)
+    t2, b2 = seeded_trace(2, status="error")
     ids = [store.append(t, b) for t, b in ((t0, b0), (t1, b1), (t2, b2))]
     assert ids == [t0.id, t1.id, t2.id]
     got = store.get(t0.id)
     assert got == t0
     image = store.load(got.inputs["image"])
     assert image.shape == (12, 16, 3) and image.dtype == np.uint8
-    np.testing.assert_array_equal(
-        image, np.random.default_rng(0).integers(0, 255, (12, 16, 3), dtype=np.uint8)
-    )
+    np.testing.assert_array_equal(image, noise(0, 12, 16))
     assert store.load(got.output["mask"]).dtype == bool
     assert store.count() == 3
     assert store.count(status="error") == 1
@@ -89,9 +91,9 @@ def test_append_get_roundtrip_and_queries(tmp_path: Path) -> None:
 
 def test_delete_then_gc_removes_only_unreferenced_blobs(tmp_path: Path) -> None:
     store = TraceStore(tmp_path)
-    t0, b0 = make_trace(0)
-    t1, b1 = make_trace(0, sample_index=1)  # same blobs as t0
-    t2, b2 = make_trace(2)
+    t0, b0 = seeded_trace(0)
+    t1, b1 = seeded_trace(0, sample_index=1)  # same blobs as t0
+    t2, b2 = seeded_trace(2)
     for t, b in ((t0, b0), (t1, b1), (t2, b2)):
         store.append(t, b)
     assert store.delete(t0.id) and not store.delete(t0.id)
@@ -107,25 +109,25 @@ def test_delete_then_gc_removes_only_unreferenced_blobs(tmp_path: Path) -> None:
 
 def test_bad_traces_are_refused_and_nothing_is_touched(tmp_path: Path) -> None:
     store = TraceStore(tmp_path)
-    good, gb = make_trace(0)
+    good, gb = seeded_trace(0)
     store.append(good, gb)
     before_files = blob_files(tmp_path)
 
-    bad = json.loads(make_trace(1)[0].to_json())
+    bad = json.loads(seeded_trace(1)[0].to_json())
     del bad["group_id"]
     with pytest.raises(TraceValidationError, match="group_id"):
-        store.append(bad, make_trace(1)[1])
-    bad2 = json.loads(make_trace(1)[0].to_json())
+        store.append(bad, seeded_trace(1)[1])
+    bad2 = json.loads(seeded_trace(1)[0].to_json())
     bad2["sample_index"] = -1
     with pytest.raises(TraceValidationError, match="sample_index"):
-        store.append(bad2, make_trace(1)[1])
-    t3, b3 = make_trace(3)
+        store.append(bad2, seeded_trace(1)[1])
+    t3, b3 = seeded_trace(3)
     with pytest.raises(TraceValidationError, match="neither given nor in the store"):
         store.append(t3, {})  # references blobs nobody has
     with pytest.raises(TraceValidationError, match="does not hash"):
         store.append(t3, {k: v + b"x" for k, v in b3.items()})
     with pytest.raises(DuplicateTraceError, match="already stored"):
-        store.append(make_trace(0)[0], gb)  # same input, sample and graph as `good`
+        store.append(seeded_trace(0)[0], gb)  # same input, sample and graph as `good`
     assert store.count() == 1 and store.get(good.id) == good
     assert blob_files(tmp_path) == before_files
     store.close()
@@ -134,9 +136,9 @@ def test_bad_traces_are_refused_and_nothing_is_touched(tmp_path: Path) -> None:
 
 def test_blob_reuse_without_bytes_and_corruption_detected(tmp_path: Path) -> None:
     store = TraceStore(tmp_path)
-    t0, b0 = make_trace(0)
+    t0, b0 = seeded_trace(0)
     store.append(t0, b0)
-    t1, _ = make_trace(0, sample_index=1)
+    t1, _ = seeded_trace(0, sample_index=1)
     store.append(t1, {})  # its blobs are already in the store
     sha = next(iter(b0))
     store.blob_path(sha).write_bytes(b"garbage")
@@ -146,12 +148,12 @@ def test_blob_reuse_without_bytes_and_corruption_detected(tmp_path: Path) -> Non
 
 
 def test_readonly_store_reads_and_refuses_writes(tmp_path: Path) -> None:
-    t0, b0 = make_trace(0)
+    t0, b0 = seeded_trace(0)
     TraceStore(tmp_path).append(t0, b0)
     ro = TraceStore(tmp_path, readonly=True)
     assert ro.get(t0.id) == t0
     with pytest.raises(StoreError, match="read-only"):
-        ro.append(*make_trace(1))
+        ro.append(*seeded_trace(1))
     with pytest.raises(StoreError, match="not a trace store"):
         TraceStore(tmp_path / "nothing", readonly=True)
 
@@ -160,9 +162,9 @@ def test_export_parquet_one_row_per_trace_in_shards(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     store = TraceStore(tmp_path / "s")
-    traces = [make_trace(i)[0] for i in range(4)] + [make_trace(9, status="error")[0]]
+    traces = [seeded_trace(i)[0] for i in range(4)] + [seeded_trace(9, status="error")[0]]
     for i, t in enumerate(traces):
-        store.append(t, make_trace(i if i < 4 else 9, status=t.status)[1])
+        store.append(t, seeded_trace(i if i < 4 else 9, status=t.status)[1])
     paths = export_parquet(store, tmp_path / "pq", shard_rows=2)
     assert [p.name for p in paths] == [f"traces-0000{i}.parquet" for i in range(3)]
     table = pq.read_table(tmp_path / "pq")  # a folder of shards reads as one table
@@ -193,7 +195,7 @@ WRITER = textwrap.dedent(
     """
     import sys, os
     sys.path.insert(0, {tests!r})
-    from test_store import make_trace
+    from test_store import seeded_trace
     from graphdistill.store.trace_store import TraceStore
     store = TraceStore(sys.argv[1])
     start, n = int(sys.argv[2]), int(sys.argv[3])
@@ -209,7 +211,7 @@ WRITER = textwrap.dedent(
             real_write(self, sha, data)
         TraceStore._write_blob = write_then_die
     for i in range(start, start + n):
-        t, b = make_trace(i)
+        t, b = seeded_trace(i)
         store.append(t, b)
         print(t.id, flush=True)  # acknowledged
     """
@@ -242,7 +244,7 @@ def test_acknowledged_appends_survive_kill_9(tmp_path: Path) -> None:
     assert store.count() >= len(acked)
     assert store.check()["ok"]
     assert not list((tmp_path / "s" / "blobs").rglob(".tmp-*"))
-    t, b = make_trace(10**6)
+    t, b = seeded_trace(10**6)
     store.append(t, b)  # usable
     assert store.get(t.id) == t
 
@@ -272,7 +274,7 @@ def test_crash_during_append_shows_no_trace(tmp_path: Path, crash: str, blobs_le
     assert not stray.exists()
     assert store.check()["ok"]
     assert store.gc(grace_s=0) == blobs_left  # orphans of the crashed append
-    t, b = make_trace(0)
+    t, b = seeded_trace(0)
     store.append(t, b)  # the same trace can now be stored
     assert store.load(store.get(t.id).inputs["image"]).shape == (12, 16, 3)
 
@@ -303,7 +305,7 @@ def test_several_processes_append_at_once(tmp_path: Path) -> None:
 
 def test_iter_pages_through_the_store_in_order(tmp_path: Path) -> None:
     store = TraceStore(tmp_path)
-    ids = [store.append(*make_trace(i)) for i in range(5)]
+    ids = [store.append(*seeded_trace(i)) for i in range(5)]
     assert [t.id for t in store.iter(page=2)] == ids
     assert [t.id for t in store.iter(page=2, limit=3)] == ids[:3]
     assert [r["id"] for r in store.rows(limit=2)] == ids[:2]

@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 
+from _fixtures import TINY_STUDENT  # noqa: E402
 from graphdistill.student.losses import (  # noqa: E402
     KD_MIN_SCORE,
     LossWeights,
@@ -163,8 +164,15 @@ def test_detection_losses_leave_out_rows_whose_objects_do_not_describe_the_image
 def test_dense_losses_pull_a_cell_onto_the_teachers_object_and_mask() -> None:
     """Minimising det_cls + det_box + det_dfl + mask_bce from random dense outputs: each loss falls, and the
     student's own selection then reports the teacher's object (class, box, mask)."""
+    # the tiny student at this test's canvas and classes, with the 4 masks _dense() draws; only its selection runs
     cfg = StudentConfig(
-        image_size=S, num_classes=C, max_objects=2, candidates=10, num_masks=4, outputs={"objects": "objects"}
+        **{
+            **TINY_STUDENT,
+            "image_size": S,
+            "num_classes": C,
+            "num_masks": 4,
+            "outputs": {"objects": "objects"},
+        }
     )
     student = Student(cfg).eval()
     out = _dense(1, seed=1)

@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 pytest.importorskip("tokenizers")
 
+from _fixtures import TINY_STUDENT_96  # noqa: E402
 from graphdistill.student.loader import (  # noqa: E402
     MEAN,
     STD,
@@ -39,23 +40,19 @@ from graphdistill.student.model import (  # noqa: E402
 from graphdistill.student.tokenizer import StudentTokenizer  # noqa: E402
 from graphdistill.student.trunks import make_anchors  # noqa: E402
 
-SMALL = dict(
-    image_size=96,
-    d_model=64,
-    n_heads=2,
-    enc_layers=1,
-    dec_layers=2,
-    max_objects=4,
-    candidates=20,
-    num_masks=8,
-    proto_channels=16,
-    num_classes=3,
-    class_token_ids=[100, 101, 102],
-    num_sources=3,
-    vocab_size=120,
-    max_question_len=10,
-    max_answer_len=16,
-)
+# the tiny student at 96 px (CELLS_96 and the memory-length checks count its 3 x 3 stride-32 grid) with two
+# decoder layers (the KV cache's layer axis is not trivial), and by hand what the trainer would derive from a
+# dataset: three classes and documents, the vocabulary and the texts' lengths
+SMALL = {
+    **TINY_STUDENT_96,
+    "dec_layers": 2,
+    "num_classes": 3,
+    "class_token_ids": [100, 101, 102],
+    "num_sources": 3,
+    "vocab_size": 120,
+    "max_question_len": 10,
+    "max_answer_len": 16,
+}
 CELLS_96 = (96 // 8) ** 2 + (96 // 16) ** 2 + (96 // 32) ** 2  # every cell of strides 8, 16, 32
 
 

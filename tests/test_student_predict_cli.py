@@ -18,6 +18,7 @@ pytest.importorskip("torch")
 pytest.importorskip("timm")
 pytest.importorskip("tokenizers")
 
+from _fixtures import TINY_STUDENT
 from graphdistill.cli import main
 
 # two toy teachers' outputs, between them every kind whose JSON differs: text, OBJECTS (with masks), SOURCES
@@ -94,18 +95,9 @@ def student_run(
                 batch_size=4,
                 device="cpu",
                 vocab_size=400,
-                overrides=dict(
-                    image_size=96,
-                    max_objects=4,
-                    candidates=20,
-                    # one epoch scores every cell far below the teacher's threshold: keep what the NMS leaves,
-                    # so the lists whose shape is compared are not empty
-                    score_threshold=0.0,
-                    d_model=64,
-                    n_heads=2,
-                    enc_layers=1,
-                    dec_layers=1,
-                ),
+                # one epoch scores every cell far below the teacher's threshold: keep what the NMS leaves, so
+                # the lists whose shape is compared are not empty
+                overrides={**TINY_STUDENT, "score_threshold": 0.0},
             )
         )
     finally:

@@ -33,12 +33,7 @@ def _record_and_filter(tmp_path: Path) -> Path:
     from graphdistill.recording.recorder import record
     from graphdistill.store.trace_store import TraceStore
 
-    teachers = {
-        "detector": _models.detector(),
-        "segmenter": _models.segmenter(),
-        "llm": _models.llm(),
-        "retriever": _models.retriever(),
-    }
+    teachers = _models.visual_rag_teachers()
     store = TraceStore(tmp_path / "store")
     graph = record(visual_rag(teachers=teachers), store)
     for photo_id in PHOTOS:  # one greedy run per photo: K=1, the consensus is that run

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from _fixtures import dataset_offering, tiny_train_config
 from graphdistill.graphs import GraphBuilder
 from graphdistill.teachers.base import OFFER_LOADERS, OfferError, load_offer, pick_offer
 from graphdistill.trace import Kind
@@ -201,53 +202,29 @@ def test_a_fresh_student_started_from_yolo_already_finds_the_teachers_boxes(
 
 # ---- training started from the detector, and the licence it carries ------------------------------------------
 
-TINY = dict(image_size=64, d_model=32, n_heads=2, enc_layers=1, dec_layers=1, max_objects=4, candidates=20)
-
-
-def _dataset_offering(root: Path, offer: dict[str, Any] | None) -> Path:
-    """The synthetic dataset, its graph's detect node offering ``offer`` (as a recorded YOLO graph's does)."""
-    from graphdistill.dataset import make_synthetic_dataset
-
-    make_synthetic_dataset(root, n=6, seed=0, size=64)
-    manifest = json.loads((root / "manifest.json").read_text())
-    manifest["graph"]["offers"] = {"detect": offer} if offer else {}
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
-
-
-def _train_cfg(ds: Path, out: Path, **kw: Any) -> Any:
-    from graphdistill.student.train import TrainConfig
-
-    base: dict[str, Any] = dict(
-        dataset=str(ds), out=str(out), epochs=1, batch_size=6, device="cpu", vocab_size=300, warmup_steps=1,
-        overrides=dict(TINY),
-    )  # fmt: skip
-    base.update(kw)
-    return TrainConfig(**base)
-
 
 def test_start_none_or_a_graph_offering_nothing_gives_a_trunk_from_scratch(tmp_path: Path) -> None:
     from graphdistill.student.train import TrainRecipe
     from graphdistill.student.trunks import TimmTrunk
 
     broken = {"kind": "ultralytics-detect", "weights": str(tmp_path / "gone.pt"), "weights_sha256": "0" * 64}
-    offering = _dataset_offering(tmp_path / "offering", broken)
-    silent = _dataset_offering(tmp_path / "silent", None)
+    offering = dataset_offering(tmp_path / "offering", {"detect": broken})
+    silent = dataset_offering(tmp_path / "silent", {})
     for ds, start in ((offering, "none"), (silent, "auto")):
-        recipe = TrainRecipe(_train_cfg(ds, tmp_path / f"run-{start}", start=start))
+        recipe = TrainRecipe(tiny_train_config(ds, tmp_path / f"run-{start}", start=start))
         recipe.setup()  # "none" never even loads the (broken) offer
         assert recipe.start is None and isinstance(recipe.model.trunk, TimmTrunk)
         assert recipe.model_config.trunk == "timm" and recipe.meta()["started_from"] is None
         assert recipe.meta()["preprocessing"]["std"] != [1.0, 1.0, 1.0]  # ImageNet-normalised input
     # "auto" loads what the graph offers, and an offer that cannot be loaded is an error naming it
     with pytest.raises(OfferError, match=r"gone\.pt"):
-        TrainRecipe(_train_cfg(offering, tmp_path / "run-auto-broken")).setup()
+        TrainRecipe(tiny_train_config(offering, tmp_path / "run-auto-broken")).setup()
     for bad, message in (
         ({"start": "yolo"}, "start must be 'auto' or 'none'"),
         ({"freeze": "all"}, "freeze"),
     ):
         with pytest.raises(ValueError, match=message):
-            TrainRecipe(_train_cfg(silent, tmp_path / "bad", **bad)).setup()
+            TrainRecipe(tiny_train_config(silent, tmp_path / "bad", **bad)).setup()
 
 
 @pytest.mark.slow
@@ -264,8 +241,10 @@ def test_a_run_started_from_yolo_carries_its_weights_and_licence_into_meta_and_t
     from graphdistill.student.train import TrainRecipe
 
     offer = _models.detector().student_offer()
-    ds = _dataset_offering(tmp_path / "ds", offer)
-    recipe = TrainRecipe(_train_cfg(ds, tmp_path / "run", epochs=2, **({"freeze": freeze} if freeze else {})))
+    ds = dataset_offering(tmp_path / "ds", {"detect": offer})
+    recipe = TrainRecipe(
+        tiny_train_config(ds, tmp_path / "run", epochs=2, **({"freeze": freeze} if freeze else {}))
+    )
     recipe.setup()
     start = recipe.start
     assert start is not None and start.node == "detect" and recipe.class_names == start.class_names
@@ -334,8 +313,8 @@ def test_a_trunk_started_from_the_detector_trains_at_its_own_rate_as_much_as_fre
     import _models
     from graphdistill.student.train import TrainRecipe
 
-    ds = _dataset_offering(tmp_path / "ds", _models.detector().student_offer())
-    recipe = TrainRecipe(_train_cfg(ds, tmp_path / "run", freeze=freeze, lr=1e-3, trunk_lr=1e-5))
+    ds = dataset_offering(tmp_path / "ds", {"detect": _models.detector().student_offer()})
+    recipe = TrainRecipe(tiny_train_config(ds, tmp_path / "run", freeze=freeze, lr=1e-3, trunk_lr=1e-5))
     recipe.setup()
     trunk = recipe.model.trunk
     backbone = [p for m in trunk.layers[: trunk.n_backbone] for p in m.parameters()]

@@ -16,20 +16,9 @@ pytest.importorskip("tokenizers")
 
 from torch import nn  # noqa: E402
 
+from _fixtures import TINY_STUDENT_96  # noqa: E402
 from graphdistill.student.model import StudentConfig  # noqa: E402
 from graphdistill.student.train import TrainConfig, TrainRecipe, train  # noqa: E402
-
-# a small, fast student for tests (the presets are for real data)
-TEST_MODEL = dict(
-    image_size=96,
-    max_objects=4,
-    candidates=20,
-    d_model=64,
-    n_heads=2,
-    enc_layers=1,
-    dec_layers=1,
-)
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -54,7 +43,7 @@ def _cfg(dataset: Path, out: Path, **kw: Any) -> TrainConfig:
         device="cpu",
         seed=0,
         vocab_size=400,
-        overrides=dict(TEST_MODEL),
+        overrides=dict(TINY_STUDENT_96),  # a small, fast student (the presets are for real data)
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -129,7 +118,8 @@ def test_run_folder_is_complete_and_reloads_to_identical_outputs(
     assert meta["format"] == STUDENT_FORMAT
     assert meta["class_names"] == ["circle", "square", "triangle"]
     assert meta["graph_id"]["name"] == "synthetic_shapes"
-    assert meta["preprocessing"]["size"] == [96, 96] and meta["preprocessing"]["mean"] == list(MEAN)
+    side = TINY_STUDENT_96["image_size"]
+    assert meta["preprocessing"]["size"] == [side, side] and meta["preprocessing"]["mean"] == list(MEAN)
     assert meta["started_from"] is None  # the synthetic graph's nodes offer nothing: a trunk from scratch
     cfg = StudentConfig.from_dict(json.loads((run / "config.json").read_text()))
     assert cfg.trunk == "timm" and cfg.class_token_ids and len(cfg.class_token_ids) == 3
@@ -138,7 +128,7 @@ def test_run_folder_is_complete_and_reloads_to_identical_outputs(
     ck = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     b.load_state_dict(ck["model"])
     assert ck["epoch"] == 120
-    img = torch.randn(1, 3, 96, 96)
+    img = torch.randn(1, 3, side, side)
     q = torch.randint(4, 50, (1, cfg.max_question_len))
     qm = torch.ones_like(q, dtype=torch.bool)
     ans = torch.randint(4, 50, (1, 5))

@@ -280,17 +280,6 @@ def test_reason_runs_in_parallel_with_segment_and_batch_shares_llm_calls() -> No
 
 
 # ------------------------------------------------------------------------------------------------ real models
-def _teachers() -> dict[str, Any]:
-    import _models
-
-    return {
-        "detector": _models.detector(),
-        "segmenter": _models.segmenter(),
-        "llm": _models.llm(),
-        "retriever": _models.retriever(),
-    }
-
-
 @pytest.mark.slow
 def test_chelsea_real_run_and_schema() -> None:
     from langchain_core.callbacks import BaseCallbackHandler
@@ -299,7 +288,7 @@ def test_chelsea_real_run_and_schema() -> None:
     from graphdistill.graphs import schema_of
     from graphdistill.graphs.visual_rag import visual_rag
 
-    teachers = _teachers()
+    teachers = _models.visual_rag_teachers()
     graph = visual_rag(teachers=teachers)
     schema = schema_of(graph)
     assert schema.name == "visual_rag"
@@ -344,7 +333,7 @@ def test_sampling_contract_reaches_the_llm() -> None:
     import _models
     from graphdistill.graphs.visual_rag import visual_rag
 
-    graph = visual_rag(teachers=_teachers())
+    graph = visual_rag(teachers=_models.visual_rag_teachers())
     x = {"image": _models.builtin_image("skimage/chelsea"), "question": "What is in this picture?"}
 
     def run(**configurable: Any) -> str:
@@ -406,7 +395,7 @@ def test_real_batch_equals_invoke_one_by_one_and_batches_the_llm() -> None:
     import _models
     from graphdistill.graphs.visual_rag import visual_rag
 
-    teachers = _teachers()
+    teachers = _models.visual_rag_teachers()
     real = teachers["llm"]
     sizes: list[int] = []
 

@@ -9,116 +9,14 @@ from typing import Any
 import numpy as np
 import pytest
 
+from _fixtures import H, W, make_trace, obj, rect_mask
 from graphdistill.eval.metrics import normalize_text
 from graphdistill.filter.vote import (
     vote_answers,
     vote_group,
 )
 from graphdistill.recording.tta import TTA, untta_object
-from graphdistill.trace import (
-    RLE,
-    Document,
-    GraphId,
-    NodeSpan,
-    ObjectOut,
-    Provenance,
-    TokenLogprobs,
-    Trace,
-    content_hash,
-    encode_value,
-)
-
-H, W = 40, 60
-
-
-def rect_mask(box: Sequence[float], h: int = H, w: int = W) -> np.ndarray:
-    m = np.zeros((h, w), dtype=bool)
-    x1, y1, x2, y2 = (round(v) for v in box)
-    m[y1:y2, x1:x2] = True
-    return m
-
-
-def obj(label: str, box: Sequence[float], score: float = 0.9, mask: np.ndarray | None = None) -> ObjectOut:
-    return ObjectOut(
-        label=label,
-        class_id={"person": 0, "cat": 15, "dog": 16, "cup": 41}.get(label),
-        score=score,
-        box=list(map(float, box)),
-        mask=RLE.encode(mask if mask is not None else rect_mask(box)),
-    )
-
-
-def make_trace(
-    group: str,
-    index: int,
-    answer: str,
-    objects: Sequence[ObjectOut] = (),
-    sources: Sequence[str] = (),
-    *,
-    blobs: dict[str, bytes] | None = None,
-    image: np.ndarray | None = None,
-    question: str = "What is in the picture?",
-    photos: Sequence[str] = ("photo/a",),
-    documents: Sequence[Document] | None = None,
-    detections: Sequence[ObjectOut] | None = None,
-    logprobs: TokenLogprobs | None = None,
-    finish_reason: str | None = None,
-    status: str = "ok",
-    node_error: str | None = None,
-    tta: dict[str, Any] | None = None,
-    recipe: dict[str, Any] | None = None,
-) -> Trace:
-    """A visual_rag-shaped trace built straight from the trace records."""
-    blobs = {} if blobs is None else blobs
-    img = image if image is not None else np.full((H, W, 3), 128, dtype=np.uint8)
-    inputs = {"image": encode_value(img, blobs), "question": question}
-    from graphdistill.trace import Detections
-
-    dets = list(detections) if detections is not None else list(objects)
-    det_rec = Detections(
-        xyxy=[o.box for o in dets],
-        class_ids=[o.class_id or 0 for o in dets],
-        names=[o.label for o in dets],
-        scores=[o.score for o in dets],
-        image_size=[H, W],
-    )
-    docs = (
-        list(documents)
-        if documents is not None
-        else [Document(id=s, text=f"about {s}", distance=0.3) for s in sources]
-    )
-    llm_writes: dict[str, Any] = {"llm": encode_value(logprobs, blobs)} if logprobs else {}
-    if finish_reason:
-        llm_writes["finish_reason"] = finish_reason
-    spans = [
-        NodeSpan(node="detect", start=0, end=1, writes={"detections": encode_value(det_rec, blobs)}),
-        NodeSpan(
-            node="retrieve",
-            start=1,
-            end=2,
-            writes={"documents": encode_value(docs, blobs)},
-            error=node_error,
-        ),
-        NodeSpan(node="answer", start=2, end=3, writes={"answer": answer, **llm_writes}),
-    ]
-    output = {
-        "answer": answer,
-        "objects": [o.model_dump(mode="json") for o in objects],
-        "sources": list(sources),
-    }
-    return Trace(
-        graph=GraphId(name="visual_rag", hash="h"),
-        inputs=inputs,
-        spans=spans,
-        output=output if status == "ok" else {},
-        status=status,  # type: ignore[arg-type]
-        error="boom" if status == "error" else None,
-        group_id=group,
-        sample_index=index,
-        input_hash=content_hash(inputs),
-        provenance=Provenance(photos=list(photos), recipe=recipe or {}),
-        metadata={"tta": tta} if tta else {},
-    )
+from graphdistill.trace import TokenLogprobs
 
 
 def fake_embedder(table: Mapping[str, Sequence[float]]) -> Any:
