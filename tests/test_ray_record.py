@@ -23,7 +23,7 @@ import ray
 from _netguard import subprocess_env
 from graphdistill.cli import main
 from graphdistill.recording.batch import record_inputs
-from graphdistill.recording.ray_engine import worker_env
+from graphdistill.recording.ray_engine import connect
 from graphdistill.store.trace_store import TraceStore
 from test_record_cli import make_jsonl
 
@@ -162,13 +162,7 @@ def test_cli_refuses_bad_ray_flags_in_one_line(
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": worker_env()},
-        logging_level="WARNING",
-    )
+    connect(num_cpus=2)  # loopback, no dashboard, no usage report, workers import this tree
     try:
         yield
     finally:

@@ -69,6 +69,22 @@ def worker_env() -> dict[str, str]:
     return {**RAY_ENV, "PYTHONPATH": os.pathsep.join(path)}
 
 
+def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """``ray.init`` as graphdistill always calls it: join ``address`` or start a local cluster on the
+    loopback (``num_cpus``: its size; None: every core), no dashboard, no usage report, every worker with
+    :func:`worker_env`. The caller shuts it down (``ray.shutdown()``)."""
+    ray = _ray()
+    if address is not None:
+        _check_reachable(address)
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        runtime_env={"env_vars": worker_env()},
+        logging_level=logging.WARNING,
+        **({} if address else {"_node_ip_address": "127.0.0.1", "num_cpus": num_cpus}),
+    )
+
+
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Refuse an ``--address`` nothing answers at, at once and in one line (``ray.init`` would retry for
     a minute). ``auto`` and ``local`` are Ray's own words and pass."""
@@ -144,13 +160,7 @@ def record_on_ray(
     started = not ray.is_initialized()
     try:
         if started:
-            ray.init(
-                address=address,
-                include_dashboard=False,
-                runtime_env={"env_vars": worker_env()},
-                logging_level=logging.WARNING,
-                **({} if address else {"_node_ip_address": "127.0.0.1"}),
-            )
+            connect(address)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the CLI shows its own
         ctx.print_on_execution_start = False
