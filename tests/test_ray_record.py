@@ -234,3 +234,38 @@ def test_resume_across_ray_runs_records_only_what_the_store_lacks(tmp_path: Path
     assert sorted(runs(tmp_path)[6:]) == sorted(f"what {i}?|{k}" for i in (3, 4) for k in (0, 1))
     with TraceStore(store, readonly=True) as s:
         assert s.count() == 10 and len(s.groups()) == 5
+
+
+# --- the real default graph (models load in the actor): slow -----------------------------------------------
+
+
+@pytest.mark.slow
+def test_cli_records_the_real_default_graph_on_ray(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("ultralytics")
+    from PIL import Image
+
+    from graphdistill.recording.photos import photo
+    from test_record_filter_real import _isolated_home
+
+    home = _isolated_home(tmp_path)
+    image = tmp_path / "chelsea.png"
+    Image.fromarray(photo("skimage/chelsea").image()).save(image)
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text(json.dumps({"image": str(image), "provenance": {"photos": ["skimage/chelsea"]}}) + "\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "graphdistill.cli", "record", "--engine", "ray", "--actors", "1",
+         "--inputs", str(inputs), "--store", str(tmp_path / "store"), "--samples", "2", "--json"],
+        capture_output=True, text=True, timeout=600, env=subprocess_env(GRAPHDISTILL_HOME=str(home)),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert (summary["recorded"], summary["failed"], summary["skipped"]) == (2, 0, 0)
+    with TraceStore(tmp_path / "store", readonly=True) as s:
+        traces = list(s.iter())
+        assert s.check()["ok"]
+    assert {t.graph.name for t in traces} == {"visual_rag"} and len({t.group_id for t in traces}) == 1
+    assert sorted(t.sample_index for t in traces) == [0, 1]
+    for t in traces:
+        assert {"detect", "reason"} <= {sp.node for sp in t.spans}
+        assert t.provenance.photos == ["skimage/chelsea"] and t.output
