@@ -157,6 +157,16 @@ def test_cli_refuses_bad_ray_flags_in_one_line(
     assert not (tmp_path / "s" / "traces.sqlite").exists()
 
 
+def test_without_ray_the_command_names_the_extra(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if ray were not installed
+    jsonl = make_jsonl(tmp_path, 1)
+    rc = main(["record", "--engine", "ray", "--inputs", str(jsonl), "--store", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pip install 'graphdistill[ray]'" in err and len(err.strip().splitlines()) == 1
+
+
 # --- the library, on one local cluster for the module ------------------------------------------------------
 
 
