@@ -246,6 +246,16 @@ def test_resume_across_ray_runs_records_only_what_the_store_lacks(tmp_path: Path
         assert s.count() == 10 and len(s.groups()) == 5
 
 
+@pytest.mark.usefixtures("cluster")
+def test_a_graph_that_does_not_load_on_the_actors_is_one_error(tmp_path: Path) -> None:
+    from graphdistill.recording.ray_engine import ClusterError
+
+    bad = tmp_path / "bad_graph.py"
+    bad.write_text("def build():\n    raise RuntimeError('no such model here')\n")
+    with pytest.raises(ClusterError, match="cannot load it.*no such model here"):
+        record_inputs(make_jsonl(tmp_path, 2), tmp_path / "s", engine="ray", graph=f"{bad}:build")
+
+
 # --- the real default graph (models load in the actor): slow -----------------------------------------------
 
 

@@ -161,6 +161,8 @@ def record_on_ray(
     try:
         if started:
             connect(address)
+        elif address is not None:
+            log.warning("ray is already initialised in this process: its cluster is used, not %s", address)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the CLI shows its own
         ctx.print_on_execution_start = False
