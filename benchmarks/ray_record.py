@@ -188,8 +188,6 @@ def main() -> int:
     args = ap.parse_args()
     n = 8 if args.quick else args.n
 
-    import ray
-
     from graphdistill.recording.ray_engine import connect
 
     work = Path(tempfile.mkdtemp(prefix="gd-ray-bench-"))
@@ -200,7 +198,9 @@ def main() -> int:
         # one run at a time (batch 1) and batched, locally: the reference for the per-trace overhead
         local1 = timed_record(inputs, work / "local1", spec, batch_size=1)
         local = timed_record(inputs, work / "local", spec, batch_size=args.batch)
-        connect(num_cpus=2)
+        connect(num_cpus=2)  # imports ray: on the loopback only
+        import ray
+
         try:
             ray1_b1 = timed_record(inputs, work / "ray1b1", spec, engine="ray", actors=1, batch_size=1)
             ray1 = timed_record(inputs, work / "ray1", spec, engine="ray", actors=1, batch_size=args.batch)

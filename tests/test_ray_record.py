@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import ray
 
 from _netguard import subprocess_env
 from graphdistill.cli import main
@@ -171,16 +170,19 @@ def test_without_ray_the_command_names_the_extra(
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[None]:
-    connect(num_cpus=2)  # loopback, no dashboard, no usage report, workers import this tree
+def cluster() -> Iterator[Any]:
+    """The ray module, initialised on a local 2-CPU cluster: loopback only, no dashboard, no usage report,
+    workers import this tree (``connect`` imports ray: imported earlier, Ray would bind every interface)."""
+    connect(num_cpus=2)
+    import ray
+
     try:
-        yield
+        yield ray
     finally:
         ray.shutdown()
 
 
-@pytest.mark.usefixtures("cluster")
-def test_ray_path_records_what_the_local_path_records(tmp_path: Path) -> None:
+def test_ray_path_records_what_the_local_path_records(tmp_path: Path, cluster: Any) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -197,7 +199,7 @@ def test_ray_path_records_what_the_local_path_records(tmp_path: Path) -> None:
     assert len({v["group"] for v in got.values()}) == 4
     with TraceStore(tmp_path / "ray", readonly=True) as s:
         assert s.check()["ok"]
-    where = ray.get(ray.remote(lambda: __import__("graphdistill").__file__).remote())
+    where = cluster.get(cluster.remote(lambda: __import__("graphdistill").__file__).remote())
     assert Path(where).resolve() == Path(__import__("graphdistill").__file__).resolve()  # this tree's
 
 
@@ -244,6 +246,21 @@ def test_resume_across_ray_runs_records_only_what_the_store_lacks(tmp_path: Path
     assert sorted(runs(tmp_path)[6:]) == sorted(f"what {i}?|{k}" for i in (3, 4) for k in (0, 1))
     with TraceStore(store, readonly=True) as s:
         assert s.count() == 10 and len(s.groups()) == 5
+
+
+def test_cli_joins_a_running_cluster_by_its_address(tmp_path: Path, cluster: Any) -> None:
+    address = cluster.get_runtime_context().gcs_address  # what `ray start --head` prints, here 127.0.0.1:PORT
+    assert address.startswith("127.0.0.1:")  # the module's cluster listens on the loopback only
+    jsonl = make_jsonl(tmp_path, 2)
+    proc = subprocess.run(
+        [sys.executable, "-m", "graphdistill.cli", "record", "--engine", "ray", "--address", address,
+         "--actors", "1", "--graph", toy_graph(tmp_path), "--inputs", str(jsonl),
+         "--store", str(tmp_path / "store"), "--json"],
+        capture_output=True, text=True, timeout=240, env=subprocess_env(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["recorded"] == 2
+    assert cluster.is_initialized() and cluster.cluster_resources()["CPU"] == 2  # the command left it running
 
 
 @pytest.mark.usefixtures("cluster")

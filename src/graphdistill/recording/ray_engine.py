@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,10 +55,34 @@ class ClusterError(GraphdistillError, RuntimeError):
     error the actors raised."""
 
 
-def _ray() -> Any:
-    for k, v in RAY_ENV.items():
+# Ray's switch for a single-machine cluster (its default on macOS and Windows): every server binds the
+# loopback and the node's address is 127.0.0.1. Ray reads it when it is imported.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def _ray(*, loopback: bool = False) -> Any:
+    """The ray module, imported with :data:`RAY_ENV` (and :data:`LOOPBACK_ENV` with ``loopback``: a cluster
+    on this machine only) set unless the user set them; raises for ``loopback`` when ray was imported
+    without it, since Ray would then listen on every interface."""
+    env = {**RAY_ENV, **(LOOPBACK_ENV if loopback else {})}
+    fresh = "ray" not in sys.modules
+    for k, v in env.items():
         os.environ.setdefault(k, v)
-    return require("ray", "ray", purpose="recording on a Ray cluster")
+    ray = require("ray", "ray", purpose="recording on a Ray cluster")
+    if loopback and not fresh and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+        raise ClusterError(
+            "ray was imported before graphdistill could keep it on the loopback: import it after "
+            "graphdistill.recording.ray_engine.connect(), or give the address of a running cluster"
+        )
+    return ray
+
+
+def _is_loopback(address: str | None) -> bool:
+    """No address (a cluster started here) or one on this machine's loopback."""
+    if address is None:
+        return True
+    host = address.split("://", 1)[-1].rpartition(":")[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
 
 
 def worker_env() -> dict[str, str]:
@@ -70,10 +95,10 @@ def worker_env() -> dict[str, str]:
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
-    """``ray.init`` as graphdistill always calls it: join ``address`` or start a local cluster on the
-    loopback (``num_cpus``: its size; None: every core), no dashboard, no usage report, every worker with
-    :func:`worker_env`. The caller shuts it down (``ray.shutdown()``)."""
-    ray = _ray()
+    """``ray.init`` as graphdistill always calls it: join ``address`` or start a local cluster whose
+    servers listen on the loopback only (``num_cpus``: its size; None: every core), no dashboard, no usage
+    report, every worker with :func:`worker_env`. The caller shuts it down (``ray.shutdown()``)."""
+    ray = _ray(loopback=_is_loopback(address))
     if address is not None:
         _check_reachable(address)
     ray.init(
@@ -81,7 +106,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
         include_dashboard=False,
         runtime_env={"env_vars": worker_env()},
         logging_level=logging.WARNING,
-        **({} if address else {"_node_ip_address": "127.0.0.1", "num_cpus": num_cpus}),
+        **({} if address else {"num_cpus": num_cpus}),
     )
 
 
@@ -153,9 +178,10 @@ def record_on_ray(
     A Ray already initialised in this process (``ray.init`` by the caller) is used as it is and left
     running; otherwise this joins ``address`` (or starts a local cluster on the loopback) and shuts it down
     before it returns."""
-    ray = _ray()
     if address is not None:
         _check_reachable(address)
+    # imported already: maybe initialised by the caller (then used as it is); else as connect() needs it
+    ray = sys.modules.get("ray") or _ray(loopback=_is_loopback(address))
     db = TraceStore(store)
     started = not ray.is_initialized()
     try:
