@@ -193,6 +193,8 @@ def record_on_ray(
         ctx.enable_progress_bars = False  # the CLI shows its own
         ctx.print_on_execution_start = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-run INFO lines, not ours
+        # its warning that the bars are off: they are, on purpose (the CLI shows its own)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
         ds = ray.data.from_items([{"task": json.dumps(t)} for t in tasks]).map_batches(
             actor,  # Ray Data ships these arguments (the resume keys) to each actor through its object store
             fn_constructor_kwargs=actor_kwargs(db.input_keys() if resume else set()),
