@@ -9,6 +9,7 @@ here is shut down (the module fixture, and the command's own ``finally``).
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -261,6 +262,20 @@ def test_cli_joins_a_running_cluster_by_its_address(tmp_path: Path, cluster: Any
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["recorded"] == 2
     assert cluster.is_initialized() and cluster.cluster_resources()["CPU"] == 2  # the command left it running
+
+
+@pytest.mark.usefixtures("cluster")
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"actors": 3}, "--actors 3 × cpus per actor 1 needs 3 CPUs; the cluster has 2"),
+    ({"gpus_per_actor": 1000}, "--actors 1 × --gpus-per-actor 1000 needs 1000 GPUs; the cluster has "),
+])  # fmt: skip
+def test_a_pool_the_cluster_cannot_hold_is_refused_not_waited_for(
+    tmp_path: Path, kw: dict[str, Any], message: str
+) -> None:
+    from graphdistill.recording.ray_engine import ClusterError
+
+    with pytest.raises(ClusterError, match=re.escape(message)):
+        record_inputs(make_jsonl(tmp_path, 1), tmp_path / "s", engine="ray", graph=toy_graph(tmp_path), **kw)
 
 
 @pytest.mark.usefixtures("cluster")

@@ -189,6 +189,7 @@ def record_on_ray(
             connect(address)
         elif address is not None:
             log.warning("ray is already initialised in this process: its cluster is used, not %s", address)
+        _check_fits(ray.cluster_resources(), actors, cpus_per_actor, gpus_per_actor)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the CLI shows its own
         ctx.print_on_execution_start = False
@@ -212,6 +213,17 @@ def record_on_ray(
         db.close()
         if started:
             ray.shutdown()
+
+
+def _check_fits(resources: dict[str, float], actors: int, cpus: float, gpus: float) -> None:
+    """Refuse a pool the cluster cannot hold (Ray would wait for it forever): N actors × what each reserves
+    against the cluster's totals now (a cluster that autoscales is judged by what it has when asked)."""
+    for what, each, flag in (("CPU", cpus, "cpus per actor"), ("GPU", gpus, "--gpus-per-actor")):
+        have = float(resources.get(what, 0.0))
+        if each and actors * each > have:
+            raise ClusterError(
+                f"--actors {actors} × {flag} {each:g} needs {actors * each:g} {what}s; the cluster has {have:g}"
+            )
 
 
 def _batches(ray: Any, ds: Any) -> Any:
