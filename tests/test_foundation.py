@@ -15,7 +15,16 @@ from graphdistill import weights
 from graphdistill._lazy import MissingDependencyError, require
 from graphdistill.cli import main
 
-HEAVY = ("torch", "ultralytics", "segment_anything", "open_clip", "chromadb", "transformers", "langgraph")
+HEAVY = (
+    "torch",
+    "ultralytics",
+    "segment_anything",
+    "open_clip",
+    "chromadb",
+    "transformers",
+    "langgraph",
+    "ray",
+)
 
 
 def test_import_is_light() -> None:

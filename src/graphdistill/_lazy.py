@@ -35,6 +35,7 @@ EXTRA_FOR: dict[str, str] = {
     "onnxscript": "export",
     "executorch": "export",
     "torchao": "export",
+    "ray": "ray",
 }
 
 

@@ -1,12 +1,13 @@
 """Recording many inputs: run a teacher graph over a folder of images or a JSONL of rows and record every run
 into a trace store (:func:`record_inputs`; ``graphdistill record`` is its command line).
 
-Inputs are a folder of images (each asked ``question``) or a JSONL of rows ``{image, question[, provenance,
-ground_truth]}``. ``samples=K`` records K samples per input (sample i gets ``configurable.gd_sample_index=i``,
+Inputs are a folder of images (each asked ``question``), a JSONL of rows ``{image, question[, provenance,
+ground_truth]}`` or a Parquet table with those columns. ``samples=K`` records K samples per input (sample i gets ``configurable.gd_sample_index=i``,
 ``gd_sampling=i>0`` and a stable ``gd_seed``; all K share the input's content hash as group id). ``tta``
 gives deterministic graphs variety (:mod:`graphdistill.recording.tta`). ``resume`` skips what the store
 already holds; ``workers=N`` runs N processes that each load the graph once and write into the one store. A
-bad input becomes a failed trace and the run goes on.
+bad input becomes a failed trace and the run goes on. On a Ray cluster the same tasks run in an actor pool
+(:mod:`graphdistill.recording.ray_engine`, which calls :func:`run_tasks` in each actor).
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from graphdistill.errors import GraphdistillError
 from graphdistill.images import IMAGE_SUFFIXES
 from graphdistill.recording.tta import META_TTA, apply_tta
+from graphdistill.store.buffer import TraceBuffer
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,9 @@ class RecordingError(GraphdistillError, ValueError):
 def read_inputs(
     path: str | os.PathLike[str], question: str = DEFAULT_QUESTION
 ) -> tuple[list[dict[str, Any]], int]:
-    """The input rows ``{image: abs path, question, provenance}`` and how many JSONL lines were unusable."""
+    """The input rows ``{image: abs path, question, provenance}`` of a folder of images, a JSONL file or a
+    Parquet table (``.parquet``: the JSONL's keys as columns, provenance a struct or JSON text), and how
+    many JSONL lines / table rows were unusable."""
     src = Path(path)
     if not src.exists():
         raise RecordingError(f"inputs {src}: no such file or folder")
@@ -53,38 +57,68 @@ def read_inputs(
         return [{"image": str(p.resolve()), "question": question, "provenance": {}} for p in files], 0
     rows: list[dict[str, Any]] = []
     bad = 0
+    for where, row in _raw_rows(src):
+        try:
+            rows.append(_input_row(row, src.parent, question))
+        except ValueError as exc:  # one bad row, not a bad file: the others still count
+            log.warning("inputs %s %s skipped: %s", src, where, exc)
+            bad += 1
+    return _checked(src, rows, bad)
+
+
+def _raw_rows(src: Path) -> Iterator[tuple[str, Any]]:
+    """``(where, row)`` for each row of a JSONL file or a Parquet table (a line that is not JSON is a row
+    that raises ``ValueError`` when checked)."""
+    if src.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(src)
+        except Exception as exc:
+            raise RecordingError(f"inputs {src}: not a readable Parquet table ({exc})") from exc
+        for i, row in enumerate(table.to_pylist()):  # a null cell is a column left out of this row
+            yield f"row {i}", {k: v for k, v in row.items() if v is not None}
+        return
     with open(src, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             try:
                 line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:  # one bad row, not a bad file: the others still count
-                log.warning("inputs %s line %d skipped: not UTF-8 text (%s)", src, lineno, exc.reason)
-                bad += 1
+            except UnicodeDecodeError as exc:
+                yield f"line {lineno}", ValueError(f"not UTF-8 text ({exc.reason})")
                 continue
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-                if not isinstance(row, dict) or not isinstance(row.get("image"), str):
-                    raise ValueError("a row must be an object with an 'image' path")
-                if "question" in row and not str(row["question"] or "").strip():
-                    raise ValueError("its question is empty (leave the key out for the default question)")
+                yield f"line {lineno}", json.loads(line)
             except ValueError as exc:
-                log.warning("inputs %s line %d skipped: %s", src, lineno, exc)
-                bad += 1
-                continue
-            image = Path(row["image"])
-            if not image.is_absolute():
-                image = src.parent / image
-            rows.append(
-                {
-                    "image": str(image),
-                    "question": str(row.get("question") or question),
-                    "provenance": row.get("provenance") or {},
-                    # human labels ({answer, objects, sources}) ride along to the dataset for eval
-                    **({"ground_truth": row["ground_truth"]} if row.get("ground_truth") else {}),
-                }
-            )
+                yield f"line {lineno}", exc
+
+
+def _input_row(row: Any, base: Path, question: str) -> dict[str, Any]:
+    """One checked input row ``{image: path, question, provenance[, ground_truth]}`` (``ValueError`` says
+    why a row is unusable); a relative image path is taken from ``base``."""
+    if isinstance(row, ValueError):
+        raise row
+    if not isinstance(row, dict) or not isinstance(row.get("image"), str):
+        raise ValueError("a row must be an object with an 'image' path")
+    if "question" in row and not str(row["question"] or "").strip():
+        raise ValueError("its question is empty (leave the key out for the default question)")
+    provenance = row.get("provenance") or {}
+    if isinstance(provenance, str):  # a Parquet column of JSON text
+        provenance = json.loads(provenance)
+    image = Path(row["image"])
+    if not image.is_absolute():
+        image = base / image
+    return {
+        "image": str(image),
+        "question": str(row.get("question") or question),
+        "provenance": provenance,
+        # human labels ({answer, objects, sources}) ride along to the dataset for eval
+        **({"ground_truth": row["ground_truth"]} if row.get("ground_truth") else {}),
+    }
+
+
+def _checked(src: Path, rows: list[dict[str, Any]], bad: int) -> tuple[list[dict[str, Any]], int]:
     if not rows and not bad:
         raise RecordingError(f"inputs {src}: no rows")
     return rows, bad
@@ -109,15 +143,17 @@ def load_graph(spec: str | None, options: Mapping[str, Any] | None = None) -> An
         raise RecordingError(f"graph {name}: cannot load it ({type(exc).__name__}: {exc})") from exc
 
 
-def _init(spec: str | None, store_root: str, options: Mapping[str, Any] | None = None) -> None:
-    """Load the graph, open the store and start one background recorder, once per process."""
+def _init(spec: str | None, store_root: str | TraceBuffer, options: Mapping[str, Any] | None = None) -> None:
+    """Load the graph (``options``: visual_rag's settings, e.g. its knowledge base), open the store and start
+    one background recorder, once per process. A :class:`TraceBuffer` instead of a store folder keeps the
+    traces for a writer elsewhere (a Ray actor)."""
     from graphdistill._env import apply_offline_env
     from graphdistill.recording.recorder import TraceRecorder, graph_identity
     from graphdistill.store.trace_store import TraceStore
 
     apply_offline_env()
     graph = load_graph(spec, options)
-    store = TraceStore(store_root)
+    store = store_root if isinstance(store_root, TraceBuffer) else TraceStore(store_root)
     schema, gid = graph_identity(graph)
     outcomes: list[tuple[Any, str | None]] = []
     recorder = TraceRecorder(  # not strict: the runs it could not store are counted as failed and shown
@@ -251,6 +287,34 @@ def _worker_run(tasks: list[dict[str, Any]], resume: bool, tta: Sequence[str]) -
     return run_tasks(tasks, resume=resume, tta=tta)
 
 
+class RayActor:
+    """One actor of ``engine="ray"``'s pool: loads the graph once, records each batch with
+    :func:`run_tasks` (as a worker process does) into a :class:`TraceBuffer` and returns the traces it made
+    for the driver to write (:func:`graphdistill.recording.ray_engine.traces_table`). ``stored``: the
+    store's keys when the job started, for resume."""
+
+    def __init__(
+        self,
+        graph: str | None,
+        tta: Sequence[str],
+        resume: bool,
+        stored: set[tuple[str, str, int]],
+        graph_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.buffer = TraceBuffer(stored)
+        self.tta, self.resume = list(tta), resume
+        _init(graph, self.buffer, graph_options)
+
+    def __call__(self, table: Any) -> Any:
+        from graphdistill.recording.ray_engine import traces_table
+
+        tasks = [json.loads(t) for t in table.column("task").to_pylist()]
+        counts = run_tasks(tasks, resume=self.resume, tta=self.tta, flush=True)
+        taken = self.buffer.take()
+        lost = counts["recorded"] + counts["failed"] - len(taken)  # counted by the recorder, never built
+        return traces_table(taken, counts["skipped"], max(lost, 0))
+
+
 # --------------------------------------------------------------------------------------------------------
 # the whole job
 # --------------------------------------------------------------------------------------------------------
@@ -268,6 +332,10 @@ def record_inputs(
     resume: bool = False,
     workers: int = 1,
     batch_size: int = 1,
+    engine: str = "local",
+    actors: int = 1,
+    gpus_per_actor: float = 0.0,
+    address: str | None = None,
     on_start: Callable[[int], None] | None = None,
     progress: Callable[[int, dict[str, int]], None] | None = None,
 ) -> dict[str, Any]:
@@ -275,12 +343,29 @@ def record_inputs(
     ``module:attr`` / ``file.py:attr``; None: visual_rag, configured by ``graph_options``, e.g. ``{"kb_url":
     ...}``) into the store at ``store``.
 
+    ``engine="local"``: this process, or ``workers`` processes that each write into the store.
+    ``engine="ray"``: a pool of ``actors`` Ray actors that each load the graph once and reserve
+    ``gpus_per_actor`` GPUs, fed ``batch_size`` runs at a time, this process the one writer of the store
+    (:func:`graphdistill.recording.ray_engine.record_on_ray`); ``address``: a running cluster (``ray start
+    --head`` prints it; None starts a local one for this call and stops it afterwards).
+
     ``on_start(total)`` is called once the graph is loaded, with the number of runs to come; ``progress(n,
     totals)`` after each batch of ``n`` runs, with the running counts. Returns ``{recorded, failed, skipped,
     seconds}`` (skipped: already stored with ``resume``, or an unusable JSONL line)."""
-    for name, value in (("samples", samples), ("workers", workers), ("batch_size", batch_size)):
+    if engine not in ("local", "ray"):
+        raise RecordingError(f"engine {engine!r}: choose local or ray")
+    for name, value in (
+        ("samples", samples),
+        ("workers", workers),
+        ("batch_size", batch_size),
+        ("actors", actors),
+    ):
         if value < 1:
             raise RecordingError(f"{name} must be >= 1, got {value}")
+    if gpus_per_actor < 0:
+        raise RecordingError(f"gpus_per_actor must be >= 0, got {gpus_per_actor}")
+    if engine == "ray" and workers != 1:
+        raise RecordingError("workers is for the local engine; on ray the pool size is actors")
     rows, bad_rows = read_inputs(inputs, question)
     tasks = [{"row": r, "sample_index": i} for r in rows for i in range(samples)]
     batches = [tasks[i : i + batch_size] for i in range(0, len(tasks), batch_size)]
@@ -300,7 +385,30 @@ def record_inputs(
     from graphdistill.store.trace_store import StoreError, TraceStore
 
     try:
-        if workers == 1:
+        if engine == "ray":
+            from graphdistill.recording.ray_engine import record_on_ray
+
+            options = dict(graph_options or {})
+            record_on_ray(
+                tasks,
+                store_root,
+                actor=RayActor,
+                actor_kwargs=lambda keys: {
+                    "graph": graph,
+                    "tta": tta,
+                    "resume": resume,
+                    "stored": keys,
+                    "graph_options": options,
+                },
+                resume=resume,
+                actors=actors,
+                gpus_per_actor=gpus_per_actor,
+                batch_size=batch_size,
+                address=address,
+                on_start=on_start,
+                done=done,
+            )
+        elif workers == 1:
             _init(graph, store_root, graph_options)  # load errors show before any progress
             if on_start is not None:
                 on_start(len(tasks))

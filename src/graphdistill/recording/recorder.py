@@ -35,6 +35,7 @@ from uuid import UUID
 import numpy as np
 from langchain_core.callbacks import BaseCallbackHandler
 
+from graphdistill.store.buffer import TraceBuffer
 from graphdistill.store.trace_store import DuplicateTraceError, StoreError, TraceStore, as_store
 from graphdistill.trace import (
     BLOB_KEY,
@@ -248,7 +249,8 @@ class TraceRecorder(BaseCallbackHandler):
     called after each append (``trace_id`` is None when the store refused it, e.g. a duplicate).
 
     ``store``: a :class:`TraceStore`, a folder path or a ``file://`` URL (opened at once; anything else is
-    refused here, before the first run).
+    refused here, before the first run), or a :class:`~graphdistill.store.buffer.TraceBuffer` that keeps the
+    traces for a writer elsewhere (a Ray actor's recorder; ``recording.ray_engine``).
 
     **No trace is lost in silence.** Every run whose trace cannot be written (the store deleted or read-only,
     the disk full, a value that cannot be stored) is counted in ``failed_to_record``, described in
@@ -273,7 +275,7 @@ class TraceRecorder(BaseCallbackHandler):
 
     def __init__(
         self,
-        store: TraceStore | str | os.PathLike[str],
+        store: TraceStore | TraceBuffer | str | os.PathLike[str],
         *,
         schema: GraphSchema | None = None,
         graph_id: GraphId | None = None,
@@ -284,7 +286,9 @@ class TraceRecorder(BaseCallbackHandler):
         max_pending: int = 32,
         strict: bool = True,
     ) -> None:
-        self.store = as_store(store, what="TraceRecorder store")
+        self.store: TraceStore | TraceBuffer = (
+            store if isinstance(store, TraceBuffer) else as_store(store, what="TraceRecorder store")
+        )
         self.strict = strict
         self.raise_error = strict
         self.schema = schema

@@ -449,6 +449,13 @@ class TraceStore:
         with self._lock:
             return self._db.execute(sql + " LIMIT 1", params).fetchone() is not None
 
+    def input_keys(self) -> set[tuple[str, str, int]]:
+        """Every stored ``(graph_hash, input_hash, sample_index)``: the unique key, for resume elsewhere (a
+        Ray actor asks :class:`~graphdistill.store.buffer.TraceBuffer` instead of this database)."""
+        with self._lock:
+            rows = self._db.execute("SELECT graph_hash, input_hash, sample_index FROM traces").fetchall()
+        return {(str(g), str(h), int(i)) for g, h, i in rows}
+
     def groups(self) -> dict[str, list[str]]:
         """group_id -> trace ids, by sample index."""
         out: dict[str, list[str]] = {}
