@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -268,3 +268,10 @@ def make_trace(
         provenance=Provenance(photos=list(photos), recipe=recipe or {}),
         metadata={"tta": tta} if tta else {},
     )
+
+
+def undeclared_keys(data: Mapping[str, Any], contract: Any) -> set[str]:
+    """The keys of ``data`` that its TypedDict ``contract`` does not declare (a stage wrote a field its
+    readers are not typed for); a missing required key fails the calling test at once."""
+    assert contract.__required_keys__ <= set(data), contract.__required_keys__ - set(data)
+    return set(data) - contract.__required_keys__ - contract.__optional_keys__

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from _fixtures import train_tiny, train_tiny_run
+from _fixtures import train_tiny, train_tiny_run, undeclared_keys
 from _netguard import subprocess_env
 from graphdistill.runner import BundleError, BundleRunner
 from graphdistill.runner.bundle import MANIFEST, manifest_checksum
@@ -248,12 +248,6 @@ def test_run_bundle_cli_needs_no_torch(tmp_path: Path, run_dir: Path, onnx_float
     assert text.returncode == 0 and "answer:" in text.stdout
 
 
-def _undeclared(data: dict[str, Any], contract: Any) -> set[str]:
-    """The keys of ``data`` its TypedDict ``contract`` does not declare; a missing required key is an error too."""
-    assert contract.__required_keys__ <= set(data), contract.__required_keys__ - set(data)
-    return set(data) - contract.__required_keys__ - contract.__optional_keys__
-
-
 def test_the_written_manifest_is_the_typed_contract_the_runner_reads(
     onnx_float: Path, onnx_int8: Path
 ) -> None:
@@ -263,19 +257,19 @@ def test_the_written_manifest_is_the_typed_contract_the_runner_reads(
 
     for bundle in (onnx_float, onnx_int8):
         m = _manifest(bundle)
-        assert not _undeclared(m, contract.Manifest)
-        assert not _undeclared(m["preprocessing"], contract.Preprocessing)
-        assert not _undeclared(m["tokenizer"], contract.TokenizerSpec)
-        assert not _undeclared(m["kv_cache"], contract.KVCacheSpec)
-        assert not _undeclared(m["parity"], contract.ExportGate)
+        assert not undeclared_keys(m, contract.Manifest)
+        assert not undeclared_keys(m["preprocessing"], contract.Preprocessing)
+        assert not undeclared_keys(m["tokenizer"], contract.TokenizerSpec)
+        assert not undeclared_keys(m["kv_cache"], contract.KVCacheSpec)
+        assert not undeclared_keys(m["parity"], contract.ExportGate)
         for doc in m["documents"]:
-            assert not _undeclared(doc, contract.Document)
+            assert not undeclared_keys(doc, contract.Document)
         for prog in m["programs"].values():
-            assert not _undeclared(prog, contract.ProgramSpec)
+            assert not undeclared_keys(prog, contract.ProgramSpec)
             for spec in (*prog["inputs"], *prog["outputs"]):
-                assert not _undeclared(spec, contract.TensorSpec)
+                assert not undeclared_keys(spec, contract.TensorSpec)
             for array in prog.get("arrays", {}).values():
-                assert not _undeclared(array, contract.ArraySpec)
+                assert not undeclared_keys(array, contract.ArraySpec)
         assert BundleRunner(bundle).manifest == m
 
 

@@ -20,6 +20,7 @@ from _fixtures import (
     run_folder,
     teacher_answer,
     train_tiny_run,
+    undeclared_keys,
 )
 from graphdistill.dataset import make_synthetic_dataset, open_dataset
 from graphdistill.eval import cost
@@ -380,6 +381,12 @@ def test_eval_times_an_exported_bundle(
     assert set(exported["fidelity_ci"]) == set(saved["fidelity_ci"]) and exported["fidelity_ci"]["answer_f1"]
     md = markdown_summary(saved)
     assert "| PyTorch student vs teacher | bundle vs teacher |" in md
+    # what evaluation wrote is the typed contract its readers check (eval.result)
+    from graphdistill.eval.result import EvalResult, ExportedEval, RowScores, read_eval
+
+    assert read_eval(run) == saved and not undeclared_keys(saved, EvalResult)
+    assert saved["rows"] and not any(undeclared_keys(r, RowScores) for r in saved["rows"])
+    assert not undeclared_keys(saved["exported"][str(bundle)], ExportedEval)
 
 
 def test_eval_command_names_a_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
