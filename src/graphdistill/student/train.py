@@ -156,9 +156,9 @@ def _barrier() -> None:
     torch.distributed.barrier()
 
 
-def _broadcast_flag(flag: bool) -> bool:
-    """Rank 0's ``flag`` on every rank."""
-    t = torch.tensor([int(flag)])
+def _broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank (``device``: the rank's, as NCCL wants)."""
+    t = torch.tensor([int(flag)], device=device)
     torch.distributed.broadcast(t, 0)
     return bool(t.item())
 
@@ -621,7 +621,7 @@ class TrainRecipe:
     def _past(self, deadline: float) -> bool:
         """Whether the time is up; across ranks rank 0's clock decides, so every rank stops at the same step."""
         over = time.monotonic() > deadline
-        return _broadcast_flag(over) if self.world_size > 1 else over
+        return _broadcast_flag(over, self.device) if self.world_size > 1 else over
 
     def _losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One training step's losses by name (the graph to backpropagate). Across ranks each rank ranks its
