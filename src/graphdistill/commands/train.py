@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="synthetic queries the graph's retriever ranks, to teach the sources head how it ranks (default "
         "4000; 0: learn from the traces alone). Used when the graph's retrieve node offers its embedder",
     )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train on N processes of this machine (DistributedDataParallel: gloo on CPU, NCCL with one GPU "
+        "each); --batch-size is the global batch and must be a multiple of N. Several machines: "
+        "torchrun --nproc-per-node N ... -m graphdistill.cli train ... (see the README)",
+    )
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
     p.set_defaults(func=_train)
 
@@ -104,7 +114,7 @@ def _train(args: argparse.Namespace) -> int:
     import torch
 
     from graphdistill.student.losses import LossWeights
-    from graphdistill.student.train import TrainConfig, TrainRecipe
+    from graphdistill.student.train import TrainConfig
 
     try:
         LossWeights.from_names(loss_weights)
@@ -129,24 +139,58 @@ def _train(args: argparse.Namespace) -> int:
         freeze=args.freeze,
         retrieval_queries=args.retrieval_queries,
     )
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    if args.nproc < 1:
+        raise CommandError(f"--nproc {args.nproc}: must be at least 1")
+    if args.batch_size % args.nproc:
+        raise CommandError(
+            f"--batch-size {args.batch_size} does not split over --nproc {args.nproc}: "
+            f"give a multiple of {args.nproc}"
+        )
+    from graphdistill.student.distributed import train_on
 
+    try:
+        metrics = train_on(cfg, args.nproc, partial(TrainDisplay, str(out), cfg.epochs))
+    except (ValueError, FileNotFoundError) as exc:
+        raise CommandError(str(exc)) from exc
+    if metrics is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     con = console(stderr=True)
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=con,
-        transient=False,
-    )
-    state: dict[str, Any] = {}
+    con.print(f"student written to {out} ({metrics['parameters']:,} parameters, {metrics['epochs']} epochs)")
+    if args.json:
+        print_json(metrics)
+    return 0
 
-    def on_step(info: dict[str, Any]) -> None:
-        if "batch_task" not in state:
-            state["batch_task"] = progress.add_task("batches", total=info["batches"], info="")
-        task = state["batch_task"]
+
+class TrainDisplay:
+    """The progress a person watches while training: batches with their losses, epochs, setup stages; a line
+    per epoch. Built in rank 0 of a training on several processes (so a module-level class)."""
+
+    def __init__(self, out: str, epochs: int | None) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.out, self.epochs = out, epochs
+        self.con = console(stderr=True)
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=self.con,
+            transient=False,
+        )
+        self.tasks: dict[str, Any] = {}
+        self.progress.start()
+
+    def on_step(self, info: dict[str, Any]) -> None:
+        progress, tasks = self.progress, self.tasks
+        if "epochs" not in tasks and self.epochs:
+            tasks["epochs"] = progress.add_task(
+                "epochs", total=self.epochs, completed=info["epoch"] - 1, info=f"run {self.out}"
+            )
+        if "batches" not in tasks:
+            tasks["batches"] = progress.add_task("batches", total=info["batches"], info="")
+        task = tasks["batches"]
         if info["batch"] == 1:
             progress.reset(task, total=info["batches"])
         losses = info["losses"]
@@ -158,40 +202,22 @@ def _train(args: argparse.Namespace) -> int:
             info=f"loss={losses['total']:.3f} {shown}",
         )
 
-    def on_epoch(record: dict[str, Any]) -> None:
-        if "epoch_task" in state:
-            progress.update(state["epoch_task"], completed=record["epoch"])
+    def on_epoch(self, record: dict[str, Any]) -> None:
+        if "epochs" in self.tasks:
+            self.progress.update(self.tasks["epochs"], completed=record["epoch"])
         val = record["val"]
         keys = ("answer_exact", "answer_f1", "box_map50", "mask_miou", "sources_recall")
         # "val" is measured on the train split when the dataset has no val rows: say so, not "val"
         where = "val" if record.get("val_split", "val") == "val" else "train fit (no val rows)"
-        con.print(
+        self.con.print(
             f"epoch {record['epoch']}: train loss {record['train_loss'].get('total', float('nan')):.4f} | {where} "
             + " ".join(f"{k}={val[k]:.3f}" for k in keys if k in val)
         )
 
-    def on_progress(stage: str, done: int, total: int) -> None:
-        if stage not in state:
-            state[stage] = progress.add_task(stage, total=total, info="")
-        progress.update(state[stage], completed=done, total=total)
+    def on_progress(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total, info="")
+        self.progress.update(self.tasks[stage], completed=done, total=total)
 
-    recipe = TrainRecipe(cfg, on_step=on_step, on_epoch=on_epoch, on_progress=on_progress)
-    try:
-        with progress:
-            recipe.setup()
-    except (ValueError, FileNotFoundError) as exc:
-        raise CommandError(str(exc)) from exc
-    try:
-        with progress:
-            if cfg.epochs:
-                state["epoch_task"] = progress.add_task(
-                    "epochs", total=cfg.epochs, completed=recipe.epoch, info=f"run {out}"
-                )
-            recipe.train()
-        metrics = recipe.save()
-    finally:
-        recipe.cleanup()
-    con.print(f"student written to {out} ({metrics['parameters']:,} parameters, {metrics['epochs']} epochs)")
-    if args.json:
-        print_json(metrics)
-    return 0
+    def close(self) -> None:
+        self.progress.stop()

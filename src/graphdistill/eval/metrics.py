@@ -378,8 +378,14 @@ def box_map(
         )
     if not targets:
         return {"box_map": None, "box_map50": None, "box_map75": None, "box_ap_per_class": {}}
+    # sync_on_compute off: the caller holds every row; under torch.distributed (rank 0 validating while the
+    # other training ranks wait) torchmetrics would otherwise all-gather from ranks that never call it
     metric = detection.MeanAveragePrecision(
-        box_format="xyxy", iou_type="bbox", class_metrics=per_class, backend="faster_coco_eval"
+        box_format="xyxy",
+        iou_type="bbox",
+        class_metrics=per_class,
+        backend="faster_coco_eval",
+        sync_on_compute=False,
     )
     metric.update(preds, targets)
     res = metric.compute()

@@ -30,6 +30,11 @@ does), ``embedding:<name>`` (1 − cosine).
 
 Weights are set by loss name (:meth:`LossWeights.from_names`, ``TrainConfig.loss_weights``,
 ``graphdistill train --loss-weight NAME=W``); an unknown name is an error, never silently ignored.
+
+Every denominator (token counts, weight sums, row counts) goes through
+:func:`graphdistill.student.ranks.normaliser` or :func:`~graphdistill.student.ranks.mean`: the global batch's
+when a step is split over several processes, so their gradients average to the one-process gradient. Those are
+collectives: each is reached on every rank whatever the rank's rows hold (no early return skips one).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from graphdistill.student.ranks import mean, normaliser, split
 from graphdistill.student.trunks import PROTO_STRIDE, dfl_decode
 
 KD_MIN_SCORE = 0.1  # cells where the detector's best class probability is this or more get box distillation
@@ -112,14 +118,14 @@ class LossWeights:
 
 def answer_kl(logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, valid: Tensor) -> Tensor:
     """KL(teacher‖student) over the teacher's top-k at each valid step, both renormalised over those k."""
-    if not bool(valid.any()):
+    if not bool(valid.any()) and not split():
         return logits.sum() * 0.0
     lp_s = logits.log_softmax(-1).gather(-1, topk_ids)  # [B,La,k]
     finite = torch.isfinite(topk_logprobs)
     lp_t = torch.where(finite, topk_logprobs, torch.full_like(topk_logprobs, -1e9)).log_softmax(-1)
     lp_s = torch.where(finite, lp_s, torch.full_like(lp_s, -1e9)).log_softmax(-1)
     kl = (lp_t.exp() * (lp_t - lp_s)).where(finite, torch.zeros_like(lp_t)).sum(-1)  # [B,La]
-    return kl[valid].mean()
+    return mean(kl[valid])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -238,14 +244,15 @@ def detection_losses(out: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[s
         gt_valid,
     )
     zero = cls.sum() * 0.0
-    weight_sum = asg.scores.sum().clamp(min=1.0)
+    weight_sum = normaliser(asg.scores.sum(), floor=1.0)
     bce = F.binary_cross_entropy_with_logits(logits, asg.scores, reduction="none").sum((1, 2))  # [B]
     losses = {"det_cls": (bce * rows).sum() / weight_sum}
     fg = asg.fg
+    masks = "det_coef" in out and "obj_masks" in batch
     if not bool(fg.any()):
         losses.update(det_box=zero, det_dfl=zero)
-        if "det_coef" in out and "obj_masks" in batch:
-            losses["mask_bce"] = zero
+        if masks:  # across ranks mask_loss still takes part in its denominator's all-reduce
+            losses["mask_bce"] = mask_loss(out, batch, asg, asg.scores.sum(-1)[fg]) if split() else zero
         return losses
     w = asg.scores.sum(-1)[fg]  # [N]
     losses["det_box"] = ((1 - giou(pred_boxes[fg], asg.boxes[fg])) * w).sum() / weight_sum
@@ -255,7 +262,7 @@ def detection_losses(out: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[s
     ltrb = torch.cat([anc - tb[:, :2], tb[:, 2:] - anc], -1) / st
     d = dist.view(b, 4, r, a).permute(0, 3, 1, 2)[fg]  # [N,4,R]
     losses["det_dfl"] = (dfl_loss(d, ltrb.clamp(0, r - 1.01)) * w).sum() / weight_sum
-    if "det_coef" in out and "obj_masks" in batch:
+    if masks:
         losses["mask_bce"] = mask_loss(out, batch, asg, w)
     return losses
 
@@ -302,7 +309,7 @@ def mask_loss(out: dict[str, Tensor], batch: dict[str, Tensor], asg: Assignment,
         wi = w_rows[i, cells]
         total = total + (per * wi).sum()
         weight = weight + wi.sum()
-    return total / weight.clamp(min=1e-6)
+    return total / normaliser(weight, floor=1e-6)
 
 
 def kd_losses(out: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -313,12 +320,14 @@ def kd_losses(out: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Ten
     rows = batch["kd_valid"].bool()
     s_cls = out["det_cls"][:, :, :n]
     bce = F.binary_cross_entropy_with_logits(s_cls, t_cls, reduction="none").sum((1, 2))
-    mass = (t_cls.sum((1, 2)) * rows).sum().clamp(min=1.0)
+    mass = normaliser((t_cls.sum((1, 2)) * rows).sum(), floor=1.0)
     losses = {"kd_cls": (bce * rows).sum() / mass}
     b = s_cls.shape[0]
     r = t_dist.shape[1] // 4
     best = t_cls.amax(1) * rows[:, None]  # [B,N]
     on = best >= KD_MIN_SCORE
+    w = best[on]
+    w_sum = normaliser(w.sum())
     if not bool(on.any()):
         losses["kd_box"] = s_cls.sum() * 0.0
         return losses
@@ -326,8 +335,7 @@ def kd_losses(out: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Ten
     t_d = t_dist.view(b, 4, r, n).permute(0, 3, 1, 2)[on]
     lt = t_d.log_softmax(-1)
     kl = (lt.exp() * (lt - s_d.log_softmax(-1))).sum(-1).mean(-1)  # [K]
-    w = best[on]
-    losses["kd_box"] = (kl * w).sum() / w.sum()
+    losses["kd_box"] = (kl * w).sum() / w_sum
     return losses
 
 
@@ -343,10 +351,10 @@ def sources_loss(logits: Tensor, targets: Tensor) -> Tensor:
     targets = targets[:, : logits.shape[1]].float()
     mass = targets.sum(-1)
     rows = mass > 0
-    if not bool(rows.any()):
+    if not bool(rows.any()) and not split():
         return logits.sum() * 0.0
     dist = targets[rows] / mass[rows].unsqueeze(-1)
-    return -(dist * F.log_softmax(logits[rows].float(), dim=-1)).sum(-1).mean()
+    return mean(-(dist * F.log_softmax(logits[rows].float(), dim=-1)).sum(-1))
 
 
 def compute_losses(
@@ -361,9 +369,12 @@ def compute_losses(
     device = next(iter(out.values())).device
     if "answer_logits" in out:
         logits = out["answer_logits"]
-        losses["answer_ce"] = F.cross_entropy(
-            logits.flatten(0, 1), batch["answer_target"].flatten(), ignore_index=-100
-        )
+        target = batch["answer_target"].flatten()
+        if split():  # the mean over the global batch's answer tokens
+            ce = F.cross_entropy(logits.flatten(0, 1), target, ignore_index=-100, reduction="sum")
+            losses["answer_ce"] = ce / normaliser((target != -100).sum())
+        else:
+            losses["answer_ce"] = F.cross_entropy(logits.flatten(0, 1), target, ignore_index=-100)
         if "topk_valid" in batch:
             losses["answer_kl"] = answer_kl(
                 logits, batch["topk_ids"], batch["topk_logprobs"], batch["topk_valid"]
@@ -383,9 +394,9 @@ def compute_losses(
             cos = 1 - F.cosine_similarity(value, batch[key], dim=-1)  # [B]
             valid = batch.get(f"{key}:valid")
             if valid is None:
-                losses[key] = cos.mean()
-            elif bool(valid.any()):
-                losses[key] = cos[valid].mean()
+                losses[key] = mean(cos)
+            elif bool(valid.any()) or split():
+                losses[key] = mean(cos[valid])
             else:
                 losses[key] = value.sum() * 0.0
 

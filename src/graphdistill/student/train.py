@@ -15,6 +15,12 @@ leaves the previous version, never a torn one.
 Determinism: every epoch shuffles with its own generator seeded by (seed, epoch), so a run resumed from
 epoch k's checkpoint sees exactly the batches an uninterrupted run would; dropout is 0 by default.
 The library logs; the CLI (``graphdistill train``) shows progress through the ``on_step``/``on_epoch`` hooks.
+
+Several processes (:mod:`graphdistill.student.distributed`: ``--nproc N`` or torchrun): with a process group
+initialised, the recipe wraps the model in DistributedDataParallel, gives each rank its share of every global
+batch (:class:`graphdistill.student.ranks.ShardedBatches`) and of the retrieval queries, and computes losses and
+batch norms over the global batch (:mod:`graphdistill.student.ranks`), so a step is the one-process step. Rank 0
+alone writes the run (tokenizer, config, checkpoints, model files, metrics) and validates; the others wait.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from graphdistill.student.model import (
     preset,
 )
 from graphdistill.student.predict import STUDENT_FORMAT, StudentPredictor, check_student
+from graphdistill.student.ranks import ShardedBatches, across_ranks, global_batch_norms, reduce_mean, world
 from graphdistill.student.retrieval_kd import RetrievalQueries, make_retrieval_queries, ranking_recall
 from graphdistill.student.tokenizer import StudentTokenizer
 
@@ -145,6 +152,17 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
     _atomic_write_bytes(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=str)))
 
 
+def _barrier() -> None:
+    torch.distributed.barrier()
+
+
+def _broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank (``device``: the rank's, as NCCL wants)."""
+    t = torch.tensor([int(flag)], device=device)
+    torch.distributed.broadcast(t, 0)
+    return bool(t.item())
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -169,6 +187,7 @@ class TrainRecipe:
         self.on_step = on_step or (lambda info: None)
         self.on_epoch = on_epoch or (lambda info: None)
         self.on_progress = on_progress  # (stage, done, total) for setup work a person waits on
+        self.rank, self.world_size = world()  # (0, 1) without a torch.distributed process group
         self.epoch = 0  # epochs completed
         self.step = 0
         self.val_split = "val"  # "train" when the dataset has no val rows (set in setup)
@@ -198,20 +217,31 @@ class TrainRecipe:
             dev = "cuda" if torch.cuda.is_available() else "cpu"
         if dev.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {dev!r} asked for but CUDA is not available")
+        if self.world_size > 1:
+            if cfg.batch_size % self.world_size:
+                raise ValueError(
+                    f"batch size {cfg.batch_size} does not split over {self.world_size} processes: "
+                    f"give a multiple of {self.world_size}"
+                )
+            if dev.startswith("cuda"):  # one GPU per process
+                dev = f"cuda:{int(os.environ.get('LOCAL_RANK', self.rank)) % torch.cuda.device_count()}"
         self.device = torch.device(dev)
         self.ds = open_dataset(cfg.dataset)
         ckpt_path = self.run / CHECKPOINT
         resuming = cfg.resume and ckpt_path.exists()
-        if cfg.resume and not resuming:
+        if cfg.resume and not resuming and self.rank == 0:
             log.warning("--resume: no checkpoint at %s; starting fresh", ckpt_path)
-        if not resuming and (self.run / "config.json").exists() and (self.run / CHECKPOINT).exists():
+        stale = (self.run / "config.json").exists() and (self.run / CHECKPOINT).exists()
+        if not resuming and stale and self.rank == 0:
             log.warning("run %s already holds a checkpoint; starting over (use resume to continue)", self.run)
         self.run.mkdir(parents=True, exist_ok=True)
         _seed_all(cfg.seed)
 
         self.start = self._offered_start()
         self.class_names = list(self.start.class_names if self.start else self.ds.class_names)
-        if resuming:
+        if not resuming and self.rank > 0:  # rank 0 trains the tokenizer and derives the config
+            _barrier()
+        if resuming or self.rank > 0:
             self.tokenizer = StudentTokenizer.load(self.run / "tokenizer.json")
             self.model_config = StudentConfig.from_dict(json.loads((self.run / "config.json").read_text()))
         else:
@@ -252,6 +282,8 @@ class TrainRecipe:
             self.model_config = self._derive_config(derived)
             self.tokenizer.save(self.run / "tokenizer.json")
             _atomic_write_json(self.run / "config.json", self.model_config.to_dict())
+            if self.world_size > 1:
+                _barrier()
 
         model = (self.model_factory or Student)(self.model_config)
         check_student(model)
@@ -310,8 +342,15 @@ class TrainRecipe:
             )
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
-        if resuming:
+        if resuming:  # every rank loads it
             self._load_checkpoint(ckpt_path)
+        # what a training step runs: the student, or DistributedDataParallel around it across ranks
+        self.trained: nn.Module = self.model
+        if self.world_size > 1:
+            global_batch_norms(self.model)
+            self.trained = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         log.info(
             "student %s: %d parameters, %d train / %d %s rows, device %s",
             type(self.model).__name__,
@@ -437,6 +476,15 @@ class TrainRecipe:
         log.info("resumed %s at epoch %d (step %d)", path, self.epoch, self.step)
 
     def save_checkpoint(self) -> Path:
+        """RUN/checkpoints/last.pt and the model files, written by rank 0; the other ranks wait for it."""
+        path = self.run / CHECKPOINT
+        if self.rank == 0:
+            self._write_checkpoint(path)
+        if self.world_size > 1:
+            _barrier()
+        return path
+
+    def _write_checkpoint(self, path: Path) -> None:
         ck = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -453,10 +501,8 @@ class TrainRecipe:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
         }
-        path = self.run / CHECKPOINT
         _atomic_write_bytes(path, lambda p: torch.save(ck, p))
         self.save_model_files()
-        return path
 
     def save_model_files(self) -> dict[str, Any]:
         """model.safetensors + config.json + tokenizer.json + meta.json: everything ``load_student`` reads.
@@ -495,6 +541,11 @@ class TrainRecipe:
 
     def _batches(self, epoch: int) -> torch.utils.data.DataLoader:  # type: ignore[type-arg]
         g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+        if self.world_size > 1:  # this rank's share of the batches one process would draw
+            shards = ShardedBatches(len(self.train_set), self.cfg.batch_size, g, self.rank, self.world_size)
+            return torch.utils.data.DataLoader(
+                self.train_set, batch_sampler=shards, generator=g, collate_fn=collate
+            )
         return torch.utils.data.DataLoader(
             self.train_set, batch_size=self.cfg.batch_size, shuffle=True, generator=g, collate_fn=collate
         )
@@ -516,14 +567,10 @@ class TrainRecipe:
             loader = self._batches(self.epoch)
             for i, batch in enumerate(loader):
                 batch = self._to_device(batch)
-                out = self._forward(batch)
-                if self.retrieval is not None:
-                    idx = torch.randint(len(self.retrieval), (RETRIEVAL_BATCH,), generator=self.retrieval_gen)
-                    got = self._retrieval_logits(self.retrieval, idx)
-                    out["retrieval_logits"] = got["retrieval_logits"]
-                    batch["retrieval_targets"] = got["retrieval_targets"]
-                losses = compute_losses(out, batch, self.weights)
-                bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+                with across_ranks():  # one process: a no-op
+                    losses = self._losses(batch)
+                    shown = reduce_mean(losses)
+                bad = [k for k, v in shown.items() if not math.isfinite(v)]
                 if bad:
                     raise FloatingPointError(
                         f"epoch {self.epoch + 1} step {self.step}: non-finite losses {bad}"
@@ -536,19 +583,19 @@ class TrainRecipe:
                 self.scheduler.step()
                 self.step += 1
                 n += 1
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                for k, v in shown.items():
+                    sums[k] = sums.get(k, 0.0) + v
                 self.on_step(
                     {
                         "epoch": self.epoch + 1,
                         "batch": i + 1,
                         "batches": len(loader),
                         "step": self.step,
-                        "losses": {k: float(v.detach()) for k, v in losses.items()},
+                        "losses": shown,
                         "lr": self.scheduler.get_last_lr()[0],
                     }
                 )
-                if deadline is not None and time.monotonic() > deadline:
+                if deadline is not None and self._past(deadline):
                     out_of_time = True
                     log.info("max time reached during epoch %d", self.epoch + 1)
                     break
@@ -556,7 +603,8 @@ class TrainRecipe:
             self.epoch += 1
             means = {k: v / max(n, 1) for k, v in sums.items()}
             last = out_of_time or self.epoch >= max_epochs
-            metrics = self.validate() if last or self.epoch % max(cfg.val_every, 1) == 0 else {}
+            validating = last or self.epoch % max(cfg.val_every, 1) == 0
+            metrics = self.validate() if validating and self.rank == 0 else {}
             record = {
                 "epoch": self.epoch,
                 "step": self.step,
@@ -570,10 +618,32 @@ class TrainRecipe:
             self.on_epoch(record)
         return self.history
 
-    def _forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _past(self, deadline: float) -> bool:
+        """Whether the time is up; across ranks rank 0's clock decides, so every rank stops at the same step."""
+        over = time.monotonic() > deadline
+        return _broadcast_flag(over, self.device) if self.world_size > 1 else over
+
+    def _losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One training step's losses by name (the graph to backpropagate). Across ranks each rank ranks its
+        share of the same retrieval-query draw."""
+        out = self._forward(batch, self.trained)
+        if self.retrieval is not None:
+            idx = torch.randint(len(self.retrieval), (RETRIEVAL_BATCH,), generator=self.retrieval_gen)
+            if self.world_size > 1:
+                idx = idx.tensor_split(self.world_size)[self.rank]
+            got = self._retrieval_logits(self.retrieval, idx)
+            out["retrieval_logits"] = got["retrieval_logits"]
+            batch["retrieval_targets"] = got["retrieval_targets"]
+        return compute_losses(out, batch, self.weights)
+
+    def _forward(
+        self, batch: dict[str, torch.Tensor], model: nn.Module | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``model`` (default: the student itself) on a batch; ``self.trained`` in a training step."""
+        model = model or self.model
         args = (batch["image"], batch["question_ids"], batch["question_mask"], batch["answer_in"])
         if not isinstance(self.model, Student):
-            return self.model(*args)  # type: ignore[no-any-return]
+            return model(*args)  # type: ignore[no-any-return]
         # the text reads the teacher's objects, and copies from the documents the teacher retrieved
         objects = {
             k: batch[k]
@@ -581,7 +651,7 @@ class TrainRecipe:
             if k in batch
         }
         features = [batch[k].float() for k in FEATURE_KEYS] if FEATURE_KEYS[0] in batch else None
-        return self.model(*args, objects=objects or None, features=features)  # type: ignore[no-any-return]
+        return model(*args, objects=objects or None, features=features)  # type: ignore[no-any-return]
 
     def _frozen_features(self, split: str) -> Any:
         """Row index -> the trunk's features of its image, computed once per distinct image, when nothing of the
@@ -665,7 +735,8 @@ class TrainRecipe:
     # ---- save / cleanup -----------------------------------------------------------------------------------
 
     def save(self) -> dict[str, Any]:
-        meta = self.save_model_files()
+        """The model files and RUN/metrics.json (rank 0 writes them; every rank returns the metrics)."""
+        meta = self.save_model_files() if self.rank == 0 else self.meta()
         last = self.history[-1] if self.history else {}
         metrics = {
             "epochs": self.epoch,
@@ -678,7 +749,10 @@ class TrainRecipe:
             "val": last.get("val"),
             "history": self.history,
         }
-        _atomic_write_json(self.run / "metrics.json", metrics)
+        if self.rank == 0:
+            _atomic_write_json(self.run / "metrics.json", metrics)
+        if self.world_size > 1:
+            _barrier()
         return metrics
 
     def cleanup(self) -> None:
