@@ -115,8 +115,8 @@ def test_filter_finds_the_answer_and_objects_by_kind(filtered: tuple[FilterResul
         "vec": Kind.EMBEDDING,
     }
     for row in ds.all_rows():
-        assert row["answer"] == "There is a cat."
-        assert [(o.label, o.box) for o in row["objects"]] == [("cat", BOX)]
+        assert row.answer == "There is a cat."
+        assert [(o.label, o.box) for o in row.objects] == [("cat", BOX)]
 
 
 def test_embedding_outputs_reach_the_dataset_and_the_student(filtered: tuple[FilterResult, Path]) -> None:
@@ -167,10 +167,10 @@ class LookupStudent:
         ds = open_dataset(dataset)
         self.table: dict[str, dict[str, Any]] = {}
         for i, row in enumerate(ds.all_rows()):
-            reply = "A bus." if wrong and i % 2 == 0 else row["answer"]
-            self.table[_key(ds.image(row), row["question"])] = {
+            reply = "A bus." if wrong and i % 2 == 0 else row.answer
+            self.table[_key(ds.image(row), row.question)] = {
                 "reply": reply,
-                "things": [o.model_dump(mode="json") for o in row["objects"]],
+                "things": [o.model_dump(mode="json") for o in row.objects],
                 "vec": [2.0, 2.0, 3.0],
             }
 
@@ -221,10 +221,11 @@ def test_ground_truth_reaches_the_dataset_report_and_summary(
     from graphdistill.eval.summary import markdown_summary
 
     _, path = filtered
-    rows = {r["id"]: r for r in open_dataset(path).all_rows()}
-    assert json.loads(rows["g1"]["ground_truth"])["answer"] == "There is a dog."
-    assert json.loads(rows["g0"]["ground_truth"])["objects"][0]["score"] == 1.0  # labels get score 1
-    assert rows["g2"]["ground_truth"] is None
+    rows = {r.id: r for r in open_dataset(path).all_rows()}
+    gt1, gt0 = rows["g1"].ground_truth, rows["g0"].ground_truth
+    assert gt1 is not None and gt1["answer"] == "There is a dog."
+    assert gt0 is not None and gt0["objects"][0]["score"] == 1.0  # labels get score 1
+    assert rows["g2"].ground_truth is None
 
     run = _run_folder(tmp_path / "run", path)
     res = _evaluate(run, path, LookupStudent(path))
@@ -266,4 +267,4 @@ def test_datasets_written_before_the_new_columns_still_load(tmp_path: Path) -> N
         f = tmp_path / "old" / f"{split}.parquet"
         pq.write_table(pq.read_table(f).drop_columns(["embeddings", "ground_truth"]), f)
     (row,) = open_dataset(tmp_path / "old").rows("train")
-    assert row["embeddings"] is None and row["ground_truth"] is None and row["answer"] == "A cat."
+    assert row.embeddings is None and row.ground_truth is None and row.answer == "A cat."
