@@ -15,6 +15,7 @@ import pytest
 
 from graphdistill.dataset import (
     DatasetError,
+    DatasetRow,
     DatasetWriter,
     make_synthetic_dataset,
     open_dataset,
@@ -148,6 +149,38 @@ def test_the_writer_streams_rows_a_row_group_at_a_time(
     assert [r.id for r in ds.rows("train")] == [f"r{i}" for i in range(10)]
     assert [r.question for r in ds.rows("train")] == [f"q{i}?" for i in range(10)]
     assert all(r.objects == (cat(),) for r in ds.rows("train")) and ds.rows("test") == []
+
+
+def test_a_dataset_row_is_checked_on_construction_and_on_replace() -> None:
+    from dataclasses import FrozenInstanceError, replace
+
+    row = DatasetRow.of(id="g1", question="q?", objects=[cat().model_dump()], sources=["doc-cat"])
+    assert row.objects == (cat(),) and row.sources == ("doc-cat",) and row.split == "train"
+    with pytest.raises(ValueError, match=r"dataset row 'g1': objects must be tuple\[ObjectOut, \.\.\.\]"):
+        replace(row, objects=[cat()])
+    with pytest.raises(ValueError, match="split must be one of"):
+        replace(row, split="holdout")
+    with pytest.raises(ValueError, match=r"unknown columns \['questoin'\]"):
+        DatasetRow.of(id="g1", questoin="q?")
+    with pytest.raises(FrozenInstanceError):
+        row.answer = "A cat."  # type: ignore[misc]
+
+
+def test_a_corrupt_row_names_the_file_and_the_row(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    make_synthetic_dataset(tmp_path / "ds", n=4, seed=0)
+    path = tmp_path / "ds" / "train.parquet"
+    table = pq.read_table(path)
+    objects = table.column("objects").to_pylist()
+    objects[0] = '[{"label": "cat"}]'  # an object with neither score nor box
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("objects"), "objects", pa.array(objects)), path
+    )
+    rid = table.column("id")[0].as_py()
+    with pytest.raises(DatasetError, match=rf"train\.parquet: row '{rid}' is corrupt"):
+        open_dataset(tmp_path / "ds").rows("train")
 
 
 def test_missing_or_corrupt_dataset_errors_name_the_file(tmp_path: Path) -> None:
