@@ -47,7 +47,7 @@ def _models_only_ms(bundle: Path, dataset: Path, n: int, repeats: int) -> float:
     best = float("inf")
     for threads in (1, 2):
         runner = BundleRunner(bundle, threads=threads)
-        inputs = [(preprocess(load_rgb(ds.image(r)), runner.spec)[0], str(r["question"])) for r in rows]
+        inputs = [(preprocess(load_rgb(ds.image(r)), runner.spec)[0], r.question) for r in rows]
         for x, q in inputs:  # warm-up
             runner.run_models(x, q)
         times = []

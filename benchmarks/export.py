@@ -92,7 +92,7 @@ def main() -> int:
         meta = json.loads((run / "meta.json").read_text())
         ds = open_dataset(meta["dataset"])
         rows = (ds.rows("test") + ds.rows("val"))[: 4 if args.quick else 16]
-        samples = [(ds.image(r), r["question"]) for r in rows]
+        samples = [(ds.image(r), r.question) for r in rows]
         results: dict[str, Any] = {}
         for fmt in args.formats.split(","):
             for q in ("none", "int8"):

@@ -75,15 +75,14 @@ def dataset_images(path: str) -> tuple[list[Any], list[Any], str]:
     recorded with it."""
     from graphdistill.dataset import open_dataset
     from graphdistill.eval.evaluate import output_kinds_of, output_of_row
-    from graphdistill.student.loader import is_replay
 
     ds = open_dataset(path)
     kinds = output_kinds_of(ds)
     images, teacher, seen = [], [], set()
     for row in ds.rows("train"):
-        if is_replay(row) or row["image"] in seen:
+        if row.is_replay or row.image in seen:
             continue
-        seen.add(row["image"])
+        seen.add(row.image)
         images.append(ds.image(row))
         teacher.append(output_of_row(row, kinds)["objects"])
     return images, teacher, f"{len(images)} distinct recorded training images of {path}"

@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from graphdistill.trace import (
     content_hash,
     encode_value,
 )
+
+if TYPE_CHECKING:
+    from graphdistill.dataset import DatasetRow
 
 # ---- student configurations ---------------------------------------------------------------------------------
 
@@ -129,9 +132,9 @@ def input_key(image: np.ndarray, question: str) -> str:
     return hashlib.sha256(np.ascontiguousarray(image).tobytes() + question.encode()).hexdigest()
 
 
-def teacher_answer(i: int, row: dict[str, Any]) -> dict[str, Any]:
+def teacher_answer(i: int, row: DatasetRow) -> dict[str, Any]:
     """A dataset row's own outputs, as a perfect student of a visual_rag-shaped graph returns them."""
-    return {"answer": row["answer"], "objects": list(row["objects"]), "sources": list(row["sources"])}
+    return {"answer": row.answer, "objects": list(row.objects), "sources": list(row.sources)}
 
 
 class LookupStudent:
@@ -139,13 +142,13 @@ class LookupStudent:
     says for the dataset's ``i``-th row (by default the row's own outputs: a perfect student)."""
 
     def __init__(
-        self, dataset: Path, output: Callable[[int, dict[str, Any]], dict[str, Any]] = teacher_answer
+        self, dataset: Path, output: Callable[[int, DatasetRow], dict[str, Any]] = teacher_answer
     ) -> None:
         from graphdistill.dataset import open_dataset
 
         ds = open_dataset(dataset)
         self.table = {
-            input_key(ds.image(row), row["question"]): output(i, row) for i, row in enumerate(ds.all_rows())
+            input_key(ds.image(row), row.question): output(i, row) for i, row in enumerate(ds.all_rows())
         }
 
     def predict(self, image: np.ndarray, question: str) -> dict[str, Any]:

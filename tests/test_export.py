@@ -69,7 +69,7 @@ def _image(run_dir: Path, split: str = "test", i: int = 0) -> tuple[np.ndarray, 
 
     ds = open_dataset(run_dir.parent / "ds")
     row = ds.rows(split)[i]
-    return ds.image(row), row["question"]
+    return ds.image(row), row.question
 
 
 def test_onnx_float_bundle_passes_parity(onnx_float: Path) -> None:
@@ -125,9 +125,7 @@ def test_onnx_float_bundle_passes_parity(onnx_float: Path) -> None:
     from graphdistill.student.train import decoding_rules
 
     tok = StudentTokenizer.load(Path(m["source_run"]) / "tokenizer.json")
-    answers = [
-        tok.encode(r["answer"] or "") for r in open_dataset(Path(m["source_run"]).parent / "ds").rows("train")
-    ]
+    answers = [tok.encode(r.answer) for r in open_dataset(Path(m["source_run"]).parent / "ds").rows("train")]
     rules = decoding_rules(answers)
     assert rules["no_repeat_ngram"] >= 1 and rules["max_token_run"] >= 1
     assert {k: m["output_decoding"][k] for k in rules} == {k: cfg[k] for k in rules} == rules

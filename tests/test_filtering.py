@@ -16,6 +16,7 @@ import pytest
 from _fixtures import H, W, ellipse_mask, make_trace, noise, obj
 from graphdistill.dataset import (
     DatasetError,
+    DatasetRow,
     DatasetWriter,
     make_synthetic_dataset,
     open_dataset,
@@ -68,22 +69,22 @@ def test_synthetic_dataset_reads_back_with_exact_targets(tmp_path: Path) -> None
         "sources",
     ]
     rows = again.all_rows()
-    assert len({r["id"] for r in rows}) == 12
-    photos = [p for r in rows for p in r["provenance_photos"]]
+    assert len({r.id for r in rows}) == 12
+    photos = [p for r in rows for p in r.provenance_photos]
     assert len(photos) == len(set(photos))
     for r in rows:
         img = again.image(r)
-        assert img.shape == (r["image_height"], r["image_width"], 3) and img.dtype == np.uint8
-        for o in r["objects"]:
+        assert img.shape == (r.image_height, r.image_width, 3) and img.dtype == np.uint8
+        for o in r.objects:
             assert isinstance(o, ObjectOut) and o.mask is not None
             m = o.mask.decode()
             ys, xs = np.nonzero(m)
             assert o.box == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]  # exact box of the drawn mask
             assert (img[m] != img[0, 0]).any(axis=-1).all()  # the shape's pixels are painted
-        assert r["sources"] == [f"doc-{lab}" for lab in dict.fromkeys(o.label for o in r["objects"])]
+        assert list(r.sources) == [f"doc-{lab}" for lab in dict.fromkeys(o.label for o in r.objects)]
     # deterministic for a seed
     same = make_synthetic_dataset(tmp_path / "ds2", n=12, seed=3)
-    assert [r["answer"] for r in same.all_rows()] == [r["answer"] for r in rows]
+    assert [r.answer for r in same.all_rows()] == [r.answer for r in rows]
 
 
 def test_writer_round_trips_every_column(tmp_path: Path) -> None:
@@ -109,9 +110,9 @@ def test_writer_round_trips_every_column(tmp_path: Path) -> None:
     ds = open_dataset(tmp_path / "d")
     (row,) = ds.rows("val")
     assert ds.rows("train") == [] and ds.splits == {"train": 0, "val": 1, "test": 0}
-    assert row["objects"] == [cat()] and row["llm_topk"] == logp
-    assert row["agreement_answer"] == pytest.approx(2 / 3, abs=1e-6)
-    assert row["provenance_photos"] == ["p/a", "p/b"] and row["trace_ids"] == ["t1", "t2"]
+    assert row.objects == (cat(),) and row.llm_topk == logp
+    assert row.agreement_answer == pytest.approx(2 / 3, abs=1e-6)
+    assert row.provenance_photos == ("p/a", "p/b") and row.trace_ids == ("t1", "t2")
     assert np.array_equal(ds.image(row), img)
     assert ds.documents == [{"id": "doc-cat", "text": "x"}]
 
@@ -136,9 +137,41 @@ def test_the_writer_streams_rows_a_row_group_at_a_time(
     assert pq.ParquetFile(tmp_path / "d" / "train.parquet").num_row_groups == 4  # 3 + 3 + 3 + 1
     ds = open_dataset(tmp_path / "d")
     assert ds.splits == {"train": 10, "val": 1, "test": 0}
-    assert [r["id"] for r in ds.rows("train")] == [f"r{i}" for i in range(10)]
-    assert [r["question"] for r in ds.rows("train")] == [f"q{i}?" for i in range(10)]
-    assert all(r["objects"] == [cat()] for r in ds.rows("train")) and ds.rows("test") == []
+    assert [r.id for r in ds.rows("train")] == [f"r{i}" for i in range(10)]
+    assert [r.question for r in ds.rows("train")] == [f"q{i}?" for i in range(10)]
+    assert all(r.objects == (cat(),) for r in ds.rows("train")) and ds.rows("test") == []
+
+
+def test_a_dataset_row_is_checked_on_construction_and_on_replace() -> None:
+    from dataclasses import FrozenInstanceError, replace
+
+    row = DatasetRow.of(id="g1", question="q?", objects=[cat().model_dump()], sources=["doc-cat"])
+    assert row.objects == (cat(),) and row.sources == ("doc-cat",) and row.split == "train"
+    with pytest.raises(ValueError, match=r"dataset row 'g1': objects must be tuple\[ObjectOut, \.\.\.\]"):
+        replace(row, objects=[cat()])
+    with pytest.raises(ValueError, match="split must be one of"):
+        replace(row, split="holdout")
+    with pytest.raises(ValueError, match=r"unknown columns \['questoin'\]"):
+        DatasetRow.of(id="g1", questoin="q?")
+    with pytest.raises(FrozenInstanceError):
+        row.answer = "A cat."  # type: ignore[misc]
+
+
+def test_a_corrupt_row_names_the_file_and_the_row(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    make_synthetic_dataset(tmp_path / "ds", n=4, seed=0)
+    path = tmp_path / "ds" / "train.parquet"
+    table = pq.read_table(path)
+    objects = table.column("objects").to_pylist()
+    objects[0] = '[{"label": "cat"}]'  # an object with neither score nor box
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("objects"), "objects", pa.array(objects)), path
+    )
+    rid = table.column("id")[0].as_py()
+    with pytest.raises(DatasetError, match=rf"train\.parquet: row '{rid}' is corrupt"):
+        open_dataset(tmp_path / "ds").rows("train")
 
 
 def test_missing_or_corrupt_dataset_errors_name_the_file(tmp_path: Path) -> None:
@@ -149,9 +182,9 @@ def test_missing_or_corrupt_dataset_errors_name_the_file(tmp_path: Path) -> None
         open_dataset(tmp_path / "empty")
     ds = make_synthetic_dataset(tmp_path / "ds", n=4, seed=0)
     row = ds.rows("train")[0]
-    blob = tmp_path / "ds" / "blobs" / row["image"][:2] / row["image"]
+    blob = tmp_path / "ds" / "blobs" / row.image[:2] / row.image
     blob.write_bytes(blob.read_bytes()[:-10] + b"0123456789")
-    with pytest.raises(DatasetError, match=row["image"]):
+    with pytest.raises(DatasetError, match=row.image):
         ds.image(row)
     (tmp_path / "ds" / "val.parquet").write_bytes(b"not parquet")
     with pytest.raises(DatasetError, match=r"val\.parquet"):
@@ -448,9 +481,9 @@ def test_the_filter_holds_each_consensus_slim_and_spools_the_rest(tmp_path: Path
         assert [o.label for o in c.objects] == ["cat"] and c.objects[0].box == pytest.approx(cat().box)
         assert all(o.mask is None for o in c.objects) and c.llm_topk is None and not c.embeddings
     rows = open_dataset(tmp_path / "out" / "ds").all_rows()  # on disk: the whole consensus
-    assert len(rows) == 6 and all(o.mask is not None for r in rows for o in r["objects"])
-    assert all(np.array_equal(r["objects"][0].mask.decode(), cat().mask.decode()) for r in rows)
-    assert all(r["llm_topk"] is not None for r in rows)
+    assert len(rows) == 6 and all(o.mask is not None for r in rows for o in r.objects)
+    assert all(np.array_equal(r.objects[0].mask.decode(), cat().mask.decode()) for r in rows)
+    assert all(r.llm_topk is not None for r in rows)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ds"]  # the spool is gone
     with pytest.raises(FilterError, match="nope"):  # an error mid-way removes the spool all the same
         filter_store(store, tmp_path / "out" / "bad", FilterConfig(min_agreement={"nope": 0.5}))
@@ -612,19 +645,19 @@ def test_filter_store_end_to_end(tmp_path: Path) -> None:
     assert sum(ds.splits.values()) == s["kept"] == len(ds.all_rows())
     assert ds.splits == s["splits"] and all(ds.splits[k] > 0 for k in ("train", "val", "test"))
     # the test split is exactly the held-out rows the teacher answered, with their consensus
-    test = {r["id"]: r for r in ds.rows("test")}
+    test = {r.id: r for r in ds.rows("test")}
     assert set(test) == {"heldout", "held-dog", "held-split"}
-    assert test["held-dog"]["answer"] == "There is a dog." and test["held-split"]["answer"] == "A cat."
+    assert test["held-dog"].answer == "There is a dog." and test["held-split"].answer == "A cat."
     where: dict[str, str] = {}
     for r in ds.all_rows():
-        for p in r["provenance_photos"]:
-            assert where.setdefault(p, r["split"]) == r["split"]  # no photo in two splits
-        if r["id"] in ("held-dog", "held-split"):
+        for p in r.provenance_photos:
+            assert where.setdefault(p, r.split) == r.split  # no photo in two splits
+        if r.id in ("held-dog", "held-split"):
             continue
-        seed = {"comp": 50, "heldout": 60}.get(r["id"]) or int(r["id"].removeprefix("ok"))
+        seed = {"comp": 50, "heldout": 60}.get(r.id) or int(r.id.removeprefix("ok"))
         assert np.array_equal(ds.image(r), noise(seed))
-        assert r["answer"] in ("There is a cat.", "A cat.") and len(r["trace_ids"]) == 3
-        assert [o.label for o in r["objects"]] == ["cat"] and r["sources"] == ["doc-cat"]
+        assert r.answer in ("There is a cat.", "A cat.") and len(r.trace_ids) == 3
+        assert [o.label for o in r.objects] == ["cat"] and r.sources == ("doc-cat",)
     assert where["skimage/coffee"] == where["skimage/camera"] == "test"
     assert where["p/A"] == where["p/B"]  # tied by the composite
     assert ds.manifest["class_names"][15] == "cat" and len(ds.manifest["class_names"]) == 80
@@ -663,7 +696,7 @@ def test_filter_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     # no agreement threshold here, so only held-dog is flagged; the test split is the same three rows as
     # under the stricter settings of test_filter_store_end_to_end
     assert out["heldout"] == {"groups": 4, "kept": 3, "kept_for_evaluation": 1, "no_teacher_output": 1}
-    test_ids = {r["id"] for r in open_dataset(tmp_path / "ds").rows("test")}
+    test_ids = {r.id for r in open_dataset(tmp_path / "ds").rows("test")}
     assert test_ids == {"heldout", "held-dog", "held-split"}
     assert (
         sum(out["splits"].values()) == out["kept"] == math.fsum(open_dataset(tmp_path / "ds").splits.values())
@@ -719,11 +752,11 @@ def test_real_store_with_three_samples_filters_end_to_end(tmp_path: Path) -> Non
     assert 1 / 3 <= cat_vote.agreement["answer"] <= 1.0
     assert cat_vote.llm_topk is None  # held slim in memory: the row on disk has the log-probabilities
     ds = open_dataset(tmp_path / "ds")
-    cat_row = next(r for r in ds.all_rows() if r["id"] == "skimage/chelsea")
-    assert cat_row["llm_topk"] is not None and cat_row["llm_topk"].token_ids
+    cat_row = next(r for r in ds.all_rows() if r.id == "skimage/chelsea")
+    assert cat_row.llm_topk is not None and cat_row.llm_topk.token_ids
     assert ds.splits["train"] == s["kept"]
     for r in ds.all_rows():
-        assert np.array_equal(ds.image(r), _models.builtin_image(r["id"]))
-        assert len(r["trace_ids"]) == 3 and r["answer"]
+        assert np.array_equal(ds.image(r), _models.builtin_image(r.id))
+        assert len(r.trace_ids) == 3 and r.answer
     assert any(d["id"] in cat_vote.sources for d in ds.documents)
     assert (tmp_path / "ds" / "report" / "report.html").exists()

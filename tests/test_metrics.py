@@ -160,6 +160,7 @@ def test_gate_training_and_eval_give_one_token_f1() -> None:
     from types import SimpleNamespace
 
     pytest.importorskip("torch")
+    from graphdistill.dataset import DatasetRow
     from graphdistill.eval.evaluate import row_scores
     from graphdistill.export import parity as export_parity
     from graphdistill.student import train
@@ -174,7 +175,7 @@ def test_gate_training_and_eval_give_one_token_f1() -> None:
         encode_outputs=["memory"],  # no object head: only the answer is scored
         tokenizer=SimpleNamespace(decode=lambda ids: "The cat."),
     )
-    sample = SimpleNamespace(row={"answer": "cat"}, letterbox=None)
+    sample = SimpleNamespace(row=DatasetRow(answer="cat"), letterbox=None)
     raw = SimpleNamespace(answer_ids=[5, 6], outputs={})
     gate = export_parity.fidelity(loaded, [sample], [raw])  # type: ignore[arg-type]
     assert gate["answer_token_f1"] == 1.0

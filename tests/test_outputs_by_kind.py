@@ -5,7 +5,6 @@ each output by its kind, the embedding must reach the dataset's ``embeddings`` c
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from _fixtures import LookupStudent, bag_embedder, noise, run_folder
-from graphdistill.dataset import DatasetWriter, open_dataset
+from graphdistill.dataset import DatasetRow, DatasetWriter, open_dataset
 from graphdistill.eval import metrics
 from graphdistill.filter.filtering import FilterConfig, FilterResult, filter_store
 from graphdistill.filter.vote import OutputNames, vote_group
@@ -100,8 +99,8 @@ def test_filter_finds_the_answer_and_objects_by_kind(filtered: tuple[FilterResul
         "vec": Kind.EMBEDDING,
     }
     for row in ds.all_rows():
-        assert row["answer"] == "There is a cat."
-        assert [(o.label, o.box) for o in row["objects"]] == [("cat", BOX)]
+        assert row.answer == "There is a cat."
+        assert [(o.label, o.box) for o in row.objects] == [("cat", BOX)]
 
 
 def test_embedding_outputs_reach_the_dataset_and_the_student(filtered: tuple[FilterResult, Path]) -> None:
@@ -144,14 +143,14 @@ def test_detections_output_counts_as_objects() -> None:
     assert [(o.label, o.box, o.score) for o in out["objects"]] == [("cat", BOX, 0.8)]
 
 
-def _named(wrong: bool = False) -> Callable[[int, dict[str, Any]], dict[str, Any]]:
+def _named(wrong: bool = False) -> Callable[[int, DatasetRow], dict[str, Any]]:
     """A student's outputs under this graph's own names, the teacher's row (as a student trained on the graph's
     schema answers); ``wrong`` answers every other input wrongly."""
 
-    def output(i: int, row: dict[str, Any]) -> dict[str, Any]:
+    def output(i: int, row: DatasetRow) -> dict[str, Any]:
         return {
-            "reply": "A bus." if wrong and i % 2 == 0 else row["answer"],
-            "things": [o.model_dump(mode="json") for o in row["objects"]],
+            "reply": "A bus." if wrong and i % 2 == 0 else row.answer,
+            "things": [o.model_dump(mode="json") for o in row.objects],
             "vec": [2.0, 2.0, 3.0],
         }
 
@@ -192,10 +191,11 @@ def test_ground_truth_reaches_the_dataset_report_and_summary(
     from graphdistill.eval.summary import markdown_summary
 
     _, path = filtered
-    rows = {r["id"]: r for r in open_dataset(path).all_rows()}
-    assert json.loads(rows["g1"]["ground_truth"])["answer"] == "There is a dog."
-    assert json.loads(rows["g0"]["ground_truth"])["objects"][0]["score"] == 1.0  # labels get score 1
-    assert rows["g2"]["ground_truth"] is None
+    rows = {r.id: r for r in open_dataset(path).all_rows()}
+    gt1, gt0 = rows["g1"].ground_truth, rows["g0"].ground_truth
+    assert gt1 is not None and gt1["answer"] == "There is a dog."
+    assert gt0 is not None and gt0["objects"][0]["score"] == 1.0  # labels get score 1
+    assert rows["g2"].ground_truth is None
 
     run = run_folder(tmp_path / "run", path)
     res = _evaluate(run, path, LookupStudent(path, _named()))
@@ -237,4 +237,4 @@ def test_datasets_written_before_the_new_columns_still_load(tmp_path: Path) -> N
         f = tmp_path / "old" / f"{split}.parquet"
         pq.write_table(pq.read_table(f).drop_columns(["embeddings", "ground_truth"]), f)
     (row,) = open_dataset(tmp_path / "old").rows("train")
-    assert row["embeddings"] is None and row["ground_truth"] is None and row["answer"] == "A cat."
+    assert row.embeddings is None and row.ground_truth is None and row.answer == "A cat."

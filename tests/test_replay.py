@@ -621,20 +621,21 @@ def test_replays_are_filtered_split_with_their_parent_and_carry_the_replay_colum
     parents = {t.id: t for t in store.iter() if not replay_of(t)}
     split_of_photo: dict[str, str] = {}
     for r in rows:
-        for p in r["provenance_photos"]:
-            assert split_of_photo.setdefault(p, r["split"]) == r["split"]  # a photo lives in one split
-    replay_rows = [r for r in rows if r["replay"] is not None]
+        for p in r.provenance_photos:
+            assert split_of_photo.setdefault(p, r.split) == r.split  # a photo lives in one split
+    replay_rows = [r for r in rows if r.replay is not None]
     assert len(replay_rows) == 24
     for r in replay_rows:
-        info = json.loads(r["replay"])
+        info = r.replay
+        assert info is not None
         assert set(info) == {"parent_trace", "from_node", "edit"} and info["from_node"] == "retrieve"
         parent_t = parents[info["parent_trace"]]
-        parent_row = next(x for x in rows if x["id"] == parent_t.group_id)
-        assert r["split"] == parent_row["split"]  # kept with its parent's photo
-        assert r["image"] == parent_row["image"] and r["question"] == parent_row["question"]
+        parent_row = next(x for x in rows if x.id == parent_t.group_id)
+        assert r.split == parent_row.split  # kept with its parent's photo
+        assert r.image == parent_row.image and r.question == parent_row.question
         if info["edit"]["kind"] == "relabel":
-            assert {o.label for o in r["objects"]} == set(info["edit"]["map"].values())
-    assert all(r["replay"] is None for r in rows if r not in replay_rows)
+            assert {o.label for o in r.objects} == set(info["edit"]["map"].values())
+    assert all(r.replay is None for r in rows if r not in replay_rows)
     report = (tmp_path / "ds" / "report" / "report.html").read_text()
     assert "Counterfactual replays among them: 25 (24 kept, 1 dropped)" in report
 
@@ -660,7 +661,7 @@ def test_a_dataset_written_before_the_replay_column_still_loads(tmp_path: Path) 
         table = pq.read_table(path)
         pq.write_table(table.drop_columns(["replay"]), path)
     rows = open_dataset(tmp_path / "old").all_rows()
-    assert len(rows) == 6 and all(r["replay"] is None for r in rows)
+    assert len(rows) == 6 and all(r.replay is None for r in rows)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from _fixtures import (
     train_tiny_run,
     undeclared_keys,
 )
-from graphdistill.dataset import make_synthetic_dataset, open_dataset
+from graphdistill.dataset import DatasetRow, make_synthetic_dataset, open_dataset
 from graphdistill.eval import cost
 from graphdistill.eval.evaluate import COST_KEYS, FIDELITY_KEYS, evaluate_run
 from graphdistill.eval.report import build_report
@@ -37,7 +37,7 @@ pytestmark = [
 ]
 
 
-def _degraded(i: int, row: dict[str, Any]) -> dict[str, Any]:
+def _degraded(i: int, row: DatasetRow) -> dict[str, Any]:
     """A student that blanks the answer and drops the last object on every other input, so the fidelity it
     earns is known."""
     out = teacher_answer(i, row)
@@ -409,6 +409,8 @@ def test_eval_command_names_a_bad_input(tmp_path: Path, capsys: pytest.CaptureFi
 def test_replay_rows_are_left_out_of_the_evaluation(tmp_path: Path, synthetic: Path) -> None:
     """A counterfactual replay's row shares its parent's image and question but not its targets: scoring the
     student on it would compare the photo's objects with edited ones. Evaluation leaves such rows out."""
+    from dataclasses import replace
+
     from graphdistill.dataset import DatasetWriter
 
     src = open_dataset(synthetic)
@@ -417,11 +419,11 @@ def test_replay_rows_are_left_out_of_the_evaluation(tmp_path: Path, synthetic: P
     for split in ("train", "val", "test"):
         for row in src.rows(split):
             writer.add(row, src.image(row), split)
-            edited = {**row, "id": row["id"] + "-replay", "answer": "I see a cup.", "objects": []}
             replay = {"parent_trace": "t", "from_node": "retrieve", "edit": {"kind": "drop", "index": 0}}
-            writer.add({**edited, "replay": replay}, src.image(row), split)
+            edited = replace(row, id=row.id + "-replay", answer="I see a cup.", objects=(), replay=replay)
+            writer.add(edited, src.image(row), split)
     writer.close()
-    assert sum(r["replay"] is not None for r in open_dataset(mixed).rows("test")) == src.splits["test"]
+    assert sum(r.replay is not None for r in open_dataset(mixed).rows("test")) == src.splits["test"]
     run = run_folder(tmp_path / "run", mixed)
     res = evaluate_run(
         run,
@@ -464,7 +466,7 @@ def test_the_teacher_against_itself_scores_its_other_samples_against_the_referen
     filter_store(store, tmp_path / "ds", FilterConfig(fractions=(1, 0, 0)), source_store=str(store.root))
     ds = open_dataset(tmp_path / "ds")
     rows = ds.rows("test")  # a held-out photo: kept, as evaluation rows are
-    assert [r["answer"] for r in rows] == ["There is a cat."]
+    assert [r.answer for r in rows] == ["There is a cat."]
     got = teacher_samples(ds, rows, output_kinds_of(ds))
     assert got is not None
     refs, others, photos = got

@@ -185,7 +185,9 @@ def test_loader_emits_aligned_soft_targets_by_default_and_none_for_old_records(
     old = teacher_record().model_dump(exclude={"token_texts", "topk_texts", "eos_ids"})  # as recorded before
     ds = _dataset(tmp_path / "ds", [teacher_record(), old, None])
     rows = ds.rows("train")
-    assert rows[1]["llm_topk"].token_ids == teacher_record().token_ids and not rows[1]["llm_topk"].token_texts
+    old_topk = rows[1].llm_topk
+    assert old_topk is not None and old_topk.token_ids == teacher_record().token_ids
+    assert not old_topk.token_texts
     with caplog.at_level(logging.INFO, logger="graphdistill.student.loader"):
         sd = StudentDataset(ds, "train", tok, _config(tok), topk=3)  # the trainer's defaults otherwise
     batch = collate([sd[i] for i in range(3)])

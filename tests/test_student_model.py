@@ -509,7 +509,7 @@ def test_loader_items_batch_with_a_plain_dataloader(tmp_path: Path) -> None:
     pq.write_table(table, tmp_path / "ds" / "train.parquet")
     ds = open_dataset(tmp_path / "ds")
     rows = ds.rows("train")
-    tok = StudentTokenizer.train([t for r in rows for t in (r["question"], r["answer"])], vocab_size=400)
+    tok = StudentTokenizer.train([t for r in rows for t in (r.question, r.answer)], vocab_size=400)
     cfg = StudentConfig(**{**SMALL, "vocab_size": tok.vocab_size, "max_answer_len": 48})  # type: ignore[arg-type]
     sd = StudentDataset(ds, "train", tok, cfg)
     batch = next(iter(torch.utils.data.DataLoader(sd, batch_size=4, collate_fn=collate)))
@@ -520,8 +520,8 @@ def test_loader_items_batch_with_a_plain_dataloader(tmp_path: Path) -> None:
     assert batch["vision_ok"].tolist() == [True, True, True, False]
     for i in range(4):
         n = int(batch["obj_valid"][i].sum())
-        assert n == len(rows[i]["objects"]) and bool(batch["obj_valid"][i, :n].all())
-        o = rows[i]["objects"][0]
+        assert n == len(rows[i].objects) and bool(batch["obj_valid"][i, :n].all())
+        o = rows[i].objects[0]
         x1, y1, x2, y2 = o.box
         s = float(batch["scale"][i])
         side = 96 / s
@@ -532,9 +532,9 @@ def test_loader_items_batch_with_a_plain_dataloader(tmp_path: Path) -> None:
         assert int(batch["obj_classes"][i, 0]) == ds.class_names.index(o.label)
         assert (batch["obj_classes"][i, n:] == -1).all() and not batch["obj_valid"][i, n:].any()
         assert float(batch["obj_masks"][i, 0].sum()) > 0 and bool(batch["obj_has_mask"][i, :n].all())
-        want = {ds.documents.index(d) for d in ds.documents if d["id"] in rows[i]["sources"]}
+        want = {ds.documents.index(d) for d in ds.documents if d["id"] in rows[i].sources}
         assert set(torch.nonzero(batch["sources"][i]).flatten().tolist()) == want
-        assert tok.decode(batch["answer_in"][i].tolist()) == rows[i]["answer"]
+        assert tok.decode(batch["answer_in"][i].tolist()) == rows[i].answer
     assert not batch["topk_valid"].any()  # these synthetic rows carry no teacher log-probs
 
 

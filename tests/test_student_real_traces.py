@@ -63,9 +63,9 @@ def test_tiny_student_overfits_a_handful_of_real_recorded_traces(tmp_path: Path)
 
     ds = open_dataset(_record_and_filter(tmp_path))
     rows = ds.rows("train")
-    assert sorted(r["id"] for r in rows) == sorted(PHOTOS) and ds.splits["val"] == 0
-    assert sum(len(r["objects"]) for r in rows) >= 4 and all(r["answer"] for r in rows)
-    assert all(o.mask is not None for r in rows for o in r["objects"])
+    assert sorted(r.id for r in rows) == sorted(PHOTOS) and ds.splits["val"] == 0
+    assert sum(len(r.objects) for r in rows) >= 4 and all(r.answer for r in rows)
+    assert all(o.mask is not None for r in rows for o in r.objects)
     offer = ds.graph.offers["detect"]  # recorded with the traces, carried by the dataset
     assert offer["kind"] == "ultralytics-detect" and offer["weights"] == "yolo11n"
 
@@ -107,7 +107,7 @@ def test_tiny_student_overfits_a_handful_of_real_recorded_traces(tmp_path: Path)
         assert last[name] < 0.5 * first[name], (name, first[name], last[name])
     # the sources loss is a cross-entropy against the retrieved documents' equal shares: its floor is the
     # entropy of that target, log(k) for k documents retrieved; the distance to it halves
-    floor = float(np.mean([np.log(len(r["sources"])) for r in rows if r["sources"]]))
+    floor = float(np.mean([np.log(len(r.sources)) for r in rows if r.sources]))
     assert last["sources"] - floor < 0.5 * (first["sources"] - floor), (
         first["sources"],
         last["sources"],
@@ -125,8 +125,6 @@ def test_tiny_student_overfits_a_handful_of_real_recorded_traces(tmp_path: Path)
 
     pred = load_student(tmp_path / "run")
     for row in rows:
-        out = pred.predict(ds.image(row), row["question"])
-        assert out["answer"] == row["answer"], row["id"]
-        assert sorted(o["label"] for o in out["objects"]) == sorted(o.label for o in row["objects"]), row[
-            "id"
-        ]
+        out = pred.predict(ds.image(row), row.question)
+        assert out["answer"] == row.answer, row.id
+        assert sorted(o["label"] for o in out["objects"]) == sorted(o.label for o in row.objects), row.id

@@ -299,7 +299,7 @@ def test_a_run_started_from_yolo_carries_its_weights_and_licence_into_meta_and_t
 
     data = open_dataset(ds)
     row = data.rows("test")[0]
-    out = BundleRunner(bundle, threads=1).predict(data.image(row), row["question"])
+    out = BundleRunner(bundle, threads=1).predict(data.image(row), row.question)
     assert set(out) == {"answer", "objects", "sources"}
     shutil.rmtree(bundle)
     assert np.isfinite(losses["total"])

@@ -83,19 +83,19 @@ def test_tiny_student_overfits_a_handful_of_examples(
     pred = load_student(run)
     ds = open_dataset(dataset)
     for row in ds.rows("train"):
-        out = pred.predict(ds.image(row), row["question"])
+        out = pred.predict(ds.image(row), row.question)
         assert set(out) == {"answer", "objects", "sources"}
-        assert out["answer"] == row["answer"]  # token for token
-        assert sorted(out["sources"]) == sorted(row["sources"])
+        assert out["answer"] == row.answer  # token for token
+        assert sorted(out["sources"]) == sorted(row.sources)
         objs = [ObjectOut.model_validate(o) for o in out["objects"]]
-        assert sorted(o.label for o in objs) == sorted(o.label for o in row["objects"])
-        for teacher in row["objects"]:
+        assert sorted(o.label for o in objs) == sorted(o.label for o in row.objects)
+        for teacher in row.objects:
             best = max(
                 (o for o in objs if o.label == teacher.label), key=lambda o: box_iou([o.box], [teacher.box])
             )
             iou = float(box_iou([best.box], [teacher.box])[0, 0])
             assert iou > 0.6, (teacher.label, iou)
-            assert best.mask is not None and best.mask.size == [row["image_height"], row["image_width"]]
+            assert best.mask is not None and best.mask.size == [row.image_height, row.image_width]
             pm, tm = best.mask.decode(), teacher.mask.decode()  # type: ignore[union-attr]
             assert (pm & tm).sum() / max((pm | tm).sum(), 1) > 0.5
 
@@ -221,10 +221,10 @@ def test_a_user_supplied_module_trains(dataset: Path, tmp_path: Path) -> None:
     ds = open_dataset(dataset)
     assert metrics["val"]["answer_exact"] == 1.0  # train fit, decoded as predict decodes
     for row in ds.rows("train"):
-        out = pred.predict(ds.image(row), row["question"])
+        out = pred.predict(ds.image(row), row.question)
         assert list(out) == ["answer", "objects", "sources"]
-        assert out["answer"] == row["answer"]  # token for token, decoded greedily through forward()
-        assert sorted(out["sources"]) == sorted(row["sources"])
+        assert out["answer"] == row.answer  # token for token, decoded greedily through forward()
+        assert sorted(out["sources"]) == sorted(row.sources)
         assert out["objects"] == []  # the module has no detection head
 
 
@@ -290,7 +290,7 @@ def test_train_and_predict_commands_end_to_end(
 
     img_path = tmp_path / "photo.png"
     Image.fromarray(ds.image(row)).save(img_path)
-    rc = main(["predict", str(run), "--image", str(img_path), "--question", row["question"], "--json"])
+    rc = main(["predict", str(run), "--image", str(img_path), "--question", row.question, "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"answer", "objects", "sources"} and isinstance(out["answer"], str)
@@ -328,7 +328,7 @@ def _photo(dataset: Path) -> tuple[np.ndarray, str]:
 
     ds = open_dataset(dataset)
     row = ds.rows("train")[0]
-    return ds.image(row), row["question"]
+    return ds.image(row), row.question
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@ DATASET/blobs/<sha[:2]>/<sha>         the input images (PNG) the rows reference
 DATASET/report/                       the filter report (written by the filter, not here)
 ```
 
-:class:`DatasetWriter` writes it, :func:`open_dataset` reads it back (objects typed as
-:class:`~graphdistill.trace.ObjectOut`, image blobs verified against their hash), and
+One row is one :class:`DatasetRow`, the typed record both sides speak: :class:`DatasetWriter` writes rows,
+:func:`open_dataset` reads them back (image blobs verified against their hash), and
 :func:`make_synthetic_dataset` draws a small dataset of shapes with known answers so the student can be
 trained and tested before any real trace exists. Pure numpy + Pillow + pyarrow.
 """
@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,93 +44,67 @@ FORMAT = "graphdistill-dataset/1"
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 ROW_GROUP = 256  # rows the writer holds per split before it writes them out as one Parquet row group
-
-# column name -> pyarrow type name (built lazily so importing this module stays cheap)
-COLUMNS = (
-    "id",
-    "image",
-    "image_height",
-    "image_width",
-    "question",
-    "answer",
-    "objects",
-    "sources",
-    "agreement_answer",
-    "agreement_objects",
-    "agreement_sources",
-    "provenance_photos",
-    "llm_topk",
-    "trace_ids",
-    "split",
-)
-# columns added later: written by every writer, read as null from datasets written before them
-OPTIONAL_COLUMNS = (
-    "embeddings",  # JSON {EMBEDDING output name: [float, ...]} or null (student.loader.row_embeddings)
-    "ground_truth",  # JSON {"answer", "objects", "sources"} of human labels, or null
-    # JSON {"parent_trace", "from_node", "edit"} for a counterfactual replay (recording.replay), else null:
-    # the row's objects were edited, they do NOT describe its image
-    "replay",
-)
+COMPACT = (",", ":")  # separators of the JSON text columns
 
 
 class DatasetError(GraphdistillError, ValueError):
     """A dataset folder is missing, incomplete or corrupt; the message names the file at fault."""
 
 
-def _schema() -> Any:
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("id", pa.string()),
-            ("image", pa.string()),
-            ("image_height", pa.int32()),
-            ("image_width", pa.int32()),
-            ("question", pa.string()),
-            ("answer", pa.string()),
-            ("objects", pa.string()),  # JSON list of ObjectOut
-            ("sources", pa.list_(pa.string())),
-            ("agreement_answer", pa.float32()),
-            ("agreement_objects", pa.float32()),
-            ("agreement_sources", pa.float32()),
-            ("provenance_photos", pa.list_(pa.string())),
-            ("llm_topk", pa.string()),  # JSON TokenLogprobs or null
-            ("trace_ids", pa.list_(pa.string())),
-            ("split", pa.string()),
-            ("embeddings", pa.string()),
-            ("ground_truth", pa.string()),
-            ("replay", pa.string()),
-        ]
-    )
+# --------------------------------------------------------------------------------------------------------
+# The row: one typed record, the contract between the filter that writes a dataset and what reads it
+# --------------------------------------------------------------------------------------------------------
 
 
-def blob_path(root: Path, sha: str) -> Path:
-    return root / "blobs" / sha[:2] / sha
+def _text(value: Any) -> str | None:
+    return value if value is None else str(value)
 
 
-def _objects_json(objects: Any) -> str:
-    out = []
-    for o in objects or []:
-        obj = o if isinstance(o, ObjectOut) else ObjectOut.model_validate(o)
-        out.append(obj.model_dump(mode="json"))
-    return json.dumps(out, separators=(",", ":"))
+def _texts(value: Any) -> tuple[str, ...]:
+    return tuple(str(v) for v in value or ())
 
 
-def _embeddings_json(embeddings: Any) -> str | None:
-    if not embeddings:
+def _objects(value: Any) -> tuple[ObjectOut, ...]:
+    """ObjectOut records, their dicts, or their JSON list (the Parquet column)."""
+    if isinstance(value, str):
+        value = json.loads(value or "[]")
+    return tuple(o if isinstance(o, ObjectOut) else ObjectOut.model_validate(o) for o in value or ())
+
+
+def _topk(value: Any) -> TokenLogprobs | None:
+    """A TokenLogprobs record, its dict, its JSON (the Parquet column), or None ("" too)."""
+    if value is None or value == "":
         return None
-    vecs = {str(name): [float(x) for x in vec] for name, vec in dict(embeddings).items()}
-    return json.dumps(vecs, separators=(",", ":"))
+    if isinstance(value, TokenLogprobs):
+        return value
+    if isinstance(value, str):
+        return TokenLogprobs.model_validate_json(value)
+    return TokenLogprobs.model_validate(value)
 
 
-def _ground_truth_json(gt: Any) -> str | None:
-    """Human labels -> JSON with the fields the evaluation scores; objects default to score 1."""
+def _json_object(value: Any, what: str) -> dict[str, Any] | None:
+    """A mapping, its JSON text (the Parquet column) or None/"" -> a dict or None."""
+    if isinstance(value, str):
+        value = json.loads(value) if value else None
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{what} must be a JSON object, got {type(value).__name__}")
+    return dict(value)
+
+
+def _embeddings(value: Any) -> dict[str, tuple[float, ...]] | None:
+    vecs = _json_object(value, "embeddings {name: [floats]}") or {}
+    out = {str(name): tuple(float(x) for x in vec) for name, vec in vecs.items() if vec is not None}
+    return out or None
+
+
+def _ground_truth(value: Any) -> dict[str, Any] | None:
+    """Human labels as the evaluation scores them: answer and sources as text, objects as ObjectOut JSON
+    (score 1 unless given); no label at all is None."""
+    gt = _json_object(value or None, "ground_truth {answer, objects, sources}")
     if not gt:
         return None
-    if not isinstance(gt, dict):
-        raise ValueError(
-            f"ground_truth must be an object {{answer, objects, sources}}, got {type(gt).__name__}"
-        )
     out: dict[str, Any] = {}
     if gt.get("answer") is not None:
         out["answer"] = str(gt["answer"])
@@ -141,20 +116,165 @@ def _ground_truth_json(gt: Any) -> str | None:
         out["objects"] = [o.model_dump(mode="json") for o in objs]
     if gt.get("sources") is not None:
         out["sources"] = [str(s) for s in gt["sources"]]
-    return json.dumps(out, separators=(",", ":")) if out else None
+    return out or None
 
 
-def _replay_json(replay: Any) -> str | None:
-    if replay is None or isinstance(replay, str):
-        return replay
-    return json.dumps(dict(replay), sort_keys=True, separators=(",", ":"))
+def _replay(value: Any) -> dict[str, Any] | None:
+    return _json_object(value, "replay {parent_trace, from_node, edit}")
 
 
-def _topk_json(topk: Any) -> str | None:
-    if topk is None:
-        return None
-    rec = topk if isinstance(topk, TokenLogprobs) else TokenLogprobs.model_validate(topk)
-    return rec.model_dump_json()
+def _column(arrow: str, convert: Callable[[Any], Any], *, added_later: bool = False) -> dict[str, Any]:
+    """A field's Parquet column: its pyarrow type, how :meth:`DatasetRow.of` converts a loose value to the
+    field's type, and whether datasets written before the column lack it (they read as None)."""
+    return {"arrow": arrow, "convert": convert, "added_later": added_later}
+
+
+_TEXT = _column("string", _text)
+_TEXTS = _column("list<string>", _texts)
+_FRACTION = _column("float32", float)
+_PIXELS = _column("int32", int)
+
+# what each field's type admits, keyed by the annotation's text (this module postpones annotations)
+_HOLDS: dict[str, Callable[[Any], bool]] = {
+    "str": lambda v: isinstance(v, str),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "tuple[str, ...]": lambda v: isinstance(v, tuple) and all(isinstance(x, str) for x in v),
+    "tuple[ObjectOut, ...]": lambda v: isinstance(v, tuple) and all(isinstance(x, ObjectOut) for x in v),
+    "TokenLogprobs | None": lambda v: v is None or isinstance(v, TokenLogprobs),
+    "Mapping[str, tuple[float, ...]] | None": lambda v: (
+        v is None
+        or (isinstance(v, Mapping) and all(isinstance(k, str) and isinstance(x, tuple) for k, x in v.items()))
+    ),
+    "Mapping[str, Any] | None": lambda v: v is None or isinstance(v, Mapping),
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DatasetRow:
+    """One input of a filtered dataset: the consensus of its K teacher samples, as one Parquet row holds it.
+
+    The one contract between the filter, which writes rows (:meth:`DatasetWriter.add` builds one), and the
+    student, the evaluation and the export, which read them (:meth:`Dataset.rows`). Validated on
+    construction: every field holds what its type says and ``split`` is one of :data:`SPLITS`, else
+    ``ValueError`` (a row read from a file raises :class:`DatasetError` naming the file and the row). Vary a
+    row with ``dataclasses.replace``, which validates again. :meth:`of` builds one from loose values (records
+    or their dicts, lists, JSON text) and :meth:`to_parquet` gives its columns; the fields are the columns,
+    listed once, here.
+
+    A frozen stdlib dataclass rather than a frozen pydantic model: construction checks and never coerces (the
+    loose values writers and Parquet hand in are converted once, by :meth:`of`), ``dataclasses.replace``
+    re-runs that check where pydantic's ``model_copy(update=...)`` skips validation, and slots keep the rows
+    a :class:`Dataset` caches small. The records it holds (ObjectOut, TokenLogprobs) are trace.py's.
+    """
+
+    id: str = field(default="", metadata=_TEXT)  # the input's id (its trace group), unique in the dataset
+    image: str = field(default="", metadata=_TEXT)  # sha256 of the input image's PNG blob (blobs/<sha[:2]>/)
+    image_height: int = field(default=0, metadata=_PIXELS)  # the image's height in pixels
+    image_width: int = field(default=0, metadata=_PIXELS)  # the image's width in pixels
+    question: str = field(default="", metadata=_TEXT)  # the question asked about the image
+    answer: str = field(default="", metadata=_TEXT)  # the teacher's voted answer ("" for none)
+    # the voted objects, boxes in pixels of the image (a JSON list of ObjectOut on disk)
+    objects: tuple[ObjectOut, ...] = field(default=(), metadata=_column("string", _objects))
+    sources: tuple[str, ...] = field(default=(), metadata=_TEXTS)  # ids of the documents voted as sources
+    # the share of the K samples that agree with the voted output (vote.Consensus.agreement), per output
+    agreement_answer: float = field(default=1.0, metadata=_FRACTION)  # on the answer
+    agreement_objects: float = field(default=1.0, metadata=_FRACTION)  # on the objects
+    agreement_sources: float = field(default=1.0, metadata=_FRACTION)  # on the sources
+    provenance_photos: tuple[str, ...] = field(default=(), metadata=_TEXTS)  # the photos it was made from
+    # the teacher LLM's top-k log-probabilities per answer token (JSON on disk), or None
+    llm_topk: TokenLogprobs | None = field(default=None, metadata=_column("string", _topk))
+    trace_ids: tuple[str, ...] = field(default=(), metadata=_TEXTS)  # the stored traces voted into this row
+    split: str = field(default="train", metadata=_TEXT)  # which of SPLITS holds the row
+    # the columns below came later: written by every writer, read as None from datasets written before them
+    # {EMBEDDING output name: the samples' mean vector} (JSON on disk; student.loader.row_embeddings), or None
+    embeddings: Mapping[str, tuple[float, ...]] | None = field(
+        default=None, metadata=_column("string", _embeddings, added_later=True)
+    )
+    # human labels {"answer", "objects" (ObjectOut JSON), "sources"} the input carried (JSON on disk), or None
+    ground_truth: Mapping[str, Any] | None = field(
+        default=None, metadata=_column("string", _ground_truth, added_later=True)
+    )
+    # {"parent_trace", "from_node", "edit"} of a counterfactual replay (recording.replay; JSON on disk): its
+    # objects were edited and do NOT describe its image. None for a recorded input
+    replay: Mapping[str, Any] | None = field(
+        default=None, metadata=_column("string", _replay, added_later=True)
+    )
+
+    def __post_init__(self) -> None:
+        wrong = [
+            f"{f.name} must be {f.type}, got {type(getattr(self, f.name)).__name__}"
+            for f in fields(self)
+            if not _HOLDS[str(f.type)](getattr(self, f.name))
+        ]
+        if self.split not in SPLITS:
+            wrong.append(f"split must be one of {SPLITS}, got {self.split!r}")
+        if wrong:
+            raise ValueError(f"dataset row {self.id!r}: " + "; ".join(wrong))
+
+    @property
+    def is_replay(self) -> bool:
+        """A counterfactual replay's row: its objects were edited, so they do not describe its image (the
+        detector is not supervised on them and the evaluation leaves the row out; the text still reads them)."""
+        return self.replay is not None
+
+    @classmethod
+    def of(cls, **columns: Any) -> DatasetRow:
+        """A row from loose values, as a writer or a Parquet file holds them: ObjectOut / TokenLogprobs or
+        their dicts or JSON, any sequences, mappings or their JSON; numbers and text converted. A column left
+        out takes its default (empty text and lists, agreement 1, split train, None). ``ground_truth`` is
+        normalised as the evaluation scores it (see :func:`_ground_truth`). Unknown columns are an error."""
+        by_name = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(columns) - set(by_name))
+        if unknown:
+            raise ValueError(f"dataset row {columns.get('id')!r}: unknown columns {unknown}")
+        return cls(**{k: by_name[k].metadata["convert"](v) for k, v in columns.items()})
+
+    @classmethod
+    def from_parquet(cls, raw: Mapping[str, Any], path: Path) -> DatasetRow:
+        """A row as pyarrow read it from ``path``: a column the row's fields do not name is ignored, one added
+        later and absent reads as None. A corrupt row raises :class:`DatasetError` naming the file and row."""
+        try:
+            return cls.of(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
+        except (ValueError, TypeError) as exc:
+            raise DatasetError(f"dataset file {path}: row {raw.get('id')!r} is corrupt ({exc})") from exc
+
+    def to_parquet(self) -> dict[str, Any]:
+        """The row's Parquet columns (what :meth:`from_parquet` reads back): records and mappings as compact
+        JSON text, tuples as lists."""
+        cols = {f.name: getattr(self, f.name) for f in fields(self)}
+        cols.update(
+            objects=json.dumps([o.model_dump(mode="json") for o in self.objects], separators=COMPACT),
+            llm_topk=self.llm_topk.model_dump_json() if self.llm_topk is not None else None,
+            embeddings=json.dumps(self.embeddings, separators=COMPACT) if self.embeddings else None,
+            ground_truth=json.dumps(self.ground_truth, separators=COMPACT) if self.ground_truth else None,
+            replay=json.dumps(self.replay, sort_keys=True, separators=COMPACT)
+            if self.replay is not None
+            else None,
+        )
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in cols.items()}
+
+
+COLUMNS = tuple(f.name for f in fields(DatasetRow) if not f.metadata["added_later"])
+# columns added later: written by every writer, read as None from datasets written before them
+OPTIONAL_COLUMNS = tuple(f.name for f in fields(DatasetRow) if f.metadata["added_later"])
+
+
+def _schema() -> Any:
+    """The Parquet schema: one column per :class:`DatasetRow` field, in its order."""
+    import pyarrow as pa
+
+    types = {
+        "string": pa.string(),
+        "int32": pa.int32(),
+        "float32": pa.float32(),
+        "list<string>": pa.list_(pa.string()),
+    }
+    return pa.schema([(f.name, types[f.metadata["arrow"]]) for f in fields(DatasetRow)])
+
+
+def blob_path(root: Path, sha: str) -> Path:
+    return root / "blobs" / sha[:2] / sha
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -165,13 +285,15 @@ def _topk_json(topk: Any) -> str | None:
 class DatasetWriter:
     """Write a dataset folder: ``add(row, image, split)`` per input, then ``close()``.
 
-    ``row`` holds the row columns (``question``, ``answer``, ``objects`` (ObjectOut or dicts), ``sources``,
-    the ``agreement_*`` values, ``provenance_photos``, ``llm_topk`` (TokenLogprobs, dict or None),
-    ``trace_ids``, optional ``id``, optional ``embeddings`` ({EMBEDDING output name: vector}),
-    ``ground_truth`` ({answer, objects, sources} human labels) and ``replay`` (JSON string or dict
-    ``{parent_trace, from_node, edit}`` of a counterfactual replay)); the writer fills ``image``, ``image_height``, ``image_width`` and
-    ``split`` from the image it stores. ``manifest`` is merged into manifest.json (``graph``,
-    ``class_names``, ``documents``, ``source_store``, ``filter``); ``format`` and ``splits`` are set here.
+    ``row`` is a :class:`DatasetRow`, or its columns as loose values (a mapping :meth:`DatasetRow.of` reads:
+    ``question``, ``answer``, ``objects`` (ObjectOut or dicts), ``sources``, the ``agreement_*`` values,
+    ``provenance_photos``, ``llm_topk`` (TokenLogprobs, dict or None), ``trace_ids``, optional ``id``,
+    ``embeddings`` ({EMBEDDING output name: vector}), ``ground_truth`` ({answer, objects, sources} human
+    labels) and ``replay`` ({parent_trace, from_node, edit} of a counterfactual replay, or its JSON)); the
+    writer sets ``image``, ``image_height``, ``image_width`` and ``split`` from the image it stores (and
+    ``id`` when the row has none), and writes the row's :meth:`DatasetRow.to_parquet` columns. ``manifest`` is
+    merged into manifest.json (``graph``, ``class_names``, ``documents``, ``source_store``, ``filter``);
+    ``format`` and ``splits`` are set here.
 
     Rows stream: each split's Parquet file is written a row group of ``ROW_GROUP`` rows at a time, so the
     writer holds at most that many rows per split, whatever the dataset's size. The manifest is written last,
@@ -208,44 +330,32 @@ class DatasetWriter:
             tmp.replace(path)
         return ref
 
-    def add(self, row: dict[str, Any], image_array: np.ndarray, split: str) -> dict[str, Any]:
+    def add(self, row: DatasetRow | Mapping[str, Any], image_array: np.ndarray, split: str) -> DatasetRow:
         """Add one input's row (and its image) to ``split``; returns the row as stored."""
         if self._closed:
             raise DatasetError(f"dataset {self.root}: writer is closed")
         if split not in SPLITS:
             raise DatasetError(f"split must be one of {SPLITS}, got {split!r}")
         ref = self.add_blob(image_array)
-        rid = str(row.get("id") or f"{len(self._ids):08d}-{ref.blob[:12]}")
+        columns = {f.name: getattr(row, f.name) for f in fields(row)} if isinstance(row, DatasetRow) else row
+        rid = str(columns.get("id") or f"{len(self._ids):08d}-{ref.blob[:12]}")
         if rid in self._ids:
             raise DatasetError(f"dataset {self.root}: row id {rid!r} added twice")
         try:
-            ground_truth = _ground_truth_json(row.get("ground_truth"))
-        except ValueError as exc:
-            raise DatasetError(
-                f"dataset {self.root}: row {rid!r} has malformed ground_truth ({exc})"
-            ) from exc
+            stored = DatasetRow.of(
+                **{
+                    **columns,
+                    "id": rid,
+                    "image": ref.blob,
+                    "image_height": int(ref.shape[0]),
+                    "image_width": int(ref.shape[1]),
+                    "split": split,
+                }
+            )
+        except (ValueError, TypeError) as exc:
+            raise DatasetError(f"dataset {self.root}: row {rid!r} is malformed ({exc})") from exc
         self._ids.add(rid)
-        stored = {
-            "id": rid,
-            "image": ref.blob,
-            "image_height": int(ref.shape[0]),
-            "image_width": int(ref.shape[1]),
-            "question": str(row.get("question", "")),
-            "answer": str(row.get("answer", "")),
-            "objects": _objects_json(row.get("objects")),
-            "sources": [str(s) for s in row.get("sources") or []],
-            "agreement_answer": float(row.get("agreement_answer", 1.0)),
-            "agreement_objects": float(row.get("agreement_objects", 1.0)),
-            "agreement_sources": float(row.get("agreement_sources", 1.0)),
-            "provenance_photos": [str(p) for p in row.get("provenance_photos") or []],
-            "llm_topk": _topk_json(row.get("llm_topk")),
-            "trace_ids": [str(t) for t in row.get("trace_ids") or []],
-            "split": split,
-            "embeddings": _embeddings_json(row.get("embeddings")),
-            "ground_truth": ground_truth,
-            "replay": _replay_json(row.get("replay")),
-        }
-        self._pending[split].append(stored)
+        self._pending[split].append(stored.to_parquet())
         self._counts[split] += 1
         if len(self._pending[split]) >= ROW_GROUP:
             self._flush(split)
@@ -316,7 +426,7 @@ class Dataset:
     def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
         self.root = root
         self.manifest = manifest
-        self._cache: dict[str, list[dict[str, Any]]] = {}
+        self._cache: dict[str, list[DatasetRow]] = {}
 
     @property
     def splits(self) -> dict[str, int]:
@@ -335,15 +445,16 @@ class Dataset:
         g = self.manifest.get("graph")
         return GraphSchema.model_validate(g) if g else None
 
-    def rows(self, split: str) -> list[dict[str, Any]]:
-        """Every row of ``split``: ``objects`` as list[ObjectOut], ``llm_topk`` as TokenLogprobs or None."""
+    def rows(self, split: str) -> list[DatasetRow]:
+        """Every row of ``split``, read once (rows are frozen: every call shares them)."""
         if split not in SPLITS:
             raise DatasetError(f"split must be one of {SPLITS}, got {split!r}")
         if split not in self._cache:
-            self._cache[split] = [_parse_row(r, self.root / f"{split}.parquet") for r in self._read(split)]
-        return [dict(r) for r in self._cache[split]]
+            path = self.root / f"{split}.parquet"
+            self._cache[split] = [DatasetRow.from_parquet(r, path) for r in self._read(split)]
+        return list(self._cache[split])
 
-    def all_rows(self) -> list[dict[str, Any]]:
+    def all_rows(self) -> list[DatasetRow]:
         return [r for s in SPLITS for r in self.rows(s)]
 
     def __len__(self) -> int:
@@ -366,16 +477,16 @@ class Dataset:
         rows: list[dict[str, Any]] = table.to_pylist()
         return rows
 
-    def image_bytes(self, row: dict[str, Any] | str) -> bytes:
-        sha = row if isinstance(row, str) else str(row["image"])
+    def image_bytes(self, row: DatasetRow | str) -> bytes:
+        sha = row if isinstance(row, str) else row.image
         path = blob_path(self.root, sha)
         if not path.exists():
             raise DatasetError(f"dataset {self.root}: image blob {path} is missing")
         return path.read_bytes()
 
-    def image(self, row: dict[str, Any] | str) -> np.ndarray:
+    def image(self, row: DatasetRow | str) -> np.ndarray:
         """The row's input image (HxWx3 uint8), its bytes checked against the blob's sha256."""
-        sha = row if isinstance(row, str) else str(row["image"])
+        sha = row if isinstance(row, str) else row.image
         data = self.image_bytes(sha)
         path = blob_path(self.root, sha)
         from PIL import Image
@@ -391,21 +502,6 @@ class Dataset:
             raise DatasetError(f"dataset image blob {path}: {exc}") from exc
         except OSError as exc:
             raise DatasetError(f"dataset image blob {path}: not a readable PNG ({exc})") from exc
-
-
-def _parse_row(raw: dict[str, Any], path: Path) -> dict[str, Any]:
-    row = dict(raw)
-    try:
-        row["objects"] = [ObjectOut.model_validate(o) for o in json.loads(raw["objects"] or "[]")]
-        topk = raw.get("llm_topk")
-        row["llm_topk"] = TokenLogprobs.model_validate_json(topk) if topk else None
-    except ValueError as exc:
-        raise DatasetError(f"dataset file {path}: row {raw.get('id')!r} is corrupt ({exc})") from exc
-    for key in ("sources", "provenance_photos", "trace_ids"):
-        row[key] = list(row.get(key) or [])
-    for key in OPTIONAL_COLUMNS:
-        row.setdefault(key, None)
-    return row
 
 
 def open_dataset(path: str | os.PathLike[str]) -> Dataset:
@@ -561,26 +657,18 @@ def make_synthetic_dataset(
         img, objects, question, answer, sources = synthetic_example(rng, size)
         u = (i + 0.5) / n
         split = SPLITS[int(np.searchsorted(bounds, u))] if n >= 3 else SPLITS[i % 3]
-        writer.add(
-            {
-                "id": f"synthetic-{seed}-{i:05d}",
-                "question": question,
-                "answer": answer,
-                "objects": objects,
-                "sources": sources,
-                "agreement_answer": 1.0,
-                "agreement_objects": 1.0,
-                "agreement_sources": 1.0,
-                "provenance_photos": [f"synthetic/{seed}/{i}"],
-                "llm_topk": None,
-                "trace_ids": [],
-            },
-            img,
-            split,
+        row = DatasetRow(  # every sample agrees; the writer fills in the image, its size and the split
+            id=f"synthetic-{seed}-{i:05d}",
+            question=question,
+            answer=answer,
+            objects=tuple(objects),
+            sources=tuple(sources),
+            provenance_photos=(f"synthetic/{seed}/{i}",),
         )
+        writer.add(row, img, split)
     return open_dataset(writer.close())
 
 
-def iter_rows(dataset: Dataset, splits: Iterable[str] = SPLITS) -> Iterable[dict[str, Any]]:
+def iter_rows(dataset: Dataset, splits: Iterable[str] = SPLITS) -> Iterable[DatasetRow]:
     for s in splits:
         yield from dataset.rows(s)

@@ -17,7 +17,6 @@ the live teacher graph, in one process. The result is what ``graphdistill eval``
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from graphdistill.dataset import DatasetError, DatasetRow, open_dataset
 from graphdistill.errors import GraphdistillError
 from graphdistill.eval import cost, metrics
 from graphdistill.eval.result import EvalResult, RowScores, TeacherSelf
@@ -43,14 +43,14 @@ class EvalError(GraphdistillError, ValueError):
     """The run or the dataset cannot be evaluated; the message names which and why."""
 
 
-def output_of_row(row: dict[str, Any], kinds: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def output_of_row(row: DatasetRow, kinds: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The teacher's recorded final output of one dataset row, in the canonical ``answer`` / ``objects`` /
     ``sources`` fields (the dataset's columns). With ``kinds`` (the graph's {output name: kind}) only the
     fields the graph has an output for (see :func:`metrics.canonical_output`)."""
     out = {
-        "answer": row.get("answer") or "",
-        "objects": list(row.get("objects") or []),
-        "sources": list(row.get("sources") or []),
+        "answer": row.answer,
+        "objects": list(row.objects),
+        "sources": list(row.sources),
     }
     if kinds is None:
         return out
@@ -64,14 +64,9 @@ def output_kinds_of(ds: Any) -> dict[str, Any] | None:
     return graph.output_kinds() if graph is not None else None
 
 
-def ground_truth_of_row(row: dict[str, Any]) -> dict[str, Any] | None:
-    """A row's optional human labels (``ground_truth`` column: a dict or its JSON), else None."""
-    gt = row.get("ground_truth")
-    if not gt:
-        return None
-    if isinstance(gt, str):
-        gt = json.loads(gt)
-    return dict(gt) if isinstance(gt, dict) else None
+def ground_truth_of_row(row: DatasetRow) -> dict[str, Any] | None:
+    """A row's optional human labels ({answer, objects, sources}), else None."""
+    return dict(row.ground_truth) if row.ground_truth else None
 
 
 def row_scores(teacher: dict[str, Any], student: dict[str, Any]) -> dict[str, float | None]:
@@ -95,11 +90,11 @@ def row_scores(teacher: dict[str, Any], student: dict[str, Any]) -> dict[str, fl
     return scores
 
 
-def photo_key(row: Mapping[str, Any]) -> str:
+def photo_key(row: DatasetRow) -> str:
     """The photo(s) a dataset row was made from, as one key: the unit the bootstrap resamples (rows about
     one photo are correlated). A row without provenance is its own unit."""
-    photos = sorted(str(p) for p in row.get("provenance_photos") or [])
-    return "+".join(photos) if photos else f"row:{row.get('id')}"
+    photos = sorted(row.provenance_photos)
+    return "+".join(photos) if photos else f"row:{row.id}"
 
 
 def jsonable_output(out: Any, kinds: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -131,17 +126,17 @@ def load_bundle_runner(bundle: str | os.PathLike[str], threads: int | None = Non
         raise EvalError(f"exported bundle {bundle}: {exc}") from exc
 
 
-def _real_rows(rows: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
+def _real_rows(rows: list[DatasetRow], split: str) -> list[DatasetRow]:
     """The rows whose targets describe their image: counterfactual replays (``replay`` column) are left out,
     their objects and answer were made from an edited state, not from the photo."""
-    real = [r for r in rows if not r.get("replay")]
+    real = [r for r in rows if not r.is_replay]
     if len(real) < len(rows):
         log.info("%s: %d counterfactual replay rows left out of the evaluation", split, len(rows) - len(real))
     return real
 
 
 def teacher_samples(
-    ds: Any, rows: Sequence[Mapping[str, Any]], kinds: Mapping[str, Any] | None
+    ds: Any, rows: Sequence[DatasetRow], kinds: Mapping[str, Any] | None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]] | None:
     """The teacher against itself: for each row, each of its recorded samples other than the one its answer
     was voted from, as (reference, that sample's output, the row's photo) — the reference repeated once per
@@ -168,11 +163,11 @@ def teacher_samples(
         return None
     with store:
         for row in rows:
-            ref = output_of_row(dict(row), kinds)
+            ref = output_of_row(row, kinds)
             voted_from_seen = False
-            for tid in row.get("trace_ids") or []:
+            for tid in row.trace_ids:
                 try:
-                    trace = store.get(str(tid))
+                    trace = store.get(tid)
                 except (StoreError, KeyError):
                     continue
                 if trace.status != "ok":
@@ -231,8 +226,6 @@ def evaluate_run(
     (``ms_by_threads`` has them all): on a 2-core CPU a one-token decoder step is often faster on one thread,
     the thread hand-off costing more than the split work saves.
     """
-    from graphdistill.dataset import DatasetError, open_dataset
-
     run = Path(run)
     say = status or (lambda msg: log.info("%s", msg))
     if not (run / "model.safetensors").exists():
@@ -262,11 +255,11 @@ def evaluate_run(
             predictor = load_student(run)
         student_out: list[dict[str, Any]] = []
         for i, row in enumerate(rows):
-            student_out.append(jsonable_output(predictor.predict(ds.image(row), row["question"]), kinds))
+            student_out.append(jsonable_output(predictor.predict(ds.image(row), row.question), kinds))
             if progress:
                 progress(f"student on {split}", i + 1, len(rows))
         timed_rows = rows[: max(1, teacher_n)]
-        inputs = [(ds.image(r), str(r["question"])) for r in timed_rows]
+        inputs = [(ds.image(r), r.question) for r in timed_rows]
         s_lat = cost.median_latency(
             predictor.predict, inputs, repeats=student_repeats, label="timing the student", progress=progress
         )
@@ -303,7 +296,7 @@ def evaluate_run(
             by_threads[str(threads or "default")] = lat["median_ms"]
         outs = bundle_out[str(b)] = []
         for i, row in enumerate(rows):  # every row: its fidelity is scored like the PyTorch student's
-            outs.append(jsonable_output(runner.predict(ds.image(row), row["question"]), kinds))
+            outs.append(jsonable_output(runner.predict(ds.image(row), row.question), kinds))
             if progress:
                 progress(f"{Path(b).name} on {split}", i + 1, len(rows))
         parity = metrics.compare_outputs(
@@ -406,7 +399,7 @@ def evaluate_run(
         val_rows = _real_rows(ds.rows("val"), "val")
         val_out = []
         for i, row in enumerate(val_rows):
-            val_out.append(jsonable_output(predictor.predict(ds.image(row), row["question"]), kinds))
+            val_out.append(jsonable_output(predictor.predict(ds.image(row), row.question), kinds))
             if progress:
                 progress("student on val", i + 1, len(val_rows))
         fid_val = metrics.compare_outputs(
@@ -437,9 +430,9 @@ def evaluate_run(
         scores = row_scores(t, s)
         per_row.append(
             {
-                "id": row["id"],
-                "image": row["image"],
-                "question": row["question"],
+                "id": row.id,
+                "image": row.image,
+                "question": row.question,
                 "teacher_answer": t.get("answer"),
                 "student_answer": s.get("answer"),
                 "answer_f1": scores["answer_f1"],

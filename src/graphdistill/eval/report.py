@@ -254,7 +254,7 @@ def gallery_items(
     if not worst:
         return []
     ds = open_dataset(ev["dataset"])
-    by_id = {r["id"]: r for r in ds.rows(ev.get("split", "test"))}
+    by_id = {r.id: r for r in ds.rows(ev.get("split", "test"))}
     kinds = output_kinds_of(ds)
     if predictor is None:
         from graphdistill.student.predict import load_student  # type: ignore[import-not-found,unused-ignore]
@@ -267,7 +267,7 @@ def gallery_items(
             log.warning("gallery: row %s is no longer in %s", r["id"], ev["dataset"])
             continue
         image = ds.image(row)
-        student = jsonable_output(predictor.predict(image, row["question"]), kinds)
+        student = jsonable_output(predictor.predict(image, row.question), kinds)
         teacher = output_of_row(row, kinds)
         items.append({"uri": _pil_uri(draw_pair(image, teacher, student)), "row": r, "student": student})
         if progress:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 
 from graphdistill.eval.metrics import mask_array_iou, objects_f1, token_f1
+from graphdistill.export.programs import Sample
 from graphdistill.runner.bundle import Raw, decode_objects
 from graphdistill.runner.preprocess import canvas_size
 
@@ -73,7 +73,7 @@ def parity_float(
     return result
 
 
-def fidelity(loaded: Any, samples: list[Any], raws: list[Raw]) -> dict[str, float]:
+def fidelity(loaded: Any, samples: list[Sample], raws: list[Raw]) -> dict[str, float]:
     """Mean answer token F1 (with a text head) and box F1 (with an object head: object-match F1, class and
     box IoU >= 0.5) of decoded predictions against the dataset's (teacher) targets; both are
     :mod:`graphdistill.eval.metrics`' measures, as evaluation and training report them."""
@@ -84,13 +84,10 @@ def fidelity(loaded: Any, samples: list[Any], raws: list[Raw]) -> dict[str, floa
     for s, raw in zip(samples, raws, strict=True):
         if has_text:
             answer = loaded.tokenizer.decode(raw.answer_ids)
-            f1s.append(token_f1(answer, str(s.row.get("answer") or "")))
+            f1s.append(token_f1(answer, s.row.answer if s.row is not None else ""))
         if has_boxes:
             objs = decode_objects(raw.outputs, s.letterbox, decoding, loaded.class_names, size)
-            target = s.row.get("objects") or []
-            if isinstance(target, str):
-                target = json.loads(target)
-            bf1s.append(objects_f1(target, objs))
+            bf1s.append(objects_f1(s.row.objects if s.row is not None else (), objs))
     out: dict[str, float] = {}
     if has_text:
         out["answer_token_f1"] = float(np.mean(f1s))

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from graphdistill._lazy import require
+from graphdistill.dataset import DatasetError, DatasetRow, open_dataset
 from graphdistill.errors import GraphdistillError
 from graphdistill.runner.bpe import ByteLevelBPE
 from graphdistill.runner.bundle import Raw, greedy_token
@@ -68,7 +69,7 @@ class Sample:
     question_ids: np.ndarray  # [1, Lq] int64
     question_mask: np.ndarray  # [1, Lq] int64
     letterbox: Letterbox
-    row: dict[str, Any] = field(default_factory=dict)  # the dataset row: the teacher's targets
+    row: DatasetRow | None = None  # the dataset row: the teacher's targets
 
     def torch_inputs(self) -> tuple[Any, ...]:
         torch = require("torch")
@@ -150,9 +151,7 @@ def head_names(model: Any) -> list[str]:
     return [k for k in out if k != "memory" and k not in TEXT_OUTPUTS]
 
 
-def make_sample(
-    loaded: LoadedRun, image: np.ndarray, question: str, row: dict[str, Any] | None = None
-) -> Sample:
+def make_sample(loaded: LoadedRun, image: np.ndarray, question: str, row: DatasetRow | None = None) -> Sample:
     x, box = preprocess(load_rgb(image), loaded.preprocessing)
     lq = loaded.config.max_question_len
     ids = loaded.tokenizer.encode(question)[:lq]
@@ -160,7 +159,7 @@ def make_sample(
     q[0, : len(ids)] = ids
     mask = np.zeros((1, lq), dtype=np.int64)
     mask[0, : len(ids)] = 1
-    return Sample(x, question, q, mask, box, row or {})
+    return Sample(x, question, q, mask, box, row)
 
 
 def collect_samples(loaded: LoadedRun, kind: str, n: int) -> list[Sample]:
@@ -170,15 +169,13 @@ def collect_samples(loaded: LoadedRun, kind: str, n: int) -> list[Sample]:
 
     if loaded.dataset_path is None:
         raise ExportError(f"{loaded.run}/meta.json names no dataset; pass one (--dataset)")
-    from graphdistill.dataset import DatasetError, open_dataset
-
     try:
         ds = open_dataset(loaded.dataset_path)
     except (DatasetError, OSError) as exc:
         raise ExportError(f"cannot open the run's dataset {loaded.dataset_path}: {exc}") from exc
     train = ds.rows("train")
     rows = train[:n] if kind == "calibration" else (ds.rows("val") + train[n:])[:n]
-    return [make_sample(loaded, ds.image(r), r["question"], r) for r in rows]
+    return [make_sample(loaded, ds.image(r), r.question, r) for r in rows]
 
 
 def programs_for(

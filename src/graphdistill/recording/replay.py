@@ -125,13 +125,13 @@ def replay_of(provenance: Provenance | Trace | None) -> dict[str, Any] | None:
     return dict(value) if isinstance(value, dict) else None
 
 
-def replay_column(provenance: Provenance | None) -> str | None:
-    """The dataset's ``replay`` column: JSON ``{"parent_trace", "from_node", "edit"}`` or None."""
+def replay_column(provenance: Provenance | None) -> dict[str, Any] | None:
+    """The dataset row's ``replay`` (:class:`graphdistill.dataset.DatasetRow`): ``{"parent_trace",
+    "from_node", "edit"}`` or None."""
     info = replay_of(provenance)
     if info is None:
         return None
-    keep = {k: info.get(k) for k in ("parent_trace", "from_node", "edit")}
-    return json.dumps(keep, sort_keys=True, separators=(",", ":"))
+    return {k: info.get(k) for k in ("parent_trace", "from_node", "edit")}
 
 
 def is_heldout(provenance: Provenance, heldout_photos: Iterable[str] = ()) -> bool:

@@ -12,14 +12,15 @@ batches it with a plain ``DataLoader``.
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from graphdistill.dataset import DatasetRow
 from graphdistill.runner.manifest import Preprocessing
 from graphdistill.student.model import EOS_ID, StudentConfig
 from graphdistill.student.tokenizer import StudentTokenizer
@@ -72,39 +73,21 @@ def spec_of(config: StudentConfig) -> Preprocessing:
     return preprocess_spec(config.image_size, *normalisation(config))
 
 
-def row_embeddings(row: dict[str, Any]) -> dict[str, list[float]]:
-    """A row's optional ``embeddings`` column — JSON ``{output name: [float, ...]}`` (or that dict, or
-    null) — holding the teacher's EMBEDDING outputs for feature distillation."""
-    raw = row.get("embeddings")
-    if raw is None or raw == "":
-        return {}
-    try:
-        data = json.loads(raw) if isinstance(raw, str | bytes) else raw
-    except ValueError as exc:
-        raise ValueError(f"row {row.get('id')!r}: embeddings is not valid JSON ({exc})") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"row {row.get('id')!r}: embeddings must be a JSON object {{name: [floats]}}")
-    return {str(k): [float(x) for x in v] for k, v in data.items() if v is not None}
+def row_embeddings(row: DatasetRow) -> dict[str, list[float]]:
+    """A row's teacher EMBEDDING outputs for feature distillation: {output name: vector}, {} for none."""
+    return {name: list(vec) for name, vec in (row.embeddings or {}).items()}
 
 
-def embedding_dims_of(rows: list[dict[str, Any]]) -> dict[str, int]:
+def embedding_dims_of(rows: Sequence[DatasetRow]) -> dict[str, int]:
     """The size of each embedding the rows carry (first row that has it); clear error on a mismatch."""
     dims: dict[str, int] = {}
     for row in rows:
         for name, vec in row_embeddings(row).items():
             if dims.setdefault(name, len(vec)) != len(vec):
                 raise ValueError(
-                    f"row {row.get('id')!r}: embedding {name!r} has {len(vec)} values, other rows {dims[name]}"
+                    f"row {row.id!r}: embedding {name!r} has {len(vec)} values, other rows {dims[name]}"
                 )
     return dims
-
-
-def is_replay(row: dict[str, Any]) -> bool:
-    """A counterfactual replay's row (its ``replay`` column is set): its objects were edited, so they do not
-    describe its image (the detector is not supervised on them; the text still reads them)."""
-    return row.get("replay") not in (None, "", "null")
 
 
 def letterbox_scale(height: int, width: int, size: int) -> float:
@@ -186,7 +169,7 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         features: Any = None,
     ) -> None:
         self.ds = dataset
-        self.rows = dataset.rows(split)
+        self.rows: list[DatasetRow] = dataset.rows(split)
         self.split = split
         self.tok = tokenizer
         self.cfg = config
@@ -227,9 +210,9 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         cfg = self.cfg
         row = self.rows[i]
         img, scale = self._image(i)
-        h, w = int(row["image_height"]), int(row["image_width"])
-        q_ids, q_mask = self.tok.encode_question(row["question"], cfg.max_question_len)
-        a_in, a_tgt = self.tok.encode_answer(row["answer"] or "", cfg.max_answer_len)
+        h, w = row.image_height, row.image_width
+        q_ids, q_mask = self.tok.encode_question(row.question, cfg.max_question_len)
+        a_in, a_tgt = self.tok.encode_answer(row.answer, cfg.max_answer_len)
 
         item: dict[str, Tensor] = {
             "image": img,
@@ -252,7 +235,7 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             item.update(self.features(i))
         if cfg.has_sources:
             sources = torch.zeros(cfg.num_sources)
-            for s in row["sources"]:
+            for s in row.sources:
                 if s in self.doc_index:
                     sources[self.doc_index[s]] = 1.0
             item["sources"] = sources
@@ -262,7 +245,7 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
                 vec = embs.get(name)
                 if vec is not None and len(vec) != dim:
                     raise ValueError(
-                        f"row {row['id']}: embedding {name!r} has {len(vec)} values, the student expects {dim}"
+                        f"row {row.id}: embedding {name!r} has {len(vec)} values, the student expects {dim}"
                     )
                 item[f"embedding:{name}"] = torch.tensor(vec) if vec is not None else torch.zeros(dim)
                 item[f"embedding:{name}:valid"] = torch.tensor(vec is not None)
@@ -274,7 +257,7 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         item["image_hw"] = torch.tensor([h, w], dtype=torch.long)
         return item
 
-    def _objects(self, row: dict[str, Any], scale: float) -> dict[str, Tensor]:
+    def _objects(self, row: DatasetRow, scale: float) -> dict[str, Tensor]:
         cfg = self.cfg
         k = cfg.max_objects
         size = cfg.image_size
@@ -285,11 +268,9 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         grid = size // PROTO_STRIDE
         masks = torch.zeros(k, grid, grid) if cfg.has_masks else None
         has_mask = torch.zeros(k, dtype=torch.bool)
-        objects = list(row["objects"])
+        objects = list(row.objects)
         if len(objects) > k:
-            log.warning(
-                "row %s has %d objects > max_objects=%d; keeping the first", row["id"], len(objects), k
-            )
+            log.warning("row %s has %d objects > max_objects=%d; keeping the first", row.id, len(objects), k)
             objects = objects[:k]
         for j, o in enumerate(objects):
             x1, y1, x2, y2 = (float(v) * scale for v in o.box)  # canvas pixels
@@ -298,7 +279,7 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             cid = self.class_index.get(o.label, o.class_id)
             if cid is None or not 0 <= cid < cfg.num_classes:
                 raise ValueError(
-                    f"row {row['id']}: object label {o.label!r} is not one of the student's classes"
+                    f"row {row.id}: object label {o.label!r} is not one of the student's classes"
                 )
             classes[j] = int(cid)
             scores[j] = float(o.score if o.score is not None else 1.0)
@@ -311,17 +292,17 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             "obj_boxes_px": boxes_px,
             "obj_scores": scores,
             "obj_valid": classes >= 0,
-            "vision_ok": torch.tensor(not is_replay(row)),
+            "vision_ok": torch.tensor(not row.is_replay),
         }
         if masks is not None:
             out["obj_masks"] = masks.half()  # kept per row for the whole run: half the memory
             out["obj_has_mask"] = has_mask
         return out
 
-    def _soft_targets(self, row: dict[str, Any]) -> SoftTargets | None:
+    def _soft_targets(self, row: DatasetRow) -> SoftTargets | None:
         """The row's (topk_ids, topk_logprobs, topk_valid), or None when no answer position has any."""
         cfg = self.cfg
-        lt = row.get("llm_topk")
+        lt = row.llm_topk
         if lt is None:
             return None
         if self.soft_targets_tokenizer is not None and lt.tokenizer == self.soft_targets_tokenizer:
@@ -335,17 +316,15 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
                 topk_lp[t, k:] = -float("inf")
                 topk_valid[t] = True
             return (topk_ids, topk_lp, topk_valid) if n else None
-        return align_soft_targets(lt, row["answer"] or "", self.tok, cfg.max_answer_len, self.topk)
+        return align_soft_targets(lt, row.answer, self.tok, cfg.max_answer_len, self.topk)
 
     def _log_soft_coverage(self) -> None:
-        with_topk = [r for r in self.rows if r.get("llm_topk") is not None]
+        with_topk = [r.llm_topk for r in self.rows if r.llm_topk is not None]
         if not with_topk:
             return
-        positions = sum(
-            min(len(self.tok.encode(r["answer"] or "")) + 1, self.cfg.max_answer_len) for r in self.rows
-        )
+        positions = sum(min(len(self.tok.encode(r.answer)) + 1, self.cfg.max_answer_len) for r in self.rows)
         covered = sum(int(s[2].sum()) for s in self._soft if s is not None)
-        no_texts = sum(not r["llm_topk"].token_texts for r in with_topk)
+        no_texts = sum(not lt.token_texts for lt in with_topk)
         log.info(
             "%s: soft targets (the teacher LLM's top-k) on %d of %d answer positions (%.0f%%), in %d of %d rows "
             "(%d carry top-k log-probs; %d of those were recorded without token texts, so their ids cannot be "

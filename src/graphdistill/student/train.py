@@ -32,7 +32,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,8 +41,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from graphdistill.dataset import DatasetRow
 from graphdistill.student.config import SOURCE_TOKENS
-from graphdistill.student.loader import StudentDataset, collate, embedding_dims_of, is_replay, spec_of
+from graphdistill.student.loader import StudentDataset, collate, embedding_dims_of, spec_of
 from graphdistill.student.losses import LossWeights, compute_losses
 from graphdistill.student.model import (
     Student,
@@ -140,10 +141,10 @@ def _atomic_write_bytes(path: Path, write: Callable[[Path], object]) -> None:
     os.replace(tmp, path)
 
 
-def retrieved_k(rows: list[dict[str, Any]]) -> int:
+def retrieved_k(rows: Sequence[DatasetRow]) -> int:
     """How many documents the teacher's retriever returns: the most common count over rows that retrieved
     any (a retriever's top-k), 3 when none did."""
-    counts = Counter(len(r.get("sources") or []) for r in rows)
+    counts = Counter(len(r.sources) for r in rows)
     counts.pop(0, None)
     return counts.most_common(1)[0][0] if counts else 3
 
@@ -249,13 +250,13 @@ class TrainRecipe:
             # the questions and answers only: the documents' own words would grow the vocabulary (and the
             # bundle: every piece is a row of the embedding) by ~80 % for words no answer uses; the byte-level
             # BPE still spells every document, in more pieces
-            texts = [t for r in self.ds.all_rows() for t in (r["question"], r["answer"])]
+            texts = [t for r in self.ds.all_rows() for t in (r.question, r.answer)]
             vocab = cfg.vocab_size or int(preset(cfg.preset).vocab_size)
             self.tokenizer = StudentTokenizer.train(texts, vocab_size=vocab, class_names=self.class_names)
             train_rows = self.ds.rows("train") or self.ds.all_rows()
-            max_objects = max([len(r["objects"]) for r in self.ds.all_rows()] + [1])
-            q_len = max(len(self.tokenizer.encode(r["question"])) for r in train_rows)
-            answers = [self.tokenizer.encode(r["answer"] or "") for r in train_rows]
+            max_objects = max([len(r.objects) for r in self.ds.all_rows()] + [1])
+            q_len = max(len(self.tokenizer.encode(r.question)) for r in train_rows)
+            answers = [self.tokenizer.encode(r.answer) for r in train_rows]
             a_len = max(len(a) for a in answers) + 1
             base = preset(cfg.preset)
             derived: dict[str, Any] = dict(
@@ -401,7 +402,7 @@ class TrainRecipe:
         queries = make_retrieval_queries(
             teacher.embed,
             teacher.k,
-            questions=[str(r["question"]) for r in rows],
+            questions=[r.question for r in rows],
             documents=[str(d.get("text") or "") for d in self.ds.documents],
             class_names=self.class_names,
             tokenizer=self.tokenizer,
@@ -436,7 +437,7 @@ class TrainRecipe:
         detector = DetectorTargets(self.start, self.model_config.image_size, self.device)
         get = cached_targets(
             detector,
-            [str(r["image"]) for r in rows],
+            [r.image for r in rows],
             lambda i: self.ds.image(rows[i]),
             progress=self.on_progress,
         )
@@ -664,7 +665,7 @@ class TrainRecipe:
         cache: dict[str, list[torch.Tensor]] = {}
         first: dict[str, int] = {}
         for i, r in enumerate(rows):
-            first.setdefault(str(r["image"]), i)
+            first.setdefault(r.image, i)
         todo = list(first)
         data = StudentDataset(self.ds, split, self.tokenizer, self.model_config, class_names=self.class_names)
         trunk.eval()
@@ -680,7 +681,7 @@ class TrainRecipe:
         log.info("trunk frozen: its features cached for %d distinct images (%d rows)", len(cache), len(rows))
 
         def get(i: int) -> dict[str, torch.Tensor]:
-            return dict(zip(FEATURE_KEYS, cache[str(rows[i]["image"])], strict=True))
+            return dict(zip(FEATURE_KEYS, cache[rows[i].image], strict=True))
 
         return get
 
@@ -717,14 +718,12 @@ class TrainRecipe:
                     res[f"{key}_cosine"] = float(cos.mean())
             # fidelity on recorded rows only: a replay's objects and answer describe an edited state, not its
             # photo, which is all the student sees at inference
-            rows = [r for r in self.val_set.rows if not is_replay(r)][:max_rows]
+            rows = [r for r in self.val_set.rows if not r.is_replay][:max_rows]
             if not rows:
                 return res
             kinds = output_kinds_of(self.ds)
             predictor = StudentPredictor(self.model, self.tokenizer, self.meta(), str(self.device))
-            student = [
-                jsonable_output(predictor.predict(self.ds.image(r), r["question"]), kinds) for r in rows
-            ]
+            student = [jsonable_output(predictor.predict(self.ds.image(r), r.question), kinds) for r in rows]
             teacher = [output_of_row(r, kinds) for r in rows]
             scores = metrics.compare_outputs(teacher, student, semantic=False, class_names=self.class_names)
             res.update({k: float(v) for k, v in scores.items() if isinstance(v, int | float) and k != "n"})
