@@ -398,6 +398,7 @@ def test_a_bundle_carries_the_runs_fidelity_figures_not_its_evaluation_rows(
         "n": 24,
         "photos": 4,
         "split": "test",
+        "run": str(run),
         "dataset": "ds",
         "fidelity": figures,
         "fidelity_ci": {"answer_f1": [0.4, 0.6]},
