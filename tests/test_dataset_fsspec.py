@@ -201,6 +201,12 @@ def test_a_student_trains_from_a_memory_dataset(
     assert meta["dataset"] == "memory://train/ds"  # a URL is recorded as given, not made a local path
     predictor = load_student(run)
     assert predictor is not None and (run / "model.safetensors").exists()
+    from graphdistill.eval.evaluate import evaluate_run
+
+    result = evaluate_run(run, "memory://train/ds", split="val", teacher_timing=False, student_repeats=1)
+    assert result["dataset"] == "memory://train/ds" and result["n"] == len(
+        open_dataset("memory://train/ds").rows("val")
+    )
     assert main(["train", "memory://absent", "--out", str(tmp_path / "r2")]) == 2
     err = capsys.readouterr().err
     assert "dataset memory://absent: no such folder" in err
