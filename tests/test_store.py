@@ -166,7 +166,7 @@ def test_export_parquet_one_row_per_trace_in_shards(tmp_path: Path) -> None:
     for i, t in enumerate(traces):
         store.append(t, seeded_trace(i if i < 4 else 9, status=t.status)[1])
     paths = export_parquet(store, tmp_path / "pq", shard_rows=2)
-    assert [p.name for p in paths] == [f"traces-0000{i}.parquet" for i in range(3)]
+    assert [Path(p).name for p in paths] == [f"traces-0000{i}.parquet" for i in range(3)]
     table = pq.read_table(tmp_path / "pq")  # a folder of shards reads as one table
     assert table.num_rows == 5
     assert set(table.column_names) >= {

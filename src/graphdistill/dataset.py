@@ -7,6 +7,11 @@ DATASET/blobs/<sha[:2]>/<sha>         the input images (PNG) the rows reference
 DATASET/report/                       the filter report (written by the filter, not here)
 ```
 
+DATASET is a local path or an fsspec URL (``file://``, ``memory://``, ``s3://...`` with the user's own
+credentials; see :mod:`graphdistill._fs`): every file below is read and written through one resolved
+filesystem. The manifest is written last, so a reader never opens a half-written dataset, on a disk or on an
+object store alike.
+
 One row is one :class:`DatasetRow`, the typed record both sides speak: :class:`DatasetWriter` writes rows,
 :func:`open_dataset` reads them back (image blobs verified against their hash), and
 :func:`make_synthetic_dataset` draws a small dataset of shapes with known answers so the student can be
@@ -18,13 +23,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from graphdistill._fs import Location, is_url, resolve
 from graphdistill.errors import GraphdistillError
 from graphdistill.trace import (
     RLE,
@@ -231,7 +238,7 @@ class DatasetRow:
         return cls(**{k: by_name[k].metadata["convert"](v) for k, v in columns.items()})
 
     @classmethod
-    def from_parquet(cls, raw: Mapping[str, Any], path: Path) -> DatasetRow:
+    def from_parquet(cls, raw: Mapping[str, Any], path: str | os.PathLike[str]) -> DatasetRow:
         """A row as pyarrow read it from ``path``: a column the row's fields do not name is ignored, one added
         later and absent reads as None. A corrupt row raises :class:`DatasetError` naming the file and row."""
         try:
@@ -273,8 +280,14 @@ def _schema() -> Any:
     return pa.schema([(f.name, types[f.metadata["arrow"]]) for f in fields(DatasetRow)])
 
 
-def blob_path(root: Path, sha: str) -> Path:
-    return root / "blobs" / sha[:2] / sha
+def blob_parts(sha: str) -> tuple[str, str, str]:
+    """Where the image blob ``sha`` lies below a dataset's root."""
+    return ("blobs", sha[:2], sha)
+
+
+def _root_of(loc: Location) -> Path | str:
+    """A dataset's ``root``: the folder as a Path when given as a local path, else the URL as given."""
+    return loc.url if is_url(loc.url) else Path(loc.url)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -298,22 +311,31 @@ class DatasetWriter:
     Rows stream: each split's Parquet file is written a row group of ``ROW_GROUP`` rows at a time, so the
     writer holds at most that many rows per split, whatever the dataset's size. The manifest is written last,
     by ``close``: a folder without it is an unfinished dataset and no reader opens it.
+
+    ``out_dir`` is a local path or an fsspec URL (``memory://``, ``s3://bucket/ds``, ...). Locally each blob
+    and the manifest are written to a temp file and renamed; on an object store, which has no atomic rename,
+    each file is one whole put, and the manifest last is what keeps a reader from a half-written dataset.
     """
 
     def __init__(self, out_dir: str | os.PathLike[str], manifest: dict[str, Any] | None = None) -> None:
-        self.root = Path(out_dir)
-        if self.root.exists() and not self.root.is_dir():
-            raise DatasetError(f"dataset {self.root}: exists and is not a folder")
-        if (self.root / MANIFEST).exists():
+        self.loc = resolve(out_dir, "dataset", DatasetError)
+        self.root = _root_of(self.loc)
+        if self.loc.exists() and not self.loc.isdir():
+            raise DatasetError(f"dataset {self.loc.url}: exists and is not a folder")
+        if self.loc.exists(MANIFEST):
             raise DatasetError(
-                f"dataset {self.root}: already holds a dataset ({MANIFEST}); choose a new folder"
+                f"dataset {self.loc.url}: already holds a dataset ({MANIFEST}); choose a new folder"
             )
-        self.root.mkdir(parents=True, exist_ok=True)
+        if self.loc.local:  # an object store has no folders: its keys imply them
+            self.loc.makedirs()
         self.manifest: dict[str, Any] = dict(manifest or {})
         self._pending: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
         self._counts: dict[str, int] = {s: 0 for s in SPLITS}
         self._writers: dict[str, Any] = {}  # split -> its open pyarrow.parquet.ParquetWriter
         self._ids: set[str] = set()
+        self._blobs: set[str] = (
+            set()
+        )  # blobs written (or found) by this writer: one look each, not one per row
         self._closed = False
 
     def add_blob(self, image: np.ndarray) -> BlobRef:
@@ -322,25 +344,23 @@ class DatasetWriter:
         if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
             raise DatasetError(f"dataset images must be HxWx3 uint8 RGB, got {arr.dtype} {arr.shape}")
         ref, data = encode_array(arr)
-        path = blob_path(self.root, ref.blob)
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+        if ref.blob not in self._blobs:
+            if not self.loc.exists(*blob_parts(ref.blob)):
+                self.loc.write_bytes(*blob_parts(ref.blob), data=data)
+            self._blobs.add(ref.blob)
         return ref
 
     def add(self, row: DatasetRow | Mapping[str, Any], image_array: np.ndarray, split: str) -> DatasetRow:
         """Add one input's row (and its image) to ``split``; returns the row as stored."""
         if self._closed:
-            raise DatasetError(f"dataset {self.root}: writer is closed")
+            raise DatasetError(f"dataset {self.loc.url}: writer is closed")
         if split not in SPLITS:
             raise DatasetError(f"split must be one of {SPLITS}, got {split!r}")
         ref = self.add_blob(image_array)
         columns = {f.name: getattr(row, f.name) for f in fields(row)} if isinstance(row, DatasetRow) else row
         rid = str(columns.get("id") or f"{len(self._ids):08d}-{ref.blob[:12]}")
         if rid in self._ids:
-            raise DatasetError(f"dataset {self.root}: row id {rid!r} added twice")
+            raise DatasetError(f"dataset {self.loc.url}: row id {rid!r} added twice")
         try:
             stored = DatasetRow.of(
                 **{
@@ -353,7 +373,7 @@ class DatasetWriter:
                 }
             )
         except (ValueError, TypeError) as exc:
-            raise DatasetError(f"dataset {self.root}: row {rid!r} is malformed ({exc})") from exc
+            raise DatasetError(f"dataset {self.loc.url}: row {rid!r} is malformed ({exc})") from exc
         self._ids.add(rid)
         self._pending[split].append(stored.to_parquet())
         self._counts[split] += 1
@@ -368,13 +388,19 @@ class DatasetWriter:
 
         writer = self._writers.get(split)
         if writer is None:
-            writer = self._writers[split] = pq.ParquetWriter(self.root / f"{split}.parquet", _schema())
+            writer = self._writers[split] = pq.ParquetWriter(
+                self.loc.path(f"{split}.parquet"), _schema(), filesystem=self._arrow_fs()
+            )
         rows, self._pending[split] = self._pending[split], []
         if rows:
             writer.write_table(pa.Table.from_pylist(rows, schema=_schema()))
 
-    def close(self) -> Path:
-        """Write the Parquet files and manifest.json; returns the dataset folder."""
+    def _arrow_fs(self) -> Any:
+        """What pyarrow writes through: None (its own local files) locally, else the fsspec filesystem."""
+        return None if self.loc.local else self.loc.fs
+
+    def close(self) -> Path | str:
+        """Write the Parquet files and manifest.json (last); returns the dataset folder (its URL if given one)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -385,7 +411,11 @@ class DatasetWriter:
                 self._flush(split)
                 self._writers.pop(split).close()
             else:  # an empty split is an empty table with the schema
-                pq.write_table(pa.Table.from_pylist([], schema=_schema()), self.root / f"{split}.parquet")
+                pq.write_table(
+                    pa.Table.from_pylist([], schema=_schema()),
+                    self.loc.path(f"{split}.parquet"),
+                    filesystem=self._arrow_fs(),
+                )
         manifest = {
             "format": FORMAT,
             "graph": None,
@@ -400,11 +430,11 @@ class DatasetWriter:
             manifest["graph"] = graph.model_dump(mode="json")
         manifest["format"] = FORMAT
         manifest["splits"] = dict(self._counts)
-        tmp = self.root / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2, default=str))
-        tmp.replace(self.root / MANIFEST)  # the manifest last: its presence means the dataset is complete
+        # the manifest last: its presence means the dataset is complete (renamed into place locally, one whole
+        # put on an object store, after every Parquet file and blob is closed)
+        self.loc.write_bytes(MANIFEST, data=json.dumps(manifest, indent=2, default=str).encode())
         self._closed = True
-        log.info("wrote dataset %s: %s", self.root, manifest["splits"])
+        log.info("wrote dataset %s: %s", self.loc.url, manifest["splits"])
         return self.root
 
     def __enter__(self) -> DatasetWriter:
@@ -421,10 +451,12 @@ class DatasetWriter:
 
 
 class Dataset:
-    """A dataset folder opened for reading (see :func:`open_dataset`)."""
+    """A dataset folder opened for reading (see :func:`open_dataset`): ``root`` is the folder as given (a
+    Path, or the URL), ``loc`` where its files are read from."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
-        self.root = root
+    def __init__(self, loc: Location, manifest: dict[str, Any]) -> None:
+        self.loc = loc
+        self.root = _root_of(loc)
         self.manifest = manifest
         self._cache: dict[str, list[DatasetRow]] = {}
 
@@ -446,13 +478,25 @@ class Dataset:
         return GraphSchema.model_validate(g) if g else None
 
     def rows(self, split: str) -> list[DatasetRow]:
-        """Every row of ``split``, read once (rows are frozen: every call shares them)."""
+        """Every row of ``split``, read once through :meth:`iter_rows` and kept (rows are frozen: every call
+        shares them). A consumer that walks the rows once should stream them with :meth:`iter_rows`."""
+        if split not in self._cache:
+            self._cache[split] = list(self.iter_rows(split))
+        return list(self._cache[split])
+
+    def iter_rows(self, split: str) -> Iterator[DatasetRow]:
+        """The rows of ``split`` in file order, read one Parquet row group (``ROW_GROUP`` rows, as the writer
+        wrote them) at a time: memory holds one row group, whatever the split's size. Rows :meth:`rows`
+        already read are not read again."""
         if split not in SPLITS:
             raise DatasetError(f"split must be one of {SPLITS}, got {split!r}")
-        if split not in self._cache:
-            path = self.root / f"{split}.parquet"
-            self._cache[split] = [DatasetRow.from_parquet(r, path) for r in self._read(split)]
-        return list(self._cache[split])
+        if split in self._cache:
+            yield from self._cache[split]
+            return
+        name = self.loc.name(f"{split}.parquet")
+        for group in self._row_groups(split):
+            for raw in group:
+                yield DatasetRow.from_parquet(raw, name)
 
     def all_rows(self) -> list[DatasetRow]:
         return [r for s in SPLITS for r in self.rows(s)]
@@ -460,35 +504,50 @@ class Dataset:
     def __len__(self) -> int:
         return sum(self.splits.values())
 
-    def _read(self, split: str) -> list[dict[str, Any]]:
+    def _row_groups(self, split: str) -> Iterator[list[dict[str, Any]]]:
+        """``split``'s Parquet file, one row group's raw rows at a time (a local file is read by pyarrow
+        itself, a remote one through the fsspec file)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        path = self.root / f"{split}.parquet"
-        if not path.exists():
-            raise DatasetError(f"dataset {self.root}: {path.name} is missing")
-        try:
-            table = pq.read_table(path)
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise DatasetError(f"dataset file {path}: not a readable Parquet file ({exc})") from exc
-        missing = [c for c in COLUMNS if c not in table.column_names]
-        if missing:
-            raise DatasetError(f"dataset file {path}: missing columns {missing}")
-        rows: list[dict[str, Any]] = table.to_pylist()
-        return rows
+        file = f"{split}.parquet"
+        name = self.loc.name(file)
+        with ExitStack() as stack:
+            try:
+                source: Any = (
+                    self.loc.path(file) if self.loc.local else stack.enter_context(self.loc.open(file))
+                )
+                pf = pq.ParquetFile(source)
+                stack.callback(pf.close)
+            except FileNotFoundError as exc:
+                raise DatasetError(f"dataset {self.loc.url}: {file} is missing") from exc
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise DatasetError(f"dataset file {name}: not a readable Parquet file ({exc})") from exc
+            missing = [c for c in COLUMNS if c not in pf.schema_arrow.names]
+            if missing:
+                raise DatasetError(f"dataset file {name}: missing columns {missing}")
+            for i in range(pf.num_row_groups):
+                try:
+                    group = pf.read_row_group(i)
+                except (OSError, pa.ArrowInvalid) as exc:
+                    raise DatasetError(f"dataset file {name}: row group {i} is unreadable ({exc})") from exc
+                rows: list[dict[str, Any]] = group.to_pylist()
+                yield rows
 
     def image_bytes(self, row: DatasetRow | str) -> bytes:
         sha = row if isinstance(row, str) else row.image
-        path = blob_path(self.root, sha)
-        if not path.exists():
-            raise DatasetError(f"dataset {self.root}: image blob {path} is missing")
-        return path.read_bytes()
+        try:
+            return self.loc.read_bytes(*blob_parts(sha))
+        except FileNotFoundError as exc:
+            raise DatasetError(
+                f"dataset {self.loc.url}: image blob {self.loc.name(*blob_parts(sha))} is missing"
+            ) from exc
 
     def image(self, row: DatasetRow | str) -> np.ndarray:
         """The row's input image (HxWx3 uint8), its bytes checked against the blob's sha256."""
         sha = row if isinstance(row, str) else row.image
         data = self.image_bytes(sha)
-        path = blob_path(self.root, sha)
+        path = self.loc.name(*blob_parts(sha))
         from PIL import Image
 
         try:
@@ -505,28 +564,31 @@ class Dataset:
 
 
 def open_dataset(path: str | os.PathLike[str]) -> Dataset:
-    """Open a dataset folder written by :class:`DatasetWriter`; clear errors name the file at fault."""
-    root = Path(path)
-    if not root.exists():
+    """Open a dataset folder written by :class:`DatasetWriter`, at a local path or an fsspec URL (see
+    :mod:`graphdistill._fs`); clear errors name the path or URL and the file at fault."""
+    loc = resolve(path, "dataset", DatasetError)
+    root, mpath = loc.url, loc.name(MANIFEST)
+    if not loc.exists():
         raise DatasetError(f"dataset {root}: no such folder")
-    if not root.is_dir():
+    if not loc.isdir():
         raise DatasetError(f"dataset {root}: is a file, expected a dataset folder")
-    mpath = root / MANIFEST
-    if not mpath.exists():
+    try:
+        text = loc.read_bytes(MANIFEST)
+    except FileNotFoundError:
         raise DatasetError(
             f"dataset {root}: {MANIFEST} is missing (not a graphdistill dataset, or writing did not finish)"
-        )
+        ) from None
     try:
-        manifest = json.loads(mpath.read_text())
+        manifest = json.loads(text)
     except (OSError, ValueError) as exc:
         raise DatasetError(f"dataset file {mpath}: not valid JSON ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise DatasetError(f"dataset file {mpath}: format is {got!r}, expected {FORMAT!r}")
     for split in SPLITS:
-        if not (root / f"{split}.parquet").exists():
+        if not loc.exists(f"{split}.parquet"):
             raise DatasetError(f"dataset {root}: {split}.parquet is missing")
-    return Dataset(root, manifest)
+    return Dataset(loc, manifest)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -669,6 +731,7 @@ def make_synthetic_dataset(
     return open_dataset(writer.close())
 
 
-def iter_rows(dataset: Dataset, splits: Iterable[str] = SPLITS) -> Iterable[DatasetRow]:
+def iter_rows(dataset: Dataset, splits: Iterable[str] = SPLITS) -> Iterator[DatasetRow]:
+    """Every row of ``splits``, streamed a row group at a time (:meth:`Dataset.iter_rows`)."""
     for s in splits:
-        yield from dataset.rows(s)
+        yield from dataset.iter_rows(s)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from graphdistill._fs import is_url
 from graphdistill.commands._common import CommandError, console, print_json, stage_progress
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ def run_eval(args: argparse.Namespace) -> EvalResult:
     run = Path(args.run)
     if not run.is_dir():
         raise CommandError(f"run folder {run} does not exist")
-    if not Path(args.dataset).is_dir():
+    if not is_url(args.dataset) and not Path(args.dataset).is_dir():  # a URL is checked when it is opened
         raise CommandError(f"dataset folder {args.dataset} does not exist")
     if min(args.teacher_n, args.repeats, args.teacher_repeats) < 1:
         raise CommandError("--teacher-n, --repeats and --teacher-repeats must be at least 1")

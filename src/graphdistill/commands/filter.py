@@ -14,7 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="turn a trace store into a filtered, split dataset (consensus of the K samples per input)",
     )
     p.add_argument("store", help="trace store folder (from `graphdistill record`)")
-    p.add_argument("--out", required=True, help="dataset folder to create")
+    p.add_argument(
+        "--out", required=True, help="dataset folder to create: a path or an fsspec URL (memory://, s3://...)"
+    )
     p.add_argument(
         "--min-agreement",
         type=float,
@@ -80,8 +82,11 @@ def _filter(args: argparse.Namespace) -> int:
     root = Path(args.store)
     if not (root / "traces.sqlite").exists():
         raise CommandError(f"{args.store}: not a trace store (no traces.sqlite there)")
-    out = Path(args.out)
-    if (out / "manifest.json").exists():
+    from graphdistill._fs import resolve
+    from graphdistill.dataset import DatasetError
+
+    out = resolve(args.out, "--out", DatasetError)  # a local folder or an fsspec URL
+    if out.exists("manifest.json"):
         raise CommandError(f"--out {args.out}: already holds a dataset; choose a new folder")
     if args.min_agreement is not None and not 0 <= args.min_agreement <= 1:
         raise CommandError(f"--min-agreement {args.min_agreement}: must be between 0 and 1")
@@ -119,7 +124,12 @@ def _filter(args: argparse.Namespace) -> int:
     with stage_progress(con, transient=args.json) as tick:
         try:
             result = filter_store(
-                store, out, config, embedder=embedder, progress=tick, source_store=str(Path(root).resolve())
+                store,
+                args.out,
+                config,
+                embedder=embedder,
+                progress=tick,
+                source_store=str(Path(root).resolve()),
             )
         finally:
             store.close()
@@ -134,7 +144,7 @@ def _filter(args: argparse.Namespace) -> int:
                 "empty_splits": summary["empty_splits"],
                 "heldout": summary["heldout"],
                 "teacher": summary["teacher"],
-                "dataset": str(out),
+                "dataset": str(result.dataset),
             }
         )
     else:
@@ -154,5 +164,5 @@ def _filter(args: argparse.Namespace) -> int:
                 f"{held['kept_for_evaluation']} flagged by a check, kept all the same)"
             )
         c.print(f"teacher: {teacher_line(summary['teacher'])}")
-        c.print(f"dataset: {out}   report: {out / 'report' / 'report.html'}")
+        c.print(f"dataset: {result.dataset}   report: {out.name('report', 'report.html')}")
     return 0

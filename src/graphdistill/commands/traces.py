@@ -30,7 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     st.set_defaults(func=_stats)
     ex = tsub.add_parser("export", help="Parquet shards, one row per trace")
     ex.add_argument("store")
-    ex.add_argument("--out", required=True, help="output folder")
+    ex.add_argument(
+        "--out", required=True, help="output folder: a path or an fsspec URL (s3://bucket/dir, ...)"
+    )
     ex.add_argument("--shard-rows", type=int, default=1000)
     ex.add_argument("--json", action="store_true")
     ex.set_defaults(func=_export)

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from graphdistill._fs import is_url
 from graphdistill.dataset import DatasetError, DatasetRow, open_dataset
 from graphdistill.errors import GraphdistillError
 from graphdistill.eval import cost, metrics
@@ -447,7 +448,7 @@ def evaluate_run(
         "photos": len(set(clusters)),
         "split": split,
         "run": str(run),
-        "dataset": str(Path(dataset)),
+        "dataset": os.fspath(dataset) if is_url(dataset) else str(Path(dataset)),  # a URL stays a URL
         "fidelity": fid,
         "fidelity_ci": fid_ci,
         "ci": {

@@ -40,7 +40,7 @@ class LoadedRun:
     meta: dict[str, Any]
     tokenizer_path: Path
     tokenizer: ByteLevelBPE
-    dataset_path: Path | None
+    dataset_path: str | None  # the dataset's folder or URL
     preprocessing: Preprocessing
     class_names: list[str]
     documents: list[Document]
@@ -115,7 +115,7 @@ def load_run(run: Path, dataset: str | Path | None = None) -> LoadedRun:
         meta=meta,
         tokenizer_path=run / "tokenizer.json",
         tokenizer=ByteLevelBPE.from_file(run / "tokenizer.json"),
-        dataset_path=Path(ds) if ds else None,
+        dataset_path=str(ds) if ds else None,
         preprocessing=spec,
         class_names=list(meta.get("class_names") or []),
         documents=[{"id": d["id"], "text": d.get("text", "")} for d in meta.get("documents") or []],

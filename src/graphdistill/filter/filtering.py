@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from graphdistill.dataset import DatasetWriter
+from graphdistill._fs import Location, is_url, resolve
+from graphdistill.dataset import DatasetError, DatasetWriter
 from graphdistill.filter.checks import CheckConfig, GreedyAnswer, coco_classes, greedy_answer, run_checks
 from graphdistill.filter.dedup import dhash, near_duplicates
 from graphdistill.filter.rules import Rule
@@ -116,7 +117,7 @@ class FilterResult:
     is its dataset row, and holding every group's in memory would make the filter's memory grow with the
     store."""
 
-    dataset: Path
+    dataset: Path | str  # the dataset folder, or its URL (DatasetWriter.root)
     decisions: list[GroupDecision]
     manifest: dict[str, Any]
 
@@ -218,8 +219,9 @@ class ConsensusSpool:
     memory; read back one at a time to write the dataset rows and draw the report's examples. Removed by
     ``close``."""
 
-    def __init__(self, near: Path) -> None:
-        parent = near.parent if near.parent.is_dir() else None  # beside the dataset: the same disk
+    def __init__(self, near: Path | None) -> None:
+        # beside a local dataset (the same disk); the system's temp folder for a dataset at a URL
+        parent = near.parent if near is not None and near.parent.is_dir() else None
         self._dir = tempfile.TemporaryDirectory(prefix=".graphdistill-filter-", dir=parent)
         self._db = sqlite3.connect(Path(self._dir.name) / "spool.sqlite")
         self._db.execute("PRAGMA journal_mode=OFF")
@@ -305,8 +307,12 @@ def filter_store(
     report: bool = True,
     source_store: str | None = None,
 ) -> FilterResult:
-    """Filter every group of ``store`` into a dataset folder at ``out_dir`` (and its report)."""
+    """Filter every group of ``store`` into a dataset folder at ``out_dir`` (and its report); ``out_dir`` is
+    a local path or an fsspec URL (:class:`~graphdistill.dataset.DatasetWriter`)."""
     config = config or FilterConfig()
+    resolve(
+        out_dir, "dataset", DatasetError
+    )  # a bad URL or a missing filesystem package fails before the vote
     groups = store.groups()
     if not groups:
         raise FilterError(f"trace store {source_store or store}: holds no traces")
@@ -331,7 +337,7 @@ def filter_store(
             for t in read(gid):
                 facts.add(t)
             tick("read", i + 1, len(groups))
-    spool = ConsensusSpool(Path(out_dir))
+    spool = ConsensusSpool(None if is_url(out_dir) else Path(out_dir))
     try:
         names: OutputNames | None = None
         decisions: list[GroupDecision] = []
@@ -399,21 +405,32 @@ def filter_store(
                 d.split or "train",
             )
             tick("write", j + 1, len(kept))
-        result = FilterResult(Path(out_dir), decisions, manifest)
+        result = FilterResult(writer.root, decisions, manifest)
         for split, why in result.empty_splits().items():
             log.warning("dataset %s: split %r is empty: %s", out_dir, split, why)
         writer.manifest["filter"] = {**writer.manifest.get("filter", {}), "summary": result.summary()}
         writer.close()
         if report:
-            from graphdistill.filter.report import write_report
-
-            write_report(
-                result, store, Path(out_dir) / "report", consensus_of=lambda d: spool.get(d.group_id)
-            )
+            _report(result, store, writer.loc, consensus_of=lambda d: spool.get(d.group_id))
         log.info("filtered %d groups: %s", len(decisions), result.summary())
         return result
     finally:
         spool.close()
+
+
+def _report(
+    result: FilterResult, store: StoreLike, loc: Location, consensus_of: Callable[[GroupDecision], Consensus]
+) -> None:
+    """The filter report in DATASET/report/: drawn there on a local disk; at a URL drawn in a temp folder
+    and copied up (after the manifest: the report is not part of what a reader needs)."""
+    from graphdistill.filter.report import write_report
+
+    if loc.local:
+        write_report(result, store, Path(loc.path("report")), consensus_of=consensus_of)
+        return
+    with tempfile.TemporaryDirectory(prefix="graphdistill-report-") as tmp:
+        write_report(result, store, Path(tmp), consensus_of=consensus_of)
+        loc.upload(Path(tmp), "report")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -2,16 +2,19 @@
 
 The nested parts of a trace (inputs, output, spans, provenance, metadata) are JSON strings, so the files are
 readable by pyarrow, pandas and Hugging Face ``datasets``' parquet loader without a custom schema; blob
-references inside them name files under the store's ``blobs/`` folder.
+references inside them name files under the store's ``blobs/`` folder. The folder is a local path or an fsspec
+URL (``file://``, ``memory://``, ``s3://...`` with the user's own credentials; see :mod:`graphdistill._fs`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from graphdistill._fs import Location, resolve
 
 if TYPE_CHECKING:
     from graphdistill.store.trace_store import TraceStore
@@ -45,23 +48,27 @@ def _schema() -> Any:
 
 def export_parquet(
     store: TraceStore, out_dir: str | os.PathLike[str], *, shard_rows: int = 1000
-) -> list[Path]:
-    """Write ``out_dir/traces-00000.parquet``, ... (``shard_rows`` rows each); returns the shard paths.
+) -> list[str]:
+    """Write ``out_dir/traces-00000.parquet``, ... (``shard_rows`` rows each); returns the shards' paths (or
+    URLs, when ``out_dir`` is one).
 
-    Each shard is written to a temp name and renamed, so a crash never leaves a truncated shard behind.
-    An empty store gives one empty shard (a valid table with the columns).
+    Locally each shard is written to a temp name and renamed, so a crash never leaves a truncated shard
+    behind; on an object store each shard is one whole put (a reader sees it whole or not at all). An empty
+    store gives one empty shard (a valid table with the columns).
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    from graphdistill.store.trace_store import StoreError
 
     if shard_rows < 1:
         raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = resolve(out_dir, "export folder", StoreError)
+    if out.local:
+        out.makedirs()
     for old in out.glob("traces-*.parquet"):  # a re-export replaces the previous one, not mixes with it
-        old.unlink()
+        out.remove(old)
     schema = _schema()
-    paths: list[Path] = []
+    paths: list[str] = []
     for batch in store.raw_rows(batch=shard_rows):
         cols: dict[str, list[Any]] = {name: [] for name, _ in COLUMNS}
         for gid, gname, ghash, group, sample, ihash, status, error, created, duration, text in batch:
@@ -84,10 +91,10 @@ def export_parquet(
                 ("metadata_json", _dumps(doc.get("metadata", {}))),
             ):
                 cols[name].append(value)
-        paths.append(_write(pa.table(cols, schema=schema), out, len(paths), pq))
+        paths.append(_write(pa.table(cols, schema=schema), out, len(paths)))
     if not paths:
-        paths.append(_write(schema.empty_table(), out, 0, pq))
-    log.info("exported %s to %d parquet shard(s) in %s", store.root, len(paths), out)
+        paths.append(_write(schema.empty_table(), out, 0))
+    log.info("exported %s to %d parquet shard(s) in %s", store.root, len(paths), out.url)
     return paths
 
 
@@ -95,9 +102,12 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
-def _write(table: Any, out: Path, index: int, pq: Any) -> Path:
-    path = out / f"traces-{index:05d}.parquet"
-    tmp = out / f".{path.name}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+def _write(table: Any, out: Location, index: int) -> str:
+    """One shard, written whole (renamed into place locally, one put on an object store); its path or URL."""
+    import pyarrow.parquet as pq
+
+    name = f"traces-{index:05d}.parquet"
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    out.write_bytes(name, data=buf.getvalue())
+    return out.name(name)

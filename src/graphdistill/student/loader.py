@@ -13,7 +13,7 @@ batches it with a plain ``DataLoader``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -78,7 +78,7 @@ def row_embeddings(row: DatasetRow) -> dict[str, list[float]]:
     return {name: list(vec) for name, vec in (row.embeddings or {}).items()}
 
 
-def embedding_dims_of(rows: Sequence[DatasetRow]) -> dict[str, int]:
+def embedding_dims_of(rows: Iterable[DatasetRow]) -> dict[str, int]:
     """The size of each embedding the rows carry (first row that has it); clear error on a mismatch."""
     dims: dict[str, int] = {}
     for row in rows:

@@ -41,7 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphdistill.dataset import DatasetRow
+from graphdistill._fs import ref
+from graphdistill.dataset import DatasetRow, iter_rows
 from graphdistill.student.config import SOURCE_TOKENS
 from graphdistill.student.loader import StudentDataset, collate, embedding_dims_of, spec_of
 from graphdistill.student.losses import LossWeights, compute_losses
@@ -250,11 +251,16 @@ class TrainRecipe:
             # the questions and answers only: the documents' own words would grow the vocabulary (and the
             # bundle: every piece is a row of the embedding) by ~80 % for words no answer uses; the byte-level
             # BPE still spells every document, in more pieces
-            texts = [t for r in self.ds.all_rows() for t in (r.question, r.answer)]
+            # one streamed pass over every split (a row group at a time): the held-out splits are read for
+            # their words and object counts, not kept; the training rows stay (StudentDataset shuffles them)
+            texts: list[str] = []
+            max_objects = 1
+            for r in iter_rows(self.ds):
+                texts += (r.question, r.answer)
+                max_objects = max(max_objects, len(r.objects))
             vocab = cfg.vocab_size or int(preset(cfg.preset).vocab_size)
             self.tokenizer = StudentTokenizer.train(texts, vocab_size=vocab, class_names=self.class_names)
             train_rows = self.ds.rows("train") or self.ds.all_rows()
-            max_objects = max([len(r.objects) for r in self.ds.all_rows()] + [1])
             q_len = max(len(self.tokenizer.encode(r.question)) for r in train_rows)
             answers = [self.tokenizer.encode(r.answer) for r in train_rows]
             a_len = max(len(a) for a in answers) + 1
@@ -456,7 +462,7 @@ class TrainRecipe:
                 StudentConfig().outputs,
             )
             return preset(cfg.preset, **{**derived, **cfg.overrides})
-        dims = embedding_dims_of(self.ds.all_rows())
+        dims = embedding_dims_of(iter_rows(self.ds))
         config = config_from_schema(graph, cfg.preset, embedding_dims=dims, **{**derived, **cfg.overrides})
         log.info("graph %s: student heads for outputs %s", graph.name, config.outputs)
         return config
@@ -528,7 +534,7 @@ class TrainRecipe:
             "documents": self.ds.documents,
             "graph": graph.model_dump(mode="json") if graph else None,
             "graph_id": {"name": graph.name, "hash": graph.definition_hash} if graph else None,
-            "dataset": str(Path(self.cfg.dataset).resolve()),
+            "dataset": ref(self.cfg.dataset),  # a local folder made absolute, a URL as given
             "preprocessing": spec_of(self.model_config),
             "started_from": self.start.describe() if self.start is not None else None,
             "retrieval_teacher": self.retrieval_teacher,
