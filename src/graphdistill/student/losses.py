@@ -34,7 +34,10 @@ Weights are set by loss name (:meth:`LossWeights.from_names`, ``TrainConfig.loss
 Every denominator (token counts, weight sums, row counts) goes through
 :func:`graphdistill.student.ranks.normaliser` or :func:`~graphdistill.student.ranks.mean`: the global batch's
 when a step is split over several processes, so their gradients average to the one-process gradient. Those are
-collectives: each is reached on every rank whatever the rank's rows hold (no early return skips one).
+collectives: each is reached on every rank whatever the rank's rows hold (no early return skips one). Across
+ranks a loss whose rows on this rank hold nothing is still reached from every head output it would read
+(:func:`graphdistill.student.ranks.reach`: zero, with zero gradients), so that the backward collectives of the
+batch norms in those heads run on every rank; one process keeps its losses and gradients bit for bit.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from graphdistill.student.ranks import mean, normaliser, split
+from graphdistill.student.ranks import mean, normaliser, reach, split
 from graphdistill.student.trunks import PROTO_STRIDE, dfl_decode
 
 KD_MIN_SCORE = 0.1  # cells where the detector's best class probability is this or more get box distillation
@@ -250,7 +253,9 @@ def detection_losses(out: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[s
     fg = asg.fg
     masks = "det_coef" in out and "obj_masks" in batch
     if not bool(fg.any()):
-        losses.update(det_box=zero, det_dfl=zero)
+        # across ranks the box distributions' graph runs backward here too (another rank's cells train it)
+        empty = zero + reach(dist) if split() else zero
+        losses.update(det_box=empty, det_dfl=empty)
         if masks:  # across ranks mask_loss still takes part in its denominator's all-reduce
             losses["mask_bce"] = mask_loss(out, batch, asg, asg.scores.sum(-1)[fg]) if split() else zero
         return losses
@@ -279,6 +284,8 @@ def mask_loss(out: dict[str, Tensor], batch: dict[str, Tensor], asg: Assignment,
     xs = torch.arange(wp, device=protos.device, dtype=protos.dtype) + 0.5
     ys = torch.arange(hp, device=protos.device, dtype=protos.dtype) + 0.5
     total = protos.sum() * 0.0
+    if split():  # across ranks the coefficients' graph runs backward even with no mask to learn here
+        total = total + reach(coef)
     weight = protos.new_zeros(())
     w_rows = torch.zeros_like(asg.scores[..., 0])
     w_rows[fg] = w  # each assigned cell's weight, in [B,A]
@@ -330,6 +337,8 @@ def kd_losses(out: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Ten
     w_sum = normaliser(w.sum())
     if not bool(on.any()):
         losses["kd_box"] = s_cls.sum() * 0.0
+        if split():  # across ranks the box distributions' graph runs backward here too
+            losses["kd_box"] = losses["kd_box"] + reach(out["det_dist"])
         return losses
     s_d = out["det_dist"][:, :, :n].view(b, 4, r, n).permute(0, 3, 1, 2)[on]  # [K,4,R]
     t_d = t_dist.view(b, 4, r, n).permute(0, 3, 1, 2)[on]
@@ -400,5 +409,8 @@ def compute_losses(
             else:
                 losses[key] = value.sum() * 0.0
 
-    losses["total"] = sum((w.of(k) * v for k, v in losses.items()), torch.zeros((), device=device))
+    total = sum((w.of(k) * v for k, v in losses.items()), torch.zeros((), device=device))
+    if split():  # every output reaches every rank's loss: the same backward collectives run on every rank
+        total = total + reach(*out.values())
+    losses["total"] = total
     return losses

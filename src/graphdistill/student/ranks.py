@@ -13,6 +13,14 @@ Batch norm in training mode normalises by the batch's statistics; torch's ``Sync
 and does not know timm's ``BatchNormAct2d``. :func:`global_batch_norms` gives the model's batch norms (both kinds)
 the global batch's mean and variance through a differentiable all-reduce, on CPU (gloo) and CUDA (NCCL) alike:
 one implementation, the one the 2-process CPU test checks.
+
+That all-reduce has a gradient, so it is a collective in the BACKWARD pass too: a rank whose loss does not reach a
+batch norm's output would skip that batch norm's backward all-reduce while the others wait in it (a deadlock; or,
+worse, a later all-reduce paired with the wrong one). So across ranks every head's output reaches every rank's
+loss, with a zero contribution where the rank's share holds nothing for it (no objects, no assigned cells, no
+masks, no answer tokens): :func:`reach`, used by the losses and, for every output of the model, by
+:func:`graphdistill.student.losses.compute_losses`. Then every rank's backward graph holds the same model nodes,
+which autograd runs in the same order (the reverse of the forward's), and the same collectives run everywhere.
 """
 
 from __future__ import annotations
@@ -87,6 +95,34 @@ def reduce_mean(values: dict[str, Tensor]) -> dict[str, float]:
     dist.all_reduce(stacked)
     stacked /= dist.get_world_size()
     return dict(zip(values, stacked.tolist(), strict=True))
+
+
+class _Reach(torch.autograd.Function):
+    """A zero scalar whose gradient for each input is zero (not None): the inputs' graphs run backward."""
+
+    @staticmethod
+    def forward(ctx: Any, *xs: Tensor) -> Tensor:
+        ctx.specs = [(x.shape, x.dtype, x.device) for x in xs]
+        return xs[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, ...]:
+        return tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.specs)
+
+
+def reach(*xs: Tensor | None) -> Tensor:
+    """0, reached from each of ``xs`` that requires a gradient (a zero gradient, even where an input holds inf
+    or NaN, unlike ``x.sum() * 0``): added to a rank's loss, the backward of each of their graphs runs on that
+    rank, the collectives of its batch norms included, whatever the rank's rows hold. A plain zero (of the first
+    input's dtype) when none of them requires a gradient."""
+    given = [x for x in xs if x is not None]
+    if not given:
+        raise ValueError("reach: no tensor given")
+    trained = [x for x in given if x.requires_grad]
+    if not trained:
+        return given[0].new_zeros(())
+    out: Tensor = _Reach.apply(*trained)
+    return out
 
 
 class _SumAcrossRanks(torch.autograd.Function):
