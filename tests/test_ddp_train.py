@@ -143,7 +143,7 @@ def test_train_on_two_processes_writes_a_run_that_loads_predicts_and_resumes(
     assert metrics["epochs"] == 1 and metrics["steps"] == 2  # 6 rows: a batch of 4, then one of 2 (1 a rank)
     ds = open_dataset(dataset)
     row = ds.rows("train")[0]
-    out = load_student(run).predict(ds.image(row), row["question"])
+    out = load_student(run).predict(ds.image(row), row.question)
     assert set(out) == {"answer", "objects", "sources"} and isinstance(out["answer"], str)
     meta = json.loads((run / "meta.json").read_text())
     assert meta["epochs"] == 1 and not list(run.rglob("*.tmp-*"))
@@ -153,7 +153,7 @@ def test_train_on_two_processes_writes_a_run_that_loads_predicts_and_resumes(
     assert metrics["epochs"] == 2 and metrics["steps"] == 4 and len(metrics["history"]) == 2
     ck = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     assert ck["epoch"] == 2 and ck["step"] == 4
-    out = load_student(run).predict(ds.image(row), row["question"])
+    out = load_student(run).predict(ds.image(row), row.question)
     assert isinstance(out["answer"], str)
 
 
