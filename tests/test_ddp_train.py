@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 pytest.importorskip("tokenizers")
 
-from test_student_train import _cfg  # noqa: E402  (the tiny student of the one-process tests)
+from _fixtures import TINY_STUDENT_96, tiny_train_config  # noqa: E402
 
 SPAWN_TIMEOUT_S = 240  # a stuck rank fails the test instead of hanging CI
 
@@ -68,7 +68,10 @@ def _one_and_two(
     import _ddp_step
     from graphdistill.student.distributed import free_port
 
-    config = cfg or (lambda out: _cfg(dataset, out, epochs=1))
+    # the one-process training tests' student (96 px), batches of 4 rows: 2 a rank
+    config = cfg or (
+        lambda out: tiny_train_config(dataset, out, batch_size=4, overrides=dict(TINY_STUDENT_96))
+    )
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     _ddp_step.one_step(config(tmp_path / "run-1"), one, empty, double)
     _spawn(_ddp_step.rank_main, (2, free_port(), config(tmp_path / "run-2"), two, empty, double), nprocs=2)
@@ -181,7 +184,7 @@ def test_a_student_started_from_the_detector_with_its_trunk_frozen_takes_the_sam
     Rank 0's share holds no objects: its loss must still reach the coefficient head, whose batch norms' backward
     all-reduce rank 1 runs (before: a collective mismatch in the first step). float32, hence the tolerance."""
     import _models
-    from _fixtures import dataset_offering, tiny_train_config
+    from _fixtures import dataset_offering
 
     ds = dataset_offering(tmp_path / "ds", {"detect": _models.detector().student_offer()})
 

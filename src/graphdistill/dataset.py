@@ -333,9 +333,8 @@ class DatasetWriter:
         self._counts: dict[str, int] = {s: 0 for s in SPLITS}
         self._writers: dict[str, Any] = {}  # split -> its open pyarrow.parquet.ParquetWriter
         self._ids: set[str] = set()
-        self._blobs: set[str] = (
-            set()
-        )  # blobs written (or found) by this writer: one look each, not one per row
+        # blobs written (or found) by this writer: one look each, not one per row
+        self._blobs: set[str] = set()
         self._closed = False
 
     def add_blob(self, image: np.ndarray) -> BlobRef:

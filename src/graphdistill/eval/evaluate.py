@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from graphdistill._fs import is_url
+from graphdistill._fs import ref
 from graphdistill.dataset import DatasetError, DatasetRow, open_dataset
 from graphdistill.errors import GraphdistillError
 from graphdistill.eval import cost, metrics
@@ -448,7 +448,7 @@ def evaluate_run(
         "photos": len(set(clusters)),
         "split": split,
         "run": str(run),
-        "dataset": os.fspath(dataset) if is_url(dataset) else str(Path(dataset)),  # a URL stays a URL
+        "dataset": ref(dataset),  # a local folder made absolute (the report reopens it), a URL as given
         "fidelity": fid,
         "fidelity_ci": fid_ci,
         "ci": {

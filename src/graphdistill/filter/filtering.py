@@ -310,9 +310,8 @@ def filter_store(
     """Filter every group of ``store`` into a dataset folder at ``out_dir`` (and its report); ``out_dir`` is
     a local path or an fsspec URL (:class:`~graphdistill.dataset.DatasetWriter`)."""
     config = config or FilterConfig()
-    resolve(
-        out_dir, "dataset", DatasetError
-    )  # a bad URL or a missing filesystem package fails before the vote
+    # a bad URL or a missing filesystem package fails here, before the vote
+    resolve(out_dir, "dataset", DatasetError)
     groups = store.groups()
     if not groups:
         raise FilterError(f"trace store {source_store or store}: holds no traces")

@@ -4,7 +4,8 @@ traces until the one writer appends them to the :class:`~graphdistill.store.trac
 The recorder builds every trace exactly as it does for a store (one code path for what a trace is); only
 the last step differs: :meth:`TraceBuffer.append` keeps ``(trace, blobs)`` and :meth:`TraceBuffer.take`
 hands them over. :meth:`TraceBuffer.has_input` answers resume questions from the keys the writer's store
-held when the job started (``TraceStore.input_keys``), plus what this buffer has taken since.
+held when the job started (``TraceStore.input_keys``); a trace made in this job is refused as a duplicate by
+the writer's store, which decides.
 """
 
 from __future__ import annotations
