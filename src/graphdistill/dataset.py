@@ -24,7 +24,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -487,15 +487,26 @@ class Dataset:
         """The rows of ``split`` in file order, read one Parquet row group (``ROW_GROUP`` rows, as the writer
         wrote them) at a time: memory holds one row group, whatever the split's size. Rows :meth:`rows`
         already read are not read again."""
-        if split not in SPLITS:
-            raise DatasetError(f"split must be one of {SPLITS}, got {split!r}")
         if split in self._cache:
             yield from self._cache[split]
             return
+        for group in self.iter_row_groups(split):
+            yield from group
+
+    def iter_row_groups(self, split: str, order: Iterable[int] | None = None) -> Iterator[list[DatasetRow]]:
+        """The rows of ``split``, one Parquet row group's rows at a time, in file order or in ``order`` (row
+        group indices, as :meth:`row_group_sizes` counts them; a shuffled order is how training streams a
+        split, :mod:`graphdistill.student.stream`). Each group is read from the file when its turn comes,
+        through the dataset's filesystem: memory holds one row group, whatever the split's size (:meth:`rows`'
+        cache is neither read nor filled)."""
         name = self.loc.name(f"{split}.parquet")
-        for group in self._row_groups(split):
-            for raw in group:
-                yield DatasetRow.from_parquet(raw, name)
+        for group in self._row_groups(split, order):
+            yield [DatasetRow.from_parquet(raw, name) for raw in group]
+
+    def row_group_sizes(self, split: str) -> list[int]:
+        """The rows in each of ``split``'s Parquet row groups, read from the file's footer (no row is read)."""
+        with self._parquet(split) as pf:
+            return [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
 
     def all_rows(self) -> list[DatasetRow]:
         return [r for s in SPLITS for r in self.rows(s)]
@@ -503,12 +514,15 @@ class Dataset:
     def __len__(self) -> int:
         return sum(self.splits.values())
 
-    def _row_groups(self, split: str) -> Iterator[list[dict[str, Any]]]:
-        """``split``'s Parquet file, one row group's raw rows at a time (a local file is read by pyarrow
-        itself, a remote one through the fsspec file)."""
+    @contextmanager
+    def _parquet(self, split: str) -> Iterator[Any]:
+        """``split``'s Parquet file opened (a local file by pyarrow itself, a remote one through the fsspec
+        file), its columns checked; closed on leaving."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        if split not in SPLITS:
+            raise DatasetError(f"split must be one of {SPLITS}, got {split!r}")
         file = f"{split}.parquet"
         name = self.loc.name(file)
         with ExitStack() as stack:
@@ -525,7 +539,18 @@ class Dataset:
             missing = [c for c in COLUMNS if c not in pf.schema_arrow.names]
             if missing:
                 raise DatasetError(f"dataset file {name}: missing columns {missing}")
-            for i in range(pf.num_row_groups):
+            yield pf
+
+    def _row_groups(self, split: str, order: Iterable[int] | None = None) -> Iterator[list[dict[str, Any]]]:
+        """``split``'s Parquet file, one row group's raw rows at a time (in file order, or in ``order``)."""
+        import pyarrow as pa
+
+        name = self.loc.name(f"{split}.parquet")
+        with self._parquet(split) as pf:
+            groups = range(pf.num_row_groups) if order is None else order
+            for i in groups:
+                if not 0 <= i < pf.num_row_groups:
+                    raise DatasetError(f"dataset file {name}: no row group {i} (it has {pf.num_row_groups})")
                 try:
                     group = pf.read_row_group(i)
                 except (OSError, pa.ArrowInvalid) as exc:
