@@ -134,8 +134,10 @@ def letterbox_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
-    """Items for the student from ``open_dataset(path).rows(split)``.
+class RowEncoder:
+    """One :class:`~graphdistill.dataset.DatasetRow` -> the student's item (a dict of fixed-shape tensors): the
+    one row-to-tensor path, which the in-memory :class:`StudentDataset` (caching what it can) and the streamed
+    batches of :mod:`graphdistill.student.stream` (caching nothing) both take.
 
     Keys: image [3,S,S]; question_ids [Lq] int64; question_mask [Lq] bool; answer_in [La]; answer_target
     [La] (−100 = ignore); the row's objects (K = ``max_objects`` slots, the teacher's order): ``obj_classes``
@@ -146,41 +148,34 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
     ``embedding:<name>`` [d] and ``embedding:<name>:valid`` [] bool per embedding output; topk_ids [La,k],
     topk_logprobs [La,k], topk_valid [La] (soft targets from the teacher LLM's recorded top-k, mapped onto
     the student's tokens by :func:`align_soft_targets`, or step for step when ``soft_targets_tokenizer`` names
-    the teacher's tokenizer); scale [] (letterbox factor); image_hw [2]; and, when ``kd`` gives them for the
-    row (the trainer's detector targets, :mod:`graphdistill.student.kd`), ``kd_cls``, ``kd_dist``, ``kd_valid``.
-    Object targets exist only when the config has a detection head (masks only with a mask head), sources only
-    with a sources head.
+    the teacher's tokenizer); scale [] (letterbox factor); image_hw [2]; and whatever ``extra`` gives for the
+    row (the trainer's detector targets ``kd_cls``, ``kd_dist``, ``kd_valid``, :mod:`graphdistill.student.kd`;
+    a frozen trunk's cached features). Object targets exist only when the config has a detection head (masks
+    only with a mask head), sources only with a sources head.
 
     ``class_names``: the student's classes (the detector's label set when it started from one), by which the
-    rows' object labels are numbered; the dataset's own class names by default.
+    rows' object labels are numbered; ``documents``: the dataset's knowledge base (``{"id", ...}``).
     """
 
     def __init__(
         self,
-        dataset: Any,
-        split: str,
         tokenizer: StudentTokenizer,
         config: StudentConfig,
+        class_names: list[str],
+        documents: list[dict[str, Any]],
         *,
         topk: int = 5,
         soft_targets_tokenizer: str | None = None,
-        class_names: list[str] | None = None,
-        kd: Any = None,
-        features: Any = None,
     ) -> None:
-        self.ds = dataset
-        self.rows: list[DatasetRow] = dataset.rows(split)
-        self.split = split
         self.tok = tokenizer
         self.cfg = config
         self.topk = topk
-        self.class_names = list(class_names if class_names is not None else dataset.class_names)
+        self.class_names = list(class_names)
         self.class_index = {n: i for i, n in enumerate(self.class_names)}
-        self.doc_ids = [d["id"] for d in dataset.documents]
+        self.doc_ids = [d["id"] for d in documents]
         self.doc_index = {d: i for i, d in enumerate(self.doc_ids)}
         self.mean, self.std = normalisation(config)
-        self.kd = kd  # row index -> {kd_cls, kd_dist, kd_valid}, or None
-        self.features = features  # row index -> a frozen trunk's cached features {trunk_p3, ...}, or None
+        self.soft_targets_tokenizer = soft_targets_tokenizer
         if config.has_objects and len(self.class_names) > config.num_classes:
             raise ValueError(
                 f"dataset has {len(self.class_names)} classes but the student has num_classes={config.num_classes}"
@@ -189,27 +184,31 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             raise ValueError(
                 f"dataset has {len(self.doc_ids)} documents but the student has num_sources={config.num_sources}"
             )
-        self.soft_targets_tokenizer = soft_targets_tokenizer
-        # soft targets are built once (tokenising every answer) and logged, so a run shows its KL coverage
-        self._soft = [self._soft_targets(row) for row in self.rows]
-        self._log_soft_coverage()
-        self._cache: dict[int, tuple[Tensor, float]] = {}
-        self._objects_cache: dict[int, dict[str, Tensor]] = {}
 
-    def __len__(self) -> int:
-        return len(self.rows)
+    def image(self, image: np.ndarray) -> tuple[Tensor, float]:
+        """The row's decoded image -> (the student's input [3,S,S], the letterbox scale)."""
+        return preprocess_image(image, self.cfg.image_size, mean=self.mean, std=self.std)
 
-    def _image(self, i: int) -> tuple[Tensor, float]:
-        if i not in self._cache:  # decoded + letterboxed once: the sets are small and epochs many
-            self._cache[i] = preprocess_image(
-                self.ds.image(self.rows[i]), self.cfg.image_size, mean=self.mean, std=self.std
-            )
-        return self._cache[i]
+    def encode(
+        self, row: DatasetRow, image: np.ndarray, *, extra: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """The row's item from its decoded image (HxWx3 uint8), nothing cached: what streaming takes."""
+        return self.item(row, self.image(image), self.soft_targets(row), extra=extra)
 
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
+    def item(
+        self,
+        row: DatasetRow,
+        image: tuple[Tensor, float],
+        soft: SoftTargets | None,
+        *,
+        objects: dict[str, Tensor] | None = None,
+        extra: dict[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """The row's item from its preprocessed ``image`` (:meth:`image`) and soft targets ``soft``
+        (:meth:`soft_targets`; None: none); ``objects``: its :meth:`objects` when already made; ``extra``: more
+        keys (see the class)."""
         cfg = self.cfg
-        row = self.rows[i]
-        img, scale = self._image(i)
+        img, scale = image
         h, w = row.image_height, row.image_width
         q_ids, q_mask = self.tok.encode_question(row.question, cfg.max_question_len)
         a_in, a_tgt = self.tok.encode_answer(row.answer, cfg.max_answer_len)
@@ -222,17 +221,10 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             "answer_target": torch.tensor(a_tgt, dtype=torch.long),
         }
         if cfg.has_objects:
-            if (
-                i not in self._objects_cache
-            ):  # decoding and letterboxing every mask each epoch cost more than a step
-                self._objects_cache[i] = self._objects(row, scale)
-            item.update(
-                {k: (v.float() if k == "obj_masks" else v) for k, v in self._objects_cache[i].items()}
-            )
-            if self.kd is not None:
-                item.update(self.kd(i))
-        if self.features is not None:
-            item.update(self.features(i))
+            objs = objects if objects is not None else self.objects(row, scale)
+            item.update({k: (v.float() if k == "obj_masks" else v) for k, v in objs.items()})
+        if extra:
+            item.update(extra)
         if cfg.has_sources:
             sources = torch.zeros(cfg.num_sources)
             for s in row.sources:
@@ -249,7 +241,6 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
                     )
                 item[f"embedding:{name}"] = torch.tensor(vec) if vec is not None else torch.zeros(dim)
                 item[f"embedding:{name}:valid"] = torch.tensor(vec is not None)
-        soft = self._soft[i]
         if soft is None:
             soft = _no_soft_targets(cfg.max_answer_len, self.topk)
         item.update(zip(("topk_ids", "topk_logprobs", "topk_valid"), soft, strict=True))
@@ -257,7 +248,8 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         item["image_hw"] = torch.tensor([h, w], dtype=torch.long)
         return item
 
-    def _objects(self, row: DatasetRow, scale: float) -> dict[str, Tensor]:
+    def objects(self, row: DatasetRow, scale: float) -> dict[str, Tensor]:
+        """The row's object targets (masks in float16: a dataset in memory keeps them for the whole run)."""
         cfg = self.cfg
         k = cfg.max_objects
         size = cfg.image_size
@@ -295,11 +287,11 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
             "vision_ok": torch.tensor(not row.is_replay),
         }
         if masks is not None:
-            out["obj_masks"] = masks.half()  # kept per row for the whole run: half the memory
+            out["obj_masks"] = masks.half()
             out["obj_has_mask"] = has_mask
         return out
 
-    def _soft_targets(self, row: DatasetRow) -> SoftTargets | None:
+    def soft_targets(self, row: DatasetRow) -> SoftTargets | None:
         """The row's (topk_ids, topk_logprobs, topk_valid), or None when no answer position has any."""
         cfg = self.cfg
         lt = row.llm_topk
@@ -317,6 +309,72 @@ class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
                 topk_valid[t] = True
             return (topk_ids, topk_lp, topk_valid) if n else None
         return align_soft_targets(lt, row.answer, self.tok, cfg.max_answer_len, self.topk)
+
+
+class StudentDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Items for the student (:class:`RowEncoder`'s) from ``open_dataset(path).rows(split)``, held in memory:
+    each row's decoded image, object targets and soft targets are made once and kept, the sets being small and
+    the epochs many. ``kd``: row index -> the trainer's detector targets; ``features``: row index -> a frozen
+    trunk's cached features; ``class_names``: the student's classes, the dataset's own by default."""
+
+    def __init__(
+        self,
+        dataset: Any,
+        split: str,
+        tokenizer: StudentTokenizer,
+        config: StudentConfig,
+        *,
+        topk: int = 5,
+        soft_targets_tokenizer: str | None = None,
+        class_names: list[str] | None = None,
+        kd: Any = None,
+        features: Any = None,
+    ) -> None:
+        self.ds = dataset
+        self.rows: list[DatasetRow] = dataset.rows(split)
+        self.split = split
+        self.tok = tokenizer
+        self.cfg = config
+        self.encoder = RowEncoder(
+            tokenizer,
+            config,
+            list(class_names if class_names is not None else dataset.class_names),
+            dataset.documents,
+            topk=topk,
+            soft_targets_tokenizer=soft_targets_tokenizer,
+        )
+        self.kd = kd  # row index -> {kd_cls, kd_dist, kd_valid}, or None
+        self.features = features  # row index -> a frozen trunk's cached features {trunk_p3, ...}, or None
+        # soft targets are built once (tokenising every answer) and logged, so a run shows its KL coverage
+        self._soft = [self.encoder.soft_targets(row) for row in self.rows]
+        self._log_soft_coverage()
+        self._cache: dict[int, tuple[Tensor, float]] = {}
+        self._objects_cache: dict[int, dict[str, Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _image(self, i: int) -> tuple[Tensor, float]:
+        if i not in self._cache:  # decoded + letterboxed once: the sets are small and epochs many
+            self._cache[i] = self.encoder.image(self.ds.image(self.rows[i]))
+        return self._cache[i]
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        row = self.rows[i]
+        image = self._image(i)
+        objects = None
+        if self.cfg.has_objects:
+            if (
+                i not in self._objects_cache
+            ):  # decoding and letterboxing every mask each epoch cost more than a step
+                self._objects_cache[i] = self.encoder.objects(row, image[1])
+            objects = self._objects_cache[i]
+        extra: dict[str, Tensor] = {}
+        if self.cfg.has_objects and self.kd is not None:
+            extra.update(self.kd(i))
+        if self.features is not None:
+            extra.update(self.features(i))
+        return self.encoder.item(row, image, self._soft[i], objects=objects, extra=extra)
 
     def _log_soft_coverage(self) -> None:
         with_topk = [r.llm_topk for r in self.rows if r.llm_topk is not None]
