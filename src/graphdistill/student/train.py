@@ -32,7 +32,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,9 +42,9 @@ import torch
 from torch import nn
 
 from graphdistill._fs import ref
-from graphdistill.dataset import DatasetRow, iter_rows
+from graphdistill.dataset import SPLITS, DatasetRow, iter_rows
 from graphdistill.student.config import SOURCE_TOKENS
-from graphdistill.student.loader import StudentDataset, collate, embedding_dims_of, spec_of
+from graphdistill.student.loader import RowEncoder, StudentDataset, collate, embedding_dims_of, spec_of
 from graphdistill.student.losses import LossWeights, compute_losses
 from graphdistill.student.model import (
     Student,
@@ -56,6 +56,7 @@ from graphdistill.student.model import (
 from graphdistill.student.predict import STUDENT_FORMAT, StudentPredictor, check_student
 from graphdistill.student.ranks import ShardedBatches, across_ranks, global_batch_norms, reduce_mean, world
 from graphdistill.student.retrieval_kd import RetrievalQueries, make_retrieval_queries, ranking_recall
+from graphdistill.student.stream import BatchExtra, StreamedBatches
 from graphdistill.student.tokenizer import StudentTokenizer
 
 log = logging.getLogger(__name__)
@@ -98,11 +99,49 @@ def decoding_rules(answers: list[list[int]]) -> dict[str, int]:
     whole sentence (a 15-gram in the demo's answers), and a rule that allowed that let the student loop ("A
     person. A person. A person. ..."); on a val split of the demo's training photos answer token F1 was 0.20
     with the longest (n = 16) and 0.27 with this rule (n = 5)."""
-    if not answers:
+    return _rules([longest_repeat(a) for a in answers], max((longest_run(a) for a in answers), default=0))
+
+
+def _rules(repeats: list[int], max_run: int) -> dict[str, int]:
+    """:func:`decoding_rules` from each answer's :func:`longest_repeat` and the longest :func:`longest_run`."""
+    if not repeats:
         return {"no_repeat_ngram": 0, "max_token_run": 0}
-    repeats = sorted(longest_repeat(a) for a in answers)
-    quantile = repeats[max(math.ceil(WRITABLE_SHARE * len(repeats)) - 1, 0)]
-    return {"no_repeat_ngram": 1 + quantile, "max_token_run": max(longest_run(a) for a in answers)}
+    ordered = sorted(repeats)
+    quantile = ordered[max(math.ceil(WRITABLE_SHARE * len(ordered)) - 1, 0)]
+    return {"no_repeat_ngram": 1 + quantile, "max_token_run": max_run}
+
+
+class AnswerShapes:
+    """What the training rows size in the student, gathered one row at a time (:meth:`add`), so one streamed
+    pass sizes it without holding the rows: the longest question and answer in student tokens, each answer's
+    longest repeat and run (:meth:`decoding_rules`), how many documents each row's teacher retrieved
+    (:meth:`retrieved_k`). Holds two small integers a row."""
+
+    def __init__(self, tokenizer: StudentTokenizer) -> None:
+        self.tok = tokenizer
+        self.rows = 0
+        self.question_len = 0  # the longest question, in student tokens
+        self.answer_len = 0  # the longest answer, in student tokens (no <eos>)
+        self.repeats: list[int] = []  # each answer's longest_repeat
+        self.max_run = 0  # the longest longest_run of any answer
+        self.sources = Counter[int]()  # documents retrieved -> rows
+
+    def add(self, row: DatasetRow) -> None:
+        answer = self.tok.encode(row.answer)
+        self.rows += 1
+        self.question_len = max(self.question_len, len(self.tok.encode(row.question)))
+        self.answer_len = max(self.answer_len, len(answer))
+        self.repeats.append(longest_repeat(answer))
+        self.max_run = max(self.max_run, longest_run(answer))
+        self.sources[len(row.sources)] += 1
+
+    def decoding_rules(self) -> dict[str, int]:
+        """:func:`decoding_rules` of the answers added."""
+        return _rules(self.repeats, self.max_run)
+
+    def retrieved_k(self) -> int:
+        """:func:`retrieved_k` of the rows added."""
+        return _retrieved_k(self.sources)
 
 
 @dataclass
@@ -133,6 +172,10 @@ class TrainConfig:
     loss_weights: dict[str, float] = field(default_factory=dict)
     # synthetic queries the graph's retriever ranks for the sources head (student.retrieval_kd); 0: none
     retrieval_queries: int = 4000
+    # stream the training and validation rows from the dataset's Parquet row groups instead of holding them in
+    # memory (student.stream): for a dataset larger than memory; the frozen trunk's features are not cached
+    stream: bool = False
+    shuffle_buffer: int = 4096  # with stream: rows the shuffle buffer holds (more: closer to a full shuffle)
 
 
 def _atomic_write_bytes(path: Path, write: Callable[[Path], object]) -> None:
@@ -145,8 +188,12 @@ def _atomic_write_bytes(path: Path, write: Callable[[Path], object]) -> None:
 def retrieved_k(rows: Sequence[DatasetRow]) -> int:
     """How many documents the teacher's retriever returns: the most common count over rows that retrieved
     any (a retriever's top-k), 3 when none did."""
-    counts = Counter(len(r.sources) for r in rows)
-    counts.pop(0, None)
+    return _retrieved_k(Counter(len(r.sources) for r in rows))
+
+
+def _retrieved_k(counts: Counter[int]) -> int:
+    """:func:`retrieved_k` from {documents retrieved: rows}."""
+    counts = Counter({n: c for n, c in counts.items() if n})
     return counts.most_common(1)[0][0] if counts else 3
 
 
@@ -213,6 +260,8 @@ class TrainRecipe:
             raise ValueError(f"start must be 'auto' or 'none', got {cfg.start!r}")
         if cfg.freeze not in ("backbone", "trunk", "none"):
             raise ValueError(f"freeze must be 'backbone', 'trunk' or 'none', got {cfg.freeze!r}")
+        if cfg.shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be at least 1 row, got {cfg.shuffle_buffer}")
         LossWeights.from_names(cfg.loss_weights)  # a misspelt name fails here, before any work
         dev = cfg.device
         if dev == "auto":
@@ -252,7 +301,7 @@ class TrainRecipe:
             # bundle: every piece is a row of the embedding) by ~80 % for words no answer uses; the byte-level
             # BPE still spells every document, in more pieces
             # one streamed pass over every split (a row group at a time): the held-out splits are read for
-            # their words and object counts, not kept; the training rows stay (StudentDataset shuffles them)
+            # their words and object counts, not kept; the training rows stay unless training streams them
             texts: list[str] = []
             max_objects = 1
             for r in iter_rows(self.ds):
@@ -260,10 +309,10 @@ class TrainRecipe:
                 max_objects = max(max_objects, len(r.objects))
             vocab = cfg.vocab_size or int(preset(cfg.preset).vocab_size)
             self.tokenizer = StudentTokenizer.train(texts, vocab_size=vocab, class_names=self.class_names)
-            train_rows = self.ds.rows("train") or self.ds.all_rows()
-            q_len = max(len(self.tokenizer.encode(r.question)) for r in train_rows)
-            answers = [self.tokenizer.encode(r.answer) for r in train_rows]
-            a_len = max(len(a) for a in answers) + 1
+            shapes = AnswerShapes(self.tokenizer)
+            for r in self._train_rows():
+                shapes.add(r)
+            q_len, a_len = shapes.question_len, shapes.answer_len + 1
             base = preset(cfg.preset)
             derived: dict[str, Any] = dict(
                 vocab_size=self.tokenizer.vocab_size,
@@ -273,8 +322,8 @@ class TrainRecipe:
                 source_token_ids=[
                     self.tokenizer.encode(str(d.get("text") or ""))[:SOURCE_TOKENS] for d in docs
                 ],
-                sources_k=retrieved_k(train_rows),
-                **decoding_rules(answers),
+                sources_k=shapes.retrieved_k(),
+                **shapes.decoding_rules(),
                 max_objects=max(base.max_objects, max_objects),
                 max_question_len=min(max(base.max_question_len, q_len), 64),
                 max_answer_len=min(max(base.max_answer_len, a_len), 96),
@@ -306,23 +355,34 @@ class TrainRecipe:
         self.model = model.to(self.device)
         self.retrieval, self.retrieval_val = self._retrieval_queries()
         self.retrieval_gen = torch.Generator().manual_seed(cfg.seed)
-        kd = self._detector_targets("train")
-        self.train_set = StudentDataset(
-            self.ds,
-            "train",
-            self.tokenizer,
-            self.model_config,
-            class_names=self.class_names,
-            kd=kd,
-            features=self._frozen_features("train"),
-        )
-        if len(self.train_set) == 0:
-            raise ValueError(f"dataset {cfg.dataset}: the train split is empty")
+        # the rows' encoding (StudentDataset's own; streaming's, row by row) and, streaming, no dataset in memory
+        self.encoder = RowEncoder(self.tokenizer, self.model_config, self.class_names, self.ds.documents)
+        self.train_set: StudentDataset | None = None
+        self.val_set: StudentDataset | None = None
         # with no val rows (few source photos: splits never share a photo) training fit is all there is to show
         val_split = self.val_split = "val" if self.ds.splits.get("val", 0) else "train"
-        self.val_set = StudentDataset(
-            self.ds, val_split, self.tokenizer, self.model_config, class_names=self.class_names
-        )
+        if cfg.stream:
+            self.n_train = sum(self.ds.row_group_sizes("train"))
+            self.n_val = sum(self.ds.row_group_sizes(val_split))
+            self.batch_extra = self._detector_targets_per_batch()
+        else:
+            self.train_set = StudentDataset(
+                self.ds,
+                "train",
+                self.tokenizer,
+                self.model_config,
+                class_names=self.class_names,
+                kd=self._detector_targets("train"),
+                features=self._frozen_features("train"),
+            )
+            self.val_set = StudentDataset(
+                self.ds, val_split, self.tokenizer, self.model_config, class_names=self.class_names
+            )
+            self.n_train, self.n_val = len(self.train_set), len(self.val_set)
+        if self.n_train == 0:
+            raise ValueError(f"dataset {cfg.dataset}: the train split is empty")
+        # a frozen trunk whose features are not cached (streaming) runs per batch, in eval mode, without gradients
+        self.trunk_per_batch = cfg.stream and self._trunk_frozen()
         self.weights = LossWeights.from_names(cfg.loss_weights, embeddings=self.model_config.embedding_dims)
         trunk_ids = (
             {id(p) for p in trunk.parameters()} if self.start is not None and trunk is not None else set()
@@ -335,7 +395,7 @@ class TrainRecipe:
         self.optimizer = torch.optim.AdamW(
             [g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay
         )
-        steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
+        steps_per_epoch = math.ceil(self.n_train / cfg.batch_size)
         total = steps_per_epoch * cfg.epochs if cfg.epochs else None
         warm = min(cfg.warmup_steps, max(1, (total or 10**9) // 10))
 
@@ -359,14 +419,22 @@ class TrainRecipe:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         log.info(
-            "student %s: %d parameters, %d train / %d %s rows, device %s",
+            "student %s: %d parameters, %d train / %d %s rows (%s), device %s",
             type(self.model).__name__,
             count_parameters(self.model),
-            len(self.train_set),
-            len(self.val_set),
+            self.n_train,
+            self.n_val,
             val_split,
+            f"streamed, shuffle buffer {cfg.shuffle_buffer}" if cfg.stream else "in memory",
             self.device,
         )
+
+    def _train_rows(self) -> Iterable[DatasetRow]:
+        """The training rows (every split's when the train split is empty), for a pass that sizes the student:
+        the dataset's rows in memory, or, when training streams, read a row group at a time and not kept."""
+        if not self.cfg.stream:
+            return self.ds.rows("train") or self.ds.all_rows()
+        return iter_rows(self.ds, ("train",) if sum(self.ds.row_group_sizes("train")) else SPLITS)
 
     def _offered_start(self) -> Any:
         """The modules the graph's teachers offer the student (``GraphSchema.offers``, recorded with the
@@ -404,11 +472,10 @@ class TrainRecipe:
         teacher = load_offer(found[1], node=found[0])
         if not isinstance(teacher, RetrievalTeacher):
             raise TypeError(f"node {found[0]}: a text-retriever offer loaded as {type(teacher).__name__}")
-        rows = self.ds.rows("train") or self.ds.all_rows()
         queries = make_retrieval_queries(
             teacher.embed,
             teacher.k,
-            questions=[r.question for r in rows],
+            questions=[r.question for r in self._train_rows()],
             documents=[str(d.get("text") or "") for d in self.ds.documents],
             class_names=self.class_names,
             tokenizer=self.tokenizer,
@@ -449,6 +516,23 @@ class TrainRecipe:
         )
         del detector
         return get
+
+    def _detector_targets_per_batch(self) -> BatchExtra | None:
+        """Streaming's :meth:`_detector_targets`: the detector runs on each batch's images (nothing is cached);
+        None when they are not needed."""
+        if self.start is None or not self.model_config.has_objects or self.cfg.freeze == "trunk":
+            return None
+        from graphdistill.student.kd import DetectorTargets
+
+        detector = DetectorTargets(self.start, self.model_config.image_size, self.device)
+
+        def targets(images: Sequence[np.ndarray]) -> list[dict[str, torch.Tensor]]:
+            return [
+                {"kd_cls": c, "kd_dist": d, "kd_valid": torch.tensor(True)}
+                for c, d in detector.targets(images)
+            ]
+
+        return targets
 
     def _derive_config(self, derived: dict[str, Any]) -> StudentConfig:
         """The student's heads follow the dataset's graph schema (manifest.json ``graph``): TEXT, OBJECTS /
@@ -546,8 +630,21 @@ class TrainRecipe:
 
     # ---- train --------------------------------------------------------------------------------------------
 
-    def _batches(self, epoch: int) -> torch.utils.data.DataLoader:  # type: ignore[type-arg]
-        g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+    def _batches(self, epoch: int) -> torch.utils.data.DataLoader | StreamedBatches:  # type: ignore[type-arg]
+        seed = self.cfg.seed * 100_003 + epoch
+        if self.train_set is None:  # streaming (every rank its share of the same global batches)
+            return StreamedBatches(
+                self.ds,
+                "train",
+                self.encoder,
+                self.cfg.batch_size,
+                shuffle_buffer=self.cfg.shuffle_buffer,
+                seed=seed,
+                rank=self.rank,
+                world_size=self.world_size,
+                extra=self.batch_extra,
+            )
+        g = torch.Generator().manual_seed(seed)
         if self.world_size > 1:  # this rank's share of the batches one process would draw
             shards = ShardedBatches(len(self.train_set), self.cfg.batch_size, g, self.rank, self.world_size)
             return torch.utils.data.DataLoader(
@@ -658,14 +755,33 @@ class TrainRecipe:
             if k in batch
         }
         features = [batch[k].float() for k in FEATURE_KEYS] if FEATURE_KEYS[0] in batch else None
+        if features is None and self.trunk_per_batch and self.model.training:
+            features = self._trunk_features(batch["image"])
         return model(*args, objects=objects or None, features=features)  # type: ignore[no-any-return]
+
+    def _trunk_frozen(self) -> bool:
+        """Whether the student has a trunk and nothing of it trains (``freeze="trunk"``)."""
+        trunk = getattr(self.model, "trunk", None)
+        return trunk is not None and not any(p.requires_grad for p in trunk.parameters())
+
+    @torch.no_grad()
+    def _trunk_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen trunk's [P3, P4, P5] for a batch of input images: the trunk in eval mode (as the teacher
+        detector runs), without gradients; every module of it back in the mode it was in after."""
+        trunk = self.model.get_submodule("trunk")
+        modes = [(m, m.training) for m in trunk.modules()]
+        trunk.eval()
+        try:
+            return list(trunk(images))
+        finally:
+            for m, mode in modes:
+                m.training = mode
 
     def _frozen_features(self, split: str) -> Any:
         """Row index -> the trunk's features of its image, computed once per distinct image, when nothing of the
         trunk trains (``freeze="trunk"``): most of a training step is the trunk, and its output never changes.
         None otherwise."""
-        trunk = getattr(self.model, "trunk", None)
-        if trunk is None or any(p.requires_grad for p in trunk.parameters()):
+        if not self._trunk_frozen():
             return None
         rows = self.ds.rows(split)
         cache: dict[str, list[torch.Tensor]] = {}
@@ -673,17 +789,13 @@ class TrainRecipe:
         for i, r in enumerate(rows):
             first.setdefault(r.image, i)
         todo = list(first)
-        data = StudentDataset(self.ds, split, self.tokenizer, self.model_config, class_names=self.class_names)
-        trunk.eval()
-        with torch.no_grad():
-            for j in range(0, len(todo), 8):
-                keys = todo[j : j + 8]
-                images = torch.stack([data._image(first[k])[0] for k in keys]).to(self.device)
-                for k, *maps in zip(keys, *trunk(images), strict=True):
-                    cache[k] = [m.half().cpu() for m in maps]
-                if self.on_progress:
-                    self.on_progress("trunk features", min(j + 8, len(todo)), len(todo))
-        self.model.train()
+        for j in range(0, len(todo), 8):
+            keys = todo[j : j + 8]
+            images = torch.stack([self.encoder.image(self.ds.image(rows[first[k]]))[0] for k in keys])
+            for k, *maps in zip(keys, *self._trunk_features(images.to(self.device)), strict=True):
+                cache[k] = [m.half().cpu() for m in maps]
+            if self.on_progress:
+                self.on_progress("trunk features", min(j + 8, len(todo)), len(todo))
         log.info("trunk frozen: its features cached for %d distinct images (%d rows)", len(cache), len(rows))
 
         def get(i: int) -> dict[str, torch.Tensor]:
@@ -702,8 +814,14 @@ class TrainRecipe:
 
         self.model.eval()
         try:
-            n = min(len(self.val_set), max_rows)
-            batch = self._to_device(collate([self.val_set[i] for i in range(n)]))
+            if self.val_set is not None:
+                n = min(len(self.val_set), max_rows)
+                head = [self.val_set[i] for i in range(n)]
+                recorded = [r for r in self.val_set.rows if not r.is_replay][:max_rows]
+            else:
+                rows, recorded = self._streamed_val_rows(max_rows)
+                head = [self.encoder.encode(r, self.ds.image(r)) for r in rows]
+            batch = self._to_device(collate(head))
             out = self._forward(batch)
             res: dict[str, float] = {"loss": float(compute_losses(out, batch, self.weights)["total"])}
             if "answer_logits" in out:
@@ -724,7 +842,7 @@ class TrainRecipe:
                     res[f"{key}_cosine"] = float(cos.mean())
             # fidelity on recorded rows only: a replay's objects and answer describe an edited state, not its
             # photo, which is all the student sees at inference
-            rows = [r for r in self.val_set.rows if not r.is_replay][:max_rows]
+            rows = recorded
             if not rows:
                 return res
             kinds = output_kinds_of(self.ds)
@@ -736,6 +854,20 @@ class TrainRecipe:
             return res
         finally:
             self.model.train()
+
+    def _streamed_val_rows(self, max_rows: int) -> tuple[list[DatasetRow], list[DatasetRow]]:
+        """The validation split's first ``max_rows`` rows and its first ``max_rows`` recorded (not replayed)
+        rows, as validation in memory takes them, read a row group at a time until both are found."""
+        head: list[DatasetRow] = []
+        recorded: list[DatasetRow] = []
+        for row in self.ds.iter_rows(self.val_split):
+            if len(head) < max_rows:
+                head.append(row)
+            if not row.is_replay and len(recorded) < max_rows:
+                recorded.append(row)
+            if len(head) == len(recorded) == max_rows:
+                break
+        return head, recorded
 
     # ---- save / cleanup -----------------------------------------------------------------------------------
 
@@ -762,8 +894,9 @@ class TrainRecipe:
 
     def cleanup(self) -> None:
         for data in (self.train_set, self.val_set):
-            data._cache.clear()
-            data._objects_cache.clear()
+            if data is not None:
+                data._cache.clear()
+                data._objects_cache.clear()
 
 
 def train(
