@@ -32,6 +32,8 @@ from graphdistill.trace import (
 )
 
 if TYPE_CHECKING:
+    import pytest
+
     from graphdistill.dataset import DatasetRow
 
 # ---- student configurations ---------------------------------------------------------------------------------
@@ -108,6 +110,21 @@ def dataset_offering(root: Path, offers: dict[str, Any]) -> Path:
     manifest["graph"]["offers"] = offers
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
+
+
+def count_row_group_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The Parquet row groups pyarrow reads from now on (``monkeypatch``: the test's), by index, in order."""
+    import pyarrow.parquet as pq
+
+    read: list[int] = []
+    real = pq.ParquetFile.read_row_group
+
+    def counting(self: Any, i: int, *a: Any, **kw: Any) -> Any:
+        read.append(i)
+        return real(self, i, *a, **kw)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counting)
+    return read
 
 
 # ---- a toy text embedder ------------------------------------------------------------------------------------

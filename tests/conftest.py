@@ -1,10 +1,12 @@
-"""Test-wide guards: no outbound network, offline switches on, weights cache shared across tests."""
+"""Test-wide guards and shared fixtures: no outbound network, offline switches on, weights cache shared across
+tests, an empty in-memory filesystem."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,6 +50,23 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def mem() -> Iterator[Any]:
+    """fsspec's in-memory filesystem, empty before and after the test."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+
+    def clear() -> None:
+        fs.store.clear()
+        fs.pseudo_dirs.clear()
+        fs.pseudo_dirs.append("")
+
+    clear()
+    yield fs
+    clear()
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -9,14 +9,13 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from _fixtures import ellipse_mask, make_trace, noise, obj, train_tiny
+from _fixtures import count_row_group_reads, ellipse_mask, make_trace, noise, obj, train_tiny
 from graphdistill.cli import main
 from graphdistill.dataset import (
     DatasetError,
@@ -27,23 +26,6 @@ from graphdistill.dataset import (
 from graphdistill.filter.filtering import FilterConfig, filter_store
 from graphdistill.store.trace_store import TraceStore
 from graphdistill.trace import Document
-
-
-@pytest.fixture
-def mem() -> Iterator[Any]:
-    """fsspec's in-memory filesystem, empty before and after the test."""
-    import fsspec
-
-    fs = fsspec.filesystem("memory")
-
-    def clear() -> None:
-        fs.store.clear()
-        fs.pseudo_dirs.clear()
-        fs.pseudo_dirs.append("")
-
-    clear()
-    yield fs
-    clear()
 
 
 def _store(root: Path, groups: int = 6) -> TraceStore:
@@ -118,14 +100,7 @@ def test_a_split_streams_one_row_group_at_a_time(
     make_synthetic_dataset("memory://many", n=20, seed=1, size=32, fractions=(1.0, 0.0, 0.0))
     with mem.open("/many/train.parquet", "rb") as f:
         assert pq.ParquetFile(f).num_row_groups == 5
-    read: list[int] = []
-    real = pq.ParquetFile.read_row_group
-
-    def counting(self: Any, i: int, *a: Any, **kw: Any) -> Any:
-        read.append(i)
-        return real(self, i, *a, **kw)
-
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counting)
+    read = count_row_group_reads(monkeypatch)
     ds = open_dataset("memory://many")
     stream = ds.iter_rows("train")
     first = next(stream)

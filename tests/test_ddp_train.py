@@ -15,7 +15,6 @@ Not covered here: the retrieval-KD queries (the synthetic graph offers no retrie
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 pytest.importorskip("tokenizers")
 
-from _fixtures import TINY_STUDENT_96, tiny_train_config  # noqa: E402
-
-SPAWN_TIMEOUT_S = 240  # a stuck rank fails the test instead of hanging CI
+from _ddp_step import one_and_two, same_step  # noqa: E402
+from _fixtures import tiny_train_config  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -41,69 +39,14 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _spawn(fn: Any, args: tuple[Any, ...], nprocs: int) -> None:
-    """``fn(rank, *args)`` in ``nprocs`` spawned processes; all of them are stopped when one fails or the
-    time is up."""
-    from torch.multiprocessing.spawn import start_processes
-
-    ctx = start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{nprocs} ranks still running after {SPAWN_TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-            p.join(5)
-
-
-def _one_and_two(
-    dataset: Path, tmp_path: Path, empty: tuple[int, ...] = (), cfg: Any = None, double: bool = True
-) -> tuple[Any, Any]:
-    """The first global batch's step in one process and on two (``empty``: its rows emptied of everything to
-    learn, see ``_ddp_step.empty_rows``; ``cfg(out)``: the TrainConfig, by default the tiny student's), as rank
-    0 saved each."""
-    import _ddp_step
-    from graphdistill.student.distributed import free_port
-
-    # the one-process training tests' student (96 px), batches of 4 rows: 2 a rank
-    config = cfg or (
-        lambda out: tiny_train_config(dataset, out, batch_size=4, overrides=dict(TINY_STUDENT_96))
-    )
-    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    _ddp_step.one_step(config(tmp_path / "run-1"), one, empty, double)
-    _spawn(_ddp_step.rank_main, (2, free_port(), config(tmp_path / "run-2"), two, empty, double), nprocs=2)
-    return torch.load(one, weights_only=False), torch.load(two, weights_only=False)
-
-
-def _same_step(a: Any, b: Any, rtol: float = 1e-7, atol: float = 1e-9) -> None:
-    """Two processes' step ``b`` is the one-process step ``a``: the losses, every gradient (to ``rtol`` and
-    ``atol`` times the largest), the running statistics."""
-    assert a["rows"] == 4 and b["rows"] == 2  # rank 0 held half of the same global batch
-    assert set(a["losses"]) == set(b["losses"]) and "mask_bce" in a["losses"]
-    for name, value in a["losses"].items():
-        assert b["losses"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
-    assert set(a["grads"]) <= set(b["grads"]) and a["grads"]
-    # float64 (see _ddp_step.double_student): relative to the largest gradient, so that a gradient that is zero
-    # in exact arithmetic (a batch norm's bias feeding another batch norm: ~1e-17 of rounding) compares as zero
-    top = max(float(g.abs().max()) for g in a["grads"].values())
-    for name, g in b["grads"].items():  # one process leaves None where two leave zeros (all its cells empty)
-        want = a["grads"].get(name, torch.zeros_like(g))
-        torch.testing.assert_close(g, want, rtol=rtol, atol=atol * top, msg=name)
-    for name, buf in a["buffers"].items():  # the batch norms saw the global batch's statistics
-        torch.testing.assert_close(b["buffers"][name], buf, rtol=rtol, atol=1e-12 / 1e-9 * atol, msg=name)
-
-
 @pytest.mark.slow
 def test_two_processes_take_the_one_process_step_on_the_same_global_batch(
     dataset: Path, tmp_path: Path
 ) -> None:
-    a, b = _one_and_two(dataset, tmp_path)
+    a, b = one_and_two(dataset, tmp_path)
     assert set(a["grads"]) == set(b["grads"]) and len(a["grads"]) > 100
     assert any("running_var" in n for n in a["buffers"])
-    _same_step(a, b)
+    same_step(a, b)
 
 
 @pytest.mark.slow
@@ -113,9 +56,9 @@ def test_a_rank_whose_share_holds_nothing_to_learn_takes_the_same_collectives_an
     """Rank 0's two rows hold no objects, masks, sources, answer tokens or embeddings; rank 1's do. Every head's
     output still reaches rank 0's loss (with a zero gradient), so the batch norms' backward all-reduces run on
     both ranks: no rank waits on a collective the other never calls (before: a deadlock in the first step)."""
-    a, b = _one_and_two(dataset, tmp_path, empty=(0, 1))
+    a, b = one_and_two(dataset, tmp_path, empty=(0, 1))
     assert a["losses"]["det_box"] > 0 and a["losses"]["mask_bce"] > 0  # rank 1's rows had objects
-    _same_step(a, b)
+    same_step(a, b)
 
 
 @pytest.mark.slow
@@ -191,6 +134,6 @@ def test_a_student_started_from_the_detector_with_its_trunk_frozen_takes_the_sam
     def config(out: Path) -> Any:
         return tiny_train_config(ds, out, batch_size=4, seed=0, freeze="trunk")
 
-    a, b = _one_and_two(ds, tmp_path, empty=(0, 1), cfg=config, double=False)
+    a, b = one_and_two(ds, tmp_path, empty=(0, 1), cfg=config, double=False)
     assert not any(name.startswith("trunk.") for name in a["grads"])  # nothing of the detector trains
-    _same_step(a, b, rtol=1e-4, atol=1e-5)
+    same_step(a, b, rtol=1e-4, atol=1e-5)
