@@ -73,6 +73,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "each); --batch-size is the global batch and must be a multiple of N. Several machines: "
         "torchrun --nproc-per-node N ... -m graphdistill.cli train ... (see the README)",
     )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="stream the training and validation rows from the dataset's Parquet row groups instead of holding "
+        "them (and their images) in memory: for a dataset larger than memory (see the README)",
+    )
+    p.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --stream: rows the shuffle buffer holds (default 4096; more is closer to a full shuffle and "
+        "holds more rows)",
+    )
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
     p.set_defaults(func=_train)
 
@@ -103,6 +117,10 @@ def _train(args: argparse.Namespace) -> int:
         raise CommandError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.retrieval_queries < 0:
         raise CommandError(f"--retrieval-queries {args.retrieval_queries}: must be 0 or more")
+    if args.shuffle_buffer is not None and not args.stream:
+        raise CommandError("--shuffle-buffer: applies with --stream only")
+    if args.shuffle_buffer is not None and args.shuffle_buffer < 1:
+        raise CommandError(f"--shuffle-buffer {args.shuffle_buffer}: must be at least 1 row")
     if args.image_size is not None and (args.image_size < 32 or args.image_size % 32):
         raise CommandError(f"--image-size {args.image_size}: must be a positive multiple of 32")
     loss_weights = parse_loss_weights(args.loss_weight)
@@ -138,6 +156,8 @@ def _train(args: argparse.Namespace) -> int:
         start=args.start,
         freeze=args.freeze,
         retrieval_queries=args.retrieval_queries,
+        stream=args.stream,
+        **({"shuffle_buffer": args.shuffle_buffer} if args.shuffle_buffer is not None else {}),
     )
     if args.nproc < 1:
         raise CommandError(f"--nproc {args.nproc}: must be at least 1")
