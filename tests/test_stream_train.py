@@ -5,9 +5,12 @@ and writes a run that loads and predicts like any run; the student is sized by o
 the rows in memory; two processes streaming take the one-process step; the command passes the flags on and
 refuses a shuffle buffer that holds no row.
 
+A student started from the graph's detector with its trunk frozen runs the trunk per batch when streaming (no
+feature cache) and takes the loss the cached features give.
+
 Not covered here: ``--resume`` of a streamed run (its batches are fixed by (seed, epoch) as in memory, but no test
-resumes one), a student started from the graph's detector while streaming (its trunk then runs per batch, and
-with ``freeze`` other than "trunk" the detector's targets are computed per batch: neither is tested), NCCL.
+resumes one), the detector's per-cell targets computed per batch (``freeze`` other than "trunk" while streaming),
+NCCL.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from _ddp_step import one_and_two, same_step  # noqa: E402
 from _fixtures import TINY_STUDENT_96, count_row_group_reads, tiny_train_config  # noqa: E402
 from graphdistill.cli import main  # noqa: E402
 from graphdistill.dataset import Dataset, DatasetError, make_synthetic_dataset, open_dataset  # noqa: E402
+from graphdistill.student.loader import collate  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -170,6 +174,41 @@ def test_two_processes_streaming_take_the_one_process_step(
 
     a, b = one_and_two(ds, tmp_path, cfg=config)
     same_step(a, b)
+
+
+@pytest.mark.slow
+def test_a_frozen_trunk_runs_per_batch_when_streaming_as_its_cached_features_would(tmp_path: Path) -> None:
+    """The demo's student (started from the graph's YOLO detector, its trunk frozen): in memory its trunk's
+    features are cached once; streaming, the trunk runs on each batch, in eval mode and without gradients, and
+    every module of it is left in the mode it was in. The losses of one batch agree (the cache keeps float16)."""
+    import _models
+    from _fixtures import dataset_offering
+    from graphdistill.student.train import FEATURE_KEYS, TrainRecipe
+
+    ds = dataset_offering(tmp_path / "ds", {"detect": _models.detector().student_offer()})
+    recipes = []
+    for name, stream in (("cached", False), ("streamed", True)):
+        recipe = TrainRecipe(
+            tiny_train_config(ds, tmp_path / name, batch_size=4, freeze="trunk", stream=stream)
+        )
+        recipe.setup()
+        recipe.model.train()
+        recipes.append(recipe)
+    cached, streamed = recipes
+    assert cached.train_set is not None and streamed.train_set is None and streamed.trunk_per_batch
+    batch = collate([cached.train_set[i] for i in range(len(cached.train_set))])
+    assert all(k in batch for k in FEATURE_KEYS)
+    trunk = streamed.model.get_submodule("trunk")
+    modes = [m.training for m in trunk.modules()]
+    assert any(modes) and not all(modes)  # Student.train: the detector's batch norms stay in eval mode
+    want = cached._losses(dict(batch))
+    got = streamed._losses({k: v for k, v in batch.items() if k not in FEATURE_KEYS})
+    assert [m.training for m in trunk.modules()] == modes
+    assert set(got) == set(want)
+    for name, value in want.items():
+        assert float(got[name].detach()) == pytest.approx(float(value.detach()), rel=1e-2, abs=1e-3), name
+    got["total"].backward()
+    assert not any(p.grad is not None for p in trunk.parameters())  # nothing of the detector trains
 
 
 @pytest.mark.slow
