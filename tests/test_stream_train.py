@@ -6,11 +6,11 @@ the rows in memory; two processes streaming take the one-process step; the comma
 refuses a shuffle buffer that holds no row.
 
 A student started from the graph's detector with its trunk frozen runs the trunk per batch when streaming (no
-feature cache) and takes the loss the cached features give.
+feature cache) and takes the loss the cached features give; one that trains the detector's neck and head gets the
+detector's per-cell targets per batch, as in memory.
 
 Not covered here: ``--resume`` of a streamed run (its batches are fixed by (seed, epoch) as in memory, but no test
-resumes one), the detector's per-cell targets computed per batch (``freeze`` other than "trunk" while streaming),
-NCCL.
+resumes one), NCCL.
 """
 
 from __future__ import annotations
@@ -209,6 +209,28 @@ def test_a_frozen_trunk_runs_per_batch_when_streaming_as_its_cached_features_wou
         assert float(got[name].detach()) == pytest.approx(float(value.detach()), rel=1e-2, abs=1e-3), name
     got["total"].backward()
     assert not any(p.grad is not None for p in trunk.parameters())  # nothing of the detector trains
+
+
+@pytest.mark.slow
+def test_the_detectors_targets_are_made_per_batch_when_streaming_as_in_memory(tmp_path: Path) -> None:
+    """A student started from the detector that trains its neck and head (``freeze="backbone"``) learns from the
+    detector's per-cell outputs: in memory computed once for every image, streaming for each batch's images. With
+    the whole train split one batch, an epoch is the same step both ways (its rows in another order)."""
+    import _models
+    from _fixtures import dataset_offering
+    from graphdistill.student.train import train
+
+    ds = dataset_offering(tmp_path / "ds", {"detect": _models.detector().student_offer()})
+    assert open_dataset(ds).splits["train"] <= 4
+    losses = [
+        train(tiny_train_config(ds, tmp_path / str(stream), batch_size=4, freeze="backbone", stream=stream))[
+            "final_train_loss"
+        ]
+        for stream in (False, True)
+    ]
+    assert losses[0]["kd_cls"] > 0 and set(losses[0]) == set(losses[1])
+    for name, value in losses[0].items():
+        assert losses[1][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
 
 @pytest.mark.slow
