@@ -1,16 +1,14 @@
 """Training that streams a dataset's Parquet row groups (``TrainConfig.stream``, ``graphdistill train --stream``):
 a split is read one row group at a time and never held whole; the shuffle visits every row once an epoch, in an
-order fixed by (seed, epoch); a streamed run on a ``memory://`` dataset never asks the dataset for all its rows,
-and writes a run that loads and predicts like any run; the student is sized by one streamed pass exactly as from
-the rows in memory; two processes streaming take the one-process step; the command passes the flags on and
-refuses a shuffle buffer that holds no row.
-
-A student started from the graph's detector with its trunk frozen runs the trunk per batch when streaming (no
-feature cache) and takes the loss the cached features give; one that trains the detector's neck and head gets the
+order fixed by (seed, epoch); the student is sized by one streamed pass exactly as from the rows in memory; a
+streamed run on a ``memory://`` dataset never asks the dataset for all its rows and writes a run that loads and
+predicts like any run; one resumed after its first epoch ends where an uninterrupted one does; two processes
+streaming take the one-process step; the command passes the flags on and refuses a shuffle buffer that holds no
+row. A student started from the graph's detector with its trunk frozen runs the trunk per batch (no feature
+cache) and takes the loss the cached features give; one that trains the detector's neck and head gets the
 detector's per-cell targets per batch, as in memory.
 
-Not covered here: ``--resume`` of a streamed run (its batches are fixed by (seed, epoch) as in memory, but no test
-resumes one), NCCL.
+Not covered here: NCCL (no GPU in CI).
 """
 
 from __future__ import annotations
@@ -156,6 +154,38 @@ def test_a_streamed_run_on_a_memory_dataset_never_holds_its_rows_and_loads_and_p
     row = next(open_dataset("memory://stream/ds").iter_rows("val"))
     out = load_student(tmp_path / "run").predict(ds.image(row), row.question)
     assert set(out) == {"answer", "objects", "sources"} and isinstance(out["answer"], str)
+
+
+@pytest.mark.slow
+def test_a_streamed_run_resumed_after_its_first_epoch_matches_a_straight_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An epoch's stream is fixed by (seed, epoch): a run resumed from epoch 1's checkpoint streams the batches
+    an uninterrupted run streams in epoch 2, and ends with its weights."""
+    from graphdistill.student.train import train
+
+    ds = tmp_path / "ds"
+    _grouped(str(ds), monkeypatch, n=10, seed=4, size=64, fractions=(1, 0, 0))
+
+    def cfg(out: str, **kw: Any) -> Any:
+        return tiny_train_config(
+            ds, tmp_path / out, epochs=2, batch_size=4, stream=True, shuffle_buffer=3, **kw
+        )
+
+    straight = train(cfg("straight"))
+
+    def killed(record: dict[str, Any]) -> None:
+        raise KeyboardInterrupt  # as if the process were killed once epoch 1's checkpoint is on disk
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg("resumed"), on_epoch=killed)
+    resumed = train(cfg("resumed", resume=True))
+    assert resumed["epochs"] == 2 and resumed["steps"] == straight["steps"] == 6
+    assert resumed["final_train_loss"] == pytest.approx(straight["final_train_loss"], rel=1e-6)
+    want = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    got = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, msg=name)
 
 
 @pytest.mark.slow
