@@ -12,15 +12,21 @@ Teacher targets are read from the filtered dataset (never from live teachers). O
 Every file is written atomically (a temp file in the same folder, then ``os.replace``): a kill mid-write
 leaves the previous version, never a torn one.
 
+The rows: held in memory (:class:`graphdistill.student.loader.StudentDataset`, images, object targets and a
+frozen trunk's features cached), or, with ``TrainConfig.stream``, streamed from the dataset's Parquet row groups
+through a shuffle buffer (:mod:`graphdistill.student.stream`; nothing cached, a frozen trunk run per batch): one
+:class:`graphdistill.student.loader.RowEncoder` makes a row's tensors either way.
+
 Determinism: every epoch shuffles with its own generator seeded by (seed, epoch), so a run resumed from
 epoch k's checkpoint sees exactly the batches an uninterrupted run would; dropout is 0 by default.
 The library logs; the CLI (``graphdistill train``) shows progress through the ``on_step``/``on_epoch`` hooks.
 
 Several processes (:mod:`graphdistill.student.distributed`: ``--nproc N`` or torchrun): with a process group
 initialised, the recipe wraps the model in DistributedDataParallel, gives each rank its share of every global
-batch (:class:`graphdistill.student.ranks.ShardedBatches`) and of the retrieval queries, and computes losses and
-batch norms over the global batch (:mod:`graphdistill.student.ranks`), so a step is the one-process step. Rank 0
-alone writes the run (tokenizer, config, checkpoints, model files, metrics) and validates; the others wait.
+batch (:class:`graphdistill.student.ranks.ShardedBatches`, or the streamed batches' slices) and of the retrieval
+queries, and computes losses and batch norms over the global batch (:mod:`graphdistill.student.ranks`), so a step
+is the one-process step. Rank 0 alone writes the run (tokenizer, config, checkpoints, model files, metrics) and
+validates; the others wait.
 """
 
 from __future__ import annotations
@@ -355,7 +361,8 @@ class TrainRecipe:
         self.model = model.to(self.device)
         self.retrieval, self.retrieval_val = self._retrieval_queries()
         self.retrieval_gen = torch.Generator().manual_seed(cfg.seed)
-        # the rows' encoding (StudentDataset's own; streaming's, row by row) and, streaming, no dataset in memory
+        # how a row becomes tensors (StudentDataset builds the same): streamed batches and validation encode their
+        # rows with it, the frozen-feature cache preprocesses its images with it
         self.encoder = RowEncoder(self.tokenizer, self.model_config, self.class_names, self.ds.documents)
         self.train_set: StudentDataset | None = None
         self.val_set: StudentDataset | None = None
@@ -819,8 +826,8 @@ class TrainRecipe:
                 head = [self.val_set[i] for i in range(n)]
                 recorded = [r for r in self.val_set.rows if not r.is_replay][:max_rows]
             else:
-                rows, recorded = self._streamed_val_rows(max_rows)
-                head = [self.encoder.encode(r, self.ds.image(r)) for r in rows]
+                first, recorded = self._streamed_val_rows(max_rows)
+                head = [self.encoder.encode(r, self.ds.image(r)) for r in first]
             batch = self._to_device(collate(head))
             out = self._forward(batch)
             res: dict[str, float] = {"loss": float(compute_losses(out, batch, self.weights)["total"])}
@@ -842,13 +849,14 @@ class TrainRecipe:
                     res[f"{key}_cosine"] = float(cos.mean())
             # fidelity on recorded rows only: a replay's objects and answer describe an edited state, not its
             # photo, which is all the student sees at inference
-            rows = recorded
-            if not rows:
+            if not recorded:
                 return res
             kinds = output_kinds_of(self.ds)
             predictor = StudentPredictor(self.model, self.tokenizer, self.meta(), str(self.device))
-            student = [jsonable_output(predictor.predict(self.ds.image(r), r.question), kinds) for r in rows]
-            teacher = [output_of_row(r, kinds) for r in rows]
+            student = [
+                jsonable_output(predictor.predict(self.ds.image(r), r.question), kinds) for r in recorded
+            ]
+            teacher = [output_of_row(r, kinds) for r in recorded]
             scores = metrics.compare_outputs(teacher, student, semantic=False, class_names=self.class_names)
             res.update({k: float(v) for k, v in scores.items() if isinstance(v, int | float) and k != "n"})
             return res
