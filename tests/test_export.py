@@ -462,6 +462,9 @@ def test_executorch_bundle_float_and_int8(run_dir: Path, onnx_float: Path, tmp_p
     assert fl["parity"]["passed"] and fl["parity"]["vs_pytorch"]["answer_tokens_equal"] == 1.0
     q8 = export_run(run_dir, "executorch", tmp_path / "et8", quantize="int8", **N)
     assert q8["parity"]["passed"] and _model_bytes(tmp_path / "et8") < _model_bytes(tmp_path / "et")
+    # int8 calibrated encode on every calibration input; the float export calibrated nothing
+    assert q8["parity"]["inputs"]["int8_calibration"] == N["n_calibration"]
+    assert "int8_calibration" not in fl["parity"]["inputs"]
     # the image goes in NHWC, as XNNPACK's convolutions read it (no transpose inside the program)
     image_input = fl["programs"]["encode"]["inputs"][0]
     assert image_input["dim_order"] == [0, 2, 3, 1] and fl["preprocessing"]["layout"] == "NHWC"
@@ -640,3 +643,28 @@ def test_the_int8_executorch_export_looks_words_up_in_an_int8_table_and_puts_the
         torch.testing.assert_close(got, model.tok_emb.weight[ids])
         assert not torch.equal(model.tok_emb.weight, original.weight)  # rounded: a real copy
     assert model.tok_emb is original
+
+
+def test_calibration_rows_spread_over_images_round_robin() -> None:
+    from graphdistill.dataset import DatasetRow
+    from graphdistill.export.programs import spread_over_images
+
+    rows = [DatasetRow(id=i, image=i[0].upper()) for i in ("a1", "a2", "a3", "b1", "c1", "c2")]
+    assert [r.id for r in spread_over_images(rows)] == ["a1", "b1", "c1", "a2", "c2", "a3"]
+    assert spread_over_images([]) == []
+
+
+def test_calibration_and_gate_inputs_come_from_different_images(run_dir: Path) -> None:
+    from graphdistill.export.programs import collect_samples, load_run
+
+    loaded = load_run(run_dir)
+    calib = collect_samples(loaded, "calibration", 3)
+    held = collect_samples(loaded, "heldout", 6, exclude=calib)
+    rows = [s.row for s in calib + held]
+    assert all(r is not None for r in rows)
+    seen = {s.row.image for s in calib if s.row is not None}
+    assert len(seen) == 3  # three images, not one image's three questions
+    held_rows = [s.row for s in held if s.row is not None]
+    assert [r.split for r in held_rows] == ["val", "val", "train", "train", "train", "train"]
+    # the synthetic train split has 8 images: the gate's train rows are 4 of the 5 calibration did not see
+    assert not {r.image for r in held_rows} & seen

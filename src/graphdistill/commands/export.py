@@ -22,8 +22,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--quantize", default="none", choices=["none", "int8"])
     p.add_argument("--out", required=True, help="the bundle folder to write")
     p.add_argument("--dataset", help="dataset for calibration and parity inputs (default: the run's own)")
-    p.add_argument("--calibration", type=int, default=8, help="train-split inputs for calibration/parity")
-    p.add_argument("--heldout", type=int, default=8, help="val/test inputs for parity and fidelity")
+    p.add_argument(
+        "--calibration",
+        type=int,
+        default=None,
+        help="train inputs, spread over distinct images, that int8 calibrates on (default: "
+        "export.bundle.N_CALIBRATION; the gate checks the first 8 of them)",
+    )
+    p.add_argument(
+        "--heldout",
+        type=int,
+        default=8,
+        help="val inputs (then train inputs of images calibration did not see) for parity and fidelity",
+    )
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=_export)
 
@@ -32,7 +43,7 @@ def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from graphdistill.commands._common import CommandError, console, print_json
-    from graphdistill.export.bundle import export_run
+    from graphdistill.export.bundle import N_CALIBRATION, export_run
 
     if not Path(args.run).is_dir():
         raise CommandError(f"run folder {args.run} does not exist")
@@ -49,7 +60,7 @@ def _export(args: argparse.Namespace) -> int:
             args.out,
             quantize=args.quantize,
             dataset=args.dataset,
-            n_calibration=args.calibration,
+            n_calibration=N_CALIBRATION if args.calibration is None else args.calibration,
             n_heldout=args.heldout,
             progress=progress,
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,10 +163,13 @@ def make_sample(loaded: LoadedRun, image: np.ndarray, question: str, row: Datase
     return Sample(x, question, q, mask, box, row)
 
 
-def collect_samples(loaded: LoadedRun, kind: str, n: int) -> list[Sample]:
-    """``calibration``: the first ``n`` train rows; ``heldout``: the first ``n`` val rows, topped up with train
-    rows after the calibration ones. Never the test split: the held-out photos are only for evaluation, and a
-    gate that looked at them would be choosing what ships by them."""
+def collect_samples(loaded: LoadedRun, kind: str, n: int, exclude: Sequence[Sample] = ()) -> list[Sample]:
+    """``calibration``: ``n`` train rows spread over the split's distinct images (the first row of each image in
+    order, then the second of each, ...): a recorded image is asked several questions and replayed with edited
+    objects, so the first rows are few images, and int8 calibrated on few images moves boxes on others.
+    ``heldout``: the first ``n`` val rows, topped up with train rows whose image is not one of ``exclude``'s
+    (the calibration samples), then with any other train rows. Never the test split: the held-out photos are
+    only for evaluation, and a gate that looked at them would be choosing what ships by them."""
 
     if loaded.dataset_path is None:
         raise ExportError(f"{loaded.run}/meta.json names no dataset; pass one (--dataset)")
@@ -174,8 +178,28 @@ def collect_samples(loaded: LoadedRun, kind: str, n: int) -> list[Sample]:
     except (DatasetError, OSError) as exc:
         raise ExportError(f"cannot open the run's dataset {loaded.dataset_path}: {exc}") from exc
     train = ds.rows("train")
-    rows = train[:n] if kind == "calibration" else (ds.rows("val") + train[n:])[:n]
+    if kind == "calibration":
+        rows = spread_over_images(train)[:n]
+    else:
+        seen = {s.row.id for s in exclude if s.row is not None}
+        used = {s.row.image for s in exclude if s.row is not None}
+        rest = [r for r in train if r.id not in seen]
+        rows = (
+            ds.rows("val") + [r for r in rest if r.image not in used] + [r for r in rest if r.image in used]
+        )[:n]
     return [make_sample(loaded, ds.image(r), r.question, r) for r in rows]
+
+
+def spread_over_images(rows: Sequence[DatasetRow]) -> list[DatasetRow]:
+    """``rows`` reordered round robin over their images: each image's first row (in order of first
+    appearance), then each image's second row, and so on."""
+    by_image: dict[str, list[DatasetRow]] = {}
+    for r in rows:
+        by_image.setdefault(r.image, []).append(r)
+    out: list[DatasetRow] = []
+    for depth in range(max((len(v) for v in by_image.values()), default=0)):
+        out += [v[depth] for v in by_image.values() if depth < len(v)]
+    return out
 
 
 def programs_for(
