@@ -262,6 +262,22 @@ def test_text_and_summary_losses_are_named_and_near_zero_for_a_perfect_predictio
     assert float(worse["answer_ce"]) > 10 and float(worse["total"]) > float(losses["total"])
 
 
+def test_a_batch_with_no_answer_tokens_gives_a_zero_answer_loss_not_nan() -> None:
+    logits = torch.randn(2, 4, 10, requires_grad=True)
+    out = {"answer_logits": logits.log_softmax(-1), "source_logits": torch.tensor([[3.0, -3.0]] * 2)}
+    batch = {"answer_target": torch.full((2, 4), -100), "sources": torch.tensor([[1.0, 0.0]] * 2)}
+    losses = compute_losses(out, batch)
+    assert float(losses["answer_ce"].detach()) == 0.0 and torch.isfinite(losses["total"].detach())
+    losses["total"].backward()
+    assert logits.grad is not None and float(logits.grad.abs().sum()) == 0.0
+    # with tokens it is the mean over them, as cross_entropy's own mean
+    batch["answer_target"] = torch.tensor([[1, 2, -100, -100], [3, -100, -100, -100]])
+    want = torch.nn.functional.cross_entropy(
+        out["answer_logits"].detach().flatten(0, 1), batch["answer_target"].flatten()
+    )
+    assert float(compute_losses(out, batch)["answer_ce"].detach()) == pytest.approx(float(want), rel=1e-6)
+
+
 def test_the_total_is_the_weighted_sum_by_name() -> None:
     out = {**_dense(1), "source_logits": torch.zeros(1, 2)}
     batch = {**_targets(1, [[4.0, 4.0, 30.0, 36.0]], [0]), "sources": torch.tensor([[1.0, 0.0]])}

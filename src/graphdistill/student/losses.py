@@ -379,11 +379,10 @@ def compute_losses(
     if "answer_logits" in out:
         logits = out["answer_logits"]
         target = batch["answer_target"].flatten()
-        if split():  # the mean over the global batch's answer tokens
-            ce = F.cross_entropy(logits.flatten(0, 1), target, ignore_index=-100, reduction="sum")
-            losses["answer_ce"] = ce / normaliser((target != -100).sum())
-        else:
-            losses["answer_ce"] = F.cross_entropy(logits.flatten(0, 1), target, ignore_index=-100)
+        # the mean over the global batch's answer tokens; 0 (zero gradient) for a batch with none, where
+        # cross_entropy's own mean is 0/0 = NaN and stopped training
+        ce = F.cross_entropy(logits.flatten(0, 1), target, ignore_index=-100, reduction="sum")
+        losses["answer_ce"] = ce / normaliser((target != -100).sum(), floor=1.0)
         if "topk_valid" in batch:
             losses["answer_kl"] = answer_kl(
                 logits, batch["topk_ids"], batch["topk_logprobs"], batch["topk_valid"]
