@@ -556,8 +556,10 @@ def test_kb_cli_builds_a_user_jsonl_keeps_it_on_a_bad_file_and_queries_it(
 ) -> None:
     from graphdistill.teachers import text_embedder
 
-    # reuse the already-loaded real embedder instead of loading a second copy
-    monkeypatch.setattr(text_embedder, "SentenceEmbedder", lambda *a, **k: _models.text_embedder())
+    # reuse the real embedder the other tests load instead of a second copy; loaded before the patch, whose
+    # lambda would otherwise call itself (through _models) when this test runs first or alone
+    embedder = _models.text_embedder()
+    monkeypatch.setattr(text_embedder, "SentenceEmbedder", lambda *a, **k: embedder)
     store = tmp_path / "chroma"
     good = tmp_path / "good.jsonl"
     good.write_text(
