@@ -668,3 +668,16 @@ def test_calibration_and_gate_inputs_come_from_different_images(run_dir: Path) -
     assert [r.split for r in held_rows] == ["val", "val", "train", "train", "train", "train"]
     # the synthetic train split has 8 images: the gate's train rows are 4 of the 5 calibration did not see
     assert not {r.image for r in held_rows} & seen
+
+
+def test_calibration_leaves_train_rows_for_the_gate_when_val_is_short(run_dir: Path) -> None:
+    from graphdistill.export.programs import collect_samples, load_run
+
+    loaded = load_run(run_dir)  # the synthetic dataset: 8 train rows, 2 val rows
+    calib = collect_samples(loaded, "calibration", 32, leave=6)
+    held = collect_samples(loaded, "heldout", 6, exclude=calib)
+    assert len(calib) == 4 and len(held) == 6  # 4 train rows left: with the 2 val rows, the 6 asked for
+    assert not {s.row.id for s in calib if s.row} & {s.row.id for s in held if s.row}
+    # never more than half the split: a dataset without val still calibrates on half its train rows
+    assert len(collect_samples(loaded, "calibration", 32, leave=100)) == 4
+    assert len(collect_samples(loaded, "calibration", 32)) == 8

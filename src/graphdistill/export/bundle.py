@@ -105,7 +105,7 @@ def export_run(
     say(f"loading the student from {run}")
     loaded = load_run(run, dataset)
     say("preparing calibration and held-out inputs")
-    calib = collect_samples(loaded, "calibration", n_calibration)
+    calib = collect_samples(loaded, "calibration", n_calibration, leave=n_heldout)
     heldout = collect_samples(loaded, "heldout", n_heldout, exclude=calib)
     if not calib or not heldout:
         raise ExportError(

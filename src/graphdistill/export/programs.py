@@ -163,10 +163,14 @@ def make_sample(loaded: LoadedRun, image: np.ndarray, question: str, row: Datase
     return Sample(x, question, q, mask, box, row)
 
 
-def collect_samples(loaded: LoadedRun, kind: str, n: int, exclude: Sequence[Sample] = ()) -> list[Sample]:
+def collect_samples(
+    loaded: LoadedRun, kind: str, n: int, exclude: Sequence[Sample] = (), leave: int = 0
+) -> list[Sample]:
     """``calibration``: ``n`` train rows spread over the split's distinct images (the first row of each image in
     order, then the second of each, ...): a recorded image is asked several questions and replayed with edited
-    objects, so the first rows are few images, and int8 calibrated on few images moves boxes on others.
+    objects, so the first rows are few images, and int8 calibrated on few images moves boxes on others. When the
+    val split has fewer than ``leave`` rows, calibration leaves train rows for the held-out inputs to make up
+    the difference (at most half the split).
     ``heldout``: the first ``n`` val rows, topped up with train rows whose image is not one of ``exclude``'s
     (the calibration samples), then with any other train rows. Never the test split: the held-out photos are
     only for evaluation, and a gate that looked at them would be choosing what ships by them."""
@@ -179,7 +183,8 @@ def collect_samples(loaded: LoadedRun, kind: str, n: int, exclude: Sequence[Samp
         raise ExportError(f"cannot open the run's dataset {loaded.dataset_path}: {exc}") from exc
     train = ds.rows("train")
     if kind == "calibration":
-        rows = spread_over_images(train)[:n]
+        short = min(max(0, leave - len(ds.rows("val"))), len(train) // 2)
+        rows = spread_over_images(train)[: max(1, min(n, len(train) - short))]
     else:
         seen = {s.row.id for s in exclude if s.row is not None}
         used = {s.row.image for s in exclude if s.row is not None}
