@@ -222,8 +222,9 @@ def test_an_actor_killed_mid_batch_loses_nothing_and_each_input_is_recorded_once
     assert sorted(t.inputs["question"] for t in traces) == sorted(
         f"what {i}?" for i in range(5) for _ in "ab"
     )
-    # the killed run (either sample: a batch runs on threads) and both samples again on the new actor
-    assert sum(r.startswith("what 1?|") for r in runs(tmp_path)) == 3, runs(tmp_path)
+    # the killed run, then both samples again on the new actor. A batch runs on threads, so the other sample
+    # of "what 1?" may have started too before the process died (seen in a full CI run): 3 or 4 runs
+    assert sum(r.startswith("what 1?|") for r in runs(tmp_path)) in (3, 4), runs(tmp_path)
 
 
 @pytest.mark.usefixtures("cluster")
