@@ -26,14 +26,16 @@ which autograd runs in the same order (the reverse of the forward's), and the sa
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -220,13 +222,24 @@ class ShardedBatches:
     def __iter__(self) -> Iterator[list[int]]:
         rows = torch.utils.data.RandomSampler(range(self.n_rows), generator=self.generator)
         for batch in torch.utils.data.BatchSampler(rows, self.batch_size, drop_last=False):
-            if len(batch) < self.world_size:
-                log.info(
-                    "last batch of %d rows left out: fewer rows than %d ranks", len(batch), self.world_size
-                )
-                continue
-            yield [int(i) for i in np.array_split(np.asarray(batch), self.world_size)[self.rank]]
+            mine = rank_share(batch, self.rank, self.world_size)
+            if mine is not None:
+                yield [int(i) for i in mine]
 
     def __len__(self) -> int:
-        full, rest = divmod(self.n_rows, self.batch_size)
-        return full + (1 if rest >= self.world_size else 0)
+        return shared_batches(self.n_rows, self.batch_size, self.world_size)
+
+
+def rank_share(batch: Sequence[T], rank: int, world_size: int) -> list[T] | None:
+    """This rank's consecutive slice of a global ``batch``, as even as it allows; None (logged) for a final
+    partial batch with fewer rows than ranks, which every rank leaves out. In memory and streamed alike."""
+    if len(batch) < world_size:
+        log.info("last batch of %d rows left out: fewer rows than %d ranks", len(batch), world_size)
+        return None
+    return [batch[int(i)] for i in np.array_split(np.arange(len(batch)), world_size)[rank]]
+
+
+def shared_batches(n_rows: int, batch_size: int, world_size: int) -> int:
+    """How many global batches of ``batch_size`` an epoch of ``n_rows`` rows makes (see :func:`rank_share`)."""
+    full, rest = divmod(n_rows, batch_size)
+    return full + (1 if rest >= world_size else 0)

@@ -24,7 +24,6 @@ together take the one-process step.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -33,8 +32,7 @@ from torch import Tensor
 
 from graphdistill.dataset import Dataset, DatasetRow
 from graphdistill.student.loader import RowEncoder, collate
-
-log = logging.getLogger(__name__)
+from graphdistill.student.ranks import rank_share, shared_batches
 
 # per-batch keys computed from the batch's decoded images (the detector's targets, student.kd), one dict a row
 BatchExtra = Callable[[Sequence[np.ndarray]], Sequence[dict[str, Tensor]]]
@@ -87,26 +85,26 @@ class StreamedBatches:
         self.n_rows = sum(dataset.row_group_sizes(split))
 
     def __len__(self) -> int:
-        full, rest = divmod(self.n_rows, self.batch_size)
-        return full + (1 if rest >= self.world_size else 0)
+        return shared_batches(self.n_rows, self.batch_size, self.world_size)
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         batch: list[DatasetRow] = []
         for row in shuffled_rows(self.ds, self.split, self.shuffle_buffer, self.seed):
             batch.append(row)
             if len(batch) == self.batch_size:
-                yield self._share(batch)
+                yield from self._share(batch)
                 batch = []
-        if len(batch) >= self.world_size:
-            yield self._share(batch)
-        elif batch:
-            log.info("last batch of %d rows left out: fewer rows than %d ranks", len(batch), self.world_size)
+        if batch:
+            yield from self._share(batch)
 
-    def _share(self, batch: list[DatasetRow]) -> dict[str, Tensor]:
-        """This rank's consecutive slice of the global ``batch`` (as even as it allows), decoded and collated."""
-        mine = [batch[int(i)] for i in np.array_split(np.arange(len(batch)), self.world_size)[self.rank]]
+    def _share(self, batch: list[DatasetRow]) -> Iterator[dict[str, Tensor]]:
+        """This rank's slice of the global ``batch`` (:func:`ranks.rank_share`), decoded and collated; nothing
+        for a last batch with fewer rows than ranks."""
+        mine = rank_share(batch, self.rank, self.world_size)
+        if mine is None:
+            return
         images = [self.ds.image(row) for row in mine]
         extras: Sequence[dict[str, Any]] = self.extra(images) if self.extra is not None else [{}] * len(mine)
-        return collate(
+        yield collate(
             [self.encoder.encode(row, im, extra=ex) for row, im, ex in zip(mine, images, extras, strict=True)]
         )
