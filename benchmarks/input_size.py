@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -157,6 +155,7 @@ def main() -> int:
     from graphdistill.recording.photos import DEFAULT_HELDOUT, builtin_photos
     from graphdistill.teachers.base import load_offer
     from graphdistill.teachers.detector import YoloDetector
+    from run_all import machine, write_result  # benchmarks/ is this script's folder
 
     detector = YoloDetector()
     start = load_offer(detector.student_offer(), node="detect")
@@ -180,13 +179,11 @@ def main() -> int:
         "measured_on": measured_on,
         "photos": [p.id for p in photos],
         "teacher_objects": sum(len(t) for t in teacher),
-        "machine": f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), {platform.system()}",
+        "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "sizes": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     return 0
 
 

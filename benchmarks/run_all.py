@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -28,6 +29,8 @@ BENCHMARKS: dict[str, list[str]] = {
     "student": [],
     "export": [],
     "e2e": [],  # runs (or resumes) the full demo first
+    # issue 16: how far int8 moves the demo student's detector scores (needs e2e's demo-out/run)
+    "int8_noise": ["--run", str(ROOT / "demo-out" / "run")],
     "filter_memory": [],  # issue 18: the filter's memory is bounded by the largest group, not the store
     "scaling": [
         "--sizes",
@@ -83,6 +86,13 @@ FIDELITY_RUNTIMES = {  # column -> e2e.json fidelity_by_runtime key
     "PyTorch eager": "student, PyTorch eager",
     "ExecuTorch int8 bundle": "student, ExecuTorch XNNPACK int8",
 }
+
+
+def write_result(out: str | Path, result: dict[str, Any]) -> None:
+    """One benchmark's JSON at ``out`` (folders made), as a benchmark writes it."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 def machine() -> str:

@@ -623,6 +623,49 @@ def test_int8_for_executorch_quantizes_the_linear_layers_and_keeps_convolutions_
         torch.testing.assert_close(graph(*example), model(*example), atol=0.02, rtol=0.05)
 
 
+def test_int8_keeps_the_named_submodules_float_and_quantizes_the_rest() -> None:
+    """Mixed precision by module: with convolutions quantized, ``float_modules`` keeps the named submodule (and
+    what is under it) float while everything else is int8."""
+    import torch
+
+    from graphdistill.export.quantize import QUANTIZED_WITH_CONVS, quantize_pt2e
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x: Any) -> Any:
+            return self.conv(x)
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.block = Block()
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x: Any) -> Any:
+            return self.fc(self.block(self.stem(x)).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    example = (torch.randn(1, 3, 8, 8),)
+    calibration = [(torch.randn(1, 3, 8, 8),) for _ in range(4)]
+
+    def int8_weights(graph: Any) -> list[bool]:  # per conv/linear, in graph order: is its weight dequantized?
+        return [
+            n.args[1].op == "call_function" and "dequantize" in str(n.args[1].target)
+            for n in graph.graph.nodes
+            if n.op == "call_function" and ("conv" in str(n.target) or "linear" in str(n.target))
+        ]
+
+    every = quantize_pt2e(model, example, calibration, QUANTIZED_WITH_CONVS)
+    assert int8_weights(every) == [True, True, True]
+    mixed = quantize_pt2e(model, example, calibration, QUANTIZED_WITH_CONVS, float_modules=("block",))
+    assert int8_weights(mixed) == [True, False, True]
+
+
 def test_the_int8_executorch_export_looks_words_up_in_an_int8_table_and_puts_the_float_one_back() -> None:
     import torch
 

@@ -77,9 +77,12 @@ def quantize_pt2e(
     example: tuple[Any, ...],
     calibration: Sequence[tuple[Any, ...]],
     patterns: tuple[str, ...] = QUANTIZED,
+    float_modules: Sequence[str] = (),
 ) -> Any:
     """An eval ``nn.Module`` -> a torch.export-able int8 graph module (PT2E, XNNPACK quantizer) with the
-    XNNPACKQuantizer patterns whose names start with one of ``patterns`` quantized."""
+    XNNPACKQuantizer patterns whose names start with one of ``patterns`` quantized, except inside the
+    submodules named in ``float_modules`` (qualified names, ``"trunk.layers.8"``: it and everything under it
+    stay float; mixed precision, as ``benchmarks/int8_noise.py`` uses it to find where int8 moves outputs)."""
     torch = require("torch")
     pt2e = require("torchao.quantization.pt2e.quantize_pt2e", purpose="int8 export")
     xq = require("executorch.backends.xnnpack.quantizer.xnnpack_quantizer", purpose="int8 export")
@@ -94,7 +97,8 @@ def quantize_pt2e(
         ]
 
     quantizer = Quantizer().set_global(xq.get_symmetric_quantization_config(is_per_channel=True))
-    quantizer.set_filter_function(_float_only)  # never observe the bool attention masks
+    # never observe the bool attention masks, nor anything inside float_modules
+    quantizer.set_filter_function(lambda node: _float_only(node) and not _inside(node, float_modules))
     graph = torch.export.export(module, example).module()
     prepared = pt2e.prepare_pt2e(graph, quantizer)
     with torch.no_grad():
@@ -110,6 +114,14 @@ def _float_only(node: Any) -> bool:
         return False
     vals = [node.meta.get("val")] + [a.meta.get("val") for a in node.all_input_nodes]
     return all(getattr(getattr(v, "dtype", None), "is_floating_point", True) for v in vals)
+
+
+def _inside(node: Any, modules: Sequence[str]) -> bool:
+    """Whether ``node`` was traced inside one of ``modules`` (qualified names) or a submodule of one."""
+    if not modules:
+        return False
+    paths = [str(v[0]) for v in (node.meta.get("nn_module_stack") or {}).values()]
+    return any(p == m or p.startswith(m + ".") for p in paths for m in modules)
 
 
 # linear layers that must stay float, by the name of their weight: a layer norm's mean/variance rows
