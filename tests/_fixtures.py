@@ -295,3 +295,40 @@ def undeclared_keys(data: Mapping[str, Any], contract: Any) -> set[str]:
     readers are not typed for); a missing required key fails the calling test at once."""
     assert contract.__required_keys__ <= set(data), contract.__required_keys__ - set(data)
     return set(data) - contract.__required_keys__ - contract.__optional_keys__
+
+
+# ---- a toy trace store, filtered (the UI's pages) -------------------------------------------------------------
+
+
+def toy_store(root: Path, groups: int = 8, k: int = 3) -> tuple[Path, Path]:
+    """A trace store of ``groups`` inputs with ``k`` samples each (visual_rag-shaped, made by
+    :func:`make_trace`: a cat with its mask, one source document) at ``root/store``, filtered into a dataset at
+    ``root/ds``. Every third input's answer names a dog nobody detected, so the filter drops it with a reason;
+    the others are kept. Returns (store, dataset)."""
+    from graphdistill.filter.filtering import FilterConfig, filter_store
+    from graphdistill.store.trace_store import TraceStore
+
+    blobs: dict[str, bytes] = {}
+    docs = [Document(id="doc-cat", text="A cat is a small furry animal.", distance=0.2)]
+    with TraceStore(root / "store") as store:
+        for g in range(groups):
+            answer = "There is a dog." if g % 3 == 2 else "There is a cat."
+            box = (4 + g, 6, 30 + g, 34)
+            for i in range(k):
+                store.append(
+                    make_trace(
+                        f"group-{g:02d}",
+                        i,
+                        answer,
+                        [obj("cat", box, 0.9 - 0.01 * i, ellipse_mask(box))],
+                        ["doc-cat"],
+                        image=noise(g),
+                        question=f"What is in picture {g}?",
+                        photos=[f"photo/{g}"],
+                        documents=docs,
+                        blobs=blobs,
+                    ),
+                    blobs,
+                )
+        filter_store(store, root / "ds", FilterConfig(fractions=(0.5, 0.0, 0.5)))
+    return root / "store", root / "ds"
