@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from typing import Any
 
 from graphdistill._lazy import require
 from graphdistill.ui.sources import Sources, UIError
@@ -37,12 +38,23 @@ def check_host(host: str, allow_remote: bool) -> str | None:
     )
 
 
-def serve(src: Sources, *, host: str = DEFAULT_HOST, port: int = 8765, allow_remote: bool = False) -> None:
-    """Run the app until interrupted (the caller prints where it is and any warning of :func:`check_host`)."""
+def make_server(
+    src: Sources, *, host: str = DEFAULT_HOST, port: int = 8765, allow_remote: bool = False
+) -> Any:
+    """A uvicorn server of the app on ``host:port`` (not started: ``.run()`` blocks until interrupted)."""
     warning = check_host(host, allow_remote)
     if warning:
         log.warning(warning)
     uvicorn = require("uvicorn", "ui", purpose="graphdistill ui")
     from graphdistill.ui.app import create_app
 
-    uvicorn.run(create_app(src), host=host, port=port, log_level="warning")
+    # no websockets and no lifespan events: the app has neither
+    config = uvicorn.Config(
+        create_app(src), host=host, port=port, log_level="warning", ws="none", lifespan="off"
+    )
+    return uvicorn.Server(config)
+
+
+def serve(src: Sources, *, host: str = DEFAULT_HOST, port: int = 8765, allow_remote: bool = False) -> None:
+    """Run the app until interrupted (the caller prints where it is and any warning of :func:`check_host`)."""
+    make_server(src, host=host, port=port, allow_remote=allow_remote).run()
