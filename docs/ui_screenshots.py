@@ -3,7 +3,7 @@
     python docs/ui_screenshots.py DEMO_OUT [PHOTO QUESTION]
 
 DEMO_OUT is a demo's output folder (`graphdistill demo`); the store is opened read-only. Uses Debian's
-Chromium through Playwright, as the browser tests do. Each picture is reduced to 256 colours to stay small.
+Chromium through Playwright, as the browser tests do. Each picture is reduced to 256 colours (octree) to stay small.
 """
 
 import socket
@@ -24,7 +24,7 @@ DOCS = Path(__file__).parent
 def save(page, name):
     path = DOCS / f"ui-{name}.png"
     page.screenshot(path=str(path))
-    Image.open(path).convert("RGB").quantize(256).save(path, optimize=True)
+    Image.open(path).convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
     print(path, path.stat().st_size // 1024, "KB")
 
 

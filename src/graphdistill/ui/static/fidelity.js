@@ -17,7 +17,7 @@ async function showRow(id) {
 async function load() {
   const d = await api(`/api/fidelity?sort=${sort}&order=${order}`);
   document.querySelector("#head").innerHTML = `<p>${d.n} ${esc(d.split)} rows of <code>${esc(d.run)}</code>; student: ${esc(d.student)}.
-    ${Object.entries(d.fidelity).filter(([, v]) => typeof v === "number").map(([k, v]) => `${esc(k)} <b>${fmt(v)}</b>`).join(" · ")}</p>`;
+    ${Object.entries(d.fidelity).filter(([k, v]) => typeof v === "number" && k !== "n" && !k.endsWith("_threshold")).map(([k, v]) => `${esc(k)} <b>${fmt(v)}</b>`).join(" · ")}</p>`;
   document.querySelector("#thead").innerHTML = `<th>question</th><th>teacher</th><th>student</th>` +
     COLS.map(([k, label]) => `<th class="sort" data-k="${k}" id="sort-${k}">${label}${k === sort ? (order === "desc" ? " ▼" : " ▲") : ""}</th>`).join("");
   document.querySelectorAll("th.sort").forEach((th) => th.addEventListener("click", () => {
