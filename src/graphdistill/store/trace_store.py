@@ -434,12 +434,21 @@ class TraceStore:
             return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
     def listing(
-        self, *, offset: int = 0, limit: int = 50, search: str = "", status: str | None = None
+        self,
+        *,
+        offset: int = 0,
+        limit: int = 50,
+        search: str = "",
+        status: str | None = None,
+        group_id: str | None = None,
     ) -> tuple[int, list[dict[str, Any]]]:
         """One page of the stored order, for a browser: (how many match, the indexed columns and the
         question of ``limit`` traces from ``offset``). ``search`` matches a substring of the id, the group,
         the graph's name or the question; the page is read with LIMIT/OFFSET, never the whole store."""
         clauses, params = [], []
+        if group_id is not None:
+            clauses.append("group_id = ?")
+            params.append(group_id)
         if status:
             clauses.append("status = ?")
             params.append(status)

@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from graphdistill._lazy import require
+from graphdistill.store.trace_store import StoreError
 from graphdistill.ui import views
 from graphdistill.ui.sources import Sources, UIError
 
@@ -113,10 +114,8 @@ def create_app(src: Sources) -> Any:
     def blob(sha: str) -> Any:
         try:
             data = src.store.blob(sha)
-        except (ValueError, OSError) as exc:  # not a digest, missing, corrupt (StoreError is a RuntimeError)
+        except (ValueError, StoreError) as exc:  # not a digest; missing or corrupt
             raise UIError(f"blob {sha[:80]!r}: {exc}") from exc
-        except RuntimeError as exc:
-            raise UIError(str(exc)) from exc
         if not data.startswith(PNG_SIGNATURE):
             raise UIError(f"blob {sha}: not an image")
         return png(data)

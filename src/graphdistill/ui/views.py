@@ -206,6 +206,12 @@ def _decisions(report_dir: Path, store_root: Path, n_traces: int) -> tuple[dict[
     return tuple(read_decisions(report_dir) or ())
 
 
+def _first_trace(src: Sources, group_id: str) -> str | None:
+    """The id of a group's first stored trace (a link from its decision), read from the index."""
+    _, rows = src.store.listing(group_id=group_id, limit=1)
+    return str(rows[0]["id"]) if rows else None
+
+
 def filter_view(
     src: Sources, *, offset: int = 0, limit: int = 50, rule: str | None = None, kept: bool | None = None
 ) -> dict[str, Any]:
@@ -237,8 +243,7 @@ def filter_view(
         and (kept is None or bool(d["kept"]) == kept)
     ]
     picked.sort(key=lambda d: (bool(d["kept"]), str(d.get("rule") or ""), d["group_id"]))
-    traces = {g: ids[0] for g, ids in src.store.groups().items()}
-    page = [{**d, "trace": traces.get(d["group_id"])} for d in picked[offset : offset + limit]]
+    page = [{**d, "trace": _first_trace(src, d["group_id"])} for d in picked[offset : offset + limit]]
     return {
         "recorded": recorded,
         "summary": summary,

@@ -42,7 +42,7 @@ async function run() {
     if (info.runtime_missing.length || typeof ort === "undefined")
       throw new Error(`onnxruntime-web is not vendored (missing ${info.runtime_missing.join(", ")}): run make ui-assets`);
     document.querySelector("#main").innerHTML = `<h1>Try the student</h1>
-      <p class="muted">The ${esc(info.bundle_quantize)} ONNX bundle <code>${esc(info.bundle)}</code> runs in this page (onnxruntime-web, WASM, one thread); nothing leaves the browser but the picture drawn.</p>
+      <p class="muted">The ${esc(info.bundle_quantize)} ONNX bundle <code>${esc(info.bundle)}</code> runs in this page (onnxruntime-web, WASM, one thread); the photo goes to this local server only to have the result drawn on it.</p>
       <div class="bar"><input type="file" id="photo" accept="image/*"><input id="question" size="50" value="What is in the picture?">
       <button id="run" disabled>Run</button><span id="status" class="muted">loading the model…</span></div>
       <div class="cols"><div><img class="pic" id="picture" alt=""></div>
