@@ -203,7 +203,7 @@ def test_an_executorch_bundle_is_refused(tmp_path: Path) -> None:
     manifest.update(format=BUNDLE_FORMAT, runtime="executorch", files={})
     manifest["manifest_sha256"] = manifest_checksum(manifest)
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(UIError, match="is a executorch bundle; the browser runs ONNX bundles only"):
+    with pytest.raises(UIError, match="its runtime is 'executorch'; the browser runs ONNX bundles only"):
         open_bundle(tmp_path)
 
 
@@ -332,3 +332,17 @@ def test_runner_js_equals_the_python_runner_on_preprocessing_tokens_masks_and_de
     assert js["sources"] == top_sources(np.array([0.5, 2, 2, -1, 3]), 3, ["a", "b", "c", "d", "e"])
     assert js["greedy"] == [greedy_token(np.array([0, 9, 5, 1.0]), [1, 2, 1, 2], 3, 0),
                             greedy_token(np.array([0, 9, 5, 1.0]), [1, 1], 0, 2)]  # fmt: skip
+
+
+def test_a_demos_output_folder_opens_with_its_dataset(toy: tuple[Path, Path], tmp_path: Path) -> None:
+    from graphdistill.ui import open_sources
+
+    (tmp_path / "store").symlink_to(toy[0], target_is_directory=True)
+    (tmp_path / "dataset").symlink_to(toy[1], target_is_directory=True)
+    src = open_sources(tmp_path)
+    assert (src.store.root, src.dataset_path) == (tmp_path / "store", tmp_path / "dataset")
+    assert src.run is None and src.bundle is None  # the demo folder has none: those pages say so
+    src.close()
+    other = open_sources(tmp_path, dataset=toy[1])  # a flag wins over what the folder holds
+    assert other.dataset_path == toy[1]
+    other.close()

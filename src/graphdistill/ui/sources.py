@@ -93,7 +93,7 @@ def open_bundle(path: str | os.PathLike[str]) -> Manifest:
         raise UIError(f"bundle {root}: {exc}") from exc
     if manifest["runtime"] != "onnx":
         raise UIError(
-            f"bundle {root} is a {manifest['runtime']} bundle; the browser runs ONNX bundles only "
+            f"bundle {root}: its runtime is {manifest['runtime']!r}; the browser runs ONNX bundles only "
             "(graphdistill export RUN --format onnx)"
         )
     return manifest
