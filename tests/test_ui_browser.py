@@ -258,6 +258,9 @@ def test_fidelity_page_shows_teacher_and_student_sorted_by_disagreement(
     store, _ = toy_store(tmp_path / "toy", groups=2, k=1)
     rows = read_eval(run)["rows"]
     src = open_sources(store, run=run, dataset=ds, bundle=bundle)
+    assert src.eval is not None
+    for r in src.eval["rows"]:  # what eval.json says of the PyTorch student must not stand in for the bundle
+        r["student_answer"] = "(the PyTorch student's answer)"
     with served(src) as base, page_of(browser) as (page, errors):
         page.goto(f"{base}/fidelity")
         page.wait_for_selector("#rows tr")
@@ -271,10 +274,12 @@ def test_fidelity_page_shows_teacher_and_student_sorted_by_disagreement(
         page.wait_for_selector("#sort-answer_f1:has-text('▲')")
         assert [float(v) for v in page.locator("#rows td.answer_f1").all_inner_texts()] == sorted(f1)
         first = page.locator("#rows tr >> nth=0")
-        question, teacher_in_table = (
+        question, teacher_in_table, student_in_table = (
             first.locator("td >> nth=0").inner_text(),
             first.locator("td >> nth=1").text_content(),
+            first.locator("td >> nth=2").text_content(),
         )
+        assert f"student: bundle {bundle}" in page.inner_text("#head")  # its figures, not the PyTorch run's
         first.click()
         _loaded(page, "#pair-picture")
         _shot(page, "fidelity")
@@ -286,7 +291,8 @@ def test_fidelity_page_shows_teacher_and_student_sorted_by_disagreement(
             if r.question == question and r.answer == teacher_in_table
         )
         want = BundleRunner(bundle).predict(open_dataset(ds).image(row), question)["answer"]
-        assert page.text_content(".answer-student") == want
+        # the table's answer and scores are the bundle's too, as the picture is
+        assert page.text_content(".answer-student") == want == student_in_table
         assert errors == []
     src.close()
 

@@ -265,7 +265,10 @@ def filter_view(
 
 class Fidelity:
     """Held-out rows: the teacher's recorded output beside the student's (the ONNX bundle through the
-    reference runner when one is given, else the run's PyTorch student), computed once per row."""
+    reference runner when one is given, else the run's PyTorch student), computed once per row. The figures
+    and the rows' scores are always the shown student's: eval.json's for the PyTorch run; for a bundle, the
+    rows scored here with eval's own :func:`row_scores` and the figures eval.json measured for that bundle
+    (none when the run's evaluation did not measure it)."""
 
     def __init__(self, src: Sources) -> None:
         if src.eval is None or src.run is None:
@@ -283,6 +286,37 @@ class Fidelity:
         self.kinds = output_kinds_of(src.dataset)
         self._predictor: Any = None
         self._student: dict[str, dict[str, Any]] = {}
+        self._bundle_rows: list[dict[str, Any]] | None = None
+
+    def scored_rows(self) -> list[dict[str, Any]]:
+        """Every evaluated row with the shown student's answer and scores."""
+        if self.src.bundle is None:
+            return [dict(r) for r in self.rows.values()]
+        if self._bundle_rows is None:
+            from graphdistill.eval.evaluate import jsonable_output, output_of_row, row_scores
+
+            scored = []
+            for r in self.rows.values():
+                teacher = jsonable_output(output_of_row(self._row(r["id"]), self.kinds), self.kinds)
+                student = self.student(r["id"])
+                scored.append({**r, **row_scores(teacher, student), "student_answer": student.get("answer")})
+            self._bundle_rows = scored
+        return self._bundle_rows
+
+    def figures(self) -> tuple[dict[str, Any], str]:
+        """The shown student's fidelity figures and what it is."""
+        ev = self.src.eval
+        assert ev is not None
+        if self.src.bundle is None:
+            return ev["fidelity"], "the PyTorch run"
+        bundle = Path(self.src.bundle).resolve()
+        for path, measured in (ev.get("exported") or {}).items():
+            if Path(path).resolve() == bundle and isinstance(measured, dict) and "fidelity" in measured:
+                return measured["fidelity"], f"bundle {self.src.bundle}"
+        return (
+            {},
+            f"bundle {self.src.bundle} (its figures: not measured by this run's eval; rows scored here)",
+        )
 
     def table(self, *, sort: str = "disagreement", descending: bool = True) -> dict[str, Any]:
         keys = {"disagreement", "answer_f1", "objects_f1", "mask_miou", "sources_recall"}
@@ -290,18 +324,19 @@ class Fidelity:
             raise UIError(f"cannot sort by {sort!r}: one of {sorted(keys)}")
         none_last = float("-inf") if descending else float("inf")
         rows = sorted(
-            self.rows.values(),
-            key=lambda r: none_last if r.get(sort) is None else float(r[sort]),  # type: ignore[literal-required]
+            self.scored_rows(),
+            key=lambda r: none_last if r.get(sort) is None else float(r[sort]),
             reverse=descending,
         )
         ev = self.src.eval
         assert ev is not None
+        figures, student = self.figures()
         return {
             "run": str(self.src.run),
             "split": ev.get("split", "test"),
             "n": ev["n"],
-            "fidelity": ev["fidelity"],
-            "student": "bundle " + str(self.src.bundle) if self.src.bundle else "PyTorch run",
+            "fidelity": figures,
+            "student": student,
             "rows": rows,
         }
 
