@@ -194,6 +194,21 @@ def test_bad_inputs_are_refused_naming_them(toy: tuple[Path, Path], tmp_path: Pa
     assert main(["ui", str(tmp_path / "empty")]) == 2
 
 
+def test_ui_without_a_store_opens_the_demos_folder(
+    toy: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``graphdistill ui`` alone means ./demo-out, what ``make demo`` writes; where there is none the error
+    names it."""
+    from graphdistill.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["ui"]) == 2
+    assert "demo-out: no such folder" in capsys.readouterr().err
+
+
 def test_an_executorch_bundle_is_refused(tmp_path: Path) -> None:
     from graphdistill.runner.bundle import BUNDLE_FORMAT, manifest_checksum
     from graphdistill.runner.manifest import Manifest

@@ -13,7 +13,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "folder: its store, dataset, run and ONNX bundle are found there.",
     )
     p.add_argument(
-        "store", nargs="?", default="out/store", help="trace store folder, or a demo's output folder"
+        "store",
+        nargs="?",
+        default="demo-out",
+        help="trace store folder, or a demo's output folder (default: ./demo-out, what make demo writes)",
     )
     p.add_argument("--dataset", default=None, help="the filtered dataset (the Filter page)")
     p.add_argument("--run", default=None, help="an evaluated run folder (the Fidelity page)")
