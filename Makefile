@@ -15,10 +15,33 @@ export YOLO_AUTOINSTALL := 0
 export ANONYMIZED_TELEMETRY := False
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo demo-quick test test-fast bench lint clean
+# graphdistill ui's Try-it page runs the student with onnxruntime-web (WASM): its files come from the npm
+# registry at setup time, into a git-ignored folder the app serves (no CDN at run time). The browser tests
+# drive Debian's Chromium through Playwright; npm and chromium are installed with apt when missing.
+ORT_WEB_VERSION := 1.31.1
+ORT_WEB_FILES := ort.wasm.min.js ort-wasm-simd-threaded.mjs ort-wasm-simd-threaded.wasm
+UI_VENDOR := src/graphdistill/ui/static/vendor/ort
+UI_STAMP := $(UI_VENDOR)/.onnxruntime-web-$(ORT_WEB_VERSION)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-setup: $(STAMP)
+.PHONY: setup demo demo-quick test test-fast bench lint clean ui-assets browser
+
+setup: $(STAMP) ui-assets browser
 	@$(VENV)/bin/graphdistill weights fetch
+
+ui-assets: $(UI_STAMP)
+
+$(UI_STAMP):
+	@command -v npm >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq npm)
+	@rm -rf $(UI_VENDOR) && mkdir -p $(UI_VENDOR)
+	@tmp=$$(mktemp -d) && (cd $$tmp && npm pack --silent onnxruntime-web@$(ORT_WEB_VERSION) >/dev/null \
+		&& tar xzf onnxruntime-web-$(ORT_WEB_VERSION).tgz) \
+		&& cp $(addprefix $$tmp/package/dist/,$(ORT_WEB_FILES)) $$tmp/package/package.json $(UI_VENDOR)/ && rm -rf $$tmp
+	@touch $@
+
+# the system's Chromium for the UI's browser tests (Playwright is told its path; it downloads no browser)
+browser:
+	@command -v chromium >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium)
 
 $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,4 +73,4 @@ lint: setup
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache .mypy_cache $(UI_VENDOR) test-artifacts

@@ -13,19 +13,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from _fixtures import train_tiny, train_tiny_run, undeclared_keys
+from _fixtures import EXPORT_WARNINGS, train_tiny, train_tiny_run, undeclared_keys
 from _netguard import subprocess_env
 from graphdistill.runner import BundleError, BundleRunner
 from graphdistill.runner.bundle import MANIFEST, manifest_checksum
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
-    pytest.mark.filterwarnings("ignore:.*Enum subclass.*:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:.*Enum subclass.*:FutureWarning"),
-    # executorch.exir reads its edge.yaml with the legacy importlib.resources API
-    pytest.mark.filterwarnings("ignore:open_text is deprecated:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:read_text is deprecated:DeprecationWarning"),
-]
+pytestmark = [pytest.mark.filterwarnings(w) for w in EXPORT_WARNINGS]
 
 COPY_INPUTS = ["ptr_keys", "ptr_bias", "ptr_vocab"]
 OBJECT_OUTPUTS = ["boxes", "scores", "classes", "keep", "mask_logits"]

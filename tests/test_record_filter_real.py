@@ -5,45 +5,18 @@ groups). Real models, about a minute on a 2-core CPU: marked slow."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from _fixtures import cli, isolated_weights_home
 from _netguard import subprocess_env
 
 pytest.importorskip("torch")
 pytest.importorskip("ultralytics")
 
 PHOTOS = ("skimage/chelsea", "skimage/astronaut")
-
-
-def _isolated_home(tmp_path: Path) -> Path:
-    """A GRAPHDISTILL_HOME of its own: the shared weights (read-only use) linked in, and no knowledge base,
-    so the default graph builds its own KB here instead of touching the shared one."""
-    from graphdistill._env import home
-
-    shared = home()
-    mine = tmp_path / "gdhome"
-    mine.mkdir()
-    for name in ("weights", "converted"):
-        if (shared / name).exists():
-            (mine / name).symlink_to(shared / name, target_is_directory=True)
-    return mine
-
-
-def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "graphdistill.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
 
 
 @pytest.mark.slow
@@ -53,7 +26,7 @@ def test_record_three_samples_then_filter_real_default_graph(tmp_path: Path) -> 
     from graphdistill.recording.photos import photo
     from graphdistill.store.trace_store import TraceStore
 
-    home = _isolated_home(tmp_path)
+    home = isolated_weights_home(tmp_path)
     env = subprocess_env(GRAPHDISTILL_HOME=str(home), COLUMNS="200")  # guarded like the tests
     (tmp_path / "photos").mkdir()
     rows = []
@@ -68,7 +41,7 @@ def test_record_three_samples_then_filter_real_default_graph(tmp_path: Path) -> 
     store_dir = tmp_path / "store"
 
     recorded = json.loads(
-        _cli(
+        cli(
             ["record", "--inputs", str(inputs), "--store", str(store_dir), "--samples", "3", "--json"], env
         ).stdout
     )
@@ -88,7 +61,7 @@ def test_record_three_samples_then_filter_real_default_graph(tmp_path: Path) -> 
     store.close()
 
     out = tmp_path / "ds"
-    summary = json.loads(_cli(["filter", str(store_dir), "--out", str(out), "--json"], env).stdout)
+    summary = json.loads(cli(["filter", str(store_dir), "--out", str(out), "--json"], env).stdout)
     assert summary["kept"] + summary["dropped"] == len(groups)
     assert set(summary["splits"]) == {"train", "val", "test"}
     assert sum(summary["splits"].values()) == summary["kept"]

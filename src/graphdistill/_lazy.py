@@ -36,6 +36,8 @@ EXTRA_FOR: dict[str, str] = {
     "executorch": "export",
     "torchao": "export",
     "ray": "ray",
+    "fastapi": "ui",
+    "uvicorn": "ui",
 }
 
 

@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "report",
     "export",
     "run_bundle",
+    "ui",
 ]
 
 

@@ -1,7 +1,9 @@
-"""The filter report: DATASET/report/{report.html, summary.json, agreement.png, examples/*.png}.
+"""The filter report: DATASET/report/{report.html, summary.json, decisions.jsonl, agreement.png, examples/*.png}.
 
 report.html is self-contained (pictures embedded as base64): counts kept and dropped per rule, the
 agreement histograms, and a few dropped groups per rule drawn with their consensus and the reason.
+decisions.jsonl holds every group's decision, one JSON object a line (:func:`decision_record`): what
+``graphdistill ui`` shows on its Filter page.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EXAMPLES_PER_RULE = 3
+DECISIONS_FILE = "decisions.jsonl"
 
 
 def agreement_histogram(decisions: list[GroupDecision], path: Path) -> Path:
@@ -78,6 +81,33 @@ def teacher_line(measures: dict[str, Any]) -> str:
     )
 
 
+def decision_record(d: GroupDecision) -> dict[str, Any]:
+    """One line of decisions.jsonl: the group, kept or not, its split, every rule it failed with the reason,
+    the first of them (the one the summary counts), and the voted question and answer."""
+    return {
+        "group_id": d.group_id,
+        "kept": d.kept,
+        "kept_for_evaluation": d.kept_for_evaluation,
+        "split": d.split,
+        "heldout": d.heldout,
+        "rule": d.rule,
+        "reason": d.reason,
+        "failed": [{"rule": name, "reason": why} for name, why in d.failed],
+        "question": d.consensus.question,
+        "answer": d.consensus.answer,
+        "agreement": dict(d.consensus.agreement),
+    }
+
+
+def read_decisions(report_dir: Path) -> list[dict[str, Any]] | None:
+    """The decisions a filter recorded in ``report_dir`` (a dataset's ``report`` folder), or None when it
+    has none (a dataset filtered before decisions.jsonl was written)."""
+    path = report_dir / DECISIONS_FILE
+    if not path.is_file():
+        return None
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def _b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
@@ -93,6 +123,10 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     summary = result.summary()
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / DECISIONS_FILE).write_text(
+        "".join(json.dumps(decision_record(d), default=str) + "\n" for d in result.decisions),
+        encoding="utf-8",
+    )
     hist = agreement_histogram(result.decisions, out / "agreement.png")
 
     examples: dict[str, list[tuple[GroupDecision, Path | None]]] = {}

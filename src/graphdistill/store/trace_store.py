@@ -433,6 +433,45 @@ class TraceStore:
             names = [d[0] for d in cur.description]
             return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
+    def listing(
+        self,
+        *,
+        offset: int = 0,
+        limit: int = 50,
+        search: str = "",
+        status: str | None = None,
+        group_id: str | None = None,
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """One page of the stored order, for a browser: (how many match, the indexed columns and the
+        question of ``limit`` traces from ``offset``). ``search`` matches a substring of the id, the group,
+        the graph's name or the question; the page is read with LIMIT/OFFSET, never the whole store."""
+        clauses, params = [], []
+        if group_id is not None:
+            clauses.append("group_id = ?")
+            params.append(group_id)
+        if status:
+            clauses.append("status = ?")
+            params.append(status)
+        if search:
+            escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            like = f"%{escaped}%"
+            clauses.append(
+                "(id LIKE ? ESCAPE '\\' OR group_id LIKE ? ESCAPE '\\' OR graph_name LIKE ? ESCAPE '\\' "
+                "OR json_extract(json, '$.inputs.question') LIKE ? ESCAPE '\\')"
+            )
+            params += [like] * 4
+        where = " WHERE " + " AND ".join(clauses) if clauses else ""
+        sql = (
+            "SELECT id, graph_name, group_id, sample_index, status, duration_s, created_at, error, "
+            f"json_extract(json, '$.inputs.question') AS question FROM traces{where} "
+            "ORDER BY rowid LIMIT ? OFFSET ?"
+        )
+        with self._lock:
+            total = int(self._db.execute(f"SELECT COUNT(*) FROM traces{where}", params).fetchone()[0])
+            cur = self._db.execute(sql, [*params, max(0, int(limit)), max(0, int(offset))])
+            names = [d[0] for d in cur.description]
+            return total, [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
     def count(
         self, *, status: str | None = None, graph: str | None = None, group_id: str | None = None
     ) -> int:
