@@ -298,10 +298,10 @@ def test_cli_records_the_real_default_graph_on_ray(tmp_path: Path) -> None:
     pytest.importorskip("ultralytics")
     from PIL import Image
 
+    from _fixtures import isolated_weights_home
     from graphdistill.recording.photos import photo
-    from test_record_filter_real import _isolated_home
 
-    home = _isolated_home(tmp_path)
+    home = isolated_weights_home(tmp_path)
     image = tmp_path / "chelsea.png"
     Image.fromarray(photo("skimage/chelsea").image()).save(image)
     inputs = tmp_path / "inputs.jsonl"
