@@ -71,3 +71,13 @@ def test_quick_demo_runs_every_stage_then_resumes(tmp_path: Path) -> None:
         ), stage
     assert {p.stem: p.stat().st_mtime_ns for p in (out / ".stamps").glob("*.json")} == stamps
     assert _headline(second.stdout)["fidelity"] == headline["fidelity"]
+
+
+def test_the_demo_says_when_its_training_budget_cut_the_schedule() -> None:
+    """On a busy machine the demo's minutes buy fewer epochs: it says so, with what to do, and is silent when
+    the schedule ran whole."""
+    from graphdistill.demo import FULL, cut_short
+
+    assert cut_short(FULL.train_epochs, FULL) is None
+    said = cut_short(6, FULL)
+    assert said is not None and f"after 6 of its {FULL.train_epochs} epochs" in said and "--minutes" in said
