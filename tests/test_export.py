@@ -20,7 +20,7 @@ from graphdistill.runner.bundle import MANIFEST, manifest_checksum
 
 pytestmark = [pytest.mark.filterwarnings(w) for w in EXPORT_WARNINGS]
 
-COPY_INPUTS = ["ptr_keys", "ptr_bias", "ptr_vocab"]
+COPY_INPUTS = ["ptr_keys", "ptr_bias", "ptr_vocab", "ptr_next"]  # ptr_next: with a sources head
 OBJECT_OUTPUTS = ["boxes", "scores", "classes", "keep", "mask_logits"]
 N = {"n_calibration": 3, "n_heldout": 3}
 
@@ -92,15 +92,22 @@ def test_onnx_float_bundle_passes_parity(onnx_float: Path) -> None:
     assert [i["view_of"][1:] for i in cache_inputs] == [[n, j] for n in range(layers) for j in (0, 1)]
     assert all(i["shape"] == m["kv_cache"]["shape"][2:] for i in cache_inputs)
     assert [i["name"] for i in step["inputs"][:2]] == ["token", "position"]
-    assert len(step["inputs"]) == 2 + 4 * layers + 3
-    # the copy path's inputs: encode's outputs of the same names, copied in once per query
-    copy = step["inputs"][-3:]
+    assert len(step["inputs"]) == 2 + 4 * layers + 5
+    # the copy path's inputs: encode's outputs of the same names, copied in once per query, and the token fed
+    # at the step before (the copy goes on where the last two tokens left a document)
+    copy = step["inputs"][-5:-1]
+    assert step["inputs"][-1] | {"meaning": ""} == {
+        "name": "prev_token",
+        "shape": [1, 1],
+        "dtype": "int64",
+        "meaning": "",
+    }
     assert [i["name"] for i in copy] == [i["per_query"] for i in copy] == COPY_INPUTS
     # one slot per object, then one per token of the sources_k best-ranked documents
     assert "source_token_ids" not in cfg  # the program holds them; the manifest lists the documents
     run_cfg = json.loads((onnx_float.parent / "run" / "config.json").read_text())
     slots = k + min(cfg["sources_k"], cfg["num_sources"]) * max(len(t) for t in run_cfg["source_token_ids"])
-    assert [i["shape"] for i in copy] == [[1, d, slots], [1, slots], [1, slots, v]]
+    assert [i["shape"] for i in copy] == [[1, d, slots], [1, slots], [1, slots, v], [1, v, slots]]
     assert step["outputs"][0]["name"] == "scores" and step["outputs"][0]["shape"] == [1, v]
     # decode_step hands back this position's keys/values only: one cache slot, the runner stores it
     kv_new = m["programs"]["decode_step"]["outputs"][1]
@@ -518,7 +525,8 @@ def test_a_partial_schema_exports_only_its_heads_and_passes_parity(schema_run: t
     heads = [o["name"] for o in m["programs"]["encode"]["outputs"]]
     # the copy path needs something to copy from: objects' class names or the retrieved documents' words
     copy = cfg.has_text and (cfg.has_objects or cfg.has_sources)
-    want = ["cross_kv", *(COPY_INPUTS if copy else [])] if cfg.has_text else ["memory"]
+    copy_inputs = COPY_INPUTS if cfg.has_sources else COPY_INPUTS[:3]  # copies go on only in documents
+    want = ["cross_kv", *(copy_inputs if copy else [])] if cfg.has_text else ["memory"]
     want += OBJECT_OUTPUTS if cfg.has_objects else []
     want += ["source_logits"] if cfg.has_sources else []
     assert heads == want
@@ -538,7 +546,8 @@ def test_a_partial_schema_exports_only_its_heads_and_passes_parity(schema_run: t
         assert first == [cfg.dec_layers, 2, 1, cfg.n_heads, model.n_ctx, cfg.head_dim]
         step = m["programs"]["decode_step"]
         assert step["arrays"]["cross_kv"]["shape"] == first
-        assert [i["name"] for i in step["inputs"] if "per_query" in i] == (COPY_INPUTS if copy else [])
+        assert [i["name"] for i in step["inputs"] if "per_query" in i] == (copy_inputs if copy else [])
+        assert ("prev_token" in [i["name"] for i in step["inputs"]]) == (copy and cfg.has_sources)
         assert [i["shape"] for i in step["inputs"] if i["name"].startswith("cross_kv.")] == [first[2:]] * (
             2 * cfg.dec_layers
         )

@@ -35,6 +35,8 @@ CFG = {
     "num_classes": 5,
     "class_token_ids": [40, 41, 42, 43, 0],
     "num_sources": 6,
+    # each document holds a word twice: the continuation after it depends on the word before
+    "source_token_ids": [[5 + i, 12 + i, 30, 31, 12 + i, 45] for i in range(6)],
 }
 
 
@@ -152,7 +154,7 @@ class _Norm(torch.nn.Module):
 
 def _pointer(m: Student, enc: dict[str, Any]) -> tuple[Any, ...]:
     """encode's copy-path outputs as the exported step takes them (``ptr_keys`` transposed to [1, D, K])."""
-    return (enc["ptr_keys"].transpose(1, 2), enc["ptr_bias"], enc["ptr_vocab"])
+    return (enc["ptr_keys"].transpose(1, 2), enc["ptr_bias"], enc["ptr_vocab"], enc["ptr_next"])
 
 
 def _step_context(m: Student) -> tuple[Any, tuple[Any, ...]]:
@@ -171,33 +173,43 @@ def test_phone_decode_step_equals_the_students_decode_step(fused_norms: bool) ->
     each position. Positions at and after this one hold garbage in the phone step's cache: it must not read
     them. The step returns probabilities, the student log-probabilities."""
     m = _student()
-    with torch.no_grad():  # copying matters: the generate slot does not take most of the mass
-        m.ptr_gate.bias.fill_(-1.0)
+    with torch.no_grad():  # copying matters: the generate slot does not take most of the mass, and going on
+        m.ptr_gate.bias.fill_(-1.0)  # where a copy left off moves the scores
+        m.ptr_cont.weight.normal_(std=0.5)
     img, ids, mask = _inputs()
     step = PhoneDecodeStep(m, fused_norms=fused_norms).eval()
     assert step.copy
     with torch.no_grad():
         enc = m.encode(img[:1], ids[:1], mask[:1] != 0, _objects())
         cross, ptr, pointer = m.cross_kv(enc["memory"]), m.pointer_of(enc), _pointer(m, enc)
-        cache = m.empty_cache(1)
-        tok = torch.ones(1, 1, dtype=torch.long)
-        copied = 0.0
-        for pos in range(m.config.max_answer_len):
-            p = torch.tensor([pos])
-            logp, new = m.decode_step(tok, p, None, cache, cross, ptr)
-            stale = cache.clone()
-            stale[:, :, :, :, pos:] = torch.randn_like(stale[:, :, :, :, pos:])
-            probs_p, new_p = step(*step_inputs(tok, p, cross, stale, pointer))
-            torch.testing.assert_close(probs_p, logp.exp(), atol=2e-5, rtol=1e-4)
-            torch.testing.assert_close(new_p, new, atol=2e-5, rtol=1e-4)
-            copied = max(copied, float(probs_p[0, [41, 43]].sum()))
-            cache = m.write_kv(cache, new, p)
-            tok = logp.argmax(-1, keepdim=True)
-        assert copied > 0.3  # the objects' class tokens took real mass: the copy path was compared
-        assert float(probs_p[0, 40] + probs_p[0, 42]) < 0.1  # no object of those classes to copy
-    names = input_names(m.config.dec_layers, copy=True)
-    assert len(step_inputs(tok, p, cross, cache, pointer)) == len(names) == 2 + 4 * 2 + 3
-    assert names[-3:] == ["ptr_keys", "ptr_bias", "ptr_vocab"]
+        doc_slots = pointer[1][0, m.n_obj :] == 0  # the usable slots of the documents, after the objects'
+        doc = pointer[2][0, m.n_obj :][doc_slots].argmax(-1)[:6]
+        copied, followed = 0.0, 0.0
+        # the step's own greedy answer, then one that starts with a document's words as a copy writes them
+        for forced in (torch.zeros(0, dtype=torch.long), doc):
+            cache = m.empty_cache(1)
+            tok = torch.ones(1, 1, dtype=torch.long)
+            prev = tok
+            for pos in range(m.config.max_answer_len):
+                p = torch.tensor([pos])
+                logp, new = m.decode_step(tok, p, None, cache, cross, ptr, prev)
+                stale = cache.clone()
+                stale[:, :, :, :, pos:] = torch.randn_like(stale[:, :, :, :, pos:])
+                probs_p, new_p = step(*step_inputs(tok, p, cross, stale, pointer, prev))
+                torch.testing.assert_close(probs_p, logp.exp(), atol=2e-5, rtol=1e-4)
+                torch.testing.assert_close(new_p, new, atol=2e-5, rtol=1e-4)
+                copied = max(copied, float(probs_p[0, [41, 43]].sum()))
+                followed = max(followed, float(pointer[3][0, int(tok)].sum()))  # slots after one holding tok
+                cache = m.write_kv(cache, new, p)
+                nxt = forced[pos : pos + 1].view(1, 1) if pos < len(forced) else logp.argmax(-1, keepdim=True)
+                prev, tok = tok, nxt
+            if not len(forced):
+                assert float(probs_p[0, 40] + probs_p[0, 42]) < 0.1  # no object of those classes to copy
+        assert copied > 0.1  # the objects' class tokens took real mass (beside the documents' words)
+        assert followed > 0  # some step read a token a document holds: its continuation was compared
+    names = input_names(m.config.dec_layers, copy=True, cont=True)
+    assert len(step_inputs(tok, p, cross, cache, pointer)) == len(names) == 2 + 4 * 2 + 5
+    assert names[-5:] == ["ptr_keys", "ptr_bias", "ptr_vocab", "ptr_next", "prev_token"]
 
 
 def test_phone_decode_step_without_objects_returns_the_vocabulary_logits() -> None:
@@ -223,7 +235,8 @@ def test_phone_decode_step_without_objects_returns_the_vocabulary_logits() -> No
 def test_decode_step_lowers_to_one_xnnpack_call() -> None:
     """Why phone_ops and phone_decode exist: traced as the student's decode_step, layer norms, bool masks and
     cache writes split a step into many delegate calls around portable kernels; the phone step is one
-    XNNPACK call with only its three embedding lookups outside (token, position, the key-mask row)."""
+    XNNPACK call with only its lookups outside: three embeddings (token, position, the key-mask row) and the copy
+    slots that follow one holding the token (``ptr_next``)."""
     pytest.importorskip("executorch")
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
@@ -233,10 +246,19 @@ def test_decode_step_lowers_to_one_xnnpack_call() -> None:
 
     class Step(torch.nn.Module):
         def forward(
-            self, tok: Any, pos: Any, cross: Any, cache: Any, keys: Any, bias: Any, vocab: Any
+            self,
+            tok: Any,
+            pos: Any,
+            cross: Any,
+            cache: Any,
+            keys: Any,
+            bias: Any,
+            vocab: Any,
+            nxt: Any,
+            prev: Any,
         ) -> Any:
-            ptr = {"ptr_keys": keys.transpose(1, 2), "ptr_bias": bias, "ptr_vocab": vocab}
-            return m.decode_step(tok, pos, None, cache, cross, ptr)
+            ptr = {"ptr_keys": keys.transpose(1, 2), "ptr_bias": bias, "ptr_vocab": vocab, "ptr_next": nxt}
+            return m.decode_step(tok, pos, None, cache, cross, ptr, prev)
 
     tok, pos = torch.ones(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
 
@@ -251,12 +273,13 @@ def test_decode_step_lowers_to_one_xnnpack_call() -> None:
             if n.op == "call_function" and "getitem" not in str(n.target)
         )
 
-    fused = top_level_ops(Step(), (tok, pos, cross, m.empty_cache(1), *pointer))
+    fused = top_level_ops(Step(), (tok, pos, cross, m.empty_cache(1), *pointer, tok))
     phone = top_level_ops(PhoneDecodeStep(m).eval(), step_inputs(tok, pos, cross, m.empty_cache(1), pointer))
     assert phone["executorch_call_delegate"] == 1, phone
     assert fused["executorch_call_delegate"] > 2, fused
     outside = {k for k in phone if k != "executorch_call_delegate" and "view" not in k}
-    assert outside == {"aten.embedding.default"} and phone["aten.embedding.default"] == 3, phone
+    assert outside == {"aten.embedding.default", "aten.index_select.default"}, phone
+    assert phone["aten.embedding.default"] == 3 and phone["aten.index_select.default"] == 2, phone
 
 
 @pytest.mark.slow

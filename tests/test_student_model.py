@@ -223,7 +223,9 @@ def test_decode_step_matches_full_recompute_at_every_position(model: Student) ->
         for t in range(cfg.max_answer_len):
             pos = torch.tensor([t])
             before = cache.clone()
-            logits, new = model.decode_step(seq[:, t : t + 1], pos, memory, cache, pointer=ptr)
+            tok = seq[:, t : t + 1]
+            prev = seq[:, t - 1 : t] if t else torch.full_like(tok, BOS_ID)  # the copy path reads it
+            logits, new = model.decode_step(tok, pos, memory, cache, pointer=ptr, prev_token=prev)
             assert torch.equal(cache, before)  # the step reads the cache; storing kv_new is the caller's job
             assert new.shape == (cfg.dec_layers, 2, 2, cfg.n_heads, 1, cfg.head_dim)
             torch.testing.assert_close(logits, full[:, t], atol=1e-4, rtol=1e-4)
@@ -231,9 +233,9 @@ def test_decode_step_matches_full_recompute_at_every_position(model: Student) ->
             x = model.tok_emb(seq[:, t : t + 1]) + model.a_pos.weight[t]
             for layer, kv, cr in zip(model.dec, eager_cache, cross, strict=True):
                 x = layer.step_eager(x, t, kv[0], kv[1], cr)
-            eager = model.copy_mix(model.dec_norm(x), ptr)[:, 0]
+            eager = model.copy_mix(model.dec_norm(x), ptr, tok, prev)[:, 0]
             torch.testing.assert_close(eager, logits, atol=1e-5, rtol=1e-5)
-            fast, fast_new = model.decode_step(seq[:, t : t + 1], pos, memory, cache, cross, ptr)
+            fast, fast_new = model.decode_step(tok, pos, memory, cache, cross, ptr, prev)
             torch.testing.assert_close(fast, logits, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(fast_new, new, atol=1e-5, rtol=1e-5)
             cache = model.write_kv(cache, new, pos)
@@ -624,7 +626,7 @@ def test_the_full_visual_rag_schema_gives_todays_heads_and_weights() -> None:
         heads = set(a.eval().encode(img, q, qm))
     assert heads == {
         "memory", "boxes", "scores", "classes", "keep", "mask_logits", "ptr_keys", "ptr_bias", "ptr_vocab",
-        "source_logits",
+        "ptr_next", "source_logits",
     }  # fmt: skip
 
 
@@ -830,3 +832,75 @@ def test_the_built_in_student_is_exportable_and_predict_takes_its_fast_path() ->
     assert not has_fast_path(ForwardOnly()) and not has_fast_path(object())
     with pytest.raises(TypeError, match="no `config`"):
         config_of(object())
+
+
+def test_ptr_next_marks_the_slot_after_one_holding_the_token_within_its_document_only() -> None:
+    """``ptr_next[b, v, j]`` is 1 exactly where document slot j follows a slot of the same document holding
+    token v: never an object slot, never a document's first slot (its previous slot is another document's)."""
+    docs = [[20, 30, 31], [31, 30, 22], [22, 33]]
+    cfg = StudentConfig(
+        **{**SMALL, "source_token_ids": docs, "sources_k": 2, "class_token_ids": [20, 21, 22]}
+    )
+    m = Student(cfg).train()
+    img, q, qm = _inputs(cfg, b=1)
+    k = cfg.max_objects
+    objects = _objects(1, k, [0], [True]) | {"sources": torch.tensor([[1.0, 1.0, 0.0]])}
+    with torch.no_grad():
+        out = m.encode(img, q, qm, objects=objects)
+    nxt = out["ptr_next"][0]  # [V, K]
+    assert nxt.shape == (cfg.vocab_size, m.n_copy)
+    marked = {(int(v), int(j) - k) for v, j in torch.nonzero(nxt)}
+    # document 0 in slots 0..2 (20 30 31), document 1 in slots 3..5 (31 30 22)
+    assert marked == {(20, 1), (30, 2), (31, 4), (30, 5)}
+
+
+def test_a_copy_goes_on_where_it_left_off() -> None:
+    """With the continuation on (``ptr_cont``) and every other score flat, the token after a copied word is
+    the document's next word, also after a word the document holds twice (the two tokens read before say which
+    one); without it (an older run's config: ``copy_continue`` False) nothing tells the slots apart. The step
+    (``ptr_next`` looked up with the token and the one before it) gives the same scores as teacher forcing."""
+    docs = [[40, 41, 42, 43, 44], [50, 51, 52, 51, 53]]
+    base = {**SMALL, "num_sources": 2, "source_token_ids": docs, "sources_k": 1}
+    torch.manual_seed(0)
+    m = Student(StudentConfig(**base)).eval()
+    assert StudentConfig.from_dict({k: v for k, v in m.config.to_dict().items() if k != "copy_continue"}) == (
+        StudentConfig(**{**base, "copy_continue": False})
+    )
+    with torch.no_grad():
+        m.ptr_gate.bias.fill_(-30.0)  # always copy
+        m.ptr_gate.weight.zero_()
+        m.ptr_q.weight.zero_()
+        m.ptr_q.bias.zero_()  # every slot scores the same but for the continuation
+        m.ptr_cont.weight.zero_()
+        m.ptr_cont.bias.fill_(8.0)
+    img, q, qm = _inputs(m.config, b=1)
+    objects = _objects(1, m.config.max_objects, [], []) | {"sources": torch.tensor([[0.0, 1.0]])}
+    with torch.no_grad():
+        enc = m.train().encode(img, q, qm, objects=objects)
+        m.eval()
+        ptr = m.pointer_of(enc)
+        answer_in = torch.tensor([[BOS_ID, 50, 51, 52, 51]])
+        full = m.decode_full(answer_in, enc["memory"], ptr)
+        # 51 comes twice: after "50 51" the document goes on with 52, after "52 51" with 53
+        assert full[0, 1:].argmax(-1).tolist() == [51, 52, 51, 53]
+        cache = m.empty_cache(1)
+        prev = BOS_ID
+        for pos, tok in enumerate(answer_in[0].tolist()):
+            logp, new = m.decode_step(
+                torch.tensor([[tok]]),
+                torch.tensor([pos]),
+                enc["memory"],
+                cache,
+                None,
+                ptr,
+                torch.tensor([[prev]]),
+            )
+            torch.testing.assert_close(logp, full[:, pos], atol=1e-5, rtol=1e-5)
+            cache = m.write_kv(cache, new, torch.tensor([pos]))
+            prev = tok
+        m.ptr_cont.bias[1] = 0.0  # the word alone: both slots after a 51 are as likely
+        uni = m.decode_full(answer_in, enc["memory"], ptr)[0, 2]
+        assert float(uni[52] - uni[53]) == pytest.approx(0.0, abs=1e-5) and float(uni[52] - uni[50]) > 5
+        m.ptr_cont.bias.fill_(0.0)  # no continuation: every slot of the document is as likely after 51
+        flat = m.decode_full(answer_in, enc["memory"], ptr)[0, 2]
+        assert float(flat[52] - flat[50]) == pytest.approx(0.0, abs=1e-5)

@@ -191,7 +191,12 @@ def _export(
     n_layers = step.n_layers if step is not None else 0
     names = {
         "encode": (ENCODE_INPUTS, encode_outputs),
-        "decode_step": (input_names(n_layers, copy=bool(step is not None and step.copy)), DECODE_OUTPUTS),
+        "decode_step": (
+            input_names(
+                n_layers, copy=bool(step is not None and step.copy), cont=bool(step is not None and step.cont)
+            ),
+            DECODE_OUTPUTS,
+        ),
     }
     res = export_onnx(programs, names, tmp, quantize=quantize)
     return res["files"], res["quantization"]
@@ -287,6 +292,9 @@ def _manifest(
         "decode_step's input of the same name",
         "ptr_vocab": "the copy path: one row per slot, one-hot at its token (an object's class name, a "
         "document's word); decode_step's input of the same name",
+        "ptr_next": "the copy path: [1, vocabulary, slots], 1 where a document slot follows a slot of the same "
+        "document holding that token (the step looks up the token it reads, so a copy goes on where it left "
+        "off); decode_step's input of the same name",
         "boxes": "the selected objects: cx, cy, w, h in 0..1 of the canvas",
         "scores": "each object's class score (sigmoid)",
         "classes": "each object's class id (index into class_names)",
@@ -323,7 +331,7 @@ def _manifest(
         },
     }
     if "decode_step" in files:
-        from graphdistill.export.phone_decode import POINTER_INPUTS, input_names
+        from graphdistill.export.phone_decode import input_names
 
         view_shape = {"cross_kv": cross_shape[2:], "kv_cache": kv_shape[2:]}
         kv_inputs: list[TensorSpec] = []
@@ -338,9 +346,18 @@ def _manifest(
                 }
             )
         pointer_inputs: list[TensorSpec] = [
-            {"name": n, "shape": pointer[n], "dtype": "float32", "per_query": n}
-            for n in (POINTER_INPUTS if pointer else ())
+            {"name": n, "shape": pointer[n], "dtype": "float32", "per_query": n} for n in (pointer or {})
         ]
+        if "ptr_next" in (pointer or {}):  # the copy path also reads the token fed at the step before
+            pointer_inputs.append(
+                {
+                    "name": "prev_token",
+                    "shape": [1, 1],
+                    "dtype": "int64",
+                    "meaning": "the token fed at the step before (<bos> at position 0): the copy path goes on "
+                    "where the last two tokens left a document",
+                }
+            )
         programs["decode_step"] = {
             "file": files["decode_step"],
             "method": "decode_step",

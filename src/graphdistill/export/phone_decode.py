@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from graphdistill.student.model import BOS_ID
 from graphdistill.student.phone_ops import NEG
 
 # buffers whose linear layer computes a norm's mean or variance: int8 export must leave them float
@@ -93,10 +94,21 @@ class PhoneDecodeStep(nn.Module):
             ffn_in = layer.ffn.layers[0]
             self.ffn_in.append(FoldedNorm(layer.ln3, ffn_in.weight, ffn_in.bias, fused_norms))
         self.copy = hasattr(student, "ptr_q")
+        self.cont = hasattr(student, "ptr_cont")  # the copy goes on where it left off (``ptr_next``)
         self.vocab = int(student.tok_emb.weight.shape[0])
-        if self.copy:  # one linear after the final norm: [vocabulary logits | pointer query | gate]
-            w = torch.cat([student.tok_emb.weight, student.ptr_q.weight, student.ptr_gate.weight])
-            b = torch.cat([torch.zeros(self.vocab), student.ptr_q.bias, student.ptr_gate.bias])
+        if self.copy:  # one linear after the final norm: [vocabulary logits | pointer query | gate (| cont)]
+            extra = [student.ptr_cont] if self.cont else []
+            w = torch.cat(
+                [
+                    student.tok_emb.weight,
+                    student.ptr_q.weight,
+                    student.ptr_gate.weight,
+                    *(m.weight for m in extra),
+                ]
+            )
+            b = torch.cat(
+                [torch.zeros(self.vocab), student.ptr_q.bias, student.ptr_gate.bias, *(m.bias for m in extra)]
+            )
             self.logits = FoldedNorm(student.dec_norm, w, b, fused_norms)
         else:
             self.logits = FoldedNorm(student.dec_norm, student.tok_emb.weight, None, fused_norms)
@@ -104,14 +116,20 @@ class PhoneDecodeStep(nn.Module):
     def forward(self, token: Tensor, position: Tensor, *kv: Tensor) -> tuple[Tensor, Tensor]:
         s, d, h, hd, t_max, m = self.student, self.d, self.heads, self.hd, self.t_max, self.n_ctx
         n = self.n_layers
-        if len(kv) != 4 * n + (3 if self.copy else 0):
+        n_ptr = len(pointer_inputs(self.copy, self.cont)) + (1 if self.cont else 0)  # + prev_token
+        if len(kv) != 4 * n + n_ptr:
             raise ValueError(
-                f"decode step takes {4 * n} key/value inputs (+3 copy-path inputs), got {len(kv)}"
+                f"decode step takes {4 * n} key/value inputs (+{n_ptr} copy-path inputs), got {len(kv)}"
             )
         cross, cache = kv[: 2 * n], kv[2 * n : 4 * n]
         scale = 1.0 / math.sqrt(hd)
         x = (s.tok_emb(token) + s.a_pos(position.view(1, 1))).view(1, d)
         bias = F.embedding(position, self.key_bias).view(1, 1, t_max)  # [1, 1, T]
+        follows = before = None
+        if self.cont:  # the copy slots that follow one holding this token / the token before: lookups in
+            # ptr_next [1,V,K] (like the embedding lookups, outside XNNPACK, before its one call)
+            follows = torch.index_select(kv[4 * n + 3], 1, token.view(1))
+            before = torch.index_select(kv[4 * n + 3], 1, kv[4 * n + 4].view(1))
         new = []
         for i, layer in enumerate(s.dec):
             qkv = self.qkv[i](x)
@@ -132,44 +150,67 @@ class PhoneDecodeStep(nn.Module):
         out = self.logits(x)
         if not self.copy:
             return out, torch.stack(new)
-        ptr_keys, ptr_bias, ptr_vocab = kv[4 * n :]  # [1,D,K], [1,K], [1,K,V]
+        ptr_keys, ptr_bias, ptr_vocab = kv[4 * n : 4 * n + 3]  # [1,D,K], [1,K], [1,K,V]
         v = self.vocab
         k = ptr_bias.shape[-1]
         q = out[:, v : v + d].view(1, 1, d)
         pointed = torch.bmm(q, ptr_keys) * (1.0 / math.sqrt(d)) + ptr_bias.view(1, 1, k)  # [1,1,K]
-        w = torch.softmax(torch.cat([out[:, v + d :].view(1, 1, 1), pointed], dim=-1), dim=-1)
+        if follows is not None and before is not None:  # as Student.copy_mix
+            both = follows * F.pad(before[..., :-1], (1, 0))
+            pointed = pointed + out[:, v + d + 1 : v + d + 2].view(1, 1, 1) * follows
+            pointed = pointed + out[:, v + d + 2 :].view(1, 1, 1) * both
+        w = torch.softmax(torch.cat([out[:, v + d : v + d + 1].view(1, 1, 1), pointed], dim=-1), dim=-1)
         probs = w[..., :1].view(1, 1) * torch.softmax(out[:, :v], dim=-1) + torch.bmm(
             w[..., 1:], ptr_vocab
         ).view(1, v)
         return probs, torch.stack(new)
 
 
-POINTER_INPUTS = ("ptr_keys", "ptr_bias", "ptr_vocab")  # the copy path's per-query inputs, encode's outputs
+# the copy path's per-query inputs, encode's outputs; ``ptr_next`` only for a student whose copies go on
+# where they left off (``Student.ptr_cont``)
+POINTER_INPUTS = ("ptr_keys", "ptr_bias", "ptr_vocab", "ptr_next")
 
 
-def input_names(n_layers: int, copy: bool = False) -> list[str]:
+def pointer_inputs(copy: bool, cont: bool = False) -> tuple[str, ...]:
+    """The copy path's inputs a step takes: none, :data:`POINTER_INPUTS` without ``ptr_next``, or all."""
+    return POINTER_INPUTS[: (4 if cont else 3)] if copy else ()
+
+
+def input_names(n_layers: int, copy: bool = False, cont: bool = False) -> list[str]:
     """The step's inputs in order: token, position, every layer's cross-attention key and value, every
-    layer's cached key and value, then (with the copy path) :data:`POINTER_INPUTS`."""
+    layer's cached key and value, then (with the copy path) :func:`pointer_inputs` and, when copies go on
+    where they left off, ``prev_token`` (the token read at the step before; <bos> at position 0)."""
     kinds = ("key", "value")
     return [
         "token",
         "position",
         *(f"cross_kv.{i}.{k}" for i in range(n_layers) for k in kinds),
         *(f"kv_cache.{i}.{k}" for i in range(n_layers) for k in kinds),
-        *(POINTER_INPUTS if copy else ()),
+        *pointer_inputs(copy, cont),
+        *(["prev_token"] if copy and cont else []),
     ]
 
 
 def step_inputs(
-    token: Tensor, position: Tensor, cross_kv: Tensor, kv_cache: Tensor, pointer: tuple[Tensor, ...] = ()
+    token: Tensor,
+    position: Tensor,
+    cross_kv: Tensor,
+    kv_cache: Tensor,
+    pointer: tuple[Tensor, ...] = (),
+    prev_token: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """The student's ``cross_kv`` [L,2,1,H,M,hd] and ``kv_cache`` [L,2,1,H,T,hd] -> the step's inputs (views),
-    followed by the copy path's ``pointer`` inputs (``ptr_keys`` [1,D,K], ``ptr_bias``, ``ptr_vocab``)."""
+    followed by the copy path's ``pointer`` inputs (``ptr_keys`` [1,D,K], ``ptr_bias``, ``ptr_vocab``[,
+    ``ptr_next``]) and, with ``ptr_next``, ``prev_token`` [1,1] (None: <bos>)."""
     n = cross_kv.shape[0]
+    prev: tuple[Tensor, ...] = ()
+    if len(pointer) == len(POINTER_INPUTS):
+        prev = (torch.full_like(token, BOS_ID) if prev_token is None else prev_token,)
     return (
         token,
         position,
         *(cross_kv[i, j] for i in range(n) for j in range(2)),
         *(kv_cache[i, j] for i in range(n) for j in range(2)),
         *pointer,
+        *prev,
     )

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 ENCODE_INPUTS = ["image", "question_ids", "question_mask"]
 DECODE_OUTPUTS = ["scores", "kv_new"]
 # encode's outputs besides the heads: the answer decoder's per-query inputs (with a text head) or the memory
-TEXT_OUTPUTS = ("cross_kv", "ptr_keys", "ptr_bias", "ptr_vocab")
+TEXT_OUTPUTS = ("cross_kv", "ptr_keys", "ptr_bias", "ptr_vocab", "ptr_next")
 
 
 class ExportError(GraphdistillError, RuntimeError):
@@ -132,10 +132,12 @@ def load_run(run: Path, dataset: str | Path | None = None) -> LoadedRun:
 
 def text_output_names(model: Any) -> list[str]:
     """encode's first outputs: ``cross_kv`` and, with the copy path, ``ptr_keys``/``ptr_bias``/``ptr_vocab``
-    (with a text head); ``memory`` (without)."""
+    (and ``ptr_next`` when its copies go on where they left off) (with a text head); ``memory`` (without)."""
+    from graphdistill.export.phone_decode import pointer_inputs
+
     if not model.config.has_text:
         return ["memory"]
-    return list(TEXT_OUTPUTS) if hasattr(model, "ptr_q") else ["cross_kv"]
+    return ["cross_kv", *pointer_inputs(hasattr(model, "ptr_q"), hasattr(model, "ptr_cont"))]
 
 
 def head_names(model: Any) -> list[str]:
@@ -274,10 +276,14 @@ def cross_kv_shape(loaded: LoadedRun) -> list[int]:
 
 def pointer_shapes(loaded: LoadedRun) -> dict[str, list[int]]:
     """The copy path's per-query inputs: ``ptr_keys`` [1, D, K] (the copy slots' keys, transposed),
-    ``ptr_bias`` [1, K], ``ptr_vocab`` [1, K, V]."""
+    ``ptr_bias`` [1, K], ``ptr_vocab`` [1, K, V] and, when the copies go on where they left off, ``ptr_next``
+    [1, V, K]."""
     cfg = loaded.config
     k = int(loaded.model.n_copy)
-    return {"ptr_keys": [1, cfg.d_model, k], "ptr_bias": [1, k], "ptr_vocab": [1, k, cfg.vocab_size]}
+    out = {"ptr_keys": [1, cfg.d_model, k], "ptr_bias": [1, k], "ptr_vocab": [1, k, cfg.vocab_size]}
+    if hasattr(loaded.model, "ptr_cont"):
+        out["ptr_next"] = [1, cfg.vocab_size, k]
+    return out
 
 
 def pointer_example(loaded: LoadedRun) -> tuple[Any, ...]:
@@ -307,24 +313,24 @@ def torch_reference(
             return Raw([], named)
         model = loaded.model
         cross = by_name["cross_kv"]
-        pointer = tuple(by_name[k] for k in TEXT_OUTPUTS[1:]) if loaded.has_copy else ()
-        ptr = (
-            {"ptr_keys": pointer[0].transpose(1, 2), "ptr_bias": pointer[1], "ptr_vocab": pointer[2]}
-            if pointer
-            else None
-        )
+        names = [k for k in TEXT_OUTPUTS[1:] if k in by_name] if loaded.has_copy else []
+        pointer = tuple(by_name[k] for k in names)
+        ptr = {
+            k: (v.transpose(1, 2) if k == "ptr_keys" else v) for k, v in zip(names, pointer, strict=True)
+        } or None
         kv = loaded.model.empty_cache(1)
         token = torch.tensor([[ids["bos"]]], dtype=torch.long)
+        prev = token  # the token read before ``token`` (<bos> before the first)
         answer: list[int] = []
         for pos in range(loaded.config.max_answer_len - 1):
             position = torch.tensor([pos], dtype=torch.long)
             if record is not None:
-                record.append(step_inputs(token, position, cross, kv, pointer))
-            logits, kv_new = model.decode_step(token, position, None, kv, cross, ptr)
+                record.append(step_inputs(token, position, cross, kv, pointer, prev))
+            logits, kv_new = model.decode_step(token, position, None, kv, cross, ptr, prev)
             kv = model.write_kv(kv, kv_new, position)  # a new tensor: recorded inputs stay as they were
             nxt = greedy_token(logits[0], answer, loaded.config.no_repeat_ngram, loaded.config.max_token_run)
             if nxt == ids["eos"]:
                 break
             answer.append(nxt)
-            token = torch.tensor([[nxt]], dtype=torch.long)
+            prev, token = token, torch.tensor([[nxt]], dtype=torch.long)
     return Raw(answer, named)

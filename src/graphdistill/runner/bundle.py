@@ -12,10 +12,12 @@ A bundle is a folder: the model file(s), ``tokenizer.json`` and ``manifest.json`
    (their names, in order, are ``programs.encode.outputs`` in the manifest), once;
 5. the answer (only when the manifest has a ``decode_step`` program, i.e. a TEXT output): copy ``cross_kv``
    into the runner's ``cross_kv`` array and each ``per_query`` input of ``decode_step`` (the copy path's
-   ``ptr_keys``, ``ptr_bias``, ``ptr_vocab``) from encode's output of that name, ``kv_cache = zeros`` (the
+   ``ptr_keys``, ``ptr_bias``, ``ptr_vocab`` and, in a bundle whose copies go on where they left off,
+   ``ptr_next``) from encode's output of that name, ``kv_cache = zeros`` (the
    runner's other array), ``token = <bos>``; for ``position = 0, 1, ...``:
    ``scores, kv_new = decode_step(token, position, cross_kv[l, 0], cross_kv[l, 1] for each layer l,
-   kv_cache[l, 0], kv_cache[l, 1] for each layer l, ptr_keys, ptr_bias, ptr_vocab)`` (views of the two arrays:
+   kv_cache[l, 0], kv_cache[l, 1] for each layer l, ptr_keys, ptr_bias, ptr_vocab[, ptr_next, prev_token])``
+   (``prev_token``: the token fed at the step before, <bos> at position 0; views of the two arrays:
    the manifest's inputs with ``view_of``, handed over in place); ``kv_cache[:, :, :, :, position] =
    kv_new[:, :, :, :, 0]`` (the runner owns the cache; the step only reads it); ``token = argmax(scores)``
    over the tokens that would not repeat a ``no_repeat_ngram``-gram of the answer so far nor make one token
@@ -297,6 +299,9 @@ class BundleRunner:
                 if self.has_text
                 else []
             )
+            # the token fed at the step before, when the bundle's copy path reads it (None: it does not)
+            step_names = [i["name"] for i in m["programs"]["decode_step"]["inputs"]] if self.has_text else []
+            self.prev_index = step_names.index("prev_token") if "prev_token" in step_names else None
             self.spec = m["preprocessing"]
             self.preprocess = Preprocessor(self.spec)
             self.decoding = m["output_decoding"]
@@ -332,6 +337,7 @@ class BundleRunner:
         # decode_step's inputs live in the runtime's buffers for the whole answer: written in place, not copied
         inputs = self.programs.buffers["decode_step"]
         token, position = inputs[0], inputs[1]
+        prev = inputs[self.prev_index] if self.prev_index is not None else None
         arrays = self.programs.arrays["decode_step"]
         by_name = dict(zip(self.encode_outputs, outs, strict=True))
         np.copyto(arrays["cross_kv"], by_name["cross_kv"])  # the same for every step of this answer
@@ -340,6 +346,8 @@ class BundleRunner:
         kv = arrays["kv_cache"]
         kv.fill(0.0)
         token[0, 0] = self.bos_id
+        if prev is not None:
+            prev[0, 0] = self.bos_id
         answer: list[int] = []
         for pos in range(self.max_steps):
             position[0] = pos
@@ -354,6 +362,8 @@ class BundleRunner:
             if nxt == self.eos_id:
                 break
             answer.append(nxt)
+            if prev is not None:
+                prev[0, 0] = token[0, 0]
             token[0, 0] = nxt
         return Raw(answer, named)
 

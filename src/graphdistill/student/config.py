@@ -72,6 +72,9 @@ class StudentConfig:
     # by config_from_schema; the default is the visual_rag shape.
     outputs: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_OUTPUTS))
     dropout: float = 0.0  # tiny models on small distilled sets: regularise by data, not dropout
+    # the copy path goes on copying a document where the last token left it (Student.ptr_cont); False for a
+    # run trained before it existed (its config.json has no such key)
+    copy_continue: bool = True
 
     @property
     def head_dim(self) -> int:
@@ -112,7 +115,7 @@ class StudentConfig:
             )
         if unknown:
             raise ValueError(f"unknown StudentConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        return cls(**{"copy_continue": False, **d})
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:

@@ -89,6 +89,9 @@ EOS_ID = 2
 UNK_ID = 3
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]  # ids 0..3, in this order, in every tokenizer
 OBJECT_KEYS = ("obj_classes", "obj_boxes", "obj_scores", "obj_valid")  # teacher-forced object tokens
+# the copy path's per-query inputs (:meth:`Student.pointer`); ``ptr_next`` only with a sources head
+POINTER_KEYS = ("ptr_keys", "ptr_bias", "ptr_vocab", "ptr_next")
+CONT_PRIOR = 2.0  # ptr_cont's starting bias: a copy goes on where it left off, until training says otherwise
 
 
 @runtime_checkable
@@ -427,6 +430,11 @@ class Student(nn.Module):
             ):  # a document token's key: the token and the one before it (where a copy goes on)
                 self.ptr_doc = nn.Linear(d, d)
                 self.ptr_doc_prev = nn.Linear(d, d)
+                # how strongly to go on copying a document where the last tokens left it: added to the score of
+                # each document slot whose previous slot holds the token just read (column 0) and whose two
+                # previous slots hold the last two tokens read (column 1; see ``ptr_next``, :meth:`copy_mix`)
+                if cfg.copy_continue:
+                    self.ptr_cont = nn.Linear(d, 2)
                 # added to the keys of a document that names a class the question names
                 self.doc_mention = nn.Parameter(torch.zeros(d))
         self._init()
@@ -444,6 +452,10 @@ class Student(nn.Module):
             if hasattr(self, "ptr_gate"):
                 with torch.no_grad():  # start by generating, copy only once it has learnt to
                     self.ptr_gate.bias.fill_(2.0)
+            if hasattr(self, "ptr_cont"):
+                with torch.no_grad():  # start from "a copy goes on"; training learns when it stops
+                    nn.init.zeros_(self.ptr_cont.weight)
+                    self.ptr_cont.bias.fill_(CONT_PRIOR)
 
     def start_from(self, start: Any) -> None:
         """Copy a teacher's offered modules (``teachers.base.StudentStart``) into the trunk and head."""
@@ -623,21 +635,47 @@ class Student(nn.Module):
             usable.append(t > UNK_ID)
         tok = torch.cat(tokens, 1)
         vocab = (tok[..., None] == torch.arange(self.config.vocab_size, device=tok.device)).to(memory.dtype)
-        return {
+        out = {
             "ptr_keys": torch.cat(keys, 1),
             "ptr_bias": (~torch.cat(usable, 1)).to(memory.dtype) * phone_ops.NEG,
             "ptr_vocab": vocab,
         }
+        if docs is not None and hasattr(self, "ptr_cont"):
+            # ptr_next[b, v, j] = 1 when slot j is a document token whose previous slot, in the same document,
+            # holds token v: reading v, the copy may go on at j (a table the decoder looks the read token up in)
+            follows = torch.ones(b, k, t3.shape[2], dtype=memory.dtype, device=memory.device)
+            follows[:, :, 0] = 0.0
+            n_obj = tok.shape[1] - k * t3.shape[2]
+            nxt = F.pad(vocab[:, n_obj:-1], (0, 0, 1, 0)) * follows.view(b, -1, 1)  # [B,k*L,V]
+            out["ptr_next"] = F.pad(nxt, (0, 0, n_obj, 0)).transpose(1, 2).contiguous()  # [B,V,K]
+        return out
 
-    def copy_mix(self, h: Tensor, ptr: dict[str, Tensor] | None) -> Tensor:
+    def copy_mix(
+        self,
+        h: Tensor,
+        ptr: dict[str, Tensor] | None,
+        tokens: Tensor | None = None,
+        prev_tokens: Tensor | None = None,
+    ) -> Tensor:
         """Final hidden states ``h`` [B,T,D] (after ``dec_norm``) -> log-probabilities [B,T,V]: a mixture of
         the vocabulary distribution (tied embedding) and copies of the objects' class tokens and the retrieved
         documents' tokens, weighted by one softmax over ``[generate | slot 1 .. K]`` (a pointer-generator whose
-        gate is the first slot)."""
+        gate is the first slot). ``tokens`` [B,T]: the tokens the decoder read at each position, ``prev_tokens``
+        [B,T] the ones read before them (<bos> before the first): a document slot that follows one holding the
+        read token gets ``ptr_cont(h)[0]`` added to its score (``ptr_next``), and ``ptr_cont(h)[1]`` more when
+        the slot before that holds the token read before, so a copy goes on where it left off even after a
+        word the document holds several times ("along a fixed route" after "carries many passengers along a")."""
         logits = h @ self.tok_emb.weight.T
         if ptr is None or not hasattr(self, "ptr_q"):
             return logits.log_softmax(-1)
         scores = torch.matmul(self.ptr_q(h), ptr["ptr_keys"].transpose(1, 2)) * (1.0 / math.sqrt(h.shape[-1]))
+        if tokens is not None and prev_tokens is not None and "ptr_next" in ptr:
+            nxt = ptr["ptr_next"]  # [B,V,K]
+            follows = torch.gather(nxt, 1, tokens[..., None].expand(-1, -1, nxt.shape[2]))  # [B,T,K]
+            before = torch.gather(nxt, 1, prev_tokens[..., None].expand(-1, -1, nxt.shape[2]))
+            both = follows * F.pad(before[..., :-1], (1, 0))  # slot j-1 followed the token before, j this one
+            cont = self.ptr_cont(h)
+            scores = scores + cont[..., :1] * follows + cont[..., 1:] * both
         weights = torch.cat([self.ptr_gate(h), scores + ptr["ptr_bias"][:, None, :]], -1).softmax(-1)
         probs = weights[..., :1] * logits.softmax(-1) + torch.matmul(weights[..., 1:], ptr["ptr_vocab"])
         return probs.clamp(min=1e-12).log()
@@ -713,9 +751,7 @@ class Student(nn.Module):
 
     @staticmethod
     def pointer_of(encoded: dict[str, Tensor]) -> dict[str, Tensor] | None:
-        return (
-            {k: encoded[k] for k in ("ptr_keys", "ptr_bias", "ptr_vocab")} if "ptr_keys" in encoded else None
-        )
+        return {k: encoded[k] for k in POINTER_KEYS if k in encoded} if "ptr_keys" in encoded else None
 
     def empty_cache(self, batch: int, device: torch.device | None = None) -> Tensor:
         self._need_text("empty_cache")
@@ -738,13 +774,15 @@ class Student(nn.Module):
         kv_cache: Tensor,
         cross_kv: Tensor | None = None,
         pointer: dict[str, Tensor] | None = None,
+        prev_token: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """token [B,1] int64, position [B,1] or [1] int64 (0 = the <bos> slot), memory [B,M,D],
         kv_cache [L,2,B,H,T,hd] holding positions < ``position``, optional cross_kv from :meth:`cross_kv`
         (same result, faster), the copy path's inputs (:meth:`pointer`) -> (next-token log-probabilities
         [B,V], ``kv_new`` [L,2,B,H,1,hd]: this position's keys and values). The cache is only read: the caller
         stores ``kv_new`` at ``position`` (:meth:`write_kv`) before the next step. ``memory`` may be None when
-        ``cross_kv`` is given."""
+        ``cross_kv`` is given. ``prev_token`` [B,1]: the token read at the step before (None: <bos>, right at
+        position 0), which the copy path's continuation reads."""
         self._need_text("decode_step")
         if memory is None and cross_kv is None:
             raise ValueError("decode_step needs the memory or its cross_kv")
@@ -760,7 +798,8 @@ class Student(nn.Module):
             cross = None if cross_kv is None else cross_kv[i]
             x, k, v = layer.step(x, memory, kv_cache[i, 0], kv_cache[i, 1], write, valid, cross)
             new.append(torch.stack([k, v]))
-        logp = self.copy_mix(self.dec_norm(x), pointer)[:, 0]
+        prev = torch.full_like(token, BOS_ID) if prev_token is None else prev_token
+        logp = self.copy_mix(self.dec_norm(x), pointer, token.reshape(-1, 1), prev.reshape(-1, 1))[:, 0]
         return logp, torch.stack(new)
 
     @staticmethod
@@ -780,7 +819,8 @@ class Student(nn.Module):
         x = self.tok_emb(answer_in) + self.a_pos.weight[:la]
         for layer in self.dec:
             x = layer(x, memory)
-        return self.copy_mix(self.dec_norm(x), pointer)
+        prev = F.pad(answer_in[:, :-1], (1, 0), value=BOS_ID)
+        return self.copy_mix(self.dec_norm(x), pointer, answer_in, prev)
 
     def forward(
         self,
@@ -832,6 +872,7 @@ class Student(nn.Module):
         b = memory.shape[0]
         dev = memory.device
         tok = torch.full((b, 1), BOS_ID, dtype=torch.long, device=dev)
+        prev = tok  # the token read before ``tok`` (<bos> before the first)
         seq = tok
         cache = self.empty_cache(b, dev)
         cross = self.cross_kv(memory) if use_cache else None
@@ -845,7 +886,7 @@ class Student(nn.Module):
                 for layer, kv, cr in zip(self.dec, cache, cross, strict=True):
                     assert isinstance(layer, DecoderLayer)
                     x = layer.step_eager(x, i, kv[0], kv[1], cr)
-                logits = self.copy_mix(self.dec_norm(x), ptr)[:, 0]
+                logits = self.copy_mix(self.dec_norm(x), ptr, tok, prev)[:, 0]
             else:
                 logits = self.decode_full(seq, memory, ptr)[:, -1]
             if cfg.no_repeat_ngram or cfg.max_token_run:
@@ -861,7 +902,7 @@ class Student(nn.Module):
             nxt = torch.where(done, torch.full_like(nxt, PAD_ID), nxt)
             out.append(nxt)
             done = done | (nxt == EOS_ID)
-            tok = nxt.view(b, 1)
+            prev, tok = tok, nxt.view(b, 1)
             if not use_cache:
                 seq = torch.cat([seq, tok], dim=1)
             if stop_at_eos and bool(done.all()):

@@ -541,14 +541,16 @@
       const [L, two, B, heads, T, D] = kv.shape;
       const answer = [];
       let token = this.bosId;
+      let prev = this.bosId; // the token fed at the step before (<bos> at position 0)
       for (let pos = 0; pos < this.maxSteps; pos++) {
         const f = {};
         for (const spec of step.inputs) {
           if (spec.name === "token") f[spec.name] = this.tensor(spec, [token]);
           else if (spec.name === "position") f[spec.name] = this.tensor(spec, [pos]);
+          else if (spec.name === "prev_token") f[spec.name] = this.tensor(spec, [prev]);
           else if (spec.view_of) f[spec.name] = this.tensor(spec, view(spec));
           else if (spec.per_query) f[spec.name] = this.tensor(spec, named[spec.per_query].data);
-          else throw new Error(`decode_step input ${spec.name}: not token, position, a view or per_query`);
+          else throw new Error(`decode_step input ${spec.name}: not token, position, prev_token, a view or per_query`);
         }
         const out = await this.sessions.decode_step.run(f);
         const scores = out[step.outputs[0].name].data, kvNew = out[step.outputs[1].name].data;
@@ -557,6 +559,7 @@
         const nxt = greedyToken(scores, answer, this.decoding.no_repeat_ngram || 0, this.decoding.max_token_run || 0);
         if (nxt === this.eosId) break;
         answer.push(nxt);
+        prev = token;
         token = nxt;
       }
       return { answerIds: answer, outputs: named };
