@@ -161,6 +161,29 @@ def test_runner_gives_what_pytorch_predict_gives(run_dir: Path, onnx_float: Path
     assert n_objects > 0  # objects were compared, not two empty lists
 
 
+def test_the_runner_feeds_each_step_the_token_before_its_own(run_dir: Path, onnx_float: Path) -> None:
+    """``prev_token`` is the token fed at the step before (<bos> at position 0): a runner that left it at <bos>,
+    or fed the token itself, would copy from the wrong place in a document, where a tiny student may not show it."""
+    runner = BundleRunner(onnx_float, threads=1)
+    names = [i["name"] for i in runner.manifest["programs"]["decode_step"]["inputs"]]
+    at_token, at_prev = names.index("token"), names.index("prev_token")
+    fed: list[tuple[int, int]] = []
+    run = runner.programs.run
+
+    def spy(program: str, *inputs: np.ndarray) -> list[np.ndarray]:
+        if program == "decode_step":
+            fed.append((int(inputs[at_token][0, 0]), int(inputs[at_prev][0, 0])))
+        return run(program, *inputs)
+
+    runner.programs.run = spy  # type: ignore[method-assign]
+    image, question = _image(run_dir)
+    runner.predict(image, question)
+    assert len(fed) > 2
+    bos = runner.bos_id
+    assert fed[0] == (bos, bos) and fed[1][1] == bos
+    assert [p for _, p in fed[1:]] == [t for t, _ in fed[:-1]]
+
+
 def test_int8_is_smaller_and_keeps_fidelity(onnx_float: Path, onnx_int8: Path) -> None:
     import onnx
     from onnx import numpy_helper

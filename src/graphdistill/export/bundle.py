@@ -346,9 +346,9 @@ def _manifest(
                 }
             )
         pointer_inputs: list[TensorSpec] = [
-            {"name": n, "shape": pointer[n], "dtype": "float32", "per_query": n} for n in (pointer or {})
+            {"name": n, "shape": pointer[n], "dtype": "float32", "per_query": n} for n in pointer
         ]
-        if "ptr_next" in (pointer or {}):  # the copy path also reads the token fed at the step before
+        if "ptr_next" in pointer:  # the copy path also reads the token fed at the step before
             pointer_inputs.append(
                 {
                     "name": "prev_token",

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from graphdistill.student.config import POINTER_KEYS
 from graphdistill.student.model import BOS_ID
 from graphdistill.student.phone_ops import NEG
 
@@ -166,9 +167,9 @@ class PhoneDecodeStep(nn.Module):
         return probs, torch.stack(new)
 
 
-# the copy path's per-query inputs, encode's outputs; ``ptr_next`` only for a student whose copies go on
-# where they left off (``Student.ptr_cont``)
-POINTER_INPUTS = ("ptr_keys", "ptr_bias", "ptr_vocab", "ptr_next")
+# the copy path's per-query inputs, encode's outputs of the same names (the student's own keys); ``ptr_next``
+# only for a student whose copies go on where they left off (``Student.ptr_cont``)
+POINTER_INPUTS = POINTER_KEYS
 
 
 def pointer_inputs(copy: bool, cont: bool = False) -> tuple[str, ...]:

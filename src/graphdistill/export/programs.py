@@ -20,13 +20,14 @@ from graphdistill.runner.bpe import ByteLevelBPE
 from graphdistill.runner.bundle import Raw, greedy_token
 from graphdistill.runner.manifest import Document, Preprocessing
 from graphdistill.runner.preprocess import Letterbox, load_rgb, preprocess
+from graphdistill.student.config import POINTER_KEYS
 
 log = logging.getLogger(__name__)
 
 ENCODE_INPUTS = ["image", "question_ids", "question_mask"]
 DECODE_OUTPUTS = ["scores", "kv_new"]
 # encode's outputs besides the heads: the answer decoder's per-query inputs (with a text head) or the memory
-TEXT_OUTPUTS = ("cross_kv", "ptr_keys", "ptr_bias", "ptr_vocab", "ptr_next")
+TEXT_OUTPUTS = ("cross_kv", *POINTER_KEYS)
 
 
 class ExportError(GraphdistillError, RuntimeError):

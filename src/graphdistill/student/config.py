@@ -23,6 +23,11 @@ DEFAULT_OUTPUTS = {"answer": "text", "objects": "objects", "sources": "sources"}
 SOURCE_TOKENS = 32
 
 
+# the copy path's per-query inputs (``Student.pointer``; the exported step's inputs of the same names);
+# ``ptr_next`` only for a student whose copies go on where they left off (``copy_continue``)
+POINTER_KEYS = ("ptr_keys", "ptr_bias", "ptr_vocab", "ptr_next")
+
+
 @dataclass
 class StudentConfig:
     """Everything needed to rebuild a :class:`Student`; saved as RUN/config.json."""

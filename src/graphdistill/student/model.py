@@ -46,6 +46,7 @@ from graphdistill.student import phone_ops
 from graphdistill.student.config import (  # re-exported: model.StudentConfig etc. stay importable
     DEFAULT_OUTPUTS,
     HEAD_KINDS,
+    POINTER_KEYS,
     PRESETS,
     SINGLE_KINDS,
     StudentConfig,
@@ -89,8 +90,6 @@ EOS_ID = 2
 UNK_ID = 3
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]  # ids 0..3, in this order, in every tokenizer
 OBJECT_KEYS = ("obj_classes", "obj_boxes", "obj_scores", "obj_valid")  # teacher-forced object tokens
-# the copy path's per-query inputs (:meth:`Student.pointer`); ``ptr_next`` only with a sources head
-POINTER_KEYS = ("ptr_keys", "ptr_bias", "ptr_vocab", "ptr_next")
 CONT_PRIOR = 2.0  # ptr_cont's starting bias: a copy goes on where it left off, until training says otherwise
 
 
@@ -643,10 +642,12 @@ class Student(nn.Module):
         if docs is not None and hasattr(self, "ptr_cont"):
             # ptr_next[b, v, j] = 1 when slot j is a document token whose previous slot, in the same document,
             # holds token v: reading v, the copy may go on at j (a table the decoder looks the read token up in)
-            follows = torch.ones(b, k, t3.shape[2], dtype=memory.dtype, device=memory.device)
-            follows[:, :, 0] = 0.0
-            n_obj = tok.shape[1] - k * t3.shape[2]
-            nxt = F.pad(vocab[:, n_obj:-1], (0, 0, 1, 0)) * follows.view(b, -1, 1)  # [B,k*L,V]
+            width = t3.shape[2]
+            follows = (torch.arange(k * width, device=memory.device) % width != 0).to(
+                memory.dtype
+            )  # not a first
+            n_obj = tok.shape[1] - k * width
+            nxt = F.pad(vocab[:, n_obj:-1], (0, 0, 1, 0)) * follows[None, :, None]  # [B,k*L,V]
             out["ptr_next"] = F.pad(nxt, (0, 0, n_obj, 0)).transpose(1, 2).contiguous()  # [B,V,K]
         return out
 
