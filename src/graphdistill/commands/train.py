@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from graphdistill.commands._common import CommandError, console, print_json
+from graphdistill.student.config import RETRIEVAL_QUERIES
 
 SHOWN_LOSSES = ("answer_ce", "det_cls", "det_box", "kd_cls", "mask_bce", "sources")
 
@@ -59,10 +60,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--retrieval-queries",
         type=int,
-        default=4000,
+        default=RETRIEVAL_QUERIES,
         metavar="N",
         help="synthetic queries the graph's retriever ranks, to teach the sources head how it ranks (default "
-        "4000; 0: learn from the traces alone). Used when the graph's retrieve node offers its embedder",
+        f"{RETRIEVAL_QUERIES}; 0: learn from the traces alone). Used when the graph's retrieve node offers its "
+        "embedder",
     )
     p.add_argument(
         "--nproc",

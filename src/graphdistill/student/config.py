@@ -21,6 +21,14 @@ SINGLE_KINDS = ("text", "objects", "detections", "sources")  # at most one outpu
 DEFAULT_OUTPUTS = {"answer": "text", "objects": "objects", "sources": "sources"}
 # a document's tokens the sources head reads and the answer may copy (the knowledge base's facts are a sentence)
 SOURCE_TOKENS = 32
+# the dimensions of the retriever's space a sources head ranks in (StudentConfig.source_dims), when a node offers
+# its retriever: on the demo's 240 documents 64 of MiniLM's 384 kept as much of its ranking as the student's
+# query could learn (0.765 recall of unseen queries, against 0.763 with 128 and 0.768 with all 384)
+SOURCE_DIMS = 64
+# synthetic queries the graph's retriever ranks for the sources head (student.retrieval_kd), by default: on the
+# demo's knowledge base 4,000 / 10,000 / 20,000 of them taught the head alone (SpaceSourceHead, fitted by itself)
+# to recall about 0.74 / 0.75 / 0.77 of its top 3 on unseen ones; embedding 12,000 takes ~35 s on the 2-core CPU
+RETRIEVAL_QUERIES = 12000
 
 
 # the copy path's per-query inputs (``Student.pointer``; the exported step's inputs of the same names);
@@ -66,6 +74,12 @@ class StudentConfig:
     # from its words, so a document whose class no training row retrieved still ranks by what it says
     source_token_ids: list[list[int]] = field(default_factory=list)
     sources_k: int = 3  # the sources output is the top k documents, as the teacher's retriever returns
+    # 0: the sources head ranks documents by their words (a bag of tokens, SourceHead); > 0: in the graph
+    # retriever's own embedding space, this many principal directions of it: each document is the retriever's
+    # embedding of its text (a constant the trainer computes from the retriever's offer), the question and
+    # labels are mapped there by the student (student.retrieval_kd; set by the trainer when a node offers its
+    # retriever)
+    source_dims: int = 0
     # greedy decoding never repeats an n-gram this long (0: no such rule), nor writes one token more than
     # max_token_run times in a row (0: no such rule); both derived from the training answers
     # (student.train.decoding_rules)
@@ -145,6 +159,8 @@ class StudentConfig:
             )
         if self.sources_k < 1:
             raise ValueError(f"sources_k must be at least 1, got {self.sources_k}")
+        if self.source_dims < 0:
+            raise ValueError(f"source_dims must be 0 (rank by words) or more, got {self.source_dims}")
         if self.max_answer_len < 2:
             raise ValueError("max_answer_len must leave room for <bos> and at least one token")
         self.outputs = dict(self.outputs)

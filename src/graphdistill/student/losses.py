@@ -26,7 +26,9 @@ Masks:
 
 Summary heads: ``sources`` (a listwise softmax cross-entropy: the teacher's retrieved documents share the
 target mass, every other document is a negative; the student returns its top ``sources_k`` as the retriever
-does), ``embedding:<name>`` (1 − cosine).
+does), ``embedding:<name>`` (1 − cosine). Retrieval distillation (:mod:`graphdistill.student.retrieval_kd`):
+``retrieval`` (the sources loss on synthetic queries the teacher's retriever ranked) and, for a head in the
+retriever's own space, ``retrieval_embed`` (1 − cosine of its query vector with the retriever's).
 
 Weights are set by loss name (:meth:`LossWeights.from_names`, ``TrainConfig.loss_weights``,
 ``graphdistill train --loss-weight NAME=W``); an unknown name is an error, never silently ignored.
@@ -68,6 +70,9 @@ class LossWeights:
     mask_bce: float = 2.0
     sources: float = 1.0
     retrieval: float = 1.0  # the sources head on synthetic queries ranked by the teacher's retriever
+    retrieval_embed: float = (
+        1.0  # its query vector against the retriever's own (a head in the retriever's space)
+    )
     embedding: float = 1.0
     extra: dict[str, float] = field(default_factory=dict)  # per-embedding weights: "embedding:<name>"
 
@@ -395,6 +400,9 @@ def compute_losses(
         losses["sources"] = sources_loss(out["source_logits"], batch["sources"])
     if "retrieval_logits" in out and "retrieval_targets" in batch:  # see graphdistill.student.retrieval_kd
         losses["retrieval"] = sources_loss(out["retrieval_logits"], batch["retrieval_targets"])
+    if "retrieval_query" in out and "retrieval_vectors" in batch:  # both unit length in the retriever's space
+        cos = F.cosine_similarity(out["retrieval_query"], batch["retrieval_vectors"], dim=-1)
+        losses["retrieval_embed"] = mean(1 - cos)
 
     for key, value in out.items():
         if key.startswith("embedding:") and key in batch:

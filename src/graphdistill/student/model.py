@@ -179,6 +179,20 @@ def mentioned(words: Tensor, question_ids: Tensor, question_mask: Tensor) -> Ten
     return same.to(torch.float32).amax(-1) * (words > UNK_ID).to(torch.float32)
 
 
+def document_table(doc_tokens: list[list[int]], num_docs: int, vocab_size: int) -> tuple[Tensor, Tensor]:
+    """The documents' token ids [N, L] (``PAD_ID`` after each) and each token's inverse document frequency
+    over them [V]: a word only a few documents use (a class name) says what a document is about; "is", "a" say
+    nothing. A token no document uses weighs the most, but adds the same to every document's score."""
+    width = max([len(t) for t in doc_tokens] + [1])
+    ids = torch.zeros(num_docs, width, dtype=torch.long)
+    for n, toks in enumerate(doc_tokens):
+        ids[n, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+    df = torch.zeros(num_docs, vocab_size).scatter_(1, ids.clamp(max=vocab_size - 1), 1.0).sum(0)
+    idf = torch.log((num_docs + 1) / (df + 1))
+    idf[PAD_ID] = 0.0
+    return ids, idf
+
+
 class SourceHead(nn.Module):
     """Ranks the knowledge-base documents as the teacher's retriever does: its query is the question plus the
     detected labels, each once (``teachers.retriever.labelled_query``), embedded and compared by cosine with every
@@ -197,17 +211,8 @@ class SourceHead(nn.Module):
 
     def __init__(self, d: int, doc_tokens: list[list[int]], num_docs: int, vocab_size: int) -> None:
         super().__init__()
-        width = max([len(t) for t in doc_tokens] + [1])
-        ids = torch.zeros(num_docs, width, dtype=torch.long)
-        for n, toks in enumerate(doc_tokens):
-            ids[n, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+        ids, idf = document_table(doc_tokens, num_docs, vocab_size)
         present = (ids != PAD_ID).float()
-        # inverse document frequency of each token over the documents: a word only a few documents use (a class
-        # name) says what a document is about; "is", "a" say nothing. A token no document uses weighs the most,
-        # but adds the same to every document's score (the ranking reads the document side)
-        df = torch.zeros(num_docs, vocab_size).scatter_(1, ids.clamp(max=vocab_size - 1), 1.0).sum(0)
-        idf = torch.log((num_docs + 1) / (df + 1))
-        idf[PAD_ID] = 0.0
         self.idf: Tensor
         self.doc_tokens: Tensor
         self.doc_weights: Tensor  # idf-weighted mean over a document's tokens, 0 on padding
@@ -243,6 +248,61 @@ class SourceHead(nn.Module):
         shared = (same * w[:, :, None, None]).sum(1)  # [B,N,L]: each document token's weight in the query
         lexical = (shared * self.doc_weights).sum(-1) / (w.square().sum(1, keepdim=True).sqrt() + 1e-6)
         return semantic * self.log_temp.exp() + lexical * self.doc_norm * self.log_lex.exp()
+
+
+class SpaceSourceHead(nn.Module):
+    """Ranks the knowledge-base documents in the teacher retriever's own embedding space.
+
+    The retriever compares the embedding of its query (the question and the detected labels) with each
+    document's embedding. Here each document *is* the retriever's embedding of its text, projected onto the
+    ``dims`` principal directions of the documents' embeddings (``doc_keys``, unit length; a constant set by the
+    trainer, :meth:`set_space`, and saved with the weights), so only the query side is learnt: an
+    idf-initialised weighted sum of the query tokens' embeddings (shared with the question encoder, the object
+    tokens and the decoder) through a linear map into that space. Training regresses it onto the retriever's
+    own query embedding (projected the same way) and ranks with it (:mod:`graphdistill.student.retrieval_kd`).
+    ``doc_tokens`` is kept for the copy path, which quotes the retrieved documents."""
+
+    def __init__(
+        self, d: int, doc_tokens: list[list[int]], num_docs: int, vocab_size: int, dims: int
+    ) -> None:
+        super().__init__()
+        ids, idf = document_table(doc_tokens, num_docs, vocab_size)
+        self.doc_tokens: Tensor
+        self.register_buffer("doc_tokens", ids.to(torch.int32), persistent=False)
+        self.doc_keys: Tensor
+        self.register_buffer("doc_keys", torch.zeros(num_docs, dims))
+        self.token_weight = nn.Parameter(idf.view(-1, 1).clone())  # [V,1]: how much a token says
+        self.proj = nn.Linear(d, dims)
+        self.log_temp = nn.Parameter(torch.tensor(math.log(20.0)))  # the cosine's scale
+
+    def set_space(self, doc_keys: Tensor, known: Tensor | None = None) -> None:
+        """The documents' vectors in the retriever's space [N, dims] (:func:`retrieval_kd.teacher_space`) and,
+        when given, the tokens training's queries hold (``known`` [V] bool): every other token's weight is 0.
+        A word no training query held has an embedding nothing mapped into the retriever's space (its tied
+        output row drifts with every softmax), and at its initial idf weight, the highest for a word no
+        document uses, it pulled the query anywhere; the retriever's own model would know it, the student does
+        not, so it says nothing here (it gets no gradient either, so it stays 0)."""
+        if tuple(doc_keys.shape) != tuple(self.doc_keys.shape):
+            raise ValueError(
+                f"document vectors of shape {tuple(doc_keys.shape)} for a head of {tuple(self.doc_keys.shape)}"
+            )
+        if known is not None and tuple(known.shape) != (self.token_weight.shape[0],):
+            raise ValueError(
+                f"known tokens of shape {tuple(known.shape)} for a vocabulary of {self.token_weight.shape[0]}"
+            )
+        with torch.no_grad():
+            self.doc_keys.copy_(F.normalize(doc_keys.to(self.doc_keys), dim=-1))
+            if known is not None:
+                self.token_weight.mul_(known.to(self.token_weight).view(-1, 1))
+
+    def query(self, query_ids: Tensor, query_mask: Tensor, tok_emb: nn.Embedding) -> Tensor:
+        """``query_ids`` [B,J], ``query_mask`` [B,J] -> the query in the retriever's space [B, dims], unit."""
+        w = F.embedding(query_ids, self.token_weight).squeeze(-1) * query_mask.to(self.token_weight.dtype)
+        return F.normalize(self.proj((tok_emb(query_ids) * w.unsqueeze(-1)).sum(1)), dim=-1)
+
+    def forward(self, query_ids: Tensor, query_mask: Tensor, tok_emb: nn.Embedding) -> Tensor:
+        """-> ``source_logits`` [B,N]: the scaled cosine of the query with every document."""
+        return F.linear(self.query(query_ids, query_mask, tok_emb), self.doc_keys) * self.log_temp.exp()
 
 
 class DecoderLayer(nn.Module):
@@ -411,7 +471,11 @@ class Student(nn.Module):
         self.encoder = nn.TransformerEncoder(enc_layer, cfg.enc_layers, enable_nested_tensor=False)
         self.enc_norm = nn.LayerNorm(d)
         if cfg.has_sources:
-            self.source_head = SourceHead(d, cfg.source_token_ids, cfg.num_sources, cfg.vocab_size)
+            self.source_head: SourceHead | SpaceSourceHead = (
+                SpaceSourceHead(d, cfg.source_token_ids, cfg.num_sources, cfg.vocab_size, cfg.source_dims)
+                if cfg.source_dims
+                else SourceHead(d, cfg.source_token_ids, cfg.num_sources, cfg.vocab_size)
+            )
         self.embedding_heads = nn.ModuleDict({k: nn.Linear(d, v) for k, v in cfg.embedding_dims.items()})
         if cfg.has_text:
             self.a_pos = nn.Embedding(cfg.max_answer_len, d)
@@ -736,19 +800,37 @@ class Student(nn.Module):
                 out[f"embedding:{name}"] = head(summary)
         return out
 
-    def rank_sources(
+    def _source_query(
         self, question_ids: Tensor, question_mask: Tensor, objects: dict[str, Tensor] | None
-    ) -> Tensor:
-        """``source_logits`` [B,N] for the retriever's query: the question and the labels of ``objects``
-        (``classes`` [B,K], ``valid`` [B,K]; None: the question alone), each class once, as the teacher's
-        retriever asks (:func:`graphdistill.teachers.retriever.labelled_query`). Training's retrieval
-        distillation calls it on queries no trace asked (:mod:`graphdistill.student.retrieval_kd`)."""
+    ) -> tuple[Tensor, Tensor]:
+        """The retriever's query as student tokens: the question, then the labels of ``objects`` (``classes``
+        [B,K], ``valid`` [B,K]; None: the question alone), each class once, as the teacher's retriever asks
+        (:func:`graphdistill.teachers.retriever.labelled_query`) -> (ids [B,J], mask [B,J])."""
         ids, mask = question_ids, question_mask
         if objects is not None:
             c = objects["classes"].clamp(0, self.config.num_classes - 1)
             ids = torch.cat([ids, self.class_words[c]], dim=1)
             mask = torch.cat([mask.to(torch.bool), first_of_class(c, objects["valid"])], dim=1)
+        return ids, mask
+
+    def rank_sources(
+        self, question_ids: Tensor, question_mask: Tensor, objects: dict[str, Tensor] | None
+    ) -> Tensor:
+        """``source_logits`` [B,N] for the retriever's query (:meth:`_source_query`). Training's retrieval
+        distillation calls it on queries no trace asked (:mod:`graphdistill.student.retrieval_kd`)."""
+        ids, mask = self._source_query(question_ids, question_mask, objects)
         return self.source_head(ids, mask, self.tok_emb)  # type: ignore[no-any-return]
+
+    def source_vectors(
+        self, question_ids: Tensor, question_mask: Tensor, objects: dict[str, Tensor] | None
+    ) -> Tensor | None:
+        """The query in the retriever's space [B, source_dims] (unit length), which retrieval distillation
+        regresses onto the retriever's own; None for a head that ranks by words."""
+        head = self.source_head
+        if not isinstance(head, SpaceSourceHead):
+            return None
+        ids, mask = self._source_query(question_ids, question_mask, objects)
+        return head.query(ids, mask, self.tok_emb)
 
     @staticmethod
     def pointer_of(encoded: dict[str, Tensor]) -> dict[str, Tensor] | None:

@@ -49,10 +49,12 @@ from torch import nn
 
 from graphdistill._fs import ref
 from graphdistill.dataset import SPLITS, DatasetRow, iter_rows
-from graphdistill.student.config import SOURCE_TOKENS
+from graphdistill.student.config import RETRIEVAL_QUERIES, SOURCE_DIMS, SOURCE_TOKENS
 from graphdistill.student.loader import RowEncoder, StudentDataset, collate, embedding_dims_of, spec_of
 from graphdistill.student.losses import LossWeights, compute_losses
 from graphdistill.student.model import (
+    PAD_ID,
+    SpaceSourceHead,
     Student,
     StudentConfig,
     config_from_schema,
@@ -68,7 +70,7 @@ from graphdistill.student.tokenizer import StudentTokenizer
 log = logging.getLogger(__name__)
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
-RETRIEVAL_BATCH = 64  # synthetic retrieval queries per training step
+RETRIEVAL_BATCH = 256  # synthetic retrieval queries per training step
 RETRIEVAL_VAL = 256  # more of them, never trained on: validation's ``retrieval_recall``
 FEATURE_KEYS = ("trunk_p3", "trunk_p4", "trunk_p5")  # a frozen trunk's cached features in a batch
 
@@ -177,7 +179,7 @@ class TrainConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # extra StudentConfig fields
     loss_weights: dict[str, float] = field(default_factory=dict)
     # synthetic queries the graph's retriever ranks for the sources head (student.retrieval_kd); 0: none
-    retrieval_queries: int = 4000
+    retrieval_queries: int = RETRIEVAL_QUERIES
     # stream the training and validation rows from the dataset's Parquet row groups instead of holding them in
     # memory (student.stream): for a dataset larger than memory; the frozen trunk's features are not cached
     stream: bool = False
@@ -334,6 +336,9 @@ class TrainRecipe:
                 max_question_len=min(max(base.max_question_len, q_len), 64),
                 max_answer_len=min(max(base.max_answer_len, a_len), 96),
             )
+            if self._retriever_offer() is not None and cfg.retrieval_queries > 0:
+                # the sources head ranks in the retriever's own space (student.retrieval_kd)
+                derived["source_dims"] = min(SOURCE_DIMS, max(len(docs), 1))
             if self.start is not None:  # the trunk is the detector's: its architecture and its thresholds
                 derived.update(
                     trunk="ultralytics",
@@ -463,18 +468,15 @@ class TrainRecipe:
         """Synthetic queries ranked by the graph's retriever (:mod:`graphdistill.student.retrieval_kd`), for
         training and for validation; (None, None) when ``retrieval_queries`` is 0, the student has no sources
         head, or no node of the graph offers its retriever (``"text-retriever"``)."""
-        from graphdistill.teachers.base import RetrievalTeacher, load_offer, pick_offer
+        from graphdistill.teachers.base import RetrievalTeacher, load_offer
 
-        graph = self.ds.graph
         model = self.model
         n = self.cfg.retrieval_queries
-        if n <= 0 or graph is None or not isinstance(model, Student) or not model.config.has_sources:
+        if n <= 0 or not isinstance(model, Student) or not model.config.has_sources:
             return None, None
-        found = pick_offer(graph.offers, "text-retriever")
+        found = self._retriever_offer()
         if found is None:
-            log.info(
-                "graph %s: no node offers its retriever; the sources head learns from the traces", graph.name
-            )
+            log.info("the graph has no node offering its retriever; the sources head learns from the traces")
             return None, None
         teacher = load_offer(found[1], node=found[0])
         if not isinstance(teacher, RetrievalTeacher):
@@ -489,22 +491,45 @@ class TrainRecipe:
             max_question_len=self.model_config.max_question_len,
             n=n + RETRIEVAL_VAL,
             seed=self.cfg.seed,
+            dims=model.config.source_dims,
             progress=self.on_progress,
         )
+        head = model.source_head
+        if queries.doc_keys is not None and isinstance(head, SpaceSourceHead):
+            # the documents as the retriever sees them (the head's constants), and the words training's
+            # queries hold: the synthetic ones, the recorded questions, the class names
+            known = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+            known[queries.question_ids[:n][queries.question_mask[:n]]] = True
+            for r in self._train_rows():
+                known[torch.tensor(self.tokenizer.encode(r.question), dtype=torch.long)] = True
+            known[model.class_words] = True
+            known[PAD_ID] = False
+            head.set_space(queries.doc_keys, known)
         self.retrieval_teacher = teacher.describe() | {"queries": n}
         log.info("%d synthetic queries ranked by %s (node %s)", n, teacher.model_id, found[0])
         return queries.subset(slice(0, n)), queries.subset(slice(n, None))
 
+    def _retriever_offer(self) -> tuple[str, dict[str, Any]] | None:
+        """(node, offer) of the graph's node that offers its retriever (``"text-retriever"``), or None."""
+        from graphdistill.teachers.base import pick_offer
+
+        graph = self.ds.graph
+        return None if graph is None else pick_offer(graph.offers, "text-retriever")
+
     def _retrieval_logits(self, queries: RetrievalQueries, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """The sources head's ranking of synthetic queries ``idx`` and the teacher's (``retrieval_logits``,
-        ``retrieval_targets``)."""
+        ``retrieval_targets``); for a head in the retriever's space also its query vectors and the retriever's
+        (``retrieval_query``, ``retrieval_vectors``)."""
         b = queries.batch(idx, self.device)
         model = self.model
         assert isinstance(model, Student)
-        logits = model.rank_sources(
-            b["question_ids"], b["question_mask"], {"classes": b["classes"], "valid": b["valid"]}
-        )
-        return {"retrieval_logits": logits, "retrieval_targets": b["retrieval_targets"]}
+        objects = {"classes": b["classes"], "valid": b["valid"]}
+        logits = model.rank_sources(b["question_ids"], b["question_mask"], objects)
+        got = {"retrieval_logits": logits, "retrieval_targets": b["retrieval_targets"]}
+        query = model.source_vectors(b["question_ids"], b["question_mask"], objects)
+        if query is not None and "retrieval_vectors" in b:
+            got.update(retrieval_query=query, retrieval_vectors=b["retrieval_vectors"])
+        return got
 
     def _detector_targets(self, split: str) -> Any:
         """Row index -> the detector's per-cell outputs (:mod:`graphdistill.student.kd`), for a student started
@@ -743,8 +768,12 @@ class TrainRecipe:
             if self.world_size > 1:
                 idx = idx.tensor_split(self.world_size)[self.rank]
             got = self._retrieval_logits(self.retrieval, idx)
-            out["retrieval_logits"] = got["retrieval_logits"]
-            batch["retrieval_targets"] = got["retrieval_targets"]
+            for key in ("retrieval_logits", "retrieval_query"):
+                if key in got:
+                    out[key] = got[key]
+            for key in ("retrieval_targets", "retrieval_vectors"):
+                if key in got:
+                    batch[key] = got[key]
         return compute_losses(out, batch, self.weights)
 
     def _forward(
