@@ -320,3 +320,16 @@ def test_the_real_retriever_offers_its_embedder_and_the_targets_are_chromas_rank
     assert [d.id for d in read_knowledge_base(ref)] == sorted(d.id for d in docs)
     with pytest.raises(RetrieverError, match="no Chroma database"):
         read_knowledge_base({**ref, "knowledge_base": {**ref["knowledge_base"], "path": "/nonexistent/kb"}})
+
+
+def test_the_train_command_states_the_trainers_number_of_queries() -> None:
+    """The command leaves the default to TrainConfig (it cannot import the student: the runner's commands run
+    where it is missing) and says what it is."""
+    from graphdistill.cli import build_parser
+    from graphdistill.student.train import TrainConfig
+
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+    action = next(a for a in train._actions if a.dest == "retrieval_queries")
+    assert action.default is None
+    assert f"default {TrainConfig(dataset='', out='').retrieval_queries}" in (action.help or "")

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from graphdistill.commands._common import CommandError, console, print_json
-from graphdistill.student.config import RETRIEVAL_QUERIES
 
 SHOWN_LOSSES = ("answer_ce", "det_cls", "det_box", "kd_cls", "mask_bce", "sources")
 
@@ -60,11 +59,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--retrieval-queries",
         type=int,
-        default=RETRIEVAL_QUERIES,
+        default=None,
         metavar="N",
         help="synthetic queries the graph's retriever ranks, to teach the sources head how it ranks (default "
-        f"{RETRIEVAL_QUERIES}; 0: learn from the traces alone). Used when the graph's retrieve node offers its "
-        "embedder",
+        "12000; 0: learn from the traces alone). Used when the graph's retrieve node offers its embedder",
     )
     p.add_argument(
         "--nproc",
@@ -117,7 +115,7 @@ def _train(args: argparse.Namespace) -> int:
         raise CommandError(f"--max-minutes {args.max_minutes}: must be positive")
     if args.batch_size < 1:
         raise CommandError(f"--batch-size {args.batch_size}: must be at least 1")
-    if args.retrieval_queries < 0:
+    if args.retrieval_queries is not None and args.retrieval_queries < 0:
         raise CommandError(f"--retrieval-queries {args.retrieval_queries}: must be 0 or more")
     if args.shuffle_buffer is not None and not args.stream:
         raise CommandError("--shuffle-buffer: applies with --stream only")
@@ -157,7 +155,7 @@ def _train(args: argparse.Namespace) -> int:
         loss_weights=loss_weights,
         start=args.start,
         freeze=args.freeze,
-        retrieval_queries=args.retrieval_queries,
+        **({"retrieval_queries": args.retrieval_queries} if args.retrieval_queries is not None else {}),
         stream=args.stream,
         **({"shuffle_buffer": args.shuffle_buffer} if args.shuffle_buffer is not None else {}),
     )
