@@ -333,3 +333,14 @@ def test_the_train_command_states_the_trainers_number_of_queries() -> None:
     action = next(a for a in train._actions if a.dest == "retrieval_queries")
     assert action.default is None
     assert f"default {TrainConfig(dataset='', out='').retrieval_queries}" in (action.help or "")
+
+
+def test_a_head_in_the_retrievers_space_without_a_retriever_is_refused(tmp_path: Path) -> None:
+    from graphdistill.dataset import make_synthetic_dataset
+    from graphdistill.student.train import TrainRecipe
+
+    make_synthetic_dataset(tmp_path / "ds", n=6, seed=0, size=64)  # its graph offers nothing
+    cfg = tiny_train_config(tmp_path / "ds", tmp_path / "run", start="none")
+    cfg.overrides = {**cfg.overrides, "source_dims": 4}
+    with pytest.raises(ValueError, match="source_dims=4: .* no node of the graph offers its retriever"):
+        TrainRecipe(cfg).setup()

@@ -365,6 +365,13 @@ class TrainRecipe:
             trunk.freeze(cfg.freeze)  # type: ignore[union-attr]
         self.model = model.to(self.device)
         self.retrieval, self.retrieval_val = self._retrieval_queries()
+        space = isinstance(getattr(model, "source_head", None), SpaceSourceHead)
+        if space and self.retrieval is None and not resuming:  # a resumed run's checkpoint holds the vectors
+            raise ValueError(
+                f"source_dims={self.model_config.source_dims}: a sources head in the retriever's space needs "
+                "the retriever's document vectors, and no node of the graph offers its retriever (or "
+                "retrieval_queries is 0); leave source_dims at 0"
+            )
         self.retrieval_gen = torch.Generator().manual_seed(cfg.seed)
         # how a row becomes tensors (StudentDataset builds the same): streamed batches and validation encode their
         # rows with it, the frozen-feature cache preprocesses its images with it
