@@ -18,7 +18,6 @@ from graphdistill.student.retrieval_kd import (
     synthetic_queries,
     teacher_rankings,
     teacher_space,
-    teacher_targets,
 )
 from graphdistill.teachers.retriever import RetrieverError, labelled_query, read_knowledge_base
 
@@ -67,22 +66,21 @@ def test_synthetic_queries_swap_the_class_a_question_names_or_quote_a_document()
 
 def test_teacher_targets_are_the_embedders_top_k_documents() -> None:
     texts = ["Is there a cat? cat", "coffee cup", "What barks? dog traffic light"]
-    t = teacher_targets(bag_embedder, texts, DOCS, k=2)
+    t = teacher_rankings(bag_embedder, texts, DOCS, k=2)[0]
     assert t.shape == (3, 4) and t.sum(1).tolist() == [2.0, 2.0, 2.0]
     assert t[0, 0] == 1 and t[1, 3] == 1 and t[2, 2] == 1
     sims = bag_embedder(texts) @ bag_embedder(DOCS).T
     expected = np.argsort(-sims, axis=1)[:, :2]
     assert [set(r) for r in expected.tolist()] == [set(np.nonzero(r)[0].tolist()) for r in t.numpy()]
     with pytest.raises(ValueError, match="documents"):
-        teacher_targets(bag_embedder, texts, [], k=2)
+        teacher_rankings(bag_embedder, texts, [], k=2)
 
 
 def test_the_retrievers_space_keeps_what_tells_the_documents_apart() -> None:
     import torch
 
     texts = ["Is there a cat? cat", "coffee cup", "What barks? dog traffic light"]
-    targets, q, d = teacher_rankings(bag_embedder, texts, DOCS, k=2)
-    assert torch.equal(targets, teacher_targets(bag_embedder, texts, DOCS, k=2))
+    _, q, d = teacher_rankings(bag_embedder, texts, DOCS, k=2)
     assert torch.allclose(q, torch.as_tensor(bag_embedder(texts))) and d.shape == (4, 64)
     full = teacher_space(d, 8)  # 4 documents span 3 directions about their mean: the rest are zero columns
     assert full.shape == (64, 8) and torch.count_nonzero(full.abs().sum(0) > 1e-6) == 3
@@ -309,7 +307,7 @@ def test_the_real_retriever_offers_its_embedder_and_the_targets_are_chromas_rank
         labelled_query("Anything here I could drink from?", ["cup", "dining table"]),
         labelled_query("worn around the neck", ["person", "tie"]),
     ]
-    targets = teacher_targets(teacher.embed, queries, [d.text for d in docs], k=retriever.k)
+    targets = teacher_rankings(teacher.embed, queries, [d.text for d in docs], k=retriever.k)[0]
     for q, row in zip(queries, targets, strict=True):
         ours = {docs[i].id for i in row.nonzero().flatten().tolist()}
         assert ours == {d.id for d in retriever.query(text=q)}, q

@@ -70,9 +70,8 @@ class LossWeights:
     mask_bce: float = 2.0
     sources: float = 1.0
     retrieval: float = 1.0  # the sources head on synthetic queries ranked by the teacher's retriever
-    retrieval_embed: float = (
-        1.0  # its query vector against the retriever's own (a head in the retriever's space)
-    )
+    # its query vector against the retriever's own (a head in the retriever's space)
+    retrieval_embed: float = 1.0
     embedding: float = 1.0
     extra: dict[str, float] = field(default_factory=dict)  # per-embedding weights: "embedding:<name>"
 

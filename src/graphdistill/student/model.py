@@ -300,9 +300,12 @@ class SpaceSourceHead(nn.Module):
         w = F.embedding(query_ids, self.token_weight).squeeze(-1) * query_mask.to(self.token_weight.dtype)
         return F.normalize(self.proj((tok_emb(query_ids) * w.unsqueeze(-1)).sum(1)), dim=-1)
 
+    def rank(self, query: Tensor) -> Tensor:
+        """A query from :meth:`query` -> ``source_logits`` [B,N]: its scaled cosine with every document."""
+        return F.linear(query, self.doc_keys) * self.log_temp.exp()
+
     def forward(self, query_ids: Tensor, query_mask: Tensor, tok_emb: nn.Embedding) -> Tensor:
-        """-> ``source_logits`` [B,N]: the scaled cosine of the query with every document."""
-        return F.linear(self.query(query_ids, query_mask, tok_emb), self.doc_keys) * self.log_temp.exp()
+        return self.rank(self.query(query_ids, query_mask, tok_emb))
 
 
 class DecoderLayer(nn.Module):

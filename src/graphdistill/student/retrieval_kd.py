@@ -145,18 +145,6 @@ def synthetic_queries(
     return out
 
 
-def teacher_targets(
-    embed: Callable[[Sequence[str]], Any],
-    texts: Sequence[str],
-    documents: Sequence[str],
-    k: int,
-    progress: Callable[[str, int, int], None] | None = None,
-) -> Tensor:
-    """[len(texts), len(documents)] 0/1: each text's ``k`` nearest documents by the cosine of ``embed``'s
-    vectors (L2-normalised: a dot product), as the teacher's retriever ranks them."""
-    return teacher_rankings(embed, texts, documents, k, progress)[0]
-
-
 def teacher_rankings(
     embed: Callable[[Sequence[str]], Any],
     texts: Sequence[str],
@@ -164,8 +152,9 @@ def teacher_rankings(
     k: int,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(:func:`teacher_targets`, the texts' vectors [len(texts), E], the documents' vectors [len(documents), E]),
-    the vectors as ``embed`` gives them."""
+    """(targets [len(texts), len(documents)] 0/1: each text's ``k`` nearest documents by the cosine of ``embed``'s
+    vectors (L2-normalised: a dot product), as the teacher's retriever ranks them; the texts' vectors
+    [len(texts), E]; the documents' vectors [len(documents), E]), the vectors as ``embed`` gives them."""
     if not documents:
         raise ValueError("retrieval distillation needs the knowledge base's documents")
     docs = torch.as_tensor(np.asarray(embed(list(documents)), dtype=np.float32))

@@ -531,10 +531,14 @@ class TrainRecipe:
         model = self.model
         assert isinstance(model, Student)
         objects = {"classes": b["classes"], "valid": b["valid"]}
-        logits = model.rank_sources(b["question_ids"], b["question_mask"], objects)
-        got = {"retrieval_logits": logits, "retrieval_targets": b["retrieval_targets"]}
         query = model.source_vectors(b["question_ids"], b["question_mask"], objects)
-        if query is not None and "retrieval_vectors" in b:
+        if query is None:  # a head that ranks by words
+            logits = model.rank_sources(b["question_ids"], b["question_mask"], objects)
+            return {"retrieval_logits": logits, "retrieval_targets": b["retrieval_targets"]}
+        head = model.source_head
+        assert isinstance(head, SpaceSourceHead)
+        got = {"retrieval_logits": head.rank(query), "retrieval_targets": b["retrieval_targets"]}
+        if "retrieval_vectors" in b:  # the query computed once serves the ranking and the regression
             got.update(retrieval_query=query, retrieval_vectors=b["retrieval_vectors"])
         return got
 
