@@ -662,16 +662,37 @@ def test_batcher_serves_concurrent_greedy_requests_in_one_call_each_its_own_answ
     assert b.batch_sizes == [5]
 
 
-def test_batcher_groups_by_settings_and_never_batches_sampled_requests() -> None:
+def test_batcher_groups_by_settings_and_batches_sampled_requests_only_when_each_row_keeps_its_seed() -> None:
     from graphdistill.teachers.batching import LLMBatcher
 
-    fake = _EchoLLM()
-    b = LLMBatcher(fake, window_s=0.3, max_batch=8)
     calls = [("a", 0.0, 8), ("b", 0.0, 8), ("c", 0.0, 4), ("d", 0.7, 8), ("e", 0.7, 8)]
+    fake = _EchoLLM()  # its generate_batch takes no per-row seeds: one stream would serve a whole batch
+    b = LLMBatcher(fake, window_s=0.3, max_batch=8)
+    assert not b.row_seeds
     got = _concurrently(lambda c: b.generate(c[0], temperature=c[1], max_new_tokens=c[2], seed=1), calls)
     assert got == [f"{p}|{t}|{n}" for p, t, n in calls]
     groups = sorted(sorted(batch) for batch in fake.batches)
     assert groups == [["a", "b"], ["c"], ["d"], ["e"]]  # same greedy settings batch; sampled ones alone
+
+    class Seeded(_EchoLLM):
+        seed = 7  # the adapter's own seed, for a request that names none
+
+        def generate_batch(
+            self, prompts: list[Any], temperature: Any = None, seeds: Any = None, **_: Any
+        ) -> list[str]:
+            self.batches.append(list(prompts))
+            assert (seeds is None) == (not temperature)  # only sampled batches are handed seeds
+            return [
+                f"{p}|{temperature}|{s}" for p, s in zip(prompts, seeds or [None] * len(prompts), strict=True)
+            ]
+
+    seeded = Seeded()
+    b = LLMBatcher(seeded, window_s=0.3, max_batch=8)
+    assert b.row_seeds
+    reqs = [("a", 0.0, None), ("d", 0.7, 3), ("e", 0.7, 4), ("f", 0.7, None), ("g", 0.9, 5)]
+    got = _concurrently(lambda r: b.generate(r[0], temperature=r[1], seed=r[2]), reqs)
+    assert got == ["a|0.0|None", "d|0.7|3", "e|0.7|4", "f|0.7|7", "g|0.9|5"]  # every row its own seed
+    assert sorted(sorted(batch) for batch in seeded.batches) == [["a"], ["d", "e", "f"], ["g"]]
 
 
 def test_batcher_serves_a_lone_request_after_the_window() -> None:
@@ -732,6 +753,43 @@ def test_batcher_passes_a_stop_rule_through_and_batches_only_equal_rules() -> No
     calls.clear()
     assert b.generate("s", temperature=0.7, seed=1, stop=["\n"]) == "s|('\\n',)|None"  # sampled: alone
     assert calls[0][1]["stop"] == ("\n",) and "max_sentences" not in calls[0][1]
+
+
+@pytest.mark.slow
+def test_llm_sampled_rows_of_a_batch_are_their_single_calls_and_the_prefix_cache_changes_no_token() -> None:
+    from graphdistill.teachers.llm import HFCausalLM
+
+    lm = _models.llm()
+    shared = [  # a system prompt and a worked turn every prompt shares: the part the prefix cache holds
+        {"role": "system", "content": "You answer in one short sentence about the objects you are given."},
+        {"role": "user", "content": "Objects: 1 dog, 1 ball. Question: What is in the photo?"},
+        {"role": "assistant", "content": "A dog with a ball."},
+    ]
+    prompts: list[Any] = [
+        [*shared, {"role": "user", "content": f"Objects: 1 {o}. Question: What is in the photo?"}]
+        for o in ("cat", "bicycle", "pizza")
+    ]
+    kw: dict[str, Any] = {"temperature": 0.9, "top_p": 0.95, "max_new_tokens": 10}
+    hits = lm.prefix_hits
+    batch = lm.generate_batch(prompts, seeds=[11, 12, 13], **kw)
+    assert lm.prefix_hits == hits + 3  # the rows shared the cached chat prefix
+    singles = [lm.generate(p, seed=s, **kw) for p, s in zip(prompts, (11, 12, 13), strict=True)]
+    for got, want in zip(batch, singles, strict=True):
+        assert got.logprobs.token_ids == want.logprobs.token_ids and got.text == want.text
+    # one prompt, three seeds in one batch: the rows draw apart (each from its own generator)
+    same = lm.generate_batch([prompts[0]] * 3, seeds=[1, 2, 3], **kw)
+    assert len({tuple(o.logprobs.token_ids) for o in same}) > 1
+    assert same[0].logprobs.token_ids == lm.generate(prompts[0], seed=1, **kw).logprobs.token_ids
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        lm.generate_batch(prompts, seeds=[1, 2], **kw)
+    # the same model without the prefix cache (greedy and sampled): the same tokens, log-probs within noise
+    plain = HFCausalLM(prefix_cache=False)
+    for settings in ({"max_new_tokens": 10}, {**kw, "seed": 5}):
+        a, b = lm.generate_batch(prompts, **settings), plain.generate_batch(prompts, **settings)
+        assert [o.logprobs.token_ids for o in a] == [o.logprobs.token_ids for o in b]
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_allclose(x.logprobs.topk_logprobs, y.logprobs.topk_logprobs, atol=1e-3)
+    assert plain.prefix_hits == 0
 
 
 @pytest.mark.slow

@@ -23,8 +23,8 @@ START -> detect -> retrieve -> reason  --+-> compose -> END
   ``sources``.
 
 Batching: ``graph.batch`` runs its inputs in threads; the reason node's LLM calls go through a
-:class:`~graphdistill.teachers.batching.LLMBatcher`, so concurrent greedy calls are answered by one
-``generate_batch`` call (same tokens as one at a time). Sampled calls are served one by one.
+:class:`~graphdistill.teachers.batching.LLMBatcher`, so concurrent calls with the same settings are answered
+by one ``generate_batch`` call (same tokens as one at a time; a sampled call keeps its own seed).
 
 Sampling contract (for recording K samples of one input): nodes read ``config["configurable"]``:
 ``gd_sample_index`` (int, default 0), ``gd_sampling`` (bool) and ``gd_seed`` (int, default 0). With

@@ -7,10 +7,12 @@ several times the throughput of one prompt at a time. Every caller gets its own 
 exception); a request that arrives alone is served alone once the window has passed.
 
 Grouping: only requests with the same ``(temperature, top_p, max_new_tokens, stop, max_sentences)`` share
-a batch. Greedy
-requests (temperature 0) batch, and give the same tokens as single calls. SAMPLED requests (temperature > 0)
-are NOT batched: ``generate_batch`` draws from one seeded RNG for the whole batch, so a row's sample would
-depend on its batch-mates; a sampled request is served alone with its own seed, so it equals its single call.
+a batch. Greedy requests (temperature 0) batch, and give the same tokens as single calls. Sampled requests
+(temperature > 0) batch when the adapter's ``generate_batch`` takes ``seeds`` (one seed per row, each row
+drawing from its own generator, as :class:`~graphdistill.teachers.llm.HFCausalLM` does): every request keeps
+its own seed (``None``: the adapter's ``seed``), so it gets what its single call gives. An adapter without
+``seeds`` draws one stream for a whole batch, where a row's sample would depend on its batch-mates: its
+sampled requests are served alone.
 
 Callers that know a request is on its way (a graph execution that has passed ``detect`` will reach
 ``reason``) announce it with :meth:`LLMBatcher.expect`; a batch then waits, up to ``max_wait_s``, until every
@@ -39,6 +41,7 @@ Key = tuple[Any, ...]
 @dataclass
 class _Request:
     prompt: Any
+    seed: int | None = None  # a sampled request's own seed
     wake: threading.Event = field(default_factory=threading.Event)  # answered, or promoted to leader
     done: bool = False
     lead: bool = False  # runs the next batch of its key
@@ -77,6 +80,7 @@ class LLMBatcher:
         self._pending: dict[Key, list[_Request]] = {}
         self._leaders: set[Key] = set()
         self.batch_sizes: list[int] = []
+        self.row_seeds = _takes_seeds(llm)  # sampled requests batch only when each row keeps its own seed
 
     @property
     def calls(self) -> int:
@@ -117,7 +121,8 @@ class LLMBatcher:
         need not take them)."""
         self._arrive()
         stops = None if stop is None else tuple(stop)
-        if self._sampled(temperature) or self.max_batch == 1:
+        sampled = self._sampled(temperature)
+        if (sampled and not self.row_seeds) or self.max_batch == 1:
             kwargs = self._kwargs(top_p, max_new_tokens, stops, max_sentences)
             with self._model_lock:
                 out = self.llm.generate(prompt, temperature=temperature, seed=seed, **kwargs)
@@ -125,7 +130,9 @@ class LLMBatcher:
                 self.batch_sizes.append(1)
             return out
         key: Key = (temperature, top_p, max_new_tokens, stops, max_sentences)
-        req = _Request(prompt)
+        req = _Request(
+            prompt, seed=(getattr(self.llm, "seed", 0) if seed is None else seed) if sampled else None
+        )
         with self._cond:
             self._pending.setdefault(key, []).append(req)
             if key not in self._leaders:
@@ -181,9 +188,14 @@ class LLMBatcher:
     def _run(self, key: Key, batch: Sequence[_Request]) -> None:
         temperature, top_p, max_new_tokens, stop, max_sentences = key
         kwargs = {"temperature": temperature, **self._kwargs(top_p, max_new_tokens, stop, max_sentences)}
+        sampled = self._sampled(temperature)
+
+        def seeds(rows: Sequence[_Request]) -> dict[str, Any]:
+            return {"seeds": [r.seed for r in rows]} if sampled else {}
+
         try:
             try:
-                outs = self.llm.generate_batch([r.prompt for r in batch], **kwargs)
+                outs = self.llm.generate_batch([r.prompt for r in batch], **kwargs, **seeds(batch))
                 if len(outs) != len(batch):
                     raise RuntimeError(f"generate_batch gave {len(outs)} outputs for {len(batch)} prompts")
             except Exception as exc:
@@ -194,7 +206,7 @@ class LLMBatcher:
                 log.warning("a batch of %d LLM prompts failed (%s); retrying one by one", len(batch), exc)
                 for r in batch:
                     try:
-                        r.result = self.llm.generate_batch([r.prompt], **kwargs)[0]
+                        r.result = self.llm.generate_batch([r.prompt], **kwargs, **seeds([r]))[0]
                     except Exception as one:
                         r.error = one
             else:
@@ -207,3 +219,14 @@ class LLMBatcher:
                     r.error = RuntimeError("the batched LLM call was interrupted")
                 r.done = True
                 r.wake.set()
+
+
+def _takes_seeds(llm: Any) -> bool:
+    """Whether the adapter's ``generate_batch`` takes per-row ``seeds``."""
+    import inspect
+
+    try:
+        params = inspect.signature(llm.generate_batch).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return "seeds" in params

@@ -9,11 +9,14 @@ Generation returns the text, the teacher's top-k log-probabilities at every gene
 student distils from; with the text of each token and alternative, so a student with its own tokenizer can
 align them by characters) and why it stopped: "stop" at an EOS token, a stop string (``stop``, e.g. a
 newline) or the sentence limit (``max_sentences``), "length" at ``max_new_tokens``. Greedy decoding is deterministic; sampling is reproducible for a
-given ``seed`` (the torch RNG is forked and seeded around each call, so global state is untouched).
+given ``seed``, row by row: each row of a batch draws from its own generator (``seeds``), so a sampled answer
+does not depend on its batch-mates and a batch of sampled prompts gives what each would alone (what lets the
+:class:`~graphdistill.teachers.batching.LLMBatcher` batch sampled calls too). The global torch RNG is untouched.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "graphdistill-converted.json"
 MANIFEST_FORMAT = "graphdistill-converted/1"
 PIECE_CONTEXT = 8  # tokens of context each piece is decoded in (see HFCausalLM.piece_texts)
+MIN_PREFIX = 16  # a shared chat prefix shorter than this is not worth a cached KV (HFCausalLM._encode)
 
 
 class ConversionError(GraphdistillError, RuntimeError):
@@ -140,7 +144,9 @@ class HFCausalLM:
     """A transformers causal LM teacher: chat-templated generation with per-token top-k log-probabilities.
 
     ``weights`` is a registry name (default: the SmolLM2-135M-Instruct GGUF), a local ``.gguf`` file or a
-    local Hugging Face model folder.
+    local Hugging Face model folder. ``prefix_cache``: keep the KV cache of the chat prefix that consecutive
+    prompts share (the system prompt and the few-shot turns) instead of recomputing it for every prompt; the
+    answers are the same (see :meth:`_encode`).
     """
 
     def __init__(
@@ -155,6 +161,7 @@ class HFCausalLM:
         system_prompt: str | None = None,
         stop: Sequence[str] = (),
         max_sentences: int | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -200,6 +207,9 @@ class HFCausalLM:
         if eos is None:
             eos = self.tokenizer.eos_token_id
         self._eos: set[int] = set(eos) if isinstance(eos, list) else {int(eos)}
+        self.prefix_cache = prefix_cache
+        self._prefix: tuple[tuple[int, ...], Any] | None = None  # the last shared prefix's ids and KV cache
+        self.prefix_hits = 0  # prompts whose shared prefix came from the cache
 
     # ----------------------------------------------------------------------------------------------------
 
@@ -306,11 +316,15 @@ class HFCausalLM:
         max_new_tokens: int | None = None,
         stop: Sequence[str] | None = None,
         max_sentences: int | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[LLMOutput]:
-        """Answers to several prompts in one left-padded batch (same settings and seed for the batch).
+        """Answers to several prompts in one left-padded batch (same settings for the batch).
 
-        ``None`` arguments fall back to the adapter's settings; ``seed=None`` means the adapter's seed, so
-        two identical calls give identical answers even when sampling.
+        ``None`` arguments fall back to the adapter's settings. Sampling: row ``i`` draws from its own
+        generator seeded with ``seeds[i]``, or with ``seed + i`` when ``seeds`` is not given (``seed=None``
+        means the adapter's seed), so two identical calls give identical answers, a row's answer does not
+        depend on the other rows, and ``generate(p, seed=s)`` is the row of any batch that gives ``p`` the
+        seed ``s`` (up to the float noise of padding, as for greedy rows).
 
         ``stop``: strings that end an answer (finish_reason "stop"), as EOS does; ``max_sentences``: the
         answer ends after that many sentences (a sentence ends at ``.``, ``!`` or ``?`` followed by white
@@ -327,12 +341,13 @@ class HFCausalLM:
         temp = self.temperature if temperature is None else temperature
         tp = self.top_p if top_p is None else top_p
         self._check_sampling(temp, tp)
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"seeds: {len(seeds)} seeds for {len(prompts)} prompts (one per prompt)")
         stops = self.stop if stop is None else self._check_stop(stop)
         sentences = self.max_sentences if max_sentences is None else self._check_sentences(max_sentences)
         rule = StopRule(stops, sentences)
         texts = [self.render(p) for p in prompts]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(self.device) for k, v in enc.items()}
+        enc = self._encode(texts, prompts)
         gen_kwargs: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens if max_new_tokens is None else max_new_tokens,
             "return_dict_in_generate": True,
@@ -340,19 +355,23 @@ class HFCausalLM:
             "pad_token_id": self.tokenizer.pad_token_id,
             "eos_token_id": sorted(self._eos),
         }
+        # greedy decoding picks each step's best token; when sampling, _RowSampler has already made the token
+        # it drew each row's only finite score, so the same greedy pick takes it
+        gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if temp > 0:
-            gen_kwargs.update(do_sample=True, temperature=temp, top_p=tp, top_k=0)
-        else:
-            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            base = self.seed if seed is None else seed
+            row_seeds = (
+                [int(x) for x in seeds] if seeds is not None else [base + i for i in range(len(texts))]
+            )
+            gen_kwargs["logits_processor"] = self._transformers.LogitsProcessorList(
+                [_RowSampler(torch, row_seeds, temp, tp, self.device)]
+            )
         prompt_len = enc["input_ids"].shape[1]
         if rule:
             gen_kwargs["stopping_criteria"] = self._transformers.StoppingCriteriaList(
                 [_StopCriterion(self, prompt_len, rule)]
             )
-        dev = torch.device(self.device)
-        devices = [dev.index or 0] if dev.type == "cuda" else []  # fork_rng wants CUDA device indices
-        with torch.random.fork_rng(devices=devices), torch.inference_mode():
-            torch.manual_seed(self.seed if seed is None else seed)
+        with torch.inference_mode():
             out = self.model.generate(**enc, **gen_kwargs)
         new_tokens = out.sequences[:, prompt_len:].tolist()
         # [steps, batch, vocab] -> top-k per step and row
@@ -379,6 +398,64 @@ class HFCausalLM:
             )
             results.append(LLMOutput(text=text, logprobs=lp, finish_reason=finish))  # type: ignore[arg-type]
         return results
+
+    def _encode(self, texts: list[str], prompts: Sequence[Prompt]) -> dict[str, Any]:
+        """The batch's ``input_ids`` and ``attention_mask``, and (with ``prefix_cache``) the KV ``cache`` of the
+        prefix every row shares: the chat before its last message (the system prompt and the few-shot turns,
+        ~90 % of visual_rag's prompt), computed once and kept while the next calls share it. Such a batch is
+        padded after the prefix, not before it (``[prefix][pad][rest]``, the mask 0 on the pad): transformers
+        numbers positions by the mask, so every row sees what it would alone. Prefill then costs the rest of
+        each prompt instead of all of it (0.87 s -> ~0.1 s a prompt for visual_rag on 2 CPU cores)."""
+        torch = self._torch
+        rows = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        n = self._shared_prefix(rows, prompts) if self.prefix_cache else 0
+        width = max(len(r) for r in rows) - n
+        pad = self.tokenizer.pad_token_id
+        ids = [r[:n] + [pad] * (width - len(r) + n) + r[n:] for r in rows]
+        mask = [[1] * n + [0] * (width - len(r) + n) + [1] * (len(r) - n) for r in rows]
+        enc: dict[str, Any] = {
+            "input_ids": torch.tensor(ids, dtype=torch.long, device=self.device),
+            "attention_mask": torch.tensor(mask, dtype=torch.long, device=self.device),
+        }
+        if n:
+            assert self._prefix is not None
+            cache = copy.deepcopy(self._prefix[1])  # generate extends the cache it is given
+            cache.batch_repeat_interleave(len(rows))
+            enc["cache"] = cache
+            self.prefix_hits += len(rows)
+        return enc
+
+    def _shared_prefix(self, rows: list[list[int]], prompts: Sequence[Prompt]) -> int:
+        """How many leading tokens of every row the prefix cache holds (0: none), computing the cache when the
+        rows share a chat prefix it does not hold yet. At least one token of each row is left to run."""
+        torch = self._torch
+        heads = {self._chat_head(p) for p in prompts}
+        if len(heads) != 1 or not (head := heads.pop()):
+            return 0
+        ids = self.tokenizer(head, add_special_tokens=False)["input_ids"]
+        n = min(len(ids), *(len(r) - 1 for r in rows))
+        for r in rows:  # the head's own tokens may end differently from the same text inside a row
+            n = next((i for i in range(n) if r[i] != ids[i]), n)
+        if n < MIN_PREFIX:
+            return 0
+        key = tuple(ids[:n])
+        if self._prefix is None or self._prefix[0] != key:
+            with torch.inference_mode():
+                out = self.model(input_ids=torch.tensor([key], device=self.device), use_cache=True)
+            cache = getattr(out, "cache", None) or out.past_key_values
+            if not hasattr(cache, "batch_repeat_interleave"):
+                self.prefix_cache = False  # a model whose cache cannot be shared by rows: run prompts whole
+                return 0
+            self._prefix = (key, cache)
+        return n
+
+    def _chat_head(self, prompt: Prompt) -> str | None:
+        """The rendered chat before the prompt's last message (None: a single message)."""
+        msgs = self._messages(prompt)
+        if len(msgs) < 2:
+            return None
+        text = self.tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=False)
+        return str(text)
 
     def _kept(self, tokens: list[int], rule: StopRule) -> tuple[int, int | None]:
         """How many of a row's generated tokens its answer keeps, and where the stop rule cuts the text
@@ -418,6 +495,36 @@ class StopRule:
             if len(ends) >= self.max_sentences:
                 found.append(ends[self.max_sentences - 1])
         return min(found) if found else None
+
+
+class _RowSampler:
+    """A transformers logits processor that samples each row's next token from its own seeded generator:
+    temperature, then nucleus (``top_p``, the smallest set of tokens whose probability reaches it, as
+    transformers' ``TopPLogitsWarper`` keeps), then one draw. It returns scores where the drawn token is the
+    only finite one, so greedy selection takes it; the recorded log-probs are the model's raw logits."""
+
+    def __init__(
+        self, torch: Any, seeds: Sequence[int], temperature: float, top_p: float, device: str
+    ) -> None:
+        self.torch = torch
+        self.temperature = temperature
+        self.top_p = top_p
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        torch = self.torch
+        logits = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            ascending, order = logits.sort(dim=-1)
+            drop = ascending.softmax(-1).cumsum(-1) <= 1 - self.top_p
+            drop[..., -1] = False  # the most likely token always stays
+            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        probs = logits.softmax(-1)
+        picked = torch.cat(
+            [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)]
+        )
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, picked[:, None], 0.0)
 
 
 class _StopCriterion:
