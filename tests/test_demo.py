@@ -56,6 +56,13 @@ def test_quick_demo_runs_every_stage_then_resumes(tmp_path: Path) -> None:
     assert lo <= headline["fidelity"]["answer_f1"] <= hi
     assert Path(headline["report"]).is_file() and Path(headline["report"]).stat().st_size > 10_000
     assert "onnx-none" in headline["bundle_bytes"]  # the float bundle always passes its parity gate
+    # a bundle's size is the whole bundle (program, tokenizer, manifest), the figure eval reports for it
+    exported = {
+        Path(k).name: v for k, v in json.loads((out / "run" / "eval.json").read_text())["exported"].items()
+    }
+    assert headline["bundle_bytes"]["onnx-none"] == exported["onnx-none"]["bytes"]
+    programs = sum(f.stat().st_size for f in (out / "bundles" / "onnx-none").glob("*.onnx"))
+    assert headline["bundle_bytes"]["onnx-none"] > programs
     assert headline["bundle_timing"]["onnx-none"]["ms"] > 0
     bundle = json.loads((out / "bundles" / "onnx-none" / "manifest.json").read_text())
     # visual_rag's detect node offers YOLO11n: the student started from it and its bundle says so

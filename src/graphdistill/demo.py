@@ -466,12 +466,13 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _headline(run: Path, bundles: dict[str, Path], report: Path) -> dict[str, Any]:
+    from graphdistill.eval.cost import path_bytes
+
     ev = read_eval(run)
     sizes, timed = {}, {}
     exported = {Path(k).name: v for k, v in (ev.get("exported") or {}).items()}
     for name, b in bundles.items():
-        files = [p for p in b.iterdir() if p.suffix in (".pte", ".onnx")]
-        sizes[name] = sum(p.stat().st_size for p in files)
+        sizes[name] = path_bytes(b)  # the whole bundle, as eval counts it (program, tokenizer, manifest)
         if b.name in exported:
             e = exported[b.name]
             timed[name] = {"ms": e.get("ms"), "speedup_vs_teacher": e.get("speedup_vs_teacher")}
