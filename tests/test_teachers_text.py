@@ -755,6 +755,34 @@ def test_batcher_passes_a_stop_rule_through_and_batches_only_equal_rules() -> No
     assert calls[0][1]["stop"] == ("\n",) and "max_sentences" not in calls[0][1]
 
 
+def test_row_sampler_draws_from_the_tempered_nucleus_as_transformers_defines_it() -> None:
+    import torch
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from graphdistill.teachers.llm import _RowSampler
+
+    scores = torch.tensor([[2.0, 1.5, 1.0, 0.0, -1.0]] * 2)
+    temperature, top_p = 0.7, 0.8
+    # the distribution transformers' own warpers sample from: temperature, then the nucleus
+    warped = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, scores[:1].clone()))
+    expected = warped.softmax(-1)[0]
+    assert int((expected == 0).sum()) >= 1  # the nucleus leaves some tokens out
+    sampler = _RowSampler(torch, [3, 4], temperature, top_p, "cpu")
+    draws = []
+    for _ in range(3000):
+        out = sampler(None, scores)
+        assert bool((torch.isfinite(out).sum(-1) == 1).all())  # greedy selection can only take the draw
+        draws.append(out.argmax(-1))
+    picked = torch.stack(draws)  # [draws, rows]
+    for row in range(2):
+        freq = torch.bincount(picked[:, row], minlength=5).float() / len(draws)
+        assert torch.allclose(freq, expected, atol=0.03), (row, freq, expected)
+        assert bool((freq[expected == 0] == 0).all())  # never a token outside the nucleus
+    assert not torch.equal(picked[:, 0], picked[:, 1])  # each row draws from its own generator
+    again = _RowSampler(torch, [3], temperature, top_p, "cpu")
+    assert [int(again(None, scores[:1]).argmax()) for _ in range(50)] == picked[:50, 0].tolist()
+
+
 @pytest.mark.slow
 def test_llm_sampled_rows_of_a_batch_are_their_single_calls_and_the_prefix_cache_changes_no_token() -> None:
     from graphdistill.teachers.llm import HFCausalLM
