@@ -749,3 +749,72 @@ def test_calibration_leaves_train_rows_for_the_gate_when_val_is_short(run_dir: P
     # never more than half the split: a dataset without val still calibrates on half its train rows
     assert len(collect_samples(loaded, "calibration", 32, leave=100)) == 4
     assert len(collect_samples(loaded, "calibration", 32)) == 8
+
+
+def test_a_tta_bundle_fuses_its_views_as_pytorch_does_and_its_gate_checks_every_view(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``export --tta flip,scale``: the manifest says so, the gate runs each held-out input's three views through
+    the bundle (against PyTorch's), and the runner answers with the views fused exactly as
+    ``StudentPredictor.predict(..., tta=)`` fuses them."""
+    from graphdistill.eval.metrics import mask_iou
+    from graphdistill.export import bundle as export_bundle
+    from graphdistill.student.predict import load_student
+
+    checked: list[int] = []
+    run_models = export_bundle.BundleRunner.run_models
+
+    def counting(self: BundleRunner, *args: Any) -> Any:
+        checked.append(1)
+        return run_models(self, *args)
+
+    monkeypatch.setattr(export_bundle.BundleRunner, "run_models", counting)
+    out = tmp_path / "bundle-tta"
+    m = export_bundle.export_run(run_dir, "onnx", out, tta="flip,scale", **N)
+    monkeypatch.undo()
+    assert m["tta"]["augmentations"] == ["flip", "scale"] and _manifest(out)["tta"] == m["tta"]
+    gate = m["parity"]
+    assert gate is not None and gate["passed"], gate
+    assert gate["inputs"]["heldout"] == N["n_heldout"]
+    assert len(checked) == gate["inputs"]["calibration"] + 3 * N["n_heldout"]  # each held-out input: 3 views
+
+    student = load_student(run_dir)
+    student_encodes: list[int] = []
+    model_encode = student.model.encode
+
+    def counted_encode(*a: Any, **k: Any) -> Any:
+        student_encodes.append(1)
+        return model_encode(*a, **k)
+
+    monkeypatch.setattr(student.model, "encode", counted_encode)
+    runner = BundleRunner(out, threads=1)
+    encodes: list[int] = []
+    run = runner.programs.run
+
+    def spy(program: str, *inputs: np.ndarray) -> list[np.ndarray]:
+        encodes.append(program == "encode")
+        return run(program, *inputs)
+
+    runner.programs.run = spy  # type: ignore[method-assign]
+    n_objects = 0
+    for split, i in [("test", 0), ("train", 1)]:
+        image, question = _image(run_dir, split, i)
+        encodes.clear()
+        got = runner.predict(image, question)  # the manifest's views
+        assert sum(encodes) == 3
+        before = len(student_encodes)
+        want = student.predict(image, question, tta="flip,scale")
+        assert len(student_encodes) - before == 3  # PyTorch answered the three views too
+        assert got["answer"] == want["answer"] and got["sources"] == want["sources"]
+        assert [o["class_id"] for o in got["objects"]] == [o["class_id"] for o in want["objects"]]
+        for g, w in zip(got["objects"], want["objects"], strict=True):
+            np.testing.assert_allclose(g["box"], w["box"], atol=0.5)
+            assert g["score"] == pytest.approx(w["score"], abs=1e-4)
+            assert mask_iou(g["mask"], w["mask"]) > 0.95
+        n_objects += len(want["objects"])
+        encodes.clear()
+        plain = runner.predict(image, question, tta=())  # the caller may turn it off
+        assert sum(encodes) == 1 and plain == BundleRunner(out, threads=1).predict(
+            image, question, tta="none"
+        )
+    assert n_objects > 0

@@ -489,3 +489,26 @@ def test_the_teacher_against_itself_scores_its_other_samples_against_the_referen
     assert "teacher (another sample)" not in markdown_summary({"fidelity": {"answer_f1": 0.2}})
     shutil.rmtree(tmp_path / "store")  # a dataset whose trace store is gone: nothing to compare, no error
     assert teacher_samples(ds, rows, output_kinds_of(ds)) is None
+
+
+def test_eval_with_tta_asks_the_student_for_those_views_and_says_so(tmp_path: Path, synthetic: Path) -> None:
+    """``evaluate_run(tta=...)`` hands the augmentations to the student's ``predict`` on every row it scores and
+    times, and records them in the result; without it the student is asked plainly."""
+    lookup = LookupStudent(synthetic)
+    asked: list[Any] = []
+
+    class Student:
+        def predict(self, image: np.ndarray, question: str, **kw: Any) -> dict[str, Any]:
+            asked.append(kw.get("tta"))
+            return lookup.predict(image, question)
+
+    run = run_folder(tmp_path / "run", synthetic)
+    kw: dict[str, Any] = dict(predictor=Student(), teacher_timing=False, student_repeats=1, semantic=False)
+    res = evaluate_run(run, synthetic, tta="scale,flip", ci_resamples=0, **kw)
+    assert asked and all(a == ("scale", "flip") for a in asked)
+    assert res["tta"] == ["scale", "flip"]
+    asked.clear()
+    res = evaluate_run(run, synthetic, ci_resamples=0, **kw)
+    assert asked and all(a is None for a in asked) and "tta" not in res
+    with pytest.raises(ValueError, match="'blur'"):
+        evaluate_run(run, synthetic, tta="blur", ci_resamples=0, **kw)

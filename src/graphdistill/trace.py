@@ -129,29 +129,16 @@ class RLE(_Record):
 
     @classmethod
     def encode(cls, mask: np.ndarray) -> RLE:
+        from graphdistill.runner.preprocess import rle_encode  # the one implementation (numpy only)
+
         if mask.ndim != 2:
             raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
-        flat = np.asarray(mask, dtype=bool).ravel(order="F")
-        if flat.size == 0:
-            return cls(size=list(mask.shape), counts=[0])
-        change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-        bounds = np.concatenate([[0], change, [flat.size]])
-        runs = np.diff(bounds).tolist()
-        if flat[0]:
-            runs = [0, *runs]
-        return cls(size=[int(mask.shape[0]), int(mask.shape[1])], counts=[int(r) for r in runs])
+        return cls(**rle_encode(mask))
 
     def decode(self) -> np.ndarray:
-        h, w = self.size
-        flat = np.zeros(h * w, dtype=bool)
-        pos = 0
-        val = False
-        for c in self.counts:
-            if val:
-                flat[pos : pos + c] = True
-            pos += c
-            val = not val
-        return flat.reshape((h, w), order="F")
+        from graphdistill.runner.preprocess import rle_decode
+
+        return rle_decode(self.size, self.counts)
 
     def area(self) -> int:
         return int(sum(self.counts[1::2]))

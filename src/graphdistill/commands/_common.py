@@ -92,3 +92,14 @@ def stage_progress(con: Any, *, transient: bool = False) -> Iterator[Callable[[s
             progress.update(tasks[stage], completed=done, total=total)
 
         yield tick
+
+
+def parse_tta_arg(text: str | None) -> tuple[str, ...]:
+    """``--tta flip,scale`` -> the augmentations (:func:`graphdistill.runner.tta.parse_tta`); an unknown name
+    is a :class:`CommandError` naming it and the choices."""
+    from graphdistill.runner.tta import TTAError, parse_tta
+
+    try:
+        return parse_tta(text)
+    except TTAError as exc:
+        raise CommandError(f"--tta: {exc}") from exc

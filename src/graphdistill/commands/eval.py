@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from graphdistill._fs import is_url
-from graphdistill.commands._common import CommandError, console, print_json, stage_progress
+from graphdistill.commands._common import CommandError, console, parse_tta_arg, print_json, stage_progress
 
 if TYPE_CHECKING:
     from graphdistill.eval.result import EvalResult
@@ -64,6 +64,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--no-semantic", dest="semantic", action="store_false", help="skip the MiniLM answer agreement"
     )
+    p.add_argument(
+        "--tta",
+        default=None,
+        help="test-time augmentation (flip, scale, flip,scale or none) for the PyTorch student and every "
+        "bundle (default: the student without, each bundle as its manifest says)",
+    )
     add_ci_arguments(p)
     p.set_defaults(func=_eval)
 
@@ -119,6 +125,7 @@ def run_eval(args: argparse.Namespace) -> EvalResult:
                 graph_spec=args.graph,
                 ci_resamples=args.ci_resamples,
                 ci_seed=args.ci_seed,
+                tta=None if args.tta is None else parse_tta_arg(args.tta),
                 progress=progress,
                 status=status,
             )

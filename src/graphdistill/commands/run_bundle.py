@@ -15,6 +15,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--question", required=True, help="the question to answer")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the runtime (default: its own)")
+    p.add_argument(
+        "--tta",
+        default=None,
+        help="test-time augmentation: flip, scale, flip,scale, or none (default: the bundle's own, manifest "
+        "`tta`; each view costs a whole query)",
+    )
     p.add_argument("--json", action="store_true", help="print {answer, objects, sources} as JSON")
     p.set_defaults(func=_run_bundle)
 
@@ -23,7 +29,7 @@ def _run_bundle(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from graphdistill.commands._common import CommandError
+    from graphdistill.commands._common import CommandError, parse_tta_arg
     from graphdistill.images import load_image
     from graphdistill.runner import BundleRunner
 
@@ -32,11 +38,12 @@ def _run_bundle(args: argparse.Namespace) -> int:
         raise CommandError("--question is empty: ask something about the photo")
     if args.threads is not None and args.threads < 1:
         raise CommandError(f"--threads must be >= 1, got {args.threads}")
+    tta = None if args.tta is None else parse_tta_arg(args.tta)
     image = load_image(args.image, name=args.image)
     try:
         runner = BundleRunner(args.bundle, threads=args.threads)
         t0 = time.perf_counter()
-        out = runner.predict(image, question)
+        out = runner.predict(image, question, tta=tta)
         ms = (time.perf_counter() - t0) * 1000
     except OSError as exc:
         raise CommandError(f"bundle {args.bundle}: cannot read it ({exc})") from exc

@@ -30,6 +30,7 @@ from graphdistill.dataset import DatasetError, DatasetRow, open_dataset
 from graphdistill.errors import GraphdistillError
 from graphdistill.eval import cost, metrics
 from graphdistill.eval.result import EvalResult, RowScores, TeacherSelf
+from graphdistill.runner.tta import parse_tta
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,15 @@ def teacher_samples(
     return refs, outs, photos
 
 
+def _with_tta(
+    predict: Callable[..., Any], augmentations: tuple[str, ...], always: bool = False
+) -> Callable[[Any, str], Any]:
+    """``predict(image, question)`` with ``tta=augmentations`` passed on (when there are any, or ``always``)."""
+    if not augmentations and not always:
+        return predict
+    return lambda image, question: predict(image, question, tta=augmentations)
+
+
 def evaluate_run(
     run: str | os.PathLike[str],
     dataset: str | os.PathLike[str],
@@ -207,6 +217,7 @@ def evaluate_run(
     semantic: bool = True,
     graph_spec: str | None = None,
     predictor: Any | None = None,
+    tta: str | Sequence[str] | None = None,
     ci_resamples: int = metrics.DEFAULT_RESAMPLES,
     ci_seed: int = 0,
     progress: Progress | None = None,
@@ -222,6 +233,10 @@ def evaluate_run(
 
     ``predictor`` (anything with ``.predict(image, question)``) replaces ``load_student(run)``, e.g. a
     student already in memory; sizes still come from ``RUN/model.safetensors``.
+
+    ``tta`` (``"flip,scale"``, :mod:`graphdistill.runner.tta`): the PyTorch student answers with test-time
+    augmentation (its ``predict`` takes ``tta=``), and so does every bundle (``()``: none, whatever its
+    manifest says); None: the student without, each bundle as its manifest says.
 
     Each bundle is timed with each of ``bundle_threads`` runtime threads; its ``ms`` is the fastest setting
     (``ms_by_threads`` has them all): on a 2-core CPU a one-token decoder step is often faster on one thread,
@@ -241,6 +256,7 @@ def evaluate_run(
     if ci_resamples < 0:
         raise EvalError(f"ci_resamples must be >= 0, got {ci_resamples}")
     kinds = output_kinds_of(ds)  # outputs are keyed by the graph's own names; scored by kind
+    augmentations = parse_tta(tta)
 
     say(f"loading the student from {run}")
     if predictor is None:
@@ -254,15 +270,16 @@ def evaluate_run(
             from graphdistill.student.predict import load_student  # type: ignore[import-not-found,unused-ignore]
 
             predictor = load_student(run)
+        student_predict = _with_tta(predictor.predict, augmentations)
         student_out: list[dict[str, Any]] = []
         for i, row in enumerate(rows):
-            student_out.append(jsonable_output(predictor.predict(ds.image(row), row.question), kinds))
+            student_out.append(jsonable_output(student_predict(ds.image(row), row.question), kinds))
             if progress:
                 progress(f"student on {split}", i + 1, len(rows))
         timed_rows = rows[: max(1, teacher_n)]
         inputs = [(ds.image(r), r.question) for r in timed_rows]
         s_lat = cost.median_latency(
-            predictor.predict, inputs, repeats=student_repeats, label="timing the student", progress=progress
+            student_predict, inputs, repeats=student_repeats, label="timing the student", progress=progress
         )
     teacher_out = [output_of_row(r, kinds) for r in rows]
     s_fp = cost.student_footprint(run)
@@ -287,8 +304,9 @@ def evaluate_run(
         for threads in bundle_threads or (None,):
             say(f"loading exported bundle {b}" + (f" ({threads} threads)" if threads else ""))
             runner = load_bundle_runner(b, threads)
+            bundle_predict = runner.predict if tta is None else _with_tta(runner.predict, augmentations, True)
             lat = cost.median_latency(
-                runner.predict,
+                bundle_predict,
                 inputs,
                 repeats=student_repeats,
                 label=f"timing {Path(b).name}" + (f" ({threads} threads)" if threads else ""),
@@ -297,7 +315,7 @@ def evaluate_run(
             by_threads[str(threads or "default")] = lat["median_ms"]
         outs = bundle_out[str(b)] = []
         for i, row in enumerate(rows):  # every row: its fidelity is scored like the PyTorch student's
-            outs.append(jsonable_output(runner.predict(ds.image(row), row.question), kinds))
+            outs.append(jsonable_output(bundle_predict(ds.image(row), row.question), kinds))
             if progress:
                 progress(f"{Path(b).name} on {split}", i + 1, len(rows))
         parity = metrics.compare_outputs(
@@ -400,7 +418,7 @@ def evaluate_run(
         val_rows = _real_rows(ds.rows("val"), "val")
         val_out = []
         for i, row in enumerate(val_rows):
-            val_out.append(jsonable_output(predictor.predict(ds.image(row), row.question), kinds))
+            val_out.append(jsonable_output(student_predict(ds.image(row), row.question), kinds))
             if progress:
                 progress("student on val", i + 1, len(val_rows))
         fid_val = metrics.compare_outputs(
@@ -461,6 +479,8 @@ def evaluate_run(
         "cost": cost_out,
         "rows": per_row,
     }
+    if augmentations:
+        result["tta"] = list(augmentations)
     if teacher_self is not None:
         result["teacher_self"] = teacher_self
     if fid_val is not None:

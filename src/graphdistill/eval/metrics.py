@@ -15,22 +15,25 @@ shape by :func:`canonical_output`, which picks each field by its declared kind.
 
 Undefined metrics (e.g. mAP when the teacher found no objects at all) are ``None``, never a made-up number.
 
-This module is the one implementation of each measure: text normalisation (also the filter's vote and
-dedup), token F1 (also training's validation and the int8 export gate), box IoU (also the vote's object
+This module is the one implementation of each measure (text normalisation and box IoU live in
+:mod:`graphdistill.runner.vote`, numpy-only, for the runners' test-time vote; they are re-exported here):
+text normalisation (also the filter's vote and dedup), token F1 (also training's validation and the int8 export gate), box IoU (also the vote's object
 matching), object-match F1 and mask IoU (also the export gate).
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import string
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+# re-exported: the one implementation, numpy-only for the runners' test-time vote
+from graphdistill.runner.vote import box_iou as box_iou
+from graphdistill.runner.vote import box_iou_pair as box_iou_pair
+from graphdistill.runner.vote import normalize_text as normalize_text
 from graphdistill.trace import CANONICAL_KINDS as TRACE_CANONICAL
 from graphdistill.trace import RLE, Detections, ObjectOut, canonical_names
 
@@ -77,18 +80,6 @@ def _detections_as_objects(value: Any) -> list[ObjectOut]:
 # --------------------------------------------------------------------------------------------------------
 # Answers
 # --------------------------------------------------------------------------------------------------------
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
-_PUNCT = set(string.punctuation)
-
-
-def normalize_text(text: str) -> str:
-    """SQuAD normalisation: lower case, no punctuation, no articles (a/an/the), single spaces. What two
-    answers (or two questions, for dedup) must share to count as the same text."""
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in _PUNCT)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
 
 
 def exact_match(pred: str, ref: str) -> float:
@@ -191,28 +182,6 @@ def answer_scores(
 
 def as_object(obj: ObjectOut | Mapping[str, Any]) -> ObjectOut:
     return obj if isinstance(obj, ObjectOut) else ObjectOut.model_validate(dict(obj))
-
-
-def box_iou(
-    a: np.ndarray | Sequence[Sequence[float]], b: np.ndarray | Sequence[Sequence[float]]
-) -> np.ndarray:
-    """Pairwise IoU of xyxy boxes: (n, 4) x (m, 4) -> (n, m)."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
-
-
-def box_iou_pair(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU of two xyxy boxes (0 when their union is empty): :func:`box_iou` of one pair."""
-    return float(box_iou([a], [b])[0, 0])
 
 
 def _mask_array(rle: RLE | Mapping[str, Any], size: Sequence[int] | None = None) -> np.ndarray:

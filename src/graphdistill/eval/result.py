@@ -84,6 +84,7 @@ class EvalResult(TypedDict):
     fidelity_val: NotRequired[Fidelity]  # evaluate_run(val=True)
     exported: NotRequired[dict[str, ExportedEval]]  # bundle path -> its figures
     ground_truth: NotRequired[dict[str, Any]]  # scores against human labels, when rows carry them
+    tta: NotRequired[list[str]]  # the test-time augmentation the student and bundles answered with
 
 
 def write_eval(run: str | os.PathLike[str], result: EvalResult) -> Path:

@@ -25,8 +25,9 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from graphdistill.export.programs import (
     collect_samples,
     cross_kv_shape,
     load_run,
+    make_sample,
     pointer_shapes,
     programs_for,
     torch_reference,
@@ -61,7 +63,10 @@ from graphdistill.runner.manifest import (
     Manifest,
     ProgramSpec,
     TensorSpec,
+    TTASpec,
 )
+from graphdistill.runner.preprocess import canvas_size
+from graphdistill.runner.tta import FUSE_IOU, TTA_SCALE, TTAError, parse_tta, view_images, views
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +94,18 @@ def export_run(
     dataset: str | Path | None = None,
     n_calibration: int = N_CALIBRATION,
     n_heldout: int = 8,
+    tta: str | Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Manifest:
-    """Export, gate and write the bundle; returns the manifest. Raises :class:`ExportError` on failure."""
+    """Export, gate and write the bundle; returns the manifest. Raises :class:`ExportError` on failure.
+
+    ``tta`` (``"flip,scale"``): the bundle's runner answers those views of each photo too and fuses them
+    (manifest ``tta``; :mod:`graphdistill.runner.tta`); the gate then checks every view of its held-out inputs
+    against PyTorch, and int8 fidelity on the fused answers and objects."""
+    try:
+        augmentations = parse_tta(tta)
+    except TTAError as exc:
+        raise ExportError(str(exc)) from exc
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {list(FORMATS)}")
     if quantize not in QUANTIZE:
@@ -112,6 +126,15 @@ def export_run(
             f"the dataset {loaded.dataset_path} has too few rows for calibration ({len(calib)}) "
             f"and held-out ({len(heldout)}) inputs"
         )
+    n_views = len(views(augmentations))
+    if n_views > 1:  # each held-out input followed by its views, in the runner's order
+        pad = loaded.preprocessing.get("pad_value", [0, 0, 0])
+        size = canvas_size(loaded.preprocessing)
+        heldout = [
+            s if view.identity else replace(make_sample(loaded, img, s.question, s.row), view=view)
+            for s in heldout
+            for img, view in view_images(_photo(s), augmentations, pad, size)
+        ]
     programs, kv_shape = programs_for(loaded, fused_norms=fmt == "onnx", channels_last=fmt == "executorch")
     say("running the PyTorch reference")
     dec_calls: list[tuple[Any, ...]] = []
@@ -139,6 +162,8 @@ def export_run(
             json.dumps(tokenizer_json, ensure_ascii=False, separators=(",", ":")), encoding="utf-8"
         )
         manifest = _manifest(loaded, fmt, quantize, files, qmethods, kv_shape, tmp)
+        if augmentations:
+            manifest["tta"] = tta_spec(augmentations)
         _write_manifest(tmp, manifest)
         say("checking the exported bundle against PyTorch")
         runner = BundleRunner(tmp)
@@ -147,7 +172,7 @@ def export_run(
             runner.run_models(s.image_input.transpose(0, 2, 3, 1) if nhwc else s.image_input, s.question)
             for s in samples
         ]
-        gate = _gate(loaded, samples, refs, got, quantize, n_calib=len(checked))
+        gate = _gate(loaded, samples, refs, got, quantize, n_calib=len(checked), n_views=n_views)
         if fmt == "executorch" and quantize == "int8":
             gate["inputs"]["int8_calibration"] = len(calib)
         manifest["parity"] = gate
@@ -202,14 +227,44 @@ def _export(
     return res["files"], res["quantization"]
 
 
+def _photo(sample: Sample) -> np.ndarray:
+    if sample.rgb is None:
+        raise ExportError(f"input {sample.question!r} was prepared without its photo: no test-time views")
+    return sample.rgb
+
+
+def tta_spec(augmentations: Sequence[str]) -> TTASpec:
+    """The manifest's ``tta``: what the runner does with test-time augmentation (:mod:`graphdistill.runner.tta`)."""
+    return {
+        "augmentations": list(augmentations),
+        "scale": TTA_SCALE,
+        "box_iou": FUSE_IOU,
+        "quorum": "ceil(views / 2), the photo itself counted as a view",
+        "rule": "answer the photo and each view (flip: mirrored left to right; scale: shrunk to `scale` at the "
+        "top-left of a canvas of the photo's size filled with pad_value); map each view's boxes and masks "
+        "back onto the photo; objects: same class and box IoU >= box_iou with a cluster's score-weighted box "
+        "join it (one per view), a cluster a quorum of views found is kept with the mean score, the "
+        "score-weighted box and the pixel-majority mask; answer: the largest group of identical normalised "
+        "answers (SQuAD normalisation; a mirrored view's left and right swapped first), ties to the photo's "
+        "own; sources: documents a quorum of views retrieved, by count, then mean rank, cut to the photo's "
+        "own count",
+    }
+
+
 def _gate(
-    loaded: LoadedRun, samples: list[Sample], refs: list[Raw], got: list[Raw], quantize: str, n_calib: int
+    loaded: LoadedRun,
+    samples: list[Sample],
+    refs: list[Raw],
+    got: list[Raw],
+    quantize: str,
+    n_calib: int,
+    n_views: int = 1,
 ) -> ExportGate:
     float_parity = parity_float(
         refs, got, box_tol=BOX_TOL, mask_iou_min=MASK_IOU_MIN, logit_tol=LOGIT_TOL, has_text=loaded.has_text
     )
     gate: ExportGate = {
-        "inputs": {"calibration": n_calib, "heldout": len(samples) - n_calib},
+        "inputs": {"calibration": n_calib, "heldout": (len(samples) - n_calib) // n_views},
         "vs_pytorch": float_parity,
         "tolerances": {
             "box_abs": BOX_TOL,
@@ -225,8 +280,8 @@ def _gate(
         failures = list(float_parity["failures"])
     else:
         heldout = slice(n_calib, None)
-        f_float = fidelity(loaded, samples[heldout], refs[heldout])
-        f_int8 = fidelity(loaded, samples[heldout], got[heldout])
+        f_float = fidelity(loaded, samples[heldout], refs[heldout], n_views)
+        f_int8 = fidelity(loaded, samples[heldout], got[heldout], n_views)
         keys = [k for k in ("answer_token_f1", "box_f1") if k in f_float]
         drops = {k: round(f_float[k] - f_int8[k], 4) for k in keys}
         gate["fidelity_vs_teacher"] = {

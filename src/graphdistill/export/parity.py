@@ -10,6 +10,7 @@ from graphdistill.eval.metrics import mask_array_iou, objects_f1, token_f1
 from graphdistill.export.programs import Sample
 from graphdistill.runner.bundle import Raw, decode_objects
 from graphdistill.runner.preprocess import canvas_size
+from graphdistill.runner.tta import View, fuse_views
 
 
 def parity_float(
@@ -73,21 +74,44 @@ def parity_float(
     return result
 
 
-def fidelity(loaded: Any, samples: list[Sample], raws: list[Raw]) -> dict[str, float]:
+def fidelity(loaded: Any, samples: list[Sample], raws: list[Raw], n_views: int = 1) -> dict[str, float]:
     """Mean answer token F1 (with a text head) and box F1 (with an object head: object-match F1, class and
     box IoU >= 0.5) of decoded predictions against the dataset's (teacher) targets; both are
-    :mod:`graphdistill.eval.metrics`' measures, as evaluation and training report them."""
+    :mod:`graphdistill.eval.metrics`' measures, as evaluation and training report them.
+
+    ``n_views`` (a bundle with test-time augmentation, :func:`graphdistill.runner.tta.view_images`):
+    ``samples`` and ``raws`` hold each input's views one after another (``Sample.view``: how to map each
+    back), and each input is scored on its views fused as the runner fuses them."""
     size = canvas_size(loaded.preprocessing)
     decoding = dict(loaded.thresholds)
     has_text, has_boxes = loaded.config.has_text, "boxes" in loaded.encode_outputs
+    decoded: list[dict[str, Any]] = [
+        {
+            "answer": loaded.tokenizer.decode(raw.answer_ids) if has_text else None,
+            "objects": decode_objects(raw.outputs, s.letterbox, decoding, loaded.class_names, size)
+            if has_boxes
+            else [],
+        }
+        for s, raw in zip(samples, raws, strict=True)
+    ]
+    if n_views > 1:
+        kinds = {"answer": "text", "objects": "objects"}
+        decoded = [
+            fuse_views(
+                decoded[i : i + n_views],
+                [s.view or View() for s in samples[i : i + n_views]],
+                kinds,
+                (samples[i].letterbox.height, samples[i].letterbox.width),
+            )
+            for i in range(0, len(decoded), n_views)
+        ]
+        samples = samples[::n_views]
     f1s, bf1s = [], []
-    for s, raw in zip(samples, raws, strict=True):
+    for s, pred in zip(samples, decoded, strict=True):
         if has_text:
-            answer = loaded.tokenizer.decode(raw.answer_ids)
-            f1s.append(token_f1(answer, s.row.answer if s.row is not None else ""))
+            f1s.append(token_f1(pred["answer"] or "", s.row.answer if s.row is not None else ""))
         if has_boxes:
-            objs = decode_objects(raw.outputs, s.letterbox, decoding, loaded.class_names, size)
-            bf1s.append(objects_f1(s.row.objects if s.row is not None else (), objs))
+            bf1s.append(objects_f1(s.row.objects if s.row is not None else (), pred["objects"]))
     out: dict[str, float] = {}
     if has_text:
         out["answer_token_f1"] = float(np.mean(f1s))

@@ -20,6 +20,7 @@ from graphdistill.runner.bpe import ByteLevelBPE
 from graphdistill.runner.bundle import Raw, greedy_token
 from graphdistill.runner.manifest import Document, Preprocessing
 from graphdistill.runner.preprocess import Letterbox, load_rgb, preprocess
+from graphdistill.runner.tta import View
 from graphdistill.student.config import POINTER_KEYS
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class Sample:
     question_mask: np.ndarray  # [1, Lq] int64
     letterbox: Letterbox
     row: DatasetRow | None = None  # the dataset row: the teacher's targets
+    rgb: np.ndarray | None = None  # the photo itself (H×W×3 uint8): test-time views are made from it
+    view: View | None = None  # a test-time view of a photo: how to map its objects back (None: the photo)
 
     def torch_inputs(self) -> tuple[Any, ...]:
         torch = require("torch")
@@ -156,14 +159,15 @@ def head_names(model: Any) -> list[str]:
 
 
 def make_sample(loaded: LoadedRun, image: np.ndarray, question: str, row: DatasetRow | None = None) -> Sample:
-    x, box = preprocess(load_rgb(image), loaded.preprocessing)
+    rgb = load_rgb(image)
+    x, box = preprocess(rgb, loaded.preprocessing)
     lq = loaded.config.max_question_len
     ids = loaded.tokenizer.encode(question)[:lq]
     q = np.full((1, lq), loaded.special_ids["pad"], dtype=np.int64)
     q[0, : len(ids)] = ids
     mask = np.zeros((1, lq), dtype=np.int64)
     mask[0, : len(ids)] = 1
-    return Sample(x, question, q, mask, box, row)
+    return Sample(x, question, q, mask, box, row, rgb)
 
 
 def collect_samples(

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from graphdistill.eval.metrics import normalize_text
+from graphdistill.runner.vote import normalize_text
 
 
 def dhash(image: np.ndarray, size: int = 8) -> int:

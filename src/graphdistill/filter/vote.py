@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,8 +26,16 @@ from typing import Any
 import numpy as np
 
 from graphdistill.errors import GraphdistillError
-from graphdistill.eval.metrics import box_iou_pair, normalize_text
 from graphdistill.recording.tta import tta_of, untta_object
+from graphdistill.runner.preprocess import rle_majority
+from graphdistill.runner.vote import Embedder as Embedder  # re-exported: the filter's embedder type
+from graphdistill.runner.vote import (
+    cluster_objects,
+    fused_box,
+    most_common,
+    vote_answers,
+    vote_sources,
+)
 from graphdistill.trace import (
     RLE,
     BlobRef,
@@ -46,8 +53,6 @@ from graphdistill.trace import (
 )
 
 log = logging.getLogger(__name__)
-
-Embedder = Callable[[Sequence[str]], np.ndarray]  # texts -> [n, d] unit vectors
 
 # --------------------------------------------------------------------------------------------------------
 # Reading values out of traces
@@ -286,80 +291,24 @@ def load_image_of(c: Consensus, load_blob: Callable[[str], bytes]) -> np.ndarray
     raise FilterError(f"group {c.group_id}: its traces record no input image")
 
 
-def _find(parent: list[int], i: int) -> int:
-    while parent[i] != i:
-        parent[i] = parent[parent[i]]
-        i = parent[i]
-    return i
-
-
-def vote_answers(
-    answers: Sequence[str], k: int, embedder: Embedder | None, threshold: float = 0.85
-) -> tuple[int | None, float, list[list[int]]]:
-    """Cluster answers by meaning; returns (index of the target answer, agreement, clusters)."""
-    n = len(answers)
-    if n == 0:
-        return None, 0.0, []
-    norms = [normalize_text(a) for a in answers]
-    parent = list(range(n))
-    for i in range(n):
-        for j in range(i + 1, n):
-            if norms[i] == norms[j]:
-                parent[_find(parent, j)] = _find(parent, i)
-    sims: np.ndarray | None = None
-    if embedder is not None and len(set(norms)) > 1:
-        vecs = np.asarray(embedder(list(answers)), dtype=np.float64)
-        vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
-        sims = vecs @ vecs.T
-        for i in range(n):
-            for j in range(i + 1, n):
-                if sims[i, j] >= threshold:
-                    parent[_find(parent, j)] = _find(parent, i)
-    groups: dict[int, list[int]] = {}
-    for i in range(n):
-        groups.setdefault(_find(parent, i), []).append(i)
-    clusters = sorted(groups.values(), key=lambda c: (-len(c), c[0]))
-    best = clusters[0]
-
-    def centrality(i: int) -> tuple[float, int, int]:
-        same_text = sum(norms[j] == norms[i] for j in best)
-        mean_sim = float(np.mean([sims[i, j] for j in best])) if sims is not None else 0.0
-        return (mean_sim, same_text, -i)
-
-    chosen = max(best, key=centrality)
-    return chosen, len(best) / max(k, 1), clusters
-
-
 def vote_objects(
     per_sample: Sequence[Sequence[ObjectOut]], k: int, quorum: int, iou: float = 0.5
 ) -> tuple[list[ObjectOut], float]:
-    """Match objects across samples by class and IoU; keep those a quorum found; fuse boxes and masks."""
-    clusters: list[list[tuple[int, ObjectOut]]] = []
-    for s, objs in enumerate(per_sample):
-        for obj in sorted(objs, key=lambda o: -o.score):
-            best, best_iou = None, iou
-            for c in clusters:
-                if c[0][1].label != obj.label or any(si == s for si, _ in c):
-                    continue
-                v = box_iou_pair(_fused_box([o for _, o in c]), obj.box)
-                if v >= best_iou:
-                    best, best_iou = c, v
-            if best is None:
-                clusters.append([(s, obj)])
-            else:
-                best.append((s, obj))
+    """Match objects across samples by class and IoU (:func:`~graphdistill.runner.vote.cluster_objects`);
+    keep those a quorum found; fuse boxes and masks."""
+    clusters = cluster_objects([[(o.label, o.box, o.score) for o in objs] for objs in per_sample], iou)
     kept: list[ObjectOut] = []
     support: list[float] = []
     for c in clusters:
         if len(c) < quorum:
             continue
-        objs = [o for _, o in c]
+        objs = [per_sample[s][i] for s, i in c]
         kept.append(
             ObjectOut(
                 label=objs[0].label,
-                class_id=Counter(o.class_id for o in objs).most_common(1)[0][0],
+                class_id=most_common([o.class_id for o in objs]),
                 score=float(np.mean([o.score for o in objs])),
-                box=_fused_box(objs),
+                box=fused_box([o.box for o in objs], [o.score for o in objs]),
                 mask=_fused_mask(objs),
             )
         )
@@ -374,39 +323,12 @@ def vote_objects(
     return kept, agreement
 
 
-def _fused_box(objs: Sequence[ObjectOut]) -> list[float]:
-    w = np.array([max(o.score, 1e-6) for o in objs])
-    boxes = np.array([o.box for o in objs], dtype=np.float64)
-    fused = (boxes * w[:, None]).sum(0) / w.sum()
-    return [float(v) for v in fused]
-
-
 def _fused_mask(objs: Sequence[ObjectOut]) -> RLE | None:
     masks = [o.mask for o in objs if o.mask is not None]
     if not masks:
         return None
     size = masks[0].size
-    decoded = [m.decode() for m in masks if m.size == size]
-    votes = np.sum(decoded, axis=0)
-    return RLE.encode(votes * 2 > len(decoded))
-
-
-def vote_sources(per_sample: Sequence[Sequence[str]], k: int, quorum: int) -> tuple[list[str], float]:
-    counts: Counter[str] = Counter()
-    rank_sum: Counter[str] = Counter()
-    for ids in per_sample:
-        for r, sid in enumerate(dict.fromkeys(ids)):
-            counts[sid] += 1
-            rank_sum[sid] += r
-    kept = [s for s, c in counts.items() if c >= quorum]
-    kept.sort(key=lambda s: (-counts[s], rank_sum[s] / counts[s], s))
-    if not any(per_sample):
-        agreement = 1.0
-    elif kept:
-        agreement = float(np.mean([counts[s] / max(k, 1) for s in kept]))
-    else:
-        agreement = sum(1 for ids in per_sample if not ids) / max(k, 1)
-    return kept, agreement
+    return RLE(**rle_majority([{"size": m.size, "counts": m.counts} for m in masks if m.size == size]))
 
 
 def vote_group(

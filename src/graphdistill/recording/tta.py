@@ -16,16 +16,23 @@ from typing import Any
 
 import numpy as np
 
-from graphdistill.errors import GraphdistillError
+from graphdistill.runner.preprocess import rle_resize
+from graphdistill.runner.tta import TTA_CHOICES, TTA_SCALE, TTAError, unview_box
+from graphdistill.runner.tta import parse_tta as parse_views
 from graphdistill.trace import RLE, ObjectOut, Trace
 
 META_TTA = "tta"  # the trace metadata key of what a sample saw
-TTA_CHOICES = ("flip", "scale")
-TTA_SCALE = 0.8  # the "scale" view: the photo at 80 % of its size
-
-
-class TTAError(GraphdistillError, ValueError):
-    """An unknown test-time augmentation; the message names it and the choices."""
+__all__ = [
+    "META_TTA",
+    "TTA",
+    "TTA_CHOICES",
+    "TTA_SCALE",
+    "TTAError",
+    "apply_tta",
+    "parse_tta",
+    "tta_of",
+    "untta_object",
+]
 
 
 @dataclass(frozen=True)
@@ -51,12 +58,9 @@ class TTA:
 
 
 def parse_tta(text: str) -> list[str]:
-    """``"flip,scale"`` -> ``["flip", "scale"]``; an unknown name is refused."""
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    for t in items:
-        if t not in TTA_CHOICES:
-            raise TTAError(f"tta {text!r}: unknown transform {t!r} (choose from {', '.join(TTA_CHOICES)})")
-    return items
+    """``"flip,scale"`` -> ``["flip", "scale"]``; an unknown name is refused (the student's test-time views
+    take the same names: :func:`graphdistill.runner.tta.parse_tta`)."""
+    return list(parse_views(text))
 
 
 def apply_tta(image: np.ndarray, sample_index: int, tta: Sequence[str]) -> tuple[np.ndarray, TTA]:
@@ -83,34 +87,14 @@ def tta_of(trace: Trace) -> TTA | None:
     return None if tta.identity else tta
 
 
-def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    h, w = size
-    if mask.shape == (h, w):
-        return mask
-    ys = np.minimum((np.arange(h) + 0.5) * mask.shape[0] / h, mask.shape[0] - 1).astype(int)
-    xs = np.minimum((np.arange(w) + 0.5) * mask.shape[1] / w, mask.shape[1] - 1).astype(int)
-    resized: np.ndarray = mask[ys][:, xs]
-    return resized
-
-
 def untta_object(obj: ObjectOut, tta: TTA) -> ObjectOut:
-    """Map one object seen on an augmented image back to the original image's frame."""
-    scale = tta.scale
-    oh, ow = tta.orig_size
-    aw = round(ow * scale)
-    x1, y1, x2, y2 = obj.box
-    if tta.flip:
-        x1, x2 = aw - x2, aw - x1
-    box = [
-        float(np.clip(x1 / scale, 0, ow)),
-        float(np.clip(y1 / scale, 0, oh)),
-        float(np.clip(x2 / scale, 0, ow)),
-        float(np.clip(y2 / scale, 0, oh)),
-    ]
+    """Map one object seen on an augmented image back to the original image's frame (the geometry the
+    student's test-time views are undone with: :func:`graphdistill.runner.tta.unview_box` and
+    :func:`graphdistill.runner.preprocess.rle_resize`)."""
+    box = unview_box(obj.box, tta.flip, tta.scale, tta.orig_size)
     mask = None
     if obj.mask is not None:
-        m = obj.mask.decode()
-        if tta.flip:
-            m = m[:, ::-1]
-        mask = RLE.encode(_resize_mask(m, (oh, ow)))
+        mask = RLE(
+            **rle_resize({"size": obj.mask.size, "counts": obj.mask.counts}, tta.orig_size, flip=tta.flip)
+        )
     return obj.model_copy(update={"box": box, "mask": mask})

@@ -31,7 +31,15 @@ A bundle is a folder: the model file(s), ``tokenizer.json`` and ``manifest.json`
    returns its top k; ties keep the manifest's document order);
 8. the result has exactly the teacher graph's output fields (manifest ``outputs``: field -> kind, in the
    schema's order): text -> the answer, objects -> step 6, detections -> step 6 as parallel lists,
-   sources -> step 7, embedding -> the ``embedding:<field>`` output as a list of floats.
+   sources -> step 7, embedding -> the ``embedding:<field>`` output as a list of floats;
+9. test-time augmentation, only when the manifest has ``tta`` (``{"augmentations": ["flip", "scale"],
+   ...}``): steps 2–8 also run on each augmentation's view of the photo (``flip``: mirrored left to right;
+   ``scale``: shrunk to ``tta.scale`` on a canvas of the photo's size, top-left, filled with ``pad_value``),
+   each view's objects are mapped back onto the photo, and the views vote: objects a quorum (half the views,
+   rounded up) found, by class and box IoU >= ``tta.box_iou``, score-weighted boxes, mean scores, pixel-majority
+   masks; the largest cluster of identical normalised answers (a mirrored view's left and right swapped
+   first; ties: the photo's own); sources a quorum retrieved, by count then mean rank (:mod:`.tta`,
+   :mod:`.vote`).
 
 Imports only numpy, Pillow, the stdlib and the model's runtime (``onnxruntime`` or ``executorch.runtime``).
 """
@@ -41,7 +49,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -59,6 +67,7 @@ from graphdistill.runner.preprocess import (
     load_rgb,
     object_mask_rle,
 )
+from graphdistill.runner.tta import detections_dict, parse_tta, predict_views
 
 # 2: decode_step returns this position's keys/values (kv_new), not the whole cache as in 1
 # 3: decode_step reads each layer's keys and values as separate inputs (views of the runner's arrays)
@@ -307,6 +316,9 @@ class BundleRunner:
             self.decoding = m["output_decoding"]
             self.class_names: list[str] = m["class_names"]
             self.document_ids = [d["id"] for d in m["documents"]]
+            # test-time augmentation the bundle was exported with (none when the manifest has no ``tta``)
+            tta = m.get("tta")
+            self.tta: tuple[str, ...] = parse_tta(tta["augmentations"] if tta else None)
         except (KeyError, TypeError, ValueError) as exc:  # TokenizerError is a ValueError
             raise BundleError(
                 f"{self.root / MANIFEST} is incomplete or its tokenizer unusable: {exc!r}"
@@ -367,9 +379,23 @@ class BundleRunner:
             token[0, 0] = nxt
         return Raw(answer, named)
 
-    def predict(self, image: np.ndarray | str | Path, question: str) -> dict[str, Any]:
-        """Steps 2–8 for one image (a path or an H×W×3 uint8 RGB array) and one question."""
+    def predict(
+        self, image: np.ndarray | str | Path, question: str, tta: str | Sequence[str] | None = None
+    ) -> dict[str, Any]:
+        """Steps 2–8 for one image (a path or an H×W×3 uint8 RGB array) and one question. With test-time
+        augmentation (``tta``; None: the manifest's ``tta.augmentations``, if any; ``()``: none) step 9: each
+        view of the photo is answered whole and the views vote (:mod:`.tta`)."""
         rgb = load_rgb(image)
+        augmentations = self.tta if tta is None else parse_tta(tta)
+        if augmentations:
+            pad = self.spec.get("pad_value", [0, 0, 0])
+            size = canvas_size(self.spec)
+            return predict_views(
+                rgb, lambda v: self._predict(v, question), augmentations, self.outputs, pad, size
+            )
+        return self._predict(rgb, question)
+
+    def _predict(self, rgb: np.ndarray, question: str) -> dict[str, Any]:
         x, box = self.preprocess(rgb, self.programs.buffers["encode"][0])  # straight into the runtime's input
         raw = self.run_models(x, question)
         return self.decode(raw, box, rgb.shape[0], rgb.shape[1])
@@ -419,18 +445,6 @@ def decode_objects(
             }
         )
     return objects
-
-
-def detections_dict(objects: list[dict[str, Any]], height: int, width: int) -> dict[str, Any]:
-    """Step 6 as a DETECTIONS output: the same objects as parallel lists (``trace.Detections`` as JSON)."""
-    return {
-        "kind": "detections",
-        "xyxy": [o["box"] for o in objects],
-        "class_ids": [o["class_id"] for o in objects],
-        "names": [o["label"] for o in objects],
-        "scores": [o["score"] for o in objects],
-        "image_size": [height, width],
-    }
 
 
 def banned_tokens(history: list[int], n: int, run: int = 0) -> list[int]:

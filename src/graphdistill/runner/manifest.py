@@ -110,6 +110,16 @@ class ExportGate(TypedDict):
     passed: bool
 
 
+class TTASpec(TypedDict):
+    """``manifest["tta"]``: the test-time augmentation the runner applies (``runner.tta``)."""
+
+    augmentations: list[str]  # views after the photo itself: "flip", "scale"
+    scale: float  # the "scale" view shrinks the photo to this fraction of its size
+    box_iou: float  # objects of two views are one when their boxes overlap by at least this
+    quorum: str  # how many views must find an object (or retrieve a document)
+    rule: str  # the fusion in words
+
+
 class Manifest(TypedDict):
     """``manifest.json`` of a bundle of format ``runner.bundle.BUNDLE_FORMAT``."""
 
@@ -136,6 +146,7 @@ class Manifest(TypedDict):
     file_bytes: dict[str, int]
     parity: ExportGate | None  # the export gate's result (None only while the bundle is being written)
     export_seconds: NotRequired[float]
+    tta: NotRequired[TTASpec]  # test-time augmentation; absent: none
     manifest_sha256: NotRequired[str]  # sha256 of the canonical JSON without this field
 
 

@@ -21,7 +21,7 @@ import importlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from graphdistill.errors import GraphdistillError
 from graphdistill.runner.bundle import greedy_token, top_sources
 from graphdistill.runner.preprocess import Letterbox, object_mask_rle
-from graphdistill.student.loader import MEAN, REDUCING_GAP, STD, preprocess_image
+from graphdistill.runner.tta import parse_tta, predict_views
+from graphdistill.student.loader import MEAN, PAD_VALUE, REDUCING_GAP, STD, preprocess_image
 from graphdistill.student.model import (
     BOS_ID,
     EOS_ID,
@@ -160,10 +161,27 @@ class StudentPredictor:
         score_threshold: float | None = None,
         sources_k: int | None = None,
         max_len: int | None = None,
+        tta: str | Sequence[str] | None = None,
     ) -> dict[str, Any]:
         """One photo (HxWx3 uint8 RGB) + question -> ``{output field: value}`` for the graph's outputs. The
         objects are those the student keeps (``keep``: its own score threshold and NMS, in the graph), and of
-        those only the ones scoring at least ``score_threshold`` when it is given."""
+        those only the ones scoring at least ``score_threshold`` when it is given.
+
+        ``tta`` (``"flip,scale"`` or a list of those names): the student also answers those views of the photo
+        and the views vote (:mod:`graphdistill.runner.tta`, the bundle runner's rule); each view costs a
+        whole query."""
+        augmentations = parse_tta(tta)
+        if augmentations:
+            return predict_views(
+                image,
+                lambda view: self.predict(
+                    view, question, score_threshold=score_threshold, sources_k=sources_k, max_len=max_len
+                ),
+                augmentations,
+                self.config.outputs,
+                PAD_VALUE,
+                self.config.image_size,
+            )
         cfg = self.config
         h, w = image.shape[:2]
         x, scale = preprocess_image(image, cfg.image_size, self.reducing_gap, self.mean, self.std)
