@@ -31,6 +31,8 @@ BENCHMARKS: dict[str, list[str]] = {
     "e2e": [],  # runs (or resumes) the full demo first
     # issue 16: how far int8 moves the demo student's detector scores (needs e2e's demo-out/run)
     "int8_noise": ["--run", str(ROOT / "demo-out" / "run")],
+    # issue 21: test-time augmentation on the demo's held-out photos, PyTorch and the int8 ExecuTorch bundle
+    "tta": ["--demo-dir", str(ROOT / "demo-out")],
     "filter_memory": [],  # issue 18: the filter's memory is bounded by the largest group, not the store
     "scaling": [
         "--sizes",
