@@ -818,3 +818,32 @@ def test_a_tta_bundle_fuses_its_views_as_pytorch_does_and_its_gate_checks_every_
             image, question, tta="none"
         )
     assert n_objects > 0
+
+
+def test_an_adaptive_tta_bundle_answers_its_views_only_when_unsure(run_dir: Path, tmp_path: Path) -> None:
+    from graphdistill.export.bundle import export_run
+    from graphdistill.export.programs import ExportError
+
+    with pytest.raises(ExportError, match="needs augmentations"):
+        export_run(run_dir, "onnx", tmp_path / "no", tta_below=0.5, **N)
+    m = export_run(run_dir, "onnx", tmp_path / "adaptive", tta="flip", tta_below=0.0, **N)
+    assert m["tta"]["below"] == 0.0 and m["parity"] is not None and m["parity"]["passed"]
+    runner = BundleRunner(tmp_path / "adaptive", threads=1)
+    run = runner.programs.run
+    encodes: list[bool] = []
+
+    def spy(program: str, *inputs: np.ndarray) -> list[np.ndarray]:
+        encodes.append(program == "encode")
+        return run(program, *inputs)
+
+    runner.programs.run = spy  # type: ignore[method-assign]
+    for split, i in [("test", 0), ("train", 1), ("val", 0)]:
+        image, question = _image(run_dir, split, i)
+        found = runner.predict(image, question, tta=())["objects"]
+        encodes.clear()
+        runner.predict(image, question)
+        # no score is under 0: the views are answered only for a photo where the student found nothing
+        assert sum(encodes) == (1 if found else 2)
+        encodes.clear()
+        runner.predict(image, question, tta_below=1.0)  # every score is under 1: always the views
+        assert sum(encodes) == 2

@@ -154,21 +154,29 @@ def test_degraded_student_and_the_report(tmp_path: Path, synthetic: Path) -> Non
             for flt in (True, False)
         ]
     }
+    figures = {"answer_f1": 0.3, "box_map50": 0.5, "mask_miou": None, "sources_recall": 0.7}
+    tta = {
+        "settings": [
+            {"tta": name, "pytorch_ms": ms * 3, "pytorch": figures, "bundle_ms": ms, "bundle": figures}
+            for name, ms in (("none", 30.0), ("flip", 61.0), ("scale@0.5", 44.0))
+        ]
+    }
     out = build_report(
         [run, run_b],
         tmp_path / "out" / "report.html",
         scaling=scaling,
+        tta=tta,
         gallery_n=4,
         predictor=LookupStudent(synthetic, _degraded),
     )
     page = _parse(out.read_text())
-    for section in ("headline", "fidelity", "cost", "plots", "scaling", "gallery"):
+    for section in ("headline", "fidelity", "cost", "plots", "scaling", "tta", "gallery"):
         assert section in page.ids, section
-    for fig in ("plot-per-class", "plot-latency", "plot-train-size", "plot-scaling"):
+    for fig in ("plot-per-class", "plot-latency", "plot-train-size", "plot-scaling", "plot-tta"):
         assert fig in page.ids, fig
     assert page.gallery == 4
     assert all(src.startswith("data:image/") for src in page.srcs)
-    assert len(page.srcs) == 4 + 4  # four plots, four gallery pictures
+    assert len(page.srcs) == 5 + 4  # five plots, four gallery pictures
     assert not page.external, page.external
     text = out.read_text()
     assert "http://" not in text and "https://" not in text
@@ -179,6 +187,11 @@ def test_degraded_student_and_the_report(tmp_path: Path, synthetic: Path) -> Non
     assert "run_a (val split)" in text
     with pytest.raises(ValueError, match="n_inputs"):
         build_report([run], tmp_path / "bad.html", scaling={"points": [{"filtered": True}]}, gallery_n=0)
+    assert "<td>scale@0.5</td><td>132.0</td><td>0.30</td>" in text  # the setting's row: PyTorch ms, figures
+    with pytest.raises(ValueError, match="bundle_ms"):
+        build_report(
+            [run], tmp_path / "bad.html", tta={"settings": [{"tta": "x", "pytorch_ms": 1, "pytorch": {}}]}
+        )
 
     lo, hi = res["fidelity_ci"]["answer_exact"]
     assert f"{f['answer_exact']:.2f} [{lo:.2f}, {hi:.2f}]" in text  # the figure with its interval

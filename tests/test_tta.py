@@ -17,6 +17,7 @@ from graphdistill.runner.tta import (
     fuse_views,
     parse_tta,
     predict_views,
+    unsure,
     unview_text,
     view_images,
     views,
@@ -221,3 +222,45 @@ def test_every_command_refuses_an_unknown_augmentation_naming_it(
     assert main([*argv, "--tta", "flip,blur"]) == 2
     err = capsys.readouterr().err
     assert "--tta" in err and "'blur'" in err and "flip, scale" in err
+
+
+def test_the_adaptive_policy_answers_the_views_only_when_the_photos_answer_is_unsure() -> None:
+    rgb = np.zeros((30, 40, 3), dtype=np.uint8)
+    outputs = {"answer": "text", "objects": "objects"}
+    calls: list[np.ndarray] = []
+
+    def model(score: float | None) -> Any:
+        def predict(img: np.ndarray) -> dict[str, Any]:
+            calls.append(img)
+            objs = [] if score is None else [_obj("cat", score, (2, 2, 10, 10), img.shape[:2])]
+            return {"answer": "a cat", "objects": objs}
+
+        return predict
+
+    for score, below, views_run in [
+        (0.9, 0.5, False),
+        (0.4, 0.5, True),
+        (None, 0.5, True),
+        (0.4, None, True),
+    ]:
+        calls.clear()
+        out = predict_views(rgb, model(score), ("flip", "scale"), outputs, PAD, below=below)
+        assert len(calls) == (3 if views_run else 1), (score, below)
+        assert np.array_equal(calls[0], rgb)  # the photo itself is always answered first
+        if not views_run:
+            assert out == model(score)(rgb)
+    assert unsure({"boxes": {"scores": [0.8, 0.3]}}, {"boxes": "detections"}, 0.5)
+    assert not unsure({"boxes": {"scores": [0.8]}}, {"boxes": "detections"}, 0.5)
+    assert unsure({"answer": "a cat"}, {"answer": "text"}, 0.5)  # nothing to be sure of: the views decide
+
+
+def test_the_adaptive_threshold_must_be_a_score(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from graphdistill.cli import main
+
+    photo = tmp_path / "photo.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(photo)
+    argv = ["predict", str(tmp_path), "--image", str(photo), "--question", "what?", "--tta", "flip"]
+    assert main([*argv, "--tta-below", "1.5"]) == 2
+    assert "--tta-below 1.5" in capsys.readouterr().err

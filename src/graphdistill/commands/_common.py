@@ -103,3 +103,24 @@ def parse_tta_arg(text: str | None) -> tuple[str, ...]:
         return parse_tta(text)
     except TTAError as exc:
         raise CommandError(f"--tta: {exc}") from exc
+
+
+def tta_below_arg(value: float | None) -> float | None:
+    """``--tta-below SCORE``: a score between 0 and 1 (or absent), else a :class:`CommandError`."""
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise CommandError(f"--tta-below {value}: must be a score between 0 and 1")
+    return value
+
+
+def add_tta_flags(p: argparse.ArgumentParser, tta_help: str) -> None:
+    """``--tta`` (test-time augmentation; ``tta_help`` says what it applies to) and ``--tta-below SCORE``
+    (adaptive compute)."""
+    p.add_argument("--tta", default=None, help=tta_help)
+    p.add_argument(
+        "--tta-below",
+        type=float,
+        default=None,
+        metavar="SCORE",
+        help="adaptive compute: answer the --tta views only when the photo's own answer has no object or one "
+        "scoring under SCORE",
+    )

@@ -7,7 +7,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from graphdistill._fs import is_url
-from graphdistill.commands._common import CommandError, console, parse_tta_arg, print_json, stage_progress
+from graphdistill.commands._common import (
+    CommandError,
+    add_tta_flags,
+    console,
+    parse_tta_arg,
+    print_json,
+    stage_progress,
+    tta_below_arg,
+)
 
 if TYPE_CHECKING:
     from graphdistill.eval.result import EvalResult
@@ -64,10 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--no-semantic", dest="semantic", action="store_false", help="skip the MiniLM answer agreement"
     )
-    p.add_argument(
-        "--tta",
-        default=None,
-        help="test-time augmentation (flip, scale, flip,scale or none) for the PyTorch student and every "
+    add_tta_flags(
+        p,
+        "test-time augmentation (flip, scale, flip,scale or none) for the PyTorch student and every "
         "bundle (default: the student without, each bundle as its manifest says)",
     )
     add_ci_arguments(p)
@@ -126,6 +133,7 @@ def run_eval(args: argparse.Namespace) -> EvalResult:
                 ci_resamples=args.ci_resamples,
                 ci_seed=args.ci_seed,
                 tta=None if args.tta is None else parse_tta_arg(args.tta),
+                tta_below=tta_below_arg(args.tta_below),
                 progress=progress,
                 status=status,
             )

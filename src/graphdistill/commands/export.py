@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from graphdistill.commands._common import add_tta_flags
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
@@ -35,10 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         default=8,
         help="val inputs (then train inputs of images calibration did not see) for parity and fidelity",
     )
-    p.add_argument(
-        "--tta",
-        default=None,
-        help="test-time augmentation the bundle's runner applies: flip, scale or flip,scale (default: none; "
+    add_tta_flags(
+        p,
+        "test-time augmentation the bundle's runner applies: flip, scale or flip,scale (default: none; "
         "each view costs a whole query on the phone)",
     )
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -48,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from graphdistill.commands._common import CommandError, console, parse_tta_arg, print_json
+    from graphdistill.commands._common import CommandError, console, parse_tta_arg, print_json, tta_below_arg
     from graphdistill.export.bundle import N_CALIBRATION, export_run
 
     if not Path(args.run).is_dir():
@@ -69,6 +70,7 @@ def _export(args: argparse.Namespace) -> int:
             n_calibration=N_CALIBRATION if args.calibration is None else args.calibration,
             n_heldout=args.heldout,
             tta=parse_tta_arg(args.tta),
+            tta_below=tta_below_arg(args.tta_below),
             progress=progress,
         )
     if args.json:

@@ -6,7 +6,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from graphdistill.commands._common import CommandError, console, parse_tta_arg, print_json
+from graphdistill.commands._common import (
+    CommandError,
+    add_tta_flags,
+    console,
+    parse_tta_arg,
+    print_json,
+    tta_below_arg,
+)
 from graphdistill.images import IMAGE_SUFFIXES
 
 
@@ -23,10 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "detector's; a lower value cannot bring back objects the student dropped)",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument(
-        "--tta",
-        default=None,
-        help="test-time augmentation: also answer these views of the photo and let them vote (flip, scale, "
+    add_tta_flags(
+        p,
+        "test-time augmentation: also answer these views of the photo and let them vote (flip, scale, "
         "or flip,scale; each view costs a whole query)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object: answer, objects, sources")
@@ -49,7 +55,7 @@ def _predict(args: argparse.Namespace) -> int:
             raise CommandError(f"--out {args.out}: give a picture file name ending in .png or .jpg")
         if not out_path.parent.is_dir():
             raise CommandError(f"--out {args.out}: the folder {out_path.parent} does not exist")
-    tta = parse_tta_arg(args.tta)
+    tta, tta_below = parse_tta_arg(args.tta), tta_below_arg(args.tta_below)
     image = load_image(args.image, name=args.image)
 
     from graphdistill.student.predict import load_student
@@ -57,7 +63,9 @@ def _predict(args: argparse.Namespace) -> int:
     con = console(stderr=True)
     with con.status("loading the student…"):
         predictor = load_student(args.run, device=args.device)
-        output = predictor.predict(image, question, score_threshold=args.threshold, tta=tta)
+        output = predictor.predict(
+            image, question, score_threshold=args.threshold, tta=tta, tta_below=tta_below
+        )
     if args.json:
         print_json(graph_json(output))
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from graphdistill.commands._common import CommandError, console
 
@@ -20,6 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--out", default="report.html", help="HTML file to write (report.html)")
     p.add_argument(
         "--scaling", default=None, metavar="JSON", help="scaling study (benchmarks/results/scaling.json)"
+    )
+    p.add_argument(
+        "--tta",
+        default=None,
+        metavar="JSON",
+        help="test-time compute study: fidelity against ms per setting (benchmarks/results/tta.json)",
     )
     p.add_argument("--gallery", type=int, default=8, help="held-out photos in the gallery (8)")
     p.add_argument(
@@ -101,12 +108,7 @@ def _report(args: argparse.Namespace) -> int:
         print(text, end="")
         console(stderr=True).print(f"wrote {runs[0] / 'summary.md'}")
         return 0
-    scaling = None
-    if args.scaling:
-        try:
-            scaling = json.loads(Path(args.scaling).read_text())
-        except (OSError, ValueError) as exc:
-            raise CommandError(f"scaling file {args.scaling}: not a readable JSON file ({exc})") from exc
+    scaling, tta = (_read_json(flag, path) for flag, path in (("scaling", args.scaling), ("tta", args.tta)))
     from rich.progress import Progress
 
     from graphdistill.eval.report import build_report
@@ -118,8 +120,20 @@ def _report(args: argparse.Namespace) -> int:
             bar.update(task, description=what, completed=done, total=total)
 
         try:
-            path = build_report(runs, args.out, scaling=scaling, gallery_n=args.gallery, progress=progress)
+            path = build_report(
+                runs, args.out, scaling=scaling, tta=tta, gallery_n=args.gallery, progress=progress
+            )
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
     console(stderr=True).print(f"wrote {path}")
     return 0
+
+
+def _read_json(flag: str, path: str | None) -> Any:
+    """``--scaling`` / ``--tta``'s file, or None; a clear error naming the flag when it cannot be read."""
+    if not path:
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"--{flag} file {path}: not a readable JSON file ({exc})") from exc

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from graphdistill.commands._common import add_tta_flags
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("run-bundle", help="answer one question about one image with an exported bundle")
@@ -15,10 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--question", required=True, help="the question to answer")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the runtime (default: its own)")
-    p.add_argument(
-        "--tta",
-        default=None,
-        help="test-time augmentation: flip, scale, flip,scale, or none (default: the bundle's own, manifest "
+    add_tta_flags(
+        p,
+        "test-time augmentation: flip, scale, flip,scale, or none (default: the bundle's own, manifest "
         "`tta`; each view costs a whole query)",
     )
     p.add_argument("--json", action="store_true", help="print {answer, objects, sources} as JSON")
@@ -29,7 +30,7 @@ def _run_bundle(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from graphdistill.commands._common import CommandError, parse_tta_arg
+    from graphdistill.commands._common import CommandError, parse_tta_arg, tta_below_arg
     from graphdistill.images import load_image
     from graphdistill.runner import BundleRunner
 
@@ -39,11 +40,12 @@ def _run_bundle(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise CommandError(f"--threads must be >= 1, got {args.threads}")
     tta = None if args.tta is None else parse_tta_arg(args.tta)
+    tta_below = tta_below_arg(args.tta_below)
     image = load_image(args.image, name=args.image)
     try:
         runner = BundleRunner(args.bundle, threads=args.threads)
         t0 = time.perf_counter()
-        out = runner.predict(image, question, tta=tta)
+        out = runner.predict(image, question, tta=tta, tta_below=tta_below)
         ms = (time.perf_counter() - t0) * 1000
     except OSError as exc:
         raise CommandError(f"bundle {args.bundle}: cannot read it ({exc})") from exc

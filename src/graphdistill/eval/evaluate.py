@@ -192,12 +192,15 @@ def teacher_samples(
 
 
 def _with_tta(
-    predict: Callable[..., Any], augmentations: tuple[str, ...], always: bool = False
+    predict: Callable[..., Any], augmentations: tuple[str, ...], below: float | None, always: bool = False
 ) -> Callable[[Any, str], Any]:
-    """``predict(image, question)`` with ``tta=augmentations`` passed on (when there are any, or ``always``)."""
+    """``predict(image, question)`` with ``tta=augmentations`` (and ``tta_below=below``) passed on (when there
+    are any augmentations, or ``always``)."""
     if not augmentations and not always:
         return predict
-    return lambda image, question: predict(image, question, tta=augmentations)
+    if below is None:
+        return lambda image, question: predict(image, question, tta=augmentations)
+    return lambda image, question: predict(image, question, tta=augmentations, tta_below=below)
 
 
 def evaluate_run(
@@ -218,6 +221,7 @@ def evaluate_run(
     graph_spec: str | None = None,
     predictor: Any | None = None,
     tta: str | Sequence[str] | None = None,
+    tta_below: float | None = None,
     ci_resamples: int = metrics.DEFAULT_RESAMPLES,
     ci_seed: int = 0,
     progress: Progress | None = None,
@@ -236,7 +240,8 @@ def evaluate_run(
 
     ``tta`` (``"flip,scale"``, :mod:`graphdistill.runner.tta`): the PyTorch student answers with test-time
     augmentation (its ``predict`` takes ``tta=``), and so does every bundle (``()``: none, whatever its
-    manifest says); None: the student without, each bundle as its manifest says.
+    manifest says); None: the student without, each bundle as its manifest says. ``tta_below``: the adaptive
+    policy (views only when the photo's own answer has no object or one scoring under it), for both.
 
     Each bundle is timed with each of ``bundle_threads`` runtime threads; its ``ms`` is the fastest setting
     (``ms_by_threads`` has them all): on a 2-core CPU a one-token decoder step is often faster on one thread,
@@ -257,6 +262,8 @@ def evaluate_run(
         raise EvalError(f"ci_resamples must be >= 0, got {ci_resamples}")
     kinds = output_kinds_of(ds)  # outputs are keyed by the graph's own names; scored by kind
     augmentations = parse_tta(tta)
+    if tta_below is not None and not (augmentations and 0.0 <= tta_below <= 1.0):
+        raise EvalError(f"tta_below {tta_below}: needs augmentations (tta) and a score between 0 and 1")
 
     say(f"loading the student from {run}")
     if predictor is None:
@@ -270,7 +277,7 @@ def evaluate_run(
             from graphdistill.student.predict import load_student  # type: ignore[import-not-found,unused-ignore]
 
             predictor = load_student(run)
-        student_predict = _with_tta(predictor.predict, augmentations)
+        student_predict = _with_tta(predictor.predict, augmentations, tta_below)
         student_out: list[dict[str, Any]] = []
         for i, row in enumerate(rows):
             student_out.append(jsonable_output(student_predict(ds.image(row), row.question), kinds))
@@ -304,7 +311,9 @@ def evaluate_run(
         for threads in bundle_threads or (None,):
             say(f"loading exported bundle {b}" + (f" ({threads} threads)" if threads else ""))
             runner = load_bundle_runner(b, threads)
-            bundle_predict = runner.predict if tta is None else _with_tta(runner.predict, augmentations, True)
+            bundle_predict = (
+                runner.predict if tta is None else _with_tta(runner.predict, augmentations, tta_below, True)
+            )
             lat = cost.median_latency(
                 bundle_predict,
                 inputs,
@@ -481,6 +490,8 @@ def evaluate_run(
     }
     if augmentations:
         result["tta"] = list(augmentations)
+        if tta_below is not None:
+            result["tta_below"] = tta_below
     if teacher_self is not None:
         result["teacher_self"] = teacher_self
     if fid_val is not None:

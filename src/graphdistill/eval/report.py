@@ -3,7 +3,8 @@
 Everything is inline (CSS, matplotlib PNGs and gallery pictures as base64 ``data:`` URIs): the file reads
 offline on a phone, with no external font, script or URL. Sections, each with a stable ``id``:
 ``headline`` · ``fidelity`` (table) · ``cost`` (table) · ``plots`` (per-class AP, latency, answer agreement
-vs training-set size when several runs are given) · ``scaling`` (when a scaling study is given) ·
+vs training-set size when several runs are given) · ``scaling`` (when a scaling study is given) · ``tta``
+(fidelity against ms per query for each test-time setting, when that study is given) ·
 ``gallery`` (held-out photos, teacher and student outputs side by side, worst disagreements first).
 """
 
@@ -292,12 +293,65 @@ def _card(value: str, label: str) -> str:
     return f'<div class="card"><b>{_e(value)}</b><span>{_e(label)}</span></div>'
 
 
+TTA_FIGURES = (
+    ("answer_f1", "answer F1"),
+    ("box_map50", "box mAP@0.5"),
+    ("mask_miou", "mask mIoU"),
+    ("sources_recall", "sources recall"),
+)
+
+
+def validate_tta(data: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The test-time compute study's settings (``benchmarks/tta.py``'s JSON); a clear error when the shape is
+    wrong."""
+    settings = data.get("settings")
+    if not isinstance(settings, list) or not settings:
+        raise ValueError(
+            'test-time compute JSON must be {"settings": [{"tta", "pytorch_ms", "pytorch", ...}]}'
+        )
+    for i, st in enumerate(settings):
+        for side in ("pytorch", "bundle"):
+            if not isinstance(st, dict) or not isinstance(st.get(f"{side}_ms"), (int, float)):
+                raise ValueError(f"test-time compute JSON setting {i} needs a number {side}_ms: {st!r}")
+            if not isinstance(st.get(side), dict):
+                raise ValueError(f"test-time compute JSON setting {i} needs its {side} fidelity figures")
+    return [dict(st) for st in settings]
+
+
+def plot_tta(settings: Sequence[Mapping[str, Any]]) -> str:
+    """Fidelity against ms per query, one point per test-time setting, PyTorch and the bundle."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(TTA_FIGURES), figsize=(13, 3.6))
+    max_ms = max(float(st[f"{side}_ms"]) for st in settings for side in ("pytorch", "bundle"))
+    for ax, (key, label) in zip(axes, TTA_FIGURES, strict=True):
+        for side, marker in (("pytorch", "o"), ("bundle", "s")):
+            pts = [(st[f"{side}_ms"], st[side].get(key), st["tta"]) for st in settings]
+            pts = [p for p in pts if p[1] is not None]
+            if not pts:
+                continue
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=side)
+            # points that land on one spot (an adaptive setting that spent nothing) share one label
+            spots: dict[tuple[int, int], list[str]] = {}
+            for x, y, name in pts:
+                spots.setdefault((round(x / (0.04 * max_ms)), round(y * 50)), []).append(str(name))
+            for (_, _), names in spots.items():
+                x, y, _ = next(p for p in pts if str(p[2]) == names[0])
+                ax.annotate(" / ".join(names), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_title(label)
+        ax.set_xlabel("ms per query")
+        ax.set_xlim(0, max_ms * 1.15)
+        ax.set_ylim(0, 1.02)
+    axes[0].legend()
+    return _png_uri(fig)
+
+
 def render_html(
     evs: Sequence[tuple[str, EvalResult]],
     *,
     train_sizes: Sequence[int | None] = (),
     gallery: Sequence[Mapping[str, Any]] = (),
     scaling: Sequence[Mapping[str, Any]] | None = None,
+    tta: Sequence[Mapping[str, Any]] | None = None,
     title: str = "graphdistill: student vs teacher",
 ) -> str:
     """The whole report as one HTML string (pure: no file or model access)."""
@@ -439,6 +493,25 @@ def render_html(
             '<div class="scroll"><table id="scaling-table"><tr><th>recorded inputs</th><th>filtered</th>'
             f"<th>answer F1</th><th>box mAP@0.5</th><th>mask mIoU</th></tr>{table}</table></div></section>",
         ]
+    if tta:
+        cells = "".join(
+            f"<tr><td>{_e(st['tta'])}</td>"
+            + "".join(
+                f"<td>{fmt_num(st[f'{side}_ms'], 1)}</td>"
+                + "".join(f"<td>{fmt_num(st[side].get(k), 2)}</td>" for k, _ in TTA_FIGURES)
+                for side in ("pytorch", "bundle")
+            )
+            + "</tr>"
+            for st in tta
+        )
+        heads = "".join(f"<th>{side} ms</th>" + "".join(f"<th>{_e(lab)}</th>" for _, lab in TTA_FIGURES)
+                        for side in ("PyTorch", "bundle"))  # fmt: skip
+        parts += [
+            '<section id="tta"><h2>Test-time compute</h2>',
+            _figure(plot_tta(tta), "Fidelity vs ms per query, one point per test-time setting", "plot-tta"),
+            f'<div class="scroll"><table id="tta-table"><tr><th>setting</th>{heads}</tr>{cells}</table></div>',
+            "</section>",
+        ]
     parts.append('<section id="gallery"><h2>Held-out photos, worst disagreements first</h2>')
     if not gallery:
         parts.append('<p class="muted">No held-out rows to show.</p>')
@@ -459,11 +532,13 @@ def build_report(
     out: str | os.PathLike[str],
     *,
     scaling: Mapping[str, Any] | None = None,
+    tta: Mapping[str, Any] | None = None,
     gallery_n: int = 8,
     progress: Progress | None = None,
     predictor: Any | None = None,
 ) -> Path:
-    """Read every RUN/eval.json (+ meta.json), draw the gallery of the first run and write ``out``.
+    """Read every RUN/eval.json (+ meta.json), draw the gallery of the first run and write ``out``. ``scaling``:
+    the scaling study's JSON; ``tta``: the test-time compute study's (``benchmarks/tta.py``).
 
     ``predictor`` replaces ``load_student(runs[0])`` for the gallery."""
     if not runs:
@@ -477,8 +552,9 @@ def build_report(
         evs.append((run.name, ev))
         sizes.append(train_size(run, ev, meta))
     points = validate_scaling(scaling) if scaling is not None else None
+    tta_settings = validate_tta(tta) if tta is not None else None
     gallery = gallery_items(Path(runs[0]), evs[0][1], gallery_n, progress, predictor) if gallery_n > 0 else []
-    text = render_html(evs, train_sizes=sizes, gallery=gallery, scaling=points)
+    text = render_html(evs, train_sizes=sizes, gallery=gallery, scaling=points, tta=tta_settings)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -85,6 +85,7 @@ class EvalResult(TypedDict):
     exported: NotRequired[dict[str, ExportedEval]]  # bundle path -> its figures
     ground_truth: NotRequired[dict[str, Any]]  # scores against human labels, when rows carry them
     tta: NotRequired[list[str]]  # the test-time augmentation the student and bundles answered with
+    tta_below: NotRequired[float]  # ... only for answers with an object under this score (adaptive)
 
 
 def write_eval(run: str | os.PathLike[str], result: EvalResult) -> Path:

@@ -95,17 +95,21 @@ def export_run(
     n_calibration: int = N_CALIBRATION,
     n_heldout: int = 8,
     tta: str | Sequence[str] | None = None,
+    tta_below: float | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Manifest:
     """Export, gate and write the bundle; returns the manifest. Raises :class:`ExportError` on failure.
 
     ``tta`` (``"flip,scale"``): the bundle's runner answers those views of each photo too and fuses them
     (manifest ``tta``; :mod:`graphdistill.runner.tta`); the gate then checks every view of its held-out inputs
-    against PyTorch, and int8 fidelity on the fused answers and objects."""
+    against PyTorch, and int8 fidelity on the fused answers and objects. ``tta_below`` (adaptive, manifest
+    ``tta.below``): the views only when the photo's own answer has no object or one scoring under it."""
     try:
         augmentations = parse_tta(tta)
     except TTAError as exc:
         raise ExportError(str(exc)) from exc
+    if tta_below is not None and not (augmentations and 0.0 <= tta_below <= 1.0):
+        raise ExportError(f"tta_below {tta_below}: needs augmentations (tta) and a score between 0 and 1")
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {list(FORMATS)}")
     if quantize not in QUANTIZE:
@@ -163,7 +167,7 @@ def export_run(
         )
         manifest = _manifest(loaded, fmt, quantize, files, qmethods, kv_shape, tmp)
         if augmentations:
-            manifest["tta"] = tta_spec(augmentations)
+            manifest["tta"] = tta_spec(augmentations, tta_below)
         _write_manifest(tmp, manifest)
         say("checking the exported bundle against PyTorch")
         runner = BundleRunner(tmp)
@@ -172,7 +176,9 @@ def export_run(
             runner.run_models(s.image_input.transpose(0, 2, 3, 1) if nhwc else s.image_input, s.question)
             for s in samples
         ]
-        gate = _gate(loaded, samples, refs, got, quantize, n_calib=len(checked), n_views=n_views)
+        gate = _gate(
+            loaded, samples, refs, got, quantize, n_calib=len(checked), n_views=n_views, below=tta_below
+        )
         if fmt == "executorch" and quantize == "int8":
             gate["inputs"]["int8_calibration"] = len(calib)
         manifest["parity"] = gate
@@ -233,9 +239,9 @@ def _photo(sample: Sample) -> np.ndarray:
     return sample.rgb
 
 
-def tta_spec(augmentations: Sequence[str]) -> TTASpec:
+def tta_spec(augmentations: Sequence[str], below: float | None = None) -> TTASpec:
     """The manifest's ``tta``: what the runner does with test-time augmentation (:mod:`graphdistill.runner.tta`)."""
-    return {
+    spec: TTASpec = {
         "augmentations": list(augmentations),
         "scale": TTA_SCALE,
         "box_iou": FUSE_IOU,
@@ -249,6 +255,9 @@ def tta_spec(augmentations: Sequence[str]) -> TTASpec:
         "own; sources: documents a quorum of views retrieved, by count, then mean rank, cut to the photo's "
         "own count",
     }
+    if below is not None:
+        spec["below"] = below
+    return spec
 
 
 def _gate(
@@ -259,6 +268,7 @@ def _gate(
     quantize: str,
     n_calib: int,
     n_views: int = 1,
+    below: float | None = None,
 ) -> ExportGate:
     float_parity = parity_float(
         refs, got, box_tol=BOX_TOL, mask_iou_min=MASK_IOU_MIN, logit_tol=LOGIT_TOL, has_text=loaded.has_text
@@ -280,8 +290,8 @@ def _gate(
         failures = list(float_parity["failures"])
     else:
         heldout = slice(n_calib, None)
-        f_float = fidelity(loaded, samples[heldout], refs[heldout], n_views)
-        f_int8 = fidelity(loaded, samples[heldout], got[heldout], n_views)
+        f_float = fidelity(loaded, samples[heldout], refs[heldout], n_views, below)
+        f_int8 = fidelity(loaded, samples[heldout], got[heldout], n_views, below)
         keys = [k for k in ("answer_token_f1", "box_f1") if k in f_float]
         drops = {k: round(f_float[k] - f_int8[k], 4) for k in keys}
         gate["fidelity_vs_teacher"] = {

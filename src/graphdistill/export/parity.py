@@ -10,7 +10,7 @@ from graphdistill.eval.metrics import mask_array_iou, objects_f1, token_f1
 from graphdistill.export.programs import Sample
 from graphdistill.runner.bundle import Raw, decode_objects
 from graphdistill.runner.preprocess import canvas_size
-from graphdistill.runner.tta import View, fuse_views
+from graphdistill.runner.tta import View, fuse_views, unsure
 
 
 def parity_float(
@@ -74,14 +74,17 @@ def parity_float(
     return result
 
 
-def fidelity(loaded: Any, samples: list[Sample], raws: list[Raw], n_views: int = 1) -> dict[str, float]:
+def fidelity(
+    loaded: Any, samples: list[Sample], raws: list[Raw], n_views: int = 1, below: float | None = None
+) -> dict[str, float]:
     """Mean answer token F1 (with a text head) and box F1 (with an object head: object-match F1, class and
     box IoU >= 0.5) of decoded predictions against the dataset's (teacher) targets; both are
     :mod:`graphdistill.eval.metrics`' measures, as evaluation and training report them.
 
     ``n_views`` (a bundle with test-time augmentation, :func:`graphdistill.runner.tta.view_images`):
     ``samples`` and ``raws`` hold each input's views one after another (``Sample.view``: how to map each
-    back), and each input is scored on its views fused as the runner fuses them."""
+    back), and each input is scored on its views fused as the runner fuses them (``below``: the runner's
+    adaptive policy, :func:`graphdistill.runner.tta.unsure`, decides from the photo's own answer)."""
     size = canvas_size(loaded.preprocessing)
     decoding = dict(loaded.thresholds)
     has_text, has_boxes = loaded.config.has_text, "boxes" in loaded.encode_outputs
@@ -97,7 +100,9 @@ def fidelity(loaded: Any, samples: list[Sample], raws: list[Raw], n_views: int =
     if n_views > 1:
         kinds = {"answer": "text", "objects": "objects"}
         decoded = [
-            fuse_views(
+            decoded[i]
+            if below is not None and not unsure(decoded[i], kinds, below)
+            else fuse_views(
                 decoded[i : i + n_views],
                 [s.view or View() for s in samples[i : i + n_views]],
                 kinds,

@@ -39,7 +39,8 @@ A bundle is a folder: the model file(s), ``tokenizer.json`` and ``manifest.json`
    rounded up) found, by class and box IoU >= ``tta.box_iou``, score-weighted boxes, mean scores, pixel-majority
    masks; the largest cluster of identical normalised answers (a mirrored view's left and right swapped
    first; ties: the photo's own); sources a quorum retrieved, by count then mean rank (:mod:`.tta`,
-   :mod:`.vote`).
+   :mod:`.vote`). With ``tta.below`` (adaptive) the views are answered only when the photo's own answer has
+   no object or one scoring under it; otherwise that answer is the result.
 
 Imports only numpy, Pillow, the stdlib and the model's runtime (``onnxruntime`` or ``executorch.runtime``).
 """
@@ -319,6 +320,7 @@ class BundleRunner:
             # test-time augmentation the bundle was exported with (none when the manifest has no ``tta``)
             tta = m.get("tta")
             self.tta: tuple[str, ...] = parse_tta(tta["augmentations"] if tta else None)
+            self.tta_below: float | None = tta.get("below") if tta else None
         except (KeyError, TypeError, ValueError) as exc:  # TokenizerError is a ValueError
             raise BundleError(
                 f"{self.root / MANIFEST} is incomplete or its tokenizer unusable: {exc!r}"
@@ -380,18 +382,25 @@ class BundleRunner:
         return Raw(answer, named)
 
     def predict(
-        self, image: np.ndarray | str | Path, question: str, tta: str | Sequence[str] | None = None
+        self,
+        image: np.ndarray | str | Path,
+        question: str,
+        tta: str | Sequence[str] | None = None,
+        tta_below: float | None = None,
     ) -> dict[str, Any]:
         """Steps 2–8 for one image (a path or an H×W×3 uint8 RGB array) and one question. With test-time
         augmentation (``tta``; None: the manifest's ``tta.augmentations``, if any; ``()``: none) step 9: each
-        view of the photo is answered whole and the views vote (:mod:`.tta`)."""
+        view of the photo is answered whole and the views vote (:mod:`.tta`); with ``tta_below`` (None: the
+        manifest's ``tta.below``, if any) only when the photo's own answer has no object or one scoring under
+        it."""
         rgb = load_rgb(image)
         augmentations = self.tta if tta is None else parse_tta(tta)
         if augmentations:
             pad = self.spec.get("pad_value", [0, 0, 0])
             size = canvas_size(self.spec)
+            below = self.tta_below if tta_below is None else tta_below
             return predict_views(
-                rgb, lambda v: self._predict(v, question), augmentations, self.outputs, pad, size
+                rgb, lambda v: self._predict(v, question), augmentations, self.outputs, pad, size, below=below
             )
         return self._predict(rgb, question)
 

@@ -118,6 +118,7 @@ class TTASpec(TypedDict):
     box_iou: float  # objects of two views are one when their boxes overlap by at least this
     quorum: str  # how many views must find an object (or retrieve a document)
     rule: str  # the fusion in words
+    below: NotRequired[float]  # adaptive: views only when the photo's answer has an object under this score
 
 
 class Manifest(TypedDict):

@@ -281,6 +281,23 @@ def fuse_views(
     return out
 
 
+def unsure(result: Mapping[str, Any], outputs: Mapping[str, str], below: float) -> bool:
+    """The adaptive policy's signal, read off one answer: no object at all, or one scoring under ``below``
+    (an object near the detector's threshold is the kind another view finds or loses). A graph without an
+    objects output is always unsure (the views are all there is to go on)."""
+    scores: list[float] = []
+    seen = False
+    for name, kind in outputs.items():
+        value = result.get(name)
+        if kind == "objects":
+            seen = True
+            scores += [float(o["score"]) for o in value or []]
+        elif kind == "detections":
+            seen = True
+            scores += [float(v) for v in (value or {}).get("scores", [])]
+    return not seen or not scores or min(scores) < below
+
+
 def predict_views(
     rgb: np.ndarray,
     predict: Callable[[np.ndarray], Mapping[str, Any]],
@@ -289,14 +306,20 @@ def predict_views(
     pad_value: Sequence[int] = (114, 114, 114),
     size: int | None = None,
     embedder: Embedder | None = None,
+    below: float | None = None,
 ) -> dict[str, Any]:
     """``predict`` (an H×W×3 uint8 photo -> the graph's output fields) on the photo and each augmentation's
     view of it (:func:`view_images`; ``size``: the model's input side), fused (:func:`fuse_views`). No
-    augmentations: ``predict(rgb)`` itself."""
+    augmentations: ``predict(rgb)`` itself. ``below`` (adaptive compute): the views are answered only when the
+    photo's own answer is :func:`unsure` — no object, or one scoring under ``below`` — otherwise that answer is
+    the result, at the cost of one query."""
     if not parse_tta(augmentations):
         return dict(predict(rgb))
-    made = view_images(rgb, augmentations, pad_value, size)
-    results = [predict(img) for img, _ in made]
+    first = predict(rgb)
+    if below is not None and not unsure(first, outputs, below):
+        return dict(first)
+    made = view_images(rgb, augmentations, pad_value, size)  # the photo itself first: answered above
+    results = [first, *(predict(img) for img, _ in made[1:])]
     return fuse_views(
         results, [v for _, v in made], outputs, (int(rgb.shape[0]), int(rgb.shape[1])), embedder
     )

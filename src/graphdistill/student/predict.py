@@ -162,6 +162,7 @@ class StudentPredictor:
         sources_k: int | None = None,
         max_len: int | None = None,
         tta: str | Sequence[str] | None = None,
+        tta_below: float | None = None,
     ) -> dict[str, Any]:
         """One photo (HxWx3 uint8 RGB) + question -> ``{output field: value}`` for the graph's outputs. The
         objects are those the student keeps (``keep``: its own score threshold and NMS, in the graph), and of
@@ -169,7 +170,8 @@ class StudentPredictor:
 
         ``tta`` (``"flip,scale"`` or a list of those names): the student also answers those views of the photo
         and the views vote (:mod:`graphdistill.runner.tta`, the bundle runner's rule); each view costs a
-        whole query."""
+        whole query. ``tta_below``: only when the photo's own answer has no object or one scoring under it
+        (adaptive compute, :func:`graphdistill.runner.tta.unsure`)."""
         augmentations = parse_tta(tta)
         if augmentations:
             return predict_views(
@@ -181,6 +183,7 @@ class StudentPredictor:
                 self.config.outputs,
                 PAD_VALUE,
                 self.config.image_size,
+                below=tta_below,
             )
         cfg = self.config
         h, w = image.shape[:2]
