@@ -1,12 +1,13 @@
 """Test-time augmentation (issue 21): what each view buys in fidelity to the teacher and costs in milliseconds.
 
-For each setting (none, flip, scale, flip+scale) the demo's student is evaluated on the held-out photos (the
-dataset's test split: photos no training input was made from) with :func:`graphdistill.eval.evaluate_run`'s
-``tta``, as the PyTorch student and as the shipped int8 ExecuTorch bundle (its runner fuses the views as
-``BundleRunner.predict(..., tta=)`` does). Then both are timed on the same machine in the same run, the settings
-interleaved round by round (a query's time drifts on a shared CPU; an answer's length, and so its decoding time,
-differs from view to view): the median of every setting's per-query times over ``--rounds`` passes of
-``--timed`` held-out rows. Nothing is chosen from these figures; the default stays no augmentation.
+For each setting (none, flip, scale, flip+scale, and the adaptive ``AUGS@SCORE``) the demo's student is evaluated on
+the held-out photos (the dataset's test split: photos no training input was made from) with
+:func:`graphdistill.eval.evaluate_run`'s ``tta``, as the PyTorch student and as the shipped int8 ExecuTorch bundle
+(its runner fuses the views as ``BundleRunner.predict(..., tta=)`` does). Then both are timed on the same machine
+in the same run, one after the other, each with its settings interleaved round by round (a query's time drifts
+on a shared CPU; an answer's length, and so its decoding time, differs from view to view): the median of every
+setting's per-query times over ``--rounds`` passes of ``--timed`` held-out rows. Nothing is chosen from these
+figures; the default stays no augmentation.
 
     python benchmarks/tta.py --demo-dir demo-out [--out benchmarks/results/tta.json]
 """
@@ -20,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-SETTINGS = ("", "flip", "scale", "flip,scale")
+# "AUGS@SCORE": the adaptive policy, the views only when the photo's own answer has an object under SCORE (or
+# none); 0.5 is set here a priori (halfway from the detector's 0.25 to certainty), not chosen from these photos
+SETTINGS = ("", "flip", "scale", "flip,scale", "flip@0.5", "scale@0.5", "flip,scale@0.5")
 FIGURES = ("answer_f1", "answer_exact", "box_map50", "mask_miou", "sources_recall")
 
 
@@ -45,6 +48,7 @@ def main() -> None:
             raise SystemExit(f"{need} is missing: run `make demo` first (or pass --demo-dir)")
     rows: list[dict[str, Any]] = []
     for setting in args.settings.split(";"):
+        augs, below = parse_setting(setting)
         t0 = time.perf_counter()
         res = evaluate_run(
             run,
@@ -57,7 +61,8 @@ def main() -> None:
             bundle_threads=(args.threads,),
             semantic=False,
             ci_resamples=args.ci_resamples,
-            tta=setting,
+            tta=augs,
+            tta_below=below,
         )
         exported = res["exported"][str(bundle)]
         row = {
@@ -99,6 +104,12 @@ def main() -> None:
         )
 
 
+def parse_setting(setting: str) -> tuple[str, float | None]:
+    """``"flip,scale@0.5"`` -> (``"flip,scale"``, 0.5); ``"flip"`` -> (``"flip"``, None)."""
+    augs, _, below = setting.partition("@")
+    return augs, float(below) if below else None
+
+
 def time_settings(run: Path, dataset: Path, bundle: Path, settings: list[str], args: Any) -> dict[str, Any]:
     """Median ms of one query for each setting, PyTorch and the bundle, the settings interleaved."""
     import statistics
@@ -115,15 +126,31 @@ def time_settings(run: Path, dataset: Path, bundle: Path, settings: list[str], a
     ms: dict[tuple[str, str], list[float]] = {}
     for predict in models.values():  # warm up
         predict(*inputs[0], tta=())
-    for _ in range(args.rounds):
-        for setting in settings:
-            tta = () if setting == "none" else setting
-            for name, predict in models.items():
+    # one model at a time (PyTorch's worker threads spin for a while after a call and would slow the runtime
+    # timed next), its settings interleaved round by round
+    for name, predict in models.items():
+        for _ in range(args.rounds):
+            for setting in settings:
+                augs, below = parse_setting("" if setting == "none" else setting)
                 for image, question in inputs:
                     t0 = time.perf_counter()
-                    predict(image, question, tta=tta)
+                    predict(image, question, tta=augs, tta_below=below)
                     ms.setdefault((setting, name), []).append((time.perf_counter() - t0) * 1000)
-    return {s: {f"{n}_ms": round(statistics.median(ms[(s, n)]), 2) for n in models} for s in settings}
+    out: dict[str, Any] = {
+        s: {f"{n}_ms": round(statistics.median(ms[(s, n)]), 2) for n in models} for s in settings
+    }
+    # the adaptive settings: on how many of the held-out rows the photo's own answer was unsure
+    from graphdistill.runner.tta import unsure
+
+    all_rows = [r for r in ds.rows("test") if not r.is_replay]
+    plain = {n: [predict(ds.image(r), r.question, tta=()) for r in all_rows] for n, predict in models.items()}
+    for s in settings:
+        below = parse_setting(s)[1]
+        if below is not None:
+            for n in models:
+                share = sum(unsure(p, runner.outputs, below) for p in plain[n]) / len(all_rows)
+                out[s][f"{n}_views_share"] = round(share, 3)
+    return out
 
 
 if __name__ == "__main__":
