@@ -847,3 +847,53 @@ def test_an_adaptive_tta_bundle_answers_its_views_only_when_unsure(run_dir: Path
         encodes.clear()
         runner.predict(image, question, tta_below=1.0)  # every score is under 1: always the views
         assert sum(encodes) == 2
+
+
+def test_the_int8_gate_scores_each_input_on_its_views_fused_as_the_runner_fuses_them(run_dir: Path) -> None:
+    """``parity.fidelity(..., n_views)``: samples come in groups of one input's views; identical views fuse to
+    the input itself, other views' objects join it, and under the adaptive rule a sure answer is scored alone.
+    The targets are the student's own answers, so the one-view figures are 1."""
+    from dataclasses import replace
+
+    from graphdistill.export.parity import fidelity
+    from graphdistill.export.programs import collect_samples, load_run, programs_for, torch_reference
+    from graphdistill.runner.bundle import decode_objects
+    from graphdistill.runner.preprocess import canvas_size
+    from graphdistill.runner.tta import View
+    from graphdistill.trace import ObjectOut
+
+    loaded = load_run(run_dir)
+    programs, _ = programs_for(loaded)
+    samples = []
+    for s in collect_samples(loaded, "heldout", 3):
+        raw = torch_reference(programs, s, loaded)
+        objs = decode_objects(
+            raw.outputs,
+            s.letterbox,
+            dict(loaded.thresholds),
+            loaded.class_names,
+            canvas_size(loaded.preprocessing),
+        )
+        assert s.row is not None
+        row = replace(
+            s.row,
+            answer=loaded.tokenizer.decode(raw.answer_ids),
+            objects=tuple(ObjectOut.model_validate(o) for o in objs),
+        )
+        samples.append((replace(s, row=row), raw))
+    assert all(s.row is not None and s.row.objects for s, _ in samples)  # objects to fuse
+    alone = [s for s, _ in samples]
+    raws = [r for _, r in samples]
+    plain = fidelity(loaded, alone, raws)
+    assert plain == {"answer_token_f1": 1.0, "box_f1": 1.0, "n": 3}
+    twice = [x for s in alone for x in (s, replace(s, view=View()))]
+    assert fidelity(loaded, twice, [x for r in raws for x in (r, r)], n_views=2) == plain
+    # each input's second view saw its objects small in a corner: they join the input's own as objects of
+    # their own (two views: the union), which the teacher does not have
+    corner = [
+        replace(r, outputs={**r.outputs, "boxes": np.full_like(r.outputs["boxes"], 0.15)}) for r in raws
+    ]
+    shifted = [x for r, c in zip(raws, corner, strict=True) for x in (r, c)]
+    mixed = fidelity(loaded, twice, shifted, n_views=2)
+    assert mixed["n"] == 3 and mixed["answer_token_f1"] == 1.0 and mixed["box_f1"] < 1.0
+    assert fidelity(loaded, twice, shifted, n_views=2, below=0.0) == plain  # every answer sure: no views

@@ -30,7 +30,7 @@ from graphdistill.dataset import DatasetError, DatasetRow, open_dataset
 from graphdistill.errors import GraphdistillError
 from graphdistill.eval import cost, metrics
 from graphdistill.eval.result import EvalResult, RowScores, TeacherSelf
-from graphdistill.runner.tta import parse_tta
+from graphdistill.runner.tta import parse_policy
 
 log = logging.getLogger(__name__)
 
@@ -261,9 +261,7 @@ def evaluate_run(
     if ci_resamples < 0:
         raise EvalError(f"ci_resamples must be >= 0, got {ci_resamples}")
     kinds = output_kinds_of(ds)  # outputs are keyed by the graph's own names; scored by kind
-    augmentations = parse_tta(tta)
-    if tta_below is not None and not (augmentations and 0.0 <= tta_below <= 1.0):
-        raise EvalError(f"tta_below {tta_below}: needs augmentations (tta) and a score between 0 and 1")
+    augmentations, tta_below = parse_policy(tta, tta_below)
 
     say(f"loading the student from {run}")
     if predictor is None:

@@ -66,7 +66,7 @@ from graphdistill.runner.manifest import (
     TTASpec,
 )
 from graphdistill.runner.preprocess import canvas_size
-from graphdistill.runner.tta import FUSE_IOU, TTA_SCALE, TTAError, parse_tta, view_images, views
+from graphdistill.runner.tta import FUSE_IOU, TTA_SCALE, TTAError, parse_policy, view_images, views
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +105,9 @@ def export_run(
     against PyTorch, and int8 fidelity on the fused answers and objects. ``tta_below`` (adaptive, manifest
     ``tta.below``): the views only when the photo's own answer has no object or one scoring under it."""
     try:
-        augmentations = parse_tta(tta)
+        augmentations, tta_below = parse_policy(tta, tta_below)
     except TTAError as exc:
         raise ExportError(str(exc)) from exc
-    if tta_below is not None and not (augmentations and 0.0 <= tta_below <= 1.0):
-        raise ExportError(f"tta_below {tta_below}: needs augmentations (tta) and a score between 0 and 1")
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {list(FORMATS)}")
     if quantize not in QUANTIZE:

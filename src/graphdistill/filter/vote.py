@@ -27,15 +27,8 @@ import numpy as np
 
 from graphdistill.errors import GraphdistillError
 from graphdistill.recording.tta import tta_of, untta_object
-from graphdistill.runner.preprocess import rle_majority
 from graphdistill.runner.vote import Embedder as Embedder  # re-exported: the filter's embedder type
-from graphdistill.runner.vote import (
-    cluster_objects,
-    fused_box,
-    most_common,
-    vote_answers,
-    vote_sources,
-)
+from graphdistill.runner.vote import fuse_objects, vote_answers, vote_sources
 from graphdistill.trace import (
     RLE,
     BlobRef,
@@ -294,41 +287,30 @@ def load_image_of(c: Consensus, load_blob: Callable[[str], bytes]) -> np.ndarray
 def vote_objects(
     per_sample: Sequence[Sequence[ObjectOut]], k: int, quorum: int, iou: float = 0.5
 ) -> tuple[list[ObjectOut], float]:
-    """Match objects across samples by class and IoU (:func:`~graphdistill.runner.vote.cluster_objects`);
-    keep those a quorum found; fuse boxes and masks."""
-    clusters = cluster_objects([[(o.label, o.box, o.score) for o in objs] for objs in per_sample], iou)
-    kept: list[ObjectOut] = []
-    support: list[float] = []
-    for c in clusters:
-        if len(c) < quorum:
-            continue
-        objs = [per_sample[s][i] for s, i in c]
-        kept.append(
-            ObjectOut(
-                label=objs[0].label,
-                class_id=most_common([o.class_id for o in objs]),
-                score=float(np.mean([o.score for o in objs])),
-                box=fused_box([o.box for o in objs], [o.score for o in objs]),
-                mask=_fused_mask(objs),
-            )
-        )
-        support.append(len(c) / max(k, 1))
-    kept.sort(key=lambda o: -o.score)
+    """Match objects across samples by class and IoU; keep those a quorum found; fuse boxes and masks
+    (:func:`graphdistill.runner.vote.fuse_objects`, which the student's test-time views are fused with too)."""
+    as_dicts = [
+        [
+            {
+                "label": o.label,
+                "class_id": o.class_id,
+                "score": o.score,
+                "box": o.box,
+                "mask": {"size": o.mask.size, "counts": o.mask.counts} if o.mask is not None else None,
+            }
+            for o in objs
+        ]
+        for objs in per_sample
+    ]
+    fused = fuse_objects(as_dicts, quorum, iou)
+    kept = [ObjectOut(**{**o, "mask": RLE(**o["mask"]) if o["mask"] is not None else None}) for o, _ in fused]
     if not any(per_sample):
         agreement = 1.0
-    elif support:
-        agreement = float(np.mean(support))
+    elif fused:
+        agreement = float(np.mean([n / max(k, 1) for _, n in fused]))
     else:  # objects were seen but no sample agreed with another: only the empty-handed samples agree
         agreement = sum(1 for objs in per_sample if not objs) / max(k, 1)
     return kept, agreement
-
-
-def _fused_mask(objs: Sequence[ObjectOut]) -> RLE | None:
-    masks = [o.mask for o in objs if o.mask is not None]
-    if not masks:
-        return None
-    size = masks[0].size
-    return RLE(**rle_majority([{"size": m.size, "counts": m.counts} for m in masks if m.size == size]))
 
 
 def vote_group(

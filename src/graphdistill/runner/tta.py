@@ -35,12 +35,10 @@ import numpy as np
 from PIL import Image
 
 from graphdistill.errors import GraphdistillError
-from graphdistill.runner.preprocess import rle_majority, rle_resize
+from graphdistill.runner.preprocess import rle_resize
 from graphdistill.runner.vote import (
     Embedder,
-    cluster_objects,
-    fused_box,
-    most_common,
+    fuse_objects,
     vote_answers,
     vote_sources,
     weighted_mean,
@@ -66,6 +64,17 @@ def parse_tta(spec: str | Sequence[str] | None) -> tuple[str, ...]:
         if t not in TTA_CHOICES:
             raise TTAError(f"tta {spec!r}: unknown augmentation {t!r} (choose from {', '.join(TTA_CHOICES)})")
     return tuple(dict.fromkeys(items))
+
+
+def parse_policy(
+    spec: str | Sequence[str] | None, below: float | None
+) -> tuple[tuple[str, ...], float | None]:
+    """:func:`parse_tta` of ``spec`` and the adaptive threshold ``below`` (None, or a score in 0..1 with at
+    least one augmentation), checked together."""
+    augmentations = parse_tta(spec)
+    if below is not None and not (augmentations and 0.0 <= below <= 1.0):
+        raise TTAError(f"tta_below {below}: needs augmentations (tta) and a score between 0 and 1")
+    return augmentations, below
 
 
 @dataclass(frozen=True)
@@ -194,29 +203,6 @@ def unview_text(text: str, flip: bool) -> str:
     return _SIDES.sub(swap, text)
 
 
-def fuse_objects(per_view: Sequence[Sequence[Mapping[str, Any]]], quorum: int) -> list[dict[str, Any]]:
-    """Objects of every view (on the photo) -> those a quorum of views found, fused, best first."""
-    clusters = cluster_objects(
-        [[(str(o["label"]), o["box"], float(o["score"])) for o in objs] for objs in per_view], FUSE_IOU
-    )
-    fused: list[dict[str, Any]] = []
-    for c in clusters:
-        if len(c) < quorum:
-            continue
-        objs = [per_view[v][i] for v, i in c]
-        masks = [o["mask"] for o in objs if o.get("mask") is not None]
-        fused.append(
-            {
-                "label": objs[0]["label"],
-                "class_id": int(most_common([int(o["class_id"]) for o in objs])),
-                "score": float(weighted_mean([float(o["score"]) for o in objs])),
-                "box": fused_box([o["box"] for o in objs], [float(o["score"]) for o in objs]),
-                "mask": (rle_majority(masks) if len(masks) > 1 else dict(masks[0])) if masks else None,
-            }
-        )
-    return sorted(fused, key=lambda o: -o["score"])
-
-
 def detections_dict(objects: list[dict[str, Any]], height: int, width: int) -> dict[str, Any]:
     """Objects as a DETECTIONS output: the same objects as parallel lists (``trace.Detections`` as JSON)."""
     return {
@@ -268,7 +254,7 @@ def fuse_views(
                 ]
                 for v, view in zip(values, view_list, strict=True)
             ]
-            objects = fuse_objects(per_view, quorum)
+            objects = [o for o, _ in fuse_objects(per_view, quorum, FUSE_IOU)]
             out[name] = objects if kind == "objects" else detections_dict(objects, *orig_size)
         elif kind == "sources":
             lists = [list(v or []) for v in values]

@@ -7,9 +7,9 @@ augmented views (:mod:`graphdistill.runner.tta`). numpy and the stdlib only, lik
   embedder is given); the largest cluster wins (ties: the one holding the earliest answer) and its most
   central answer is the target (:func:`vote_answers`);
 - objects: matched across predictions by class and box IoU with the cluster's fused box, one object per
-  prediction in a cluster (:func:`cluster_objects`); a caller keeps the clusters a quorum found, with boxes
-  fused weighted by score (:func:`fused_box`) and masks by pixel majority
-  (:func:`graphdistill.runner.preprocess.rle_majority`);
+  prediction in a cluster (:func:`cluster_objects`); the clusters a quorum found are kept, with boxes fused
+  weighted by score (:func:`fused_box`) and masks by pixel majority (:func:`fused_mask`):
+  :func:`fuse_objects`;
 - sources: kept when a quorum of predictions retrieved them, by how many did, then by mean rank
   (:func:`vote_sources`).
 """
@@ -19,10 +19,12 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from graphdistill.runner.preprocess import rle_majority
 
 Embedder = Callable[[Sequence[str]], np.ndarray]  # texts -> [n, d] vectors
 
@@ -147,6 +149,46 @@ def cluster_objects(
                 clusters[best].append((p, i))
                 members[best].append(objs[i])
     return clusters
+
+
+def fused_mask(masks: Sequence[Mapping[str, Any]]) -> dict[str, list[int]] | None:
+    """The pixel majority of the masks (COCO RLE dicts) of the first one's size, None without any
+    (:func:`~graphdistill.runner.preprocess.rle_majority`; one mask is itself)."""
+    if not masks:
+        return None
+    same = [m for m in masks if list(m["size"]) == list(masks[0]["size"])]
+    return (
+        rle_majority(same)
+        if len(same) > 1
+        else {"size": list(same[0]["size"]), "counts": list(same[0]["counts"])}
+    )
+
+
+def fuse_objects(
+    per_prediction: Sequence[Sequence[Mapping[str, Any]]], quorum: int, iou: float = 0.5
+) -> list[tuple[dict[str, Any], int]]:
+    """Objects (``{label, class_id, score, box, mask}``, the mask a COCO RLE dict or None) of several
+    predictions of one input -> for each cluster (:func:`cluster_objects`) at least ``quorum`` predictions
+    found: the fused object (the first member's label, the most common class id, the mean score, the
+    score-weighted box, the pixel-majority mask) and how many predictions found it; best first."""
+    clusters = cluster_objects(
+        [[(str(o["label"]), o["box"], float(o["score"])) for o in objs] for objs in per_prediction], iou
+    )
+    fused: list[tuple[dict[str, Any], int]] = []
+    for c in clusters:
+        if len(c) < quorum:
+            continue
+        objs = [per_prediction[p][i] for p, i in c]
+        scores = [float(o["score"]) for o in objs]
+        obj = {
+            "label": objs[0]["label"],
+            "class_id": int(most_common([int(o["class_id"]) for o in objs])),
+            "score": float(weighted_mean(scores)),
+            "box": fused_box([o["box"] for o in objs], scores),
+            "mask": fused_mask([o["mask"] for o in objs if o.get("mask") is not None]),
+        }
+        fused.append((obj, len(c)))
+    return sorted(fused, key=lambda f: -f[0]["score"])
 
 
 def vote_sources(per_sample: Sequence[Sequence[str]], k: int, quorum: int) -> tuple[list[str], float]:
