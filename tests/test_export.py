@@ -764,9 +764,9 @@ def test_a_tta_bundle_fuses_its_views_as_pytorch_does_and_its_gate_checks_every_
     checked: list[int] = []
     run_models = export_bundle.BundleRunner.run_models
 
-    def counting(self: BundleRunner, *args: Any) -> Any:
+    def counting(self: BundleRunner, *args: Any, **kwargs: Any) -> Any:
         checked.append(1)
-        return run_models(self, *args)
+        return run_models(self, *args, **kwargs)
 
     monkeypatch.setattr(export_bundle.BundleRunner, "run_models", counting)
     out = tmp_path / "bundle-tta"

@@ -124,3 +124,16 @@ def add_tta_flags(p: argparse.ArgumentParser, tta_help: str) -> None:
         help="adaptive compute: answer the --tta views only when the photo's own answer has no object or one "
         "scoring under SCORE",
     )
+
+
+def add_depth_flag(p: argparse.ArgumentParser, depth_help: str) -> None:
+    """``--depth r``: iterations of the student's recurrent block (``depth_help`` says the default)."""
+    p.add_argument("--depth", type=int, default=None, metavar="R", help=depth_help)
+
+
+def depth_arg(value: int | None) -> int | None:
+    """``--depth r``: at least 1 (or absent), else a :class:`CommandError`; the student or bundle checks the
+    top of its own range."""
+    if value is not None and value < 1:
+        raise CommandError(f"--depth {value}: must be at least 1")
+    return value

@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Any
 from graphdistill._fs import is_url
 from graphdistill.commands._common import (
     CommandError,
+    add_depth_flag,
     add_tta_flags,
     console,
+    depth_arg,
     parse_tta_arg,
     print_json,
     stage_progress,
@@ -77,6 +79,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "test-time augmentation (flip, scale, flip,scale or none) for the PyTorch student and every "
         "bundle (default: the student without, each bundle as its manifest says)",
     )
+    add_depth_flag(
+        p,
+        "iterations of the student's recurrent block for the PyTorch student and every bundle (default: 1 for "
+        "the student, each bundle its manifest's default)",
+    )
     add_ci_arguments(p)
     p.set_defaults(func=_eval)
 
@@ -134,6 +141,7 @@ def run_eval(args: argparse.Namespace) -> EvalResult:
                 ci_seed=args.ci_seed,
                 tta=None if args.tta is None else parse_tta_arg(args.tta),
                 tta_below=tta_below_arg(args.tta_below),
+                depth=depth_arg(args.depth),
                 progress=progress,
                 status=status,
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from graphdistill.commands._common import add_tta_flags
+from graphdistill.commands._common import add_depth_flag, add_tta_flags
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -42,6 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "test-time augmentation the bundle's runner applies: flip, scale or flip,scale (default: none; "
         "each view costs a whole query on the phone)",
     )
+    add_depth_flag(
+        p,
+        "the depth the bundle's runner uses by default (manifest depth.default): iterations of the student's "
+        "recurrent block, 1..its max_depth; the bundle takes any of them (default 1)",
+    )
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=_export)
 
@@ -49,7 +54,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from graphdistill.commands._common import CommandError, console, parse_tta_arg, print_json, tta_below_arg
+    from graphdistill.commands._common import (
+        CommandError,
+        console,
+        depth_arg,
+        parse_tta_arg,
+        print_json,
+        tta_below_arg,
+    )
     from graphdistill.export.bundle import N_CALIBRATION, export_run
 
     if not Path(args.run).is_dir():
@@ -71,6 +83,7 @@ def _export(args: argparse.Namespace) -> int:
             n_heldout=args.heldout,
             tta=parse_tta_arg(args.tta),
             tta_below=tta_below_arg(args.tta_below),
+            depth=depth_arg(args.depth),
             progress=progress,
         )
     if args.json:

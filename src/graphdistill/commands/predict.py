@@ -8,8 +8,10 @@ from typing import Any
 
 from graphdistill.commands._common import (
     CommandError,
+    add_depth_flag,
     add_tta_flags,
     console,
+    depth_arg,
     parse_tta_arg,
     print_json,
     tta_below_arg,
@@ -35,6 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "test-time augmentation: also answer these views of the photo and let them vote (flip, scale, "
         "or flip,scale; each view costs a whole query)",
     )
+    add_depth_flag(
+        p,
+        "iterations of the student's recurrent block, 1..its max_depth (a student trained with --max-depth R); "
+        "each is one more encoder layer (default 1)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object: answer, objects, sources")
     p.add_argument("--out", default=None, help="write the annotated picture here (.png/.jpg)")
     p.set_defaults(func=_predict)
@@ -56,6 +63,7 @@ def _predict(args: argparse.Namespace) -> int:
         if not out_path.parent.is_dir():
             raise CommandError(f"--out {args.out}: the folder {out_path.parent} does not exist")
     tta, tta_below = parse_tta_arg(args.tta), tta_below_arg(args.tta_below)
+    depth = depth_arg(args.depth) or 1
     image = load_image(args.image, name=args.image)
 
     from graphdistill.student.predict import load_student
@@ -63,8 +71,12 @@ def _predict(args: argparse.Namespace) -> int:
     con = console(stderr=True)
     with con.status("loading the student…"):
         predictor = load_student(args.run, device=args.device)
+        try:
+            predictor.check_depth(depth)
+        except ValueError as exc:
+            raise CommandError(f"--depth: {exc}") from exc
         output = predictor.predict(
-            image, question, score_threshold=args.threshold, tta=tta, tta_below=tta_below
+            image, question, score_threshold=args.threshold, tta=tta, tta_below=tta_below, depth=depth
         )
     if args.json:
         print_json(graph_json(output))

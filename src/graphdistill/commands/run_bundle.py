@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from graphdistill.commands._common import add_tta_flags
+from graphdistill.commands._common import add_depth_flag, add_tta_flags
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -22,6 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "test-time augmentation: flip, scale, flip,scale, or none (default: the bundle's own, manifest "
         "`tta`; each view costs a whole query)",
     )
+    add_depth_flag(
+        p,
+        "iterations of the student's recurrent block, 1..the bundle's depth.max (default: the bundle's "
+        "depth.default, 1 when it has none)",
+    )
     p.add_argument("--json", action="store_true", help="print {answer, objects, sources} as JSON")
     p.set_defaults(func=_run_bundle)
 
@@ -30,7 +35,7 @@ def _run_bundle(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from graphdistill.commands._common import CommandError, parse_tta_arg, tta_below_arg
+    from graphdistill.commands._common import CommandError, depth_arg, parse_tta_arg, tta_below_arg
     from graphdistill.images import load_image
     from graphdistill.runner import BundleRunner
 
@@ -41,11 +46,12 @@ def _run_bundle(args: argparse.Namespace) -> int:
         raise CommandError(f"--threads must be >= 1, got {args.threads}")
     tta = None if args.tta is None else parse_tta_arg(args.tta)
     tta_below = tta_below_arg(args.tta_below)
+    depth = depth_arg(args.depth)
     image = load_image(args.image, name=args.image)
     try:
         runner = BundleRunner(args.bundle, threads=args.threads)
         t0 = time.perf_counter()
-        out = runner.predict(image, question, tta=tta, tta_below=tta_below)
+        out = runner.predict(image, question, tta=tta, tta_below=tta_below, depth=depth)
         ms = (time.perf_counter() - t0) * 1000
     except OSError as exc:
         raise CommandError(f"bundle {args.bundle}: cannot read it ({exc})") from exc

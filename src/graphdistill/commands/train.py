@@ -33,6 +33,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--image-size", type=int, default=None, help="override the preset's input size (multiple of 32)"
     )
     p.add_argument(
+        "--max-depth",
+        type=int,
+        default=None,
+        metavar="R",
+        help="recurrent depth: the joint encoder's last layer becomes a weight-shared block trained at 1..R "
+        "iterations (drawn per batch), so predict/eval/run-bundle --depth r may spend more compute on a "
+        "query (default 1: no recurrence)",
+    )
+    p.add_argument(
         "--loss-weight",
         action="append",
         default=[],
@@ -123,6 +132,10 @@ def _train(args: argparse.Namespace) -> int:
         raise CommandError(f"--shuffle-buffer {args.shuffle_buffer}: must be at least 1 row")
     if args.image_size is not None and (args.image_size < 32 or args.image_size % 32):
         raise CommandError(f"--image-size {args.image_size}: must be a positive multiple of 32")
+    from graphdistill.student.config import MAX_DEPTH
+
+    if args.max_depth is not None and not 1 <= args.max_depth <= MAX_DEPTH:
+        raise CommandError(f"--max-depth {args.max_depth}: must be between 1 and {MAX_DEPTH}")
     loss_weights = parse_loss_weights(args.loss_weight)
     open_dataset(args.dataset)
     out = Path(args.out)
@@ -151,7 +164,10 @@ def _train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
-        overrides={"image_size": args.image_size} if args.image_size else {},
+        overrides={
+            **({"image_size": args.image_size} if args.image_size else {}),
+            **({"max_depth": args.max_depth} if args.max_depth else {}),
+        },
         loss_weights=loss_weights,
         start=args.start,
         freeze=args.freeze,

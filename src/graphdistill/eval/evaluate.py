@@ -191,16 +191,25 @@ def teacher_samples(
     return refs, outs, photos
 
 
-def _with_tta(
-    predict: Callable[..., Any], augmentations: tuple[str, ...], below: float | None, always: bool = False
+def _with_knobs(
+    predict: Callable[..., Any],
+    augmentations: tuple[str, ...],
+    below: float | None,
+    depth: int | None = None,
+    always: bool = False,
 ) -> Callable[[Any, str], Any]:
-    """``predict(image, question)`` with ``tta=augmentations`` (and ``tta_below=below``) passed on (when there
-    are any augmentations, or ``always``)."""
-    if not augmentations and not always:
+    """``predict(image, question)`` with the test-time compute knobs passed on: ``tta=augmentations`` (when
+    there are any augmentations, or ``always``), ``tta_below=below`` and ``depth`` (when given)."""
+    knobs: dict[str, Any] = {}
+    if augmentations or always:
+        knobs["tta"] = augmentations
+        if below is not None:
+            knobs["tta_below"] = below
+    if depth is not None:
+        knobs["depth"] = depth
+    if not knobs:
         return predict
-    if below is None:
-        return lambda image, question: predict(image, question, tta=augmentations)
-    return lambda image, question: predict(image, question, tta=augmentations, tta_below=below)
+    return lambda image, question: predict(image, question, **knobs)
 
 
 def evaluate_run(
@@ -222,6 +231,7 @@ def evaluate_run(
     predictor: Any | None = None,
     tta: str | Sequence[str] | None = None,
     tta_below: float | None = None,
+    depth: int | None = None,
     ci_resamples: int = metrics.DEFAULT_RESAMPLES,
     ci_seed: int = 0,
     progress: Progress | None = None,
@@ -242,6 +252,8 @@ def evaluate_run(
     augmentation (its ``predict`` takes ``tta=``), and so does every bundle (``()``: none, whatever its
     manifest says); None: the student without, each bundle as its manifest says. ``tta_below``: the adaptive
     policy (views only when the photo's own answer has no object or one scoring under it), for both.
+    ``depth``: iterations of the student's recurrent block (``predict(depth=)``), for the student and every
+    bundle (None: 1 for the student, each bundle its manifest's default).
 
     Each bundle is timed with each of ``bundle_threads`` runtime threads; its ``ms`` is the fastest setting
     (``ms_by_threads`` has them all): on a 2-core CPU a one-token decoder step is often faster on one thread,
@@ -275,7 +287,12 @@ def evaluate_run(
             from graphdistill.student.predict import load_student  # type: ignore[import-not-found,unused-ignore]
 
             predictor = load_student(run)
-        student_predict = _with_tta(predictor.predict, augmentations, tta_below)
+        if depth is not None and hasattr(predictor, "check_depth"):
+            try:
+                predictor.check_depth(depth)
+            except ValueError as exc:
+                raise EvalError(f"{run}: {exc}") from exc
+        student_predict = _with_knobs(predictor.predict, augmentations, tta_below, depth)
         student_out: list[dict[str, Any]] = []
         for i, row in enumerate(rows):
             student_out.append(jsonable_output(student_predict(ds.image(row), row.question), kinds))
@@ -309,8 +326,8 @@ def evaluate_run(
         for threads in bundle_threads or (None,):
             say(f"loading exported bundle {b}" + (f" ({threads} threads)" if threads else ""))
             runner = load_bundle_runner(b, threads)
-            bundle_predict = (
-                runner.predict if tta is None else _with_tta(runner.predict, augmentations, tta_below, True)
+            bundle_predict = _with_knobs(
+                runner.predict, augmentations, tta_below, depth, always=tta is not None
             )
             lat = cost.median_latency(
                 bundle_predict,
@@ -486,6 +503,8 @@ def evaluate_run(
         "cost": cost_out,
         "rows": per_row,
     }
+    if depth is not None:
+        result["depth"] = depth
     if augmentations:
         result["tta"] = list(augmentations)
         if tta_below is not None:

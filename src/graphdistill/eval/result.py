@@ -86,6 +86,7 @@ class EvalResult(TypedDict):
     ground_truth: NotRequired[dict[str, Any]]  # scores against human labels, when rows carry them
     tta: NotRequired[list[str]]  # the test-time augmentation the student and bundles answered with
     tta_below: NotRequired[float]  # ... only for answers with an object under this score (adaptive)
+    depth: NotRequired[int]  # the iterations of the student's recurrent block the student and bundles ran
 
 
 def write_eval(run: str | os.PathLike[str], result: EvalResult) -> Path:

@@ -15,7 +15,9 @@
    :data:`MASK_IOU_MIN`, source logits and embeddings within :data:`LOGIT_TOL` (each only where the student
    has that head); int8: fidelity to the teacher's targets (answer token F1, box F1, for the heads there)
    no more than :data:`INT8_MAX_DROP` below the float student's. Only a bundle that passes is moved to ``out``;
-   otherwise :class:`ExportError` is raised and nothing is left behind.
+   otherwise :class:`ExportError` is raised and nothing is left behind. A student with recurrent depth
+   (``max_depth`` R > 1) also ships ``deepen`` (one more iteration of its recurrent block); the gate runs every
+   depth 1..R, each against PyTorch at that depth.
 """
 
 from __future__ import annotations
@@ -43,10 +45,12 @@ from graphdistill.export.programs import (
     Sample,
     collect_samples,
     cross_kv_shape,
+    deepen_names,
     load_run,
     make_sample,
     pointer_shapes,
     programs_for,
+    state_shape,
     torch_reference,
 )
 from graphdistill.runner.bundle import (
@@ -58,6 +62,7 @@ from graphdistill.runner.bundle import (
     sha256_file,
 )
 from graphdistill.runner.manifest import (
+    DepthSpec,
     ExportGate,
     KVCacheSpec,
     Manifest,
@@ -96,6 +101,7 @@ def export_run(
     n_heldout: int = 8,
     tta: str | Sequence[str] | None = None,
     tta_below: float | None = None,
+    depth: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Manifest:
     """Export, gate and write the bundle; returns the manifest. Raises :class:`ExportError` on failure.
@@ -103,7 +109,10 @@ def export_run(
     ``tta`` (``"flip,scale"``): the bundle's runner answers those views of each photo too and fuses them
     (manifest ``tta``; :mod:`graphdistill.runner.tta`); the gate then checks every view of its held-out inputs
     against PyTorch, and int8 fidelity on the fused answers and objects. ``tta_below`` (adaptive, manifest
-    ``tta.below``): the views only when the photo's own answer has no object or one scoring under it."""
+    ``tta.below``): the views only when the photo's own answer has no object or one scoring under it.
+
+    A student trained with recurrent depth (``max_depth`` R > 1) ships a ``deepen`` program too (manifest
+    ``depth``; the runner runs it r - 1 times for depth r); ``depth`` is the runner's default (1 when None)."""
     try:
         augmentations, tta_below = parse_policy(tta, tta_below)
     except TTAError as exc:
@@ -120,6 +129,12 @@ def export_run(
     t0 = time.perf_counter()
     say(f"loading the student from {run}")
     loaded = load_run(run, dataset)
+    max_depth = int(loaded.config.max_depth)
+    if not 1 <= (depth or 1) <= max_depth:
+        raise ExportError(
+            f"depth {depth}: the student in {run} takes depths 1..{max_depth} (trained with max_depth "
+            f"{max_depth})"
+        )
     say("preparing calibration and held-out inputs")
     calib = collect_samples(loaded, "calibration", n_calibration, leave=n_heldout)
     heldout = collect_samples(loaded, "heldout", n_heldout, exclude=calib)
@@ -140,17 +155,33 @@ def export_run(
     programs, kv_shape = programs_for(loaded, fused_norms=fmt == "onnx", channels_last=fmt == "executorch")
     say("running the PyTorch reference")
     dec_calls: list[tuple[Any, ...]] = []
-    # the gate checks a few calibration inputs and the held-out ones; int8 calibrates encode on all of them
+    deepen_calls: list[tuple[Any, ...]] = []
+    # the gate checks a few calibration inputs and the held-out ones, at every depth; int8 calibrates encode
+    # (and deepen, on the states of every depth) on all of them
     checked = calib[:GATE_CALIBRATION]
-    refs = [torch_reference(programs, s, loaded, record=dec_calls) for s in checked]
-    refs += [torch_reference(programs, s, loaded) for s in heldout]
+    depths = range(1, max_depth + 1)
+    refs = {
+        r: [
+            torch_reference(programs, s, loaded, record=dec_calls if r == 1 else None, depth=r)
+            for s in checked
+        ]
+        + [torch_reference(programs, s, loaded, depth=r) for s in heldout]
+        for r in depths
+    }
+    if max_depth > 1:
+        for s in calib:
+            torch_reference(programs, s, loaded, depth=max_depth, deepen_calls=deepen_calls)
     samples = checked + heldout
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         say(f"exporting to {fmt} ({quantize})")
-        calibration = {"encode": [s.torch_inputs() for s in calib], "decode_step": dec_calls[:64]}
+        calibration = {
+            "encode": [s.torch_inputs() for s in calib],
+            "decode_step": dec_calls[:64],
+            "deepen": deepen_calls,
+        }
         # int8 ExecuTorch: the word table is looked up, never multiplied, so XNNPACK leaves it; store it int8
         from graphdistill.export.quantize import int8_embedding
 
@@ -166,17 +197,38 @@ def export_run(
         manifest = _manifest(loaded, fmt, quantize, files, qmethods, kv_shape, tmp)
         if augmentations:
             manifest["tta"] = tta_spec(augmentations, tta_below)
+        if max_depth > 1:
+            manifest["depth"] = depth_spec(max_depth, depth or 1)
         _write_manifest(tmp, manifest)
-        say("checking the exported bundle against PyTorch")
+        say(
+            "checking the exported bundle against PyTorch"
+            + (f" at depths 1..{max_depth}" if max_depth > 1 else "")
+        )
         runner = BundleRunner(tmp)
         nhwc = runner.spec["layout"] == "NHWC"  # the same values, in the bundle's layout
-        got = [
-            runner.run_models(s.image_input.transpose(0, 2, 3, 1) if nhwc else s.image_input, s.question)
-            for s in samples
-        ]
-        gate = _gate(
-            loaded, samples, refs, got, quantize, n_calib=len(checked), n_views=n_views, below=tta_below
-        )
+        gates = {}
+        for r in depths:
+            got = [
+                runner.run_models(
+                    s.image_input.transpose(0, 2, 3, 1) if nhwc else s.image_input, s.question, depth=r
+                )
+                for s in samples
+            ]
+            gates[r] = _gate(
+                loaded,
+                samples,
+                refs[r],
+                got,
+                quantize,
+                n_calib=len(checked),
+                n_views=n_views,
+                below=tta_below,
+            )
+        gate = gates[1]
+        if max_depth > 1:
+            gate["by_depth"] = {str(r): _depth_summary(g) for r, g in gates.items() if r > 1}
+            gate["failures"] += [f"depth {r}: {f}" for r, g in gates.items() if r > 1 for f in g["failures"]]
+            gate["passed"] = not gate["failures"]
         if fmt == "executorch" and quantize == "int8":
             gate["inputs"]["int8_calibration"] = len(calib)
         manifest["parity"] = gate
@@ -218,8 +270,11 @@ def _export(
 
     step = programs["decode_step"][0] if "decode_step" in programs else None
     n_layers = step.n_layers if step is not None else 0
+    deep_in, deep_out = deepen_names(loaded) if "deepen" in programs else ([], [])
     names = {
         "encode": (ENCODE_INPUTS, encode_outputs),
+        # an ONNX graph's output may not share an input's name: deepen's are its inputs' next values, in order
+        "deepen": (deep_in, [f"{n}.next" for n in deep_out]),
         "decode_step": (
             input_names(
                 n_layers, copy=bool(step is not None and step.copy), cont=bool(step is not None and step.cont)
@@ -235,6 +290,30 @@ def _photo(sample: Sample) -> np.ndarray:
     if sample.rgb is None:
         raise ExportError(f"input {sample.question!r} was prepared without its photo: no test-time views")
     return sample.rgb
+
+
+def _depth_summary(gate: ExportGate) -> dict[str, Any]:
+    """What the gate keeps of a depth above 1 (``ExportGate.by_depth``): its checks, not its inputs again."""
+    out: dict[str, Any] = {
+        "vs_pytorch": gate["vs_pytorch"],
+        "failures": gate["failures"],
+        "passed": gate["passed"],
+    }
+    if "fidelity_vs_teacher" in gate:
+        out["fidelity_vs_teacher"] = gate["fidelity_vs_teacher"]
+    return out
+
+
+def depth_spec(max_depth: int, default: int) -> DepthSpec:
+    """The manifest's ``depth``: the recurrent depth the runner takes (:meth:`BundleRunner.run_models`)."""
+    return {
+        "max": max_depth,
+        "default": default,
+        "rule": "depth r (1..max; default unless the app asks for another): run encode, then deepen r - 1 times; "
+        "each input of deepen is the latest output of that name (encode's, then the previous deepen's; "
+        "question_mask: the query's own), each output of deepen replaces the one of that name; the rest "
+        "(objects, sources, the copy path's other inputs) stand as encode made them",
+    }
 
 
 def tta_spec(augmentations: Sequence[str], below: float | None = None) -> TTASpec:
@@ -344,6 +423,7 @@ def _manifest(
         "mask_logits": [1, k, grid, grid],
         "source_logits": [1, cfg.num_sources],
         **{f"embedding:{n}": [1, d] for n, d in cfg.embedding_dims.items()},
+        "state": state_shape(loaded),
     }
     dtypes = {"classes": "int64", "keep": "bool"}
     meanings = {
@@ -363,6 +443,8 @@ def _manifest(
         "classes": "each object's class id (index into class_names)",
         "keep": "true for an object the student reports (score >= score_threshold, not suppressed by NMS)",
         "mask_logits": "each object's mask logits over the whole canvas (coefficients x prototypes)",
+        "state": "the joint encoder's tokens after the recurrent block [1, context + question tokens, d_model]: "
+        "deepen's input of the same name (depth > 1 only)",
     }
     encode_outputs: list[TensorSpec] = []
     for n in loaded.encode_outputs:
@@ -393,6 +475,23 @@ def _manifest(
             "outputs": encode_outputs,
         },
     }
+    if "deepen" in files:
+        deep_in, deep_out = deepen_names(loaded)
+        mask_spec: TensorSpec = {
+            "name": "question_mask",
+            "shape": [1, lq],
+            "dtype": "int64",
+            "meaning": "the query's",
+        }
+        programs["deepen"] = {
+            "file": files["deepen"],
+            "method": "deepen",
+            "inputs": [
+                mask_spec if n == "question_mask" else {"name": n, "shape": shapes[n], "dtype": "float32"}
+                for n in deep_in
+            ],
+            "outputs": [{"name": n, "shape": shapes[n], "dtype": "float32"} for n in deep_out],
+        }
     if "decode_step" in files:
         from graphdistill.export.phone_decode import input_names
 

@@ -131,6 +131,8 @@ def load_run(run: Path, dataset: str | Path | None = None) -> LoadedRun:
     )
     loaded.memory_len = int(model.memory_len)
     loaded.encode_outputs = [*text_output_names(model), *head_names(model)]
+    if config.max_depth > 1:  # the encoder's tokens, which the deepen program goes on from
+        loaded.encode_outputs.append("state")
     return loaded
 
 
@@ -156,6 +158,18 @@ def head_names(model: Any) -> list[str]:
             torch.ones(1, cfg.max_question_len, dtype=torch.bool),
         )
     return [k for k in out if k != "memory" and k not in TEXT_OUTPUTS]
+
+
+def deepen_names(loaded: LoadedRun) -> tuple[list[str], list[str]]:
+    """The ``deepen`` program's inputs and outputs (a student trained with ``max_depth`` > 1): ``state`` and
+    ``question_mask`` in, then the copy path's ``ptr_keys`` when its object slots' keys come from the memory;
+    out the next ``state`` and every output of encode that the memory makes (``cross_kv`` or ``memory``,
+    ``ptr_keys``, ``embedding:*``), each replacing encode's output of that name."""
+    copy = loaded.has_copy and loaded.config.has_objects
+    first = text_output_names(loaded.model)[0]
+    embeddings = [k for k in loaded.encode_outputs if k.startswith("embedding:")]
+    inputs = ["state", "question_mask", *(["ptr_keys"] if copy else [])]
+    return inputs, ["state", first, *(["ptr_keys"] if copy else []), *embeddings]
 
 
 def make_sample(loaded: LoadedRun, image: np.ndarray, question: str, row: DatasetRow | None = None) -> Sample:
@@ -215,18 +229,22 @@ def spread_over_images(rows: Sequence[DatasetRow]) -> list[DatasetRow]:
 
 
 def programs_for(
-    loaded: LoadedRun, fused_norms: bool = False, channels_last: bool = False
+    loaded: LoadedRun, fused_norms: bool = False, channels_last: bool = False, encode_depth: int | None = None
 ) -> tuple[dict[str, tuple[Any, tuple[Any, ...]]], list[int]]:
     """The programs as eval modules with example inputs, and the fixed KV-cache shape: ``encode`` always,
     ``decode_step`` (:class:`~graphdistill.export.phone_decode.PhoneDecodeStep`; ``fused_norms`` for ONNX)
     only for a student with a text head (no KV cache, ``[]``, without one). ``channels_last``: encode's image
     is traced in NHWC memory (ExecuTorch: its program then reads the image in that dim order, and XNNPACK's
-    convolutions need no transpose of it)."""
+    convolutions need no transpose of it). A student with recurrent depth also gets ``deepen`` and encode's
+    ``state``; ``encode_depth`` r instead makes encode run its recurrent block r times itself, with neither (one
+    program per depth: the shape ``benchmarks/depth.py`` measures against)."""
     from graphdistill.export.phone_decode import PhoneDecodeStep, step_inputs
 
     torch = require("torch")
     model, cfg = loaded.model, loaded.config
-    head_keys = [k for k in loaded.encode_outputs if k not in ("memory", *TEXT_OUTPUTS)]
+    head_keys = [k for k in loaded.encode_outputs if k not in ("memory", "state", *TEXT_OUTPUTS)]
+    deep = cfg.max_depth > 1 and encode_depth is None
+    depth = encode_depth or 1
 
     nn: Any = torch.nn
 
@@ -242,7 +260,7 @@ def programs_for(
             self.student = model
 
         def forward(self, image: Any, question_ids: Any, question_mask: Any) -> tuple[Any, ...]:
-            enc = self.student.encode(image, question_ids, question_mask != 0)
+            enc = self.student.encode(image, question_ids, question_mask != 0, depth=depth, keep_state=deep)
             first = []
             for k in text_keys:
                 if k == "cross_kv":
@@ -251,7 +269,28 @@ def programs_for(
                     first.append(enc[k].transpose(1, 2))
                 else:
                     first.append(enc[k])
-            return (*first, *(enc[k] for k in head_keys))
+            return (*first, *(enc[k] for k in head_keys), *((enc["state"],) if deep else ()))
+
+    deep_in, deep_out = deepen_names(loaded) if deep else ([], [])
+
+    class Deepen(nn.Module):  # type: ignore[misc]
+        """One more iteration of the recurrent block: state, question_mask (int64, 1 = token)[, ptr_keys] ->
+        the next state and what the memory at that depth makes (see :func:`deepen_names`)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.student = model
+
+        def forward(self, state: Any, question_mask: Any, *ptr_keys: Any) -> tuple[Any, ...]:
+            student = self.student
+            state, memory = student.deepen(state, question_mask != 0)
+            outs = [state, student.cross_kv(memory) if deep_out[1] == "cross_kv" else memory]
+            if ptr_keys:  # the object slots' keys anew, the documents' as encode made them
+                n_obj = student.n_obj
+                keys = student.object_keys(memory).transpose(1, 2)
+                outs.append(torch.cat([keys, ptr_keys[0][:, :, n_obj:]], 2))
+            emb = student.embeddings(memory)
+            return (*outs, *(emb[k] for k in deep_out if k.startswith("embedding:")))
 
     s, lq = cfg.image_size, cfg.max_question_len
     image = torch.zeros(1, 3, s, s)
@@ -261,6 +300,13 @@ def programs_for(
         torch.ones(1, lq, dtype=torch.long),
     )
     programs: dict[str, tuple[Any, tuple[Any, ...]]] = {"encode": (Encode().eval(), enc_example)}
+    if deep:
+        deep_example = (
+            torch.zeros(state_shape(loaded)),
+            torch.ones(1, lq, dtype=torch.long),
+            *((torch.zeros(pointer_shapes(loaded)["ptr_keys"]),) if "ptr_keys" in deep_in else ()),
+        )
+        programs["deepen"] = (Deepen().eval(), deep_example)
     if not loaded.has_text:
         return programs, []
     kv = model.empty_cache(1)
@@ -271,6 +317,12 @@ def programs_for(
     )
     programs["decode_step"] = (PhoneDecodeStep(model, fused_norms=fused_norms).eval(), dec_example)
     return programs, list(kv.shape)
+
+
+def state_shape(loaded: LoadedRun) -> list[int]:
+    """The recurrent block's state: [batch 1, context tokens + question tokens, d_model]."""
+    cfg = loaded.config
+    return [1, int(loaded.model.n_ctx) + cfg.max_question_len, cfg.d_model]
 
 
 def cross_kv_shape(loaded: LoadedRun) -> list[int]:
@@ -301,18 +353,30 @@ def torch_reference(
     sample: Sample,
     loaded: LoadedRun,
     record: list[tuple[Any, ...]] | None = None,
+    depth: int = 1,
+    deepen_calls: list[tuple[Any, ...]] | None = None,
 ) -> Raw:
     """The PyTorch eager run of exactly the loop :meth:`BundleRunner.run_models` performs, with the student's
     own :meth:`Student.decode_step` (the reference the exported step must reproduce). ``record`` collects
-    every step's inputs in the exported step's form (calibration data for int8)."""
+    every step's inputs in the exported step's form (calibration data for int8). ``depth`` r: ``deepen`` r - 1
+    times after encode, as the runner does; ``deepen_calls`` collects its inputs (int8 calibration)."""
     torch = require("torch")
     from graphdistill.export.phone_decode import step_inputs
 
     enc, _ = programs["encode"]
     ids = loaded.special_ids
     with torch.no_grad():
-        outs = enc(*sample.torch_inputs())
+        inputs = sample.torch_inputs()
+        outs = enc(*inputs)
         by_name = dict(zip(loaded.encode_outputs, outs, strict=True))
+        if depth > 1:
+            deepen, _ = programs["deepen"]
+            names_in, names_out = deepen_names(loaded)
+            for _ in range(depth - 1):
+                args = tuple(inputs[2] if n == "question_mask" else by_name[n] for n in names_in)
+                if deepen_calls is not None:
+                    deepen_calls.append(args)
+                by_name.update(zip(names_out, deepen(*args), strict=True))
         named = {k: v[0].numpy() for k, v in by_name.items()}
         if "decode_step" not in programs:
             return Raw([], named)

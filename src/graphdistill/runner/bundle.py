@@ -23,6 +23,11 @@ A bundle is a folder: the model file(s), ``tokenizer.json`` and ``manifest.json`
    over the tokens that would not repeat a ``no_repeat_ngram``-gram of the answer so far nor make one token
    follow itself more than ``max_token_run`` times in a row (0: no such rule; :func:`greedy_token`);
    stop at ``<eos>`` or when the fixed-size cache is full;
+   With recurrent depth (the manifest has ``depth`` and a ``deepen`` program), for depth r (``depth.default``
+   unless the app asks for another, 1..``depth.max``) step 4 is followed by r - 1 calls of ``deepen``: each of
+   its inputs is the latest output of that name (encode's, then the previous deepen's; ``question_mask``: the
+   query's own), each of its outputs replaces the one of that name (``state``, ``cross_kv``, the object slots'
+   ``ptr_keys``, ``embedding:*``); the rest of encode's outputs stand;
 6. objects: ``encode`` has already selected them (best cells, NMS, the score threshold): every slot whose
    ``keep`` is true, by descending ``scores``, labelled ``class_names[classes]``; box back to image pixels;
    mask (when there is a ``mask_logits`` output) pasted back inside that box, off outside it
@@ -321,6 +326,18 @@ class BundleRunner:
             tta = m.get("tta")
             self.tta: tuple[str, ...] = parse_tta(tta["augmentations"] if tta else None)
             self.tta_below: float | None = tta.get("below") if tta else None
+            # recurrent depth: the deepen program and the iterations the runner runs by default
+            depth = m.get("depth")
+            self.depth_max = int(depth["max"]) if depth else 1
+            self.depth_default = int(depth["default"]) if depth else 1
+            if self.depth_max > 1 and "deepen" not in m["programs"]:
+                raise ValueError(f"depth.max {self.depth_max} but no deepen program")
+            self.deepen_inputs = (
+                [str(i["name"]) for i in m["programs"]["deepen"]["inputs"]] if self.depth_max > 1 else []
+            )
+            self.deepen_outputs = (
+                [str(o["name"]) for o in m["programs"]["deepen"]["outputs"]] if self.depth_max > 1 else []
+            )
         except (KeyError, TypeError, ValueError) as exc:  # TokenizerError is a ValueError
             raise BundleError(
                 f"{self.root / MANIFEST} is incomplete or its tokenizer unusable: {exc!r}"
@@ -341,11 +358,26 @@ class BundleRunner:
         mask[0, :n] = 1
         return padded, mask
 
-    def run_models(self, image_input: np.ndarray, question: str) -> Raw:
-        """Steps 3–5: the encoder once, then (with a text output) the answer decoder one token at a time."""
+    def check_depth(self, depth: int | None) -> int:
+        """The depth to run: ``depth`` (None: the bundle's default), or a :class:`BundleError` naming the range."""
+        r = self.depth_default if depth is None else int(depth)
+        if not 1 <= r <= self.depth_max:
+            raise BundleError(
+                f"{self.root / MANIFEST}: depth {r}: this bundle takes depths 1..{self.depth_max} (manifest depth)"
+            )
+        return r
+
+    def run_models(self, image_input: np.ndarray, question: str, depth: int | None = None) -> Raw:
+        """Steps 3–5: the encoder once (and ``deepen`` depth - 1 times), then (with a text output) the answer
+        decoder one token at a time."""
+        r = self.check_depth(depth)
         ids, mask = self.encode_question(question)
         outs = self.programs.run("encode", image_input, ids, mask)
-        named = {k: v[0] for k, v in zip(self.encode_outputs, outs, strict=True)}
+        by_name = dict(zip(self.encode_outputs, outs, strict=True))
+        for _ in range(r - 1):
+            args = [mask if n == "question_mask" else by_name[n] for n in self.deepen_inputs]
+            by_name.update(zip(self.deepen_outputs, self.programs.run("deepen", *args), strict=True))
+        named = {k: v[0] for k, v in by_name.items()}
         if not self.has_text:
             return Raw([], named)
         # decode_step's inputs live in the runtime's buffers for the whole answer: written in place, not copied
@@ -353,7 +385,6 @@ class BundleRunner:
         token, position = inputs[0], inputs[1]
         prev = inputs[self.prev_index] if self.prev_index is not None else None
         arrays = self.programs.arrays["decode_step"]
-        by_name = dict(zip(self.encode_outputs, outs, strict=True))
         np.copyto(arrays["cross_kv"], by_name["cross_kv"])  # the same for every step of this answer
         for i, name in self.per_query:
             np.copyto(inputs[i], by_name[name])
@@ -387,12 +418,14 @@ class BundleRunner:
         question: str,
         tta: str | Sequence[str] | None = None,
         tta_below: float | None = None,
+        depth: int | None = None,
     ) -> dict[str, Any]:
         """Steps 2–8 for one image (a path or an H×W×3 uint8 RGB array) and one question. With test-time
         augmentation (``tta``; None: the manifest's ``tta.augmentations``, if any; ``()``: none) step 9: each
         view of the photo is answered whole and the views vote (:mod:`.tta`); with ``tta_below`` (None: the
         manifest's ``tta.below``, if any) only when the photo's own answer has no object or one scoring under
-        it."""
+        it. ``depth``: iterations of the recurrent block (None: the manifest's ``depth.default``, 1 without)."""
+        r = self.check_depth(depth)
         rgb = load_rgb(image)
         augmentations = self.tta if tta is None else parse_tta(tta)
         if augmentations:
@@ -400,13 +433,19 @@ class BundleRunner:
             size = canvas_size(self.spec)
             below = self.tta_below if tta_below is None else tta_below
             return predict_views(
-                rgb, lambda v: self._predict(v, question), augmentations, self.outputs, pad, size, below=below
+                rgb,
+                lambda v: self._predict(v, question, r),
+                augmentations,
+                self.outputs,
+                pad,
+                size,
+                below=below,
             )
-        return self._predict(rgb, question)
+        return self._predict(rgb, question, r)
 
-    def _predict(self, rgb: np.ndarray, question: str) -> dict[str, Any]:
+    def _predict(self, rgb: np.ndarray, question: str, depth: int | None = None) -> dict[str, Any]:
         x, box = self.preprocess(rgb, self.programs.buffers["encode"][0])  # straight into the runtime's input
-        raw = self.run_models(x, question)
+        raw = self.run_models(x, question, depth)
         return self.decode(raw, box, rgb.shape[0], rgb.shape[1])
 
     def decode(self, raw: Raw, box: Letterbox, height: int, width: int) -> dict[str, Any]:

@@ -106,6 +106,7 @@ class ExportGate(TypedDict):
     vs_pytorch: dict[str, Any]  # answer_tokens_equal, box_max_abs_diff, mask_iou_min, ..., failures
     tolerances: dict[str, Any]
     fidelity_vs_teacher: NotRequired[dict[str, Any]]  # int8 only: float, int8, drop, max_drop
+    by_depth: NotRequired[dict[str, Any]]  # depth r > 1 -> the same checks at that depth
     failures: list[str]
     passed: bool
 
@@ -119,6 +120,14 @@ class TTASpec(TypedDict):
     quorum: str  # how many views must find an object (or retrieve a document)
     rule: str  # the fusion in words
     below: NotRequired[float]  # adaptive: views only when the photo's answer has an object under this score
+
+
+class DepthSpec(TypedDict):
+    """``manifest["depth"]``: the recurrent depth the bundle takes (a student trained with ``max_depth`` > 1)."""
+
+    max: int  # the most iterations of the recurrent block (the student's max_depth)
+    default: int  # the iterations the runner runs when the app asks for none
+    rule: str  # the loop in words
 
 
 class Manifest(TypedDict):
@@ -148,6 +157,7 @@ class Manifest(TypedDict):
     parity: ExportGate | None  # the export gate's result (None only while the bundle is being written)
     export_seconds: NotRequired[float]
     tta: NotRequired[TTASpec]  # test-time augmentation; absent: none
+    depth: NotRequired[DepthSpec]  # recurrent depth (the deepen program); absent: depth 1 only
     manifest_sha256: NotRequired[str]  # sha256 of the canonical JSON without this field
 
 

@@ -31,6 +31,10 @@ SOURCE_DIMS = 64
 RETRIEVAL_QUERIES = 12000
 
 
+# the most iterations of the recurrent block a student may be trained for (StudentConfig.max_depth)
+MAX_DEPTH = 8
+
+
 # the copy path's per-query inputs (``Student.pointer``; the exported step's inputs of the same names);
 # ``ptr_next`` only for a student whose copies go on where they left off (``copy_continue``)
 POINTER_KEYS = ("ptr_keys", "ptr_bias", "ptr_vocab", "ptr_next")
@@ -94,6 +98,10 @@ class StudentConfig:
     # the copy path goes on copying a document where the last token left it (Student.ptr_cont); False for a
     # run trained before it existed (its config.json has no such key)
     copy_continue: bool = True
+    # recurrent depth R (test-time compute): the joint encoder's last layer is one weight-shared block that may be
+    # iterated r = 1..R times at inference (Student.encode(depth=r)); training draws r per batch, uniformly, so
+    # every r works. 1: no recurrence (the block runs once, as in a student trained before this existed)
+    max_depth: int = 1
 
     @property
     def head_dim(self) -> int:
@@ -161,6 +169,8 @@ class StudentConfig:
             raise ValueError(f"sources_k must be at least 1, got {self.sources_k}")
         if self.source_dims < 0:
             raise ValueError(f"source_dims must be 0 (rank by words) or more, got {self.source_dims}")
+        if not 1 <= self.max_depth <= MAX_DEPTH:
+            raise ValueError(f"max_depth must be between 1 and {MAX_DEPTH}, got {self.max_depth}")
         if self.max_answer_len < 2:
             raise ValueError("max_answer_len must leave room for <bos> and at least one token")
         self.outputs = dict(self.outputs)

@@ -8,7 +8,8 @@ One readable file (nanoGPT-style); its config lives in :mod:`graphdistill.studen
       ──► in-graph selection: best cells, Fast NMS (same class, IoU > nms_iou), the top max_objects kept
           ──► objects: boxes, scores, classes, masks = coefficients · prototypes (P3 → stride 4), cut to the box
     object tokens   class embedding + box + score + the P4 feature at the box centre   [B, K, D]
-    joint encoder   [registers R | image tokens (P5 cells) | object tokens K | question tokens]
+    joint encoder   [registers R | image tokens (P5 cells) | object tokens K | question tokens]; its last layer
+                    a weight-shared block run r = 1..max_depth times (recurrent depth; 1 by default)
     context         [registers | image | objects] ──► answer decoder (cross-attention), sources head (registers)
     answer          a pointer-generator decoder: each step mixes its vocabulary distribution with a copy
                     distribution over the object tokens (copying an object emits its class name's token)
@@ -131,7 +132,9 @@ class ExportableStudent(StudentProtocol, Protocol):
     ``generate`` the answer from what it encoded. ``predict`` uses it when a module has it, and ``graphdistill
     export`` needs it (the exported programs are ``encode`` and one decode step)."""
 
-    def encode(self, image: Tensor, question_ids: Tensor, question_mask: Tensor) -> dict[str, Tensor]: ...
+    def encode(
+        self, image: Tensor, question_ids: Tensor, question_mask: Tensor, *, depth: int = 1
+    ) -> dict[str, Tensor]: ...
 
     def generate(
         self,
@@ -623,9 +626,21 @@ class Student(nn.Module):
         return torch.where(valid[..., None], tok, self.empty_obj.expand(b, tok.shape[1], -1))
 
     def context(
-        self, p5: Tensor, obj_tokens: Tensor | None, question_ids: Tensor, question_mask: Tensor
-    ) -> Tensor:
-        """The joint encoder -> memory [B, n_ctx, D] = [registers | image tokens | object tokens]."""
+        self,
+        p5: Tensor,
+        obj_tokens: Tensor | None,
+        question_ids: Tensor,
+        question_mask: Tensor,
+        depth: int = 1,
+        keep_state: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The joint encoder -> (memory [B, n_ctx, D] = [registers | image tokens | object tokens], state).
+
+        ``depth`` r: the last layer (the recurrent block, weights shared) runs r times (``config.max_depth``).
+        ``keep_state``: ``state`` is every token after the last iteration, before the final norm [B, n_ctx+Lq,
+        D], from which :meth:`deepen` goes on (None otherwise; then the last iteration computes the context
+        tokens only: the question tokens are its keys and values, nothing is computed for them as queries)."""
+        self.check_depth(depth)
         b = p5.shape[0]
         img = self.img_proj(p5.flatten(2).transpose(1, 2)) + self.img_pos + self.type_emb[1]
         parts = [self.registers.expand(b, -1, -1) + self.type_emb[0], img]
@@ -634,21 +649,46 @@ class Student(nn.Module):
         lq = question_ids.shape[1]
         parts.append(self.tok_emb(question_ids) + self.q_pos[:, :lq] + self.type_emb[3])
         x = torch.cat(parts, dim=1)
-        if phone_ops.active():  # the same layers, with an additive key bias instead of a bool mask
+        if depth == 1 and not keep_state and not phone_ops.active():  # PyTorch's own encoder, as trained
+            keep_b = torch.ones(b, self.n_ctx, dtype=torch.bool, device=x.device)
+            pad = ~torch.cat([keep_b, question_mask.to(torch.bool)], dim=1)  # True = ignore (PyTorch's way)
+            return self.enc_norm(self.encoder(x, src_key_padding_mask=pad))[:, : self.n_ctx], None
+        layers = list(self.encoder.layers)
+        steps = layers[:-1] + [layers[-1]] * depth
+        for i, layer in enumerate(steps):
+            last = i == len(steps) - 1 and not keep_state
+            x = self._encoder_layer(layer, x, question_mask, self.n_ctx if last else None)
+        return self._enc_norm(x[:, : self.n_ctx]), (x if keep_state else None)
+
+    def deepen(self, state: Tensor, question_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """One more iteration of the recurrent block: ``state`` after r iterations [B, n_ctx+Lq, D] (see
+        :meth:`context`) -> (the state after r + 1, the memory at depth r + 1 [B, n_ctx, D]). The exported
+        ``deepen`` program: the runner calls it r - 1 times after ``encode`` for depth r."""
+        x = self._encoder_layer(self.encoder.layers[-1], state, question_mask, None)
+        return x, self._enc_norm(x[:, : self.n_ctx])
+
+    def check_depth(self, depth: int) -> None:
+        if not 1 <= depth <= self.config.max_depth:
+            raise ValueError(
+                f"depth {depth}: this student's recurrent block was trained for depths 1..{self.config.max_depth}"
+                " (StudentConfig.max_depth)"
+            )
+
+    def _encoder_layer(self, layer: Any, x: Tensor, question_mask: Tensor, n_out: int | None) -> Tensor:
+        """One joint-encoder layer over [context | question] tokens (question padding masked out); ``n_out``:
+        only the first n_out tokens as queries (phone path; PyTorch's layer computes every token)."""
+        b = x.shape[0]
+        if phone_ops.active():  # the same layer, with an additive key bias instead of a bool mask
             keep = torch.zeros(b, self.n_ctx, dtype=x.dtype, device=x.device)
             pad_bias = (question_mask == 0).to(x.dtype) * phone_ops.NEG
             bias = torch.cat([keep, pad_bias], dim=1).view(b, 1, 1, -1)
-            last = len(self.encoder.layers) - 1
-            for i, layer in enumerate(self.encoder.layers):
-                # only the context tokens leave the encoder: in the last layer the question tokens are keys
-                # and values, nothing is computed for them as queries
-                x = phone_ops.encoder_layer(layer, x, bias, n_out=self.n_ctx if i == last else None)
-            x = phone_ops.layer_norm(self.enc_norm, x)
-        else:
-            keep_b = torch.ones(b, self.n_ctx, dtype=torch.bool, device=x.device)
-            pad = ~torch.cat([keep_b, question_mask.to(torch.bool)], dim=1)  # True = ignore (PyTorch's way)
-            x = self.enc_norm(self.encoder(x, src_key_padding_mask=pad))
-        return x if x.shape[1] == self.n_ctx else x[:, : self.n_ctx]
+            return phone_ops.encoder_layer(layer, x, bias, n_out=n_out)
+        keep_b = torch.ones(b, self.n_ctx, dtype=torch.bool, device=x.device)
+        pad = ~torch.cat([keep_b, question_mask.to(torch.bool)], dim=1)
+        return layer(x, src_key_padding_mask=pad)  # type: ignore[no-any-return]
+
+    def _enc_norm(self, x: Tensor) -> Tensor:
+        return phone_ops.layer_norm(self.enc_norm, x) if phone_ops.active() else self.enc_norm(x)
 
     @property
     def n_copy(self) -> int:
@@ -679,7 +719,7 @@ class Student(nn.Module):
         keys, tokens, usable = [], [], []
         if chosen is not None:
             t = self.class_words[chosen["classes"].clamp(0, self.config.num_classes - 1)]  # [B,K]
-            keys.append(self.ptr_k(memory[:, self.n_ctx - self.n_obj :]))
+            keys.append(self.object_keys(memory))
             tokens.append(t)
             usable.append(chosen["valid"].to(torch.bool) & (t > UNK_ID))
         if docs is not None:
@@ -717,6 +757,17 @@ class Student(nn.Module):
             nxt = F.pad(vocab[:, n_obj:-1], (0, 0, 1, 0)) * follows[None, :, None]  # [B,k*L,V]
             out["ptr_next"] = F.pad(nxt, (0, 0, n_obj, 0)).transpose(1, 2).contiguous()  # [B,V,K]
         return out
+
+    def object_keys(self, memory: Tensor) -> Tensor:
+        """The copy path's keys of the object slots [B,K,D], from the memory's object tokens."""
+        return self.ptr_k(memory[:, self.n_ctx - self.n_obj :])  # type: ignore[no-any-return]
+
+    def embeddings(self, memory: Tensor) -> dict[str, Tensor]:
+        """``embedding:<name>`` [B,d] for each embedding head, from the registers' summary."""
+        if not self.embedding_heads:
+            return {}
+        summary = phone_ops.mean_tokens(memory[:, : self.config.num_registers])
+        return {f"embedding:{name}": head(summary) for name, head in self.embedding_heads.items()}
 
     def copy_mix(
         self,
@@ -757,6 +808,8 @@ class Student(nn.Module):
         question_mask: Tensor,
         objects: dict[str, Tensor] | None = None,
         features: list[Tensor] | None = None,
+        depth: int = 1,
+        keep_state: bool = False,
     ) -> dict[str, Tensor]:
         """image [B,3,S,S] normalised, question_ids [B,Lq] int64, question_mask [B,Lq] bool (True = token) ->
         ``memory`` [B,n_ctx,D], the selected objects (see :meth:`select`), the copy path's inputs (see
@@ -764,7 +817,8 @@ class Student(nn.Module):
         outputs (see :meth:`dense`) with ``det_anchors`` and ``det_strides``. ``objects`` (``obj_*`` tensors,
         the teacher's): the object tokens are built from them instead of from the student's own selection.
         ``features``: the trunk's [P3, P4, P5] for ``image``, computed earlier (training with a frozen trunk
-        caches them: they never change), instead of running the trunk."""
+        caches them: they never change), instead of running the trunk. ``depth``: iterations of the recurrent
+        block (:meth:`context`); ``keep_state``: ``state`` too, the encoder's tokens :meth:`deepen` goes on from."""
         cfg = self.config
         feats = features if features is not None else self.trunk(image)
         out: dict[str, Tensor] = {}
@@ -785,8 +839,12 @@ class Student(nn.Module):
             )
         # without a detection head nothing else trains the trunk: the text and summary losses must reach it
         detach = self.training and cfg.has_objects
-        memory = self.context(_text_view(feats[2], detach), obj_tokens, question_ids, question_mask)
+        memory, state = self.context(
+            _text_view(feats[2], detach), obj_tokens, question_ids, question_mask, depth, keep_state
+        )
         out["memory"] = memory
+        if state is not None:
+            out["state"] = state
         docs = None
         if cfg.has_sources:
             out["source_logits"] = self.rank_sources(question_ids, question_mask, chosen)
@@ -797,10 +855,7 @@ class Student(nn.Module):
             docs = ranked.topk(self.copy_docs, dim=-1).indices
         if cfg.has_text and (chosen is not None or docs is not None):
             out.update(self.pointer(memory, chosen, docs, question_ids, question_mask))
-        if self.embedding_heads:
-            summary = phone_ops.mean_tokens(memory[:, : cfg.num_registers])
-            for name, head in self.embedding_heads.items():
-                out[f"embedding:{name}"] = head(summary)
+        out.update(self.embeddings(memory))
         return out
 
     def _source_query(
@@ -916,8 +971,9 @@ class Student(nn.Module):
         answer_in: Tensor,
         objects: dict[str, Tensor] | None = None,
         features: list[Tensor] | None = None,
+        depth: int = 1,
     ) -> dict[str, Tensor]:
-        out = self.encode(image, question_ids, question_mask, objects, features)
+        out = self.encode(image, question_ids, question_mask, objects, features, depth)
         if self.config.has_text:
             out["answer_logits"] = self.decode_full(answer_in, out["memory"], self.pointer_of(out))
         return out
@@ -943,16 +999,18 @@ class Student(nn.Module):
         encoded: dict[str, Tensor] | None = None,
         use_cache: bool = True,
         stop_at_eos: bool = True,
+        depth: int = 1,
     ) -> Tensor:
         """Greedy answer ids [B, max_len] (without <bos>); after <eos> every position is <pad>.
         ``use_cache=False`` recomputes the whole prefix each step (the reference the cache must match);
-        ``stop_at_eos=False`` always runs all ``max_len`` steps (benchmarks: a fixed answer length)."""
+        ``stop_at_eos=False`` always runs all ``max_len`` steps (benchmarks: a fixed answer length); ``depth``:
+        the recurrent block's iterations when ``encoded`` is not given."""
         self._need_text("generate")
         cfg = self.config
         t_max = cfg.max_answer_len
         n = min(max_len or t_max - 1, t_max - 1)
         if encoded is None:
-            encoded = self.encode(image, question_ids, question_mask)
+            encoded = self.encode(image, question_ids, question_mask, depth=depth)
         memory = encoded["memory"]
         ptr = self.pointer_of(encoded)
         b = memory.shape[0]

@@ -163,6 +163,7 @@ class StudentPredictor:
         max_len: int | None = None,
         tta: str | Sequence[str] | None = None,
         tta_below: float | None = None,
+        depth: int = 1,
     ) -> dict[str, Any]:
         """One photo (HxWx3 uint8 RGB) + question -> ``{output field: value}`` for the graph's outputs. The
         objects are those the student keeps (``keep``: its own score threshold and NMS, in the graph), and of
@@ -171,13 +172,20 @@ class StudentPredictor:
         ``tta`` (``"flip,scale"`` or a list of those names): the student also answers those views of the photo
         and the views vote (:mod:`graphdistill.runner.tta`, the bundle runner's rule); each view costs a
         whole query. ``tta_below``: only when the photo's own answer has no object or one scoring under it
-        (adaptive compute, :func:`graphdistill.runner.tta.unsure`)."""
+        (adaptive compute, :func:`graphdistill.runner.tta.unsure`). ``depth``: iterations of the recurrent
+        block (1 .. the config's ``max_depth``; :meth:`Student.context`), each one more encoder layer."""
         augmentations = parse_tta(tta)
+        self.check_depth(depth)
         if augmentations:
             return predict_views(
                 image,
                 lambda view: self.predict(
-                    view, question, score_threshold=score_threshold, sources_k=sources_k, max_len=max_len
+                    view,
+                    question,
+                    score_threshold=score_threshold,
+                    sources_k=sources_k,
+                    max_len=max_len,
+                    depth=depth,
                 ),
                 augmentations,
                 self.config.outputs,
@@ -196,7 +204,8 @@ class StudentPredictor:
         answer = None
         model = self.model
         if has_fast_path(model):
-            heads = model.encode(img, qi, qm)
+            # depth only when asked for: a user's own exportable student may take no such keyword
+            heads = model.encode(img, qi, qm, depth=depth) if depth != 1 else model.encode(img, qi, qm)
             if cfg.has_text:
                 ids = model.generate(img, qi, qm, max_len, encoded=heads)
                 answer = self.tokenizer.decode(ids[0].tolist())
@@ -230,6 +239,15 @@ class StudentPredictor:
                 emb = heads.get(f"embedding:{name}")
                 result[name] = None if emb is None else emb[0].float().cpu().tolist()
         return result
+
+    def check_depth(self, depth: int) -> None:
+        """A :class:`ValueError` naming the depths this student takes, unless ``depth`` is one of them."""
+        top = self.config.max_depth if has_fast_path(self.model) else 1
+        if not 1 <= depth <= top:
+            raise ValueError(
+                f"depth {depth}: this student takes depths 1..{top} (its recurrent block was trained for "
+                f"max_depth {self.config.max_depth}; train with --max-depth R for more)"
+            )
 
     def _objects(
         self, heads: dict[str, torch.Tensor], h: int, w: int, scale: float, thr: float | None = None

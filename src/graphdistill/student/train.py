@@ -373,6 +373,9 @@ class TrainRecipe:
                 "retrieval_queries is 0); leave source_dims at 0"
             )
         self.retrieval_gen = torch.Generator().manual_seed(cfg.seed)
+        # the recurrent block's iterations of each training batch (StudentConfig.max_depth): the same draw on
+        # every rank, so their batches run the same graph
+        self.depth_gen = torch.Generator().manual_seed(cfg.seed + 1)
         # how a row becomes tensors (StudentDataset builds the same): streamed batches and validation encode their
         # rows with it, the frozen-feature cache preprocesses its images with it
         self.encoder = RowEncoder(self.tokenizer, self.model_config, self.class_names, self.ds.documents)
@@ -804,7 +807,13 @@ class TrainRecipe:
         features = [batch[k].float() for k in FEATURE_KEYS] if FEATURE_KEYS[0] in batch else None
         if features is None and self.trunk_per_batch and self.model.training:
             features = self._trunk_features(batch["image"])
-        return model(*args, objects=objects or None, features=features)  # type: ignore[no-any-return]
+        depth = 1
+        if self.model.training and self.model.config.max_depth > 1:
+            # r drawn per batch, uniformly over 1..R: every depth the app may ask for is trained
+            depth = int(torch.randint(1, self.model.config.max_depth + 1, (1,), generator=self.depth_gen))
+        return model(  # type: ignore[no-any-return]
+            *args, objects=objects or None, features=features, depth=depth
+        )
 
     def _trunk_frozen(self) -> bool:
         """Whether the student has a trunk and nothing of it trains (``freeze="trunk"``)."""
