@@ -33,6 +33,8 @@ BENCHMARKS: dict[str, list[str]] = {
     "int8_noise": ["--run", str(ROOT / "demo-out" / "run")],
     # issue 21: test-time augmentation on the demo's held-out photos, PyTorch and the int8 ExecuTorch bundle
     "tta": ["--demo-dir", str(ROOT / "demo-out")],
+    # issue 21: recurrent depth (a student trained with --max-depth 4 on the demo's dataset) with and without TTA
+    "depth": ["--demo-dir", str(ROOT / "demo-out")],
     "filter_memory": [],  # issue 18: the filter's memory is bounded by the largest group, not the store
     "scaling": [
         "--sizes",

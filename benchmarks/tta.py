@@ -77,9 +77,11 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    timing = time_settings(run, dataset, bundle, [r["tta"] for r in rows], args)
+    knobs = {r["tta"]: knobs_of(r["tta"]) for r in rows}
+    timing = time_settings(run, dataset, bundle, knobs, args.timed, args.rounds, args.threads)
+    shares = views_shares(run, dataset, bundle, [r["tta"] for r in rows], args.threads)
     for r in rows:
-        r.update(timing[r["tta"]])
+        r.update(timing[r["tta"]], **shares.get(r["tta"], {}))
     base = rows[0]
     for r in rows:
         r["bundle_ms_ratio"] = round(r["bundle_ms"] / base["bundle_ms"], 2)
@@ -93,13 +95,19 @@ def main() -> None:
         "split": "test",
         "settings": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print("| tta | bundle ms (× none) | answer F1 | box mAP@0.5 | mask mIoU | sources recall |")
-    for r in rows:
+    write_study(out, Path(args.out), "tta", "none")
+
+
+def write_study(out: dict[str, Any], path: Path, name: str, base: str) -> None:
+    """Write a test-time compute study's JSON to ``path`` and print its bundle's table (each setting named by
+    its ``name`` key, the ms ratio against the ``base`` setting)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"| {name} | bundle ms (× {base}) | answer F1 | box mAP@0.5 | mask mIoU | sources recall |")
+    for r in out["settings"]:
         b = r["bundle"]
         print(
-            f"| {r['tta']} | {r['bundle_ms']:.1f} ({r['bundle_ms_ratio']}×) | {b['answer_f1']:.2f} | "
+            f"| {r[name]} | {r['bundle_ms']:.1f} ({r['bundle_ms_ratio']}×) | {b['answer_f1']:.2f} | "
             f"{b['box_map50']:.2f} | {b['mask_miou']:.2f} | {b['sources_recall']:.2f} |"
         )
 
@@ -110,8 +118,23 @@ def parse_setting(setting: str) -> tuple[str, float | None]:
     return augs, float(below) if below else None
 
 
-def time_settings(run: Path, dataset: Path, bundle: Path, settings: list[str], args: Any) -> dict[str, Any]:
-    """Median ms of one query for each setting, PyTorch and the bundle, the settings interleaved."""
+def knobs_of(setting: str) -> dict[str, Any]:
+    """The ``predict`` keywords of a setting ("none" or ``AUGS[@SCORE]``)."""
+    augs, below = parse_setting("" if setting == "none" else setting)
+    return {"tta": augs, "tta_below": below}
+
+
+def time_settings(
+    run: Path,
+    dataset: Path,
+    bundle: Path,
+    knobs: dict[str, dict[str, Any]],
+    timed: int,
+    rounds: int,
+    threads: int,
+) -> dict[str, Any]:
+    """Median ms of one query for each setting (name -> ``predict`` keywords), PyTorch and the bundle, the
+    settings interleaved round by round over the first ``timed`` held-out rows."""
     import statistics
 
     from graphdistill.dataset import open_dataset
@@ -119,9 +142,9 @@ def time_settings(run: Path, dataset: Path, bundle: Path, settings: list[str], a
     from graphdistill.student.predict import load_student
 
     ds = open_dataset(dataset)
-    rows = [r for r in ds.rows("test") if not r.is_replay][: args.timed]
+    rows = [r for r in ds.rows("test") if not r.is_replay][:timed]
     inputs = [(ds.image(r), r.question) for r in rows]
-    student, runner = load_student(run), BundleRunner(bundle, threads=args.threads)
+    student, runner = load_student(run), BundleRunner(bundle, threads=threads)
     models: dict[str, Any] = {"pytorch": student.predict, "bundle": runner.predict}
     ms: dict[tuple[str, str], list[float]] = {}
     for predict in models.values():  # warm up
@@ -129,28 +152,40 @@ def time_settings(run: Path, dataset: Path, bundle: Path, settings: list[str], a
     # one model at a time (PyTorch's worker threads spin for a while after a call and would slow the runtime
     # timed next), its settings interleaved round by round
     for name, predict in models.items():
-        for _ in range(args.rounds):
-            for setting in settings:
-                augs, below = parse_setting("" if setting == "none" else setting)
+        for _ in range(rounds):
+            for setting, kw in knobs.items():
                 for image, question in inputs:
                     t0 = time.perf_counter()
-                    predict(image, question, tta=augs, tta_below=below)
+                    predict(image, question, **kw)
                     ms.setdefault((setting, name), []).append((time.perf_counter() - t0) * 1000)
-    out: dict[str, Any] = {
-        s: {f"{n}_ms": round(statistics.median(ms[(s, n)]), 2) for n in models} for s in settings
-    }
-    # the adaptive settings: on how many of the held-out rows the photo's own answer was unsure
-    from graphdistill.runner.tta import unsure
+    return {s: {f"{n}_ms": round(statistics.median(ms[(s, n)]), 2) for n in models} for s in knobs}
 
+
+def views_shares(run: Path, dataset: Path, bundle: Path, settings: list[str], threads: int) -> dict[str, Any]:
+    """For each adaptive setting: on what share of the held-out rows the photo's own answer was unsure (the
+    views were spent), PyTorch and the bundle."""
+    from graphdistill.dataset import open_dataset
+    from graphdistill.runner import BundleRunner
+    from graphdistill.runner.tta import unsure
+    from graphdistill.student.predict import load_student
+
+    adaptive = {s: parse_setting(s)[1] for s in settings if parse_setting(s)[1] is not None}
+    if not adaptive:
+        return {}
+    ds = open_dataset(dataset)
+    student, runner = load_student(run), BundleRunner(bundle, threads=threads)
+    models: dict[str, Any] = {"pytorch": student.predict, "bundle": runner.predict}
     all_rows = [r for r in ds.rows("test") if not r.is_replay]
     plain = {n: [predict(ds.image(r), r.question, tta=()) for r in all_rows] for n, predict in models.items()}
-    for s in settings:
-        below = parse_setting(s)[1]
-        if below is not None:
-            for n in models:
-                share = sum(unsure(p, runner.outputs, below) for p in plain[n]) / len(all_rows)
-                out[s][f"{n}_views_share"] = round(share, 3)
-    return out
+    return {
+        s: {
+            f"{n}_views_share": round(
+                sum(unsure(p, runner.outputs, below) for p in plain[n]) / len(all_rows), 3
+            )
+            for n in models
+        }
+        for s, below in adaptive.items()
+    }
 
 
 if __name__ == "__main__":

@@ -161,11 +161,23 @@ def test_degraded_student_and_the_report(tmp_path: Path, synthetic: Path) -> Non
             for name, ms in (("none", 30.0), ("flip", 61.0), ("scale@0.5", 44.0))
         ]
     }
+    depth = {  # benchmarks/depth.py's: each setting named by "setting", drawn with the first study's
+        "settings": [
+            {
+                "setting": f"r={r}",
+                "pytorch_ms": 90.0 + r,
+                "pytorch": figures,
+                "bundle_ms": 30.0 + r,
+                "bundle": figures,
+            }
+            for r in (1, 2)
+        ]
+    }
     out = build_report(
         [run, run_b],
         tmp_path / "out" / "report.html",
         scaling=scaling,
-        tta=tta,
+        tta=[tta, depth],
         gallery_n=4,
         predictor=LookupStudent(synthetic, _degraded),
     )
@@ -188,6 +200,7 @@ def test_degraded_student_and_the_report(tmp_path: Path, synthetic: Path) -> Non
     with pytest.raises(ValueError, match="n_inputs"):
         build_report([run], tmp_path / "bad.html", scaling={"points": [{"filtered": True}]}, gallery_n=0)
     assert "<td>scale@0.5</td><td>132.0</td><td>0.30</td>" in text  # the setting's row: PyTorch ms, figures
+    assert "<td>r=2</td><td>92.0</td><td>0.30</td>" in text  # the second study's rows follow
     with pytest.raises(ValueError, match="bundle_ms"):
         build_report(
             [run], tmp_path / "bad.html", tta={"settings": [{"tta": "x", "pytorch_ms": 1, "pytorch": {}}]}

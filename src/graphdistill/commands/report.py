@@ -24,9 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument(
         "--tta",
-        default=None,
+        action="append",
+        default=[],
         metavar="JSON",
-        help="test-time compute study: fidelity against ms per setting (benchmarks/results/tta.json)",
+        help="test-time compute study: fidelity against ms per setting (benchmarks/results/tta.json, "
+        "benchmarks/results/depth.json); repeat it to draw several in one picture",
     )
     p.add_argument("--gallery", type=int, default=8, help="held-out photos in the gallery (8)")
     p.add_argument(
@@ -108,7 +110,8 @@ def _report(args: argparse.Namespace) -> int:
         print(text, end="")
         console(stderr=True).print(f"wrote {runs[0] / 'summary.md'}")
         return 0
-    scaling, tta = (_read_json(flag, path) for flag, path in (("scaling", args.scaling), ("tta", args.tta)))
+    scaling = _read_json("scaling", args.scaling)
+    tta = [_read_json("tta", path) for path in args.tta] or None
     from rich.progress import Progress
 
     from graphdistill.eval.report import build_report

@@ -301,47 +301,75 @@ TTA_FIGURES = (
 )
 
 
-def validate_tta(data: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The test-time compute study's settings (``benchmarks/tta.py``'s JSON); a clear error when the shape is
-    wrong."""
-    settings = data.get("settings")
-    if not isinstance(settings, list) or not settings:
-        raise ValueError(
-            'test-time compute JSON must be {"settings": [{"tta", "pytorch_ms", "pytorch", ...}]}'
-        )
-    for i, st in enumerate(settings):
-        for side in ("pytorch", "bundle"):
-            if not isinstance(st, dict) or not isinstance(st.get(f"{side}_ms"), (int, float)):
-                raise ValueError(f"test-time compute JSON setting {i} needs a number {side}_ms: {st!r}")
-            if not isinstance(st.get(side), dict):
-                raise ValueError(f"test-time compute JSON setting {i} needs its {side} fidelity figures")
-    return [dict(st) for st in settings]
+def validate_tta(data: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The test-time compute studies' settings (``benchmarks/tta.py``'s and ``benchmarks/depth.py``'s JSON, one
+    or several, their settings in order), each with its ``name`` (its ``setting``, else its ``tta``); a clear
+    error when a shape is wrong."""
+    studies = [data] if isinstance(data, Mapping) else list(data)
+    out: list[dict[str, Any]] = []
+    for study in studies:
+        settings = study.get("settings") if isinstance(study, Mapping) else None
+        if not isinstance(settings, list) or not settings:
+            raise ValueError(
+                'test-time compute JSON must be {"settings": [{"tta" or "setting", "pytorch_ms", "pytorch", ...}]}'
+            )
+        for i, st in enumerate(settings):
+            for side in ("pytorch", "bundle"):
+                if not isinstance(st, dict) or not isinstance(st.get(f"{side}_ms"), (int, float)):
+                    raise ValueError(f"test-time compute JSON setting {i} needs a number {side}_ms: {st!r}")
+                if not isinstance(st.get(side), dict):
+                    raise ValueError(f"test-time compute JSON setting {i} needs its {side} fidelity figures")
+            name = st.get("setting", st.get("tta"))
+            if not isinstance(name, str):
+                raise ValueError(
+                    f"test-time compute JSON setting {i} needs its name (setting or tta): {st!r}"
+                )
+            out.append({**st, "name": name})
+    return out
 
 
 def plot_tta(settings: Sequence[Mapping[str, Any]]) -> str:
-    """Fidelity against ms per query, one point per test-time setting, PyTorch and the bundle."""
+    """Fidelity against ms per query, PyTorch and the bundle: a line through the depths r = 1..R of each
+    test-time augmentation for the settings of a depth study (``depth``; ``benchmarks/depth.py``), one labelled
+    point per other setting (``benchmarks/tta.py``'s, an adaptive one)."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(TTA_FIGURES), figsize=(13, 3.6))
     max_ms = max(float(st[f"{side}_ms"]) for st in settings for side in ("pytorch", "bundle"))
     for ax, (key, label) in zip(axes, TTA_FIGURES, strict=True):
         for side, marker in (("pytorch", "o"), ("bundle", "s")):
-            pts = [(st[f"{side}_ms"], st[side].get(key), st["tta"]) for st in settings]
-            pts = [p for p in pts if p[1] is not None]
+            lines: dict[str, list[tuple[int, float, float]]] = {}
+            pts: list[tuple[float, float, str]] = []
+            for st in settings:
+                y = st[side].get(key)
+                if y is None:
+                    continue
+                if isinstance(st.get("depth"), int) and "@" not in str(st.get("tta", "")):
+                    lines.setdefault(str(st.get("tta") or "none"), []).append(
+                        (st["depth"], st[f"{side}_ms"], y)
+                    )
+                else:
+                    pts.append((st[f"{side}_ms"], y, str(st["name"])))
+            for tta, line in lines.items():
+                line.sort()
+                ax.plot([p[1] for p in line], [p[2] for p in line], marker=marker, ms=4,
+                        label=f"{side}, tta {tta}, r={line[0][0]}..{line[-1][0]}")  # fmt: skip
+                for r, x, y in (line[0], line[-1]):
+                    ax.annotate(f"r={r}", (x, y), fontsize=6, xytext=(3, -9), textcoords="offset points")
             if not pts:
                 continue
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=side)
             # points that land on one spot (an adaptive setting that spent nothing) share one label
             spots: dict[tuple[int, int], list[str]] = {}
             for x, y, name in pts:
-                spots.setdefault((round(x / (0.04 * max_ms)), round(y * 50)), []).append(str(name))
+                spots.setdefault((round(x / (0.04 * max_ms)), round(y * 50)), []).append(name)
             for (_, _), names in spots.items():
-                x, y, _ = next(p for p in pts if str(p[2]) == names[0])
+                x, y, _ = next(p for p in pts if p[2] == names[0])
                 ax.annotate(" / ".join(names), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_title(label)
         ax.set_xlabel("ms per query")
         ax.set_xlim(0, max_ms * 1.15)
         ax.set_ylim(0, 1.02)
-    axes[0].legend()
+    axes[0].legend(fontsize=7)
     return _png_uri(fig)
 
 
@@ -495,7 +523,7 @@ def render_html(
         ]
     if tta:
         cells = "".join(
-            f"<tr><td>{_e(st['tta'])}</td>"
+            f"<tr><td>{_e(st['name'])}</td>"
             + "".join(
                 f"<td>{fmt_num(st[f'{side}_ms'], 1)}</td>"
                 + "".join(f"<td>{fmt_num(st[side].get(k), 2)}</td>" for k, _ in TTA_FIGURES)
@@ -532,13 +560,14 @@ def build_report(
     out: str | os.PathLike[str],
     *,
     scaling: Mapping[str, Any] | None = None,
-    tta: Mapping[str, Any] | None = None,
+    tta: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     gallery_n: int = 8,
     progress: Progress | None = None,
     predictor: Any | None = None,
 ) -> Path:
     """Read every RUN/eval.json (+ meta.json), draw the gallery of the first run and write ``out``. ``scaling``:
-    the scaling study's JSON; ``tta``: the test-time compute study's (``benchmarks/tta.py``).
+    the scaling study's JSON; ``tta``: the test-time compute studies' (``benchmarks/tta.py``, ``benchmarks/depth.py``;
+    one or a list).
 
     ``predictor`` replaces ``load_student(runs[0])`` for the gallery."""
     if not runs:
