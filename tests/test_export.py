@@ -820,9 +820,13 @@ def test_a_tta_bundle_fuses_its_views_as_pytorch_does_and_its_gate_checks_every_
     assert n_objects > 0
 
 
-def test_an_adaptive_tta_bundle_answers_its_views_only_when_unsure(run_dir: Path, tmp_path: Path) -> None:
+def test_an_adaptive_tta_bundle_answers_its_views_only_when_unsure(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from graphdistill.export.bundle import export_run
     from graphdistill.export.programs import ExportError
+    from graphdistill.runner import bundle as runner_bundle
+    from graphdistill.runner.tta import near_floor, near_miss
 
     with pytest.raises(ExportError, match="needs augmentations"):
         export_run(run_dir, "onnx", tmp_path / "no", tta_below=0.5, **N)
@@ -837,16 +841,47 @@ def test_an_adaptive_tta_bundle_answers_its_views_only_when_unsure(run_dir: Path
         return run(program, *inputs)
 
     runner.programs.run = spy  # type: ignore[method-assign]
+    # the bundle says from what score a dropped candidate is a near miss: the detector's threshold less
+    # NEAR_LOGIT in logits (0.168 at 0.25)
+    assert runner.near_floor == round(near_floor(0.25), 4) == 0.1682
     for split, i in [("test", 0), ("train", 1), ("val", 0)]:
         image, question = _image(run_dir, split, i)
-        found = runner.predict(image, question, tta=())["objects"]
+        found, raw = runner._predict_raw(image, question)
+        near = near_miss(raw.outputs["scores"], raw.outputs["keep"]) >= runner.near_floor
         encodes.clear()
         runner.predict(image, question)
-        # no score is under 0: the views are answered only for a photo where the student found nothing
-        assert sum(encodes) == (1 if found else 2)
+        # no score is under 0: the views are answered only for a photo where the student found nothing, or
+        # dropped a candidate just under its threshold
+        assert sum(encodes) == (1 if found["objects"] and not near else 2)
         encodes.clear()
         runner.predict(image, question, tta_below=1.0)  # every score is under 1: always the views
         assert sum(encodes) == 2
+        for best, views in ((0.0, not found["objects"]), (0.9, True)):  # the near miss alone decides
+            monkeypatch.setattr(runner_bundle, "near_miss", lambda scores, keep, _b=best: _b)
+            encodes.clear()
+            runner.predict(image, question)
+            assert sum(encodes) == (2 if views else 1)
+        monkeypatch.undo()
+
+    # the PyTorch student reads its own near misses the same way
+    from graphdistill.student import predict as student_predict
+
+    student = student_predict.load_student(run_dir)
+    encode = student.model.encode
+    calls: list[int] = []
+
+    def counted(*a: Any, **k: Any) -> Any:
+        calls.append(1)
+        return encode(*a, **k)
+
+    monkeypatch.setattr(student.model, "encode", counted)
+    image, question = _image(run_dir, "test", 0)
+    found = student.predict(image, question)["objects"]
+    for best, views in ((0.0, not found), (0.9, True)):
+        monkeypatch.setattr(student_predict, "near_miss", lambda scores, keep, _b=best: _b)
+        calls.clear()
+        student.predict(image, question, tta="flip", tta_below=0.0)
+        assert len(calls) == (2 if views else 1)
 
 
 def test_the_int8_gate_scores_each_input_on_its_views_fused_as_the_runner_fuses_them(run_dir: Path) -> None:

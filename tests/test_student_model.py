@@ -370,6 +370,46 @@ def test_in_graph_selection_equals_a_reference_nms() -> None:
         torch.testing.assert_close(out["mask_logits"][0, slot], want, atol=1e-5, rtol=1e-5)
 
 
+def test_the_slots_after_the_kept_objects_hold_the_best_near_misses_never_a_suppressed_duplicate() -> None:
+    """A candidate under the threshold that no kept box covers is a near miss: the selection ranks it right
+    after the kept objects (the adaptive policy reads its score); a duplicate NMS suppressed is never there,
+    and the kept objects are what they were."""
+    from graphdistill.runner.tta import near_floor, near_miss
+
+    cfg = StudentConfig(  # type: ignore[arg-type]
+        **{**SMALL, "image_size": 64, "max_objects": 3, "candidates": 10, "score_threshold": 0.25}
+    )
+    m = Student(cfg).eval()
+    anchors, _ = make_anchors(64)
+    a = anchors.shape[0]
+    cells = [
+        (_cell(2, 2), 0, 0.90, [8, 8, 40, 40]),  # kept
+        (_cell(3, 3), 0, 0.80, [9, 9, 41, 41]),  # its duplicate: suppressed, whatever its score
+        (_cell(6, 6), 2, 0.20, [44, 44, 60, 60]),  # a near miss: under the threshold, nothing covers it
+        (_cell(6, 1), 1, 0.05, [44, 4, 60, 20]),  # a weaker one
+    ]
+    xyxy = torch.cat([anchors - 3.0, anchors + 3.0], -1)
+    cls = torch.full((cfg.num_classes, a), -12.0)
+    for i, c, p, box in cells:
+        xyxy[i] = torch.tensor(box, dtype=torch.float32)
+        cls[c, i] = _logit(p)
+    g = torch.Generator().manual_seed(0)
+    dense = {
+        "det_dist": _dist_for(xyxy, 64, cfg.reg_max),
+        "det_cls": cls[None],
+        "det_coef": torch.randn(1, cfg.num_masks, a, generator=g),
+        "protos": torch.randn(1, cfg.num_masks, 16, 16, generator=g),
+    }
+    with torch.no_grad():
+        out = m.select(dense)
+    assert out["keep"][0].tolist() == [True, False, False]
+    torch.testing.assert_close(out["scores"][0], torch.tensor([0.90, 0.20, 0.05]), atol=1e-5, rtol=1e-5)
+    assert out["classes"][0].tolist() == [0, 2, 1]
+    best = near_miss(out["scores"][0].numpy(), out["keep"][0].numpy())
+    assert abs(best - 0.20) < 1e-5 and best >= near_floor(0.25)  # 0.20 >= 0.168: the views would be spent
+    assert near_miss(np.array([0.9, 0.5]), np.array([True, True])) == 0.0  # nothing dropped
+
+
 # ---- the copy path -----------------------------------------------------------------------------------------
 
 

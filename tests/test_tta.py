@@ -249,6 +249,16 @@ def test_the_adaptive_policy_answers_the_views_only_when_the_photos_answer_is_un
         assert np.array_equal(calls[0], rgb)  # the photo itself is always answered first
         if not views_run:
             assert out == model(score)(rgb)
+    # a near miss (the caller saw a dropped candidate just under the threshold) spends the views on a sure answer;
+    # an answer the caller made already is not made again
+    for near, views_run in ((True, True), (False, False)):
+        calls.clear()
+        first = model(0.9)(rgb)
+        calls.clear()
+        out = predict_views(
+            rgb, model(0.9), ("flip", "scale"), outputs, PAD, below=0.5, first=first, near=near
+        )
+        assert len(calls) == (2 if views_run else 0) and (views_run or out == first)
     assert unsure({"boxes": {"scores": [0.8, 0.3]}}, {"boxes": "detections"}, 0.5)
     assert not unsure({"boxes": {"scores": [0.8]}}, {"boxes": "detections"}, 0.5)
     assert unsure({"answer": "a cat"}, {"answer": "text"}, 0.5)  # nothing to be sure of: the views decide

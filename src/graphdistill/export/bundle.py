@@ -71,7 +71,15 @@ from graphdistill.runner.manifest import (
     TTASpec,
 )
 from graphdistill.runner.preprocess import canvas_size
-from graphdistill.runner.tta import FUSE_IOU, TTA_SCALE, TTAError, parse_policy, view_images, views
+from graphdistill.runner.tta import (
+    FUSE_IOU,
+    TTA_SCALE,
+    TTAError,
+    near_floor,
+    parse_policy,
+    view_images,
+    views,
+)
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +338,8 @@ def tta_spec(augmentations: Sequence[str], below: float | None = None) -> TTASpe
         "score-weighted box and the pixel-majority mask; answer: the largest group of identical normalised "
         "answers (SQuAD normalisation; a mirrored view's left and right swapped first), ties to the photo's "
         "own; sources: documents a quorum of views retrieved, by count, then mean rank, cut to the photo's "
-        "own count",
+        "own count; with below (adaptive): the views only when the photo's own answer has no object, one "
+        "scoring under below, or an unkept slot scoring at least output_decoding.near_miss",
     }
     if below is not None:
         spec["below"] = below
@@ -593,6 +602,9 @@ def _manifest(
             "then x1 = clip(cx - w/2, 0, W), x2 = clip(cx + w/2, x1, W) (same for y)",
             "score_threshold": cfg.score_threshold,
             "nms_iou": cfg.nms_iou,
+            "unkept": "the slots after the kept objects hold the best candidates NMS did not suppress but the "
+            "threshold dropped, by score: near misses",
+            "near_miss": round(near_floor(cfg.score_threshold), 4),
             "mask_size": grid,
             "mask_paste": "p = sigmoid(mask_logits); keep the top-left mh x mw = round(H*m) x round(W*m) cells, "
             "m = mask_size / max(H, W) (each clamped to 1..mask_size); pixel (y, x) reads p bilinearly at "

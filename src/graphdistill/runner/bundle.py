@@ -45,7 +45,9 @@ A bundle is a folder: the model file(s), ``tokenizer.json`` and ``manifest.json`
    masks; the largest cluster of identical normalised answers (a mirrored view's left and right swapped
    first; ties: the photo's own); sources a quorum retrieved, by count then mean rank (:mod:`.tta`,
    :mod:`.vote`). With ``tta.below`` (adaptive) the views are answered only when the photo's own answer has
-   no object or one scoring under it; otherwise that answer is the result.
+   no object or one scoring under it, or (a bundle whose ``output_decoding`` has ``near_miss``) one of encode's
+   slots not kept scores at least ``near_miss`` (a candidate the detector dropped just under its threshold);
+   otherwise that answer is the result.
 
 Imports only numpy, Pillow, the stdlib and the model's runtime (``onnxruntime`` or ``executorch.runtime``).
 """
@@ -73,7 +75,7 @@ from graphdistill.runner.preprocess import (
     load_rgb,
     object_mask_rle,
 )
-from graphdistill.runner.tta import detections_dict, parse_tta, predict_views
+from graphdistill.runner.tta import detections_dict, near_miss, parse_tta, predict_views
 
 # 2: decode_step returns this position's keys/values (kv_new), not the whole cache as in 1
 # 3: decode_step reads each layer's keys and values as separate inputs (views of the runner's arrays)
@@ -320,6 +322,9 @@ class BundleRunner:
             self.spec = m["preprocessing"]
             self.preprocess = Preprocessor(self.spec)
             self.decoding = m["output_decoding"]
+            # a bundle whose encode ranks the best dropped candidates after the kept objects says from what score
+            # one is a near miss (the adaptive policy's signal; absent: the bundle's unkept slots mean nothing)
+            self.near_floor: float | None = self.decoding.get("near_miss")
             self.class_names: list[str] = m["class_names"]
             self.document_ids = [d["id"] for d in m["documents"]]
             # test-time augmentation the bundle was exported with (none when the manifest has no ``tta``)
@@ -432,6 +437,9 @@ class BundleRunner:
             pad = self.spec.get("pad_value", [0, 0, 0])
             size = canvas_size(self.spec)
             below = self.tta_below if tta_below is None else tta_below
+            first, near = None, False
+            if below is not None and self.near_floor is not None:  # the photo first, with its near misses
+                first, near = self.first_answer(rgb, question, r)
             return predict_views(
                 rgb,
                 lambda v: self._predict(v, question, r),
@@ -440,13 +448,31 @@ class BundleRunner:
                 pad,
                 size,
                 below=below,
+                first=first,
+                near=near,
             )
         return self._predict(rgb, question, r)
 
+    def first_answer(
+        self, image: np.ndarray | str | Path, question: str, depth: int | None = None
+    ) -> tuple[dict[str, Any], bool]:
+        """The photo's own answer (no views) and whether it holds a near miss: a slot encode did not keep scoring
+        at least ``output_decoding.near_miss`` (False for a bundle that does not say). With
+        :func:`.tta.unsure`, what the adaptive policy decides from."""
+        answer, raw = self._predict_raw(load_rgb(image), question, self.check_depth(depth))
+        if self.near_floor is None or "keep" not in raw.outputs:
+            return answer, False
+        return answer, near_miss(raw.outputs["scores"], raw.outputs["keep"]) >= self.near_floor
+
     def _predict(self, rgb: np.ndarray, question: str, depth: int | None = None) -> dict[str, Any]:
+        return self._predict_raw(rgb, question, depth)[0]
+
+    def _predict_raw(
+        self, rgb: np.ndarray, question: str, depth: int | None = None
+    ) -> tuple[dict[str, Any], Raw]:
         x, box = self.preprocess(rgb, self.programs.buffers["encode"][0])  # straight into the runtime's input
         raw = self.run_models(x, question, depth)
-        return self.decode(raw, box, rgb.shape[0], rgb.shape[1])
+        return self.decode(raw, box, rgb.shape[0], rgb.shape[1]), raw
 
     def decode(self, raw: Raw, box: Letterbox, height: int, width: int) -> dict[str, Any]:
         """Step 8: the models' outputs -> exactly the graph's output fields, in the schema's order."""

@@ -567,7 +567,8 @@ class Student(nn.Module):
         ranked above it, of the same class, overlaps it by IoU > ``nms_iou``: YOLACT), then the best
         ``max_objects`` left. Returns ``boxes`` [B,K,4] (cx,cy,w,h in 0..1 of the canvas), ``scores`` [B,K],
         ``classes`` [B,K] int64, ``keep`` [B,K] bool (score ≥ ``score_threshold`` and not suppressed) and,
-        with a mask head, ``mask_logits`` [B,K,S/4,S/4] over the whole canvas (``coef · protos``)."""
+        with a mask head, ``mask_logits`` [B,K,S/4,S/4] over the whole canvas (``coef · protos``). The slots
+        after the kept objects hold the best unsuppressed candidates under the threshold, by score."""
         cfg = self.config
         boxes = self.decode_boxes(dense["det_dist"])  # [B,A,4] px
         best, label = dense["det_cls"].max(1)  # [B,A] logits: sigmoid is monotonic
@@ -577,8 +578,12 @@ class Student(nn.Module):
         cls = label.gather(1, idx)
         overlap = box_iou_matrix(cand, cand) * (cls[:, :, None] == cls[:, None, :]).to(cand.dtype)
         worst = (overlap * self.rank_above).amax(dim=1)  # [B,K0]: the largest overlap with one ranked above
-        keep = (worst <= cfg.nms_iou) & (score >= cfg.score_threshold)
-        kept_score, pick = (score * keep.to(score.dtype)).topk(cfg.max_objects, dim=1)
+        free = worst <= cfg.nms_iou  # no candidate ranked above it, of its class, covers it
+        keep = free & (score >= cfg.score_threshold)
+        # the kept objects first, by score; then, in the slots left, the best candidates NMS did not suppress
+        # but the threshold dropped: near misses, which an app's adaptive policy reads (runner.tta.near_miss)
+        rank = score * free.to(score.dtype) + keep.to(score.dtype)
+        kept_score, pick = rank.topk(cfg.max_objects, dim=1)
         out_boxes = cand.gather(1, pick[..., None].expand(-1, -1, 4)) / cfg.image_size
         x1, y1, x2, y2 = out_boxes.unbind(-1)
         out = {

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from graphdistill.errors import GraphdistillError
 from graphdistill.runner.bundle import greedy_token, top_sources
 from graphdistill.runner.preprocess import Letterbox, object_mask_rle
-from graphdistill.runner.tta import parse_tta, predict_views
+from graphdistill.runner.tta import near_floor, near_miss, parse_tta, predict_views
 from graphdistill.student.loader import MEAN, PAD_VALUE, REDUCING_GAP, STD, preprocess_image
 from graphdistill.student.model import (
     BOS_ID,
@@ -171,28 +171,58 @@ class StudentPredictor:
 
         ``tta`` (``"flip,scale"`` or a list of those names): the student also answers those views of the photo
         and the views vote (:mod:`graphdistill.runner.tta`, the bundle runner's rule); each view costs a
-        whole query. ``tta_below``: only when the photo's own answer has no object or one scoring under it
-        (adaptive compute, :func:`graphdistill.runner.tta.unsure`). ``depth``: iterations of the recurrent
+        whole query. ``tta_below``: only when the photo's own answer has no object, one scoring under it, or a
+        near miss (:meth:`first_answer`; adaptive compute, :func:`graphdistill.runner.tta.unsure`). ``depth``: iterations of the recurrent
         block (1 .. the config's ``max_depth``; :meth:`Student.context`), each one more encoder layer."""
         augmentations = parse_tta(tta)
         self.check_depth(depth)
         if augmentations:
+            first, near = None, False
+            if tta_below is not None:  # the photo first, with its near misses (the student's own selection)
+                first, near = self.first_answer(image, question, score_threshold, sources_k, max_len, depth)
             return predict_views(
                 image,
-                lambda view: self.predict(
-                    view,
-                    question,
-                    score_threshold=score_threshold,
-                    sources_k=sources_k,
-                    max_len=max_len,
-                    depth=depth,
-                ),
+                lambda view: self._answer(view, question, score_threshold, sources_k, max_len, depth)[0],
                 augmentations,
                 self.config.outputs,
                 PAD_VALUE,
                 self.config.image_size,
                 below=tta_below,
+                first=first,
+                near=near,
             )
+        return self._answer(image, question, score_threshold, sources_k, max_len, depth)[0]
+
+    @torch.no_grad()
+    def first_answer(
+        self,
+        image: np.ndarray,
+        question: str,
+        score_threshold: float | None = None,
+        sources_k: int | None = None,
+        max_len: int | None = None,
+        depth: int = 1,
+    ) -> tuple[dict[str, Any], bool]:
+        """The photo's own answer (no views) and whether the student's selection holds a near miss: a slot it
+        did not keep scoring at least :func:`graphdistill.runner.tta.near_floor` of its threshold (always False
+        for a model other than the built-in student). With :func:`graphdistill.runner.tta.unsure`, what the
+        adaptive policy decides from, as the bundle runner's ``first_answer``."""
+        answer, heads = self._answer(image, question, score_threshold, sources_k, max_len, depth)
+        if not isinstance(self.model, Student) or "keep" not in heads:
+            return answer, False
+        best = near_miss(heads["scores"][0].float().cpu().numpy(), heads["keep"][0].cpu().numpy())
+        return answer, best >= near_floor(self.config.score_threshold)
+
+    def _answer(
+        self,
+        image: np.ndarray,
+        question: str,
+        score_threshold: float | None,
+        sources_k: int | None,
+        max_len: int | None,
+        depth: int,
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """One query (no views) -> (the output fields, the model's raw heads)."""
         cfg = self.config
         h, w = image.shape[:2]
         x, scale = preprocess_image(image, cfg.image_size, self.reducing_gap, self.mean, self.std)
@@ -238,7 +268,7 @@ class StudentPredictor:
             elif kind == "embedding":
                 emb = heads.get(f"embedding:{name}")
                 result[name] = None if emb is None else emb[0].float().cpu().tolist()
-        return result
+        return result, heads
 
     def check_depth(self, depth: int) -> None:
         """A :class:`ValueError` naming the depths this student takes, unless ``depth`` is one of them."""
