@@ -174,13 +174,14 @@ def views_shares(run: Path, dataset: Path, bundle: Path, settings: list[str], th
         return {}
     ds = open_dataset(dataset)
     student, runner = load_student(run), BundleRunner(bundle, threads=threads)
-    models: dict[str, Any] = {"pytorch": student.predict, "bundle": runner.predict}
+    models: dict[str, Any] = {"pytorch": student, "bundle": runner}
     all_rows = [r for r in ds.rows("test") if not r.is_replay]
-    plain = {n: [predict(ds.image(r), r.question, tta=()) for r in all_rows] for n, predict in models.items()}
+    # each photo's own answer and whether it holds a near miss: what the policy decides from
+    first = {n: [m.first_answer(ds.image(r), r.question) for r in all_rows] for n, m in models.items()}
     return {
         s: {
             f"{n}_views_share": round(
-                sum(unsure(p, runner.outputs, below) for p in plain[n]) / len(all_rows), 3
+                sum(unsure(a, runner.outputs, below, near) for a, near in first[n]) / len(all_rows), 3
             )
             for n in models
         }
