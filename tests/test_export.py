@@ -825,7 +825,7 @@ def test_an_adaptive_tta_bundle_answers_its_views_only_when_unsure(
 ) -> None:
     from graphdistill.export.bundle import export_run
     from graphdistill.export.programs import ExportError
-    from graphdistill.runner import bundle as runner_bundle
+    from graphdistill.runner import tta as runner_tta
     from graphdistill.runner.tta import near_floor, near_miss
 
     with pytest.raises(ExportError, match="needs augmentations"):
@@ -857,7 +857,7 @@ def test_an_adaptive_tta_bundle_answers_its_views_only_when_unsure(
         runner.predict(image, question, tta_below=1.0)  # every score is under 1: always the views
         assert sum(encodes) == 2
         for best, views in ((0.0, not found["objects"]), (0.9, True)):  # the near miss alone decides
-            monkeypatch.setattr(runner_bundle, "near_miss", lambda scores, keep, _b=best: _b)
+            monkeypatch.setattr(runner_tta, "near_miss", lambda scores, keep, _b=best: _b)
             encodes.clear()
             runner.predict(image, question)
             assert sum(encodes) == (2 if views else 1)
@@ -878,7 +878,7 @@ def test_an_adaptive_tta_bundle_answers_its_views_only_when_unsure(
     image, question = _image(run_dir, "test", 0)
     found = student.predict(image, question)["objects"]
     for best, views in ((0.0, not found), (0.9, True)):
-        monkeypatch.setattr(student_predict, "near_miss", lambda scores, keep, _b=best: _b)
+        monkeypatch.setattr(runner_tta, "near_miss", lambda scores, keep, _b=best: _b)
         calls.clear()
         student.predict(image, question, tta="flip", tta_below=0.0)
         assert len(calls) == (2 if views else 1)

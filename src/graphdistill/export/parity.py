@@ -10,7 +10,7 @@ from graphdistill.eval.metrics import mask_array_iou, objects_f1, token_f1
 from graphdistill.export.programs import Sample
 from graphdistill.runner.bundle import Raw, decode_objects
 from graphdistill.runner.preprocess import canvas_size
-from graphdistill.runner.tta import View, fuse_views, near_floor, near_miss, unsure
+from graphdistill.runner.tta import View, fuse_views, has_near_miss, near_floor, unsure
 
 
 def parity_float(
@@ -102,7 +102,8 @@ def fidelity(
         floor = near_floor(loaded.config.score_threshold)
         decoded = [
             decoded[i]
-            if below is not None and not unsure(decoded[i], kinds, below, _near(raws[i], floor))
+            if below is not None
+            and not unsure(decoded[i], kinds, below, has_near_miss(raws[i].outputs, floor))
             else fuse_views(
                 decoded[i : i + n_views],
                 [s.view or View() for s in samples[i : i + n_views]],
@@ -125,9 +126,3 @@ def fidelity(
         out["box_f1"] = float(np.mean(bf1s))
     out["n"] = len(samples)
     return out
-
-
-def _near(raw: Raw, floor: float) -> bool:
-    """Whether the photo's own answer has a near miss (a dropped candidate scoring at least ``floor``), as the
-    runner reads it (:func:`graphdistill.runner.tta.near_miss`)."""
-    return "keep" in raw.outputs and near_miss(raw.outputs["scores"], raw.outputs["keep"]) >= floor

@@ -75,7 +75,7 @@ from graphdistill.runner.preprocess import (
     load_rgb,
     object_mask_rle,
 )
-from graphdistill.runner.tta import detections_dict, near_miss, parse_tta, predict_views
+from graphdistill.runner.tta import detections_dict, has_near_miss, parse_tta, predict_views
 
 # 2: decode_step returns this position's keys/values (kv_new), not the whole cache as in 1
 # 3: decode_step reads each layer's keys and values as separate inputs (views of the runner's arrays)
@@ -460,9 +460,7 @@ class BundleRunner:
         at least ``output_decoding.near_miss`` (False for a bundle that does not say). With
         :func:`.tta.unsure`, what the adaptive policy decides from."""
         answer, raw = self._predict_raw(load_rgb(image), question, self.check_depth(depth))
-        if self.near_floor is None or "keep" not in raw.outputs:
-            return answer, False
-        return answer, near_miss(raw.outputs["scores"], raw.outputs["keep"]) >= self.near_floor
+        return answer, has_near_miss(raw.outputs, self.near_floor)
 
     def _predict(self, rgb: np.ndarray, question: str, depth: int | None = None) -> dict[str, Any]:
         return self._predict_raw(rgb, question, depth)[0]

@@ -286,6 +286,15 @@ def near_miss(scores: Any, keep: Any) -> float:
     return float(s.max()) if s.size else 0.0
 
 
+def has_near_miss(outputs: Mapping[str, Any], floor: float | None) -> bool:
+    """Whether one answer's raw outputs (``scores`` and ``keep`` of its selected slots, batch dim removed) hold
+    a near miss: :func:`near_miss` at least ``floor`` (None, or no ``keep``: never). The one reading the
+    bundle runner, the PyTorch predictor and the export gate share."""
+    if floor is None or "keep" not in outputs:
+        return False
+    return near_miss(outputs["scores"], outputs["keep"]) >= floor
+
+
 def unsure(result: Mapping[str, Any], outputs: Mapping[str, str], below: float, near: bool = False) -> bool:
     """The adaptive policy's signal, read off one answer: no object at all, one scoring under ``below``, or
     (``near``) a candidate the detector dropped just under its threshold (:func:`near_miss` at least

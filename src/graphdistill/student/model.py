@@ -654,22 +654,22 @@ class Student(nn.Module):
         lq = question_ids.shape[1]
         parts.append(self.tok_emb(question_ids) + self.q_pos[:, :lq] + self.type_emb[3])
         x = torch.cat(parts, dim=1)
+        mask = self._key_mask(question_mask, x)  # once for every layer and iteration
         if depth == 1 and not keep_state and not phone_ops.active():  # PyTorch's own encoder, as trained
-            keep_b = torch.ones(b, self.n_ctx, dtype=torch.bool, device=x.device)
-            pad = ~torch.cat([keep_b, question_mask.to(torch.bool)], dim=1)  # True = ignore (PyTorch's way)
-            return self.enc_norm(self.encoder(x, src_key_padding_mask=pad))[:, : self.n_ctx], None
+            return self.enc_norm(self.encoder(x, src_key_padding_mask=mask))[:, : self.n_ctx], None
         layers = list(self.encoder.layers)
         steps = layers[:-1] + [layers[-1]] * depth
         for i, layer in enumerate(steps):
             last = i == len(steps) - 1 and not keep_state
-            x = self._encoder_layer(layer, x, question_mask, self.n_ctx if last else None)
+            x = self._encoder_layer(layer, x, mask, self.n_ctx if last else None)
         return self._enc_norm(x[:, : self.n_ctx]), (x if keep_state else None)
 
     def deepen(self, state: Tensor, question_mask: Tensor) -> tuple[Tensor, Tensor]:
         """One more iteration of the recurrent block: ``state`` after r iterations [B, n_ctx+Lq, D] (see
         :meth:`context`) -> (the state after r + 1, the memory at depth r + 1 [B, n_ctx, D]). The exported
         ``deepen`` program: the runner calls it r - 1 times after ``encode`` for depth r."""
-        x = self._encoder_layer(self.encoder.layers[-1], state, question_mask, None)
+        mask = self._key_mask(question_mask, state)
+        x = self._encoder_layer(self.encoder.layers[-1], state, mask, None)
         return x, self._enc_norm(x[:, : self.n_ctx])
 
     def check_depth(self, depth: int) -> None:
@@ -679,18 +679,24 @@ class Student(nn.Module):
                 " (StudentConfig.max_depth)"
             )
 
-    def _encoder_layer(self, layer: Any, x: Tensor, question_mask: Tensor, n_out: int | None) -> Tensor:
-        """One joint-encoder layer over [context | question] tokens (question padding masked out); ``n_out``:
-        only the first n_out tokens as queries (phone path; PyTorch's layer computes every token)."""
+    def _key_mask(self, question_mask: Tensor, x: Tensor) -> Tensor:
+        """Which of the [context | question] keys the encoder ignores (question padding): PyTorch's bool
+        padding mask (True = ignore), or in the phone path an additive bias [B,1,1,T] (0 or NEG)."""
         b = x.shape[0]
-        if phone_ops.active():  # the same layer, with an additive key bias instead of a bool mask
+        if phone_ops.active():
             keep = torch.zeros(b, self.n_ctx, dtype=x.dtype, device=x.device)
             pad_bias = (question_mask == 0).to(x.dtype) * phone_ops.NEG
-            bias = torch.cat([keep, pad_bias], dim=1).view(b, 1, 1, -1)
-            return phone_ops.encoder_layer(layer, x, bias, n_out=n_out)
+            return torch.cat([keep, pad_bias], dim=1).view(b, 1, 1, -1)
         keep_b = torch.ones(b, self.n_ctx, dtype=torch.bool, device=x.device)
-        pad = ~torch.cat([keep_b, question_mask.to(torch.bool)], dim=1)
-        return layer(x, src_key_padding_mask=pad)  # type: ignore[no-any-return]
+        return ~torch.cat([keep_b, question_mask.to(torch.bool)], dim=1)
+
+    def _encoder_layer(self, layer: Any, x: Tensor, mask: Tensor, n_out: int | None) -> Tensor:
+        """One joint-encoder layer over [context | question] tokens, keys masked by :meth:`_key_mask`'s
+        ``mask``; ``n_out``: only the first n_out tokens as queries (phone path; PyTorch's layer computes every
+        token)."""
+        if phone_ops.active():  # the same layer, with an additive key bias instead of a bool mask
+            return phone_ops.encoder_layer(layer, x, mask, n_out=n_out)
+        return layer(x, src_key_padding_mask=mask)  # type: ignore[no-any-return]
 
     def _enc_norm(self, x: Tensor) -> Tensor:
         return phone_ops.layer_norm(self.enc_norm, x) if phone_ops.active() else self.enc_norm(x)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from graphdistill.errors import GraphdistillError
 from graphdistill.runner.bundle import greedy_token, top_sources
 from graphdistill.runner.preprocess import Letterbox, object_mask_rle
-from graphdistill.runner.tta import near_floor, near_miss, parse_tta, predict_views
+from graphdistill.runner.tta import has_near_miss, near_floor, parse_tta, predict_views
 from graphdistill.student.loader import MEAN, PAD_VALUE, REDUCING_GAP, STD, preprocess_image
 from graphdistill.student.model import (
     BOS_ID,
@@ -208,10 +208,10 @@ class StudentPredictor:
         for a model other than the built-in student). With :func:`graphdistill.runner.tta.unsure`, what the
         adaptive policy decides from, as the bundle runner's ``first_answer``."""
         answer, heads = self._answer(image, question, score_threshold, sources_k, max_len, depth)
-        if not isinstance(self.model, Student) or "keep" not in heads:
+        if not isinstance(self.model, Student):  # another model's unkept slots say nothing
             return answer, False
-        best = near_miss(heads["scores"][0].float().cpu().numpy(), heads["keep"][0].cpu().numpy())
-        return answer, best >= near_floor(self.config.score_threshold)
+        raw: dict[str, Any] = {k: heads[k][0].float().cpu().numpy() for k in ("scores", "keep") if k in heads}
+        return answer, has_near_miss(raw, near_floor(self.config.score_threshold))
 
     def _answer(
         self,
