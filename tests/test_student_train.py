@@ -452,3 +452,26 @@ def test_train_command_takes_loss_weights_and_names_bad_ones(
     )
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())
     assert meta["train_config"]["loss_weights"] == {"det_box": 0.0, "mask_bce": 4.0}
+
+
+def test_a_warm_start_takes_the_runs_tokenizer_config_and_weights(
+    overfit_run: tuple[Path, dict[str, Any]], dataset: Path, tmp_path: Path
+) -> None:
+    """``init_from`` (improve's rounds): the new run starts as the old one ends, whatever the new dataset's
+    words or this config's vocabulary size would have made."""
+    from safetensors.torch import load_file
+
+    run, _ = overfit_run
+    recipe = TrainRecipe(_cfg(dataset, tmp_path / "warm", init_from=str(run), vocab_size=300))
+    recipe.setup()
+    assert (tmp_path / "warm" / "tokenizer.json").read_text() == (run / "tokenizer.json").read_text()
+    assert json.loads((tmp_path / "warm" / "config.json").read_text()) == json.loads(
+        (run / "config.json").read_text()
+    )
+    weights = load_file(str(run / "model.safetensors"))
+    state = recipe.model.state_dict()
+    assert weights and all(torch.equal(state[k], v) for k, v in weights.items())
+    with pytest.raises(ValueError, match="not a trained run folder"):
+        TrainRecipe(
+            _cfg(dataset, tmp_path / "cold", init_from=str(tmp_path / "warm" / "checkpoints"))
+        ).setup()

@@ -26,6 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.pt")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="RUN",
+        help="warm start: this run's tokenizer, config and weights (a run trained on a dataset of the same graph)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -161,6 +167,7 @@ def _train(args: argparse.Namespace) -> int:
         max_minutes=args.max_minutes,
         device=args.device,
         resume=args.resume,
+        init_from=args.init_from,
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,

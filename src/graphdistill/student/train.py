@@ -70,6 +70,7 @@ from graphdistill.student.tokenizer import StudentTokenizer
 log = logging.getLogger(__name__)
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
+WARM_START_FILES = ("config.json", "tokenizer.json", "model.safetensors")  # what init_from reads
 RETRIEVAL_BATCH = 256  # synthetic retrieval queries per training step
 RETRIEVAL_VAL = 256  # more of them, never trained on: validation's ``retrieval_recall``
 FEATURE_KEYS = ("trunk_p3", "trunk_p4", "trunk_p5")  # a frozen trunk's cached features in a batch
@@ -184,6 +185,9 @@ class TrainConfig:
     # memory (student.stream): for a dataset larger than memory; the frozen trunk's features are not cached
     stream: bool = False
     shuffle_buffer: int = 4096  # with stream: rows the shuffle buffer holds (more: closer to a full shuffle)
+    # warm start: a run folder whose tokenizer, config and weights this run starts from (improve's rounds retrain
+    # on a grown dataset); the new answers' words the tokenizer never saw are spelt in its byte-level pieces
+    init_from: str | None = None
 
 
 def _atomic_write_bytes(path: Path, write: Callable[[Path], object]) -> None:
@@ -300,9 +304,27 @@ class TrainRecipe:
         self.class_names = list(self.start.class_names if self.start else self.ds.class_names)
         if not resuming and self.rank > 0:  # rank 0 trains the tokenizer and derives the config
             _barrier()
+        init = None if resuming or cfg.init_from is None else Path(cfg.init_from)
+        if init is not None:
+            missing = [f for f in WARM_START_FILES if not (init / f).is_file()]
+            if missing:
+                raise ValueError(f"init_from {init}: not a trained run folder (no {', '.join(missing)})")
         if resuming or self.rank > 0:
             self.tokenizer = StudentTokenizer.load(self.run / "tokenizer.json")
             self.model_config = StudentConfig.from_dict(json.loads((self.run / "config.json").read_text()))
+        elif init is not None:  # the previous run's vocabulary and shapes: its weights fit them
+            self.tokenizer = StudentTokenizer.load(init / "tokenizer.json")
+            self.model_config = StudentConfig.from_dict(json.loads((init / "config.json").read_text()))
+            n_docs = max(len(self.ds.documents), 1)
+            if self.model_config.num_sources != n_docs:
+                raise ValueError(
+                    f"init_from {init}: its sources head ranks {self.model_config.num_sources} documents, the "
+                    f"dataset {cfg.dataset} holds {n_docs}; a warm start needs the same knowledge base"
+                )
+            self.tokenizer.save(self.run / "tokenizer.json")
+            _atomic_write_json(self.run / "config.json", self.model_config.to_dict())
+            if self.world_size > 1:
+                _barrier()
         else:
             docs = self.ds.documents
             # the questions and answers only: the documents' own words would grow the vocabulary (and the
@@ -355,7 +377,12 @@ class TrainRecipe:
         model = (self.model_factory or Student)(self.model_config)
         check_student(model)
         start_from = getattr(model, "start_from", None)
-        if self.start is not None and not resuming and callable(start_from):
+        if init is not None:  # every weight from the previous run (a resumed run reads its own checkpoint)
+            from safetensors.torch import load_model
+
+            load_model(model, str(init / "model.safetensors"), strict=True)
+            log.info("student starts from the weights of %s", init)
+        elif self.start is not None and not resuming and callable(start_from):
             start_from(self.start)
             log.info(
                 "student trunk and detection head start from %s (%s)", self.start.model_id, self.start.licence
