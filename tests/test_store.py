@@ -310,3 +310,15 @@ def test_iter_pages_through_the_store_in_order(tmp_path: Path) -> None:
     assert [t.id for t in store.iter(page=2, limit=3)] == ids[:3]
     assert [r["id"] for r in store.rows(limit=2)] == ids[:2]
     assert [row[0] for batch in store.raw_rows(batch=2) for row in batch] == ids
+
+
+def test_copy_from_brings_a_trace_and_every_blob_it_references(tmp_path: Path) -> None:
+    trace, blobs = seeded_trace(7)
+    with TraceStore(tmp_path / "a") as a:
+        a.append(trace, blobs)
+        with TraceStore(tmp_path / "b") as b:
+            assert b.copy_from(a, a.get(trace.id)) == trace.id
+            assert b.get(trace.id) == a.get(trace.id)
+            assert {sha: b.blob(sha) for sha in blobs} == blobs
+            with pytest.raises(DuplicateTraceError):
+                b.copy_from(a, a.get(trace.id))

@@ -227,6 +227,11 @@ class TraceStore:
     # writing
     # ---------------------------------------------------------------------------------------------------
 
+    def copy_from(self, source: TraceStore, trace: Trace) -> str:
+        """Store ``trace``, read from ``source``, with every blob it references read from there too (a store
+        copied or merged trace by trace); :meth:`append`'s errors and return value."""
+        return self.append(trace, {ref.blob: source.blob(ref.blob) for ref in trace.blob_refs()})
+
     def append(self, trace: Trace | Mapping[str, Any], blobs: Mapping[str, bytes] | None = None) -> str:
         """Store one trace and the blobs it references; returns its id once it is durable.
 
