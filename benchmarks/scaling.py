@@ -30,13 +30,9 @@ from graphdistill.eval.result import read_eval
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-ALL_CHECKS = [
-    "failed_trace", "failed_node", "empty_answer", "truncated_answer", "answer_class_not_detected",
-    "answer_denies_detected", "mask_box_coverage", "source_distance",
-]  # fmt: skip
-
-
-UNFILTERED = ["--min-agreement", "0", "--no-dedup", *[a for c in ALL_CHECKS for a in ("--disable-check", c)]]
+# filtering off: `graphdistill filter --no-filtering` (FilterConfig.unfiltered: no checks, no agreement
+# threshold, no dedup; the samples are still voted into one row per input)
+UNFILTERED = ["--no-filtering"]
 
 
 def _cli(*args: str) -> None:
@@ -66,7 +62,7 @@ def subset_store(src_dir: Path, dst_dir: Path, n_train_groups: int, seed: int) -
     for gid in heldout + sorted(parents) + kept_replays:
         for tid in groups[gid]:
             t = src.get(tid)
-            dst.append(t, {ref.blob: src.blob(ref.blob) for ref in t.blob_refs()})
+            dst.copy_from(src, t)
     return len(parents), len(kept_replays)
 
 

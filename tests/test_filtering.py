@@ -760,3 +760,25 @@ def test_real_store_with_three_samples_filters_end_to_end(tmp_path: Path) -> Non
         assert len(r.trace_ids) == 3 and r.answer
     assert any(d["id"] in cat_vote.sources for d in ds.documents)
     assert (tmp_path / "ds" / "report" / "report.html").exists()
+
+
+def test_the_unfiltered_config_drops_nothing_the_default_drops(tmp_path: Path) -> None:
+    """``FilterConfig.unfiltered()`` (the scaling study's and the rounds' "filtering off"): every check off, no
+    dedup, no agreement threshold; the samples are still voted into one row per input."""
+    from _fixtures import toy_store
+    from graphdistill.filter.checks import CHECKS
+    from graphdistill.store.trace_store import TraceStore
+
+    store, ds = toy_store(tmp_path, groups=6, k=3)  # inputs 2 and 5 name a dog nobody detected
+    with TraceStore(store, readonly=True) as traces:
+        off = filter_store(traces, tmp_path / "off", FilterConfig.unfiltered(fractions=(0.5, 0.0, 0.5)))
+    on = json.loads((ds / "report" / "summary.json").read_text())
+    assert on["kept"] == 4 and off.summary()["kept"] == 6
+    cfg = FilterConfig.unfiltered()
+    assert cfg.checks.disabled == {c.name for c in CHECKS} and not cfg.dedup and not cfg.min_agreement
+    from graphdistill.cli import main
+
+    args = ["filter", str(store), "--no-embedder", "--split", "0.5,0,0.5", "--no-filtering"]
+    assert main([*args, "--out", str(tmp_path / "cli")]) == 0
+    assert json.loads((tmp_path / "cli" / "report" / "summary.json").read_text())["kept"] == 6
+    assert main([*args, "--out", str(tmp_path / "cli2"), "--min-agreement", "0.5"]) == 2

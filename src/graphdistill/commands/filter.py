@@ -44,6 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--no-embedder", action="store_true", help="cluster answers by normalised text only (no MiniLM)"
     )
     p.add_argument("--no-dedup", action="store_true", help="keep near-duplicate inputs")
+    p.add_argument(
+        "--no-filtering",
+        action="store_true",
+        help="keep every input: every check off, no dedup, no agreement threshold (the samples are still "
+        "voted into one row each); the 'filtering off' arm of a study",
+    )
     p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions")
     p.add_argument(
         "--heldout",
@@ -97,6 +103,8 @@ def _filter(args: argparse.Namespace) -> int:
             f"--disable-check {', '.join(unknown)}: built-in checks are {', '.join(sorted(known))}"
         )
     rules = [load_rule(spec, args.rule_threshold) for spec in args.rule]
+    if args.no_filtering and (args.min_agreement is not None or args.disable_check or args.no_dedup):
+        raise CommandError("--no-filtering already turns off every check, dedup and the agreement threshold")
     config = FilterConfig(
         min_agreement={"answer": args.min_agreement} if args.min_agreement is not None else {},
         rules=rules,
@@ -111,6 +119,14 @@ def _filter(args: argparse.Namespace) -> int:
         fractions=_fractions(args.split),
         seed=args.seed,
     )
+    if args.no_filtering:
+        config = FilterConfig.unfiltered(
+            rules=rules,
+            answer_threshold=config.answer_threshold,
+            quorum=config.quorum,
+            fractions=config.fractions,
+            seed=config.seed,
+        )
     if args.heldout is not None:
         config.heldout_photos = tuple(args.heldout)
     embedder = None

@@ -30,7 +30,14 @@ from typing import Any, Protocol
 
 from graphdistill._fs import Location, is_url, resolve
 from graphdistill.dataset import DatasetError, DatasetWriter
-from graphdistill.filter.checks import CheckConfig, GreedyAnswer, coco_classes, greedy_answer, run_checks
+from graphdistill.filter.checks import (
+    CHECKS,
+    CheckConfig,
+    GreedyAnswer,
+    coco_classes,
+    greedy_answer,
+    run_checks,
+)
 from graphdistill.filter.dedup import dhash, near_duplicates
 from graphdistill.filter.rules import Rule
 from graphdistill.filter.splits import Item, assign_splits
@@ -73,6 +80,12 @@ class FilterConfig:
     # marked held-out by their recipe (``inputs make --heldout-questions``) go to test whatever this says
     heldout_photos: tuple[str, ...] = ()
     seed: int = 0
+
+    @classmethod
+    def unfiltered(cls, **kw: Any) -> FilterConfig:
+        """A filter that drops nothing: every check off, no agreement threshold, no dedup (the samples are still
+        voted into one row per input). What "filtering off" means in the scaling study and the rounds."""
+        return cls(checks=CheckConfig(disabled={c.name for c in CHECKS}), dedup=False, **kw)
 
     def describe(self) -> dict[str, Any]:
         d = asdict(self)
