@@ -228,6 +228,27 @@ def _as_objects(value: Mapping[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def unview_result(
+    result: Mapping[str, Any], view: View, outputs: Mapping[str, str], orig_size: tuple[int, int]
+) -> dict[str, Any]:
+    """One view's result (``{output field: value}``, ``outputs``: field -> kind) mapped back onto the photo:
+    text un-mirrored, boxes and masks mapped back (objects the view's padding holds dropped); other fields as
+    they are. The photo's own view comes back as it was."""
+    out: dict[str, Any] = dict(result)
+    for name, kind in outputs.items():
+        v = result.get(name)
+        if kind == "text" and isinstance(v, str):
+            out[name] = unview_text(v, view.flip)
+        elif kind in ("objects", "detections"):
+            objs = [
+                u
+                for o in ((v or []) if kind == "objects" else (_as_objects(v) if v else []))
+                if (u := unview_object(o, view, orig_size)) is not None
+            ]
+            out[name] = objs if kind == "objects" else detections_dict(objs, *orig_size)
+    return out
+
+
 def fuse_views(
     results: Sequence[Mapping[str, Any]],
     view_list: Sequence[View],
@@ -236,29 +257,31 @@ def fuse_views(
     embedder: Embedder | None = None,
 ) -> dict[str, Any]:
     """One result per view (``{output field: value}``, the graph's fields, ``outputs``: field -> kind) -> the
-    fused result (the module docstring's rules)."""
+    fused result (the module docstring's rules), each mapped back first (:func:`unview_result`)."""
+    back = [unview_result(r, v, outputs, orig_size) for r, v in zip(results, view_list, strict=True)]
+    return fuse_results(back, outputs, orig_size, embedder)
+
+
+def fuse_results(
+    results: Sequence[Mapping[str, Any]],
+    outputs: Mapping[str, str],
+    orig_size: tuple[int, int],
+    embedder: Embedder | None = None,
+) -> dict[str, Any]:
+    """Several results of one input, all in the photo's own frame (views mapped back, or samples) -> one:
+    answers voted by meaning, objects fused (those at least half found), sources voted, embeddings averaged;
+    other fields from the first."""
     n = len(results)
     quorum = math.ceil(n / 2)
     out: dict[str, Any] = {}
     for name, kind in outputs.items():
         values = [r.get(name) for r in results]
         if kind == "text":
-            answers = [
-                unview_text(v, view.flip)
-                for v, view in zip(values, view_list, strict=True)
-                if isinstance(v, str)
-            ]
+            answers = [v for v in values if isinstance(v, str)]
             idx, _, _ = vote_answers(answers, n, embedder)
             out[name] = answers[idx] if idx is not None else values[0]
         elif kind in ("objects", "detections"):
-            per_view = [
-                [
-                    u
-                    for o in ((v or []) if kind == "objects" else (_as_objects(v) if v else []))
-                    if (u := unview_object(o, view, orig_size)) is not None
-                ]
-                for v, view in zip(values, view_list, strict=True)
-            ]
+            per_view = [(v or []) if kind == "objects" else (_as_objects(v) if v else []) for v in values]
             objects = [o for o, _ in fuse_objects(per_view, quorum, FUSE_IOU)]
             out[name] = objects if kind == "objects" else detections_dict(objects, *orig_size)
         elif kind == "sources":
