@@ -100,6 +100,40 @@ def token_f1(pred: str, ref: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def answer_diversity(answers: Sequence[str]) -> dict[str, float | None]:
+    """How varied a set of answers is (the collapse measures of self-training, Li et al. 2016's distinct-n):
+    ``distinct_1``/``distinct_2``: distinct uni-/bigrams over all of them (normalised words, :func:`token_f1`'s),
+    ``entropy``: Shannon entropy of their word distribution in bits, ``top_share``: the share of answers that
+    are the most common (normalised) answer. A model collapsing onto a few outputs lowers the first three and
+    raises the last. None where there is nothing to count."""
+    texts = [normalize_text(a or "") for a in answers]
+    words = [t.split() for t in texts]
+    out: dict[str, float | None] = {}
+    for n in (1, 2):
+        grams = [tuple(w[i : i + n]) for w in words for i in range(len(w) - n + 1)]
+        out[f"distinct_{n}"] = len(set(grams)) / len(grams) if grams else None
+    counts = Counter(x for w in words for x in w)
+    total = sum(counts.values())
+    if total:
+        p = np.array(list(counts.values()), dtype=np.float64) / total
+        out["entropy"] = float(-(p * np.log2(p)).sum())
+    else:
+        out["entropy"] = None
+    out["top_share"] = Counter(texts).most_common(1)[0][1] / len(texts) if texts else None
+    return out
+
+
+def class_coverage(labels: Sequence[Sequence[str]], class_names: Sequence[str] = ()) -> dict[str, Any]:
+    """Which classes a set of labels (each row's object labels) covers: ``classes`` (how many distinct),
+    ``share`` (of ``class_names``, when given), ``rows_with_objects`` (share of rows with any object)."""
+    seen = {str(x) for row in labels for x in row}
+    return {
+        "classes": len(seen),
+        "share": len(seen & set(class_names)) / len(class_names) if class_names else None,
+        "rows_with_objects": sum(1 for row in labels if row) / len(labels) if labels else None,
+    }
+
+
 def default_embedder() -> Embedder:
     """The teacher's own MiniLM sentence embedder (loaded on first use)."""
     from graphdistill.teachers.text_embedder import SentenceEmbedder
