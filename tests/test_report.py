@@ -173,22 +173,43 @@ def test_degraded_student_and_the_report(tmp_path: Path, synthetic: Path) -> Non
             for r in (1, 2)
         ]
     }
+    rounds = {  # benchmarks/rounds.py's: one line per arm over rounds
+        "arms": {
+            arm: {
+                "rounds": [
+                    {"round": r, "teacher_calls": 24 * r, "train_rows": 10 + 8 * r,
+                     "fidelity": {**figures, "answer_f1": base + 0.1 * r},
+                     "diversity": {"distinct_2": 0.6, "top_share": 0.1}, "coverage": {"classes": 5 + r}}
+                    for r in range(3)
+                ]
+            }
+            for arm, base in (("active", 0.2), ("random", 0.15))
+        }
+    }  # fmt: skip
     out = build_report(
         [run, run_b],
         tmp_path / "out" / "report.html",
         scaling=scaling,
         tta=[tta, depth],
+        rounds=rounds,
         gallery_n=4,
         predictor=LookupStudent(synthetic, _degraded),
     )
     page = _parse(out.read_text())
-    for section in ("headline", "fidelity", "cost", "plots", "scaling", "tta", "gallery"):
+    for section in ("headline", "fidelity", "cost", "plots", "scaling", "tta", "rounds", "gallery"):
         assert section in page.ids, section
-    for fig in ("plot-per-class", "plot-latency", "plot-train-size", "plot-scaling", "plot-tta"):
+    for fig in (
+        "plot-per-class",
+        "plot-latency",
+        "plot-train-size",
+        "plot-scaling",
+        "plot-tta",
+        "plot-rounds",
+    ):
         assert fig in page.ids, fig
     assert page.gallery == 4
     assert all(src.startswith("data:image/") for src in page.srcs)
-    assert len(page.srcs) == 5 + 4  # five plots, four gallery pictures
+    assert len(page.srcs) == 6 + 4  # six plots, four gallery pictures
     assert not page.external, page.external
     text = out.read_text()
     assert "http://" not in text and "https://" not in text
@@ -201,6 +222,10 @@ def test_degraded_student_and_the_report(tmp_path: Path, synthetic: Path) -> Non
         build_report([run], tmp_path / "bad.html", scaling={"points": [{"filtered": True}]}, gallery_n=0)
     assert "<td>scale@0.5</td><td>132.0</td><td>0.30</td>" in text  # the setting's row: PyTorch ms, figures
     assert "<td>r=2</td><td>92.0</td><td>0.30</td>" in text  # the second study's rows follow
+    # each arm's rounds: teacher calls, train rows, then its figures (answer F1 first)
+    assert "<td>random</td><td>2</td><td>48</td><td>26</td><td>0.35</td>" in text
+    with pytest.raises(ValueError, match="rounds JSON arm 'active' round 0"):
+        build_report([run], tmp_path / "bad.html", rounds={"arms": {"active": {"rounds": [{"round": 0}]}}})
     with pytest.raises(ValueError, match="bundle_ms"):
         build_report(
             [run], tmp_path / "bad.html", tta={"settings": [{"tta": "x", "pytorch_ms": 1, "pytorch": {}}]}

@@ -30,6 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="test-time compute study: fidelity against ms per setting (benchmarks/results/tta.json, "
         "benchmarks/results/depth.json); repeat it to draw several in one picture",
     )
+    p.add_argument(
+        "--rounds",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="rounds study: fidelity and answer diversity per round and arm (benchmarks/results/rounds.json, "
+        "or an `improve` OUT/rounds.json); repeat it for several arms",
+    )
     p.add_argument("--gallery", type=int, default=8, help="held-out photos in the gallery (8)")
     p.add_argument(
         "--dataset",
@@ -112,6 +120,7 @@ def _report(args: argparse.Namespace) -> int:
         return 0
     scaling = _read_json("scaling", args.scaling)
     tta = [_read_json("tta", path) for path in args.tta] or None
+    rounds = [_read_json("rounds", path) for path in args.rounds] or None
     from rich.progress import Progress
 
     from graphdistill.eval.report import build_report
@@ -124,7 +133,13 @@ def _report(args: argparse.Namespace) -> int:
 
         try:
             path = build_report(
-                runs, args.out, scaling=scaling, tta=tta, gallery_n=args.gallery, progress=progress
+                runs,
+                args.out,
+                scaling=scaling,
+                tta=tta,
+                rounds=rounds,
+                gallery_n=args.gallery,
+                progress=progress,
             )
         except ValueError as exc:
             raise CommandError(str(exc)) from exc

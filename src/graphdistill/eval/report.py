@@ -99,6 +99,38 @@ def validate_scaling(data: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+ROUND_FIGURES = (
+    ("answer_f1", "answer F1"),
+    ("box_map50", "box mAP@0.5"),
+    ("mask_miou", "mask mIoU"),
+    ("sources_recall", "sources recall"),
+)
+
+
+def validate_rounds(data: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Rounds studies -> {arm: its rounds in order}: ``benchmarks/rounds.py``'s JSON (``{"arms": {arm: {"rounds":
+    [...]}}}``) or ``graphdistill improve``'s ``rounds.json`` (one arm), one or several; a clear error when the
+    shape is wrong."""
+    studies = [data] if isinstance(data, Mapping) else list(data)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for study in studies:
+        if isinstance(study.get("arms"), Mapping):
+            arms = {str(a): v.get("rounds") for a, v in study["arms"].items()}
+        elif isinstance(study.get("rounds"), list):
+            arm = (study.get("config") or {}).get("arm") or "arm"
+            arms = {str(arm): study["rounds"]}
+        else:
+            raise ValueError('rounds JSON must be {"arms": {arm: {"rounds": [...]}}} or a rounds.json')
+        for arm, rounds in arms.items():
+            if not isinstance(rounds, list) or not rounds:
+                raise ValueError(f"rounds JSON arm {arm!r}: no rounds")
+            for i, r in enumerate(rounds):
+                if not isinstance(r, Mapping) or not isinstance(r.get("round"), int) or "fidelity" not in r:
+                    raise ValueError(f"rounds JSON arm {arm!r} round {i} needs an integer round and fidelity")
+            out[arm] = sorted((dict(r) for r in rounds), key=lambda r: r["round"])
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------
 # Pictures
 # --------------------------------------------------------------------------------------------------------
@@ -207,6 +239,38 @@ def plot_scaling(points: Sequence[Mapping[str, Any]]) -> str:
         ax.set_xlabel("recorded inputs")
         ax.set_ylim(0, 1.02)
     axes[0].legend()
+    return _png_uri(fig)
+
+
+def plot_rounds(arms: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    """One line per arm over rounds: the four fidelity figures, then the diversity of the student's held-out
+    answers (distinct bigrams) and the share of its most common answer (collapse raises it)."""
+    plt = _plt()
+    fig, axes = plt.subplots(2, 3, figsize=(11, 6), sharex=True)
+
+    def figure(key: str) -> Callable[[Mapping[str, Any]], Any]:
+        return lambda r: r["fidelity"].get(key)
+
+    def diversity(key: str) -> Callable[[Mapping[str, Any]], Any]:
+        return lambda r: (r.get("diversity") or {}).get(key)
+
+    panels = [
+        *((figure(k), lab) for k, lab in ROUND_FIGURES),
+        (diversity("distinct_2"), "answers: distinct bigrams"),
+        (diversity("top_share"), "answers: most common's share"),
+    ]
+    for ax, (get, label) in zip(axes.flat, panels, strict=True):
+        for arm, rounds in arms.items():
+            pts = [(r["round"], get(r)) for r in rounds]
+            pts = [(x, y) for x, y in pts if y is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), "-o", label=arm)
+        ax.set_title(label)
+        ax.set_ylim(0, 1.02)
+    for ax in axes[1]:
+        ax.set_xlabel("round")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[0][0].legend(fontsize=8)
     return _png_uri(fig)
 
 
@@ -380,6 +444,7 @@ def render_html(
     gallery: Sequence[Mapping[str, Any]] = (),
     scaling: Sequence[Mapping[str, Any]] | None = None,
     tta: Sequence[Mapping[str, Any]] | None = None,
+    rounds: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
     title: str = "graphdistill: student vs teacher",
 ) -> str:
     """The whole report as one HTML string (pure: no file or model access)."""
@@ -540,6 +605,30 @@ def render_html(
             f'<div class="scroll"><table id="tta-table"><tr><th>setting</th>{heads}</tr>{cells}</table></div>',
             "</section>",
         ]
+    if rounds:
+        cells = "".join(
+            f"<tr><td>{_e(arm)}</td><td>{r['round']}</td><td>{_e(r.get('teacher_calls'))}</td>"
+            f"<td>{_e(r.get('train_rows'))}</td>"
+            + "".join(f"<td>{fmt_num(r['fidelity'].get(k), 2)}</td>" for k, _ in ROUND_FIGURES)
+            + f"<td>{fmt_num((r.get('diversity') or {}).get('distinct_2'), 2)}</td>"
+            f"<td>{fmt_num((r.get('diversity') or {}).get('top_share'), 2)}</td>"
+            f"<td>{fmt_num((r.get('label_diversity') or {}).get('distinct_2'), 2)}</td>"
+            f"<td>{_e((r.get('coverage') or {}).get('classes'))}</td></tr>"
+            for arm, rs in rounds.items()
+            for r in rs
+        )
+        heads = "".join(f"<th>{_e(lab)}</th>" for _, lab in ROUND_FIGURES)
+        parts += [
+            '<section id="rounds"><h2>Rounds: active learning and self-training</h2>',
+            _figure(
+                plot_rounds(rounds),
+                "Fidelity and answer diversity over rounds, one line per arm",
+                "plot-rounds",
+            ),
+            '<div class="scroll"><table id="rounds-table"><tr><th>arm</th><th>round</th><th>teacher calls</th>'
+            f"<th>train rows</th>{heads}<th>answers distinct-2</th><th>most common answer</th>"
+            f"<th>labels distinct-2</th><th>label classes</th></tr>{cells}</table></div></section>",
+        ]
     parts.append('<section id="gallery"><h2>Held-out photos, worst disagreements first</h2>')
     if not gallery:
         parts.append('<p class="muted">No held-out rows to show.</p>')
@@ -561,12 +650,14 @@ def build_report(
     *,
     scaling: Mapping[str, Any] | None = None,
     tta: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+    rounds: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     gallery_n: int = 8,
     progress: Progress | None = None,
     predictor: Any | None = None,
 ) -> Path:
     """Read every RUN/eval.json (+ meta.json), draw the gallery of the first run and write ``out``. ``scaling``:
     the scaling study's JSON; ``tta``: the test-time compute studies' (``benchmarks/tta.py``, ``benchmarks/depth.py``;
+    one or a list); ``rounds``: rounds studies (``benchmarks/rounds.py``, ``graphdistill improve``'s rounds.json;
     one or a list).
 
     ``predictor`` replaces ``load_student(runs[0])`` for the gallery."""
@@ -582,8 +673,11 @@ def build_report(
         sizes.append(train_size(run, ev, meta))
     points = validate_scaling(scaling) if scaling is not None else None
     tta_settings = validate_tta(tta) if tta is not None else None
+    round_arms = validate_rounds(rounds) if rounds is not None else None
     gallery = gallery_items(Path(runs[0]), evs[0][1], gallery_n, progress, predictor) if gallery_n > 0 else []
-    text = render_html(evs, train_sizes=sizes, gallery=gallery, scaling=points, tta=tta_settings)
+    text = render_html(
+        evs, train_sizes=sizes, gallery=gallery, scaling=points, tta=tta_settings, rounds=round_arms
+    )
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
