@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "train",
     "predict",
     "eval",
+    "improve",
     "report",
     "export",
     "run_bundle",
