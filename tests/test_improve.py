@@ -334,6 +334,19 @@ def test_unfiltered_self_training_collapses_where_filtering_holds(
     distinct = [r["label_diversity"]["distinct_2"] for r in measured["self-unfiltered"]]
     assert shares[0] < shares[1] < shares[2], shares
     assert distinct[2] < distinct[0], distinct
+    # the student's labels say how much its own predictions agreed; the filtered arm's rule reads only those
+    from graphdistill.improve.labels import VIEW_AGREEMENT, view_agreement
+
+    with TraceStore(tmp_path / "self-filtered" / "store", readonly=True) as s:
+        traces = list(s.iter())
+    mine = [t for t in traces if t.graph.name == "student"]
+    assert len({t.group_id for t in mine}) == 6 and all(0 < t.metadata[VIEW_AGREEMENT] <= 1 for t in mine)
+    assert all(view_agreement(t) == 1.0 for t in traces if t.graph.name != "student")
+    assert {t.metadata["view"] for t in mine} == {
+        "photo",
+        "flip",
+        "scale",
+    }  # the toy's questions have no rewording
     unfiltered_rows = [r["train_rows"] for r in measured["self-unfiltered"]]
     filtered_rows = [r["train_rows"] for r in measured["self-filtered"]]
     assert unfiltered_rows[2] > unfiltered_rows[0]  # every self-label kept

@@ -117,6 +117,18 @@ class StoreLabeller:
         return copied
 
 
+VIEW_AGREEMENT = (
+    "view_agreement"  # a student label's metadata: the answer vote's share across its predictions
+)
+
+
+def view_agreement(trace: Trace) -> float:
+    """A rule's value (:class:`graphdistill.filter.rules.Rule`): how many of the student's predictions of this
+    input agreed on the answer (the vote's winning share); 1 for a trace the student did not label, so a
+    teacher's inputs are never judged by it."""
+    return float(trace.metadata.get(VIEW_AGREEMENT, 1.0))
+
+
 def _weights_id(run: Path) -> str:
     h = hashlib.sha256()
     with open(run / "model.safetensors", "rb") as fh:
@@ -134,9 +146,11 @@ def student_traces(
     weights: str,
     provenance: Mapping[str, Any],
     blobs: dict[str, bytes],
+    agreement: float | None = None,
 ) -> list[Trace]:
     """The student's ``predictions`` of one input as the samples of one trace group (the input's own group id,
-    as the recorder would give it): the labels of a self-training round."""
+    as the recorder would give it): the labels of a self-training round. ``agreement``: the answer vote's share
+    across them, kept in each trace's metadata (:func:`view_agreement`)."""
     inputs = {"image": encode_value(image, blobs), "question": question}
     gid = content_hash(inputs)
     now = time.time()
@@ -163,7 +177,12 @@ def student_traces(
                 sample_index=i,
                 input_hash=gid,
                 provenance=Provenance.model_validate(dict(provenance)),
-                metadata={"labeller": "student", "view": p.view, "question_asked": p.question},
+                metadata={
+                    "labeller": "student",
+                    "view": p.view,
+                    "question_asked": p.question,
+                    **({VIEW_AGREEMENT: agreement} if agreement is not None else {}),
+                },
             )
         )
     return out
@@ -179,17 +198,20 @@ class StudentLabeller:
     run: Path
     views: bool = True
     augmentations: tuple[str, ...] = ("flip", "scale")
+    embedder: Any | None = None  # the answer vote's (None: identical normalised texts only)
     teacher: bool = False
 
     def label(self, inputs: Path, store: Path, progress: Progress | None = None) -> int:
         from graphdistill.images import load_image
         from graphdistill.improve.uncertainty import augmented_predictions
         from graphdistill.recording.batch import read_inputs
+        from graphdistill.runner.vote import vote_answers
         from graphdistill.store.trace_store import TraceStore
         from graphdistill.student.loader import PAD_VALUE
         from graphdistill.student.predict import load_student
 
         student = load_student(self.run)
+        outputs = student.config.outputs
         weights = _weights_id(self.run)
         rows, _ = read_inputs(inputs)
         added = 0
@@ -202,12 +224,16 @@ class StudentLabeller:
                         image,
                         row["question"],
                         lambda img, q: student.predict(img, q),
-                        student.config.outputs,
+                        outputs,
                         augmentations=self.augmentations if self.views else (),
                         reword=self.views,
                         pad_value=PAD_VALUE,
                         size=student.config.image_size,
                     )
+                    answers = [
+                        str(p.result.get(f) or "") for p in preds for f, k in outputs.items() if k == "text"
+                    ]
+                    share = vote_answers(answers, len(answers), self.embedder)[1] if answers else 1.0
                     blobs: dict[str, bytes] = {}
                     for t in student_traces(
                         image,
@@ -217,6 +243,7 @@ class StudentLabeller:
                         weights=weights,
                         provenance=row["provenance"],
                         blobs=blobs,
+                        agreement=share,
                     ):
                         dst.append(t, blobs)
                         added += 1

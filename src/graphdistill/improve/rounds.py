@@ -12,8 +12,9 @@ One round of an arm (:func:`improve`):
    (K samples each, the normal recorder) for ``active`` and ``random``, the student itself for the
    self-training arms (with its views as samples, or only the photo's answer unfiltered);
 4. the whole store is filtered into ``round-NN/dataset`` (:func:`filter_config`: the teacher arms as the demo
-   filters, the vote and the consistency checks; ``self-filtered`` also needs ``min_agreement`` of the answer
-   vote across the student's views; ``self-unfiltered``: nothing dropped, no dedup);
+   filters, the vote and the consistency checks; ``self-filtered`` also drops a student-labelled input unless
+   ``min_agreement`` of the student's predictions of it agree on the answer; ``self-unfiltered``: nothing
+   dropped, no dedup);
 5. the student retrains from the previous round's weights (warm start, ``TrainConfig.init_from``) into
    ``round-NN/run`` — a loadable run;
 6. it is evaluated on the dataset's test split: the held-out rows of the base run's store, the same rows in
@@ -91,15 +92,18 @@ class ImproveConfig:
 
 def filter_config(arm: str, min_agreement: float) -> Any:
     """The filter an arm's rounds use. The teacher arms: the demo's (the vote over the K samples and every
-    consistency check). ``self-filtered``: that, and the answer vote's share across the student's own views at
-    least ``min_agreement`` (the majority vote that keeps a model's unstable outputs out of its own labels).
-    ``self-unfiltered``: nothing dropped (:meth:`FilterConfig.unfiltered`)."""
+    consistency check). ``self-filtered``: that, and a rule that keeps a student-labelled input only when at
+    least ``min_agreement`` of the student's predictions of it agreed on the answer (the majority vote that
+    keeps a model's unstable outputs out of its own labels; the teacher's inputs pass it). ``self-unfiltered``:
+    nothing dropped (:meth:`FilterConfig.unfiltered`)."""
     from graphdistill.filter.filtering import FilterConfig
+    from graphdistill.filter.rules import Rule
+    from graphdistill.improve.labels import VIEW_AGREEMENT, view_agreement
 
     if arm == "self-unfiltered":
         return FilterConfig.unfiltered()
     if arm == "self-filtered":
-        return FilterConfig(min_agreement={"answer": min_agreement})
+        return FilterConfig(rules=[Rule(VIEW_AGREEMENT, view_agreement, min_agreement)])
     return FilterConfig()
 
 
@@ -381,7 +385,9 @@ def improve(
         if cfg.arm in TEACHER_ARMS:
             who = labeller or GraphLabeller(graph=graph, samples=cfg.samples)
         else:
-            who = StudentLabeller(prev_run, views=cfg.arm == "self-filtered", augmentations=cfg.augmentations)
+            who = StudentLabeller(
+                prev_run, views=cfg.arm == "self-filtered", augmentations=cfg.augmentations, embedder=embedder
+            )
         labels_path = rdir / "labelled.json"
         if not labels_path.exists():
             who.label(selected_path, store, tick)
