@@ -35,6 +35,8 @@ BENCHMARKS: dict[str, list[str]] = {
     "tta": ["--demo-dir", str(ROOT / "demo-out")],
     # issue 21: recurrent depth (a student trained with --max-depth 4 on the demo's dataset) with and without TTA
     "depth": ["--demo-dir", str(ROOT / "demo-out")],
+    # issue 20: active learning vs random selection, self-training filtered and not, 3 rounds on the demo's data
+    "rounds": ["--demo-dir", str(ROOT / "demo-out")],
     "filter_memory": [],  # issue 18: the filter's memory is bounded by the largest group, not the store
     "scaling": [
         "--sizes",
