@@ -296,19 +296,26 @@ def _num(v: float | None) -> str:
     return "—" if v is None else f"{v:.3f}"
 
 
-def scaling_outputs(results: dict[str, dict]) -> None:
-    """The scaling plot as a PNG beside the JSON, and the demo's report rebuilt with its scaling section."""
-    data = results.get("scaling", {})
-    if not data.get("points"):
-        return
+def report_outputs(results: dict[str, dict]) -> None:
+    """The scaling plot as a PNG beside the JSON, and the demo's report rebuilt with every study's section
+    (scaling, test-time compute, rounds) whose results are there."""
     import base64
 
     from graphdistill.eval.report import plot_scaling, validate_scaling
 
-    uri = plot_scaling(validate_scaling(data))
-    (RESULTS / "scaling.png").write_bytes(base64.b64decode(uri.split(",", 1)[1]))
+    data = results.get("scaling", {})
+    studies: list[str] = []
+    if data.get("points"):
+        uri = plot_scaling(validate_scaling(data))
+        (RESULTS / "scaling.png").write_bytes(base64.b64decode(uri.split(",", 1)[1]))
+        studies += ["--scaling", str(RESULTS / "scaling.json")]
+    for name in ("tta", "depth"):
+        if results.get(name, {}).get("settings"):
+            studies += ["--tta", str(RESULTS / f"{name}.json")]
+    if results.get("rounds", {}).get("arms"):
+        studies += ["--rounds", str(RESULTS / "rounds.json")]
     run = ROOT / "demo-out" / "run"
-    if (run / "eval.json").exists():
+    if studies and (run / "eval.json").exists():
         cmd = [
             sys.executable,
             "-m",
@@ -318,7 +325,7 @@ def scaling_outputs(results: dict[str, dict]) -> None:
             "--out",
             str(run.parent / "report.html"),
         ]
-        subprocess.run([*cmd, "--scaling", str(RESULTS / "scaling.json")], cwd=ROOT, check=False)
+        subprocess.run([*cmd, *studies], cwd=ROOT, check=False)
 
 
 def write_readme(md: str) -> None:
@@ -349,7 +356,7 @@ def main() -> int:
     md = table(results)
     (RESULTS / "summary.md").write_text(md)
     if not args.quick:
-        scaling_outputs(results)
+        report_outputs(results)
     print(md)
     if not args.no_readme and not args.quick:
         write_readme(md)
