@@ -286,7 +286,8 @@ def test_resume_after_a_kill_in_the_middle_of_a_rounds_recording(
 ) -> None:
     out = tmp_path / "random"
     cfg = ImproveConfig(arm="random", rounds=1, budget=3, samples=2, epochs=1)
-    labeller = GraphLabeller(graph=base["graph"], samples=2, batch_size=1)
+    # the teacher's second sample sees the mirrored photo, as the demo records
+    labeller = GraphLabeller(graph=base["graph"], samples=2, tta=("flip",), batch_size=1)
 
     def kill(stage: str, done: int, total: int) -> None:
         if stage == "teacher" and done == 3:  # one input and a half recorded, then the process dies
@@ -301,6 +302,9 @@ def test_resume_after_a_kill_in_the_middle_of_a_rounds_recording(
     new = set(after) - set(groups_of(base["store"]))
     assert len(new) == 3 and all(len(after[g]) == 2 for g in new)  # nothing recorded twice, nothing lost
     assert set(half) <= set(after)
+    with TraceStore(out / "store", readonly=True) as s:
+        seen = {(t.sample_index, t.metadata["tta"]["flip"]) for g in new for t in map(s.get, after[g])}
+    assert seen == {(0, False), (1, True)}
     assert [r["round"] for r in state["rounds"]] == [0, 1] and state["rounds"][1]["teacher_calls"] == 6
 
 
@@ -371,6 +375,7 @@ def test_the_improve_command_runs_a_round_and_refuses_bad_arguments(
         (["--budget", "0"], "budget must be at least 1"),
         (["--teacher-store", str(tmp_path / "none")], "--teacher-store"),
         (["--pool", str(tmp_path / "missing.jsonl")], "--pool"),
+        (["--teacher-tta", "blur"], "blur"),
     ):
         assert main([*args, *bad]) == 2
         assert message in capsys.readouterr().err

@@ -33,6 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--rounds", type=int, default=3, help="rounds to run (default 3)")
     p.add_argument("--budget", type=int, default=8, help="inputs labelled per round (default 8)")
     p.add_argument("--samples", type=int, default=3, help="teacher samples per input (default 3)")
+    p.add_argument(
+        "--teacher-tta",
+        default="",
+        help="what the teacher's samples > 0 see, as `record --tta` (flip,scale: as the demo records)",
+    )
     p.add_argument("--epochs", type=int, default=10, help="warm-start training epochs per round (default 10)")
     p.add_argument("--max-minutes", type=float, default=None, help="cap on each round's training time")
     p.add_argument(
@@ -64,9 +69,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def _improve(args: argparse.Namespace) -> int:
     from graphdistill.improve.labels import Labeller, StoreLabeller
     from graphdistill.improve.rounds import ImproveConfig, ImproveError, improve
+    from graphdistill.recording.tta import parse_tta
 
     cfg = ImproveConfig(
         arm=args.arm,
+        teacher_tta=tuple(parse_tta(args.teacher_tta)),  # an unknown name: one line naming the choices
         rounds=args.rounds,
         budget=args.budget,
         samples=args.samples,

@@ -49,6 +49,7 @@ class GraphLabeller:
 
     graph: str | None = None  # a graph spec (None: visual_rag)
     samples: int = 3
+    tta: tuple[str, ...] = ()  # what samples > 0 see (record's --tta: "flip", "scale"), as the demo records
     graph_options: Mapping[str, Any] | None = None
     batch_size: int = 6
     teacher: bool = True
@@ -74,6 +75,7 @@ class GraphLabeller:
             graph=self.graph,
             graph_options=self.graph_options,
             samples=self.samples,
+            tta=self.tta,
             resume=True,
             batch_size=self.batch_size,
             on_start=start,

@@ -64,6 +64,7 @@ class ImproveConfig:
     rounds: int = 3
     budget: int = 8  # pool inputs labelled per round
     samples: int = 3  # teacher samples per input (the graph labeller's K)
+    teacher_tta: tuple[str, ...] = ()  # what the teacher's samples > 0 see (the demo records flip, scale)
     augmentations: tuple[str, ...] = ("flip", "scale")  # the views the student answers to score an input
     reword: bool = True  # ... and the question reworded from the template bank
     epochs: int = 10  # warm-start training epochs per round
@@ -87,6 +88,7 @@ class ImproveConfig:
         d = asdict(self)
         d.pop("rounds")
         d["augmentations"] = list(self.augmentations)
+        d["teacher_tta"] = list(self.teacher_tta)
         return d
 
 
@@ -383,7 +385,7 @@ def improve(
         picked = json.loads((rdir / "scores.json").read_text())["picked"]
         who: Labeller
         if cfg.arm in TEACHER_ARMS:
-            who = labeller or GraphLabeller(graph=graph, samples=cfg.samples)
+            who = labeller or GraphLabeller(graph=graph, samples=cfg.samples, tta=cfg.teacher_tta)
         else:
             who = StudentLabeller(
                 prev_run, views=cfg.arm == "self-filtered", augmentations=cfg.augmentations, embedder=embedder
