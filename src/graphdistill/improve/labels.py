@@ -9,7 +9,6 @@ the run that made them; their ``metadata`` says which view of the input each sam
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -131,14 +130,6 @@ def view_agreement(trace: Trace) -> float:
     return float(trace.metadata.get(VIEW_AGREEMENT, 1.0))
 
 
-def _weights_id(run: Path) -> str:
-    h = hashlib.sha256()
-    with open(run / "model.safetensors", "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def student_traces(
     image: np.ndarray,
     question: str,
@@ -211,10 +202,11 @@ class StudentLabeller:
         from graphdistill.store.trace_store import TraceStore
         from graphdistill.student.loader import PAD_VALUE
         from graphdistill.student.predict import load_student
+        from graphdistill.weights import sha256_file
 
         student = load_student(self.run)
         outputs = student.config.outputs
-        weights = _weights_id(self.run)
+        weights = sha256_file(self.run / "model.safetensors")
         rows, _ = read_inputs(inputs)
         added = 0
         with TraceStore(store) as dst:
