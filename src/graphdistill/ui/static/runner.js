@@ -7,10 +7,13 @@
  *               in float32, NCHW                                                   (runner/preprocess.py)
  *   question    byte-level BPE from the bundle's tokenizer.json, truncated/padded to max_question_len
  *                                                                                  (runner/bpe.py)
- *   encode      once; then decode_step one token at a time with the runner-owned kv_cache, greedy with
- *               the no-repeat n-gram and max-token-run rules                       (BundleRunner.run_models)
+ *   encode      once (then deepen depth - 1 times, for a bundle with recurrent depth); then decode_step one
+ *               token at a time with the runner-owned kv_cache, greedy with the no-repeat n-gram and
+ *               max-token-run rules                                                (BundleRunner.run_models)
  *   decode      objects whose keep is true by descending score, boxes back to image pixels, masks pasted
  *               inside their box as COCO RLE; the sources_k best documents          (BundleRunner.decode)
+ * Not here: test-time augmentation (BundleRunner step 9). A bundle whose manifest asks for views is answered on
+ * the photo alone (`tta` says which views it skips), as `run-bundle --tta none` answers it.
  * The pure functions are exported for Node too (module.exports); the runtime is onnxruntime-web's global
  * `ort` (WASM, vendored next to this file, never from a CDN).
  */
@@ -499,6 +502,19 @@
       this.decoding = manifest.output_decoding;
       this.classNames = manifest.class_names;
       this.documentIds = manifest.documents.map((d) => d.id);
+      // recurrent depth (manifest depth + the deepen program; graphdistill.runner.bundle step 5)
+      this.depthMax = manifest.depth ? manifest.depth.max : 1;
+      this.depthDefault = manifest.depth ? manifest.depth.default : 1;
+      if (this.depthMax > 1 && !("deepen" in manifest.programs)) throw new Error(`depth.max ${this.depthMax} but no deepen program`);
+      // test-time views the bundle asks for (manifest tta): this runner answers the photo alone
+      this.tta = manifest.tta ? manifest.tta.augmentations : [];
+    }
+
+    checkDepth(depth) {
+      const r = depth === undefined || depth === null ? this.depthDefault : Number(depth);
+      if (!Number.isInteger(r) || r < 1 || r > this.depthMax)
+        throw new Error(`depth ${depth}: this bundle takes depths 1..${this.depthMax} (manifest depth)`);
+      return r;
     }
 
     tensor(spec, data) {
@@ -515,8 +531,9 @@
       return [padded, mask];
     }
 
-    // steps 3-5: encode once, then decode_step token by token
-    async runModels(x, question) {
+    // steps 3-5: encode once (and deepen depth - 1 times), then decode_step token by token
+    async runModels(x, question, depth) {
+      const r = this.checkDepth(depth);
       const enc = this.manifest.programs.encode;
       const [ids, mask] = this.encodeQuestion(question);
       const feeds = {};
@@ -525,6 +542,18 @@
       const res = await this.sessions.encode.run(feeds);
       const named = {};
       for (const name of this.encodeOutputs) named[name] = res[name];
+      if (r > 1) {
+        // each deepen input is the latest output of that name (question_mask: the query's own); its outputs,
+        // in order, replace those names (an ONNX output may not share an input's name: the graph's are
+        // "<name>.next", so they are read by position)
+        const deep = this.manifest.programs.deepen, session = this.sessions.deepen;
+        for (let i = 1; i < r; i++) {
+          const f = {};
+          for (const spec of deep.inputs) f[spec.name] = spec.name === "question_mask" ? this.tensor(spec, mask) : named[spec.name];
+          const out = await session.run(f);
+          deep.outputs.forEach((spec, j) => { named[spec.name] = out[session.outputNames[j]]; });
+        }
+      }
       if (!this.hasText) return { answerIds: [], outputs: named };
       const step = this.manifest.programs.decode_step;
       // the runner's arrays (cross_kv from encode; kv_cache zeros) and each input's place in them
@@ -583,11 +612,12 @@
       });
     }
 
-    // steps 2-8 for one RGB image {width, height, data}
-    async predict(img, question) {
+    // steps 2-8 for one RGB image {width, height, data}; depth: the recurrent block's iterations (default:
+    // the manifest's depth.default, 1 without). Test-time views (step 9) are not run here: the photo alone.
+    async predict(img, question, depth) {
       const t0 = performance.now();
       const { x, box, size } = preprocess(img, this.manifest.preprocessing);
-      const raw = await this.runModels(x, question);
+      const raw = await this.runModels(x, question, depth);
       const result = {};
       let objects = null;
       for (const [name, kind] of Object.entries(this.outputs)) {

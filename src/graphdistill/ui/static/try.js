@@ -18,7 +18,8 @@ async function run() {
   status.textContent = "running…";
   const bitmap = await createImageBitmap(file, { imageOrientation: "from-image", colorSpaceConversion: "none", premultiplyAlpha: "none" });
   const img = GraphdistillRunner.rgbOf(bitmap);
-  const { result, ms } = await runner.predict(img, question);
+  const depth = document.querySelector("#depth");
+  const { result, ms } = await runner.predict(img, question, depth ? Number(depth.value) : undefined);
   document.querySelector("#ms").textContent = ms.toFixed(0);
   status.textContent = "done";
   const text = Object.entries(runner.outputs).find(([, k]) => k === "text");
@@ -27,7 +28,7 @@ async function run() {
   document.querySelector("#answer").textContent = text ? result[text[0]] : "";
   document.querySelector("#sources").innerHTML = srcs ? result[srcs[0]].map((s) => `<li><code>${esc(s)}</code> ${esc(docs.get(s) ?? "")}</li>`).join("") : "";
   document.querySelector("#result-json").textContent = JSON.stringify(result, (k, v) => (k === "counts" ? `${v.length} runs` : v), 1);
-  window.graphdistillResult = { result, ms };
+  window.graphdistillResult = { result, ms, depth: depth ? Number(depth.value) : 1 };
   const r = await fetch("/api/draw", { method: "POST", headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ image: await fileBase64(file), output: { answer: text ? result[text[0]] : undefined, objects: result.objects || [], sources: srcs ? result[srcs[0]] : undefined } }) });
   if (!r.ok) throw new Error((await r.json()).error);
@@ -51,6 +52,13 @@ async function run() {
     ort.env.wasm.wasmPaths = "/static/vendor/ort/";
     ort.env.wasm.numThreads = 1;
     runner = await GraphdistillRunner.StudentRunner.load("/bundle", ort);
+    if (runner.depthMax > 1) {  // the app's knob: iterations of the recurrent block, the bundle's default first
+      const options = Array.from({ length: runner.depthMax }, (_, i) => i + 1)
+        .map((r) => `<option value="${r}"${r === runner.depthDefault ? " selected" : ""}>${r}</option>`).join("");
+      document.querySelector("#run").insertAdjacentHTML("beforebegin", `<label>depth <select id="depth">${options}</select></label>`);
+    }
+    if (runner.tta.length)
+      document.querySelector(".bar").insertAdjacentHTML("afterend", `<p class="muted" id="tta-note">This bundle's manifest asks for test-time views (${esc(runner.tta.join(", "))}); this page answers the photo alone, as <code>graphdistill run-bundle --tta none</code> does.</p>`);
     document.querySelector("#status").textContent = "ready";
     document.body.dataset.ready = "1";
     const button = document.querySelector("#run");
