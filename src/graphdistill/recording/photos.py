@@ -1,5 +1,6 @@
-"""The built-in real photos: the ones that ship inside scikit-image, ultralytics and matplotlib (no
-download).
+"""The built-in real photos: the ones that ship inside scikit-image, ultralytics and matplotlib, and a few of
+OpenCV's sample images (fetched once from the opencv-python sdist on the package index and verified, as the
+weights are: ``graphdistill weights fetch opencv-samples``; ``make setup`` does it).
 
 Each photo has a stable id (used as provenance, so every input made from it lands in one split). Photos of
 one scene (the stereo pair) share an id for the same reason.
@@ -66,7 +67,28 @@ def _matplotlib_sample(name: str) -> Callable[[], np.ndarray]:
     return load
 
 
+def _opencv_sample(name: str) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        from graphdistill import weights
+
+        return load_image(weights.path("opencv-samples") / name)
+
+    return load
+
+
+def _opencv(name: str, objects: str) -> Photo:
+    stem = name.rsplit(".", 1)[0]
+    return Photo(
+        f"opencv/{stem}",
+        f"opencv-python 4.10.0.84 sdist: opencv/samples/data/{name}",
+        _OCV,
+        _opencv_sample(name),
+        objects,
+    )
+
+
 _PD = "public domain / CC0 (scikit-image data)"
+_OCV = "OpenCV sample data (OpenCV is Apache-2.0; the images' own terms are not stated)"
 BUILTIN: list[Photo] = [
     Photo("skimage/chelsea", "skimage.data.chelsea", _PD, _skimage("chelsea"), "a cat"),
     Photo(
@@ -111,6 +133,16 @@ BUILTIN: list[Photo] = [
         _matplotlib_sample("grace_hopper.jpg"),
         "a person in uniform, a tie",
     ),
+    # OpenCV's sample photos in which the default detector (YOLO11n, conf 0.25) finds objects; one of each
+    # series (the calibration photos left01..14 / right01..14 are one office: left13 alone stands for it)
+    _opencv("basketball1.png", "two basketball players"),
+    _opencv("messi5.jpg", "football players and a ball"),
+    _opencv("fruits.jpg", "oranges, apples and other fruit"),
+    _opencv("building.jpg", "a building and a parked car"),
+    _opencv("licenseplate_motion.jpg", "a car, motion-blurred"),
+    _opencv("leuvenB.jpg", "a street with bicycles (Leuven)"),
+    _opencv("left13.jpg", "a person with a tie holding a chessboard, a laptop, a keyboard"),
+    _opencv("squirrel_cls.jpg", "a squirrel"),
 ]
 
 # Textures with no objects: backgrounds for copy-paste composites.
@@ -123,7 +155,8 @@ BACKGROUNDS: list[Photo] = [
 # Held out by default: nothing in training is made from these (evaluation on real, unseen photos). Four
 # distinct photos in which the default teacher (YOLO11n, conf 0.25) finds objects: coffee (cup, dining
 # table, spoon), zidane (two people, a tie), grace_hopper (a person, a tie), camera (a person, a bicycle;
-# grayscale). Training inputs come from the other six (chelsea, astronaut, rocket, motorcycle, clock, bus).
+# grayscale). Training inputs come from the others (chelsea, astronaut, rocket, motorcycle, clock, bus and
+# the eight OpenCV photos).
 DEFAULT_HELDOUT = (
     "skimage/coffee",
     "ultralytics/zidane",
