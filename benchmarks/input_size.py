@@ -7,9 +7,9 @@ post-processing), and measures:
 - box mAP@0.5 / mAP@0.5:0.95 and object F1 (class + IoU >= 0.5) of its objects against the teacher graph's
   detector at 640, on *training* images only (never the held-out photos: they exist to tell the truth about
   the chosen size, not to choose it): with ``--dataset``, every distinct recorded image of that dataset's train
-  split against the teacher objects recorded with it (the demo's: 38 images, 85 objects: augmentations and
-  copy-paste composites of the six training photos, so small objects too); without, the six built-in
-  training photos themselves (11 objects: too few to tell 320 from 384);
+  split against the teacher objects recorded with it (the demo's on 2026-12-03: 38 images, 85 objects:
+  augmentations and copy-paste composites of its six training photos, so small objects too); without, the
+  built-in training photos themselves (the six of then held 11 objects: too few to tell 320 from 384);
 - the ExecuTorch XNNPACK int8 ``encode`` program of a student of that size (trunk, dense head, selection, masks,
   the text encoder), median ms over repeated calls at 1 and 2 threads, and its file size.
 

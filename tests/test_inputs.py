@@ -231,6 +231,8 @@ def test_the_teacher_finds_objects_on_every_default_heldout_photo() -> None:
     found = {pid: set(_models.detector().detect(photo(pid).image()).names) for pid in DEFAULT_HELDOUT}
     assert all(found.values()), found
     assert "cup" in found["skimage/coffee"] and "person" in found["matplotlib/grace_hopper"]
+    # the OpenCV photos (fetched from the package index like the weights): measured 2026-12-05
+    assert {"person", "sports ball"} <= found["opencv/messi5"] and "orange" in found["opencv/fruits"]
 
 
 @pytest.mark.slow
