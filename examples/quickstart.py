@@ -27,7 +27,7 @@ live = record(teacher, store)  # the same graph; every call is now a durable, ty
 for photo in builtin_photos():
     live.invoke({"image": photo.image(), "question": "What is in this picture?"},
                 config={"metadata": {"graphdistill_provenance": {"photos": [photo.id]}}})
-# vote, checks, dedup, splits by source photo; the four held-out built-in photos are the test split
+# vote, checks, dedup, splits by source photo; the twelve held-out built-in photos are the test split
 filter_store(store, "my-dataset", FilterConfig(heldout_photos=DEFAULT_HELDOUT))
 train(TrainConfig(dataset="my-dataset", out="my-run", max_minutes=1))
 export_run("my-run", "onnx", "my-bundle", quantize="int8")  # fails loudly if parity fails

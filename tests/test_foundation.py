@@ -214,7 +214,7 @@ def test_doctor_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert info["offline"]["YOLO_OFFLINE"] == "1"
     assert info["versions"]["graphdistill"]
     assert info["device"]["default_device"] in ("cpu", "cuda")
-    assert len(info["weights"]) == 4
+    assert [w["name"] for w in info["weights"]] == list(weights.REGISTRY)  # the photos entry too
 
 
 def test_every_error_graphdistill_defines_derives_from_one_base_and_the_cli_catches_it_once(

@@ -1,6 +1,6 @@
 """The main job, end to end, on the default teacher models and the built-in real photos.
 
-weights → knowledge base → inputs from the built-in photos (four held out, each asked several questions)
+weights → knowledge base → inputs from the built-in photos (twelve held out, each asked several questions)
 → record the teacher with K samples → filter (vote, checks, splits) → train the student → export
 (ExecuTorch + ONNX, float and int8) → evaluate on the held-out photos (PyTorch and the exported bundles,
 each figure with a bootstrap interval) → HTML report, and a printed headline.
@@ -88,7 +88,7 @@ QUICK = DemoSizes(
     preset="tiny",
     eval_teacher_queries=1,
     formats=("onnx",),
-    heldout_questions=2,  # one template and one free-form question per held-out photo
+    heldout_questions=1,  # one template question per held-out photo (twelve photos)
     replays=4,
     replay_samples=1,
 )
