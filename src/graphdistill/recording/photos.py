@@ -8,6 +8,7 @@ one scene (the stereo pair) share an id for the same reason.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import util as import_util
@@ -67,11 +68,17 @@ def _matplotlib_sample(name: str) -> Callable[[], np.ndarray]:
     return load
 
 
+@functools.cache
+def _opencv_dir() -> Path:
+    """The fetched, verified OpenCV sample folder: verified once per process (its digest reads all 22 MB)."""
+    from graphdistill import weights
+
+    return weights.path("opencv-samples")
+
+
 def _opencv_sample(name: str) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
-        from graphdistill import weights
-
-        return load_image(weights.path("opencv-samples") / name)
+        return load_image(_opencv_dir() / name)
 
     return load
 
