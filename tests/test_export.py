@@ -518,6 +518,14 @@ SCHEMAS = {
     "no-sources": [("answer", "text"), ("objects", "objects")],
     "no-objects": [("answer", "text"), ("sources", "sources")],
     "no-text": [("objects", "objects"), ("sources", "sources")],
+    # every head, and a dataflow in which the answer is made from the detections (visual_rag's): no pixels in
+    # the text side (StudentConfig.text_pixels)
+    "no-pixels": [("answer", "text"), ("objects", "objects"), ("sources", "sources")],
+}
+NO_PIXELS_FLOW = {
+    "detect": {"reads": ["image"], "writes": {"dets": "detections"}},
+    "reason": {"reads": ["question", "dets"], "writes": {"answer": "text"}},
+    "compose": {"reads": ["image", "dets"], "writes": {"objects": "objects", "sources": "sources"}},
 }
 
 
@@ -530,6 +538,8 @@ def schema_run(request: pytest.FixtureRequest, run_dir: Path) -> tuple[Path, Pat
     shutil.copytree(run_dir.parent / "ds", root / "ds")
     manifest = json.loads((root / "ds" / "manifest.json").read_text())
     manifest["graph"]["outputs"] = [{"name": n, "kind": k} for n, k in SCHEMAS[request.param]]
+    if request.param == "no-pixels":
+        manifest["graph"]["dataflow"] = NO_PIXELS_FLOW
     (root / "ds" / "manifest.json").write_text(json.dumps(manifest))
     train_tiny(root / "ds", root / "run")
     export_run(root / "run", "onnx", root / "bundle", **N)
@@ -542,6 +552,7 @@ def test_a_partial_schema_exports_only_its_heads_and_passes_parity(schema_run: t
 
     run, bundle = schema_run
     cfg = StudentConfig.from_dict(json.loads((run / "config.json").read_text()))
+    assert cfg.text_pixels == (run.parent.name != "schema-no-pixels")
     m = _manifest(bundle)
     assert m["parity"]["passed"] and not m["parity"]["failures"]
     assert m["outputs"] == cfg.outputs and list(m["outputs"]) == list(cfg.outputs)

@@ -275,3 +275,39 @@ def test_schema_of_rejects_plain_graph() -> None:
     sg.add_edge(START, "n")
     with pytest.raises(GraphBuildError, match="not a teacher graph"):
         schema_of(sg.compile())
+
+
+def test_reads_pixels_follows_the_declared_dataflow_and_stops_at_detections() -> None:
+    from graphdistill.trace import FieldSpec, NodeFlow
+
+    def schema(**flows: tuple[list[str], dict[str, Kind]]) -> GraphSchema:
+        return GraphSchema(
+            name="g",
+            inputs=[FieldSpec(name="image", kind=Kind.IMAGE), FieldSpec(name="q", kind=Kind.TEXT)],
+            outputs=[FieldSpec(name="answer", kind=Kind.TEXT)],
+            dataflow={n: NodeFlow(reads=r, writes=w) for n, (r, w) in flows.items()},
+        )
+
+    det = (["image"], {"dets": Kind.DETECTIONS})
+    # the answer is made from the detections and the question: pixels reach it only as detected objects
+    assert schema(det=det, llm=(["q", "dets"], {"answer": Kind.TEXT})).reads_pixels("answer") is False
+    # ... through an intermediate text field too (a prompt built from the detections)
+    prompt = (["dets", "q"], {"prompt": Kind.TEXT})
+    assert schema(det=det, p=prompt, llm=(["prompt"], {"answer": Kind.TEXT})).reads_pixels("answer") is False
+    # a node that looks at the image itself (a VLM), or at masks made from it, brings the pixels
+    assert schema(vlm=(["image", "q"], {"answer": Kind.TEXT})).reads_pixels("answer") is True
+    seg = (["image", "dets"], {"masks": Kind.MASKS})
+    assert schema(det=det, seg=seg, llm=(["masks"], {"answer": Kind.TEXT})).reads_pixels("answer") is True
+    emb = (["image"], {"vec": Kind.EMBEDDING})
+    docs = (["vec", "q"], {"docs": Kind.DOCUMENTS})
+    assert schema(emb=emb, r=docs, llm=(["docs"], {"answer": Kind.TEXT})).reads_pixels("answer") is True
+    # a loop in the declared reads ends; a graph that declares no dataflow is unknown, not "no pixels"
+    loop = schema(
+        a=(["q", "b_out"], {"a_out": Kind.TEXT}), b=(["a_out"], {"b_out": Kind.TEXT, "answer": Kind.TEXT})
+    )
+    assert loop.reads_pixels("answer") is False
+    assert schema().reads_pixels("answer") is None
+    # a builder's schema carries its dataflow, and it survives JSON
+    s = schema_of(_diamond().compile())
+    assert s.dataflow["c"].reads == ["p", "q"] and s.dataflow["b"].writes == {"q": Kind.NUMBER}
+    assert GraphSchema.model_validate_json(s.model_dump_json()).dataflow == s.dataflow

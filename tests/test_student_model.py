@@ -670,6 +670,51 @@ def test_the_full_visual_rag_schema_gives_todays_heads_and_weights() -> None:
     }  # fmt: skip
 
 
+def test_a_graph_whose_answer_reads_only_detections_gives_a_text_side_without_pixels() -> None:
+    """visual_rag's LLM reads the detected labels and positions, the question and text-retrieved facts, never the
+    pixels: the student's answer then reads object tokens (class, box, score) and the question only, so what it
+    writes cannot follow the pixels of its few training photos. A graph that declares no dataflow keeps pixels."""
+    from graphdistill.student.model import config_from_schema
+
+    flow = {
+        "detect": {"reads": ["image"], "writes": {"dets": "detections"}},
+        "retrieve": {"reads": ["question", "dets"], "writes": {"docs": "documents"}},
+        "reason": {"reads": ["question", "dets", "docs"], "writes": {"answer": "text"}},
+        "compose": {"reads": ["dets", "docs"], "writes": {"objects": "objects", "sources": "sources"}},
+    }
+    schema = {**_schema(("answer", "text"), ("objects", "objects"), ("sources", "sources")), "dataflow": flow}
+    cfg = config_from_schema(schema, **SMALL)
+    assert cfg.text_pixels is False
+    # a user may say otherwise
+    assert config_from_schema(schema, **SMALL, text_pixels=True).text_pixels is True
+    assert config_from_schema({**schema, "dataflow": {}}, **SMALL).text_pixels is True  # unknown: pixels
+    vlm = {**flow, "reason": {"reads": ["image", "question", "docs"], "writes": {"answer": "text"}}}
+    assert config_from_schema({**schema, "dataflow": vlm}, **SMALL).text_pixels is True
+    m = Student(cfg).eval()
+    assert not _has(m, ("img_proj", "img_pos", "obj_feat")) and _has(m, ("cls_emb", "box_emb"))
+    assert m.memory_len == m.n_ctx == cfg.num_registers + cfg.max_objects  # registers and object slots only
+    with_pixels = Student(StudentConfig(**{**cfg.to_dict(), "text_pixels": True}))
+    assert count_parameters(m) < count_parameters(with_pixels)
+    img, q, qm = _inputs(cfg)
+    other = torch.randn_like(img)
+    objects = _objects(2, cfg.max_objects, [0, 2], [True, True])
+    answer = torch.randint(4, cfg.vocab_size, (2, 5))
+    with torch.no_grad():
+        a = m(img, q, qm, answer, objects=objects)
+        b = m(other, q, qm, answer, objects=objects)
+        # the same objects and question, other pixels: the same memory and answer logits
+        assert torch.equal(a["memory"], b["memory"]) and torch.equal(a["answer_logits"], b["answer_logits"])
+        moved = _objects(2, cfg.max_objects, [1, 2], [True, True])  # another label: another answer
+        assert not torch.allclose(m(img, q, qm, answer, objects=moved)["answer_logits"], a["answer_logits"])
+        pa = with_pixels.eval()(img, q, qm, answer, objects=objects)["answer_logits"]
+        assert not torch.allclose(pa, with_pixels(other, q, qm, answer, objects=objects)["answer_logits"])
+        assert m.generate(img, q, qm, max_len=4).shape == (2, 4)  # its own detections at inference
+    assert StudentConfig.from_dict(cfg.to_dict()) == cfg
+    assert StudentConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "text_pixels"}).text_pixels
+    with pytest.raises(ValueError, match="text_pixels=False needs an objects or detections output"):
+        StudentConfig(**{**SMALL, "outputs": {"answer": "text"}, "text_pixels": False})
+
+
 def test_embedding_outputs_get_a_regression_head_and_bad_schemas_fail_clearly() -> None:
     from graphdistill.student.model import config_from_schema
 

@@ -454,6 +454,25 @@ def test_train_command_takes_loss_weights_and_names_bad_ones(
     assert meta["train_config"]["loss_weights"] == {"det_box": 0.0, "mask_bce": 4.0}
 
 
+@pytest.mark.slow
+def test_train_command_text_pixels_follows_the_graph_unless_told(dataset: Path, tmp_path: Path) -> None:
+    """The synthetic dataset's schema declares no dataflow, so ``auto`` keeps pixels; ``off`` trains a text side
+    that reads the objects and the question only, and the run loads back as trained."""
+    from graphdistill.cli import main
+    from graphdistill.student.predict import load_student
+
+    def run(name: str, *flag: str) -> dict[str, Any]:
+        out = tmp_path / name
+        argv = ["train", str(dataset), "--out", str(out), "--epochs", "1", "--image-size", "96", *flag]
+        assert main([*argv, "--batch-size", "4"]) == 0
+        return dict(json.loads((out / "config.json").read_text()))
+
+    assert run("auto")["text_pixels"] is True
+    assert run("off", "--text-pixels", "off")["text_pixels"] is False
+    model = load_student(tmp_path / "off").model
+    assert model.n_ctx == model.config.num_registers + model.config.max_objects
+
+
 def test_a_warm_start_takes_the_runs_tokenizer_config_and_weights(
     overfit_run: tuple[Path, dict[str, Any]], dataset: Path, tmp_path: Path
 ) -> None:

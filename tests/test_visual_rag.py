@@ -177,6 +177,17 @@ def test_declaration_shape() -> None:
     assert kinds["llm"] == Kind.TOKEN_LOGPROBS and kinds["masks"] == Kind.MASKS
     assert kinds["documents"] == Kind.DOCUMENTS and kinds["detections"] == Kind.DETECTIONS
     assert b.schema().nodes == ["detect", "segment", "retrieve", "reason", "compose"]
+    # the LLM reads the detections, the question and documents found by text: the answer is made from what the
+    # detector saw, never from the pixels themselves (so the student's text reads no pixels); masks are pixels
+    schema = b.schema()
+    assert schema.reads_pixels("answer") is False
+    # node by node: compose reads the masks, so what it writes counts as made from pixels
+    assert schema.reads_pixels("objects") is True and schema.reads_pixels("sources") is True
+    assert schema.dataflow["reason"].reads == ["question", "detections", "documents"]
+    # with CLIP image retrieval the documents, and so the answer, follow the pixels
+    with_clip = visual_rag_builder(teachers=dict.fromkeys((*roles, "clip"), unused)).schema()
+    assert "image" in with_clip.dataflow["retrieve"].reads
+    assert with_clip.reads_pixels("answer") is True
 
 
 class _FakeTeachers:

@@ -275,6 +275,18 @@ class FieldSpec(_Record):
     description: str = ""
 
 
+class NodeFlow(_Record):
+    """What one node of a declared graph reads and writes (``GraphBuilder.node(reads=, writes=)``)."""
+
+    reads: list[str] = Field(default_factory=list)
+    writes: dict[str, Kind] = Field(default_factory=dict)
+
+
+# Kinds through which pixels reach a field only as the detector saw them: the student's own detections stand in
+# for them (object tokens), so a field made from them and no other pixels needs no pixels in the student's text
+OBJECT_KINDS = (Kind.DETECTIONS, Kind.OBJECTS)
+
+
 class GraphSchema(_Record):
     """A teacher graph's declared inputs and outputs: machine-readable; the student's heads follow it."""
 
@@ -288,9 +300,44 @@ class GraphSchema(_Record):
         description="node -> what its model offers the student to start from (a JSON reference; see "
         "graphdistill.teachers.base.load_offer): e.g. a YOLO detector offers its trunk and head",
     )
+    dataflow: dict[str, NodeFlow] = Field(
+        default_factory=dict,
+        description="node -> the fields it reads and writes, for a graph that declares them (GraphBuilder); "
+        "empty when they are unknown (a LangGraph graph recorded as it is)",
+    )
 
     def output_kinds(self) -> dict[str, Kind]:
         return {f.name: f.kind for f in self.outputs}
+
+    def reads_pixels(self, field: str) -> bool | None:
+        """Whether ``field`` is made from an IMAGE field by a chain of node reads that does not pass through a
+        detections or objects field (:data:`OBJECT_KINDS`): True when the pixels reach it another way (a node
+        that looks at the image, or at masks, on the way), False when they reach it only as detected objects or
+        not at all, None when the graph declares no dataflow. visual_rag's answer: False (its LLM reads the
+        detections, the question and documents retrieved by text), True with CLIP image retrieval."""
+        if not self.dataflow:
+            return None
+        kinds = self.input_kinds()
+        writers: dict[str, list[str]] = {}
+        for node, flow in self.dataflow.items():
+            kinds.update(flow.writes)
+            for w in flow.writes:
+                writers.setdefault(w, []).append(node)
+        seen: set[str] = set()
+        todo = [field]
+        while todo:
+            f = todo.pop()
+            if f in seen:
+                continue
+            seen.add(f)
+            kind = kinds.get(f)
+            if kind == Kind.IMAGE:
+                return True
+            if kind in OBJECT_KINDS and f != field:
+                continue
+            for node in writers.get(f, []):
+                todo.extend(self.dataflow[node].reads)
+        return False
 
     def input_kinds(self) -> dict[str, Kind]:
         return {f.name: f.kind for f in self.inputs}

@@ -48,6 +48,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "query (default 1: no recurrence)",
     )
     p.add_argument(
+        "--text-pixels",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="whether the answer side reads the image itself (its P5 cells, the feature under each object) or "
+        "only the detected objects and the question. auto (default): off when the graph's answer is made from "
+        "its detections and no other pixels (visual_rag without CLIP: its LLM never sees the image), else on",
+    )
+    p.add_argument(
         "--loss-weight",
         action="append",
         default=[],
@@ -174,6 +182,7 @@ def _train(args: argparse.Namespace) -> int:
         overrides={
             **({"image_size": args.image_size} if args.image_size else {}),
             **({"max_depth": args.max_depth} if args.max_depth else {}),
+            **({"text_pixels": args.text_pixels == "on"} if args.text_pixels != "auto" else {}),
         },
         loss_weights=loss_weights,
         start=args.start,

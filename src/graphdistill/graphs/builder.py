@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from graphdistill.errors import GraphdistillError
-from graphdistill.trace import FieldSpec, GraphSchema, Kind
+from graphdistill.trace import FieldSpec, GraphSchema, Kind, NodeFlow
 
 if TYPE_CHECKING:  # langgraph/langchain-core are imported only when a graph is compiled
     from langchain_core.runnables import RunnableConfig
@@ -362,6 +362,9 @@ class GraphBuilder:
             nodes=list(self.nodes),
             definition_hash=_hash(self.definition()),
             offers=self.offers(),
+            dataflow={
+                name: NodeFlow(reads=list(d.reads), writes=dict(d.writes)) for name, d in self.nodes.items()
+            },
         )
 
     def offers(self) -> dict[str, dict[str, Any]]:

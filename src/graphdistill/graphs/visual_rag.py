@@ -477,7 +477,9 @@ def visual_rag_builder(config: VisualRagConfig | None = None, teachers: Any = No
         .node(
             "retrieve",
             fn["retrieve"],
-            reads=["question", "detections", "image"],
+            # the image only with CLIP image retrieval: without it the documents, and so the answer, are made
+            # from the question and the detected labels alone (GraphSchema.reads_pixels)
+            reads=["question", "detections", *(["image"] if t.clip is not None else [])],
             writes={"documents": Kind.DOCUMENTS},
             model=t.retriever,
         )

@@ -102,6 +102,13 @@ class StudentConfig:
     # iterated r = 1..R times at inference (Student.encode(depth=r)); training draws r per batch, uniformly, so
     # every r works. 1: no recurrence (the block runs once, as in a student trained before this existed)
     max_depth: int = 1
+    # whether the text side (joint encoder: answer, sources' registers, embeddings) reads pixels: the image tokens
+    # (P5 cells) and each object token's P4 feature. False when the teacher's answer is made from what its
+    # detector found and never from the pixels themselves (``trace.GraphSchema.text_reads_pixels``; visual_rag's
+    # reason node reads the labels, their positions and the retrieved facts): then the text reads the object
+    # tokens (class, box, score) and the question only, as the teacher's LLM does, and cannot learn to follow
+    # the pixels of the few training photos. True for a run trained before it existed (no such key)
+    text_pixels: bool = True
 
     @property
     def head_dim(self) -> int:
@@ -171,6 +178,15 @@ class StudentConfig:
             raise ValueError(f"source_dims must be 0 (rank by words) or more, got {self.source_dims}")
         if not 1 <= self.max_depth <= MAX_DEPTH:
             raise ValueError(f"max_depth must be between 1 and {MAX_DEPTH}, got {self.max_depth}")
+        if not self.text_pixels and not self.has_objects:
+            raise ValueError(
+                "text_pixels=False needs an objects or detections output: without pixels the text reads the "
+                "detected objects, and this student detects none"
+            )
+        if not self.text_pixels and self.embedding_dims:
+            raise ValueError(
+                f"text_pixels=False: embedding outputs {sorted(self.embedding_dims)} are read from the pixels"
+            )
         if self.max_answer_len < 2:
             raise ValueError("max_answer_len must leave room for <bos> and at least one token")
         self.outputs = dict(self.outputs)
@@ -265,11 +281,26 @@ def config_from_schema(
     **overrides: Any,
 ) -> StudentConfig:
     """The :class:`StudentConfig` whose heads are exactly those the teacher graph's output schema declares
-    (see :func:`outputs_from_schema`), sized from the dataset (vocabulary, classes, KB documents)."""
-    outputs = outputs_from_schema(schema, embedding_dims)
+    (see :func:`outputs_from_schema`), sized from the dataset (vocabulary, classes, KB documents). Its text side
+    reads no pixels (``text_pixels=False``) when the graph's text output is made from its detections and no
+    other pixels (:meth:`~graphdistill.trace.GraphSchema.reads_pixels`) and the student has no embedding head;
+    ``overrides`` may set it either way."""
+    from graphdistill.trace import GraphSchema
+
+    graph = schema if isinstance(schema, GraphSchema) else GraphSchema.model_validate(schema)
+    outputs = outputs_from_schema(graph, embedding_dims)
     sized: dict[str, Any] = {"outputs": outputs}
     dims = {n: d for n, d in (embedding_dims or {}).items() if outputs.get(n) == "embedding"}
     sized["embedding_dims"] = dims
+    text = next((n for n, k in outputs.items() if k == "text"), None)
+    detects = any(k in ("objects", "detections") for k in outputs.values())
+    if text is not None and detects and not dims and graph.reads_pixels(text) is False:
+        sized["text_pixels"] = False
+        log.info(
+            "graph %s: %r is made from the detected objects, not the pixels: the text reads no pixels",
+            graph.name,
+            text,
+        )
     for key, value in (
         ("vocab_size", vocab_size),
         ("num_classes", num_classes),

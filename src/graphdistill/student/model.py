@@ -425,7 +425,7 @@ class Student(nn.Module):
             raise ValueError(f"the trunk's head has reg_max {self.trunk.reg_max}, the config {cfg.reg_max}")
         c3, c4, c5 = self.trunk.channels
         self.grid = [cfg.image_size // s for s in STRIDES]
-        self.n_img = self.grid[2] ** 2  # image tokens: the P5 cells
+        self.n_img = self.grid[2] ** 2 if cfg.text_pixels else 0  # image tokens: the P5 cells
         self.n_obj = cfg.max_objects if cfg.has_objects else 0
         self.n_ctx = cfg.num_registers + self.n_img + self.n_obj  # memory tokens the decoder reads
         self.memory_len = self.n_ctx
@@ -448,8 +448,9 @@ class Student(nn.Module):
             self.coef = nn.ModuleList(CoefHead(c, cfg.num_masks) for c in (c3, c4, c5))
 
         # text side
-        self.img_proj = nn.Linear(c5, d)
-        self.img_pos = nn.Parameter(torch.zeros(1, self.n_img, d))
+        if cfg.text_pixels:
+            self.img_proj = nn.Linear(c5, d)
+            self.img_pos = nn.Parameter(torch.zeros(1, self.n_img, d))
         if cfg.has_objects:
             self.cls_emb = nn.Embedding(cfg.num_classes, d)
             self.class_words: (
@@ -458,7 +459,8 @@ class Student(nn.Module):
             words = cfg.class_token_ids or [PAD_ID] * cfg.num_classes
             self.register_buffer("class_words", torch.tensor(words, dtype=torch.long), persistent=False)
             self.box_emb = nn.Linear(5, d)  # cx, cy, w, h, score
-            self.obj_feat = nn.Linear(c4, d)  # the P4 cell under the box centre: colour, texture
+            if cfg.text_pixels:
+                self.obj_feat = nn.Linear(c4, d)  # the P4 cell under the box centre: colour, texture
             self.empty_obj = nn.Parameter(torch.zeros(1, 1, d))  # an unused object slot
             self.obj_mention = nn.Parameter(torch.zeros(d))  # added to the object the question names
         self.registers = nn.Parameter(torch.zeros(1, cfg.num_registers, d))
@@ -510,8 +512,10 @@ class Student(nn.Module):
 
     def _init(self) -> None:
         cfg = self.config
-        for p in (self.img_pos, self.registers, self.q_pos, self.type_emb):
+        for p in (self.registers, self.q_pos, self.type_emb):
             nn.init.normal_(p, std=0.02)
+        if cfg.text_pixels:
+            nn.init.normal_(self.img_pos, std=0.02)
         nn.init.normal_(self.tok_emb.weight, std=0.02)
         if cfg.has_objects:
             nn.init.normal_(self.cls_emb.weight, std=0.02)
@@ -612,22 +616,20 @@ class Student(nn.Module):
         ``valid`` [B,K] bool) -> object tokens [B,K,D]; an invalid slot is the learnt empty token. An object
         whose class name the question holds gets ``obj_mention`` (:func:`mentioned`)."""
         classes, boxes, scores, valid = (objects[k] for k in ("classes", "boxes", "scores", "valid"))
-        b, c4, h4, w4 = p4.shape
-        # the flat index in float, cast last: int8 preparation turns the scalars of integer arithmetic into
-        # float constants
-        ix = torch.floor((boxes[..., 0] * w4).clamp(0, w4 - 1))
-        iy = torch.floor((boxes[..., 1] * h4).clamp(0, h4 - 1))
-        flat = (iy * w4 + ix).long()
-        cell = p4.flatten(2).gather(2, flat[:, None, :].expand(-1, c4, -1)).transpose(1, 2)  # [B,K,C4]
+        b = p4.shape[0]
         c = classes.clamp(0, self.config.num_classes - 1)
         words = self.class_words[c]  # the class name's word: the one the copy path and documents use
-        tok = (
-            self.cls_emb(c)
-            + self.tok_emb(words)
-            + self.box_emb(torch.cat([boxes, scores[..., None]], -1))
-            + self.obj_feat(cell)
-            + mentioned(words, question_ids, question_mask)[..., None] * self.obj_mention
-        )
+        tok = self.cls_emb(c) + self.tok_emb(words) + self.box_emb(torch.cat([boxes, scores[..., None]], -1))
+        if self.config.text_pixels:  # the P4 cell under the box centre: colour, texture
+            _, c4, h4, w4 = p4.shape
+            # the flat index in float, cast last: int8 preparation turns the scalars of integer arithmetic into
+            # float constants
+            ix = torch.floor((boxes[..., 0] * w4).clamp(0, w4 - 1))
+            iy = torch.floor((boxes[..., 1] * h4).clamp(0, h4 - 1))
+            flat = (iy * w4 + ix).long()
+            cell = p4.flatten(2).gather(2, flat[:, None, :].expand(-1, c4, -1)).transpose(1, 2)  # [B,K,C4]
+            tok = tok + self.obj_feat(cell)
+        tok = tok + mentioned(words, question_ids, question_mask)[..., None] * self.obj_mention
         return torch.where(valid[..., None], tok, self.empty_obj.expand(b, tok.shape[1], -1))
 
     def context(
@@ -647,8 +649,9 @@ class Student(nn.Module):
         tokens only: the question tokens are its keys and values, nothing is computed for them as queries)."""
         self.check_depth(depth)
         b = p5.shape[0]
-        img = self.img_proj(p5.flatten(2).transpose(1, 2)) + self.img_pos + self.type_emb[1]
-        parts = [self.registers.expand(b, -1, -1) + self.type_emb[0], img]
+        parts = [self.registers.expand(b, -1, -1) + self.type_emb[0]]
+        if self.config.text_pixels:
+            parts.append(self.img_proj(p5.flatten(2).transpose(1, 2)) + self.img_pos + self.type_emb[1])
         if obj_tokens is not None:
             parts.append(obj_tokens + self.type_emb[2])
         lq = question_ids.shape[1]
