@@ -104,7 +104,7 @@ class StudentConfig:
     max_depth: int = 1
     # whether the text side (joint encoder: answer, sources' registers, embeddings) reads pixels: the image tokens
     # (P5 cells) and each object token's P4 feature. False when the teacher's answer is made from what its
-    # detector found and never from the pixels themselves (``trace.GraphSchema.text_reads_pixels``; visual_rag's
+    # detector found and never from the pixels themselves (``trace.GraphSchema.reads_pixels``; visual_rag's
     # reason node reads the labels, their positions and the retrieved facts): then the text reads the object
     # tokens (class, box, score) and the question only, as the teacher's LLM does, and cannot learn to follow
     # the pixels of the few training photos. True for a run trained before it existed (no such key)
