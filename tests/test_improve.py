@@ -372,7 +372,8 @@ def test_the_improve_command_runs_a_round_and_refuses_bad_arguments(
     assert "round 0:" in printed and "round 1: 2 inputs labelled, 4 teacher calls" in printed
     assert json.loads((out / "rounds.json").read_text())["rounds"][1]["labelled_inputs"] == 2
     for bad, message in (
-        (["--budget", "0"], "budget must be at least 1"),
+        (["--budget", "0"], "--budget 0: must be at least 1"),
+        (["--min-agreement", "2"], "--min-agreement 2.0: must be between 0 and 1"),
         (["--teacher-store", str(tmp_path / "none")], "--teacher-store"),
         (["--pool", str(tmp_path / "missing.jsonl")], "--pool"),
         (["--teacher-tta", "blur"], "blur"),

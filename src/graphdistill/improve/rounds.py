@@ -55,7 +55,12 @@ Progress = Callable[[str, int, int], None]
 
 
 class ImproveError(GraphdistillError, ValueError):
-    """Bad arguments to :func:`improve`, or an ``OUT`` folder made with other ones; the message says which."""
+    """Bad arguments to :func:`improve`, or an ``OUT`` folder made with other ones; the message says which.
+    ``field``: the :class:`ImproveConfig` field at fault, when one is (a command names its flag from it)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -76,12 +81,14 @@ class ImproveConfig:
 
     def check(self) -> None:
         if self.arm not in ARMS:
-            raise ImproveError(f"arm {self.arm!r}: choose one of {', '.join(ARMS)}")
+            raise ImproveError(f"arm {self.arm!r}: choose one of {', '.join(ARMS)}", field="arm")
         for name in ("rounds", "budget", "samples", "epochs"):
             if int(getattr(self, name)) < 1:
-                raise ImproveError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise ImproveError(f"{name} {getattr(self, name)}: must be at least 1", field=name)
         if not 0 <= self.min_agreement <= 1:
-            raise ImproveError(f"min_agreement must be between 0 and 1, got {self.min_agreement}")
+            raise ImproveError(
+                f"min_agreement {self.min_agreement}: must be between 0 and 1", field="min_agreement"
+            )
 
     def key(self) -> dict[str, Any]:
         """What must match for a rerun to go on in the same ``OUT`` (``rounds`` may grow)."""
