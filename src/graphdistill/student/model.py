@@ -7,8 +7,8 @@ One readable file (nanoGPT-style); its config lives in :mod:`graphdistill.studen
       dense head on every cell of P3..P5: box distributions (DFL) + class logits + mask coefficients
       ──► in-graph selection: best cells, Fast NMS (same class, IoU > nms_iou), the top max_objects kept
           ──► objects: boxes, scores, classes, masks = coefficients · prototypes (P3 → stride 4), cut to the box
-    object tokens   class embedding + box + score + the P4 feature at the box centre   [B, K, D]
-    joint encoder   [registers R | image tokens (P5 cells) | object tokens K | question tokens]; its last layer
+    object tokens   class embedding + box + score (+ the P4 feature at the box centre)   [B, K, D]
+    joint encoder   [registers R | (image tokens: P5 cells) | object tokens K | question tokens]; its last layer
                     a weight-shared block run r = 1..max_depth times (recurrent depth; 1 by default)
     context         [registers | image | objects] ──► answer decoder (cross-attention), sources head (registers)
     answer          a pointer-generator decoder: each step mixes its vocabulary distribution with a copy
@@ -26,6 +26,10 @@ Why this shape:
   student's own, selected in the same graph (static shapes throughout: exportable as one program).
 - **Masks class-agnostic inside the box** (YOLACT): prototypes learnt from the teacher's SAM masks carry to
   any class; the phone computes ``K × num_masks × (S/4)²`` multiply-adds for them.
+- **The text reads pixels only when the teacher's answer does** (``text_pixels``, from the graph's dataflow:
+  ``GraphSchema.reads_pixels``). visual_rag's LLM reads the detections, the question and text-retrieved facts,
+  so its student's text reads the object tokens and the question only: nothing of the look of the few
+  training photos to learn, and 24 context tokens instead of 220. The parts in brackets above are then absent.
 - The text and mask branches read the trunk's features detached: their losses never bend the detector (on a
   few hundred photos, letting the mask loss train the neck cost the detector fidelity on unseen photos).
 - ``decode_step`` reads a fixed-size KV cache ``[L, 2, B, H, T, hd]`` and returns this position's keys/values
