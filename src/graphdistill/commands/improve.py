@@ -85,10 +85,9 @@ def _improve(args: argparse.Namespace) -> int:
     try:
         cfg.check()
     except ImproveError as exc:
-        message = str(exc)
-        if exc.field:  # the message starts with the field's name: name the flag instead
-            message = "--" + exc.field.replace("_", "-") + message.removeprefix(exc.field)
-        raise CommandError(message) from exc
+        if exc.field is None:
+            raise CommandError(str(exc)) from exc
+        raise CommandError(f"--{exc.field.replace('_', '-')} {exc.value}: {exc.reason}") from exc
     labeller: Labeller | None = None
     if args.teacher_store:
         if not (Path(args.teacher_store) / "traces.sqlite").exists():

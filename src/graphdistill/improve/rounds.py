@@ -56,11 +56,18 @@ Progress = Callable[[str, int, int], None]
 
 class ImproveError(GraphdistillError, ValueError):
     """Bad arguments to :func:`improve`, or an ``OUT`` folder made with other ones; the message says which.
-    ``field``: the :class:`ImproveConfig` field at fault, when one is (a command names its flag from it)."""
+    ``field``, ``value``, ``reason``: the :class:`ImproveConfig` field at fault, when one is (:meth:`bad`; a
+    command names its flag from it)."""
 
-    def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
+    field: str | None = None
+    value: Any = None
+    reason: str = ""
+
+    @classmethod
+    def bad(cls, field: str, value: Any, reason: str) -> ImproveError:
+        err = cls(f"{field} {value!r}: {reason}")
+        err.field, err.value, err.reason = field, value, reason
+        return err
 
 
 @dataclass(frozen=True)
@@ -81,14 +88,12 @@ class ImproveConfig:
 
     def check(self) -> None:
         if self.arm not in ARMS:
-            raise ImproveError(f"arm {self.arm!r}: choose one of {', '.join(ARMS)}", field="arm")
+            raise ImproveError.bad("arm", self.arm, f"choose one of {', '.join(ARMS)}")
         for name in ("rounds", "budget", "samples", "epochs"):
             if int(getattr(self, name)) < 1:
-                raise ImproveError(f"{name} {getattr(self, name)}: must be at least 1", field=name)
+                raise ImproveError.bad(name, getattr(self, name), "must be at least 1")
         if not 0 <= self.min_agreement <= 1:
-            raise ImproveError(
-                f"min_agreement {self.min_agreement}: must be between 0 and 1", field="min_agreement"
-            )
+            raise ImproveError.bad("min_agreement", self.min_agreement, "must be between 0 and 1")
 
     def key(self) -> dict[str, Any]:
         """What must match for a rerun to go on in the same ``OUT`` (``rounds`` may grow)."""

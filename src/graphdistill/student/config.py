@@ -7,7 +7,7 @@ Kept free of torch so it can be read (and a config checked) without the model's 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -292,15 +292,6 @@ def config_from_schema(
     sized: dict[str, Any] = {"outputs": outputs}
     dims = {n: d for n, d in (embedding_dims or {}).items() if outputs.get(n) == "embedding"}
     sized["embedding_dims"] = dims
-    text = next((n for n, k in outputs.items() if k == "text"), None)
-    detects = any(k in ("objects", "detections") for k in outputs.values())
-    if text is not None and detects and not dims and graph.reads_pixels(text) is False:
-        sized["text_pixels"] = False
-        log.info(
-            "graph %s: %r is made from the detected objects, not the pixels: the text reads no pixels",
-            graph.name,
-            text,
-        )
     for key, value in (
         ("vocab_size", vocab_size),
         ("num_classes", num_classes),
@@ -308,4 +299,19 @@ def config_from_schema(
     ):
         if value is not None:
             sized[key] = value
-    return preset(preset_name, **{**sized, **overrides})
+    config = preset(preset_name, **{**sized, **overrides})
+    text = config.output_of("text")
+    if (
+        "text_pixels" not in overrides
+        and text is not None
+        and config.has_objects
+        and not config.embedding_dims
+        and graph.reads_pixels(text) is False
+    ):
+        log.info(
+            "graph %s: %r is made from the detected objects, not the pixels: the text reads none",
+            graph.name,
+            text,
+        )
+        config = replace(config, text_pixels=False)
+    return config
