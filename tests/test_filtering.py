@@ -299,20 +299,27 @@ def test_teacher_measures_count_greedy_grounding_agreement_and_keep_rate() -> No
     assert [d.kept for d in decisions] == [True, True, False, True]
     agreement = [d.consensus.agreement["answer"] for d in decisions]
     assert agreement == pytest.approx([1, 2 / 3, 2 / 3, 2 / 3])  # "fail" counts its failed sample in K
-    m = teacher_measures(decisions)
+    # an input recorded once (a replay with one sample) agrees with itself: it says nothing of agreement
+    once = decide_group([make_trace("once", 0, "A dog.", [cat()], ["doc-cat"])], config, None)
+    assert once.consensus.k == 1 and once.consensus.agreement["answer"] == 1.0
+    m = teacher_measures([*decisions, once])
     assert m == {
-        "groups": 4,
-        "greedy_n": 3,
-        "greedy_grounded": pytest.approx(2 / 3),
-        "greedy_cut_by_length": pytest.approx(1 / 3),
-        "greedy_words": pytest.approx(5.0),
+        "groups": 5,
+        "greedy_n": 4,
+        "greedy_grounded": pytest.approx(2 / 4),
+        "greedy_cut_by_length": pytest.approx(1 / 4),
+        "greedy_words": pytest.approx(17 / 4),
+        "agreement_n": 4,
         "answer_agreement": pytest.approx(float(np.mean(agreement))),
-        "keep_rate": pytest.approx(3 / 4),
+        "keep_rate": pytest.approx(3 / 5),
     }
     assert teacher_measures([])["greedy_grounded"] is None
+    assert teacher_measures([once])["answer_agreement"] is None
     line = teacher_line(m)
-    assert "naming only detected classes 67% (of 3)" in line and "keep rate 75%" in line
-    assert "agreement across the K samples 0.75" in line and "5.0 words" in line
+    assert "naming only detected classes 50% (of 4)" in line and "keep rate 60%" in line
+    assert (
+        "agreement across the K samples 0.75 (of 4 inputs with two or more)" in line and "4.2 words" in line
+    )
 
 
 # --------------------------------------------------------------------------------------------------------

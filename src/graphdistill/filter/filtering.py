@@ -193,12 +193,15 @@ def teacher_measures(decisions: Sequence[GroupDecision]) -> dict[str, float | in
       detected (the ``answer_class_not_detected`` test on sample 0 alone);
     - ``greedy_cut_by_length``: the share of greedy answers that hit the token limit;
     - ``greedy_words``: their mean length in words;
-    - ``answer_agreement``: the mean answer agreement (fraction of the K samples in the winning cluster);
+    - ``answer_agreement``: the mean answer agreement (fraction of the K samples in the winning cluster) over
+      the groups of two samples or more (``agreement_n`` of them; one sample agrees with itself: the demo's
+      replays are recorded once each);
     - ``keep_rate``: the share of groups the filter kept.
 
     Shares over the groups with a greedy answer (``greedy_n`` of them); None when there is none."""
     greedy = [d.greedy for d in decisions if d.greedy is not None]
     n = len(decisions)
+    voted = [d.consensus.agreement["answer"] for d in decisions if d.consensus.k > 1]
 
     def share(values: Sequence[bool]) -> float | None:
         return sum(values) / len(values) if values else None
@@ -209,7 +212,8 @@ def teacher_measures(decisions: Sequence[GroupDecision]) -> dict[str, float | in
         "greedy_grounded": share([g.grounded for g in greedy]),
         "greedy_cut_by_length": share([g.cut_by_length for g in greedy]),
         "greedy_words": sum(g.words for g in greedy) / len(greedy) if greedy else None,
-        "answer_agreement": sum(d.consensus.agreement["answer"] for d in decisions) / n if n else None,
+        "agreement_n": len(voted),
+        "answer_agreement": sum(voted) / len(voted) if voted else None,
         "keep_rate": sum(d.kept for d in decisions) / n if n else None,
     }
 

@@ -77,7 +77,8 @@ def teacher_line(measures: dict[str, Any]) -> str:
         f"greedy answers naming only detected classes {pct('greedy_grounded')} "
         f"(of {measures.get('greedy_n', 0)}), cut by the token limit {pct('greedy_cut_by_length')}, "
         f"{'n/a' if words is None else f'{words:.1f}'} words on average; mean answer agreement across the K "
-        f"samples {'n/a' if agreement is None else f'{agreement:.2f}'}; keep rate {pct('keep_rate')}"
+        f"samples {'n/a' if agreement is None else f'{agreement:.2f}'} (of {measures.get('agreement_n', 0)} "
+        f"inputs with two or more); keep rate {pct('keep_rate')}"
     )
 
 
