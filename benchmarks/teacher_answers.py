@@ -3,7 +3,9 @@
 Records the demo's inputs (``graphdistill inputs make --builtin --n 48 --seed 0 --heldout-questions 6``: 48
 training inputs + 12 held-out rows) with K=3 samples and flip/scale TTA, as ``make demo`` does, once with
 ``VisualRagConfig(prompt_style="plain", max_new_tokens=48, stop=(), max_sentences=None)`` (the reference
-graph until 2026-12-03) and once with the default config (few-shot prompt, stop at a newline or after two
+graph until 2026-12-03), once with the few-shot prompt and the LLM writing the whole answer
+(``scene_opening=False``, the default until 2026-12-06) and once with the default config (few-shot prompt,
+the answer's first sentence written by the graph and continued by the LLM, stop at a newline or after two
 sentences, 96 new tokens at most); filters each store as ``graphdistill filter`` does and reports, per prompt:
 the share of greedy answers naming only detected classes, the mean answer agreement across the K samples,
 the filter's keep rate and why it dropped what it dropped (all three from the filter summary's ``teacher``
@@ -38,7 +40,9 @@ HERE = Path(__file__).resolve().parent
 STYLES: dict[str, dict[str, Any]] = {
     # the reference graph's reason node until 2026-12-03
     "plain": {"prompt_style": "plain", "max_new_tokens": 48, "stop": (), "max_sentences": None},
-    "fewshot": {},  # today's defaults
+    # the few-shot prompt with the LLM writing the whole answer (2026-12-03 to 2026-12-06)
+    "fewshot": {"scene_opening": False},
+    "opening": {},  # today's defaults: the graph writes the first sentence (scene_sentence), the LLM the rest
 }
 _SHARED: dict[str, Any] = {}
 
@@ -119,6 +123,10 @@ def plain_graph() -> Any:
 
 def fewshot_graph() -> Any:
     return _graph("fewshot")
+
+
+def opening_graph() -> Any:
+    return _graph("opening")
 
 
 def _cli(*argv: str) -> None:

@@ -99,6 +99,33 @@ def test_teacher_pieces_map_onto_student_tokens_where_both_segment_alike(tok: St
     assert [int(i) for i in topk_ids[valid][:, 0]] == [p["There"], p[" are"], p[" 2"], p["."], EOS_ID]
 
 
+def test_an_llm_that_continued_the_graphs_opening_aligns_its_own_part_only(tok: StudentTokenizer) -> None:
+    """visual_rag writes an answer's first words and the LLM continues them: the record holds the LLM's part
+    only (" are 2 cats."); the answer's tokens there get the same soft targets as when the LLM wrote it all,
+    the opening's none, and the <eos> target still aligns with the teacher's EOS step."""
+    whole = teacher_record()
+    rest = TokenLogprobs(
+        tokenizer=whole.tokenizer,
+        token_ids=whole.token_ids[2:],
+        topk_ids=whole.topk_ids[2:],
+        topk_logprobs=whole.topk_logprobs[2:],
+        token_texts=whole.token_texts[2:],
+        topk_texts=whole.topk_texts[2:],
+        eos_ids=whole.eos_ids,
+    )
+    assert "".join(rest.token_texts) == " are 2 cats."
+    full = align_soft_targets(whole, ANSWER, tok, MAX_LEN, k=3)
+    cont = align_soft_targets(rest, ANSWER, tok, MAX_LEN, k=3)
+    assert full is not None and cont is not None
+    # "There" was the graph's: no soft target; " are", " 2", ".", <eos> as before (" cats" never aligned)
+    assert cont[2].tolist() == [False, True, True, False, True, True] + [False] * (MAX_LEN - 6)
+    for got, want in zip(cont[:2], full[:2], strict=True):
+        torch.testing.assert_close(got[1:6], want[1:6])
+    # the LLM's text must end the answer: in the middle of it, or another text, it aligns nothing
+    assert align_soft_targets(rest, ANSWER + " Cats sleep.", tok, MAX_LEN, k=3) is None
+    assert align_soft_targets(rest, "There are 3 dogs.", tok, MAX_LEN, k=3) is None
+
+
 def test_no_soft_targets_for_another_answer_a_truncated_eos_or_a_record_without_texts(
     tok: StudentTokenizer,
 ) -> None:

@@ -821,6 +821,32 @@ def test_llm_sampled_rows_of_a_batch_are_their_single_calls_and_the_prefix_cache
 
 
 @pytest.mark.slow
+def test_llm_continues_an_opening_and_the_prefix_cache_still_holds_the_shared_chat() -> None:
+    """A chat ending with an assistant message is continued: the model sees that message open (no end of
+    turn after it), writes only what follows, and the rows still share the chat before their last question."""
+    lm = _models.llm()
+    shared = [
+        {"role": "system", "content": "You answer in two short sentences about the objects you are given."},
+        {"role": "user", "content": "Objects: 1 dog. Question: What is in the photo?"},
+        {"role": "assistant", "content": "The photo shows a dog. A dog is a loyal pet."},
+    ]
+    opening = {"role": "assistant", "content": "The photo shows a cat."}
+    prompts: list[Any] = [
+        [*shared, {"role": "user", "content": f"Objects: 1 cat. Question: {q}"}, opening]
+        for q in ("What is in the photo?", "Is it friendly?")
+    ]
+    text = lm.render(prompts[0])
+    assert text.endswith("The photo shows a cat.")  # open: the model goes on from here
+    assert text.startswith(lm.render(prompts[0][:-1]))  # ... inside the assistant turn the question opened
+    hits = lm.prefix_hits
+    outs = lm.generate_batch(prompts, max_new_tokens=16, max_sentences=1)
+    assert lm.prefix_hits == hits + 2
+    for out in outs:
+        assert out.text and not out.text.startswith("The photo shows a cat")  # only what the model added
+        assert "".join(out.logprobs.token_texts).strip().startswith(out.text)
+
+
+@pytest.mark.slow
 def test_batcher_on_the_real_llm_matches_single_calls() -> None:
     from graphdistill.teachers.batching import LLMBatcher
 

@@ -8,6 +8,7 @@ import pytest
 
 from graphdistill.graphs.visual_rag import (
     EXAMPLES,
+    NO_OBJECT,
     PLAIN_SYSTEM_PROMPT,
     SAMPLE_TEMPERATURE,
     SAMPLE_TOP_P,
@@ -18,6 +19,7 @@ from graphdistill.graphs.visual_rag import (
     prompt_facts,
     retrieval_query,
     sampling_settings,
+    scene_sentence,
 )
 from graphdistill.trace import RLE, Detections, Document, Kind, TokenLogprobs
 
@@ -110,6 +112,39 @@ def test_fewshot_prompt_is_the_examples_then_the_detected_labels_facts_and_quest
     assert empty == "Objects: none\nFacts: none\nQuestion: What is in the picture?"
 
 
+def test_scene_sentence_names_the_detected_labels_with_counts_and_positions() -> None:
+    """The answer's first sentence, written by the graph: every worked example's answer opens with it (the
+    LLM sees the rule it continues), labels grouped in the detector's order, counted and placed."""
+    for ex in EXAMPLES:
+        assert ex.answer.startswith(scene_sentence(ex.objects)), ex.question
+    assert scene_sentence(()) == NO_OBJECT == EXAMPLES[0].answer
+    objects = tuple(
+        (n, position_words(b, MIXED.image_size)) for n, b in zip(MIXED.names, MIXED.xyxy, strict=True)
+    )
+    assert scene_sentence(objects) == (
+        "The photo shows a dining table at the top left and 2 cups, in the center and at the top right."
+    )
+    three = [
+        ("cat", "left, small"),
+        ("apple", "center, large"),
+        ("cat", "right, small"),
+        ("dog", "top, small"),
+    ]
+    assert scene_sentence(three) == (
+        "The photo shows 2 cats, on the left and on the right, an apple in the center and a dog at the top."
+    )
+    crowd = (
+        [("person", "left, small")] * 4 + [("wine glass", "bottom, small")] * 2 + [("bus", "center, large")]
+    )
+    assert scene_sentence(crowd) == (
+        "The photo shows 4 people, 2 wine glasses, at the bottom and at the bottom, and a bus in the center."
+    )
+    # the prompt ends with it as the assistant's opening, for the LLM to continue
+    msgs = build_prompt("What is next to the cup?", MIXED, [], opening=True)
+    assert msgs[:-1] == build_prompt("What is next to the cup?", MIXED, [])
+    assert msgs[-1] == {"role": "assistant", "content": scene_sentence(objects)}
+
+
 def test_prompt_facts_leave_out_facts_naming_an_undetected_class() -> None:
     docs = [
         Document(id="t", text="A toilet is a bowl with a seat.", metadata={"label": "toilet"}),
@@ -134,8 +169,13 @@ def test_prompt_facts_leave_out_facts_naming_an_undetected_class() -> None:
 
 def test_the_config_asks_every_llm_call_for_its_stop_rule() -> None:
     cfg = VisualRagConfig()
-    assert cfg.prompt_style == "fewshot"
-    assert cfg.llm_options() == {"max_new_tokens": 96, "stop": ("\n",), "max_sentences": 2}
+    assert cfg.prompt_style == "fewshot" and cfg.opens_answers()
+    # two sentences in all: the graph writes the first, the LLM one more
+    assert cfg.llm_options() == {"max_new_tokens": 96, "stop": ("\n",), "max_sentences": 1}
+    whole = VisualRagConfig(scene_opening=False)
+    assert not whole.opens_answers() and whole.llm_options()["max_sentences"] == 2
+    assert VisualRagConfig(max_sentences=1).llm_options()["max_sentences"] == 1  # the LLM writes at least one
+    assert not VisualRagConfig(prompt_style="plain").opens_answers()
     old = VisualRagConfig(prompt_style="plain", max_new_tokens=48, stop=(), max_sentences=None)
     assert old.llm_options() == {"max_new_tokens": 48, "stop": (), "max_sentences": None}
 
@@ -237,7 +277,7 @@ class _FakeTeachers:
                 outer.llm_called.set()
                 return [
                     LLMOutput(
-                        text=f" answer to {p[-1]['content'].rsplit(': ', 1)[-1]} ",
+                        text=f" answer to {p[-2]['content'].rsplit(': ', 1)[-1]} ",
                         logprobs=TokenLogprobs(
                             tokenizer="t", token_ids=[1], topk_ids=[[1]], topk_logprobs=[[0.0]]
                         ),
@@ -275,7 +315,10 @@ def test_reason_runs_in_parallel_with_segment_and_batch_shares_llm_calls() -> No
     image = __import__("numpy").zeros((300, 400, 3), "uint8")
     xs = [{"image": image, "question": q} for q in ("q1?", "q2?", "q3?")]
     outs = graph.batch(xs, config={"callbacks": [Spy()], "max_concurrency": 3})
-    assert [o["answer"] for o in outs] == ["answer to q1?", "answer to q2?", "answer to q3?"]
+    # the graph's opening sentence, then the LLM's continuation of it
+    opening = "The photo shows 2 cats, in the center and at the bottom right."
+    assert [o["answer"] for o in outs] == [f"{opening} answer to q{i}?" for i in (1, 2, 3)]
+    assert all(p[-1] == {"role": "assistant", "content": opening} for b in fakes.batches for p in b)
     for o in outs:
         assert [ob["label"] for ob in o["objects"]] == ["cat", "cat"] and o["objects"][0]["mask"] is not None
         assert o["sources"] and o["sources"][0].startswith("doc-")
@@ -344,7 +387,9 @@ def test_sampling_contract_reaches_the_llm() -> None:
     import _models
     from graphdistill.graphs.visual_rag import visual_rag
 
-    graph = visual_rag(teachers=_models.visual_rag_teachers())
+    # the LLM writing the whole answer: with the graph's opening, chelsea's one-sentence continuation (a fact
+    # copied whole) can come out the same in a sampled draw
+    graph = visual_rag(VisualRagConfig(scene_opening=False), teachers=_models.visual_rag_teachers())
     x = {"image": _models.builtin_image("skimage/chelsea"), "question": "What is in this picture?"}
 
     def run(**configurable: Any) -> str:

@@ -16,8 +16,11 @@ START -> detect -> retrieve -> reason  --+-> compose -> END
   answer without guessing). The default prompt (``prompt_style="fewshot"``) is a chat with three short
   worked examples: each answer first says what the photo shows with the detected labels as the detector
   spells them, then copies one fact; the facts shown are the retrieved ones about detected labels that name
-  no other class of the detector. The answer ends at a newline or after two sentences (``stop``,
-  ``max_sentences``), so a list is never cut mid-item by the token limit. ``"plain"`` is the single-turn
+  no other class of the detector. That first sentence is written by the graph (``scene_opening``,
+  :func:`scene_sentence`: the labels grouped with a count and their positions, in the detector's order),
+  and the LLM continues it: a 135M model told to name only the listed objects still named others ("a
+  mouse" for an apple) and said the same thing differently in every sample. The answer ends at a newline
+  or after two sentences (``stop``, ``max_sentences``), so a list is never cut mid-item by the token limit. ``"plain"`` is the single-turn
   prompt used before (kept to measure against: ``benchmarks/teacher_answers.py``);
 * ``compose`` (after both branches) joins detections with their masks into ``objects`` and lists the
   ``sources``.
@@ -108,7 +111,7 @@ EXAMPLES: tuple[Example, ...] = (
             "An umbrella is a folding canopy on a stick that protects from rain or sun.",
         ),
         "What is in the picture?",
-        "The photo shows a laptop in the center and an umbrella at the top left. A laptop is a portable "
+        "The photo shows an umbrella at the top left and a laptop in the center. A laptop is a portable "
         "computer with a built-in screen and a battery.",
     ),
 )
@@ -133,6 +136,9 @@ class VisualRagConfig:
     max_new_tokens: int = 96
     stop: tuple[str, ...] = ("\n",)  # an answer ends at a newline (a list keeps its first whole item)
     max_sentences: int | None = 2  # ...or after two sentences
+    # the few-shot answer opens with scene_sentence(detections), written by the graph: the LLM continues it
+    # (the objects it names are the detected ones, in the detector's words, every sample alike)
+    scene_opening: bool = True
     device: str | None = "cpu"  # None -> cuda when available
     seed: int = 0
     clip_checkpoint: str | None = None  # set to add CLIP image retrieval
@@ -151,9 +157,17 @@ class VisualRagConfig:
             raise ValueError(f"max_sentences must be >= 1 or None, got {self.max_sentences}")
         self.stop = tuple(self.stop)
 
+    def opens_answers(self) -> bool:
+        """Whether the graph writes the answer's first sentence (:func:`scene_sentence`) and the LLM the rest."""
+        return self.scene_opening and self.prompt_style == "fewshot"
+
     def llm_options(self) -> dict[str, Any]:
-        """What the reason node asks of every LLM call besides the sampling settings."""
-        return {"max_new_tokens": self.max_new_tokens, "stop": self.stop, "max_sentences": self.max_sentences}
+        """What the reason node asks of every LLM call besides the sampling settings. With the graph's opening
+        sentence the LLM writes the others: one sentence fewer (at least one)."""
+        sentences = self.max_sentences
+        if sentences is not None and self.opens_answers():
+            sentences = max(sentences - 1, 1)
+        return {"max_new_tokens": self.max_new_tokens, "stop": self.stop, "max_sentences": sentences}
 
 
 @dataclass
@@ -275,12 +289,65 @@ def position_words(box: Sequence[float], image_size: Sequence[int]) -> str:
     return f"{where}, {size}"
 
 
+NO_OBJECT = "The photo shows no object that I can name."
+_IRREGULAR_PLURALS = {"person": "people", "mouse": "mice", "knife": "knives", "sheep": "sheep"}
+
+
+def _plural(label: str) -> str:
+    head, _, last = label.rpartition(" ")
+    if last in _IRREGULAR_PLURALS:
+        word = _IRREGULAR_PLURALS[last]
+    elif last.endswith(("s", "sh", "ch", "x")):
+        word = last if last in ("skis", "scissors") else last + "es"
+    else:
+        word = last + "s"
+    return f"{head} {word}" if head else word
+
+
+def _where_phrase(where: str) -> str:
+    """The position part of :func:`position_words` as a phrase: "center" -> "in the center", "left" -> "on
+    the left", "top left" -> "at the top left"."""
+    if where == "center":
+        return "in the center"
+    if where in ("left", "right"):
+        return f"on the {where}"
+    return f"at the {where}"
+
+
+def _and(parts: Sequence[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def scene_sentence(objects: Sequence[tuple[str, str]]) -> str:
+    """The first sentence of a few-shot answer, written by the graph from what the detector found:
+    ``objects`` are (label, :func:`position_words`) in the detector's order, grouped by label as the prompt
+    lists them: "The photo shows 2 horses, on the left and on the right, and a bench at the bottom." A label
+    seen more than 3 times is counted without positions; none found: :data:`NO_OBJECT`."""
+    where: dict[str, list[str]] = {}
+    for label, pos in objects:
+        where.setdefault(label, []).append(_where_phrase(pos.split(",")[0].strip()))
+    if not where:
+        return NO_OBJECT
+    parts = []
+    for label, places in where.items():
+        if len(places) == 1:
+            article = "an" if label[:1].lower() in "aeiou" else "a"
+            parts.append(f"{article} {label} {places[0]}")
+        elif len(places) <= 3:
+            parts.append(f"{len(places)} {_plural(label)}, {_and(places)},")
+        else:
+            parts.append(f"{len(places)} {_plural(label)}")
+    text = ("The photo shows " + _and(parts)).replace(",,", ",")  # a counted label's positions end in ","
+    return text.rstrip(",") + "."
+
+
 def build_prompt(
     question: str,
     detections: Detections,
     documents: Sequence[Document],
     style: str = "fewshot",
     class_names: Sequence[str] | None = None,
+    opening: bool = False,
 ) -> list[dict[str, str]]:
     """The chat the LLM answers (see the module docstring).
 
@@ -289,7 +356,8 @@ def build_prompt(
     and the question. ``plain``: the system instructions and one user turn with every detection, every
     retrieved fact and the question. ``class_names``: the detector's label set (facts naming another of its
     classes are left out of the few-shot prompt); None: every label the facts' metadata and the detections
-    name.
+    name. ``opening`` (few-shot only): the chat ends with the answer's first sentence as an assistant message
+    (:func:`scene_sentence`), for the LLM to continue.
     """
     if style == "plain":
         return _plain_prompt(question, detections, documents)
@@ -305,6 +373,8 @@ def build_prompt(
     )
     facts = prompt_facts(detections, documents, class_names)
     msgs.append({"role": "user", "content": _fewshot_turn(objects, facts, question.strip())})
+    if opening:
+        msgs.append({"role": "assistant", "content": scene_sentence(objects)})
     return msgs
 
 
@@ -418,8 +488,9 @@ def _nodes(t: VisualRagTeachers, cfg: VisualRagConfig) -> dict[str, Callable[...
 
     def reason(r: dict[str, Any], config: Any) -> dict[str, Any]:
         try:
+            opens = cfg.opens_answers()
             prompt = build_prompt(
-                r["question"], r["detections"], r["documents"], cfg.prompt_style, class_names
+                r["question"], r["detections"], r["documents"], cfg.prompt_style, class_names, opens
             )
             settings = {**sampling_settings(config), **cfg.llm_options()}
         except BaseException:
@@ -431,7 +502,10 @@ def _nodes(t: VisualRagTeachers, cfg: VisualRagConfig) -> dict[str, Callable[...
                 out = t.llm.generate(prompt, **settings)
         else:  # the batcher takes the lock itself, around each model call
             out = llm.generate(prompt, **settings)
-        return {"answer": out.text.strip(), "llm": out.logprobs, "finish_reason": out.finish_reason}
+        answer = out.text.strip()
+        if opens:  # the graph's opening, then what the LLM wrote after it
+            answer = " ".join(p for p in (prompt[-1]["content"], answer) if p)
+        return {"answer": answer, "llm": out.logprobs, "finish_reason": out.finish_reason}
 
     def compose(r: dict[str, Any]) -> dict[str, Any]:
         dets: Detections = r["detections"]

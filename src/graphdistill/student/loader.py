@@ -416,6 +416,9 @@ def align_soft_targets(
     tokenizer is not the student's). None when ``lt`` carries no piece texts, ``answer`` is not in the text
     they decode to (the log-probs came from another text), or no position aligns.
 
+    The teacher's text may also be the end of the answer only (the graph wrote the answer's opening and the
+    LLM continued it): the positions of the opening then get none.
+
     A student target position gets soft targets when a teacher piece starts at the same character of the
     answer with exactly the student token's text: both models then predict the same next characters from
     the same text. Each of the teacher's alternatives there maps to the student token with exactly its text
@@ -429,7 +432,14 @@ def align_soft_targets(
     teacher_text = "".join(lt.token_texts)
     base = teacher_text.find(answer)  # the answer is the teacher's text stripped (or a part of it)
     if base < 0:
-        return None
+        # or the teacher's text ends the answer: the LLM continued an opening the graph wrote (visual_rag's
+        # scene sentence); the opening's positions get no soft targets
+        said = teacher_text.strip()
+        inner = answer.rfind(said) if said else -1
+        if inner < 0 or inner + len(said) != len(answer):
+            return None
+        lead = len(teacher_text) - len(teacher_text.lstrip())
+        base = lead - inner  # the answer's character s is the teacher's base + s
     starts: dict[int, int] = {}  # char offset -> the teacher step whose (non-empty) piece starts there
     pos = 0
     for j, piece in enumerate(lt.token_texts):

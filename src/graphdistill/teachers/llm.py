@@ -249,10 +249,14 @@ class HFCausalLM:
         return msgs
 
     def render(self, prompt: Prompt) -> str:
-        """The exact text the model sees for ``prompt`` (chat template applied, assistant turn opened)."""
-        text = self.tokenizer.apply_chat_template(
-            self._messages(prompt), tokenize=False, add_generation_prompt=True
-        )
+        """The exact text the model sees for ``prompt`` (chat template applied, assistant turn opened). A chat
+        that ends with an assistant message is continued: that message is the opening of the answer (the
+        model writes what follows it; the returned text is only what the model wrote)."""
+        msgs = self._messages(prompt)
+        if msgs[-1]["role"] == "assistant":
+            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, continue_final_message=True)
+        else:
+            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         return str(text)
 
     def piece_texts(self, ids: list[int], topk: list[list[int]]) -> tuple[list[str], list[list[str]]]:
@@ -450,11 +454,15 @@ class HFCausalLM:
         return n
 
     def _chat_head(self, prompt: Prompt) -> str | None:
-        """The rendered chat before the prompt's last message (None: a single message)."""
+        """The rendered chat before the prompt's last user message (None: nothing before it). An opening of
+        the answer (a last assistant message, see :meth:`render`) belongs to its row, as its question does."""
         msgs = self._messages(prompt)
-        if len(msgs) < 2:
+        end = len(msgs) - 1
+        if msgs[end]["role"] == "assistant":
+            end -= 1
+        if end < 1:
             return None
-        text = self.tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=False)
+        text = self.tokenizer.apply_chat_template(msgs[:end], tokenize=False, add_generation_prompt=False)
         return str(text)
 
     def _kept(self, tokens: list[int], rule: StopRule) -> tuple[int, int | None]:
