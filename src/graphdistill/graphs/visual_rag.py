@@ -20,8 +20,9 @@ START -> detect -> retrieve -> reason  --+-> compose -> END
   :func:`scene_sentence`: the labels grouped with a count and their positions, in the detector's order),
   and the LLM continues it: a 135M model told to name only the listed objects still named others ("a
   mouse" for an apple) and said the same thing differently in every sample. The answer ends at a newline
-  or after two sentences (``stop``, ``max_sentences``), so a list is never cut mid-item by the token limit. ``"plain"`` is the single-turn
-  prompt used before (kept to measure against: ``benchmarks/teacher_answers.py``);
+  or after two sentences (``stop``, ``max_sentences``), so a list is never cut mid-item by the token limit.
+  ``"plain"`` is the single-turn prompt used before (kept to measure against:
+  ``benchmarks/teacher_answers.py``);
 * ``compose`` (after both branches) joins detections with their masks into ``objects`` and lists the
   ``sources``.
 

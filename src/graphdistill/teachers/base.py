@@ -61,7 +61,9 @@ class LLMOutput:
 @runtime_checkable
 class LLM(Teacher, Protocol):
     """``max_new_tokens``, ``stop`` (strings that end an answer) and ``max_sentences``: None means the
-    adapter's own setting."""
+    adapter's own setting. A chat prompt that ends with an assistant message asks for its continuation: the
+    answer goes on from that opening and ``text`` holds only what the model added (visual_rag's reason node
+    sends one by default, ``VisualRagConfig.scene_opening``)."""
 
     def generate(
         self,
