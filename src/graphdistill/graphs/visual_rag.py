@@ -324,13 +324,12 @@ def scene_sentence(objects: Sequence[tuple[str, str]]) -> str:
     ``objects`` are (label, :func:`position_words`) in the detector's order, grouped by label as the prompt
     lists them: "The photo shows 2 horses, on the left and on the right, and a bench at the bottom." A label
     seen more than 3 times is counted without positions; none found: :data:`NO_OBJECT`."""
-    where: dict[str, list[str]] = {}
-    for label, pos in objects:
-        where.setdefault(label, []).append(_where_phrase(pos.split(",")[0].strip()))
-    if not where:
+    groups = _by_label(objects)
+    if not groups:
         return NO_OBJECT
     parts = []
-    for label, places in where.items():
+    for label, positions in groups.items():
+        places = [_where_phrase(pos.split(",")[0].strip()) for pos in positions]
         if len(places) == 1:
             article = "an" if label[:1].lower() in "aeiou" else "a"
             parts.append(f"{article} {label} {places[0]}")
@@ -379,11 +378,17 @@ def build_prompt(
     return msgs
 
 
-def _fewshot_turn(objects: Sequence[tuple[str, str]], facts: Sequence[str], question: str) -> str:
+def _by_label(objects: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
+    """(label, position words) pairs -> each label's positions, labels in their first detection's order: how
+    the prompt lists the objects and how the answer's first sentence names them."""
     where: dict[str, list[str]] = {}
     for label, pos in objects:
         where.setdefault(label, []).append(pos)
-    lines = [f"- {len(ps)} {label}: {'; '.join(ps)}" for label, ps in where.items()]
+    return where
+
+
+def _fewshot_turn(objects: Sequence[tuple[str, str]], facts: Sequence[str], question: str) -> str:
+    lines = [f"- {len(ps)} {label}: {'; '.join(ps)}" for label, ps in _by_label(objects).items()]
     text = "Objects:\n" + "\n".join(lines) if lines else "Objects: none"
     text += "\nFacts:\n" + "\n".join(f"- {f}" for f in facts) if facts else "\nFacts: none"
     return f"{text}\nQuestion: {question}"
