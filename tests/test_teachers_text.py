@@ -252,7 +252,9 @@ def test_llm_greedy_is_deterministic_and_logprobs_are_the_models_topk() -> None:
         assert len(ids) == len(vals) == lm.topk_logprobs == 5
         assert all(v <= 0 for v in vals)
         assert vals == sorted(vals, reverse=True)
-        assert ids[0] == tok  # greedy picks the most likely token: the top-1 of the raw distribution
+        assert (
+            ids[0] == tok
+        )  # greedy picks the most likely token (nothing here repeats: no_repeat_ngram bans none)
     assert float(np.exp(lp.topk_logprobs[0]).sum()) <= 1.0 + 1e-5
     # the answer ends at EOS when it stops, and EOS is the last recorded token
     if a.finish_reason == "stop":
@@ -306,6 +308,85 @@ def test_stop_rule_cuts_at_a_stop_string_or_after_n_sentences() -> None:
         HFCausalLM._check_stop(["\n", ""])
     with pytest.raises(ValueError, match="max_sentences"):
         HFCausalLM._check_sentences(0)
+
+
+def test_no_repeat_ngram_bans_only_what_would_repeat_the_rows_own_words() -> None:
+    import torch
+
+    from graphdistill.teachers.llm import HFCausalLM, _NoRepeatNGram
+
+    rule = _NoRepeatNGram(3, prompt_len=4)
+    assert rule.banned([7, 8, 9, 7, 8]) == [9]  # "7 8" was followed by 9: 9 would repeat "7 8 9"
+    assert rule.banned([7, 8, 9, 7, 8, 5, 7, 8]) == [9, 5]  # every earlier continuation of "7 8"
+    assert rule.banned([7, 8, 9, 8]) == [] and rule.banned([7, 8]) == []
+    # rows of a batch: the prompt (first 4 positions) holds "1 2 3" but does not count; each row its own
+    ids = torch.tensor([[1, 2, 3, 0, 1, 2], [1, 2, 3, 0, 4, 5]])
+    scores = torch.zeros(2, 10)
+    out = rule(ids, scores.clone())
+    assert torch.isfinite(out).all()  # no row has written an n-gram it could repeat
+    ids = torch.tensor([[1, 2, 3, 0, 4, 5, 6, 4, 5], [1, 2, 3, 0, 4, 5, 6, 4, 6]])
+    scores = torch.zeros(2, 10)
+    out = rule(ids, scores)
+    assert torch.isinf(out[0, 6]) and torch.isfinite(out[0]).sum() == 9  # row 0 may not write "4 5 6" again
+    assert torch.isfinite(out[1]).all()
+    assert torch.isfinite(scores).all()  # the scores it was given are untouched: they are the recorded logits
+    with pytest.raises(ValueError, match="no_repeat_ngram"):
+        HFCausalLM(no_repeat_ngram=1)
+
+
+@pytest.mark.slow
+def test_llm_without_repeats_ends_a_greedy_loop_the_token_limit_would_cut() -> None:
+    """A prompt the reference graph sent (recorded 2026-12-06): greedy SmolLM2 wrote "lightweight, " until the
+    96-token limit. With the rule (the default) the answer ends by itself, and no three tokens repeat."""
+    from graphdistill.graphs.visual_rag import VisualRagConfig, build_prompt
+    from graphdistill.teachers.llm import HFCausalLM
+    from graphdistill.trace import Detections
+
+    det = Detections(
+        xyxy=[[3.7, 0.0, 364.8, 512.4]],
+        class_ids=[0],
+        names=["person"],
+        scores=[0.715],
+        image_size=[523, 523],
+    )
+    docs = [
+        Document(
+            id="coco/sports_ball/3",
+            text="Sports balls are seen on playing fields, courts, playgrounds and in parks.",
+        ),
+        Document(
+            id="coco/sports_ball/1",
+            text="A sports ball is a ball used in games such as football, basketball, tennis or baseball.",
+        ),
+        Document(
+            id="coco/baseball_glove/1",
+            text="A baseball glove is a large padded leather glove used to catch the ball in baseball.",
+        ),
+    ]
+    question = "Tell me something about the sports ball in this photo."
+    prompt = build_prompt(question, det, docs, "fewshot", COCO_CLASSES, opening=True)
+    options = VisualRagConfig().llm_options()
+
+    def trigrams(ids: list[int]) -> list[tuple[int, ...]]:
+        return [tuple(ids[i : i + 3]) for i in range(len(ids) - 2)]
+
+    lm = _models.llm()
+    assert lm.no_repeat_ngram == 3
+    ends = lm.generate(prompt, **options)
+    loose = HFCausalLM(no_repeat_ngram=None)  # the same weights, the model left to repeat itself
+    loops = loose.generate(prompt, **options)
+    assert loops.finish_reason == "length" and len(loops.logprobs.token_ids) == options["max_new_tokens"]
+    assert len(set(trigrams(loops.logprobs.token_ids))) < len(trigrams(loops.logprobs.token_ids))
+    assert ends.finish_reason == "stop" and ends.text.endswith(".")
+    ids = ends.logprobs.token_ids
+    assert len(set(trigrams(ids))) == len(trigrams(ids))
+    # the same answer up to the step the rule first changed, and the record is the model's own top-k
+    same = next(i for i, (a, b) in enumerate(zip(ids, loops.logprobs.token_ids, strict=False)) if a != b)
+    assert same > 0 and ids[:same] == loops.logprobs.token_ids[:same]
+    np.testing.assert_allclose(
+        ends.logprobs.topk_logprobs[:same], loops.logprobs.topk_logprobs[:same], atol=1e-4
+    )
+    assert ends.logprobs.topk_ids[same][0] == loops.logprobs.token_ids[same]  # its top token, banned
 
 
 @pytest.mark.slow

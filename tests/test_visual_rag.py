@@ -182,11 +182,30 @@ def test_the_config_asks_every_llm_call_for_its_stop_rule() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("k", 0), ("conf", 1.5), ("max_new_tokens", 0), ("prompt_style", "chatty"), ("max_sentences", 0)],
+    [
+        ("k", 0),
+        ("conf", 1.5),
+        ("max_new_tokens", 0),
+        ("prompt_style", "chatty"),
+        ("max_sentences", 0),
+        ("no_repeat_ngram", 1),
+    ],
 )
 def test_config_validation(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=field):
         VisualRagConfig(**{field: value})
+
+
+def test_the_llm_the_graph_loads_gets_the_configs_repeat_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    import graphdistill.teachers.llm as llm_mod
+    from graphdistill.graphs.visual_rag import load_teachers
+
+    made: list[dict[str, Any]] = []
+    monkeypatch.setattr(llm_mod, "HFCausalLM", lambda **kw: made.append(kw) or object())
+    given = {"detector": object(), "segmenter": object(), "retriever": object()}
+    load_teachers(VisualRagConfig(), dict(given))
+    load_teachers(VisualRagConfig(no_repeat_ngram=None, max_new_tokens=40), dict(given))
+    assert [(m["no_repeat_ngram"], m["max_new_tokens"]) for m in made] == [(3, 96), (None, 40)]
 
 
 def test_unknown_teacher_role() -> None:

@@ -137,6 +137,9 @@ class VisualRagConfig:
     max_new_tokens: int = 96
     stop: tuple[str, ...] = ("\n",)  # an answer ends at a newline (a list keeps its first whole item)
     max_sentences: int | None = 2  # ...or after two sentences
+    # the LLM never repeats 3 tokens in a row of what it wrote (HFCausalLM.no_repeat_ngram): SmolLM2's greedy
+    # answers otherwise loop ("a lightweight, lightweight, ...") until max_new_tokens; None: no such rule
+    no_repeat_ngram: int | None = 3
     # the few-shot answer opens with scene_sentence(detections), written by the graph: the LLM continues it
     # (the objects it names are the detected ones, in the detector's words, every sample alike)
     scene_opening: bool = True
@@ -156,6 +159,8 @@ class VisualRagConfig:
             raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}")
         if self.max_sentences is not None and self.max_sentences < 1:
             raise ValueError(f"max_sentences must be >= 1 or None, got {self.max_sentences}")
+        if self.no_repeat_ngram is not None and self.no_repeat_ngram < 2:
+            raise ValueError(f"no_repeat_ngram must be >= 2 or None, got {self.no_repeat_ngram}")
         self.stop = tuple(self.stop)
 
     def opens_answers(self) -> bool:
@@ -210,6 +215,7 @@ def load_teachers(config: VisualRagConfig, teachers: Any = None) -> VisualRagTea
             device=config.device,
             seed=config.seed,
             max_new_tokens=config.max_new_tokens,
+            no_repeat_ngram=config.no_repeat_ngram,
         )
     if given.clip is None and config.clip_checkpoint:
         from graphdistill.teachers.clip import ClipEmbedder

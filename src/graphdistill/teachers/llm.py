@@ -146,7 +146,10 @@ class HFCausalLM:
     ``weights`` is a registry name (default: the SmolLM2-135M-Instruct GGUF), a local ``.gguf`` file or a
     local Hugging Face model folder. ``prefix_cache``: keep the KV cache of the chat prefix that consecutive
     prompts share (the system prompt and the few-shot turns) instead of recomputing it for every prompt; the
-    answers are the same (see :meth:`_encode`).
+    answers are the same (see :meth:`_encode`). ``no_repeat_ngram`` (default 3): no row repeats that many
+    tokens in a row of what it has generated (the prompt does not count; :class:`_NoRepeatNGram`), so a greedy
+    loop ends instead of filling ``max_new_tokens``; None lets the model repeat itself. The recorded
+    log-probabilities stay the model's own: a step whose top token was banned records it all the same.
     """
 
     def __init__(
@@ -162,6 +165,7 @@ class HFCausalLM:
         stop: Sequence[str] = (),
         max_sentences: int | None = None,
         prefix_cache: bool = True,
+        no_repeat_ngram: int | None = 3,
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -170,6 +174,9 @@ class HFCausalLM:
         self._check_sampling(temperature, top_p)
         self.stop = self._check_stop(stop)
         self.max_sentences = self._check_sentences(max_sentences)
+        if no_repeat_ngram is not None and no_repeat_ngram < 2:
+            raise ValueError(f"no_repeat_ngram must be >= 2 or None, got {no_repeat_ngram}")
+        self.no_repeat_ngram = no_repeat_ngram
         transformers: Any = require("transformers", purpose="the LLM teacher")
         self._transformers: Any = transformers
         self._torch: Any = require("torch", purpose="the LLM teacher")
@@ -362,15 +369,18 @@ class HFCausalLM:
         # greedy decoding picks each step's best token; when sampling, _RowSampler has already made the token
         # it drew each row's only finite score, so the same greedy pick takes it
         gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        prompt_len = enc["input_ids"].shape[1]
+        processors: list[Any] = []
+        if self.no_repeat_ngram:  # before the sampler: a banned token is never drawn either
+            processors.append(_NoRepeatNGram(self.no_repeat_ngram, prompt_len))
         if temp > 0:
             base = self.seed if seed is None else seed
             row_seeds = (
                 [int(x) for x in seeds] if seeds is not None else [base + i for i in range(len(texts))]
             )
-            gen_kwargs["logits_processor"] = self._transformers.LogitsProcessorList(
-                [_RowSampler(torch, row_seeds, temp, tp, self.device)]
-            )
-        prompt_len = enc["input_ids"].shape[1]
+            processors.append(_RowSampler(torch, row_seeds, temp, tp, self.device))
+        if processors:
+            gen_kwargs["logits_processor"] = self._transformers.LogitsProcessorList(processors)
         if rule:
             gen_kwargs["stopping_criteria"] = self._transformers.StoppingCriteriaList(
                 [_StopCriterion(self, prompt_len, rule)]
@@ -533,6 +543,41 @@ class _RowSampler:
         )
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, picked[:, None], 0.0)
+
+
+class _NoRepeatNGram:
+    """A transformers logits processor that keeps a row from repeating any ``n`` tokens in a row of what it has
+    generated: the token that would complete an n-gram the row already wrote gets no score. Only the generated
+    part counts (positions from ``prompt_len``): the prompt's words (the few-shot answers, the facts, an
+    opening being continued) stay free to use. transformers' own ``no_repeat_ngram_size`` counts the prompt
+    too, which would forbid the facts' phrases. Greedy decoding of a small model otherwise falls into a loop
+    ("a lightweight, lightweight, lightweight, ...") that only the token limit ends."""
+
+    def __init__(self, n: int, prompt_len: int) -> None:
+        self.n = n
+        self.prompt_len = prompt_len
+
+    def banned(self, generated: Sequence[int]) -> list[int]:
+        """The tokens that would repeat an n-gram of ``generated``."""
+        n = self.n
+        if len(generated) < n:
+            return []
+        head = tuple(generated[len(generated) - n + 1 :])  # the n - 1 tokens a next token would extend
+        return [
+            int(generated[i + n - 1])
+            for i in range(len(generated) - n + 1)
+            if tuple(generated[i : i + n - 1]) == head
+        ]
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        out = scores  # a copy before the first ban: transformers records `scores` itself as the raw logits
+        for row, ids in enumerate(input_ids[:, self.prompt_len :].tolist()):
+            ban = self.banned(ids)
+            if ban:
+                if out is scores:
+                    out = scores.clone()
+                out[row, ban] = float("-inf")
+        return out
 
 
 class _StopCriterion:
