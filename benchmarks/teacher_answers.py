@@ -4,9 +4,10 @@ Records the demo's inputs (``graphdistill inputs make --builtin --n 48 --seed 0 
 training inputs + 12 held-out rows) with K=3 samples and flip/scale TTA, as ``make demo`` does, once with
 ``VisualRagConfig(prompt_style="plain", max_new_tokens=48, stop=(), max_sentences=None)`` (the reference
 graph until 2026-12-03), once with the few-shot prompt and the LLM writing the whole answer
-(``scene_opening=False``, the default until 2026-12-06) and once with the default config (few-shot prompt,
-the answer's first sentence written by the graph and continued by the LLM, stop at a newline or after two
-sentences, 96 new tokens at most); filters each store as ``graphdistill filter`` does and reports, per prompt:
+(``scene_opening=False``, the default until 2026-12-06), once with the answer's first sentence written by the
+graph and continued by the LLM (stop at a newline or after two sentences, 96 new tokens at most; the default
+until ``e90f5d0``) and once with the default config (the same, and the LLM never repeats 3 tokens of its own,
+``no_repeat_ngram=3``); filters each store as ``graphdistill filter`` does and reports, per prompt:
 the share of greedy answers naming only detected classes, the mean answer agreement across the K samples,
 the filter's keep rate and why it dropped what it dropped (all three from the filter summary's ``teacher``
 measures), the share of answers cut by the token limit, the mean answer length in words and the LLM's
@@ -39,10 +40,18 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 STYLES: dict[str, dict[str, Any]] = {
     # the reference graph's reason node until 2026-12-03
-    "plain": {"prompt_style": "plain", "max_new_tokens": 48, "stop": (), "max_sentences": None},
+    "plain": {
+        "prompt_style": "plain",
+        "max_new_tokens": 48,
+        "stop": (),
+        "max_sentences": None,
+        "no_repeat_ngram": None,
+    },
     # the few-shot prompt with the LLM writing the whole answer (2026-12-03 to 2026-12-06)
-    "fewshot": {"scene_opening": False},
-    "opening": {},  # today's defaults: the graph writes the first sentence (scene_sentence), the LLM the rest
+    "fewshot": {"scene_opening": False, "no_repeat_ngram": None},
+    # the graph writes the first sentence (scene_sentence), the LLM the rest (2026-12-06, until e90f5d0)
+    "opening": {"no_repeat_ngram": None},
+    "norepeat": {},  # today's defaults: the same, and the LLM never repeats 3 tokens of its own
 }
 _SHARED: dict[str, Any] = {}
 
@@ -113,7 +122,9 @@ def _graph(style: str) -> Any:
         t.segmenter = _Memo(t.segmenter, "segment")
         _SHARED["teachers"] = t
     t = _SHARED["teachers"]
-    t.llm = _SHARED["llm"] = _TimedLLM(getattr(t.llm, "_inner", t.llm))  # a fresh clock per style
+    inner = getattr(t.llm, "_inner", t.llm)
+    inner.no_repeat_ngram = config.no_repeat_ngram  # one LLM loaded for every style: each style's repeat rule
+    t.llm = _SHARED["llm"] = _TimedLLM(inner)  # a fresh clock per style
     return visual_rag(config, teachers=t)
 
 
@@ -127,6 +138,10 @@ def fewshot_graph() -> Any:
 
 def opening_graph() -> Any:
     return _graph("opening")
+
+
+def norepeat_graph() -> Any:
+    return _graph("norepeat")
 
 
 def _cli(*argv: str) -> None:
