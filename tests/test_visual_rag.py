@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -174,7 +175,10 @@ def test_the_config_asks_every_llm_call_for_its_stop_rule() -> None:
     assert cfg.llm_options() == {"max_new_tokens": 96, "stop": ("\n",), "max_sentences": 1}
     whole = VisualRagConfig(scene_opening=False)
     assert not whole.opens_answers() and whole.llm_options()["max_sentences"] == 2
-    assert VisualRagConfig(max_sentences=1).llm_options()["max_sentences"] == 1  # the LLM writes at least one
+    one = VisualRagConfig(max_sentences=1)  # the graph's opening is the whole answer: no sentence left
+    assert one.llm_sentences() == 0 and not one.llm_writes() and cfg.llm_writes()
+    assert VisualRagConfig(max_sentences=1, scene_opening=False).llm_options()["max_sentences"] == 1
+    assert VisualRagConfig(max_sentences=None).llm_sentences() is None
     assert not VisualRagConfig(prompt_style="plain").opens_answers()
     old = VisualRagConfig(prompt_style="plain", max_new_tokens=48, stop=(), max_sentences=None)
     assert old.llm_options() == {"max_new_tokens": 48, "stop": (), "max_sentences": None}
@@ -309,6 +313,29 @@ class _FakeTeachers:
                 return self.generate_batch([prompt], **kw)[0]
 
         self.roles = {"detector": Det(), "segmenter": Seg(), "retriever": Ret(), "llm": LLM()}
+
+
+def test_one_sentence_is_the_graphs_opening_and_the_llm_is_not_asked(tmp_path: Path) -> None:
+    from graphdistill.graphs.visual_rag import visual_rag
+    from graphdistill.recording.recorder import record
+    from graphdistill.store.trace_store import TraceStore
+
+    fakes = _FakeTeachers()
+    fakes.all_detecting.set()
+    fakes.llm_called.set()  # the fake segmenter waits for an LLM call that never comes
+    store = TraceStore(tmp_path / "store")
+    graph = record(visual_rag(VisualRagConfig(max_sentences=1), teachers=fakes.roles), store)
+    image = __import__("numpy").zeros((300, 400, 3), "uint8")
+    outs = graph.batch([{"image": image, "question": q} for q in ("q1?", "q2?")])
+    assert [o["answer"] for o in outs] == [
+        "The photo shows 2 cats, in the center and at the bottom right."
+    ] * 2
+    assert fakes.batches == [] and "llm" not in fakes.order
+    traces = list(store.iter())
+    assert len(traces) == 2 and all(t.status == "ok" for t in traces)
+    reason = [sp for t in traces for sp in t.spans if sp.node == "reason"]
+    assert [sp.writes.get("finish_reason") for sp in reason] == ["stop", "stop"]
+    assert all(sp.writes.get("llm") is None for sp in reason)
 
 
 def test_reason_runs_in_parallel_with_segment_and_batch_shares_llm_calls() -> None:

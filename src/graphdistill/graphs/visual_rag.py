@@ -167,13 +167,26 @@ class VisualRagConfig:
         """Whether the graph writes the answer's first sentence (:func:`scene_sentence`) and the LLM the rest."""
         return self.scene_opening and self.prompt_style == "fewshot"
 
-    def llm_options(self) -> dict[str, Any]:
-        """What the reason node asks of every LLM call besides the sampling settings. With the graph's opening
-        sentence the LLM writes the others: one sentence fewer (at least one)."""
+    def llm_sentences(self) -> int | None:
+        """How many sentences the LLM writes: ``max_sentences``, one fewer when the graph writes the opening
+        (0: the opening is the whole answer, and the LLM is not asked); None: no limit."""
         sentences = self.max_sentences
         if sentences is not None and self.opens_answers():
-            sentences = max(sentences - 1, 1)
-        return {"max_new_tokens": self.max_new_tokens, "stop": self.stop, "max_sentences": sentences}
+            sentences -= 1
+        return sentences
+
+    def llm_writes(self) -> bool:
+        """Whether the reason node asks the LLM at all (not when ``max_sentences=1`` leaves it no sentence)."""
+        return self.llm_sentences() != 0
+
+    def llm_options(self) -> dict[str, Any]:
+        """What the reason node asks of every LLM call besides the sampling settings (the call happens only
+        when :meth:`llm_writes`)."""
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "stop": self.stop,
+            "max_sentences": self.llm_sentences(),
+        }
 
 
 @dataclass
@@ -347,6 +360,14 @@ def scene_sentence(objects: Sequence[tuple[str, str]]) -> str:
     return text.rstrip(",") + "."
 
 
+def _placed(detections: Detections) -> tuple[tuple[str, str], ...]:
+    """(label, :func:`position_words`) of every detection, in the detector's order."""
+    return tuple(
+        (n, position_words(b, detections.image_size))
+        for n, b in zip(detections.names, detections.xyxy, strict=True)
+    )
+
+
 def build_prompt(
     question: str,
     detections: Detections,
@@ -373,10 +394,7 @@ def build_prompt(
     for ex in EXAMPLES:
         msgs.append({"role": "user", "content": _fewshot_turn(ex.objects, ex.facts, ex.question)})
         msgs.append({"role": "assistant", "content": ex.answer})
-    objects = tuple(
-        (n, position_words(b, detections.image_size))
-        for n, b in zip(detections.names, detections.xyxy, strict=True)
-    )
+    objects = _placed(detections)
     facts = prompt_facts(detections, documents, class_names)
     msgs.append({"role": "user", "content": _fewshot_turn(objects, facts, question.strip())})
     if opening:
@@ -450,7 +468,7 @@ def _nodes(t: VisualRagTeachers, cfg: VisualRagConfig) -> dict[str, Callable[...
     names = getattr(t.detector, "names", None) or []  # the detector's label set, when it tells
     class_names = [str(n) for n in (names.values() if isinstance(names, Mapping) else names)]
     llm: Any = t.llm
-    if hasattr(t.llm, "generate_batch"):  # concurrent graph.batch executions share LLM calls
+    if hasattr(t.llm, "generate_batch") and cfg.llm_writes():  # concurrent executions share LLM calls
         from graphdistill.teachers.batching import LLMBatcher
 
         # no fixed window: a lone invoke is served at once; graph.batch executions announce themselves
@@ -499,6 +517,8 @@ def _nodes(t: VisualRagTeachers, cfg: VisualRagConfig) -> dict[str, Callable[...
         return {"documents": docs}
 
     def reason(r: dict[str, Any], config: Any) -> dict[str, Any]:
+        if not cfg.llm_writes():  # max_sentences=1: the graph's opening is the whole answer
+            return {"answer": scene_sentence(_placed(r["detections"])), "llm": None, "finish_reason": "stop"}
         try:
             opens = cfg.opens_answers()
             prompt = build_prompt(
