@@ -252,9 +252,8 @@ def test_llm_greedy_is_deterministic_and_logprobs_are_the_models_topk() -> None:
         assert len(ids) == len(vals) == lm.topk_logprobs == 5
         assert all(v <= 0 for v in vals)
         assert vals == sorted(vals, reverse=True)
-        assert (
-            ids[0] == tok
-        )  # greedy picks the most likely token (nothing here repeats: no_repeat_ngram bans none)
+        # greedy picks the most likely token (nothing here repeats, so no_repeat_ngram bans none)
+        assert ids[0] == tok
     assert float(np.exp(lp.topk_logprobs[0]).sum()) <= 1.0 + 1e-5
     # the answer ends at EOS when it stops, and EOS is the last recorded token
     if a.finish_reason == "stop":
